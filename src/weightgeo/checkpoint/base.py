@@ -1,0 +1,141 @@
+"""The lazy :class:`Checkpoint` every input format is turned into."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..errors import WeightgeoError
+
+__all__ = ["Checkpoint", "TensorInfo", "FactoredDelta"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint's header says about one tensor; nothing is read to know it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point
+                             else torch.iinfo(self.dtype).bits // 8)
+
+
+@dataclass(frozen=True)
+class FactoredDelta:
+    """A low-rank update ``ΔW = scaling · B @ A`` kept factored (PEFT LoRA).
+
+    ``B`` is [out, r] and ``A`` is [r, in]; ``dense()`` materialises the [out, in] update in float32.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scaling: float
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
+
+
+class Checkpoint(abc.ABC):
+    """A lazy, read-only view of named tensors.
+
+    Names, shapes and dtypes come from headers; tensor data is read only on :meth:`get` or
+    :meth:`get_rows`, one tensor at a time, so memory tracks the largest tensor, not the checkpoint.
+    Subclasses implement :meth:`_infos`, :meth:`_get` and optionally :meth:`_get_rows`.
+    """
+
+    #: a human-readable description of where the tensors come from (path, hub id, "state_dict", ...)
+    source: str = "<unknown>"
+    #: the parsed ``config.json`` when there is one (tie_word_embeddings etc.), else ``{}``
+    config: dict
+
+    def __init__(self) -> None:
+        self.config = {}
+        self._info_cache: dict[str, TensorInfo] | None = None
+
+    # --- to implement -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def _infos(self) -> dict[str, TensorInfo]:
+        """All tensors' metadata, keyed by stored name (read headers only)."""
+
+    @abc.abstractmethod
+    def _get(self, name: str) -> torch.Tensor:
+        """The whole tensor, in its stored dtype, on CPU."""
+
+    def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._get(name)[start:stop]
+
+    # --- public -----------------------------------------------------------------------------
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        if self._info_cache is None:
+            self._info_cache = dict(sorted(self._infos().items()))
+        return self._info_cache
+
+    def names(self) -> list[str]:
+        """Stored tensor names, sorted."""
+        return list(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise WeightgeoError(
+                f"{self.source}: no tensor named {name!r} ({len(self.infos)} tensors present); "
+                f"list them with open_checkpoint(...).names()") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (stored dtype, CPU)."""
+        info = self.info(name)
+        t = self._get(name)
+        if tuple(t.shape) != info.shape:
+            raise WeightgeoError(
+                f"{self.source}: tensor {name!r} has shape {tuple(t.shape)} but its header says "
+                f"{info.shape}; the file is corrupt, re-save or re-download it")
+        return t
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` of dim 0 of one tensor without reading the rest when the format allows."""
+        info = self.info(name)
+        if not info.shape:
+            return self.get(name)
+        return self._get_rows(name, start, stop)
+
+    def factored_delta(self, name: str) -> FactoredDelta | None:
+        """For adapter-backed checkpoints, the update of ``name`` kept factored; else ``None``."""
+        return None
+
+    def close(self) -> None:
+        """Release file handles (safe to call twice)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        n = sum(i.numel for i in self.infos.values())
+        return f"{type(self).__name__}({self.source!r}, tensors={len(self)}, params={n:,})"
