@@ -30,8 +30,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point
-                             else torch.iinfo(self.dtype).bits // 8)
+        return self.numel * self.dtype.itemsize  # itemsize also covers bool, uint and float8 dtypes
 
 
 @dataclass(frozen=True)

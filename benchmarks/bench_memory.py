@@ -1,0 +1,107 @@
+"""Peak memory and throughput of `weightgeo compare` on two synthetic ~1 GB bf16 checkpoints (Qwen2.5-0.5B shapes).
+
+    python benchmarks/bench_memory.py [--dir /tmp/wg-qwen05] [--metrics update_sparsity ...]
+
+Step 1 writes base and fine-tuned checkpoints once (494 M params each, bf16, tied embeddings, like
+Qwen2.5-0.5B; the fine-tune changes about a third of the bf16 values, as an RL run would). Step 2 runs
+``python -m weightgeo compare`` under ``/usr/bin/time -v`` in a fresh process per metric set and prints wall
+time, GB/s of checkpoint data and peak RSS. The page cache is warm (the files were just written or read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+VOCAB, HIDDEN, INTER, LAYERS, KV = 151936, 896, 4864, 24, 128
+
+
+def qwen05_shapes() -> dict[str, tuple[int, ...]]:
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        s[p + "self_attn.q_proj.weight"] = (HIDDEN, HIDDEN)
+        s[p + "self_attn.q_proj.bias"] = (HIDDEN,)
+        s[p + "self_attn.k_proj.weight"] = (KV, HIDDEN)
+        s[p + "self_attn.k_proj.bias"] = (KV,)
+        s[p + "self_attn.v_proj.weight"] = (KV, HIDDEN)
+        s[p + "self_attn.v_proj.bias"] = (KV,)
+        s[p + "self_attn.o_proj.weight"] = (HIDDEN, HIDDEN)
+        s[p + "mlp.gate_proj.weight"] = (INTER, HIDDEN)
+        s[p + "mlp.up_proj.weight"] = (INTER, HIDDEN)
+        s[p + "mlp.down_proj.weight"] = (HIDDEN, INTER)
+        s[p + "input_layernorm.weight"] = (HIDDEN,)
+        s[p + "post_attention_layernorm.weight"] = (HIDDEN,)
+    return s
+
+
+def write_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    base_dir, ft_dir = root / "base", root / "ft"
+    if (ft_dir / "model.safetensors").exists():
+        return base_dir, ft_dir
+    g = torch.Generator().manual_seed(seed)
+    base, ft = {}, {}
+    for name, shape in qwen05_shapes().items():
+        w = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else 1 + 0.1 * torch.randn(shape, generator=g)
+        # An update of ~half a bf16 ULP moves about a third of the stored values (RL-like).
+        d = torch.randn(shape, generator=g) * w.abs() * 2.0 ** -9
+        base[name] = w.to(torch.bfloat16)
+        ft[name] = (w + d).to(torch.bfloat16)
+    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
+              "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "tie_word_embeddings": True,
+              "torch_dtype": "bfloat16"}
+    for d, tensors in ((base_dir, base), (ft_dir, ft)):
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(config))
+    return base_dir, ft_dir
+
+
+def run_compare(base: Path, ft: Path, metrics: list[str], extra: list[str]) -> dict[str, float]:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "weightgeo", "compare", str(base), str(ft),
+           "--summary", "--no-progress", "--metrics", *metrics, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"compare failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    cpu = re.search(r"Percent of CPU this job got: (\d+)%", proc.stderr).group(1)
+    return {"wall_s": wall, "peak_rss_gb": rss_kb / 1e6, "cpu_percent": float(cpu), "stdout": proc.stdout}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/wg-qwen05"))
+    ap.add_argument("--metrics", nargs="+", action="append", default=None,
+                    help="a metric set to time (repeatable); default: update_sparsity, then all metrics on the "
+                         "attention and MLP matrices")
+    args = ap.parse_args()
+    base, ft = write_pair(args.dir)
+    size_gb = sum(p.stat().st_size for p in (base / "model.safetensors", ft / "model.safetensors")) / 1e9
+    sets = args.metrics or [["update_sparsity"]]
+    print(f"checkpoints: {base} and {ft}, {size_gb:.2f} GB together")
+    print("| metrics | wall (s) | checkpoint GB/s | peak RSS (GB) | CPU % |")
+    print("|---|---|---|---|---|")
+    for metrics in sets:
+        r = run_compare(base, ft, metrics, [])
+        print(f"| {' '.join(metrics)} | {r['wall_s']:.2f} | {size_gb / r['wall_s']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} | {r['cpu_percent']:.0f} |")
+    if args.metrics is None:
+        r = run_compare(base, ft, ["update_sparsity", "principal_overlap", "spectral_drift", "update_localization",
+                                   "stable_rank"], [])
+        print(f"| all (every tensor, embedding included) | {r['wall_s']:.2f} | {size_gb / r['wall_s']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} | {r['cpu_percent']:.0f} |")
+        print("\n" + r["stdout"][-1500:])
+
+
+if __name__ == "__main__":
+    main()

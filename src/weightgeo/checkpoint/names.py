@@ -1,0 +1,183 @@
+"""Tensor names: prefix normalisation, module type, layer index, and include/exclude filters.
+
+Checkpoints of one model name their tensors differently (``model.`` in HF causal LMs, ``base_model.model.``
+in PEFT, ``module.`` under DDP, ``_orig_mod.`` under ``torch.compile``). :func:`canonical_name` strips those
+prefixes so that tensors align; the other helpers read structure out of a name.
+
+>>> canonical_name("base_model.model.model.layers.0.self_attn.q_proj.weight")
+'layers.0.self_attn.q_proj.weight'
+>>> module_type("model.layers.3.mlp.down_proj.weight"), layer_index("model.layers.3.mlp.down_proj.weight")
+('down_proj', 3)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Sequence
+
+from ..errors import WeightgeoError
+
+__all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "PRESETS"]
+
+# Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
+_PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
+# Layer-container names after which the next integer component is the layer index.
+_LAYER_CONTAINERS = frozenset({"layers", "h", "blocks", "layer"})
+_PARAM_SUFFIXES = frozenset({"weight", "bias"})
+
+_ATTENTION = re.compile(
+    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|c_attn|query_key_value|Wqkv|out_proj)\.weight$"
+    r"|(attn|attention)\.(c_proj|dense)\.weight$"
+    r"|(attn|attention)\.(self\.)?(query|key|value)\.weight$"
+    r"|attention\.output\.dense\.weight$")
+_MLP = re.compile(
+    r"(^|\.)(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h)"
+    r"\.weight$"
+    r"|mlp\.c_proj\.weight$")
+_EMBEDDING_TYPES = frozenset({"lm_head", "wte", "wpe", "shared", "embed_out", "embed_in"})
+
+#: The include/exclude presets accepted by :func:`compile_filter` (2-D ``.weight`` tensors only).
+PRESETS = ("attention", "mlp", "linear")
+
+
+def canonical_name(name: str) -> str:
+    """The name with wrapper prefixes (``base_model.model.``, ``model.``, ``module.``, ``_orig_mod.``) stripped.
+
+    PEFT's ``.base_layer`` component (a wrapped Linear's own weight) is removed too. A prefix is kept when
+    stripping it would leave a bare ``weight``/``bias``.
+
+    >>> canonical_name("model.layers.0.self_attn.q_proj.weight")
+    'layers.0.self_attn.q_proj.weight'
+    >>> canonical_name("module._orig_mod.model.norm.weight")
+    'norm.weight'
+    >>> canonical_name("lm_head.weight")
+    'lm_head.weight'
+    """
+    if not isinstance(name, str):
+        raise WeightgeoError(f"tensor names are strings, got {type(name).__name__} {name!r}")
+    name = name.replace(".base_layer.", ".")
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if name.startswith(p) and name[len(p):] not in _PARAM_SUFFIXES and len(name) > len(p):
+                name = name[len(p):]
+                changed = True
+    return name
+
+
+def module_type(name: str) -> str:
+    """The module's own name: the component before ``.weight``/``.bias`` (e.g. ``"q_proj"``).
+
+    For other tensors (buffers such as ``rotary_emb.inv_freq``) it is the last non-numeric component.
+
+    >>> module_type("model.layers.0.input_layernorm.weight")
+    'input_layernorm'
+    >>> module_type("lm_head.weight"), module_type("layers.1.self_attn.k_proj.bias")
+    ('lm_head', 'k_proj')
+    """
+    parts = canonical_name(name).split(".")
+    if len(parts) > 1 and parts[-1] in _PARAM_SUFFIXES:
+        parts = parts[:-1]
+    for part in reversed(parts):
+        if not part.isdigit():
+            return part
+    return parts[-1]
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number in a name, or ``None`` (the integer after ``layers``/``h``/``blocks``/``layer``).
+
+    Falls back to the first integer component anywhere in the name.
+
+    >>> layer_index("model.layers.12.mlp.up_proj.weight"), layer_index("transformer.h.3.attn.c_attn.weight")
+    (12, 3)
+    >>> layer_index("model.embed_tokens.weight") is None
+    True
+    """
+    parts = name.split(".")
+    for prev, part in zip(parts, parts[1:]):
+        if prev in _LAYER_CONTAINERS and part.isdigit():
+            return int(part)
+    for part in parts:
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _is_embedding(name: str) -> bool:
+    mt = module_type(name)
+    return mt in _EMBEDDING_TYPES or "embed" in mt.lower()
+
+
+def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
+    def two_d_weight(cname: str, shape: tuple[int, ...] | None) -> bool:
+        return cname.endswith(".weight") and (shape is None or len(shape) == 2)
+
+    if kind == "attention":
+        return lambda c, s: two_d_weight(c, s) and bool(_ATTENTION.search(c))
+    if kind == "mlp":
+        return lambda c, s: two_d_weight(c, s) and bool(_MLP.search(c))
+
+    def linear(c: str, s: tuple[int, ...] | None) -> bool:
+        if not two_d_weight(c, s) or _is_embedding(c):
+            return False
+        # without a shape, norms (1-D in practice) are excluded by name
+        return s is not None or not re.search(r"norm|(^|[._])ln(_|\d|$)", module_type(c))
+    return linear
+
+
+def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[str, tuple[int, ...] | None], bool]]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        items: Iterable[object] = [spec]
+    elif isinstance(spec, (list, tuple, set, frozenset)):
+        items = spec
+    else:
+        raise WeightgeoError(f"{what} must be a regex string, a preset {PRESETS} or a list of them, "
+                             f"got {type(spec).__name__}")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise WeightgeoError(f"{what} entries must be strings (regexes or presets {PRESETS}), "
+                                 f"got {type(item).__name__} {item!r}")
+        if item in PRESETS:
+            out.append(_preset(item))
+            continue
+        try:
+            rx = re.compile(item)
+        except re.error as e:
+            raise WeightgeoError(f"{what} pattern {item!r} is not a valid regular expression ({e}); "
+                                 f"fix the regex or use a preset {PRESETS}") from None
+        out.append(lambda c, s, rx=rx: rx.search(c) is not None)
+    return out
+
+
+def compile_filter(include: str | Sequence[str] | None = None,
+                   exclude: str | Sequence[str] | None = None) -> Callable[..., bool]:
+    """A predicate ``f(name, shape=None) -> bool`` selecting tensors by regex or preset.
+
+    ``include``/``exclude`` are a regex, a preset (``"attention"``, ``"mlp"``, ``"linear"``) or a list of
+    them. Regexes are ``re.search``-ed on the canonical name; presets match 2-D ``.weight`` tensors only
+    (``"linear"`` = every 2-D weight except embeddings and ``lm_head``). A tensor is kept when it matches
+    some include (or ``include`` is None) and no exclude. Pass the shape; without one, the 2-D test is
+    skipped and ``"linear"`` excludes norms by name.
+
+    >>> keep = compile_filter("attention", exclude=r"layers\\.0\\.")
+    >>> keep("model.layers.1.self_attn.q_proj.weight", (16, 16)), keep("model.layers.0.self_attn.q_proj.weight", (16, 16))
+    (True, False)
+    >>> compile_filter("linear")("model.embed_tokens.weight", (40, 16))
+    False
+    """
+    inc = _compile_one(include, "include")
+    exc = _compile_one(exclude, "exclude")
+
+    def keep(name: str, shape: tuple[int, ...] | None = None) -> bool:
+        c = canonical_name(name)
+        s = tuple(shape) if shape is not None else None
+        if inc and not any(f(c, s) for f in inc):
+            return False
+        return not any(f(c, s) for f in exc)
+
+    return keep

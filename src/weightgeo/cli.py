@@ -1,0 +1,126 @@
+"""The ``weightgeo`` command line: ``weightgeo compare BASE FT`` and ``weightgeo trajectory RUN_DIR``.
+
+Bad input exits with status 2 and the error message on stderr; results go to stdout (and ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import WeightgeoError
+
+__all__ = ["main"]
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", action="append", metavar="REGEX",
+                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH",
+                   help="also write the report: .json (rows, summary, meta) or .csv (rows)")
+    p.add_argument("--summary", action="store_true", help="print only the model summary, not the per-tensor table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weightgeo", description="The geometry of fine-tuning in parameter space.")
+    parser.add_argument("--version", action="version", version=f"weightgeo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="pair diagnostics of a fine-tuned checkpoint against its base",
+                       description="Compare FT against BASE: update sparsity, principal angles, spectral drift, "
+                                   "update localization and stable rank, per tensor and for the whole model.")
+    c.add_argument("base", help="base checkpoint: HF dir, .safetensors/.bin file, or hub id")
+    c.add_argument("ft", help="fine-tuned checkpoint (or a PEFT LoRA adapter dir applied to BASE)")
+    c.add_argument("--metrics", nargs="+", metavar="NAME", default=None,
+                   help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)")
+    c.add_argument("--k", type=int, default=512, help="top-k subspace size for principal angles (default 512)")
+    c.add_argument("--side", choices=("right", "left"), default="right", help="singular subspace side (default right)")
+    c.add_argument("--rank", type=int, default=64, help="localization reconstruction rank (default 64)")
+    c.add_argument("--alpha", type=float, default=0.5, help="localization mask fraction (default 0.5)")
+    c.add_argument("--eta", type=float, default=1e-3, help="bf16 relative tolerance (default 1e-3)")
+    _add_filters(c)
+
+    t = sub.add_parser("trajectory", help="rank curves and subspace locking over a checkpoint stream",
+                       description="Follow the cumulative update W_t - W_0 over the checkpoint-<step> folders "
+                                   "of RUN_DIR: stable rank, norms, Hill index, Sim_K to the final subspace "
+                                   "and the locking onset.")
+    t.add_argument("run_dir", help="directory of checkpoint-<step> folders")
+    t.add_argument("--base", default=None, help="initial model (default: the first checkpoint)")
+    t.add_argument("--k", type=int, default=16, help="subspace size K for Sim_K (default 16)")
+    t.add_argument("--threshold", type=float, default=0.9, help="locking threshold on Sim_K (default 0.9)")
+    t.add_argument("--hill-k", type=int, default=10, help="top singular values for the Hill index (default 10)")
+    t.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the trajectory figures")
+    _add_filters(t)
+    return parser
+
+
+def _filters(values: list[str] | None) -> str | list[str] | None:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def _emit(report, args: argparse.Namespace) -> None:
+    print(report.summary_text() if args.summary else str(report))
+    if args.out is not None:
+        suffix = args.out.suffix.lower()
+        if suffix == ".csv":
+            report.to_csv(args.out)
+        elif suffix == ".json":
+            report.to_json(args.out)
+        else:
+            raise WeightgeoError(f"--out {args.out}: unknown format {suffix!r}; use a .json or .csv path")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import weightgeo
+
+    if args.command == "compare":
+        if args.out is not None and args.out.suffix.lower() not in (".json", ".csv"):
+            raise WeightgeoError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .json or .csv path")
+        report = weightgeo.compare(args.base, args.ft, metrics=args.metrics, include=_filters(args.include),
+                                   exclude=_filters(args.exclude), k=args.k, side=args.side, rank=args.rank,
+                                   alpha=args.alpha, eta=args.eta, device=args.device,
+                                   progress=not args.no_progress)
+        _emit(report, args)
+        return 0
+    if args.command == "trajectory":
+        if not hasattr(weightgeo, "rank_curve"):
+            raise WeightgeoError("trajectory diagnostics are not available in this build")
+        report = weightgeo.rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
+                                      exclude=_filters(args.exclude), hill_k=args.hill_k, device=args.device)
+        onset = weightgeo.locking_onset(args.run_dir, base=args.base, k=args.k, threshold=args.threshold,
+                                        include=_filters(args.include), exclude=_filters(args.exclude))
+        report.summary["locking_onset"] = onset.step
+        report.summary["mean_similarity"] = onset.mean_similarity
+        _emit(report, args)
+        print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
+        if args.plot is not None:
+            report.plot(args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``weightgeo`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except WeightgeoError as e:
+        print(f"weightgeo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("weightgeo: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

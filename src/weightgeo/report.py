@@ -1,0 +1,303 @@
+"""`Report`: per-tensor rows, model-level summary and provenance, with JSON / CSV / pandas / text output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import WeightgeoError
+
+__all__ = ["Report", "summarize_rows"]
+
+# Columns shown first in tables, in this order, when present.
+_LEAD_COLUMNS = ("step", "name", "shape", "numel", "module", "layer")
+# Row keys that are identifiers or bookkeeping, not metric values to average.
+_NOT_METRICS = frozenset({"step", "name", "base_name", "ft_name", "shape", "numel", "module", "layer",
+                          "dtype", "rows_compared", "rows_added", "k_effective"})
+# Metrics summarised as parameter-count weighted means (fractions of entries); the rest are unweighted means.
+_WEIGHTED = frozenset({"update_sparsity"})
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as null (NaN) or a string (inf) so the file stays standard."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors / numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if value == "inf":
+        return math.inf
+    if value == "-inf":
+        return -math.inf
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float:
+    vals = list(values)
+    if weights is None:
+        finite = [v for v in vals if not math.isnan(v)]
+        return math.fsum(finite) / len(finite) if finite else math.nan
+    pairs = [(v, w) for v, w in zip(vals, weights) if not math.isnan(v)]
+    total = math.fsum(w for _, w in pairs)
+    return math.fsum(v * w for v, w in pairs) / total if total else math.nan
+
+
+def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> dict[str, Any]:
+    """Model-level figures from per-tensor rows.
+
+    ``update_sparsity`` is weighted by parameter count over the rows that have it (paper §3.1: a fraction of
+    the model's entries); every other metric is an unweighted mean over the rows that have it (over matrices,
+    as the paper averages NSS and angles). ``max_principal_angle`` also gets its maximum over matrices.
+    NaN values (undefined, e.g. overlaps of a matrix with no visible update) are left out of means.
+
+    >>> rows = [{"name": "a", "numel": 3, "module": "q_proj", "update_sparsity": 1.0},
+    ...         {"name": "b", "numel": 1, "module": "k_proj", "update_sparsity": 0.0}]
+    >>> summarize_rows(rows)["update_sparsity"]
+    0.75
+    >>> summarize_rows(rows)["by_module"]["k_proj"]["update_sparsity"]
+    0.0
+    """
+    summary: dict[str, Any] = _summarize_flat(rows)
+    if by and any(by in r for r in rows):
+        groups: dict[str, list[Mapping[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault(str(r.get(by)), []).append(r)
+        summary[f"by_{by}"] = {g: _summarize_flat(rs) for g, rs in sorted(groups.items())}
+    return summary
+
+
+def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    keys: list[str] = []
+    for r in rows:
+        for key, v in r.items():
+            if key not in _NOT_METRICS and _is_number(v) and key not in keys:
+                keys.append(key)
+    out: dict[str, Any] = {"n_tensors": len(rows), "numel": sum(int(r.get("numel", 0)) for r in rows)}
+    for key in keys:
+        have = [r for r in rows if _is_number(r.get(key))]
+        vals = [float(r[key]) for r in have]
+        if key in _WEIGHTED:
+            out[key] = _mean(vals, [float(r.get("numel", 1)) for r in have])
+        else:
+            out[key] = _mean(vals)
+            out[f"n_{key}"] = len(have)
+        if key == "max_principal_angle" and vals:
+            out["max_principal_angle_overall"] = max(vals)
+    return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of a checkpoint-level call: one row per tensor, a model summary and provenance.
+
+    Attributes:
+        rows: one dict per analysed tensor (``name``, ``shape``, ``numel``, ``module``, ``layer`` and one key
+            per metric; trajectory reports add ``step``).
+        summary: model-level figures (see :func:`summarize_rows`), plus ``by_module`` breakdowns.
+        meta: provenance: weightgeo version, sources, metrics and parameters, device, world size, seconds,
+            and what was skipped or unmatched and why.
+
+    >>> r = Report(rows=[{"name": "w", "shape": (2, 2), "numel": 4, "module": "w", "layer": None,
+    ...                   "update_sparsity": 0.5}], summary={"update_sparsity": 0.5}, meta={})
+    >>> r.to_dicts()[0]["update_sparsity"]
+    0.5
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # --- convenience views ---------------------------------------------------------------------
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Tensors present in both checkpoints but not analysed, each with the reason."""
+        return list(self.meta.get("skipped", []))
+
+    @property
+    def unmatched(self) -> dict[str, list[str]]:
+        """Names found in only one of the checkpoints (``only_base``, ``only_ft``)."""
+        return dict(self.meta.get("unmatched", {}))
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """The rows as plain dicts (copies)."""
+        return [dict(r) for r in self.rows]
+
+    def columns(self) -> list[str]:
+        cols = [c for c in _LEAD_COLUMNS if any(c in r for r in self.rows)]
+        for r in self.rows:
+            cols.extend(k for k in r if k not in cols)
+        return cols
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        """The row of one tensor by name (for trajectory reports, the rows of that name, by step)."""
+        hits = [r for r in self.rows if r.get("name") == name]
+        if not hits:
+            raise KeyError(name)
+        return hits[0] if len(hits) == 1 else {r.get("step"): r for r in hits}
+
+    # --- output --------------------------------------------------------------------------------
+    def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int = 2) -> str:
+        """Write ``{"rows": [...], "summary": {...}, "meta": {...}}`` (NaN as null) and return the text.
+
+        The file is written to a temporary name and renamed, so an interrupted run never leaves half a file.
+        """
+        text = json.dumps(_jsonable({"rows": self.rows, "summary": self.summary, "meta": self.meta}),
+                          indent=indent)
+        if path is not None:
+            _atomic_write(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> "Report":
+        """Read a report written by :meth:`to_json`."""
+        try:
+            data = json.loads(Path(path).read_text())
+            rows = [_from_json(r) for r in data["rows"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WeightgeoError(f"{path}: not a weightgeo report JSON ({e}); write one with Report.to_json") from e
+        for r in rows:
+            if isinstance(r.get("shape"), list):
+                r["shape"] = tuple(r["shape"])
+        return cls(rows=rows, summary=_from_json(data.get("summary", {})), meta=data.get("meta", {}))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write the rows as CSV (shape as ``"896x896"``), atomically."""
+        cols = self.columns()
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: _csv_cell(r.get(k)) for k in cols})
+        _atomic_write(Path(path), buf.getvalue())
+
+    def to_pandas(self):  # -> pandas.DataFrame
+        """The rows as a pandas DataFrame (requires the ``pandas`` extra)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("Report.to_pandas needs pandas: pip install 'weightgeo[pandas]'") from e
+        return pd.DataFrame(self.rows, columns=self.columns())
+
+    def plot(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Draw the report's figures to ``path`` (PNG/PDF; requires the ``plot`` extra)."""
+        from .plot import plot_report
+
+        return plot_report(self, path, **kwargs)
+
+    def table(self, *, columns: Sequence[str] | None = None, max_rows: int | None = None) -> str:
+        """A fixed-width text table of the rows."""
+        cols = list(columns) if columns else [c for c in self.columns()
+                                              if c not in ("base_name", "ft_name", "dtype")]
+        rows = self.rows if max_rows is None else self.rows[:max_rows]
+        cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(v.rjust(w) if _numeric_cell(v) else v.ljust(w) for v, w in zip(row, widths))
+                  for row in cells]
+        if max_rows is not None and len(self.rows) > max_rows:
+            lines.append(f"... {len(self.rows) - max_rows} more rows")
+        return "\n".join(lines)
+
+    def summary_text(self) -> str:
+        lines = ["summary:"]
+        flat = {k: v for k, v in self.summary.items() if not isinstance(v, dict)}
+        for k, v in flat.items():
+            lines.append(f"  {k:<28} {_fmt(v)}")
+        for k, v in self.summary.items():
+            if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+                lines.append(f"{k}:")
+                sub = Report(rows=[{"group": g, **{m: x for m, x in vals.items() if not m.startswith("n_")
+                                                   or m == "n_tensors"}} for g, vals in v.items()],
+                             summary={})
+                lines += ["  " + line for line in sub.table().splitlines()]
+        skipped, unmatched = self.skipped, self.unmatched
+        if skipped:
+            lines.append(f"skipped {len(skipped)} tensor(s): " + "; ".join(
+                f"{s['name']} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        for side, names in unmatched.items():
+            if names:
+                lines.append(f"{side}: {len(names)} tensor(s) without a partner: " + ", ".join(names[:5])
+                             + (" ..." if len(names) > 5 else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table() + "\n\n" + self.summary_text()
+
+    def __repr__(self) -> str:
+        return f"Report(rows={len(self.rows)}, summary_keys={list(self.summary)[:6]})"
+
+
+def _numeric_cell(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4f}"
+        return f"{v:.3e}"
+    if isinstance(v, tuple):
+        return "x".join(str(d) for d in v)
+    return str(v)
+
+
+def _csv_cell(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return "x".join(str(d) for d in v)
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    return v
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

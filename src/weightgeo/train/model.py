@@ -1,0 +1,228 @@
+"""A nanoGPT-sized pre-norm causal transformer with Llama-style tensor names.
+
+Tensor names follow HF Llama so weightgeo's presets and name helpers work on the checkpoints unchanged::
+
+    model.embed_tokens.weight                 [vocab, d]
+    model.embed_positions.weight              [block, d]   (learned positions; Llama uses RoPE)
+    model.layers.{i}.input_layernorm.weight   [d]          (RMSNorm)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight  [d, d]
+    model.layers.{i}.post_attention_layernorm.weight  [d]
+    model.layers.{i}.mlp.up_proj.weight       [4d, d]      (GELU MLP, no gate)
+    model.layers.{i}.mlp.down_proj.weight     [d, 4d]
+    model.norm.weight                         [d]
+    lm_head.weight                            [vocab, d]   (untied)
+
+Weights are fp32 masters in memory; ``save_pretrained`` writes them in bf16 (HF layout: ``config.json`` +
+``model.safetensors``), ``from_pretrained`` reads them back into fp32. Sampling takes an explicit
+``torch.Generator`` and never touches the global RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+__all__ = ["GPTConfig", "GPT", "Sample", "generate", "response_logprobs"]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 13  # task vocabulary (digits, '+', '=', <eos>; see task.py)
+    block_size: int = 16  # longest sequence (prompt + completion)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads; head dim = n_embd // n_head
+    n_embd: int = 128  # residual width d
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # N(0, init_std) for every matrix; residual projections scaled by 1/sqrt(2 n_layer)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+class GPT(nn.Module):
+    """Pre-norm causal transformer. ``forward(idx [B, T]) -> logits [B, T, vocab]`` (fp32).
+
+    >>> m = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2), seed=0)
+    >>> m(torch.zeros(2, 5, dtype=torch.long)).shape
+    torch.Size([2, 5, 13])
+    """
+
+    def __init__(self, cfg: GPTConfig, *, seed: int = 0):
+        super().__init__()
+        self.config = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        std, resid = self.config.init_std, self.config.init_std / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():  # named_parameters order is fixed -> deterministic init
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                nn.init.normal_(p, 0.0, resid if name.endswith(("o_proj.weight", "down_proj.weight")) else std,
+                                generator=generator)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}; raise GPTConfig.block_size")
+        m = self.model
+        x = m.embed_tokens(idx) + m.embed_positions(torch.arange(T, device=idx.device))
+        for block in m.layers:
+            x = block(x)
+        return self.lm_head(m.norm(x))
+
+    # ---- HF-layout checkpoints -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                        extra: dict | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (weights cast to ``dtype``, round-to-nearest-even)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        config = {
+            "architectures": ["WeightgeoGPT"], "model_type": "weightgeo-gpt",
+            "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "intermediate_size": c.mlp_ratio * c.n_embd, "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": False,
+            "torch_dtype": str(dtype).removeprefix("torch."), "weightgeo_gpt_config": asdict(c), **(extra or {}),
+        }
+        (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "GPT":
+        """Load a ``save_pretrained`` folder into fp32 master weights."""
+        d = Path(directory)
+        cfg_path, w_path = d / "config.json", d / "model.safetensors"
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise FileNotFoundError(f"{d}: expected config.json and model.safetensors (written by save_pretrained)")
+        raw = json.loads(cfg_path.read_text())["weightgeo_gpt_config"]
+        cfg = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
+        model = cls(cfg)
+        state = {k: v.float() for k, v in load_file(str(w_path)).items()}
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+class Sample(NamedTuple):
+    """Sampled completions: ``tokens`` [B, N], their ``logprobs`` [B, N] under the sampling distribution,
+    and ``mask`` [B, N] (1 up to and including the first ``eos``; 0 after it)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: torch.Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None,
+             temperature: float = 1.0, eos_id: int | None = None) -> Sample:
+    """Sample ``max_new_tokens`` after each prompt (``temperature=0``: greedy, no generator needed).
+
+    ``logprobs`` are log π(a_t | s_t) of the temperature-scaled distribution that produced the token (at
+    T=1, the policy's own log-probabilities). Positions after the first ``eos_id`` are still filled (the
+    sequence keeps length N) but masked out.
+    """
+    if temperature > 0 and generator is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit torch.Generator (the global RNG is never used)")
+    was_training = model.training
+    model.eval()
+    seq, toks, lps = prompts, [], []
+    for _ in range(max_new_tokens):
+        logits = model(seq)[:, -1, :].float()
+        if temperature > 0:
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(logp.exp(), 1, generator=generator)
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            nxt = logits.argmax(-1, keepdim=True)
+        toks.append(nxt)
+        lps.append(logp.gather(-1, nxt))
+        seq = torch.cat([seq, nxt], dim=1)
+    model.train(was_training)
+    tokens, logprobs = torch.cat(toks, 1), torch.cat(lps, 1)
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+    if eos_id is not None:
+        is_eos = (tokens == eos_id).long()
+        before = torch.cumsum(is_eos, 1) - is_eos  # number of eos strictly before t
+        mask = (before == 0).float()
+    return Sample(tokens, logprobs, mask)
+
+
+def response_logprobs(model: GPT, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """log π(completion_t | prompt, completion_<t) for every completion token: [B, N] (with grad if enabled)."""
+    seq = torch.cat([prompts, completions], dim=1)
+    logits = model(seq[:, :-1])[:, prompts.shape[1] - 1:, :].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
