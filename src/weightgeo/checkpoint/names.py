@@ -22,7 +22,7 @@ __all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "PR
 # Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
 _PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
 # Layer-container names after which the next integer component is the layer index.
-_LAYER_CONTAINERS = frozenset({"layers", "h", "blocks", "layer"})
+_LAYER_CONTAINERS = frozenset({"layers", "h", "blocks", "block", "layer"})
 _PARAM_SUFFIXES = frozenset({"weight", "bias"})
 
 _ATTENTION = re.compile(
@@ -86,7 +86,7 @@ def module_type(name: str) -> str:
 
 
 def layer_index(name: str) -> int | None:
-    """The layer number in a name, or ``None`` (the integer after ``layers``/``h``/``blocks``/``layer``).
+    """The layer number in a name, or ``None``: the first integer after ``layers``/``h``/``blocks``/``block``/``layer``.
 
     Falls back to the first integer component anywhere in the name.
 

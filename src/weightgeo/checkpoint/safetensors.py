@@ -118,7 +118,7 @@ def _parse_entry(path: Path, name: str, e: Any, data_start: int, data_len: int) 
     if not isinstance(e, dict):
         raise WeightgeoError(f"{where}: header entry must be an object, found {type(e).__name__}; {_FIX}")
     code = e.get("dtype")
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise WeightgeoError(f"{where}: unknown or unsupported dtype {code!r} (supported: "
                              f"{', '.join(SAFETENSORS_DTYPES)}); convert the tensor to one of these and re-save")
     dtype = SAFETENSORS_DTYPES[code]

@@ -101,6 +101,7 @@ class TorchBinCheckpoint(Checkpoint):
         for p in paths:
             if not p.is_file():
                 raise WeightgeoError(f"{p}: no such file; pass existing .bin/.pt files")
+        _ = self.infos  # validate every shard now (mmap: no tensor data is copied), not mid-analysis
 
     @classmethod
     def from_index(cls, index_path: str | os.PathLike[str], *, source: str | None = None,
