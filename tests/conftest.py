@@ -12,3 +12,9 @@ import torch
 def gen() -> torch.Generator:
     """A seeded generator; tests never touch the global RNG."""
     return torch.Generator().manual_seed(0)
+
+import sys
+from pathlib import Path
+
+# tests/factories.py (checkpoint builders) is importable as `factories` from every test folder.
+sys.path.insert(0, str(Path(__file__).parent))

@@ -15,6 +15,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint, align, compile_filter, layer_index, module_type, open_checkpoint
+from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .metrics.pair import ALL_METRICS, PAIR_METRICS, matrix_pair_metrics
 from .metrics.sparsity import _unchanged_count
@@ -131,13 +132,22 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
     f = open_checkpoint(ft, base=b)
     try:
         pair_metrics = frozenset(m for m in chosen if m in PAIR_METRICS)
-        jobs, skipped, partial, alignment = _plan(b, f, keep, elementwise="update_sparsity" in chosen)
-        rows = [_run_job(b, f, job, chosen, pair_metrics, k=k, side=side, rank=rank, alpha=alpha, eta=eta,
-                         device=dev)
-                for job in _progress(jobs, progress, b, f)]
+        jobs, skipped, partial, alignment = _plan(b, f, keep, elementwise="update_sparsity" in chosen,
+                                                  svd=bool(pair_metrics))
+        world = current_world(dev)
+        shards = balanced_shards([math.prod(j.shape) for j in jobs], world.size)
+        mine = shards[world.rank]
+        t_rank = time.perf_counter()
+        local = [(i, _run_job(b, f, jobs[i], chosen, pair_metrics, k=k, side=side, rank=rank, alpha=alpha,
+                              eta=eta, device=dev))
+                 for i in _progress(mine, progress and world.is_main, len(mine))]
+        per_rank = world.gather({"rank": world.rank, "tensors": [jobs[i].key for i in mine],
+                                  "seconds": round(time.perf_counter() - t_rank, 3), "rows": local})
     finally:
         b.close()
         f.close()
+    indexed = sorted((pair for part in per_rank for pair in part["rows"]), key=lambda p: p[0])
+    rows = [row for _, row in indexed]
     meta = {
         "weightgeo_version": __version__,
         "kind": "compare",
@@ -147,7 +157,8 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
         "params": {"k": k, "side": side, "rank": rank, "alpha": alpha, "eta": eta,
                    "include": include, "exclude": exclude},
         "device": str(dev),
-        "world_size": 1,
+        "world_size": world.size,
+        "ranks": [{key: val for key, val in part.items() if key != "rows"} for part in per_rank],
         "torch_version": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 3),
         "skipped": skipped,
@@ -158,7 +169,7 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
     return Report(rows=rows, summary=summarize_rows(rows), meta=meta)
 
 
-def _plan(b: Checkpoint, f: Checkpoint, keep, *, elementwise: bool
+def _plan(b: Checkpoint, f: Checkpoint, keep, *, elementwise: bool, svd: bool
           ) -> tuple[list[_Job], list[dict[str, str]], list[dict[str, str]], Any]:
     """Decide what to analyse from headers alone, so bad inputs fail before any tensor is read.
 
@@ -190,7 +201,8 @@ def _plan(b: Checkpoint, f: Checkpoint, keep, *, elementwise: bool
             if not elementwise:
                 skipped.append({"name": pair.key, "reason": reason})
                 continue
-            partial.append({"name": pair.key, "reason": reason})
+            if svd:
+                partial.append({"name": pair.key, "reason": reason})
         rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
         jobs.append(_Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added))
     if not jobs:
@@ -211,15 +223,16 @@ def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str,
                          f"one architecture, or exclude it with exclude={key!r}")
 
 
-def _progress(jobs: list[_Job], enabled: bool, b: Checkpoint, f: Checkpoint):
+def _progress(items: list[int], enabled: bool, total: int):
     if not enabled:
-        return jobs
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(jobs, desc="weightgeo compare", unit="tensor", leave=False, dynamic_ncols=True)
+    return tqdm(items, desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
 
 
-def _read(ck: Checkpoint, name: str, shape: tuple[int, ...], rows: int) -> torch.Tensor:
+def _read(ck: Checkpoint, name: str, rows: int) -> torch.Tensor:
+    shape = ck.info(name).shape
     if shape and rows < shape[0]:
         return ck.get_rows(name, 0, rows)
     return ck.get(name)
@@ -236,8 +249,8 @@ def _run_job(b: Checkpoint, f: Checkpoint, job: _Job, chosen: tuple[str, ...], p
     is_matrix = len(job.shape) == 2
     need_full = is_matrix and bool(pair_metrics)
     if need_full:
-        w0 = _read(b, job.base_name, job.shape, job.rows)
-        w1 = _read(f, job.ft_name, job.shape, job.rows)
+        w0 = _read(b, job.base_name, job.rows)
+        w1 = _read(f, job.ft_name, job.rows)
         unchanged = _chunked_unchanged(job.key, lambda s, e: (w0[s:e], w1[s:e]), job.rows, job.shape, eta)
     else:
         unchanged = _chunked_unchanged(

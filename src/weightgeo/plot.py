@@ -1,0 +1,153 @@
+"""Figures in the style of the paper (Figs. 2-5) from weightgeo reports; needs the ``plot`` extra (matplotlib).
+
+One run or several runs side by side (``{"SFT": report, "OPD": report, ...}``): pair reports give per-matrix
+principal angles and spectral drift (Fig. 2) and localization bars (Fig. 3); trajectory reports give stable
+rank, ‖ΔW‖_F and Hill α vs step (Fig. 4) and, with locking results, Sim_K(t, t_end) vs step (Fig. 5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import WeightgeoError
+
+__all__ = ["plot_report", "plot_pair_reports", "plot_trajectories"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install 'weightgeo[plot]'") from e
+    return plt
+
+
+def _save(fig, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    os.replace(tmp, path)
+    _pyplot().close(fig)
+    return path
+
+
+def _kind(report) -> str:
+    kind = report.meta.get("kind")
+    if kind:
+        return kind
+    return "rank_curve" if any("step" in r for r in report.rows) else "compare"
+
+
+def plot_report(report, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Draw one report's figures into one image file; returns the path."""
+    if _kind(report) == "compare":
+        return plot_pair_reports({report.meta.get("ft", "fine-tuned"): report}, path, **kwargs)
+    return plot_trajectories({report.meta.get("stream", "run"): report}, path, **kwargs)
+
+
+def _matrix_rows(report, key: str) -> list[dict[str, Any]]:
+    return [r for r in report.rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+
+
+def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], *, alpha: float | None = None,
+                      title: str | None = None) -> Path:
+    """Fig. 2 (max principal angle and NSS per matrix, sorted by layer) and Fig. 3 (localization) for runs.
+
+    Args:
+        reports: label -> pair :class:`~weightgeo.report.Report` (from :func:`weightgeo.compare`).
+        path: image file to write (PNG, PDF, SVG).
+        alpha: the localization mask fraction, drawn as the random baseline; default from the reports' meta.
+    """
+    if not reports:
+        raise WeightgeoError("plot_pair_reports: no reports given; pass {'label': weightgeo.compare(...)}")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for label, rep in reports.items():
+        rows = _matrix_rows(rep, "max_principal_angle")
+        axes[0].plot(range(len(rows)), [r["max_principal_angle"] for r in rows], ".", ms=4, label=label)
+        rows = _matrix_rows(rep, "spectral_drift")
+        axes[1].plot(range(len(rows)), [r["spectral_drift"] for r in rows], ".", ms=4, label=label)
+    axes[0].set(title="max principal angle per matrix (Fig. 2)", xlabel="matrix (checkpoint order)",
+                ylabel="degrees", yscale="log")
+    axes[1].set(title="spectral drift NSS per matrix (Fig. 2)", xlabel="matrix (checkpoint order)",
+                ylabel="NSS", yscale="log")
+    keys = ("density", "principal_mask_overlap", "low_magnitude_overlap")
+    width = 0.8 / max(len(reports), 1)
+    for j, (label, rep) in enumerate(reports.items()):
+        vals = [100 * float(rep.summary.get(k, math.nan)) for k in keys]
+        axes[2].bar([i + j * width for i in range(len(keys))], vals, width, label=label)
+    a = alpha if alpha is not None else next(
+        (rep.meta.get("params", {}).get("alpha") for rep in reports.values()), None)
+    if a is not None:
+        axes[2].axhline(100 * a, color="gray", ls="--", lw=1, label=f"random baseline α={a:g}")
+    axes[2].set_xticks([i + width * (len(reports) - 1) / 2 for i in range(len(keys))],
+                       ["update density", "principal overlap", "low-magnitude overlap"])
+    axes[2].set(title="update localization (Fig. 3)", ylabel="%")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _by_step(report, key: str) -> tuple[list[float], list[float]]:
+    by_step = report.summary.get("by_step")
+    if by_step:
+        steps = sorted(by_step, key=float)
+        pts = [(float(s), by_step[s].get(key, math.nan)) for s in steps]
+    else:
+        groups: dict[float, list[float]] = {}
+        for r in report.rows:
+            if isinstance(r.get(key), (int, float)):
+                groups.setdefault(float(r["step"]), []).append(float(r[key]))
+        pts = [(s, sum(v) / len(v)) for s, v in sorted(groups.items())]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_trajectories(reports: Mapping[str, Any], path: str | os.PathLike[str], *,
+                      locking: Mapping[str, Any] | None = None, title: str | None = None) -> Path:
+    """Fig. 4 (stable rank, ‖ΔW_t‖_F, Hill α vs step) and Fig. 5 (Sim_K(t, t_end) vs step) for runs.
+
+    Args:
+        reports: label -> trajectory Report (from :func:`weightgeo.rank_curve` or ``Tracker.rank_curve``).
+        locking: label -> locking result (from :func:`weightgeo.locking_onset`), adds the Sim_K panel.
+    """
+    if not reports:
+        raise WeightgeoError("plot_trajectories: no reports given; pass {'label': weightgeo.rank_curve(...)}")
+    plt = _pyplot()
+    panels = [("stable_rank", "stable rank of ΔW_t"), ("frobenius_norm", "‖ΔW_t‖_F"),
+              ("hill_alpha", "Hill tail index α̂")]
+    n = len(panels) + (1 if locking else 0)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4))
+    for ax, (key, name) in zip(axes, panels):
+        for label, rep in reports.items():
+            x, y = _by_step(rep, key)
+            ax.plot(x, y, "o-", ms=3, label=label)
+        ax.set(title=f"{name} (Fig. 4)", xlabel="step")
+    if locking:
+        ax = axes[-1]
+        for label, res in locking.items():
+            sims = res.mean_similarity
+            steps = sorted(sims, key=float)
+            line, = ax.plot([float(s) for s in steps], [sims[s] for s in steps], "o-", ms=3, label=label)
+            if res.step is not None:
+                ax.axvline(float(res.step), color=line.get_color(), ls=":", lw=1)
+        thr = next((getattr(r, "threshold", None) for r in locking.values()), None)
+        if thr is not None:
+            ax.axhline(thr, color="gray", ls="--", lw=1, label=f"threshold {thr:g}")
+        k = next((getattr(r, "k", None) for r in locking.values()), None)
+        ax.set(title=f"Sim_{k or 'K'}(t, t_end) (Fig. 5)", xlabel="step", ylim=(0, 1.02))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from weightgeo.cli import main
+
+from factories import tiny_llama_state, write_hf_checkpoint
+
+
+def _pair(tmp_path):
+    base = tiny_llama_state(num_layers=1, hidden=8, intermediate=16, vocab=20)
+    ft = {k: (v.float() * 1.01).to(v.dtype) for k, v in base.items()}
+    return write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
+
+
+def test_compare_prints_table_and_summary_and_writes_json(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    out = tmp_path / "r.json"
+    assert main(["compare", str(b), str(f), "--k", "4", "--rank", "2", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layers.0.self_attn.q_proj.weight" in text and "summary:" in text and "update_sparsity" in text
+    data = json.loads(out.read_text())
+    assert set(data) == {"rows", "summary", "meta"} and data["meta"]["params"]["k"] == 4
+
+
+def test_summary_only_and_csv(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    out = tmp_path / "r.csv"
+    assert main(["compare", str(b), str(f), "--metrics", "update_sparsity", "--summary", "--no-progress",
+                 "--include", "attention", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("summary:") and "q_proj.weight" not in text.split("by_module")[0]
+    assert out.read_text().splitlines()[0].startswith("name,shape,numel,module,layer,")
+
+
+def test_bad_input_exits_2_with_the_message(tmp_path, capsys):
+    b, _ = _pair(tmp_path)
+    assert main(["compare", str(b), str(tmp_path / "missing"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightgeo: error:") and "missing" in err
+    assert main(["compare", str(b), str(b), "--metrics", "nope"]) == 2
+    assert "unknown metric 'nope'" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs_as_module(tmp_path):
+    b, f = _pair(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "weightgeo", "compare", str(b), str(f), "--summary",
+                           "--metrics", "update_sparsity"], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "update_sparsity" in proc.stdout

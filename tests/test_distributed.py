@@ -1,0 +1,61 @@
+"""compare() under torchrun with 2 CPU processes (gloo) equals the single-process report."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import weightgeo
+from weightgeo.distributed import balanced_shards
+
+from factories import tiny_llama_state, write_hf_checkpoint
+
+
+def test_balanced_shards_cover_everything_once_and_balance_load():
+    weights = [100, 7, 50, 50, 3, 99, 1, 2]
+    shards = balanced_shards(weights, 3)
+    assert sorted(i for s in shards for i in s) == list(range(len(weights)))
+    loads = [sum(weights[i] for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(weights)
+    assert balanced_shards(weights, 1) == [sorted(range(len(weights)), key=lambda i: (-weights[i], i))]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_gloo_ranks_give_the_single_process_report(tmp_path):
+    base = tiny_llama_state(num_layers=2, hidden=16, intermediate=32, vocab=40)
+    g = torch.Generator().manual_seed(3)
+    ft = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+    b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, weightgeo
+        r = weightgeo.compare({str(b)!r}, {str(f)!r}, k=8, rank=4, progress=False)
+        if int(os.environ["RANK"]) == 0:
+            r.to_json({str(tmp_path / "dist.json")!r})
+    """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", str(script)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist = json.loads((tmp_path / "dist.json").read_text())
+    single = weightgeo.compare(b, f, k=8, rank=4, progress=False)
+    assert dist["meta"]["world_size"] == 2
+    assert [r["name"] for r in dist["rows"]] == [r["name"] for r in single.rows]
+    for x, y in zip(dist["rows"], single.rows):
+        for key, val in y.items():
+            if isinstance(val, float) and math.isnan(val):
+                assert x[key] is None, (y["name"], key)  # JSON null
+            elif isinstance(val, float) and math.isinf(val):
+                assert x[key] == "inf", (y["name"], key)
+            elif isinstance(val, float):
+                assert x[key] == pytest.approx(val, rel=1e-5, abs=1e-6), (y["name"], key)
+    # Each rank read only its own share, and the shares cover every tensor once.
+    shares = [set(r["tensors"]) for r in dist["meta"]["ranks"]]
+    assert len(shares) == 2 and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {r["name"] for r in single.rows}
