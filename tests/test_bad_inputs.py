@@ -1,0 +1,211 @@
+"""The catalogue of bad inputs users hit, checked at the public boundary (compare, metrics, streams, CLI).
+
+Every entry must raise a WeightgeoError whose message names the file or tensor involved and says what to do;
+never a traceback from deep inside torch, never a silent skip. Format-level details (every header field, every
+index rule) are covered in tests/checkpoint/test_ckpt_errors.py; this table is what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import weightgeo
+from weightgeo import WeightgeoError
+from weightgeo.cli import main as cli_main
+
+from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
+
+
+def _state(seed=0):
+    return tiny_llama_state(num_layers=1, hidden=8, intermediate=16, vocab=12, seed=seed)
+
+
+def _good(tmp: Path, name="good", seed=0) -> Path:
+    return write_hf_checkpoint(tmp / name, _state(seed))
+
+
+def _truncated(tmp):
+    d = _good(tmp, "trunc")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    return d, str(f)
+
+
+def _bad_json_header(tmp):
+    d = _good(tmp, "badjson")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    f.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
+    return d, str(f)
+
+
+def _offsets_out_of_range(tmp):
+    d = _good(tmp, "offsets")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10**9]
+    text = json.dumps(header).encode()
+    f.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    return d, name
+
+
+def _overlapping(tmp):
+    f = tmp / "overlap.safetensors"
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    text = json.dumps(header).encode()
+    f.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 12)
+    return f, "overlap"
+
+
+def _missing_shard(tmp):
+    d = write_hf_checkpoint(tmp / "shards", _state(), shards=2)
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    return d, shard.name
+
+
+def _index_outside(tmp):
+    d = write_hf_checkpoint(tmp / "escape", _state(), shards=2)
+    idx = d / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../../etc/passwd"
+    idx.write_text(json.dumps(data))
+    return d, "../../etc/passwd"
+
+
+def _empty_checkpoint(tmp):
+    d = tmp / "empty"
+    d.mkdir()
+    text = b"{}"
+    (d / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text)
+    return d, "empty"
+
+
+def _no_weights_dir(tmp):
+    d = tmp / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "README.md").write_text("hi")
+    return d, "noweights"
+
+
+def _evil_pickle(tmp):
+    d = tmp / "evil"
+    d.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(d / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"w": Evil()}, fh)
+    return d, "pytorch_model.bin"
+
+
+def _adapter_matching_nothing(tmp):
+    base = _state()
+    a = write_lora_adapter(tmp / "adapter", base, targets=("q_proj",), r=2, alpha=4)
+    other = {k.replace("q_proj", "query"): v for k, v in base.items()}
+    return write_hf_checkpoint(tmp / "other", other), a
+
+
+# (id, builder returning (base_source, ft_source, text the message must contain))
+CHECKPOINT_CASES = {
+    "truncated safetensors": lambda t: (_good(t), *_truncated(t)),
+    "corrupt header JSON": lambda t: (_good(t), *_bad_json_header(t)),
+    "offsets out of range": lambda t: (_good(t), *_offsets_out_of_range(t)),
+    "overlapping data": lambda t: (_good(t), *_overlapping(t)),
+    "shard listed but missing": lambda t: (_good(t), *_missing_shard(t)),
+    "index pointing outside its folder": lambda t: (_good(t), *_index_outside(t)),
+    "empty checkpoint": lambda t: (_good(t), *_empty_checkpoint(t)),
+    "directory with no weights": lambda t: (_good(t), *_no_weights_dir(t)),
+    "pickle needing code execution": lambda t: (_good(t), *_evil_pickle(t)),
+    "missing path": lambda t: (_good(t), t / "nope", "nope"),
+    "hub id while offline and uncached": lambda t: (_good(t), "weightgeo-test/not-cached-anywhere",
+                                                    "weightgeo-test/not-cached-anywhere"),
+    "LoRA targets match nothing": lambda t: (*_adapter_matching_nothing(t), "q_proj"),
+    "mismatched shapes": lambda t: ({"layers.0.q_proj.weight": torch.ones(4, 4)},
+                                    {"layers.0.q_proj.weight": torch.ones(4, 5)}, "layers.0.q_proj.weight"),
+    "disjoint names": lambda t: ({"a.weight": torch.ones(2, 2)}, {"b.weight": torch.ones(2, 2)}, "a.weight"),
+    "NaN values": lambda t: ({"w": torch.ones(3, 3)}, {"w": torch.full((3, 3), float("nan"))}, "'w'"),
+    "Inf values": lambda t: ({"w": torch.full((3, 3), float("inf"))}, {"w": torch.ones(3, 3)}, "'w'"),
+    "integer tensors only": lambda t: ({"ids": torch.arange(4)}, {"ids": torch.arange(4)}, "ids"),
+    "quantized (int8) weights only": lambda t: ({"q.qweight": torch.zeros(4, 4, dtype=torch.int8)},
+                                               {"q.qweight": torch.ones(4, 4, dtype=torch.int8)}, "int8"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_compare_rejects(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    base, ft, named = CHECKPOINT_CASES[case](tmp_path)
+    with pytest.raises(WeightgeoError) as e:
+        weightgeo.compare(base, ft, progress=False)
+    assert str(named) in str(e.value), str(e.value)
+
+
+TENSOR_CASES = {
+    "1-D input to an SVD metric": lambda: weightgeo.principal_angles(torch.ones(4), torch.ones(4)),
+    "shapes differ in a tensor metric": lambda: weightgeo.spectral_drift(torch.ones(3, 4), torch.ones(4, 3)),
+    "k below 1": lambda: weightgeo.principal_angles(torch.eye(4), torch.eye(4), k=0),
+    "k larger than the matrix (randomized SVD)": lambda: weightgeo.randomized_svd(torch.ones(5, 4), 9),
+    "integer tensors in a tensor metric": lambda: weightgeo.update_sparsity(torch.ones(2, dtype=torch.int64),
+                                                                            torch.ones(2, dtype=torch.int64)),
+    "NaN in a tensor metric": lambda: weightgeo.update_sparsity(torch.ones(2), torch.tensor([1.0, float("nan")])),
+    "unknown metric": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, metrics=["x"]),
+    "CUDA asked for but absent": lambda: (weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
+                                                            device="cuda:7")),
+    "invalid include regex": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
+                                                       include="(unclosed"),
+    "eta outside (0, 1)": lambda: weightgeo.update_sparsity(torch.ones(2), torch.ones(2), eta=-1.0),
+    "localization alpha outside (0, 1)": lambda: weightgeo.update_localization(torch.eye(4), torch.eye(4),
+                                                                               alpha=1.5),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_tensor_level_rejects(case):
+    if case == "CUDA asked for but absent" and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(WeightgeoError):
+        TENSOR_CASES[case]()
+
+
+def test_stream_with_one_checkpoint(tmp_path):
+    write_hf_checkpoint(tmp_path / "run" / "checkpoint-10", _state())
+    with pytest.raises(WeightgeoError, match="one checkpoint"):
+        weightgeo.rank_curve(tmp_path / "run")
+
+
+def test_stream_with_duplicate_steps(tmp_path):
+    a = write_hf_checkpoint(tmp_path / "a", _state())
+    b = write_hf_checkpoint(tmp_path / "b", _state(1))
+    with pytest.raises(WeightgeoError, match="duplicate step 5"):
+        weightgeo.rank_curve([a, b], steps=[5, 5])
+
+
+def test_empty_stream_directory(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(WeightgeoError, match="run"):
+        weightgeo.locking_onset(tmp_path / "run")
+
+
+def test_cli_answers_bad_input_with_status_2(tmp_path, capsys):
+    d, f = _truncated(tmp_path)
+    assert cli_main(["compare", str(_good(tmp_path)), str(d), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightgeo: error:") and f in err and "Traceback" not in err
+    assert cli_main(["compare", str(d), str(d), "--out", str(tmp_path / "r.txt")]) == 2
+    assert "use a .json or .csv path" in capsys.readouterr().err
