@@ -16,12 +16,13 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, align, compile_filter, layer_index, module_type, open_checkpoint
 from .distributed import balanced_shards, current_world
+from .devices import resolve_device
 from .errors import WeightgeoError
 from .metrics.pair import ALL_METRICS, PAIR_METRICS, matrix_pair_metrics
 from .metrics.sparsity import _unchanged_count
 from .report import Report, summarize_rows
 
-__all__ = ["compare", "resolve_metrics", "resolve_device"]
+__all__ = ["compare", "resolve_metrics"]
 
 # Alternative spellings users reach for; each maps to the metric family that computes it.
 _ALIASES = {
@@ -64,20 +65,6 @@ def resolve_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
                                  f"(aliases: {', '.join(sorted(_ALIASES))})")
         chosen.add(canonical)
     return tuple(m for m in ALL_METRICS if m in chosen)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → CPU; a CUDA device that is not available is an error, not a silent fallback."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise WeightgeoError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightgeoError(f"device={device!r} but CUDA is not available in this torch build "
-                             f"({torch.__version__}); use device='cpu'")
-    return dev
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,31 @@
+"""Where the linear algebra runs: one rule for every entry point (``None`` → CPU, no silent fallback)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import WeightgeoError
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CPU; a CUDA device that is not available is an error, not a silent fallback.
+
+    >>> resolve_device(None)
+    device(type='cpu')
+    >>> resolve_device("tpu")
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: device='tpu' is not a torch device; use 'cpu', 'cuda' or 'cuda:N'
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise WeightgeoError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WeightgeoError(f"device={device!r} but CUDA is not available in this torch build "
+                             f"({torch.__version__}); use device='cpu'")
+    return dev

@@ -1,0 +1,466 @@
+"""In-training tracking of the trajectory diagnostics: ``Tracker.update(model.named_parameters(), step)``.
+
+The tracker is framework-free: call :meth:`Tracker.update` from any loop (or the transformers callback in
+``weightgeo.integrations.transformers``) and log the flat ``dict[str, float]`` it returns. At the end,
+:meth:`Tracker.rank_curve` and :meth:`Tracker.locking_onset` give the same results as the offline
+:func:`~weightgeo.metrics.trajectory.rank_curve` / :func:`~weightgeo.metrics.trajectory.locking_onset` on the
+checkpoints the run would have saved.
+
+>>> import torch
+>>> lin = torch.nn.Linear(32, 24, bias=False)
+>>> with torch.no_grad():
+...     _ = lin.weight.copy_(torch.randn(24, 32, generator=torch.Generator().manual_seed(0)))
+>>> tr = Tracker(lin, k=2, hill_k=2)
+>>> u = torch.randn(24, 2, generator=torch.Generator().manual_seed(1)) @ torch.randn(2, 32, generator=torch.Generator().manual_seed(2))
+>>> for step in (1, 2, 3):
+...     with torch.no_grad():
+...         _ = lin.weight.add_(0.05 * u)
+...     logs = tr.update(lin.named_parameters(), step)
+>>> round(logs["weightgeo/sim2_to_prev/mean"], 4), logs["weightgeo/n_matrices"]
+(1.0, 1.0)
+>>> tr.locking_onset(threshold=0.9).step
+1
+
+Modes (memory per tracked [m, n] matrix; K = ``k``, r = max(k, hill_k)):
+
+* ``"exact"``: a copy of W0 in ``dtype`` (bf16: 2·m·n bytes, on ``base_device``, CPU by default). Each update
+  forms ΔW_t = round(W_t) − W0 exactly, where round() is the cast to ``dtype``: with the default bf16 the
+  tracker sees exactly the update a bf16 checkpoint of W_t would show.
+* ``"sketch"``: single-pass two-sided sketches of W0 (Tropp, Yurtsever, Udell & Cevher 2017), float64:
+  Y0 = W0·Ω ([m, s]) and Z0 = Ψ·W0 ([l, n]) with seeded Gaussian Ω, Ψ regenerated on demand, s = 2r + 1,
+  l = 2s + 1: 8·(m·s + l·n) bytes. The update is linear, so Y_t − Y0 = ΔW_t·Ω and Z_t − Z0 = Ψ·ΔW_t.
+  From them: Q = orth(ΔW Ω), X = (ΨQ)⁺(ΨΔW) ≈ QᵀΔW; singular values and V_K from X; ‖ΔW‖_F² from ‖X‖_F²
+  plus an unbiased estimate of the part of ΔW outside range(Q) from the least-squares residual.
+  float64 because the difference of two sketches of nearly equal matrices cancels: in float32 its error
+  grows like 6e-8·‖W‖/‖ΔW‖.
+
+Both modes store per tracked step and matrix the top r+1 singular values (float64) and V_K ([K, n] float32):
+4·K·n bytes. Distributed training: parameters must be whole matrices when ``update`` is called. DeepSpeed
+ZeRO-3 shards (``ds_id``) are accepted only inside ``deepspeed.zero.GatheredParameters``; FSDP flat parameters
+are refused (use ``use_orig_params=True`` and call ``update`` inside ``FSDP.summon_full_params(model)`` on
+every rank); DTensor parameters (FSDP2) are gathered with ``full_tensor()`` when ``gather=True`` (a
+collective: every rank must call ``update``), refused otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .checkpoint import canonical_name, compile_filter, module_type
+from .devices import resolve_device
+from .errors import WeightgeoError
+from .metrics.trajectory import (Spectrum, _check_k, _sim, assemble, build_locking, matrix_seed,
+                                 spectrum_row, trajectory_summary, update_spectra)
+from .report import Report
+
+__all__ = ["Tracker"]
+
+_PREFIX = "weightgeo"
+_MODES = ("exact", "sketch")
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_BATCH_BYTES = 1 << 28
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    key: str
+    name: str
+    shape: tuple[int, int]
+    seed: int
+
+
+def _key(name: str) -> str:
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    return canonical_name(name)
+
+
+class Tracker:
+    """Follow ΔW_t = W_t − W0 of every tracked matrix during training (paper §4), in memory bounded per matrix.
+
+    Args:
+        model: the model at the start of training (W0): an ``nn.Module``, a ``Mapping[str, Tensor]`` or an
+            iterable of ``(name, tensor)`` pairs. Only 2-D floating parameters with ``requires_grad`` (for
+            ``nn.Parameter``) that pass ``include``/``exclude`` are tracked.
+        every: track steps that are multiples of ``every``; ``update`` returns ``{}`` on the others.
+        k: subspace size K for V_K and Sim_K (default 16, the paper's).
+        include, exclude: regexes or presets (``"attention"``, ``"mlp"``, ``"linear"``); default all 2-D weights.
+        mode: ``"exact"`` (a ``dtype`` copy of W0) or ``"sketch"`` (float64 sketches, see the module doc).
+        device: where the linear algebra runs; default: where each parameter lives.
+        hill_k: top singular values in the Hill estimator (default 10).
+        dtype: W0 and W_t are rounded to this before subtracting (default bf16: the update a bf16 checkpoint
+            shows); ``None`` keeps each parameter's dtype.
+        seed: seeds every random test matrix (per matrix, stable across processes).
+        sketch_rank: s, the sketch's range size (default 2·max(k, hill_k) + 1); l = 2s + 1.
+        base_device: where the W0 copy / sketches are kept (default CPU).
+        gather: gather DTensor parameters with ``full_tensor()`` (every rank must call ``update``).
+    """
+
+    def __init__(self, model: Any, *, every: int = 1, k: int = 16, include: Any = None, exclude: Any = None,
+                 mode: str = "exact", device: str | torch.device | None = None, hill_k: int = 10,
+                 dtype: torch.dtype | None = torch.bfloat16, seed: int = 0, sketch_rank: int | None = None,
+                 base_device: str | torch.device = "cpu", gather: bool = False) -> None:
+        if mode not in _MODES:
+            raise WeightgeoError(f"mode={mode!r}; use 'exact' (a bf16 copy of W0) or 'sketch' (random sketches)")
+        self.every = _check_k(every, "every", 1)
+        self.k = _check_k(k, "k", 1)
+        self.hill_k = _check_k(hill_k, "hill_k", 2)
+        self.mode = mode
+        self.dtype = dtype
+        self.seed = int(seed)
+        self.gather = bool(gather)
+        self.include, self.exclude = include, exclude
+        r = max(self.k, self.hill_k)
+        self.sketch_rank = _check_k(sketch_rank, "sketch_rank", r + 1) if sketch_rank is not None else 2 * r + 1
+        self.device = None if device is None else resolve_device(device)
+        self.base_device = torch.device(base_device)
+        self.skipped: list[dict[str, Any]] = []
+        self.steps: list[int] = []
+        self._records: dict[str, dict[int, Spectrum]] = {}
+        self._matrices: dict[str, _Matrix] = {}
+        self._base: dict[str, torch.Tensor] = {}  # exact: W0 copy; sketch: Y0 and Z0 under key+"/y", key+"/z"
+        keep = compile_filter(include, exclude)
+        for name, p in _named_tensors(model):
+            key = _key(name)
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point() or _full_shape(p) is None:
+                continue
+            shape = _full_shape(p)
+            if len(shape) != 2 or not keep(key, shape):
+                continue
+            if isinstance(p, torch.nn.Parameter) and not p.requires_grad:
+                self.skipped.append({"name": key, "reason": "requires_grad=False (frozen: its update is zero)"})
+                continue
+            if key in self._matrices:
+                raise WeightgeoError(f"parameters {self._matrices[key].name!r} and {name!r} both map to {key!r}; "
+                                     f"pass a model without duplicate wrapper prefixes")
+            w = self._full(name, p)
+            m = _Matrix(key, name, (shape[0], shape[1]), matrix_seed(self.seed, key))
+            self._matrices[key] = m
+            self._capture_base(m, w)
+        if not self._matrices:
+            raise WeightgeoError(f"Tracker: no parameter to track (include={include!r}, exclude={exclude!r}; "
+                                 f"{len(self.skipped)} skipped: {self.skipped[:3]}); track 2-D trainable weights")
+
+    # --- W0 ------------------------------------------------------------------------------------------------
+    def _round(self, w: torch.Tensor) -> torch.Tensor:
+        return w.detach().to(self.dtype) if self.dtype is not None else w.detach()
+
+    def _test_matrices(self, m: _Matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = m.shape
+        s = min(self.sketch_rank, rows, cols)
+        l_ = min(2 * s + 1, rows)
+        g = torch.Generator(device=device).manual_seed(m.seed)
+        omega = torch.randn(cols, s, generator=g, dtype=torch.float64, device=device)
+        psi = torch.randn(l_, rows, generator=g, dtype=torch.float64, device=device)
+        return omega, psi
+
+    def _capture_base(self, m: _Matrix, w: torch.Tensor) -> None:
+        w = self._round(w)
+        if self.mode == "exact":
+            self._base[m.key] = w.to(self.base_device, copy=True)
+            return
+        dev = self.device or w.device
+        omega, psi = self._test_matrices(m, dev)
+        w64 = w.to(dev, torch.float64)
+        self._base[m.key + "/y"] = (w64 @ omega).to(self.base_device)
+        self._base[m.key + "/z"] = (psi @ w64).to(self.base_device)
+
+    def _full(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """The whole matrix behind ``p``, or a WeightgeoError saying how to gather it."""
+        if hasattr(p, "ds_id"):
+            status = getattr(getattr(p, "ds_status", None), "name", None)
+            ds_shape = tuple(getattr(p, "ds_shape", ()))
+            if status != "AVAILABLE" or tuple(p.shape) != ds_shape:
+                raise WeightgeoError(
+                    f"parameter {name!r} is a DeepSpeed ZeRO-3 shard (ds_id={p.ds_id}, local shape "
+                    f"{tuple(p.shape)}, full {ds_shape}, status {status}); the Tracker needs whole matrices: call "
+                    f"update inside `with deepspeed.zero.GatheredParameters(list(model.parameters())):` on every "
+                    f"rank, or track a ZeRO-1/2 run")
+            return p
+        if type(p).__name__ == "FlatParameter" or getattr(p, "_is_flat_param", False) or "_flat_param" in name:
+            raise WeightgeoError(
+                f"parameter {name!r} is an FSDP flat parameter (shape {tuple(p.shape)}): it is a shard of many "
+                f"matrices; wrap with use_orig_params=True and call update inside "
+                f"`with FSDP.summon_full_params(model):` on every rank")
+        if _is_dtensor(p):
+            if not self.gather:
+                raise WeightgeoError(
+                    f"parameter {name!r} is a DTensor sharded as {getattr(p, 'placements', '?')} (local shape "
+                    f"{tuple(p.to_local().shape)}, full {tuple(p.shape)}); pass Tracker(..., gather=True) and call "
+                    f"update on every rank (full_tensor() is a collective)")
+            return p.full_tensor()
+        return p
+
+    # --- tracking ------------------------------------------------------------------------------------------
+    def update(self, named_parameters: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+               step: int) -> dict[str, float]:
+        """Measure ΔW_t at ``step`` and return a flat ``{"weightgeo/<metric>/<group>": value}`` dict.
+
+        Keys: ``weightgeo/{stable_rank,frobenius_norm,spectral_norm,hill_alpha}/{mean,<module type>}``
+        (unweighted means over matrices), ``weightgeo/sim{K}_to_prev/mean`` (Sim_K to the previous tracked
+        step) and ``weightgeo/n_matrices`` (matrices with a nonzero update). Returns ``{}`` when ``step`` is not
+        a multiple of ``every``; a step where no tracked matrix has changed is not recorded.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) and not hasattr(step, "__index__"):
+            raise WeightgeoError(f"step must be an integer, got {step!r}")
+        step = int(step)
+        if step % self.every:
+            return {}
+        if self.steps and step <= self.steps[-1]:
+            raise WeightgeoError(f"Tracker.update(step={step}) after step {self.steps[-1]}: steps must increase "
+                                 f"(one update per optimizer step)")
+        current = self._collect(named_parameters)
+        specs = self._measure_exact(current, step) if self.mode == "exact" else self._measure_sketch(current)
+        if not specs:
+            return {f"{_PREFIX}/n_matrices": 0.0}
+        prev = self.steps[-1] if self.steps else None
+        self.steps.append(step)
+        for key, sp in specs.items():
+            self._records.setdefault(key, {})[step] = sp
+        return self._log(specs, step, prev)
+
+    def _collect(self, named_parameters: Any) -> dict[str, torch.Tensor]:
+        got: dict[str, torch.Tensor] = {}
+        for name, p in _named_tensors(named_parameters):
+            key = _key(name)
+            m = self._matrices.get(key)
+            if m is None:
+                continue
+            w = self._full(name, p)
+            if tuple(w.shape) != m.shape:
+                raise WeightgeoError(f"parameter {name!r} has shape {tuple(w.shape)} but {m.shape} at the start; "
+                                     f"the tracker follows fixed matrices")
+            got[key] = w.detach()
+        missing = [k for k in self._matrices if k not in got]
+        if missing:
+            raise WeightgeoError(f"Tracker.update: {len(missing)} tracked parameter(s) missing, e.g. "
+                                 f"{[self._matrices[k].name for k in missing[:3]]}; pass model.named_parameters() "
+                                 f"of the tracked model")
+        return got
+
+    def _measure_exact(self, current: dict[str, torch.Tensor], step: int) -> dict[str, Spectrum]:
+        groups: dict[tuple[tuple[int, int], torch.device], list[str]] = {}
+        for key, w in current.items():
+            groups.setdefault((self._matrices[key].shape, self.device or w.device), []).append(key)
+        r = max(self.k, self.hill_k)
+        out: dict[str, Spectrum] = {}
+        for (shape, dev), keys in groups.items():
+            per = max(1, _BATCH_BYTES // (4 * shape[0] * shape[1]))
+            g = torch.Generator(device=dev).manual_seed(matrix_seed(self.seed + step, f"{shape}"))
+            for i in range(0, len(keys), per):
+                chunk = keys[i:i + per]
+                D = torch.stack([self._round(current[k]).to(dev, torch.float32)
+                                 - self._base[k].to(dev, torch.float32) for k in chunk])
+                if not bool(torch.isfinite(D).all()):
+                    bad = [k for j, k in enumerate(chunk) if not bool(torch.isfinite(D[j]).all())]
+                    raise WeightgeoError(f"Tracker.update(step={step}): non-finite values in {bad[:3]}")
+                fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
+                nz = [j for j in range(len(chunk)) if float(fro[j]) > 0]
+                if nz:
+                    for j, sp in zip(nz, update_spectra(D[nz], r=r, k=self.k, generator=g, frobenius=fro[nz])):
+                        out[chunk[j]] = sp
+        return out
+
+    def _measure_sketch(self, current: dict[str, torch.Tensor]) -> dict[str, Spectrum]:
+        r = max(self.k, self.hill_k)
+        out: dict[str, Spectrum] = {}
+        for key, w in current.items():
+            m = self._matrices[key]
+            dev = self.device or w.device
+            omega, psi = self._test_matrices(m, dev)
+            w64 = self._round(w).to(dev, torch.float64)
+            Y = w64 @ omega - self._base[key + "/y"].to(dev)
+            Z = psi @ w64 - self._base[key + "/z"].to(dev)
+            del w64
+            if not bool(Y.any()) and not bool(Z.any()):
+                continue
+            out[key] = sketch_spectrum(Y, Z, psi, r=r, k=self.k)
+        return out
+
+    def _log(self, specs: dict[str, Spectrum], step: int, prev: int | None) -> dict[str, float]:
+        rows = [spectrum_row(key, self._matrices[key].shape, step, sp, hill_k=self.hill_k, k=self.k)
+                for key, sp in specs.items()]
+        out: dict[str, float] = {}
+        metrics = ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha")
+        for metric in metrics:
+            out[f"{_PREFIX}/{metric}/mean"] = _nanmean(r[metric] for r in rows)
+        by_module: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_module.setdefault(r["module"], []).append(r)
+        for mod, rs in sorted(by_module.items()):
+            for metric in metrics:
+                out[f"{_PREFIX}/{metric}/{mod}"] = _nanmean(r[metric] for r in rs)
+        if prev is not None:
+            sims = [_sim(sp.Vh, self._records[key][prev].Vh) for key, sp in specs.items()
+                    if prev in self._records.get(key, {})]
+            if sims:
+                out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = _nanmean(sims)
+        out[f"{_PREFIX}/n_matrices"] = float(len(rows))
+        return out
+
+    # --- results -------------------------------------------------------------------------------------------
+    def _need_steps(self) -> None:
+        if not self.steps:
+            raise WeightgeoError("the Tracker has no tracked step with a nonzero update yet; call update(...) "
+                                 "during training first")
+
+    def rank_curve(self) -> Report:
+        """The same :class:`~weightgeo.report.Report` as :func:`~weightgeo.metrics.trajectory.rank_curve`."""
+        self._need_steps()
+        records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
+        rows, sims, zero = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
+        meta = {"kind": "rank_curve", "source": "Tracker", "mode": self.mode, "steps": list(self.steps),
+                "params": {"hill_k": self.hill_k, "k": self.k, "every": self.every,
+                           "sketch_rank": self.sketch_rank if self.mode == "sketch" else None},
+                "seed": self.seed, "include": self.include, "exclude": self.exclude,
+                "skipped": list(self.skipped), "zero_updates": zero, "similarity": sims, "unmatched": {}}
+        return Report(rows=rows, summary=trajectory_summary(rows, self.steps, sims, k=self.k), meta=meta)
+
+    def locking_onset(self, threshold: float = 0.9):  # -> LockingOnset
+        """The :class:`~weightgeo.metrics.trajectory.LockingOnset` with t_end = the last tracked step."""
+        self._need_steps()
+        records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
+        _, sims, _ = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
+        return build_locking(sims, k=self.k, threshold=threshold,
+                             meta={"kind": "locking_onset", "source": "Tracker", "mode": self.mode})
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: ``base`` (W0 copy or sketches) and ``history`` (per-step spectra and V_K)."""
+        base = sum(t.numel() * t.element_size() for t in self._base.values())
+        hist = sum(sp.S.numel() * sp.S.element_size() + (0 if sp.Vh is None else sp.Vh.numel() * sp.Vh.element_size())
+                   for per in self._records.values() for sp in per.values())
+        return {"base": base, "history": hist}
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical names of the tracked matrices."""
+        return list(self._matrices)
+
+    # --- persistence ---------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tracker (config, W0 copy or sketches, history) to one ``.safetensors`` file, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {f"base/{k}": t.detach().cpu().contiguous() for k, t in self._base.items()}
+        hist: dict[str, dict[str, Any]] = {}
+        for key, per in self._records.items():
+            for step, sp in per.items():
+                tensors[f"S/{step}/{key}"] = sp.S.contiguous()
+                if sp.Vh is not None:
+                    tensors[f"V/{step}/{key}"] = sp.Vh.contiguous()
+                hist.setdefault(key, {})[str(step)] = {"frobenius": sp.frobenius, "method": sp.method}
+        state = {
+            "format": _FORMAT, "mode": self.mode, "every": self.every, "k": self.k, "hill_k": self.hill_k,
+            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""), "seed": self.seed,
+            "sketch_rank": self.sketch_rank, "include": self.include, "exclude": self.exclude,
+            "gather": self.gather, "steps": self.steps, "skipped": self.skipped, "history": hist,
+            "matrices": [[m.key, m.name, list(m.shape), m.seed] for m in self._matrices.values()],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"weightgeo_tracker": json.dumps(state)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None,
+             base_device: str | torch.device = "cpu") -> "Tracker":
+        """Read a tracker written by :meth:`save`; it can go on tracking (same W0, same test matrices)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if "weightgeo_tracker" not in meta:
+                    raise WeightgeoError(f"{path}: not a weightgeo Tracker file (no 'weightgeo_tracker' metadata); "
+                                         f"write one with Tracker.save")
+                state = json.loads(meta["weightgeo_tracker"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except WeightgeoError:
+            raise
+        except Exception as e:  # OSError, JSON errors, safetensors' own SafetensorError
+            raise WeightgeoError(f"{path}: cannot read a Tracker file ({type(e).__name__}: {e}); write one with "
+                                 f"Tracker.save") from e
+        if state.get("format") != _FORMAT:
+            raise WeightgeoError(f"{path}: Tracker file format {state.get('format')} is not {_FORMAT}")
+        self = cls.__new__(cls)
+        self.mode, self.every, self.k, self.hill_k = state["mode"], state["every"], state["k"], state["hill_k"]
+        self.dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
+        self.seed, self.sketch_rank, self.gather = state["seed"], state["sketch_rank"], state["gather"]
+        self.include, self.exclude = state["include"], state["exclude"]
+        self.device = None if device is None else resolve_device(device)
+        self.base_device = torch.device(base_device)
+        self.skipped = list(state["skipped"])
+        self.steps = [int(s) for s in state["steps"]]
+        self._matrices = {k: _Matrix(k, n, (s[0], s[1]), seed) for k, n, s, seed in state["matrices"]}
+        self._base = {k[len("base/"):]: t.to(self.base_device) for k, t in tensors.items() if k.startswith("base/")}
+        self._records = {}
+        for key, per in state["history"].items():
+            for step, h in per.items():
+                self._records.setdefault(key, {})[int(step)] = Spectrum(
+                    float(h["frobenius"]), tensors[f"S/{step}/{key}"], tensors.get(f"V/{step}/{key}"), h["method"])
+        return self
+
+    def __repr__(self) -> str:
+        return (f"Tracker(mode={self.mode!r}, matrices={len(self._matrices)}, k={self.k}, every={self.every}, "
+                f"steps={len(self.steps)})")
+
+
+def sketch_spectrum(Y: torch.Tensor, Z: torch.Tensor, psi: torch.Tensor, *, r: int, k: int) -> Spectrum:
+    """Estimate ΔW's top spectrum, V_K and ‖ΔW‖_F from Y = ΔW·Ω ([m, s]), Z = Ψ·ΔW ([l, n]) and Ψ (float64).
+
+    Tropp et al. 2017, two-sided sketch: Q = orth(Y), X = (ΨQ)⁺Z ≈ QᵀΔW. With Gaussian Ψ independent of Q,
+    the least-squares residual E = Z − ΨQ·X has E‖E‖² = (l − s)·‖(I − QQᵀ)ΔW‖_F² and X carries noise of
+    expected energy s/(l − s − 1) of that tail, so ‖ΔW‖_F² ≈ ‖X‖² + t·(1 − s/(l − s − 1)), t = ‖E‖²/(l − s).
+    """
+    Q, _ = torch.linalg.qr(Y)
+    s = Q.shape[1]
+    l_ = psi.shape[0]
+    PQ = psi @ Q
+    Qp, Rp = torch.linalg.qr(PQ)
+    X = torch.linalg.solve_triangular(Rp, Qp.mT @ Z, upper=True)
+    E = Z - PQ @ X
+    x2 = float((X * X).sum())
+    if l_ > s + 1:
+        tail = float((E * E).sum()) / (l_ - s)
+        fro2 = max(x2 + tail * (1.0 - s / (l_ - s - 1)), 0.0)
+    else:
+        fro2 = x2
+    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    want = min(r + 1, S.shape[0])
+    return Spectrum(math.sqrt(fro2), S[:want].double().cpu(), Vh[:k].float().cpu(), "sketch")
+
+
+def _named_tensors(obj: Any) -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.nn.Module):
+        return obj.named_parameters()
+    if isinstance(obj, Mapping):
+        return obj.items()
+    return obj
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...] | None:
+    ds = getattr(p, "ds_shape", None)
+    return tuple(ds) if ds is not None else tuple(p.shape)
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    return math.fsum(vals) / len(vals) if vals else math.nan
