@@ -1,0 +1,137 @@
+"""pair_geometry / base_spectrum against an independent float64 NumPy/SciPy reference (docs/numerics.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from weightgeo.errors import WeightgeoError
+from weightgeo.linalg.pairwise import base_spectrum, pair_geometry
+
+
+# ---- float64 reference (shares no code with the implementation) ---------------------------------
+def ref_geometry(W0: torch.Tensor, W1: torch.Tensor, k: int) -> dict:
+    A0, A1 = W0.double().numpy(), W1.double().numpy()
+    U0, s0, V0h = np.linalg.svd(A0, full_matrices=False)
+    U1, s1, V1h = np.linalg.svd(A1, full_matrices=False)
+    k = min(k, *A0.shape)
+    right = np.sort(np.degrees(scipy.linalg.subspace_angles(V0h[:k].T, V1h[:k].T)))
+    left = np.sort(np.degrees(scipy.linalg.subspace_angles(U0[:, :k], U1[:, :k])))
+    return dict(s0=s0, s1=s1, nss=np.linalg.norm(s1 - s0) / np.linalg.norm(s0), right=right, left=left)
+
+
+def make_pair(m, n, rel, kind="dense", seed=0, rank=4):
+    """bf16 pair: W0 = power-law spectrum σᵢ = i^-0.5 with random orthogonal factors; W1 = bf16(W0 + ΔW)."""
+    rng = np.random.default_rng(seed)
+    p = min(m, n)
+    U, _ = np.linalg.qr(rng.standard_normal((m, p)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, p)))
+    W0 = torch.from_numpy(((U * np.arange(1, p + 1) ** -0.5) @ V.T).astype(np.float32)).bfloat16()
+    rms = float(W0.float().pow(2).mean().sqrt())
+    if kind == "dense":
+        D = rng.standard_normal((m, n)) * rel * rms
+    else:
+        D = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+        D *= rel * rms * np.sqrt(m * n) / np.linalg.norm(D)
+    W1 = (W0.float() + torch.from_numpy(D.astype(np.float32))).bfloat16()
+    return W0, W1
+
+
+def check_close(g, r, sides=("right", "left")):
+    for side in sides:
+        a = getattr(g, f"angles_{side}").numpy()
+        ref = r[side][: a.shape[-1]] if a.shape[-1] == r[side].shape[-1] else r[side]
+        assert a.shape == ref.shape
+        tol = 0.02 * np.abs(ref) + 0.005
+        assert np.all(np.abs(a - ref) <= 1e-2 * tol), (side, np.max(np.abs(a - ref) / tol))
+        ov = np.mean(np.cos(np.radians(a)) ** 2) - np.mean(np.cos(np.radians(ref)) ** 2)
+        assert abs(ov) < 1e-6
+    assert abs(float(g.nss) / r["nss"] - 1) < 1e-3 or abs(float(g.nss) - r["nss"]) < 1e-12
+    # σ themselves carry the float32 Gram rounding (~eps32·σ₁); their differences do not.
+    np.testing.assert_allclose(g.sigma0.numpy(), r["s0"], rtol=0, atol=1e-6 * r["s0"][0])
+    d, dref = (g.sigma1 - g.sigma0).numpy(), r["s1"] - r["s0"]
+    assert np.linalg.norm(d - dref) <= 1e-3 * np.linalg.norm(dref) + 1e-14
+
+
+# Square / tall / wide, k inside the spectrum with σ_k/σ_{k+1} ≈ 1.003 (the hard case scaled down)
+# and k = min(m, n); dense and low-rank ΔW at three sizes.
+CASES = [
+    (96, 96, 48), (320, 64, 40), (64, 320, 40), (24, 128, 512), (128, 24, 512),
+]
+
+
+@pytest.mark.parametrize("m,n,k", CASES)
+@pytest.mark.parametrize("rel", [1e-2, 2e-4])
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_matches_float64(m, n, k, rel, kind):
+    W0, W1 = make_pair(m, n, rel, kind, seed=m + n)
+    g = pair_geometry(W0, W1, k=k, sides=("right", "left"))
+    r = ref_geometry(W0, W1, k)
+    assert g.k == min(k, m, n)
+    check_close(g, r)
+    assert r["nss"] > 0 and g.nss > 0
+
+
+def test_identical_pair_is_zero():
+    W0, _ = make_pair(100, 60, 1e-3)
+    g = pair_geometry(W0, W0, k=30, sides=("right", "left"))
+    assert float(g.nss) == 0.0
+    assert float(g.angles_right.abs().max()) == 0.0 and float(g.angles_left.abs().max()) < 1e-6
+    assert float(g.overlap("right")) == 1.0
+
+
+def test_rank_deficient_base_caps_k():
+    rng = np.random.default_rng(3)
+    B = np.zeros((90, 60))
+    B[:, :40] = rng.standard_normal((90, 40))  # exactly rank 40 (zero columns survive bf16)
+    W0 = torch.from_numpy(B.astype(np.float32)).bfloat16()
+    W1 = (W0.float() + 1e-3 * torch.from_numpy(rng.standard_normal((90, 60)).astype(np.float32))).bfloat16()
+    g = pair_geometry(W0, W1, k=50, sides=("right", "left"))
+    assert g.k == 40  # numerical rank of W0
+    r = ref_geometry(W0, W1, 40)
+    check_close(g, r)
+
+
+def test_weyl_and_mirsky_bounds():
+    for m, n in [(100, 60), (60, 100)]:
+        W0, W1 = make_pair(m, n, 1e-2, seed=7)
+        g = pair_geometry(W0, W1, k=40)
+        dW = (W1.double() - W0.double())
+        ds = (g.sigma1 - g.sigma0).abs()
+        assert float(ds.max()) <= float(torch.linalg.matrix_norm(dW, 2)) * (1 + 1e-9)  # Weyl
+        assert float(ds.norm()) <= float(torch.linalg.matrix_norm(dW, "fro")) * (1 + 1e-9)  # Mirsky
+
+
+def test_base_reuse_and_batched_equal_looped():
+    pairs = [make_pair(96, 64, rel, seed=s) for s, rel in enumerate([1e-2, 1e-3, 2e-4])]
+    W0 = torch.stack([p[0] for p in pairs])
+    W1 = torch.stack([p[1] for p in pairs])
+    g = pair_geometry(W0, W1, k=24, sides=("right", "left"))
+    for i, (a, b) in enumerate(pairs):
+        base = base_spectrum(a)
+        gi = pair_geometry(None, b, k=24, sides=("right", "left"), base=base)
+        assert torch.allclose(g.angles_right[i], gi.angles_right, atol=1e-7)
+        assert torch.allclose(g.angles_left[i], gi.angles_left, atol=1e-7)
+        assert torch.allclose(g.nss[i], gi.nss, rtol=1e-8)
+
+
+def test_float64_inputs_run_in_float64():
+    W0, W1 = make_pair(80, 60, 1e-3)
+    g = pair_geometry(W0.double(), W1.double(), k=30, sides=("right", "left"))
+    check_close(g, ref_geometry(W0, W1, 30))
+
+
+def test_errors():
+    W0, W1 = make_pair(40, 30, 1e-3)
+    with pytest.raises(WeightgeoError):
+        pair_geometry(W0, W1[:-1], k=4)
+    with pytest.raises(WeightgeoError):
+        pair_geometry(W0, W1, k=0)
+    with pytest.raises(WeightgeoError):
+        pair_geometry(W0, W1, k=4, sides=("up",))
+    with pytest.raises(WeightgeoError):
+        pair_geometry(None, W1, k=4)
+    with pytest.raises(WeightgeoError):
+        pair_geometry(W0, W1, k=4).overlap("left")
