@@ -1,12 +1,66 @@
 """weightgeo: the geometry of fine-tuning in parameter space.
 
-(The public API is assembled here; see docs/metrics.md for the naming contract.)
+Point it at a base checkpoint and a fine-tuned one (or a stream of training checkpoints) and get, per weight
+matrix and for the whole model: how many weights changed, how far the principal singular subspaces rotated,
+how the spectrum drifted, where the update lands, and how the rank of the cumulative update evolves.
+Definitions follow "On the Geometry of On-Policy Distillation" (arXiv 2606.07082); see docs/metrics.md.
+
+Naming contract (stated once, used everywhere):
+
+- ``*_overlap`` / ``*_similarity`` lie in [0, 1]; higher means more aligned.
+- ``*_angles`` are in degrees, ascending.
+- ``*_sparsity`` is the fraction of entries unchanged.
+- The same keyword names everywhere: ``k``, ``eta``, ``device``, ``dtype``, ``seed``.
+
+Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) in, a :class:`Report` out.
+
+>>> import torch, weightgeo
+>>> w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+>>> weightgeo.principal_overlap(w, w, k=8)
+1.0
 """
 
 from __future__ import annotations
 
-from .errors import WeightgeoError
-
 __version__ = "0.1.0"
 
-__all__ = ["WeightgeoError", "__version__"]
+from .checkpoint import Checkpoint, open_checkpoint
+from .engine import compare
+from .errors import WeightgeoError
+from .linalg.rsvd import randomized_svd
+from .metrics import (
+    Localization,
+    principal_angles,
+    principal_overlap,
+    spectral_drift,
+    stable_rank,
+    update_localization,
+    update_mask,
+    update_sparsity,
+)
+from .metrics.trajectory import LockingOnset, locking_onset, rank_curve, subspace_similarity
+from .report import Report
+from .track import Tracker
+
+__all__ = [
+    "Checkpoint",
+    "Localization",
+    "LockingOnset",
+    "Report",
+    "Tracker",
+    "WeightgeoError",
+    "__version__",
+    "compare",
+    "locking_onset",
+    "open_checkpoint",
+    "principal_angles",
+    "principal_overlap",
+    "randomized_svd",
+    "rank_curve",
+    "spectral_drift",
+    "stable_rank",
+    "subspace_similarity",
+    "update_localization",
+    "update_mask",
+    "update_sparsity",
+]

@@ -1,0 +1,125 @@
+"""Property table over all pair metrics (scikit-learn test_common style): bounds, symmetry, invariances."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightgeo.metrics import (
+    principal_angles,
+    principal_overlap,
+    spectral_drift,
+    stable_rank,
+    update_localization,
+    update_sparsity,
+)
+
+K = 3
+
+
+def _loc(field):
+    return lambda b, f: getattr(update_localization(b, f, rank=2, alpha=0.4), field)
+
+
+# name: (fn(base, ft) -> float, (lo, hi or None = min(m, n)), symmetric, scale invariance, rotation invariance)
+# scale: "any" = invariant under W -> c·W for c > 0; "pow2" = only for c = 2^j (the bf16 rule is binary)
+METRICS = {
+    "update_sparsity": (update_sparsity, (0.0, 1.0), True, "pow2", False),
+    "principal_overlap": (lambda b, f: principal_overlap(b, f, k=K), (0.0, 1.0), True, "any", True),
+    "principal_overlap_left": (lambda b, f: principal_overlap(b, f, k=K, side="left"), (0.0, 1.0), True, "any", True),
+    "max_principal_angle": (lambda b, f: float(principal_angles(b, f, k=K).max()), (0.0, 90.0), True, "any", True),
+    "spectral_drift": (spectral_drift, (0.0, math.inf), False, "any", True),
+    "density": (_loc("density"), (0.0, 1.0), True, "pow2", False),
+    "principal_mask_overlap": (_loc("principal_overlap"), (0.0, 1.0), False, "pow2", False),
+    "low_magnitude_overlap": (_loc("low_magnitude_overlap"), (0.0, 1.0), False, "pow2", False),
+    "stable_rank": (lambda b, f: stable_rank(f - b), (0.0, None), True, "any", True),
+}
+
+pairs = st.tuples(
+    st.integers(4, 10), st.integers(4, 10), st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 1e-2, 0.3])
+)
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
+
+
+def _pair(m, n, seed, rel, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(m, n, generator=g, dtype=torch.float64)
+    f = b + rel * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return b.to(dtype), f.to(dtype)
+
+
+def _close(a, b, tol):
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+@SETTINGS
+@given(p=pairs)
+def test_bounded(name, p):
+    fn, (lo, hi), *_ = METRICS[name]
+    m, n, seed, rel = p
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
+        v = fn(*_pair(m, n, seed, rel, dt))
+        if math.isnan(v):
+            assert name.endswith("overlap") and "principal_overlap" not in name  # nothing updated
+            continue
+        assert lo - 1e-9 <= v <= (min(m, n) if hi is None else hi) + 1e-9
+
+
+@pytest.mark.parametrize("name", [k for k, v in METRICS.items() if v[2]])
+@SETTINGS
+@given(p=pairs)
+def test_symmetric(name, p):
+    fn = METRICS[name][0]
+    b, f = _pair(*p)
+    assert _close(fn(b, f), fn(f, b), 1e-7)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+@SETTINGS
+@given(p=pairs, j=st.integers(-3, 3))
+def test_scale_invariant(name, p, j):
+    fn, _, _, scale, _ = METRICS[name]
+    b, f = _pair(*p)
+    c = 2.0**j if scale == "pow2" else 2.0**j * 1.37
+    assert _close(fn(b, f), fn(c * b, c * f), 1e-7)
+
+
+@pytest.mark.parametrize("name", [k for k, v in METRICS.items() if v[4]])
+@SETTINGS
+@given(p=pairs, seed=st.integers(0, 2**31 - 1))
+def test_rotation_invariant(name, p, seed):
+    fn = METRICS[name][0]
+    b, f = _pair(*p)
+    m, n = b.shape
+    g = torch.Generator().manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    assert _close(fn(b, f), fn(P @ b @ Q.T, P @ f @ Q.T), 1e-6)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_identity_is_best(name):
+    fn = METRICS[name][0]
+    b, _ = _pair(8, 6, 0, 0.0)
+    v = fn(b, b.clone())
+    best = {"update_sparsity": 1.0, "principal_overlap": 1.0, "principal_overlap_left": 1.0, "max_principal_angle": 0.0,
+            "spectral_drift": 0.0, "density": 0.0, "stable_rank": 0.0}
+    if name in best:
+        assert v == pytest.approx(best[name], abs=1e-5)
+    else:
+        assert math.isnan(v)  # overlaps of an empty update mask
+
+
+def test_numpy_equals_torch():
+    b, f = _pair(7, 5, 1, 1e-2, torch.float32)
+    for name, (fn, *_rest) in METRICS.items():
+        assert _close(fn(b, f), fn(b.numpy(), f.numpy()), 0), name
+    assert np.isfinite(spectral_drift(b.numpy(), f.numpy()))
