@@ -65,11 +65,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = cache is not None and "k" in cache
+        if past:  # decoding: the new token(s) attend to every cached position
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        if past and T > 1:
+            raise ValueError("with a filled cache, feed one token at a time")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=not past)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -91,8 +98,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,14 +140,17 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, cache: list[dict] | None = None, start_pos: int = 0) -> torch.Tensor:
+        """``cache``: one dict per layer for incremental decoding (``generate`` uses it); ``start_pos``: the
+        position of ``idx[:, 0]`` when decoding after a cached prefix."""
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}; raise GPTConfig.block_size")
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {start_pos + T} > block_size {self.config.block_size}; "
+                             "raise GPTConfig.block_size")
         m = self.model
-        x = m.embed_tokens(idx) + m.embed_positions(torch.arange(T, device=idx.device))
-        for block in m.layers:
-            x = block(x)
+        x = m.embed_tokens(idx) + m.embed_positions(torch.arange(start_pos, start_pos + T, device=idx.device))
+        for i, block in enumerate(m.layers):
+            x = block(x, None if cache is None else cache[i])
         return self.lm_head(m.norm(x))
 
     # ---- HF-layout checkpoints -------------------------------------------------------------------------
@@ -200,8 +210,14 @@ def generate(model: GPT, prompts: torch.Tensor, max_new_tokens: int, *, generato
     was_training = model.training
     model.eval()
     seq, toks, lps = prompts, [], []
-    for _ in range(max_new_tokens):
-        logits = model(seq)[:, -1, :].float()
+    use_cache = isinstance(model, GPT)  # a key/value cache: each step feeds only the newest token
+    cache = [{} for _ in model.model.layers] if use_cache else None
+    for t in range(max_new_tokens):
+        if use_cache:
+            inp, pos = (seq, 0) if t == 0 else (seq[:, -1:], seq.shape[1] - 1)
+            logits = model(inp, cache=cache, start_pos=pos)[:, -1, :].float()
+        else:
+            logits = model(seq)[:, -1, :].float()
         if temperature > 0:
             logp = torch.log_softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(logp.exp(), 1, generator=generator)

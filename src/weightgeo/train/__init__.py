@@ -1,0 +1,7 @@
+"""weightgeo.train: the reference training loop that produces real SFT / OPD / RLVR checkpoint streams.
+
+Nanogpt-sized, one file per algorithm: ``model.py`` (the transformer, HF-layout bf16 checkpoints),
+``task.py`` (3-digit addition with a binary reward), ``losses.py`` (pure loss/advantage functions),
+``sft.py`` / ``opd.py`` / ``rlvr.py`` (dataclass config + ``train``), ``projector.py`` (subspace-constrained
+gradients), ``pretrain.py`` (the shipped base and teacher). Nothing in the core library imports this package.
+"""

@@ -1,0 +1,120 @@
+"""On-policy distillation (paper App. C): the student samples, the teacher scores the sampled tokens.
+
+Per step: ``n_prompts`` prompts x ``group_size`` samples at temperature 1 from the student; per-token
+advantage A_t = −(log π_s(a_t|s_t) − log π_t(a_t|s_t)) (sampled-token reverse-KL estimator); clipped
+policy-gradient loss, token-level normalised. Recipe relations kept from the paper: constant lr 10x below
+SFT's, AdamW (0.9, 0.98), weight decay 0.1, 8 samples per prompt.
+
+The paper's §5 controls are switches of this one loop:
+- ``keep_ratio`` < 1: token sparsification, ``keep_mode`` "topk" (largest |log π_s − log π_t|) or "random",
+  advantages rescaled r̃_t = (T / Σm) m_t r_t;
+- ``rollout_source="teacher"``: off-policy rollouts sampled from the teacher (still scored as above; no
+  importance correction, ratio = 1);
+- ``rlvr_alpha`` < 1: A = α A_OPD + (1 − α) A_RLVR with A_RLVR = r − mean_group(r) (no std normalisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .common import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
+                     set_threads, step_generator)
+from .losses import centered_rewards, clipped_pg_loss, mix_advantages, opd_advantages, sparsify_tokens
+from .model import GPT, response_logprobs
+from .task import AdditionTask
+
+__all__ = ["OPDConfig", "train"]
+
+
+@dataclass
+class OPDConfig:
+    steps: int = 300  # optimizer steps (paper: 299)
+    n_prompts: int = 16  # prompts per step
+    group_size: int = 8  # samples per prompt (paper: 8)
+    temperature: float = 1.0  # sampling temperature (paper: 1)
+    micro_batch_size: int | None = None  # sequences per backward pass (None: the whole batch)
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (1: strictly on-policy, ratio = 1)
+    lr: float = 1e-6  # constant (paper: 1e-6, 10x below SFT)
+    betas: tuple[float, float] = (0.9, 0.98)  # paper
+    weight_decay: float = 0.1  # paper; decoupled, on 2-D tensors only
+    clip_low: float = 0.2  # ratio clip 1 - clip_low (only active if updates_per_batch > 1)
+    clip_high: float = 0.28  # ratio clip 1 + clip_high
+    rollout_source: str = "student"  # "teacher": off-policy control (paper §5)
+    keep_ratio: float = 1.0  # token sparsification ρ (paper §5: 0.25, 0.5); 1.0 = off
+    keep_mode: str = "topk"  # "topk" (top-KL) or "random"
+    rlvr_alpha: float = 1.0  # advantage mix α·A_OPD + (1−α)·A_RLVR (paper §5); 1.0 = pure OPD
+    project_at: int | None = None  # from this step on, project gradients onto V_k of ΔW (paper §4.2)
+    project_k: int = 16  # K (paper: 16)
+    save_every: int = 64  # checkpoint cadence (paper: 64); step 0 and the last always saved
+    eval_n: int = 500  # held-out prompts evaluated at start and end (0: skip)
+    seed: int = 0  # prompt / sampling seed
+    threads: int | None = None  # torch intra-op threads (None: leave as is)
+
+
+def train(student: GPT, teacher: GPT, cfg: OPDConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
+          on_step: StepCallback | None = None) -> dict:
+    """Distil ``teacher`` into ``student`` in place; write ``run_dir/checkpoint-<step>``; return a summary."""
+    if cfg.rollout_source not in ("student", "teacher"):
+        raise ValueError(f"rollout_source {cfg.rollout_source!r}: use 'student' or 'teacher'")
+    set_threads(cfg.threads)
+    task = task or AdditionTask()
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
+                              config={"algorithm": "opd", **asdict(cfg)})
+    opt = make_optimizer(student, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    initial = {n: p.detach().clone() for n, p in student.named_parameters()}
+    proj = None
+    B = cfg.n_prompts * cfg.group_size
+    mb = cfg.micro_batch_size or B
+    summary: dict = {"start": evaluate(student, task, n=cfg.eval_n) if cfg.eval_n else {}}
+    stream.save(student, 0, summary["start"])
+    if on_step:
+        on_step(student, 0)
+    rec: dict = {}
+    for step in range(cfg.steps):
+        if cfg.project_at is not None and step == cfg.project_at:
+            proj = attach_projection(student, initial, cfg.project_k)
+        policy = student if cfg.rollout_source == "student" else teacher
+        ro = rollout(policy, task, cfg.n_prompts, cfg.group_size, data_gen=step_generator(cfg.seed, step, 0),
+                     sample_gen=step_generator(cfg.seed, step, 1), temperature=cfg.temperature)
+        prompts, tokens, mask = ro["prompts"], ro["tokens"], ro["mask"]
+        with torch.no_grad():
+            old_logp = response_logprobs(student, prompts, tokens)
+            teacher_logp = response_logprobs(teacher, prompts, tokens)
+        adv = opd_advantages(old_logp, teacher_logp, mask)
+        if cfg.keep_ratio < 1.0:
+            adv = adv * sparsify_tokens((old_logp - teacher_logp).abs(), mask, cfg.keep_ratio, mode=cfg.keep_mode,
+                                        generator=step_generator(cfg.seed, step, 2))
+        if cfg.rlvr_alpha < 1.0:
+            adv = mix_advantages(adv, centered_rewards(ro["rewards"], cfg.group_size), cfg.rlvr_alpha) * mask
+        n_tok = mask.sum()
+        student.train()
+        for _ in range(cfg.updates_per_batch):
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for i in range(0, B, mb):
+                sl = slice(i, i + mb)
+                logp = response_logprobs(student, prompts[sl], tokens[sl])
+                loss = clipped_pg_loss(logp, old_logp[sl], adv[sl], mask[sl], clip_low=cfg.clip_low,
+                                       clip_high=cfg.clip_high, num_tokens=n_tok)
+                loss.backward()
+                loss_sum += loss.item()
+            opt.step()
+        rec = {"step": step + 1, "loss": loss_sum, "reward": ro["rewards"].mean().item(),
+               "reverse_kl": ((old_logp - teacher_logp) * mask).sum().item() / n_tok.item()}
+        stream.log(rec)
+        if on_step:
+            on_step(student, step + 1)
+        if step + 1 != cfg.steps:
+            stream.maybe_save(student, step + 1, rec)
+    summary["end"] = evaluate(student, task, n=cfg.eval_n) if cfg.eval_n else {}
+    stream.save(student, cfg.steps, {**rec, **summary["end"]})
+    if proj:
+        proj.remove()
+    summary.update(checkpoints=stream.saved, run_dir=str(stream.dir))
+    return summary

@@ -1,0 +1,99 @@
+"""Subspace-constrained training (paper §4.2, App. F): project gradients onto a fixed input-side subspace.
+
+For each named 2-D weight W [out, in] with an orthonormal basis V [in, K], a gradient hook replaces the
+gradient by g V Vᵀ (its rows projected onto span V). Every other parameter is left alone.
+
+Our choices, where the paper is silent (documented in docs/training.md):
+- the projection acts on the gradient *before* the optimizer (AdamW then normalises elementwise, so the
+  update itself is not exactly in span V; decoupled weight decay also acts on all of W);
+- V is fixed for the rest of training (computed once, from ΔW at ~20% of training; never refreshed);
+- which matrices: the caller's ``bases`` dict; ``subspace_bases`` defaults to every 2-D weight inside the
+  transformer blocks (q/k/v/o, up/down), leaving embeddings, lm_head and norms unconstrained.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["SubspaceProjector", "subspace_bases", "BLOCK_MATRICES"]
+
+#: Default matrix set: the 2-D weights inside transformer blocks (attention + MLP).
+BLOCK_MATRICES = re.compile(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+class SubspaceProjector:
+    """Register gradient hooks g ← g V Vᵀ on the named weights of ``model``; ``.remove()`` undoes them.
+
+    >>> lin = torch.nn.Linear(4, 3, bias=False)
+    >>> V = torch.eye(4)[:, :2]                       # keep input coordinates 0 and 1
+    >>> proj = SubspaceProjector(lin, {"weight": V})
+    >>> lin(torch.ones(1, 4)).sum().backward()
+    >>> lin.weight.grad
+    tensor([[1., 1., 0., 0.],
+            [1., 1., 0., 0.],
+            [1., 1., 0., 0.]])
+    >>> proj.remove()
+    """
+
+    def __init__(self, model: nn.Module, bases: Mapping[str, torch.Tensor], *, check_orthonormal: bool = True):
+        params = dict(model.named_parameters())
+        self.handles: list = []
+        self.bases: dict[str, torch.Tensor] = {}
+        for name, V in bases.items():
+            if name not in params:
+                raise KeyError(f"basis for {name!r} but the model has no such parameter "
+                               f"(names look like {next(iter(params))!r})")
+            p = params[name]
+            if p.ndim != 2 or V.ndim != 2 or V.shape[0] != p.shape[1]:
+                raise ValueError(f"{name!r}: weight {tuple(p.shape)} needs V [in={p.shape[-1]}, K], got {tuple(V.shape)}")
+            V = V.detach().to(p.dtype).contiguous()
+            if check_orthonormal:
+                err = (V.T @ V - torch.eye(V.shape[1], dtype=V.dtype)).abs().max().item()
+                if err > 1e-4:
+                    raise ValueError(f"{name!r}: V is not orthonormal (max |VᵀV − I| = {err:.2e})")
+            P = V @ V.T  # [in, in]
+            self.bases[name] = V
+            self.handles.append(p.register_hook(lambda g, P=P: g @ P))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> "SubspaceProjector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def subspace_bases(current: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                   initial: Mapping[str, torch.Tensor], *, k: int = 16,
+                   include: re.Pattern | None = BLOCK_MATRICES) -> dict[str, torch.Tensor]:
+    """V_K = top-``k`` right singular vectors of ΔW = W_t − W_0 per matrix: {name: [in, k] orthonormal}.
+
+    ``current`` / ``initial``: state dicts (or ``named_parameters()``); computed in float64 with
+    ``torch.linalg.svd`` (exact; fine for the miniature's ≤ 512-wide matrices). ``include``: names to use.
+
+    >>> W0 = {"w": torch.zeros(3, 4)}
+    >>> Wt = {"w": torch.tensor([[0., 2., 0., 0.], [0., 0., 0., 0.], [0., 0., 0., 1.]])}
+    >>> subspace_bases(Wt, W0, k=1, include=None)["w"].abs().squeeze()
+    tensor([0., 1., 0., 0.])
+    """
+    cur = dict(current.items() if isinstance(current, Mapping) else current)
+    out = {}
+    for name, w in cur.items():
+        if w.ndim != 2 or (include is not None and not include.search(name)):
+            continue
+        if name not in initial:
+            raise KeyError(f"{name!r} missing from the initial weights")
+        delta = w.detach().double() - initial[name].detach().double()
+        _, _, Vh = torch.linalg.svd(delta, full_matrices=False)
+        out[name] = Vh[: min(k, Vh.shape[0])].T.float().contiguous()
+    if not out:
+        raise ValueError("no matrix matched `include`; nothing to project")
+    return out
