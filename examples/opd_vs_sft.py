@@ -1,15 +1,18 @@
 """OPD vs SFT vs RLVR on a miniature: train real checkpoint streams, measure their geometry, check the claims.
 
-    python examples/opd_vs_sft.py --quick            # <= 3 min on 2 idle cores
-    python examples/opd_vs_sft.py                    # full run, <= 30 min on 2 idle cores
-    python examples/opd_vs_sft.py --out DIR          # default runs/opd_vs_sft
+    python examples/opd_vs_sft.py --quick            # <= 3 min on 2 idle cores -> runs/opd_vs_sft/quick/
+    python examples/opd_vs_sft.py                    # full run, <= 30 min on 2 idle cores -> runs/opd_vs_sft/full/
+    python examples/opd_vs_sft.py --quick --threads 1 --out DIR   # busy machine; files go to DIR itself
+    python examples/opd_vs_sft.py --smoke --out DIR  # ~15 s end-to-end check (tests, CI); numbers mean nothing
 
 Starting from the shipped bf16 student base and 4x teacher (examples/assets, made by
 ``python -m weightgeo.train.pretrain --out examples/assets``), it runs SFT from the base, then OPD and RLVR
 from the SFT anchor, the subspace-constrained variants (gradients projected onto V16 of ΔW at 20% of
 training, paper §4.2) and the paper's §5 controls, each writing a ``checkpoint-<step>`` stream. Then it
-measures the streams, writes ``report.md``, ``report.json`` and PNG figures into ``--out``, and prints the
-seven claims of the paper notes §5 with measured values and reproduced yes/no.
+measures the streams with weightgeo's public API (``compare`` for the pairs, ``rank_curve`` and
+``locking_onset`` for the streams, a live ``Tracker`` on the OPD run checked against the offline results),
+writes ``report.md``, ``report.json``, weightgeo's own JSON reports and PNG figures into the output folder,
+and prints the seven claims of the paper notes §5 with measured values and reproduced yes/no.
 
 Every hyperparameter and every claim criterion below was fixed before any claim was measured; none may be
 tuned to make a claim pass (docs/reproduction.md). Seeded and deterministic on one machine and thread count.
@@ -18,6 +21,7 @@ tuned to make a claim pass (docs/reproduction.md). Seeded and deterministic on o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -26,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 import weightgeo
 from weightgeo.train import opd, rlvr, sft
 from weightgeo.train.model import GPT, GPTConfig
@@ -71,13 +73,15 @@ def _every(steps: int, n: int) -> int:
     return max(1, steps // n)
 
 
-def train_all(plan: Plan, out: Path, assets: Path = ASSETS, log=print) -> dict:
+def train_all(plan: Plan, out: Path, assets: Path = ASSETS, log=print) -> tuple[dict, dict]:
+    """Train every run of ``plan`` into ``out``; returns ({runs, timings_s}, {run name: live Tracker})."""
     task = AdditionTask()
     torch.set_num_threads(plan.threads)
     base_dir, teacher_dir = assets / "base", assets / "teacher"
     teacher = GPT.from_pretrained(teacher_dir)
     runs: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    trackers: dict[str, weightgeo.Tracker] = {}  # live objects, kept out of training.json
 
     def timed(name, fn):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -108,7 +112,7 @@ def train_all(plan: Plan, out: Path, assets: Path = ASSETS, log=print) -> dict:
         res = timed(name, lambda: opd.train(student, teacher, opd.OPDConfig(**o_cfg, **kw), out / name, task=task,
                                             on_step=hook))
         if tracker is not None:
-            res["tracker"] = tracker_summary(tracker)
+            trackers[name] = tracker
         return res
 
     run_opd("opd", track=True)
@@ -129,203 +133,125 @@ def train_all(plan: Plan, out: Path, assets: Path = ASSETS, log=print) -> dict:
         timed("gate_fresh_lr1e-6", lambda: sft.train(fresh, sft.SFTConfig(
             steps=plan.gate_steps, lr=1e-6, min_lr=1e-6, warmup_frac=0.0, save_every=max(1, plan.gate_steps // 4),
             eval_n=0, seed=plan.seed), out / "gate_fresh_lr1e-6", task=task))
-    return {"runs": runs, "timings_s": timings}
+    return {"runs": runs, "timings_s": timings}, trackers
 
 
 # =====================================================================================================
-# 3. Measurement adapter: weightgeo's public API where it exists, local stand-ins otherwise.
-#    TODO(lead): once weightgeo.compare / rank_curve / locking_onset land, drop the LOCAL blocks.
+# 3. Measurement, all through weightgeo's public API
 # =====================================================================================================
-def load_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+BLOCK = ["attention", "mlp"]  # the 24 block matrices (q, k, v, o, up, down): pair diagnostics
+ATTENTION = "attention"  # the 16 attention matrices (the paper's set): trajectories
+K_SUB = 16  # top-k subspace size: d/8 = 16, the paper's 512/4096 ratio; also its K = 16 for Sim_K
+LOC_ALPHA = 0.3  # localization mask fraction, as the paper's Fig. 3
+LOC_RANK = 16  # rank of W0's reconstruction for the principal mask (= K_SUB)
 
 
 def stream_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
 
 
-def is_block_matrix(name: str) -> bool:
-    return ".layers." in name and name.endswith("_proj.weight")
-
-
-def is_attention(name: str) -> bool:
-    return ".self_attn." in name and name.endswith("_proj.weight")
-
-
-SOURCES: dict[str, str] = {}  # metric -> "weightgeo" | "local", reported in report.json
-
-
-def _api(name: str):
-    fn = getattr(weightgeo, name, None) if hasattr(weightgeo, name) else None
-    return fn
-
-
-def _call(metric: str, api_name: str, local_fn, *args, **kw):
-    """Use ``weightgeo.<api_name>`` if present (tensor-level call), else the LOCAL stand-in."""
-    fn = _api(api_name)
-    if fn is not None:
-        try:
-            val = fn(*args, **kw)
-            SOURCES[metric] = "weightgeo"
-            return val
-        except Exception as e:  # an API in flux: fall back, but say so
-            SOURCES[metric] = f"local (weightgeo.{api_name} failed: {type(e).__name__}: {e})"[:200]
-    else:
-        SOURCES.setdefault(metric, "local")
-    return local_fn(*args)
-
-
 def make_tracker(model: GPT, *, every: int):
-    """A live weightgeo.Tracker on the OPD run (Tracker(model, every=, k=16, include=, mode="exact"));
-    returns (tracker, on_step hook) or (None, None) while the API does not exist yet."""
-    if not hasattr(weightgeo, "Tracker"):
-        SOURCES.setdefault("tracker", "absent (weightgeo.Tracker not available yet)")
-        return None, None
-    tracker = weightgeo.Tracker(model, every=every, k=16, include="attention", mode="exact")
-    SOURCES["tracker"] = "weightgeo"
-    logged: list[dict] = []
-    tracker.logged = logged  # the flat dicts update() returns, per step
+    """A live weightgeo.Tracker on the OPD run; returns (tracker, on_step hook)."""
+    tracker = weightgeo.Tracker(model, every=every, k=K_SUB, include=ATTENTION, mode="exact")
 
     def hook(m: GPT, step: int) -> None:
-        logged.append({"step": step, **tracker.update(m.named_parameters(), step)})
+        tracker.update(m.named_parameters(), step)
 
     return tracker, hook
 
 
-def tracker_summary(tracker) -> dict:
-    out = {"logged": tracker.logged[-3:]}
-    for name in ("rank_curve", "locking_onset"):
-        try:
-            out[name] = repr(getattr(tracker, name)())[:2000]
-        except Exception as e:  # TODO(lead): replace repr() by the real result fields
-            out[name] = f"failed: {type(e).__name__}: {e}"
-    return out
+def unchanged_fraction(base: Path, ft: Path) -> float:
+    """bf16-rule unchanged fraction over every tensor, parameter-count weighted (notes §1.1)."""
+    return weightgeo.compare(base, ft, metrics="update_sparsity", progress=False).summary["update_sparsity"]
 
 
-# ---- LOCAL stand-ins (float64 references; only for this example's sanity until the API lands) --------
-def _local_unchanged(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> float:
-    a, b = w0.to(torch.bfloat16).double(), w1.to(torch.bfloat16).double()
-    return ((a - b).abs() <= eta * torch.maximum(a.abs(), b.abs())).double().mean().item()
+def measure_pair(base_dir: Path, ft_dir: Path) -> tuple[dict, "weightgeo.Report"]:
+    """Table 1 / Figs 2-3 numbers for one (base, fine-tuned) pair of bf16 checkpoints.
 
+    Unchanged fraction over every tensor; NSS, principal angles (top-16 right subspaces) and localization
+    (α = 0.3, r = 16) over the block matrices. Density and overlaps pool the entries of all block matrices
+    (updated entries / entries; hits / updated entries), as fixed before any result; weightgeo's own summary
+    (unweighted means over matrices, what Fig. 3's bars show) is kept next to them."""
+    rep = weightgeo.compare(base_dir, ft_dir, include=BLOCK, k=K_SUB, side="right", rank=LOC_RANK,
+                            alpha=LOC_ALPHA, progress=False)
+    numel = sum(r["numel"] for r in rep.rows)
+    upd = {r["name"]: r["density"] * r["numel"] for r in rep.rows}
+    n_upd = sum(upd.values())
 
-def _local_nss(w0: torch.Tensor, w1: torch.Tensor) -> float:
-    s0, s1 = torch.linalg.svdvals(w0.double()), torch.linalg.svdvals(w1.double())
-    return (torch.linalg.vector_norm(s1 - s0) / torch.linalg.vector_norm(s0)).item()
+    def pooled(key: str) -> float:
+        return sum(r[key] * upd[r["name"]] for r in rep.rows if upd[r["name"]] > 0) / n_upd if n_upd else math.nan
 
-
-def _local_angles(w0: torch.Tensor, w1: torch.Tensor, k: int) -> torch.Tensor:
-    """Principal angles (degrees, ascending) between the top-k right singular subspaces, small angles via sines."""
-    V0 = torch.linalg.svd(w0.double(), full_matrices=False)[2][:k].T
-    V1 = torch.linalg.svd(w1.double(), full_matrices=False)[2][:k].T
-    sines = torch.linalg.svdvals(V1 - V0 @ (V0.T @ V1)).clamp(0, 1)
-    return torch.rad2deg(torch.asin(sines)).sort().values
-
-
-def _local_localization(w0: torch.Tensor, w1: torch.Tensor, r: int, alpha: float) -> dict:
-    upd = w0.to(torch.bfloat16) != w1.to(torch.bfloat16)
-    n, nu = w0.numel(), int(upd.sum())
-    m = max(1, round(alpha * n))
-    low = torch.zeros(n, dtype=torch.bool)
-    low[torch.topk(w0.abs().flatten(), m, largest=False).indices] = True
-    U, S, Vh = torch.linalg.svd(w0.double(), full_matrices=False)
-    recon = (U[:, :r] * S[:r]) @ Vh[:r]
-    princ = torch.zeros(n, dtype=torch.bool)
-    princ[torch.topk(recon.abs().flatten(), m).indices] = True
-    u = upd.flatten()
-    return {"updated": nu, "numel": n, "low_hits": int((low & u).sum()), "princ_hits": int((princ & u).sum())}
-
-
-def _local_srank(delta: torch.Tensor) -> float:
-    s = torch.linalg.svdvals(delta.double())
-    return float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else float("nan")
-
-
-def _top_v(delta: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.linalg.svd(delta.double(), full_matrices=False)[2][:k].T
-
-
-def _local_sim(Va: torch.Tensor, Vb: torch.Tensor) -> float:
-    return float((Va.T @ Vb).pow(2).sum() / Va.shape[1])
-
-
-# ---- pair and stream measurements ------------------------------------------------------------------
-def measure_pair(base_dir: Path, ft_dir: Path, *, loc_alpha: float = 0.3) -> dict:
-    """Table 1 / Figs 2-3 numbers for one (base, fine-tuned) pair of bf16 checkpoints."""
-    w0, w1 = load_state(base_dir), load_state(ft_dir)
-    unchanged = total = 0.0
-    nss, max_angle, angle_vec = [], {}, {}
-    loc = {"updated": 0, "numel": 0, "low_hits": 0, "princ_hits": 0}
-    for name in w0:
-        a, b = w0[name], w1[name]
-        frac = _call("update_sparsity", "update_sparsity", _local_unchanged, a, b)
-        unchanged += float(frac) * a.numel()
-        total += a.numel()
-        if not is_block_matrix(name):
-            continue
-        k = min(a.shape) // 8  # paper: k = 512 of d = 4096; the same 1/8 of the width here
-        nss.append(float(_call("spectral_drift", "spectral_drift", _local_nss, a, b)))
-        ang = torch.as_tensor(_call("principal_angles", "principal_angles", lambda x, y: _local_angles(x, y, k),
-                                    a, b, k=k, side="right"))
-        max_angle[name] = ang.max().item()
-        angle_vec[name] = ang.tolist()
-        res = _call("update_localization", "update_localization",
-                    lambda x, y: _local_localization(x, y, r=k, alpha=loc_alpha), a, b, rank=k, alpha=loc_alpha)
-        if not isinstance(res, dict):  # weightgeo.Localization -> counts, so matrices aggregate by entries
-            nu = int(res.n_updated)
-            res = {"updated": nu, "numel": int(res.numel),
-                   "low_hits": round(res.low_magnitude_overlap * nu) if nu else 0,
-                   "princ_hits": round(res.principal_overlap * nu) if nu else 0}
-        for key, v in res.items():
-            loc[key] += v
-    density = loc["updated"] / loc["numel"]
+    S = rep.summary
     return {
-        "unchanged_frac": unchanged / total,
-        "nss_mean": sum(nss) / len(nss),
-        "max_angle_mean_deg": sum(max_angle.values()) / len(max_angle),
-        "max_angle_per_matrix_deg": max_angle,
-        "angles_layer1_q_deg": angle_vec.get("model.layers.1.self_attn.q_proj.weight"),
-        "density": density,
-        "low_mag_overlap": loc["low_hits"] / max(1, loc["updated"]),
-        "principal_overlap": loc["princ_hits"] / max(1, loc["updated"]),
-        "loc_alpha": loc_alpha,
-    }
+        "unchanged_frac": unchanged_fraction(base_dir, ft_dir),
+        "unchanged_frac_block": S["update_sparsity"],
+        "nss_mean": S["spectral_drift"],
+        "max_angle_mean_deg": S["max_principal_angle"],
+        "max_angle_per_matrix_deg": {r["name"]: r["max_principal_angle"] for r in rep.rows},
+        "density": n_upd / numel,
+        "low_mag_overlap": pooled("low_magnitude_overlap"),
+        "principal_overlap": pooled("principal_mask_overlap"),
+        "matrix_mean": {k: S[k] for k in ("density", "low_magnitude_overlap", "principal_mask_overlap")},
+        "loc_alpha": LOC_ALPHA, "k": K_SUB, "rank": LOC_RANK, "n_matrices": len(rep.rows),
+    }, rep
 
 
-def measure_stream(run_dir: Path, *, k: int = 16) -> dict:
-    """Trajectory numbers (Figs 4-5, 7) over the attention matrices: mean stable rank and ‖ΔW_t‖_F per
-    checkpoint, Sim_k(t, t_end) to the final subspace, and the unchanged fraction vs checkpoint-0."""
-    steps = stream_steps(run_dir)
-    w0 = load_state(run_dir / "checkpoint-0")
-    names = [n for n in w0 if is_attention(n)]
-    # TODO(lead): weightgeo.rank_curve(stream) / locking_onset(stream) can replace this whole loop.
-    final = load_state(run_dir / f"checkpoint-{steps[-1]}")
-    d_end = {n: final[n] - w0[n] for n in names}
-    out = {"steps": steps[1:], "srank": [], "fro": [], "sim_to_final": [], "unchanged_frac": []}
-    for s in steps[1:]:
-        w = load_state(run_dir / f"checkpoint-{s}")
-        d = {n: w[n] - w0[n] for n in names}
-        out["srank"].append(sum(float(_call("stable_rank", "stable_rank", _local_srank, d[n])) for n in names)
-                            / len(names))
-        out["fro"].append(sum(float(d[n].double().norm()) for n in names) / len(names))
-        out["sim_to_final"].append(sum(float(_call(
-            "subspace_similarity", "subspace_similarity", lambda x, y: _local_sim(_top_v(x, k), _top_v(y, k)),
-            d[n], d_end[n], k=k)) for n in names) / len(names))
-        num = sum(_local_unchanged(w0[n], w[n]) * w0[n].numel() for n in w0)
-        out["unchanged_frac"].append(num / sum(t.numel() for t in w0.values()))
-    out["sim_random_baseline"] = k / w0[names[0]].shape[1]
-    return out
+def measure_stream(run_dir: Path, *, gate: bool = True) -> tuple[dict, "weightgeo.Report", "weightgeo.LockingOnset"]:
+    """Trajectory numbers (Figs 4-5, 7) over the attention matrices: mean stable rank, ‖ΔW_t‖_F and Hill α per
+    checkpoint, Sim_16(t, t_end) to the final subspace and its locking onset; with ``gate``, the unchanged
+    fraction of all weights vs checkpoint-0 per checkpoint (the bf16 gate table)."""
+    rc = weightgeo.rank_curve(run_dir, include=ATTENTION, k=K_SUB)
+    lock = weightgeo.locking_onset(rc, threshold=LOCK_THRESHOLD)
+    steps = rc.summary["steps"]
+    curves = rc.summary["curves"]
+    out = {"steps": steps, "srank": curves["stable_rank"], "fro": curves["frobenius_norm"],
+           "hill_alpha": curves["hill_alpha"],
+           "sim_to_final": [lock.mean_similarity.get(s, math.nan) for s in steps],
+           "locking_onset_step": lock.step, "locked_fraction": lock.locked_fraction,
+           "sim_random_baseline": K_SUB / rc.rows[0]["shape"][1]}
+    if gate:
+        out["unchanged_frac"] = [unchanged_fraction(run_dir / "checkpoint-0", run_dir / f"checkpoint-{s}")
+                                 for s in steps]
+    return out, rc, lock
 
 
 def measure_gate(run_dir: Path) -> dict:
     """Fraction of all weights whose bf16 value differs from checkpoint-0, per checkpoint."""
-    steps = stream_steps(run_dir)
-    w0 = load_state(run_dir / "checkpoint-0")
-    n = sum(t.numel() for t in w0.values())
-    fr = []
-    for s in steps[1:]:
-        w = load_state(run_dir / f"checkpoint-{s}")
-        fr.append(1 - sum(_local_unchanged(w0[k], w[k]) * w0[k].numel() for k in w0) / n)
-    return {"steps": steps[1:], "changed_frac": fr}
+    steps = stream_steps(run_dir)[1:]
+    return {"steps": steps, "changed_frac": [1 - unchanged_fraction(run_dir / "checkpoint-0", run_dir /
+                                                                     f"checkpoint-{s}") for s in steps]}
+
+
+def tracker_results(tracker, offline_rc, offline_lock) -> dict:
+    """The live Tracker's rank curve and locking onset as JSON fields, and their agreement with the offline
+    rank_curve / locking_onset of the same run's bf16 checkpoints (max differences over (step, matrix))."""
+    trc, tlo = tracker.rank_curve(), tracker.locking_onset(threshold=LOCK_THRESHOLD)
+    off = {(r["step"], r["name"]): r for r in offline_rc.rows}
+    diff: dict[str, dict] = {}
+    for key in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity"):
+        ab = rel = 0.0
+        for r in trc.rows:
+            o = off.get((r["step"], r["name"]))
+            if o is None or not (math.isfinite(r[key]) and math.isfinite(o[key])):
+                continue
+            d = abs(r[key] - o[key])
+            ab, rel = max(ab, d), max(rel, d / max(abs(o[key]), 1e-30))
+        diff[key] = {"max_abs": ab, "max_rel": rel}
+    shared = [s for s in tlo.mean_similarity if s in offline_lock.mean_similarity]
+    sim_diff = max((abs(tlo.mean_similarity[s] - offline_lock.mean_similarity[s]) for s in shared), default=math.nan)
+    matched = sum((r["step"], r["name"]) in off for r in trc.rows)
+    return {
+        "rank_curve": {"steps": trc.summary["steps"], "curves": trc.summary["curves"], "n_rows": len(trc.rows),
+                       "mode": trc.meta.get("mode")},
+        "locking_onset": {"step": tlo.step, "per_matrix": tlo.per_matrix, "mean_similarity": tlo.mean_similarity,
+                          "k": tlo.k, "threshold": tlo.threshold, "final_step": tlo.final_step,
+                          "locked_fraction": tlo.locked_fraction},
+        "agreement_with_offline": {"rows_matched": matched, "rows_tracker": len(trc.rows),
+                                   "rows_offline": len(offline_rc.rows), "max_diff": diff,
+                                   "mean_similarity_max_abs": sim_diff,
+                                   "same_steps": trc.summary["steps"] == offline_rc.summary["steps"],
+                                   "same_onset": tlo.step == offline_lock.step},
+    }
 
 
 # =====================================================================================================
@@ -354,8 +280,11 @@ def _shape(stream: dict, total: int) -> tuple[str, float]:
 
 
 def _curve_dev(ctrl: dict, ref: dict) -> float:
-    pairs = [(c, r) for s, c, r in zip(ctrl["steps"], ctrl["srank"], ref["srank"]) if r > 0]
-    return sum(abs(c - r) / r for c, r in pairs) / len(pairs)
+    """Mean |relative deviation| of ``ctrl``'s stable-rank curve from ``ref``'s over the checkpoints both have
+    (NaN when none: an undefined curve can neither keep nor change anything)."""
+    r_at = dict(zip(ref["steps"], ref["srank"]))
+    pairs = [(c, r_at[s]) for s, c in zip(ctrl["steps"], ctrl["srank"]) if s in r_at and r_at[s] > 0]
+    return sum(abs(c - r) / r for c, r in pairs) / len(pairs) if pairs else math.nan
 
 
 def _diff_se(a: dict, b: dict) -> float:
@@ -392,6 +321,8 @@ def evaluate_claims(plan: Plan, pairs: dict, streams: dict, runs: dict) -> list[
     add(5, "OPD's Sim_16 to its final subspace is high from the first checkpoint (~20%); SFT's rises gradually",
         {"sim16_at_20pct": {m: round(v, 3) for m, v in sim.items()},
          "sft_curve": [round(x, 3) for x in streams["sft"]["sim_to_final"]],
+         "opd_curve": [round(x, 3) for x in streams["opd"]["sim_to_final"]],
+         "locking_onset_step": {m: streams[m]["locking_onset_step"] for m in ("sft", "opd", "rlvr")},
          "random_baseline": streams["opd"]["sim_random_baseline"]},
         sim["opd"] >= LOCK_THRESHOLD and sim["sft"] < LOCK_THRESHOLD)
     o, op, s_, sp = (runs[n]["end"] for n in ("opd", "opd_proj", "sft", "sft_proj"))
@@ -417,126 +348,140 @@ def evaluate_claims(plan: Plan, pairs: dict, streams: dict, runs: dict) -> list[
 # =====================================================================================================
 # 5. Report and figures
 # =====================================================================================================
-def write_figures(out: Path, pairs: dict, streams: dict, runs: dict) -> list[str]:
+LABELS = {"sft": "SFT", "opd": "OPD", "rlvr": "RLVR"}
+
+
+def write_figures(out: Path, pair_reports: dict, rank_curves: dict, lockings: dict, runs: dict) -> list[str]:
+    """Figs. 2-3 and 4-5 via weightgeo.plot; Fig. 6 (projection) here; Fig. 7 (controls) via plot_trajectories.
+    Returns the file names written ([] without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from weightgeo.plot import plot_pair_reports, plot_trajectories
     except ImportError:
         return []
     made = []
-    colors = {"sft": "tab:blue", "opd": "tab:orange", "rlvr": "tab:green"}
+    main3 = ("sft", "opd", "rlvr")
+    plot_pair_reports({LABELS[m]: pair_reports[m] for m in main3}, out / "fig2_3_pair_geometry.png", alpha=LOC_ALPHA,
+                      title="Pair geometry: SFT = base -> SFT anchor; OPD, RLVR = anchor -> final (block matrices, "
+                            f"k = {K_SUB})")
+    made.append("fig2_3_pair_geometry.png")
+    plot_trajectories({LABELS[m]: rank_curves[m] for m in main3}, out / "fig4_5_trajectories.png",
+                      locking={LABELS[m]: lockings[m] for m in main3}, x="fraction",
+                      title="Trajectories of ΔW_t = W_t − W_0 (attention matrices, means over matrices; "
+                            "dotted: locking onset)")
+    made.append("fig4_5_trajectories.png")
 
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        made.append(name)
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))  # Fig 2
-    for m, p in pairs.items():
-        if p["angles_layer1_q_deg"]:
-            ax[0].plot(range(1, len(p["angles_layer1_q_deg"]) + 1), p["angles_layer1_q_deg"], label=m, color=colors[m])
-        ax[1].plot(sorted(p["max_angle_per_matrix_deg"].values()), "o-", ms=3, label=m, color=colors[m])
-    ax[0].set(title="principal angles, layers.1.q_proj (top-k right)", xlabel="i", ylabel="degrees", yscale="log")
-    ax[1].set(title="max angle per matrix (sorted)", xlabel="matrix", ylabel="degrees", yscale="log")
-    ax[0].legend()
-    save(fig, "fig2_principal_angles.png")
-
-    fig, ax = plt.subplots(figsize=(6, 3.4))  # Fig 3
-    keys = ["density", "principal_overlap", "low_mag_overlap"]
-    for j, m in enumerate(pairs):
-        ax.bar([i + 0.27 * j for i in range(3)], [pairs[m][k] for k in keys], width=0.27, label=m, color=colors[m])
-    ax.axhline(pairs["sft"]["loc_alpha"], color="gray", ls=":", label="random baseline (α)")
-    ax.set_xticks([i + 0.27 for i in range(3)], keys)
-    ax.set(title="update localization", ylim=(0, 1))
-    ax.legend(fontsize=8)
-    save(fig, "fig3_localization.png")
-
-    def progress(s, n):
-        return [x / max(s["steps"]) for x in s["steps"]]
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))  # Fig 4
-    for m in ("sft", "opd", "rlvr"):
-        ax[0].plot(progress(streams[m], m), streams[m]["srank"], "o-", ms=3, label=m, color=colors[m])
-        ax[1].plot(progress(streams[m], m), streams[m]["fro"], "o-", ms=3, label=m, color=colors[m])
-    ax[0].set(title="stable rank of ΔW_t (attention, mean)", xlabel="fraction of training")
-    ax[1].set(title="‖ΔW_t‖_F (attention, mean)", xlabel="fraction of training", yscale="log")
-    ax[0].legend()
-    save(fig, "fig4_stable_rank.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))  # Fig 5
-    for m in ("sft", "opd", "rlvr"):
-        ax.plot(progress(streams[m], m), streams[m]["sim_to_final"], "o-", ms=3, label=m, color=colors[m])
-    ax.axhline(streams["opd"]["sim_random_baseline"], color="gray", ls=":", label="random K/d")
-    ax.set(title="Sim_16(t, t_end)", xlabel="fraction of training", ylim=(0, 1.02))
-    ax.legend()
-    save(fig, "fig5_subspace_similarity.png")
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))  # Fig 6
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")  # Fig 6
+    colors = {"sft": "tab:blue", "opd": "tab:orange"}
     for name, axi, key in (("sft", ax[0], "loss"), ("opd", ax[1], "reverse_kl")):
         for suffix, ls in (("", "-"), ("_proj", "--")):
             recs = [json.loads(l) for l in (Path(runs[name + suffix]["run_dir"]) / "log.jsonl").read_text().splitlines()]
             ys = [r[key] for r in recs]
             w = max(1, len(ys) // 20)
             sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-            axi.plot([r["step"] for r in recs], sm, ls, color=colors[name], label=name + (" projected" if suffix else ""))
-        axi.set(title=f"{name}: {key} (smoothed)", xlabel="step")
-        axi.legend()
-    save(fig, "fig6_projection.png")
+            acc = runs[name + suffix].get("end", {}).get("acc_t1")
+            axi.plot([r["step"] for r in recs], sm, ls, color=colors[name],
+                     label=LABELS[name] + (" projected onto early V16" if suffix else "")
+                     + (f" (final acc T=1 {acc:.3f})" if acc is not None else ""))
+        pa = json.loads((Path(runs[name + "_proj"]["run_dir"]) / "run_config.json").read_text()).get("project_at")
+        if pa:
+            axi.axvline(pa, color="gray", ls=":", lw=1, label=f"projection starts (step {pa})")
+        axi.set(title=f"{LABELS[name]}: {key.replace('_', ' ')} (moving mean over {w} step{'s' * (w > 1)})",
+                xlabel="step",
+                ylabel=key.replace("_", " "))
+        axi.grid(alpha=0.3)
+        axi.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    fig.suptitle("Subspace-constrained training (paper §4.2, Fig. 6)")
+    fig.savefig(out / "fig6_projection.png", dpi=110)
+    plt.close(fig)
+    made.append("fig6_projection.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))  # Fig 7
-    for n, s in streams.items():
-        if n == "opd" or n.startswith("ctrl_"):
-            ax.plot(progress(s, n), s["srank"], "o-" if n == "opd" else ".-", ms=3, label=n,
-                    lw=2.5 if n == "opd" else 1)
-    ax.set(title="stable rank of ΔW_t: OPD controls", xlabel="fraction of training")
-    ax.legend(fontsize=7)
-    save(fig, "fig7_controls.png")
+    ctrl = {"OPD": rank_curves["opd"], **{n.removeprefix("ctrl_"): rc for n, rc in rank_curves.items()
+                                         if n.startswith("ctrl_")}}
+    plot_trajectories(ctrl, out / "fig7_controls.png",
+                      title="OPD controls (paper §5, Fig. 7): token sparsification, off-policy rollouts, "
+                            "OPD+RLVR advantage mix")
+    made.append("fig7_controls.png")
     return made
 
 
+def _json_safe(v):
+    """NaN -> null, ±inf -> "inf"/"-inf" (standard JSON), recursively; dict keys as strings."""
+    if isinstance(v, float):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else v
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def write_report(out: Path, plan: Plan, mode: str, trained: dict, pairs: dict, streams: dict, claims: list,
-                 figures: list, wall: float, gate: dict) -> None:
+                 figures: list, wall: float, cpu: float, gate: dict, tracker: dict, measure_s: dict) -> None:
     runs = trained["runs"]
-    report = {"mode": mode, "plan": asdict(plan), "wall_s": round(wall, 1), "cpu_s": round(time.process_time(), 1),
+    report = {"mode": mode, "plan": asdict(plan), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
               "timings_s": trained["timings_s"], "cpu_s_per_run": {n: r["cpu_s"] for n, r in runs.items()},
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "measure_s": measure_s, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "weightgeo": weightgeo.__version__,
+              "measurement": {"api": "weightgeo.compare / rank_curve / locking_onset / Tracker",
+                              "pair_include": BLOCK, "trajectory_include": ATTENTION, "k": K_SUB,
+                              "loc_alpha": LOC_ALPHA, "loc_rank": LOC_RANK, "lock_threshold": LOCK_THRESHOLD},
               "accuracy": {n: {"start": r["start"], "end": r["end"]} for n, r in runs.items()},
-              "pairs": pairs, "streams": streams, "bf16_gate_fresh": gate, "claims": claims, "metric_sources": SOURCES, "figures": figures}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+              "pairs": pairs, "streams": streams, "tracker_opd": tracker, "bf16_gate_fresh": gate,
+              "claims": claims, "figures": figures}
+    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    agree = tracker["agreement_with_offline"]
     L = [f"# OPD vs SFT vs RLVR on a miniature ({mode} run)", "",
-         f"Wall time {wall:.0f} s (process CPU {time.process_time():.0f} s) on {torch.get_num_threads()} threads "
-         f"(torch {torch.__version__}). "
-         "Metric sources: " + ", ".join(f"{k}: {v}" for k, v in sorted(SOURCES.items())), "",
-         "## Table 1: pair diagnostics", "",
+         f"Wall time {wall:.0f} s (process CPU {cpu:.0f} s) on {torch.get_num_threads()} thread(s) "
+         f"(torch {torch.__version__}, weightgeo {weightgeo.__version__}). Every number below comes from weightgeo's "
+         "public API: `compare` (pairs), `rank_curve` + `locking_onset` (streams), a live `Tracker` on the OPD run.",
+         "", "## Table 1: pair diagnostics", "",
          "| method | unchanged % | NSS | mean max angle (°) | density % | low-mag overlap % | principal overlap % |",
          "|---|---|---|---|---|---|---|"]
     for m, p in pairs.items():
-        L.append(f"| {m} | {100 * p['unchanged_frac']:.1f} | {p['nss_mean']:.2e} | {p['max_angle_mean_deg']:.3f} | "
+        L.append(f"| {LABELS[m]} | {100 * p['unchanged_frac']:.1f} | {p['nss_mean']:.2e} | {p['max_angle_mean_deg']:.3f} | "
                  f"{100 * p['density']:.1f} | {100 * p['low_mag_overlap']:.1f} | {100 * p['principal_overlap']:.1f} |")
-    L += ["", f"Localization with α = {pairs['sft']['loc_alpha']} (random baseline = α).", "",
-          "## Accuracy (held-out, T=1 and greedy; ± 1 s.e.)", "", "| run | start T=1 | end T=1 | end greedy | wall s |",
-          "|---|---|---|---|---|"]
+    L += ["", f"SFT: base -> SFT anchor; OPD, RLVR: anchor -> final checkpoint. Unchanged % over every tensor; the "
+              f"rest over the {pairs['sft']['n_matrices']} block matrices (k = {K_SUB}, right side). Localization: "
+              f"α = {LOC_ALPHA} (random baseline = α), r = {LOC_RANK}; density and overlaps pool the entries of all "
+              "block matrices. Fig. 3's bars are weightgeo's summary, unweighted means over matrices: "
+          + "; ".join(f"{LABELS[m]} density {100 * p['matrix_mean']['density']:.1f}%, low-mag "
+                      f"{100 * p['matrix_mean']['low_magnitude_overlap']:.1f}%, principal "
+                      f"{100 * p['matrix_mean']['principal_mask_overlap']:.1f}%" for m, p in pairs.items()) + ".",
+          "", "## Accuracy (held-out, T=1 and greedy; ± 1 s.e.)", "",
+          "| run | start T=1 | end T=1 | end greedy | wall s | CPU s |", "|---|---|---|---|---|---|"]
     for n, r in runs.items():
         if not r.get("end"):
             continue
         L.append(f"| {n} | {r['start']['acc_t1']:.3f} | {r['end']['acc_t1']:.3f} ± {r['end']['acc_t1_se']:.3f} | "
-                 f"{r['end']['acc_greedy']:.3f} | {r['wall_s']} |")
-    L += ["", "## bf16 gate: fraction of weights whose bf16 value changed since checkpoint-0", "",
-          "| run | " + " | ".join(["checkpoint steps -> changed %"]) + " |", "|---|---|"]
+                 f"{r['end']['acc_greedy']:.3f} | {r['wall_s']} | {r['cpu_s']} |")
+    L += ["", "## Trajectories (attention matrices, means over matrices)", "",
+          "| run | steps | stable rank | ‖ΔW_t‖_F | Sim_16(t, t_end) | locking onset (0.9) |", "|---|---|---|---|---|---|"]
+    for n, st in streams.items():
+        L.append(f"| {n} | {st['steps'][0]}..{st['steps'][-1]} | " + ", ".join(f"{x:.2f}" for x in st["srank"])
+                 + " | " + f"{st['fro'][0]:.2e} -> {st['fro'][-1]:.2e}" + " | "
+                 + ", ".join(f"{x:.2f}" for x in st["sim_to_final"]) + f" | {st['locking_onset_step']} |")
+    L += ["", f"Live `Tracker` on OPD (exact mode, every {_every(plan.opd_steps, plan.n_checkpoints)} steps) vs offline "
+              f"`rank_curve` on its bf16 checkpoints: {agree['rows_matched']}/{agree['rows_tracker']} rows matched, "
+              "max |difference|: " + ", ".join(f"{k} {v['max_abs']:.1e} (rel {v['max_rel']:.1e})"
+                                               for k, v in agree["max_diff"].items())
+          + f"; mean Sim_16 {agree['mean_similarity_max_abs']:.1e}; same onset: {agree['same_onset']}.",
+          "", "## bf16 gate: fraction of weights whose bf16 value changed since checkpoint-0", "",
+          "| run | checkpoint step: changed % |", "|---|---|"]
     for n in ("sft", "opd", "rlvr"):
         st = streams[n]
         L.append(f"| {n} (lr {'1e-5 cosine' if n == 'sft' else '1e-6'}) | " + ", ".join(
             f"{s}: {100 * (1 - u):.1f}" for s, u in zip(st["steps"], st["unchanged_frac"])) + " |")
     for n, g in gate.items():
-        L.append(f"| fresh init std 0.02, AdamW lr 1e-6 constant | " + ", ".join(
+        L.append("| fresh init std 0.02, AdamW lr 1e-6 constant | " + ", ".join(
             f"{s}: {100 * c:.1f}" for s, c in zip(g["steps"], g["changed_frac"])) + " |")
-    L += ["", "## Claims (paper notes §5)", ""]
+    L += ["", "## Claims (paper notes §5; criteria fixed beforehand, docs/reproduction.md)", ""]
     for c in claims:
         L.append(f"{c['claim']}. **{'yes' if c['reproduced'] else 'no'}**: {c['text']}  ")
-        L.append(f"   `{json.dumps(c['values'])}`")
+        L.append(f"   `{json.dumps(_json_safe(c['values']))}`")
     L += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     (out / "report.md").write_text("\n".join(L) + "\n")
 
@@ -545,45 +490,66 @@ def write_report(out: Path, plan: Plan, mode: str, trained: dict, pairs: dict, s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the <= 3 minute version (reduced controls)")
-    ap.add_argument("--out", default="runs/opd_vs_sft")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="a seconds-long run of the whole pipeline (tests, CI); "
+                                                         "its numbers mean nothing")
+    ap.add_argument("--out", default=None, help="output folder (default runs/opd_vs_sft/<full|quick|smoke>)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (use 1 on a busy machine)")
     ap.add_argument("--train-only", action="store_true", help="train and time, skip measurement")
     ap.add_argument("--assets", default=str(ASSETS), help="folder with base/ and teacher/ (default: shipped)")
-    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # a seconds-long run for tests
     args = ap.parse_args(argv)
-    plan = SMOKE if args.smoke else QUICK if args.quick else Plan()
+    plan = copy.deepcopy(SMOKE if args.smoke else QUICK if args.quick else Plan())
     plan.threads = args.threads
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     assets = Path(args.assets)
-    out = Path(args.out) / mode
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else Path("runs") / "opd_vs_sft" / mode
     if not (assets / "base" / "model.safetensors").is_file() or not (assets / "teacher" / "model.safetensors").is_file():
         print(f"missing {assets}/base or teacher: run `python -m weightgeo.train.pretrain --out {assets}` (~6 min)")
         return 1
-    t0 = time.perf_counter()
-    print(f"[{mode}] training into {out}")
-    trained = train_all(plan, out, assets)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    print(f"[{mode}] training into {out.resolve()} ({plan.threads} thread{'s' if plan.threads > 1 else ''})")
+    trained, trackers = train_all(plan, out, assets)
     (out / "training.json").write_text(json.dumps(trained, indent=2, default=str) + "\n")
     if args.train_only:
-        print(f"trained in {time.perf_counter() - t0:.0f}s")
+        print(f"trained in {time.perf_counter() - t0:.0f}s wall, {time.process_time() - c0:.0f}s CPU: {out.resolve()}")
         return 0
     print("measuring")
+    tm, cm = time.perf_counter(), time.process_time()
     base, anchor = assets / "base", out / "sft" / f"checkpoint-{plan.sft_steps}"
-    pairs = {"sft": measure_pair(base, anchor),
-             "opd": measure_pair(anchor, out / "opd" / f"checkpoint-{plan.opd_steps}"),
-             "rlvr": measure_pair(anchor, out / "rlvr" / f"checkpoint-{plan.rlvr_steps}")}
-    streams = {n: measure_stream(Path(r["run_dir"])) for n, r in trained["runs"].items()
-               if not n.endswith("_proj") and not n.startswith("gate")}
+    measured = {"sft": measure_pair(base, anchor),
+                "opd": measure_pair(anchor, out / "opd" / f"checkpoint-{plan.opd_steps}"),
+                "rlvr": measure_pair(anchor, out / "rlvr" / f"checkpoint-{plan.rlvr_steps}")}
+    pairs = {m: v[0] for m, v in measured.items()}
+    pair_reports = {m: v[1] for m, v in measured.items()}
+    streams, rank_curves, lockings = {}, {}, {}
+    for n, r in trained["runs"].items():
+        if n.endswith("_proj") or n.startswith("gate"):
+            continue
+        streams[n], rank_curves[n], lockings[n] = measure_stream(Path(r["run_dir"]), gate=n in ("sft", "opd", "rlvr"))
     gate = {n: measure_gate(Path(r["run_dir"])) for n, r in trained["runs"].items() if n.startswith("gate")}
+    tracker = tracker_results(trackers["opd"], rank_curves["opd"], lockings["opd"])
     claims = evaluate_claims(plan, pairs, streams, trained["runs"])
-    figures = write_figures(out, pairs, streams, trained["runs"])
-    wall = time.perf_counter() - t0
-    write_report(out, plan, mode, trained, pairs, streams, claims, figures, wall, gate)
-    print(f"\nclaims (paper notes §5), {mode} run, wall {wall:.0f}s, cpu {time.process_time():.0f}s:")
+    measure_s = {"wall": round(time.perf_counter() - tm, 1), "cpu": round(time.process_time() - cm, 1)}
+    figures = write_figures(out, pair_reports, rank_curves, lockings, trained["runs"])
+    for m, rep in pair_reports.items():
+        rep.to_json(out / f"compare_{m}.json")
+    for n, rep in rank_curves.items():
+        rep.to_json(out / f"rank_curve_{n}.json")
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    write_report(out, plan, mode, trained, pairs, streams, claims, figures, wall, cpu, gate, tracker, measure_s)
+    agree = tracker["agreement_with_offline"]
+    worst = max(v["max_abs"] for k, v in agree["max_diff"].items() if k != "final_subspace_similarity")
+    print(f"tracker vs offline rank_curve (OPD, {agree['rows_matched']}/{agree['rows_tracker']} rows): max |diff| "
+          f"{worst:.1e} (norms, stable rank, Hill), Sim_16 {agree['max_diff']['final_subspace_similarity']['max_abs']:.1e};"
+          f" onset {tracker['locking_onset']['step']} (offline {lockings['opd'].step})")
+    n_yes = sum(c["reproduced"] for c in claims)
+    print(f"\nclaims (paper notes §5), {mode} run: {n_yes}/{len(claims)} reproduced; wall {wall:.0f}s, "
+          f"CPU {cpu:.0f}s (measurement {measure_s['wall']:.0f}s wall, {measure_s['cpu']:.0f}s CPU)")
     for c in claims:
         print(f"  {c['claim']}. {'YES' if c['reproduced'] else 'no '}  {c['text']}")
-        print(f"       {json.dumps(c['values'])[:300]}")
-    print(f"\nreport: {out / 'report.md'}")
+        print(f"       {json.dumps(_json_safe(c['values']))[:400]}")
+    print(f"\nwrote to {out.resolve()}:\n  report.md, report.json, training.json, compare_*.json, rank_curve_*.json"
+          + (f"\n  {', '.join(figures)}" if figures else "\n  (no figures: pip install matplotlib)"))
     return 0
 
 

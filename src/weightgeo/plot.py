@@ -68,7 +68,7 @@ def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], 
     if not reports:
         raise WeightgeoError("plot_pair_reports: no reports given; pass {'label': weightgeo.compare(...)}")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), layout="constrained")
     for label, rep in reports.items():
         rows = _matrix_rows(rep, "max_principal_angle")
         axes[0].plot(range(len(rows)), [r["max_principal_angle"] for r in rows], ".", ms=4, label=label)
@@ -78,6 +78,10 @@ def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], 
                 ylabel="degrees", yscale="log")
     axes[1].set(title="spectral drift NSS per matrix (Fig. 2)", xlabel="matrix (checkpoint order)",
                 ylabel="NSS", yscale="log")
+    for ax in axes[:2]:  # headroom (a decade on the log axis) so the legend does not hide points
+        ys = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0 and math.isfinite(v)]
+        if ys:
+            ax.set_ylim(top=max(ys) * 10)
     keys = ("density", "principal_mask_overlap", "low_magnitude_overlap")
     width = 0.8 / max(len(reports), 1)
     for j, (label, rep) in enumerate(reports.items()):
@@ -85,10 +89,11 @@ def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], 
         axes[2].bar([i + j * width for i in range(len(keys))], vals, width, label=label)
     a = alpha if alpha is not None else next(
         (rep.meta.get("params", {}).get("alpha") for rep in reports.values()), None)
-    if a is not None:
-        axes[2].axhline(100 * a, color="gray", ls="--", lw=1, label=f"random baseline α={a:g}")
+    if a is not None:  # the baseline of the two overlaps (not of the density)
+        axes[2].hlines(100 * a, 1 - width / 2, len(keys) - 1 + width * (len(reports) - 0.5), color="gray",
+                       ls="--", lw=1, label=f"random baseline α={a:g}")
     axes[2].set_xticks([i + width * (len(reports) - 1) / 2 for i in range(len(keys))],
-                       ["update density", "principal overlap", "low-magnitude overlap"])
+                       ["update\ndensity", "principal-mask\noverlap", "low-magnitude\noverlap"])
     axes[2].set(title="update localization (Fig. 3)", ylabel="%")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -113,38 +118,54 @@ def _by_step(report, key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_trajectories(reports: Mapping[str, Any], path: str | os.PathLike[str], *,
-                      locking: Mapping[str, Any] | None = None, title: str | None = None) -> Path:
+                      locking: Mapping[str, Any] | None = None, title: str | None = None,
+                      x: str = "step") -> Path:
     """Fig. 4 (stable rank, ‖ΔW_t‖_F, Hill α vs step) and Fig. 5 (Sim_K(t, t_end) vs step) for runs.
 
     Args:
         reports: label -> trajectory Report (from :func:`weightgeo.rank_curve` or ``Tracker.rank_curve``).
-        locking: label -> locking result (from :func:`weightgeo.locking_onset`), adds the Sim_K panel.
+        locking: label -> locking result (from :func:`weightgeo.locking_onset`), adds the Sim_K panel; a
+            dotted vertical line marks each run's onset.
+        x: ``"step"`` or ``"fraction"`` (step / the run's last step: runs of different lengths side by side).
     """
     if not reports:
         raise WeightgeoError("plot_trajectories: no reports given; pass {'label': weightgeo.rank_curve(...)}")
+    if x not in ("step", "fraction"):
+        raise WeightgeoError(f"plot_trajectories: x={x!r}; use 'step' or 'fraction'")
     plt = _pyplot()
     panels = [("stable_rank", "stable rank of ΔW_t"), ("frobenius_norm", "‖ΔW_t‖_F"),
               ("hill_alpha", "Hill tail index α̂")]
     n = len(panels) + (1 if locking else 0)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4), layout="constrained")
+    xlabel = "step" if x == "step" else "fraction of training (step / last step)"
+
+    def scale(steps: list[float], last: float) -> list[float]:
+        return steps if x == "step" or not last else [s / last for s in steps]
+
     for ax, (key, name) in zip(axes, panels):
         for label, rep in reports.items():
-            x, y = _by_step(rep, key)
-            ax.plot(x, y, "o-", ms=3, label=label)
-        ax.set(title=f"{name} (Fig. 4)", xlabel="step")
+            xs, ys = _by_step(rep, key)
+            ax.plot(scale(xs, max(xs, default=0.0)), ys, "o-", ms=3, label=label)
+        # norms of different runs span orders of magnitude
+        positive = [v for line in ax.get_lines() for v in line.get_ydata() if not math.isnan(v)]
+        if key == "frobenius_norm" and positive and min(positive) > 0:
+            ax.set_yscale("log")
+        ax.set(title=f"{name} (Fig. 4)", xlabel=xlabel)
     if locking:
         ax = axes[-1]
         for label, res in locking.items():
             sims = res.mean_similarity
             steps = sorted(sims, key=float)
-            line, = ax.plot([float(s) for s in steps], [sims[s] for s in steps], "o-", ms=3, label=label)
+            last = float(getattr(res, "final_step", None) or max(float(s) for s in steps))
+            line, = ax.plot(scale([float(s) for s in steps], last), [sims[s] for s in steps], "o-", ms=3,
+                            label=label)
             if res.step is not None:
-                ax.axvline(float(res.step), color=line.get_color(), ls=":", lw=1)
+                ax.axvline(scale([float(res.step)], last)[0], color=line.get_color(), ls=":", lw=1)
         thr = next((getattr(r, "threshold", None) for r in locking.values()), None)
         if thr is not None:
             ax.axhline(thr, color="gray", ls="--", lw=1, label=f"threshold {thr:g}")
         k = next((getattr(r, "k", None) for r in locking.values()), None)
-        ax.set(title=f"Sim_{k or 'K'}(t, t_end) (Fig. 5)", xlabel="step", ylim=(0, 1.02))
+        ax.set(title=f"Sim_{k or 'K'}(t, t_end) (Fig. 5)", xlabel=xlabel, ylim=(0, 1.02))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -3,5 +3,6 @@
 Nanogpt-sized, one file per algorithm: ``model.py`` (the transformer, HF-layout bf16 checkpoints),
 ``task.py`` (3-digit addition with a binary reward), ``losses.py`` (pure loss/advantage functions),
 ``sft.py`` / ``opd.py`` / ``rlvr.py`` (dataclass config + ``train``), ``projector.py`` (subspace-constrained
-gradients), ``pretrain.py`` (the shipped base and teacher). Nothing in the core library imports this package.
+gradients), ``pretrain.py`` (the shipped base and teacher), ``loop.py`` (what the algorithm files share: AdamW,
+schedules, the checkpoint stream, evaluation, rollouts, per-step seeding). Nothing in the core library imports this package.
 """

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
-                     set_threads, step_generator)
+from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
+                   set_threads, step_generator)
 from .losses import centered_rewards, clipped_pg_loss, mix_advantages, opd_advantages, sparsify_tokens
 from .model import GPT, response_logprobs
 from .task import AdditionTask

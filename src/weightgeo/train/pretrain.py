@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .common import evaluate, make_optimizer, set_threads
+from .loop import evaluate, make_optimizer, set_threads
 from .losses import sft_loss
 from .model import GPT, GPTConfig
 from .task import AdditionTask

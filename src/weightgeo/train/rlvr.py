@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
-                     set_threads, step_generator)
+from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
+                   set_threads, step_generator)
 from .losses import clipped_pg_loss, grpo_advantages
 from .model import GPT, response_logprobs
 from .task import AdditionTask

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 import torch
 
-from .common import (CheckpointStream, StepCallback, attach_projection, evaluate, lr_at, make_optimizer,
-                     set_threads, step_generator)
+from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, lr_at, make_optimizer,
+                   set_threads, step_generator)
 from .losses import sft_loss
 from .model import GPT
 from .task import AdditionTask

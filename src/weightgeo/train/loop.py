@@ -1,4 +1,5 @@
-"""Pieces every algorithm file shares: optimizer, schedules, checkpoint stream, evaluation, run log.
+"""Pieces every algorithm file shares (the loop's machinery): optimizer, schedules, checkpoint stream, evaluation,
+rollouts, per-step seeding, run log.
 
 Checkpoint stream layout (what weightgeo's trajectory tools read)::
 
