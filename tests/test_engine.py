@@ -98,7 +98,7 @@ def test_nan_is_an_error_naming_the_tensor():
     a = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     b = a.clone()
     b[1, 2] = float("nan")
-    with pytest.raises(WeightgeoError, match=r"'w'.*non-finite.*fine-tuned"):
+    with pytest.raises(WeightgeoError, match=r"'w rows 0:4: ft \(as bf16\)'.*non-finite"):
         weightgeo.compare({"w": a}, {"w": b}, progress=False)
 
 

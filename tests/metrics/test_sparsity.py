@@ -136,3 +136,22 @@ def test_dispatch_to_engine():
     a = {"w": torch.ones(4, 4)}
     b = {"w": torch.ones(4, 4) * 2}
     assert update_sparsity(a, b) is not None
+
+
+def test_cpu_bits_path_matches_the_rule_on_signed_zeros_subnormals_and_ties():
+    from weightgeo.metrics.sparsity import _unchanged_count, _unchanged_general
+
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(4096, generator=g) * 0.02).to(torch.bfloat16)
+    b = (a.float() * (1 + 5e-3 * torch.randn(4096, generator=g))).to(torch.bfloat16)
+    a[:8] = 0.0
+    b[:4] = -0.0  # +0 vs -0: unchanged
+    b[4:8] = 1e-40  # 0 vs subnormal: changed
+    a[8:12] = -0.0
+    b[8:12] = -0.0
+    expected = int(_unchanged_general(a, b, 1e-3).sum())
+    assert _unchanged_count(a, b, 1e-3) == expected
+    assert _unchanged_count(a.float(), b.float(), 1e-3) == expected  # the torch path agrees
+    b[100] = float("nan")
+    with pytest.raises(WeightgeoError, match="non-finite"):
+        _unchanged_count(a, b, 1e-3, name="w")

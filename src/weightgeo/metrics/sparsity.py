@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import WeightgeoError
@@ -36,17 +37,63 @@ def _check_eta(eta: float) -> float:
     return eta
 
 
+# Exponent bits of the 16-bit floats: all ones means Inf or NaN. Testing bits is several times faster than
+# torch.isfinite on bf16 (which converts), and this check runs over every entry of the checkpoint.
+_EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    mask = _EXPONENT_MASK.get(x.dtype)
+    if mask is None:
+        return bool(torch.isfinite(x).all())
+    return x.numel() == 0 or int((x.view(torch.int16) & mask).max()) < mask
+
+
+def _require_finite(x: torch.Tensor, name: str) -> None:
+    if not _all_finite(x):
+        check_finite(x, name)  # counts the bad entries for the message and raises
+
+
+def _checked_bf16(w0: torch.Tensor, w1: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides rounded to bf16 (no copy when stored so), after checking they are finite."""
+    b0, b1 = (w if w.dtype == torch.bfloat16 else w.to(torch.float32).to(torch.bfloat16) for w in (w0, w1))
+    pre = f"{name}: " if name else ""
+    _require_finite(b0, f"{pre}base (as bf16)")
+    _require_finite(b1, f"{pre}ft (as bf16)")
+    return b0, b1
+
+
 def _unchanged(w0: torch.Tensor, w1: torch.Tensor, eta: float, *, name: str = "") -> torch.Tensor:
     """Boolean mask of unchanged entries (True = unchanged) under the bf16 rule; checks finiteness."""
-    b0 = w0 if w0.dtype == torch.bfloat16 else w0.to(torch.float32).to(torch.bfloat16)
-    b1 = w1 if w1.dtype == torch.bfloat16 else w1.to(torch.float32).to(torch.bfloat16)
-    pre = f"{name}: " if name else ""
-    check_finite(b0, f"{pre}base (as bf16)")
-    check_finite(b1, f"{pre}ft (as bf16)")
+    b0, b1 = _checked_bf16(w0, w1, name)
     if eta < _FAST_ETA:
         return b0 == b1  # PNT Prop. E.3 (+0 == -0 in IEEE comparison)
     x0, x1 = b0.float(), b1.float()
     return (x1 - x0).abs_() <= torch.maximum(x0.abs(), x1.abs()).mul_(eta)
+
+
+def _changed_bf16_cpu(w0: torch.Tensor, w1: torch.Tensor, name: str) -> int:
+    """Count of bf16 values that differ (+0 and -0 equal), for CPU tensors, checking finiteness.
+
+    This runs over every entry of a checkpoint; NumPy's int16 kernels on the raw bits measured 4-8x faster
+    than torch's bf16/int16 elementwise ops on CPU (the views share memory: no copy).
+    """
+    a = w0.contiguous().view(torch.int16).numpy().ravel()
+    b = w1.contiguous().view(torch.int16).numpy().ravel()
+    if a.size == 0:
+        return 0
+    for which, x, t in (("base", a, w0), ("ft", b, w1)):
+        if int((x & 0x7F80).max()) >= 0x7F80:  # an all-ones exponent: Inf or NaN
+            check_finite(t, f"{name}: {which} (as bf16)" if name else f"{which} (as bf16)")
+    ne = a != b
+    changed = int(np.count_nonzero(ne))
+    if changed and (int(a.min()) == _NEG_ZERO or int(b.min()) == _NEG_ZERO):
+        # -0 is the smallest int16 pattern; only then can a "change" be +0 vs -0, which the rule calls equal.
+        changed -= int(np.count_nonzero(((a[ne] | b[ne]) & 0x7FFF) == 0))
+    return changed
+
+
+_NEG_ZERO = -32768  # the bits of bf16 -0.0 read as int16
 
 
 def _unchanged_general(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> torch.Tensor:
@@ -62,7 +109,12 @@ def _unchanged_count(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3, *, n
     >>> _unchanged_count(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]), 1e-3)
     1
     """
-    return int(_unchanged(w0, w1, eta, name=name).sum())
+    if eta < _FAST_ETA:  # the common case, without materialising the mask twice
+        if w0.dtype == w1.dtype == torch.bfloat16 and w0.device.type == w1.device.type == "cpu":
+            return w0.numel() - _changed_bf16_cpu(w0, w1, name)
+        b0, b1 = _checked_bf16(w0, w1, name)
+        return b0.numel() - int(torch.count_nonzero(b0 != b1))
+    return int(torch.count_nonzero(_unchanged(w0, w1, eta, name=name)))
 
 
 def update_mask(base: Any, ft: Any, *, eta: float = 1e-3) -> torch.Tensor:
