@@ -135,3 +135,28 @@ def test_errors():
         pair_geometry(None, W1, k=4)
     with pytest.raises(WeightgeoError):
         pair_geometry(W0, W1, k=4).overlap("left")
+
+
+def test_repeated_singular_values_identical_pair():
+    """W0 = W1 with a repeated σ (identity): the basis must not be reordered, angles are 0."""
+    for W in (torch.eye(5), torch.eye(6)[:, :4], torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0]))):
+        g = pair_geometry(W, W.clone(), k=2, sides=("right", "left"))
+        assert float(g.angles_right.max()) == 0.0 and float(g.angles_left.max()) < 1e-6
+        assert float(g.nss) == 0.0
+
+
+def test_fallback_equal_spectra_and_near_identical_fast_path():
+    """Independent draws with the same spectrum (NSS ~ storage level) fall back to the policy's values;
+    a near-identical well-conditioned pair does not."""
+    rng = np.random.default_rng(4)
+    p = 64
+    s = np.arange(1, p + 1) ** -0.5
+    A = [(np.linalg.qr(rng.standard_normal((96, p)))[0] * s) @ np.linalg.qr(rng.standard_normal((p, p)))[0].T
+         for _ in range(2)]
+    W0, W1 = (torch.from_numpy(a.astype(np.float32)) for a in A)
+    g = pair_geometry(W0, W1, k=8, sides=())
+    ref = ref_geometry(W0, W1, 8)["nss"]
+    assert g.fallback and abs(float(g.nss) - ref) <= 0.02 * ref + 1e-13
+    W0, W1 = make_pair(96, 64, 1e-3)
+    g = pair_geometry(W0, W1, k=8)
+    assert not g.fallback

@@ -50,11 +50,13 @@ from typing import Sequence
 import torch
 
 from ..errors import WeightgeoError
-from .svd import compute_dtype
+from .spectra import spectral_shift
+from .svd import Decomposition, compute_dtype, decompose
 
 __all__ = ["BaseSpectrum", "PairGeometry", "base_spectrum", "pair_geometry"]
 
 _SIDES = ("right", "left")
+_REFINE_BELOW = 1e-6  # the policy's conditioning threshold (linalg/svd.py): below it, values come from LAPACK
 
 
 def _as_matrix(W: torch.Tensor, what: str) -> torch.Tensor:
@@ -69,34 +71,48 @@ def _as_matrix(W: torch.Tensor, what: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BaseSpectrum:
-    """Reusable float64 eigendecomposition of the base's small-side Gram (build with :func:`base_spectrum`).
+    """Reusable decomposition of the base W0 (build with :func:`base_spectrum`), shared by every pair metric.
 
     ``A`` is the base oriented tall ([..., m, n] with m ≥ n; ``Wᵀ`` when ``transposed``), in the compute
-    dtype. ``lam`` [..., n] are the Gram eigenvalues σ0² (float64, descending), ``V`` [..., n, n] the
-    small-side singular vectors (float64), ``V_c`` the same in the compute dtype (for the GEMMs).
+    dtype. ``decomposition`` is :func:`weightgeo.linalg.svd.decompose` of W0 (float64 Gram ``eigh``;
+    values refined by LAPACK when W0 is ill-conditioned), so its ``vectors`` are W0's small-side singular
+    vectors, which also give the localization's rank-r reconstruction. ``V_c`` is ``V`` in the compute
+    dtype (for the GEMMs).
     """
 
     A: torch.Tensor
     transposed: bool
-    lam: torch.Tensor
-    V: torch.Tensor
+    decomposition: Decomposition
     V_c: torch.Tensor
-    eps: float
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """Eigenvalues σ0² of the small-side Gram that ``V`` diagonalises (float64, descending)."""
+        return self.decomposition.gram_eigenvalues  # type: ignore[return-value]
+
+    @property
+    def V(self) -> torch.Tensor:
+        """Small-side singular vectors of W0, float64 [..., n, n] (columns, descending σ)."""
+        return self.decomposition.vectors  # type: ignore[return-value]
+
+    @property
+    def eps(self) -> float:
+        """Machine epsilon of the input's compute dtype (numerical-rank rule)."""
+        return self.decomposition.eps
 
     @property
     def shape(self) -> tuple[int, int]:
         """The original (untransposed) matrix shape ``(m, n)``."""
-        m, n = self.A.shape[-2:]
-        return (n, m) if self.transposed else (m, n)
+        return self.decomposition.shape
 
     @property
     def sigma(self) -> torch.Tensor:
-        """Singular values of W0, float64, descending, [..., min(m, n)]."""
-        return self.lam.clamp_min(0).sqrt()
+        """Singular values of W0 by the policy, float64, descending, [..., min(m, n)]."""
+        return self.decomposition.S
 
     def rank(self) -> torch.Tensor:
         """Numerical rank ``#{σᵢ > max(m, n)·eps·σ₁}`` per matrix ([...] int64)."""
-        return _rank(self.sigma, max(self.shape), self.eps)
+        return self.decomposition.rank()
 
 
 def _rank(s: torch.Tensor, big: int, eps: float) -> torch.Tensor:
@@ -104,7 +120,7 @@ def _rank(s: torch.Tensor, big: int, eps: float) -> torch.Tensor:
 
 
 def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
-    """Decompose the base once: ``G0 = A0ᵀA0`` (compute dtype) and ``eigh`` in float64.
+    """Decompose the base once (:func:`weightgeo.linalg.svd.decompose`: float64 Gram, ``eigh`` in float64).
 
     >>> b = base_spectrum(torch.diag(torch.tensor([3.0, 1.0])))
     >>> b.sigma
@@ -117,13 +133,11 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
         a :class:`BaseSpectrum` to pass as ``base=`` to :func:`pair_geometry` for every fine-tune of W0.
     """
     A = _as_matrix(W0, "W0")
+    dec = decompose(A, vectors=True)
     transposed = A.shape[-2] < A.shape[-1]
     if transposed:
-        A = A.mT
-    G = A.mT @ A
-    lam, V = torch.linalg.eigh(G.to(torch.float64))
-    lam, V = lam.flip(-1), V.flip(-1)
-    return BaseSpectrum(A.contiguous(), transposed, lam, V, V.to(A.dtype), torch.finfo(A.dtype).eps)
+        A = A.mT.contiguous()
+    return BaseSpectrum(A, transposed, dec, dec.vectors.to(A.dtype))  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -134,7 +148,9 @@ class PairGeometry:
     top-``k`` singular subspaces of W0 and W1 (``None`` for a side not asked for). ``nss``: [...]
     ``‖σ(W1) − σ(W0)‖₂ / ‖σ(W0)‖₂``. ``sigma0`` / ``sigma1``: [..., min(m, n)] descending.
     ``gap``: [...] ``σ_k(W0)/σ_{k+1}(W0)`` (``inf`` when k = min(m, n)); angles are reproducible only
-    where it is clearly above 1. ``k``: the effective subspace dimension.
+    where it is clearly above 1. ``k``: the effective subspace dimension. ``rank0`` / ``rank1``: [...]
+    numerical ranks of W0 and W1. ``fallback``: True when W0 or W1 was too ill-conditioned for the
+    base-relative values and NSS came from the policy's per-matrix values instead (module docstring).
     """
 
     angles_right: torch.Tensor | None
@@ -144,6 +160,9 @@ class PairGeometry:
     sigma1: torch.Tensor
     gap: torch.Tensor
     k: int
+    rank0: torch.Tensor | None = None
+    rank1: torch.Tensor | None = None
+    fallback: bool = False
 
     def overlap(self, side: str = "right") -> torch.Tensor:
         """Mean cos² of the angles on ``side`` ([...], in [0, 1]; 1 = same subspace)."""
@@ -153,15 +172,15 @@ class PairGeometry:
         return torch.cos(torch.deg2rad(a)).pow(2).mean(-1)
 
 
-def _sines_small(Q: torch.Tensor, k: int) -> torch.Tensor:
+def _sines_small(Q: torch.Tensor, k: int, values_dtype: torch.dtype) -> torch.Tensor:
     """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q."""
     n = Q.shape[-1]
     shape = Q.shape[:-2]
     if k >= n:
         return Q.new_zeros(*shape, k)
-    # Singular values of the off-diagonal block; float32 costs ~1e-7 absolute in a sine.
+    # Singular values of the off-diagonal block; float32 (for ≤fp32 inputs) costs ~1e-7 absolute in a sine.
     B = Q[..., k:, :k]
-    s = torch.linalg.svdvals(B.to(torch.float32) if B.dtype == torch.float64 else B).to(Q.dtype)
+    s = torch.linalg.svdvals(B.to(values_dtype)).to(Q.dtype)
     pad = Q.new_zeros(*shape, k - s.shape[-1])
     return torch.cat([pad, s.flip(-1)], -1)  # min(k, n-k) sines; the other angles are exactly 0
 
@@ -173,6 +192,7 @@ def pair_geometry(
     k: int = 512,
     sides: Sequence[str] = ("right",),
     base: BaseSpectrum | None = None,
+    delta: torch.Tensor | None = None,
 ) -> PairGeometry:
     """Principal angles between top-k singular subspaces and NSS of a near-identical pair, float64-accurate.
 
@@ -186,16 +206,19 @@ def pair_geometry(
         W1: [..., m, n] fine-tuned weight (same shape). bf16/fp16 are upcast to float32, exactly.
         k: subspace dimension (paper default 512); capped at min(m, n) and at both numerical ranks
             (the minimum over the batch), reported as ``PairGeometry.k``.
-        sides: any of "right" (V, input side) and "left" (U, output side).
+        sides: any of "right" (V, input side) and "left" (U, output side); empty for NSS only (then
+            the pair's eigenproblem is values-only).
         base: a :func:`base_spectrum` of W0, to reuse across several W1 (saves ~40 % per pair).
+        delta: ``W1 − W0`` [..., m, n] in the compute dtype, if the caller already formed it (it is
+            used as given, so form it as ``W1.float() − W0.float()``).
 
     Returns:
         a :class:`PairGeometry`. Method and measured error bound: module docstring and docs/numerics.md.
     """
     sides = tuple(sides)
     bad = [s for s in sides if s not in _SIDES]
-    if bad or not sides:
-        raise WeightgeoError(f"sides must be a non-empty subset of {_SIDES}, got {sides!r}")
+    if bad:
+        raise WeightgeoError(f"sides must be a subset of {_SIDES}, got {sides!r}")
     if isinstance(k, bool) or int(k) != k or int(k) < 1:
         raise WeightgeoError(f"k must be a positive integer (subspace dimension, default 512), got {k!r}")
     if base is None:
@@ -209,6 +232,14 @@ def pair_geometry(
     if A1.shape != A0.shape:
         shp = tuple(A1.mT.shape if base.transposed else A1.shape)
         raise WeightgeoError(f"pair_geometry: W1 has shape {shp}, the base has {base.shape}; they must match")
+    if delta is None:
+        Delta = A1 - A0
+    else:
+        Delta = delta.detach().to(A0.dtype)
+        if base.transposed:
+            Delta = Delta.mT
+        if Delta.shape != A0.shape:
+            raise WeightgeoError(f"pair_geometry: delta has shape {tuple(delta.shape)}, expected {base.shape}")
     m, n = A0.shape[-2:]
     f64 = torch.float64
     lam, V, Vc = base.lam, base.V, base.V_c
@@ -217,7 +248,6 @@ def pair_geometry(
     want_small = ("right" in sides and not base.transposed) or ("left" in sides and base.transposed)
     want_big = ("left" in sides and not base.transposed) or ("right" in sides and base.transposed)
 
-    Delta = A1 - A0
     rank0 = base.rank()
     complement = want_big and (m > n or bool((rank0 < n).any()))
     if complement:
@@ -231,36 +261,66 @@ def pair_geometry(
     F = (Vc.mT @ D @ Vc).to(f64)
     F = 0.5 * (F + F.mT)
     M1 = torch.diag_embed(lam) + F
-    mu, Q = torch.linalg.eigh(M1)
-    mu, Q = mu.flip(-1), Q.flip(-1)
-
-    s0 = lam.clamp_min(0).sqrt()
-    s1 = mu.clamp_min(0).sqrt()
-    den = s0 + s1
-    ds = torch.where(den > 0, (mu - lam) / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
-    num = torch.linalg.vector_norm(ds, dim=-1)
-    nrm = torch.linalg.vector_norm(s0, dim=-1)
-    nss = torch.where(nrm > 0, num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
-                      torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+    # eigh of −M1 gives μ descending without reordering the basis: where M1 is (nearly) diagonal, Q is
+    # (nearly) the identity even inside clusters of equal σ0, so W0 = W1 gives zero angles.
+    if sides:
+        mu, Q = torch.linalg.eigh(-M1)
+        mu = -mu
+    else:
+        mu, Q = -torch.linalg.eigvalsh(-M1), None
 
     big = max(m, n)
-    rank1 = _rank(s1, big, base.eps)
+    s0 = lam.clamp_min(0).sqrt()
+    s1 = mu.clamp_min(0).sqrt()
+    # When the base-relative values cannot be trusted, W1's values come from the policy instead
+    # (svd.decompose: float64 Gram, LAPACK refinement when ill-conditioned) and NSS from the difference
+    # of the two policy spectra, exactly as linalg/svd.py computes single-matrix values. Three triggers:
+    # 1. W0 is ill-conditioned (the policy refined its values: σ_min < 1e-6·σ₁);
+    # 2. W1's smallest eigenvalue is not resolved above the numerical-rank / conditioning threshold
+    #    (μ is accurate only to about the rounding of F, relative to ‖D‖ in the compute dtype);
+    # 3. the estimated rounding error of the NSS numerator, ~√(m/n)·eps·‖F‖_F·‖1/(σ0+σ1)‖ (random
+    #    rounding, measured conservative by ~50×), exceeds 1e-3 of the numerator itself: pairs that are
+    #    not near-identical but have (nearly) the same spectrum, e.g. two independent draws.
+    fro_F = torch.linalg.matrix_norm(F)
+    err_mu = math.sqrt(m) * base.eps * fro_F + 64 * torch.finfo(f64).eps * mu[..., 0].abs()
+    floor = max(big * base.eps, _REFINE_BELOW) * s1[..., 0]
+    den = s0 + s1
+    ok_den = den > 0
+    ds = torch.where(ok_den, (mu - lam) / torch.where(ok_den, den, torch.ones_like(den)), torch.zeros_like(den))
+    num = torch.linalg.vector_norm(ds, dim=-1)
+    inv_den = torch.where(ok_den, 1.0 / torch.where(ok_den, den, torch.ones_like(den)), torch.zeros_like(den))
+    err_num = math.sqrt(m / n) * base.eps * fro_F * torch.linalg.vector_norm(inv_den, dim=-1)
+    fallback = (base.decomposition.refined or bool((mu[..., -1] - err_mu <= floor * floor).any())
+                or bool((err_num > 1e-3 * num).any()))
+    if fallback:
+        d1 = decompose(A1, vectors=False)
+        sigma1, rank1 = d1.S, d1.rank()
+        nss = spectral_shift(base.sigma, sigma1)
+    else:
+        sigma1, rank1 = s1, _rank(s1, big, base.eps)
+        nrm = torch.linalg.vector_norm(s0, dim=-1)
+        nss = torch.where(nrm > 0, num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
+                          torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+
+    sig0 = base.sigma
     k_eff = int(min(int(k), n, int(rank0.min()), int(rank1.min())))
     if n > k_eff:
-        gap = s0[..., k_eff - 1] / s0[..., k_eff] if k_eff > 0 else s0[..., 0] * math.inf
+        gap = sig0[..., k_eff - 1] / sig0[..., k_eff] if k_eff > 0 else sig0[..., 0] * math.inf
     else:
-        gap = torch.full(s0.shape[:-1], math.inf, dtype=f64, device=s0.device)
+        gap = torch.full(sig0.shape[:-1], math.inf, dtype=f64, device=sig0.device)
 
+    vd = torch.float64 if A0.dtype == f64 else torch.float32
     small_angles = big_angles = None
     if k_eff > 0 and want_small:
-        small_angles = torch.rad2deg(torch.arcsin(_sines_small(Q, k_eff).clamp(0, 1)))
+        small_angles = torch.rad2deg(torch.arcsin(_sines_small(Q, k_eff, vd).clamp(0, 1)))
     elif want_small:
         small_angles = s0.new_zeros(*s0.shape[:-1], 0)
     if want_big:
         if k_eff == 0:
             big_angles = s0.new_zeros(*s0.shape[:-1], 0)
         else:
-            big_angles = torch.rad2deg(_big_side_angles(A0, Delta, s0, mu, Q, Vc, C0, J, k_eff, base.eps))
+            in_rank = torch.arange(n, device=s0.device) < rank0[..., None]
+            big_angles = torch.rad2deg(_big_side_angles(A0, Delta, s0, in_rank, mu, Q, Vc, C0, J, k_eff))
     if base.transposed:
         right, left = big_angles, small_angles
     else:
@@ -269,16 +329,18 @@ def pair_geometry(
         right = None
     if "left" not in sides:
         left = None
-    return PairGeometry(right, left, nss, s0, s1, gap, k_eff)
+    return PairGeometry(right, left, nss, sig0, sigma1, gap, k_eff, rank0, rank1, fallback)
 
 
-def _big_side_angles(A0, Delta, s0, mu, Q, Vc, C0, J, k, eps):
-    """Angles (radians, ascending) between the top-k big-side singular subspaces (module docstring, step 5)."""
+def _big_side_angles(A0, Delta, s0, in_rank, mu, Q, Vc, C0, J, k):
+    """Angles (radians, ascending) between the top-k big-side singular subspaces (module docstring, step 5).
+
+    ``s0`` are the Gram's σ0 (consistent with ``V``); ``in_rank`` marks W0's numerical range (from the
+    policy's values), outside which U0 is undefined.
+    """
     f64 = torch.float64
-    n = Q.shape[-1]
-    big = max(A0.shape[-2:])
-    in_rank = s0 > big * eps * s0[..., :1]  # U0 is defined on W0's numerical range only
-    inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank, s0, torch.ones_like(s0)), torch.zeros_like(s0))
+    inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank & (s0 > 0), s0, torch.ones_like(s0)),
+                         torch.zeros_like(s0))
     if C0 is None:
         C0 = A0.mT @ Delta
     C = (Vc.mT @ C0 @ Vc).to(f64)

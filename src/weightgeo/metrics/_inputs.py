@@ -9,7 +9,7 @@ import torch
 
 from ..errors import WeightgeoError
 
-__all__ = ["is_tensor_like", "as_tensor", "check_pair", "check_finite", "dispatch_compare"]
+__all__ = ["is_tensor_like", "as_tensor", "check_pair", "check_finite", "dispatch_compare", "same_compute_dtype"]
 
 
 def is_tensor_like(x: Any) -> bool:
@@ -67,6 +67,19 @@ def check_pair(
         check_finite(b, "base")
         check_finite(f, "ft")
     return b, f
+
+
+def same_compute_dtype(b: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, f)`` unchanged when their compute dtypes agree (bf16/fp16/fp32 → fp32); else both as float64.
+
+    The pair kernels work in one compute dtype; a mixed fp64/≤fp32 pair is analysed in float64 so the
+    fp64 side keeps its precision.
+    """
+    from ..linalg.svd import compute_dtype
+
+    if compute_dtype(b.dtype) == compute_dtype(f.dtype):
+        return b, f
+    return b.to(torch.float64), f.to(torch.float64)
 
 
 def dispatch_compare(base: Any, ft: Any, metrics: list[str], **kwargs: Any) -> Any:

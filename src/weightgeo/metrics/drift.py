@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.spectra import spectral_shift, stable_rank_from_values
-from ..linalg.svd import compute_dtype, decompose, singular_values
-from ._inputs import as_tensor, check_finite, check_pair, dispatch_compare, wants_dispatch
+from ..linalg.pairwise import pair_geometry
+from ..linalg.spectra import stable_rank_from_values
+from ..linalg.svd import compute_dtype, frobenius_sq, exact_spectral_norm
+from ._inputs import as_tensor, check_finite, check_pair, dispatch_compare, same_compute_dtype, wants_dispatch
 
 __all__ = ["spectral_drift", "stable_rank"]
 
@@ -26,14 +27,15 @@ def spectral_drift(base: Any, ft: Any) -> float:
 
     Returns:
         float ≥ 0, best (no drift) 0; ≤ ‖ΔW‖_F/‖W0‖_F (Mirsky). Reported: about 1e-3 (SFT), 1e-4 (OPD),
-        1e-5 (RLVR). Singular values come from the float64 policy of ``linalg.svd`` (float32 SVD
-        inflates NSS of near-identical matrices), measured error < 1e-6 relative (docs/metrics.md).
+        1e-5 (RLVR). Computed from the update in W0's float64 eigenbasis (``linalg.pairwise``; float32
+        SVD inflates NSS of near-identical matrices), measured error ≤ 1e-5 relative (docs/numerics.md);
+        ill-conditioned matrices fall back to the policy's float64 values (``linalg.svd``).
         A zero base gives ``inf`` (0 when ft is zero too).
     """
     if wants_dispatch(base, ft):
         return dispatch_compare(base, ft, ["spectral_drift"])
-    b, f = check_pair(base, ft, matrix=True, what="spectral_drift")
-    return float(spectral_shift(singular_values(b), singular_values(f)))
+    b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what="spectral_drift"))
+    return float(pair_geometry(b, f, sides=()).nss)
 
 
 def stable_rank(delta: Any) -> float:
@@ -62,7 +64,11 @@ def stable_rank(delta: Any) -> float:
 
 
 def _stable_rank(delta: torch.Tensor) -> tuple[float, float]:
-    """(stable rank, ‖Δ‖_F) of a validated matrix in its compute dtype; ‖Δ‖_F² summed in float64."""
-    fro_sq = delta.double().square().sum()
-    s = decompose(delta, vectors=False, refine=False).S  # only σ₁ is used: no refinement needed
-    return float(stable_rank_from_values(s, fro_sq)), float(fro_sq.sqrt())
+    """(stable rank, ‖Δ‖_F) of a validated matrix in its compute dtype.
+
+    ‖Δ‖_F² is summed in float64 (row blocks); ‖Δ‖₂ = σ₁ is exact from the float64 ``eigvalsh`` of the
+    small-side Gram (``linalg.svd.exact_spectral_norm``, ≤ 5e-9 relative).
+    """
+    fro_sq = frobenius_sq(delta)
+    s1 = exact_spectral_norm(delta)
+    return float(stable_rank_from_values(s1[..., None], fro_sq)), float(fro_sq.sqrt())

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.svd import Decomposition, compute_dtype, decompose
+from ..linalg.pairwise import BaseSpectrum, base_spectrum
 from ._inputs import check_pair, dispatch_compare, wants_dispatch
 from .sparsity import _check_eta, _unchanged
 
@@ -80,21 +80,24 @@ def _check_loc_args(rank: int, alpha: float) -> tuple[int, float]:
 
 
 def _localization(
-    b: torch.Tensor, f: torch.Tensor, d0: Decomposition, *, rank: int, alpha: float, eta: float
+    b: torch.Tensor, f: torch.Tensor, base: BaseSpectrum, *, rank: int, alpha: float, eta: float
 ) -> Localization:
-    """The kernel: ``d0`` is W0's decomposition with vectors (shared with the other SVD metrics)."""
+    """The kernel: ``base`` is W0's :class:`~weightgeo.linalg.pairwise.BaseSpectrum`, shared with the
+    angles and NSS. The reconstruction ``W0 V_r V_rᵀ`` needs only the top-r small-side vectors ``V_r``.
+    """
     n = b.numel()
     upd = ~_unchanged(b, f, eta).reshape(-1)
     n_upd = int(upd.sum())
     count = math.floor(alpha * n)
     r = min(rank, *b.shape)
-    cd = compute_dtype(b.dtype)
-    A = b.to(cd)
-    Q = d0.vectors[..., :r].to(cd)  # type: ignore[index]  # smaller side's top-r singular vectors
-    recon = (A @ Q) @ Q.mT if d0.small_side == "right" else Q @ (Q.mT @ A)
+    A = base.A  # W0 oriented tall, compute dtype: |A V_r V_rᵀ|, transposed back to [out, in] order
+    Q = base.V_c[..., :r]
+    recon = (A @ Q) @ Q.mT
+    if base.transposed:
+        recon = recon.mT
     m_princ = _select(recon.abs().reshape(-1), count, largest=True)
     del recon
-    m_low = _select(A.abs().reshape(-1), count, largest=False)
+    m_low = _select((A.mT if base.transposed else A).abs().reshape(-1), count, largest=False)
     if n_upd:
         po = int((m_princ & upd).sum()) / n_upd
         lo = int((m_low & upd).sum()) / n_upd
@@ -129,4 +132,4 @@ def update_localization(
     rank, alpha = _check_loc_args(rank, alpha)
     eta = _check_eta(eta)
     b, f = check_pair(base, ft, matrix=True, what="update_localization")
-    return _localization(b, f, decompose(b), rank=rank, alpha=alpha, eta=eta)
+    return _localization(b, f, base_spectrum(b), rank=rank, alpha=alpha, eta=eta)

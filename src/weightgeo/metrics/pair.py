@@ -1,7 +1,9 @@
-"""The per-matrix kernel the engine calls for 2-D pairs: every decomposition computed once, shared.
+"""The per-matrix kernel the engine calls for 2-D pairs: one base decomposition, one ΔW, shared.
 
-W0's decomposition serves the principal angles, NSS and the localization reconstruction; W+'s serves
-the angles and NSS. Policy and accuracy: :mod:`weightgeo.linalg.svd`, docs/metrics.md.
+W0 is decomposed once (:func:`weightgeo.linalg.pairwise.base_spectrum`: the policy's float64 Gram
+``eigh``); that serves the principal angles, NSS (both from one :func:`~weightgeo.linalg.pairwise.pair_geometry`
+in W0's eigenbasis) and the localization's rank-r reconstruction. ΔW = W+ − W0 is formed once in the
+compute dtype and used by the pair geometry and the stable rank. Accuracy: docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from typing import AbstractSet
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.spectra import spectral_shift
-from ..linalg.svd import _check_side, compute_dtype, decompose
-from ._inputs import check_pair
+from ..linalg.pairwise import base_spectrum, pair_geometry
+from ..linalg.svd import _check_side, compute_dtype
+from ._inputs import check_pair, same_compute_dtype
 from .drift import _stable_rank
 from .localization import _check_loc_args, _localization
-from .rotation import _angles, _check_k
+from .rotation import _angles_deg, _check_k
 from .sparsity import _check_eta
 
 __all__ = ["PAIR_METRICS", "ALL_METRICS", "matrix_pair_metrics"]
@@ -69,35 +71,37 @@ def matrix_pair_metrics(
     _check_side(side)
     rank, alpha = _check_loc_args(rank, alpha)
     eta = _check_eta(eta)
-    b, f = check_pair(w0, w1, matrix=True, what="matrix_pair_metrics")
+    b, f = same_compute_dtype(*check_pair(w0, w1, matrix=True, what="matrix_pair_metrics"))
     rot, nss, loc = "principal_overlap" in wanted, "spectral_drift" in wanted, "update_localization" in wanted
+    srank = "stable_rank" in wanted
     out: dict[str, float] = {}
-    d0 = decompose(b, vectors=rot or loc) if (rot or nss or loc) else None
-    d1 = decompose(f, vectors=rot) if (rot or nss) else None
-    if rot:
-        theta, k_eff = _angles(b, f, d0, d1, k, side)  # type: ignore[arg-type]
-        deg = torch.rad2deg(theta)
-        p = min(b.shape)
-        if k_eff == 0:
-            out.update(principal_overlap=math.nan, max_principal_angle=math.nan, mean_principal_angle=math.nan,
-                       k_effective=0.0, spectral_gap=math.nan)
-        else:
-            s = d0.S  # type: ignore[union-attr]
-            gap = math.inf if k_eff >= p or float(s[k_eff]) == 0 else float(s[k_eff - 1] / s[k_eff])
-            out.update(
-                principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
-                max_principal_angle=float(deg.max()),
-                mean_principal_angle=float(deg.mean()),
-                k_effective=float(k_eff),
-                spectral_gap=gap,
-            )
-    if nss:
-        out["spectral_drift"] = float(spectral_shift(d0.S, d1.S))  # type: ignore[union-attr]
+    base = base_spectrum(b) if (rot or nss or loc) else None
+    # One ΔW in the compute dtype (exact for bf16 pairs), shared by the pair geometry and the stable rank.
+    delta = f.to(compute_dtype(f.dtype)) - b.to(compute_dtype(b.dtype)) if (rot or nss or srank) else None
+    if rot or nss:
+        g = pair_geometry(None, f, k=k, sides=(side,) if rot else (), base=base, delta=delta)
+        if rot:
+            if g.k == 0:
+                out.update(principal_overlap=math.nan, max_principal_angle=math.nan, mean_principal_angle=math.nan,
+                           k_effective=0.0, spectral_gap=math.nan)
+            else:
+                deg = _angles_deg(g, side)
+                theta = torch.deg2rad(deg)
+                out.update(
+                    principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
+                    max_principal_angle=float(deg.max()),
+                    mean_principal_angle=float(deg.mean()),
+                    k_effective=float(g.k),
+                    spectral_gap=float(g.gap),
+                )
+        if nss:
+            out["spectral_drift"] = float(g.nss)
+        del g
     if loc:
-        res = _localization(b, f, d0, rank=rank, alpha=alpha, eta=eta)  # type: ignore[arg-type]
+        res = _localization(b, f, base, rank=rank, alpha=alpha, eta=eta)  # type: ignore[arg-type]
         out.update(density=res.density, principal_mask_overlap=res.principal_overlap,
                    low_magnitude_overlap=res.low_magnitude_overlap)
-    if "stable_rank" in wanted:
-        sr, fro = _stable_rank(f.to(compute_dtype(f.dtype)) - b.to(compute_dtype(b.dtype)))
+    if srank:
+        sr, fro = _stable_rank(delta)  # type: ignore[arg-type]
         out.update(stable_rank=sr, delta_frobenius=fro)
     return out

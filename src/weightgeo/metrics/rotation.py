@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.angles import subspace_angles
-from ..linalg.svd import Decomposition, _check_side, decompose
-from ._inputs import check_pair, dispatch_compare, wants_dispatch
+from ..linalg.pairwise import PairGeometry, pair_geometry
+from ..linalg.svd import _check_side
+from ._inputs import check_pair, dispatch_compare, same_compute_dtype, wants_dispatch
 
 __all__ = ["principal_angles", "principal_overlap"]
 
@@ -20,24 +20,11 @@ def _check_k(k: int) -> int:
     return int(k)
 
 
-def effective_k(d0: Decomposition, d1: Decomposition, k: int) -> int:
-    """``min(k, m, n, rank(W0), rank(W+))``: singular vectors beyond the numerical rank are arbitrary."""
-    return int(min(k, *d0.shape, int(d0.rank()), int(d1.rank())))
-
-
-def _angles(
-    A0: torch.Tensor, A1: torch.Tensor, d0: Decomposition, d1: Decomposition, k: int, side: str
-) -> tuple[torch.Tensor, int]:
-    """Angles in radians (float64, ascending) between the top-k_eff subspaces, and k_eff."""
-    k_eff = effective_k(d0, d1, k)
-    if k_eff == 0:
-        return torch.zeros(0, dtype=torch.float64, device=A0.device), 0
-    Q0 = d0.vectors_for(A0, k_eff, side)  # type: ignore[arg-type]
-    Q1 = d1.vectors_for(A1, k_eff, side)  # type: ignore[arg-type]
-    # Bases are float64-accurate; for ≤fp32 inputs the two small SVDs run in float32, which costs
-    # ~1e-7 rad absolute (docs/metrics.md); fp64 inputs stay fp64 throughout.
-    vd = torch.float64 if A0.dtype == torch.float64 and A1.dtype == torch.float64 else torch.float32
-    return subspace_angles(Q0, Q1, values_dtype=vd).double(), k_eff
+def _angles_deg(g: PairGeometry, side: str) -> torch.Tensor:
+    """The angle vector of ``side`` (degrees, float64, ascending, length ``g.k``) from a pair geometry."""
+    a = g.angles_right if side == "right" else g.angles_left
+    assert a is not None
+    return a
 
 
 def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -> torch.Tensor:
@@ -56,7 +43,8 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -
 
     Returns:
         [k_eff] float64 degrees in [0, 90], ascending; best (no rotation) all 0. Small angles come from
-        sines, so they are accurate to ~1e-5° even for near-identical matrices. Representative layer
+        sines of the pair's float64 eigenproblem in W0's basis (``linalg.pairwise.pair_geometry``), accurate
+        to ~1e-5° even for near-identical matrices. Representative layer
         (paper): SFT > 10°, OPD ≈ 1°, RLVR < 0.5°. Angles mean something only where σ_k/σ_{k+1}
         (``spectral_gap``, see ``matrix_pair_metrics``) is clearly above 1.
     """
@@ -64,15 +52,14 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -
         return dispatch_compare(base, ft, ["principal_overlap"], k=k, side=side)
     k = _check_k(k)
     _check_side(side)
-    b, f = check_pair(base, ft, matrix=True, what="principal_angles")
-    d0, d1 = decompose(b), decompose(f)
-    theta, k_eff = _angles(b, f, d0, d1, k, side)
-    if k_eff == 0:
+    b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what="principal_angles"))
+    g = pair_geometry(b, f, k=k, sides=(side,))
+    if g.k == 0:
         raise WeightgeoError(
-            f"principal_angles: numerical rank 0 (base rank {int(d0.rank())}, ft rank {int(d1.rank())}, "
+            f"principal_angles: numerical rank 0 (base rank {int(g.rank0)}, ft rank {int(g.rank1)}, "
             f"shape {tuple(b.shape)}): a zero matrix has no singular subspace"
         )
-    return torch.rad2deg(theta)
+    return _angles_deg(g, side)
 
 
 def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right") -> float:

@@ -1,0 +1,287 @@
+"""Randomized SVD: weightgeo vs torch.svd_lowrank vs scikit-learn, timed in one process.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_rsvd.py            # everything
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_rsvd.py --quick    # no Llama-7B shapes
+    ... --shapes 896x896,4864x896 --k 16 --spectra power --no-qwen --markdown /tmp/rows.md
+
+Needs scikit-learn (``pip install -e .[bench]``). Unset OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: some
+images set them and they change numpy/scipy's OpenBLAS kernels (hence sklearn's timings).
+
+Test matrices are A = U diag(σ) Vᵀ with Haar-random U, V (float32) and a known spectrum, so the exact
+top-k is known without an exact SVD: ``power`` σᵢ = i^-0.5; ``rank16`` 16 values from 10 down to
+2.14 over a Marchenko–Pastur-like tail starting at 1 (σ16/σ17 = 2.14, flat beyond).
+
+Methods, all at the SAME total sketch width q = k + p (p = 10) and 2 power iterations unless named:
+  lowrank   torch.svd_lowrank(A, q=k+10, niter=2)           (global RNG seeded per run)
+  wg32      weightgeo.randomized_svd(A, k, n_iter=2, oversample=10)                  fp32 passes
+  wgbf16    ... pass_dtype=torch.bfloat16 (A cast to bf16 inside, timed)             bf16 passes
+  sk2       sklearn randomized_svd(n_components=k, n_oversamples=10, n_iter=2)
+  skauto    sklearn ... n_iter='auto' (7 when k < 0.1·min(m, n), else 4)
+  wgacc     weightgeo "accurate": n_iter=5, default oversample p = k (10 ≤ p ≤ 64), fp32 passes
+Each is warmed up once, then timed on seeds 0..4 (median time; the minimum is shown in parentheses,
+useful on a loaded machine); accuracy numbers are medians over seeds 0..10 (two HMT variants at the
+same q and p have the same error distribution, so 5 seeds decide "≤ 1.1×" mostly by luck): max relative error of the top-k σ, largest principal angle (degrees) between the
+computed and exact top-k left subspaces, captured energy ‖ÛᵀA‖²_F / Σ_{i≤k} σᵢ².
+
+Targets (issue 3): wg32 ≤ 0.75× lowrank time with σ error ≤ 1.1× lowrank's; wgbf16 ≤ 0.5× lowrank;
+wg32 ≤ 0.6× sk2; wgacc ≤ 0.4× skauto at equal or better σ error; all linear weights of
+Qwen2.5-0.5B at k=16 in ≤ 1 s. σ errors below 2e-6 (the float32 rounding of A) count as equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import machine_line, markdown_table, median_time  # noqa: E402
+
+from weightgeo.linalg.rsvd import ACCURATE_N_ITER, randomized_svd  # noqa: E402
+
+ALL_SHAPES = [(128, 896), (896, 896), (4864, 896), (2048, 1024), (3072, 1024), (4096, 4096), (11008, 4096)]
+LLAMA7B = {(4096, 4096), (11008, 4096)}
+P = 10  # oversampling shared with svd_lowrank / sklearn for the ratio targets
+ACCURATE = dict(n_iter=ACCURATE_N_ITER)  # 5, + default oversample (p = k, 10..64)
+ERR_FLOOR = 2e-6  # σ errors below this are float32 rounding of A: equal
+
+QWEN05 = {  # all linear weights of Qwen2.5-0.5B, stacked by shape: (count, m, n)
+    "q_proj+o_proj": (48, 896, 896),
+    "k_proj+v_proj": (48, 128, 896),
+    "gate_proj+up_proj": (48, 4864, 896),
+    "down_proj": (24, 896, 4864),
+}
+
+
+# ---- test matrices with a known SVD -----------------------------------------------------------
+def spectrum(kind: str, p: int) -> torch.Tensor:
+    i = torch.arange(1, p + 1, dtype=torch.float64)
+    if kind == "power":
+        return i**-0.5
+    if kind == "rank16":
+        s = torch.sqrt(torch.clamp(1 - (i - 17) / p, min=0.0))
+        s[:16] = torch.from_numpy(np.geomspace(10.0, 2.14, 16))
+        return s
+    raise SystemExit(f"unknown spectrum {kind!r}: use power or rank16")
+
+
+def make_matrix(m: int, n: int, kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, p, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, p, generator=g)).Q
+    s = spectrum(kind, p)
+    A = (U * s.float()) @ V.mT
+    return A.contiguous(), s, U
+
+
+def accuracy(Uh, Sh, A: torch.Tensor, s: torch.Tensor, U: torch.Tensor, k: int) -> tuple[float, float, float]:
+    Uh = torch.as_tensor(np.ascontiguousarray(Uh) if isinstance(Uh, np.ndarray) else Uh)[:, :k].double()
+    Sh = torch.as_tensor(np.asarray(Sh) if isinstance(Sh, np.ndarray) else Sh)[:k].double()
+    err = float(((Sh - s[:k]).abs() / s[:k]).max())
+    Uk = U[:, :k].double()
+    Q = torch.linalg.qr(Uh).Q
+    sin = float(torch.linalg.matrix_norm(Q - Uk @ (Uk.mT @ Q), ord=2).clamp(max=1.0))
+    angle = math.degrees(math.asin(sin))
+    energy = float(torch.linalg.matrix_norm(Q.float().mT @ A).double() ** 2 / (s[:k] ** 2).sum())
+    return err, angle, energy
+
+
+# ---- one case -----------------------------------------------------------------------------------
+def methods(k: int, with_sklearn: bool):
+    out = {
+        "lowrank": lambda A, sd: _lowrank(A, k, sd),
+        "wg32": lambda A, sd: randomized_svd(A, k, n_iter=2, oversample=P, seed=sd)[:2],
+        "wgbf16": lambda A, sd: randomized_svd(A, k, n_iter=2, oversample=P, seed=sd, pass_dtype=torch.bfloat16)[:2],
+        "wgacc": lambda A, sd: randomized_svd(A, k, seed=sd, **ACCURATE)[:2],
+    }
+    if with_sklearn:
+        from sklearn.utils.extmath import randomized_svd as sk_rsvd
+
+        def sk(A, sd, n_iter):
+            U, S, _ = sk_rsvd(A.numpy(), k, n_oversamples=P, n_iter=n_iter, random_state=sd)
+            return U, S
+
+        out["sk2"] = lambda A, sd: sk(A, sd, 2)
+        out["skauto"] = lambda A, sd: sk(A, sd, "auto")
+    return out
+
+
+def _lowrank(A: torch.Tensor, k: int, seed: int):
+    torch.manual_seed(seed)
+    U, S, _ = torch.svd_lowrank(A, q=k + P, niter=2)
+    return U, S
+
+
+def run_case(A, s, U, k, repeats, acc_seeds, with_sklearn):
+    res = {}
+    for name, fn in methods(k, with_sklearn).items():
+        time.sleep(0.05)  # let the previous method's BLAS worker threads go idle
+        t, ts, outs = median_time(lambda sd: fn(A, sd if sd >= 0 else 1000 - sd), repeats=repeats)
+        outs += [fn(A, sd) for sd in range(repeats, max(repeats, acc_seeds))]  # untimed, accuracy only
+        accs = np.array([accuracy(o[0], o[1], A, s, U, k) for o in outs])
+        res[name] = (t, *np.median(accs, axis=0), min(ts))  # median s, σ err, angle, energy, min s
+    return res
+
+
+def fmt_ms(t: float) -> str:
+    return f"{t * 1e3:.3g}" if t < 0.1 else f"{t * 1e3:.0f}"
+
+
+def le_err(a: float, b: float, factor: float) -> bool:
+    return a <= max(factor * b, ERR_FLOOR)
+
+
+# ---- whole model --------------------------------------------------------------------------------
+def run_qwen(repeats: int, k: int = 16):
+    g = torch.Generator().manual_seed(0)
+    bf = {name: (0.02 * torch.randn(c, m, n, generator=g)).to(torch.bfloat16) for name, (c, m, n) in QWEN05.items()}
+    f32 = {name: w.float() for name, w in bf.items()}
+    n_params = sum(w.numel() for w in bf.values())
+
+    def all_weights(stacks, **kw):
+        return lambda sd: [randomized_svd(w, k, seed=sd, **kw)[1] for w in stacks.values()]
+
+    def lowrank(sd):
+        torch.manual_seed(sd)
+        return [torch.svd_lowrank(w, q=k + P, niter=2)[1] for w in f32.values()]
+
+    runs = {
+        "weightgeo fp32 passes, fp32 weights (p=10)": all_weights(f32, oversample=P),
+        "weightgeo fp32 passes, bf16 weights (p=10)": all_weights(bf, oversample=P),
+        "weightgeo bf16 passes, bf16 weights (p=10)": all_weights(bf, oversample=P, pass_dtype=torch.bfloat16),
+        "weightgeo default (q=2, p=k=16), bf16 weights, fp32 passes": all_weights(bf),
+        "weightgeo default (q=2, p=k=16), bf16 weights, bf16 passes": all_weights(bf, pass_dtype=torch.bfloat16),
+        "torch.svd_lowrank(q=26, niter=2), fp32 weights, batched": lowrank,
+    }
+    rows = []
+    for name, fn in runs.items():
+        time.sleep(0.05)
+        t, ts, _ = median_time(fn, repeats=repeats)
+        rows.append((name, t, min(ts), max(ts)))
+        print(f"  {name:62s} {t:7.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})", flush=True)
+    return n_params, rows
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the Llama-7B shapes 4096x4096 and 11008x4096")
+    ap.add_argument("--shapes", help="comma-separated MxN list (default: all seven)")
+    ap.add_argument("--k", default="16,64", help="comma-separated k values (default 16,64)")
+    ap.add_argument("--spectra", default="power,rank16", help="power,rank16")
+    ap.add_argument("--repeats", type=int, default=5, help="timed seeded runs per method (median reported)")
+    ap.add_argument("--acc-seeds", type=int, default=11,
+                    help="seeds for the accuracy medians (the timed runs plus untimed ones; default 11)")
+    ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--no-qwen", action="store_true", help="skip the all-linear-weights-of-Qwen2.5-0.5B run")
+    ap.add_argument("--qwen-only", action="store_true")
+    ap.add_argument("--markdown", help="also write the markdown rows to this file")
+    a = ap.parse_args(argv)
+
+    if a.shapes:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in a.shapes.split(",")]
+    else:
+        shapes = [s for s in ALL_SHAPES if not (a.quick and s in LLAMA7B)]
+    ks = [int(x) for x in a.k.split(",")]
+    spectra = a.spectra.split(",")
+    with_sk = not a.no_sklearn
+    if with_sk:
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            print("scikit-learn not installed (pip install -e .[bench]); running without it", file=sys.stderr)
+            with_sk = False
+
+    envs = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    if envs:
+        print(f"warning: {', '.join(envs)} set; run with env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE", file=sys.stderr)
+    command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_rsvd.py " + " ".join(
+        shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])
+    )
+    head = [
+        f"- machine: {machine_line()}",
+        f"- command: `{command.strip()}`",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; times: medians of {a.repeats} seeded runs after a "
+        f"warm-up; accuracy: medians over {max(a.repeats, a.acc_seeds)} seeds",
+    ]
+    print("\n".join(head), flush=True)
+
+    case_rows, ratio_rows, acc_rows = [], [], []
+    names = ["lowrank", "wg32", "wgbf16", "wgacc"] + (["sk2", "skauto"] if with_sk else [])
+    tally = {"T1": [0, 0], "T2": [0, 0], "T3": [0, 0], "T4": [0, 0]}
+    for m, n in [] if a.qwen_only else shapes:
+        for kind in spectra:
+            A, s, U = make_matrix(m, n, kind)
+            for k in ks:
+                if k + P > min(m, n):
+                    continue
+                r = run_case(A, s, U, k, a.repeats, a.acc_seeds, with_sk)
+                exact = 2 * (k + P) >= min(m, n)
+                label = f"{m}×{n}" + (" (exact)" if exact else "")
+                case_rows.append([label, kind, k] + [f"{fmt_ms(r[x][0])} ({fmt_ms(r[x][4])})" for x in names])
+                acc_rows.append([f"{m}×{n}", kind, k] + ["%.1e / %.1f / %.4f" % r[x][1:4] for x in names])
+                lr = r["lowrank"]
+
+                def ratio(x, y):  # median ratio (min ratio)
+                    return r[x][0] / r[y][0], f"{r[x][0] / r[y][0]:.2f} ({r[x][4] / r[y][4]:.2f})"
+
+                t1, s1 = ratio("wg32", "lowrank")
+                e1 = le_err(r["wg32"][1], lr[1], 1.1)
+                t2, s2 = ratio("wgbf16", "lowrank")
+                row = [f"{m}×{n}", kind, k, s1, "yes" if e1 else "no", s2]
+                ok1, ok2 = t1 <= 0.75 and e1, t2 <= 0.5
+                tally["T1"][0] += ok1
+                tally["T2"][0] += ok2
+                tally["T1"][1] += 1
+                tally["T2"][1] += 1
+                if with_sk:
+                    t3, s3 = ratio("wg32", "sk2")
+                    _, s3b = ratio("wgbf16", "sk2")
+                    t4, s4 = ratio("wgacc", "skauto")
+                    e4 = le_err(r["wgacc"][1], r["skauto"][1], 1.0)
+                    ok3, ok4 = t3 <= 0.6, t4 <= 0.4 and e4
+                    tally["T3"][0] += ok3
+                    tally["T4"][0] += ok4
+                    tally["T3"][1] += 1
+                    tally["T4"][1] += 1
+                    row += [s3, s3b, s4, "yes" if e4 else "no"]
+                row.append(" ".join(t for t, ok in [("T1", ok1), ("T2", ok2)] + (
+                    [("T3", ok3), ("T4", ok4)] if with_sk else []) if not ok) or "all met")
+                ratio_rows.append(row)
+                print(f"{m}×{n} {kind} k={k}: " + "  ".join(
+                    f"{x} {fmt_ms(r[x][0])} ms ({r[x][1]:.1e}, {r[x][2]:.1f}°, {r[x][3]:.4f})" for x in names), flush=True)
+
+    out = ["", *head, ""]
+    if case_rows:
+        out += ["Time, ms: median (min) of the seeded runs:", "", markdown_table(["m×n", "spectrum", "k"] + names, case_rows), ""]
+        out += ["Accuracy (max rel σ error / largest angle ° / captured energy):", "",
+                markdown_table(["m×n", "spectrum", "k"] + names, acc_rows), ""]
+        rh = ["m×n", "spectrum", "k", "wg32/lowrank (≤0.75)", "σ err ≤1.1×", "wgbf16/lowrank (≤0.5)"]
+        if with_sk:
+            rh += ["wg32/sk2 (≤0.6)", "wgbf16/sk2", "wgacc/skauto (≤0.4)", "σ err ≤ skauto"]
+        out += ["Ratios of medians (ratios of minima) vs targets; a target counts as met on the medians:", "", markdown_table(rh + ["missed"], ratio_rows), ""]
+        out += ["Targets met: " + ", ".join(f"{t} {a_}/{b}" for t, (a_, b) in tally.items() if b), ""]
+    if not a.no_qwen:
+        print("All linear weights of Qwen2.5-0.5B at k=16 (stacked by shape):", flush=True)
+        n_params, qrows = run_qwen(a.repeats)
+        out += [f"All linear weights of Qwen2.5-0.5B at k=16 ({n_params / 1e6:.0f} M params in 4 same-shape stacks; target ≤ 1 s):", "",
+                markdown_table(["method", "median s", "min s", "max s"],
+                               [[nm, f"{t:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for nm, t, lo, hi in qrows]), ""]
+    out.append("load average at the end: %.1f/%.1f/%.1f" % os.getloadavg())
+    text = "\n".join(out)
+    print(text)
+    if a.markdown:
+        Path(a.markdown).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
