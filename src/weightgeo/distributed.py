@@ -8,6 +8,7 @@ everything runs in-process with world size 1.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import os
 from dataclasses import dataclass
@@ -68,7 +69,18 @@ def current_world(device: torch.device | None = None) -> World:
     except (RuntimeError, ValueError) as e:
         raise WeightgeoError(f"could not join the torch.distributed group (WORLD_SIZE={size}, backend "
                              f"{backend}): {e}; launch with torchrun --nproc-per-node N") from e
+    # We created the group, so we tear it down: a gloo group left to interpreter shutdown can abort the
+    # process ("terminate called without an active exception") and torchrun then reports a failed rank.
+    atexit.register(_shutdown)
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def balanced_shards(weights: Sequence[int], size: int) -> list[list[int]]:
