@@ -10,7 +10,6 @@ fast-decaying spectrum, stable rank ≈ 5–20). Prints markdown tables for BENC
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time

@@ -49,11 +49,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from .checkpoint import canonical_name, compile_filter, module_type
+from .checkpoint import canonical_name, compile_filter
 from .devices import resolve_device
 from .errors import WeightgeoError
 from .metrics.trajectory import (Spectrum, _check_k, _sim, assemble, build_locking, matrix_seed,

@@ -114,3 +114,11 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any], dict[s
             raise WeightgeoError(f"{index_path}: bad tensor name {name!r} in weight_map; {_FIX}")
     shards = {s: shard_path(index_path, safe_shard_name(index_path, s)) for s in dict.fromkeys(wm.values())}
     return dict(wm), meta, shards
+
+
+def file_list(files: Any, what: str) -> tuple[list[Path], str]:
+    """The weight files a checkpoint class was given (one path or several) and the default source text."""
+    paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
+    if not paths:
+        raise WeightgeoError(f"{what} needs at least one weight file")
+    return paths, str(paths[0]) if len(paths) == 1 else str(paths[0].parent)

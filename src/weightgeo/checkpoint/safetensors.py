@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import WeightgeoError
-from ._files import read_index
+from ._files import file_list, read_index
 from .base import Checkpoint, TensorInfo
 
 __all__ = ["SafetensorsCheckpoint", "read_header", "SAFETENSORS_DTYPES"]
@@ -186,11 +186,9 @@ class SafetensorsCheckpoint(Checkpoint):
                  weight_map: Mapping[str, str] | None = None, source: str | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
-        if not paths:
-            raise WeightgeoError("SafetensorsCheckpoint needs at least one .safetensors file")
+        paths, default_source = file_list(files, "SafetensorsCheckpoint")
         self.files = paths
-        self.source = source or (str(paths[0]) if len(paths) == 1 else str(paths[0].parent))
+        self.source = source or default_source
         self.config = dict(config or {})
         self.metadata: dict[str, str] = {}
         self._entries: dict[str, _Entry] = {}

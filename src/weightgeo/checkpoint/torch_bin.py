@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import WeightgeoError
-from ._files import read_index
+from ._files import file_list, read_index
 from .base import Checkpoint, TensorInfo
 
 __all__ = ["TorchBinCheckpoint", "load_state_file"]
@@ -89,11 +89,9 @@ class TorchBinCheckpoint(Checkpoint):
                  weight_map: Mapping[str, str] | None = None, source: str | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
-        if not paths:
-            raise WeightgeoError("TorchBinCheckpoint needs at least one .bin/.pt file")
+        paths, default_source = file_list(files, "TorchBinCheckpoint")
         self.files = paths
-        self.source = source or (str(paths[0]) if len(paths) == 1 else str(paths[0].parent))
+        self.source = source or default_source
         self.config = dict(config or {})
         self._weight_map = dict(weight_map) if weight_map is not None else None
         self._owner: dict[str, int] | None = None

@@ -242,7 +242,7 @@ def pair_geometry(
             raise WeightgeoError(f"pair_geometry: delta has shape {tuple(delta.shape)}, expected {base.shape}")
     m, n = A0.shape[-2:]
     f64 = torch.float64
-    lam, V, Vc = base.lam, base.V, base.V_c
+    lam, Vc = base.lam, base.V_c
 
     # Which side of the tall matrix is asked for: small = right of tall = V side.
     want_small = ("right" in sides and not base.transposed) or ("left" in sides and base.transposed)

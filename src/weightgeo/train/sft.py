@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-import torch
 
 from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, lr_at, make_optimizer,
                    set_threads, step_generator)
