@@ -50,3 +50,24 @@ def test_console_entry_point_runs_as_module(tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert "update_sparsity" in proc.stdout
+
+
+def test_trajectory_prints_curves_and_onset_and_draws(tmp_path, capsys):
+    import torch
+
+    base = tiny_llama_state(num_layers=1, hidden=16, intermediate=32, vocab=20, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    direction = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for step in (0, 10, 20, 30):
+        write_hf_checkpoint(tmp_path / "run" / f"checkpoint-{step}",
+                            {k: v + 1e-2 * step * direction[k] for k, v in base.items()})
+    out, fig = tmp_path / "traj.json", tmp_path / "traj.png"
+    assert main(["trajectory", str(tmp_path / "run"), "--include", "attention", "--k", "4", "--no-progress",
+                 "--out", str(out), "--plot", str(fig)]) == 0
+    text = capsys.readouterr().out
+    # A straight-line update keeps one direction: locked from the first checkpoint after the base.
+    assert "locking onset (Sim_4 >= 0.9 from then on): step 10" in text
+    data = json.loads(out.read_text())
+    assert {r["step"] for r in data["rows"]} == {10, 20, 30}
+    assert {r["module"] for r in data["rows"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert fig.stat().st_size > 10_000

@@ -92,18 +92,18 @@ def _run(args: argparse.Namespace) -> int:
         _emit(report, args)
         return 0
     if args.command == "trajectory":
-        if not hasattr(weightgeo, "rank_curve"):
-            raise WeightgeoError("trajectory diagnostics are not available in this build")
         report = weightgeo.rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
-                                      exclude=_filters(args.exclude), hill_k=args.hill_k, device=args.device)
-        onset = weightgeo.locking_onset(args.run_dir, base=args.base, k=args.k, threshold=args.threshold,
-                                        include=_filters(args.include), exclude=_filters(args.exclude))
+                                      exclude=_filters(args.exclude), hill_k=args.hill_k, k=args.k,
+                                      device=args.device, progress=not args.no_progress)
+        onset = weightgeo.locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
         report.summary["locking_onset"] = onset.step
         report.summary["mean_similarity"] = onset.mean_similarity
         _emit(report, args)
         print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
         if args.plot is not None:
-            report.plot(args.plot)
+            from .plot import plot_trajectories
+
+            plot_trajectories({Path(args.run_dir).name: report}, args.plot, locking={Path(args.run_dir).name: onset})
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands

@@ -16,7 +16,7 @@ from .errors import WeightgeoError
 __all__ = ["Report", "summarize_rows"]
 
 # Columns shown first in tables, in this order, when present.
-_LEAD_COLUMNS = ("step", "name", "shape", "numel", "module", "layer")
+_LEAD_COLUMNS = ("group", "step", "name", "shape", "numel", "module", "layer")
 # Row keys that are identifiers or bookkeeping, not metric values to average.
 _NOT_METRICS = frozenset({"step", "name", "base_name", "ft_name", "shape", "numel", "module", "layer",
                           "dtype", "rows_compared", "rows_added", "k_effective"})
@@ -236,9 +236,10 @@ class Report:
         for k, v in self.summary.items():
             if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
                 lines.append(f"{k}:")
-                sub = Report(rows=[{"group": g, **{m: x for m, x in vals.items() if not m.startswith("n_")
-                                                   or m == "n_tensors"}} for g, vals in v.items()],
-                             summary={})
+                sub = Report(rows=[{"group": g, **{m: x for m, x in vals.items()
+                                                   if not isinstance(x, (dict, list))
+                                                   and (not m.startswith("n_") or m == "n_tensors")}}
+                                   for g, vals in v.items()], summary={})
                 lines += ["  " + line for line in sub.table().splitlines()]
         skipped, unmatched = self.skipped, self.unmatched
         if skipped:
