@@ -112,7 +112,8 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any], dict[s
     for name in wm:
         if not isinstance(name, str) or not name:
             raise WeightgeoError(f"{index_path}: bad tensor name {name!r} in weight_map; {_FIX}")
-    shards = {s: shard_path(index_path, safe_shard_name(index_path, s)) for s in dict.fromkeys(wm.values())}
+    names = [safe_shard_name(index_path, s) for s in wm.values()]  # type-checks before hashing (lists, None)
+    shards = {s: shard_path(index_path, s) for s in dict.fromkeys(names)}
     return dict(wm), meta, shards
 
 
