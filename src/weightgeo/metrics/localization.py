@@ -63,11 +63,13 @@ def _select(x: torch.Tensor, count: int, *, largest: bool) -> torch.Tensor:
     if count >= n:
         return torch.ones(n, dtype=torch.bool, device=x.device)
     t = torch.kthvalue(x, n - count + 1 if largest else count).values
-    strict = x > t if largest else x < t
-    need = count - int(strict.sum())
-    eq = x == t
-    idx = torch.int32 if n < 2**31 else torch.int64
-    return strict | (eq & (torch.cumsum(eq, 0, dtype=idx) <= need))
+    mask = x > t if largest else x < t
+    need = count - int(torch.count_nonzero(mask))
+    # Ties at the threshold go to the lowest flat indices; indexing only the tied entries keeps the extra
+    # memory at the size of the tie set, not an index per entry (embeddings have 1e8+ entries).
+    ties = torch.nonzero(x == t).reshape(-1)[:need]
+    mask[ties] = True
+    return mask
 
 
 def _check_loc_args(rank: int, alpha: float) -> tuple[int, float]:
@@ -92,10 +94,10 @@ def _localization(
     r = min(rank, *b.shape)
     A = base.A  # W0 oriented tall, compute dtype: |A V_r V_rᵀ|, transposed back to [out, in] order
     Q = base.V_c[..., :r]
-    recon = (A @ Q) @ Q.mT
+    recon = ((A @ Q) @ Q.mT).abs_()
     if base.transposed:
         recon = recon.mT
-    m_princ = _select(recon.abs().reshape(-1), count, largest=True)
+    m_princ = _select(recon.reshape(-1), count, largest=True)
     del recon
     m_low = _select((A.mT if base.transposed else A).abs().reshape(-1), count, largest=False)
     if n_upd:

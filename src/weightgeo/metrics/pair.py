@@ -97,11 +97,12 @@ def matrix_pair_metrics(
         if nss:
             out["spectral_drift"] = float(g.nss)
         del g
+    if srank:
+        sr, fro = _stable_rank(delta)  # type: ignore[arg-type]
+        out.update(stable_rank=sr, delta_frobenius=fro)
+    del delta  # localization's temporaries are the largest; do not hold ΔW alongside them
     if loc:
         res = _localization(b, f, base, rank=rank, alpha=alpha, eta=eta)  # type: ignore[arg-type]
         out.update(density=res.density, principal_mask_overlap=res.principal_overlap,
                    low_magnitude_overlap=res.low_magnitude_overlap)
-    if srank:
-        sr, fro = _stable_rank(delta)  # type: ignore[arg-type]
-        out.update(stable_rank=sr, delta_frobenius=fro)
     return out
