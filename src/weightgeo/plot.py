@@ -38,6 +38,15 @@ def _save(fig, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _finish(fig, axes, title: str | None, path: str | os.PathLike[str]) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _kind(report) -> str:
     kind = report.meta.get("kind")
     if kind:
@@ -95,12 +104,7 @@ def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], 
     axes[2].set_xticks([i + width * (len(reports) - 1) / 2 for i in range(len(keys))],
                        ["update\ndensity", "principal-mask\noverlap", "low-magnitude\noverlap"])
     axes[2].set(title="update localization (Fig. 3)", ylabel="%")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, axes, title, path)
 
 
 def _by_step(report, key: str) -> tuple[list[float], list[float]]:
@@ -166,9 +170,4 @@ def plot_trajectories(reports: Mapping[str, Any], path: str | os.PathLike[str], 
             ax.axhline(thr, color="gray", ls="--", lw=1, label=f"threshold {thr:g}")
         k = next((getattr(r, "k", None) for r in locking.values()), None)
         ax.set(title=f"Sim_{k or 'K'}(t, t_end) (Fig. 5)", xlabel=xlabel, ylim=(0, 1.02))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, axes, title, path)
