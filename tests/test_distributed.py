@@ -59,3 +59,34 @@ def test_two_gloo_ranks_give_the_single_process_report(tmp_path):
     shares = [set(r["tensors"]) for r in dist["meta"]["ranks"]]
     assert len(shares) == 2 and not shares[0] & shares[1]
     assert shares[0] | shares[1] == {r["name"] for r in single.rows}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_rank_curve_under_two_ranks_equals_single_process(tmp_path):
+    base = tiny_llama_state(num_layers=2, hidden=32, intermediate=64, vocab=40, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    direction = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for step in (0, 10, 20):
+        write_hf_checkpoint(tmp_path / "run" / f"checkpoint-{step}",
+                            {k: v + 1e-2 * step * direction[k] for k, v in base.items()})
+    script = tmp_path / "traj.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, weightgeo
+        r = weightgeo.rank_curve({str(tmp_path / "run")!r}, include="linear", k=4, hill_k=3)
+        if int(os.environ["RANK"]) == 0:
+            r.to_json({str(tmp_path / "traj.json")!r})
+    """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29518", str(script)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist = json.loads((tmp_path / "traj.json").read_text())
+    single = weightgeo.rank_curve(tmp_path / "run", include="linear", k=4, hill_k=3)
+    assert dist["meta"]["world_size"] == 2
+    shares = [set(r["matrices"]) for r in dist["meta"]["ranks"]]
+    assert not shares[0] & shares[1] and shares[0] and shares[1]
+    assert [(r["step"], r["name"]) for r in dist["rows"]] == [(r["step"], r["name"]) for r in single.rows]
+    for x, y in zip(dist["rows"], single.rows):
+        for key in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (y["name"], key)

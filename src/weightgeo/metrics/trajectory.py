@@ -348,6 +348,7 @@ def trajectory_summary(rows: list[dict[str, Any]], steps: Sequence[int], sims: d
 def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: Any, r: int, k: int,
                  device: Any, seed: int, progress: bool):
     from ..devices import resolve_device
+    from ..distributed import balanced_shards, current_world
     from ..stream import StreamReader, open_stream
 
     s = open_stream(stream, base=base, steps=steps)
@@ -355,8 +356,13 @@ def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: A
     t0 = time.perf_counter()
     records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
     with StreamReader.open(s, include=include, exclude=exclude) as reader:
-        plan = reader.plan
-        if progress:
+        # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
+        # gathered below so every rank returns the single-process result.
+        world = current_world(dev)
+        full_plan = list(reader.plan)
+        shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
+        plan = [full_plan[i] for i in sorted(shards[world.rank])]
+        if progress and world.is_main:
             from tqdm.auto import tqdm
 
             plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
@@ -385,10 +391,14 @@ def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: A
                     flush()
             flush()
             records[entry.key] = (entry.shape, out)
+        parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records})
+        merged = {key: rec for part in parts for key, rec in part["records"].items()}
+        records = {e.key: merged[e.key] for e in full_plan if e.key in merged}
         meta = {"kind": "trajectory", "stream": s.origin, "base": reader.base.source, "base_step": s.base_step,
                 "steps": list(s.steps), "device": str(dev), "seed": seed, "include": include, "exclude": exclude,
                 "skipped": list(reader.skipped), "unmatched": reader.unmatched,
-                "torch_version": torch.__version__}
+                "torch_version": torch.__version__, "world_size": world.size,
+                "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return s, records, meta
 
