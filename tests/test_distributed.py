@@ -16,6 +16,24 @@ from weightgeo.distributed import balanced_shards
 from factories import tiny_llama_state, write_hf_checkpoint
 
 
+def _torchrun_report(tmp_path, call: str, *, port: int) -> dict:
+    """Run ``r = <call>`` in 2 gloo processes under torchrun; return rank 0's report JSON."""
+    out = tmp_path / f"report-{port}.json"
+    script = tmp_path / f"run-{port}.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, weightgeo
+        r = {call}
+        if int(os.environ["RANK"]) == 0:
+            r.to_json({str(out)!r})
+    """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(port), str(script)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_balanced_shards_cover_everything_once_and_balance_load():
     weights = [100, 7, 50, 50, 3, 99, 1, 2]
     shards = balanced_shards(weights, 3)
@@ -31,19 +49,8 @@ def test_two_gloo_ranks_give_the_single_process_report(tmp_path):
     g = torch.Generator().manual_seed(3)
     ft = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
     b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, os, weightgeo
-        r = weightgeo.compare({str(b)!r}, {str(f)!r}, k=8, rank=4, progress=False)
-        if int(os.environ["RANK"]) == 0:
-            r.to_json({str(tmp_path / "dist.json")!r})
-    """))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", str(script)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dist = json.loads((tmp_path / "dist.json").read_text())
+    dist = _torchrun_report(tmp_path, f"weightgeo.compare({str(b)!r}, {str(f)!r}, k=8, rank=4, progress=False)",
+                            port=29517)
     single = weightgeo.compare(b, f, k=8, rank=4, progress=False)
     assert dist["meta"]["world_size"] == 2
     assert [r["name"] for r in dist["rows"]] == [r["name"] for r in single.rows]
@@ -69,19 +76,8 @@ def test_rank_curve_under_two_ranks_equals_single_process(tmp_path):
     for step in (0, 10, 20):
         write_hf_checkpoint(tmp_path / "run" / f"checkpoint-{step}",
                             {k: v + 1e-2 * step * direction[k] for k, v in base.items()})
-    script = tmp_path / "traj.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, weightgeo
-        r = weightgeo.rank_curve({str(tmp_path / "run")!r}, include="linear", k=4, hill_k=3)
-        if int(os.environ["RANK"]) == 0:
-            r.to_json({str(tmp_path / "traj.json")!r})
-    """))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29518", str(script)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dist = json.loads((tmp_path / "traj.json").read_text())
+    dist = _torchrun_report(tmp_path, f"weightgeo.rank_curve({str(tmp_path / 'run')!r}, include='linear', k=4, "
+                                      f"hill_k=3)", port=29518)
     single = weightgeo.rank_curve(tmp_path / "run", include="linear", k=4, hill_k=3)
     assert dist["meta"]["world_size"] == 2
     shares = [set(r["matrices"]) for r in dist["meta"]["ranks"]]
