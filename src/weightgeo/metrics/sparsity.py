@@ -37,29 +37,12 @@ def _check_eta(eta: float) -> float:
     return eta
 
 
-# Exponent bits of the 16-bit floats: all ones means Inf or NaN. Testing bits is several times faster than
-# torch.isfinite on bf16 (which converts), and this check runs over every entry of the checkpoint.
-_EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    mask = _EXPONENT_MASK.get(x.dtype)
-    if mask is None:
-        return bool(torch.isfinite(x).all())
-    return x.numel() == 0 or int((x.view(torch.int16) & mask).max()) < mask
-
-
-def _require_finite(x: torch.Tensor, name: str) -> None:
-    if not _all_finite(x):
-        check_finite(x, name)  # counts the bad entries for the message and raises
-
-
 def _checked_bf16(w0: torch.Tensor, w1: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Both sides rounded to bf16 (no copy when stored so), after checking they are finite."""
     b0, b1 = (w if w.dtype == torch.bfloat16 else w.to(torch.float32).to(torch.bfloat16) for w in (w0, w1))
     pre = f"{name}: " if name else ""
-    _require_finite(b0, f"{pre}base (as bf16)")
-    _require_finite(b1, f"{pre}ft (as bf16)")
+    check_finite(b0, f"{pre}base (as bf16)")
+    check_finite(b1, f"{pre}ft (as bf16)")
     return b0, b1
 
 
