@@ -150,3 +150,61 @@ def test_lora_adapter_against_its_base(tmp_path):
     q = r["layers.0.self_attn.q_proj.weight"]
     assert q["update_sparsity"] < 0.5 and 1.0 <= q["stable_rank"] <= 2.0 + 1e-4
     assert r["layers.0.self_attn.k_proj.weight"]["update_sparsity"] == 1.0
+
+
+def _rows_by_name(report):
+    return {row["name"]: row for row in report.rows}
+
+
+@pytest.mark.parametrize("batch_bytes", [1 << 14, 1 << 30])
+def test_shape_groups_equal_one_matrix_at_a_time(pair, batch_bytes):
+    """Batched shape groups (small budget: several groups per shape; large: one per shape) give the rows of
+    the one-matrix-at-a-time engine."""
+    _, _, b, f = pair
+    single = _rows_by_name(weightgeo.compare(b, f, k=8, rank=4, progress=False, batch_bytes=0))
+    grouped = _rows_by_name(weightgeo.compare(b, f, k=8, rank=4, progress=False, batch_bytes=batch_bytes))
+    assert grouped.keys() == single.keys()
+    for name, row in single.items():
+        assert grouped[name].keys() == row.keys(), name
+        for key, val in row.items():
+            if isinstance(val, float) and not math.isnan(val):
+                assert grouped[name][key] == pytest.approx(val, rel=1e-6, abs=1e-9), (name, key)
+            elif isinstance(val, float):
+                assert math.isnan(grouped[name][key]), (name, key)
+            else:
+                assert grouped[name][key] == val, (name, key)
+
+
+def test_group_with_a_rank_deficient_member_keeps_per_matrix_k(tmp_path):
+    """One q_proj of rank 3 among full-rank ones: its k is capped, the others keep k = 8 (as looped)."""
+    base = tiny_llama_state(num_layers=3, hidden=16, intermediate=32, vocab=40)
+    q1 = "model.layers.1.self_attn.q_proj.weight"
+    g = torch.Generator().manual_seed(5)
+    qs = [q1.replace(".1.", f".{i}.") for i in range(3)]
+    for name in qs:  # float32: a bf16-rounded low-rank matrix is numerically full rank
+        base[name] = base[name].float()
+    base[q1] = torch.randn(16, 3, generator=g) @ torch.randn(3, 16, generator=g)
+    ft = _perturb(base, skip=(q1,))
+    ft[q1] = base[q1] * 1.01
+    b = write_hf_checkpoint(tmp_path / "b", base)
+    f = write_hf_checkpoint(tmp_path / "f", ft)
+    rows = _rows_by_name(weightgeo.compare(b, f, k=8, progress=False, metrics="principal_overlap",
+                                           include=r"q_proj", batch_bytes=1 << 30))
+    key = q1.removeprefix("model.")  # report rows carry canonical names
+    assert rows[key]["k_effective"] == 3
+    assert rows[key.replace(".1.", ".0.")]["k_effective"] == 8
+    assert rows[key.replace(".1.", ".2.")]["k_effective"] == 8
+
+
+def test_batched_pair_metrics_equal_the_loop(gen):
+    from weightgeo.metrics.pair import PAIR_METRICS, batched_pair_metrics, matrix_pair_metrics
+
+    W0 = torch.randn(4, 24, 40, generator=gen).bfloat16()
+    W1 = (W0.float() + 1e-2 * torch.randn(4, 24, 40, generator=gen)).bfloat16()
+    opts = dict(k=6, side="right", rank=4, alpha=0.3, eta=1e-3)
+    together = batched_pair_metrics(W0, W1, metrics=frozenset(PAIR_METRICS), **opts)
+    for i in range(4):
+        alone = matrix_pair_metrics(W0[i], W1[i], metrics=frozenset(PAIR_METRICS), **opts)
+        assert together[i].keys() == alone.keys()
+        for key in alone:
+            assert together[i][key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key

@@ -18,8 +18,9 @@ from .checkpoint import Checkpoint, align, compile_filter, layer_index, module_t
 from .distributed import balanced_shards, current_world
 from .devices import resolve_device
 from .errors import WeightgeoError
-from .metrics.pair import ALL_METRICS, PAIR_METRICS, matrix_pair_metrics
+from .metrics.pair import ALL_METRICS, PAIR_METRICS, batched_pair_metrics
 from .metrics.sparsity import _unchanged_count
+from .readahead import ReadAhead
 from .report import Report, summarize_rows
 
 __all__ = ["compare", "resolve_metrics"]
@@ -40,6 +41,7 @@ _VOCAB_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings",
                             "tok_embeddings", "output"})
 # Elementwise work is done in row chunks of at most this many entries: bounded fp32 temporaries.
 _CHUNK_ELEMENTS = 1 << 22
+_AHEAD_CHUNKS = 2  # row chunks the reader thread may run ahead of the counting
 
 
 def resolve_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -80,7 +82,8 @@ class _Job:
 def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
             include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
             k: int = 512, side: str = "right", rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
-            device: str | torch.device | None = None, progress: bool = True) -> Report:
+            device: str | torch.device | None = None, progress: bool = True,
+            batch_bytes: int | None = None) -> Report:
     """Compare a fine-tuned checkpoint with its base in one streaming pass, tensor by tensor.
 
     >>> import torch, weightgeo
@@ -104,6 +107,10 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
             (paper §3.2, §3.1).
         device: where the linear algebra runs (``"cpu"``, ``"cuda"``); reading is always on CPU.
         progress: show a tqdm bar on stderr.
+        batch_bytes: memory budget of one shape group: same-shape matrices (``q_proj`` of every layer, ...)
+            are stacked into [B, out, in] batches whose estimated working set fits it, and the next group is
+            read in the background while one is computed. Default 256 MiB on CPU, a quarter of the free
+            memory on CUDA; ``0`` analyses one matrix at a time (lowest peak memory).
 
     Returns:
         :class:`~weightgeo.report.Report`: one row per analysed tensor (1-D tensors get only the elementwise
@@ -125,9 +132,13 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
         shards = balanced_shards([math.prod(j.shape) for j in jobs], world.size)
         mine = shards[world.rank]
         t_rank = time.perf_counter()
-        local = [(i, _run_job(b, f, jobs[i], chosen, pair_metrics, k=k, side=side, rank=rank, alpha=alpha,
-                              eta=eta, device=dev))
-                 for i in _progress(mine, progress and world.is_main, len(mine))]
+        bar = _progress(progress and world.is_main, len(mine))
+        try:
+            local = _analyse(b, f, jobs, mine, chosen, pair_metrics, batch_bytes=batch_bytes, device=dev, bar=bar,
+                             k=k, side=side, rank=rank, alpha=alpha, eta=eta)
+        finally:
+            if bar is not None:
+                bar.close()
         per_rank = world.gather({"rank": world.rank, "tensors": [jobs[i].key for i in mine],
                                   "seconds": round(time.perf_counter() - t_rank, 3), "rows": local})
     finally:
@@ -210,12 +221,12 @@ def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str,
                          f"one architecture, or exclude it with exclude={key!r}")
 
 
-def _progress(items: list[int], enabled: bool, total: int):
+def _progress(enabled: bool, total: int):
     if not enabled:
-        return items
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
+    return tqdm(desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
 
 
 def _read(ck: Checkpoint, name: str, rows: int) -> torch.Tensor:
@@ -225,34 +236,158 @@ def _read(ck: Checkpoint, name: str, rows: int) -> torch.Tensor:
     return ck.get(name)
 
 
-def _run_job(b: Checkpoint, f: Checkpoint, job: _Job, chosen: tuple[str, ...], pair_metrics: frozenset[str], *,
-             k: int, side: str, rank: int, alpha: float, eta: float, device: torch.device) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Group:
+    """Same-shape matrix jobs analysed as one [B, rows, cols] batch (indices into the plan's jobs)."""
+
+    members: tuple[int, ...]
+    nbytes: int  # bytes of both sides' stacked inputs, as stored
+
+
+def _member_cost(job: _Job, b: Checkpoint, f: Checkpoint) -> tuple[int, int]:
+    """(input bytes, working-set estimate) of one matrix in a batch: the stored inputs of both sides plus
+    about a dozen float64 small-side square matrices (Grams, eigenvectors, products); row-block temporaries
+    are bounded separately (linalg.pairwise)."""
+    cols = job.shape[1]
+    item = b.info(job.base_name).dtype.itemsize + f.info(job.ft_name).dtype.itemsize
+    inputs = job.rows * cols * item
+    p = min(job.rows, cols)
+    return inputs, inputs + 12 * 8 * p * p
+
+
+def _groups(jobs: Sequence[_Job], mine: Sequence[int], b: Checkpoint, f: Checkpoint, budget: int
+            ) -> list[_Group]:
+    """Pack this rank's matrix jobs into same-shape, same-dtype batches whose working set fits ``budget``."""
+    by_key: dict[tuple, list[int]] = {}
+    for i in mine:
+        j = jobs[i]
+        key = (j.rows, j.shape[1], b.info(j.base_name).dtype, f.info(j.ft_name).dtype)
+        by_key.setdefault(key, []).append(i)
+    groups: list[_Group] = []
+    for members in by_key.values():
+        inputs, cost = _member_cost(jobs[members[0]], b, f)
+        size = max(1, budget // max(cost, 1))
+        for s in range(0, len(members), size):
+            part = tuple(members[s:s + size])
+            groups.append(_Group(part, inputs * len(part)))
+    return sorted(groups, key=lambda g: g.members[0])
+
+
+def _default_batch_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(256 << 20, free // 4)
+    return 256 << 20
+
+
+def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[int], chosen: tuple[str, ...],
+             pair_metrics: frozenset[str], *, batch_bytes: int | None, device: torch.device, bar,
+             **opts: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Rows for this rank's jobs. Same-shape matrices are analysed in batches (shape groups); everything
+    else streams in row chunks. A background thread reads the next group or chunk while this one is
+    computed (:class:`~weightgeo.readahead.ReadAhead`)."""
+    budget = _default_batch_bytes(device) if batch_bytes is None else int(batch_bytes)
+    matrices = [i for i in mine if len(jobs[i].shape) == 2] if pair_metrics else []
+    groups = _groups(jobs, matrices, b, f, budget)
+    grouped = {i for g in groups for i in g.members}
+    chunked = [i for i in mine if i not in grouped]
+    units: list[tuple[int, Any]] = sorted([(g.members[0], g) for g in groups] + [(i, i) for i in chunked],
+                                          key=lambda u: u[0])
+    pin = device.type == "cuda"
+
+    def produce():
+        for _, unit in units:
+            if isinstance(unit, _Group):
+                yield unit.nbytes, (lambda g=unit: (g, _read_group(b, f, jobs, g, pin)))
+            else:
+                for s, e, nbytes in _chunk_spans(jobs[unit]):
+                    yield nbytes, (lambda i=unit, s=s, e=e: (i, (s, e, b.get_rows(jobs[i].base_name, s, e)
+                                                                 if jobs[i].shape else b.get(jobs[i].base_name),
+                                                                 f.get_rows(jobs[i].ft_name, s, e)
+                                                                 if jobs[i].shape else f.get(jobs[i].ft_name))))
+
+    out: list[tuple[int, dict[str, Any]]] = []
+    counts: dict[int, int] = {}
+    # Room for one group read ahead of the one being computed, or a few row chunks: never the budget itself
+    # for a chunk stream (the sparsity pass stays at a few tens of MB however large the checkpoint).
+    ahead_bytes = 2 * max((g.nbytes for g in groups), default=0) + _AHEAD_CHUNKS * 2 * 4 * _CHUNK_ELEMENTS
+    with ReadAhead(produce(), budget=ahead_bytes, background=b.pure_io and f.pure_io) as ahead:
+        for unit, data in ahead:
+            if isinstance(unit, _Group):
+                W0, W1 = data
+                rows = [_base_row(b, jobs[i]) for i in unit.members]
+                for row, i, w0, w1 in zip(rows, unit.members, W0, W1):
+                    unchanged = _chunked_unchanged(jobs[i].key, lambda s, e: (w0[s:e], w1[s:e]), jobs[i].rows,
+                                                   jobs[i].shape, opts["eta"])
+                    _finish_sparsity(row, jobs[i], unchanged, chosen)
+                try:
+                    found = batched_pair_metrics(W0.to(device, non_blocking=True), W1.to(device, non_blocking=True),
+                                                 metrics=pair_metrics, **opts)
+                except WeightgeoError as e:
+                    names = ", ".join(repr(jobs[i].key) for i in unit.members)
+                    raise WeightgeoError(f"tensor{'s' if len(unit.members) > 1 else ''} {names}: {e}") from e
+                for row, i, extra in zip(rows, unit.members, found):
+                    row.update(extra)
+                    out.append((i, row))
+                if bar is not None:
+                    bar.update(len(unit.members))
+            else:
+                s, e, c0, c1 = data
+                job = jobs[unit]
+                counts[unit] = counts.get(unit, 0) + _unchanged_count(c0, c1, opts["eta"],
+                                                                      name=f"{job.key} rows {s}:{e}")
+                if e >= job.rows:
+                    row = _base_row(b, job)
+                    _finish_sparsity(row, job, counts.pop(unit), chosen)
+                    out.append((unit, row))
+                    if bar is not None:
+                        bar.update(1)
+    return out
+
+
+def _read_group(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], g: _Group, pin: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides of a group stacked as stored ([B, rows, cols]), filled one member at a time."""
+    stacks = []
+    for ck, attr in ((b, "base_name"), (f, "ft_name")):
+        first = jobs[g.members[0]]
+        if len(g.members) == 1 and not pin:  # no stacking copy (an embedding is the largest single read)
+            stacks.append(_read(ck, getattr(first, attr), first.rows)[None])
+            continue
+        dtype = ck.info(getattr(first, attr)).dtype
+        W = torch.empty((len(g.members), first.rows, first.shape[1]), dtype=dtype, pin_memory=pin)
+        for slot, i in enumerate(g.members):
+            # A NumPy byte copy, not Tensor.copy_: no torch kernel (and no OpenMP team) in the reader thread.
+            W[slot].view(torch.uint8).numpy()[...] = _read(ck, getattr(jobs[i], attr), jobs[i].rows).view(
+                torch.uint8).numpy()
+        stacks.append(W)
+    return stacks[0], stacks[1]
+
+
+def _chunk_spans(job: _Job) -> list[tuple[int, int, int]]:
+    """Row spans ``(start, stop, bytes of both sides)`` of at most ``_CHUNK_ELEMENTS`` entries each."""
+    if not job.shape:
+        return [(0, 1, 16)]
+    row_len = math.prod(job.shape[1:])
+    step = max(1, _CHUNK_ELEMENTS // max(row_len, 1))
+    return [(s, min(job.rows, s + step), 2 * 4 * (min(job.rows, s + step) - s) * row_len)
+            for s in range(0, job.rows, step)] or [(0, 0, 0)]
+
+
+def _base_row(b: Checkpoint, job: _Job) -> dict[str, Any]:
     row: dict[str, Any] = {
         "name": job.key, "shape": job.shape, "numel": math.prod(job.shape), "module": module_type(job.key),
         "layer": layer_index(job.key), "dtype": str(b.info(job.base_name).dtype).replace("torch.", ""),
     }
     if job.rows_added:
         row["rows_compared"], row["rows_added"] = job.rows, job.rows_added
-    is_matrix = len(job.shape) == 2
-    need_full = is_matrix and bool(pair_metrics)
-    if need_full:
-        w0 = _read(b, job.base_name, job.rows)
-        w1 = _read(f, job.ft_name, job.rows)
-        unchanged = _chunked_unchanged(job.key, lambda s, e: (w0[s:e], w1[s:e]), job.rows, job.shape, eta)
-    else:
-        unchanged = _chunked_unchanged(
-            job.key, lambda s, e: (b.get_rows(job.base_name, s, e), f.get_rows(job.ft_name, s, e)),
-            job.rows, job.shape, eta)
+    return row
+
+
+def _finish_sparsity(row: dict[str, Any], job: _Job, unchanged: int, chosen: tuple[str, ...]) -> None:
     compared = job.rows * (math.prod(job.shape[1:]) if len(job.shape) > 1 else 1) if job.shape else 1
     if "update_sparsity" in chosen:
         row["update_sparsity"] = unchanged / compared
-    if need_full:
-        try:
-            row.update(matrix_pair_metrics(w0.to(device), w1.to(device), metrics=pair_metrics, k=k, side=side,
-                                           rank=rank, alpha=alpha, eta=eta))
-        except WeightgeoError as e:
-            raise WeightgeoError(f"tensor {job.key!r}: {e}") from e
-    return row
 
 
 def _chunked_unchanged(key: str, read, rows: int, shape: tuple[int, ...], eta: float) -> int:

@@ -5,12 +5,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reference as R
 from cases import CASES, RANK, case
 from weightgeo import WeightgeoError
 from weightgeo.metrics import Localization, update_localization
-from weightgeo.metrics.localization import _select
+from weightgeo.metrics.localization import _Selector
+
+
+def _select(x: torch.Tensor, count: int, *, largest: bool, block: int = 3) -> torch.Tensor:
+    """Run the streamed selector over ``x`` in flat-order blocks of ``block`` entries (ragged last block)."""
+    blocks = list(x.reshape(-1).split(block))
+    sel = _Selector(x.numel(), count, largest=largest, dtype=x.dtype)
+    for _ in range(sel.passes):
+        for blk in blocks:
+            sel.observe(blk)
+        sel.end_pass()
+    return torch.cat([sel.mark(blk) for blk in blocks])
 
 
 @pytest.mark.parametrize("kind,upd", CASES)
@@ -47,8 +60,11 @@ def test_select_ties_lower_index_first():
     bf = torch.randn(5000, generator=g).bfloat16().float().abs()  # many ties
     for count in (1, 777, 2500, 4999):
         for largest in (True, False):
-            np.testing.assert_array_equal(_select(bf, count, largest=largest).numpy(),
-                                          R.select_mask(bf.numpy(), count, largest))
+            for block, dtype in ((1, torch.float32), (641, torch.float32), (5000, torch.float32),
+                                 (333, torch.float64)):
+                x = bf.to(dtype)
+                np.testing.assert_array_equal(_select(x, count, largest=largest, block=block).numpy(),
+                                              R.select_mask(x.numpy(), count, largest))
 
 
 def test_select_above_quantile_limit():
@@ -56,7 +72,7 @@ def test_select_above_quantile_limit():
     n = 2**24 + 3
     x = (torch.arange(n, dtype=torch.int32) % 7).float()
     count = n // 2
-    m = _select(x, count, largest=False)
+    m = _select(x, count, largest=False, block=1 << 22)
     assert int(m.sum()) == count
     t = float(x[m].max())
     assert bool((x[~m] >= t).all())
@@ -89,3 +105,26 @@ def test_errors():
         update_localization(torch.ones(3, 3), torch.ones(3, 3), rank=0)
     with pytest.raises(WeightgeoError, match="need matrices"):
         update_localization(torch.ones(9), torch.ones(9))
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(0, 6), min_size=1, max_size=60), frac=st.floats(0, 1),
+       block=st.integers(1, 70), largest=st.booleans(), f64=st.booleans())
+def test_selector_matches_stable_argsort(values, frac, block, largest, f64):
+    x = torch.tensor(values, dtype=torch.float64 if f64 else torch.float32) * 0.25
+    count = int(frac * len(values))
+    np.testing.assert_array_equal(_select(x, count, largest=largest, block=block).numpy(),
+                                  R.select_mask(x.numpy(), count, largest))
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_streamed_blocks_equal_one_block(monkeypatch, gen, shape):
+    """Row blocks of one row, reconstruction recomputed every pass: the same masks as one cached block."""
+    import weightgeo.metrics.localization as L
+
+    b = torch.randn(*shape, generator=gen).bfloat16()
+    f = (b.float() + 0.02 * torch.randn(*shape, generator=gen)).bfloat16()
+    whole = update_localization(b, f, rank=5, alpha=0.3)
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(L, "_CACHE_BELOW", 0)
+    assert update_localization(b, f, rank=5, alpha=0.3) == whole

@@ -60,6 +60,10 @@ class Checkpoint(abc.ABC):
     source: str = "<unknown>"
     #: the parsed ``config.json`` when there is one (tie_word_embeddings etc.), else ``{}``
     config: dict
+    #: reads are file I/O only, no torch kernels: the engine may then read ahead in a background thread.
+    #: (A torch kernel there starts a second OpenMP team, whose spin-waiting halves the speed of the
+    #: linear algebra running in the main thread on a small machine.)
+    pure_io: bool = False
 
     def __init__(self) -> None:
         self.config = {}

@@ -141,9 +141,10 @@ def _parse_entry(path: Path, name: str, e: Any, data_start: int, data_len: int) 
     return _Entry(path, data_start + begin, data_start + end, info)
 
 
-def _read_bytes(path: Path, start: int, nbytes: int, name: str) -> bytearray:
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+def _read_bytes(path: Path, start: int, nbytes: int, name: str) -> torch.Tensor:
+    # torch.empty, not bytearray: a bytearray is zero-filled first, which cost as much as the read itself.
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()).cast("B")
     got = 0
     try:
         with open(path, "rb", buffering=0) as f:
@@ -163,10 +164,10 @@ def _read_bytes(path: Path, start: int, nbytes: int, name: str) -> bytearray:
     return buf
 
 
-def _to_tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if len(buf) == 0:
+def _to_tensor(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if buf.numel() == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+    return buf.view(dtype).reshape(shape)
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -181,6 +182,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
     Use :meth:`from_index` for an HF ``model.safetensors.index.json``.
     """
+
+    pure_io = True
 
     def __init__(self, files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
                  weight_map: Mapping[str, str] | None = None, source: str | None = None,

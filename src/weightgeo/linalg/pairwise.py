@@ -57,24 +57,77 @@ __all__ = ["BaseSpectrum", "PairGeometry", "base_spectrum", "pair_geometry"]
 
 _SIDES = ("right", "left")
 _REFINE_BELOW = 1e-6  # the policy's conditioning threshold (linalg/svd.py): below it, values come from LAPACK
+_CHUNK_ELEMENTS = 1 << 22  # row blocks upcast at a time by _products (16 MiB per float32 block)
 
 
 def _as_matrix(W: torch.Tensor, what: str) -> torch.Tensor:
+    """``W`` checked and detached, in its own dtype: upcasts happen per row block (:func:`_products`)."""
     if not isinstance(W, torch.Tensor):
         raise WeightgeoError(f"{what}: expected a torch.Tensor, got {type(W).__name__}")
     if W.ndim < 2:
         raise WeightgeoError(f"{what}: expected a matrix [..., out, in], got shape {tuple(W.shape)}")
     if min(W.shape[-2:]) == 0:
         raise WeightgeoError(f"{what}: empty matrix of shape {tuple(W.shape)}")
-    return W.detach().to(compute_dtype(W.dtype))
+    compute_dtype(W.dtype)  # rejects non-floating dtypes with the policy's message
+    return W.detach()
+
+
+@dataclass(frozen=True)
+class _Products:
+    """Small-side products of one pair, summed over row blocks of the tall orientation (compute dtype).
+
+    ``P = (A0+A1)ᵀΔ``, ``C0 = A0ᵀΔ``, ``J = ΔᵀΔ`` ([..., n, n], each ``None`` unless asked for) and
+    ``fro_sq = ‖Δ‖_F²`` ([...] float64).
+    """
+
+    P: torch.Tensor | None
+    C0: torch.Tensor | None
+    J: torch.Tensor | None
+    fro_sq: torch.Tensor | None
+
+    def D(self) -> torch.Tensor:
+        """``A1ᵀA1 − A0ᵀA0``, symmetric, from whichever products were formed."""
+        if self.P is not None:
+            return 0.5 * (self.P + self.P.mT)
+        assert self.C0 is not None and self.J is not None
+        return self.C0 + self.C0.mT + self.J
+
+
+def _products(A0: torch.Tensor, A1: torch.Tensor | None, Delta: torch.Tensor | None, *, P: bool = False,
+              C0: bool = False, J: bool = False, fro: bool = False) -> _Products:
+    """One pass over row blocks of the tall ``A0``/``A1`` (or ``Delta``), upcasting one block at a time.
+
+    Blocks hold at most 2²² entries per matrix, so a 151936×896 embedding never gets a whole float32
+    copy of either side or of ΔW (the bf16 inputs are the only whole-matrix arrays).
+    """
+    cd = compute_dtype(A0.dtype)
+    rows = A0.shape[-2]
+    step = max(1, _CHUNK_ELEMENTS // max(1, A0[..., :1, :].numel()))  # a block of rows across the whole batch
+    acc: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        acc[key] = value if key not in acc else acc[key].add_(value)
+
+    for s in range(0, rows, step):
+        a0 = A0[..., s:s + step, :].to(cd)
+        d = Delta[..., s:s + step, :].to(cd) if Delta is not None else A1[..., s:s + step, :].to(cd) - a0
+        if P:
+            add("P", (a0 + a0 + d).mT @ d)
+        if C0:
+            add("C0", a0.mT @ d)
+        if J:
+            add("J", d.mT @ d)
+        if fro:
+            add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
+    return _Products(acc.get("P"), acc.get("C0"), acc.get("J"), acc.get("fro"))
 
 
 @dataclass(frozen=True)
 class BaseSpectrum:
     """Reusable decomposition of the base W0 (build with :func:`base_spectrum`), shared by every pair metric.
 
-    ``A`` is the base oriented tall ([..., m, n] with m ≥ n; ``Wᵀ`` when ``transposed``), in the compute
-    dtype. ``decomposition`` is :func:`weightgeo.linalg.svd.decompose` of W0 (float64 Gram ``eigh``;
+    ``A`` is the base oriented tall ([..., m, n] with m ≥ n; a view of ``Wᵀ`` when ``transposed``), in
+    the input's dtype (bf16 stays bf16: the kernels upcast row blocks, never the whole matrix). ``decomposition`` is :func:`weightgeo.linalg.svd.decompose` of W0 (float64 Gram ``eigh``;
     values refined by LAPACK when W0 is ill-conditioned), so its ``vectors`` are W0's small-side singular
     vectors, which also give the localization's rank-r reconstruction. ``V_c`` is ``V`` in the compute
     dtype (for the GEMMs).
@@ -136,8 +189,8 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
     dec = decompose(A, vectors=True)
     transposed = A.shape[-2] < A.shape[-1]
     if transposed:
-        A = A.mT.contiguous()
-    return BaseSpectrum(A, transposed, dec, dec.vectors.to(A.dtype))  # type: ignore[union-attr]
+        A = A.mT
+    return BaseSpectrum(A, transposed, dec, dec.vectors.to(compute_dtype(A.dtype)))  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -215,50 +268,70 @@ def pair_geometry(
     Returns:
         a :class:`PairGeometry`. Method and measured error bound: module docstring and docs/numerics.md.
     """
-    sides = tuple(sides)
-    bad = [s for s in sides if s not in _SIDES]
-    if bad:
-        raise WeightgeoError(f"sides must be a subset of {_SIDES}, got {sides!r}")
+    sides = _check_sides(sides)
     if isinstance(k, bool) or int(k) != k or int(k) < 1:
         raise WeightgeoError(f"k must be a positive integer (subspace dimension, default 512), got {k!r}")
     if base is None:
         if W0 is None:
             raise WeightgeoError("pair_geometry: give W0 or base=base_spectrum(W0)")
         base = base_spectrum(W0)
+    A1 = _tall_like(base, _as_matrix(W1, "W1"), "W1")
+    Delta = None if delta is None else _tall_like(base, delta.detach().to(compute_dtype(base.A.dtype)), "delta")
+    return _pair_geometry(base, A1, pair_products(base, A1, Delta, sides=sides), k=int(k), sides=sides)
+
+
+def _check_sides(sides: Sequence[str]) -> tuple[str, ...]:
+    sides = tuple(sides)
+    bad = [s for s in sides if s not in _SIDES]
+    if bad:
+        raise WeightgeoError(f"sides must be a subset of {_SIDES}, got {sides!r}")
+    return sides
+
+
+def _tall_like(base: BaseSpectrum, W: torch.Tensor, what: str) -> torch.Tensor:
+    """``W`` [..., out, in] oriented like ``base.A`` (a view), after checking its shape."""
+    A = W.mT if base.transposed else W
+    if A.shape != base.A.shape:
+        shp = tuple(A.mT.shape if base.transposed else A.shape)
+        raise WeightgeoError(f"pair_geometry: {what} has shape {shp}, the base has {base.shape}; they must match")
+    return A
+
+
+def _wants(base: BaseSpectrum, sides: tuple[str, ...]) -> tuple[bool, bool, bool]:
+    """(small side asked, big side asked, big side needs the out-of-range complement term H)."""
+    want_small = ("right" in sides and not base.transposed) or ("left" in sides and base.transposed)
+    want_big = ("left" in sides and not base.transposed) or ("right" in sides and base.transposed)
+    m, n = base.A.shape[-2:]
+    complement = want_big and (m > n or bool((base.rank() < n).any()))
+    return want_small, want_big, complement
+
+
+def pair_products(base: BaseSpectrum, A1: torch.Tensor, Delta: torch.Tensor | None = None, *,
+                  sides: tuple[str, ...], stable_rank: bool = False) -> _Products:
+    """The products the pair geometry of ``sides`` needs (plus ΔᵀΔ and ‖Δ‖_F² for the stable rank), in one
+    row-block pass. ``A1``/``Delta`` are oriented like ``base.A``."""
+    _, want_big, _ = _wants(base, sides)
+    if want_big:
+        # The big side needs C0 (and J for its complement term); D = C0 + C0ᵀ + J then needs no P.
+        return _products(base.A, A1, Delta, C0=True, J=True, fro=stable_rank)
+    # J is the Gram of ΔW: its top eigenvalue is σ₁(ΔW)² for the stable rank.
+    return _products(base.A, A1, Delta, P=True, J=stable_rank, fro=stable_rank)
+
+
+def _pair_geometry(base: BaseSpectrum, A1: torch.Tensor, prod: _Products, *, k: int,
+                   sides: tuple[str, ...]) -> PairGeometry:
+    """:func:`pair_geometry` from the row-block products (``A1`` is only read again by the fallback)."""
     A0 = base.A
-    A1 = _as_matrix(W1, "W1").to(A0.dtype)
-    if base.transposed:
-        A1 = A1.mT
-    if A1.shape != A0.shape:
-        shp = tuple(A1.mT.shape if base.transposed else A1.shape)
-        raise WeightgeoError(f"pair_geometry: W1 has shape {shp}, the base has {base.shape}; they must match")
-    if delta is None:
-        Delta = A1 - A0
-    else:
-        Delta = delta.detach().to(A0.dtype)
-        if base.transposed:
-            Delta = Delta.mT
-        if Delta.shape != A0.shape:
-            raise WeightgeoError(f"pair_geometry: delta has shape {tuple(delta.shape)}, expected {base.shape}")
     m, n = A0.shape[-2:]
     f64 = torch.float64
     lam, Vc = base.lam, base.V_c
 
     # Which side of the tall matrix is asked for: small = right of tall = V side.
-    want_small = ("right" in sides and not base.transposed) or ("left" in sides and base.transposed)
-    want_big = ("left" in sides and not base.transposed) or ("right" in sides and base.transposed)
-
+    want_small, want_big, complement = _wants(base, sides)
     rank0 = base.rank()
-    complement = want_big and (m > n or bool((rank0 < n).any()))
-    if complement:
-        C0 = A0.mT @ Delta
-        J = Delta.mT @ Delta
-        D = C0 + C0.mT + J
-    else:
-        P = (A0 + A1).mT @ Delta
-        D = 0.5 * (P + P.mT)
-        C0 = J = None
+    D = prod.D()
     F = (Vc.mT @ D @ Vc).to(f64)
+    del D
     F = 0.5 * (F + F.mT)
     M1 = torch.diag_embed(lam) + F
     # eigh of −M1 gives μ descending without reordering the basis: where M1 is (nearly) diagonal, Q is
@@ -290,17 +363,23 @@ def pair_geometry(
     num = torch.linalg.vector_norm(ds, dim=-1)
     inv_den = torch.where(ok_den, 1.0 / torch.where(ok_den, den, torch.ones_like(den)), torch.zeros_like(den))
     err_num = math.sqrt(m / n) * base.eps * fro_F * torch.linalg.vector_norm(inv_den, dim=-1)
-    fallback = (base.decomposition.refined or bool((mu[..., -1] - err_mu <= floor * floor).any())
-                or bool((err_num > 1e-3 * num).any()))
+    # Per matrix of a batch, so that each member gets exactly what it would get alone.
+    need = (mu[..., -1] - err_mu <= floor * floor) | (err_num > 1e-3 * num)
+    if base.decomposition.refined_mask is not None:
+        need = need | base.decomposition.refined_mask
+    sigma1, rank1 = s1, _rank(s1, big, base.eps)
+    nrm = torch.linalg.vector_norm(s0, dim=-1)
+    nss = torch.where(nrm > 0, num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
+                      torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+    fallback = bool(need.any())
     if fallback:
-        d1 = decompose(A1, vectors=False)
-        sigma1, rank1 = d1.S, d1.rank()
-        nss = spectral_shift(base.sigma, sigma1)
-    else:
-        sigma1, rank1 = s1, _rank(s1, big, base.eps)
-        nrm = torch.linalg.vector_norm(s0, dim=-1)
-        nss = torch.where(nrm > 0, num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
-                          torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+        p = s1.shape[-1]
+        which = need.reshape(-1)
+        d1 = decompose(A1.reshape(-1, *A1.shape[-2:])[which], vectors=False)
+        sigma1, rank1, nss = sigma1.clone(), rank1.clone(), nss.clone()
+        sigma1.reshape(-1, p)[which] = d1.S
+        rank1.reshape(-1)[which] = d1.rank()
+        nss.reshape(-1)[which] = spectral_shift(base.sigma.reshape(-1, p)[which], d1.S)
 
     sig0 = base.sigma
     k_eff = int(min(int(k), n, int(rank0.min()), int(rank1.min())))
@@ -320,7 +399,8 @@ def pair_geometry(
             big_angles = s0.new_zeros(*s0.shape[:-1], 0)
         else:
             in_rank = torch.arange(n, device=s0.device) < rank0[..., None]
-            big_angles = torch.rad2deg(_big_side_angles(A0, Delta, s0, in_rank, mu, Q, Vc, C0, J, k_eff))
+            big_angles = torch.rad2deg(_big_side_angles(s0, in_rank, mu, Q, Vc, prod.C0,
+                                                        prod.J if complement else None, k_eff))
     if base.transposed:
         right, left = big_angles, small_angles
     else:
@@ -332,7 +412,7 @@ def pair_geometry(
     return PairGeometry(right, left, nss, sig0, sigma1, gap, k_eff, rank0, rank1, fallback)
 
 
-def _big_side_angles(A0, Delta, s0, in_rank, mu, Q, Vc, C0, J, k):
+def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
     """Angles (radians, ascending) between the top-k big-side singular subspaces (module docstring, step 5).
 
     ``s0`` are the Gram's σ0 (consistent with ``V``); ``in_rank`` marks W0's numerical range (from the
@@ -341,8 +421,6 @@ def _big_side_angles(A0, Delta, s0, in_rank, mu, Q, Vc, C0, J, k):
     f64 = torch.float64
     inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank & (s0 > 0), s0, torch.ones_like(s0)),
                          torch.zeros_like(s0))
-    if C0 is None:
-        C0 = A0.mT @ Delta
     C = (Vc.mT @ C0 @ Vc).to(f64)
     Qk = Q[..., :, :k]
     inv_s1 = 1.0 / mu[..., :k].clamp_min(torch.finfo(f64).tiny).sqrt()

@@ -145,6 +145,7 @@ class Decomposition:
     eps: float
     gram_eigenvalues: torch.Tensor | None = None
     refined: bool = False
+    refined_mask: torch.Tensor | None = None  # [...] bool: which matrices of a batch were refined
 
     def rank(self) -> torch.Tensor:
         """Numerical rank ``#{σᵢ > max(m, n)·eps·σ₁}`` per matrix ([...] int64)."""
@@ -284,13 +285,20 @@ def decompose(
         return Decomposition(S, Q.double(), small, (m, n), eps, S * S)
     lam, Q, _ = gram_eigh(A, vectors=vectors)
     S = lam.clamp_min(0).sqrt()
-    refined = refine and S.shape[-1] > 1 and bool((S[..., -1] < _REFINE_BELOW * S[..., 0]).any())
-    if refined:
-        # Ill-conditioned (e.g. exactly low-rank): the Gram route's absolute error eps64·σ₁²/σᵢ grows
-        # for tiny σᵢ (and σ < 1.5e-8·σ₁ is unresolved). Take the values from LAPACK float64 instead;
-        # the top vectors (σ above the numerical rank) are unaffected.
-        S = torch.linalg.svdvals(A.to(torch.float64))
-    return Decomposition(S, Q, small, (m, n), eps, lam, refined)
+    mask = None
+    if refine and S.shape[-1] > 1:
+        mask = S[..., -1] < _REFINE_BELOW * S[..., 0]
+        if bool(mask.any()):
+            # Ill-conditioned (e.g. exactly low-rank): the Gram route's absolute error eps64·σ₁²/σᵢ grows
+            # for tiny σᵢ (and σ < 1.5e-8·σ₁ is unresolved). Take those matrices' values from LAPACK float64
+            # instead (only theirs: a batch member is decomposed as it would be alone); the top vectors
+            # (σ above the numerical rank) are unaffected.
+            flat, which = S.reshape(-1, S.shape[-1]).clone(), mask.reshape(-1)
+            flat[which] = torch.linalg.svdvals(A.reshape(-1, m, n)[which].to(torch.float64))
+            S = flat.reshape(S.shape)
+        else:
+            mask = None
+    return Decomposition(S, Q, small, (m, n), eps, lam, mask is not None, mask)
 
 
 def exact_spectral_norm(A: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Reading ahead: a background thread produces items (tensors read from disk) a bounded number of bytes ahead
+of the consumer, so that reading the next tensors overlaps the linear algebra on the current ones.
+
+Reads release the GIL (``readinto``), as do NumPy/torch kernels, so on two cores the read of the next shape
+group and the decomposition of this one run side by side.
+
+>>> ra = ReadAhead(((8, lambda i=i: i * i) for i in range(5)), budget=16)
+>>> list(ra)
+[0, 1, 4, 9, 16]
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
+
+__all__ = ["ReadAhead"]
+
+T = TypeVar("T")
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class ReadAhead(Generic[T]):
+    """Produce ``items`` in a background thread, at most ``budget`` bytes ahead of the consumer.
+
+    ``items`` yields ``(nbytes, read)``: the size is known up front (from headers), and ``read()`` is
+    called only once the budget admits it, so memory stays bounded by what is announced. An item counts
+    against the budget from then until the consumer asks for the next one (it is then done with it). A single item larger than the budget is still produced, alone. An
+    exception in the producer is raised in the consumer, at the item where it happened; leaving the loop
+    early (an exception, ``break``) stops the producer after its current item (call :meth:`close`, or use
+    the object as a context manager).
+
+    Args:
+        items: an iterable of ``(nbytes, read)``, consumed in the background thread; ``read()`` returns the
+            item handed to the consumer.
+        budget: bytes the producer may run ahead (≥ 0; 0 means one item at a time, no overlap).
+        background: ``False`` reads each item in the consumer's thread when it asks for it (no thread):
+            for sources whose reads run torch kernels (see ``Checkpoint.pure_io``).
+    """
+
+    def __init__(self, items: Iterable[tuple[int, Callable[[], T]]], *, budget: int, background: bool = True):
+        self._items = items
+        self._background = background
+        self._budget = max(0, int(budget))
+        self._queue: collections.deque = collections.deque()
+        self._inflight = 0
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._produce, name="weightgeo-readahead", daemon=True)
+        if background:
+            self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for nbytes, read in self._items:
+                with self._cond:
+                    while (not self._stop and self._inflight > 0
+                           and self._inflight + nbytes > self._budget):
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._inflight += nbytes
+                item = read()
+                with self._cond:
+                    self._queue.append((nbytes, item))
+                    self._cond.notify_all()
+            last: object = _END
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            last = _Failure(exc)
+        with self._cond:
+            self._queue.append((0, last))
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[T]:
+        if not self._background:
+            for _, read in self._items:
+                yield read()
+            return
+        done = 0
+        try:
+            while True:
+                with self._cond:
+                    self._inflight -= done
+                    self._cond.notify_all()
+                    while not self._queue:
+                        self._cond.wait()
+                    done, item = self._queue.popleft()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the producer (after the item it is reading) and wait for its thread."""
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> "ReadAhead[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,66 @@
+"""ReadAhead: order, the byte budget, producer errors raised in the consumer, early stop."""
+
+import threading
+import time
+
+import pytest
+
+from weightgeo.readahead import ReadAhead
+
+
+def test_order_and_values():
+    assert list(ReadAhead(((1, lambda i=i: i) for i in range(50)), budget=3)) == list(range(50))
+
+
+def test_budget_bounds_what_is_read_ahead():
+    lock = threading.Lock()
+    state = {"read": 0, "done": 0, "max_ahead": 0}
+
+    def read(i):
+        with lock:
+            state["read"] += 1
+            state["max_ahead"] = max(state["max_ahead"], state["read"] - state["done"])
+        return i
+
+    items = ((10, lambda i=i: read(i)) for i in range(30))
+    for _ in ReadAhead(items, budget=25):
+        time.sleep(0.002)  # a slow consumer: the producer would run far ahead without the budget
+        with lock:
+            state["done"] += 1
+    # two items of 10 bytes fit in 25: the one being consumed plus at most one more read ahead
+    assert state["max_ahead"] <= 2
+
+
+def test_oversized_item_is_still_produced():
+    assert list(ReadAhead(((100, lambda: "big"), (1, lambda: "small")), budget=10)) == ["big", "small"]
+
+
+def test_producer_error_is_raised_in_the_consumer_at_its_item():
+    def items():
+        yield 1, lambda: "a"
+        yield 1, lambda: 1 / 0
+
+    got = []
+    with pytest.raises(ZeroDivisionError):
+        for x in ReadAhead(items(), budget=100):
+            got.append(x)
+    assert got == ["a"]
+
+
+def test_leaving_early_stops_the_producer():
+    read = []
+    ra = ReadAhead(((1, lambda i=i: read.append(i) or i) for i in range(10_000)), budget=2)
+    for x in ra:
+        if x == 3:
+            break
+    ra.close()
+    assert not ra._thread.is_alive()
+    assert len(read) < 10
+
+
+def test_foreground_mode_reads_in_the_callers_thread():
+    seen = []
+    ra = ReadAhead(((1, lambda i=i: seen.append(threading.current_thread()) or i) for i in range(3)), budget=10,
+                   background=False)
+    assert list(ra) == [0, 1, 2]
+    assert all(t is threading.main_thread() for t in seen)
