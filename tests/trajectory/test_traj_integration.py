@@ -14,6 +14,8 @@ import torch
 from weightgeo.errors import WeightgeoError
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+# transformers' Trainer refuses to start without accelerate
+HAVE_TRAINER = HAVE_TRANSFORMERS and importlib.util.find_spec("accelerate") is not None
 
 
 def test_import_weightgeo_does_not_import_transformers():
@@ -94,7 +96,7 @@ def test_callback_without_trainer_merges_into_on_log(stub_callback, gen):
         stub_callback().on_train_begin(None, state, None)
 
 
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
+@pytest.mark.skipif(not HAVE_TRAINER, reason="transformers and accelerate are not installed")
 def test_real_trainer_tiny_model(tmp_path):  # pragma: no cover - needs transformers
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 

@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.nn as nn
 
-from .model import GPT, generate
+from .model import generate
 from .task import AdditionTask
 
 __all__ = ["make_optimizer", "lr_at", "CheckpointStream", "evaluate", "StepCallback", "rollout", "Rollouts",
            "step_generator", "attach_projection", "set_threads"]
 
-#: ``on_step(model, step)``: called after every optimizer step (and once with step 0 before training).
-StepCallback = Callable[[GPT, int], None]
+#: ``on_step(model, step)``: called after every optimizer step (and once with step 0 before training). ``model`` is
+#: a ``GPT`` or an :class:`~weightgeo.train.hf.HFCausalLM` (a transformers model, under its own parameter names).
+StepCallback = Callable[[nn.Module, int], None]
 
 
-def make_optimizer(model: GPT, *, lr: float, betas: tuple[float, float], weight_decay: float,
+def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
                    eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW on fp32 master weights. Decoupled weight decay on 2-D tensors (matrices and embeddings) only;
     norm gains are not decayed (nanoGPT's convention; the paper does not say)."""
@@ -73,7 +75,7 @@ class CheckpointStream:
     def should_save(self, step: int) -> bool:
         return step == 0 or step == self.total or (self.save_every > 0 and step % self.save_every == 0)
 
-    def save(self, model: GPT, step: int, metrics: dict | None = None) -> Path:
+    def save(self, model: nn.Module, step: int, metrics: dict | None = None) -> Path:
         d = self.dir / f"checkpoint-{step}"
         model.save_pretrained(d, dtype=self.dtype)
         state = {"global_step": step, "max_steps": self.total, "metrics": metrics or {}}
@@ -86,13 +88,13 @@ class CheckpointStream:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def maybe_save(self, model: GPT, step: int, metrics: dict | None = None) -> None:
+    def maybe_save(self, model: nn.Module, step: int, metrics: dict | None = None) -> None:
         if self.should_save(step):
             self.save(model, step, metrics)
 
 
 @torch.no_grad()
-def evaluate(model: GPT, task: AdditionTask, *, n: int = 500, seed: int = 1234,
+def evaluate(model: nn.Module, task: AdditionTask, *, n: int = 500, seed: int = 1234,
              sample_seed: int = 4321, temperatures: Iterable[float] = (0.0, 1.0)) -> dict[str, float]:
     """Accuracy (mean binary reward) on ``n`` fixed held-out prompts, greedy (``acc_greedy``) and sampled
     at T=1 (``acc_t1``), each with its binomial standard error (``*_se``)."""
@@ -119,7 +121,7 @@ class Rollouts(dict):
 
 
 @torch.no_grad()
-def rollout(policy: GPT, task: AdditionTask, n_prompts: int, group_size: int, *, data_gen: torch.Generator,
+def rollout(policy: nn.Module, task: AdditionTask, n_prompts: int, group_size: int, *, data_gen: torch.Generator,
             sample_gen: torch.Generator, temperature: float = 1.0) -> Rollouts:
     """Sample ``group_size`` completions per prompt from ``policy`` and score them with the verifier."""
     prompts = task.prompts(n_prompts, data_gen).repeat_interleave(group_size, dim=0)
@@ -136,7 +138,7 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
 
 
-def attach_projection(model: GPT, initial: dict[str, torch.Tensor], k: int):
+def attach_projection(model: nn.Module, initial: dict[str, torch.Tensor], k: int):
     """Compute V_k of ΔW = bf16(W_now) − W_0 for the block matrices and register the gradient projector."""
     from .projector import SubspaceProjector, subspace_bases
 

@@ -197,9 +197,12 @@ class Sample(NamedTuple):
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts: torch.Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None,
-             temperature: float = 1.0, eos_id: int | None = None) -> Sample:
+def generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *,
+             generator: torch.Generator | None = None, temperature: float = 1.0, eos_id: int | None = None) -> Sample:
     """Sample ``max_new_tokens`` after each prompt (``temperature=0``: greedy, no generator needed).
+
+    ``model``: a ``GPT`` (decoded with its key/value cache) or any module whose ``forward(idx)`` returns
+    logits, e.g. :class:`~weightgeo.train.hf.HFCausalLM` (the whole sequence re-run each step).
 
     ``logprobs`` are log π(a_t | s_t) of the temperature-scaled distribution that produced the token (at
     T=1, the policy's own log-probabilities). Positions after the first ``eos_id`` are still filled (the
@@ -237,7 +240,7 @@ def generate(model: GPT, prompts: torch.Tensor, max_new_tokens: int, *, generato
     return Sample(tokens, logprobs, mask)
 
 
-def response_logprobs(model: GPT, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+def response_logprobs(model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     """log π(completion_t | prompt, completion_<t) for every completion token: [B, N] (with grad if enabled)."""
     seq = torch.cat([prompts, completions], dim=1)
     logits = model(seq[:, :-1])[:, prompts.shape[1] - 1:, :].float()

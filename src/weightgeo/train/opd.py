@@ -17,14 +17,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from .hf import as_policy
 from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
                    set_threads, step_generator)
 from .losses import centered_rewards, clipped_pg_loss, mix_advantages, opd_advantages, sparsify_tokens
 from .model import GPT, response_logprobs
 from .task import AdditionTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["OPDConfig", "train"]
 
@@ -54,9 +59,15 @@ class OPDConfig:
     threads: int | None = None  # torch intra-op threads (None: leave as is)
 
 
-def train(student: GPT, teacher: GPT, cfg: OPDConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
-          on_step: StepCallback | None = None) -> dict:
-    """Distil ``teacher`` into ``student`` in place; write ``run_dir/checkpoint-<step>``; return a summary."""
+def train(student: GPT | PreTrainedModel, teacher: GPT | PreTrainedModel, cfg: OPDConfig, run_dir: str | Path, *,
+          task: AdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
+    """Distil ``teacher`` into ``student`` in place; write ``run_dir/checkpoint-<step>``; return a summary.
+
+    Either model may be a transformers causal LM (``AutoModelForCausalLM``) on the task's vocabulary, and
+    they need not share an architecture; it runs through :class:`~weightgeo.train.hf.HFCausalLM` (which
+    ``on_step`` then receives, with the HF model's parameter names).
+    """
+    student, teacher = as_policy(student), as_policy(teacher)
     if cfg.rollout_source not in ("student", "teacher"):
         raise ValueError(f"rollout_source {cfg.rollout_source!r}: use 'student' or 'teacher'")
     set_threads(cfg.threads)

@@ -50,9 +50,9 @@ class SubspaceProjector:
             p = params[name]
             if p.ndim != 2 or V.ndim != 2 or V.shape[0] != p.shape[1]:
                 raise ValueError(f"{name!r}: weight {tuple(p.shape)} needs V [in={p.shape[-1]}, K], got {tuple(V.shape)}")
-            V = V.detach().to(p.dtype).contiguous()
+            V = V.detach().to(device=p.device, dtype=p.dtype).contiguous()  # the hook multiplies p's gradient
             if check_orthonormal:
-                err = (V.T @ V - torch.eye(V.shape[1], dtype=V.dtype)).abs().max().item()
+                err = (V.T @ V - torch.eye(V.shape[1], dtype=V.dtype, device=V.device)).abs().max().item()
                 if err > 1e-4:
                     raise ValueError(f"{name!r}: V is not orthonormal (max |VᵀV − I| = {err:.2e})")
             P = V @ V.T  # [in, in]

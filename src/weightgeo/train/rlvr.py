@@ -11,14 +11,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from .hf import as_policy
 from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
                    set_threads, step_generator)
 from .losses import clipped_pg_loss, grpo_advantages
 from .model import GPT, response_logprobs
 from .task import AdditionTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["RLVRConfig", "train"]
 
@@ -45,9 +50,14 @@ class RLVRConfig:
     threads: int | None = None
 
 
-def train(model: GPT, cfg: RLVRConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
+def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
           on_step: StepCallback | None = None) -> dict:
-    """GRPO on ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict."""
+    """GRPO on ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
+
+    ``model`` may be a transformers causal LM (``AutoModelForCausalLM``); it is trained through
+    :class:`~weightgeo.train.hf.HFCausalLM`, which ``on_step`` then receives (same parameter names).
+    """
+    model = as_policy(model)
     set_threads(cfg.threads)
     task = task or AdditionTask()
     stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,

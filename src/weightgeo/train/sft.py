@@ -15,12 +15,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .hf import as_policy
 from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, lr_at, make_optimizer,
                    set_threads, step_generator)
 from .losses import sft_loss
 from .model import GPT
 from .task import AdditionTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["SFTConfig", "train"]
 
@@ -43,14 +48,18 @@ class SFTConfig:
     threads: int | None = None  # torch intra-op threads (None: leave as is)
 
 
-def train(model: GPT, cfg: SFTConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
+def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
           on_step: StepCallback | None = None) -> dict:
     """Fine-tune ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     With ``cfg.project_at = s``, the run is identical to the unprojected one up to step s (same seeds), then
     computes V_K of ΔW (bf16 weights at step s minus the start) and projects every later gradient of the
     block matrices onto it (projector.py; the AdamW state is kept).
+
+    ``model`` may be a transformers causal LM (``AutoModelForCausalLM``); it is trained through
+    :class:`~weightgeo.train.hf.HFCausalLM`, which ``on_step`` then receives (same parameter names).
     """
+    model = as_policy(model)
     set_threads(cfg.threads)
     task = task or AdditionTask()
     stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
