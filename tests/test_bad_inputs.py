@@ -169,6 +169,8 @@ TENSOR_CASES = {
                                                             device="cuda:7")),
     "invalid include regex": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
                                                        include="(unclosed"),
+    "negative batch_bytes": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
+                                                      batch_bytes=-1),
     "eta outside (0, 1)": lambda: weightgeo.update_sparsity(torch.ones(2), torch.ones(2), eta=-1.0),
     "localization alpha outside (0, 1)": lambda: weightgeo.update_localization(torch.eye(4), torch.eye(4),
                                                                                alpha=1.5),

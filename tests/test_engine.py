@@ -208,3 +208,15 @@ def test_batched_pair_metrics_equal_the_loop(gen):
         assert together[i].keys() == alone.keys()
         for key in alone:
             assert together[i][key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_shape_groups_equal_cpu(pair):
+    """device="cuda": pinned groups moved to the GPU give the CPU rows (same float64 small problems)."""
+    _, _, b, f = pair
+    cpu = _rows_by_name(weightgeo.compare(b, f, k=8, rank=4, progress=False, batch_bytes=0))
+    gpu = _rows_by_name(weightgeo.compare(b, f, k=8, rank=4, progress=False, device="cuda"))
+    for name, row in cpu.items():
+        for key, val in row.items():
+            if isinstance(val, float) and not math.isnan(val):
+                assert gpu[name][key] == pytest.approx(val, rel=1e-4, abs=1e-6), (name, key)

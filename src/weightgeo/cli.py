@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=64, help="localization reconstruction rank (default 64)")
     c.add_argument("--alpha", type=float, default=0.5, help="localization mask fraction (default 0.5)")
     c.add_argument("--eta", type=float, default=1e-3, help="bf16 relative tolerance (default 1e-3)")
+    c.add_argument("--batch-mb", type=int, default=None, metavar="MB",
+                   help="memory budget of one shape group in MiB (default 256 on CPU, a quarter of free GPU "
+                        "memory on CUDA; 0 = one matrix at a time)")
     _add_filters(c)
 
     t = sub.add_parser("trajectory", help="rank curves and subspace locking over a checkpoint stream",
@@ -88,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         report = weightgeo.compare(args.base, args.ft, metrics=args.metrics, include=_filters(args.include),
                                    exclude=_filters(args.exclude), k=args.k, side=args.side, rank=args.rank,
                                    alpha=args.alpha, eta=args.eta, device=args.device,
+                                   batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
                                    progress=not args.no_progress)
         _emit(report, args)
         return 0

@@ -120,6 +120,10 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
     dev = resolve_device(device)
     if side not in ("right", "left"):
         raise WeightgeoError(f"side={side!r}; use 'right' (input side, V) or 'left' (output side, U)")
+    if batch_bytes is not None and (isinstance(batch_bytes, bool) or int(batch_bytes) != batch_bytes
+                                    or batch_bytes < 0):
+        raise WeightgeoError(f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
+                             f"at a time), or None for the default")
     keep = compile_filter(include, exclude)
     t0 = time.perf_counter()
     b = open_checkpoint(base)
@@ -153,7 +157,7 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
         "ft": f.source,
         "metrics": list(chosen),
         "params": {"k": k, "side": side, "rank": rank, "alpha": alpha, "eta": eta,
-                   "include": include, "exclude": exclude},
+                   "include": include, "exclude": exclude, "batch_bytes": batch_bytes},
         "device": str(dev),
         "world_size": world.size,
         "ranks": [{key: val for key, val in part.items() if key != "rows"} for part in per_rank],
