@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.5, help="localization mask fraction (default 0.5)")
     c.add_argument("--eta", type=float, default=1e-3, help="bf16 relative tolerance (default 1e-3)")
     c.add_argument("--batch-mb", type=int, default=None, metavar="MB",
-                   help="memory budget of one shape group in MiB (default 256 on CPU, a quarter of free GPU "
+                   help="memory budget of one shape group in MiB (default 64 on CPU, a quarter of free GPU "
                         "memory on CUDA; 0 = one matrix at a time)")
     _add_filters(c)
 
