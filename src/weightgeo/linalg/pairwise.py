@@ -38,6 +38,10 @@ Fallback: float64 inputs run every step in float64 (then it is the float64 Gram 
 directions beyond the numerical rank (``max(m, n)·eps·σ₁``, eps of the input's compute dtype) are
 arbitrary, so ``k`` is capped there, as in :mod:`weightgeo.metrics.rotation`.
 
+Memory: W0 and W1 stay in their stored dtype; the products ``(A0+A1)ᵀΔ``, ``A0ᵀΔ``, ``ΔᵀΔ`` and ‖Δ‖_F² are
+summed over row blocks of at most 2²² entries upcast one at a time (:func:`_products`), so no whole-matrix
+float32 copy of W0, W1 or ΔW is made (a 151936×896 embedding pair peaks at its bf16 inputs plus O(block)).
+
 Everything is batched over leading dimensions, device-agnostic, torch only.
 """
 
