@@ -296,21 +296,17 @@ def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[
     matrices = [i for i in mine if len(jobs[i].shape) == 2] if pair_metrics else []
     groups = _groups(jobs, matrices, b, f, budget)
     grouped = {i for g in groups for i in g.members}
-    chunked = [i for i in mine if i not in grouped]
-    units: list[tuple[int, Any]] = sorted([(g.members[0], g) for g in groups] + [(i, i) for i in chunked],
-                                          key=lambda u: u[0])
+    units = sorted([(g.members[0], g) for g in groups] + [(i, i) for i in mine if i not in grouped],
+                   key=lambda u: u[0])
     pin = device.type == "cuda"
 
-    def produce():
+    def reads():  # (bytes, read) per group or row chunk, in processing order; run by the reader thread
         for _, unit in units:
             if isinstance(unit, _Group):
                 yield unit.nbytes, (lambda g=unit: (g, _read_group(b, f, jobs, g, pin)))
             else:
                 for s, e, nbytes in _chunk_spans(jobs[unit]):
-                    yield nbytes, (lambda i=unit, s=s, e=e: (i, (s, e, b.get_rows(jobs[i].base_name, s, e)
-                                                                 if jobs[i].shape else b.get(jobs[i].base_name),
-                                                                 f.get_rows(jobs[i].ft_name, s, e)
-                                                                 if jobs[i].shape else f.get(jobs[i].ft_name))))
+                    yield nbytes, (lambda i=unit, s=s, e=e: (i, (s, e, *_read_chunk(b, f, jobs[i], s, e))))
 
     out: list[tuple[int, dict[str, Any]]] = []
     counts: dict[int, int] = {}
@@ -319,38 +315,51 @@ def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[
     # elementwise stream (the sparsity pass stays at a few tens of MB however large the checkpoint).
     largest = max((g.nbytes for g in groups), default=0)
     ahead_bytes = largest + min(largest, budget) + _AHEAD_CHUNKS * 2 * 4 * _CHUNK_ELEMENTS
-    with ReadAhead(produce(), budget=ahead_bytes, background=b.pure_io and f.pure_io) as ahead:
+    with ReadAhead(reads(), budget=ahead_bytes, background=b.pure_io and f.pure_io) as ahead:
         for unit, data in ahead:
             if isinstance(unit, _Group):
-                W0, W1 = data
-                rows = [_base_row(b, jobs[i]) for i in unit.members]
-                for row, i, w0, w1 in zip(rows, unit.members, W0, W1):
-                    unchanged = _chunked_unchanged(jobs[i].key, lambda s, e: (w0[s:e], w1[s:e]), jobs[i].rows,
-                                                   jobs[i].shape, opts["eta"])
-                    _finish_sparsity(row, jobs[i], unchanged, chosen)
-                try:
-                    found = batched_pair_metrics(W0.to(device, non_blocking=True), W1.to(device, non_blocking=True),
-                                                 metrics=pair_metrics, **opts)
-                except WeightgeoError as e:
-                    names = ", ".join(repr(jobs[i].key) for i in unit.members)
-                    raise WeightgeoError(f"tensor{'s' if len(unit.members) > 1 else ''} {names}: {e}") from e
-                for row, i, extra in zip(rows, unit.members, found):
-                    row.update(extra)
-                    out.append((i, row))
-                if bar is not None:
-                    bar.update(len(unit.members))
+                done = _group_rows(b, jobs, unit, *data, chosen, pair_metrics, device=device, **opts)
             else:
                 s, e, c0, c1 = data
                 job = jobs[unit]
                 counts[unit] = counts.get(unit, 0) + _unchanged_count(c0, c1, opts["eta"],
                                                                       name=f"{job.key} rows {s}:{e}")
-                if e >= job.rows:
-                    row = _base_row(b, job)
-                    _finish_sparsity(row, job, counts.pop(unit), chosen)
-                    out.append((unit, row))
-                    if bar is not None:
-                        bar.update(1)
+                if e < job.rows:
+                    continue
+                row = _base_row(b, job)
+                _finish_sparsity(row, job, counts.pop(unit), chosen)
+                done = [(unit, row)]
+            out.extend(done)
+            if bar is not None:
+                bar.update(len(done))
     return out
+
+
+def _group_rows(b: Checkpoint, jobs: Sequence[_Job], g: _Group, W0: torch.Tensor, W1: torch.Tensor,
+                chosen: tuple[str, ...], pair_metrics: frozenset[str], *, device: torch.device, **opts: Any
+                ) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of one shape group: the elementwise pass per member (row chunks of the tensors already read,
+    which also checks finiteness), then one batched pair kernel on ``device``."""
+    rows = [_base_row(b, jobs[i]) for i in g.members]
+    for row, i, w0, w1 in zip(rows, g.members, W0, W1):
+        unchanged = _chunked_unchanged(jobs[i].key, lambda s, e: (w0[s:e], w1[s:e]), jobs[i].rows, jobs[i].shape,
+                                       opts["eta"])
+        _finish_sparsity(row, jobs[i], unchanged, chosen)
+    try:
+        found = batched_pair_metrics(W0.to(device, non_blocking=True), W1.to(device, non_blocking=True),
+                                     metrics=pair_metrics, **opts)
+    except WeightgeoError as e:
+        names = ", ".join(repr(jobs[i].key) for i in g.members)
+        raise WeightgeoError(f"tensor{'s' if len(g.members) > 1 else ''} {names}: {e}") from e
+    for row, extra in zip(rows, found):
+        row.update(extra)
+    return list(zip(g.members, rows))
+
+
+def _read_chunk(b: Checkpoint, f: Checkpoint, job: _Job, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not job.shape:  # a 0-d tensor has no rows
+        return b.get(job.base_name), f.get(job.ft_name)
+    return b.get_rows(job.base_name, s, e), f.get_rows(job.ft_name, s, e)
 
 
 def _read_group(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], g: _Group, pin: bool
