@@ -123,3 +123,31 @@ def test_numpy_equals_torch():
     for name, (fn, *_rest) in METRICS.items():
         assert _close(fn(b, f), fn(b.numpy(), f.numpy()), 0), name
     assert np.isfinite(spectral_drift(b.numpy(), f.numpy()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), m=st.integers(2, 12), n=st.integers(2, 12), low_rank=st.booleans(),
+       bf16=st.booleans(), side=st.sampled_from(["right", "left"]), seed=st.integers(0, 2**16))
+def test_batched_pair_metrics_equal_one_at_a_time(B, m, n, low_rank, bf16, side, seed):
+    """The engine's shape-group kernel gives every member what it gets alone (incl. rank-deficient members,
+    whose effective k differs, and the ill-conditioned fallbacks)."""
+    from weightgeo.metrics.pair import PAIR_METRICS, batched_pair_metrics
+
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    if low_rank:  # the first member exactly rank 1: a different effective k from the others
+        W0[0] = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g,
+                                                                                     dtype=torch.float64)
+    W1 = W0 + 0.05 * torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    W0, W1 = W0.to(dt), W1.to(dt)
+    opts = dict(metrics=frozenset(PAIR_METRICS), k=K, side=side, rank=2, alpha=0.4, eta=1e-3)
+    together = batched_pair_metrics(W0, W1, **opts)
+    for i in range(B):
+        alone = batched_pair_metrics(W0[i:i + 1], W1[i:i + 1], **opts)[0]
+        assert together[i].keys() == alone.keys()
+        for key, val in alone.items():
+            if math.isnan(val):
+                assert math.isnan(together[i][key]), key
+            else:
+                assert together[i][key] == pytest.approx(val, rel=1e-5, abs=1e-7), key
