@@ -16,22 +16,28 @@ from weightgeo.distributed import balanced_shards
 from factories import tiny_llama_state, write_hf_checkpoint
 
 
-def _torchrun_report(tmp_path, call: str, *, port: int) -> dict:
-    """Run ``r = <call>`` in 2 gloo processes under torchrun; return rank 0's report JSON."""
-    out = tmp_path / f"report-{port}.json"
+def _torchrun_report(tmp_path, call: str, *, port: int) -> dict | list[dict]:
+    """Run ``r = <call>`` in 2 gloo processes under torchrun; return rank 0's report JSON (a list of them
+    when ``call`` returns a list)."""
+    out = tmp_path / f"report-{port}"
     script = tmp_path / f"run-{port}.py"
     script.write_text(textwrap.dedent(f"""
         import os, weightgeo
         r = {call}
         if int(os.environ["RANK"]) == 0:
-            r.to_json({str(out)!r})
+            for i, x in enumerate(r if isinstance(r, list) else [r]):
+                x.to_json({str(out)!r} + f"-{{i}}.json")
+            open({str(out)!r} + ".n", "w").write(str(len(r)) if isinstance(r, list) else "single")
     """))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(port), str(script)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    n = (tmp_path / f"report-{port}.n").read_text()
+    reports = [json.loads((tmp_path / f"report-{port}-{i}.json").read_text()) for i in range(1 if n == "single"
+                                                                                            else int(n))]
+    return reports[0] if n == "single" else reports
 
 
 def test_balanced_shards_cover_everything_once_and_balance_load():
@@ -86,3 +92,25 @@ def test_rank_curve_under_two_ranks_equals_single_process(tmp_path):
     for x, y in zip(dist["rows"], single.rows):
         for key in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (y["name"], key)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_compare_many_under_two_ranks_equals_single_process(tmp_path):
+    base = tiny_llama_state(num_layers=2, hidden=16, intermediate=32, vocab=40)
+    b = write_hf_checkpoint(tmp_path / "b", base)
+    fts = []
+    for seed in (5, 6):
+        g = torch.Generator().manual_seed(seed)
+        ft = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+        fts.append(str(write_hf_checkpoint(tmp_path / f"f{seed}", ft)))
+    dist = _torchrun_report(tmp_path, f"weightgeo.compare_many({str(b)!r}, {fts!r}, k=8, rank=4, progress=False)",
+                            port=29519)
+    single = weightgeo.compare_many(b, fts, k=8, rank=4, progress=False)
+    assert len(dist) == 2
+    for d, s in zip(dist, single):
+        assert d["meta"]["world_size"] == 2 and d["meta"]["ft"] == s.meta["ft"]
+        assert [r["name"] for r in d["rows"]] == [r["name"] for r in s.rows]
+        for x, y in zip(d["rows"], s.rows):
+            for key in ("update_sparsity", "principal_overlap", "spectral_drift", "stable_rank", "density"):
+                if key in y:
+                    assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (y["name"], key)

@@ -40,6 +40,7 @@ from .metrics import (
 )
 from .metrics.trajectory import LockingOnset, locking_onset, rank_curve, subspace_similarity
 from .report import Report
+from .shared_base import compare_many
 from .track import Tracker
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "WeightgeoError",
     "__version__",
     "compare",
+    "compare_many",
     "locking_onset",
     "open_checkpoint",
     "principal_angles",

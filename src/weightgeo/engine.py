@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint, align, compile_filter, layer_index, module_t
 from .distributed import balanced_shards, current_world
 from .devices import resolve_device
 from .errors import WeightgeoError
+from .linalg.pairwise import BaseSpectrum
 from .metrics.pair import ALL_METRICS, PAIR_METRICS, batched_pair_metrics
 from .metrics.sparsity import _unchanged_count
 from .readahead import ReadAhead
@@ -118,12 +119,7 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
     """
     chosen = resolve_metrics(metrics)
     dev = resolve_device(device)
-    if side not in ("right", "left"):
-        raise WeightgeoError(f"side={side!r}; use 'right' (input side, V) or 'left' (output side, U)")
-    if batch_bytes is not None and (isinstance(batch_bytes, bool) or int(batch_bytes) != batch_bytes
-                                    or batch_bytes < 0):
-        raise WeightgeoError(f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
-                             f"at a time), or None for the default")
+    _check_options(side, batch_bytes)
     keep = compile_filter(include, exclude)
     t0 = time.perf_counter()
     b = open_checkpoint(base)
@@ -148,25 +144,46 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None,
     finally:
         b.close()
         f.close()
-    indexed = sorted((pair for part in per_rank for pair in part["rows"]), key=lambda p: p[0])
-    rows = [row for _, row in indexed]
+    params = {"k": k, "side": side, "rank": rank, "alpha": alpha, "eta": eta, "include": include,
+              "exclude": exclude, "batch_bytes": batch_bytes}
+    return _report(b, f, [pair for part in per_rank for pair in part["rows"]], chosen=chosen, params=params,
+                   device=dev, world_size=world.size,
+                   ranks=[{key: val for key, val in part.items() if key != "rows"} for part in per_rank],
+                   seconds=time.perf_counter() - t0, plan=(skipped, partial, alignment))
+
+
+def _check_options(side: str, batch_bytes: int | None) -> None:
+    if side not in ("right", "left"):
+        raise WeightgeoError(f"side={side!r}; use 'right' (input side, V) or 'left' (output side, U)")
+    if batch_bytes is not None and (isinstance(batch_bytes, bool) or int(batch_bytes) != batch_bytes
+                                    or batch_bytes < 0):
+        raise WeightgeoError(f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
+                             f"at a time), or None for the default")
+
+
+def _report(b: Checkpoint, f: Checkpoint, indexed_rows: list[tuple[int, dict[str, Any]]], *,
+            chosen: tuple[str, ...], params: dict[str, Any], device: torch.device, world_size: int,
+            ranks: list[dict[str, Any]], seconds: float, plan: tuple[Any, Any, Any], **extra: Any) -> Report:
+    """The Report of one (base, ft) comparison from its ``(job index, row)`` pairs and its plan."""
+    skipped, partial, alignment = plan
+    rows = [row for _, row in sorted(indexed_rows, key=lambda p: p[0])]
     meta = {
         "weightgeo_version": __version__,
         "kind": "compare",
         "base": b.source,
         "ft": f.source,
         "metrics": list(chosen),
-        "params": {"k": k, "side": side, "rank": rank, "alpha": alpha, "eta": eta,
-                   "include": include, "exclude": exclude, "batch_bytes": batch_bytes},
-        "device": str(dev),
-        "world_size": world.size,
-        "ranks": [{key: val for key, val in part.items() if key != "rows"} for part in per_rank],
+        "params": params,
+        "device": str(device),
+        "world_size": world_size,
+        "ranks": ranks,
         "torch_version": torch.__version__,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
         "skipped": skipped,
         "partial": partial,
         "unmatched": {"only_base": alignment.only_base, "only_ft": alignment.only_ft},
         "tied": alignment.tied,
+        **extra,
     }
     return Report(rows=rows, summary=summarize_rows(rows), meta=meta)
 
@@ -318,7 +335,7 @@ def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[
     with ReadAhead(reads(), budget=ahead_bytes, background=b.pure_io and f.pure_io) as ahead:
         for unit, data in ahead:
             if isinstance(unit, _Group):
-                done = _group_rows(b, jobs, unit, *data, chosen, pair_metrics, device=device, **opts)
+                done = _group_rows(b, jobs, unit.members, *data, chosen, pair_metrics, device=device, **opts)
             else:
                 s, e, c0, c1 = data
                 job = jobs[unit]
@@ -335,25 +352,26 @@ def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[
     return out
 
 
-def _group_rows(b: Checkpoint, jobs: Sequence[_Job], g: _Group, W0: torch.Tensor, W1: torch.Tensor,
-                chosen: tuple[str, ...], pair_metrics: frozenset[str], *, device: torch.device, **opts: Any
-                ) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of one shape group: the elementwise pass per member (row chunks of the tensors already read,
-    which also checks finiteness), then one batched pair kernel on ``device``."""
-    rows = [_base_row(b, jobs[i]) for i in g.members]
-    for row, i, w0, w1 in zip(rows, g.members, W0, W1):
+def _group_rows(b: Checkpoint, jobs: Sequence[_Job], members: Sequence[int], W0: torch.Tensor, W1: torch.Tensor,
+                chosen: tuple[str, ...], pair_metrics: frozenset[str], *, device: torch.device,
+                base: BaseSpectrum | None = None, **opts: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of one shape group (``members``: job indices, stacked in ``W0``/``W1``): the elementwise pass per
+    member (row chunks of the tensors already read, which also checks finiteness), then one batched pair
+    kernel on ``device`` (``base``: W0's decomposition when the caller has it)."""
+    rows = [_base_row(b, jobs[i]) for i in members]
+    for row, i, w0, w1 in zip(rows, members, W0, W1):
         unchanged = _chunked_unchanged(jobs[i].key, lambda s, e: (w0[s:e], w1[s:e]), jobs[i].rows, jobs[i].shape,
                                        opts["eta"])
         _finish_sparsity(row, jobs[i], unchanged, chosen)
     try:
         found = batched_pair_metrics(W0.to(device, non_blocking=True), W1.to(device, non_blocking=True),
-                                     metrics=pair_metrics, **opts)
+                                     metrics=pair_metrics, base=base, **opts)
     except WeightgeoError as e:
-        names = ", ".join(repr(jobs[i].key) for i in g.members)
-        raise WeightgeoError(f"tensor{'s' if len(g.members) > 1 else ''} {names}: {e}") from e
+        names = ", ".join(repr(jobs[i].key) for i in members)
+        raise WeightgeoError(f"tensor{'s' if len(members) > 1 else ''} {names}: {e}") from e
     for row, extra in zip(rows, found):
         row.update(extra)
-    return list(zip(g.members, rows))
+    return list(zip(members, rows))
 
 
 def _read_chunk(b: Checkpoint, f: Checkpoint, job: _Job, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,21 +382,22 @@ def _read_chunk(b: Checkpoint, f: Checkpoint, job: _Job, s: int, e: int) -> tupl
 
 def _read_group(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], g: _Group, pin: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sides of a group stacked as stored ([B, rows, cols]), filled one member at a time."""
-    stacks = []
-    for ck, attr in ((b, "base_name"), (f, "ft_name")):
-        first = jobs[g.members[0]]
-        if len(g.members) == 1 and not pin:  # no stacking copy (an embedding is the largest single read)
-            stacks.append(_read(ck, getattr(first, attr), first.rows)[None])
-            continue
-        dtype = ck.info(getattr(first, attr)).dtype
-        W = torch.empty((len(g.members), first.rows, first.shape[1]), dtype=dtype, pin_memory=pin)
-        for slot, i in enumerate(g.members):
-            # A NumPy byte copy, not Tensor.copy_: no torch kernel (and no OpenMP team) in the reader thread.
-            W[slot].view(torch.uint8).numpy()[...] = _read(ck, getattr(jobs[i], attr), jobs[i].rows).view(
-                torch.uint8).numpy()
-        stacks.append(W)
-    return stacks[0], stacks[1]
+    """Both sides of a group stacked as stored ([B, rows, cols])."""
+    members = [jobs[i] for i in g.members]
+    return (_read_stack(b, [j.base_name for j in members], members[0].rows, pin),
+            _read_stack(f, [j.ft_name for j in members], members[0].rows, pin))
+
+
+def _read_stack(ck: Checkpoint, names: Sequence[str], rows: int, pin: bool) -> torch.Tensor:
+    """Same-shape tensors ``names`` (first ``rows`` rows each) stacked as stored, filled one at a time."""
+    if len(names) == 1 and not pin:  # no stacking copy (an embedding is the largest single read)
+        return _read(ck, names[0], rows)[None]
+    info = ck.info(names[0])
+    W = torch.empty((len(names), rows, *info.shape[1:]), dtype=info.dtype, pin_memory=pin)
+    for slot, name in enumerate(names):
+        # A NumPy byte copy, not Tensor.copy_: no torch kernel (and no OpenMP team) in the reader thread.
+        W[slot].view(torch.uint8).numpy()[...] = _read(ck, name, rows).view(torch.uint8).numpy()
+    return W
 
 
 def _chunk_spans(job: _Job) -> list[tuple[int, int, int]]:

@@ -48,7 +48,7 @@ Everything is batched over leading dimensions, device-agnostic, torch only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -170,6 +170,17 @@ class BaseSpectrum:
     def rank(self) -> torch.Tensor:
         """Numerical rank ``#{σᵢ > max(m, n)·eps·σ₁}`` per matrix ([...] int64)."""
         return self.decomposition.rank()
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "BaseSpectrum":
+        """The members ``index`` of a batched base ([B, ...] -> [len(index), ...]), without recomputing."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.A.device)
+        d = self.decomposition
+        pick = (lambda t: None if t is None else t[idx.to(t.device)])
+        dec = replace(d, S=pick(d.S), vectors=pick(d.vectors), gram_eigenvalues=pick(d.gram_eigenvalues),
+                      refined_mask=pick(d.refined_mask),
+                      refined=bool(d.refined_mask[idx.to(d.refined_mask.device)].any())
+                      if d.refined_mask is not None else False)
+        return BaseSpectrum(self.A[idx], self.transposed, dec, self.V_c[idx])
 
 
 def _rank(s: torch.Tensor, big: int, eps: float) -> torch.Tensor:

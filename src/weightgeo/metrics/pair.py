@@ -16,7 +16,8 @@ from typing import AbstractSet
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.pairwise import PairGeometry, _pair_geometry, _products, _tall_like, base_spectrum, pair_products
+from ..linalg.pairwise import (BaseSpectrum, PairGeometry, _pair_geometry, _products, _tall_like, base_spectrum,
+                               pair_products)
 from ..linalg.spectra import stable_rank_from_values
 from ..linalg.svd import _check_side
 from ._inputs import check_pair, same_compute_dtype
@@ -88,6 +89,7 @@ def batched_pair_metrics(
     rank: int,
     alpha: float,
     eta: float,
+    base: BaseSpectrum | None = None,
 ) -> list[dict[str, float]]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
@@ -95,12 +97,15 @@ def batched_pair_metrics(
     products, one batched eigenproblem. Inputs are trusted (finite, same compute dtype, options checked).
     Results equal the per-matrix ones: the ill-conditioned fallbacks are decided per member, and where one
     member's effective k differs from the batch's (a rank-deficient matrix) the group is done per matrix.
+    ``base``: :func:`~weightgeo.linalg.pairwise.base_spectrum` of ``w0`` when the caller already has it
+    (several fine-tunes of one base decompose it once).
     """
     B = w0.shape[0]
     rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
     out: list[dict[str, float]] = [{} for _ in range(B)]
-    base = base_spectrum(w0) if (rot or nss or loc) else None
+    if base is None and (rot or nss or loc):
+        base = base_spectrum(w0)
     if rot or nss or srank:
         sides = (side,) if rot else ()
         if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
@@ -114,7 +119,8 @@ def batched_pair_metrics(
             g = _pair_geometry(base, A1, prod, k=k, sides=sides)  # type: ignore[arg-type]
             if B > 1 and _k_varies(g, k):
                 return [batched_pair_metrics(w0[i:i + 1], w1[i:i + 1], metrics=metrics, k=k, side=side, rank=rank,
-                                             alpha=alpha, eta=eta)[0] for i in range(B)]
+                                             alpha=alpha, eta=eta, base=base.select([i]))[0]  # type: ignore[union-attr]
+                        for i in range(B)]
             for i, row in enumerate(out):
                 if rot:
                     row.update(_rotation_stats(g, side, i))
