@@ -24,6 +24,23 @@ def test_compare_prints_table_and_summary_and_writes_json(tmp_path, capsys):
     assert set(data) == {"rows", "summary", "meta"} and data["meta"]["params"]["k"] == 4
 
 
+def test_several_fine_tunes_write_one_report_each(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    f2 = write_hf_checkpoint(tmp_path / "f2", {k: (v.float() * 1.05).to(v.dtype)
+                                               for k, v in tiny_llama_state(num_layers=1, hidden=8, intermediate=16,
+                                                                            vocab=20).items()})
+    out = tmp_path / "r.json"
+    assert main(["compare", str(b), str(f), str(f2), "--k", "4", "--rank", "2", "--summary", "--no-progress",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"== {f} ==" in text and f"== {f2} ==" in text
+    reports = [json.loads((tmp_path / f"r-{i}.json").read_text()) for i in (1, 2)]
+    assert [r["meta"]["ft"] for r in reports] == [str(f), str(f2)]
+    assert all(r["meta"]["shared_base"] for r in reports)
+    drift = [r["summary"]["spectral_drift"] for r in reports]
+    assert drift[0] < drift[1]
+
+
 def test_summary_only_and_csv(tmp_path, capsys):
     b, f = _pair(tmp_path)
     out = tmp_path / "r.csv"

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compare FT against BASE: update sparsity, principal angles, spectral drift, "
                                    "update localization and stable rank, per tensor and for the whole model.")
     c.add_argument("base", help="base checkpoint: HF dir, .safetensors/.bin file, or hub id")
-    c.add_argument("ft", help="fine-tuned checkpoint (or a PEFT LoRA adapter dir applied to BASE)")
+    c.add_argument("ft", nargs="+", help="fine-tuned checkpoint (or a PEFT LoRA adapter dir applied to BASE); "
+                                         "several: each compared with BASE, which is read and decomposed once")
     c.add_argument("--metrics", nargs="+", metavar="NAME", default=None,
                    help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)")
     c.add_argument("--k", type=int, default=512, help="top-k subspace size for principal angles (default 512)")
@@ -69,17 +70,18 @@ def _filters(values: list[str] | None) -> str | list[str] | None:
     return values[0] if len(values) == 1 else values
 
 
-def _emit(report, args: argparse.Namespace) -> None:
+def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
     print(report.summary_text() if args.summary else str(report))
-    if args.out is not None:
-        suffix = args.out.suffix.lower()
+    out = args.out if out is None else out
+    if out is not None:
+        suffix = out.suffix.lower()
         if suffix == ".csv":
-            report.to_csv(args.out)
+            report.to_csv(out)
         elif suffix == ".json":
-            report.to_json(args.out)
+            report.to_json(out)
         else:
-            raise WeightgeoError(f"--out {args.out}: unknown format {suffix!r}; use a .json or .csv path")
-        print(f"wrote {args.out}", file=sys.stderr)
+            raise WeightgeoError(f"--out {out}: unknown format {suffix!r}; use a .json or .csv path")
+        print(f"wrote {out}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -88,12 +90,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         if args.out is not None and args.out.suffix.lower() not in (".json", ".csv"):
             raise WeightgeoError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .json or .csv path")
-        report = weightgeo.compare(args.base, args.ft, metrics=args.metrics, include=_filters(args.include),
-                                   exclude=_filters(args.exclude), k=args.k, side=args.side, rank=args.rank,
-                                   alpha=args.alpha, eta=args.eta, device=args.device,
-                                   batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
-                                   progress=not args.no_progress)
-        _emit(report, args)
+        opts = dict(metrics=args.metrics, include=_filters(args.include), exclude=_filters(args.exclude), k=args.k,
+                    side=args.side, rank=args.rank, alpha=args.alpha, eta=args.eta, device=args.device,
+                    batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
+                    progress=not args.no_progress)
+        if len(args.ft) == 1:
+            _emit(weightgeo.compare(args.base, args.ft[0], **opts), args)
+            return 0
+        # Several fine-tunes: one report each, in order; --out PATH becomes PATH-1.json, PATH-2.json, ...
+        for i, report in enumerate(weightgeo.compare_many(args.base, args.ft, **opts), start=1):
+            print(f"== {report.meta['ft']} ==")
+            out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
+            _emit(report, args, out)
         return 0
     if args.command == "trajectory":
         report = weightgeo.rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
