@@ -417,6 +417,8 @@ def _base_row(b: Checkpoint, job: _Job) -> dict[str, Any]:
     }
     if job.rows_added:
         row["rows_compared"], row["rows_added"] = job.rows, job.rows_added
+    if len(job.shape) == 2 and b.in_out_layout(job.base_name):
+        row["layout"] = "in_out"  # stored [in, out] (Conv1D): side="right" is its output side
     return row
 
 

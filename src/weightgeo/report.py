@@ -249,6 +249,11 @@ class Report:
             if names:
                 lines.append(f"{side}: {len(names)} tensor(s) without a partner: " + ", ".join(names[:5])
                              + (" ..." if len(names) > 5 else ""))
+        in_out = [r["name"] for r in self.rows if r.get("layout") == "in_out"]
+        if in_out:
+            lines.append(f"{len(in_out)} matri{'x is' if len(in_out) == 1 else 'ces are'} stored [in, out] "
+                         f"(Conv1D, e.g. {in_out[0]}): there side='right' is the output side; use side='left' "
+                         f"for their input side")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -121,6 +121,14 @@ class Checkpoint(abc.ABC):
         """For adapter-backed checkpoints, the update of ``name`` kept factored; else ``None``."""
         return None
 
+    def in_out_layout(self, name: str) -> bool:
+        """True when the 2-D tensor ``name`` is stored [in, out] (transformers ``Conv1D``, e.g. GPT-2), so its
+        stored right singular side is the output side. From ``config.json``'s model_type, or from the module
+        classes when the source was an ``nn.Module``."""
+        from .names import stored_in_out
+
+        return name in getattr(self, "_in_out_names", ()) or stored_in_out(name, self.config)
+
     def close(self) -> None:
         """Release file handles (safe to call twice)."""
 

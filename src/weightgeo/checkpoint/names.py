@@ -13,11 +13,11 @@ prefixes so that tensors align; the other helpers read structure out of a name.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import WeightgeoError
 
-__all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "PRESETS"]
+__all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "stored_in_out", "PRESETS"]
 
 # Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
 _PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
@@ -181,3 +181,22 @@ def compile_filter(include: str | Sequence[str] | None = None,
         return not any(f(c, s) for f in exc)
 
     return keep
+
+
+# transformers' ``Conv1D`` (GPT-2 and the architectures built from its blocks) stores y = x W + b with W [in, out].
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer"})
+_CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
+def stored_in_out(name: str, config: Mapping[str, Any]) -> bool:
+    """True for a weight stored [in, out] (a transformers ``Conv1D``), judged from ``config.json``'s model_type.
+
+    Their stored right singular side is the *output* side: ``side="left"`` gives the input side there.
+
+    >>> stored_in_out("transformer.h.0.attn.c_attn.weight", {"model_type": "gpt2"})
+    True
+    >>> stored_in_out("model.layers.0.self_attn.q_proj.weight", {"model_type": "llama"})
+    False
+    """
+    return (config.get("model_type") in _CONV1D_MODEL_TYPES and name.endswith(".weight")
+            and module_type(name) in _CONV1D_MODULES)
