@@ -12,6 +12,7 @@ vocabulary matrix are not part of the paper's suite, and its exact SVD alone wou
   (and separately with the base reused: the amortised figure for several fine-tunes / checkpoints).
 * optional (``--compare``): the whole ``weightgeo.compare`` suite on two safetensors files in a
   subprocess under ``/usr/bin/time -v`` (wall, streaming GB/s, peak RSS).
+* optional (``--many N``): ``weightgeo.compare_many`` on a base and N fine-tunes against N ``compare`` calls.
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_compare.py``.
 Prints a markdown table. Timings on a shared machine are noisy: compare ratios from one run.
@@ -20,7 +21,6 @@ Prints a markdown table. Timings on a shared machine are noisy: compare ratios f
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -87,6 +87,35 @@ def run_compare(layers, rel, seed):
     return (wall, nbytes / wall / 1e9, rss), None
 
 
+def run_many(layers, rel, seed, n):
+    """``compare_many(base, [ft_1..ft_n])`` against n ``compare(base, ft_i)`` calls, in this process."""
+    import weightgeo
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    d = tempfile.mkdtemp(prefix="wg_many_")
+    base, fts = {}, [{} for _ in range(n)]
+    for layer in range(layers):
+        for name, (m, n_) in SHAPES.items():
+            kind = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"model.layers.{layer}.{kind}.{name}.weight"
+            base[key], fts[0][key] = make_pair(m, n_, rel, gen)
+            w = base[key].float()
+            rms = w.pow(2).mean().sqrt()
+            for ft in fts[1:]:
+                ft[key] = (w + rel * rms * torch.randn(w.shape, generator=gen)).bfloat16()
+    save_file(base, os.path.join(d, "base.safetensors"))
+    paths = []
+    for i, ft in enumerate(fts):
+        paths.append(os.path.join(d, f"ft{i}.safetensors"))
+        save_file(ft, paths[-1])
+    b = os.path.join(d, "base.safetensors")
+    weightgeo.compare(b, paths[0], progress=False, include=r"layers\.0\.")  # warm-up
+    t_sep, _ = timed(lambda: [weightgeo.compare(b, p, progress=False) for p in paths])
+    t_many, _ = timed(lambda: weightgeo.compare_many(b, paths, progress=False))
+    return t_sep, t_many
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=24)
@@ -96,6 +125,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--compare", action="store_true", help="also time the whole weightgeo.compare suite")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--many", type=int, default=0, metavar="N",
+                    help="also time compare_many(base, N fine-tunes) against N compare calls")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -146,6 +177,12 @@ def main() -> None:
             print("\n| weightgeo.compare suite | wall (s) | streaming (GB/s, both files) | peak RSS (GiB) |")
             print("|---|---|---|---|")
             print(f"| {a.layers} layers | {wall:.1f} | {gbs:.3f} | {rss:.2f} |")
+    if a.many:
+        t_sep, t_many = run_many(a.layers, a.rel, a.seed, a.many)
+        print(f"\n| fine-tunes of one base ({a.layers} layers, all metrics) | {a.many} × compare (s) | "
+              "compare_many (s) | ratio |")
+        print("|---|---|---|---|")
+        print(f"| {a.many} | {t_sep:.2f} | {t_many:.2f} | {t_many / t_sep:.2f} |")
 
 
 if __name__ == "__main__":
