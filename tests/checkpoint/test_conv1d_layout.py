@@ -39,3 +39,17 @@ def test_linear_checkpoints_are_not_flagged(tmp_path):
     r = weightgeo.compare(b, b, k=2, rank=2, progress=False)
     assert not any("layout" in row for row in r.rows)
     assert "stored [in, out]" not in r.summary_text()
+
+
+def test_trajectory_meta_lists_conv1d_matrices(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _gpt2(transformers, 0)
+    g = torch.Generator().manual_seed(2)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    for step in (0, 5, 10):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(1e-3 * step * direction[n])
+        model.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    r = weightgeo.rank_curve(tmp_path / "run", include="attention", k=2, hill_k=2)
+    assert r.meta["in_out_layout"] and all("c_attn" in n or "c_proj" in n for n in r.meta["in_out_layout"])

@@ -399,6 +399,9 @@ def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: A
                 "skipped": list(reader.skipped), "unmatched": reader.unmatched,
                 "torch_version": torch.__version__, "world_size": world.size,
                 "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
+        in_out = [e.key for e in full_plan if reader.base.in_out_layout(e.base_name)]
+        if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
+            meta["in_out_layout"] = in_out
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return s, records, meta
 
