@@ -272,8 +272,20 @@ def _member_cost(job: _Job, b: Checkpoint, f: Checkpoint) -> tuple[int, int]:
     cols = job.shape[1]
     item = b.info(job.base_name).dtype.itemsize + f.info(job.ft_name).dtype.itemsize
     inputs = job.rows * cols * item
-    p = min(job.rows, cols)
-    return inputs, inputs + 12 * 8 * p * p
+    return inputs, inputs + _small_problem_bytes(job.rows, cols)
+
+
+def _small_problem_bytes(rows: int, cols: int) -> int:
+    """Working set of one matrix's small problems: about a dozen float64 small-side square matrices."""
+    return 12 * 8 * min(rows, cols) ** 2
+
+
+def _ahead_bytes(largest: int, budget: int) -> int:
+    """Read-ahead budget: room for the group being computed plus about one budget's worth read ahead (not a
+    second copy of the largest group: behind a 545 MB embedding that would double the peak), or a few row
+    chunks for the elementwise stream (the sparsity pass stays at a few tens of MB however large the
+    checkpoint)."""
+    return largest + min(largest, budget) + _AHEAD_CHUNKS * 2 * 4 * _CHUNK_ELEMENTS
 
 
 def _groups(jobs: Sequence[_Job], mine: Sequence[int], b: Checkpoint, f: Checkpoint, budget: int
@@ -327,11 +339,7 @@ def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[
 
     out: list[tuple[int, dict[str, Any]]] = []
     counts: dict[int, int] = {}
-    # Room for the group being computed plus about one budget's worth read ahead (not a second copy of the
-    # largest group: behind a 545 MB embedding that would double the peak), or a few row chunks for the
-    # elementwise stream (the sparsity pass stays at a few tens of MB however large the checkpoint).
-    largest = max((g.nbytes for g in groups), default=0)
-    ahead_bytes = largest + min(largest, budget) + _AHEAD_CHUNKS * 2 * 4 * _CHUNK_ELEMENTS
+    ahead_bytes = _ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
     with ReadAhead(reads(), budget=ahead_bytes, background=b.pure_io and f.pure_io) as ahead:
         for unit, data in ahead:
             if isinstance(unit, _Group):
@@ -354,18 +362,20 @@ def _analyse(b: Checkpoint, f: Checkpoint, jobs: Sequence[_Job], mine: Sequence[
 
 def _group_rows(b: Checkpoint, jobs: Sequence[_Job], members: Sequence[int], W0: torch.Tensor, W1: torch.Tensor,
                 chosen: tuple[str, ...], pair_metrics: frozenset[str], *, device: torch.device,
-                base: BaseSpectrum | None = None, **opts: Any) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of one shape group (``members``: job indices, stacked in ``W0``/``W1``): the elementwise pass per
-    member (row chunks of the tensors already read, which also checks finiteness), then one batched pair
-    kernel on ``device`` (``base``: W0's decomposition when the caller has it)."""
+                base: BaseSpectrum | None = None, W0_device: torch.Tensor | None = None, **opts: Any
+                ) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of one shape group (``members``: job indices, stacked in ``W0``/``W1`` on the host): the
+    elementwise pass per member (row chunks of the tensors already read, which also checks finiteness), then
+    one batched pair kernel on ``device``. ``base`` and ``W0_device``: W0's decomposition and its copy on
+    ``device`` when the caller already has them (several fine-tunes of one base)."""
     rows = [_base_row(b, jobs[i]) for i in members]
     for row, i, w0, w1 in zip(rows, members, W0, W1):
         unchanged = _chunked_unchanged(jobs[i].key, lambda s, e: (w0[s:e], w1[s:e]), jobs[i].rows, jobs[i].shape,
                                        opts["eta"])
         _finish_sparsity(row, jobs[i], unchanged, chosen)
     try:
-        found = batched_pair_metrics(W0.to(device, non_blocking=True), W1.to(device, non_blocking=True),
-                                     metrics=pair_metrics, base=base, **opts)
+        W0d = W0.to(device, non_blocking=True) if W0_device is None else W0_device
+        found = batched_pair_metrics(W0d, W1.to(device, non_blocking=True), metrics=pair_metrics, base=base, **opts)
     except WeightgeoError as e:
         names = ", ".join(repr(jobs[i].key) for i in members)
         raise WeightgeoError(f"tensor{'s' if len(members) > 1 else ''} {names}: {e}") from e

@@ -21,8 +21,8 @@ import torch
 from .checkpoint import Checkpoint, compile_filter, open_checkpoint
 from .devices import resolve_device
 from .distributed import balanced_shards, current_world
-from .engine import (_AHEAD_CHUNKS, _CHUNK_ELEMENTS, _analyse, _check_options, _default_batch_bytes, _group_rows,
-                     _Job, _plan, _progress, _read_stack, _report, resolve_metrics)
+from .engine import (_ahead_bytes, _analyse, _check_options, _default_batch_bytes, _group_rows, _Job, _plan,
+                     _progress, _read_stack, _report, _small_problem_bytes, resolve_metrics)
 from .errors import WeightgeoError
 from .linalg.pairwise import base_spectrum
 from .metrics.pair import PAIR_METRICS
@@ -156,7 +156,7 @@ def _shared_groups(b: Checkpoint, fs: Sequence[Checkpoint], jobs: Sequence[Seque
     for (shape, dtype, ft_dtypes), names in by_key.items():
         rows, cols = shape
         inputs = rows * cols * (dtype.itemsize + sum(d.itemsize for d in ft_dtypes if d is not None))
-        cost = inputs + 12 * 8 * min(rows, cols) ** 2 * 2  # base and one fine-tune's small problems at a time
+        cost = inputs + 2 * _small_problem_bytes(rows, cols)  # the base's and one fine-tune's at a time
         size = max(1, budget // max(cost, 1))
         for s in range(0, len(names), size):
             part = tuple(names[s:s + size])
@@ -181,8 +181,7 @@ def _analyse_shared(b: Checkpoint, fs: Sequence[Checkpoint], jobs: Sequence[Sequ
         return g, W0, W1s
 
     needs_base = bool(pair_metrics & {"principal_overlap", "spectral_drift", "update_localization"})
-    largest = max((g.nbytes for g in groups), default=0)
-    ahead = largest + min(largest, budget) + _AHEAD_CHUNKS * 2 * 4 * _CHUNK_ELEMENTS
+    ahead = _ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
     background = b.pure_io and all(f.pure_io for f in fs)
     with ReadAhead(((g.nbytes, (lambda g=g: read(g))) for g in groups), budget=ahead,
                    background=background) as stream:
@@ -193,7 +192,7 @@ def _analyse_shared(b: Checkpoint, fs: Sequence[Checkpoint], jobs: Sequence[Sequ
                 if W1 is None:
                     continue
                 done = _group_rows(b, jobs[i], [j for _, j in g.present[i]], W0, W1, chosen, pair_metrics,
-                                   device=device, base=spec, **opts)
+                                   device=device, base=spec, W0_device=W0d, **opts)
                 local[i].extend(done)
                 if bar is not None:
                     bar.update(len(done))

@@ -64,6 +64,8 @@ class Checkpoint(abc.ABC):
     #: (A torch kernel there starts a second OpenMP team, whose spin-waiting halves the speed of the
     #: linear algebra running in the main thread on a small machine.)
     pure_io: bool = False
+    #: stored names of 2-D weights known to be stored [in, out] whatever the config (see :meth:`in_out_layout`)
+    in_out_names: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self.config = {}
@@ -127,7 +129,7 @@ class Checkpoint(abc.ABC):
         classes when the source was an ``nn.Module``."""
         from .names import stored_in_out
 
-        return name in getattr(self, "_in_out_names", ()) or stored_in_out(name, self.config)
+        return name in self.in_out_names or stored_in_out(name, self.config)
 
     def close(self) -> None:
         """Release file handles (safe to call twice)."""

@@ -50,12 +50,11 @@ def open_checkpoint(source: Any, *, base: Any = None, revision: str | None = Non
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, torch.nn.Module):
-        ckpt = StateDictCheckpoint(source.state_dict(), source=type(source).__name__,
-                                   config=_module_config(source))
         # transformers' Conv1D (GPT-2 style) stores W as [in, out]; known from the class, whatever the config
-        ckpt._in_out_names = {f"{name}.weight" if name else "weight" for name, mod in source.named_modules()
-                              if type(mod).__name__ == "Conv1D"}
-        return ckpt
+        conv1d = [f"{name}.weight" if name else "weight" for name, mod in source.named_modules()
+                  if type(mod).__name__ == "Conv1D"]
+        return StateDictCheckpoint(source.state_dict(), source=type(source).__name__,
+                                   config=_module_config(source), in_out_names=conv1d)
     if isinstance(source, Mapping):
         return StateDictCheckpoint(source, source="state_dict")
     if isinstance(source, (str, os.PathLike)):

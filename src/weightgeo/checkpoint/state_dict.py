@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -21,11 +21,12 @@ __all__ = ["StateDictCheckpoint"]
 class StateDictCheckpoint(Checkpoint):
     """A mapping of name -> tensor; tensors are detached (shared with the source, not copied).
 
-    ``get`` returns the detached tensor moved to CPU; treat it as read-only.
+    ``get`` returns the detached tensor moved to CPU; treat it as read-only. ``in_out_names``: weights stored
+    [in, out] (transformers ``Conv1D``), when known from the module classes.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, source: str = "state_dict",
-                 config: Mapping[str, Any] | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, in_out_names: Iterable[str] = ()) -> None:
         super().__init__()
         bad = [(k, type(v).__name__) for k, v in tensors.items()
                if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -35,6 +36,7 @@ class StateDictCheckpoint(Checkpoint):
         self._tensors = {k: v.detach() for k, v in tensors.items()}
         self.source = source
         self.config = dict(config or {})
+        self.in_out_names = frozenset(in_out_names)
 
     def _infos(self) -> dict[str, TensorInfo]:
         return {k: TensorInfo(k, tuple(v.shape), v.dtype) for k, v in self._tensors.items()}

@@ -4,14 +4,11 @@ Method ("base-relative Gram", docs/numerics.md):
 
 Orient every matrix tall (``A = W`` if ``m ≥ n`` else ``Wᵀ``; ``n = p = min(m, n)`` is the small side).
 
-1. Base, once per W0 (:class:`BaseSpectrum`, reusable across fine-tunes and checkpoints):
-   ``G0 = A0ᵀA0`` by one GEMM in the compute dtype (float32 for bf16/fp16/fp32 inputs: the products
-   of bf16 values are exact, only the accumulation rounds), then ``G0 = V Λ0 Vᵀ`` by ``eigh`` in
-   float64. The float32 rounding of ``G0`` is common to both sides of the pair (step 2 adds to the
-   same ``G0``), so it enters the angles and NSS only at second order: measured ≤ 0.6 % of the
-   tolerance on every case of docs/numerics.md.
+1. Base, once per W0 (:class:`BaseSpectrum`, reusable across fine-tunes and checkpoints): the policy's
+   :func:`~weightgeo.linalg.svd.decompose`, i.e. ``G0 = A0ᵀA0`` formed in float64 (row blocks upcast
+   one at a time) and ``G0 = V Λ0 Vᵀ`` by ``eigh`` in float64.
 2. Pair: ``D = A1ᵀA1 − A0ᵀA0 = ½[(A0+A1)ᵀΔ + Δᵀ(A0+A1)]`` from ``Δ = A1 − A0`` (exact for bf16 pairs),
-   one GEMM in the compute dtype, so it is accurate relative to ``‖Δ‖``, not to ``‖A‖``; then
+   summed over row blocks in the compute dtype, so it is accurate relative to ``‖Δ‖``, not to ``‖A‖``; then
    ``F = VᵀDV`` (two n×n GEMMs, float32) and ``M1 = Λ0 + F`` in float64. ``M1`` is W1's Gram in W0's
    eigenbasis: ``eigh(M1) = Q diag(μ) Qᵀ`` in float64 gives σ(W1) = √μ and W1's small-side singular
    vectors ``V Q``.
@@ -30,7 +27,7 @@ float64 while all O(m·n²) work stays in the inputs' precision.
 
 Error bound (measured, docs/numerics.md): angles within ``1e-5·(2 % + 0.005°)`` of float64 NumPy,
 NSS within 5e-6 relative, on all Qwen2.5-0.5B-shaped cases incl. σ_k/σ_{k+1} = 1.001. What limits
-it is the float32 rounding of ``G0``, ``D`` and ``F`` (relative ``~√m·eps32`` of ``‖A‖²``, ``‖D‖``, ``‖F‖``),
+it is the float32 rounding of ``D`` and ``F`` (relative ``~√m·eps32`` of ``‖D‖`` and ``‖F‖``),
 i.e. the same order as perturbing the inputs by one float32 ulp, which the float64 problem itself
 amplifies to ≤ 4 % of the tolerance (the problem's own conditioning).
 
@@ -55,13 +52,12 @@ import torch
 
 from ..errors import WeightgeoError
 from .spectra import spectral_shift
-from .svd import Decomposition, compute_dtype, decompose
+from .svd import _CHUNK_ELEMENTS, Decomposition, compute_dtype, decompose
 
 __all__ = ["BaseSpectrum", "PairGeometry", "base_spectrum", "pair_geometry"]
 
 _SIDES = ("right", "left")
 _REFINE_BELOW = 1e-6  # the policy's conditioning threshold (linalg/svd.py): below it, values come from LAPACK
-_CHUNK_ELEMENTS = 1 << 22  # row blocks upcast at a time by _products (16 MiB per float32 block)
 
 
 def _as_matrix(W: torch.Tensor, what: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import WeightgeoError
 from ..linalg.pairwise import base_spectrum
+from ..linalg.svd import _CHUNK_ELEMENTS  # row blocks: bounded temporaries, whatever the matrix size
 from ._inputs import check_pair, dispatch_compare, wants_dispatch
 from .sparsity import _check_eta, _unchanged
 
@@ -56,7 +57,6 @@ class Localization:
     numel: int
 
 
-_CHUNK_ELEMENTS = 1 << 22  # entries per row block: bounded float32 temporaries, whatever the matrix size
 _CACHE_BELOW = 1 << 24  # matrices up to this many entries keep their reconstruction blocks between passes
 
 

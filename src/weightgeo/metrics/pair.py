@@ -19,7 +19,7 @@ from ..errors import WeightgeoError
 from ..linalg.pairwise import (BaseSpectrum, PairGeometry, _pair_geometry, _products, _tall_like, base_spectrum,
                                pair_products)
 from ..linalg.spectra import stable_rank_from_values
-from ..linalg.svd import _check_side
+from ..linalg.svd import _check_side, _small_side_rows
 from ._inputs import check_pair, same_compute_dtype
 from .localization import _check_loc_args, _localization
 from .rotation import _angles_deg, _check_k
@@ -109,8 +109,7 @@ def batched_pair_metrics(
     if rot or nss or srank:
         sides = (side,) if rot else ()
         if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
-            tall = w0.shape[-2] >= w0.shape[-1]
-            A0, A1 = (w0, w1) if tall else (w0.mT, w1.mT)
+            (A0, _), (A1, _) = _small_side_rows(w0), _small_side_rows(w1)
             prod = _products(A0, A1, None, J=True, fro=True)
         else:
             A1 = _tall_like(base, w1, "W1")
