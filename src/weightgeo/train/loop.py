@@ -1,5 +1,7 @@
 """Pieces every algorithm file shares (the loop's machinery): optimizer, schedules, checkpoint stream, evaluation,
-rollouts, per-step seeding, run log.
+rollouts, per-step seeding, run log, the start / step-end / finish of a run (:func:`begin_run`, :func:`end_step`,
+:func:`finish_run`) and the clipped policy-gradient update of OPD and RLVR (:func:`pg_update`), so that each
+algorithm file holds only what makes it that algorithm.
 
 Checkpoint stream layout (what weightgeo's trajectory tools read)::
 
@@ -13,17 +15,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from .model import generate
+from .losses import clipped_pg_loss
+from .model import generate, response_logprobs
 from .task import AdditionTask
 
 __all__ = ["make_optimizer", "lr_at", "CheckpointStream", "evaluate", "StepCallback", "rollout", "Rollouts",
-           "step_generator", "attach_projection", "set_threads"]
+           "step_generator", "attach_projection", "set_threads", "begin_run", "end_step", "finish_run", "pg_update"]
 
 #: ``on_step(model, step)``: called after every optimizer step (and once with step 0 before training). ``model`` is
 #: a ``GPT`` or an :class:`~weightgeo.train.hf.HFCausalLM` (a transformers model, under its own parameter names).
@@ -144,3 +148,67 @@ def attach_projection(model: nn.Module, initial: dict[str, torch.Tensor], k: int
 
     current = {n: p.detach().to(torch.bfloat16).float() for n, p in model.named_parameters()}
     return SubspaceProjector(model, subspace_bases(current, initial, k=k))
+
+
+def begin_run(model: nn.Module, cfg: Any, run_dir: str | Path, *, algorithm: str, task: AdditionTask,
+              on_step: StepCallback | None) -> tuple[CheckpointStream, torch.optim.AdamW, dict[str, torch.Tensor], dict]:
+    """What every algorithm does before its first step: threads, the checkpoint stream, AdamW, a copy of the
+    starting weights (for ``project_at``), the start evaluation, ``checkpoint-0`` and ``on_step(model, 0)``.
+
+    Returns ``(stream, optimizer, initial weights, summary)``; ``summary["start"]`` holds the evaluation.
+    """
+    set_threads(cfg.threads)
+    stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
+                              config={"algorithm": algorithm, **asdict(cfg)})
+    opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    summary: dict = {"start": evaluate(model, task, n=cfg.eval_n) if cfg.eval_n else {}}
+    stream.save(model, 0, summary["start"])
+    if on_step:
+        on_step(model, 0)
+    return stream, opt, initial, summary
+
+
+def end_step(stream: CheckpointStream, model: nn.Module, step: int, record: dict, *,
+             on_step: StepCallback | None, saved: dict | None = None) -> None:
+    """After optimizer step ``step`` (1-based): log ``record``, call ``on_step``, save a checkpoint when due
+    (with ``saved``, default ``record``, as its metrics; the last step is saved by :func:`finish_run`)."""
+    stream.log(record)
+    if on_step:
+        on_step(model, step)
+    if step != stream.total:
+        stream.maybe_save(model, step, record if saved is None else saved)
+
+
+def finish_run(model: nn.Module, cfg: Any, task: AdditionTask, stream: CheckpointStream, proj: Any, summary: dict,
+               last: dict) -> dict:
+    """The end evaluation, the last checkpoint (metrics ``last`` plus the evaluation), the projector's hooks
+    removed; returns ``summary`` with ``end``, ``checkpoints`` and ``run_dir``."""
+    summary["end"] = evaluate(model, task, n=cfg.eval_n) if cfg.eval_n else {}
+    stream.save(model, cfg.steps, {**last, **summary["end"]})
+    if proj:
+        proj.remove()
+    summary.update(checkpoints=stream.saved, run_dir=str(stream.dir))
+    return summary
+
+
+def pg_update(policy: nn.Module, opt: torch.optim.Optimizer, prompts: torch.Tensor, tokens: torch.Tensor,
+              old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *, micro_batch: int, updates: int,
+              clip_low: float, clip_high: float) -> float:
+    """``updates`` optimizer steps of the clipped policy-gradient loss on one batch of rollouts (OPD and GRPO),
+    accumulated over micro-batches; the loss is normalised by the whole batch's token count, so accumulation
+    does not change it. Returns the last update's summed loss."""
+    n_tok = mask.sum()
+    loss_sum = 0.0
+    for _ in range(updates):
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i in range(0, len(prompts), micro_batch):
+            sl = slice(i, i + micro_batch)
+            logp = response_logprobs(policy, prompts[sl], tokens[sl])
+            loss = clipped_pg_loss(logp, old_logp[sl], adv[sl], mask[sl], clip_low=clip_low, clip_high=clip_high,
+                                   num_tokens=n_tok)
+            loss.backward()
+            loss_sum += loss.item()
+        opt.step()
+    return loss_sum

@@ -15,16 +15,16 @@ The paper's §5 controls are switches of this one loop:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .hf import as_policy
-from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
-                   set_threads, step_generator)
-from .losses import centered_rewards, clipped_pg_loss, mix_advantages, opd_advantages, sparsify_tokens
+from .loop import (StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout,
+                   step_generator)
+from .losses import centered_rewards, mix_advantages, opd_advantages, sparsify_tokens
 from .model import GPT, response_logprobs
 from .task import AdditionTask
 
@@ -70,22 +70,13 @@ def train(student: GPT | PreTrainedModel, teacher: GPT | PreTrainedModel, cfg: O
     student, teacher = as_policy(student), as_policy(teacher)
     if cfg.rollout_source not in ("student", "teacher"):
         raise ValueError(f"rollout_source {cfg.rollout_source!r}: use 'student' or 'teacher'")
-    set_threads(cfg.threads)
     task = task or AdditionTask()
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
-                              config={"algorithm": "opd", **asdict(cfg)})
-    opt = make_optimizer(student, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    initial = {n: p.detach().clone() for n, p in student.named_parameters()}
+    stream, opt, initial, summary = begin_run(student, cfg, run_dir, algorithm="opd", task=task, on_step=on_step)
     proj = None
-    B = cfg.n_prompts * cfg.group_size
-    mb = cfg.micro_batch_size or B
-    summary: dict = {"start": evaluate(student, task, n=cfg.eval_n) if cfg.eval_n else {}}
-    stream.save(student, 0, summary["start"])
-    if on_step:
-        on_step(student, 0)
+    mb = cfg.micro_batch_size or cfg.n_prompts * cfg.group_size
     rec: dict = {}
     for step in range(cfg.steps):
         if cfg.project_at is not None and step == cfg.project_at:
@@ -103,29 +94,10 @@ def train(student: GPT | PreTrainedModel, teacher: GPT | PreTrainedModel, cfg: O
                                         generator=step_generator(cfg.seed, step, 2))
         if cfg.rlvr_alpha < 1.0:
             adv = mix_advantages(adv, centered_rewards(ro["rewards"], cfg.group_size), cfg.rlvr_alpha) * mask
-        n_tok = mask.sum()
         student.train()
-        for _ in range(cfg.updates_per_batch):
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for i in range(0, B, mb):
-                sl = slice(i, i + mb)
-                logp = response_logprobs(student, prompts[sl], tokens[sl])
-                loss = clipped_pg_loss(logp, old_logp[sl], adv[sl], mask[sl], clip_low=cfg.clip_low,
-                                       clip_high=cfg.clip_high, num_tokens=n_tok)
-                loss.backward()
-                loss_sum += loss.item()
-            opt.step()
+        loss_sum = pg_update(student, opt, prompts, tokens, old_logp, adv, mask, micro_batch=mb,
+                             updates=cfg.updates_per_batch, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
         rec = {"step": step + 1, "loss": loss_sum, "reward": ro["rewards"].mean().item(),
-               "reverse_kl": ((old_logp - teacher_logp) * mask).sum().item() / n_tok.item()}
-        stream.log(rec)
-        if on_step:
-            on_step(student, step + 1)
-        if step + 1 != cfg.steps:
-            stream.maybe_save(student, step + 1, rec)
-    summary["end"] = evaluate(student, task, n=cfg.eval_n) if cfg.eval_n else {}
-    stream.save(student, cfg.steps, {**rec, **summary["end"]})
-    if proj:
-        proj.remove()
-    summary.update(checkpoints=stream.saved, run_dir=str(stream.dir))
-    return summary
+               "reverse_kl": ((old_logp - teacher_logp) * mask).sum().item() / mask.sum().item()}
+        end_step(stream, student, step + 1, rec, on_step=on_step)
+    return finish_run(student, cfg, task, stream, proj, summary, rec)

@@ -9,16 +9,16 @@ batch and from the token normaliser; a step with no group left makes no optimize
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .hf import as_policy
-from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, make_optimizer, rollout,
-                   set_threads, step_generator)
-from .losses import clipped_pg_loss, grpo_advantages
+from .loop import (StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout,
+                   step_generator)
+from .losses import grpo_advantages
 from .model import GPT, response_logprobs
 from .task import AdditionTask
 
@@ -58,17 +58,9 @@ def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
     :class:`~weightgeo.train.hf.HFCausalLM`, which ``on_step`` then receives (same parameter names).
     """
     model = as_policy(model)
-    set_threads(cfg.threads)
     task = task or AdditionTask()
-    stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
-                              config={"algorithm": "rlvr", **asdict(cfg)})
-    opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stream, opt, initial, summary = begin_run(model, cfg, run_dir, algorithm="rlvr", task=task, on_step=on_step)
     proj = None
-    summary: dict = {"start": evaluate(model, task, n=cfg.eval_n) if cfg.eval_n else {}}
-    stream.save(model, 0, summary["start"])
-    if on_step:
-        on_step(model, 0)
     skipped_steps = 0
     rec: dict = {}
     for step in range(cfg.steps):
@@ -82,33 +74,15 @@ def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
                "kept_groups": int(keep.sum().item()) // cfg.group_size, "loss": 0.0}
         if len(idx):
             prompts, tokens, mask, adv = ro["prompts"][idx], ro["tokens"][idx], ro["mask"][idx], adv[idx]
-            n_tok = mask.sum()
             with torch.no_grad():
                 old_logp = response_logprobs(model, prompts, tokens)
-            mb = cfg.micro_batch_size or len(idx)
             model.train()
-            for _ in range(cfg.updates_per_batch):
-                opt.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                for i in range(0, len(idx), mb):
-                    sl = slice(i, i + mb)
-                    logp = response_logprobs(model, prompts[sl], tokens[sl])
-                    loss = clipped_pg_loss(logp, old_logp[sl], adv[sl], mask[sl], clip_low=cfg.clip_low,
-                                           clip_high=cfg.clip_high, num_tokens=n_tok)
-                    loss.backward()
-                    loss_sum += loss.item()
-                opt.step()
-            rec["loss"] = loss_sum
+            rec["loss"] = pg_update(model, opt, prompts, tokens, old_logp, adv, mask,
+                                    micro_batch=cfg.micro_batch_size or len(idx), updates=cfg.updates_per_batch,
+                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high)
         else:
             skipped_steps += 1
-        stream.log(rec)
-        if on_step:
-            on_step(model, step + 1)
-        if step + 1 != cfg.steps:
-            stream.maybe_save(model, step + 1, rec)
-    summary["end"] = evaluate(model, task, n=cfg.eval_n) if cfg.eval_n else {}
-    stream.save(model, cfg.steps, {**rec, **summary["end"]})
-    if proj:
-        proj.remove()
-    summary.update(checkpoints=stream.saved, run_dir=str(stream.dir), steps_without_update=skipped_steps)
+        end_step(stream, model, step + 1, rec, on_step=on_step)
+    summary = finish_run(model, cfg, task, stream, proj, summary, rec)
+    summary["steps_without_update"] = skipped_steps
     return summary

@@ -13,13 +13,12 @@ Recipe relations kept from the paper: cosine schedule with 10% linear warm-up fr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .hf import as_policy
-from .loop import (CheckpointStream, StepCallback, attach_projection, evaluate, lr_at, make_optimizer,
-                   set_threads, step_generator)
+from .loop import StepCallback, attach_projection, begin_run, end_step, finish_run, lr_at, step_generator
 from .losses import sft_loss
 from .model import GPT
 from .task import AdditionTask
@@ -60,18 +59,10 @@ def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, 
     :class:`~weightgeo.train.hf.HFCausalLM`, which ``on_step`` then receives (same parameter names).
     """
     model = as_policy(model)
-    set_threads(cfg.threads)
     task = task or AdditionTask()
-    stream = CheckpointStream(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
-                              config={"algorithm": "sft", **asdict(cfg)})
-    opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stream, opt, initial, summary = begin_run(model, cfg, run_dir, algorithm="sft", task=task, on_step=on_step)
     proj = None
     mb = cfg.micro_batch_size or cfg.batch_size
-    summary: dict = {"start": evaluate(model, task, n=cfg.eval_n) if cfg.eval_n else {}}
-    stream.save(model, 0, summary["start"])
-    if on_step:
-        on_step(model, 0)
     model.train()
     loss_sum = float("nan")
     for step in range(cfg.steps):
@@ -91,14 +82,8 @@ def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, 
             loss.backward()
             loss_sum += loss.item()
         opt.step()
-        stream.log({"step": step + 1, "lr": lr, "loss": loss_sum})
-        if on_step:
-            on_step(model, step + 1)
-        if step + 1 != cfg.steps:
-            stream.maybe_save(model, step + 1, {"loss": loss_sum})
-    summary["end"] = evaluate(model, task, n=cfg.eval_n) if cfg.eval_n else {}
-    stream.save(model, cfg.steps, {"loss": loss_sum, **summary["end"]})
-    if proj:
-        proj.remove()
-    summary.update(checkpoints=stream.saved, run_dir=str(stream.dir), final_loss=loss_sum)
+        end_step(stream, model, step + 1, {"step": step + 1, "lr": lr, "loss": loss_sum}, on_step=on_step,
+                 saved={"loss": loss_sum})
+    summary = finish_run(model, cfg, task, stream, proj, summary, {"loss": loss_sum})
+    summary["final_loss"] = loss_sum
     return summary
