@@ -110,3 +110,42 @@ def test_megatron_run_folder_and_other_backends(tmp_path):
     (zarr / "metadata.json").write_text('{"sharded_backend": "zarr"}')
     with pytest.raises(WeightgeoError, match="sharded_backend 'zarr'.*torch_dist"):
         open_checkpoint(zarr)
+
+
+def test_stacked_experts_map_to_per_expert_hf_names(tmp_path, gen):
+    L, E, F, H, V = 2, 3, 4, 8, 10
+    hf = {f"model.layers.{i}.mlp.experts.{j}.{p}.weight": torch.randn(shape, generator=gen)
+          for i in range(L) for j in range(E)
+          for p, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F)))}
+    hf.update({f"model.layers.{i}.mlp.gate.weight": torch.randn(E, H, generator=gen) for i in range(L)})
+    hf["model.embed_tokens.weight"] = torch.randn(V, H, generator=gen)
+
+    def stack(fn):
+        return torch.stack([torch.stack([fn(i, j) for j in range(E)]) for i in range(L)])
+
+    fc1 = stack(lambda i, j: torch.cat([hf[f"model.layers.{i}.mlp.experts.{j}.gate_proj.weight"],
+                                        hf[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight"]]))
+    megatron = {
+        "embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], torch.zeros(6, H)]),
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight": fc1,  # SequentialMLP / TEGroupedMLP: [L, E, 2F, H]
+        "decoder.layers.mlp.router.weight": torch.stack([hf[f"model.layers.{i}.mlp.gate.weight"] for i in range(L)]),
+    }
+    for j in range(E):  # singleton_local_shards spelling: one key per expert, stacked over layers only
+        megatron[f"decoder.layers.mlp.experts.linear_fc2.weight{j}"] = torch.stack(
+            [hf[f"model.layers.{i}.mlp.experts.{j}.down_proj.weight"] for i in range(L)])
+    cfg = {"model_type": "qwen3_moe", "vocab_size": V, "num_hidden_layers": L, "moe_intermediate_size": F}
+    ck = open_checkpoint(write_dcp(tmp_path / "iter_0000003", megatron, extra=False), config=cfg)
+    assert ck.names() == sorted(hf)
+    for name, t in hf.items():
+        assert torch.equal(ck.get(name), t), name
+
+    titan = {"tok_embeddings.weight": hf["model.embed_tokens.weight"]}
+    for i in range(L):
+        for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            titan[f"layers.{i}.moe.experts.{w}"] = torch.stack([hf[f"model.layers.{i}.mlp.experts.{j}.{p}.weight"]
+                                                                 for j in range(E)])
+        titan[f"layers.{i}.moe.router.gate.weight"] = hf[f"model.layers.{i}.mlp.gate.weight"]
+    ck = open_checkpoint(write_dcp(tmp_path / "step-3", titan, extra=False), config=cfg)
+    assert ck.names() == sorted(hf)
+    for name, t in hf.items():
+        assert torch.equal(ck.get(name), t), name

@@ -193,3 +193,16 @@ def test_ranks_from_different_saves(actor, run):
     torch.save(sd, actor / "model_world_size_2_rank_1.pt")
     with pytest.raises(WeightgeoError, match="other tensors than rank 0"):
         VerlFsdpCheckpoint(actor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_actor_huggingface_weights_are_used_when_as_precise(actor, run, dtype):
+    from weightgeo.checkpoint import SafetensorsCheckpoint
+
+    full = torch.load(run / "full.pt", weights_only=True)
+    cfg = json.loads((actor / "huggingface" / "config.json").read_text())
+    write_hf_checkpoint(actor / "huggingface", {k: v.to(dtype) for k, v in full.items()}, config=cfg)
+    ck = open_checkpoint(actor)
+    # verl's 'hf_model' save in fp32 is the same weights, cheaper to read; a bf16 copy would lose the update
+    assert isinstance(ck, SafetensorsCheckpoint if dtype == torch.float32 else VerlFsdpCheckpoint)
+    assert all(torch.equal(ck.get(n), t) for n, t in full.items())

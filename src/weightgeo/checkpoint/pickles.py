@@ -23,6 +23,7 @@ weightgeo.errors.WeightgeoError: demo: refused to unpickle os.system: it is not 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -164,8 +165,9 @@ def load_torch_file(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] =
                                  f"which is not a stubbed framework class ({', '.join(p + '*' for p in prefixes)}); "
                                  f"the file may run code when loaded, convert it to safetensors")
         extra.append((_stub(module, name), full))
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before it nothing can be stubbed
     try:
-        with torch.serialization.safe_globals(extra):
+        with allow(extra) if allow is not None else contextlib.nullcontext():
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except RuntimeError as e:
