@@ -149,3 +149,55 @@ def test_stacked_experts_map_to_per_expert_hf_names(tmp_path, gen):
     assert ck.names() == sorted(hf)
     for name, t in hf.items():
         assert torch.equal(ck.get(name), t), name
+
+
+def _fake_megatron_enum(monkeypatch):
+    """A class living in a megatron.* module, as Megatron pickles into common.pt (megatron is not installed)."""
+    import sys
+    import types
+
+    names = ["megatron", "megatron.core", "megatron.core.enums"]
+    for n in names:
+        monkeypatch.setitem(sys.modules, n, types.ModuleType(n))
+
+    class ModelType:
+        def __init__(self, value):
+            self.value = value
+
+        def __reduce__(self):
+            return (ModelType, (self.value,))
+
+    ModelType.__module__, ModelType.__qualname__ = "megatron.core.enums", "ModelType"
+    sys.modules["megatron.core.enums"].ModelType = ModelType
+    return ModelType, names
+
+
+def test_megatron_common_pt_args_supply_the_numbers(tmp_path, monkeypatch):
+    import argparse
+    import sys
+
+    _, cfg, sd = tiny_hf(tmp_path / "hf", "qwen3")
+    d = write_dcp(tmp_path / "iter_0000004", to_megatron(sd, cfg, pad_to=128))
+    ModelType, mods = _fake_megatron_enum(monkeypatch)
+    args = argparse.Namespace(num_attention_heads=4, num_query_groups=2, group_query_attention=True, kv_channels=16,
+                              num_layers=2, hidden_size=32, ffn_hidden_size=48, vocab_size=97, padded_vocab_size=128,
+                              untie_embeddings_and_output_weights=True, model_type=ModelType(1))
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 4}, d / "common.pt")
+    (d / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
+    for n in reversed(mods):
+        monkeypatch.delitem(sys.modules, n)
+    ck = open_checkpoint(d)  # no config: Megatron's own args, read without Megatron installed
+    assert ck.config["num_key_value_heads"] == 2 and ck.config["head_dim"] == 16
+    for name, t in sd.items():
+        assert torch.equal(ck.get(name), t), name
+
+
+def test_unsafe_common_pt_is_not_read_and_says_so(tmp_path):
+    import os
+
+    _, cfg, sd = tiny_hf(tmp_path / "hf", "llama")
+    d = write_dcp(tmp_path / "iter_0000004", to_megatron(sd, cfg, pad_to=128))
+    torch.save({"args": os.system}, d / "common.pt")
+    ck = open_checkpoint(d, config=cfg)
+    unread = [s for s in ck.skipped if s["name"] == "common.pt"]
+    assert len(unread) == 1 and "refused" in unread[0]["reason"] and "posix.system" in unread[0]["reason"]

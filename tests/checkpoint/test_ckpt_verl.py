@@ -60,6 +60,10 @@ dcp.save(sd, checkpoint_id=f"{{out}}/fsdp_dcp")
 full = dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
 meg = {{k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in to_megatron(full, cfg, pad_to=128).items()}}
 dcp.save(meg, checkpoint_id=f"{{out}}/iter_0000001")
+# inside this torchrun job each rank reads a different DCP tensor: reads must not coordinate across ranks
+from weightgeo.checkpoint import DcpCheckpoint
+ck = DcpCheckpoint(f"{{out}}/fsdp_dcp")
+torch.save(ck.get(ck.names()[rank]), f"{{out}}/read_by_rank_{{rank}}.pt")
 if rank == 0:
     torch.save(full, f"{{out}}/full.pt")
     json.dump({{"FSDP_version": 2, "world_size": world}}, open(f"{{actor}}/fsdp_config.json", "w"))
@@ -107,6 +111,8 @@ def test_multi_chunk_dcp_reads_only_the_chunks_it_needs(run, monkeypatch):
     full = torch.load(run / "full.pt", weights_only=True)
     ck = open_checkpoint(run / "fsdp_dcp")
     assert isinstance(ck, DcpCheckpoint)
+    for rank in (0, 1):  # read in the torchrun job, a different tensor on each rank
+        assert torch.equal(torch.load(run / f"read_by_rank_{rank}.pt", weights_only=True), full[ck.names()[rank]])
     name = "model.embed_tokens.weight"
     assert [c[1][0] for c in ck.stored_chunks(name)] == [49, 48]
     boxes = []

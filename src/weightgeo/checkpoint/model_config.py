@@ -108,7 +108,7 @@ class ArchConfig:
             raise WeightgeoError(
                 f"{self.source}: needs the model's {key} ({why}){seen}; pass config= (the HF model's config.json path, "
                 f"its folder or a dict) to open_checkpoint, e.g. weightgeo.open_checkpoint({self.source!r}, "
-                f"config='path/to/hf_model'), or pair it with an HF checkpoint of the same model as the base")
+                f"config='path/to/hf_model') (as the fine-tune in compare(hf_base, this), the HF base supplies them)")
         return value
 
     def heads(self) -> int:
