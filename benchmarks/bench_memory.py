@@ -1,9 +1,11 @@
 """Peak memory and throughput of `weightgeo compare` on two synthetic ~1 GB bf16 checkpoints (Qwen2.5-0.5B shapes).
 
-    python benchmarks/bench_memory.py [--dir /tmp/wg-qwen05] [--metrics update_sparsity ...]
+    python benchmarks/bench_memory.py [--dir /tmp/wg-qwen05] [--metrics update_sparsity ...] [--format dcp] [--cleanup]
 
 Step 1 writes base and fine-tuned checkpoints once (494 M params each, bf16, tied embeddings, like
-Qwen2.5-0.5B; the fine-tune changes about a third of the bf16 values, as an RL run would). Step 2 times the
+Qwen2.5-0.5B; the fine-tune changes about a third of the bf16 values, as an RL run would): HF safetensors
+folders, or with ``--format dcp`` torch.distributed.checkpoint folders written by ``dcp.save`` (HF names,
+one stored chunk per tensor, plus optimizer-like state that the reader skips). Step 2 times the
 sparsity pass inside this process (the streaming rate itself), then runs ``python -m weightgeo compare``
 under ``/usr/bin/time -v`` in a fresh process per metric set and prints wall time (interpreter start and
 imports included), GB/s of checkpoint data and peak RSS. The page cache is warm (the files were just written or read).
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 VOCAB, HIDDEN, INTER, LAYERS, KV = 151936, 896, 4864, 24, 128
+HEADS, KV_HEADS = 14, 2
 
 
 def qwen05_shapes() -> dict[str, tuple[int, ...]]:
@@ -44,25 +47,49 @@ def qwen05_shapes() -> dict[str, tuple[int, ...]]:
     return s
 
 
-def write_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
-    base_dir, ft_dir = root / "base", root / "ft"
-    if (ft_dir / "model.safetensors").exists():
-        return base_dir, ft_dir
+CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN,
+          "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+          "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+
+
+def synthetic_pair(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Base and fine-tuned state dicts of Qwen2.5-0.5B shapes (bf16)."""
     g = torch.Generator().manual_seed(seed)
     base, ft = {}, {}
     for name, shape in qwen05_shapes().items():
         w = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else 1 + 0.1 * torch.randn(shape, generator=g)
         # An update of ~half a bf16 ULP moves about a third of the stored values (RL-like).
         d = torch.randn(shape, generator=g) * w.abs() * 2.0 ** -9
-        base[name] = w.to(torch.bfloat16)
-        ft[name] = (w + d).to(torch.bfloat16)
-    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
-              "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "tie_word_embeddings": True,
-              "torch_dtype": "bfloat16"}
-    for d, tensors in ((base_dir, base), (ft_dir, ft)):
+        base[name], ft[name] = w.to(torch.bfloat16), (w + d).to(torch.bfloat16)
+    return base, ft
+
+
+def write_dcp_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The same tensors as :func:`write_pair`, saved by ``torch.distributed.checkpoint.save`` (single process)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    base_dir, ft_dir = root / "dcp_base", root / "dcp_ft"
+    if (ft_dir / ".metadata").exists():
+        return base_dir, ft_dir
+    for d, tensors in zip((base_dir, ft_dir), synthetic_pair(seed)):
+        state = {**tensors, "optimizer": {"state": {"model.norm.weight": {"step": 1}}}, "train_state": {"step": 1}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, checkpoint_id=str(d), no_dist=True)
+        (d / "config.json").write_text(json.dumps(CONFIG))
+    return base_dir, ft_dir
+
+
+def write_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    base_dir, ft_dir = root / "base", root / "ft"
+    if (ft_dir / "model.safetensors").exists():
+        return base_dir, ft_dir
+    for d, tensors in zip((base_dir, ft_dir), synthetic_pair(seed)):
         d.mkdir(parents=True, exist_ok=True)
         save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps(config))
+        (d / "config.json").write_text(json.dumps(CONFIG))
     return base_dir, ft_dir
 
 
@@ -98,11 +125,26 @@ def main() -> None:
     ap.add_argument("--metrics", nargs="+", action="append", default=None,
                     help="a metric set to time (repeatable); default: update_sparsity, then all metrics on the "
                          "attention and MLP matrices")
+    ap.add_argument("--format", choices=("safetensors", "dcp"), default="safetensors",
+                    help="checkpoint format to write and read (dcp: torch.distributed.checkpoint folders)")
+    ap.add_argument("--cleanup", action="store_true", help="delete the checkpoints written by this run at the end")
     args = ap.parse_args()
-    base, ft = write_pair(args.dir)
-    size_gb = sum(p.stat().st_size for p in (base / "model.safetensors", ft / "model.safetensors")) / 1e9
+    fresh = not (args.dir / ("dcp_ft" if args.format == "dcp" else "ft")).exists()
+    base, ft = (write_dcp_pair if args.format == "dcp" else write_pair)(args.dir)
+    try:
+        measure(args, base, ft)
+    finally:
+        if args.cleanup and fresh:
+            import shutil
+
+            for d in (base, ft):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, base: Path, ft: Path) -> None:
+    size_gb = sum(p.stat().st_size for d in (base, ft) for p in d.iterdir() if p.is_file()) / 1e9
     sets = args.metrics or [["update_sparsity"]]
-    print(f"checkpoints: {base} and {ft}, {size_gb:.2f} GB together")
+    print(f"checkpoints ({args.format}): {base} and {ft}, {size_gb:.2f} GB together")
     t = in_process_pass(base, ft)
     print(f"sparsity pass in-process (median of 3): {t:.2f} s = {size_gb / t:.2f} GB/s of checkpoint data\n")
     print("| metrics | wall (s) | checkpoint GB/s | peak RSS (GB) | CPU % |")

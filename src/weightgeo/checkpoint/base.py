@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from ..errors import WeightgeoError
+
+if TYPE_CHECKING:
+    from .fp8 import Fp8Weight
 
 __all__ = ["Checkpoint", "TensorInfo", "FactoredDelta"]
 
@@ -66,9 +69,14 @@ class Checkpoint(abc.ABC):
     pure_io: bool = False
     #: stored names of 2-D weights known to be stored [in, out] whatever the config (see :meth:`in_out_layout`)
     in_out_names: frozenset[str] = frozenset()
+    #: entries of the source that are not offered as tensors, each ``{"name": stored name, "reason": why}``:
+    #: optimizer state, non-tensor entries, TransformerEngine ``_extra_state``, FP8 scales folded into their
+    #: weights, ... (the Report lists them in ``meta["skipped"]``)
+    skipped: list[dict[str, str]]
 
     def __init__(self) -> None:
         self.config = {}
+        self.skipped = []
         self._info_cache: dict[str, TensorInfo] | None = None
 
     # --- to implement -----------------------------------------------------------------------
@@ -121,6 +129,11 @@ class Checkpoint(abc.ABC):
 
     def factored_delta(self, name: str) -> FactoredDelta | None:
         """For adapter-backed checkpoints, the update of ``name`` kept factored; else ``None``."""
+        return None
+
+    def fp8_weight(self, name: str) -> "Fp8Weight | None":
+        """For a weight stored as scaled FP8 (read dequantised by :meth:`get`), its stored codes and scales;
+        else ``None``. Update rules that must compare what is stored (see ``fp8_unchanged_count``) use it."""
         return None
 
     def in_out_layout(self, name: str) -> bool:

@@ -1,0 +1,327 @@
+"""FP8 weights with scales (DeepSeek-V3 and the *-FP8 releases; compressed-tensors FP8): read dequantised.
+
+A block-scaled FP8 weight is stored as ``weight`` (``float8_e4m3fn``, [out, in]) plus ``weight_scale_inv``
+(float32, [ceil(out/b0), ceil(in/b1)]); despite its name the scale multiplies: W = code · scale for every entry
+of a b0 x b1 block, the block size coming from ``config.json``'s ``quantization_config.weight_block_size``
+(default [128, 128]). compressed-tensors FP8 stores ``weight_scale`` per tensor ([1]) or per output channel
+([out, 1]), which is the same rule with one block per tensor or per row. :class:`Fp8Checkpoint` offers each
+such weight dequantised to float32 under its own name; the scale tensors are consumed (listed in
+``skipped`` as folded into their weight) and :meth:`Fp8Checkpoint.fp8_weight` returns the stored codes and
+scales, which :func:`fp8_unchanged_count` compares.
+
+The FP8 update rule (ours; the paper's bf16 rule does not apply to FP8 storage): an entry is unchanged iff
+its dequantised values satisfy ``|w1 - w0| <= eta * max(|w0|, |w1|)``, with ``w = code * scale`` computed
+exactly (an FP8 code times a float32 scale is exact in float64) and no rounding to bf16. When the block's
+scale is bit-identical on both sides this is code equality for ``eta < 1/15`` (distinct e4m3 values at one
+scale differ by at least 1/15 relative; +0 and -0 are equal); a block whose scale moved changes every
+nonzero entry that the codes do not compensate.
+
+An FP8 tensor with no scales in a checkpoint whose config declares no FP8 quantisation is left as stored.
+Other quantised formats (GPTQ, AWQ, bitsandbytes, ...: packed integers) are refused naming the format.
+
+>>> import torch
+>>> w = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.25, 4.0]])
+>>> fp8_dequantize(w.to(torch.float8_e4m3fn), torch.tensor([[2.0, 10.0]]), (2, 2)).tolist()
+[[2.0, -4.0, 30.0], [1.0, 0.5, 40.0]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import WeightgeoError
+from .base import Checkpoint, TensorInfo
+
+__all__ = ["Fp8Weight", "Fp8Checkpoint", "fp8_dequantize", "fp8_unchanged_count", "fp8_update_mask",
+           "wrap_quantized", "DEFAULT_BLOCK", "FP8_DTYPES"]
+
+DEFAULT_BLOCK = (128, 128)
+FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                       if hasattr(torch, n))
+#: quant_method values of packed-integer formats, which weightgeo does not dequantise
+_PACKED = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "aqlm": "AQLM", "hqq": "HQQ",
+           "exl2": "EXL2", "quanto": "quanto", "eetq": "EETQ", "marlin": "Marlin", "gguf": "GGUF",
+           "torchao": "torchao", "mxfp4": "MXFP4", "vptq": "VPTQ", "higgs": "HIGGS", "spqr": "SpQR"}
+_PACKED_NAMES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".absmax", ".quant_map")
+#: the smallest relative gap between two distinct FP8 values at one scale (e4m3: 1/15; e5m2: 1/7)
+_MIN_GAP = 1 / 15
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A stored FP8 weight: ``codes`` [out, in] (float8), ``scales`` [ceil(out/b0), ceil(in/b1)] (multiplicative),
+    ``block`` = (b0, b1)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    block: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return fp8_dequantize(self.codes, self.scales, self.block, dtype=dtype)
+
+
+def _check(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *, row_start: int = 0,
+           rows: int | None = None, name: str = "") -> tuple[int, int]:
+    pre = f"{name}: " if name else ""
+    if codes.dtype not in FP8_DTYPES or codes.ndim != 2:
+        raise WeightgeoError(f"{pre}FP8 codes must be a 2-D float8 tensor, got {codes.dtype} {tuple(codes.shape)}")
+    b0, b1 = (int(b) for b in block)
+    if b0 <= 0 or b1 <= 0:
+        raise WeightgeoError(f"{pre}block size {tuple(block)} must be two positive integers")
+    total = codes.shape[0] + row_start if rows is None else rows
+    want = (math.ceil(total / b0), math.ceil(codes.shape[1] / b1))
+    if scales.ndim != 2 or tuple(scales.shape) != want or not scales.dtype.is_floating_point:
+        raise WeightgeoError(f"{pre}FP8 scales have shape {tuple(scales.shape)} ({scales.dtype}) but a [{total}, "
+                             f"{codes.shape[1]}] weight in {b0}x{b1} blocks needs float scales of shape {want}; check "
+                             f"quantization_config.weight_block_size")
+    return b0, b1
+
+
+def _expand(scales: torch.Tensor, block: tuple[int, int], row_start: int, rows: int, cols: int) -> torch.Tensor:
+    b0, b1 = block
+    first, last = row_start // b0, (row_start + rows - 1) // b0 + 1 if rows else row_start // b0
+    s = scales[first:last].repeat_interleave(b0, dim=0)
+    off = row_start - first * b0
+    return s[off:off + rows].repeat_interleave(b1, dim=1)[:, :cols]
+
+
+def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK, *,
+                   dtype: torch.dtype = torch.float32, row_start: int = 0, rows: int | None = None) -> torch.Tensor:
+    """``codes · scale`` per ``block`` (b0 rows x b1 columns; edge blocks may be partial) in ``dtype``.
+
+    Args:
+        codes: [n, in] float8 codes: rows ``row_start .. row_start + n`` of the weight.
+        scales: the whole weight's scales, [ceil(rows/b0), ceil(in/b1)] (``weight_scale_inv``).
+        block: (b0, b1), default (128, 128).
+        rows: the whole weight's row count (default ``row_start + n``).
+
+    Returns:
+        [n, in] tensor in ``dtype`` (float32 by default; float64 gives the exact products).
+    """
+    b = _check(codes, scales, block, row_start=row_start, rows=rows)
+    s = _expand(scales.to(dtype), b, row_start, codes.shape[0], codes.shape[1])
+    return codes.to(dtype) * s
+
+
+def _finite(codes: torch.Tensor, scales: torch.Tensor, side: str, name: str) -> None:
+    pre = f"{name}: " if name else ""
+    bad = int(torch.count_nonzero(~torch.isfinite(codes.to(torch.float32))))
+    if bad:
+        raise WeightgeoError(f"{pre}{side} FP8 codes hold {bad} NaN/Inf value(s); the checkpoint is corrupt")
+    s = scales.to(torch.float64)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise WeightgeoError(f"{pre}{side} FP8 scales must be finite and non-negative; the checkpoint is corrupt")
+
+
+def fp8_update_mask(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
+                    block: tuple[int, int] = DEFAULT_BLOCK, *, eta: float = 1e-3, row_start: int = 0,
+                    rows: int | None = None, name: str = "") -> torch.Tensor:
+    """Mask of updated entries of an FP8 weight under the FP8 rule (module docstring); True = updated.
+
+    >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
+    >>> fp8_update_mask(c, torch.tensor([[1.0]]), c, torch.tensor([[1.5]]), (2, 2)).tolist()  # scale moved
+    [[True, True], [True, False]]
+    >>> fp8_update_mask(c, torch.tensor([[1.0]]), (c.float() * 2).to(torch.float8_e4m3fn), torch.tensor([[0.5]]),
+    ...                 (2, 2)).tolist()  # codes doubled, scale halved: the weights are unchanged
+    [[False, False], [False, False]]
+
+    Args:
+        codes0, scales0: the base's codes [n, in] (rows ``row_start ..`` of the weight) and its scales.
+        codes1, scales1: the fine-tune's, same shapes.
+        block: (b0, b1) block size.
+        eta: relative tolerance (default 1e-3, the paper's η).
+
+    Returns:
+        bool tensor [n, in].
+    """
+    eta = float(eta)
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise WeightgeoError(f"eta must be a finite relative tolerance ≥ 0 (default 1e-3), got {eta}")
+    if codes0.shape != codes1.shape or scales0.shape != scales1.shape:
+        raise WeightgeoError(f"{name + ': ' if name else ''}FP8 base codes {tuple(codes0.shape)} / scales "
+                             f"{tuple(scales0.shape)} and fine-tuned {tuple(codes1.shape)} / {tuple(scales1.shape)} differ "
+                             f"in shape; compare checkpoints of one architecture")
+    b = _check(codes0, scales0, block, row_start=row_start, rows=rows, name=name)
+    _check(codes1, scales1, block, row_start=row_start, rows=rows, name=name)
+    _finite(codes0, scales0, "base", name)
+    _finite(codes1, scales1, "fine-tuned", name)
+    n, cols = codes0.shape
+    x0, x1 = codes0.to(torch.float64), codes1.to(torch.float64)
+    same_scale = _expand((scales0.view(torch.int32) if scales0.dtype == torch.float32 else scales0) ==
+                         (scales1.view(torch.int32) if scales1.dtype == torch.float32 else scales1), b, row_start, n, cols)
+    if eta < _MIN_GAP:
+        updated = (x0 != x1) & same_scale  # one scale: distinct codes are > eta apart (+0 == -0)
+        if bool(same_scale.all()):
+            return updated
+    else:
+        updated = torch.zeros_like(same_scale)
+    w0 = x0 * _expand(scales0.to(torch.float64), b, row_start, n, cols)
+    w1 = x1 * _expand(scales1.to(torch.float64), b, row_start, n, cols)
+    exact = (w1 - w0).abs() > eta * torch.maximum(w0.abs(), w1.abs())
+    return torch.where(same_scale, updated, exact) if eta < _MIN_GAP else exact
+
+
+def fp8_unchanged_count(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
+                        block: tuple[int, int] = DEFAULT_BLOCK, *, eta: float = 1e-3, row_start: int = 0,
+                        rows: int | None = None, name: str = "") -> int:
+    """Number of unchanged entries under the FP8 rule (what ``update_sparsity`` counts on FP8 weights).
+
+    >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
+    >>> fp8_unchanged_count(c, torch.tensor([[1.0]]), c, torch.tensor([[1.0]]), (2, 2))
+    4
+    """
+    mask = fp8_update_mask(codes0, scales0, codes1, scales1, block, eta=eta, row_start=row_start, rows=rows, name=name)
+    return mask.numel() - int(torch.count_nonzero(mask))
+
+
+def _block_size(config: Mapping[str, Any], source: str) -> tuple[int, int]:
+    q = config.get("quantization_config") if isinstance(config, Mapping) else None
+    size = q.get("weight_block_size") if isinstance(q, Mapping) else None
+    if size is None:
+        return DEFAULT_BLOCK
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise WeightgeoError(f"{source}: quantization_config.weight_block_size must be two positive integers, found "
+                             f"{size!r}; fix config.json")
+    return int(size[0]), int(size[1])
+
+
+def check_quantization(config: Mapping[str, Any], infos: Mapping[str, TensorInfo], source: str) -> None:
+    """Refuse packed-integer quantised checkpoints (GPTQ, AWQ, ...), naming the format and the fix."""
+    q = config.get("quantization_config") if isinstance(config, Mapping) else None
+    method = str(q.get("quant_method", "")).lower() if isinstance(q, Mapping) else ""
+    fmt = _PACKED.get(method)
+    if method == "compressed-tensors" and isinstance(q, Mapping) and q.get("format") not in (None, "float-quantized",
+                                                                                               "naive-quantized"):
+        fmt = f"compressed-tensors ({q.get('format')})"
+    packed = next((n for n in infos if n.endswith(_PACKED_NAMES)), None)
+    if fmt is None and packed is not None:
+        fmt = "GPTQ/AWQ-style packed integers"
+    if fmt is not None:
+        what = f" (e.g. tensor {packed!r}, {str(infos[packed].dtype).replace('torch.', '')})" if packed else ""
+        raise WeightgeoError(f"{source}: is quantised with {fmt}{what}: packed integer weights are not read (only "
+                             f"floating weights and scaled FP8); compare the unquantised model, or dequantise it first "
+                             f"(e.g. transformers' dequantize / merge back to bf16)")
+
+
+class Fp8Checkpoint(Checkpoint):
+    """``inner`` with its scaled FP8 weights read dequantised (float32); everything else as stored.
+
+    Args:
+        inner: the stored checkpoint (safetensors, DCP, ...).
+        block: the block size; default from ``inner.config``'s ``quantization_config.weight_block_size``,
+            else (128, 128).
+    """
+
+    def __init__(self, inner: Checkpoint, *, block: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.source = inner.source
+        self.config = dict(inner.config)
+        self.skipped = list(inner.skipped)
+        self.block = tuple(block) if block is not None else _block_size(inner.config, inner.source)
+        self._fp8: dict[str, tuple[str, tuple[int, int]]] = {}  # weight -> (scale tensor, its block)
+        consumed: dict[str, str] = {}
+        declared = _declares_fp8(inner.config)
+        for name in inner.names():
+            info = inner.info(name)
+            if info.dtype not in FP8_DTYPES:
+                continue
+            found = self._scale_of(name, info, required=declared)
+            if found is None:  # a bare FP8 tensor (no scales, no FP8 quantization_config): its values as stored
+                continue
+            scale, blk = found
+            self._fp8[name] = (scale, blk)
+            consumed[scale] = name
+        for name in inner.names():
+            if name in consumed:
+                self.skipped.append({"name": name, "reason": f"FP8 scales of {consumed[name]!r}, folded into its "
+                                                            f"dequantised values (stored codes: fp8_weight())"})
+            elif name.endswith(".input_scale") and name[:-len("input_scale")] + "weight" in self._fp8:
+                self.skipped.append({"name": name, "reason": "FP8 activation scale (not a weight)"})
+        self._hidden = set(consumed) | {s["name"] for s in self.skipped if s not in inner.skipped}
+
+    def _scale_of(self, name: str, info: TensorInfo, *, required: bool) -> tuple[str, tuple[int, int]] | None:
+        where = f"{self.source}: FP8 tensor {name!r} {info.shape}"
+        block_name, chan_name = name + "_scale_inv", (name[:-len("weight")] + "weight_scale"
+                                                      if name.endswith("weight") else name + "_scale")
+        if block_name not in self.inner and chan_name not in self.inner and not required:
+            return None
+        if len(info.shape) != 2:
+            raise WeightgeoError(f"{where}: only 2-D FP8 weights are dequantised")
+        out, cols = info.shape
+        if block_name in self.inner:
+            s = self.inner.info(block_name).shape
+            want = (math.ceil(out / self.block[0]), math.ceil(cols / self.block[1]))
+            if tuple(s) != want:
+                raise WeightgeoError(f"{self.source}: {block_name!r} has shape {tuple(s)} but {name!r} {info.shape} in "
+                                     f"{self.block[0]}x{self.block[1]} blocks needs {want}; fix "
+                                     f"quantization_config.weight_block_size in config.json")
+            return block_name, self.block
+        if chan_name in self.inner:
+            s = tuple(self.inner.info(chan_name).shape)
+            if s in ((), (1,), (1, 1)):
+                return chan_name, (out, cols)
+            if s in ((out,), (out, 1)):
+                return chan_name, (1, cols)
+            raise WeightgeoError(f"{self.source}: {chan_name!r} has shape {s}; per-tensor ([1]) and per-channel "
+                                 f"([{out}, 1]) FP8 scales are read, group-wise ones are not")
+        raise WeightgeoError(f"{where}: no scales found ({block_name!r} or {chan_name!r}); an FP8 weight without its "
+                             f"scales cannot be read, the checkpoint is incomplete")
+
+    def _infos(self) -> dict[str, TensorInfo]:
+        out = {}
+        for n, i in self.inner.infos.items():
+            if n in self._hidden:
+                continue
+            out[n] = TensorInfo(n, i.shape, torch.float32) if n in self._fp8 else i
+        return out
+
+    def fp8_weight(self, name: str) -> Fp8Weight | None:
+        """The stored codes and scales of FP8 weight ``name`` (scales as [ceil(out/b0), ceil(in/b1)]); else None."""
+        self.info(name)
+        if name not in self._fp8:
+            return None
+        scale, blk = self._fp8[name]
+        out, cols = self.inner.info(name).shape
+        s = self.inner.get(scale).reshape(math.ceil(out / blk[0]), math.ceil(cols / blk[1]))
+        return Fp8Weight(self.inner.get(name), s, blk)
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self._fp8:
+            return self.inner.get(name)
+        return self.fp8_weight(name).dequantize()
+
+    def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self._fp8:
+            return self.inner.get_rows(name, start, stop)
+        scale, blk = self._fp8[name]
+        out, cols = self.inner.info(name).shape
+        lo, hi, _ = slice(start, stop).indices(out)
+        codes = self.inner.get_rows(name, lo, max(lo, hi))
+        s = self.inner.get(scale).reshape(math.ceil(out / blk[0]), math.ceil(cols / blk[1]))
+        return fp8_dequantize(codes, s, blk, row_start=lo, rows=out)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _declares_fp8(config: Mapping[str, Any]) -> bool:
+    q = config.get("quantization_config") if isinstance(config, Mapping) else None
+    return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() in ("fp8", "compressed-tensors")
+
+
+def wrap_quantized(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` itself, or an :class:`Fp8Checkpoint` over it when it stores FP8 weights with scales (or its config
+    declares FP8 quantisation); packed-integer formats raise (see :func:`check_quantization`)."""
+    names = ckpt.names()
+    check_quantization(ckpt.config, ckpt.infos, ckpt.source)
+    fp8 = [n for n in names if ckpt.info(n).dtype in FP8_DTYPES]
+    if fp8 and (_declares_fp8(ckpt.config) or any(n + "_scale_inv" in ckpt or n + "_scale" in ckpt
+                                                  or n[:-len("weight")] + "weight_scale" in ckpt for n in fp8)):
+        return Fp8Checkpoint(ckpt)
+    return ckpt
