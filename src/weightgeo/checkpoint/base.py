@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -121,6 +121,15 @@ class Checkpoint(abc.ABC):
 
     def factored_delta(self, name: str) -> FactoredDelta | None:
         """For adapter-backed checkpoints, the update of ``name`` kept factored; else ``None``."""
+        return None
+
+    def identity(self, name: str) -> dict[str, Any] | None:
+        """What determines the stored bytes of tensor ``name``, as a JSON-able dict, for result caches.
+
+        File-backed checkpoints return the file's resolved path, size and ``mtime_ns`` plus the tensor's
+        header entry, so any rewrite of the file changes it. ``None`` (the default: mappings, modules,
+        anything with no on-disk identity) means results of this tensor are never cached.
+        """
         return None
 
     def in_out_layout(self, name: str) -> bool:
