@@ -340,7 +340,8 @@ def _walk(folder: Path):
 
 def _check_files(folder: Path, files: list[tuple[Path, int]], found: _Findings) -> None:
     names = {p for p, _ in files}
-    weights = [p for p, _ in files if p.suffix in _WEIGHT_EXT and p.name not in _NOT_WEIGHTS]
+    weights = [p for p, _ in files if p.suffix in _WEIGHT_EXT and p.name not in _NOT_WEIGHTS
+               and not p.name.startswith("rng_state")]
     for p, size in files:
         if p.name.endswith(".safetensors"):
             found.fmt("safetensors")
@@ -566,11 +567,13 @@ def _check_markers(folder: Path, step: int | None, files: list[tuple[Path, int]]
     inner = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("global_step")] if folder.is_dir() else []
     if inner:  # DeepSpeed under the HF Trainer: checkpoint-N/global_stepN/ and checkpoint-N/latest
         found.fmt("deepspeed")
-        tag = _tracker(folder / _DEEPSPEED_LATEST)
-        if tag is None:
+        latest = folder / _DEEPSPEED_LATEST
+        if not latest.is_file():
             found.add("no_marker", f"{folder}: DeepSpeed folder(s) {[p.name for p in inner]} but no "
                                    f"'{_DEEPSPEED_LATEST}' file, which DeepSpeed writes after them")
+            return
+        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+        if not tag or os.path.basename(tag) != tag or not (folder / tag).is_dir():
+            found.add("no_marker", f"{latest} names {tag!r}, which is not a folder here")
         else:
-            text = (folder / _DEEPSPEED_LATEST).read_text(encoding="utf-8", errors="replace").strip()
-            if not (folder / text).is_dir():
-                found.add("no_marker", f"{folder / _DEEPSPEED_LATEST} names {text!r}, which is not a folder here")
+            found.marker = found.marker or _DEEPSPEED_LATEST
