@@ -88,3 +88,44 @@ def test_trajectory_prints_curves_and_onset_and_draws(tmp_path, capsys):
     assert {r["step"] for r in data["rows"]} == {10, 20, 30}
     assert {r["module"] for r in data["rows"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert fig.stat().st_size > 10_000
+
+
+def test_out_to_a_directory_is_refused_before_the_analysis_and_missing_folders_are_created(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    (tmp_path / "dir.json").mkdir()
+    assert main(["compare", str(b), str(f), "--no-progress", "--out", str(tmp_path / "dir.json")]) == 2
+    cap = capsys.readouterr()
+    assert "is an existing directory" in cap.err and cap.out == ""  # nothing was computed
+    assert main(["trajectory", str(tmp_path), "--no-progress", "--plot", str(tmp_path / "dir.json")]) == 2
+    assert "--plot path" in capsys.readouterr().err
+    out = tmp_path / "results" / "sft" / "r.json"
+    assert main(["compare", str(b), str(f), "--k", "4", "--rank", "2", "--summary", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert f"created folder {tmp_path / 'results'}" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"]
+
+
+def test_cache_info_and_prune(tmp_path, capsys, monkeypatch):
+    import os
+    import time
+
+    from weightgeo.cache import ResultCache
+
+    monkeypatch.setenv("WEIGHTGEO_CACHE", str(tmp_path / "env-cache"))
+    cache = ResultCache(tmp_path / "c")
+    keys = [cache.key("pair_row", inputs=[{"f": i}], policy="p") for i in range(3)]
+    for i, k in enumerate(keys):
+        cache.put(k, {"i": i})
+        os.utime(cache.path(k), (time.time() - 86400 * (5 - i),) * 2)  # 5, 4 and 3 days old
+    assert main(["cache", "info", "--cache", str(tmp_path / "c")]) == 0
+    assert "3 entries" in capsys.readouterr().out
+    assert main(["cache", "prune", "--cache", str(tmp_path / "c"), "--older-than", "3.5", "--dry-run"]) == 0
+    assert "would remove 2 file(s)" in capsys.readouterr().out and cache.info().entries == 3
+    assert main(["cache", "prune", "--cache", str(tmp_path / "c"), "--older-than", "3.5"]) == 0
+    assert "removed 2 file(s)" in capsys.readouterr().out and cache.info().entries == 1
+    assert main(["cache", "prune", "--cache", str(tmp_path / "c"), "--max-gb", "0"]) == 0
+    assert cache.info().entries == 0
+    assert main(["cache", "info"]) == 0  # WEIGHTGEO_CACHE's folder, not yet created
+    assert f"weightgeo cache at {tmp_path / 'env-cache'}: 0 entries" in capsys.readouterr().out
+    assert main(["cache", "prune", "--max-gb", "-1"]) == 2
+    assert "give a number" in capsys.readouterr().err

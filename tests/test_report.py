@@ -66,3 +66,22 @@ def test_csv_and_pandas_and_text(tmp_path):
     assert "skipped 1 tensor(s): pos_ids (non-floating dtype)" in text
     assert "only_base: 1 tensor(s)" in text
     assert r["norm.weight"]["module"] == "norm"
+
+
+def test_writing_to_a_directory_or_under_a_file_is_a_clear_error_and_missing_folders_are_created(tmp_path):
+    r = Report(rows=_rows(), summary=summarize_rows(_rows()), meta={})
+    (tmp_path / "out.json").mkdir()
+    for write in (r.to_json, r.to_csv):
+        with pytest.raises(WeightgeoError, match="is an existing directory; give a file name inside it"):
+            write(tmp_path / "out.json")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WeightgeoError, match="is a file, not a folder"):
+        r.to_json(tmp_path / "afile" / "sub" / "r.json")
+    r.to_json(tmp_path / "new" / "deeper" / "r.json")
+    r.to_csv(tmp_path / "new2" / "r.csv")
+    assert Report.from_json(tmp_path / "new" / "deeper" / "r.json").rows[0]["shape"] == (4, 4)
+    assert (tmp_path / "new2" / "r.csv").read_text().startswith("name,")
+    assert not list(tmp_path.rglob("*.tmp"))
+    pytest.importorskip("matplotlib")
+    with pytest.raises(WeightgeoError, match="figure path .* is an existing directory"):
+        r.plot(tmp_path / "out.json")

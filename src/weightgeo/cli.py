@@ -1,6 +1,8 @@
-"""The ``weightgeo`` command line: ``weightgeo compare BASE FT`` and ``weightgeo trajectory RUN_DIR``.
+"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR`` and
+``weightgeo cache info|prune``.
 
-Bad input exits with status 2 and the error message on stderr; results go to stdout (and ``--out``).
+Bad input exits with status 2 and the error message on stderr; results go to stdout (and ``--out``, whose
+missing parent folders are created, and said so on stderr).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import WeightgeoError
+from .report import check_output_path
 
 __all__ = ["main"]
 
@@ -61,7 +64,47 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hill-k", type=int, default=10, help="top singular values for the Hill index (default 10)")
     t.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the trajectory figures")
     _add_filters(t)
+    _add_cache_parser(sub)
     return parser
+
+
+def _add_cache_parser(sub) -> None:
+    k = sub.add_parser("cache", help="show or prune the result cache",
+                       description="The result cache (default ~/.cache/weightgeo, or $WEIGHTGEO_CACHE): "
+                                   "'info' lists entries and bytes per weightgeo version; 'prune' removes entries "
+                                   "of other versions, entries unused for --older-than days, then the least "
+                                   "recently used beyond --max-gb.")
+    k.add_argument("action", choices=("info", "prune"))
+    k.add_argument("--cache", type=Path, default=None, metavar="DIR", help="the cache folder (default: "
+                   "$WEIGHTGEO_CACHE, else $XDG_CACHE_HOME/weightgeo or ~/.cache/weightgeo)")
+    k.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="prune: remove entries not used for this many days")
+    k.add_argument("--max-gb", type=float, default=None, metavar="X",
+                   help="prune: then remove the least recently used entries until at most X GB remain")
+    k.add_argument("--keep-other-versions", action="store_true",
+                   help="prune: keep entries written by other weightgeo versions")
+    k.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from .cache import ResultCache, default_cache_dir, resolve_cache
+
+    if args.cache is not None:
+        cache = resolve_cache(args.cache)
+    else:
+        cache = resolve_cache(None) or ResultCache(default_cache_dir())  # WEIGHTGEO_CACHE=off: still inspectable
+    assert cache is not None
+    if args.action == "info":
+        print(cache.info())
+        return 0
+    for flag, v in (("--older-than", args.older_than), ("--max-gb", args.max_gb)):
+        if v is not None and not v >= 0:
+            raise WeightgeoError(f"{flag} {v}: give a number ≥ 0")
+    result = cache.prune(older_than=None if args.older_than is None else args.older_than * 86400.0,
+                         max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9),
+                         other_versions=not args.keep_other_versions, dry_run=args.dry_run)
+    print(f"weightgeo cache at {cache.root}: {result}")
+    return 0
 
 
 def _filters(values: list[str] | None) -> str | list[str] | None:
@@ -70,26 +113,49 @@ def _filters(values: list[str] | None) -> str | list[str] | None:
     return values[0] if len(values) == 1 else values
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse a bad --out / --plot before the analysis runs, not after."""
+    if getattr(args, "out", None) is not None:
+        if args.out.suffix.lower() not in (".json", ".csv"):
+            raise WeightgeoError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .json or .csv path")
+        check_output_path(args.out)
+    if getattr(args, "plot", None) is not None:
+        check_output_path(args.plot, what="--plot")
+
+
+def _created(path: Path) -> str:
+    """The outermost missing folder above ``path``, for a 'created folder' line; '' when none is missing."""
+    missing = ""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing, parent = str(parent), parent.parent
+    return missing
+
+
 def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
     print(report.summary_text() if args.summary else str(report))
     out = args.out if out is None else out
     if out is not None:
         suffix = out.suffix.lower()
+        created = _created(out)
         if suffix == ".csv":
             report.to_csv(out)
         elif suffix == ".json":
             report.to_json(out)
         else:
             raise WeightgeoError(f"--out {out}: unknown format {suffix!r}; use a .json or .csv path")
+        if created:
+            print(f"created folder {created}", file=sys.stderr)
         print(f"wrote {out}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
     import weightgeo
 
+    if args.command == "cache":
+        return _cache_command(args)
+    _check_outputs(args)
     if args.command == "compare":
-        if args.out is not None and args.out.suffix.lower() not in (".json", ".csv"):
-            raise WeightgeoError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .json or .csv path")
         opts = dict(metrics=args.metrics, include=_filters(args.include), exclude=_filters(args.exclude), k=args.k,
                     side=args.side, rank=args.rank, alpha=args.alpha, eta=args.eta, device=args.device,
                     batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,

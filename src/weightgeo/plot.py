@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import WeightgeoError
+from .report import check_output_path
 
 __all__ = ["plot_report", "plot_pair_reports", "plot_trajectories"]
 
@@ -29,7 +30,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
+    path = check_output_path(path, what="figure")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=130, bbox_inches="tight")

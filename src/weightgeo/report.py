@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import WeightgeoError
 
-__all__ = ["Report", "summarize_rows"]
+__all__ = ["Report", "summarize_rows", "check_output_path"]
 
 # Columns shown first in tables, in this order, when present.
 _LEAD_COLUMNS = ("group", "step", "name", "shape", "numel", "module", "layer")
@@ -167,6 +167,7 @@ class Report:
         """Write ``{"rows": [...], "summary": {...}, "meta": {...}}`` (NaN as null) and return the text.
 
         The file is written to a temporary name and renamed, so an interrupted run never leaves half a file.
+        Missing parent folders are created; a ``path`` that is an existing directory raises WeightgeoError.
         """
         text = json.dumps(_jsonable({"rows": self.rows, "summary": self.summary, "meta": self.meta}),
                           indent=indent)
@@ -188,7 +189,7 @@ class Report:
         return cls(rows=rows, summary=_from_json(data.get("summary", {})), meta=data.get("meta", {}))
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the rows as CSV (shape as ``"896x896"``), atomically."""
+        """Write the rows as CSV (shape as ``"896x896"``), atomically; missing parent folders are created."""
         cols = self.columns()
         import io
 
@@ -297,13 +298,51 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
+def check_output_path(path: str | os.PathLike[str], *, what: str = "report") -> Path:
+    """Check, before anything is computed or written, that ``path`` can receive an output file.
+
+    Missing parent folders are fine (the writers create them); an existing directory at ``path``, a file
+    where a parent folder should be, or a parent that cannot be written are refused.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> check_output_path(f"{d}/new/sub/r.json").name
+    'r.json'
+    >>> check_output_path(d)
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: report path /... is an existing directory; give a file name inside it, e.g. /.../report.json
+
+    Raises:
+        WeightgeoError: naming the path and the fix.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise WeightgeoError(f"{what} path {p} is an existing directory; give a file name inside it, e.g. "
+                             f"{p / ('report' + (p.suffix or '.json'))}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WeightgeoError(f"{what} path {p}: {parent} is a file, not a folder; choose another location")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WeightgeoError(f"{what} path {p}: cannot create files in {parent} (permission denied); choose a "
+                             f"writable location")
+    return p
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``text`` to ``path`` via a unique temporary file in its folder (created if missing) and a rename."""
+    path = check_output_path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise WeightgeoError(f"cannot write {path} ({e.strerror or e}); check the path and free space") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            Path(tmp).unlink(missing_ok=True)

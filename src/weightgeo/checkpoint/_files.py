@@ -117,6 +117,19 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any], dict[s
     return dict(wm), meta, shards
 
 
+def file_identity(path: Path | str) -> dict[str, Any]:
+    """What identifies a file's current content without reading it: resolved path, size, ``mtime_ns``.
+
+    Any rewrite changes the size or the modification time; a moved or copied file gets a new identity.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise WeightgeoError(f"{path}: cannot stat ({e})") from None
+    return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def file_list(files: Any, what: str) -> tuple[list[Path], str]:
     """The weight files a checkpoint class was given (one path or several) and the default source text."""
     paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -134,6 +134,15 @@ class Checkpoint(abc.ABC):
     def fp8_weight(self, name: str) -> "Fp8Weight | None":
         """For a weight stored as scaled FP8 (read dequantised by :meth:`get`), its stored codes and scales;
         else ``None``. Update rules that must compare what is stored (see ``fp8_unchanged_count``) use it."""
+        return None
+
+    def identity(self, name: str) -> dict[str, Any] | None:
+        """What determines the stored bytes of tensor ``name``, as a JSON-able dict, for result caches.
+
+        File-backed checkpoints return the file's resolved path, size and ``mtime_ns`` plus the tensor's
+        header entry, so any rewrite of the file changes it. ``None`` (the default: mappings, modules,
+        anything with no on-disk identity) means results of this tensor are never cached.
+        """
         return None
 
     def in_out_layout(self, name: str) -> bool:

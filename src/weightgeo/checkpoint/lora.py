@@ -274,6 +274,20 @@ class MergedAdapterCheckpoint(Checkpoint):
         module = self._targets.get(name)
         return None if module is None else self.adapter.delta(module)
 
+    def identity(self, name: str) -> dict[str, Any] | None:
+        """The base tensor's identity, plus the adapter's factors and scaling (or its replacement tensor) when
+        it adapts ``name``; ``None`` when any part has no on-disk identity."""
+        base = self.base.identity(name)
+        if name in self._replace:  # the replacement's values, cast to the base tensor's dtype
+            parts = {"base": base, "replacement": self.adapter.weights.identity(self._replace[name])}
+        elif name in self._targets:
+            m = self.adapter.modules[self._targets[name]]
+            parts = {"base": base, "A": self.adapter.weights.identity(m.a_key),
+                     "B": self.adapter.weights.identity(m.b_key), "scaling": m.scaling, "transpose": m.transpose}
+        else:
+            return base
+        return None if any(v is None for v in parts.values()) else {"format": "lora", **parts}
+
     def adapted(self) -> list[str]:
         """Base names that the adapter changes."""
         return sorted(set(self._targets) | set(self._replace))

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import WeightgeoError
-from ._files import file_list, read_index
+from ._files import file_identity, file_list, read_index
 from .base import Checkpoint, TensorInfo
 
 __all__ = ["SafetensorsCheckpoint", "read_header", "SAFETENSORS_DTYPES"]
@@ -195,6 +195,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self.config = dict(config or {})
         self.metadata: dict[str, str] = {}
         self._entries: dict[str, _Entry] = {}
+        self._file_ids: dict[Path, dict[str, Any]] = {}  # identity() of each file, taken once
         for p in paths:
             entries, meta = read_header(p)
             self.metadata.update(meta)
@@ -229,6 +230,15 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _infos(self) -> dict[str, TensorInfo]:
         return {n: e.info for n, e in self._entries.items()}
+
+    def identity(self, name: str) -> dict[str, Any]:
+        """The shard's identity (resolved path, size, ``mtime_ns``, taken once per shard) and the tensor's
+        header entry (dtype, shape, byte range)."""
+        e = self._entries[self.info(name).name]
+        if e.path not in self._file_ids:
+            self._file_ids[e.path] = file_identity(e.path)
+        return {"format": "safetensors", "file": self._file_ids[e.path], "tensor": name, "dtype": str(e.info.dtype),
+                "shape": list(e.info.shape), "byte_range": [e.start, e.stop]}
 
     def _get(self, name: str) -> torch.Tensor:
         e = self._entries[name]

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import WeightgeoError
-from ._files import file_list, read_index
+from ._files import file_identity, file_list, read_index
 from .base import Checkpoint, TensorInfo
 
 __all__ = ["TorchBinCheckpoint", "load_state_file"]
@@ -96,6 +96,7 @@ class TorchBinCheckpoint(Checkpoint):
         self._weight_map = dict(weight_map) if weight_map is not None else None
         self._owner: dict[str, int] | None = None
         self._open: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._file_ids: dict[Path, dict[str, Any]] = {}  # identity() of each file, taken once
         for p in paths:
             if not p.is_file():
                 raise WeightgeoError(f"{p}: no such file; pass existing .bin/.pt files")
@@ -135,6 +136,17 @@ class TorchBinCheckpoint(Checkpoint):
                                          f"shard does not hold it; re-download the shards or fix the index")
         self._owner = owner
         return infos
+
+    def identity(self, name: str) -> dict[str, Any]:
+        """The holding file's identity (resolved path, size, ``mtime_ns``) plus the tensor's name, dtype and
+        shape: a pickle has no per-tensor header, so any rewrite of the file invalidates all its tensors."""
+        info = self.info(name)
+        assert self._owner is not None
+        path = self.files[self._owner[name]]
+        if path not in self._file_ids:
+            self._file_ids[path] = file_identity(path)
+        return {"format": "torch", "file": self._file_ids[path], "tensor": name, "dtype": str(info.dtype),
+                "shape": list(info.shape)}
 
     def _get(self, name: str) -> torch.Tensor:
         _ = self.infos
