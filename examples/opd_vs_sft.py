@@ -2,7 +2,7 @@
 measure the geometry, and give each of the paper's seven claims a verdict with a confidence interval.
 
     python examples/opd_vs_sft.py --quick            # <= 3 min on 2 idle cores, one seed -> runs/opd_vs_sft/quick/
-    python examples/opd_vs_sft.py                    # full run, 3 seeds, <= 30 min on 2 idle cores -> runs/opd_vs_sft/full/
+    python examples/opd_vs_sft.py                    # full, 3 seeds, <= 30 min on 2 idle cores -> runs/opd_vs_sft/full/
     python examples/opd_vs_sft.py --controls         # then the controls (projection, head-only, sparsification,
                                                      #   off-policy, mixes), reusing the full run: <= 30 min
     python examples/opd_vs_sft.py --smoke --out DIR  # seconds-long end-to-end check (tests, CI); numbers mean nothing
@@ -154,7 +154,7 @@ def build_jobs(plan: Plan, assets: Path) -> dict[str, dict]:
         p_sft, p_opd = round(plan.project_frac * plan.sft_steps), round(plan.project_frac * plan.opd_steps)
         for i in range(plan.project_seeds):
             for k in plan.project_ks:
-                add(f"sft_proj_k{k}_s{i}", "sft", cost=plan.sft_steps * 0.1, start="base", assets_id=ids,
+                add(f"sft_proj_k{k}_s{i}", "sft", deps=after, cost=plan.sft_steps * 0.1, start="base", assets_id=ids,
                     cfg={**sft_cfg, "seed": i, "project_at": p_sft, "project_k": k}, readings=[plan.sft_steps], **ev)
                 add(f"opd_proj_k{k}_s{i}", "opd", deps=after, cost=plan.opd_steps * 0.25, start="anchor",
                     assets_id=ids, cfg={**opd_cfg, "seed": 100 + i, "project_at": p_opd, "project_k": k},
@@ -298,7 +298,8 @@ def _regime(job: dict, out: Path, assets: Path) -> dict:
     kl = reverse_kl(anchor, teacher, TASK, n=job["eval_prompts"], samples=job["eval_samples"])
     gain = paired_bootstrap(load_eval(out, "sft_s0", at80)["t1"], load_eval(out, "sft_s0", last)["t1"])
     values = {
-        "teacher_acc_t1": teacher_r["acc"]["final"]["acc_t1"], "teacher_acc_greedy": teacher_r["acc"]["final"]["acc_greedy"],
+        "teacher_acc_t1": teacher_r["acc"]["final"]["acc_t1"],
+        "teacher_acc_greedy": teacher_r["acc"]["final"]["acc_greedy"],
         "anchor_acc_t1": sft0["acc"][str(last)]["acc_t1"], "anchor_acc_greedy": sft0["acc"][str(last)]["acc_greedy"],
         "reverse_kl_nats": kl["reverse_kl_nats"], "response_tokens": kl["response_tokens"],
         "param_ratio": teacher_r["num_params"] / anchor.num_params(), "sft_last_gain": gain["diff"],
@@ -309,6 +310,23 @@ def _regime(job: dict, out: Path, assets: Path) -> dict:
             "kl_by_position": kl["by_position"], "base_acc": sft0["acc"]["0"],
             "student_params": anchor.num_params(), "teacher_params": teacher_r["num_params"],
             "thresholds": asdict(RegimeThresholds())}
+
+
+def _critical_path(jobs: dict[str, dict]) -> dict[str, float]:
+    """Each job's cost plus the costliest chain of jobs that wait for it (its upward rank)."""
+    children: dict[str, list[str]] = {n: [] for n in jobs}
+    for n, j in jobs.items():
+        for d in j["deps"]:
+            children.setdefault(d, []).append(n)
+    rank: dict[str, float] = {}
+
+    def up(n: str) -> float:
+        if n not in rank:
+            rank[n] = jobs[n]["cost"] + max((up(c) for c in children[n] if c in jobs), default=0.0)
+        return rank[n]
+    for n in jobs:
+        up(n)
+    return rank
 
 
 def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, threads: int, log=print,
@@ -327,14 +345,15 @@ def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, t
                 r["reused"] = True
     pending = {n: j for n, j in jobs.items() if n not in results}
     if results:
-        log(f"  reusing {len(results)} finished job(s) from {out}")
+        log(f"  reusing {len(results)} finished job(s) from {out}", flush=True)
     for name in [n for n in jobs if n in results]:
         if on_done:
             on_done(name, results[name])
 
-    def ready():
-        return sorted((n for n, j in pending.items() if all(d in results for d in j["deps"])),
-                      key=lambda n: -pending[n]["cost"])
+    rank = _critical_path(jobs)
+
+    def ready():  # the job with the longest chain of work behind it first (critical-path scheduling)
+        return sorted((n for n, j in pending.items() if all(d in results for d in j["deps"])), key=lambda n: -rank[n])
 
     def finish(name, res):
         res = json.loads(json.dumps(_json_safe(res)))  # as a reused result reads back: string keys, NaN -> None
@@ -342,7 +361,7 @@ def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, t
         pending.pop(name, None)
         if jobs[name]["kind"] in ("sft", "opd", "rlvr", "eval_model"):
             log(f"  {name:<22} {res['wall_s']:6.1f}s  " + "  ".join(
-                f"@{r}: T=1 {a['acc_t1']:.3f} greedy {a['acc_greedy']:.3f}" for r, a in res["acc"].items()))
+                f"@{r}: T=1 {a['acc_t1']:.3f} greedy {a['acc_greedy']:.3f}" for r, a in res["acc"].items()), flush=True)
         if on_done:
             on_done(name, res)
 
@@ -389,7 +408,8 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
         rc = weightgeo.rank_curve(ck, steps=steps, include=ATTENTION, k=K)
         rows = sorted(rc.rows, key=lambda r: (r["step"], r["name"]))
         res["matrices"] = sorted({r["name"] for r in rows})
-        res["sim"][str(K)] = {str(s): [r["final_subspace_similarity"] for r in rows if r["step"] == s] for s in steps[1:]}
+        res["sim"][str(K)] = {str(s): [r["final_subspace_similarity"] for r in rows if r["step"] == s]
+                              for s in steps[1:]}
         if K == KS[0]:
             res["srank"] = {str(s): [r["stable_rank"] for r in rows if r["step"] == s] for s in steps[1:]}
             res["fro"] = {str(s): [r["frobenius_norm"] for r in rows if r["step"] == s] for s in steps[1:]}
@@ -413,8 +433,8 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
         rows = sorted(rep.rows, key=lambda r: r["name"])
         res["unchanged_rows"][str(s)] = [[r["name"], r["numel"], r["update_sparsity"]] for r in rows]
         mats = [r for r in rows if len(r["shape"]) == 2]
-        res["density"][str(s)] = {"all": 1 - sum(r["numel"] * r["update_sparsity"] for r in rows) / sum(r["numel"] for r in rows),
-                             "per_matrix": [1 - r["update_sparsity"] for r in mats]}
+        unchanged = sum(r["numel"] * r["update_sparsity"] for r in rows) / sum(r["numel"] for r in rows)
+        res["density"][str(s)] = {"all": 1 - unchanged, "per_matrix": [1 - r["update_sparsity"] for r in mats]}
     return res
 
 
@@ -444,7 +464,8 @@ def tracker_agreement(tracker, run_dir: Path) -> dict:
         for r in trc.rows:
             o = off.get((r["step"], r["name"]))
             if o is not None and math.isfinite(r[key]) and math.isfinite(o[key]):
-                ab = max(ab, abs(r[key] - o[key]) / (1.0 if key == "final_subspace_similarity" else max(abs(o[key]), 1e-30)))
+                scale = 1.0 if key == "final_subspace_similarity" else max(abs(o[key]), 1e-30)  # Sim: absolute
+                ab = max(ab, abs(r[key] - o[key]) / scale)
         diff[key] = ab
     return {"rows_tracker": len(trc.rows), "rows_matched": sum((r["step"], r["name"]) in off for r in trc.rows),
             "rows_offline": len(off), "max_rel_diff": diff, "k": TRACK_K}
@@ -507,7 +528,8 @@ def _ci(lo_hi):
 
 def primary_k(D: Data, seeds: int) -> dict:
     """K* by PRIMARY_K_RULE (fixed before the first run)."""
-    s = {m: float(np.mean([_agg(D.stream(m, i)["srank"][str(D.at20(m, i))]) for i in range(seeds)])) for m in ("sft", "opd")}
+    s = {m: float(np.mean([_agg(D.stream(m, i)["srank"][str(D.at20(m, i))]) for i in range(seeds)]))
+         for m in ("sft", "opd")}
     smin = min(s.values())
     k = max([K for K in KS if K <= smin], default=1)
     return {"k": k, "rule": PRIMARY_K_RULE, "stable_rank_at_20pct": s, "s": smin}
@@ -517,7 +539,8 @@ def _claim(cid, links: dict, n_seeds, n_items, *, testable=True, note=None, extr
     """Claim statistic = min over its links (each link: paper direction > 0). Returns (claim, details)."""
     r, lk = bootstrap_links(links, n_seeds, n_items, n_boot=N_BOOT)
     claim = {"id": cid, "text": CLAIM_TEXT[cid], "verdict": verdict(r["per_seed"], r["ci95"], testable=testable),
-             "statistic": round(r["statistic"], 6), "ci95": _ci(r["ci95"]), "per_seed": [round(v, 6) for v in r["per_seed"]]}
+             "statistic": round(r["statistic"], 6), "ci95": _ci(r["ci95"]),
+             "per_seed": [round(v, 6) for v in r["per_seed"]]}
     det = {"id": cid, "links": {n: {"statistic": v["statistic"], "ci95": _ci(v["ci95"]), "per_seed": v["per_seed"],
                                     "verdict": verdict(v["per_seed"], v["ci95"])} for n, v in lk.items()},
            "note": note, **(extra or {})}
@@ -588,9 +611,11 @@ def pair_claims(D: Data, rl: str, seeds: int, testable: bool) -> list[tuple[dict
 def trajectory_claims(D: Data, rl: str, seeds: int, K: int, testable: bool) -> list[tuple[dict, dict]]:
     """Claims 4-5 (streams) with RLVR read at ``rl``."""
     meths = ("sft", "opd", rl)
-    SR = {m: [(np.array(D.stream(m, s)["srank"][str(D.at20(m, s))], dtype=np.float64),
-               np.array(D.stream(m, s)["srank"][str(D.stream(m, s)["steps"][-1])], dtype=np.float64)) for s in range(seeds)]
-          for m in meths}
+    def ends(m, s):  # per-matrix stable rank at the 20% checkpoint and at the last one
+        st = D.stream(m, s)
+        return (np.array(st["srank"][str(D.at20(m, s))], dtype=np.float64),
+                np.array(st["srank"][str(st["steps"][-1])], dtype=np.float64))
+    SR = {m: [ends(m, s) for s in range(seeds)] for m in meths}
     n = len(SR["sft"][0][0])
 
     def rho(m, s, i):
@@ -608,9 +633,14 @@ def trajectory_claims(D: Data, rl: str, seeds: int, K: int, testable: bool) -> l
     def sim(m, s, i):
         return float(np.nanmean(SIM[m][s][i]))
     c5 = _claim(5, {f"Sim_{K} OPD − SFT at 20%": lambda s, i: sim("opd", s, i) - sim("sft", s, i)}, seeds, n,
-                testable=testable, extra={"k": K, "sim_at_20pct": {m: [sim(m, s, allv) for s in range(seeds)] for m in SIM},
-                                          "random_baseline": K / 64})
+                testable=testable, extra={"k": K, "random_baseline": K / 64,
+                                          "sim_at_20pct": {m: [sim(m, s, allv) for s in range(seeds)] for m in SIM}})
     return [c4, c5]
+
+
+def _mean_ci(x: np.ndarray) -> dict:
+    """Mean over seeds and prompts of per-(seed, prompt) differences x [n_seeds, n_prompts], seed x prompt CI."""
+    return cluster_bootstrap(lambda s, i: float(x[s, i].mean()), x.shape[0], x.shape[1], n_boot=N_BOOT)
 
 
 def projection_claim(D: Data, K: int, testable: bool) -> tuple[dict, dict]:
@@ -625,22 +655,20 @@ def projection_claim(D: Data, K: int, testable: bool) -> tuple[dict, dict]:
     opd_ = [acc(f"opd_s{i}", pl.opd_steps) for i in range(n_s)]
     sft_ = [acc(f"sft_s{i}", pl.sft_steps) for i in range(n_s)]
     gain = np.array([o - anchor for o in opd_])
-    g = cluster_bootstrap(lambda s, i: float(gain[s, i].mean()), n_s, len(anchor), n_boot=N_BOOT)
+    g = _mean_ci(gain)
     keep = verdict(g["per_seed"], g["ci95"]) == "reproduced"
     per_k = {}
     for k in pl.project_ks:
         r_opd = np.array([acc(f"opd_proj_k{k}_s{i}", pl.opd_steps) - opd_[i] for i in range(n_s)])
         r_sft = np.array([acc(f"sft_proj_k{k}_s{i}", pl.sft_steps) - sft_[i] for i in range(n_s)])
         d = r_opd - r_sft
-        per_k[k] = {"d": d, "opd_proj_minus_plain": cluster_bootstrap(lambda s, i: float(r_opd[s, i].mean()), n_s, len(anchor), n_boot=N_BOOT),
-                    "sft_proj_minus_plain": cluster_bootstrap(lambda s, i: float(r_sft[s, i].mean()), n_s, len(anchor), n_boot=N_BOOT)}
+        per_k[k] = {"d": d, "opd_proj_minus_plain": _mean_ci(r_opd), "sft_proj_minus_plain": _mean_ci(r_sft)}
     head = np.array([acc(f"opd_head_s{i}", pl.opd_steps) - anchor for i in range(n_s)])
-    hb = cluster_bootstrap(lambda s, i: float(head[s, i].mean()), n_s, len(anchor), n_boot=N_BOOT)
+    hb = _mean_ci(head)
     d = per_k[K]["d"]
     note = None if keep else "OPD did not raise accuracy over the anchor (CI of the gain includes 0): nothing to keep"
     extra = {"k": K, "opd_gain": g, "head_only_gain": hb,
-             "per_k": {k: {"statistic": cluster_bootstrap(lambda s, i, d=v["d"]: float(d[s, i].mean()), n_s, len(anchor), n_boot=N_BOOT),
-                           "opd_proj_minus_plain": v["opd_proj_minus_plain"],
+             "per_k": {k: {"statistic": _mean_ci(v["d"]), "opd_proj_minus_plain": v["opd_proj_minus_plain"],
                            "sft_proj_minus_plain": v["sft_proj_minus_plain"]} for k, v in per_k.items()}}
     return _claim(6, {f"OPD cost − SFT cost of projection (K={K})": lambda s, i: float(d[s, i].mean())}, n_s,
                   len(anchor), testable=testable and keep, note=note, extra=extra)
@@ -671,7 +699,8 @@ def controls_claim(D: Data, testable: bool) -> tuple[dict, dict]:
     if not keep or not small:
         return _not_run(7, f"needs a sparsification / off-policy control and a mix with α <= {SMALL_MIX}")
     links = {f"{CURVE_TOL} − max dev(keep controls)": lambda s, i: CURVE_TOL - max(dev(n, i) for n in keep),
-             f"min dev(mixes α <= {SMALL_MIX}) − {CURVE_TOL}": lambda s, i: min(dev(n, i) for n in small) - CURVE_TOL}
+             f"min dev(mixes α <= {SMALL_MIX}) − {CURVE_TOL}":
+                 lambda s, i: min(dev(n, i) for n in small) - CURVE_TOL}
     return _claim(7, links, 1, R.shape[1], testable=testable,
                   extra={"deviation_from_opd": {n: dev(n, allv) for n in names}, "null_deviation_from_opd": null_dev,
                          "realised_opd_share": shares, "seed": 0, "curve_tol": CURVE_TOL})
@@ -695,7 +724,7 @@ def evaluate_claims(D: Data, regime: dict) -> dict:
                                      "ci95": c["ci95"], "per_seed": c["per_seed"], "links": d["links"]} for c, d in cs]
     else:
         for cid in range(1, 6):
-            c, d = _not_run(cid, "the main runs (SFT, OPD, null, RLVR); run without --controls-only")
+            c, d = _not_run(cid, "the main runs (SFT, OPD, the null, RLVR) are missing")
             out["claims"].append(c)
             out["details"].append(d)
     ctrl_ok = pl.controls and D.has("m_opd_s0", *[f"m_{n}" for n in
@@ -768,7 +797,8 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
         q = {"density": (lambda S, t: S["density"][str(t)]["per_matrix"], False, "update density (all 2-D weights)"),
              "fro": (lambda S, t: S["fro"][str(t)], False, "‖ΔW_t‖_F (attention, bf16)"),
              "srank": (lambda S, t: S["srank"][str(t)], True, "stable rank of ΔW_t (attention, bf16)"),
-             "srank_fp32": (lambda S, t: S["srank_fp32"][str(t)], True, "stable rank of ΔW_t (attention, fp32 masters)")}
+             "srank_fp32": (lambda S, t: S["srank_fp32"][str(t)], True,
+                            "stable rank of ΔW_t (attention, fp32 masters)")}
         fig, axs = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
         for ax, (key, (fn, frac, title)) in zip(axs.flat, q.items()):
             x, arr = _series(D, "null", seeds, fn, frac=frac)
@@ -784,6 +814,8 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
             ax.set(title=title, xlabel="fraction of training" if frac else "step")
             if key in ("density", "fro"):
                 ax.set_xscale("log")
+            if key == "fro":
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axs[0, 0].legend(fontsize=8)
         fig.suptitle(f"Trajectories ({seeds} seed(s); thick = seed mean, thin = seeds; RLVR to step {pl.rlvr_steps})")
@@ -818,11 +850,12 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
             ys = [d6["per_k"][k][key]["statistic"] for k in ks]
             ci = [d6["per_k"][k][key]["ci95"] or (y, y) for k, y in zip(ks, ys)]
             xs = np.arange(len(ks)) + (j - 0.5) * 0.3
-            ax.bar(xs, ys, 0.3, color=col, label=lab, yerr=[[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]],
-                   capsize=3)
+            err = [[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]]
+            ax.bar(xs, ys, 0.3, color=col, label=lab, yerr=err, capsize=3)
         g, h = d6["opd_gain"], d6["head_only_gain"]
-        ax.axhline(g["statistic"], color="tab:orange", ls="--", lw=1, label=f"OPD gain over anchor {g['statistic']:+.3f}")
-        ax.axhline(h["statistic"], color="tab:red", ls=":", lw=1, label=f"head-only OPD gain {h['statistic']:+.3f}")
+        ax.axhline(g["statistic"], color="tab:orange", ls="--", lw=1,
+                   label=f"OPD gain over the anchor {g['statistic']:+.4f}")
+        ax.axhline(h["statistic"], color="tab:red", ls=":", lw=1, label=f"head-only OPD gain {h['statistic']:+.4f}")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(ks)), [f"K={k}" + (" (K*)" if int(k) == K else "") for k in ks])
         ax.set(ylabel="Δ T=1 accuracy (95% CI)", title="Projection onto early V_K (every 2-D weight projected)")
@@ -922,13 +955,18 @@ def write_report(out: Path, mode: str, plan: Plan, results: dict, regime: dict, 
         "response_tokens")}, "checks": regime["checks"], "passed": regime["passed"]},
         "claims": ev["claims"], "regime_details": regime, "primary_k": ev["primary_k"], "claim_details": ev["details"],
         "rlvr_at_matched_steps": ev["secondary"], "accuracy": acc, "mechanism": mech, "tracker_opd": tracker,
-        "timings": {"wall_s": round(wall, 1), "jobs": {n: {"wall_s": r.get("wall_s"), "cpu_s": r.get("cpu_s"),
-                                                           "reused": bool(r.get("reused"))} for n, r in results.items()}},
+        "timings": {"wall_s": round(wall, 1),
+                    "jobs": {n: {"wall_s": r.get("wall_s"), "cpu_s": r.get("cpu_s"), "reused": bool(r.get("reused"))}
+                             for n, r in results.items()}},
         "machine": machine, "figures": figures, "weightgeo": weightgeo.__version__, "torch": torch.__version__}
     report = _json_safe(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_md(report) + "\n")
     return report
+
+
+def _ci_text(ci) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
 
 
 def _fmt(x, p=3):
@@ -951,9 +989,11 @@ def report_md(R: dict) -> str:
          f"| reverse KL(anchor ‖ teacher), anchor's samples | {reg['reverse_kl_nats']:.4f} nats/token (sampled-token "
          f"estimate {rd['kl_sampled_token_estimate']:.4f}) | >= {th['reverse_kl_min']} (R1) |",
          f"| anchor T=1 / greedy accuracy | {reg['anchor_acc_t1']:.4f} / {reg['anchor_acc_greedy']:.4f} (base "
-         f"{rd['base_acc']['acc_t1']:.4f} / {rd['base_acc']['acc_greedy']:.4f}) | T=1 in {th['anchor_acc_t1_range']} (R2) |",
+         f"{rd['base_acc']['acc_t1']:.4f} / {rd['base_acc']['acc_greedy']:.4f}) | T=1 in "
+         f"{th['anchor_acc_t1_range']} (R2) |",
          f"| SFT T=1 gain, step {rd['sft_reading_80pct']} -> last | {rd['values']['sft_last_gain']:+.4f} (95% CI "
-         f"{_fmt(rd['sft_last_gain_ci95'][0], 4)}, {_fmt(rd['sft_last_gain_ci95'][1], 4)}) | > 0, still improving (R2) |",
+         f"{_fmt(rd['sft_last_gain_ci95'][0], 4)}, {_fmt(rd['sft_last_gain_ci95'][1], 4)}) | > 0, still improving "
+         "(R2) |",
          f"| anchor response length | {reg['response_tokens']:.2f} tokens | >= {th['response_tokens_min']} (R3) |", "",
          f"Checks: R1 {reg['checks']['R1']}, R2 {reg['checks']['R2']}, R3 {reg['checks']['R3']} -> "
          f"{'passed' if reg['passed'] else 'FAILED: every claim is untestable'}.", ""]
@@ -961,10 +1001,11 @@ def report_md(R: dict) -> str:
     if pk:
         L += [f"Primary K* = {pk['k']} ({pk['rule']}; stable ranks at 20%: "
               + ", ".join(f"{m} {v:.2f}" for m, v in (pk.get("stable_rank_at_20pct") or {}).items()) + ").", ""]
-    L += ["## Claims", "", "Verdict rule: *reproduced* = the paper's ordering (statistic > 0) holds in every seed and the "
-          "95% CI excludes 0; *contradicted* = the reverse, the same way; *untestable* = a precondition failed; "
-          "*inconclusive* otherwise. The statistic is the smallest of the claim's links (each oriented so that > 0 is "
-          "the paper's direction); CIs: bootstrap over seeds and matrices (claims 1-5, 7) or seeds and prompts (6).", "",
+    L += ["## Claims", "", "Verdict rule: *reproduced* = the paper's ordering (statistic > 0) holds in every seed "
+          "and the 95% CI excludes 0; *contradicted* = the reverse, the same way; *untestable* = a precondition "
+          "failed; *inconclusive* otherwise. The statistic is the smallest of the claim's links (each oriented so "
+          "that > 0 is the paper's direction); CIs: bootstrap over seeds and matrices (claims 1-5, 7) or seeds and "
+          "prompts (6).", "",
           "| # | claim | verdict | statistic | 95% CI | per seed |", "|---|---|---|---|---|---|"]
     for c in R["claims"]:
         ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
@@ -976,30 +1017,34 @@ def report_md(R: dict) -> str:
             L.append(f"- {d['id']}: {d['note']}")
             continue
         L.append(f"- {d['id']}: " + "; ".join(
-            f"{n} {_fmt(v['statistic'], 4)} {('[%+.4f, %+.4f]' % tuple(v['ci95'])) if v['ci95'] else ''} ({v['verdict']})"
-            for n, v in d["links"].items()) + (f". Note: {d['note']}" if d.get("note") else ""))
+            f"{n} {_fmt(v['statistic'], 4)} {_ci_text(v['ci95'])} ({v['verdict']})" for n, v in d["links"].items())
+            + (f". Note: {d['note']}" if d.get("note") else ""))
     if R["rlvr_at_matched_steps"]:
         L += ["", f"RLVR read at matched steps ({R['plan']['rlvr_matched']}) instead of {R['plan']['rlvr_steps']}: "
-              + "; ".join(f"claim {c['id']} {c['verdict']} ({_fmt(c['statistic'], 4)})" for c in R["rlvr_at_matched_steps"]), ""]
+              + "; ".join(f"claim {c['id']} {c['verdict']} ({_fmt(c['statistic'], 4)} {_ci_text(c['ci95'])})"
+                          for c in R["rlvr_at_matched_steps"]), ""]
     L += ["", "## Accuracy (held-out 1000 prompts x T=1 samples; Δ vs the run's start, paired bootstrap 95% CI)", "",
           "| run@step | T=1 | greedy | Δ T=1 vs start | 95% CI |", "|---|---|---|---|---|"]
     for n, a in R["accuracy"].items():
         L.append(f"| {n} | {a['acc_t1']:.4f} | {a['acc_greedy']:.4f} | {a['vs_start']:+.4f} | "
                  f"[{a['vs_start_ci95'][0]:+.4f}, {a['vs_start_ci95'][1]:+.4f}] |")
     M = R["mechanism"]
-    L += ["", "## Mechanism numbers", "", f"Half a bf16 ULP / lr (lr = 1e-6) over the anchor's weights, per matrix type "
-          "(10 / 50 / 90 %): " + "; ".join(f"{t} {v['p10']:.0f} / {v['p50']:.0f} / {v['p90']:.0f}"
-                                            for t, v in M["half_ulp_over_lr_anchor"]["by_type"].items()) + " steps.", "",
-          "Consistency C̃(T) = rms(ΔW_fp32) / sqrt(Σ lr_t²) at each stream's last step (≈ 1: random walk; grows like √T for "
-          "consistent drift):", "", "| stream | T | " + " | ".join(_TYPES) + " |", "|---|---|" + "---|" * len(_TYPES)]
+    ulp = "; ".join(f"{t} {v['p10']:.0f} / {v['p50']:.0f} / {v['p90']:.0f}"
+                    for t, v in M["half_ulp_over_lr_anchor"]["by_type"].items())
+    L += ["", "## Mechanism numbers", "", "Half a bf16 ULP / lr (lr = 1e-6) over the anchor's weights, per matrix "
+          f"type (10 / 50 / 90 %): {ulp} steps.", "",
+          "Consistency C̃(T) = rms(ΔW_fp32) / sqrt(Σ lr_t²) at each stream's last step (≈ 1: random walk; grows "
+          "like √T for consistent drift):", "",
+          "| stream | T | " + " | ".join(_TYPES) + " |", "|---|---|" + "---|" * len(_TYPES)]
     for n, c in M["consistency_c_tilde"].items():
-        L.append(f"| {n} | {c['step']} | " + " | ".join(f"{c['by_type'][t]['c_tilde']:.2f}" if t in c["by_type"] else "–"
-                                                        for t in _TYPES) + " |")
+        L.append(f"| {n} | {c['step']} | " + " | ".join(
+            f"{c['by_type'][t]['c_tilde']:.2f}" if t in c["by_type"] else "–" for t in _TYPES) + " |")
     if M.get("null_final"):
         nf = M["null_final"]
         L += ["", "Null (permuted advantages) at its last step, per seed: density "
-              + ", ".join(f"{x:.4f}" for x in nf["density"]) + "; mean ‖ΔW‖_F " + ", ".join(f"{x:.2e}" for x in nf["fro_mean"])
-              + "; mean stable rank " + ", ".join(f"{x:.2f}" for x in nf["srank_mean"]) + "."]
+              + ", ".join(f"{x:.4f}" for x in nf["density"]) + "; mean ‖ΔW‖_F "
+              + ", ".join(f"{x:.2e}" for x in nf["fro_mean"]) + "; mean stable rank "
+              + ", ".join(f"{x:.2f}" for x in nf["srank_mean"]) + "."]
     if M.get("realised_opd_share"):
         L += ["", "Realised OPD share of the mixed advantage (Σ|α A_OPD| / Σ|A|, mean over steps): "
               + ", ".join(f"{n} {v:.3f}" for n, v in M["realised_opd_share"].items()) + "."]
@@ -1021,8 +1066,8 @@ _TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "embed
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed, OPD 100 / RLVR 333 steps, no controls (<= 3 min)")
-    ap.add_argument("--smoke", action="store_true", help="a seconds-long run of the whole pipeline; numbers mean nothing")
-    ap.add_argument("--controls", action="store_true", help="add the controls (claims 6-7); reuses finished runs in --out")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run of the whole pipeline (meaningless numbers)")
+    ap.add_argument("--controls", action="store_true", help="add the controls (claims 6-7); reuses the runs in --out")
     ap.add_argument("--out", default=None, help="output folder (default runs/opd_vs_sft/<full|quick|smoke>)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2; 1 = in this process)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
@@ -1078,7 +1123,8 @@ def main(argv: list[str] | None = None) -> int:
         d = next(x for x in R["claim_details"] if x["id"] == c["id"])
         ci = "" if c["ci95"] is None else f"  CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
         st = "" if c["statistic"] is None else f"  statistic {c['statistic']:+.4f}"
-        print(f"  {c['id']}. {c['verdict'].upper():<12} {c['text']}{st}{ci}" + ("  (not run in this mode)" if d.get("not_run") else ""))
+        print(f"  {c['id']}. {c['verdict'].upper():<12} {c['text']}{st}{ci}"
+              + ("  (not run in this mode)" if d.get("not_run") else ""))
     return 0
 
 

@@ -146,7 +146,8 @@ def test_smoke_run_end_to_end(ex, tmp_path):
             assert c["verdict"] == "untestable"
     # the streams: bf16 checkpoints and fp32 masters, measured; the null and both RLVR readings exist
     assert (out / "runs" / "opd_s0" / "fp32" / "checkpoint-4" / "model.safetensors").is_file()
-    assert {"m_null_s0", "m_rlvr_s0", "m_rlvr_s0@4", "p_rlvr_s0@4"} <= {p.stem for p in (out / "results").glob("*.json")}
+    done = {p.stem for p in (out / "results").glob("*.json")}
+    assert {"m_null_s0", "m_rlvr_s0", "m_rlvr_s0@4", "p_rlvr_s0@4"} <= done
     c_tilde = rep["mechanism"]["consistency_c_tilde"]["opd_s0"]["by_type"]
     assert {"q_proj", "lm_head", "embed_tokens"} <= set(c_tilde) and all(v["c_tilde"] > 0 for v in c_tilde.values())
     assert set(rep["mechanism"]["half_ulp_over_lr_anchor"]["by_type"]) >= {"q_proj", "down_proj", "lm_head"}

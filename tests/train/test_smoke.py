@@ -145,8 +145,8 @@ def test_null_run_permutes_and_head_only_freezes(tmp_path):
     assert logs[0][0]["loss"] == pytest.approx(logs[1][0]["loss"], rel=1e-5)
     # ... but each token's advantage is another token's: a different update
     assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
-    opd.train(h, t, opd.OPDConfig(**{**cfg, "steps": 2}, trainable=r"^(lm_head|model\.embed_tokens|model\.embed_positions)\.weight$"),
-              tmp_path / "head")
+    head_only = r"^(lm_head|model\.embed_tokens|model\.embed_positions)\.weight$"
+    opd.train(h, t, opd.OPDConfig(**{**cfg, "steps": 2}, trainable=head_only), tmp_path / "head")
     changed = {n for n, p in h.named_parameters() if not torch.equal(p, start[n])}
     assert changed == {"lm_head.weight", "model.embed_tokens.weight", "model.embed_positions.weight"}
     with pytest.raises(ValueError, match="matches no parameter"):

@@ -30,8 +30,8 @@ from .model import generate, response_logprobs
 from .task import ScratchpadAdditionTask
 
 __all__ = ["make_optimizer", "lr_at", "CheckpointWriter", "evaluate", "correctness", "StepCallback", "rollout",
-           "Rollouts", "step_generator", "attach_projection", "freeze_except", "set_threads", "begin_run", "end_step", "finish_run",
-           "pg_update"]
+           "Rollouts", "step_generator", "attach_projection", "freeze_except", "set_threads", "begin_run", "end_step",
+           "finish_run", "pg_update"]
 
 #: ``on_step(model, step)``: called after every optimizer step (and once with step 0 before training). ``model`` is
 #: a ``GPT`` or an :class:`~weightgeo.train.hf.HFCausalLM` (a transformers model, under its own parameter names).
@@ -212,7 +212,8 @@ def freeze_except(model: nn.Module, trainable: str | None) -> list[str]:
 
 
 def begin_run(model: nn.Module, cfg: Any, run_dir: str | Path, *, algorithm: str, task: ScratchpadAdditionTask,
-              on_step: StepCallback | None) -> tuple[CheckpointWriter, torch.optim.AdamW, dict[str, torch.Tensor], dict]:
+              on_step: StepCallback | None
+              ) -> tuple[CheckpointWriter, torch.optim.AdamW, dict[str, torch.Tensor], dict]:
     """What every algorithm does before its first step: threads, the parameters left trainable
     (``cfg.trainable``), the checkpoint writer, AdamW, a copy of the starting weights (for ``project_at``), the
     start evaluation, ``checkpoint-0`` and ``on_step(model, 0)``.

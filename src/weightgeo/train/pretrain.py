@@ -48,7 +48,7 @@ class PretrainConfig:
     eval_every: int = 50  # T=1 accuracy on 500 fixed prompts x eval_samples
     eval_samples: int = 2  # T=1 samples per evaluation prompt
     stop_acc: float = 0.5  # stop at the first evaluation with T=1 accuracy >= stop_acc
-    threads: int | None = 1  # torch intra-op threads (part of the determinism contract; 1 also copes best with a busy machine)
+    threads: int | None = 1  # torch intra-op threads (part of the determinism contract; 1 copes best with a busy box)
 
 
 #: The shipped assets' recipes (``python -m weightgeo.train.pretrain`` runs these).
@@ -86,8 +86,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, verbose: bool = True,
             if on_eval:
                 on_eval(model, step, rec)
             if verbose:
-                print(f"  step {step:5d} loss {loss.item():.4f} acc greedy {ev['acc_greedy']:.3f} T=1 {ev['acc_t1']:.3f}"
-                      f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(f"  step {step:5d} loss {loss.item():.4f} acc greedy {ev['acc_greedy']:.3f} "
+                      f"T=1 {ev['acc_t1']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
             if ev["acc_t1"] >= cfg.stop_acc:
                 break
     wall = time.perf_counter() - t0

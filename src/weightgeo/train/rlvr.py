@@ -54,8 +54,8 @@ class RLVRConfig:
     threads: int | None = None
 
 
-def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *, task: ScratchpadAdditionTask | None = None,
-          on_step: StepCallback | None = None) -> dict:
+def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
+          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
     """GRPO on ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     ``model`` may be a transformers causal LM (``AutoModelForCausalLM``); it is trained through

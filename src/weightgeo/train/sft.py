@@ -51,8 +51,8 @@ class SFTConfig:
     threads: int | None = None  # torch intra-op threads (None: leave as is)
 
 
-def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, task: ScratchpadAdditionTask | None = None,
-          on_step: StepCallback | None = None) -> dict:
+def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *,
+          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
     """Fine-tune ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     With ``cfg.project_at = s``, the run is identical to the unprojected one up to step s (same seeds), then
