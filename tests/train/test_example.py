@@ -1,13 +1,17 @@
-"""examples/opd_vs_sft.py: the claim criteria on hand-made numbers, and a seconds-long end-to-end smoke run."""
+"""examples/opd_vs_sft.py: the claim statistics' directions on constructed measurements, the report schema,
+and a seconds-long end-to-end smoke run (the CI run of the whole pipeline)."""
 
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from weightgeo.train.stats import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,92 +29,134 @@ def ex():
         sys.modules.pop(spec.name, None)
 
 
-def _pair(unchanged, nss, angle, density, low):
-    return {"unchanged_frac": unchanged, "nss_mean": nss, "max_angle_mean_deg": angle, "density": density,
-            "low_mag_overlap": low}
+M = 6  # matrices in the constructed measurements
+STEPS = [20, 40, 60, 80, 100]
 
 
-def _stream(srank, sim=(), steps=(16, 32, 48, 64)):
-    return {"steps": list(steps), "srank": list(srank), "sim_to_final": list(sim), "sim_random_baseline": 0.125,
-            "locking_onset_step": None}
+def _stream(rng, srank, sim20, unchanged, steps=STEPS):
+    """A measure_stream-shaped result: stable rank per step (a curve), Sim_K at every step, unchanged rows."""
+    srank = np.interp(steps, [steps[0], steps[-1]], srank)
+    noise = lambda: rng.normal(0, 0.01, M)  # noqa: E731
+    return {"steps": list(steps),
+            "srank": {str(s): list(v * (1 + noise())) for s, v in zip(steps, srank)},
+            "sim": {str(k): {str(s): list(np.clip(sim20 + noise(), 0, 1)) for s in steps} for k in (1, 2, 4, 16)},
+            "unchanged_rows": {str(steps[-1]): [[f"m{i}", 100 * (i + 1), unchanged + 0.01 * rng.normal()]
+                                                for i in range(M)]}}
 
 
-def _run(acc, se=0.01):
-    return {"end": {"acc_t1": acc, "acc_t1_se": se}}
+def _pair(rng, nss, angle, density, low):
+    j = lambda x: x * (1 + rng.normal(0, 0.02))  # noqa: E731
+    return {"rows": [{"name": f"m{i}", "numel": 100, "spectral_drift": j(nss), "max_principal_angle": j(angle),
+                      "density": j(density), "low_magnitude_overlap": j(low)} for i in range(M)]}
 
 
-def _numbers(ex, *, paper=True):
-    """Numbers shaped like the paper's findings (paper=True) or like their opposite."""
-    plan = ex.Plan(sft_steps=64, opd_steps=64, rlvr_steps=64, sparsify=[("random", 0.5)], mix_alphas=[0.05])
-    if paper:
-        pairs = {"sft": _pair(0.1, 1e-3, 10.0, 0.9, 0.3), "opd": _pair(0.5, 1e-4, 1.0, 0.5, 0.5),
-                 "rlvr": _pair(0.8, 1e-5, 0.3, 0.2, 0.7)}
-        opd = _stream([20, 21, 20, 19], [0.95, 0.96, 0.98, 1.0])
-        streams = {"sft": _stream([10, 20, 30, 40], [0.3, 0.5, 0.8, 1.0]), "opd": opd,
-                   "rlvr": _stream([20, 15, 12, 10], [0.4, 0.6, 0.8, 1.0]),
-                   "ctrl_random_0.5": _stream([21, 21, 20, 19], opd["sim_to_final"]),
-                   "ctrl_offpolicy": _stream([19, 20, 21, 20], opd["sim_to_final"]),
-                   "ctrl_mix_0.05": _stream([20, 15, 12, 10], opd["sim_to_final"])}
-        runs = {"opd": _run(0.9), "opd_proj": _run(0.9), "sft": _run(0.9), "sft_proj": _run(0.8)}
-    else:
-        pairs = {"sft": _pair(0.8, 1e-5, 0.3, 0.2, 0.7), "opd": _pair(0.5, 1e-4, 1.0, 0.5, 0.5),
-                 "rlvr": _pair(0.1, 1e-3, 10.0, 0.9, 0.3)}
-        flat = _stream([20, 20, 20, 20], [0.2, 0.4, 0.6, 1.0])
-        streams = {"sft": _stream([40, 30, 20, 10], [0.95, 0.95, 0.95, 1.0]), "opd": flat,
-                   "rlvr": _stream([10, 20, 30, 40], [0.2, 0.4, 0.6, 1.0]),
-                   "ctrl_random_0.5": _stream([40, 40, 40, 40], flat["sim_to_final"]),
-                   "ctrl_offpolicy": flat, "ctrl_mix_0.05": flat}
-        runs = {"opd": _run(0.9), "opd_proj": _run(0.5), "sft": _run(0.9), "sft_proj": _run(0.9)}
-    return plan, pairs, streams, runs
+def _acc_file(out, name, reading, t1):
+    d = out / "runs" / name
+    d.mkdir(parents=True, exist_ok=True)
+    t1 = torch.as_tensor(t1, dtype=torch.uint8)
+    save_file({f"t1@{reading}": t1, f"greedy@{reading}": t1[:, 0].contiguous()}, str(d / "eval.safetensors"))
 
 
-def test_claims_all_pass_on_paper_shaped_numbers(ex):
-    claims = ex.evaluate_claims(*_numbers(ex, paper=True))
-    assert [c["claim"] for c in claims] == list(range(1, 8))
-    assert all(c["reproduced"] for c in claims), [c for c in claims if not c["reproduced"]]
-    json.dumps(claims)  # the values are plain JSON
+def _constructed(ex, out, *, paper: bool):
+    """Measurements shaped like the paper's findings (paper=True) or like their opposite, 3 seeds."""
+    plan = ex.Plan(seeds=3, sft_steps=100, opd_steps=100, rlvr_steps=100, rlvr_matched=100, every=20, controls=True,
+                   project_ks=(4,), project_seeds=3, sparsify=(("random", 0.5),), mix_alphas=(0.05,))
+    rng = np.random.default_rng(0)
+    # (unchanged, NSS, angle, density, low-mag overlap, srank start->end, Sim_K at 20%)
+    P = {"sft": (0.1, 1e-3, 10.0, 0.9, 0.3, (10, 40), 0.3), "opd": (0.5, 1e-4, 1.0, 0.5, 0.5, (20, 20), 0.95),
+         "rlvr": (0.8, 1e-5, 0.3, 0.2, 0.7, (20, 10), 0.4), "null": (0.9, 1e-6, 0.1, 0.1, 0.8, (30, 30), 0.2)}
+    if not paper:  # SFT and RLVR swap; OPD rises; SFT locks, OPD does not
+        P["sft"], P["rlvr"] = (0.8, 1e-5, 0.3, 0.2, 0.7, (20, 10), 0.95), (0.1, 1e-3, 10.0, 0.9, 0.3, (10, 40), 0.4)
+        P["opd"] = (0.5, 1e-4, 1.0, 0.5, 0.5, (10, 20), 0.2)
+    res = {}
+    for m, (u, nss, ang, dens, low, sr, sim) in P.items():
+        for s in range(3):
+            res[f"m_{m}_s{s}"] = _stream(rng, sr, sim, u)
+            res[f"p_{m}_s{s}"] = _pair(rng, nss, ang, dens, low)
+            if m == "rlvr":
+                res[f"m_rlvr_s{s}@100"], res[f"p_rlvr_s{s}@100"] = res[f"m_rlvr_s{s}"], res[f"p_rlvr_s{s}"]
+    opd_sr = P["opd"][5]
+    keep_sr, mix_sr = (opd_sr, (40, 60)) if paper else ((40, 60), opd_sr)
+    res["m_ctrl_random_0.5"] = _stream(rng, keep_sr, 0.9, 0.5)
+    res["m_ctrl_mix_0.05"] = _stream(rng, mix_sr, 0.9, 0.5)
+    res["ctrl_mix_0.05"] = {"summary": {"opd_share_mean": 0.2}}
+    # accuracies: 400 prompts x 4 samples; OPD gains, SFT loses to projection (paper) or the reverse
+    n = 400
+    u = rng.uniform(size=(n, 4))
+    base_p = rng.uniform(0.3, 0.9, size=(n, 1))
+    draw = lambda shift: (u < np.clip(base_p + shift, 0, 1)).astype(np.uint8)  # noqa: E731
+    _acc_file(out, "sft_s0", 100, draw(0.0))
+    for s in range(3):
+        _acc_file(out, f"sft_s{s}", 100, draw(0.0))
+        _acc_file(out, f"opd_s{s}", 100, draw(0.05))
+        _acc_file(out, f"opd_head_s{s}", 100, draw(0.01))
+        _acc_file(out, f"opd_proj_k4_s{s}", 100, draw(0.05 if paper else -0.1))
+        _acc_file(out, f"sft_proj_k4_s{s}", 100, draw(-0.1 if paper else 0.05))
+    return ex.Data(plan, res, out)
 
 
-def test_claims_all_fail_on_opposite_numbers(ex):
-    claims = ex.evaluate_claims(*_numbers(ex, paper=False))
-    assert not any(c["reproduced"] for c in claims), [c["claim"] for c in claims if c["reproduced"]]
+@pytest.mark.parametrize("paper", [True, False])
+def test_claim_directions_on_constructed_measurements(ex, tmp_path, paper, monkeypatch):
+    monkeypatch.setattr(ex, "N_BOOT", 300)
+    D = _constructed(ex, tmp_path, paper=paper)
+    ev = ex.evaluate_claims(D, {"passed": True})
+    verdicts = {c["id"]: c["verdict"] for c in ev["claims"]}
+    want = "reproduced" if paper else "contradicted"
+    assert verdicts == {i: want for i in range(1, 8)}, ev["details"]
+    pk = ev["primary_k"]  # K* = the largest K <= the smaller stable rank at 20% (here 10, at step 20)
+    assert pk["k"] == 4 and pk["s"] == pytest.approx(10, rel=0.05)
+    for c in ev["claims"]:
+        assert set(c) == {"id", "text", "verdict", "statistic", "ci95", "per_seed"}
+        assert len(c["per_seed"]) == (1 if c["id"] == 7 else 3) and c["ci95"][0] <= c["statistic"] <= c["ci95"][1]
+    # a failed regime check makes every claim untestable, whatever the numbers
+    ev2 = ex.evaluate_claims(D, {"passed": False})
+    assert {c["verdict"] for c in ev2["claims"]} == {"untestable"}
 
 
-def test_shape_and_curve_deviation(ex):
-    assert ex._shape(_stream([10, 10, 11, 12]), 64)[0] == "flat"  # +20% from the 20% checkpoint
-    assert ex._shape(_stream([10, 10, 11, 13]), 64)[0] == "rising"
-    assert ex._shape(_stream([0.0, 0.0, 1, 1]), 64)[0] == "undefined"  # nothing passed the bf16 gate yet
-    ref = _stream([10, 20, 10, 20])
-    assert ex._curve_dev(_stream([11, 22, 11, 22]), ref) == pytest.approx(0.1)
-    assert ex._curve_dev(_stream([11, 22], steps=(16, 32)), ref) == pytest.approx(0.1)  # shared checkpoints
-    assert math.isnan(ex._curve_dev(_stream([1.0], steps=(8,)), ref))
+def test_claim6_needs_an_opd_gain(ex, tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "N_BOOT", 300)
+    D = _constructed(ex, tmp_path, paper=True)
+    anchor = ex.load_eval(tmp_path, "sft_s0", 100)["t1"]
+    for s in range(3):  # OPD now gains nothing over the anchor: "keeps OPD's accuracy" would be vacuous
+        _acc_file(tmp_path, f"opd_s{s}", 100, anchor)
+    c6 = next(c for c in ex.evaluate_claims(D, {"passed": True})["claims"] if c["id"] == 6)
+    assert c6["verdict"] == "untestable"
 
 
 def test_smoke_run_end_to_end(ex, tmp_path):
-    """The whole pipeline in seconds: training, weightgeo measurement, Tracker agreement, report, figures."""
+    """The whole pipeline in seconds: training, regime, weightgeo measurement, Tracker agreement, report, figures."""
     out = tmp_path / "smoke"
     threads = torch.get_num_threads()
     try:
-        assert ex.main(["--smoke", "--threads", "1", "--out", str(out)]) == 0
+        assert ex.main(["--smoke", "--jobs", "1", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)  # the example pins the process's intra-op threads
     rep = json.loads((out / "report.json").read_text())
-    assert [c["claim"] for c in rep["claims"]] == list(range(1, 8))
-    assert all(isinstance(c["reproduced"], bool) for c in rep["claims"])
-    for m in ("sft", "opd", "rlvr"):
-        p = rep["pairs"][m]
-        assert 0 < p["unchanged_frac"] < 1 and p["nss_mean"] > 0 and p["n_matrices"] == 24
-        s = rep["streams"][m]
-        assert len(s["steps"]) == len(s["srank"]) == len(s["sim_to_final"]) == len(s["unchanged_frac"])
-        assert s["sim_to_final"][-1] == pytest.approx(1.0, abs=1e-6)
+    assert set(rep["regime"]) == {"teacher_acc_t1", "teacher_acc_greedy", "anchor_acc_t1", "anchor_acc_greedy",
+                                  "reverse_kl_nats", "response_tokens", "checks", "passed"}
+    assert set(rep["regime"]["checks"]) == {"R1", "R2", "R3"}
+    assert all(isinstance(v, bool) for v in rep["regime"]["checks"].values())
+    assert rep["regime"]["passed"] == all(rep["regime"]["checks"].values())
+    assert rep["regime"]["response_tokens"] >= 16
+    assert [c["id"] for c in rep["claims"]] == list(range(1, 8))
+    for c in rep["claims"]:
+        assert set(c) == {"id", "text", "verdict", "statistic", "ci95", "per_seed"}
+        assert c["verdict"] in VERDICTS and (c["ci95"] is None or len(c["ci95"]) == 2)
+        if not rep["regime"]["passed"]:
+            assert c["verdict"] == "untestable"
+    # the streams: bf16 checkpoints and fp32 masters, measured; the null and both RLVR readings exist
+    assert (out / "runs" / "opd_s0" / "fp32" / "checkpoint-4" / "model.safetensors").is_file()
+    done = {p.stem for p in (out / "results").glob("*.json")}
+    assert {"m_null_s0", "m_rlvr_s0", "m_rlvr_s0@4", "p_rlvr_s0@4"} <= done
+    c_tilde = rep["mechanism"]["consistency_c_tilde"]["opd_s0"]["by_type"]
+    assert {"q_proj", "lm_head", "embed_tokens"} <= set(c_tilde) and all(v["c_tilde"] > 0 for v in c_tilde.values())
+    assert set(rep["mechanism"]["half_ulp_over_lr_anchor"]["by_type"]) >= {"q_proj", "down_proj", "lm_head"}
+    assert rep["mechanism"]["realised_opd_share"]["ctrl_mix_0.05"] is not None
     tr = rep["tracker_opd"]
-    assert tr["rank_curve"]["steps"] == rep["streams"]["opd"]["steps"]
-    assert set(tr["locking_onset"]) >= {"step", "per_matrix", "mean_similarity", "k", "threshold", "final_step"}
-    agree = tr["agreement_with_offline"]
-    assert agree["rows_matched"] == agree["rows_tracker"] == agree["rows_offline"] > 0
-    for key, d in agree["max_diff"].items():
-        assert d["max_rel" if key != "final_subspace_similarity" else "max_abs"] <= 1e-3, (key, d)
-    assert agree["same_onset"]
-    assert "## Claims" in (out / "report.md").read_text()
+    assert tr["rows_matched"] == tr["rows_tracker"] == tr["rows_offline"] > 0
+    assert max(tr["max_rel_diff"].values()) <= 1e-3
+    md = (out / "report.md").read_text()
+    assert "## Regime" in md and "## Claims" in md
     pytest.importorskip("matplotlib")
-    assert rep["figures"] and all((out / f).stat().st_size > 10_000 for f in rep["figures"])
+    assert set(rep["figures"]) == {"fig_trajectories.png", "fig_simk.png", "fig_projection.png", "fig_controls.png"}
+    assert all((out / f).stat().st_size > 10_000 for f in rep["figures"])

@@ -17,9 +17,9 @@ from weightgeo.errors import WeightgeoError
 from weightgeo.train import opd, rlvr, sft
 from weightgeo.train.hf import HFCausalLM, as_policy, tiny_hf_model
 from weightgeo.train.model import GPT, GPTConfig, generate, response_logprobs
-from weightgeo.train.task import AdditionTask
+from weightgeo.train.task import ScratchpadAdditionTask
 
-TASK = AdditionTask()
+TASK = ScratchpadAdditionTask()
 OPD_CFG = opd.OPDConfig(steps=3, n_prompts=4, group_size=4, save_every=2, eval_n=0, lr=1e-3)
 
 

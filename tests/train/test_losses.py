@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from weightgeo.train.losses import (centered_rewards, clipped_pg_loss, grpo_advantages, mix_advantages,
-                                    opd_advantages, sft_loss, sparsify_tokens)
+from weightgeo.train.losses import (advantage_share, centered_rewards, clipped_pg_loss, grpo_advantages,
+                                    mix_advantages, opd_advantages, permute_advantages, sft_loss, sparsify_tokens)
 
 
 def test_sft_loss_hand_values():
@@ -131,3 +131,32 @@ def test_sparsify_tokens():
     assert torch.equal(sparsify_tokens(scores, mask, 1.0), mask)
     with pytest.raises(ValueError):
         sparsify_tokens(scores, mask, 0.5, mode="random")
+
+
+def test_permute_advantages_is_a_null():
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(16, 12, generator=g)
+    mask = (torch.rand(16, 12, generator=g) > 0.25).float()
+    adv = adv * mask
+    p = permute_advantages(adv, mask, torch.Generator().manual_seed(1))
+    # same values (magnitudes and signs) at the response tokens, zeros elsewhere
+    assert torch.equal(p[mask > 0].sort().values, adv[mask > 0].sort().values)
+    assert (p[mask == 0] == 0).all()
+    # the token -> advantage relation is gone: most tokens get another token's value, across sequences too
+    moved = (p != adv)[mask > 0].float().mean().item()
+    assert moved > 0.9
+    assert not torch.equal(p.sum(1), adv.sum(1))  # values crossed sequence boundaries
+    # deterministic given the generator, different for another seed
+    assert torch.equal(p, permute_advantages(adv, mask, torch.Generator().manual_seed(1)))
+    assert not torch.equal(p, permute_advantages(adv, mask, torch.Generator().manual_seed(2)))
+
+
+def test_advantage_share():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    a_opd = torch.tensor([[0.2, -0.2, 9.0]])  # the masked 9.0 does not count
+    assert advantage_share(a_opd, torch.tensor([0.0]), 0.5, mask) == pytest.approx(1.0)
+    # |0.5 * 0.2| * 2 = 0.2 vs |0.5 * 1.0| * 2 = 1.0 -> 0.2 / 1.2
+    assert advantage_share(a_opd, torch.tensor([1.0]), 0.5, mask) == pytest.approx(0.2 / 1.2)
+    # α = 0.05: the nominal share is 5 %, the realised one depends on the scales
+    assert advantage_share(a_opd, torch.tensor([1.0]), 0.05, mask) == pytest.approx(0.02 / (0.02 + 1.9))
+    assert math.isnan(advantage_share(torch.zeros(1, 3), torch.zeros(1), 0.5, mask))

@@ -1,4 +1,4 @@
-"""Model checkpoints (HF layout, bf16 on disk, fp32 in memory), sampling with explicit generators, the task."""
+"""Model checkpoints (HF layout, bf16 on disk, fp32 in memory), sampling with explicit generators, the tasks."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from weightgeo.train.model import GPT, GPTConfig, generate, response_logprobs
-from weightgeo.train.task import EOS, AdditionTask
+from weightgeo.train.task import EOS, SEP, AdditionTask, ScratchpadAdditionTask
 
 CFG = GPTConfig(n_layer=2, n_embd=32, n_head=2)
 
@@ -38,7 +38,7 @@ def test_save_load_roundtrip_bf16(tmp_path):
 
 def test_generate_explicit_generator_and_logprobs():
     m = GPT(CFG, seed=0)
-    task = AdditionTask()
+    task = ScratchpadAdditionTask()
     prompts = task.prompts(6, torch.Generator().manual_seed(0))
     state = torch.random.get_rng_state()
     a = generate(m, prompts, 5, generator=torch.Generator().manual_seed(7), eos_id=EOS)
@@ -60,7 +60,7 @@ class _ScriptedLM(torch.nn.Module):
         self.p = prompt_len
 
     def forward(self, seq):
-        logits = torch.zeros(seq.shape[0], seq.shape[1], 13)
+        logits = torch.zeros(seq.shape[0], seq.shape[1], 14)
         logits[:, -1, 3 if seq.shape[1] == self.p else EOS] = 10.0
         return logits
 
@@ -72,8 +72,9 @@ def test_generate_mask_stops_after_eos():
     assert s.mask.tolist() == [[1, 1, 0, 0]] * 2
 
 
-def test_task_reward_and_batched_rewards():
+def test_answer_only_task_reward_and_batched_rewards():
     t = AdditionTask()
+    assert t.vocab_size == 13 and t.completion_len == 5
     p = t.encode_prompt(999, 1)
     assert t.decode(t.answer(999, 1)) == "0001<eos>"
     assert t.reward(p, t.answer(999, 1)) == 1.0
@@ -81,11 +82,72 @@ def test_task_reward_and_batched_rewards():
     g = torch.Generator().manual_seed(0)
     prompts = t.prompts(64, g)
     comps = torch.randint(0, 13, (64, 5), generator=g)
-    ops = [(int(t.decode(r[:3])), int(t.decode(r[4:7]))) for r in prompts]
+    ops = [t.operands(r) for r in prompts]
     comps[::2] = torch.tensor([t.answer(a, b) for a, b in ops])[::2]
     loop = torch.tensor([t.reward(p, c) for p, c in zip(prompts, comps)])
     assert torch.equal(loop, t.rewards(prompts, comps)) and loop.sum() >= 32
-    toks, mask = t.demonstrations(4, g)
-    assert toks.shape == (4, 13) and mask.shape == (4, 12) and mask.sum() == 4 * 5
     with pytest.raises(ValueError):
         t.reward([1, 2, 3], [0])
+
+
+def _column_sums(a, b, n):
+    """Independent reference for the scratchpad: schoolbook addition on the decimal strings."""
+    out, carry = [], 0
+    for x, y in zip(reversed(str(a).zfill(n)), reversed(str(b).zfill(n))):
+        s = int(x) + int(y) + carry
+        carry = s // 10
+        out += [int(x), int(y), s % 10, carry]
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_scratchpad_format(n):
+    t = ScratchpadAdditionTask(n_digits=n)
+    g = torch.Generator().manual_seed(n)
+    for a, b in t.sample_operands(50, g).tolist() + [(10 ** n - 1, 10 ** n - 1), (0, 0)]:
+        c = t.completion(a, b)
+        assert len(c) == t.completion_len == 5 * n + 3
+        assert c[:4 * n] == _column_sums(a, b, n)  # a_i b_i s_i c_i, least-significant column first
+        assert c[4 * n] == SEP and c[-1] == EOS
+        assert int(t.decode(c[4 * n + 1:-1])) == a + b  # the answer, most-significant first, n + 1 digits
+        assert t.scratchpad(a, b)[-1] == c[4 * n + 1]  # the last carry is the answer's leading digit
+    assert t.completion_len >= 16 or n < 3  # the miniature's 3 digits: 18 response tokens
+    toks, mask = t.demonstrations(4, g)
+    assert toks.shape == (4, t.prompt_len + t.completion_len) and mask.sum() == 4 * t.completion_len
+    assert (toks[:, t.prompt_len + 4 * n] == SEP).all()
+
+
+def test_scratchpad_verifier_reads_the_final_answer_only():
+    t = ScratchpadAdditionTask()
+    g = torch.Generator().manual_seed(0)
+    prompts = t.prompts(200, g)
+    good = torch.tensor([t.completion(*t.operands(p)) for p in prompts])
+    assert t.rewards(prompts, good).all()
+    # any scratchpad content (no <eos>) leaves the reward unchanged
+    noisy = good.clone()
+    noisy[:, :t.scratchpad_len] = torch.randint(0, 10, (200, t.scratchpad_len), generator=g)
+    assert t.rewards(prompts, noisy).all()
+    # so does a shorter or longer scratchpad, and tokens after <eos>
+    p0, (a, b) = prompts[0], t.operands(prompts[0])
+    ans = t.encode(">" + str(a + b).zfill(4) + "<eos>")
+    assert t.reward(p0, ans) == 1.0 and t.reward(p0, [5] * 20 + ans + [3, 3]) == 1.0
+    # one wrong answer digit, a missing ">", a missing or early <eos>: 0
+    wrong = good.clone()
+    wrong[:, -2] = (wrong[:, -2] + 1) % 10
+    assert not t.rewards(prompts, wrong).any()
+    no_sep = good.clone()
+    no_sep[:, t.scratchpad_len] = 0
+    assert not t.rewards(prompts, no_sep).any()
+    no_eos = good.clone()
+    no_eos[:, -1] = 0
+    assert not t.rewards(prompts, no_eos).any()
+    early = good.clone()
+    early[:, 3] = EOS  # the response ends inside the scratchpad: no answer
+    assert not t.rewards(prompts, early).any()
+    # batched equals the per-example verifier on random completions
+    rnd = torch.randint(0, t.vocab_size, (200, t.completion_len), generator=g)
+    rnd[::3] = good[::3]
+    loop = torch.tensor([t.reward(p, c) for p, c in zip(prompts, rnd)])
+    assert torch.equal(loop, t.rewards(prompts, rnd))
+    with pytest.raises(ValueError):
+        t.reward(t.encode("12+345="), good[0])

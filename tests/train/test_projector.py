@@ -66,12 +66,28 @@ def test_subspace_bases_top_right_singular_vectors():
     assert torch.allclose(out @ out.T, V[:, :2] @ V[:, :2].T, atol=1e-5)
 
 
-def test_default_matrix_set_is_block_matrices():
+def test_default_matrix_set_is_every_2d_weight():
     model = _tiny()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.01)
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     b = subspace_bases(dict(model.named_parameters()), init, k=4)
-    assert len(b) == 2 * 6 and all(BLOCK_MATRICES.search(n) for n in b)
-    assert "lm_head.weight" not in b and "model.embed_tokens.weight" not in b
+    two_d = {n for n, p in model.named_parameters() if p.ndim == 2}
+    assert set(b) == two_d and {"lm_head.weight", "model.embed_tokens.weight", "model.embed_positions.weight"} <= set(b)
+    assert all(v.shape[1] == 4 for v in b.values())
+    blocks = subspace_bases(dict(model.named_parameters()), init, k=4, include=BLOCK_MATRICES)
+    assert len(blocks) == 2 * 6 and all(BLOCK_MATRICES.search(n) for n in blocks)
+
+
+def test_rank_deficient_and_zero_updates():
+    W0 = {"a.weight": torch.zeros(5, 8), "b.weight": torch.ones(3, 4)}
+    u, v = torch.randn(5, 1, generator=torch.Generator().manual_seed(0)), torch.eye(8)[:, :1]
+    Wt = {"a.weight": u @ v.T, "b.weight": torch.ones(3, 4)}  # rank 1, and no change at all
+    b = subspace_bases(Wt, W0, k=4)
+    assert b["a.weight"].shape == (8, 1) and torch.allclose(b["a.weight"].abs().squeeze(), v.squeeze())
+    assert b["b.weight"].shape == (4, 0)
+    lin = torch.nn.Linear(4, 3, bias=False)
+    with SubspaceProjector(lin, {"weight": b["b.weight"]}):  # nothing passed the bf16 gate: gradient frozen
+        lin(torch.ones(2, 4)).sum().backward()
+    assert (lin.weight.grad == 0).all()

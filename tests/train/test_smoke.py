@@ -1,6 +1,7 @@
 """Seconds-long end-to-end runs: valid bf16 checkpoint streams, bitwise determinism, the §5 switches."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -99,3 +100,61 @@ def test_pretrain_writes_asset(tmp_path):
     m = GPT.from_pretrained(tmp_path / "base")
     assert m.config == TINY
     assert json.loads((tmp_path / "base" / "pretrain.json").read_text())["recipe"]["stop_acc"] == 2.0
+
+
+def test_fp32_masters_beside_bf16_and_save_at(tmp_path):
+    m = GPT(TINY, seed=0)
+    sft.train(m, sft.SFTConfig(steps=5, batch_size=8, save_every=4, save_at=(3,), save_fp32=True, eval_n=0, lr=1e-3),
+              tmp_path)
+    _check_stream(tmp_path, [0, 3, 4, 5])
+    for s in (0, 3, 4, 5):
+        d = tmp_path / "fp32" / f"checkpoint-{s}"
+        assert json.loads((d / "config.json").read_text())["torch_dtype"] == "float32"
+        assert json.loads((d / "trainer_state.json").read_text())["global_step"] == s
+    last = GPT.from_pretrained(tmp_path / "fp32" / "checkpoint-5")
+    for (n, a), (_, b) in zip(m.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), n  # the fp32 masters exactly; the bf16 checkpoint is their rounding
+    bf = GPT.from_pretrained(tmp_path / "checkpoint-5")
+    assert all(torch.equal(a.to(torch.bfloat16).float(), b) for a, b in zip(m.parameters(), bf.parameters()))
+
+
+def test_checkpoint_stream_alias_is_deprecated(tmp_path):
+    from weightgeo.train import loop
+
+    with pytest.warns(DeprecationWarning, match="CheckpointWriter"):
+        alias = loop.CheckpointStream
+    assert alias is loop.CheckpointWriter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from weightgeo.train.loop import CheckpointWriter  # noqa: F401  (the new name warns nothing)
+
+
+def test_null_run_permutes_and_head_only_freezes(tmp_path):
+    """The null moves the weights like OPD (same advantage values) with a different update; the head-only
+    control changes lm_head and the embeddings only."""
+    t = GPT(TINY, seed=1)
+    cfg = dict(steps=1, n_prompts=4, group_size=4, save_every=0, eval_n=0, lr=1e-3, seed=7)
+    a, b, h = GPT(TINY, seed=0), GPT(TINY, seed=0), GPT(TINY, seed=0)
+    start = {n: p.detach().clone() for n, p in h.named_parameters()}
+    opd.train(a, t, opd.OPDConfig(**cfg), tmp_path / "opd")
+    opd.train(b, t, opd.OPDConfig(**cfg, permute_advantages=True), tmp_path / "null")
+    logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("opd", "null")]
+    # same rollouts and teacher scores, and the same loss value (on-policy it is −Σ A_t / N: the multiset of
+    # advantages is kept) ...
+    assert logs[0][0]["reverse_kl"] == logs[1][0]["reverse_kl"]
+    assert logs[0][0]["loss"] == pytest.approx(logs[1][0]["loss"], rel=1e-5)
+    # ... but each token's advantage is another token's: a different update
+    assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+    head_only = r"^(lm_head|model\.embed_tokens|model\.embed_positions)\.weight$"
+    opd.train(h, t, opd.OPDConfig(**{**cfg, "steps": 2}, trainable=head_only), tmp_path / "head")
+    changed = {n for n, p in h.named_parameters() if not torch.equal(p, start[n])}
+    assert changed == {"lm_head.weight", "model.embed_tokens.weight", "model.embed_positions.weight"}
+    with pytest.raises(ValueError, match="matches no parameter"):
+        opd.train(GPT(TINY), t, opd.OPDConfig(**cfg, trainable="nothing"), tmp_path / "x")
+
+
+def test_mix_logs_realised_share(tmp_path):
+    out = opd.train(GPT(TINY, seed=0), GPT(TINY, seed=1), opd.OPDConfig(steps=2, n_prompts=2, group_size=4,
+                    save_every=0, eval_n=0, rlvr_alpha=0.05), tmp_path)
+    shares = [json.loads(x).get("opd_share") for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert out["opd_share_mean"] == pytest.approx(sum(shares) / 2) and all(0 <= s <= 1 for s in shares)

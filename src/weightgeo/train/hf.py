@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import WeightgeoError
-from .task import AdditionTask
+from .task import ScratchpadAdditionTask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -47,7 +47,7 @@ class HFCausalLM(nn.Module):
 
     ``forward(idx [B, T]) -> logits [B, T, vocab]`` in fp32 on ``idx``'s device: the input moves to the
     model's device and the logits come back, so the loop (prompts, sampling with a CPU generator, losses)
-    stays where it is while the model runs on, e.g., CUDA (with the task's 13-token vocabulary the round
+    stays where it is while the model runs on, e.g., CUDA (with the task's 14-token vocabulary the round
     trip is a few kilobytes). ``named_parameters()`` and ``state_dict()`` carry the HF model's own names,
     so ``weightgeo.Tracker`` on the HF model and ``rank_curve`` on the checkpoints see the same matrices.
     ``save_pretrained(dir, *, dtype=torch.bfloat16)`` writes ``config.json`` + ``model.safetensors`` with
@@ -131,7 +131,7 @@ def as_policy(model: Any) -> Any:
     return model
 
 
-def tiny_hf_model(task: AdditionTask | None = None, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+def tiny_hf_model(task: ScratchpadAdditionTask | None = None, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                   intermediate_size: int | None = None, seed: int = 0) -> PreTrainedModel:
     """A small ``transformers`` ``LlamaForCausalLM`` on the task's vocabulary, fp32, seeded.
 
@@ -142,7 +142,7 @@ def tiny_hf_model(task: AdditionTask | None = None, *, hidden_size: int = 64, la
     untouched, so two calls with one seed give identical models.
     """
     tf = _transformers()
-    task = task or AdditionTask()
+    task = task or ScratchpadAdditionTask()
     cfg = tf.LlamaConfig(vocab_size=task.vocab_size, hidden_size=hidden_size,
                          intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads,

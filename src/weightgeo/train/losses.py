@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["sft_loss", "opd_advantages", "grpo_advantages", "clipped_pg_loss", "sparsify_tokens",
-           "mix_advantages", "centered_rewards"]
+           "mix_advantages", "centered_rewards", "permute_advantages", "advantage_share"]
 
 
 def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | None) -> torch.Tensor:
@@ -151,3 +151,38 @@ def mix_advantages(a_opd: torch.Tensor, a_rlvr: torch.Tensor, alpha: float) -> t
     if a_rlvr.ndim == 1:
         a_rlvr = a_rlvr[:, None].expand_as(a_opd)
     return alpha * a_opd + (1.0 - alpha) * a_rlvr
+
+
+def permute_advantages(adv: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The null run's advantages: the values at response tokens (``mask`` > 0) shuffled across the whole batch.
+
+    Same multiset of magnitudes and signs as ``adv``, no relation left between a token and its advantage: an
+    update driven by it is Adam's noise floor at this lr, batch and advantage scale. 0 where mask is 0.
+
+    >>> a = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]])
+    >>> m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    >>> p = permute_advantages(a, m, torch.Generator().manual_seed(0))
+    >>> sorted(p[m > 0].tolist()), p[0, 2].item()
+    ([1.0, 2.0, 3.0, 4.0, 5.0], 0.0)
+    """
+    keep = mask > 0
+    vals = adv[keep]
+    out = torch.zeros_like(adv)
+    out[keep] = vals[torch.randperm(vals.numel(), generator=generator)]
+    return out
+
+
+def advantage_share(a_opd: torch.Tensor, a_rlvr: torch.Tensor, alpha: float, mask: torch.Tensor) -> float:
+    """Realised OPD share of a mixed advantage: Σ|α A_OPD| / (Σ|α A_OPD| + Σ|(1 − α) A_RLVR|) over response
+    tokens (paper §5's mix has no std normalisation, so the nominal α is not the share of the signal).
+    a_opd [B, T]; a_rlvr [B] (per sequence) or [B, T]; NaN when both are 0.
+
+    >>> advantage_share(torch.tensor([[0.1, -0.1]]), torch.tensor([0.5]), 0.5, torch.ones(1, 2))
+    0.1666...
+    """
+    if a_rlvr.ndim == 1:
+        a_rlvr = a_rlvr[:, None].expand_as(a_opd)
+    m = mask.float()
+    o = (alpha * a_opd.abs() * m).sum().item()
+    r = ((1.0 - alpha) * a_rlvr.abs() * m).sum().item()
+    return o / (o + r) if o + r > 0 else float("nan")

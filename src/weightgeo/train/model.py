@@ -35,8 +35,8 @@ __all__ = ["GPTConfig", "GPT", "Sample", "generate", "response_logprobs"]
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 13  # task vocabulary (digits, '+', '=', <eos>; see task.py)
-    block_size: int = 16  # longest sequence (prompt + completion)
+    vocab_size: int = 14  # task vocabulary (digits, "+", "=", <eos>, ">"; see task.py)
+    block_size: int = 26  # longest sequence (prompt + completion: 8 + 18 for 3-digit scratchpad addition)
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads; head dim = n_embd // n_head
     n_embd: int = 128  # residual width d
@@ -117,7 +117,7 @@ class GPT(nn.Module):
 
     >>> m = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2), seed=0)
     >>> m(torch.zeros(2, 5, dtype=torch.long)).shape
-    torch.Size([2, 5, 13])
+    torch.Size([2, 5, 14])
     """
 
     def __init__(self, cfg: GPTConfig, *, seed: int = 0):

@@ -7,8 +7,12 @@ Our choices, where the paper is silent (documented in docs/training.md):
 - the projection acts on the gradient *before* the optimizer (AdamW then normalises elementwise, so the
   update itself is not exactly in span V; decoupled weight decay also acts on all of W);
 - V is fixed for the rest of training (computed once, from ΔW at ~20% of training; never refreshed);
-- which matrices: the caller's ``bases`` dict; ``subspace_bases`` defaults to every 2-D weight inside the
-  transformer blocks (q/k/v/o, up/down), leaving embeddings, lm_head and norms unconstrained.
+- which matrices: the caller's ``bases`` dict; ``subspace_bases`` defaults to **every** 2-D weight, the
+  embeddings and lm_head included (so a projected run cannot keep its accuracy by training an unconstrained
+  head); ``include=BLOCK_MATRICES`` restricts it to the transformer blocks (q/k/v/o, up/down);
+- a ΔW of numerical rank r < K contributes only its r right singular vectors with σ > 0 (the others are
+  arbitrary); a ΔW that is exactly zero (nothing passed the bf16 gate yet) gives V with 0 columns, i.e. that
+  matrix's gradient is projected to zero.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class SubspaceProjector:
             if p.ndim != 2 or V.ndim != 2 or V.shape[0] != p.shape[1]:
                 raise ValueError(f"{name!r}: weight {tuple(p.shape)} needs V [in={p.shape[-1]}, K], got {tuple(V.shape)}")
             V = V.detach().to(device=p.device, dtype=p.dtype).contiguous()  # the hook multiplies p's gradient
-            if check_orthonormal:
+            if check_orthonormal and V.shape[1]:
                 err = (V.T @ V - torch.eye(V.shape[1], dtype=V.dtype, device=V.device)).abs().max().item()
                 if err > 1e-4:
                     raise ValueError(f"{name!r}: V is not orthonormal (max |VᵀV − I| = {err:.2e})")
@@ -73,11 +77,13 @@ class SubspaceProjector:
 
 def subspace_bases(current: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                    initial: Mapping[str, torch.Tensor], *, k: int = 16,
-                   include: re.Pattern | None = BLOCK_MATRICES) -> dict[str, torch.Tensor]:
-    """V_K = top-``k`` right singular vectors of ΔW = W_t − W_0 per matrix: {name: [in, k] orthonormal}.
+                   include: re.Pattern | None = None) -> dict[str, torch.Tensor]:
+    """V_K = top-``k`` right singular vectors of ΔW = W_t − W_0 per matrix: {name: [in, k'] orthonormal}.
 
     ``current`` / ``initial``: state dicts (or ``named_parameters()``); computed in float64 with
-    ``torch.linalg.svd`` (exact; fine for the miniature's ≤ 512-wide matrices). ``include``: names to use.
+    ``torch.linalg.svd`` (exact; fine for the miniature's ≤ 512-wide matrices). ``include``: names to use
+    (default: every 2-D tensor). k' = min(k, numerical rank of ΔW): singular values at or below
+    max(shape) · eps · σ_max (float64) carry no direction and are dropped, so k' = 0 when ΔW = 0.
 
     >>> W0 = {"w": torch.zeros(3, 4)}
     >>> Wt = {"w": torch.tensor([[0., 2., 0., 0.], [0., 0., 0., 0.], [0., 0., 0., 1.]])}
@@ -92,8 +98,10 @@ def subspace_bases(current: Mapping[str, torch.Tensor] | Iterable[tuple[str, tor
         if name not in initial:
             raise KeyError(f"{name!r} missing from the initial weights")
         delta = w.detach().double() - initial[name].detach().double()
-        _, _, Vh = torch.linalg.svd(delta, full_matrices=False)
-        out[name] = Vh[: min(k, Vh.shape[0])].T.float().contiguous()
+        _, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        tol = max(delta.shape) * torch.finfo(torch.float64).eps * (S[0].item() if len(S) else 0.0)
+        rank = int((S > tol).sum().item()) if len(S) and S[0] > 0 else 0
+        out[name] = Vh[: min(k, rank)].T.float().contiguous()
     if not out:
         raise ValueError("no matrix matched `include`; nothing to project")
     return out

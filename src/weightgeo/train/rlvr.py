@@ -20,7 +20,7 @@ from .loop import (StepCallback, attach_projection, begin_run, end_step, finish_
                    step_generator)
 from .losses import grpo_advantages
 from .model import GPT, response_logprobs
-from .task import AdditionTask
+from .task import ScratchpadAdditionTask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -45,21 +45,25 @@ class RLVRConfig:
     project_at: int | None = None  # from this step on, project gradients onto V_k of ΔW (paper §4.2)
     project_k: int = 16
     save_every: int = 64  # checkpoint cadence; step 0 and the last always saved
+    save_at: tuple[int, ...] = ()  # extra checkpoint steps besides the cadence (e.g. a mid-run reading)
+    save_fp32: bool = False  # also write the fp32 masters to run_dir/fp32/checkpoint-<step>
+    trainable: str | None = None  # regex of the parameters that train (None: all; the rest are frozen)
     eval_n: int = 500  # held-out prompts evaluated at start and end (0: skip)
+    eval_samples: int = 1  # T=1 samples per evaluation prompt
     seed: int = 0  # prompt / sampling seed
     threads: int | None = None
 
 
-def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
-          on_step: StepCallback | None = None) -> dict:
+def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
+          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
     """GRPO on ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     ``model`` may be a transformers causal LM (``AutoModelForCausalLM``); it is trained through
     :class:`~weightgeo.train.hf.HFCausalLM`, which ``on_step`` then receives (same parameter names).
     """
     model = as_policy(model)
-    task = task or AdditionTask()
-    stream, opt, initial, summary = begin_run(model, cfg, run_dir, algorithm="rlvr", task=task, on_step=on_step)
+    task = task or ScratchpadAdditionTask()
+    writer, opt, initial, summary = begin_run(model, cfg, run_dir, algorithm="rlvr", task=task, on_step=on_step)
     proj = None
     skipped_steps = 0
     rec: dict = {}
@@ -82,7 +86,7 @@ def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high)
         else:
             skipped_steps += 1
-        end_step(stream, model, step + 1, rec, on_step=on_step)
-    summary = finish_run(model, cfg, task, stream, proj, summary, rec)
+        end_step(writer, model, step + 1, rec, on_step=on_step)
+    summary = finish_run(model, cfg, task, writer, proj, summary, rec)
     summary["steps_without_update"] = skipped_steps
     return summary

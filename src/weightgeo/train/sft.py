@@ -21,7 +21,7 @@ from .hf import as_policy
 from .loop import StepCallback, attach_projection, begin_run, end_step, finish_run, lr_at, step_generator
 from .losses import sft_loss
 from .model import GPT
-from .task import AdditionTask
+from .task import ScratchpadAdditionTask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -40,15 +40,19 @@ class SFTConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # paper
     weight_decay: float = 0.1  # paper; decoupled, on 2-D tensors only
     save_every: int = 64  # checkpoint cadence in steps (paper's OPD cadence); step 0 and the last always saved
+    save_at: tuple[int, ...] = ()  # extra checkpoint steps besides the cadence (e.g. a mid-run reading)
+    save_fp32: bool = False  # also write the fp32 masters to run_dir/fp32/checkpoint-<step>
+    trainable: str | None = None  # regex of the parameters that train (None: all; the rest are frozen)
     project_at: int | None = None  # from this step on, project gradients onto V_k of ΔW (paper §4.2); None: never
     project_k: int = 16  # K of the projection subspace (paper: 16)
     eval_n: int = 500  # held-out prompts evaluated at start and end (0: skip)
+    eval_samples: int = 1  # T=1 samples per evaluation prompt
     seed: int = 0  # data seed
     threads: int | None = None  # torch intra-op threads (None: leave as is)
 
 
-def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, task: AdditionTask | None = None,
-          on_step: StepCallback | None = None) -> dict:
+def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *,
+          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
     """Fine-tune ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     With ``cfg.project_at = s``, the run is identical to the unprojected one up to step s (same seeds), then
@@ -59,8 +63,8 @@ def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, 
     :class:`~weightgeo.train.hf.HFCausalLM`, which ``on_step`` then receives (same parameter names).
     """
     model = as_policy(model)
-    task = task or AdditionTask()
-    stream, opt, initial, summary = begin_run(model, cfg, run_dir, algorithm="sft", task=task, on_step=on_step)
+    task = task or ScratchpadAdditionTask()
+    writer, opt, initial, summary = begin_run(model, cfg, run_dir, algorithm="sft", task=task, on_step=on_step)
     proj = None
     mb = cfg.micro_batch_size or cfg.batch_size
     model.train()
@@ -82,8 +86,8 @@ def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *, 
             loss.backward()
             loss_sum += loss.item()
         opt.step()
-        end_step(stream, model, step + 1, {"step": step + 1, "lr": lr, "loss": loss_sum}, on_step=on_step,
+        end_step(writer, model, step + 1, {"step": step + 1, "lr": lr, "loss": loss_sum}, on_step=on_step,
                  saved={"loss": loss_sum})
-    summary = finish_run(model, cfg, task, stream, proj, summary, {"loss": loss_sum})
+    summary = finish_run(model, cfg, task, writer, proj, summary, {"loss": loss_sum})
     summary["final_loss"] = loss_sum
     return summary
