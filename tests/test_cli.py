@@ -88,3 +88,15 @@ def test_trajectory_prints_curves_and_onset_and_draws(tmp_path, capsys):
     assert {r["step"] for r in data["rows"]} == {10, 20, 30}
     assert {r["module"] for r in data["rows"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert fig.stat().st_size > 10_000
+
+
+def test_out_creates_missing_folders_and_refuses_a_directory_before_the_pass(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    out = tmp_path / "runs" / "today" / "r.csv"
+    assert main(["compare", str(b), str(f), "--metrics", "update_sparsity", "--no-progress", "--out", str(out)]) == 0
+    assert out.read_text().startswith("name,shape")
+    capsys.readouterr()
+    (tmp_path / "d.json").mkdir()
+    assert main(["compare", str(b), str(f), "--no-progress", "--out", str(tmp_path / "d.json")]) == 2
+    captured = capsys.readouterr()
+    assert "is a directory" in captured.err and "summary:" not in captured.out  # refused before computing

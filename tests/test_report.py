@@ -66,3 +66,16 @@ def test_csv_and_pandas_and_text(tmp_path):
     assert "skipped 1 tensor(s): pos_ids (non-floating dtype)" in text
     assert "only_base: 1 tensor(s)" in text
     assert r["norm.weight"]["module"] == "norm"
+
+
+def test_output_paths_folders_are_created_and_directories_refused(tmp_path):
+    r = Report(rows=_rows(), summary=summarize_rows(_rows()), meta={})
+    r.to_json(tmp_path / "new" / "deeper" / "r.json")  # missing folders are created
+    assert json.loads((tmp_path / "new" / "deeper" / "r.json").read_text())["rows"][0]["numel"] == 16
+    with pytest.raises(WeightgeoError, match="is a directory; give a file path"):
+        r.to_json(tmp_path / "new")
+    with pytest.raises(WeightgeoError, match="is a directory"):
+        r.to_csv(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WeightgeoError, match="afile is a file, not a folder"):
+        r.to_json(tmp_path / "afile" / "r.json")

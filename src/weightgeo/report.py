@@ -9,11 +9,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import WeightgeoError
+from .means import nanmean
 
-__all__ = ["Report", "summarize_rows"]
+__all__ = ["Report", "summarize_rows", "check_output_path"]
 
 # Columns shown first in tables, in this order, when present.
 _LEAD_COLUMNS = ("group", "step", "name", "shape", "numel", "module", "layer")
@@ -59,16 +60,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float:
-    vals = list(values)
-    if weights is None:
-        finite = [v for v in vals if not math.isnan(v)]
-        return math.fsum(finite) / len(finite) if finite else math.nan
-    pairs = [(v, w) for v, w in zip(vals, weights) if not math.isnan(v)]
-    total = math.fsum(w for _, w in pairs)
-    return math.fsum(v * w for v, w in pairs) / total if total else math.nan
-
-
 def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> dict[str, Any]:
     """Model-level figures from per-tensor rows.
 
@@ -104,9 +95,9 @@ def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         have = [r for r in rows if _is_number(r.get(key))]
         vals = [float(r[key]) for r in have]
         if key in _WEIGHTED:
-            out[key] = _mean(vals, [float(r.get("numel", 1)) for r in have])
+            out[key] = nanmean(vals, [float(r.get("numel", 1)) for r in have])
         else:
-            out[key] = _mean(vals)
+            out[key] = nanmean(vals)
             out[f"n_{key}"] = len(have)
         if key == "max_principal_angle" and vals:
             out["max_principal_angle_overall"] = max(vals)
@@ -286,6 +277,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.3e}"
     if isinstance(v, tuple):
         return "x".join(str(d) for d in v)
+    if isinstance(v, list):  # a vector (principal_angles): its length in a table, the values in JSON/CSV
+        return f"[{len(v)} values]"
     return str(v)
 
 
@@ -297,7 +290,29 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a file the report can be written to: not a folder, and no file where a folder is needed
+    (missing folders are fine: they are created on writing).
+
+    >>> check_output_path(tempfile.gettempdir())
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: ... is a directory; give a file path for the report, e.g. .../report.json
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WeightgeoError(f"{path} is a directory; give a file path for the report, e.g. {path / 'report.json'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise WeightgeoError(f"cannot write {path}: {parent} is a file, not a folder; choose another path")
+            break
+    return path
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename; missing parent folders are created."""
+    check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
