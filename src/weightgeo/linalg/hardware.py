@@ -9,10 +9,10 @@ and the same floor), and the pair method's GEMMs always run in the compute dtype
 ‖ΔW‖ is what the method rests on. Measured per CPU kind: BENCHMARKS.md, "Randomized SVD".
 
 The GEMM library is torch everywhere. Measured on a 2-core AMD EPYC (AVX512-BF16), where torch's MKL takes its
-generic path: NumPy's OpenBLAS ran the whole fp32 subspace iteration in 0.63–0.79× svd_lowrank's time in
-isolation (torch: 0.75–0.94×), but alternating its thread pool with torch's inside a real pass (the
+generic path: NumPy's OpenBLAS ran the whole fp32 subspace iteration in 0.63–1.30× svd_lowrank's time in
+isolation (two runs; torch: 0.78–0.96×), but alternating its thread pool with torch's inside a real pass (the
 trajectories' residual checks) cost 1.0–2.9× the torch route's time; the product form ``basis @ Aᵀ`` was
-0.65–0.89× the time of ``A @ basisᵀ`` per GEMM there, but 0.87–1.19× end to end. Neither is chosen.
+0.65–0.89× the time of ``A @ basisᵀ`` per GEMM there, but 0.87–1.28× end to end. Neither is chosen.
 
 >>> hardware("cpu").kind in ("cpu-amx", "cpu-avx512-bf16", "cpu-avx512", "cpu-avx2", "cpu")
 True
