@@ -160,7 +160,7 @@ def check_matrix(x: Any, name: str, *, batched: bool = False, allow_empty: bool 
     >>> check_matrix(torch.ones(3), "w")
     Traceback (most recent call last):
     ...
-    weightgeo.errors.WeightgeoError: w: SVD metrics need matrices [out, in], got shape (3,), not a matrix; pass a 2-D [out, in] weight (update_sparsity works on any shape)
+    weightgeo.errors.WeightgeoError: w: SVD metrics need matrices [out, in], got shape (3,), not a matrix; ...
     """
     t = as_tensor(x, name)
     if not (t.ndim >= 2 if batched else t.ndim == 2):

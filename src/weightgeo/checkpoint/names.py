@@ -120,8 +120,8 @@ def layer_index(name: str) -> int | None:
 def is_embedding(name: str) -> bool:
     """True for embedding tables and vocabulary projections (by module type), which the "linear" preset leaves out.
 
-    >>> is_embedding("model.embed_tokens.weight"), is_embedding("lm_head.weight"), is_embedding("layers.0.mlp.fc1.weight")
-    (True, True, False)
+    >>> [is_embedding(n) for n in ("model.embed_tokens.weight", "lm_head.weight", "layers.0.mlp.fc1.weight")]
+    [True, True, False]
     """
     mt = module_type(name)
     return mt in VOCAB_MODULES or mt in _OTHER_EMBEDDINGS or "embed" in mt.lower()

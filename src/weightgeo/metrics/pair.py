@@ -156,13 +156,14 @@ def _rotation_rows(out: list[dict[str, float]], base: BaseSpectrum, prod: Produc
         deg = right if side == "right" else left
         sigma0 = base.sigma if index is None else base.sigma[index.to(base.sigma.device)]
         gap = spectral_gap(sigma0, kv)
+        assert deg is not None
         for j, i in enumerate(members):
-            theta = torch.deg2rad(deg[j])  # type: ignore[index]
+            theta = torch.deg2rad(deg[j])
             out[i].update(principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
-                          max_principal_angle=float(deg[j].max()), mean_principal_angle=float(deg[j].mean()),  # type: ignore[index]
+                          max_principal_angle=float(deg[j].max()), mean_principal_angle=float(deg[j].mean()),
                           k_effective=float(kv), spectral_gap=float(gap[j]))
             if angles:
-                out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]  # type: ignore[index]
+                out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]
 
 
 def _stable_rank_rows(out: list[dict[str, float]], prod: Products) -> None:
