@@ -3,6 +3,7 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_rsvd.py            # everything
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_rsvd.py --quick    # no Llama-7B shapes
     ... --shapes 896x896,4864x896 --k 16 --spectra power --no-qwen --markdown /tmp/rows.md
+    ... --stacks-only                     # update-like stacks (fp32 and bf16) against svd_lowrank, the policy's pass dtype
 
 Needs scikit-learn (``pip install -e .[bench]``). Unset OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: some
 images set them and they change numpy/scipy's OpenBLAS kernels (hence sklearn's timings).
@@ -26,6 +27,12 @@ computed and exact top-k left subspaces, captured energy ‖ÛᵀA‖²_F / Σ_{
 Targets (issue 3): wg32 ≤ 0.75× lowrank time with σ error ≤ 1.1× lowrank's; wgbf16 ≤ 0.5× lowrank;
 wg32 ≤ 0.6× sk2; wgacc ≤ 0.4× skauto at equal or better σ error; all linear weights of
 Qwen2.5-0.5B at k=16 in ≤ 1 s. σ errors below 2e-6 (the float32 rounding of A) count as equal.
+
+Update-like stacks (issue 11, ``--stacks``): B same-shape updates ΔW (rank-32 signal with σ decaying 1 → 0.03,
+plus 1e-3 noise), stored fp32 and bf16, the way shape groups and trajectories meet them. Per stack: weightgeo's
+default (the hardware policy's pass dtype), weightgeo with fp32 passes, and svd_lowrank on the float32 stack,
+all at q = k + 10 and 2 power iterations; σ errors against float64 ``svdvals`` of the stored stack. Goal: the
+default ≤ 0.75× svd_lowrank at equal accuracy on every CPU kind.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import machine_line, markdown_table, median_time  # noqa: E402
 
+from weightgeo.linalg.hardware import hardware, pass_dtype  # noqa: E402
 from weightgeo.linalg.rsvd import ACCURATE_N_ITER, randomized_svd  # noqa: E402
 
 ALL_SHAPES = [(128, 896), (896, 896), (4864, 896), (2048, 1024), (3072, 1024), (4096, 4096), (11008, 4096)]
@@ -154,12 +162,15 @@ def run_qwen(repeats: int, k: int = 16):
         torch.manual_seed(sd)
         return [torch.svd_lowrank(w, q=k + P, niter=2)[1] for w in f32.values()]
 
+    fp32 = torch.float32
+    policy = str(pass_dtype(torch.bfloat16, "cpu", (896, 896))).replace("torch.", "")
     runs = {
         "weightgeo fp32 passes, fp32 weights (p=10)": all_weights(f32, oversample=P),
-        "weightgeo fp32 passes, bf16 weights (p=10)": all_weights(bf, oversample=P),
+        "weightgeo fp32 passes, bf16 weights (p=10)": all_weights(bf, oversample=P, pass_dtype=fp32),
         "weightgeo bf16 passes, bf16 weights (p=10)": all_weights(bf, oversample=P, pass_dtype=torch.bfloat16),
-        "weightgeo default (q=2, p=k=16), bf16 weights, fp32 passes": all_weights(bf),
-        "weightgeo default (q=2, p=k=16), bf16 weights, bf16 passes": all_weights(bf, pass_dtype=torch.bfloat16),
+        "weightgeo (q=2, p=k=16), bf16 weights, fp32 passes": all_weights(bf, pass_dtype=fp32),
+        "weightgeo (q=2, p=k=16), bf16 weights, bf16 passes": all_weights(bf, pass_dtype=torch.bfloat16),
+        f"weightgeo default (q=2, p=k=16), bf16 weights: policy passes ({policy})": all_weights(bf),
         "torch.svd_lowrank(q=26, niter=2), fp32 weights, batched": lowrank,
     }
     rows = []
@@ -169,6 +180,53 @@ def run_qwen(repeats: int, k: int = 16):
         rows.append((name, t, min(ts), max(ts)))
         print(f"  {name:62s} {t:7.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})", flush=True)
     return n_params, rows
+
+
+# ---- update-like stacks -------------------------------------------------------------------------
+STACKS = [(24, 128, 896), (8, 896, 896), (8, 4864, 896), (4, 896, 4864), (2, 3072, 1024)]
+
+
+def update_stack(B: int, m: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """B updates [m, n]: a rank-32 signal with σ from 1 down to 0.03 (geometric) plus 1e-3 Gaussian noise."""
+    r = 32
+    U = torch.linalg.qr(torch.randn(B, m, r, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(B, n, r, generator=g)).Q
+    s = torch.logspace(0, -1.5, r)
+    return (U * s) @ V.mT + 1e-3 * torch.randn(B, m, n, generator=g) / math.sqrt(max(m, n))
+
+
+def run_stacks(repeats: int, ks: list[int]) -> list[list]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B, m, n in STACKS:
+        D = update_stack(B, m, n, g)
+        for dtype in (torch.float32, torch.bfloat16):
+            A = D.to(dtype)
+            A32 = A.float()
+            ref = torch.linalg.svdvals(A32.double())
+            chosen = str(pass_dtype(dtype, "cpu", (m, n))).replace("torch.", "")
+            for k in ks:
+                if 2 * (k + P) >= min(m, n):
+                    continue
+
+                def err(S):
+                    return float(((S.double() - ref[..., :k]).abs() / ref[..., :1]).max())
+
+                runs = {"lowrank": lambda sd: _lowrank(A32, k, sd)[1][..., :k],
+                        "default": lambda sd: randomized_svd(A, k, oversample=P, seed=sd)[1],
+                        "fp32": lambda sd: randomized_svd(A, k, oversample=P, seed=sd, pass_dtype=torch.float32)[1]}
+                res = {}
+                for name, fn in runs.items():
+                    time.sleep(0.05)
+                    t, ts, outs = median_time(fn, repeats=repeats)
+                    res[name] = (t, min(ts), float(np.median([err(o) for o in outs])))
+                lr = res["lowrank"]
+                rows.append([f"{B}×{m}×{n}", str(dtype).replace("torch.", ""), k, chosen,
+                             f"{res['default'][0] / lr[0]:.2f} ({res['default'][1] / lr[1]:.2f})",
+                             f"{res['fp32'][0] / lr[0]:.2f} ({res['fp32'][1] / lr[1]:.2f})",
+                             fmt_ms(lr[0]), f"{lr[2]:.1e}", f"{res['default'][2]:.1e}", f"{res['fp32'][2]:.1e}"])
+                print("  " + " | ".join(str(x) for x in rows[-1]), f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -184,6 +242,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sklearn", action="store_true")
     ap.add_argument("--no-qwen", action="store_true", help="skip the all-linear-weights-of-Qwen2.5-0.5B run")
     ap.add_argument("--qwen-only", action="store_true")
+    ap.add_argument("--stacks", action="store_true", help="also time update-like fp32/bf16 stacks (issue 11)")
+    ap.add_argument("--stacks-only", action="store_true", help="only the update-like stacks")
     ap.add_argument("--markdown", help="also write the markdown rows to this file")
     a = ap.parse_args(argv)
 
@@ -218,7 +278,7 @@ def main(argv=None) -> None:
     case_rows, ratio_rows, acc_rows = [], [], []
     names = ["lowrank", "wg32", "wgbf16", "wgacc"] + (["sk2", "skauto"] if with_sk else [])
     tally = {"T1": [0, 0], "T2": [0, 0], "T3": [0, 0], "T4": [0, 0]}
-    for m, n in [] if a.qwen_only else shapes:
+    for m, n in [] if a.qwen_only or a.stacks_only else shapes:
         for kind in spectra:
             A, s, U = make_matrix(m, n, kind)
             for k in ks:
@@ -270,7 +330,16 @@ def main(argv=None) -> None:
             rh += ["wg32/sk2 (≤0.6)", "wgbf16/sk2", "wgacc/skauto (≤0.4)", "σ err ≤ skauto"]
         out += ["Ratios of medians (ratios of minima) vs targets; a target counts as met on the medians:", "", markdown_table(rh + ["missed"], ratio_rows), ""]
         out += ["Targets met: " + ", ".join(f"{t} {a_}/{b}" for t, (a_, b) in tally.items() if b), ""]
-    if not a.no_qwen:
+    if a.stacks or a.stacks_only:
+        hw = hardware("cpu")
+        print(f"Update-like stacks ({hw.kind}, capability {hw.capability}):", flush=True)
+        srows = run_stacks(a.repeats, ks)
+        out += [f"Update-like stacks on this CPU ({hw.kind}, torch capability {hw.capability}): weightgeo's default "
+                f"(the policy's pass dtype) and fp32 passes against svd_lowrank on the float32 stack, q = k + 10, "
+                f"niter 2; ratios of medians (of minima); σ error = max |σ̂ − σ| / σ₁, median over seeds:", "",
+                markdown_table(["stack", "stored", "k", "policy passes", "default/lowrank", "fp32/lowrank",
+                                "lowrank ms", "lowrank σ err", "default σ err", "fp32 σ err"], srows), ""]
+    if not a.no_qwen and not a.stacks_only:
         print("All linear weights of Qwen2.5-0.5B at k=16 (stacked by shape):", flush=True)
         n_params, qrows = run_qwen(a.repeats)
         out += [f"All linear weights of Qwen2.5-0.5B at k=16 ({n_params / 1e6:.0f} M params in 4 same-shape stacks; target ≤ 1 s):", "",

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from weightgeo.engine import compare
-from weightgeo.metrics.trajectory import rank_curve
+from weightgeo import compare, rank_curve
 from weightgeo.track import Tracker
 
 SHAPES = {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896), "o_proj": (896, 896)}

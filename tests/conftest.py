@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,3 +19,23 @@ from pathlib import Path
 
 # tests/factories.py (checkpoint builders) is importable as `factories` from every test folder.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def _global_rng_untouched(request):
+    """Tests, and the code they run, use explicit generators: torch's and NumPy's global RNG states must be
+    the same after every test as before it. Exempt (the states are restored instead of checked): tests marked
+    ``global_rng`` (third-party code, e.g. transformers' Trainer, seeds and draws from it) and the reference
+    loop's tests under tests/train/ (its modules initialise from the global RNG)."""
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    yield
+    exempt = request.node.get_closest_marker("global_rng") is not None or "tests/train/" in request.node.nodeid
+    after = np.random.get_state()
+    same_np = np_state[0] == after[0] and bool((np_state[1] == after[1]).all()) and np_state[2:] == after[2:]
+    same_torch = torch.equal(torch_state, torch.get_rng_state())
+    if exempt:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        return
+    assert same_torch, f"{request.node.nodeid} used torch's global RNG; pass a torch.Generator"
+    assert same_np, f"{request.node.nodeid} used NumPy's global RNG; use np.random.default_rng(seed)"

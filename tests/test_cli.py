@@ -129,3 +129,15 @@ def test_cache_info_and_prune(tmp_path, capsys, monkeypatch):
     assert f"weightgeo cache at {tmp_path / 'env-cache'}: 0 entries" in capsys.readouterr().out
     assert main(["cache", "prune", "--max-gb", "-1"]) == 2
     assert "give a number" in capsys.readouterr().err
+
+
+def test_out_creates_missing_folders_and_refuses_a_directory_before_the_pass(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    out = tmp_path / "runs" / "today" / "r.csv"
+    assert main(["compare", str(b), str(f), "--metrics", "update_sparsity", "--no-progress", "--out", str(out)]) == 0
+    assert out.read_text().startswith("name,shape")
+    capsys.readouterr()
+    (tmp_path / "d.json").mkdir()
+    assert main(["compare", str(b), str(f), "--no-progress", "--out", str(tmp_path / "d.json")]) == 2
+    captured = capsys.readouterr()
+    assert "is an existing directory" in captured.err and "summary:" not in captured.out  # refused before computing

@@ -1,4 +1,7 @@
-"""Property table over all pair metrics (scikit-learn test_common style): bounds, symmetry, invariances."""
+"""Property table over all pair metrics (scikit-learn test_common style): bounds, symmetry, invariances.
+
+The table is keyed by the list of all metrics (``weightgeo.metrics.catalog.OUTPUTS``): a coverage test fails
+when a metric is added without its row here."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightgeo.metrics import (
+    matrix_pair_metrics,
     principal_angles,
     principal_overlap,
     spectral_drift,
@@ -18,6 +22,7 @@ from weightgeo.metrics import (
     update_localization,
     update_sparsity,
 )
+from weightgeo.metrics.catalog import COUNTS, OUTPUTS, PAIR_METRICS
 
 K = 3
 
@@ -26,8 +31,14 @@ def _loc(field):
     return lambda b, f: getattr(update_localization(b, f, rank=2, alpha=0.4), field)
 
 
+def _kernel(key):
+    """A row key of the engine's pair kernel (for the outputs no public function returns alone)."""
+    return lambda b, f: matrix_pair_metrics(b, f, metrics=frozenset(PAIR_METRICS), k=K, rank=2, alpha=0.4)[key]
+
+
 # name: (fn(base, ft) -> float, (lo, hi or None = min(m, n)), symmetric, scale invariance, rotation invariance)
-# scale: "any" = invariant under W -> c·W for c > 0; "pow2" = only for c = 2^j (the bf16 rule is binary)
+# scale: "any" = invariant under W -> c·W for c > 0; "pow2" = only for c = 2^j (the bf16 rule is binary);
+# "linear" = f(c·W0, c·W+) = c·f(W0, W+) (a norm)
 METRICS = {
     "update_sparsity": (update_sparsity, (0.0, 1.0), True, "pow2", False),
     "principal_overlap": (lambda b, f: principal_overlap(b, f, k=K), (0.0, 1.0), True, "any", True),
@@ -35,10 +46,22 @@ METRICS = {
     "max_principal_angle": (lambda b, f: float(principal_angles(b, f, k=K).max()), (0.0, 90.0), True, "any", True),
     "spectral_drift": (spectral_drift, (0.0, math.inf), False, "any", True),
     "density": (_loc("density"), (0.0, 1.0), True, "pow2", False),
-    "principal_mask_overlap": (_loc("principal_overlap"), (0.0, 1.0), False, "pow2", False),
+    "principal_mask_overlap": (_loc("principal_mask_overlap"), (0.0, 1.0), False, "pow2", False),
     "low_magnitude_overlap": (_loc("low_magnitude_overlap"), (0.0, 1.0), False, "pow2", False),
     "stable_rank": (lambda b, f: stable_rank(f - b), (0.0, None), True, "any", True),
+    "mean_principal_angle": (_kernel("mean_principal_angle"), (0.0, 90.0), True, "any", True),
+    "k_effective": (_kernel("k_effective"), (0.0, None), True, "any", True),
+    "spectral_gap": (_kernel("spectral_gap"), (1.0, math.inf), False, "any", True),  # σ_k/σ_{k+1} of W0
+    "delta_frobenius": (_kernel("delta_frobenius"), (0.0, math.inf), True, "linear", True),
 }
+
+
+def test_the_table_covers_every_metric():
+    """Every row key a comparison emits (the catalog's list) has its properties in the table."""
+    listed = {key for keys in OUTPUTS.values() for key in keys}
+    assert listed - set(METRICS) == set(), "add the new metric to METRICS with its properties"
+    assert set(METRICS) - listed <= {"principal_overlap_left"}, "METRICS lists a metric the catalog does not"
+    assert COUNTS <= listed
 
 pairs = st.tuples(
     st.integers(4, 10), st.integers(4, 10), st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 1e-2, 0.3])
@@ -89,7 +112,8 @@ def test_scale_invariant(name, p, j):
     fn, _, _, scale, _ = METRICS[name]
     b, f = _pair(*p)
     c = 2.0**j if scale == "pow2" else 2.0**j * 1.37
-    assert _close(fn(b, f), fn(c * b, c * f), 1e-7)
+    want = c * fn(b, f) if scale == "linear" else fn(b, f)
+    assert _close(want, fn(c * b, c * f), 1e-7)
 
 
 @pytest.mark.parametrize("name", [k for k, v in METRICS.items() if v[4]])
@@ -111,8 +135,12 @@ def test_identity_is_best(name):
     b, _ = _pair(8, 6, 0, 0.0)
     v = fn(b, b.clone())
     best = {"update_sparsity": 1.0, "principal_overlap": 1.0, "principal_overlap_left": 1.0, "max_principal_angle": 0.0,
-            "spectral_drift": 0.0, "density": 0.0, "stable_rank": 0.0}
-    if name in best:
+            "spectral_drift": 0.0, "density": 0.0, "stable_rank": 0.0, "mean_principal_angle": 0.0,
+            "delta_frobenius": 0.0, "k_effective": float(K)}
+    if name == "spectral_gap":  # a property of W0 alone: σ_k/σ_{k+1}
+        s = torch.linalg.svdvals(b)
+        assert v == pytest.approx(float(s[K - 1] / s[K]), rel=1e-9)
+    elif name in best:
         assert v == pytest.approx(best[name], abs=1e-5)
     else:
         assert math.isnan(v)  # overlaps of an empty update mask

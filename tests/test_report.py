@@ -85,3 +85,16 @@ def test_writing_to_a_directory_or_under_a_file_is_a_clear_error_and_missing_fol
     pytest.importorskip("matplotlib")
     with pytest.raises(WeightgeoError, match="figure path .* is an existing directory"):
         r.plot(tmp_path / "out.json")
+
+
+def test_output_paths_folders_are_created_and_directories_refused(tmp_path):
+    r = Report(rows=_rows(), summary=summarize_rows(_rows()), meta={})
+    r.to_json(tmp_path / "new" / "deeper" / "r.json")  # missing folders are created
+    assert json.loads((tmp_path / "new" / "deeper" / "r.json").read_text())["rows"][0]["numel"] == 16
+    with pytest.raises(WeightgeoError, match="is an existing directory; give a file name"):
+        r.to_json(tmp_path / "new")
+    with pytest.raises(WeightgeoError, match="is an existing directory"):
+        r.to_csv(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WeightgeoError, match="afile is a file, not a folder"):
+        r.to_json(tmp_path / "afile" / "r.json")

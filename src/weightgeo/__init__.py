@@ -12,7 +12,8 @@ Naming contract (stated once, used everywhere):
 - ``*_sparsity`` is the fraction of entries unchanged.
 - The same keyword names everywhere: ``k``, ``eta``, ``device``, ``dtype``, ``seed``.
 
-Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) in, a :class:`Report` out.
+Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) in, a :class:`Report` out
+(:mod:`weightgeo.api`). Layers, one way: docs/architecture.md.
 
 >>> import torch, weightgeo
 >>> w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
@@ -22,26 +23,18 @@ Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
+from .api import (UpdateMasks, principal_angles, principal_overlap, spectral_drift, stable_rank,
+                  subspace_similarity, update_localization, update_mask, update_sparsity)
 from .checkpoint import Checkpoint, open_checkpoint
-from .engine import compare
+from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .linalg.rsvd import randomized_svd
-from .metrics import (
-    Localization,
-    principal_angles,
-    principal_overlap,
-    spectral_drift,
-    stable_rank,
-    update_localization,
-    update_mask,
-    update_sparsity,
-)
-from .metrics.trajectory import LockingOnset, locking_onset, rank_curve, subspace_similarity
+from .metrics import Localization
+from .metrics.trajectory import LockingOnset
 from .report import Report
-from .shared_base import compare_many
 from .track import Tracker
+from .trajectory import locking_onset, rank_curve
 
 __all__ = [
     "Checkpoint",
@@ -49,6 +42,7 @@ __all__ = [
     "LockingOnset",
     "Report",
     "Tracker",
+    "UpdateMasks",
     "WeightgeoError",
     "__version__",
     "compare",

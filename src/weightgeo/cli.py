@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from ._version import __version__
+from .engine import compare, compare_many
 from .errors import WeightgeoError
-from .report import check_output_path
+from .outputs import check_output_path
+from .trajectory import locking_onset, rank_curve
 
 __all__ = ["main"]
 
@@ -25,7 +27,8 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
-                   help="also write the report: .json (rows, summary, meta) or .csv (rows)")
+                   help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are "
+                        "created")
     p.add_argument("--summary", action="store_true", help="print only the model summary, not the per-tensor table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -150,8 +153,6 @@ def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import weightgeo
-
     if args.command == "cache":
         return _cache_command(args)
     _check_outputs(args)
@@ -161,19 +162,19 @@ def _run(args: argparse.Namespace) -> int:
                     batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
                     progress=not args.no_progress)
         if len(args.ft) == 1:
-            _emit(weightgeo.compare(args.base, args.ft[0], **opts), args)
+            _emit(compare(args.base, args.ft[0], **opts), args)
             return 0
         # Several fine-tunes: one report each, in order; --out PATH becomes PATH-1.json, PATH-2.json, ...
-        for i, report in enumerate(weightgeo.compare_many(args.base, args.ft, **opts), start=1):
+        for i, report in enumerate(compare_many(args.base, args.ft, **opts), start=1):
             print(f"== {report.meta['ft']} ==")
             out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
             _emit(report, args, out)
         return 0
     if args.command == "trajectory":
-        report = weightgeo.rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
+        report = rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
                                       exclude=_filters(args.exclude), hill_k=args.hill_k, k=args.k,
                                       device=args.device, progress=not args.no_progress)
-        onset = weightgeo.locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
+        onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
         report.summary["locking_onset"] = onset.step
         report.summary["mean_similarity"] = onset.mean_similarity
         _emit(report, args)

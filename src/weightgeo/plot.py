@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import WeightgeoError
-from .report import check_output_path
+from .outputs import atomic_output
 
 __all__ = ["plot_report", "plot_pair_reports", "plot_trajectories"]
 
@@ -30,13 +30,12 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike[str]) -> Path:
-    path = check_output_path(path, what="figure")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)
-    _pyplot().close(fig)
-    return path
+    try:
+        with atomic_output(path, what="figure") as tmp:
+            fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
+    return Path(path).expanduser()
 
 
 def _finish(fig, axes, title: str | None, path: str | os.PathLike[str]) -> Path:

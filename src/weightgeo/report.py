@@ -6,12 +6,13 @@ import csv
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import WeightgeoError
+from .means import nanmean
+from .outputs import atomic_write_text, check_output_path
 
 __all__ = ["Report", "summarize_rows", "check_output_path"]
 
@@ -59,16 +60,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float:
-    vals = list(values)
-    if weights is None:
-        finite = [v for v in vals if not math.isnan(v)]
-        return math.fsum(finite) / len(finite) if finite else math.nan
-    pairs = [(v, w) for v, w in zip(vals, weights) if not math.isnan(v)]
-    total = math.fsum(w for _, w in pairs)
-    return math.fsum(v * w for v, w in pairs) / total if total else math.nan
-
-
 def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> dict[str, Any]:
     """Model-level figures from per-tensor rows.
 
@@ -104,9 +95,9 @@ def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         have = [r for r in rows if _is_number(r.get(key))]
         vals = [float(r[key]) for r in have]
         if key in _WEIGHTED:
-            out[key] = _mean(vals, [float(r.get("numel", 1)) for r in have])
+            out[key] = nanmean(vals, [float(r.get("numel", 1)) for r in have])
         else:
-            out[key] = _mean(vals)
+            out[key] = nanmean(vals)
             out[f"n_{key}"] = len(have)
         if key == "max_principal_angle" and vals:
             out["max_principal_angle_overall"] = max(vals)
@@ -172,7 +163,7 @@ class Report:
         text = json.dumps(_jsonable({"rows": self.rows, "summary": self.summary, "meta": self.meta}),
                           indent=indent)
         if path is not None:
-            _atomic_write(Path(path), text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod
@@ -198,7 +189,7 @@ class Report:
         w.writeheader()
         for r in self.rows:
             w.writerow({k: _csv_cell(r.get(k)) for k in cols})
-        _atomic_write(Path(path), buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
 
     def to_pandas(self):  # -> pandas.DataFrame
         """The rows as a pandas DataFrame (requires the ``pandas`` extra)."""
@@ -287,6 +278,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.3e}"
     if isinstance(v, tuple):
         return "x".join(str(d) for d in v)
+    if isinstance(v, list):  # a vector (principal_angles): its length in a table, the values in JSON/CSV
+        return f"[{len(v)} values]"
     return str(v)
 
 
@@ -296,53 +289,3 @@ def _csv_cell(v: Any) -> Any:
     if isinstance(v, float) and math.isnan(v):
         return ""
     return v
-
-
-def check_output_path(path: str | os.PathLike[str], *, what: str = "report") -> Path:
-    """Check, before anything is computed or written, that ``path`` can receive an output file.
-
-    Missing parent folders are fine (the writers create them); an existing directory at ``path``, a file
-    where a parent folder should be, or a parent that cannot be written are refused.
-
-    >>> import tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> check_output_path(f"{d}/new/sub/r.json").name
-    'r.json'
-    >>> check_output_path(d)
-    Traceback (most recent call last):
-    ...
-    weightgeo.errors.WeightgeoError: report path /... is an existing directory; give a file name inside it, e.g. /.../report.json
-
-    Raises:
-        WeightgeoError: naming the path and the fix.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise WeightgeoError(f"{what} path {p} is an existing directory; give a file name inside it, e.g. "
-                             f"{p / ('report' + (p.suffix or '.json'))}")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise WeightgeoError(f"{what} path {p}: {parent} is a file, not a folder; choose another location")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WeightgeoError(f"{what} path {p}: cannot create files in {parent} (permission denied); choose a "
-                             f"writable location")
-    return p
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a unique temporary file in its folder (created if missing) and a rename."""
-    path = check_output_path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise WeightgeoError(f"cannot write {path} ({e.strerror or e}); check the path and free space") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            Path(tmp).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import Checkpoint, align, compile_filter, open_checkpoint
 from .errors import WeightgeoError
+from .validation import check_finite
 
 __all__ = ["CheckpointStream", "open_stream", "StreamReader", "MatrixPlan"]
 
@@ -255,9 +256,7 @@ class StreamReader:
             wt = ck.get(name).to(device=device, dtype=dtype)
             d = wt - w0
             del wt
-            if not bool(torch.isfinite(d).all()):
-                raise WeightgeoError(f"tensor {entry.key!r} at step {step} ({ck.source}): non-finite values "
-                                     f"(NaN/Inf) in W_t − W0; fix the checkpoint or exclude={entry.key!r}")
+            check_finite(d, f"{entry.key} at step {step} ({ck.source}): W_t − W0")
             yield step, d
 
     def close(self) -> None:

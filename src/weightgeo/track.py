@@ -3,7 +3,7 @@
 The tracker is framework-free: call :meth:`Tracker.update` from any loop (or the transformers callback in
 ``weightgeo.integrations.transformers``) and log the flat ``dict[str, float]`` it returns. At the end,
 :meth:`Tracker.rank_curve` and :meth:`Tracker.locking_onset` give the same results as the offline
-:func:`~weightgeo.metrics.trajectory.rank_curve` / :func:`~weightgeo.metrics.trajectory.locking_onset` on the
+:func:`~weightgeo.trajectory.rank_curve` / :func:`~weightgeo.trajectory.locking_onset` on the
 checkpoints the run would have saved.
 
 >>> import torch
@@ -56,16 +56,19 @@ import torch
 from .checkpoint import canonical_name, compile_filter
 from .devices import resolve_device
 from .errors import WeightgeoError
-from .metrics.trajectory import (Spectrum, _check_k, _sim, assemble, build_locking, matrix_seed,
-                                 spectrum_row, trajectory_summary, update_spectra)
+from .means import nanmean
+from .outputs import atomic_output
+from .metrics.trajectory import (UPDATE_BATCH_BYTES, Spectrum, build_locking, matrix_seed, subspace_sim,
+                                 update_spectra)
 from .report import Report
+from .trajectory import assemble, spectrum_row, trajectory_summary
+from .validation import check_finite, check_int, check_k
 
 __all__ = ["Tracker"]
 
 _PREFIX = "weightgeo"
 _MODES = ("exact", "sketch")
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-_BATCH_BYTES = 1 << 28
 _FORMAT = 1
 
 
@@ -110,16 +113,16 @@ class Tracker:
                  base_device: str | torch.device = "cpu", gather: bool = False) -> None:
         if mode not in _MODES:
             raise WeightgeoError(f"mode={mode!r}; use 'exact' (a bf16 copy of W0) or 'sketch' (random sketches)")
-        self.every = _check_k(every, "every", 1)
-        self.k = _check_k(k, "k", 1)
-        self.hill_k = _check_k(hill_k, "hill_k", 2)
+        self.every = check_int(every, "every", minimum=1)
+        self.k = check_k(k)
+        self.hill_k = check_int(hill_k, "hill_k", minimum=2)
         self.mode = mode
         self.dtype = dtype
         self.seed = int(seed)
         self.gather = bool(gather)
         self.include, self.exclude = include, exclude
         r = max(self.k, self.hill_k)
-        self.sketch_rank = _check_k(sketch_rank, "sketch_rank", r + 1) if sketch_rank is not None else 2 * r + 1
+        self.sketch_rank = check_int(sketch_rank, "sketch_rank", minimum=r + 1) if sketch_rank is not None else 2 * r + 1
         self.device = None if device is None else resolve_device(device)
         self.base_device = torch.device(base_device)
         self.skipped: list[dict[str, Any]] = []
@@ -253,15 +256,14 @@ class Tracker:
         r = max(self.k, self.hill_k)
         out: dict[str, Spectrum] = {}
         for (shape, dev), keys in groups.items():
-            per = max(1, _BATCH_BYTES // (4 * shape[0] * shape[1]))
+            per = max(1, UPDATE_BATCH_BYTES // (4 * shape[0] * shape[1]))
             g = torch.Generator(device=dev).manual_seed(matrix_seed(self.seed + step, f"{shape}"))
             for i in range(0, len(keys), per):
                 chunk = keys[i:i + per]
                 D = torch.stack([self._round(current[k]).to(dev, torch.float32)
                                  - self._base[k].to(dev, torch.float32) for k in chunk])
-                if not bool(torch.isfinite(D).all()):
-                    bad = [k for j, k in enumerate(chunk) if not bool(torch.isfinite(D[j]).all())]
-                    raise WeightgeoError(f"Tracker.update(step={step}): non-finite values in {bad[:3]}")
+                for j, key in enumerate(chunk):
+                    check_finite(D[j], f"Tracker.update(step={step}): {key}: W_t − W0")
                 fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
                 nz = [j for j in range(len(chunk)) if float(fro[j]) > 0]
                 if nz:
@@ -291,18 +293,18 @@ class Tracker:
         out: dict[str, float] = {}
         metrics = ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha")
         for metric in metrics:
-            out[f"{_PREFIX}/{metric}/mean"] = _nanmean(r[metric] for r in rows)
+            out[f"{_PREFIX}/{metric}/mean"] = nanmean(r[metric] for r in rows)
         by_module: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_module.setdefault(r["module"], []).append(r)
         for mod, rs in sorted(by_module.items()):
             for metric in metrics:
-                out[f"{_PREFIX}/{metric}/{mod}"] = _nanmean(r[metric] for r in rs)
+                out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
-            sims = [_sim(sp.Vh, self._records[key][prev].Vh) for key, sp in specs.items()
+            sims = [subspace_sim(sp.Vh, self._records[key][prev].Vh) for key, sp in specs.items()
                     if prev in self._records.get(key, {})]
             if sims:
-                out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = _nanmean(sims)
+                out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = nanmean(sims)
         out[f"{_PREFIX}/n_matrices"] = float(len(rows))
         return out
 
@@ -313,7 +315,7 @@ class Tracker:
                                  "during training first")
 
     def rank_curve(self) -> Report:
-        """The same :class:`~weightgeo.report.Report` as :func:`~weightgeo.metrics.trajectory.rank_curve`."""
+        """The same :class:`~weightgeo.report.Report` as :func:`~weightgeo.trajectory.rank_curve`."""
         self._need_steps()
         records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
         rows, sims, zero = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
@@ -365,10 +367,8 @@ class Tracker:
             "gather": self.gather, "steps": self.steps, "skipped": self.skipped, "history": hist,
             "matrices": [[m.key, m.name, list(m.shape), m.seed] for m in self._matrices.values()],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"weightgeo_tracker": json.dumps(state)})
-        os.replace(tmp, path)
+        with atomic_output(path, what="tracker state") as tmp:
+            save_file(tensors, str(tmp), metadata={"weightgeo_tracker": json.dumps(state)})
         return path
 
     @classmethod
@@ -459,8 +459,3 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     except ImportError:  # torch built without distributed
         return False
     return isinstance(p, DTensor)
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    vals = [float(v) for v in values if not math.isnan(float(v))]
-    return math.fsum(vals) / len(vals) if vals else math.nan

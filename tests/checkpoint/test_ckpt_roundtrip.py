@@ -95,7 +95,10 @@ def test_state_dict_and_module(gen):
     ckpt = open_checkpoint(sd)
     assert isinstance(ckpt, StateDictCheckpoint) and ckpt.source == "state_dict"
     assert_same(ckpt, sd)
-    lin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG: leave it untouched
+        lin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.randn(4, 3, generator=gen))
     m = open_checkpoint(lin)
     assert m.source == "Sequential"
     assert "1.running_mean" in m.names()  # buffers too

@@ -10,10 +10,16 @@ from factories import tiny_llama_state, write_hf_checkpoint
 
 
 def _gpt2(transformers, seed):
+    """A tiny GPT-2 whose weights come from our own generator (its constructor's draws from the global RNG are
+    discarded, and the global state is restored)."""
     cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transformers.GPT2LMHeadModel(cfg).eval()
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model
 
 
 def test_saved_gpt2_checkpoint_flags_conv1d_weights(tmp_path):

@@ -394,3 +394,19 @@ def test_cpu_chunking_does_not_change_results(monkeypatch, dtype):
     chunked = randomized_svd_with_info(A, 6, seed=2)
     for x, y in zip((whole.U, whole.S, whole.Vh, whole.gap), (chunked.U, chunked.S, chunked.Vh, chunked.gap)):
         assert torch.equal(x, y)
+
+
+# ---- the hardware policy: pass dtype -------------------------------------------------------------
+def test_policy_pass_dtype_is_recorded_and_overridable():
+    from weightgeo.linalg.hardware import hardware, pass_dtype
+
+    hw = hardware("cpu")
+    big = torch.ones(1024, 1024, dtype=torch.bfloat16)
+    assert pass_dtype(torch.bfloat16, "cpu", (1024, 1024)) == (torch.bfloat16 if hw.bf16_gemm else torch.float32)
+    assert pass_dtype(torch.bfloat16, "cpu", (128, 896)) == torch.float32  # too small to pay for bf16 passes
+    assert pass_dtype(torch.float32, "cpu", (4096, 4096)) == torch.float32
+    assert pass_dtype(torch.float64, "cpu", (4096, 4096)) == torch.float64
+    assert randomized_svd_with_info(big, 4).pass_dtype == pass_dtype(torch.bfloat16, "cpu", (1024, 1024))
+    assert randomized_svd_with_info(big, 4, pass_dtype=torch.float32).pass_dtype == torch.float32
+    assert randomized_svd_with_info(big.float(), 4).pass_dtype == torch.float32
+    assert randomized_svd_with_info(big[:100, :100], 60).pass_dtype == torch.float32  # the exact method

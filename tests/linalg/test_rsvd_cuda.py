@@ -77,4 +77,4 @@ def test_cuda_rank_deficient_fallback_and_exact():
 
 def test_cuda_generator_on_wrong_device():
     with pytest.raises(WeightgeoError, match="generator"):
-        randomized_svd(torch.randn(60, 50, device="cuda"), 3, generator=torch.Generator())
+        randomized_svd(torch.ones(60, 50, device="cuda"), 3, generator=torch.Generator())

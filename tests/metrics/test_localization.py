@@ -12,13 +12,13 @@ import reference as R
 from cases import CASES, RANK, case
 from weightgeo import WeightgeoError
 from weightgeo.metrics import Localization, update_localization
-from weightgeo.metrics.localization import _Selector
+from weightgeo.metrics.localization import Selector
 
 
 def _select(x: torch.Tensor, count: int, *, largest: bool, block: int = 3) -> torch.Tensor:
     """Run the streamed selector over ``x`` in flat-order blocks of ``block`` entries (ragged last block)."""
     blocks = list(x.reshape(-1).split(block))
-    sel = _Selector(x.numel(), count, largest=largest, dtype=x.dtype)
+    sel = Selector(x.numel(), count, largest=largest, dtype=x.dtype)
     for _ in range(sel.passes):
         for blk in blocks:
             sel.observe(blk)
@@ -35,7 +35,7 @@ def test_vs_reference(kind, upd, alpha):
     assert got.n_updated == ref["n_updated"] and got.numel == b.numel()
     assert got.density == ref["density"]
     assert got.low_magnitude_overlap == ref["low_magnitude_overlap"]  # exact: same values, same ties
-    assert abs(got.principal_overlap - ref["principal_overlap"]) <= 2e-3
+    assert abs(got.principal_mask_overlap - ref["principal_overlap"]) <= 2e-3
 
 
 @pytest.mark.parametrize("kind,upd", CASES)
@@ -46,7 +46,7 @@ def test_feasibility_bounds(kind, upd):
         d = loc.density
         a = math.floor(alpha * loc.numel) / loc.numel
         lo, hi = max(0.0, (a - (1 - d)) / d), min(1.0, a / d)
-        for ov in (loc.principal_overlap, loc.low_magnitude_overlap):
+        for ov in (loc.principal_mask_overlap, loc.low_magnitude_overlap):
             assert lo - 1e-12 <= ov <= hi + 1e-12
 
 
@@ -86,16 +86,23 @@ def test_nothing_updated_gives_nan(gen):
     loc = update_localization(A, A.clone())
     assert isinstance(loc, Localization)
     assert loc.density == 0.0 and loc.n_updated == 0
-    assert math.isnan(loc.principal_overlap) and math.isnan(loc.low_magnitude_overlap)
+    assert math.isnan(loc.principal_mask_overlap) and math.isnan(loc.low_magnitude_overlap)
 
 
 def test_rank_capped_and_fields(gen):
     A = torch.randn(6, 4, generator=gen)
     loc = update_localization(A, A + 1, rank=64, alpha=0.5)
     assert loc.rank == 4 and loc.alpha == 0.5 and loc.numel == 24 and loc.density == 1.0
-    assert loc.principal_overlap == 0.5 and loc.low_magnitude_overlap == 0.5
+    assert loc.principal_mask_overlap == 0.5 and loc.low_magnitude_overlap == 0.5
     with pytest.raises(Exception):
         loc.density = 0.3  # frozen
+
+
+def test_principal_overlap_is_a_deprecated_alias(gen):
+    A = torch.randn(6, 4, generator=gen)
+    loc = update_localization(A, A + 0.5 * (A > 0), rank=2, alpha=0.5)
+    with pytest.warns(DeprecationWarning, match="principal_mask_overlap"):
+        assert loc.principal_overlap == loc.principal_mask_overlap
 
 
 def test_errors():
@@ -125,6 +132,6 @@ def test_streamed_blocks_equal_one_block(monkeypatch, gen, shape):
     b = torch.randn(*shape, generator=gen).bfloat16()
     f = (b.float() + 0.02 * torch.randn(*shape, generator=gen)).bfloat16()
     whole = update_localization(b, f, rank=5, alpha=0.3)
-    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(L, "ROW_BLOCK", 1)
     monkeypatch.setattr(L, "_CACHE_BELOW", 0)
     assert update_localization(b, f, rank=5, alpha=0.3) == whole

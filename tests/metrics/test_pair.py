@@ -52,7 +52,7 @@ def test_agrees_with_public_functions(kind, upd):
     assert out["spectral_drift"] == pytest.approx(spectral_drift(b, f), rel=1e-9)  # eigh vs eigvalsh
     loc = update_localization(b, f, rank=RANK, alpha=0.3)
     assert (out["density"], out["principal_mask_overlap"], out["low_magnitude_overlap"]) == (
-        loc.density, loc.principal_overlap, loc.low_magnitude_overlap)
+        loc.density, loc.principal_mask_overlap, loc.low_magnitude_overlap)
     delta = f.float() - b.float()
     assert out["stable_rank"] == pytest.approx(stable_rank(delta))
     assert out["delta_frobenius"] == pytest.approx(float(np.linalg.norm(f_np.astype(np.float64) - b_np)), rel=1e-6)

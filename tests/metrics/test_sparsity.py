@@ -8,7 +8,7 @@ import reference as R
 from cases import CASES, case
 from weightgeo import WeightgeoError
 from weightgeo.metrics import update_mask, update_sparsity
-from weightgeo.metrics.sparsity import _unchanged, _unchanged_count, _unchanged_general
+from weightgeo.metrics.sparsity import unchanged_count, unchanged_mask, unchanged_mask_general
 
 
 @pytest.mark.parametrize("kind,upd", CASES)
@@ -42,8 +42,8 @@ def test_fast_path_equals_general_path():
     w0, w1 = vals[i], vals[j]
     w1 = torch.where(torch.rand(50000, generator=g) < 0.2, w0.float().nextafter(torch.tensor(1e39)).bfloat16(), w1)
     for eta in (1e-3, 1e-4, 0.0):
-        fast = _unchanged(w0, w1, eta)
-        general = _unchanged_general(w0, w1, eta)
+        fast = unchanged_mask(w0, w1, eta)
+        general = unchanged_mask_general(w0, w1, eta)
         assert torch.equal(fast, general)
     assert 0 < int(fast.sum()) < fast.numel()
 
@@ -96,7 +96,7 @@ def test_any_shape(shape):
 def test_chunks_sum_to_whole(gen):
     a = torch.randn(37, 11, generator=gen).bfloat16()
     b = (a.float() + 1e-2 * torch.randn(37, 11, generator=gen)).bfloat16()
-    total = sum(_unchanged_count(a[i : i + 8], b[i : i + 8], 1e-3) for i in range(0, 37, 8))
+    total = sum(unchanged_count(a[i : i + 8], b[i : i + 8], 1e-3) for i in range(0, 37, 8))
     assert total == round(update_sparsity(a, b) * a.numel())
 
 
@@ -130,16 +130,24 @@ def test_never_touches_global_rng(gen):
 
 
 def test_dispatch_to_engine():
-    engine = pytest.importorskip("weightgeo.engine")
-    if not hasattr(engine, "compare"):
-        pytest.skip("engine.compare not written yet")
+    """Checkpoint sources go through weightgeo.update_sparsity to the engine: a Report whose rows hold the
+    tensor-level numbers; the tensor-level function itself takes tensors only and says where to go."""
+    import weightgeo
+
     a = {"w": torch.ones(4, 4)}
     b = {"w": torch.ones(4, 4) * 2}
-    assert update_sparsity(a, b) is not None
+    r = weightgeo.update_sparsity(a, b)
+    assert isinstance(r, weightgeo.Report) and r.meta["metrics"] == ["update_sparsity"]
+    assert [row["name"] for row in r.rows] == ["w"]
+    assert r.rows[0]["update_sparsity"] == update_sparsity(a["w"], b["w"]) == 0.0
+    half = {"w": torch.cat([torch.ones(2, 4), 2 * torch.ones(2, 4)])}
+    assert weightgeo.update_sparsity(a, half).summary["update_sparsity"] == 0.5
+    with pytest.raises(WeightgeoError, match=r"weightgeo\.update_sparsity\(base, ft\)"):
+        update_sparsity(a, b)
 
 
 def test_cpu_bits_path_matches_the_rule_on_signed_zeros_subnormals_and_ties():
-    from weightgeo.metrics.sparsity import _unchanged_count, _unchanged_general
+    from weightgeo.metrics.sparsity import unchanged_count, unchanged_mask_general
 
     g = torch.Generator().manual_seed(5)
     a = (torch.randn(4096, generator=g) * 0.02).to(torch.bfloat16)
@@ -149,9 +157,9 @@ def test_cpu_bits_path_matches_the_rule_on_signed_zeros_subnormals_and_ties():
     b[4:8] = 1e-40  # 0 vs subnormal: changed
     a[8:12] = -0.0
     b[8:12] = -0.0
-    expected = int(_unchanged_general(a, b, 1e-3).sum())
-    assert _unchanged_count(a, b, 1e-3) == expected
-    assert _unchanged_count(a.float(), b.float(), 1e-3) == expected  # the torch path agrees
+    expected = int(unchanged_mask_general(a, b, 1e-3).sum())
+    assert unchanged_count(a, b, 1e-3) == expected
+    assert unchanged_count(a.float(), b.float(), 1e-3) == expected  # the torch path agrees
     b[100] = float("nan")
     with pytest.raises(WeightgeoError, match="non-finite"):
-        _unchanged_count(a, b, 1e-3, name="w")
+        unchanged_count(a, b, 1e-3, name="w")

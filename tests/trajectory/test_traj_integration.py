@@ -45,7 +45,8 @@ def stub_callback(monkeypatch):
 
 def _model(gen):
     m = torch.nn.Sequential()
-    m.add_module("q_proj", torch.nn.Linear(24, 20, bias=False))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG; its values are replaced
+        m.add_module("q_proj", torch.nn.Linear(24, 20, bias=False))
     with torch.no_grad():
         m.q_proj.weight.copy_(torch.randn(20, 24, generator=gen))
     return m
@@ -96,6 +97,7 @@ def test_callback_without_trainer_merges_into_on_log(stub_callback, gen):
         stub_callback().on_train_begin(None, state, None)
 
 
+@pytest.mark.global_rng  # Trainer seeds the global RNGs (transformers.set_seed) and shuffles with them
 @pytest.mark.skipif(not HAVE_TRAINER, reason="transformers and accelerate are not installed")
 def test_real_trainer_tiny_model(tmp_path):  # pragma: no cover - needs transformers
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments

@@ -12,8 +12,8 @@ from traj_planted import (BIG_NAME, K, NORM_NAME, Q_NAME, planted_stream, ref_de
 
 from weightgeo.checkpoint import Checkpoint, canonical_name, open_checkpoint
 from weightgeo.errors import WeightgeoError
-from weightgeo.metrics.trajectory import (LockingOnset, locking_onset, onset_step, rank_curve,
-                                          subspace_similarity, update_spectra)
+from weightgeo.metrics.trajectory import LockingOnset, onset_step, subspace_similarity, update_spectra
+from weightgeo.trajectory import locking_onset, rank_curve
 
 STEPS = [100, 200, 300, 400]
 

@@ -10,7 +10,7 @@ from factories import write_hf_checkpoint
 from traj_planted import BIG_NAME, NORM_NAME, Q_NAME, planted_stream
 
 from weightgeo.errors import WeightgeoError
-from weightgeo.metrics.trajectory import locking_onset, rank_curve
+from weightgeo.trajectory import locking_onset, rank_curve
 from weightgeo.stream import CheckpointStream, open_stream
 
 

@@ -8,7 +8,8 @@ import torch
 from traj_planted import BIG_NAME, NORM_NAME, Q_NAME, SHAPES, planted_stream
 
 from weightgeo.errors import WeightgeoError
-from weightgeo.metrics.trajectory import LockingOnset, locking_onset, rank_curve
+from weightgeo.metrics.trajectory import LockingOnset
+from weightgeo.trajectory import locking_onset, rank_curve
 from weightgeo.track import Tracker
 
 STEPS = [100, 200, 300, 400]

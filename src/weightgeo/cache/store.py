@@ -163,7 +163,7 @@ class ResultCache:
 
     def __init__(self, root: str | os.PathLike[str], *, version: str | None = None, fsync: bool = True) -> None:
         if version is None:
-            from .. import __version__ as version
+            from .._version import __version__ as version
         self.root = Path(root).expanduser()
         self.version = str(version)
         self.fsync = bool(fsync)

@@ -15,10 +15,11 @@ from headers; tensors are read one at a time. :func:`align` pairs two checkpoint
 from __future__ import annotations
 
 from .align import Alignment, Pair, align
-from .base import Checkpoint, FactoredDelta, TensorInfo
+from .base import Checkpoint, FactoredDelta, Fp8Weight, TensorInfo
+from .completeness import CheckpointStatus, RunScan, checkpoint_status, scan_run
 from .dcp import DcpCheckpoint
 from .deepspeed import DeepSpeedCheckpoint
-from .fp8 import Fp8Checkpoint, Fp8Weight, fp8_dequantize, fp8_unchanged_count, fp8_update_mask
+from .fp8 import Fp8Checkpoint, fp8_dequantize, fp8_unchanged_count, fp8_update_mask
 from .hub import resolve_hub
 from .lora import LoraAdapter, MergedAdapterCheckpoint
 from .names import canonical_name, compile_filter, layer_index, module_type
@@ -35,4 +36,5 @@ __all__ = [
     "MergedAdapterCheckpoint", "SafetensorsCheckpoint", "TorchBinCheckpoint", "StateDictCheckpoint",
     "resolve_hub", "DcpCheckpoint", "VerlFsdpCheckpoint", "DeepSpeedCheckpoint", "MappedCheckpoint", "Piece",
     "Fp8Checkpoint", "Fp8Weight", "fp8_dequantize", "fp8_unchanged_count", "fp8_update_mask",
+    "CheckpointStatus", "RunScan", "checkpoint_status", "scan_run",
 ]

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 from ..errors import WeightgeoError
 from .base import Checkpoint
-from .names import canonical_name
+from .names import INPUT_EMBEDDINGS, canonical_name, module_type
 
 __all__ = ["align", "Alignment", "Pair"]
 
 _LM_HEAD = "lm_head.weight"
-_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def _canonical_map(ckpt: Checkpoint, side: str) -> dict[str, str]:
 
 def _ties_lm_head(ckpt: Checkpoint, keys: dict[str, str]) -> bool:
     """Whether a checkpoint without lm_head.weight ties it to its embedding."""
-    has_embedding = any(k.endswith(e) for k in keys for e in _EMBEDDINGS)
+    has_embedding = any(k.endswith(".weight") and module_type(k) in INPUT_EMBEDDINGS for k in keys)
     tie = ckpt.config.get("tie_word_embeddings") if isinstance(ckpt.config, dict) else None
     if tie is None:
         return has_embedding

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import WeightgeoError
 
-if TYPE_CHECKING:
-    from .fp8 import Fp8Weight
-
-__all__ = ["Checkpoint", "TensorInfo", "FactoredDelta"]
+__all__ = ["Checkpoint", "TensorInfo", "FactoredDelta", "Fp8Weight"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +31,16 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize  # itemsize also covers bool, uint and float8 dtypes
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A stored FP8 weight: ``codes`` [out, in] (float8), ``scales`` [ceil(out/b0), ceil(in/b1)] (multiplicative),
+    ``block`` = (b0, b1); ``checkpoint.fp8.fp8_dequantize(codes, scales, block)`` gives the weight."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    block: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ class Checkpoint(abc.ABC):
         """For adapter-backed checkpoints, the update of ``name`` kept factored; else ``None``."""
         return None
 
-    def fp8_weight(self, name: str) -> "Fp8Weight | None":
+    def fp8_weight(self, name: str) -> Fp8Weight | None:
         """For a weight stored as scaled FP8 (read dequantised by :meth:`get`), its stored codes and scales;
         else ``None``. Update rules that must compare what is stored (see ``fp8_unchanged_count``) use it."""
         return None

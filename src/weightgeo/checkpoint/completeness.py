@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import time
 import zipfile
@@ -51,6 +50,7 @@ from typing import Any
 
 from ..errors import WeightgeoError
 from ._files import read_index
+from .pickles import load_dcp_metadata
 from .safetensors import read_header
 
 __all__ = ["CheckpointStatus", "RunScan", "checkpoint_status", "scan_run", "step_of", "PROBLEMS"]
@@ -466,67 +466,11 @@ def _check_dcp(folder: Path, sizes: dict[Path, int], found: _Findings) -> None:
                                       f"byte {end}")
 
 
-class _Stub:
-    """An inert stand-in for every global a pickle names: records arguments, state and items, runs nothing."""
-
-    qualname = ""
-    sink: list["_Stub"] = []
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Stub":
-        obj = object.__new__(cls)
-        obj.args, obj.state, obj.items = args, kwargs or None, {}
-        cls.sink.append(obj)
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:
-        self.items[len(self.items)] = value
-
-    def extend(self, values: Any) -> None:
-        for v in values:
-            self.append(v)
-
-
-class _StubUnpickler(pickle.Unpickler):
-    """Unpickles DCP (and Megatron) metadata without importing or calling anything: every global is a stub."""
-
-    def __init__(self, f: Any) -> None:
-        super().__init__(f)
-        self.made: list[_Stub] = []
-        self._classes: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str) -> type:
-        key = (module, name)
-        if key not in self._classes:
-            self._classes[key] = type(name, (_Stub,), {"qualname": f"{module}.{name}", "sink": self.made})
-        return self._classes[key]
-
-
 def _dcp_ranges(meta: Path) -> list[tuple[str, int]]:
-    """``(relative data file, end byte)`` of every stored item recorded in a DCP ``.metadata``."""
-    with open(meta, "rb") as f:
-        top = _StubUnpickler(f)
-        obj = top.load()
-    if not (isinstance(obj, _Stub) and type(obj).qualname.endswith("Metadata")):
-        raise ValueError(f"the pickle holds a {type(obj).__name__}, not a DCP Metadata object")
-    out = []
-    for rec in top.made:
-        if type(rec).qualname.endswith("._StorageInfo"):
-            st = rec.state[1] if isinstance(rec.state, tuple) and len(rec.state) == 2 else rec.state
-            st = st if isinstance(st, dict) else {}
-            rel, off, length = st.get("relative_path"), st.get("offset"), st.get("length")
-            if not (isinstance(rel, str) and isinstance(off, int) and isinstance(length, int)):
-                raise ValueError(f"unexpected storage record {st!r:.100}")
-            out.append((rel, off + length))
-    return out
+    """``(relative data file, end byte)`` of every stored item recorded in a DCP ``.metadata`` (read with the
+    checkpoint layer's restricted unpickler: nothing is imported or run beyond DCP's own metadata classes)."""
+    storage = load_dcp_metadata(meta).storage_data
+    return [(info.relative_path, int(info.offset) + int(info.length)) for info in storage.values()]
 
 
 def _check_markers(folder: Path, step: int | None, files: list[tuple[Path, int]], ctx: _RunContext,

@@ -28,13 +28,12 @@ Other quantised formats (GPTQ, AWQ, bitsandbytes, ...: packed integers) are refu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from ..errors import WeightgeoError
-from .base import Checkpoint, TensorInfo
+from .base import Checkpoint, Fp8Weight, TensorInfo
 
 __all__ = ["Fp8Weight", "Fp8Checkpoint", "fp8_dequantize", "fp8_unchanged_count", "fp8_update_mask",
            "wrap_quantized", "DEFAULT_BLOCK", "FP8_DTYPES"]
@@ -49,19 +48,6 @@ _PACKED = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "aqlm":
 _PACKED_NAMES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".absmax", ".quant_map")
 #: the smallest relative gap between two distinct FP8 values at one scale (e4m3: 1/15; e5m2: 1/7)
 _MIN_GAP = 1 / 15
-
-
-@dataclass(frozen=True)
-class Fp8Weight:
-    """A stored FP8 weight: ``codes`` [out, in] (float8), ``scales`` [ceil(out/b0), ceil(in/b1)] (multiplicative),
-    ``block`` = (b0, b1)."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    block: tuple[int, int]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return fp8_dequantize(self.codes, self.scales, self.block, dtype=dtype)
 
 
 def _check(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *, row_start: int = 0,
@@ -294,7 +280,8 @@ class Fp8Checkpoint(Checkpoint):
     def _get(self, name: str) -> torch.Tensor:
         if name not in self._fp8:
             return self.inner.get(name)
-        return self.fp8_weight(name).dequantize()
+        w = self.fp8_weight(name)
+        return fp8_dequantize(w.codes, w.scales, w.block)
 
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name not in self._fp8:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import WeightgeoError
 
-__all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "stored_in_out", "PRESETS"]
+__all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "stored_in_out", "PRESETS",
+           "INPUT_EMBEDDINGS", "OUTPUT_EMBEDDINGS", "VOCAB_MODULES", "is_embedding"]
 
 # Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
 _PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
@@ -34,7 +35,18 @@ _MLP = re.compile(
     r"(^|\.)(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h)"
     r"\.weight$"
     r"|mlp\.c_proj\.weight$")
-_EMBEDDING_TYPES = frozenset({"lm_head", "wte", "wpe", "shared", "embed_out", "embed_in"})
+
+# The one list of vocabulary modules (rows = tokens), by module type. Input embeddings are what an absent
+# lm_head.weight may be tied to (checkpoint.align); a vocabulary module's row count may differ between base and
+# fine-tune (added tokens, engine.plan); embeddings are not "linear" (the preset below).
+#: input token embeddings (HF Llama/Qwen, GPT-2, BLOOM/Falcon, GPT-NeoX, Meta/torchtitan Llama)
+INPUT_EMBEDDINGS = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"})
+#: output projections onto the vocabulary (HF, GPT-NeoX, Meta/torchtitan Llama)
+OUTPUT_EMBEDDINGS = frozenset({"lm_head", "embed_out", "output"})
+#: every module whose rows are tokens
+VOCAB_MODULES = INPUT_EMBEDDINGS | OUTPUT_EMBEDDINGS
+# other embeddings that are not linear maps: GPT-2's position embedding, T5's shared token embedding
+_OTHER_EMBEDDINGS = frozenset({"wpe", "shared"})
 
 #: The include/exclude presets accepted by :func:`compile_filter` (2-D ``.weight`` tensors only).
 PRESETS = ("attention", "mlp", "linear")
@@ -105,9 +117,14 @@ def layer_index(name: str) -> int | None:
     return None
 
 
-def _is_embedding(name: str) -> bool:
+def is_embedding(name: str) -> bool:
+    """True for embedding tables and vocabulary projections (by module type), which the "linear" preset leaves out.
+
+    >>> [is_embedding(n) for n in ("model.embed_tokens.weight", "lm_head.weight", "layers.0.mlp.fc1.weight")]
+    [True, True, False]
+    """
     mt = module_type(name)
-    return mt in _EMBEDDING_TYPES or "embed" in mt.lower()
+    return mt in VOCAB_MODULES or mt in _OTHER_EMBEDDINGS or "embed" in mt.lower()
 
 
 def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
@@ -120,7 +137,7 @@ def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
         return lambda c, s: two_d_weight(c, s) and bool(_MLP.search(c))
 
     def linear(c: str, s: tuple[int, ...] | None) -> bool:
-        if not two_d_weight(c, s) or _is_embedding(c):
+        if not two_d_weight(c, s) or is_embedding(c):
             return False
         # without a shape, norms (1-D in practice) are excluded by name
         return s is not None or not re.search(r"norm|(^|[._])ln(_|\d|$)", module_type(c))

@@ -222,11 +222,9 @@ class SafetensorsCheckpoint(Checkpoint):
                    config: Mapping[str, Any] | None = None) -> "SafetensorsCheckpoint":
         """Open a sharded checkpoint from its ``model.safetensors.index.json`` (validated first)."""
         index_path = Path(index_path)
-        weight_map, meta, shards = read_index(index_path)
-        ckpt = cls(list(shards.values()), weight_map=weight_map, source=source or str(index_path.parent),
+        weight_map, _meta, shards = read_index(index_path)
+        return cls(list(shards.values()), weight_map=weight_map, source=source or str(index_path.parent),
                    config=config)
-        ckpt.index_metadata = meta
-        return ckpt
 
     def _infos(self) -> dict[str, TensorInfo]:
         return {n: e.info for n, e in self._entries.items()}

@@ -1,4 +1,5 @@
-"""The numerical core shared by every metric: decompositions (policy in :mod:`.svd`), angles, spectra.
+"""The numerical core shared by every metric: the policy (:mod:`.policy`), decompositions (:mod:`.svd`),
+the randomized SVD (:mod:`.rsvd`), the pair method (:mod:`.pairwise`), angles and spectra.
 
 Pure tensor math, batched over leading dimensions; never reads files, never touches the global RNG.
 """
@@ -6,25 +7,20 @@ Pure tensor math, batched over leading dimensions; never reads files, never touc
 from __future__ import annotations
 
 from .angles import subspace_angles
+from .policy import REFINE_BELOW, ROW_BLOCK, compute_dtype, numerical_rank, row_blocks, to_compute_dtype
 from .spectra import hill_tail_index, spectral_shift, stable_rank_from_values
-from .svd import (
-    Decomposition,
-    compute_dtype,
-    decompose,
-    exact_svd,
-    numerical_rank,
-    singular_values,
-    to_compute_dtype,
-    top_singular_vectors,
-)
+from .svd import Decomposition, decompose, exact_svd, singular_values, top_singular_vectors
 
 __all__ = [
     "Decomposition",
+    "REFINE_BELOW",
+    "ROW_BLOCK",
     "compute_dtype",
     "decompose",
     "exact_svd",
     "hill_tail_index",
     "numerical_rank",
+    "row_blocks",
     "singular_values",
     "spectral_shift",
     "stable_rank_from_values",

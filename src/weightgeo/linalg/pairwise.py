@@ -36,8 +36,14 @@ directions beyond the numerical rank (``max(m, n)·eps·σ₁``, eps of the inpu
 arbitrary, so ``k`` is capped there, as in :mod:`weightgeo.metrics.rotation`.
 
 Memory: W0 and W1 stay in their stored dtype; the products ``(A0+A1)ᵀΔ``, ``A0ᵀΔ``, ``ΔᵀΔ`` and ‖Δ‖_F² are
-summed over row blocks of at most 2²² entries upcast one at a time (:func:`_products`), so no whole-matrix
-float32 copy of W0, W1 or ΔW is made (a 151936×896 embedding pair peaks at its bf16 inputs plus O(block)).
+summed over the policy's row blocks (:func:`~weightgeo.linalg.policy.row_blocks`, upcast one at a time,
+:func:`products`), so no whole-matrix float32 copy of W0, W1 or ΔW is made (a 151936×896 embedding pair peaks
+at its bf16 inputs plus O(block)).
+
+Steps (each a function with a typed result): :func:`products` (row-block pass) → :func:`pair_eigen` (W1's Gram
+in W0's eigenbasis) → :func:`pair_spectrum` (σ(W1), its numerical rank, NSS, per-member fallback) →
+:func:`pair_angles` (at one effective k, for all members or a subset). :func:`pair_geometry` chains them;
+the engine's batched kernel calls them directly so that every member of a batch gets its own effective k.
 
 Everything is batched over leading dimensions, device-agnostic, torch only.
 """
@@ -51,29 +57,18 @@ from typing import Sequence
 import torch
 
 from ..errors import WeightgeoError
+from ..validation import check_k, check_matrix, check_sides
+from .policy import REFINE_BELOW, compute_dtype, numerical_rank, row_blocks
 from .spectra import spectral_shift
-from .svd import _CHUNK_ELEMENTS, Decomposition, compute_dtype, decompose
+from .svd import Decomposition, decompose
 
-__all__ = ["BaseSpectrum", "PairGeometry", "base_spectrum", "pair_geometry"]
-
-_SIDES = ("right", "left")
-_REFINE_BELOW = 1e-6  # the policy's conditioning threshold (linalg/svd.py): below it, values come from LAPACK
-
-
-def _as_matrix(W: torch.Tensor, what: str) -> torch.Tensor:
-    """``W`` checked and detached, in its own dtype: upcasts happen per row block (:func:`_products`)."""
-    if not isinstance(W, torch.Tensor):
-        raise WeightgeoError(f"{what}: expected a torch.Tensor, got {type(W).__name__}")
-    if W.ndim < 2:
-        raise WeightgeoError(f"{what}: expected a matrix [..., out, in], got shape {tuple(W.shape)}")
-    if min(W.shape[-2:]) == 0:
-        raise WeightgeoError(f"{what}: empty matrix of shape {tuple(W.shape)}")
-    compute_dtype(W.dtype)  # rejects non-floating dtypes with the policy's message
-    return W.detach()
+__all__ = ["BaseSpectrum", "PairGeometry", "Products", "PairEigen", "PairSpectrum", "base_spectrum",
+           "pair_geometry", "products", "pair_products", "pair_eigen", "pair_spectrum", "effective_k", "pair_angles",
+           "tall_like"]
 
 
 @dataclass(frozen=True)
-class _Products:
+class Products:
     """Small-side products of one pair, summed over row blocks of the tall orientation (compute dtype).
 
     ``P = (A0+A1)ᵀΔ``, ``C0 = A0ᵀΔ``, ``J = ΔᵀΔ`` ([..., n, n], each ``None`` unless asked for) and
@@ -93,24 +88,25 @@ class _Products:
         return self.C0 + self.C0.mT + self.J
 
 
-def _products(A0: torch.Tensor, A1: torch.Tensor | None, Delta: torch.Tensor | None, *, P: bool = False,
-              C0: bool = False, J: bool = False, fro: bool = False) -> _Products:
-    """One pass over row blocks of the tall ``A0``/``A1`` (or ``Delta``), upcasting one block at a time.
+def products(A0: torch.Tensor, A1: torch.Tensor, *, P: bool = False, C0: bool = False, J: bool = False,
+             fro: bool = False) -> Products:
+    """One pass over row blocks of the tall ``A0``/``A1`` ([..., m, n], m ≥ n), upcasting one block at a time.
 
-    Blocks hold at most 2²² entries per matrix, so a 151936×896 embedding never gets a whole float32
-    copy of either side or of ΔW (the bf16 inputs are the only whole-matrix arrays).
+    Blocks hold at most the policy's ``ROW_BLOCK`` entries across the batch, so a 151936×896 embedding never
+    gets a whole float32 copy of either side or of ΔW (the bf16 inputs are the only whole-matrix arrays).
+
+    >>> products(torch.eye(2), 2 * torch.eye(2), J=True, fro=True).fro_sq
+    tensor(2., dtype=torch.float64)
     """
     cd = compute_dtype(A0.dtype)
-    rows = A0.shape[-2]
-    step = max(1, _CHUNK_ELEMENTS // max(1, A0[..., :1, :].numel()))  # a block of rows across the whole batch
     acc: dict[str, torch.Tensor] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
         acc[key] = value if key not in acc else acc[key].add_(value)
 
-    for s in range(0, rows, step):
-        a0 = A0[..., s:s + step, :].to(cd)
-        d = Delta[..., s:s + step, :].to(cd) if Delta is not None else A1[..., s:s + step, :].to(cd) - a0
+    for s, e in row_blocks(A0.shape[-2], A0[..., :1, :].numel()):  # a block of rows across the whole batch
+        a0 = A0[..., s:e, :].to(cd)
+        d = A1[..., s:e, :].to(cd) - a0
         if P:
             add("P", (a0 + a0 + d).mT @ d)
         if C0:
@@ -119,7 +115,7 @@ def _products(A0: torch.Tensor, A1: torch.Tensor | None, Delta: torch.Tensor | N
             add("J", d.mT @ d)
         if fro:
             add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
-    return _Products(acc.get("P"), acc.get("C0"), acc.get("J"), acc.get("fro"))
+    return Products(acc.get("P"), acc.get("C0"), acc.get("J"), acc.get("fro"))
 
 
 @dataclass(frozen=True)
@@ -127,10 +123,11 @@ class BaseSpectrum:
     """Reusable decomposition of the base W0 (build with :func:`base_spectrum`), shared by every pair metric.
 
     ``A`` is the base oriented tall ([..., m, n] with m ≥ n; a view of ``Wᵀ`` when ``transposed``), in
-    the input's dtype (bf16 stays bf16: the kernels upcast row blocks, never the whole matrix). ``decomposition`` is :func:`weightgeo.linalg.svd.decompose` of W0 (float64 Gram ``eigh``;
-    values refined by LAPACK when W0 is ill-conditioned), so its ``vectors`` are W0's small-side singular
-    vectors, which also give the localization's rank-r reconstruction. ``V_c`` is ``V`` in the compute
-    dtype (for the GEMMs).
+    the input's dtype (bf16 stays bf16: the kernels upcast row blocks, never the whole matrix).
+    ``decomposition`` is :func:`weightgeo.linalg.svd.decompose` of W0 (float64 Gram ``eigh``; values refined by
+    LAPACK when W0 is ill-conditioned), so ``decomposition.vectors`` are W0's small-side singular vectors,
+    which also give the localization's rank-r reconstruction. ``V_c`` is that basis in the compute dtype (for
+    the GEMMs).
     """
 
     A: torch.Tensor
@@ -140,13 +137,8 @@ class BaseSpectrum:
 
     @property
     def lam(self) -> torch.Tensor:
-        """Eigenvalues σ0² of the small-side Gram that ``V`` diagonalises (float64, descending)."""
+        """Eigenvalues σ0² of the small-side Gram that ``V_c`` diagonalises (float64, descending)."""
         return self.decomposition.gram_eigenvalues  # type: ignore[return-value]
-
-    @property
-    def V(self) -> torch.Tensor:
-        """Small-side singular vectors of W0, float64 [..., n, n] (columns, descending σ)."""
-        return self.decomposition.vectors  # type: ignore[return-value]
 
     @property
     def eps(self) -> float:
@@ -173,14 +165,8 @@ class BaseSpectrum:
         d = self.decomposition
         pick = (lambda t: None if t is None else t[idx.to(t.device)])
         dec = replace(d, S=pick(d.S), vectors=pick(d.vectors), gram_eigenvalues=pick(d.gram_eigenvalues),
-                      refined_mask=pick(d.refined_mask),
-                      refined=bool(d.refined_mask[idx.to(d.refined_mask.device)].any())
-                      if d.refined_mask is not None else False)
+                      refined_mask=pick(d.refined_mask))
         return BaseSpectrum(self.A[idx], self.transposed, dec, self.V_c[idx])
-
-
-def _rank(s: torch.Tensor, big: int, eps: float) -> torch.Tensor:
-    return (s > big * eps * s[..., :1]).sum(-1)
 
 
 def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
@@ -196,7 +182,7 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
     Returns:
         a :class:`BaseSpectrum` to pass as ``base=`` to :func:`pair_geometry` for every fine-tune of W0.
     """
-    A = _as_matrix(W0, "W0")
+    A = check_matrix(W0, "W0", batched=True)
     dec = decompose(A, vectors=True)
     transposed = A.shape[-2] < A.shape[-1]
     if transposed:
@@ -230,34 +216,19 @@ class PairGeometry:
 
     def overlap(self, side: str = "right") -> torch.Tensor:
         """Mean cos² of the angles on ``side`` ([...], in [0, 1]; 1 = same subspace)."""
+        a = self.angles(side)
+        return torch.cos(torch.deg2rad(a)).pow(2).mean(-1)
+
+    def angles(self, side: str) -> torch.Tensor:
+        """The angle vectors of ``side`` (degrees, ascending, [..., k]); an error if that side was not asked for."""
         a = self.angles_right if side == "right" else self.angles_left
         if a is None:
             raise WeightgeoError(f"pair_geometry was not asked for side {side!r}; pass sides=(..., {side!r})")
-        return torch.cos(torch.deg2rad(a)).pow(2).mean(-1)
+        return a
 
 
-def _sines_small(Q: torch.Tensor, k: int, values_dtype: torch.dtype) -> torch.Tensor:
-    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q."""
-    n = Q.shape[-1]
-    shape = Q.shape[:-2]
-    if k >= n:
-        return Q.new_zeros(*shape, k)
-    # Singular values of the off-diagonal block; float32 (for ≤fp32 inputs) costs ~1e-7 absolute in a sine.
-    B = Q[..., k:, :k]
-    s = torch.linalg.svdvals(B.to(values_dtype)).to(Q.dtype)
-    pad = Q.new_zeros(*shape, k - s.shape[-1])
-    return torch.cat([pad, s.flip(-1)], -1)  # min(k, n-k) sines; the other angles are exactly 0
-
-
-def pair_geometry(
-    W0: torch.Tensor | None,
-    W1: torch.Tensor,
-    *,
-    k: int = 512,
-    sides: Sequence[str] = ("right",),
-    base: BaseSpectrum | None = None,
-    delta: torch.Tensor | None = None,
-) -> PairGeometry:
+def pair_geometry(W0: torch.Tensor | None, W1: torch.Tensor, *, k: int = 512, sides: Sequence[str] = ("right",),
+                  base: BaseSpectrum | None = None) -> PairGeometry:
     """Principal angles between top-k singular subspaces and NSS of a near-identical pair, float64-accurate.
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -273,33 +244,28 @@ def pair_geometry(
         sides: any of "right" (V, input side) and "left" (U, output side); empty for NSS only (then
             the pair's eigenproblem is values-only).
         base: a :func:`base_spectrum` of W0, to reuse across several W1 (saves ~40 % per pair).
-        delta: ``W1 − W0`` [..., m, n] in the compute dtype, if the caller already formed it (it is
-            used as given, so form it as ``W1.float() − W0.float()``).
 
     Returns:
         a :class:`PairGeometry`. Method and measured error bound: module docstring and docs/numerics.md.
     """
-    sides = _check_sides(sides)
-    if isinstance(k, bool) or int(k) != k or int(k) < 1:
-        raise WeightgeoError(f"k must be a positive integer (subspace dimension, default 512), got {k!r}")
+    sides = check_sides(sides)
+    k = check_k(k)
     if base is None:
         if W0 is None:
             raise WeightgeoError("pair_geometry: give W0 or base=base_spectrum(W0)")
         base = base_spectrum(W0)
-    A1 = _tall_like(base, _as_matrix(W1, "W1"), "W1")
-    Delta = None if delta is None else _tall_like(base, delta.detach().to(compute_dtype(base.A.dtype)), "delta")
-    return _pair_geometry(base, A1, pair_products(base, A1, Delta, sides=sides), k=int(k), sides=sides)
+    A1 = tall_like(base, check_matrix(W1, "W1", batched=True), "W1")
+    prod = pair_products(base, A1, sides=sides)
+    eig = pair_eigen(base, prod, vectors=bool(sides))
+    spec = pair_spectrum(base, A1, eig)
+    k_eff = int(effective_k(k, base, spec).min())
+    right, left = pair_angles(base, prod, eig, spec, k_eff, sides)
+    gap = spectral_gap(base.sigma, k_eff)
+    return PairGeometry(right, left, spec.nss, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1,
+                        spec.fallback)
 
 
-def _check_sides(sides: Sequence[str]) -> tuple[str, ...]:
-    sides = tuple(sides)
-    bad = [s for s in sides if s not in _SIDES]
-    if bad:
-        raise WeightgeoError(f"sides must be a subset of {_SIDES}, got {sides!r}")
-    return sides
-
-
-def _tall_like(base: BaseSpectrum, W: torch.Tensor, what: str) -> torch.Tensor:
+def tall_like(base: BaseSpectrum, W: torch.Tensor, what: str) -> torch.Tensor:
     """``W`` [..., out, in] oriented like ``base.A`` (a view), after checking its shape."""
     A = W.mT if base.transposed else W
     if A.shape != base.A.shape:
@@ -317,68 +283,72 @@ def _wants(base: BaseSpectrum, sides: tuple[str, ...]) -> tuple[bool, bool, bool
     return want_small, want_big, complement
 
 
-def pair_products(base: BaseSpectrum, A1: torch.Tensor, Delta: torch.Tensor | None = None, *,
-                  sides: tuple[str, ...], stable_rank: bool = False) -> _Products:
+def pair_products(base: BaseSpectrum, A1: torch.Tensor, *, sides: tuple[str, ...],
+                  stable_rank: bool = False) -> Products:
     """The products the pair geometry of ``sides`` needs (plus ΔᵀΔ and ‖Δ‖_F² for the stable rank), in one
-    row-block pass. ``A1``/``Delta`` are oriented like ``base.A``."""
+    row-block pass. ``A1`` is oriented like ``base.A``."""
     _, want_big, _ = _wants(base, sides)
     if want_big:
         # The big side needs C0 (and J for its complement term); D = C0 + C0ᵀ + J then needs no P.
-        return _products(base.A, A1, Delta, C0=True, J=True, fro=stable_rank)
+        return products(base.A, A1, C0=True, J=True, fro=stable_rank)
     # J is the Gram of ΔW: its top eigenvalue is σ₁(ΔW)² for the stable rank.
-    return _products(base.A, A1, Delta, P=True, J=stable_rank, fro=stable_rank)
+    return products(base.A, A1, P=True, J=stable_rank, fro=stable_rank)
 
 
-def _pair_geometry(base: BaseSpectrum, A1: torch.Tensor, prod: _Products, *, k: int,
-                   sides: tuple[str, ...]) -> PairGeometry:
-    """:func:`pair_geometry` from the row-block products (``A1`` is only read again by the fallback)."""
-    A0 = base.A
-    m, n = A0.shape[-2:]
-    f64 = torch.float64
-    lam, Vc = base.lam, base.V_c
+@dataclass(frozen=True)
+class PairEigen:
+    """W1's small-side Gram in W0's eigenbasis: ``M1 = Λ0 + F`` with ``F = VᵀDV`` (float64, symmetric),
+    its eigenvalues ``mu`` (descending) and eigenvectors ``Q`` (``None`` when only values were asked for)."""
 
-    # Which side of the tall matrix is asked for: small = right of tall = V side.
-    want_small, want_big, complement = _wants(base, sides)
-    rank0 = base.rank()
+    F: torch.Tensor
+    mu: torch.Tensor
+    Q: torch.Tensor | None
+
+
+def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool) -> PairEigen:
+    """Rotate ``D = A1ᵀA1 − A0ᵀA0`` into W0's eigenbasis and solve W1's eigenproblem there (float64)."""
+    Vc = base.V_c
     D = prod.D()
-    F = (Vc.mT @ D @ Vc).to(f64)
+    F = (Vc.mT @ D @ Vc).to(torch.float64)
     del D
     F = 0.5 * (F + F.mT)
-    M1 = torch.diag_embed(lam) + F
+    M1 = torch.diag_embed(base.lam) + F
     # eigh of −M1 gives μ descending without reordering the basis: where M1 is (nearly) diagonal, Q is
     # (nearly) the identity even inside clusters of equal σ0, so W0 = W1 gives zero angles.
-    if sides:
+    if vectors:
         mu, Q = torch.linalg.eigh(-M1)
-        mu = -mu
-    else:
-        mu, Q = -torch.linalg.eigvalsh(-M1), None
+        return PairEigen(F, -mu, Q)
+    return PairEigen(F, -torch.linalg.eigvalsh(-M1), None)
 
-    big = max(m, n)
-    s0 = lam.clamp_min(0).sqrt()
-    s1 = mu.clamp_min(0).sqrt()
-    # When the base-relative values cannot be trusted, W1's values come from the policy instead
-    # (svd.decompose: float64 Gram, LAPACK refinement when ill-conditioned) and NSS from the difference
-    # of the two policy spectra, exactly as linalg/svd.py computes single-matrix values. Three triggers:
-    # 1. W0 is ill-conditioned (the policy refined its values: σ_min < 1e-6·σ₁);
-    # 2. W1's smallest eigenvalue is not resolved above the numerical-rank / conditioning threshold
-    #    (μ is accurate only to about the rounding of F, relative to ‖D‖ in the compute dtype);
-    # 3. the estimated rounding error of the NSS numerator, ~√(m/n)·eps·‖F‖_F·‖1/(σ0+σ1)‖ (random
-    #    rounding, measured conservative by ~50×), exceeds 1e-3 of the numerator itself: pairs that are
-    #    not near-identical but have (nearly) the same spectrum, e.g. two independent draws.
-    fro_F = torch.linalg.matrix_norm(F)
-    err_mu = math.sqrt(m) * base.eps * fro_F + 64 * torch.finfo(f64).eps * mu[..., 0].abs()
-    floor = max(big * base.eps, _REFINE_BELOW) * s1[..., 0]
+
+@dataclass(frozen=True)
+class PairSpectrum:
+    """σ(W1) ([..., p] float64, descending), its numerical rank and the NSS ([...]), per member; ``fallback``:
+    whether some member took its values from the policy instead of the base-relative eigenproblem."""
+
+    sigma1: torch.Tensor
+    rank1: torch.Tensor
+    nss: torch.Tensor
+    fallback: bool
+
+
+def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairSpectrum:
+    """NSS from ``σ1ᵢ − σ0ᵢ = (μᵢ − λ0ᵢ)/(√μᵢ + √λ0ᵢ)``, and the policy's values where that is not accurate.
+
+    When the base-relative values cannot be trusted, W1's values come from the policy instead
+    (:func:`~weightgeo.linalg.svd.decompose`) and NSS from the difference of the two policy spectra, decided per
+    member of a batch (:func:`_untrusted`), so that each gets exactly what it would get alone.
+    """
+    lam, mu = base.lam, eig.mu
+    s0, s1 = lam.clamp_min(0).sqrt(), mu.clamp_min(0).sqrt()
     den = s0 + s1
     ok_den = den > 0
-    ds = torch.where(ok_den, (mu - lam) / torch.where(ok_den, den, torch.ones_like(den)), torch.zeros_like(den))
+    safe_den = torch.where(ok_den, den, torch.ones_like(den))
+    ds = torch.where(ok_den, (mu - lam) / safe_den, torch.zeros_like(den))
     num = torch.linalg.vector_norm(ds, dim=-1)
-    inv_den = torch.where(ok_den, 1.0 / torch.where(ok_den, den, torch.ones_like(den)), torch.zeros_like(den))
-    err_num = math.sqrt(m / n) * base.eps * fro_F * torch.linalg.vector_norm(inv_den, dim=-1)
-    # Per matrix of a batch, so that each member gets exactly what it would get alone.
-    need = (mu[..., -1] - err_mu <= floor * floor) | (err_num > 1e-3 * num)
-    if base.decomposition.refined_mask is not None:
-        need = need | base.decomposition.refined_mask
-    sigma1, rank1 = s1, _rank(s1, big, base.eps)
+    inv_den = torch.where(ok_den, 1.0 / safe_den, torch.zeros_like(den))
+    need = _untrusted(base, eig, s1, num, inv_den)
+    sigma1, rank1 = s1, numerical_rank(s1, base.A.shape[-2:], eps=base.eps)
     nrm = torch.linalg.vector_norm(s0, dim=-1)
     nss = torch.where(nrm > 0, num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
                       torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
@@ -391,36 +361,88 @@ def _pair_geometry(base: BaseSpectrum, A1: torch.Tensor, prod: _Products, *, k: 
         sigma1.reshape(-1, p)[which] = d1.S
         rank1.reshape(-1)[which] = d1.rank()
         nss.reshape(-1)[which] = spectral_shift(base.sigma.reshape(-1, p)[which], d1.S)
+    return PairSpectrum(sigma1, rank1, nss, fallback)
 
-    sig0 = base.sigma
-    k_eff = int(min(int(k), n, int(rank0.min()), int(rank1.min())))
-    if n > k_eff:
-        gap = sig0[..., k_eff - 1] / sig0[..., k_eff] if k_eff > 0 else sig0[..., 0] * math.inf
-    else:
-        gap = torch.full(sig0.shape[:-1], math.inf, dtype=f64, device=sig0.device)
 
-    vd = torch.float64 if A0.dtype == f64 else torch.float32
-    small_angles = big_angles = None
-    if k_eff > 0 and want_small:
-        small_angles = torch.rad2deg(torch.arcsin(_sines_small(Q, k_eff, vd).clamp(0, 1)))
-    elif want_small:
-        small_angles = s0.new_zeros(*s0.shape[:-1], 0)
+def _untrusted(base: BaseSpectrum, eig: PairEigen, s1: torch.Tensor, num: torch.Tensor,
+               inv_den: torch.Tensor) -> torch.Tensor:
+    """[...] bool: members whose base-relative values are not certified. Three triggers:
+
+    1. W0 is ill-conditioned (the policy refined its values: σ_min < REFINE_BELOW·σ₁);
+    2. W1's smallest eigenvalue is not resolved above the numerical-rank / conditioning threshold
+       (μ is accurate only to about the rounding of F, relative to ‖D‖ in the compute dtype);
+    3. the estimated rounding error of the NSS numerator, ~√(m/n)·eps·‖F‖_F·‖1/(σ0+σ1)‖ (random rounding,
+       measured conservative by ~50×), exceeds 1e-3 of the numerator itself: pairs that are not near-identical
+       but have (nearly) the same spectrum, e.g. two independent draws.
+    """
+    m, n = base.A.shape[-2:]
+    mu = eig.mu
+    fro_F = torch.linalg.matrix_norm(eig.F)
+    err_mu = math.sqrt(m) * base.eps * fro_F + 64 * torch.finfo(torch.float64).eps * mu[..., 0].abs()
+    floor = max(max(m, n) * base.eps, REFINE_BELOW) * s1[..., 0]
+    err_num = math.sqrt(m / n) * base.eps * fro_F * torch.linalg.vector_norm(inv_den, dim=-1)
+    need = (mu[..., -1] - err_mu <= floor * floor) | (err_num > 1e-3 * num)
+    if base.decomposition.refined_mask is not None:
+        need = need | base.decomposition.refined_mask
+    return need
+
+
+def effective_k(k: int, base: BaseSpectrum, spec: PairSpectrum) -> torch.Tensor:
+    """Per member ([...] int64): ``min(k, n, rank(W0), rank(W1))``; directions beyond a rank are arbitrary."""
+    n = base.A.shape[-1]
+    return torch.minimum(torch.minimum(base.rank(), spec.rank1), torch.tensor(min(int(k), n)))
+
+
+def spectral_gap(sigma0: torch.Tensor, k: int) -> torch.Tensor:
+    """``σ_k/σ_{k+1}`` of W0 ([...] float64): ``inf`` when k = min(m, n), NaN-free ``σ₁·inf`` when k = 0."""
+    if sigma0.shape[-1] > k:
+        return sigma0[..., k - 1] / sigma0[..., k] if k > 0 else sigma0[..., 0] * math.inf
+    return torch.full(sigma0.shape[:-1], math.inf, dtype=torch.float64, device=sigma0.device)
+
+
+def pair_angles(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpectrum, k: int,
+                sides: tuple[str, ...], index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(right, left)`` angles in degrees ([..., k], ascending; ``None`` for a side not asked for) at one
+    effective ``k``, for every member or, with ``index``, for the members ``index`` of a batch [B, ...]."""
+    if index is not None:
+        base, prod, eig, spec = _members(base, prod, eig, spec, index)
+    want_small, want_big, complement = _wants(base, sides)
+    s0 = base.lam.clamp_min(0).sqrt()
+    vd = torch.float64 if base.A.dtype == torch.float64 else torch.float32
+    small = big = None
+    if want_small:
+        small = (torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k, vd).clamp(0, 1))) if k > 0  # type: ignore[arg-type]
+                 else s0.new_zeros(*s0.shape[:-1], 0))
     if want_big:
-        if k_eff == 0:
-            big_angles = s0.new_zeros(*s0.shape[:-1], 0)
-        else:
-            in_rank = torch.arange(n, device=s0.device) < rank0[..., None]
-            big_angles = torch.rad2deg(_big_side_angles(s0, in_rank, mu, Q, Vc, prod.C0,
-                                                        prod.J if complement else None, k_eff))
-    if base.transposed:
-        right, left = big_angles, small_angles
-    else:
-        right, left = small_angles, big_angles
-    if "right" not in sides:
-        right = None
-    if "left" not in sides:
-        left = None
-    return PairGeometry(right, left, nss, sig0, sigma1, gap, k_eff, rank0, rank1, fallback)
+        rank0 = base.rank()
+        in_rank = torch.arange(s0.shape[-1], device=s0.device) < rank0[..., None]
+        big = (torch.rad2deg(_big_side_angles(s0, in_rank, eig.mu, eig.Q, base.V_c, prod.C0,
+                                              prod.J if complement else None, k)) if k > 0
+               else s0.new_zeros(*s0.shape[:-1], 0))
+    right, left = (big, small) if base.transposed else (small, big)
+    return (right if "right" in sides else None), (left if "left" in sides else None)
+
+
+def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpectrum, index: torch.Tensor):
+    """The members ``index`` of every per-pair result (first dimension), for :func:`pair_angles`."""
+    pick = (lambda t: None if t is None else t[index.to(t.device)])
+    return (base.select(index), Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
+            PairEigen(pick(eig.F), pick(eig.mu), pick(eig.Q)),
+            PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.nss), spec.fallback))
+
+
+def _sines_small(Q: torch.Tensor, k: int, values_dtype: torch.dtype) -> torch.Tensor:
+    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q."""
+    n = Q.shape[-1]
+    shape = Q.shape[:-2]
+    if k >= n:
+        return Q.new_zeros(*shape, k)
+    # Singular values of the off-diagonal block; float32 (for ≤fp32 inputs) costs ~1e-7 absolute in a sine.
+    B = Q[..., k:, :k]
+    s = torch.linalg.svdvals(B.to(values_dtype)).to(Q.dtype)
+    pad = Q.new_zeros(*shape, k - s.shape[-1])
+    return torch.cat([pad, s.flip(-1)], -1)  # min(k, n-k) sines; the other angles are exactly 0
 
 
 def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):

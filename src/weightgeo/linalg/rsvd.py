@@ -27,6 +27,12 @@ Conventions (the contract with the rest of the library):
   in float32. Their noise floor is about ``2⁻⁸·σ₁``: singular values below ~``1e-2·σ₁`` come out
   near that floor instead of their true value. Fine for the top subspace, stable rank and
   angles of gapped blocks; wrong for rank thresholds below ``1e-2``.
+* Pass dtype by default (``pass_dtype=None``): the hardware-aware policy,
+  :func:`weightgeo.linalg.hardware.pass_dtype`. Stacks stored in bf16 of at least 2¹⁹ entries per
+  matrix get bf16 passes on hardware that multiplies bf16 natively (CUDA sm_80+, CPUs with AMX or
+  AVX512-BF16), fp32 passes elsewhere (AVX2-only CPUs, where bf16 GEMMs are emulated and slower); fp32 and
+  fp64 stacks (and fp16 ones) get passes in their compute dtype. ``RSVDResult.pass_dtype`` says what ran; pass
+  ``pass_dtype=torch.float32`` for fp32 passes everywhere.
 * Exact fallback: when ``2·(k + oversample) ≥ min(m, n)`` the randomized method is neither faster
   nor as accurate; ``torch.linalg.svd`` (float32/float64) truncated to k is returned instead
   (``method == "exact"``).
@@ -57,10 +63,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import WeightgeoError
+from ..validation import check_int, check_matrix
+from .hardware import pass_dtype as policy_pass_dtype
+from .policy import compute_dtype
 
 __all__ = [
     "RSVDResult",
@@ -107,6 +117,7 @@ class RSVDResult:
         method: ``"randomized"`` or ``"exact"`` (exact SVD when ``k + oversample ≥ min(m, n) / 2``).
         n_iter: power (subspace) iterations used; 0 for the exact method.
         oversample: extra columns ``l - k`` used; 0 for the exact method.
+        pass_dtype: the dtype the products with ``A`` ran in (the compute dtype for the exact method).
     """
 
     U: Tensor
@@ -116,6 +127,7 @@ class RSVDResult:
     method: str
     n_iter: int
     oversample: int
+    pass_dtype: torch.dtype = torch.float32
 
     @property
     def reproducible(self) -> Tensor:
@@ -166,9 +178,10 @@ def randomized_svd(
             between 10 and 64). ``l = k + p``. If ``l ≥ min(m, n) / 2`` the exact SVD is used.
         seed: int seed for the Gaussian test matrix (default 0 when no ``generator`` is given).
         generator: a ``torch.Generator`` on ``A``'s device instead of ``seed`` (advanced by one draw).
-        pass_dtype: dtype of the big products with ``A``: ``None`` (float32, or float64 for
-            float64 input), ``torch.bfloat16`` (2–4× faster on CPUs with AVX512-BF16/AMX and on
-            GPUs; noise floor ≈ 2⁻⁸·σ₁, see the module docstring) or ``torch.float16``.
+        pass_dtype: dtype of the big products with ``A``: ``None`` (the hardware-aware policy: bf16 for
+            large bf16 stacks on hardware with native bf16 GEMMs, else float32; float64 for float64
+            input; see the module docstring), ``torch.float32``, ``torch.bfloat16`` (2–4× faster on CPUs
+            with AVX512-BF16/AMX and on GPUs; noise floor ≈ 2⁻⁸·σ₁) or ``torch.float16``.
 
     Returns:
         ``U (*, m, k)``, ``S (*, k)`` descending, ``Vh (*, k, n)``; float64 for float64 input,
@@ -210,6 +223,8 @@ def randomized_svd_with_info(
     False
     """
     A, k, p, n_iter, pass_dtype = _validate(A, k, n_iter, oversample, seed, generator, pass_dtype)
+    if pass_dtype is None:
+        pass_dtype = policy_pass_dtype(A.dtype, A.device, tuple(A.shape[-2:]))
     with torch.no_grad():
         return _rsvd(A, k, p, n_iter, seed, generator, pass_dtype)
 
@@ -245,13 +260,12 @@ def spectral_norm(
         use ``torch.linalg.matrix_norm(A, ord=2)`` when σ₁ of a noise-like matrix must be exact.
         Small matrices (``min(m, n) ≤ 2·block``) use the exact ``svdvals``.
     """
-    if not isinstance(block, int) or block < 1:
-        raise WeightgeoError(f"spectral_norm: block must be an int >= 1, got {block!r}")
+    block = check_int(block, "block", minimum=1, what="sketch width")
     A_, _, p, n_iter, _ = _validate(A, 1, n_iter, None, seed, generator, None, name="spectral_norm")
     p = block - 1
     with torch.no_grad():
         if 2 * block >= min(A_.shape[-2:]) or A_.numel() == 0:
-            return torch.linalg.svdvals(A_.to(_compute_dtype(A_.dtype)))[..., 0]
+            return torch.linalg.svdvals(A_.to(compute_dtype(A_.dtype)))[..., 0]
         return _rsvd(A_, 1, p, n_iter, seed, generator, None).S[..., 0]
 
 
@@ -296,36 +310,25 @@ def low_rank_reconstruction(
 
 
 def _validate(A, k, n_iter, oversample, seed, generator, pass_dtype, name="randomized_svd"):
-    if not isinstance(A, Tensor):
+    if not isinstance(A, (Tensor, np.ndarray)):
         try:
             A = torch.as_tensor(A)
         except Exception as e:  # pragma: no cover - message path
             raise WeightgeoError(f"{name}: A must be a tensor or array, got {type(A).__name__}") from e
-    if not A.is_floating_point():
-        raise WeightgeoError(
-            f"{name}: A must be a real floating tensor (bf16/fp16/fp32/fp64), got dtype {A.dtype} "
-            f"with shape {tuple(A.shape)}; cast it, e.g. A.float()"
-        )
-    if A.ndim < 2:
-        raise WeightgeoError(f"{name}: A must have shape (*, m, n), got shape {tuple(A.shape)}")
+    A = check_matrix(A, f"{name}: A", batched=True, allow_empty=True)
     m, n = A.shape[-2:]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise WeightgeoError(f"{name}: k must be an int >= 1, got {k!r}")
+    k = check_int(k, "k", minimum=1, what="number of singular triplets")
     if k > min(m, n):
         raise WeightgeoError(
             f"{name}: k={k} > min(m, n)={min(m, n)} for A of shape {tuple(A.shape)}; "
             f"ask for k <= {min(m, n)} (or use the exact torch.linalg.svd)"
         )
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise WeightgeoError(f"{name}: n_iter must be an int >= 0, got {n_iter!r}")
-    if oversample is None:
-        oversample = default_oversample(k)
-    elif isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise WeightgeoError(f"{name}: oversample must be an int >= 0 or None, got {oversample!r}")
+    n_iter = check_int(n_iter, "n_iter", minimum=0, what="power iterations")
+    oversample = default_oversample(k) if oversample is None else check_int(oversample, "oversample", minimum=0)
     if seed is not None and generator is not None:
         raise WeightgeoError(f"{name}: pass seed or generator, not both (got seed={seed!r} and a generator)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise WeightgeoError(f"{name}: seed must be an int, got {seed!r}")
+    if seed is not None:
+        seed = check_int(seed, "seed", minimum=-(2**63))
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise WeightgeoError(f"{name}: generator must be a torch.Generator, got {type(generator).__name__}")
@@ -343,16 +346,12 @@ def _validate(A, k, n_iter, oversample, seed, generator, pass_dtype, name="rando
     return A, k, oversample, n_iter, pass_dtype
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # core
 
 
 def _rsvd(A, k, p, n_iter, seed, generator, pass_dtype) -> RSVDResult:
-    cdt = _compute_dtype(A.dtype)
+    cdt = compute_dtype(A.dtype)
     m, n = A.shape[-2:]
     batch = A.shape[:-2]
     l = k + p
@@ -360,7 +359,7 @@ def _rsvd(A, k, p, n_iter, seed, generator, pass_dtype) -> RSVDResult:
         e = A.new_empty
         return RSVDResult(
             e(*batch, m, k, dtype=cdt), e(*batch, k, dtype=cdt), e(*batch, k, n, dtype=cdt),
-            e(batch, dtype=cdt), "randomized", n_iter, p,
+            e(batch, dtype=cdt), "randomized", n_iter, p, cdt,
         )
     if 2 * l >= min(m, n):
         return _exact(A, k, cdt)
@@ -383,7 +382,7 @@ def _rsvd(A, k, p, n_iter, seed, generator, pass_dtype) -> RSVDResult:
     U, S, Vh, gap = _chunked(A, omega, k, n_iter, pdt, cdt)
     if transposed:
         U, Vh = Vh.mT, U.mT
-    return RSVDResult(U.contiguous(), S, Vh.contiguous(), gap, "randomized", n_iter, p)
+    return RSVDResult(U.contiguous(), S, Vh.contiguous(), gap, "randomized", n_iter, p, pdt)
 
 
 #: On CPU a stack of matrices is processed in chunks of at most this many bytes (in the pass
@@ -553,4 +552,5 @@ def _exact(A: Tensor, k: int, cdt: torch.dtype) -> RSVDResult:
     else:
         U, S, Vh = torch.linalg.svd(Ac, full_matrices=False)
     gap = _gap(S, k) if S.shape[-1] > k else torch.full(S.shape[:-1], float("inf"), dtype=S.dtype, device=S.device)
-    return RSVDResult(U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous(), gap, "exact", 0, 0)
+    return RSVDResult(U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous(), gap, "exact", 0, 0,
+                      cdt)

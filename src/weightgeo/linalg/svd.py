@@ -1,6 +1,6 @@
-"""The numerical policy: one place decides the precision and the method of every decomposition.
+"""Decompositions by the numerical policy (:mod:`weightgeo.linalg.policy`): which method, in which precision.
 
-Policy (measured against float64 NumPy/SciPy in ``docs/metrics.md``, "Numerical method"):
+Method (measured against float64 NumPy/SciPy in ``docs/metrics.md``, "Numerical method"):
 
 * bf16 / fp16 / fp32 inputs ("low precision"): the singular values and the singular vectors of the
   *smaller* side come from a symmetric eigendecomposition of the float64 Gram matrix (``AᵀA`` when
@@ -14,9 +14,8 @@ Policy (measured against float64 NumPy/SciPy in ``docs/metrics.md``, "Numerical 
 * fp64 inputs: LAPACK SVD in float64 (``torch.linalg.svd``): exact to float64.
 * Anything else is asked for explicitly with ``dtype=`` (``exact_svd(A, dtype=torch.float32)``).
 
-Numerical rank: ``#{σᵢ > max(m, n)·eps(d)·σ₁}`` where ``d`` is the compute dtype of the *input*
-(float32 for bf16/fp16/fp32, float64 for fp64), the NumPy ``matrix_rank`` convention. Singular
-vectors beyond it are arbitrary, so subspace metrics cap ``k`` there.
+Numerical rank, compute dtypes, the refinement threshold and row blocks are the policy's
+(:mod:`weightgeo.linalg.policy`); they are re-exported here for the callers that import them from this module.
 
 One implementation: :func:`gram_eigh` ("decompose a matrix through the Gram of its small side") is the
 only Gram-eigendecomposition in weightgeo. :func:`decompose` (single-matrix values and vectors) and
@@ -36,10 +35,13 @@ from typing import Literal
 import torch
 
 from ..errors import WeightgeoError
+from ..validation import check_matrix, check_side
+from .policy import REFINE_BELOW, compute_dtype, compute_eps, numerical_rank, row_blocks, to_compute_dtype
 
 __all__ = [
     "to_compute_dtype",
     "compute_dtype",
+    "tall_orientation",
     "exact_svd",
     "singular_values",
     "top_singular_vectors",
@@ -53,57 +55,6 @@ __all__ = [
 ]
 
 Side = Literal["right", "left"]
-_LOW_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
-_REFINE_BELOW = 1e-6  # σ_min/σ₁ below which the Gram route's values are replaced by LAPACK float64
-_CHUNK_ELEMENTS = 1 << 22  # row blocks of at most this many entries are upcast at a time (32 MiB in float64)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype linear algebra runs in for inputs of ``dtype``: bf16/fp16 → fp32, fp32/fp64 unchanged.
-
-    >>> compute_dtype(torch.bfloat16)
-    torch.float32
-
-    Args:
-        dtype: a floating-point torch dtype.
-
-    Returns:
-        ``torch.float32`` or ``torch.float64``. Raises :class:`WeightgeoError` for non-floating dtypes.
-    """
-    if dtype in _LOW_PRECISION:
-        return torch.float32
-    if dtype == torch.float64:
-        return torch.float64
-    raise WeightgeoError(
-        f"dtype {dtype} is not a real floating-point dtype; weightgeo analyses bf16/fp16/fp32/fp64 "
-        "weights (cast integer or complex tensors yourself, or skip them)"
-    )
-
-
-def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
-    """``x`` upcast for linear algebra: bf16/fp16 → fp32; fp32 and fp64 are returned as they are.
-
-    >>> to_compute_dtype(torch.ones(2, dtype=torch.bfloat16)).dtype
-    torch.float32
-
-    Args:
-        x: any floating tensor.
-
-    Returns:
-        ``x`` in :func:`compute_dtype` ``(x.dtype)`` (the same object when no cast is needed).
-    """
-    return x.to(compute_dtype(x.dtype))
-
-
-def _check_matrix(A: torch.Tensor, what: str = "A") -> None:
-    if not isinstance(A, torch.Tensor):
-        raise WeightgeoError(f"{what}: expected a torch.Tensor, got {type(A).__name__}")
-    if A.ndim < 2:
-        raise WeightgeoError(
-            f"{what}: SVD needs a matrix (or a batch of matrices), got shape {tuple(A.shape)}; "
-            "reshape to [out, in] first"
-        )
-    compute_dtype(A.dtype)
 
 
 def exact_svd(
@@ -122,7 +73,7 @@ def exact_svd(
     Returns:
         ``U`` [..., m, p], ``S`` [..., p] descending, ``Vh`` [..., p, n] with ``p = min(m, n)``.
     """
-    _check_matrix(A)
+    A = check_matrix(A, "A", batched=True, allow_empty=True)
     return torch.linalg.svd(A.to(dtype or compute_dtype(A.dtype)), full_matrices=False)
 
 
@@ -135,7 +86,8 @@ class Decomposition:
     the machine epsilon of the input's compute dtype (used for the numerical rank). ``vectors`` is
     ``None`` when only values were asked for. ``gram_eigenvalues`` are the eigenvalues (float64,
     descending) that ``vectors`` diagonalise the small-side Gram with: ``S²`` before any refinement
-    (``S`` may come from LAPACK ``svdvals`` instead, see :func:`decompose`); ``None`` on the LAPACK route.
+    (``S`` may come from LAPACK ``svdvals`` instead, see :func:`decompose`). ``refined_mask`` ([...] bool, or
+    ``None`` when nothing was refined) marks the matrices of a batch whose values were refined.
     """
 
     S: torch.Tensor
@@ -144,8 +96,7 @@ class Decomposition:
     shape: tuple[int, int]
     eps: float
     gram_eigenvalues: torch.Tensor | None = None
-    refined: bool = False
-    refined_mask: torch.Tensor | None = None  # [...] bool: which matrices of a batch were refined
+    refined_mask: torch.Tensor | None = None
 
     def rank(self) -> torch.Tensor:
         """Numerical rank ``#{σᵢ > max(m, n)·eps·σ₁}`` per matrix ([...] int64)."""
@@ -167,28 +118,12 @@ class Decomposition:
         return (A.mT @ Q if side == "right" else A @ Q) / s
 
 
-def numerical_rank(S: torch.Tensor, shape: tuple[int, int], *, eps: float) -> torch.Tensor:
-    """Number of singular values above ``max(m, n)·eps·σ₁`` (NumPy ``matrix_rank`` convention).
+def tall_orientation(A: torch.Tensor) -> tuple[torch.Tensor, Side]:
+    """``A`` oriented tall (a view): ``(A, "right")`` if m ≥ n (small side right), else ``(Aᵀ, "left")``.
 
-    >>> int(numerical_rank(torch.tensor([2.0, 1.0, 1e-12]), (3, 3), eps=torch.finfo(torch.float32).eps))
-    2
-
-    Args:
-        S: [..., p] singular values, descending.
-        shape: the matrix shape ``(m, n)``.
-        eps: machine epsilon of the input's compute dtype.
-
-    Returns:
-        [...] int64 tensor, 0 for a zero matrix.
+    >>> tall_orientation(torch.zeros(2, 5))[0].shape, tall_orientation(torch.zeros(2, 5))[1]
+    (torch.Size([5, 2]), 'left')
     """
-    if S.shape[-1] == 0:
-        return torch.zeros(S.shape[:-1], dtype=torch.int64, device=S.device)
-    tol = max(shape) * eps * S[..., :1]
-    return (S > tol).sum(-1)
-
-
-def _small_side_rows(A: torch.Tensor) -> tuple[torch.Tensor, Side]:
-    """``A`` oriented tall (a view): ``A`` if m ≥ n (small side right), else ``Aᵀ`` (small side left)."""
     return (A, "right") if A.shape[-2] >= A.shape[-1] else (A.mT, "left")
 
 
@@ -207,17 +142,12 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
     Returns:
         [..., p, p] symmetric, p = min(m, n), in ``dtype``.
     """
-    X, _ = _small_side_rows(A)
+    X, _ = tall_orientation(A)
     if X.dtype == dtype:
         return X.mT @ X
-    rows = X.shape[-2]
-    step = max(1, _CHUNK_ELEMENTS // max(1, X[..., :1, :].numel()))
-    if step >= rows:
-        Y = X.to(dtype)
-        return Y.mT @ Y
     G = None
-    for i in range(0, rows, step):
-        Y = X[..., i:i + step, :].to(dtype)
+    for s, e in row_blocks(X.shape[-2], X[..., :1, :].numel()):
+        Y = X[..., s:e, :].to(dtype)
         G = Y.mT @ Y if G is None else G.addmm_(Y.mT, Y) if G.ndim == 2 else G.baddbmm_(Y.mT, Y)
     return G
 
@@ -242,7 +172,7 @@ def gram_eigh(
         rank-deficient A), eigenvectors [..., p, p] float64 (columns, same order) or ``None``, and which
         side of A they belong to.
     """
-    _, side = _small_side_rows(A)
+    _, side = tall_orientation(A)
     G = gram(A, dtype=gram_dtype).to(torch.float64)
     if vectors:
         w, Q = torch.linalg.eigh(G)
@@ -270,9 +200,9 @@ def decompose(
     Returns:
         a :class:`Decomposition` with float64 ``S`` (descending) and, if asked, float64 vectors.
     """
-    _check_matrix(A)
+    A = check_matrix(A, "A", batched=True, allow_empty=True)
     m, n = A.shape[-2], A.shape[-1]
-    eps = torch.finfo(compute_dtype(A.dtype)).eps
+    eps = compute_eps(A.dtype)
     small: Side = "right" if m >= n else "left"
     if dtype is not None or A.dtype == torch.float64:
         d = dtype or torch.float64
@@ -287,7 +217,7 @@ def decompose(
     S = lam.clamp_min(0).sqrt()
     mask = None
     if refine and S.shape[-1] > 1:
-        mask = S[..., -1] < _REFINE_BELOW * S[..., 0]
+        mask = S[..., -1] < REFINE_BELOW * S[..., 0]
         if bool(mask.any()):
             # Ill-conditioned (e.g. exactly low-rank): the Gram route's absolute error eps64·σ₁²/σᵢ grows
             # for tiny σᵢ (and σ < 1.5e-8·σ₁ is unresolved). Take those matrices' values from LAPACK float64
@@ -298,7 +228,7 @@ def decompose(
             S = flat.reshape(S.shape)
         else:
             mask = None
-    return Decomposition(S, Q, small, (m, n), eps, lam, mask is not None, mask)
+    return Decomposition(S, Q, small, (m, n), eps, lam, mask)
 
 
 def exact_spectral_norm(A: torch.Tensor) -> torch.Tensor:
@@ -316,7 +246,7 @@ def exact_spectral_norm(A: torch.Tensor) -> torch.Tensor:
         896×896 … 4864×896 (docs/numerics.md); fp64 inputs run in float64. (The randomized
         ``linalg.rsvd.spectral_norm`` is 5–6 % low on noise-like matrices, so it is not used here.)
     """
-    _check_matrix(A)
+    A = check_matrix(A, "A", batched=True, allow_empty=True)
     lam, _, _ = gram_eigh(A, vectors=False, gram_dtype=compute_dtype(A.dtype))
     return lam[..., 0].clamp_min(0).sqrt()
 
@@ -327,11 +257,9 @@ def frobenius_sq(A: torch.Tensor) -> torch.Tensor:
     >>> frobenius_sq(torch.tensor([[3.0, 4.0]]))
     tensor(25., dtype=torch.float64)
     """
-    rows = A.shape[-2]
-    step = max(1, _CHUNK_ELEMENTS // max(1, A[..., :1, :].numel()))
     total = None
-    for i in range(0, max(rows, 1), step):
-        part = A[..., i:i + step, :].to(torch.float64).square().sum((-2, -1))
+    for s, e in row_blocks(max(A.shape[-2], 1), A[..., :1, :].numel()):  # an empty A still gives one block
+        part = A[..., s:e, :].to(torch.float64).square().sum((-2, -1))
         total = part if total is None else total + part
     return total
 
@@ -370,11 +298,6 @@ def top_singular_vectors(
     Returns:
         [..., n, k] or [..., m, k] float64 with orthonormal columns, ordered by singular value.
     """
-    _check_side(side)
+    check_side(side)
     k = min(int(k), *A.shape[-2:])
     return decompose(A, vectors=True, dtype=dtype).vectors_for(A, k, side)
-
-
-def _check_side(side: str) -> None:
-    if side not in ("right", "left"):
-        raise WeightgeoError(f"side must be 'right' (V, input side) or 'left' (U, output side), got {side!r}")

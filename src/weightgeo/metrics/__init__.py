@@ -1,22 +1,25 @@
-"""Tensor-level metrics: thin validate + dispatch; one file per family, each citing its paper section.
+"""Tensor-level metrics: thin validate + compute; one file per family, each citing its paper section.
 
 Naming contract (docs/metrics.md): ``*_overlap`` / ``*_similarity`` in [0, 1], higher = more aligned;
 ``*_angles`` in degrees, ascending; ``*_sparsity`` = fraction unchanged; the same keyword names
-everywhere (``k``, ``eta``, ``device``, ``dtype``, ``seed``). Called with checkpoint sources instead of
-tensors, each metric returns ``weightgeo.engine.compare(base, ft, metrics=[...])``.
+everywhere (``k``, ``eta``, ``device``, ``dtype``, ``seed``). These functions take tensors (or NumPy arrays)
+only and never read files; the checkpoint-aware verbs of the same names are ``weightgeo.<verb>``
+(:mod:`weightgeo.api`). The list of all metrics and the row keys each emits: :mod:`.catalog`.
 """
 
 from __future__ import annotations
 
+from .catalog import ALL_METRICS, OUTPUTS, PAIR_METRICS
 from .drift import spectral_drift, stable_rank
 from .localization import Localization, update_localization
-from .pair import ALL_METRICS, PAIR_METRICS, matrix_pair_metrics
+from .pair import matrix_pair_metrics
 from .rotation import principal_angles, principal_overlap
 from .sparsity import update_mask, update_sparsity
 
 __all__ = [
     "ALL_METRICS",
     "Localization",
+    "OUTPUTS",
     "PAIR_METRICS",
     "matrix_pair_metrics",
     "principal_angles",

@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from ..errors import WeightgeoError
 from ..linalg.pairwise import pair_geometry
+from ..linalg.policy import same_compute_dtype, to_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
-from ..linalg.svd import compute_dtype, frobenius_sq, exact_spectral_norm
-from ._inputs import as_tensor, check_finite, check_pair, dispatch_compare, same_compute_dtype, wants_dispatch
+from ..linalg.svd import exact_spectral_norm, frobenius_sq
+from ..validation import check_matrix, check_pair
 
-__all__ = ["spectral_drift", "stable_rank"]
+__all__ = ["spectral_drift", "stable_rank", "stable_rank_and_norm"]
 
 
 def spectral_drift(base: Any, ft: Any) -> float:
@@ -22,7 +22,7 @@ def spectral_drift(base: Any, ft: Any) -> float:
     0.1
 
     Args:
-        base: W0 [out, in] (tensor/array) or a checkpoint source (then the engine's report is returned).
+        base: W0 [out, in] (torch tensor or NumPy array).
         ft: W+ [out, in].
 
     Returns:
@@ -32,8 +32,6 @@ def spectral_drift(base: Any, ft: Any) -> float:
         ill-conditioned matrices fall back to the policy's float64 values (``linalg.svd``).
         A zero base gives ``inf`` (0 when ft is zero too).
     """
-    if wants_dispatch(base, ft):
-        return dispatch_compare(base, ft, ["spectral_drift"])
     b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what="spectral_drift"))
     return float(pair_geometry(b, f, sides=()).nss)
 
@@ -52,19 +50,15 @@ def stable_rank(delta: Any) -> float:
         float in [1, rank(Δ)]; a smooth lower bound of the rank (low = concentrated in few directions).
         The zero matrix gives 0.0 (our choice: no update has no rank). Paper: OPD flat at about 18–29.
     """
-    d = as_tensor(delta, "delta")
-    if d.ndim != 2:
-        raise WeightgeoError(
-            f"stable_rank: SVD metrics need matrices [out, in], got shape {tuple(d.shape)}; pass a 2-D update"
-        )
-    if d.numel() == 0:
-        raise WeightgeoError(f"stable_rank: empty matrix (shape {tuple(d.shape)}); nothing to measure")
-    check_finite(d, "delta")
-    return _stable_rank(d.to(compute_dtype(d.dtype)))[0]
+    d = check_matrix(delta, "delta", finite=True)
+    return stable_rank_and_norm(to_compute_dtype(d))[0]
 
 
-def _stable_rank(delta: torch.Tensor) -> tuple[float, float]:
+def stable_rank_and_norm(delta: torch.Tensor) -> tuple[float, float]:
     """(stable rank, ‖Δ‖_F) of a validated matrix in its compute dtype.
+
+    >>> stable_rank_and_norm(torch.diag(torch.tensor([3.0, 4.0])))
+    (1.5625, 5.0)
 
     ‖Δ‖_F² is summed in float64 (row blocks); ‖Δ‖₂ = σ₁ is exact from the float64 ``eigvalsh`` of the
     small-side Gram (``linalg.svd.exact_spectral_norm``, ≤ 5e-9 relative).

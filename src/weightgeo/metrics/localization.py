@@ -12,26 +12,26 @@ Masks over the n entries of W0 [out, in]:
 Our choices where the paper is silent: the count is ``floor(α·n)``; ties (bf16 weights tie a lot) are
 broken by flat row-major index, lower index first, which is exactly what
 ``np.argsort(key, kind="stable")[:count]`` selects. Selection is an exact threshold plus a
-running count over the tied entries (:class:`_Selector`, a radix select on the float32 bits in row
-blocks): O(n), no sort, no ``torch.quantile`` (which refuses more than 2²⁴ elements), and no
+running count over the tied entries (:class:`Selector`, a radix select on the float32 bits in the policy's
+row blocks): O(n), no sort, no ``torch.quantile`` (which refuses more than 2²⁴ elements), and no
 whole-matrix temporaries beyond the inputs. If nothing was updated, both overlaps are NaN.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import WeightgeoError
 from ..linalg.pairwise import base_spectrum
-from ..linalg.svd import _CHUNK_ELEMENTS  # row blocks: bounded temporaries, whatever the matrix size
-from ._inputs import check_pair, dispatch_compare, wants_dispatch
-from .sparsity import _check_eta, _unchanged
+from ..linalg.policy import ROW_BLOCK, row_blocks
+from ..validation import check_eta, check_pair, check_rank_alpha
+from .sparsity import unchanged_mask
 
-__all__ = ["Localization", "update_localization"]
+__all__ = ["Localization", "update_localization", "localize", "Selector"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Localization:
 
     Attributes:
         density: |M_upd| / n in [0, 1].
-        principal_overlap: |M_princ ∩ M_upd| / |M_upd| in [0, 1] (NaN if nothing was updated).
+        principal_mask_overlap: |M_princ ∩ M_upd| / |M_upd| in [0, 1] (NaN if nothing was updated); the
+            report rows' key of the same name. (``principal_overlap``: its deprecated alias, removed in 0.3.)
         low_magnitude_overlap: |M_low ∩ M_upd| / |M_upd| in [0, 1] (NaN if nothing was updated).
         alpha: mask fraction α used; each mask has floor(α·n) entries.
         rank: rank r of the reconstruction actually used (capped at min(out, in)).
@@ -49,18 +50,26 @@ class Localization:
     """
 
     density: float
-    principal_overlap: float
+    principal_mask_overlap: float
     low_magnitude_overlap: float
     alpha: float
     rank: int
     n_updated: int
     numel: int
 
+    @property
+    def principal_overlap(self) -> float:
+        """Deprecated alias of :attr:`principal_mask_overlap` (a mask overlap, not the subspace
+        ``principal_overlap``); removed in 0.3."""
+        warnings.warn("Localization.principal_overlap is deprecated: use principal_mask_overlap (the name the "
+                      "report rows use); the alias goes in weightgeo 0.3", DeprecationWarning, stacklevel=2)
+        return self.principal_mask_overlap
+
 
 _CACHE_BELOW = 1 << 24  # matrices up to this many entries keep their reconstruction blocks between passes
 
 
-class _Selector:
+class Selector:
     """Exact selection of ``count`` entries of a non-negative float array seen in flat-order blocks.
 
     The ``count`` largest (or smallest), ties at the threshold to the lowest flat indices, which is exactly
@@ -128,16 +137,7 @@ class _Selector:
         return mask
 
 
-def _check_loc_args(rank: int, alpha: float) -> tuple[int, float]:
-    if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:
-        raise WeightgeoError(f"rank must be a positive integer (reconstruction rank r, default 64), got {rank!r}")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise WeightgeoError(f"alpha must be a fraction in [0, 1] (default 0.5; Fig. 3 needs 0.3), got {alpha}")
-    return int(rank), alpha
-
-
-def _localization(
+def localize(
     b: torch.Tensor, f: torch.Tensor, V: torch.Tensor, transposed: bool, *, alpha: float, eta: float
 ) -> Localization:
     """The kernel for one [out, in] pair, in row blocks of W0 (three passes, O(block) temporaries).
@@ -151,8 +151,7 @@ def _localization(
     r = V.shape[-1]
     count = math.floor(alpha * n)
     cd = V.dtype
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
-    spans = [(s, min(rows, s + step)) for s in range(0, rows, step)]
+    spans = list(row_blocks(rows, cols, elements=ROW_BLOCK))  # ROW_BLOCK read here: tests shrink it
     R = None
     if transposed:  # V Vᵀ W0 by rows: V[rows] @ (Vᵀ W0), with the r × in factor accumulated once
         R = sum(V[s:e].mT @ b[s:e].to(cd) for s, e in spans)
@@ -164,8 +163,8 @@ def _localization(
 
     cache = [keys(s, e) for s, e in spans] if n <= _CACHE_BELOW else None
     blocks = (lambda: iter(cache)) if cache is not None else (lambda: (keys(s, e) for s, e in spans))
-    princ = _Selector(n, count, largest=True, dtype=cd)
-    low = _Selector(n, count, largest=False, dtype=cd)
+    princ = Selector(n, count, largest=True, dtype=cd)
+    low = Selector(n, count, largest=False, dtype=cd)
     for _ in range(princ.passes):
         for rec, mag in blocks():
             princ.observe(rec)
@@ -174,7 +173,7 @@ def _localization(
         low.end_pass()
     n_upd = n_princ = n_low = 0
     for (s, e), (rec, mag) in zip(spans, blocks()):
-        upd = ~_unchanged(b[s:e], f[s:e], eta).reshape(-1)
+        upd = ~unchanged_mask(b[s:e], f[s:e], eta).reshape(-1)
         n_upd += int(upd.sum())
         n_princ += int((princ.mark(rec) & upd).sum())
         n_low += int((low.mark(mag) & upd).sum())
@@ -189,11 +188,11 @@ def update_localization(
 
     >>> W0 = torch.tensor([[4.0, 0.1], [0.2, 3.0]])
     >>> loc = update_localization(W0, W0 + torch.tensor([[0.0, 0.5], [0.0, 0.0]]), rank=1, alpha=0.5)
-    >>> loc.density, loc.principal_overlap, loc.low_magnitude_overlap
+    >>> loc.density, loc.principal_mask_overlap, loc.low_magnitude_overlap
     (0.25, 0.0, 1.0)
 
     Args:
-        base: W0 [out, in] (tensor/array) or a checkpoint source (then the engine's report is returned).
+        base: W0 [out, in] (tensor/array).
         ft: W+ [out, in].
         rank: r of the reconstruction defining M_princ (default 64, capped at min(out, in)).
         alpha: mask fraction α in [0, 1] (default 0.5; the paper's Fig. 3 is only feasible for 0.3).
@@ -203,10 +202,8 @@ def update_localization(
         :class:`Localization`. Overlaps lie in [max(0, (α − (1 − d))/d), α/d] for density d; random
         baseline α. Reported (Fig. 3): low-magnitude overlap SFT 0.32 < OPD 0.54 < RLVR 0.73.
     """
-    if wants_dispatch(base, ft):
-        return dispatch_compare(base, ft, ["update_localization"], rank=rank, alpha=alpha, eta=eta)
-    rank, alpha = _check_loc_args(rank, alpha)
-    eta = _check_eta(eta)
+    rank, alpha = check_rank_alpha(rank, alpha)
+    eta = check_eta(eta)
     b, f = check_pair(base, ft, matrix=True, what="update_localization")
     spec = base_spectrum(b)
-    return _localization(b, f, spec.V_c[:, : min(rank, *b.shape)], spec.transposed, alpha=alpha, eta=eta)
+    return localize(b, f, spec.V_c[:, : min(rank, *b.shape)], spec.transposed, alpha=alpha, eta=eta)

@@ -1,11 +1,12 @@
 """The per-matrix kernel the engine calls for 2-D pairs: one base decomposition, one ΔW, shared.
 
 W0 is decomposed once (:func:`weightgeo.linalg.pairwise.base_spectrum`: the policy's float64 Gram
-``eigh``); that serves the principal angles, NSS (both from one :func:`~weightgeo.linalg.pairwise.pair_geometry`
-in W0's eigenbasis) and the localization's rank-r reconstruction. The small-side products of ΔW = W+ − W0
-(``A0ᵀΔ``, ``ΔᵀΔ``, ‖Δ‖_F²) come from one pass over row blocks and serve the pair geometry and the stable
-rank; no whole-matrix float32 copy of W0, W+ or ΔW is made. Everything runs on a batch of same-shape pairs
-(:func:`batched_pair_metrics`, the engine's shape groups). Accuracy: docs/numerics.md.
+``eigh``); that serves the principal angles, NSS (both from the pair's eigenproblem in W0's eigenbasis,
+:mod:`weightgeo.linalg.pairwise`) and the localization's rank-r reconstruction. The small-side products of
+ΔW = W+ − W0 (``A0ᵀΔ``, ``ΔᵀΔ``, ‖Δ‖_F²) come from one pass over row blocks and serve the pair geometry and
+the stable rank; no whole-matrix float32 copy of W0, W+ or ΔW is made. Everything runs on a batch of
+same-shape pairs (:func:`batched_pair_metrics`, the engine's shape groups), each member with its own
+effective k. Accuracy: docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -16,21 +17,17 @@ from typing import AbstractSet
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.pairwise import (BaseSpectrum, PairGeometry, _pair_geometry, _products, _tall_like, base_spectrum,
-                               pair_products)
+from ..linalg.pairwise import (BaseSpectrum, PairEigen, PairSpectrum, Products, base_spectrum, effective_k,
+                               pair_angles, pair_eigen, pair_products, pair_spectrum, products, spectral_gap,
+                               tall_like)
+from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
-from ..linalg.svd import _check_side, _small_side_rows
-from ._inputs import check_pair, same_compute_dtype
-from .localization import _check_loc_args, _localization
-from .rotation import _angles_deg, _check_k
-from .sparsity import _check_eta
+from ..linalg.svd import tall_orientation
+from ..validation import check_eta, check_k, check_pair, check_rank_alpha, check_side
+from .catalog import ALL_METRICS, PAIR_METRICS
+from .localization import localize
 
 __all__ = ["PAIR_METRICS", "ALL_METRICS", "matrix_pair_metrics", "batched_pair_metrics"]
-
-#: metrics computed per matrix by :func:`matrix_pair_metrics` (the engine chunks update_sparsity itself)
-PAIR_METRICS: tuple[str, ...] = ("principal_overlap", "spectral_drift", "update_localization", "stable_rank")
-#: every metric name the engine accepts
-ALL_METRICS: tuple[str, ...] = ("update_sparsity",) + PAIR_METRICS
 
 
 def matrix_pair_metrics(
@@ -43,6 +40,7 @@ def matrix_pair_metrics(
     rank: int = 64,
     alpha: float = 0.5,
     eta: float = 1e-3,
+    angles: bool = False,
 ) -> dict[str, float]:
     """All requested SVD-family metrics of one [out, in] pair, sharing the decompositions.
 
@@ -55,8 +53,10 @@ def matrix_pair_metrics(
         w0: W0 [out, in], floating (bf16/fp16/fp32/fp64), finite.
         w1: W+ [out, in].
         metrics: subset of :data:`PAIR_METRICS` ("update_sparsity" is accepted and ignored: the engine
-            computes it in row chunks with ``sparsity._unchanged_count``).
+            computes it in row chunks with ``sparsity.unchanged_count``).
         k, side: principal-angle options (§1.2); rank, alpha, eta: localization options (§1.4).
+        angles: also return the angle vector as ``principal_angles`` (a list of degrees, ascending, length
+            ``k_effective``) with the "principal_overlap" family.
 
     Returns:
         ``{name: float}``. "principal_overlap" → ``principal_overlap`` (mean cos², [0, 1]),
@@ -64,19 +64,19 @@ def matrix_pair_metrics(
         (σ_k/σ_{k+1} of W0, inf when k = min(out, in)); "spectral_drift" → ``spectral_drift`` (NSS);
         "update_localization" → ``density``, ``principal_mask_overlap``, ``low_magnitude_overlap``;
         "stable_rank" → ``stable_rank`` and ``delta_frobenius`` of ΔW = W+ − W0 (fp32; fp64 for fp64).
-        A zero W0 or W+ gives NaN angle statistics with ``k_effective`` 0.
+        A zero W0 or W+ gives NaN angle statistics with ``k_effective`` 0 (and an empty angle vector).
     """
     wanted = set(metrics)
     unknown = wanted - set(ALL_METRICS)
     if unknown:
         raise WeightgeoError(f"unknown metric(s) {sorted(unknown)}; known: {list(ALL_METRICS)}")
-    k = _check_k(k)
-    _check_side(side)
-    rank, alpha = _check_loc_args(rank, alpha)
-    eta = _check_eta(eta)
+    k = check_k(k)
+    check_side(side)
+    rank, alpha = check_rank_alpha(rank, alpha)
+    eta = check_eta(eta)
     b, f = same_compute_dtype(*check_pair(w0, w1, matrix=True, what="matrix_pair_metrics"))
     return batched_pair_metrics(b[None], f[None], metrics=frozenset(wanted), k=k, side=side, rank=rank,
-                                alpha=alpha, eta=eta)[0]
+                                alpha=alpha, eta=eta, angles=angles)[0]
 
 
 def batched_pair_metrics(
@@ -90,75 +90,85 @@ def batched_pair_metrics(
     alpha: float,
     eta: float,
     base: BaseSpectrum | None = None,
+    angles: bool = False,
 ) -> list[dict[str, float]]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
     The engine's kernel for a shape group: one batched base decomposition, one row-block pass for the
     products, one batched eigenproblem. Inputs are trusted (finite, same compute dtype, options checked).
-    Results equal the per-matrix ones: the ill-conditioned fallbacks are decided per member, and where one
-    member's effective k differs from the batch's (a rank-deficient matrix) the group is done per matrix.
+    Results equal the per-matrix ones: the ill-conditioned fallbacks are decided per member, and each
+    member gets its own effective k (members that share one are done together; nothing is recomputed).
     ``base``: :func:`~weightgeo.linalg.pairwise.base_spectrum` of ``w0`` when the caller already has it
     (several fine-tunes of one base decompose it once).
     """
-    B = w0.shape[0]
     rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
-    out: list[dict[str, float]] = [{} for _ in range(B)]
+    out: list[dict[str, float]] = [{} for _ in range(w0.shape[0])]
     if base is None and (rot or nss or loc):
         base = base_spectrum(w0)
     if rot or nss or srank:
         sides = (side,) if rot else ()
         if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
-            (A0, _), (A1, _) = _small_side_rows(w0), _small_side_rows(w1)
-            prod = _products(A0, A1, None, J=True, fro=True)
+            A1 = None
+            prod = products(tall_orientation(w0)[0], tall_orientation(w1)[0], J=True, fro=True)
         else:
-            A1 = _tall_like(base, w1, "W1")
+            A1 = tall_like(base, w1, "W1")
             prod = pair_products(base, A1, sides=sides, stable_rank=srank)
         if rot or nss:
-            g = _pair_geometry(base, A1, prod, k=k, sides=sides)  # type: ignore[arg-type]
-            if B > 1 and _k_varies(g, k):
-                return [batched_pair_metrics(w0[i:i + 1], w1[i:i + 1], metrics=metrics, k=k, side=side, rank=rank,
-                                             alpha=alpha, eta=eta, base=base.select([i]))[0]  # type: ignore[union-attr]
-                        for i in range(B)]
-            for i, row in enumerate(out):
-                if rot:
-                    row.update(_rotation_stats(g, side, i))
-                if nss:
-                    row["spectral_drift"] = float(g.nss[i])
-            del g
+            assert base is not None and A1 is not None
+            eig = pair_eigen(base, prod, vectors=bool(sides))
+            spec = pair_spectrum(base, A1, eig)
+            if rot:
+                _rotation_rows(out, base, prod, eig, spec, k=k, side=side, angles=angles)
+            if nss:
+                for i, row in enumerate(out):
+                    row["spectral_drift"] = float(spec.nss[i])
+            del eig, spec
         if srank:
-            s1 = torch.linalg.eigvalsh(prod.J.to(torch.float64))[..., -1].clamp_min(0).sqrt()  # type: ignore[union-attr]
-            sr = stable_rank_from_values(s1[..., None], prod.fro_sq)
-            for i, row in enumerate(out):
-                row.update(stable_rank=float(sr[i]), delta_frobenius=float(prod.fro_sq[i].sqrt()))  # type: ignore[index]
+            _stable_rank_rows(out, prod)
         del prod
     if loc:
+        assert base is not None
         r = min(rank, *w0.shape[-2:])
         for i, row in enumerate(out):
-            res = _localization(w0[i], w1[i], base.V_c[i, :, :r], base.transposed,  # type: ignore[union-attr]
-                                alpha=alpha, eta=eta)
-            row.update(density=res.density, principal_mask_overlap=res.principal_overlap,
+            res = localize(w0[i], w1[i], base.V_c[i, :, :r], base.transposed, alpha=alpha, eta=eta)
+            row.update(density=res.density, principal_mask_overlap=res.principal_mask_overlap,
                        low_magnitude_overlap=res.low_magnitude_overlap)
     return out
 
 
-def _k_varies(g: PairGeometry, k: int) -> bool:
-    """True when some member alone would get a larger effective k than the batch's minimum."""
-    n = g.sigma0.shape[-1]
-    each = torch.minimum(torch.minimum(g.rank0, g.rank1), torch.tensor(min(k, n)))  # type: ignore[arg-type]
-    return bool((each != g.k).any())
+def _rotation_rows(out: list[dict[str, float]], base: BaseSpectrum, prod: Products, eig: PairEigen,
+                   spec: PairSpectrum, *, k: int, side: str, angles: bool) -> None:
+    """The angle statistics of every member at its own effective k (members sharing a k in one call)."""
+    each = effective_k(k, base, spec)
+    values = sorted({int(v) for v in each.tolist()})
+    for kv in values:
+        members = [i for i, v in enumerate(each.tolist()) if v == kv]
+        if kv == 0:
+            for i in members:
+                out[i].update(principal_overlap=math.nan, max_principal_angle=math.nan,
+                              mean_principal_angle=math.nan, k_effective=0.0, spectral_gap=math.nan)
+                if angles:
+                    out[i]["principal_angles"] = []
+            continue
+        index = None if len(values) == 1 else torch.tensor(members)
+        right, left = pair_angles(base, prod, eig, spec, kv, (side,), index=index)
+        deg = right if side == "right" else left
+        sigma0 = base.sigma if index is None else base.sigma[index.to(base.sigma.device)]
+        gap = spectral_gap(sigma0, kv)
+        assert deg is not None
+        for j, i in enumerate(members):
+            theta = torch.deg2rad(deg[j])
+            out[i].update(principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
+                          max_principal_angle=float(deg[j].max()), mean_principal_angle=float(deg[j].mean()),
+                          k_effective=float(kv), spectral_gap=float(gap[j]))
+            if angles:
+                out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]
 
 
-def _rotation_stats(g: PairGeometry, side: str, i: int) -> dict[str, float]:
-    if g.k == 0:
-        return dict(principal_overlap=math.nan, max_principal_angle=math.nan, mean_principal_angle=math.nan,
-                    k_effective=0.0, spectral_gap=math.nan)
-    deg = _angles_deg(g, side)[i]
-    theta = torch.deg2rad(deg)
-    return dict(
-        principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
-        max_principal_angle=float(deg.max()),
-        mean_principal_angle=float(deg.mean()),
-        k_effective=float(g.k),
-        spectral_gap=float(g.gap[i]),
-    )
+def _stable_rank_rows(out: list[dict[str, float]], prod: Products) -> None:
+    """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F²."""
+    s1 = torch.linalg.eigvalsh(prod.J.to(torch.float64))[..., -1].clamp_min(0).sqrt()  # type: ignore[union-attr]
+    sr = stable_rank_from_values(s1[..., None], prod.fro_sq)
+    for i, row in enumerate(out):
+        row.update(stable_rank=float(sr[i]), delta_frobenius=float(prod.fro_sq[i].sqrt()))  # type: ignore[index]

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..errors import WeightgeoError
 from ..linalg.pairwise import PairGeometry, pair_geometry
-from ..linalg.svd import _check_side
-from ._inputs import check_pair, dispatch_compare, same_compute_dtype, wants_dispatch
+from ..linalg.policy import same_compute_dtype
+from ..validation import check_k, check_pair, check_side
 
 __all__ = ["principal_angles", "principal_overlap"]
 
 
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or int(k) != k or int(k) < 1:
-        raise WeightgeoError(f"k must be a positive integer (number of singular directions, default 512), got {k!r}")
-    return int(k)
-
-
-def _angles_deg(g: PairGeometry, side: str) -> torch.Tensor:
-    """The angle vector of ``side`` (degrees, float64, ascending, length ``g.k``) from a pair geometry."""
-    a = g.angles_right if side == "right" else g.angles_left
-    assert a is not None
-    return a
+def _geometry(base: Any, ft: Any, k: int, side: str, what: str) -> tuple[PairGeometry, torch.Tensor]:
+    k = check_k(k)
+    check_side(side)
+    b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what=what))
+    return pair_geometry(b, f, k=k, sides=(side,)), b
 
 
 def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -> torch.Tensor:
@@ -35,7 +30,7 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -
     tensor([0., 0.], dtype=torch.float64)
 
     Args:
-        base: W0 [out, in] (tensor/array) or a checkpoint source (then the engine's report is returned).
+        base: W0 [out, in] (torch tensor or NumPy array).
         ft: W+ [out, in].
         k: subspace dimension, default 512 (paper). Effective k = min(k, out, in, numerical rank of
             W0 and of W+); the returned vector has that length.
@@ -46,20 +41,16 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -
         sines of the pair's float64 eigenproblem in W0's basis (``linalg.pairwise.pair_geometry``), accurate
         to ~1e-5° even for near-identical matrices. Representative layer
         (paper): SFT > 10°, OPD ≈ 1°, RLVR < 0.5°. Angles mean something only where σ_k/σ_{k+1}
-        (``spectral_gap``, see ``matrix_pair_metrics``) is clearly above 1.
+        (``spectral_gap``, see ``matrix_pair_metrics``) is clearly above 1. A matrix of numerical rank 0
+        has no singular subspace: that raises here (in a report its row has ``k_effective`` 0, an empty
+        ``principal_angles`` and NaN statistics, as :func:`principal_overlap` gives NaN).
     """
-    if wants_dispatch(base, ft):
-        return dispatch_compare(base, ft, ["principal_overlap"], k=k, side=side)
-    k = _check_k(k)
-    _check_side(side)
-    b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what="principal_angles"))
-    g = pair_geometry(b, f, k=k, sides=(side,))
+    g, b = _geometry(base, ft, k, side, "principal_angles")
     if g.k == 0:
         raise WeightgeoError(
             f"principal_angles: numerical rank 0 (base rank {int(g.rank0)}, ft rank {int(g.rank1)}, "
-            f"shape {tuple(b.shape)}): a zero matrix has no singular subspace"
-        )
-    return _angles_deg(g, side)
+            f"shape {tuple(b.shape)}): a zero matrix has no singular subspace")
+    return g.angles(side)
 
 
 def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right") -> float:
@@ -69,15 +60,17 @@ def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right") 
     1.0
 
     Args:
-        base: W0 [out, in] (tensor/array) or a checkpoint source (then the engine's report is returned).
+        base: W0 [out, in] (torch tensor or NumPy array).
         ft: W+ [out, in].
         k: subspace dimension (default 512; effective k as in :func:`principal_angles`).
         side: "right" (V, input side, default) or "left" (U, output side).
 
     Returns:
-        float in [0, 1], higher = more aligned; 1 = same subspace.
+        float in [0, 1], higher = more aligned; 1 = same subspace. NaN when W0 or W+ has numerical rank 0
+        (no subspace to compare), as in :func:`weightgeo.compare`'s rows.
     """
-    if wants_dispatch(base, ft):
-        return dispatch_compare(base, ft, ["principal_overlap"], k=k, side=side)
-    theta = torch.deg2rad(principal_angles(base, ft, k=k, side=side))
+    g, _ = _geometry(base, ft, k, side, "principal_overlap")
+    if g.k == 0:
+        return math.nan
+    theta = torch.deg2rad(g.angles(side))
     return float((torch.cos(theta) ** 2).mean().clamp(0, 1))

@@ -1,4 +1,7 @@
-"""Trajectory diagnostics: stable rank, Hill index and top-K subspace locking of cumulative updates (paper §4).
+"""Trajectory kernels: the spectra of cumulative updates, Sim_K and the locking onset (paper §4).
+
+The stream pass that reads checkpoints and the rows and reports built from these kernels live one floor up,
+in :mod:`weightgeo.trajectory` (``rank_curve``, ``locking_onset``) and :mod:`weightgeo.track` (the Tracker).
 
 For a stream of checkpoints W_t with base W0, the cumulative update is ΔW_t = W_t − W0 ([out, in]). Per matrix
 and checkpoint we report ‖ΔW_t‖_F, ‖ΔW_t‖₂, the stable rank ‖ΔW_t‖_F²/‖ΔW_t‖₂², the Hill tail index over
@@ -21,22 +24,20 @@ min(m, n) ≤ 256 go to the exact policy directly. ‖ΔW_t‖_F is always exact
 from __future__ import annotations
 
 import math
-import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 
-from ..checkpoint import layer_index, module_type
 from ..errors import WeightgeoError
+from ..means import nanmean
 from ..linalg.rsvd import randomized_svd
-from ..linalg.spectra import hill_tail_index
 from ..linalg.svd import decompose
-from ..report import Report, summarize_rows
+from ..validation import check_k, check_matrix, check_side, check_threshold
 
-__all__ = ["rank_curve", "locking_onset", "subspace_similarity", "LockingOnset", "onset_step"]
+__all__ = ["Spectrum", "update_spectra", "matrix_seed", "subspace_sim", "subspace_similarity", "onset_step",
+           "LockingOnset", "build_locking", "EXACT_MAX_DIM", "RTOL", "UPDATE_BATCH_BYTES"]
 
 #: min(m, n) at or below which the exact policy is used directly (randomized has no edge there).
 EXACT_MAX_DIM = 256
@@ -46,8 +47,8 @@ EXACT_MAX_DIM = 256
 #: to the exact path without buying accuracy where the subspace is defined.
 RTOL = 1e-3
 _N_ITER = (2, 8)  # power iterations of the first and the retry pass
-# Updates are formed and decomposed in batches of at most this many bytes (float32).
-_BATCH_BYTES = 1 << 28
+#: updates are formed and decomposed in batches of at most this many bytes (float32)
+UPDATE_BATCH_BYTES = 1 << 28
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -125,8 +126,12 @@ def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generato
     return [Spectrum(float(fro[i]), S_out[i], None if V_out is None else V_out[i], method[i]) for i in range(B)]
 
 
-def _sim(Va: torch.Tensor, Vb: torch.Tensor) -> float:
-    """‖Va Vbᵀ‖_F² / K for [K, n] orthonormal rows: the mean cos² of the principal angles, in [0, 1]."""
+def subspace_sim(Va: torch.Tensor, Vb: torch.Tensor) -> float:
+    """‖Va Vbᵀ‖_F² / K for [K, n] orthonormal rows: the mean cos² of the principal angles, in [0, 1].
+
+    >>> subspace_sim(torch.eye(3)[:2], torch.eye(3)[1:])
+    0.5
+    """
     K = min(Va.shape[0], Vb.shape[0])
     M = Va[:K].double() @ Vb[:K].double().mT
     return float(min(1.0, max(0.0, float((M * M).sum()) / K)))
@@ -152,16 +157,15 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
         float in [0, 1] (the mean cos² of the K principal angles); 1 = same subspace, K/in for random ones.
         Meaningful only when σ_K > σ_{K+1} for both (else V_K is not unique).
     """
-    a, b = _as_matrix(delta_a, "delta_a"), _as_matrix(delta_b, "delta_b")
-    if side not in ("right", "left"):
-        raise WeightgeoError(f"side must be 'right' (V, input side) or 'left' (U, output side), got {side!r}")
+    a, b = _update_matrix(delta_a, "delta_a"), _update_matrix(delta_b, "delta_b")
+    check_side(side)
     if side == "left":
         a, b = a.mT, b.mT
     if a.shape[1] != b.shape[1]:
         raise WeightgeoError(f"subspace_similarity(side={side!r}): the {side} sides differ: shapes "
                              f"{tuple(delta_a.shape)} and {tuple(delta_b.shape)}; compare updates of one matrix")
-    k = int(k)
-    if k < 1 or k > min(*a.shape, *b.shape):
+    k = check_k(k)
+    if k > min(*a.shape, *b.shape):
         raise WeightgeoError(f"k={k} must be in [1, {min(*a.shape, *b.shape)}] for shapes {tuple(delta_a.shape)} and "
                              f"{tuple(delta_b.shape)}")
     vs = []
@@ -170,18 +174,12 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
             raise WeightgeoError(f"subspace_similarity: {what} is all zeros: it has no top-{k} subspace")
         g = torch.Generator(device=x.device).manual_seed(int(seed))
         vs.append(update_spectra(x[None], r=k, k=k, generator=g)[0].Vh)
-    return _sim(vs[0], vs[1])
+    return subspace_sim(vs[0], vs[1])
 
 
-def _as_matrix(x: Any, what: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, torch.Tensor):
-        raise WeightgeoError(f"{what} must be a torch tensor or NumPy array, got {type(x).__name__}")
-    if x.ndim != 2 or not x.dtype.is_floating_point:
-        raise WeightgeoError(f"{what} must be a 2-D floating [out, in] matrix, got shape {tuple(x.shape)} {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise WeightgeoError(f"{what} has non-finite values (NaN/Inf)")
+def _update_matrix(x: Any, what: str) -> torch.Tensor:
+    """An update [out, in], checked (floating, finite), in float32 (float64 kept)."""
+    x = check_matrix(x, what, finite=True)
     return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
@@ -255,24 +253,14 @@ class LockingOnset:
                 f"{self.final_step}, matrices={len(self.per_matrix)}, locked_fraction={self.locked_fraction:.3f})")
 
 
-def _check_threshold(threshold: float) -> float:
-    t = float(threshold)
-    if not 0.0 < t <= 1.0:
-        raise WeightgeoError(f"threshold={threshold!r} must be in (0, 1]: Sim_K lies in [0, 1]")
-    return t
-
-
 def build_locking(similarity: dict[str, dict[int, float]], *, k: int, threshold: float,
                   meta: dict[str, Any] | None = None) -> LockingOnset:
     """The :class:`LockingOnset` of per-matrix similarity curves (shared by streams, reports and the Tracker)."""
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     steps = sorted({s for c in similarity.values() for s in c})
     if not steps:
         raise WeightgeoError("no checkpoint with a nonzero update: nothing to lock onto")
-    mean = {}
-    for s in steps:
-        vals = [c[s] for c in similarity.values() if s in c and not math.isnan(c[s])]
-        mean[s] = math.fsum(vals) / len(vals) if vals else math.nan
+    mean = {s: nanmean(c[s] for c in similarity.values() if s in c) for s in steps}
     per = {n: onset_step(c, threshold) if c and not all(math.isnan(v) for v in c.values()) else None
            for n, c in similarity.items()}
     return LockingOnset(onset_step(mean, threshold), per, similarity, mean, int(k), threshold, steps[-1],
@@ -280,221 +268,17 @@ def build_locking(similarity: dict[str, dict[int, float]], *, k: int, threshold:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# rows: one per (step, matrix), from Spectrum records
-def spectrum_row(key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, hill_k: int, k: int
-                 ) -> dict[str, Any]:
-    """The report row of one (step, matrix) from its :class:`Spectrum`."""
-    S = sp.S
-    s1 = float(S[0])
-    fro = sp.frobenius
-    kh = min(hill_k, S.shape[0])
-    row: dict[str, Any] = {
-        "step": int(step), "name": key, "shape": tuple(shape), "numel": shape[0] * shape[1],
-        "module": module_type(key), "layer": layer_index(key),
-        "frobenius_norm": fro, "spectral_norm": s1,
-        "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
-        "hill_alpha": float(hill_tail_index(S, kh)) if kh >= 2 else math.nan,
-    }
-    kk = min(k, min(shape))
-    if S.shape[0] > kk and float(S[kk - 1]) > 0:
-        row["gap_ratio"] = float(S[kk]) / float(S[kk - 1])
-    row["method"] = sp.method
-    return row
+# deprecated forwards (the stream pass moved up to weightgeo.trajectory; these names go in 0.3)
+_MOVED = ("rank_curve", "locking_onset")
 
 
-def assemble(records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]]], steps: Sequence[int], *,
-             hill_k: int, k: int) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]], list[dict[str, Any]]]:
-    """Rows (sorted by step, name), similarity curves to the final step, and zero-update skips."""
-    rows: list[dict[str, Any]] = []
-    sims: dict[str, dict[int, float]] = {}
-    skipped: list[dict[str, Any]] = []
-    t_end = steps[-1]
-    for key, (shape, per_step) in records.items():
-        final = per_step.get(t_end)
-        curve: dict[int, float] = {}
-        for s in steps:
-            sp = per_step.get(s)
-            if sp is None:
-                skipped.append({"name": key, "step": int(s), "reason": "ΔW is exactly zero at this step"})
-                curve[s] = math.nan
-                continue
-            row = spectrum_row(key, shape, s, sp, hill_k=hill_k, k=k)
-            if final is not None and final.Vh is not None and sp.Vh is not None:
-                curve[s] = _sim(sp.Vh, final.Vh)
-                row["final_subspace_similarity"] = curve[s]
-            else:
-                curve[s] = math.nan
-            rows.append(row)
-        sims[key] = curve
-    rows.sort(key=lambda r: (r["step"], r["name"]))
-    return rows, sims, skipped
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import warnings
 
+        from .. import trajectory  # a deprecated forward, the one import from this floor upward (lazy)
 
-def trajectory_summary(rows: list[dict[str, Any]], steps: Sequence[int], sims: dict[str, dict[int, float]],
-                       *, k: int) -> dict[str, Any]:
-    """``steps``, ``by_step`` ({step: unweighted means over matrices, with ``by_module``}) and the curves."""
-    by_step: dict[int, Any] = {}
-    for s in steps:
-        rs = [r for r in rows if r["step"] == s]
-        by_step[int(s)] = summarize_rows(rs) if rs else {"n_tensors": 0}
-    curve = {m: [by_step[int(s)].get(m, math.nan) for s in steps]
-             for m in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity")}
-    return {"steps": [int(s) for s in steps], "final_step": int(steps[-1]), "k": int(k), "by_step": by_step,
-            "curves": curve}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# stream-level verbs
-def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: Any, r: int, k: int,
-                 device: Any, seed: int, progress: bool):
-    from ..devices import resolve_device
-    from ..distributed import balanced_shards, current_world
-    from ..stream import StreamReader, open_stream
-
-    s = open_stream(stream, base=base, steps=steps)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
-    records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
-    with StreamReader.open(s, include=include, exclude=exclude) as reader:
-        # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
-        # gathered below so every rank returns the single-process result.
-        world = current_world(dev)
-        full_plan = list(reader.plan)
-        shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
-        plan = [full_plan[i] for i in sorted(shards[world.rank])]
-        if progress and world.is_main:
-            from tqdm.auto import tqdm
-
-            plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
-        for entry in plan:
-            m, n = entry.shape
-            per_batch = max(1, _BATCH_BYTES // (4 * m * n))
-            g = torch.Generator(device=dev).manual_seed(matrix_seed(seed, entry.key))
-            out: dict[int, Spectrum] = {}
-            batch: list[tuple[int, torch.Tensor]] = []
-
-            def flush() -> None:
-                if not batch:
-                    return
-                D = torch.stack([d for _, d in batch])
-                fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
-                nz = [i for i in range(len(batch)) if float(fro[i]) > 0]
-                if nz:
-                    specs = update_spectra(D[nz], r=r, k=k, generator=g, frobenius=fro[nz])
-                    for i, sp in zip(nz, specs):
-                        out[batch[i][0]] = sp
-                batch.clear()
-
-            for step, d in reader.updates(entry, device=dev):
-                batch.append((step, d))
-                if len(batch) >= per_batch:
-                    flush()
-            flush()
-            records[entry.key] = (entry.shape, out)
-        parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records})
-        merged = {key: rec for part in parts for key, rec in part["records"].items()}
-        records = {e.key: merged[e.key] for e in full_plan if e.key in merged}
-        meta = {"kind": "trajectory", "stream": s.origin, "base": reader.base.source, "base_step": s.base_step,
-                "steps": list(s.steps), "device": str(dev), "seed": seed, "include": include, "exclude": exclude,
-                "skipped": list(reader.skipped), "unmatched": reader.unmatched,
-                "torch_version": torch.__version__, "world_size": world.size,
-                "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
-        in_out = [e.key for e in full_plan if reader.base.in_out_layout(e.base_name)]
-        if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
-            meta["in_out_layout"] = in_out
-    meta["seconds"] = round(time.perf_counter() - t0, 3)
-    return s, records, meta
-
-
-def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
-               include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-               hill_k: int = 10, k: int = 16, device: str | torch.device | None = None, seed: int = 0,
-               progress: bool = False) -> Report:
-    """Stable rank, norms, Hill index and Sim_K to the final subspace of ΔW_t along a stream (paper §4, Fig. 4).
-
-    >>> import torch
-    >>> g = torch.Generator().manual_seed(0)
-    >>> w0 = {"layers.0.self_attn.q_proj.weight": torch.randn(24, 32, generator=g)}
-    >>> u = torch.randn(24, 2, generator=g) @ torch.randn(2, 32, generator=g)
-    >>> r = rank_curve([w0, {n: w + 0.01 * u for n, w in w0.items()}, {n: w + 0.02 * u for n, w in w0.items()}],
-    ...                steps=[0, 10, 20], k=2, hill_k=2)
-    >>> [round(r.summary["by_step"][s]["stable_rank"], 3) for s in (10, 20)]
-    [1.382, 1.382]
-
-    Args:
-        stream: a directory of ``checkpoint-<step>`` folders or a sequence of checkpoint sources
-            (see :func:`weightgeo.stream.open_stream`).
-        base: the initial model W0 (default: the first checkpoint; it gets no row).
-        steps: steps of a sequence (strictly increasing).
-        include, exclude: regexes or presets (``"attention"`` = the paper's q/k/v/o set). Default: every
-            2-D floating tensor present in all checkpoints (our choice).
-        hill_k: number of top singular values in the Hill estimator (≥ 2; default 10, the paper is silent).
-        k: subspace size K for ``final_subspace_similarity`` (default 16, the paper's).
-        device: where the linear algebra runs; reading is on CPU. seed: for the randomized SVD.
-        progress: show a tqdm bar.
-
-    Returns:
-        :class:`~weightgeo.report.Report`: ``rows`` per (step, matrix) with ``step, name, shape, numel, module,
-        layer, frobenius_norm, spectral_norm, stable_rank`` (in [1, rank]), ``hill_alpha``, ``gap_ratio``
-        (σ_{K+1}/σ_K: Sim_K means little near 1), ``final_subspace_similarity`` (Sim_K(t, t_end), in [0, 1])
-        and ``method``; ``summary["by_step"][step]`` = unweighted means over matrices (with ``by_module``),
-        ``summary["curves"]`` = those means as lists over ``summary["steps"]``. Each tensor is read once.
-    """
-    hill_k, k = _check_k(hill_k, "hill_k", 2), _check_k(k, "k", 1)
-    s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude,
-                                    r=max(hill_k, k), k=k, device=device, seed=seed, progress=progress)
-    rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k)
-    meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero,
-                similarity=sims)
-    if not rows:
-        raise WeightgeoError(f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same "
-                             f"model as the checkpoints?")
-    return Report(rows=rows, summary=trajectory_summary(rows, s.steps, sims, k=k), meta=meta)
-
-
-def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None, k: int = 16,
-                  threshold: float = 0.9, include: str | Sequence[str] | None = None,
-                  exclude: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                  seed: int = 0, progress: bool = False) -> LockingOnset:
-    """When the top-K input subspace of ΔW_t locks onto the final one (paper §4, Fig. 5; definition ours).
-
-    Onset (per matrix, and for the model on the mean curve): the first checkpoint t < t_end after which
-    Sim_K(t', t_end) ≥ ``threshold`` for every checkpoint t' ≥ t before t_end; see :func:`onset_step`.
-
-    >>> import torch
-    >>> g = torch.Generator().manual_seed(0)
-    >>> w0 = {"layers.0.self_attn.q_proj.weight": torch.randn(24, 32, generator=g)}
-    >>> u = torch.randn(24, 2, generator=g) @ torch.randn(2, 32, generator=g)
-    >>> ckpts = [{n: w + c * u for n, w in w0.items()} for c in (0.01, 0.02, 0.03)]
-    >>> locking_onset(ckpts, base=w0, steps=[10, 20, 30], k=2).step
-    10
-
-    Args:
-        stream: a stream (as :func:`rank_curve`), or a :class:`~weightgeo.report.Report` from
-            :func:`rank_curve` (its similarities are reused, nothing is read; its ``k`` applies).
-        base, steps, include, exclude, device, seed, progress: as :func:`rank_curve`.
-        k: subspace size K (default 16). threshold: in (0, 1], default 0.9 (our choice).
-
-    Returns:
-        a :class:`LockingOnset` (``step``, ``per_matrix``, ``similarity``, ``mean_similarity``).
-    """
-    threshold = _check_threshold(threshold)
-    if isinstance(stream, Report):
-        sims = stream.meta.get("similarity")
-        if stream.meta.get("kind") != "rank_curve" or sims is None:
-            raise WeightgeoError("locking_onset(report): pass a Report made by rank_curve (it carries the "
-                                 "similarities), or a stream")
-        sims = {n: {int(s): float(v) for s, v in c.items()} for n, c in sims.items()}
-        return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
-    k = _check_k(k, "k", 1)
-    s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude, r=k, k=k,
-                                    device=device, seed=seed, progress=progress)
-    _, sims, zero = assemble(records, s.steps, hill_k=2, k=k)
-    meta.update(kind="locking_onset", zero_updates=zero)
-    return build_locking(sims, k=k, threshold=threshold, meta=meta)
-
-
-def _check_k(v: int, what: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < low:
-        raise WeightgeoError(f"{what}={v!r} must be an integer ≥ {low}")
-    return int(v)
+        warnings.warn(f"weightgeo.metrics.trajectory.{name} moved to weightgeo.trajectory.{name} (also "
+                      f"weightgeo.{name}); the old path goes in weightgeo 0.3", DeprecationWarning, stacklevel=2)
+        return getattr(trajectory, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

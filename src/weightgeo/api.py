@@ -1,0 +1,337 @@
+"""The verbs users call, one floor above the engine: tensors in, numbers out; checkpoints in, a Report out.
+
+Every pair verb takes either two tensors (torch or NumPy: the tensor-level function of :mod:`weightgeo.metrics`
+computes the number) or two checkpoint sources (local folders or files, hub ids, ``Mapping[str, Tensor]``,
+``nn.Module``, :class:`~weightgeo.checkpoint.Checkpoint`, a LoRA adapter folder as ``ft``): then
+:func:`weightgeo.compare` streams both checkpoints and the verb returns its :class:`~weightgeo.report.Report`,
+one row per analysed tensor, restricted to that verb's metric. The checkpoint-only keywords (``include``,
+``exclude``, ``device``, ``batch_bytes``, ``progress``) are those of :func:`~weightgeo.compare`.
+
+Degenerate cases agree between the two forms: a matrix of numerical rank 0 gives a NaN ``principal_overlap``
+in both, and where :func:`principal_angles` of two tensors raises (no subspace), its report row has an empty
+``principal_angles`` list and ``k_effective`` 0.
+
+>>> import torch, weightgeo
+>>> w = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+>>> weightgeo.spectral_drift(w, 2 * w)
+1.0
+>>> r = weightgeo.principal_angles({"layers.0.q_proj.weight": w}, {"layers.0.q_proj.weight": 2 * w}, k=2)
+>>> r.rows[0]["principal_angles"]
+[0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Sequence
+
+import torch
+
+from . import metrics
+from .checkpoint import compile_filter, open_checkpoint
+from .linalg.policy import compute_dtype, same_compute_dtype
+from .metrics import trajectory as trajectory_kernels
+from .engine import compare, plan_pair
+from .errors import WeightgeoError
+from .metrics.localization import Localization
+from .metrics.sparsity import unchanged_mask
+from .report import Report, summarize_rows
+from .trajectory import rank_curve
+from .validation import check_eta, check_finite, check_pair, is_tensor_like
+
+__all__ = ["update_sparsity", "update_mask", "UpdateMasks", "principal_angles", "principal_overlap",
+           "spectral_drift", "stable_rank", "update_localization", "subspace_similarity"]
+
+Filter = str | Sequence[str] | None
+Device = str | torch.device | None
+
+
+def _tensors(*xs: Any) -> bool:
+    return all(is_tensor_like(x) for x in xs)
+
+
+def _no_checkpoint_options(verb: str, **given: Any) -> None:
+    used = [k for k, v in given.items() if v is not None]
+    if used:
+        raise WeightgeoError(f"{verb}: {', '.join(used)} appl{'y' if len(used) > 1 else 'ies'} to checkpoint "
+                             f"sources only; with tensors, slice or move them yourself")
+
+
+def _dispatch(verb: str, tensor_fn: Any, base: Any, ft: Any, *, include: Filter, exclude: Filter, device: Device,
+              batch_bytes: int | None, progress: bool, **params: Any) -> Any:
+    """``tensor_fn(base, ft, **params)`` for two tensors; else the Report of ``compare`` restricted to ``verb``."""
+    if _tensors(base, ft):
+        _no_checkpoint_options(verb, include=include, exclude=exclude, device=device, batch_bytes=batch_bytes)
+        return tensor_fn(base, ft, **params)
+    return compare(base, ft, metrics=[verb], include=include, exclude=exclude, device=device,
+                   batch_bytes=batch_bytes, progress=progress, **params)
+
+
+def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None,
+                    device: Device = None, batch_bytes: int | None = None, progress: bool = False) -> float | Report:
+    """Fraction of entries unchanged under the bf16 rule (paper §3.1, App. C.3; PNT Def. 2.2).
+
+    >>> update_sparsity(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 4.1]))
+    0.75
+
+    Args:
+        base, ft: two tensors of one shape, or two checkpoint sources (module docstring).
+        eta: relative tolerance η (default 1e-3).
+        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+
+    Returns:
+        tensors: a float in [0, 1] (1 = nothing changed; :func:`weightgeo.metrics.update_sparsity`).
+        checkpoints: a :class:`~weightgeo.report.Report` with ``update_sparsity`` per tensor and, in its
+        summary, the parameter-weighted model figure. Reported: SFT 0.081, OPD 0.516, RLVR 0.772 (Qwen3-8B).
+    """
+    return _dispatch("update_sparsity", metrics.update_sparsity, base, ft, include=include, exclude=exclude,
+                     device=device, batch_bytes=batch_bytes, progress=progress, eta=eta)
+
+
+def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right", include: Filter = None,
+                     exclude: Filter = None, device: Device = None, batch_bytes: int | None = None,
+                     progress: bool = False) -> torch.Tensor | Report:
+    """Principal angles (degrees, ascending) between the top-k singular subspaces of W0 and W+ (§1.2).
+
+    >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    >>> principal_angles(W0, W0, k=2)
+    tensor([0., 0.], dtype=torch.float64)
+
+    Args:
+        base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
+        k, side: subspace dimension (default 512, capped per matrix at its effective k) and side ("right" = V,
+            the input side; "left" = U).
+        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+
+    Returns:
+        tensors: [k_eff] float64 degrees in [0, 90] (:func:`weightgeo.metrics.principal_angles`; raises for a
+        matrix of numerical rank 0). checkpoints: a :class:`~weightgeo.report.Report` whose matrix rows carry
+        the angle vector ``principal_angles`` (a list, ascending, length ``k_effective``; empty for rank 0)
+        next to the "principal_overlap" statistics.
+    """
+    return _dispatch("principal_angles", metrics.principal_angles, base, ft, include=include, exclude=exclude,
+                     device=device, batch_bytes=batch_bytes, progress=progress, k=k, side=side)
+
+
+def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right", include: Filter = None,
+                      exclude: Filter = None, device: Device = None, batch_bytes: int | None = None,
+                      progress: bool = False) -> float | Report:
+    """Mean cos² of the principal angles between the top-k singular subspaces (§1.2; = Sim_k of §2).
+
+    >>> principal_overlap(torch.eye(3), torch.eye(3), k=2)
+    1.0
+
+    Args:
+        base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
+        k, side: as :func:`principal_angles`.
+        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+
+    Returns:
+        tensors: a float in [0, 1] (1 = same subspace; NaN for a matrix of numerical rank 0). checkpoints: a
+        :class:`~weightgeo.report.Report` with ``principal_overlap``, ``max_principal_angle``,
+        ``mean_principal_angle``, ``k_effective`` and ``spectral_gap`` per matrix.
+    """
+    return _dispatch("principal_overlap", metrics.principal_overlap, base, ft, include=include, exclude=exclude,
+                     device=device, batch_bytes=batch_bytes, progress=progress, k=k, side=side)
+
+
+def spectral_drift(base: Any, ft: Any, *, include: Filter = None, exclude: Filter = None, device: Device = None,
+                   batch_bytes: int | None = None, progress: bool = False) -> float | Report:
+    """Normalized spectral shift ``‖σ(W+) − σ(W0)‖₂ / ‖σ(W0)‖₂`` over all singular values (§1.3).
+
+    >>> spectral_drift(torch.diag(torch.tensor([3.0, 4.0])), torch.diag(torch.tensor([3.0, 4.5])))
+    0.1
+
+    Args:
+        base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
+        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+
+    Returns:
+        tensors: a float ≥ 0 (:func:`weightgeo.metrics.spectral_drift`). checkpoints: a
+        :class:`~weightgeo.report.Report` with ``spectral_drift`` per matrix.
+    """
+    return _dispatch("spectral_drift", metrics.spectral_drift, base, ft, include=include, exclude=exclude,
+                     device=device, batch_bytes=batch_bytes, progress=progress)
+
+
+def stable_rank(delta: Any, ft: Any = None, *, include: Filter = None, exclude: Filter = None,
+                device: Device = None, batch_bytes: int | None = None, progress: bool = False) -> float | Report:
+    """Stable rank ``‖Δ‖_F² / ‖Δ‖₂²`` of an update (notes §2): of ``delta``, or of ``ft − base``.
+
+    >>> stable_rank(torch.diag(torch.tensor([2.0, 2.0, 1.0])))
+    2.25
+    >>> stable_rank(torch.zeros(3, 3), torch.diag(torch.tensor([2.0, 2.0, 1.0])))
+    2.25
+
+    Args:
+        delta: the update Δ [out, in] (one argument), or the base W0 when ``ft`` is given: a tensor (then Δ =
+            ``ft − base`` in the compute dtype, exact for bf16 pairs) or a checkpoint source.
+        ft: W+ (a tensor or a checkpoint source), or ``None``.
+        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+
+    Returns:
+        tensors: a float in [1, rank(Δ)], 0.0 for Δ = 0 (:func:`weightgeo.metrics.stable_rank`). checkpoints: a
+        :class:`~weightgeo.report.Report` with ``stable_rank`` and ``delta_frobenius`` per matrix.
+    """
+    if ft is None:
+        if not is_tensor_like(delta):
+            raise WeightgeoError(f"stable_rank(delta) takes an update tensor; for checkpoints pass both: "
+                                 f"stable_rank(base, ft) (got a {type(delta).__name__})")
+        _no_checkpoint_options("stable_rank", include=include, exclude=exclude, device=device,
+                               batch_bytes=batch_bytes)
+        return metrics.stable_rank(delta)
+    return _dispatch("stable_rank", _stable_rank_of_pair, delta, ft, include=include, exclude=exclude,
+                     device=device, batch_bytes=batch_bytes, progress=progress)
+
+
+def _stable_rank_of_pair(base: Any, ft: Any) -> float:
+    """The stable rank of ``ft − base``, formed in the pair's compute dtype (exact for bf16 pairs)."""
+    b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what="stable_rank"))
+    cd = compute_dtype(b.dtype)
+    return metrics.stable_rank(f.to(cd) - b.to(cd))
+
+
+def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
+                        include: Filter = None, exclude: Filter = None, device: Device = None,
+                        batch_bytes: int | None = None, progress: bool = False) -> Localization | Report:
+    """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
+
+    >>> W0 = torch.tensor([[4.0, 0.1], [0.2, 3.0]])
+    >>> update_localization(W0, W0 + torch.tensor([[0.0, 0.5], [0.0, 0.0]]), rank=1).low_magnitude_overlap
+    1.0
+
+    Args:
+        base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
+        rank, alpha, eta: reconstruction rank r, mask fraction α and bf16 tolerance η.
+        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+
+    Returns:
+        tensors: a :class:`~weightgeo.metrics.localization.Localization`. checkpoints: a
+        :class:`~weightgeo.report.Report` with ``density``, ``principal_mask_overlap`` and
+        ``low_magnitude_overlap`` per matrix.
+    """
+    return _dispatch("update_localization", metrics.update_localization, base, ft, include=include, exclude=exclude,
+                     device=device, batch_bytes=batch_bytes, progress=progress, rank=rank, alpha=alpha, eta=eta)
+
+
+def update_mask(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None,
+                exclude: Filter = None) -> torch.Tensor | "UpdateMasks":
+    """Mask of visibly updated entries under the bf16 rule (True = updated), paper §3.1 / PNT Def. 2.1.
+
+    >>> update_mask(torch.tensor([1.0, 0.0, 1024.001]), torch.tensor([1.5, -0.0, 1024.002]))
+    tensor([ True, False, False])
+    >>> with update_mask({"w": torch.ones(2)}, {"w": torch.tensor([1.0, 2.0])}) as masks:
+    ...     list(masks), masks["w"]
+    (['w'], tensor([False,  True]))
+
+    Args:
+        base, ft: two tensors of one shape, or two checkpoint sources (module docstring).
+        eta: relative tolerance η (default 1e-3).
+        include, exclude: for checkpoint sources, which tensors (as :func:`~weightgeo.compare`).
+
+    Returns:
+        tensors: a bool tensor of ``base``'s shape. checkpoints: an :class:`UpdateMasks` mapping, canonical
+        tensor name → mask, that reads each pair of tensors when its mask is asked for (a whole checkpoint of
+        masks is never held).
+    """
+    if _tensors(base, ft):
+        _no_checkpoint_options("update_mask", include=include, exclude=exclude)
+        return metrics.update_mask(base, ft, eta=eta)
+    return UpdateMasks(base, ft, eta=eta, include=include, exclude=exclude)
+
+
+class UpdateMasks(Mapping[str, torch.Tensor]):
+    """The update masks of two checkpoints, one tensor at a time: ``masks[name]`` reads that tensor of both.
+
+    Keys are the canonical names of the floating tensors both hold (in checkpoint order), as in
+    :func:`~weightgeo.compare`'s rows; a vocabulary matrix that gained rows (added tokens) gets the mask of the
+    rows both share. Close it (or use it as a context manager) to release the files.
+    """
+
+    def __init__(self, base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None):
+        self.eta = check_eta(eta)
+        self._b = open_checkpoint(base)
+        self._f = open_checkpoint(ft, base=self._b)
+        try:
+            self.plan = plan_pair(self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False)
+        except BaseException:
+            self.close()
+            raise
+        self._jobs = {job.key: job for job in self.plan.jobs}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        job = self._jobs[name]
+        w0 = self._b.get_rows(job.base_name, 0, job.rows)
+        w1 = self._f.get_rows(job.ft_name, 0, job.rows)
+        check_finite(w0, f"{name}: base")
+        check_finite(w1, f"{name}: ft")
+        return ~unchanged_mask(w0, w1, self.eta, name=name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._jobs)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def close(self) -> None:
+        """Release both checkpoints' files (safe to call twice)."""
+        self._b.close()
+        self._f.close()
+
+    def __enter__(self) -> "UpdateMasks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"UpdateMasks({self._b.source!r} -> {self._f.source!r}, tensors={len(self)}, eta={self.eta})"
+
+
+def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = "right", seed: int = 0,
+                        base: Any = None, include: Filter = None, exclude: Filter = None, device: Device = None,
+                        progress: bool = False) -> float | Report:
+    """Sim_K = ‖V_K(a)ᵀ V_K(b)‖_F² / K between the top-``k`` singular subspaces of two updates (paper §4).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = torch.randn(64, 8, generator=g) @ torch.randn(8, 80, generator=g)
+    >>> round(subspace_similarity(a, 3 * a, k=8), 4)
+    1.0
+
+    Args:
+        delta_a, delta_b: two updates [out, in] (tensors), or two checkpoints whose updates from ``base`` are
+            compared (then ``base`` is required; matrix by matrix, ΔW = W − W0).
+        k: subspace size K (default 16, the paper's). side: "right" (V, input side) or, for tensors, "left".
+        seed: seeds the randomized SVD of large matrices (results are verified, see
+            :mod:`weightgeo.metrics.trajectory`).
+        base, include, exclude, device, progress: for checkpoint sources, as :func:`~weightgeo.rank_curve`.
+
+    Returns:
+        tensors: a float in [0, 1] (1 = same subspace). checkpoints: a :class:`~weightgeo.report.Report` with
+        ``subspace_similarity`` per matrix (NaN where either update is zero).
+    """
+    if _tensors(delta_a, delta_b):
+        _no_checkpoint_options("subspace_similarity", base=base, include=include, exclude=exclude, device=device)
+        return trajectory_kernels.subspace_similarity(delta_a, delta_b, k=k, side=side, seed=seed)
+    if base is None:
+        raise WeightgeoError("subspace_similarity of two checkpoints compares their updates from a base: pass "
+                             "base=<the model both were trained from>")
+    if side != "right":
+        raise WeightgeoError(f"subspace_similarity(side={side!r}) of checkpoints: only side='right' (the input "
+                             f"side, the paper's) is computed from checkpoints; pass tensors for side='left'")
+    curve = rank_curve([delta_a, delta_b], base=base, steps=[1, 2], include=include, exclude=exclude, hill_k=2,
+                       k=k, device=device, seed=seed, progress=progress)
+    sims = curve.meta["similarity"]
+    first = {}
+    for row in curve.rows:
+        first.setdefault(row["name"], row)
+    rows = [{key: first[name][key] for key in ("name", "shape", "numel", "module", "layer")}
+            | {"subspace_similarity": sims[name][1]} for name in sims if name in first]
+    meta = {**{key: v for key, v in curve.meta.items() if key not in ("similarity", "steps", "base_step")},
+            "kind": "subspace_similarity", "a": _source(delta_a), "b": _source(delta_b),
+            "params": {"k": k, "side": side, "seed": seed}}
+    return Report(rows=rows, summary=summarize_rows(rows), meta=meta)
+
+
+def _source(x: Any) -> str:
+    return str(x) if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__") else type(x).__name__

@@ -1,0 +1,233 @@
+"""The plan of a comparison, from headers alone: which tensors, which rows, how they are grouped and sharded.
+
+Bad inputs fail here, before any tensor is read. :func:`plan_pair` decides what to analyse between the base
+and one fine-tune (a :class:`Plan` of :class:`Job` s); :func:`plan_work` turns the plans of one or several
+fine-tunes of one base into work items, which :func:`pack_groups` packs into shape groups under a memory
+budget. A per-tensor result cache would sit between :func:`plan_work` and :func:`pack_groups`: every job
+names its tensors (stored names, dtypes, rows, and the plan's sources), and a group's rows are a function of
+the options and the tensors only (:func:`weightgeo.engine.groups.matrix_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..checkpoint import Alignment, Checkpoint, align, module_type
+from ..checkpoint.names import VOCAB_MODULES
+from ..distributed import World, balanced_shards
+from ..errors import WeightgeoError
+
+__all__ = ["Job", "Plan", "plan_pair", "Unit", "Work", "plan_work", "Group", "pack_groups",
+           "small_problem_bytes"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One tensor of one (base, fine-tune) pair: canonical ``key``, each side's stored name and dtype, the base
+    shape, the rows compared (fewer than the tensor's when tokens were added) and what the headers say."""
+
+    key: str
+    base_name: str
+    ft_name: str
+    shape: tuple[int, ...]
+    rows: int
+    rows_added: int
+    base_dtype: torch.dtype
+    ft_dtype: torch.dtype
+    in_out: bool = False  # a 2-D weight stored [in, out] (transformers Conv1D)
+
+    @property
+    def matrix(self) -> bool:
+        return len(self.shape) == 2
+
+    @property
+    def row_len(self) -> int:
+        """Entries per row (1 for 1-D and 0-d tensors)."""
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    @property
+    def compared(self) -> int:
+        """Entries compared elementwise."""
+        return self.rows * self.row_len if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one (base, fine-tune) comparison analyses, decided from headers.
+
+    ``jobs`` in checkpoint order; ``skipped``: tensors in both but not analysed, with reasons; ``partial``:
+    tensors that get only the elementwise metrics (not matrices), with reasons; the ``alignment`` of names.
+    """
+
+    jobs: tuple[Job, ...]
+    skipped: list[dict[str, str]]
+    partial: list[dict[str, str]]
+    alignment: Alignment
+    base_source: str = ""
+    ft_source: str = ""
+
+
+def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool) -> Plan:
+    """Decide what to analyse between ``b`` and ``f`` from their headers (raises when there is nothing).
+
+    Args:
+        keep: the include/exclude predicate ``keep(key, shape)``.
+        elementwise: update_sparsity is asked for (non-matrices are then analysed too).
+        svd: some pair metric is asked for (non-matrices are then listed as partial).
+    """
+    alignment = align(b, f)
+    if not alignment.pairs:
+        raise WeightgeoError(
+            f"no tensors in common between {b.source} ({len(b)} tensors, e.g. {b.names()[:3]}) and "
+            f"{f.source} ({len(f)} tensors, e.g. {f.names()[:3]}); are they the same architecture?")
+    jobs: list[Job] = []
+    skipped: list[dict[str, str]] = []
+    partial: list[dict[str, str]] = []
+    filtered_out = 0
+    for pair in alignment.pairs:
+        ib, i_f = b.info(pair.base_name), f.info(pair.ft_name)
+        if not keep(pair.key, ib.shape):
+            filtered_out += 1
+            continue
+        if not (ib.dtype.is_floating_point and i_f.dtype.is_floating_point):
+            skipped.append({"name": pair.key, "reason": f"non-floating dtype ({ib.dtype} / {i_f.dtype})"})
+            continue
+        if ib.numel == 0:
+            skipped.append({"name": pair.key, "reason": "empty tensor"})
+            continue
+        if len(ib.shape) != 2:
+            reason = f"{len(ib.shape)}-D tensor: SVD metrics need a matrix"
+            if not elementwise:
+                skipped.append({"name": pair.key, "reason": reason})
+                continue
+            if svd:
+                partial.append({"name": pair.key, "reason": reason})
+        rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
+        in_out = len(ib.shape) == 2 and b.in_out_layout(pair.base_name)
+        jobs.append(Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out))
+    if not jobs:
+        why = (f"{filtered_out} excluded by include/exclude" if filtered_out else "") + (
+            f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else "")
+        raise WeightgeoError(f"nothing to analyse between {b.source} and {f.source}: {len(alignment.pairs)} "
+                             f"tensors in common, {why}; widen include/exclude or check the dtypes")
+    return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source)
+
+
+def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str, src_f: str) -> tuple[int, int]:
+    if sb == sf:
+        return (sb[0] if sb else 1), 0
+    if len(sb) == len(sf) == 2 and sb[1:] == sf[1:] and module_type(key) in VOCAB_MODULES:
+        # Added tokens: compare the rows both share; the new rows have no base to compare with.
+        return min(sb[0], sf[0]), sf[0] - sb[0]
+    raise WeightgeoError(f"tensor {key!r}: shape {sb} in {src_b} but {sf} in {src_f}; compare checkpoints of "
+                         f"one architecture, or exclude it with exclude={key!r}")
+
+
+# --- work items ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """One work item. A matrix ``unit`` is one base matrix (its first ``rows`` rows) and every fine-tune's job
+    on it: ``users`` = ((fine-tune, job index), ...), all through the batched pair kernel. A stream unit
+    (``matrix=False``) is one fine-tune's tensor read in row chunks for the elementwise metrics alone."""
+
+    base_name: str
+    rows: int
+    users: tuple[tuple[int, int], ...]
+    matrix: bool
+    weight: int  # entries read: the base once plus each user's (balances ranks)
+
+
+@dataclass(frozen=True)
+class Work:
+    """The work items of a pass (in plan order) and the plans they come from."""
+
+    plans: tuple[Plan, ...]
+    units: tuple[Unit, ...]
+
+    def job(self, ft: int, j: int) -> Job:
+        return self.plans[ft].jobs[j]
+
+    def shard(self, world: World) -> "Work":
+        """This rank's share of the units, balanced by entries read (every rank computes the same split)."""
+        mine = sorted(balanced_shards([u.weight for u in self.units], world.size)[world.rank])
+        return Work(self.plans, tuple(self.units[i] for i in mine))
+
+    def n_rows(self) -> int:
+        """Rows (one per fine-tune and tensor) these units produce."""
+        return sum(len(u.users) for u in self.units)
+
+
+def plan_work(plans: Sequence[Plan], *, pair: bool) -> Work:
+    """The units of a pass over ``plans`` (one per fine-tune of one base): with pair metrics, every matrix job
+    joins the unit of its base matrix and row count (read and decomposed once for all fine-tunes); everything
+    else is streamed per fine-tune."""
+    units: list[Unit | None] = []
+    users: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    slot: dict[tuple[str, int], int] = {}
+    for i, plan in enumerate(plans):
+        for j, job in enumerate(plan.jobs):
+            if pair and job.matrix:
+                key = (job.base_name, job.rows)
+                if key not in users:
+                    users[key], slot[key] = [], len(units)
+                    units.append(None)
+                users[key].append((i, j))
+            else:
+                units.append(Unit(job.base_name, job.rows, ((i, j),), False, 2 * math.prod(job.shape)))
+    for (name, rows), us in users.items():
+        numel = math.prod(plans[us[0][0]].jobs[us[0][1]].shape)
+        units[slot[(name, rows)]] = Unit(name, rows, tuple(us), True, numel * (1 + len(us)))
+    return Work(tuple(plans), tuple(u for u in units if u is not None))
+
+
+# --- shape groups --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Group:
+    """Same-shape matrix units analysed as one [B, rows, cols] batch: ``units`` (indices into the work's units),
+    their base names, and per fine-tune its job index for every unit, or ``()`` when it holds none of them
+    (groups are keyed by which fine-tunes hold a matrix, and in which dtype)."""
+
+    units: tuple[int, ...]
+    base_names: tuple[str, ...]
+    rows: int
+    jobs: tuple[tuple[int, ...], ...]
+    nbytes: int  # bytes of every stacked input, as stored
+
+
+def small_problem_bytes(rows: int, cols: int) -> int:
+    """Working set of one matrix's small problems: about a dozen float64 small-side square matrices (Grams,
+    eigenvectors, products); row-block temporaries are bounded separately (the policy's row blocks)."""
+    return 12 * 8 * min(rows, cols) ** 2
+
+
+def pack_groups(work: Work, n_fts: int, budget: int) -> list[Group]:
+    """Pack the matrix units into same-shape, same-dtype groups whose estimated working set fits ``budget``.
+
+    One member costs its stored inputs (the base and each fine-tune holding it) plus its small problems; with
+    several fine-tunes the base's decomposition stays alive while each fine-tune's are formed (twice the small
+    problems).
+    """
+    by_key: dict[tuple, list[int]] = {}
+    for u, unit in enumerate(work.units):
+        if not unit.matrix:
+            continue
+        first = work.job(*unit.users[0])
+        held = {i: work.job(i, j).ft_dtype for i, j in unit.users}
+        key = (unit.rows, first.shape[1], first.base_dtype, tuple(held.get(i) for i in range(n_fts)))
+        by_key.setdefault(key, []).append(u)
+    groups = []
+    for (rows, cols, dtype, ft_dtypes), members in by_key.items():
+        inputs = rows * cols * (dtype.itemsize + sum(d.itemsize for d in ft_dtypes if d is not None))
+        cost = inputs + (1 if n_fts == 1 else 2) * small_problem_bytes(rows, cols)
+        size = max(1, budget // max(cost, 1))
+        for s in range(0, len(members), size):
+            part = tuple(members[s:s + size])
+            per_ft = tuple(tuple(dict(work.units[u].users)[i] for u in part) if ft_dtypes[i] is not None else ()
+                           for i in range(n_fts))
+            groups.append(Group(part, tuple(work.units[u].base_name for u in part), rows, per_ft,
+                                inputs * len(part)))
+    return groups

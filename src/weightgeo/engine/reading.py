@@ -1,0 +1,64 @@
+"""Reading for the pass: stacks of same-shape tensors, row chunks, and the read-ahead schedule.
+
+Every tensor is read once per fine-tune (the base once for all of them), in the order the pass consumes it;
+:class:`~weightgeo.readahead.ReadAhead` reads the next group or chunk in a background thread while the current
+one is computed, for sources whose reads are pure file I/O (``Checkpoint.pure_io``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..linalg.policy import ROW_BLOCK, row_blocks
+from .plan import Job
+
+__all__ = ["read_rows", "read_stack", "chunk_spans", "read_chunk", "ahead_bytes", "AHEAD_CHUNKS"]
+
+#: row chunks the reader thread may run ahead of the elementwise counting
+AHEAD_CHUNKS = 2
+
+
+def read_rows(ck: Checkpoint, name: str, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of tensor ``name`` (the whole tensor when that is all of it), as stored."""
+    shape = ck.info(name).shape
+    if shape and rows < shape[0]:
+        return ck.get_rows(name, 0, rows)
+    return ck.get(name)
+
+
+def read_stack(ck: Checkpoint, names: Sequence[str], rows: int, pin: bool) -> torch.Tensor:
+    """Same-shape tensors ``names`` (first ``rows`` rows each) stacked as stored ([B, rows, ...]), filled one at
+    a time; ``pin``: in pinned memory (for a non-blocking copy to CUDA)."""
+    if len(names) == 1 and not pin:  # no stacking copy (an embedding is the largest single read)
+        return read_rows(ck, names[0], rows)[None]
+    info = ck.info(names[0])
+    W = torch.empty((len(names), rows, *info.shape[1:]), dtype=info.dtype, pin_memory=pin)
+    for slot, name in enumerate(names):
+        # A NumPy byte copy, not Tensor.copy_: no torch kernel (and no OpenMP team) in the reader thread.
+        W[slot].view(torch.uint8).numpy()[...] = read_rows(ck, name, rows).view(torch.uint8).numpy()
+    return W
+
+
+def chunk_spans(job: Job) -> list[tuple[int, int, int]]:
+    """Row spans ``(start, stop, bytes of both sides as float32)`` of at most ``ROW_BLOCK`` entries each."""
+    if not job.shape:
+        return [(0, 1, 16)]
+    return [(s, e, 2 * 4 * (e - s) * job.row_len) for s, e in row_blocks(job.rows, job.row_len)] or [(0, 0, 0)]
+
+
+def read_chunk(b: Checkpoint, f: Checkpoint, job: Job, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``s:e`` of both sides of ``job`` (a 0-d tensor, which has no rows, whole)."""
+    if not job.shape:
+        return b.get(job.base_name), f.get(job.ft_name)
+    return b.get_rows(job.base_name, s, e), f.get_rows(job.ft_name, s, e)
+
+
+def ahead_bytes(largest: int, budget: int) -> int:
+    """Read-ahead budget: room for the group being computed plus about one budget's worth read ahead (not a
+    second copy of the largest group: behind a 545 MB embedding that would double the peak), or a few row
+    chunks for the elementwise stream (the sparsity pass stays at a few tens of MB however large the
+    checkpoint)."""
+    return largest + min(largest, budget) + AHEAD_CHUNKS * 2 * 4 * ROW_BLOCK

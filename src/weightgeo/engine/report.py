@@ -1,0 +1,43 @@
+"""The Report of one (base, fine-tune) comparison: its rows in plan order, the summary and the provenance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..linalg.hardware import hardware
+from ..report import Report, summarize_rows
+from .options import Options
+from .plan import Plan
+
+__all__ = ["comparison_report"]
+
+
+def comparison_report(plan: Plan, indexed_rows: list[tuple[int, dict[str, Any]]], options: Options, *,
+                      world_size: int, ranks: list[dict[str, Any]], seconds: float, **extra: Any) -> Report:
+    """The Report of one comparison from its ``(job index, row)`` pairs (any order, from every rank)."""
+    rows = [row for _, row in sorted(indexed_rows, key=lambda p: p[0])]
+    meta = {
+        "weightgeo_version": __version__,
+        "kind": "compare",
+        "base": plan.base_source,
+        "ft": plan.ft_source,
+        "metrics": list(options.metrics),
+        "params": options.params(),
+        "device": str(options.device),
+        "hardware": hardware(options.device).as_dict(),
+        "world_size": world_size,
+        "ranks": ranks,
+        "torch_version": torch.__version__,
+        "seconds": round(seconds, 3),
+        "skipped": plan.skipped,
+        "partial": plan.partial,
+        "unmatched": {"only_base": plan.alignment.only_base, "only_ft": plan.alignment.only_ft},
+        "tied": plan.alignment.tied,
+        **extra,
+    }
+    if options.vectors:
+        meta["vectors"] = list(options.vectors)
+    return Report(rows=rows, summary=summarize_rows(rows), meta=meta)

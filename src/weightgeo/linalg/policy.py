@@ -1,0 +1,127 @@
+"""The numerical policy, defined once: compute dtypes, the conditioning and numerical-rank rules, row blocks.
+
+Every module that upcasts, cuts a matrix into row blocks, refines ill-conditioned values or counts a numerical
+rank takes the rule from here (the hardware-dependent choices live in :mod:`weightgeo.linalg.hardware`).
+
+* **Compute dtype.** bf16 / fp16 / fp32 inputs are analysed in float32, fp64 in float64 (:func:`compute_dtype`);
+  the small eigenproblems always run in float64 (docs/numerics.md).
+* **Row blocks.** Wherever a whole-matrix temporary in a wider dtype would be made (float64 Grams, float32
+  products of bf16 pairs, localization keys, elementwise passes), the rows are taken in blocks of at most
+  :data:`ROW_BLOCK` entries (:func:`row_blocks`), so temporaries are bounded whatever the matrix size.
+* **Conditioning.** Below σ_min/σ₁ = :data:`REFINE_BELOW` the float64 Gram route's values are replaced by
+  LAPACK's (:func:`~weightgeo.linalg.svd.decompose`), and the pair kernel falls back to them.
+* **Numerical rank.** ``#{σᵢ > max(m, n)·eps·σ₁}`` with eps of the input's compute dtype (the NumPy
+  ``matrix_rank`` convention, :func:`numerical_rank`); singular vectors beyond it are arbitrary, so subspace
+  metrics cap ``k`` there.
+
+>>> compute_dtype(torch.bfloat16), list(row_blocks(5, 1 << 21))
+(torch.float32, [(0, 2), (2, 4), (4, 5)])
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..errors import WeightgeoError
+
+__all__ = ["ROW_BLOCK", "REFINE_BELOW", "LOW_PRECISION", "compute_dtype", "to_compute_dtype", "compute_eps",
+           "numerical_rank", "rows_per_block", "row_blocks", "same_compute_dtype"]
+
+#: Entries of one row block (32 MiB in float64): the bound on every upcast temporary.
+ROW_BLOCK = 1 << 22
+#: σ_min/σ₁ below which values come from LAPACK float64 instead of the float64 Gram route.
+REFINE_BELOW = 1e-6
+#: Stored dtypes analysed in float32.
+LOW_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype linear algebra runs in for inputs of ``dtype``: bf16/fp16 → fp32, fp32/fp64 unchanged.
+
+    >>> compute_dtype(torch.float64)
+    torch.float64
+
+    Args:
+        dtype: a floating-point torch dtype.
+
+    Returns:
+        ``torch.float32`` or ``torch.float64``. Raises :class:`WeightgeoError` for other dtypes.
+    """
+    if dtype in LOW_PRECISION:
+        return torch.float32
+    if dtype == torch.float64:
+        return torch.float64
+    raise WeightgeoError(
+        f"dtype {dtype} is not a real floating-point dtype; weightgeo analyses bf16/fp16/fp32/fp64 "
+        "weights (cast integer or complex tensors yourself, or skip them)")
+
+
+def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` upcast for linear algebra: bf16/fp16 → fp32; fp32 and fp64 are returned as they are.
+
+    >>> to_compute_dtype(torch.ones(2, dtype=torch.bfloat16)).dtype
+    torch.float32
+    """
+    return x.to(compute_dtype(x.dtype))
+
+
+def compute_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the compute dtype of ``dtype`` (the numerical-rank rule's eps).
+
+    >>> compute_eps(torch.bfloat16) == torch.finfo(torch.float32).eps
+    True
+    """
+    return torch.finfo(compute_dtype(dtype)).eps
+
+
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int], *, eps: float) -> torch.Tensor:
+    """Number of singular values above ``max(m, n)·eps·σ₁`` (NumPy ``matrix_rank`` convention).
+
+    >>> int(numerical_rank(torch.tensor([2.0, 1.0, 1e-12]), (3, 3), eps=torch.finfo(torch.float32).eps))
+    2
+
+    Args:
+        S: [..., p] singular values, descending.
+        shape: the matrix shape ``(m, n)``.
+        eps: machine epsilon of the input's compute dtype (:func:`compute_eps`).
+
+    Returns:
+        [...] int64 tensor, 0 for a zero matrix.
+    """
+    if S.shape[-1] == 0:
+        return torch.zeros(S.shape[:-1], dtype=torch.int64, device=S.device)
+    return (S > max(shape) * eps * S[..., :1]).sum(-1)
+
+
+def rows_per_block(row_len: int, *, elements: int = ROW_BLOCK) -> int:
+    """Rows in one block when a row holds ``row_len`` entries (at least one row)."""
+    return max(1, elements // max(1, row_len))
+
+
+def row_blocks(rows: int, row_len: int, *, elements: int = ROW_BLOCK) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive row blocks of at most ``elements`` entries covering ``rows`` rows.
+
+    ``row_len`` counts every entry one row of the block touches (for a batch [B, m, n] cut along m, ``B·n``).
+
+    >>> list(row_blocks(3, 4, elements=8))
+    [(0, 2), (2, 3)]
+    """
+    step = rows_per_block(row_len, elements=elements)
+    for s in range(0, rows, step):
+        yield s, min(rows, s + step)
+
+
+def same_compute_dtype(b: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, f)`` unchanged when their compute dtypes agree (bf16/fp16/fp32 → fp32); else both as float64.
+
+    The pair kernels work in one compute dtype; a mixed fp64/≤fp32 pair is analysed in float64 so the
+    fp64 side keeps its precision.
+
+    >>> [t.dtype for t in same_compute_dtype(torch.ones(1), torch.ones(1, dtype=torch.float64))]
+    [torch.float64, torch.float64]
+    """
+    if compute_dtype(b.dtype) == compute_dtype(f.dtype):
+        return b, f
+    return b.to(torch.float64), f.to(torch.float64)

@@ -1,0 +1,272 @@
+"""The stream pass: ``rank_curve`` and ``locking_onset`` over a stream of checkpoints (paper §4, Figs. 4–5).
+
+Reading is :mod:`weightgeo.stream` (each checkpoint's tensor once, the base once); the per-ΔW spectra, Sim_K and
+the onset rule are the kernels of :mod:`weightgeo.metrics.trajectory`; this module turns them into rows,
+summaries and reports (shared with :class:`~weightgeo.track.Tracker`).
+
+>>> import torch
+>>> g = torch.Generator().manual_seed(0)
+>>> w0 = {"layers.0.self_attn.q_proj.weight": torch.randn(24, 32, generator=g)}
+>>> u = torch.randn(24, 2, generator=g) @ torch.randn(2, 32, generator=g)
+>>> r = rank_curve([w0, {n: w + 0.01 * u for n, w in w0.items()}], steps=[0, 10], k=2, hill_k=2)
+>>> r.rows[0]["step"], round(r.rows[0]["stable_rank"], 3)
+(10, 1.382)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .checkpoint import layer_index, module_type
+from .devices import resolve_device
+from .distributed import balanced_shards, current_world
+from .errors import WeightgeoError
+from .linalg.hardware import hardware, pass_dtype
+from .linalg.spectra import hill_tail_index
+from .metrics.trajectory import (UPDATE_BATCH_BYTES, LockingOnset, Spectrum, build_locking, matrix_seed,
+                                 subspace_sim, update_spectra)
+from .report import Report, summarize_rows
+from .stream import StreamReader, open_stream
+from .validation import check_int, check_k, check_threshold
+
+__all__ = ["rank_curve", "locking_onset", "spectrum_row", "assemble", "trajectory_summary"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rows: one per (step, matrix), from Spectrum records
+def spectrum_row(key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, hill_k: int, k: int
+                 ) -> dict[str, Any]:
+    """The report row of one (step, matrix) from its :class:`Spectrum`."""
+    S = sp.S
+    s1 = float(S[0])
+    fro = sp.frobenius
+    kh = min(hill_k, S.shape[0])
+    row: dict[str, Any] = {
+        "step": int(step), "name": key, "shape": tuple(shape), "numel": shape[0] * shape[1],
+        "module": module_type(key), "layer": layer_index(key),
+        "frobenius_norm": fro, "spectral_norm": s1,
+        "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
+        "hill_alpha": float(hill_tail_index(S, kh)) if kh >= 2 else math.nan,
+    }
+    row["spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
+    row["method"] = sp.method
+    return row
+
+
+def _gap(S: torch.Tensor, k: int, p: int) -> float:
+    """σ_K/σ_{K+1} of ΔW, the convention of every ``spectral_gap``: inf when K = min(m, n) (or σ_{K+1} = 0),
+    NaN when σ_K = 0 (ΔW of rank below K: no top-K subspace)."""
+    if k >= p:
+        return math.inf
+    top, nxt = float(S[k - 1]), float(S[k])
+    if not top > 0:
+        return math.nan
+    return top / nxt if nxt > 0 else math.inf
+
+
+def assemble(records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]]], steps: Sequence[int], *,
+             hill_k: int, k: int) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]], list[dict[str, Any]]]:
+    """Rows (sorted by step, name), similarity curves to the final step, and zero-update skips."""
+    rows: list[dict[str, Any]] = []
+    sims: dict[str, dict[int, float]] = {}
+    skipped: list[dict[str, Any]] = []
+    t_end = steps[-1]
+    for key, (shape, per_step) in records.items():
+        final = per_step.get(t_end)
+        curve: dict[int, float] = {}
+        for s in steps:
+            sp = per_step.get(s)
+            if sp is None:
+                skipped.append({"name": key, "step": int(s), "reason": "ΔW is exactly zero at this step"})
+                curve[s] = math.nan
+                continue
+            row = spectrum_row(key, shape, s, sp, hill_k=hill_k, k=k)
+            if final is not None and final.Vh is not None and sp.Vh is not None:
+                curve[s] = subspace_sim(sp.Vh, final.Vh)
+                row["final_subspace_similarity"] = curve[s]
+            else:
+                curve[s] = math.nan
+            rows.append(row)
+        sims[key] = curve
+    rows.sort(key=lambda r: (r["step"], r["name"]))
+    return rows, sims, skipped
+
+
+def trajectory_summary(rows: list[dict[str, Any]], steps: Sequence[int], sims: dict[str, dict[int, float]],
+                       *, k: int) -> dict[str, Any]:
+    """``steps``, ``by_step`` ({step: unweighted means over matrices, with ``by_module``}) and the curves."""
+    by_step: dict[int, Any] = {}
+    for s in steps:
+        rs = [r for r in rows if r["step"] == s]
+        by_step[int(s)] = summarize_rows(rs) if rs else {"n_tensors": 0}
+    curve = {m: [by_step[int(s)].get(m, math.nan) for s in steps]
+             for m in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity")}
+    return {"steps": [int(s) for s in steps], "final_step": int(steps[-1]), "k": int(k), "by_step": by_step,
+            "curves": curve}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stream-level verbs
+def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: Any, r: int, k: int,
+                 device: Any, seed: int, progress: bool):
+    """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra."""
+    s = open_stream(stream, base=base, steps=steps)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
+    with StreamReader.open(s, include=include, exclude=exclude) as reader:
+        # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
+        # gathered below so every rank returns the single-process result.
+        world = current_world(dev)
+        full_plan = list(reader.plan)
+        shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
+        plan = [full_plan[i] for i in sorted(shards[world.rank])]
+        if progress and world.is_main:
+            from tqdm.auto import tqdm
+
+            plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
+        for entry in plan:
+            records[entry.key] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k))
+        parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records})
+        merged = {key: rec for part in parts for key, rec in part["records"].items()}
+        records = {e.key: merged[e.key] for e in full_plan if e.key in merged}
+        meta = _stream_meta(s, reader, dev, world.size, parts, seed=seed, include=include, exclude=exclude)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return s, records, meta
+
+
+def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int
+            ) -> dict[int, Spectrum]:
+    """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates."""
+    m, n = entry.shape
+    per_batch = max(1, UPDATE_BATCH_BYTES // (4 * m * n))
+    g = torch.Generator(device=dev).manual_seed(matrix_seed(seed, entry.key))
+    out: dict[int, Spectrum] = {}
+    batch: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        D = torch.stack([d for _, d in batch])
+        fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
+        nz = [i for i in range(len(batch)) if float(fro[i]) > 0]
+        if nz:
+            for i, sp in zip(nz, update_spectra(D[nz], r=r, k=k, generator=g, frobenius=fro[nz])):
+                out[batch[i][0]] = sp
+        batch.clear()
+
+    for step, d in reader.updates(entry, device=dev):
+        batch.append((step, d))
+        if len(batch) >= per_batch:
+            flush()
+    flush()
+    return out
+
+
+def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: int, parts: list[dict[str, Any]],
+                 **params: Any) -> dict[str, Any]:
+    """The provenance of a stream pass (every rank's share, what was skipped or unmatched, the hardware)."""
+    meta = {"kind": "trajectory", "stream": s.origin, "base": reader.base.source, "base_step": s.base_step,
+            "steps": list(s.steps), "device": str(dev), "hardware": hardware(dev).as_dict(),
+            # ΔW_t is formed in float32 (exact for bf16 pairs), so the policy gives float32 passes everywhere
+            "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""), **params,
+            "skipped": list(reader.skipped), "unmatched": reader.unmatched,
+            "torch_version": torch.__version__, "world_size": world_size,
+            "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
+    in_out = [e.key for e in reader.plan if reader.base.in_out_layout(e.base_name)]
+    if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
+        meta["in_out_layout"] = in_out
+    return meta
+
+
+def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
+               include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+               hill_k: int = 10, k: int = 16, device: str | torch.device | None = None, seed: int = 0,
+               progress: bool = False) -> Report:
+    """Stable rank, norms, Hill index and Sim_K to the final subspace of ΔW_t along a stream (paper §4, Fig. 4).
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> w0 = {"layers.0.self_attn.q_proj.weight": torch.randn(24, 32, generator=g)}
+    >>> u = torch.randn(24, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    >>> r = rank_curve([w0, {n: w + 0.01 * u for n, w in w0.items()}, {n: w + 0.02 * u for n, w in w0.items()}],
+    ...                steps=[0, 10, 20], k=2, hill_k=2)
+    >>> [round(r.summary["by_step"][s]["stable_rank"], 3) for s in (10, 20)]
+    [1.382, 1.382]
+
+    Args:
+        stream: a directory of ``checkpoint-<step>`` folders or a sequence of checkpoint sources
+            (see :func:`weightgeo.stream.open_stream`).
+        base: the initial model W0 (default: the first checkpoint; it gets no row).
+        steps: steps of a sequence (strictly increasing).
+        include, exclude: regexes or presets (``"attention"`` = the paper's q/k/v/o set). Default: every
+            2-D floating tensor present in all checkpoints (our choice).
+        hill_k: number of top singular values in the Hill estimator (≥ 2; default 10, the paper is silent).
+        k: subspace size K for ``final_subspace_similarity`` (default 16, the paper's).
+        device: where the linear algebra runs; reading is on CPU. seed: for the randomized SVD.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`~weightgeo.report.Report`: ``rows`` per (step, matrix) with ``step, name, shape, numel, module,
+        layer, frobenius_norm, spectral_norm, stable_rank`` (in [1, rank]), ``hill_alpha``, ``spectral_gap``
+        (σ_K/σ_{K+1} of ΔW_t, the convention of every report: Sim_K means little near 1),
+        ``final_subspace_similarity`` (Sim_K(t, t_end), in [0, 1])
+        and ``method``; ``summary["by_step"][step]`` = unweighted means over matrices (with ``by_module``),
+        ``summary["curves"]`` = those means as lists over ``summary["steps"]``. Each tensor is read once.
+    """
+    hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
+    s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude,
+                                    r=max(hill_k, k), k=k, device=device, seed=seed, progress=progress)
+    rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k)
+    meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero,
+                similarity=sims)
+    if not rows:
+        raise WeightgeoError(f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same "
+                             f"model as the checkpoints?")
+    return Report(rows=rows, summary=trajectory_summary(rows, s.steps, sims, k=k), meta=meta)
+
+
+def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None, k: int = 16,
+                  threshold: float = 0.9, include: str | Sequence[str] | None = None,
+                  exclude: str | Sequence[str] | None = None, device: str | torch.device | None = None,
+                  seed: int = 0, progress: bool = False) -> LockingOnset:
+    """When the top-K input subspace of ΔW_t locks onto the final one (paper §4, Fig. 5; definition ours).
+
+    Onset (per matrix, and for the model on the mean curve): the first checkpoint t < t_end after which
+    Sim_K(t', t_end) ≥ ``threshold`` for every checkpoint t' ≥ t before t_end; see :func:`onset_step`.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> w0 = {"layers.0.self_attn.q_proj.weight": torch.randn(24, 32, generator=g)}
+    >>> u = torch.randn(24, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    >>> ckpts = [{n: w + c * u for n, w in w0.items()} for c in (0.01, 0.02, 0.03)]
+    >>> locking_onset(ckpts, base=w0, steps=[10, 20, 30], k=2).step
+    10
+
+    Args:
+        stream: a stream (as :func:`rank_curve`), or a :class:`~weightgeo.report.Report` from
+            :func:`rank_curve` (its similarities are reused, nothing is read; its ``k`` applies).
+        base, steps, include, exclude, device, seed, progress: as :func:`rank_curve`.
+        k: subspace size K (default 16). threshold: in (0, 1], default 0.9 (our choice).
+
+    Returns:
+        a :class:`LockingOnset` (``step``, ``per_matrix``, ``similarity``, ``mean_similarity``).
+    """
+    threshold = check_threshold(threshold)
+    if isinstance(stream, Report):
+        sims = stream.meta.get("similarity")
+        if stream.meta.get("kind") != "rank_curve" or sims is None:
+            raise WeightgeoError("locking_onset(report): pass a Report made by rank_curve (it carries the "
+                                 "similarities), or a stream")
+        sims = {n: {int(s): float(v) for s, v in c.items()} for n, c in sims.items()}
+        return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
+    k = check_k(k)
+    s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude, r=k, k=k,
+                                    device=device, seed=seed, progress=progress)
+    _, sims, zero = assemble(records, s.steps, hill_k=2, k=k)
+    meta.update(kind="locking_onset", zero_updates=zero)
+    return build_locking(sims, k=k, threshold=threshold, meta=meta)

@@ -1,0 +1,232 @@
+"""The one validation module: every check shared by two or more entry points, each with one message.
+
+Options (``k``, ``side``, ``eta``, ``rank``/``alpha``, thresholds, budgets), tensors and matrices, and
+finiteness. Each function returns the checked value (converted where said) or raises
+:class:`~weightgeo.errors.WeightgeoError` naming what was given and the fix.
+
+>>> check_k(8), check_side("left"), check_eta(1e-3)
+(8, 'left', 0.001)
+>>> check_k(0)
+Traceback (most recent call last):
+...
+weightgeo.errors.WeightgeoError: k must be an integer ≥ 1 (subspace dimension), got 0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import WeightgeoError
+
+__all__ = [
+    "SIDES",
+    "check_int",
+    "check_k",
+    "check_side",
+    "check_sides",
+    "check_eta",
+    "check_rank_alpha",
+    "check_threshold",
+    "check_batch_bytes",
+    "is_tensor_like",
+    "as_tensor",
+    "check_matrix",
+    "check_pair",
+    "all_finite",
+    "check_finite",
+]
+
+#: the two singular sides, in the order every API lists them
+SIDES = ("right", "left")
+
+
+# --- options -------------------------------------------------------------------------------------------------
+def check_int(value: Any, name: str, *, minimum: int = 1, what: str = "") -> int:
+    """``value`` as an int ≥ ``minimum`` (integral floats such as ``4.0`` accepted; bools are not).
+
+    >>> check_int(16, "hill_k", minimum=2), check_int(4.0, "k")
+    (16, 4)
+    """
+    ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not ok or int(value) < minimum:
+        hint = f" ({what})" if what else ""
+        raise WeightgeoError(f"{name} must be an integer ≥ {minimum}{hint}, got {value!r}")
+    return int(value)
+
+
+def check_k(k: Any, *, name: str = "k") -> int:
+    """A subspace dimension: an integer ≥ 1 (capped per matrix later, never here)."""
+    return check_int(k, name, minimum=1, what="subspace dimension")
+
+
+def check_side(side: Any) -> str:
+    """``"right"`` (V, input side) or ``"left"`` (U, output side)."""
+    if side not in SIDES:
+        raise WeightgeoError(f"side must be 'right' (V, input side) or 'left' (U, output side), got {side!r}")
+    return side
+
+
+def check_sides(sides: Sequence[str]) -> tuple[str, ...]:
+    """A (possibly empty) selection of sides, each checked by :func:`check_side`."""
+    if isinstance(sides, str):
+        raise WeightgeoError(f"sides must be a sequence of sides such as ('right',), got the string {sides!r}")
+    return tuple(check_side(s) for s in sides)
+
+
+def check_eta(eta: Any) -> float:
+    """The bf16 rule's relative tolerance η: a finite number ≥ 0."""
+    try:
+        value = float(eta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (0 <= value < math.inf):
+        raise WeightgeoError(f"eta must be a finite relative tolerance ≥ 0 (default 1e-3), got {eta!r}")
+    return value
+
+
+def check_rank_alpha(rank: Any, alpha: Any) -> tuple[int, float]:
+    """Localization's reconstruction rank r (integer ≥ 1) and mask fraction α in [0, 1]."""
+    r = check_int(rank, "rank", minimum=1, what="reconstruction rank r, default 64")
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        a = math.nan
+    if not 0.0 <= a <= 1.0:
+        raise WeightgeoError(f"alpha must be a fraction in [0, 1] (default 0.5; Fig. 3 needs 0.3), got {alpha!r}")
+    return r, a
+
+
+def check_threshold(threshold: Any) -> float:
+    """A similarity threshold in (0, 1] (Sim_K lies in [0, 1])."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not 0.0 < t <= 1.0:
+        raise WeightgeoError(f"threshold={threshold!r} must be in (0, 1]: Sim_K lies in [0, 1]")
+    return t
+
+
+def check_batch_bytes(batch_bytes: Any) -> int | None:
+    """A memory budget in bytes (≥ 0; 0 = one matrix at a time) or ``None`` for the default."""
+    if batch_bytes is None:
+        return None
+    ok = isinstance(batch_bytes, numbers.Integral) or (isinstance(batch_bytes, float) and batch_bytes.is_integer())
+    if isinstance(batch_bytes, bool) or not ok or batch_bytes < 0:
+        raise WeightgeoError(f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
+                             f"at a time), or None for the default")
+    return int(batch_bytes)
+
+
+# --- tensors and matrices ------------------------------------------------------------------------------------
+def is_tensor_like(x: Any) -> bool:
+    """True for torch tensors and NumPy arrays (what the tensor-level metrics compute on)."""
+    return isinstance(x, (torch.Tensor, np.ndarray))
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """``x`` as a detached floating torch tensor (NumPy arrays are wrapped without a copy).
+
+    >>> as_tensor(np.ones(2), "w").dtype
+    torch.float64
+    """
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise WeightgeoError(
+                f"{name}: expected a floating-point array, got NumPy dtype {x.dtype} with shape {x.shape}; "
+                "weightgeo analyses floating weights only")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise WeightgeoError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise WeightgeoError(
+            f"{name}: expected a floating-point tensor, got dtype {x.dtype} with shape {tuple(x.shape)}; "
+            "weightgeo analyses floating weights only (cast it, or leave it out)")
+    return x.detach()
+
+
+def check_matrix(x: Any, name: str, *, batched: bool = False, allow_empty: bool = False,
+                 finite: bool = False) -> torch.Tensor:
+    """``x`` as a floating matrix [out, in] (``batched``: a stack ``(*, m, n)`` of them), non-empty unless
+    ``allow_empty``, finite when ``finite``.
+
+    >>> tuple(check_matrix(np.ones((2, 3)), "w").shape)
+    (2, 3)
+    >>> check_matrix(torch.ones(3), "w")
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: w: SVD metrics need matrices [out, in], got shape (3,), not a matrix; ...
+    """
+    t = as_tensor(x, name)
+    if not (t.ndim >= 2 if batched else t.ndim == 2):
+        want = "(*, m, n)" if batched else "[out, in]"
+        stack = " or a stack of them" if batched else ""
+        raise WeightgeoError(f"{name}: SVD metrics need matrices {want}, got shape {tuple(t.shape)}, not a matrix; "
+                             f"pass a 2-D [out, in] weight{stack} (update_sparsity works on any shape)")
+    if not allow_empty and min(t.shape[-2:]) == 0:
+        raise WeightgeoError(f"{name}: empty matrix of shape {tuple(t.shape)}; nothing to measure")
+    if finite:
+        check_finite(t, name)
+    return t
+
+
+def check_pair(base: Any, ft: Any, *, matrix: bool, what: str, finite: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (base, ft) pair: floating, same shape, non-empty, finite (when ``finite``), 2-D (when ``matrix``)."""
+    if not (is_tensor_like(base) and is_tensor_like(ft)):
+        raise WeightgeoError(
+            f"{what}: expected two tensors (torch or NumPy), got {type(base).__name__} and {type(ft).__name__}; "
+            f"checkpoint sources (paths, hub ids, mappings, modules) go to weightgeo.{what}(base, ft) or "
+            "weightgeo.compare, which return a Report")
+    b, f = as_tensor(base, "base"), as_tensor(ft, "ft")
+    if b.shape != f.shape:
+        raise WeightgeoError(
+            f"{what}: base and ft differ in shape: {tuple(b.shape)} vs {tuple(f.shape)}; compare the same "
+            "tensor of two checkpoints of one architecture (transpose or slice one of them if that is intended)")
+    if matrix:
+        check_matrix(b, what)
+    if b.numel() == 0:
+        raise WeightgeoError(f"{what}: empty tensors (shape {tuple(b.shape)}); nothing to measure")
+    if finite:
+        check_finite(b, "base")
+        check_finite(f, "ft")
+    return b, f
+
+
+# --- finiteness ----------------------------------------------------------------------------------------------
+# Exponent bits of the 16-bit floats: all ones means Inf or NaN. Testing bits is several times faster than
+# torch.isfinite on bf16 (which converts), and NumPy's int16 kernels several times faster again on CPU; this
+# check runs over every entry of a checkpoint.
+_EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when ``x`` has no NaN/Inf (an exponent-bit test for bf16/fp16, ``torch.isfinite`` otherwise).
+
+    >>> all_finite(torch.tensor([1.0, float("inf")]).bfloat16()), all_finite(torch.ones(3))
+    (False, True)
+    """
+    mask = _EXPONENT_MASK.get(x.dtype)
+    if mask is None:
+        return bool(torch.isfinite(x).all())
+    if x.numel() == 0:
+        return True
+    bits = x.contiguous().view(torch.int16)
+    if bits.device.type == "cpu":
+        return int((bits.numpy() & mask).max()) < mask
+    return int((bits & mask).max()) < mask
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise WeightgeoError naming ``name``, the shape, the dtype and the count of NaN/Inf entries, if any."""
+    if all_finite(x):
+        return
+    bad = x.numel() - int(torch.isfinite(x).sum())
+    raise WeightgeoError(
+        f"tensor {name!r} (shape {tuple(x.shape)}, {x.dtype}) has {bad} non-finite value(s) (NaN/Inf); "
+        "metrics are undefined there: fix the checkpoint or exclude this tensor")
