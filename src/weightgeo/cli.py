@@ -250,6 +250,11 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
             by = report.summary["by_step"][update.step]
             c = report.meta.get("cache", {})
             nan = float("nan")
+            # outputs first: once a step's line is printed, --out and --plot hold it (Ctrl-C keeps them whole)
+            if args.out is not None:
+                (report.to_csv if args.out.suffix.lower() == ".csv" else report.to_json)(args.out)
+            _plot(report, onset, args, quiet=True)
+            last = (update, onset)
             print(f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
                   f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('frobenius_norm', nan):.4g}; "
                   f"{len(report.summary['steps'])} step(s), "
@@ -257,10 +262,6 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
                   f"{c.get('spectra_reused', 0)} reused"
                   + (f"; left out: {', '.join(s['name'] for s in update.skipped)}" if update.skipped else ""),
                   flush=True)
-            if args.out is not None:
-                (report.to_csv if args.out.suffix.lower() == ".csv" else report.to_json)(args.out)
-            _plot(report, onset, args, quiet=True)
-            last = (update, onset)
     except KeyboardInterrupt:
         done = f"the report up to step {last[0].step}" if last else "nothing yet"
         where = " in " + ", ".join(str(p) for p in (args.out, args.plot) if p is not None) if last else ""
