@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -233,10 +234,8 @@ class Report:
                                                    and (not m.startswith("n_") or m == "n_tensors")}}
                                    for g, vals in v.items()], summary={})
                 lines += ["  " + line for line in sub.table().splitlines()]
-        skipped, unmatched = self.skipped, self.unmatched
-        if skipped:
-            lines.append(f"skipped {len(skipped)} tensor(s): " + "; ".join(
-                f"{s['name']} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        unmatched = self.unmatched
+        lines += _skipped_lines(self.skipped)
         for side, names in unmatched.items():
             if names:
                 lines.append(f"{side}: {len(names)} tensor(s) without a partner: " + ", ".join(names[:5])
@@ -253,6 +252,30 @@ class Report:
 
     def __repr__(self) -> str:
         return f"Report(rows={len(self.rows)}, summary_keys={list(self.summary)[:6]})"
+
+
+def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary's account of what was skipped: tensors of the pair not analysed, then the entries each
+    source holds that are not weights (``side`` base / ft), counted by side and by reason."""
+    lines = []
+    tensors = [s for s in skipped if "side" not in s]
+    if tensors:
+        lines.append(f"skipped {len(tensors)} tensor(s): " + "; ".join(
+            f"{s['name']} ({s['reason']})" for s in tensors[:5]) + (" ..." if len(tensors) > 5 else ""))
+    entries = [s for s in skipped if "side" in s]
+    if entries:
+        sides: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for s in entries:
+            sides[str(s["side"])] = sides.get(str(s["side"]), 0) + 1
+            why = re.sub(r"'[^']*'", "*", str(s["reason"]))  # "FP8 scales of 'w'" counts with the others
+            reasons[why] = reasons.get(why, 0) + 1
+        by_reason = sorted(reasons.items(), key=lambda kv: -kv[1])
+        lines.append(f"not weights, not analysed: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ("
+                     + ", ".join(f"{side} {n}" for side, n in sides.items()) + "): "
+                     + "; ".join(f"{n} {why}" for why, n in by_reason[:4]) + (" ..." if len(by_reason) > 4 else "")
+                     + " (meta['skipped'])")
+    return lines
 
 
 def _numeric_cell(v: str) -> bool:

@@ -60,7 +60,9 @@ class Plan:
     """What one (base, fine-tune) comparison analyses, decided from headers.
 
     ``jobs`` in checkpoint order; ``skipped``: tensors in both but not analysed, with reasons; ``partial``:
-    tensors that get only the elementwise metrics (not matrices), with reasons; the ``alignment`` of names.
+    tensors that get only the elementwise metrics (not matrices), with reasons; the ``alignment`` of names;
+    ``base_skipped`` / ``ft_skipped``: what each side's source holds that is not a model weight
+    (:attr:`Checkpoint.skipped <weightgeo.checkpoint.Checkpoint.skipped>`: optimizer state, FP8 scales, ...).
     """
 
     jobs: tuple[Job, ...]
@@ -69,6 +71,13 @@ class Plan:
     alignment: Alignment
     base_source: str = ""
     ft_source: str = ""
+    base_skipped: tuple[dict[str, str], ...] = ()
+    ft_skipped: tuple[dict[str, str], ...] = ()
+
+    def source_skipped(self) -> list[dict[str, str]]:
+        """Both sources' non-weight entries, each tagged with its ``side`` (``"base"`` or ``"ft"``)."""
+        return ([{**s, "side": "base"} for s in self.base_skipped]
+                + [{**s, "side": "ft"} for s in self.ft_skipped])
 
 
 def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool) -> Plan:
@@ -114,7 +123,7 @@ def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elemen
             f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else "")
         raise WeightgeoError(f"nothing to analyse between {b.source} and {f.source}: {len(alignment.pairs)} "
                              f"tensors in common, {why}; widen include/exclude or check the dtypes")
-    return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source)
+    return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source, tuple(b.skipped), tuple(f.skipped))
 
 
 def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str, src_f: str) -> tuple[int, int]:
