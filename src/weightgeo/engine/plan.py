@@ -39,6 +39,7 @@ class Job:
     base_dtype: torch.dtype
     ft_dtype: torch.dtype
     in_out: bool = False  # a 2-D weight stored [in, out] (transformers Conv1D)
+    fp8: bool = False  # both sides store it as scaled FP8: the FP8 update rule compares codes and scales
 
     @property
     def matrix(self) -> bool:
@@ -117,7 +118,9 @@ def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elemen
                 partial.append({"name": pair.key, "reason": reason})
         rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
         in_out = len(ib.shape) == 2 and b.in_out_layout(pair.base_name)
-        jobs.append(Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out))
+        fp8 = b.fp8_block(pair.base_name) is not None and f.fp8_block(pair.ft_name) is not None
+        jobs.append(Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out,
+                        fp8))
     if not jobs:
         why = (f"{filtered_out} excluded by include/exclude" if filtered_out else "") + (
             f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else "")

@@ -11,11 +11,12 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, Fp8Weight
 from ..linalg.policy import ROW_BLOCK, row_blocks
 from .plan import Job
 
-__all__ = ["read_rows", "read_stack", "chunk_spans", "read_chunk", "ahead_bytes", "AHEAD_CHUNKS"]
+__all__ = ["read_rows", "read_stack", "chunk_spans", "read_chunk", "read_fp8", "ahead_bytes", "AHEAD_CHUNKS",
+           "Chunk"]
 
 #: row chunks the reader thread may run ahead of the elementwise counting
 AHEAD_CHUNKS = 2
@@ -49,11 +50,29 @@ def chunk_spans(job: Job) -> list[tuple[int, int, int]]:
     return [(s, e, 2 * 4 * (e - s) * job.row_len) for s, e in row_blocks(job.rows, job.row_len)] or [(0, 0, 0)]
 
 
-def read_chunk(b: Checkpoint, f: Checkpoint, job: Job, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``s:e`` of both sides of ``job`` (a 0-d tensor, which has no rows, whole)."""
+Chunk = tuple[torch.Tensor, torch.Tensor] | tuple[Fp8Weight, Fp8Weight]
+
+
+def read_chunk(b: Checkpoint, f: Checkpoint, job: Job, s: int, e: int) -> Chunk:
+    """Rows ``s:e`` of both sides of ``job`` (a 0-d tensor, which has no rows, whole); of an FP8 job (both sides
+    scaled FP8), the stored codes of those rows and the scales, which the FP8 update rule compares."""
     if not job.shape:
         return b.get(job.base_name), f.get(job.ft_name)
+    if job.fp8:
+        return _fp8_pair(b, f, job, s, e)
     return b.get_rows(job.base_name, s, e), f.get_rows(job.ft_name, s, e)
+
+
+def read_fp8(b: Checkpoint, f: Checkpoint, jobs: Sequence[Job], rows: int) -> list[tuple[Fp8Weight, Fp8Weight] | None]:
+    """For each job of a shape group, the stored codes (first ``rows`` rows) and scales of both sides when it is
+    an FP8 job, else ``None`` (its update mask is then the bf16 rule's on the values read)."""
+    return [_fp8_pair(b, f, job, 0, rows) if job.fp8 else None for job in jobs]
+
+
+def _fp8_pair(b: Checkpoint, f: Checkpoint, job: Job, s: int, e: int) -> tuple[Fp8Weight, Fp8Weight]:
+    w0, w1 = b.fp8_weight(job.base_name, s, e), f.fp8_weight(job.ft_name, s, e)
+    assert w0 is not None and w1 is not None, job.key  # the plan marked it FP8 from the headers of both
+    return w0, w1
 
 
 def ahead_bytes(largest: int, budget: int) -> int:

@@ -21,7 +21,7 @@ from ..report import Report
 from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
 from .options import Filter, Options
 from .plan import Group, Work, pack_groups, plan_pair, plan_work
-from .reading import ahead_bytes, chunk_spans, read_chunk, read_stack
+from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
 from .report import comparison_report
 
 __all__ = ["compare", "compare_many", "run"]
@@ -170,7 +170,8 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
         W0 = read_stack(b, g.base_names, g.rows, pin)
         W1s = [read_stack(fs[i], [work.job(i, j).ft_name for j in js], g.rows, pin) if js else None
                for i, js in enumerate(g.jobs)]
-        return g, (W0, W1s)
+        fp8 = [read_fp8(b, fs[i], [work.job(i, j) for j in js], g.rows) if js else None for i, js in enumerate(g.jobs)]
+        return g, (W0, W1s, fp8)
 
     def reads():  # (bytes, read) per group or row chunk, in processing order; run by the reader thread
         for u, unit in enumerate(work.units):
@@ -204,7 +205,7 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
     return out
 
 
-def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], work: Work, options: Options,
+def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], fp8: list, work: Work, options: Options,
            out: list[Rows]) -> int:
     """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once."""
     shared = SharedBase(W0, options)
@@ -213,7 +214,7 @@ def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], work: Wor
         if W1 is None:
             continue
         jobs = [work.job(i, j) for j in js]
-        rows = matrix_rows(options, jobs, W0, W1, shared=shared)
+        rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i])
         out[i].extend(zip(js, rows))
         done += len(rows)
     return done
