@@ -255,7 +255,8 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
         self._b = open_checkpoint(base)
         self._f = open_checkpoint(ft, base=self._b)
         try:
-            self.plan = plan_pair(self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False)
+            self.plan = plan_pair(self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False,
+                                  experts=False)  # a stack's mask is its whole [E, out, in]
         except BaseException:
             self.close()
             raise

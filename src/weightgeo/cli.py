@@ -24,7 +24,8 @@ __all__ = ["main"]
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", metavar="REGEX",
-                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear")
+                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, "
+                        "experts, router")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
     p.add_argument("--config", default=None, metavar="PATH",

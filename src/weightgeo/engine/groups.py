@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from ..checkpoint import Fp8Weight, layer_index, module_type
+from ..checkpoint.names import expert_index
 from ..errors import WeightgeoError
 from ..linalg.pairwise import BaseSpectrum, base_spectrum
 from ..linalg.policy import row_blocks
@@ -28,11 +29,16 @@ Fp8Pair = tuple[Fp8Weight, Fp8Weight]
 
 
 def job_row(job: Job) -> dict[str, Any]:
-    """The identifying part of a tensor's row: name, shape, numel, module, layer, dtype (and layout notes)."""
+    """The identifying part of a tensor's row: name, shape, numel, module, layer, dtype (and layout notes);
+    ``expert`` for one expert of an MoE block (of a stack [E, out, in], whose rows share the stack's name and
+    its shape is the expert's; or a per-expert ``experts.{j}.`` name)."""
     row: dict[str, Any] = {
         "name": job.key, "shape": job.shape, "numel": math.prod(job.shape), "module": module_type(job.key),
         "layer": layer_index(job.key), "dtype": str(job.base_dtype).replace("torch.", ""),
     }
+    expert = job.expert if job.expert is not None else expert_index(job.key)
+    if expert is not None:
+        row["expert"] = expert
     if job.rows_added:
         row["rows_compared"], row["rows_added"] = job.rows, job.rows_added
     if job.in_out:
@@ -90,7 +96,7 @@ def _fp8_update_rows(options: Options, key: str, pair: Fp8Pair):  # -> Callable[
 def finite_chunks(options: Options, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:
     """:func:`chunk_unchanged` over the row chunks of one matrix already read (bounded temporaries); ``count=False``:
     the finiteness pass alone (0)."""
-    return sum(_bf16_chunk(options, job.key, s, e, w0[s:e], w1[s:e], count=count and options.sparsity)
+    return sum(_bf16_chunk(options, job.uid, s, e, w0[s:e], w1[s:e], count=count and options.sparsity)
                for s, e in row_blocks(job.rows, job.row_len))
 
 
@@ -146,7 +152,7 @@ def matrix_rows(options: Options, jobs: Sequence[Job], W0: torch.Tensor, W1: tor
         found = batched_pair_metrics(shared.on_device(), W1.to(options.device, non_blocking=True),
                                      base=shared.spectrum(), update_rows=update_rows, **options.kernel())
     except WeightgeoError as e:
-        names = ", ".join(repr(job.key) for job in jobs)
+        names = ", ".join(repr(job.uid) for job in jobs)
         raise WeightgeoError(f"tensor{'s' if len(jobs) > 1 else ''} {names}: {e}") from e
     for row, extra in zip(rows, found):
         row.update(extra)
