@@ -99,6 +99,17 @@ def test_compressed_tensors_per_channel_scales(tmp_path, gen):
     assert torch.equal(ck.get("lin.weight"), (codes.double() * scale.double()).float())
 
 
+def test_block_size_defaults_to_128x128_when_the_config_gives_none(tmp_path, gen):
+    w = torch.randn(300, 200, generator=gen)  # partial edge blocks on both axes
+    d, codes, scales = _fp8_folder(tmp_path, "default", w, config={"quantization_config": {"quant_method": "fp8"}})
+    ck = open_checkpoint(d)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert ck.block == (128, 128) and ck.fp8_block(name) == (128, 128)
+    assert torch.equal(ck.get(name), reference(codes, scales, (128, 128)).float())  # the exact product, rounded once
+    rows = ck.fp8_weight(name, 100, 260)  # the codes of some rows, with the whole weight's scales
+    assert (rows.row_start, rows.rows, tuple(rows.codes.shape)) == (100, 300, (160, 200))
+
+
 def test_fp8_without_its_scales_and_bad_block_sizes(tmp_path, gen):
     d = tmp_path / "noscale"
     d.mkdir()
