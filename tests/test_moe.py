@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import weightgeo
 from weightgeo import WeightgeoError
-from weightgeo.checkpoint import compile_filter, open_checkpoint
+from weightgeo.checkpoint import StateDictCheckpoint, compile_filter, open_checkpoint
 
 L, E, F, H = 2, 3, 8, 16
 STACK = "layers.{i}.mlp.experts.{p}"
@@ -187,3 +187,16 @@ def test_experts_and_router_presets():
     assert compile_filter("mlp")("model.layers.0.mlp.experts.gate_up_proj", (4, 16, 8))
     assert compile_filter("linear")("model.layers.0.mlp.experts.gate_up_proj", (4, 16, 8))
     assert not compile_filter("linear")("conv.weight", (4, 16, 8))
+
+
+def test_gpt_oss_stacks_are_marked_in_out_per_expert(gen):
+    """gpt-oss applies x @ W[e]: its stacks are [E, in, out], so each expert's row says layout in_out (as Conv1D)."""
+    sd = {"model.layers.0.mlp.experts.gate_up_proj": torch.randn(2, 8, 12, generator=gen),
+          "model.layers.0.mlp.experts.gate_up_proj_bias": torch.randn(2, 12, generator=gen)}
+    b = StateDictCheckpoint(sd, config={"model_type": "gpt_oss"})
+    f = StateDictCheckpoint({k: v * 1.01 for k, v in sd.items()}, config={"model_type": "gpt_oss"})
+    r = weightgeo.compare(b, f, k=2, rank=2, progress=False)
+    rows = r["layers.0.mlp.experts.gate_up_proj"]
+    assert [rows[j]["layout"] for j in (0, 1)] == ["in_out", "in_out"] and rows[0]["shape"] == (8, 12)
+    assert "layout" not in r["layers.0.mlp.experts.gate_up_proj_bias"]
+    assert "stored [in, out]" in r.summary_text()

@@ -162,8 +162,8 @@ class Checkpoint(abc.ABC):
         return None
 
     def in_out_layout(self, name: str) -> bool:
-        """True when the 2-D tensor ``name`` is stored [in, out] (transformers ``Conv1D``, e.g. GPT-2), so its
-        stored right singular side is the output side. From ``config.json``'s model_type, or from the module
+        """True when the 2-D tensor ``name`` is stored [in, out] (transformers ``Conv1D``, e.g. GPT-2; for an
+        expert stack, each expert: gpt-oss), so its stored right singular side is the output side. From ``config.json``'s model_type, or from the module
         classes when the source was an ``nn.Module``."""
         from .names import stored_in_out
 

@@ -261,10 +261,13 @@ def compile_filter(include: str | Sequence[str] | None = None,
 # transformers' ``Conv1D`` (GPT-2 and the architectures built from its blocks) stores y = x W + b with W [in, out].
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer"})
 _CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+# MoE stacks applied as x @ W[e] ([E, in, out]): gpt-oss's experts.gate_up_proj / down_proj
+_IN_OUT_EXPERT_MODEL_TYPES = frozenset({"gpt_oss"})
 
 
 def stored_in_out(name: str, config: Mapping[str, Any]) -> bool:
-    """True for a weight stored [in, out] (a transformers ``Conv1D``), judged from ``config.json``'s model_type.
+    """True for a weight stored [in, out] (a transformers ``Conv1D``; per expert, gpt-oss's expert stacks), judged
+    from ``config.json``'s model_type.
 
     Their stored right singular side is the *output* side: ``side="left"`` gives the input side there.
 
@@ -272,6 +275,10 @@ def stored_in_out(name: str, config: Mapping[str, Any]) -> bool:
     True
     >>> stored_in_out("model.layers.0.self_attn.q_proj.weight", {"model_type": "llama"})
     False
+    >>> stored_in_out("model.layers.0.mlp.experts.gate_up_proj", {"model_type": "gpt_oss"})  # x @ W per expert
+    True
     """
+    if config.get("model_type") in _IN_OUT_EXPERT_MODEL_TYPES and is_expert_stack(name, None):
+        return True
     return (config.get("model_type") in _CONV1D_MODEL_TYPES and name.endswith(".weight")
             and module_type(name) in _CONV1D_MODULES)

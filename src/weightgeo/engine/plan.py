@@ -134,8 +134,9 @@ def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elemen
                     skipped.append({"name": pair.key, "reason": reason + "; its row has update_sparsity only"})
         rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
         if stack:
+            in_out = b.in_out_layout(pair.base_name)  # each expert [in, out] (gpt-oss)
             jobs.extend(Job(pair.key, pair.base_name, pair.ft_name, ib.shape[1:], ib.shape[1], 0, ib.dtype,
-                            i_f.dtype, expert=j) for j in range(ib.shape[0]))
+                            i_f.dtype, in_out, expert=j) for j in range(ib.shape[0]))
             continue
         in_out = len(ib.shape) == 2 and b.in_out_layout(pair.base_name)
         fp8 = b.fp8_block(pair.base_name) is not None and f.fp8_block(pair.ft_name) is not None
