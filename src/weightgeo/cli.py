@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._version import __version__
+from .checkpoint import open_checkpoint
 from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .outputs import check_output_path
@@ -23,9 +24,13 @@ __all__ = ["main"]
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", metavar="REGEX",
-                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear")
+                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, "
+                        "experts, router")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="the model's HF config.json (or its folder): architecture numbers for native checkpoints "
+                        "(Megatron/slime iter_N, torchtitan step-N) that carry none; given to every checkpoint")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are "
                         "created")
@@ -152,6 +157,18 @@ def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
         print(f"wrote {out}", file=sys.stderr)
 
 
+def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[Any, list[Any]]:
+    """With ``--config``, the checkpoints opened with it (``open_checkpoint(config=)``); else the paths as given."""
+    if config is None:
+        return base, list(fts)
+    b = open_checkpoint(base, config=config)
+    try:
+        return b, [open_checkpoint(ft, base=b, config=config) for ft in fts]
+    except BaseException:
+        b.close()
+        raise
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         return _cache_command(args)
@@ -161,11 +178,12 @@ def _run(args: argparse.Namespace) -> int:
                     side=args.side, rank=args.rank, alpha=args.alpha, eta=args.eta, device=args.device,
                     batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
                     progress=not args.no_progress)
-        if len(args.ft) == 1:
-            _emit(compare(args.base, args.ft[0], **opts), args)
+        base, fts = _open_with_config(args.base, args.ft, args.config)
+        if len(fts) == 1:
+            _emit(compare(base, fts[0], **opts), args)
             return 0
         # Several fine-tunes: one report each, in order; --out PATH becomes PATH-1.json, PATH-2.json, ...
-        for i, report in enumerate(compare_many(args.base, args.ft, **opts), start=1):
+        for i, report in enumerate(compare_many(base, fts, **opts), start=1):
             print(f"== {report.meta['ft']} ==")
             out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
             _emit(report, args, out)
@@ -173,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "trajectory":
         report = rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
                                       exclude=_filters(args.exclude), hill_k=args.hill_k, k=args.k,
-                                      device=args.device, progress=not args.no_progress)
+                                      device=args.device, progress=not args.no_progress, config=args.config)
         onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
         report.summary["locking_onset"] = onset.step
         report.summary["mean_similarity"] = onset.mean_similarity

@@ -223,13 +223,15 @@ class StreamReader:
     unmatched: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, stream: CheckpointStream, *, include: Any = None, exclude: Any = None) -> "StreamReader":
+    def open(cls, stream: CheckpointStream, *, include: Any = None, exclude: Any = None,
+             config: Any = None) -> "StreamReader":
+        """``config``: architecture numbers for native checkpoints, given to every ``open_checkpoint``."""
         keep = compile_filter(include, exclude)
-        base = open_checkpoint(stream.base)
+        base = open_checkpoint(stream.base, config=config)
         cks: list[Checkpoint] = []
         try:
             for src in stream.sources:
-                cks.append(open_checkpoint(src, base=base))
+                cks.append(open_checkpoint(src, base=base, config=config))
             plan, skipped, unmatched = _plan(base, cks, stream.steps, keep, explicit=include is not None)
         except BaseException:
             for c in [base, *cks]:
@@ -295,7 +297,7 @@ def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: C
         if not keep(key, bi.shape):
             continue
         if len(bi.shape) != 2:
-            if explicit:
+            if explicit or len(bi.shape) > 2:  # 1-D norms and biases are not followed by default; ≥3-D is news
                 skipped.append({"name": key, "reason": f"{len(bi.shape)}-D tensor: trajectory metrics need a matrix"})
             continue
         if not bi.dtype.is_floating_point:

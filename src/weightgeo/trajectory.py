@@ -112,13 +112,13 @@ def trajectory_summary(rows: list[dict[str, Any]], steps: Sequence[int], sims: d
 # --------------------------------------------------------------------------------------------------------------
 # stream-level verbs
 def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: Any, r: int, k: int,
-                 device: Any, seed: int, progress: bool):
+                 device: Any, seed: int, progress: bool, config: Any = None):
     """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra."""
     s = open_stream(stream, base=base, steps=steps)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
-    with StreamReader.open(s, include=include, exclude=exclude) as reader:
+    with StreamReader.open(s, include=include, exclude=exclude, config=config) as reader:
         # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
         # gathered below so every rank returns the single-process result.
         world = current_world(dev)
@@ -174,7 +174,7 @@ def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: in
             "steps": list(s.steps), "device": str(dev), "hardware": hardware(dev).as_dict(),
             # ΔW_t is formed in float32 (exact for bf16 pairs), so the policy gives float32 passes everywhere
             "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""), **params,
-            "skipped": list(reader.skipped), "unmatched": reader.unmatched,
+            "skipped": list(reader.skipped) + _source_skipped(reader), "unmatched": reader.unmatched,
             "torch_version": torch.__version__, "world_size": world_size,
             "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
     in_out = [e.key for e in reader.plan if reader.base.in_out_layout(e.base_name)]
@@ -183,10 +183,19 @@ def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: in
     return meta
 
 
+def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
+    """Every checkpoint's entries that are not weights (optimizer state, FP8 scales, ...), tagged by side
+    (``"base"``, or ``"ft"`` with the checkpoint's ``step``)."""
+    out: list[dict[str, Any]] = [{**s, "side": "base"} for s in reader.base.skipped]
+    for step, ck in zip(reader.stream.steps, reader.checkpoints):
+        out += [{**s, "side": "ft", "step": int(step)} for s in ck.skipped]
+    return out
+
+
 def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
                include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                hill_k: int = 10, k: int = 16, device: str | torch.device | None = None, seed: int = 0,
-               progress: bool = False) -> Report:
+               progress: bool = False, config: Any = None) -> Report:
     """Stable rank, norms, Hill index and Sim_K to the final subspace of ΔW_t along a stream (paper §4, Fig. 4).
 
     >>> import torch
@@ -209,6 +218,9 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
         k: subspace size K for ``final_subspace_similarity`` (default 16, the paper's).
         device: where the linear algebra runs; reading is on CPU. seed: for the randomized SVD.
         progress: show a tqdm bar.
+        config: the model's HF config (a ``config.json`` path, its folder or a dict) for native checkpoints
+            whose name mapping needs architecture numbers (Megatron / torchtitan DCP folders; see
+            :func:`~weightgeo.open_checkpoint`), given to the base and every checkpoint.
 
     Returns:
         :class:`~weightgeo.report.Report`: ``rows`` per (step, matrix) with ``step, name, shape, numel, module,
@@ -220,7 +232,8 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
     """
     hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
     s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude,
-                                    r=max(hill_k, k), k=k, device=device, seed=seed, progress=progress)
+                                    r=max(hill_k, k), k=k, device=device, seed=seed, progress=progress,
+                                    config=config)
     rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k)
     meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero,
                 similarity=sims)
@@ -233,7 +246,7 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
 def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None, k: int = 16,
                   threshold: float = 0.9, include: str | Sequence[str] | None = None,
                   exclude: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                  seed: int = 0, progress: bool = False) -> LockingOnset:
+                  seed: int = 0, progress: bool = False, config: Any = None) -> LockingOnset:
     """When the top-K input subspace of ΔW_t locks onto the final one (paper §4, Fig. 5; definition ours).
 
     Onset (per matrix, and for the model on the mean curve): the first checkpoint t < t_end after which
@@ -250,7 +263,7 @@ def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None 
     Args:
         stream: a stream (as :func:`rank_curve`), or a :class:`~weightgeo.report.Report` from
             :func:`rank_curve` (its similarities are reused, nothing is read; its ``k`` applies).
-        base, steps, include, exclude, device, seed, progress: as :func:`rank_curve`.
+        base, steps, include, exclude, device, seed, progress, config: as :func:`rank_curve`.
         k: subspace size K (default 16). threshold: in (0, 1], default 0.9 (our choice).
 
     Returns:
@@ -266,7 +279,7 @@ def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None 
         return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
     k = check_k(k)
     s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude, r=k, k=k,
-                                    device=device, seed=seed, progress=progress)
+                                    device=device, seed=seed, progress=progress, config=config)
     _, sims, zero = assemble(records, s.steps, hill_k=2, k=k)
     meta.update(kind="locking_onset", zero_updates=zero)
     return build_locking(sims, k=k, threshold=threshold, meta=meta)
