@@ -13,9 +13,14 @@ readers:
 - ``to_megatron(sd, cfg, *, pad_to=None, stacked=True) -> dict``: Megatron-core names (stacked layers,
   interleaved QKV, ``[gate; up]``, fused layer norms, padded vocabulary rows).
 - ``to_torchtitan(sd, cfg) -> dict``: torchtitan names, q/k in Meta's rotary layout for Llama.
+- ``fp8_quantize(w, block) -> (codes, scales)``: DeepSeek-style block quantisation (scale = amax / 448);
+  ``fp8_reference(codes, scales, block)``: W = code x scale block by block in float64 (an independent loop);
+  ``write_fp8(path, tensors, *, block, config=None)``: a safetensors folder (``save_file``) whose config.json
+  declares ``quantization_config`` FP8 with ``weight_block_size``; a ``(codes, scales)`` value is stored as
+  ``name`` + ``name_scale_inv``.
 - ``assert_same_rows(report, expected)``: the same rows (names, every metric value) in both reports.
-- ``torchrun(script, *, port, nproc=2, timeout=300)``: run a script under torchrun (gloo, CPU); on a timeout
-  the whole process group is killed, so no worker outlives the test.
+- ``torchrun(script, *, port=None, nproc=2, timeout=300)``: run a script under torchrun (gloo, CPU; a free port
+  by default); on a timeout the whole process group is killed, so no worker outlives the test.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_hf", "write_dcp", "to_megatron", "to_torchtitan", "assert_same_rows", "torchrun", "HF_KINDS"]
+__all__ = ["tiny_hf", "write_dcp", "to_megatron", "to_torchtitan", "assert_same_rows", "torchrun", "HF_KINDS",
+           "fp8_quantize", "fp8_reference", "write_fp8"]
 
 HF_KINDS = ("llama", "qwen2", "qwen3")
 
@@ -163,6 +169,50 @@ def to_torchtitan(sd: dict, cfg: dict) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    import math
+
+    b0, b1 = block
+    rows, cols = math.ceil(w.shape[0] / b0), math.ceil(w.shape[1] / b1)
+    scales = torch.empty(rows, cols)
+    codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(rows):
+        for j in range(cols):
+            blk = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+            s = blk.abs().max().clamp_min(1e-12) / 448
+            scales[i, j] = s
+            codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (blk / s).to(torch.float8_e4m3fn)
+    return codes, scales
+
+
+def fp8_reference(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    out = torch.empty(codes.shape, dtype=torch.float64)
+    b0, b1 = block
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            out[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].double()
+                                                             * scales[i, j].double())
+    return out
+
+
+def write_fp8(path: str | Path, tensors: dict, *, block: tuple[int, int], config: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True)
+    flat = {}
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            flat[name], flat[name + "_scale_inv"] = value
+        else:
+            flat[name] = value
+    save_file({k: v.contiguous() for k, v in flat.items()}, str(path / "model.safetensors"))
+    cfg = config if config is not None else {"model_type": "qwen3", "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 def assert_same_rows(report, expected, *, rel: float = 1e-6) -> None:
     import math
 
@@ -180,12 +230,17 @@ def assert_same_rows(report, expected, *, rel: float = 1e-6) -> None:
                 assert got[key] == val, (want["name"], key)
 
 
-def torchrun(script: Path, *, port: int, nproc: int = 2, timeout: float = 300) -> None:
+def torchrun(script: Path, *, port: int | None = None, nproc: int = 2, timeout: float = 300) -> None:
     import os
     import signal
+    import socket
     import subprocess
     import sys
 
+    if port is None:  # a port the OS says is free now: suites running side by side do not collide
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                              "--master-port", str(port), str(script)], stdout=subprocess.PIPE,

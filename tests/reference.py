@@ -80,12 +80,16 @@ def select_mask(key: np.ndarray, count: int, largest: bool) -> np.ndarray:
     return m
 
 
-def localization(A0: np.ndarray, A1: np.ndarray, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3) -> dict:
+def localization(A0: np.ndarray, A1: np.ndarray, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
+                 upd: np.ndarray | None = None) -> dict:
+    """``upd``: the update mask (True = updated) when it is not the bf16 rule's (FP8 weights)."""
     A0 = np.asarray(A0, np.float64)
     U, s, Vh = svd(A0)
     r = min(rank, *A0.shape)
     recon = (U[:, :r] * s[:r]) @ Vh[:r]
-    upd = ~unchanged_mask(A0.astype(np.float32), np.asarray(A1, np.float32), eta).reshape(-1)
+    if upd is None:
+        upd = ~unchanged_mask(A0.astype(np.float32), np.asarray(A1, np.float32), eta)
+    upd = np.asarray(upd, bool).reshape(-1)
     n = A0.size
     count = math.floor(alpha * n)
     mp = select_mask(np.abs(recon), count, True)

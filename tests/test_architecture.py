@@ -28,7 +28,8 @@ LAYERS = [
     ["weightgeo"],  # the package root: the flat public API
 ]
 # Deprecated names forwarded upward by a module-level __getattr__ (PEP 562), each until the release named.
-DEPRECATED_FORWARDS = {("weightgeo.metrics.trajectory", "weightgeo.trajectory"): "0.3"}
+DEPRECATED_FORWARDS = {("weightgeo.metrics.trajectory", "weightgeo.trajectory"): "0.3",
+                       ("weightgeo.checkpoint", "weightgeo.metrics"): "0.3"}
 
 
 def _module_name(path: Path) -> str:

@@ -30,9 +30,9 @@ KW = dict(k=2, hill_k=2)  # rank_curve options of every stream test here
 PAIR_KW = dict(k=4, rank=2, progress=False)
 
 
-def _state(step: int) -> dict[str, torch.Tensor]:
+def _state(step: int, **shape: int) -> dict[str, torch.Tensor]:
     """The tiny model after ``step`` steps: a planted rank-2 update growing with the step, plus noise."""
-    base = tiny_llama_state()
+    base = tiny_llama_state(**shape)
     g = torch.Generator().manual_seed(1000 + step)
     out = {}
     for name, w in base.items():
@@ -395,3 +395,16 @@ def test_cli_cache_switches(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):  # argparse: not allowed together
         main([*args, "--cache", str(tmp_path / "c"), "--no-cache"])
+
+
+def test_a_new_fine_tune_of_a_cached_base_gives_the_rows_of_a_fresh_run(tmp_path):
+    """The base decomposition served from the cache (values, Gram eigenvalues, basis) must give the rows a fresh
+    decomposition gives, bit for bit (a GEMM's rounding depends on its operands' memory layout)."""
+    shape = dict(num_layers=2, hidden=16, intermediate=8)
+    b = write_hf_checkpoint(tmp_path / "b", _state(0, **shape))
+    f1, f2 = (write_hf_checkpoint(tmp_path / f"f{t}", _state(t, **shape)) for t in (20, 40))
+    root = tmp_path / "cache"
+    weightgeo.compare(b, f1, cache=root, **PAIR_KW)
+    second = weightgeo.compare(b, f2, cache=root, **PAIR_KW)
+    assert second.meta["cache"]["bases_cached"] == 16 and second.meta["cache"]["bases_computed"] == 0
+    assert _rows_json(second) == _rows_json(weightgeo.compare(b, f2, cache=False, **PAIR_KW))

@@ -36,7 +36,7 @@ from .metrics import trajectory as trajectory_kernels
 from .engine import compare, plan_pair
 from .errors import WeightgeoError
 from .metrics.localization import Localization
-from .metrics.sparsity import unchanged_mask
+from .metrics.sparsity import fp8_update_mask, unchanged_mask
 from .report import Report, summarize_rows
 from .trajectory import rank_curve
 from .validation import check_eta, check_finite, check_pair, is_tensor_like
@@ -259,7 +259,9 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
 
     Keys are the canonical names of the floating tensors both hold (in checkpoint order), as in
     :func:`~weightgeo.compare`'s rows; a vocabulary matrix that gained rows (added tokens) gets the mask of the
-    rows both share. Close it (or use it as a context manager) to release the files.
+    rows both share. A weight both store as scaled FP8 gets the FP8 update rule's mask (stored codes and
+    scales, docs/checkpoints.md); ``skipped`` lists what gets none. Close it (or use it as a context manager)
+    to release the files.
     """
 
     def __init__(self, base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None):
@@ -267,14 +269,26 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
         self._b = open_checkpoint(base)
         self._f = open_checkpoint(ft, base=self._b)
         try:
-            self.plan = plan_pair(self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False)
+            self.plan = plan_pair(self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False,
+                                  experts=False)  # a stack's mask is its whole [E, out, in]
         except BaseException:
             self.close()
             raise
         self._jobs = {job.key: job for job in self.plan.jobs}
 
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Tensors both hold that get no mask (non-floating, empty), then what each source holds that is not a
+        weight (``side`` ``"base"`` / ``"ft"``), as ``Report.meta["skipped"]`` lists them."""
+        return self.plan.skipped + self.plan.source_skipped()
+
     def __getitem__(self, name: str) -> torch.Tensor:
         job = self._jobs[name]
+        if job.fp8:  # both stored as scaled FP8: the FP8 rule on codes and scales (docs/checkpoints.md)
+            a, b = self._b.fp8_weight(job.base_name, 0, job.rows), self._f.fp8_weight(job.ft_name, 0, job.rows)
+            assert a is not None and b is not None
+            return fp8_update_mask(a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=self.eta,
+                                   rows=a.rows, name=name)
         w0 = self._b.get_rows(job.base_name, 0, job.rows)
         w1 = self._f.get_rows(job.ft_name, 0, job.rows)
         check_finite(w0, f"{name}: base")

@@ -12,9 +12,10 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._version import __version__
+from .checkpoint import open_checkpoint
 from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .follow import follow
@@ -26,9 +27,13 @@ __all__ = ["main"]
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", metavar="REGEX",
-                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear")
+                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, "
+                        "experts, router")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="the model's HF config.json (or its folder): architecture numbers for native checkpoints "
+                        "(Megatron/slime iter_N, torchtitan step-N) that carry none; given to every checkpoint")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are "
                         "created")
@@ -72,8 +77,6 @@ def _parser() -> argparse.ArgumentParser:
                                    "--follow analyses new ones as the run writes them.")
     t.add_argument("run_dir", help="run directory of checkpoint folders")
     t.add_argument("--base", default=None, help="initial model (default: the first complete checkpoint)")
-    t.add_argument("--config", default=None, metavar="PATH",
-                   help="the model's HF config.json, for native checkpoints (Megatron, torchtitan) without one")
     t.add_argument("--strict", action="store_true",
                    help="fail on a checkpoint that is not completely written instead of leaving it out")
     t.add_argument("--follow", action="store_true",
@@ -178,6 +181,18 @@ def _cache_arg(args: argparse.Namespace):
     return False if args.no_cache else args.cache
 
 
+def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[Any, list[Any]]:
+    """With ``--config``, the checkpoints opened with it (``open_checkpoint(config=)``); else the paths as given."""
+    if config is None:
+        return base, list(fts)
+    b = open_checkpoint(base, config=config)
+    try:
+        return b, [open_checkpoint(ft, base=b, config=config) for ft in fts]
+    except BaseException:
+        b.close()
+        raise
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         return _cache_command(args)
@@ -187,11 +202,12 @@ def _run(args: argparse.Namespace) -> int:
                     side=args.side, rank=args.rank, alpha=args.alpha, eta=args.eta, device=args.device,
                     batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
                     progress=not args.no_progress, cache=_cache_arg(args))
-        if len(args.ft) == 1:
-            _emit(compare(args.base, args.ft[0], **opts), args)
+        base, fts = _open_with_config(args.base, args.ft, args.config)
+        if len(fts) == 1:
+            _emit(compare(base, fts[0], **opts), args)
             return 0
         # Several fine-tunes: one report each, in order; --out PATH becomes PATH-1.json, PATH-2.json, ...
-        for i, report in enumerate(compare_many(args.base, args.ft, **opts), start=1):
+        for i, report in enumerate(compare_many(base, fts, **opts), start=1):
             print(f"== {report.meta['ft']} ==")
             out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
             _emit(report, args, out)

@@ -6,10 +6,12 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .checkpoint.names import expert_index, expert_tensor
 from .errors import WeightgeoError
 from .means import nanmean
 from .outputs import atomic_write_text, check_output_path
@@ -17,9 +19,9 @@ from .outputs import atomic_write_text, check_output_path
 __all__ = ["Report", "summarize_rows", "check_output_path"]
 
 # Columns shown first in tables, in this order, when present.
-_LEAD_COLUMNS = ("group", "step", "name", "shape", "numel", "module", "layer")
+_LEAD_COLUMNS = ("group", "step", "name", "expert", "shape", "numel", "module", "layer")
 # Row keys that are identifiers or bookkeeping, not metric values to average.
-_NOT_METRICS = frozenset({"step", "name", "base_name", "ft_name", "shape", "numel", "module", "layer",
+_NOT_METRICS = frozenset({"step", "name", "expert", "base_name", "ft_name", "shape", "numel", "module", "layer",
                           "dtype", "rows_compared", "rows_added", "k_effective"})
 # Metrics summarised as parameter-count weighted means (fractions of entries); the rest are unweighted means.
 _WEIGHTED = frozenset({"update_sparsity"})
@@ -66,7 +68,9 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> 
     ``update_sparsity`` is weighted by parameter count over the rows that have it (paper §3.1: a fraction of
     the model's entries); every other metric is an unweighted mean over the rows that have it (over matrices,
     as the paper averages NSS and angles). ``max_principal_angle`` also gets its maximum over matrices.
-    NaN values (undefined, e.g. overlaps of a matrix with no visible update) are left out of means.
+    NaN values (undefined, e.g. overlaps of a matrix with no visible update) are left out of means. Rows of
+    MoE experts (an ``expert`` field) also get per-tensor summaries, ``summary["experts"][tensor]``, over the
+    experts of each expert tensor (a stack's name; a per-expert name with its ``experts.{j}.`` number removed).
 
     >>> rows = [{"name": "a", "numel": 3, "module": "q_proj", "update_sparsity": 1.0},
     ...         {"name": "b", "numel": 1, "module": "k_proj", "update_sparsity": 0.0}]
@@ -74,6 +78,9 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> 
     0.75
     >>> summarize_rows(rows)["by_module"]["k_proj"]["update_sparsity"]
     0.0
+    >>> moe = [{"name": "mlp.experts.down_proj", "expert": j, "numel": 4, "update_sparsity": j / 2} for j in (0, 1)]
+    >>> summarize_rows(moe)["experts"]["mlp.experts.down_proj"]["update_sparsity"]
+    0.25
     """
     summary: dict[str, Any] = _summarize_flat(rows)
     if by and any(by in r for r in rows):
@@ -81,6 +88,12 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> 
         for r in rows:
             groups.setdefault(str(r.get(by)), []).append(r)
         summary[f"by_{by}"] = {g: _summarize_flat(rs) for g, rs in sorted(groups.items())}
+    experts: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("expert") is not None:
+            experts.setdefault(expert_tensor(str(r.get("name"))), []).append(r)
+    if experts:
+        summary["experts"] = {t: _summarize_flat(rs) for t, rs in experts.items()}
     return summary
 
 
@@ -147,10 +160,13 @@ class Report:
         return cols
 
     def __getitem__(self, name: str) -> dict[str, Any]:
-        """The row of one tensor by name (for trajectory reports, the rows of that name, by step)."""
+        """The row of one tensor by name (for trajectory reports, the rows of that name, by step; for an expert
+        stack [E, out, in], its experts' rows, by ``expert``)."""
         hits = [r for r in self.rows if r.get("name") == name]
         if not hits:
             raise KeyError(name)
+        if "step" not in hits[0] and hits[0].get("expert") is not None and expert_index(name) is None:
+            return {r["expert"]: r for r in hits}  # a stack's experts (even one of them)
         return hits[0] if len(hits) == 1 else {r.get("step"): r for r in hits}
 
     # --- output --------------------------------------------------------------------------------
@@ -233,12 +249,9 @@ class Report:
                                                    and (not m.startswith("n_") or m == "n_tensors")}}
                                    for g, vals in v.items()], summary={})
                 lines += ["  " + line for line in sub.table().splitlines()]
-        skipped, unmatched = self.skipped, self.unmatched
-        lines += _checkpoint_lines([c for c in skipped if c.get("kind") == "checkpoint"])
-        skipped = [c for c in skipped if c.get("kind") != "checkpoint"]
-        if skipped:
-            lines.append(f"skipped {len(skipped)} tensor(s): " + "; ".join(
-                f"{s['name']} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        unmatched = self.unmatched
+        lines += _checkpoint_lines([c for c in self.skipped if c.get("kind") == "checkpoint"])
+        lines += _skipped_lines([c for c in self.skipped if c.get("kind") != "checkpoint"])
         for side, names in unmatched.items():
             if names:
                 lines.append(f"{side}: {len(names)} tensor(s) without a partner: " + ", ".join(names[:5])
@@ -267,6 +280,30 @@ def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append(f"left out {len(rest)} incomplete checkpoint(s): " + "; ".join(
             f"{c['name']} ({'still being written?' if c.get('state') == 'in_progress' else c.get('state')}: "
             f"{c.get('reason')})" for c in rest[:5]) + (" ..." if len(rest) > 5 else ""))
+    return lines
+
+
+def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary's account of what was skipped: tensors of the pair not analysed, then the entries each
+    source holds that are not weights (``side`` base / ft), counted by side and by reason."""
+    lines = []
+    tensors = [s for s in skipped if "side" not in s]
+    if tensors:
+        lines.append(f"skipped {len(tensors)} tensor(s): " + "; ".join(
+            f"{s['name']} ({s['reason']})" for s in tensors[:5]) + (" ..." if len(tensors) > 5 else ""))
+    entries = [s for s in skipped if "side" in s]
+    if entries:
+        sides: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for s in entries:
+            sides[str(s["side"])] = sides.get(str(s["side"]), 0) + 1
+            why = re.sub(r"'[^']*'", "*", str(s["reason"]))  # "FP8 scales of 'w'" counts with the others
+            reasons[why] = reasons.get(why, 0) + 1
+        by_reason = sorted(reasons.items(), key=lambda kv: -kv[1])
+        lines.append(f"not weights, not analysed: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ("
+                     + ", ".join(f"{side} {n}" for side, n in sides.items()) + "): "
+                     + "; ".join(f"{n} {why}" for why, n in by_reason[:4]) + (" ..." if len(by_reason) > 4 else "")
+                     + " (meta['skipped'])")
     return lines
 
 

@@ -408,7 +408,7 @@ def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: C
         if not keep(key, bi.shape):
             continue
         if len(bi.shape) != 2:
-            if explicit:
+            if explicit or len(bi.shape) > 2:  # 1-D norms and biases are not followed by default; ≥3-D is news
                 skipped.append({"name": key, "reason": f"{len(bi.shape)}-D tensor: trajectory metrics need a matrix"})
             continue
         if not bi.dtype.is_floating_point:

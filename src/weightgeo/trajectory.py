@@ -295,13 +295,22 @@ def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: in
             "steps": list(s.steps), "device": str(dev), "hardware": hardware(dev).as_dict(),
             # ΔW_t is formed in float32 (exact for bf16 pairs), so the policy gives float32 passes everywhere
             "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""), **params,
-            "skipped": [*s.skipped, *reader.skipped], "unmatched": reader.unmatched,
+            "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)], "unmatched": reader.unmatched,
             "torch_version": torch.__version__, "world_size": world_size,
             "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
     in_out = [e.key for e in reader.plan if reader.base.in_out_layout(e.base_name)]
     if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
         meta["in_out_layout"] = in_out
     return meta
+
+
+def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
+    """Every checkpoint's entries that are not weights (optimizer state, FP8 scales, ...), tagged by side
+    (``"base"``, or ``"ft"`` with the checkpoint's ``step``)."""
+    out: list[dict[str, Any]] = [{**s, "side": "base"} for s in reader.base.skipped]
+    for step, ck in zip(reader.stream.steps, reader.checkpoints):
+        out += [{**s, "side": "ft", "step": int(step)} for s in ck.skipped]
+    return out
 
 
 def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
@@ -337,8 +346,9 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
             :class:`~weightgeo.cache.ResultCache`). Each (matrix, step) spectrum of checkpoints on disk is
             stored as it is computed, so a re-run, a resumed run or a run with one more checkpoint reads and
             computes only what is new (docs/caching.md).
-        config: the model's HF config (path or dict) for native checkpoints whose names need architecture
-            numbers (Megatron, torchtitan; docs/checkpoints.md).
+        config: the model's HF config (a ``config.json`` path, its folder or a dict) for native checkpoints
+            whose name mapping needs architecture numbers (Megatron / torchtitan DCP folders; see
+            :func:`~weightgeo.open_checkpoint`), given to the base and every checkpoint.
 
     Returns:
         :class:`~weightgeo.report.Report`: ``rows`` per (step, matrix) with ``step, name, shape, numel, module,

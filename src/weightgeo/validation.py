@@ -213,6 +213,8 @@ def all_finite(x: torch.Tensor) -> bool:
     """
     mask = _EXPONENT_MASK.get(x.dtype)
     if mask is None:
+        if x.dtype.is_floating_point and x.dtype.itemsize == 1:  # float8: torch.isfinite has no kernel for it
+            x = x.to(torch.float32)
         return bool(torch.isfinite(x).all())
     if x.numel() == 0:
         return True
@@ -226,7 +228,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     """Raise WeightgeoError naming ``name``, the shape, the dtype and the count of NaN/Inf entries, if any."""
     if all_finite(x):
         return
-    bad = x.numel() - int(torch.isfinite(x).sum())
+    bad = x.numel() - int(torch.isfinite(x.to(torch.float32) if x.dtype.itemsize == 1 else x).sum())
     raise WeightgeoError(
         f"tensor {name!r} (shape {tuple(x.shape)}, {x.dtype}) has {bad} non-finite value(s) (NaN/Inf); "
         "metrics are undefined there: fix the checkpoint or exclude this tensor")

@@ -48,7 +48,7 @@ def zero(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero")
     script = out / "run.py"
     script.write_text(textwrap.dedent(_SCRIPT.format(out=str(out))))
-    torchrun(script, port=29532)
+    torchrun(script)
     return out
 
 
@@ -105,3 +105,19 @@ def test_deepspeed_run_folder_points_at_its_step(tmp_path):
     (run / "latest").write_text("global_step10")
     with pytest.raises(WeightgeoError, match="latest: 'global_step10'"):
         open_checkpoint(run)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_identity_names_the_files_read_and_changes_when_one_is_rewritten(zero, stage, tmp_path):
+    import shutil
+    import time
+
+    step = tmp_path / "global_step1"
+    shutil.copytree(zero / f"zero{stage}" / "global_step1", step)
+    first = DeepSpeedCheckpoint(step).identity("0.weight")
+    assert first == DeepSpeedCheckpoint(step).identity("0.weight") and first["zero_stage"] == ("0-2" if stage == 2 else "3")
+    assert DeepSpeedCheckpoint(step).identity("1.weight") != first
+    time.sleep(0.05)  # file times are taken from a coarse clock
+    target = sorted(step.glob("*model_states.pt"))[-1]
+    target.write_bytes(target.read_bytes())
+    assert DeepSpeedCheckpoint(step).identity("0.weight") != first

@@ -9,39 +9,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from native_factories import fp8_quantize, fp8_reference
 from safetensors.torch import save_file
 
 import weightgeo
 from weightgeo import WeightgeoError
-from weightgeo.checkpoint import Fp8Checkpoint, fp8_dequantize, fp8_unchanged_count, fp8_update_mask, open_checkpoint
+from weightgeo.checkpoint import Fp8Checkpoint, fp8_dequantize, open_checkpoint
+from weightgeo.metrics import fp8_unchanged_count, fp8_update_mask
 
 E4M3 = torch.float8_e4m3fn
-
-
-def reference(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """W = code x scale, block by block, in float64 (an independent loop)."""
-    out = torch.empty(codes.shape, dtype=torch.float64)
-    b0, b1 = block
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            out[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].double()
-                                                             * scales[i, j].double())
-    return out
-
-
-def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-style block quantisation: scale = amax / 448 per block, codes = w / scale in e4m3."""
-    b0, b1 = block
-    rows, cols = math.ceil(w.shape[0] / b0), math.ceil(w.shape[1] / b1)
-    scales = torch.empty(rows, cols)
-    codes = torch.empty(w.shape, dtype=E4M3)
-    for i in range(rows):
-        for j in range(cols):
-            blk = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
-            s = blk.abs().max().clamp_min(1e-12) / 448
-            scales[i, j] = s
-            codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (blk / s).to(E4M3)
-    return codes, scales
+reference, quantize = fp8_reference, fp8_quantize
 
 
 @pytest.mark.parametrize("shape,block", [((300, 200), (128, 128)), ((5, 7), (2, 3)), ((128, 256), (128, 128)),
@@ -120,6 +97,17 @@ def test_compressed_tensors_per_channel_scales(tmp_path, gen):
     ck = open_checkpoint(d)
     assert ck.names() == ["lin.weight"] and {s["name"] for s in ck.skipped} == {"lin.weight_scale", "lin.input_scale"}
     assert torch.equal(ck.get("lin.weight"), (codes.double() * scale.double()).float())
+
+
+def test_block_size_defaults_to_128x128_when_the_config_gives_none(tmp_path, gen):
+    w = torch.randn(300, 200, generator=gen)  # partial edge blocks on both axes
+    d, codes, scales = _fp8_folder(tmp_path, "default", w, config={"quantization_config": {"quant_method": "fp8"}})
+    ck = open_checkpoint(d)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert ck.block == (128, 128) and ck.fp8_block(name) == (128, 128)
+    assert torch.equal(ck.get(name), reference(codes, scales, (128, 128)).float())  # the exact product, rounded once
+    rows = ck.fp8_weight(name, 100, 260)  # the codes of some rows, with the whole weight's scales
+    assert (rows.row_start, rows.rows, tuple(rows.codes.shape)) == (100, 300, (160, 200))
 
 
 def test_fp8_without_its_scales_and_bad_block_sizes(tmp_path, gen):
@@ -203,3 +191,14 @@ def test_rule_rejects_bad_inputs():
         fp8_update_mask(c, s, _codes([[1.0, 2.0, 3.0]]), s, (1, 2))
     with pytest.raises(WeightgeoError, match="eta must be"):
         fp8_update_mask(c, s, c, s, (1, 2), eta=float("nan"))
+
+
+def test_the_old_paths_of_the_fp8_rule_forward_with_a_warning():
+    import weightgeo.checkpoint as ckpt_pkg
+
+    with pytest.warns(DeprecationWarning, match="moved to weightgeo.metrics.fp8_update_mask"):
+        assert ckpt_pkg.fp8_update_mask is fp8_update_mask
+    with pytest.warns(DeprecationWarning):
+        assert ckpt_pkg.fp8_unchanged_count is fp8_unchanged_count
+    with pytest.raises(AttributeError):
+        ckpt_pkg.no_such_name  # noqa: B018

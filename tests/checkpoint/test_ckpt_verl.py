@@ -78,7 +78,7 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp_run")
     script = out / "run.py"
     script.write_text(textwrap.dedent(_SCRIPT.format(tests=str(TESTS), out=str(out))))
-    torchrun(script, port=29531)
+    torchrun(script)
     return out
 
 
@@ -212,3 +212,21 @@ def test_actor_huggingface_weights_are_used_when_as_precise(actor, run, dtype):
     # verl's 'hf_model' save in fp32 is the same weights, cheaper to read; a bf16 copy would lose the update
     assert isinstance(ck, SafetensorsCheckpoint if dtype == torch.float32 else VerlFsdpCheckpoint)
     assert all(torch.equal(ck.get(n), t) for n, t in full.items())
+
+
+def test_identity_names_the_rank_files_and_changes_when_one_is_rewritten(run, tmp_path):
+    import shutil
+    import time
+
+    actor = tmp_path / "actor"
+    shutil.copytree(run / "global_step_1" / "actor", actor)
+    name = "model.embed_tokens.weight"
+    first = VerlFsdpCheckpoint(actor).identity(name)
+    assert first == VerlFsdpCheckpoint(actor).identity(name)  # stable across opens
+    assert first["dim"] == 0 and first["sizes"] == [49, 48] and len(first["files"]) == 2
+    assert VerlFsdpCheckpoint(actor).identity("model.norm.weight") != first
+    time.sleep(0.05)  # file times are taken from a coarse clock
+    rank1 = actor / "model_world_size_2_rank_1.pt"
+    rank1.write_bytes(rank1.read_bytes())
+    again = VerlFsdpCheckpoint(actor).identity(name)
+    assert again != first and again["files"][0] == first["files"][0]  # only rank 1's file changed

@@ -1,5 +1,5 @@
-"""examples/opd_vs_sft.py: the claim statistics' directions on constructed measurements, the report schema,
-and a seconds-long end-to-end smoke run (the CI run of the whole pipeline)."""
+"""examples/opd_vs_sft.py and its miniature/ package: the claim statistics' directions on constructed
+measurements, the report schema, and a seconds-long end-to-end smoke run (the CI run of the whole pipeline)."""
 
 import importlib.util
 import json
@@ -23,7 +23,12 @@ def ex():
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
     try:
-        spec.loader.exec_module(mod)
+        spec.loader.exec_module(mod)  # puts examples/ on sys.path: the miniature/ package beside it imports
+        import miniature.claims
+        import miniature.jobs
+        import miniature.plan
+
+        mod.plan, mod.claims, mod.jobs = miniature.plan, miniature.claims, miniature.jobs
         yield mod
     finally:
         sys.modules.pop(spec.name, None)
@@ -59,8 +64,8 @@ def _acc_file(out, name, reading, t1):
 
 def _constructed(ex, out, *, paper: bool):
     """Measurements shaped like the paper's findings (paper=True) or like their opposite, 3 seeds."""
-    plan = ex.Plan(seeds=3, sft_steps=100, opd_steps=100, rlvr_steps=100, rlvr_matched=100, every=20, controls=True,
-                   project_ks=(4,), project_seeds=3, sparsify=(("random", 0.5),), mix_alphas=(0.05,))
+    plan = ex.plan.Plan(seeds=3, sft_steps=100, opd_steps=100, rlvr_steps=100, rlvr_matched=100, every=20,
+                        controls=True, project_ks=(4,), project_seeds=3, sparsify=(("random", 0.5),), mix_alphas=(0.05,))
     rng = np.random.default_rng(0)
     # (unchanged, NSS, angle, density, low-mag overlap, srank start->end, Sim_K at 20%)
     P = {"sft": (0.1, 1e-3, 10.0, 0.9, 0.3, (10, 40), 0.3), "opd": (0.5, 1e-4, 1.0, 0.5, 0.5, (20, 20), 0.95),
@@ -92,14 +97,14 @@ def _constructed(ex, out, *, paper: bool):
         _acc_file(out, f"opd_head_s{s}", 100, draw(0.01))
         _acc_file(out, f"opd_proj_k4_s{s}", 100, draw(0.05 if paper else -0.1))
         _acc_file(out, f"sft_proj_k4_s{s}", 100, draw(-0.1 if paper else 0.05))
-    return ex.Data(plan, res, out)
+    return ex.claims.Data(plan, res, out)
 
 
 @pytest.mark.parametrize("paper", [True, False])
 def test_claim_directions_on_constructed_measurements(ex, tmp_path, paper, monkeypatch):
-    monkeypatch.setattr(ex, "N_BOOT", 300)
+    monkeypatch.setattr(ex.claims, "N_BOOT", 300)
     D = _constructed(ex, tmp_path, paper=paper)
-    ev = ex.evaluate_claims(D, {"passed": True})
+    ev = ex.claims.evaluate_claims(D, {"passed": True})
     verdicts = {c["id"]: c["verdict"] for c in ev["claims"]}
     want = "reproduced" if paper else "contradicted"
     assert verdicts == {i: want for i in range(1, 8)}, ev["details"]
@@ -109,17 +114,17 @@ def test_claim_directions_on_constructed_measurements(ex, tmp_path, paper, monke
         assert set(c) == {"id", "text", "verdict", "statistic", "ci95", "per_seed"}
         assert len(c["per_seed"]) == (1 if c["id"] == 7 else 3) and c["ci95"][0] <= c["statistic"] <= c["ci95"][1]
     # a failed regime check makes every claim untestable, whatever the numbers
-    ev2 = ex.evaluate_claims(D, {"passed": False})
+    ev2 = ex.claims.evaluate_claims(D, {"passed": False})
     assert {c["verdict"] for c in ev2["claims"]} == {"untestable"}
 
 
 def test_claim6_needs_an_opd_gain(ex, tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "N_BOOT", 300)
+    monkeypatch.setattr(ex.claims, "N_BOOT", 300)
     D = _constructed(ex, tmp_path, paper=True)
-    anchor = ex.load_eval(tmp_path, "sft_s0", 100)["t1"]
+    anchor = ex.jobs.load_eval(tmp_path, "sft_s0", 100)["t1"]
     for s in range(3):  # OPD now gains nothing over the anchor: "keeps OPD's accuracy" would be vacuous
         _acc_file(tmp_path, f"opd_s{s}", 100, anchor)
-    c6 = next(c for c in ex.evaluate_claims(D, {"passed": True})["claims"] if c["id"] == 6)
+    c6 = next(c for c in ex.claims.evaluate_claims(D, {"passed": True})["claims"] if c["id"] == 6)
     assert c6["verdict"] == "untestable"
 
 

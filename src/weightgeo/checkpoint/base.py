@@ -35,12 +35,16 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Fp8Weight:
-    """A stored FP8 weight: ``codes`` [out, in] (float8), ``scales`` [ceil(out/b0), ceil(in/b1)] (multiplicative),
-    ``block`` = (b0, b1); ``checkpoint.fp8.fp8_dequantize(codes, scales, block)`` gives the weight."""
+    """A stored FP8 weight, or rows of one: ``codes`` [n, in] (float8: rows ``row_start .. row_start + n`` of the
+    weight), ``scales`` the whole weight's [ceil(rows/b0), ceil(in/b1)] (multiplicative), ``block`` = (b0, b1),
+    ``rows`` the weight's row count (``None``: ``row_start + n``). ``checkpoint.fp8.fp8_dequantize(codes, scales,
+    block, row_start=row_start, rows=rows)`` gives the weight's values there."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     block: tuple[int, int]
+    row_start: int = 0
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -138,9 +142,14 @@ class Checkpoint(abc.ABC):
         """For adapter-backed checkpoints, the update of ``name`` kept factored; else ``None``."""
         return None
 
-    def fp8_weight(self, name: str) -> Fp8Weight | None:
-        """For a weight stored as scaled FP8 (read dequantised by :meth:`get`), its stored codes and scales;
-        else ``None``. Update rules that must compare what is stored (see ``fp8_unchanged_count``) use it."""
+    def fp8_weight(self, name: str, start: int | None = None, stop: int | None = None) -> Fp8Weight | None:
+        """For a weight stored as scaled FP8 (read dequantised by :meth:`get`), its stored codes (rows
+        ``start:stop`` when given) and scales; else ``None``. Update rules that must compare what is stored
+        (``weightgeo.metrics.sparsity.fp8_unchanged_count``) use it."""
+        return None
+
+    def fp8_block(self, name: str) -> tuple[int, int] | None:
+        """The block size of a weight stored as scaled FP8, from headers alone (nothing is read); else ``None``."""
         return None
 
     def identity(self, name: str) -> dict[str, Any] | None:
@@ -153,8 +162,8 @@ class Checkpoint(abc.ABC):
         return None
 
     def in_out_layout(self, name: str) -> bool:
-        """True when the 2-D tensor ``name`` is stored [in, out] (transformers ``Conv1D``, e.g. GPT-2), so its
-        stored right singular side is the output side. From ``config.json``'s model_type, or from the module
+        """True when the 2-D tensor ``name`` is stored [in, out] (transformers ``Conv1D``, e.g. GPT-2; for an
+        expert stack, each expert: gpt-oss), so its stored right singular side is the output side. From ``config.json``'s model_type, or from the module
         classes when the source was an ``nn.Module``."""
         from .names import stored_in_out
 

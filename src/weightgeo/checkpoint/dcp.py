@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import WeightgeoError
-from ._files import safe_shard_name
+from ._files import file_identity, safe_shard_name
 from .base import Checkpoint, TensorInfo
 from .pickles import STUB_PREFIXES, load_dcp_metadata
 
@@ -132,6 +132,7 @@ class DcpCheckpoint(Checkpoint):
         self._validate()
         self._reader: Any = None
         self._slab: tuple[str, tuple[int, ...], tuple[int, ...], torch.Tensor] | None = None
+        self._file_ids: dict[str, dict[str, Any]] = {}  # identity() of each file, taken once
 
     # --- validation, from the metadata and file sizes alone ---------------------------------------
     def _validate(self) -> None:
@@ -205,6 +206,33 @@ class DcpCheckpoint(Checkpoint):
         """The ``(offsets, sizes)`` of each stored chunk of tensor ``name`` (one per saving rank and shard)."""
         self.info(name)
         return [(c.offsets, c.sizes) for c in self._chunks[name]]
+
+    def identity(self, name: str) -> dict[str, Any]:
+        """The tensor's metadata entry (dtype, shape, every stored chunk's offsets and sizes) and, per chunk, the
+        holding file's identity (resolved path, size, ``mtime_ns``, taken once per file) and byte range: any
+        rewrite of a ``.distcp`` file holding one of its chunks changes it.
+
+        >>> import tempfile, warnings, torch, torch.distributed.checkpoint as dcp
+        >>> d = tempfile.mkdtemp()
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     _ = dcp.save({"w": torch.ones(2, 2)}, checkpoint_id=d, no_dist=True)
+        >>> ident = DcpCheckpoint(d).identity("w")
+        >>> ident["format"], ident["shape"], len(ident["chunks"])
+        ('dcp', [2, 2], 1)
+        """
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self.info(name)
+        chunks = []
+        for c in self._chunks[name]:
+            item = self.metadata.storage_data[MetadataIndex(name, c.offsets)]
+            rel = str(item.relative_path)
+            if rel not in self._file_ids:
+                self._file_ids[rel] = file_identity(self.folder / rel)
+            chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), "file": self._file_ids[rel],
+                           "byte_range": [int(item.offset), int(item.offset) + int(item.length)]})
+        return {"format": "dcp", "tensor": name, "dtype": str(info.dtype), "shape": list(info.shape), "chunks": chunks}
 
     def get_region(self, name: str, start: Sequence[int], stop: Sequence[int]) -> torch.Tensor:
         """The box ``[start, stop)`` of tensor ``name`` (over its leading dims; the others whole), reading only

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import WeightgeoError
+from ._files import file_identity
 from .base import Checkpoint, TensorInfo
 from .mapped_files import MappedFiles
 from .pickles import load_torch_file
@@ -86,6 +87,7 @@ class DeepSpeedCheckpoint(Checkpoint):
                                  f"tensor parallelism) is read, convert with DeepSpeed's zero_to_fp32.py or save HF weights")
         self._lazy: dict[str, Any] | None = None
         self._files: MappedFiles | None = None
+        self._file_ids: list[dict[str, Any]] | None = None  # identity() of the files read, taken once
         if (self.folder / _ZERO12).is_file():
             self.zero_stage = "0-2"
             self._files = MappedFiles([self.folder / _ZERO12], _load_module)
@@ -128,6 +130,21 @@ class DeepSpeedCheckpoint(Checkpoint):
 
     def _infos(self) -> dict[str, TensorInfo]:
         return dict(self._info)
+
+    def identity(self, name: str) -> dict[str, Any]:
+        """The identities (resolved path, size, ``mtime_ns``) of the files the tensor is read from, plus its name,
+        dtype and shape: ZeRO-0/1/2 ``mp_rank_00_model_states.pt``; ZeRO-3 every rank's model-states and
+        optimizer-states file (its fp32 masters are reassembled from all of them)."""
+        info = self.info(name)
+        if self._file_ids is None:
+            if self._files is not None:
+                paths = list(self._files.paths)
+            else:
+                paths = sorted(p for p in self.folder.iterdir()
+                               if p.name.endswith(("_model_states.pt", "_optim_states.pt")))
+            self._file_ids = [file_identity(p) for p in paths]
+        return {"format": "deepspeed", "zero_stage": self.zero_stage, "tensor": name, "dtype": str(info.dtype),
+                "shape": list(info.shape), "files": self._file_ids}
 
     def _get(self, name: str) -> torch.Tensor:
         if self._files is not None:

@@ -7,14 +7,8 @@ of a b0 x b1 block, the block size coming from ``config.json``'s ``quantization_
 ([out, 1]), which is the same rule with one block per tensor or per row. :class:`Fp8Checkpoint` offers each
 such weight dequantised to float32 under its own name; the scale tensors are consumed (listed in
 ``skipped`` as folded into their weight) and :meth:`Fp8Checkpoint.fp8_weight` returns the stored codes and
-scales, which :func:`fp8_unchanged_count` compares.
-
-The FP8 update rule (ours; the paper's bf16 rule does not apply to FP8 storage): an entry is unchanged iff
-its dequantised values satisfy ``|w1 - w0| <= eta * max(|w0|, |w1|)``, with ``w = code * scale`` computed
-exactly (an FP8 code times a float32 scale is exact in float64) and no rounding to bf16. When the block's
-scale is bit-identical on both sides this is code equality for ``eta < 1/15`` (distinct e4m3 values at one
-scale differ by at least 1/15 relative; +0 and -0 are equal); a block whose scale moved changes every
-nonzero entry that the codes do not compensate.
+scales, which the FP8 update rule compares (:func:`weightgeo.metrics.sparsity.fp8_unchanged_count`; it moved
+there from this package: ``weightgeo.checkpoint.fp8_update_mask`` forwards with a DeprecationWarning until 0.3).
 
 An FP8 tensor with no scales in a checkpoint whose config declares no FP8 quantisation is left as stored.
 Other quantised formats (GPTQ, AWQ, bitsandbytes, ...: packed integers) are refused naming the format.
@@ -35,8 +29,8 @@ import torch
 from ..errors import WeightgeoError
 from .base import Checkpoint, Fp8Weight, TensorInfo
 
-__all__ = ["Fp8Weight", "Fp8Checkpoint", "fp8_dequantize", "fp8_unchanged_count", "fp8_update_mask",
-           "wrap_quantized", "DEFAULT_BLOCK", "FP8_DTYPES"]
+__all__ = ["Fp8Weight", "Fp8Checkpoint", "fp8_dequantize", "expand_scales", "check_scales", "wrap_quantized",
+           "DEFAULT_BLOCK", "FP8_DTYPES"]
 
 DEFAULT_BLOCK = (128, 128)
 FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -46,12 +40,11 @@ _PACKED = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "aqlm":
            "exl2": "EXL2", "quanto": "quanto", "eetq": "EETQ", "marlin": "Marlin", "gguf": "GGUF",
            "torchao": "torchao", "mxfp4": "MXFP4", "vptq": "VPTQ", "higgs": "HIGGS", "spqr": "SpQR"}
 _PACKED_NAMES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".absmax", ".quant_map")
-#: the smallest relative gap between two distinct FP8 values at one scale (e4m3: 1/15; e5m2: 1/7)
-_MIN_GAP = 1 / 15
 
 
-def _check(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *, row_start: int = 0,
+def check_scales(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *, row_start: int = 0,
            rows: int | None = None, name: str = "") -> tuple[int, int]:
+    """Check that ``codes`` are 2-D float8 and ``scales`` fit them in ``block`` s; return the block as two ints."""
     pre = f"{name}: " if name else ""
     if codes.dtype not in FP8_DTYPES or codes.ndim != 2:
         raise WeightgeoError(f"{pre}FP8 codes must be a 2-D float8 tensor, got {codes.dtype} {tuple(codes.shape)}")
@@ -67,7 +60,12 @@ def _check(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *,
     return b0, b1
 
 
-def _expand(scales: torch.Tensor, block: tuple[int, int], row_start: int, rows: int, cols: int) -> torch.Tensor:
+def expand_scales(scales: torch.Tensor, block: tuple[int, int], row_start: int, rows: int, cols: int) -> torch.Tensor:
+    """The scale of every entry of rows ``row_start .. row_start + rows`` (``cols`` columns): [rows, cols].
+
+    >>> expand_scales(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (2, 2), 1, 2, 3).tolist()
+    [[1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+    """
     b0, b1 = block
     first, last = row_start // b0, (row_start + rows - 1) // b0 + 1 if rows else row_start // b0
     s = scales[first:last].repeat_interleave(b0, dim=0)
@@ -88,80 +86,9 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, 
     Returns:
         [n, in] tensor in ``dtype`` (float32 by default; float64 gives the exact products).
     """
-    b = _check(codes, scales, block, row_start=row_start, rows=rows)
-    s = _expand(scales.to(dtype), b, row_start, codes.shape[0], codes.shape[1])
+    b = check_scales(codes, scales, block, row_start=row_start, rows=rows)
+    s = expand_scales(scales.to(dtype), b, row_start, codes.shape[0], codes.shape[1])
     return codes.to(dtype) * s
-
-
-def _finite(codes: torch.Tensor, scales: torch.Tensor, side: str, name: str) -> None:
-    pre = f"{name}: " if name else ""
-    bad = int(torch.count_nonzero(~torch.isfinite(codes.to(torch.float32))))
-    if bad:
-        raise WeightgeoError(f"{pre}{side} FP8 codes hold {bad} NaN/Inf value(s); the checkpoint is corrupt")
-    s = scales.to(torch.float64)
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-        raise WeightgeoError(f"{pre}{side} FP8 scales must be finite and non-negative; the checkpoint is corrupt")
-
-
-def fp8_update_mask(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
-                    block: tuple[int, int] = DEFAULT_BLOCK, *, eta: float = 1e-3, row_start: int = 0,
-                    rows: int | None = None, name: str = "") -> torch.Tensor:
-    """Mask of updated entries of an FP8 weight under the FP8 rule (module docstring); True = updated.
-
-    >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
-    >>> fp8_update_mask(c, torch.tensor([[1.0]]), c, torch.tensor([[1.5]]), (2, 2)).tolist()  # scale moved
-    [[True, True], [True, False]]
-    >>> fp8_update_mask(c, torch.tensor([[1.0]]), (c.float() * 2).to(torch.float8_e4m3fn), torch.tensor([[0.5]]),
-    ...                 (2, 2)).tolist()  # codes doubled, scale halved: the weights are unchanged
-    [[False, False], [False, False]]
-
-    Args:
-        codes0, scales0: the base's codes [n, in] (rows ``row_start ..`` of the weight) and its scales.
-        codes1, scales1: the fine-tune's, same shapes.
-        block: (b0, b1) block size.
-        eta: relative tolerance (default 1e-3, the paper's η).
-
-    Returns:
-        bool tensor [n, in].
-    """
-    eta = float(eta)
-    if not (eta >= 0 and math.isfinite(eta)):
-        raise WeightgeoError(f"eta must be a finite relative tolerance ≥ 0 (default 1e-3), got {eta}")
-    if codes0.shape != codes1.shape or scales0.shape != scales1.shape:
-        raise WeightgeoError(f"{name + ': ' if name else ''}FP8 base codes {tuple(codes0.shape)} / scales "
-                             f"{tuple(scales0.shape)} and fine-tuned {tuple(codes1.shape)} / {tuple(scales1.shape)} differ "
-                             f"in shape; compare checkpoints of one architecture")
-    b = _check(codes0, scales0, block, row_start=row_start, rows=rows, name=name)
-    _check(codes1, scales1, block, row_start=row_start, rows=rows, name=name)
-    _finite(codes0, scales0, "base", name)
-    _finite(codes1, scales1, "fine-tuned", name)
-    n, cols = codes0.shape
-    x0, x1 = codes0.to(torch.float64), codes1.to(torch.float64)
-    same_scale = _expand((scales0.view(torch.int32) if scales0.dtype == torch.float32 else scales0) ==
-                         (scales1.view(torch.int32) if scales1.dtype == torch.float32 else scales1), b, row_start, n, cols)
-    if eta < _MIN_GAP:
-        updated = (x0 != x1) & same_scale  # one scale: distinct codes are > eta apart (+0 == -0)
-        if bool(same_scale.all()):
-            return updated
-    else:
-        updated = torch.zeros_like(same_scale)
-    w0 = x0 * _expand(scales0.to(torch.float64), b, row_start, n, cols)
-    w1 = x1 * _expand(scales1.to(torch.float64), b, row_start, n, cols)
-    exact = (w1 - w0).abs() > eta * torch.maximum(w0.abs(), w1.abs())
-    return torch.where(same_scale, updated, exact) if eta < _MIN_GAP else exact
-
-
-def fp8_unchanged_count(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
-                        block: tuple[int, int] = DEFAULT_BLOCK, *, eta: float = 1e-3, row_start: int = 0,
-                        rows: int | None = None, name: str = "") -> int:
-    """Number of unchanged entries under the FP8 rule (what ``update_sparsity`` counts on FP8 weights).
-
-    >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
-    >>> fp8_unchanged_count(c, torch.tensor([[1.0]]), c, torch.tensor([[1.0]]), (2, 2))
-    4
-    """
-    mask = fp8_update_mask(codes0, scales0, codes1, scales1, block, eta=eta, row_start=row_start, rows=rows, name=name)
-    return mask.numel() - int(torch.count_nonzero(mask))
 
 
 def _block_size(config: Mapping[str, Any], source: str) -> tuple[int, int]:
@@ -267,31 +194,52 @@ class Fp8Checkpoint(Checkpoint):
             out[n] = TensorInfo(n, i.shape, torch.float32) if n in self._fp8 else i
         return out
 
-    def fp8_weight(self, name: str) -> Fp8Weight | None:
-        """The stored codes and scales of FP8 weight ``name`` (scales as [ceil(out/b0), ceil(in/b1)]); else None."""
+    def fp8_weight(self, name: str, start: int | None = None, stop: int | None = None) -> Fp8Weight | None:
+        """The stored codes of FP8 weight ``name`` (rows ``start:stop`` when given, reading only those) and its
+        scales as [ceil(out/b0), ceil(in/b1)]; ``None`` for other tensors."""
         self.info(name)
         if name not in self._fp8:
             return None
         scale, blk = self._fp8[name]
         out, cols = self.inner.info(name).shape
         s = self.inner.get(scale).reshape(math.ceil(out / blk[0]), math.ceil(cols / blk[1]))
-        return Fp8Weight(self.inner.get(name), s, blk)
+        if start is None and stop is None:
+            return Fp8Weight(self.inner.get(name), s, blk, 0, out)
+        lo, hi, _ = slice(start, stop).indices(out)
+        return Fp8Weight(self.inner.get_rows(name, lo, max(lo, hi)), s, blk, lo, out)
+
+    def fp8_block(self, name: str) -> tuple[int, int] | None:
+        self.info(name)
+        return self._fp8[name][1] if name in self._fp8 else None
 
     def _get(self, name: str) -> torch.Tensor:
         if name not in self._fp8:
             return self.inner.get(name)
         w = self.fp8_weight(name)
+        assert w is not None
         return fp8_dequantize(w.codes, w.scales, w.block)
 
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name not in self._fp8:
             return self.inner.get_rows(name, start, stop)
+        w = self.fp8_weight(name, start, stop)
+        assert w is not None
+        return fp8_dequantize(w.codes, w.scales, w.block, row_start=w.row_start, rows=w.rows)
+
+    def identity(self, name: str) -> dict[str, Any] | None:
+        """For an FP8 weight, the identities of its stored codes and of its scales plus the block size (both
+        determine the dequantised values); for any other tensor the inner checkpoint's identity."""
+        self.info(name)
+        if name not in self._fp8:
+            return self.inner.identity(name)
         scale, blk = self._fp8[name]
-        out, cols = self.inner.info(name).shape
-        lo, hi, _ = slice(start, stop).indices(out)
-        codes = self.inner.get_rows(name, lo, max(lo, hi))
-        s = self.inner.get(scale).reshape(math.ceil(out / blk[0]), math.ceil(cols / blk[1]))
-        return fp8_dequantize(codes, s, blk, row_start=lo, rows=out)
+        codes, scales = self.inner.identity(name), self.inner.identity(scale)
+        if codes is None or scales is None:
+            return None
+        return {"format": "fp8", "codes": codes, "scales": scales, "block": list(blk)}
+
+    def in_out_layout(self, name: str) -> bool:
+        return self.inner.in_out_layout(name)
 
     def close(self) -> None:
         self.inner.close()

@@ -156,9 +156,11 @@ class _Builder:
         self.shared = shared
 
     def add(self, hf: str, stored: str, shape: tuple[int, ...], box: tuple[tuple[int, ...], tuple[int, ...]],
-            squeeze: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "") -> None:
+            squeeze: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "",
+            recipe: Any = None) -> None:
         dtype = self.inner.info(stored).dtype
-        self.pieces.append(Piece(TensorInfo(hf, shape, dtype), stored, box[0], box[1], squeeze, transform, note))
+        self.pieces.append(Piece(TensorInfo(hf, shape, dtype), stored, box[0], box[1], squeeze, transform, note,
+                                 recipe))
 
     def build(self) -> None:
         vocab = _vocab_rows(self.inner, self.arch)
@@ -236,7 +238,8 @@ class _Builder:
         per = heads // groups
         for part, rows in (("q", heads * hd), ("k", groups * hd), ("v", groups * hd)):
             self.add(f"{pre}self_attn.{part}_proj.{kind}", name, (rows, *shape[1:]), (start, stop), k,
-                     _qkv(part, groups, per, hd), note=f"{part} rows of the fused QKV, interleaved per query group")
+                     _qkv(part, groups, per, hd), note=f"{part} rows of the fused QKV, interleaved per query group",
+                     recipe={"qkv": part, "groups": groups, "per_group": per, "head_dim": hd})
 
     def _experts(self, name: str, pre: str, m: re.Match, shape: tuple[int, ...], start: tuple[int, ...],
                  stop: tuple[int, ...], k: int) -> bool:

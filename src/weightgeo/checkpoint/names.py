@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ..errors import WeightgeoError
 
 __all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "stored_in_out", "PRESETS",
-           "INPUT_EMBEDDINGS", "OUTPUT_EMBEDDINGS", "VOCAB_MODULES", "is_embedding"]
+           "INPUT_EMBEDDINGS", "OUTPUT_EMBEDDINGS", "VOCAB_MODULES", "is_embedding", "expert_index", "expert_tensor",
+           "is_expert_stack"]
 
 # Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
 _PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
@@ -35,6 +36,15 @@ _MLP = re.compile(
     r"(^|\.)(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h)"
     r"\.weight$"
     r"|mlp\.c_proj\.weight$")
+# Routed experts: a component named ``experts`` (not ``shared_experts``, the always-active dense MLP). A stack
+# ``...experts.gate_up_proj`` [E, out, in] (transformers' fused layout, in memory and in state dicts), or one
+# expert ``...experts.{j}.gate_proj.weight`` (HF on disk; Megatron and torchtitan views).
+_EXPERTS = re.compile(r"(^|\.)experts\.")
+_EXPERT_J = re.compile(r"(^|\.)experts\.(\d+)\.")
+# The routers of MoE blocks (Qwen/Mixtral/DeepSeek ``mlp.gate``, Mixtral ``block_sparse_moe.gate``, gpt-oss and
+# Megatron ``router``, torchtitan ``moe.router.gate``) and Qwen2-MoE's shared-expert gate.
+_ROUTER = re.compile(r"(^|\.)(mlp|moe|block_sparse_moe|feed_forward)\.(gate|router|router\.gate)\.weight$"
+                     r"|(^|\.)shared_expert_gate\.weight$")
 
 # The one list of vocabulary modules (rows = tokens), by module type. Input embeddings are what an absent
 # lm_head.weight may be tied to (checkpoint.align); a vocabulary module's row count may differ between base and
@@ -48,8 +58,8 @@ VOCAB_MODULES = INPUT_EMBEDDINGS | OUTPUT_EMBEDDINGS
 # other embeddings that are not linear maps: GPT-2's position embedding, T5's shared token embedding
 _OTHER_EMBEDDINGS = frozenset({"wpe", "shared"})
 
-#: The include/exclude presets accepted by :func:`compile_filter` (2-D ``.weight`` tensors only).
-PRESETS = ("attention", "mlp", "linear")
+#: The include/exclude presets accepted by :func:`compile_filter` (2-D ``.weight`` tensors and expert stacks).
+PRESETS = ("attention", "mlp", "linear", "experts", "router")
 
 
 def canonical_name(name: str) -> str:
@@ -127,17 +137,58 @@ def is_embedding(name: str) -> bool:
     return mt in VOCAB_MODULES or mt in _OTHER_EMBEDDINGS or "embed" in mt.lower()
 
 
+def expert_index(name: str) -> int | None:
+    """The expert number in a per-expert name (``...experts.{j}.gate_proj.weight``), else ``None``.
+
+    >>> expert_index("model.layers.1.mlp.experts.7.down_proj.weight"), expert_index("layers.1.mlp.gate.weight")
+    (7, None)
+    """
+    m = _EXPERT_J.search(name)
+    return int(m.group(2)) if m else None
+
+
+def expert_tensor(name: str) -> str:
+    """The expert tensor a per-expert name belongs to (its expert number removed); other names unchanged.
+
+    >>> expert_tensor("layers.1.mlp.experts.7.down_proj.weight"), expert_tensor("layers.1.mlp.experts.down_proj")
+    ('layers.1.mlp.experts.down_proj.weight', 'layers.1.mlp.experts.down_proj')
+    """
+    return _EXPERT_J.sub(lambda m: f"{m.group(1)}experts.", name, count=1)
+
+
+def is_expert_stack(name: str, shape: tuple[int, ...] | None) -> bool:
+    """True for a stack of routed experts' matrices [E, out, in]: a 3-D tensor (any, without a shape) under an
+    ``experts`` component (transformers' fused ``mlp.experts.gate_up_proj``; not ``shared_experts``).
+
+    >>> is_expert_stack("model.layers.0.mlp.experts.gate_up_proj", (8, 96, 64))
+    True
+    >>> is_expert_stack("model.layers.0.mlp.shared_experts.gate_up_proj", (8, 96, 64))
+    False
+    """
+    c = canonical_name(name)
+    return (shape is None or len(shape) == 3) and bool(_EXPERTS.search(c)) and not _EXPERT_J.search(c) \
+        and not c.endswith(".bias") and not c.endswith("_bias")
+
+
 def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
     def two_d_weight(cname: str, shape: tuple[int, ...] | None) -> bool:
         return cname.endswith(".weight") and (shape is None or len(shape) == 2)
 
+    def matrices(cname: str, shape: tuple[int, ...] | None) -> bool:  # 2-D weights and expert stacks
+        return two_d_weight(cname, shape) or (shape is not None and is_expert_stack(cname, shape))
+
     if kind == "attention":
         return lambda c, s: two_d_weight(c, s) and bool(_ATTENTION.search(c))
     if kind == "mlp":
-        return lambda c, s: two_d_weight(c, s) and bool(_MLP.search(c))
+        return lambda c, s: ((two_d_weight(c, s) and bool(_MLP.search(c)))
+                             or (s is not None and is_expert_stack(c, s)))
+    if kind == "experts":
+        return lambda c, s: matrices(c, s) and bool(_EXPERTS.search(c))
+    if kind == "router":
+        return lambda c, s: two_d_weight(c, s) and bool(_ROUTER.search(c))
 
     def linear(c: str, s: tuple[int, ...] | None) -> bool:
-        if not two_d_weight(c, s) or is_embedding(c):
+        if not matrices(c, s) or is_embedding(c):
             return False
         # without a shape, norms (1-D in practice) are excluded by name
         return s is not None or not re.search(r"norm|(^|[._])ln(_|\d|$)", module_type(c))
@@ -175,17 +226,24 @@ def compile_filter(include: str | Sequence[str] | None = None,
                    exclude: str | Sequence[str] | None = None) -> Callable[..., bool]:
     """A predicate ``f(name, shape=None) -> bool`` selecting tensors by regex or preset.
 
-    ``include``/``exclude`` are a regex, a preset (``"attention"``, ``"mlp"``, ``"linear"``) or a list of
-    them. Regexes are ``re.search``-ed on the canonical name; presets match 2-D ``.weight`` tensors only
-    (``"linear"`` = every 2-D weight except embeddings and ``lm_head``). A tensor is kept when it matches
-    some include (or ``include`` is None) and no exclude. Pass the shape; without one, the 2-D test is
-    skipped and ``"linear"`` excludes norms by name.
+    ``include``/``exclude`` are a regex, a preset or a list of them. Regexes are ``re.search``-ed on the
+    canonical name; presets match 2-D ``.weight`` tensors and expert stacks ([E, out, in] under ``experts``):
+    ``"attention"``, ``"mlp"`` (expert stacks included), ``"linear"`` (every 2-D weight and expert stack
+    except embeddings and ``lm_head``), ``"experts"`` (routed experts, per-expert weights or stacks; not
+    ``shared_experts``), ``"router"`` (an MoE block's ``gate`` / ``router`` weight, Qwen2-MoE's
+    ``shared_expert_gate``). A tensor is kept when it matches some include (or ``include`` is None) and no
+    exclude. Pass the shape; without one, the 2-D test is skipped and ``"linear"`` excludes norms by name.
 
     >>> keep = compile_filter("attention", exclude=r"layers\\.0\\.")
     >>> keep("model.layers.1.self_attn.q_proj.weight", (16, 16)), keep("model.layers.0.self_attn.q_proj.weight", (16, 16))
     (True, False)
     >>> compile_filter("linear")("model.embed_tokens.weight", (40, 16))
     False
+    >>> keep = compile_filter(["experts", "router"])
+    >>> keep("layers.0.mlp.experts.down_proj", (4, 16, 8)), keep("layers.0.mlp.gate.weight", (4, 16))
+    (True, True)
+    >>> keep("layers.0.mlp.shared_experts.down_proj.weight", (16, 8)), keep("layers.0.mlp.gate_proj.weight", (8, 16))
+    (False, False)
     """
     inc = _compile_one(include, "include")
     exc = _compile_one(exclude, "exclude")
@@ -203,10 +261,13 @@ def compile_filter(include: str | Sequence[str] | None = None,
 # transformers' ``Conv1D`` (GPT-2 and the architectures built from its blocks) stores y = x W + b with W [in, out].
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer"})
 _CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+# MoE stacks applied as x @ W[e] ([E, in, out]): gpt-oss's experts.gate_up_proj / down_proj
+_IN_OUT_EXPERT_MODEL_TYPES = frozenset({"gpt_oss"})
 
 
 def stored_in_out(name: str, config: Mapping[str, Any]) -> bool:
-    """True for a weight stored [in, out] (a transformers ``Conv1D``), judged from ``config.json``'s model_type.
+    """True for a weight stored [in, out] (a transformers ``Conv1D``; per expert, gpt-oss's expert stacks), judged
+    from ``config.json``'s model_type.
 
     Their stored right singular side is the *output* side: ``side="left"`` gives the input side there.
 
@@ -214,6 +275,10 @@ def stored_in_out(name: str, config: Mapping[str, Any]) -> bool:
     True
     >>> stored_in_out("model.layers.0.self_attn.q_proj.weight", {"model_type": "llama"})
     False
+    >>> stored_in_out("model.layers.0.mlp.experts.gate_up_proj", {"model_type": "gpt_oss"})  # x @ W per expert
+    True
     """
+    if config.get("model_type") in _IN_OUT_EXPERT_MODEL_TYPES and is_expert_stack(name, None):
+        return True
     return (config.get("model_type") in _CONV1D_MODEL_TYPES and name.endswith(".weight")
             and module_type(name) in _CONV1D_MODULES)

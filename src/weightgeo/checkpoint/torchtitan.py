@@ -105,16 +105,17 @@ def torchtitan_view(inner: Checkpoint, arch: ArchConfig, *, source: str | None =
             pieces.append(Piece(TensorInfo(pre + _PLAIN[rest].format(shared=shared), info.shape, info.dtype), name))
         elif rest in _ROTARY:
             proj, which = _ROTARY[rest]
-            transform = None
+            transform, recipe = None, None
             if permute:
                 heads = arch.heads() if which == "heads" else arch.kv_heads()
                 if not info.shape or info.shape[0] % (2 * heads):
                     raise WeightgeoError(f"{inner.source}: {name!r} has {info.shape[0] if info.shape else 0} rows, not "
                                          f"a multiple of 2 x {which.replace('_', ' ')} ({heads}); pass the config of "
                                          f"this model")
-                transform = _to_half_layout(heads)
+                transform, recipe = _to_half_layout(heads), {"rotary_to_half": heads}
             pieces.append(Piece(TensorInfo(pre + f"self_attn.{proj}.weight", info.shape, info.dtype), name,
-                                transform=transform, note="rows permuted to HF's rotary layout" if permute else ""))
+                                transform=transform, note="rows permuted to HF's rotary layout" if permute else "",
+                                recipe=recipe))
         elif rest in _EXPERTS and len(info.shape) == 3:
             for j in range(info.shape[0]):
                 pieces.append(Piece(TensorInfo(pre + f"mlp.experts.{j}.{_EXPERTS[rest]}.weight", info.shape[1:],

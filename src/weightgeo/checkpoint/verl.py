@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..errors import WeightgeoError
-from ._files import read_json_object
+from ._files import file_identity, read_json_object
 from .base import Checkpoint, TensorInfo
 from .mapped_files import MappedFiles
 
@@ -100,6 +100,7 @@ class VerlFsdpCheckpoint(Checkpoint):
             read_json_object(hf_config, what="config.json") if hf_config.is_file() else {})
         self.world_size, paths = self._rank_files()
         self._files = MappedFiles(paths, _load_rank)
+        self._file_ids: dict[int, dict[str, Any]] = {}  # identity() of each rank file, taken once
         self._layouts = self._plan()
         self._files.release()  # planning mapped every file; reads map them again as needed
 
@@ -222,6 +223,20 @@ class VerlFsdpCheckpoint(Checkpoint):
         """How tensor ``name`` is reassembled (rank order, concatenation dim, piece sizes)."""
         self.info(name)
         return self._layouts[name]
+
+    def identity(self, name: str) -> dict[str, Any]:
+        """The identities (resolved path, size, ``mtime_ns``) of the rank files holding the tensor's pieces, in
+        the order they are concatenated, plus its name, dtype, global shape and how it is reassembled (the
+        concatenation dim and piece sizes): rewriting any of those files changes it."""
+        lay = self.placements(name)
+        return {"format": "verl_fsdp", "world_size": self.world_size, "tensor": name, "dtype": str(lay.info.dtype),
+                "shape": list(lay.info.shape), "dim": lay.dim, "sizes": list(lay.sizes),
+                "files": [self._file_id(r) for r in lay.ranks]}
+
+    def _file_id(self, rank: int) -> dict[str, Any]:
+        if rank not in self._file_ids:
+            self._file_ids[rank] = file_identity(self._files.paths[rank])
+        return self._file_ids[rank]
 
     def _piece(self, rank: int, name: str) -> torch.Tensor:
         v = self._files.state(rank)[name]

@@ -19,7 +19,7 @@ un-interleave, the rotary permutation). Reading one HF tensor reads only that bo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -46,6 +46,9 @@ class Piece:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     #: a short description of the recipe for messages and ``origin()`` (e.g. "q rows of the fused QKV")
     note: str = ""
+    #: what ``transform`` does, as JSON-able data with every number it depends on (part of :meth:`identity
+    #: <MappedCheckpoint.identity>`); a piece with a transform but no recipe is never cached
+    recipe: Any = None
 
 
 def read_region(ck: Checkpoint, name: str, start: Sequence[int], stop: Sequence[int]) -> torch.Tensor:
@@ -126,9 +129,43 @@ class MappedCheckpoint(Checkpoint):
         t = read_region(self.inner, p.stored, tuple(begin), tuple(end))
         return t.reshape(t.shape[k:]) if k else t
 
-    def fp8_weight(self, name: str):  # noqa: ANN201 - see Checkpoint.fp8_weight
+    def identity(self, name: str) -> dict[str, Any] | None:
+        """The stored tensor's identity (``inner.identity``) plus this tensor's recipe: the name scheme, the box,
+        the squeezed dims and the transform's recipe; a stored tensor offered under its own name keeps the
+        stored identity. ``None`` when the stored tensor has none, or a transform has no recipe."""
         p = self.origin(name)
-        return self.inner.fp8_weight(p.stored) if not p.start and p.transform is None else None
+        stored = self.inner.identity(p.stored)
+        if stored is None or (p.transform is not None and p.recipe is None):
+            return None
+        if self._as_stored(name) is not None:
+            return stored
+        return {"format": "view", "scheme": self.scheme, "stored": stored, "start": list(p.start),
+                "stop": list(p.stop), "squeeze": p.squeeze, "transform": p.recipe, "shape": list(p.info.shape),
+                "dtype": str(p.info.dtype)}
+
+    def in_out_layout(self, name: str) -> bool:
+        """A stored tensor offered as it is keeps its stored layout; a mapped one is [out, in] (or as ``config``
+        says)."""
+        stored = self._as_stored(name)
+        return self.inner.in_out_layout(stored) if stored is not None else super().in_out_layout(name)
+
+    def factored_delta(self, name: str):  # noqa: ANN201 - see Checkpoint.factored_delta
+        stored = self._as_stored(name)
+        return None if stored is None else self.inner.factored_delta(stored)
+
+    def _as_stored(self, name: str) -> str | None:
+        """The stored name when virtual tensor ``name`` is a stored tensor offered whole, as it is; else None."""
+        p = self.origin(name)
+        same = not p.start and p.transform is None and p.info.shape == self.inner.info(p.stored).shape
+        return p.stored if same else None
+
+    def fp8_weight(self, name: str, start: int | None = None, stop: int | None = None):  # noqa: ANN201
+        stored = self._as_stored(name)
+        return None if stored is None else self.inner.fp8_weight(stored, start, stop)
+
+    def fp8_block(self, name: str) -> tuple[int, int] | None:
+        stored = self._as_stored(name)
+        return None if stored is None else self.inner.fp8_block(stored)
 
     def close(self) -> None:
         self.inner.close()

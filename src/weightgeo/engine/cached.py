@@ -26,7 +26,7 @@ from ..linalg.hardware import policy_fingerprint
 from ..linalg.pairwise import BaseSpectrum, base_spectrum, restore_base_spectrum
 from .groups import SharedBase, job_row
 from .options import Options
-from .plan import Job, Work
+from .plan import Group, Job, Work
 
 __all__ = ["RowCache", "CachedBase", "ROW_KIND", "BASE_KIND"]
 
@@ -94,19 +94,26 @@ class RowCache:
             ident = job_row(job)
             self.cache.put(key, {k: v for k, v in row.items() if k not in ident})
 
-    def shared_base(self, W0: torch.Tensor, names: Sequence[str], rows: int) -> SharedBase:
-        """The group's shared base, its decomposition read from the cache where it is there."""
-        return CachedBase(W0, self.options, self, names, rows) if self.cache is not None else SharedBase(W0, self.options)
+    def shared_base(self, W0: torch.Tensor, g: Group, work: Work) -> SharedBase:
+        """Shape group ``g``'s shared base, its decomposition read from the cache where it is there."""
+        if self.cache is None:
+            return SharedBase(W0, self.options)
+        experts = g.experts or (None,) * len(g.base_names)
+        return CachedBase(W0, self.options, self, list(zip(g.base_names, experts)), g.rows)
 
-    def base_key(self, name: str, rows: int) -> CacheKey | None:
+    def base_key(self, name: str, rows: int, expert: int | None = None) -> CacheKey | None:
+        """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack)."""
         assert self.cache is not None
-        return self.cache.key(BASE_KIND, inputs=[self.b.identity(name)], options={"rows": rows}, policy=self.policy)
+        return self.cache.key(BASE_KIND, inputs=[self.b.identity(name)], options={"rows": rows, "expert": expert},
+                              policy=self.policy)
 
-    def base_spectrum(self, W0: torch.Tensor, names: Sequence[str], rows: int) -> BaseSpectrum:
-        """W0's decomposition for a stack, member by member from the cache, the missing members computed (in one
-        batch) and stored."""
+    def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int
+                      ) -> BaseSpectrum:
+        """W0's decomposition for a stack of ``members`` (base name, expert), member by member from the cache,
+        the missing members computed (in one batch) and stored."""
         assert self.cache is not None
-        keys = [self.base_key(n, rows) for n in names]
+        names = [n for n, _ in members]
+        keys = [self.base_key(n, rows, e) for n, e in members]
         entries = [self.cache.get(k) if k is not None else None for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         self.counts["bases_cached"] += len(names) - len(missing)
@@ -156,12 +163,13 @@ class CachedBase(SharedBase):
     """A :class:`~weightgeo.engine.groups.SharedBase` whose decomposition comes from the result cache when the
     cache holds it (made on first use, like its parent's)."""
 
-    def __init__(self, W0: torch.Tensor, options: Options, rc: RowCache, names: Sequence[str], rows: int) -> None:
+    def __init__(self, W0: torch.Tensor, options: Options, rc: RowCache, members: Sequence[tuple[str, int | None]],
+                 rows: int) -> None:
         super().__init__(W0, options)
-        self.rc, self.names, self.rows = rc, list(names), rows
+        self.rc, self.members, self.rows = rc, list(members), rows
         self._restored: BaseSpectrum | None = None
 
     def spectrum(self) -> BaseSpectrum | None:
         if self._restored is None and self.options.needs_base:
-            self._restored = self.rc.base_spectrum(self.on_device(), self.names, self.rows)
+            self._restored = self.rc.base_spectrum(self.on_device(), self.members, self.rows)
         return self._restored

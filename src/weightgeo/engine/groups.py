@@ -12,41 +12,92 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checkpoint import Fp8Weight, layer_index, module_type
+from ..checkpoint.names import expert_index
 from ..errors import WeightgeoError
 from ..linalg.pairwise import BaseSpectrum, base_spectrum
 from ..linalg.policy import row_blocks
 from ..metrics.pair import batched_pair_metrics
-from ..metrics.sparsity import finite_as_bf16, unchanged_count
-from ..checkpoint import layer_index, module_type
+from ..metrics.sparsity import finite_as_bf16, fp8_unchanged_count, fp8_update_mask, unchanged_count
 from .options import Options
 from .plan import Job
 
-__all__ = ["job_row", "finite_chunks", "chunk_unchanged", "finish_row", "SharedBase", "matrix_rows"]
+__all__ = ["job_row", "finite_chunks", "chunk_unchanged", "fp8_unchanged", "finish_row", "SharedBase",
+           "matrix_rows"]
+
+Fp8Pair = tuple[Fp8Weight, Fp8Weight]
 
 
 def job_row(job: Job) -> dict[str, Any]:
-    """The identifying part of a tensor's row: name, shape, numel, module, layer, dtype (and layout notes)."""
+    """The identifying part of a tensor's row: name, shape, numel, module, layer, dtype (and layout notes);
+    ``expert`` for one expert of an MoE block (of a stack [E, out, in], whose rows share the stack's name and
+    its shape is the expert's; or a per-expert ``experts.{j}.`` name)."""
     row: dict[str, Any] = {
         "name": job.key, "shape": job.shape, "numel": math.prod(job.shape), "module": module_type(job.key),
         "layer": layer_index(job.key), "dtype": str(job.base_dtype).replace("torch.", ""),
     }
+    expert = job.expert if job.expert is not None else expert_index(job.key)
+    if expert is not None:
+        row["expert"] = expert
     if job.rows_added:
         row["rows_compared"], row["rows_added"] = job.rows, job.rows_added
     if job.in_out:
         row["layout"] = "in_out"  # stored [in, out] (Conv1D): side="right" is its output side
+    if job.fp8:
+        row["update_rule"] = "fp8"  # update_sparsity and density compare stored codes and scales
     return row
 
 
-def chunk_unchanged(options: Options, key: str, s: int, e: int, c0: torch.Tensor, c1: torch.Tensor) -> int:
+def chunk_unchanged(options: Options, key: str, s: int, e: int, c0: torch.Tensor | Fp8Weight,
+                    c1: torch.Tensor | Fp8Weight) -> int:
     """The finiteness pass over rows ``s:e`` of one tensor (NaN/Inf raise, naming the tensor and rows), and the
-    count of unchanged entries when update_sparsity is asked for (else 0)."""
+    count of unchanged entries when update_sparsity is asked for (else 0). Stored FP8 rows (:class:`Fp8Weight`)
+    are checked and counted by the FP8 update rule."""
+    if isinstance(c0, Fp8Weight):
+        assert isinstance(c1, Fp8Weight)
+        n = fp8_unchanged(options, key, (c0, c1))  # checks the codes and scales whatever the metrics
+        return n if options.sparsity else 0
+    assert isinstance(c1, torch.Tensor)
+    return _bf16_chunk(options, key, s, e, c0, c1, count=options.sparsity)
+
+
+def _bf16_chunk(options: Options, key: str, s: int, e: int, c0: torch.Tensor, c1: torch.Tensor, *, count: bool) -> int:
     b0, b1 = finite_as_bf16(c0, c1, f"{key} rows {s}:{e}")
-    return unchanged_count(b0, b1, options.eta, check=False) if options.sparsity else 0
+    return unchanged_count(b0, b1, options.eta, check=False) if count else 0
 
 
-def finite_chunks(options: Options, job: Job, w0: torch.Tensor, w1: torch.Tensor) -> int:
-    """:func:`chunk_unchanged` over the row chunks of one matrix already read (bounded temporaries)."""
-    return sum(chunk_unchanged(options, job.key, s, e, w0[s:e], w1[s:e]) for s, e in row_blocks(job.rows, job.row_len))
+def _fp8_rows(pair: Fp8Pair, s: int, e: int) -> Fp8Pair:
+    """Rows ``s:e`` (relative to the codes held) of both sides of a stored FP8 pair."""
+    return tuple(Fp8Weight(w.codes[s:e], w.scales, w.block, w.row_start + s,  # type: ignore[return-value]
+                           w.row_start + w.codes.shape[0] if w.rows is None else w.rows) for w in pair)
+
+
+def fp8_unchanged(options: Options, key: str, pair: Fp8Pair) -> int:
+    """Unchanged entries of a stored FP8 pair under the FP8 update rule, in the policy's row blocks."""
+    w0 = pair[0]
+    total = 0
+    for s, e in row_blocks(w0.codes.shape[0], w0.codes.shape[1]):
+        a, b = _fp8_rows(pair, s, e)
+        total += fp8_unchanged_count(a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=options.eta,
+                                     row_start=a.row_start, rows=a.rows,
+                                     name=f"{key} rows {a.row_start}:{a.row_start + e - s}")
+    return total
+
+
+def _fp8_update_rows(options: Options, key: str, pair: Fp8Pair):  # -> Callable[[int, int], torch.Tensor]
+    """The FP8 rule's update mask of rows ``s:e``, for the localization kernel's row blocks."""
+    def rows(s: int, e: int) -> torch.Tensor:
+        a, b = _fp8_rows(pair, s, e)
+        return fp8_update_mask(a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=options.eta,
+                               row_start=a.row_start, rows=a.rows, name=key)
+    return rows
+
+
+def finite_chunks(options: Options, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:
+    """:func:`chunk_unchanged` over the row chunks of one matrix already read (bounded temporaries); ``count=False``:
+    the finiteness pass alone (0)."""
+    return sum(_bf16_chunk(options, job.uid, s, e, w0[s:e], w1[s:e], count=count and options.sparsity)
+               for s, e in row_blocks(job.rows, job.row_len))
 
 
 def finish_row(options: Options, job: Job, unchanged: int) -> dict[str, Any]:
@@ -79,22 +130,29 @@ class SharedBase:
 
 
 def matrix_rows(options: Options, jobs: Sequence[Job], W0: torch.Tensor, W1: torch.Tensor, *,
-                shared: SharedBase | None = None) -> list[dict[str, Any]]:
+                shared: SharedBase | None = None, fp8: Sequence[Fp8Pair | None] | None = None) -> list[dict[str, Any]]:
     """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored).
 
     The finiteness pass and update_sparsity per member, in row chunks of the tensors already read, then one
     batched pair kernel on ``options.device``. ``shared``: the group's base on the device and its
-    decomposition, when several fine-tunes of one base share them.
+    decomposition, when several fine-tunes of one base share them. ``fp8``: per member, the stored codes and
+    scales of both sides when it is an FP8 job (``reading.read_fp8``): its update_sparsity and localization
+    update mask then follow the FP8 update rule.
     """
-    rows = [finish_row(options, job, finite_chunks(options, job, w0, w1)) for job, w0, w1 in zip(jobs, W0, W1)]
+    pairs = list(fp8) if fp8 is not None else [None] * len(jobs)
+    rows = [finish_row(options, job, finite_chunks(options, job, w0, w1) if pair is None else
+                       finite_chunks(options, job, w0, w1, count=False) + fp8_unchanged(options, job.key, pair))
+            for job, w0, w1, pair in zip(jobs, W0, W1, pairs)]
     if not options.pair_metrics:
         return rows
     shared = SharedBase(W0, options) if shared is None else shared
+    update_rows = ([None if p is None else _fp8_update_rows(options, job.key, p) for job, p in zip(jobs, pairs)]
+                   if any(p is not None for p in pairs) else None)
     try:
         found = batched_pair_metrics(shared.on_device(), W1.to(options.device, non_blocking=True),
-                                     base=shared.spectrum(), **options.kernel())
+                                     base=shared.spectrum(), update_rows=update_rows, **options.kernel())
     except WeightgeoError as e:
-        names = ", ".join(repr(job.key) for job in jobs)
+        names = ", ".join(repr(job.uid) for job in jobs)
         raise WeightgeoError(f"tensor{'s' if len(jobs) > 1 else ''} {names}: {e}") from e
     for row, extra in zip(rows, found):
         row.update(extra)

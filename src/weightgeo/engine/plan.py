@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoint import Alignment, Checkpoint, align, module_type
-from ..checkpoint.names import VOCAB_MODULES
+from ..checkpoint.names import VOCAB_MODULES, is_expert_stack
 from ..distributed import World, balanced_shards
 from ..errors import WeightgeoError
 
@@ -39,10 +39,18 @@ class Job:
     base_dtype: torch.dtype
     ft_dtype: torch.dtype
     in_out: bool = False  # a 2-D weight stored [in, out] (transformers Conv1D)
+    fp8: bool = False  # both sides store it as scaled FP8: the FP8 update rule compares codes and scales
+    #: expert ``expert`` of an [E, out, in] expert stack (``shape`` is then the expert's [out, in]); else None
+    expert: int | None = None
 
     @property
     def matrix(self) -> bool:
         return len(self.shape) == 2
+
+    @property
+    def uid(self) -> str:
+        """Unique in its plan: the key, with ``[j]`` for expert j of a stack (whose experts share the key)."""
+        return self.key if self.expert is None else f"{self.key}[{self.expert}]"
 
     @property
     def row_len(self) -> int:
@@ -60,7 +68,9 @@ class Plan:
     """What one (base, fine-tune) comparison analyses, decided from headers.
 
     ``jobs`` in checkpoint order; ``skipped``: tensors in both but not analysed, with reasons; ``partial``:
-    tensors that get only the elementwise metrics (not matrices), with reasons; the ``alignment`` of names.
+    tensors that get only the elementwise metrics (not matrices), with reasons; the ``alignment`` of names;
+    ``base_skipped`` / ``ft_skipped``: what each side's source holds that is not a model weight
+    (:attr:`Checkpoint.skipped <weightgeo.checkpoint.Checkpoint.skipped>`: optimizer state, FP8 scales, ...).
     """
 
     jobs: tuple[Job, ...]
@@ -69,15 +79,26 @@ class Plan:
     alignment: Alignment
     base_source: str = ""
     ft_source: str = ""
+    base_skipped: tuple[dict[str, str], ...] = ()
+    ft_skipped: tuple[dict[str, str], ...] = ()
+
+    def source_skipped(self) -> list[dict[str, str]]:
+        """Both sources' non-weight entries, each tagged with its ``side`` (``"base"`` or ``"ft"``)."""
+        return ([{**s, "side": "base"} for s in self.base_skipped]
+                + [{**s, "side": "ft"} for s in self.ft_skipped])
 
 
-def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool) -> Plan:
+def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool,
+              experts: bool = True) -> Plan:
     """Decide what to analyse between ``b`` and ``f`` from their headers (raises when there is nothing).
 
     Args:
         keep: the include/exclude predicate ``keep(key, shape)``.
         elementwise: update_sparsity is asked for (non-matrices are then analysed too).
-        svd: some pair metric is asked for (non-matrices are then listed as partial).
+        svd: some pair metric is asked for (non-matrices are then listed as partial; ≥3-D tensors that are not
+            expert stacks also in ``skipped``, as getting no SVD metric).
+        experts: an expert stack [E, out, in] (``names.is_expert_stack``) becomes E matrix jobs, one per expert;
+            ``False`` keeps it one tensor (elementwise only).
     """
     alignment = align(b, f)
     if not alignment.pairs:
@@ -99,22 +120,34 @@ def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elemen
         if ib.numel == 0:
             skipped.append({"name": pair.key, "reason": "empty tensor"})
             continue
-        if len(ib.shape) != 2:
+        stack = experts and is_expert_stack(pair.key, ib.shape)
+        if len(ib.shape) != 2 and not stack:
             reason = f"{len(ib.shape)}-D tensor: SVD metrics need a matrix"
+            if len(ib.shape) > 2:
+                reason += " (an [E, out, in] stack is analysed per expert only under an 'experts' name)"
             if not elementwise:
                 skipped.append({"name": pair.key, "reason": reason})
                 continue
             if svd:
                 partial.append({"name": pair.key, "reason": reason})
+                if len(ib.shape) > 2:  # no SVD metric for it, said where skipped tensors are listed
+                    skipped.append({"name": pair.key, "reason": reason + "; its row has update_sparsity only"})
         rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
+        if stack:
+            in_out = b.in_out_layout(pair.base_name)  # each expert [in, out] (gpt-oss)
+            jobs.extend(Job(pair.key, pair.base_name, pair.ft_name, ib.shape[1:], ib.shape[1], 0, ib.dtype,
+                            i_f.dtype, in_out, expert=j) for j in range(ib.shape[0]))
+            continue
         in_out = len(ib.shape) == 2 and b.in_out_layout(pair.base_name)
-        jobs.append(Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out))
+        fp8 = b.fp8_block(pair.base_name) is not None and f.fp8_block(pair.ft_name) is not None
+        jobs.append(Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out,
+                        fp8))
     if not jobs:
         why = (f"{filtered_out} excluded by include/exclude" if filtered_out else "") + (
             f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else "")
         raise WeightgeoError(f"nothing to analyse between {b.source} and {f.source}: {len(alignment.pairs)} "
                              f"tensors in common, {why}; widen include/exclude or check the dtypes")
-    return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source)
+    return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source, tuple(b.skipped), tuple(f.skipped))
 
 
 def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str, src_f: str) -> tuple[int, int]:
@@ -139,6 +172,7 @@ class Unit:
     users: tuple[tuple[int, int], ...]
     matrix: bool
     weight: int  # entries read: the base once plus each user's (balances ranks)
+    expert: int | None = None  # the expert of an [E, out, in] stack that ``base_name`` is
 
 
 @dataclass(frozen=True)
@@ -171,16 +205,16 @@ def plan_work(plans: Sequence[Plan], *, pair: bool) -> Work:
     for i, plan in enumerate(plans):
         for j, job in enumerate(plan.jobs):
             if pair and job.matrix:
-                key = (job.base_name, job.rows)
+                key = (job.base_name, job.expert, job.rows)
                 if key not in users:
                     users[key], slot[key] = [], len(units)
                     units.append(None)
                 users[key].append((i, j))
             else:
-                units.append(Unit(job.base_name, job.rows, ((i, j),), False, 2 * math.prod(job.shape)))
-    for (name, rows), us in users.items():
+                units.append(Unit(job.base_name, job.rows, ((i, j),), False, 2 * math.prod(job.shape), job.expert))
+    for (name, expert, rows), us in users.items():
         numel = math.prod(plans[us[0][0]].jobs[us[0][1]].shape)
-        units[slot[(name, rows)]] = Unit(name, rows, tuple(us), True, numel * (1 + len(us)))
+        units[slot[(name, expert, rows)]] = Unit(name, rows, tuple(us), True, numel * (1 + len(us)), expert)
     return Work(tuple(plans), tuple(u for u in units if u is not None))
 
 
@@ -196,6 +230,7 @@ class Group:
     rows: int
     jobs: tuple[tuple[int, ...], ...]
     nbytes: int  # bytes of every stacked input, as stored
+    experts: tuple[int | None, ...] = ()  # per unit, the expert of a stack its base name is (else None)
 
 
 def small_problem_bytes(rows: int, cols: int) -> int:
@@ -229,5 +264,5 @@ def pack_groups(work: Work, n_fts: int, budget: int) -> list[Group]:
             per_ft = tuple(tuple(dict(work.units[u].users)[i] for u in part) if ft_dtypes[i] is not None else ()
                            for i in range(n_fts))
             groups.append(Group(part, tuple(work.units[u].base_name for u in part), rows, per_ft,
-                                inputs * len(part)))
+                                inputs * len(part), tuple(work.units[u].expert for u in part)))
     return groups

@@ -32,7 +32,8 @@ def comparison_report(plan: Plan, indexed_rows: list[tuple[int, dict[str, Any]]]
         "ranks": ranks,
         "torch_version": torch.__version__,
         "seconds": round(seconds, 3),
-        "skipped": plan.skipped,
+        # tensors in both but not analysed, then each source's entries that are not weights (tagged by side)
+        "skipped": plan.skipped + plan.source_skipped(),
         "partial": plan.partial,
         "unmatched": {"only_base": plan.alignment.only_base, "only_ft": plan.alignment.only_ft},
         "tied": plan.alignment.tied,

@@ -24,7 +24,7 @@ from .cached import RowCache
 from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
 from .options import Filter, Options
 from .plan import Group, Work, pack_groups, plan_pair, plan_work
-from .reading import ahead_bytes, chunk_spans, read_chunk, read_stack
+from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
 from .report import comparison_report
 
 __all__ = ["compare", "compare_many", "run"]
@@ -55,7 +55,8 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None, i
             stable_rank`` (aliases such as ``"nss"`` accepted; ``"principal_angles"`` also keeps each matrix's
             angle vector in its row); ``None`` = all.
         include, exclude: regexes on the canonical tensor name, or presets ``"attention"``, ``"mlp"``,
-            ``"linear"``. Default: every floating tensor present in both (paper §3.1).
+            ``"linear"``, ``"experts"``, ``"router"``. Default: every floating tensor present in both (paper
+            §3.1); an [E, out, in] expert stack is analysed as E matrices (one row per ``expert``).
         k, side: top-k subspace size (capped per matrix) and side for the rotation metrics (paper §3.1).
         rank, alpha, eta: localization's reconstruction rank and mask fraction, and the bf16 tolerance
             (paper §3.2, §3.1).
@@ -146,7 +147,7 @@ def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = 
             if bar is not None:
                 bar.close()
         per_rank = world.gather({"rank": world.rank, "seconds": round(time.perf_counter() - t_rank, 3),
-                                 "tensors": [[work.job(i, j).key for i, j in _users(work, i)] for i in range(len(fs))],
+                                 "tensors": [[work.job(i, j).uid for i, j in _users(work, i)] for i in range(len(fs))],
                                  "rows": local, "cache": store.meta()})
     finally:
         b.close()
@@ -186,10 +187,11 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
     pin = options.device.type == "cuda"
 
     def read_group(g: Group):
-        W0 = read_stack(b, g.base_names, g.rows, pin)
-        W1s = [read_stack(fs[i], [work.job(i, j).ft_name for j in js], g.rows, pin) if js else None
+        W0 = read_stack(b, g.base_names, g.rows, pin, g.experts)
+        W1s = [read_stack(fs[i], [work.job(i, j).ft_name for j in js], g.rows, pin, g.experts) if js else None
                for i, js in enumerate(g.jobs)]
-        return g, (W0, W1s)
+        fp8 = [read_fp8(b, fs[i], [work.job(i, j) for j in js], g.rows) if js else None for i, js in enumerate(g.jobs)]
+        return g, (W0, W1s, fp8)
 
     def reads():  # (bytes, read) per group or row chunk, in processing order; run by the reader thread
         for u, unit in enumerate(work.units):
@@ -203,7 +205,7 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
 
     out: list[Rows] = [[] for _ in fs]
     counts: dict[tuple[int, str], int] = {}
-    index = {(i, plan.jobs[j].key): j for i, plan in enumerate(work.plans) for j in range(len(plan.jobs))}
+    index = {(i, plan.jobs[j].uid): j for i, plan in enumerate(work.plans) for j in range(len(plan.jobs))}
     ahead = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
     background = b.pure_io and all(f.pure_io for f in fs)
     with ReadAhead(reads(), budget=ahead, background=background) as stream:
@@ -212,8 +214,8 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
                 done = _group(what, *data, work, options, out, store)
             else:
                 (i, job), (s, e, c0, c1) = what, data
-                key = (i, job.key)
-                counts[key] = counts.get(key, 0) + chunk_unchanged(options, job.key, s, e, c0, c1)
+                key = (i, job.uid)
+                counts[key] = counts.get(key, 0) + chunk_unchanged(options, job.uid, s, e, c0, c1)
                 if e < job.rows:
                     continue
                 row = finish_row(options, job, counts.pop(key))
@@ -226,17 +228,17 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
     return out
 
 
-def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], work: Work, options: Options,
+def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], fp8: list, work: Work, options: Options,
            out: list[Rows], store: RowCache | None = None) -> int:
     """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
     decomposition read from the cache), and the rows are cached as soon as they are computed."""
-    shared = store.shared_base(W0, g.base_names, g.rows) if store is not None else SharedBase(W0, options)
+    shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)
     done = 0
     for i, (W1, js) in enumerate(zip(W1s, g.jobs)):
         if W1 is None:
             continue
         jobs = [work.job(i, j) for j in js]
-        rows = matrix_rows(options, jobs, W0, W1, shared=shared)
+        rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i])
         out[i].extend(zip(js, rows))
         if store is not None:
             for j, job, row in zip(js, jobs, rows):

@@ -198,7 +198,10 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
     transposed = A.shape[-2] < A.shape[-1]
     if transposed:
         A = A.mT
-    return BaseSpectrum(A, transposed, dec, dec.vectors.to(compute_dtype(A.dtype)))  # type: ignore[union-attr]
+    # V_c row-major, as restore_base_spectrum rebuilds it: eigh returns column-major vectors, and a GEMM's
+    # rounding depends on its operands' layout, so a cached base must have the layout of a fresh one
+    V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()  # type: ignore[union-attr]
+    return BaseSpectrum(A, transposed, dec, V_c)
 
 
 def restore_base_spectrum(W0: torch.Tensor, *, S: torch.Tensor, lam: torch.Tensor, V_c: torch.Tensor,
@@ -220,7 +223,7 @@ def restore_base_spectrum(W0: torch.Tensor, *, S: torch.Tensor, lam: torch.Tenso
     transposed = m < n
     dec = Decomposition(S, None, "left" if transposed else "right", (m, n), compute_eps(A.dtype), lam,
                         refined_mask)
-    return BaseSpectrum(A.mT if transposed else A, transposed, dec, V_c)
+    return BaseSpectrum(A.mT if transposed else A, transposed, dec, V_c.contiguous())
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Every module that upcasts, cuts a matrix into row blocks, refines ill-conditione
 rank takes the rule from here (the hardware-dependent choices live in :mod:`weightgeo.linalg.hardware`).
 
 * **Compute dtype.** bf16 / fp16 / fp32 inputs are analysed in float32, fp64 in float64 (:func:`compute_dtype`);
-  the small eigenproblems always run in float64 (docs/numerics.md).
+  so are float8 tensors that come without scales (their stored values, exact in float32; scaled FP8 weights are
+  dequantised when read, docs/checkpoints.md); the small eigenproblems always run in float64 (docs/numerics.md).
 * **Row blocks.** Wherever a whole-matrix temporary in a wider dtype would be made (float64 Grams, float32
   products of bf16 pairs, localization keys, elementwise passes), the rows are taken in blocks of at most
   :data:`ROW_BLOCK` entries (:func:`row_blocks`), so temporaries are bounded whatever the matrix size.
@@ -26,22 +27,25 @@ import torch
 
 from ..errors import WeightgeoError
 
-__all__ = ["ROW_BLOCK", "REFINE_BELOW", "LOW_PRECISION", "compute_dtype", "to_compute_dtype", "compute_eps",
+__all__ = ["ROW_BLOCK", "REFINE_BELOW", "LOW_PRECISION", "FLOAT8", "compute_dtype", "to_compute_dtype", "compute_eps",
            "numerical_rank", "rows_per_block", "row_blocks", "batch_row_blocks", "same_compute_dtype"]
 
 #: Entries of one row block (32 MiB in float64): the bound on every upcast temporary.
 ROW_BLOCK = 1 << 22
 #: σ_min/σ₁ below which values come from LAPACK float64 instead of the float64 Gram route.
 REFINE_BELOW = 1e-6
+#: float8 dtypes this torch has (values exact in float32 and in bf16)
+FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+               if hasattr(torch, n))
 #: Stored dtypes analysed in float32.
-LOW_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
+LOW_PRECISION = (torch.bfloat16, torch.float16, torch.float32) + FLOAT8
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype linear algebra runs in for inputs of ``dtype``: bf16/fp16 → fp32, fp32/fp64 unchanged.
+    """The dtype linear algebra runs in for inputs of ``dtype``: bf16/fp16/float8 → fp32, fp32/fp64 unchanged.
 
-    >>> compute_dtype(torch.float64)
-    torch.float64
+    >>> compute_dtype(torch.float64), compute_dtype(torch.float8_e4m3fn)
+    (torch.float64, torch.float32)
 
     Args:
         dtype: a floating-point torch dtype.
@@ -54,7 +58,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype == torch.float64:
         return torch.float64
     raise WeightgeoError(
-        f"dtype {dtype} is not a real floating-point dtype; weightgeo analyses bf16/fp16/fp32/fp64 "
+        f"dtype {dtype} is not a real floating-point dtype; weightgeo analyses bf16/fp16/fp32/fp64 and float8 "
         "weights (cast integer or complex tensors yourself, or skip them)")
 
 
@@ -95,12 +99,13 @@ def numerical_rank(S: torch.Tensor, shape: tuple[int, int], *, eps: float) -> to
     return (S > max(shape) * eps * S[..., :1]).sum(-1)
 
 
-def rows_per_block(row_len: int, *, elements: int = ROW_BLOCK) -> int:
-    """Rows in one block when a row holds ``row_len`` entries (at least one row)."""
-    return max(1, elements // max(1, row_len))
+def rows_per_block(row_len: int, *, elements: int | None = None) -> int:
+    """Rows in one block when a row holds ``row_len`` entries (at least one row); ``elements`` defaults to
+    :data:`ROW_BLOCK`, read when called (tests shrink it to exercise the blocked loops)."""
+    return max(1, (ROW_BLOCK if elements is None else elements) // max(1, row_len))
 
 
-def row_blocks(rows: int, row_len: int, *, elements: int = ROW_BLOCK) -> Iterator[tuple[int, int]]:
+def row_blocks(rows: int, row_len: int, *, elements: int | None = None) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive row blocks of at most ``elements`` entries covering ``rows`` rows.
 
     ``row_len`` counts every entry one row of the block touches (for a batch [B, m, n] cut along m, ``B·n``).

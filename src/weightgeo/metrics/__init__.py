@@ -14,13 +14,15 @@ from .drift import spectral_drift, stable_rank
 from .localization import Localization, update_localization
 from .pair import matrix_pair_metrics
 from .rotation import principal_angles, principal_overlap
-from .sparsity import update_mask, update_sparsity
+from .sparsity import fp8_unchanged_count, fp8_update_mask, update_mask, update_sparsity
 
 __all__ = [
     "ALL_METRICS",
     "Localization",
     "OUTPUTS",
     "PAIR_METRICS",
+    "fp8_unchanged_count",
+    "fp8_update_mask",
     "matrix_pair_metrics",
     "principal_angles",
     "principal_overlap",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -138,13 +138,16 @@ class Selector:
 
 
 def localize(
-    b: torch.Tensor, f: torch.Tensor, V: torch.Tensor, transposed: bool, *, alpha: float, eta: float
+    b: torch.Tensor, f: torch.Tensor, V: torch.Tensor, transposed: bool, *, alpha: float, eta: float,
+    update_rows: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Localization:
     """The kernel for one [out, in] pair, in row blocks of W0 (three passes, O(block) temporaries).
 
     ``V`` holds the top-r small-side singular vectors of W0 in the compute dtype ([in, r], or [out, r] when
     ``transposed``, i.e. out < in), shared with the angles and NSS via the pair's ``BaseSpectrum``; the
-    reconstruction ``W0 V Vᵀ`` (or ``V Vᵀ W0``) is formed one block of rows at a time.
+    reconstruction ``W0 V Vᵀ`` (or ``V Vᵀ W0``) is formed one block of rows at a time. ``update_rows(s, e)``,
+    when given, is the update mask of rows ``s:e`` (True = updated; the FP8 rule on stored codes) instead of the
+    bf16 rule on ``b``, ``f``.
     """
     rows, cols = b.shape
     n = b.numel()
@@ -173,7 +176,8 @@ def localize(
         low.end_pass()
     n_upd = n_princ = n_low = 0
     for (s, e), (rec, mag) in zip(spans, blocks()):
-        upd = ~unchanged_mask(b[s:e], f[s:e], eta).reshape(-1)
+        upd = (~unchanged_mask(b[s:e], f[s:e], eta) if update_rows is None
+               else update_rows(s, e).to(b.device)).reshape(-1)
         n_upd += int(upd.sum())
         n_princ += int((princ.mark(rec) & upd).sum())
         n_low += int((low.mark(mag) & upd).sum())

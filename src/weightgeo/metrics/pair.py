@@ -12,7 +12,7 @@ effective k. Accuracy: docs/numerics.md.
 from __future__ import annotations
 
 import math
-from typing import AbstractSet
+from typing import AbstractSet, Callable, Sequence
 
 import torch
 
@@ -91,6 +91,7 @@ def batched_pair_metrics(
     eta: float,
     base: BaseSpectrum | None = None,
     angles: bool = False,
+    update_rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
@@ -99,7 +100,9 @@ def batched_pair_metrics(
     Results equal the per-matrix ones: the ill-conditioned fallbacks are decided per member, and each
     member gets its own effective k (members that share one are done together; nothing is recomputed).
     ``base``: :func:`~weightgeo.linalg.pairwise.base_spectrum` of ``w0`` when the caller already has it
-    (several fine-tunes of one base decompose it once).
+    (several fine-tunes of one base decompose it once). ``update_rows``: per member, ``None`` (the bf16 rule on
+    the values) or a function giving the update mask of rows ``s:e`` (the FP8 rule on stored codes), used by
+    the localization's update mask.
     """
     rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
@@ -131,7 +134,8 @@ def batched_pair_metrics(
         assert base is not None
         r = min(rank, *w0.shape[-2:])
         for i, row in enumerate(out):
-            res = localize(w0[i], w1[i], base.V_c[i, :, :r], base.transposed, alpha=alpha, eta=eta)
+            res = localize(w0[i], w1[i], base.V_c[i, :, :r], base.transposed, alpha=alpha, eta=eta,
+                           update_rows=None if update_rows is None else update_rows[i])
             row.update(density=res.density, principal_mask_overlap=res.principal_mask_overlap,
                        low_magnitude_overlap=res.low_magnitude_overlap)
     return out

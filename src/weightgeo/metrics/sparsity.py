@@ -13,6 +13,14 @@ Edge cases (the paper is silent; our definitions):
   (``torch.set_flush_denormal(True)``), subnormals read as zero and are unchanged.
 * fp64 inputs are rounded to fp32 first (torch's conversion), then to bf16.
 * NaN/Inf (also fp32 values that overflow bf16) raise :class:`WeightgeoError` with the count.
+
+**The FP8 update rule** (ours, :func:`fp8_update_mask`, :func:`fp8_unchanged_count`; docs/checkpoints.md). Two
+scaled FP8 weights (codes plus block scales, :class:`~weightgeo.checkpoint.Fp8Weight`) are compared as stored,
+not through bf16 roundings of their dequantised values: an entry is unchanged iff ``|w1 − w0| ≤ η·max(|w0|,
+|w1|)`` with ``w = code × block scale`` computed exactly (float64). Where a block's scale is bit-identical on
+both sides this is code equality for η < 1/15 (distinct e4m3 values at one scale differ by at least 1/15
+relative; +0 and −0 are equal); a block whose scale moved by more than η relative changes every nonzero entry
+the codes do not compensate. NaN codes and negative or non-finite scales raise.
 """
 
 from __future__ import annotations
@@ -22,14 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint.fp8 import check_scales, expand_scales
+from ..errors import WeightgeoError
 from ..validation import check_eta, check_finite, check_pair
 
 __all__ = ["update_sparsity", "update_mask", "FAST_ETA", "as_bf16", "finite_as_bf16", "unchanged_mask",
-           "unchanged_count", "unchanged_mask_general"]
+           "unchanged_count", "unchanged_mask_general", "fp8_update_mask", "fp8_unchanged_count"]
 
 #: Below this η the rule is bf16 equality (PNT Prop. E.3), the fast path.
 FAST_ETA = 2.0**-9
 _NEG_ZERO = -32768  # the bits of bf16 -0.0 read as int16
+#: the smallest relative gap between two distinct FP8 values at one scale (e4m3: 1/15; e5m2: 1/7)
+_FP8_MIN_GAP = 1 / 15
 
 
 def as_bf16(w: torch.Tensor) -> torch.Tensor:
@@ -149,3 +161,81 @@ def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3) -> float:
     eta = check_eta(eta)
     b, f = check_pair(base, ft, matrix=False, what="update_sparsity", finite=False)
     return unchanged_count(b, f, eta) / b.numel()
+
+
+# --- the FP8 update rule ---------------------------------------------------------------------------------
+def _fp8_finite(codes: torch.Tensor, scales: torch.Tensor, side: str, name: str) -> None:
+    pre = f"{name}: " if name else ""
+    bad = int(torch.count_nonzero(~torch.isfinite(codes.to(torch.float32))))
+    if bad:
+        raise WeightgeoError(f"{pre}{side} FP8 codes hold {bad} NaN/Inf value(s); the checkpoint is corrupt")
+    s = scales.to(torch.float64)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise WeightgeoError(f"{pre}{side} FP8 scales must be finite and non-negative; the checkpoint is corrupt")
+
+
+def _scale_bits(scales: torch.Tensor) -> torch.Tensor:
+    return scales.view(torch.int32) if scales.dtype == torch.float32 else scales
+
+
+def fp8_update_mask(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
+                    block: tuple[int, int] = (128, 128), *, eta: float = 1e-3, row_start: int = 0,
+                    rows: int | None = None, name: str = "", block1: tuple[int, int] | None = None) -> torch.Tensor:
+    """Mask of updated entries of an FP8 weight under the FP8 rule (module docstring); True = updated.
+
+    >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
+    >>> fp8_update_mask(c, torch.tensor([[1.0]]), c, torch.tensor([[1.5]]), (2, 2)).tolist()  # scale moved
+    [[True, True], [True, False]]
+    >>> fp8_update_mask(c, torch.tensor([[1.0]]), (c.float() * 2).to(torch.float8_e4m3fn), torch.tensor([[0.5]]),
+    ...                 (2, 2)).tolist()  # codes doubled, scale halved: the weights are unchanged
+    [[False, False], [False, False]]
+
+    Args:
+        codes0, scales0: the base's codes [n, in] (rows ``row_start ..`` of the weight) and its whole scales.
+        codes1, scales1: the fine-tune's, same codes shape.
+        block: (b0, b1) block size of the base's scales; ``block1``: the fine-tune's when it differs (then no
+            scale is shared and every entry takes the exact rule).
+        eta: relative tolerance (default 1e-3, the paper's η).
+        row_start, rows: where the codes start in the weight and its row count (default ``row_start + n``).
+
+    Returns:
+        bool tensor [n, in].
+    """
+    eta = check_eta(eta)
+    blk1 = block if block1 is None else block1
+    if codes0.shape != codes1.shape or (scales0.shape != scales1.shape and tuple(blk1) == tuple(block)):
+        raise WeightgeoError(f"{name + ': ' if name else ''}FP8 base codes {tuple(codes0.shape)} / scales "
+                             f"{tuple(scales0.shape)} and fine-tuned {tuple(codes1.shape)} / {tuple(scales1.shape)} differ "
+                             f"in shape; compare checkpoints of one architecture")
+    b = check_scales(codes0, scales0, block, row_start=row_start, rows=rows, name=name)
+    b1 = check_scales(codes1, scales1, blk1, row_start=row_start, rows=rows, name=name)
+    _fp8_finite(codes0, scales0, "base", name)
+    _fp8_finite(codes1, scales1, "fine-tuned", name)
+    n, cols = codes0.shape
+    x0, x1 = codes0.to(torch.float64), codes1.to(torch.float64)
+    shortcut = eta < _FP8_MIN_GAP and b == b1
+    if shortcut:
+        same_scale = expand_scales(_scale_bits(scales0) == _scale_bits(scales1), b, row_start, n, cols)
+        updated = (x0 != x1) & same_scale  # one scale: distinct codes are > eta apart (+0 == -0)
+        if bool(same_scale.all()):
+            return updated
+    w0 = x0 * expand_scales(scales0.to(torch.float64), b, row_start, n, cols)
+    w1 = x1 * expand_scales(scales1.to(torch.float64), b1, row_start, n, cols)
+    exact = (w1 - w0).abs() > eta * torch.maximum(w0.abs(), w1.abs())
+    return torch.where(same_scale, updated, exact) if shortcut else exact
+
+
+def fp8_unchanged_count(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
+                        block: tuple[int, int] = (128, 128), *, eta: float = 1e-3, row_start: int = 0,
+                        rows: int | None = None, name: str = "", block1: tuple[int, int] | None = None) -> int:
+    """Number of unchanged entries under the FP8 rule (what ``update_sparsity`` counts on FP8 weights).
+
+    >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
+    >>> fp8_unchanged_count(c, torch.tensor([[1.0]]), c, torch.tensor([[1.0]]), (2, 2))
+    4
+
+    Args: as :func:`fp8_update_mask`. Returns: an int in [0, codes0.numel()].
+    """
+    mask = fp8_update_mask(codes0, scales0, codes1, scales1, block, eta=eta, row_start=row_start, rows=rows,
+                           name=name, block1=block1)
+    return mask.numel() - int(torch.count_nonzero(mask))
