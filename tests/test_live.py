@@ -202,6 +202,14 @@ def test_follow_iterator_stops_and_reuses_the_spectra_of_earlier_steps(tmp_path)
     offline = weightgeo.rank_curve(run, cache=False, **KW)
     assert _rows_json(ups[-1].report) == _rows_json(offline)
     assert [u.step for u in weightgeo.follow(run, until=20, idle_s=0, cache=False, **KW)] == [10, 20]
+    # base= one of the run's own folders: the base, not a step (the first one: the default stream)
+    own = list(weightgeo.follow(run, base=run / "checkpoint-0", idle_s=0, cache=False, **KW))
+    assert [u.step for u in own] == [10, 20, 30] and _rows_json(own[-1].report) == _rows_json(offline)
+    assert _rows_json(weightgeo.rank_curve(run, base=run / "checkpoint-0", cache=False, **KW)) == _rows_json(offline)
+    mid = weightgeo.rank_curve(run, base=run / "checkpoint-10", cache=False, **KW)
+    assert mid.summary["steps"] == [0, 20, 30] and mid.meta["base_step"] is None
+    assert [u.step for u in weightgeo.follow(run, base=run / "checkpoint-10", idle_s=0, cache=False, **KW)] == [
+        0, 20, 30]
     with pytest.raises(WeightgeoError, match="poll_s"):
         next(weightgeo.follow(run, poll_s=-1, cache=False))
 

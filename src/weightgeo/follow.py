@@ -36,7 +36,7 @@ import torch
 from .checkpoint.completeness import step_of
 from .errors import WeightgeoError
 from .report import Report
-from .stream import CheckpointStream, run_checkpoints
+from .stream import CheckpointStream, base_folder_step, run_checkpoints
 from .trajectory import CacheArg, stream_report, warn_skipped
 from .validation import check_int
 
@@ -117,14 +117,16 @@ def follow(run_dir: str | os.PathLike[str], *, base: Any = None, include: str | 
         complete = dict(found.complete) if found is not None else {}
         skipped = list(found.skipped) if found is not None else []
         _report_bad(skipped, warned, strict=strict)
-        base_step = None if base is not None or not complete else min(complete)
-        steps = [t for t in sorted(complete) if t != base_step]
+        own = base_folder_step(base, sorted(complete.items()))  # base= one of the run's folders: not a step
+        separate = None if own is not None and own == min(complete) else base
+        base_step = None if separate is not None or not complete else min(complete)
+        steps = [t for t in sorted(complete) if t not in (base_step, own)]
         new = [t for t in steps if t not in done and (until is None or t <= until)]
         for step in new:
             included = sorted(t for t in done | {step} if t in complete)
             sources = [complete[t] for t in included]
-            s = (CheckpointStream.of(sources, included, base=base, origin=str(root), skipped=skipped)
-                 if base is not None else
+            s = (CheckpointStream.of(sources, included, base=separate, origin=str(root), skipped=skipped)
+                 if separate is not None else
                  CheckpointStream.of([complete[base_step], *sources], [base_step, *included], origin=str(root),
                                      skipped=skipped))
             report = stream_report(s, include=include, exclude=exclude, hill_k=hill_k, k=k, device=device,

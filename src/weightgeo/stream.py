@@ -36,7 +36,7 @@ from .errors import WeightgeoError
 from .validation import check_finite
 
 __all__ = ["CheckpointStream", "open_stream", "run_checkpoints", "RunCheckpoints", "skipped_checkpoint",
-           "StreamReader", "MatrixPlan"]
+           "base_folder_step", "StreamReader", "MatrixPlan"]
 
 _NAMINGS = "checkpoint-N, global_step_N, global_stepN, iter_N, step-N or step_N"
 
@@ -125,8 +125,13 @@ def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = 
         if not found.complete:
             raise WeightgeoError(f"stream directory {found.root} has no complete checkpoint yet: "
                                  + "; ".join(f"{c['name']}: {c['reason']}" for c in found.skipped[:4]))
-        paths = [p for _, p in found.complete]
-        return _finish(paths, [t for t, _ in found.complete], base, str(found.root), skipped=tuple(found.skipped))
+        complete = list(found.complete)
+        own = base_folder_step(base, complete)
+        if own is not None:  # base= is one of the run's own folders: the base, not a step of the stream
+            base = None if own == complete[0][0] else base
+            complete = [(t, p) for t, p in complete if t != own or base is None]
+        paths = [p for _, p in complete]
+        return _finish(paths, [t for t, _ in complete], base, str(found.root), skipped=tuple(found.skipped))
     if isinstance(stream, (Sequence, Iterator)) and not isinstance(stream, (bytes, dict)):
         sources = list(stream)
         if not sources:
@@ -208,6 +213,18 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
     for step, path in complete.items():
         _check_trainer_state(path, step)
     return RunCheckpoints(root, sorted(complete.items()), skipped)
+
+
+def base_folder_step(base: Any, complete: Sequence[tuple[int, Path]]) -> int | None:
+    """The step of the run folder (in ``complete``, ``(step, path)`` pairs) that ``base`` is, else ``None``.
+
+    >>> base_folder_step("/run/checkpoint-10", [(0, Path("/run/checkpoint-0")), (10, Path("/run/checkpoint-10"))])
+    10
+    """
+    if not isinstance(base, (str, os.PathLike)):
+        return None
+    where = os.path.realpath(base)
+    return next((t for t, p in complete if os.path.realpath(p) == where), None)
 
 
 def skipped_checkpoint(status: CheckpointStatus, state: str) -> dict[str, Any]:
