@@ -416,3 +416,7 @@ def test_a_new_fine_tune_of_a_cached_base_gives_the_rows_of_a_fresh_run(tmp_path
     second = weightgeo.compare(b, f2, cache=root, **PAIR_KW)
     assert second.meta["cache"]["bases_cached"] == 16 and second.meta["cache"]["bases_computed"] == 0
     assert _rows_json(second) == _rows_json(weightgeo.compare(b, f2, cache=False, **PAIR_KW))
+    many = weightgeo.compare_many(b, [f1, f2], cache=root, **PAIR_KW)  # both fine-tunes already cached
+    assert [r.meta["cache"]["rows_computed"] for r in many] == [0, 0]
+    assert [_rows_json(r) for r in many] == [_rows_json(r) for r in weightgeo.compare_many(b, [f1, f2], cache=False,
+                                                                                           **PAIR_KW)]
