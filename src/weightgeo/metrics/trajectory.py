@@ -92,8 +92,8 @@ def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generato
     want = min(max(r, k) + 1, mn)
     fro = (torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64) if frobenius is None
            else frobenius.to(torch.float64)).cpu()
-    S_out = torch.zeros(B, want, dtype=torch.float64)
-    V_out = torch.zeros(B, min(k, mn), n, dtype=torch.float32) if k else None
+    S_out = torch.zeros(B, want, dtype=torch.float64, device="cpu")  # host results, whatever the default device
+    V_out = torch.zeros(B, min(k, mn), n, dtype=torch.float32, device="cpu") if k else None
     method = ["exact"] * B
     todo = list(range(B))
     if mn > EXACT_MAX_DIM:
