@@ -548,7 +548,8 @@ def _claim(cid, links: dict, n_seeds, n_items, *, testable=True, note=None, extr
 
 
 def _not_run(cid, why) -> tuple[dict, dict]:
-    return ({"id": cid, "text": CLAIM_TEXT[cid], "verdict": "inconclusive", "statistic": None, "ci95": None,
+    # No data at all is not "inconclusive" (that reads as measured but undecided): the runs it needs are absent.
+    return ({"id": cid, "text": CLAIM_TEXT[cid], "verdict": "untestable", "statistic": None, "ci95": None,
              "per_seed": []}, {"id": cid, "links": {}, "note": f"not run in this mode: {why}", "not_run": True})
 
 

@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _global_rng_untouched(request):
     """Tests, and the code they run, use explicit generators: torch's and NumPy's global RNG states must be
     the same after every test as before it. Exempt (the states are restored instead of checked): tests marked
-    ``global_rng`` (third-party code, e.g. transformers' Trainer, seeds and draws from it) and the reference
-    loop's tests under tests/train/ (its modules initialise from the global RNG)."""
+    ``global_rng`` (third-party code, e.g. transformers' Trainer, seeds and draws from it)."""
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()
     yield
-    exempt = request.node.get_closest_marker("global_rng") is not None or "tests/train/" in request.node.nodeid
+    exempt = request.node.get_closest_marker("global_rng") is not None
     after = np.random.get_state()
     same_np = np_state[0] == after[0] and bool((np_state[1] == after[1]).all()) and np_state[2:] == after[2:]
     same_torch = torch.equal(torch_state, torch.get_rng_state())

@@ -52,7 +52,7 @@ def test_hf_path_without_transformers_is_a_clear_error(monkeypatch):
     with pytest.raises(WeightgeoError, match=r"weightgeo\[hf\]"):
         tiny_hf_model()
     with pytest.raises(WeightgeoError, match="transformers"):
-        HFCausalLM(torch.nn.Linear(2, 2))
+        HFCausalLM(torch.nn.Linear(2, 2, device="meta"))
     m = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2))
     assert as_policy(m) is m
 

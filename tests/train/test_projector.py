@@ -87,7 +87,8 @@ def test_rank_deficient_and_zero_updates():
     b = subspace_bases(Wt, W0, k=4)
     assert b["a.weight"].shape == (8, 1) and torch.allclose(b["a.weight"].abs().squeeze(), v.squeeze())
     assert b["b.weight"].shape == (4, 0)
-    lin = torch.nn.Linear(4, 3, bias=False)
+    lin = torch.nn.Linear(4, 3, bias=False, device="meta").to_empty(device="cpu")  # no global-RNG init
+    torch.nn.init.zeros_(lin.weight)
     with SubspaceProjector(lin, {"weight": b["b.weight"]}):  # nothing passed the bf16 gate: gradient frozen
         lin(torch.ones(2, 4)).sum().backward()
     assert (lin.weight.grad == 0).all()

@@ -123,8 +123,12 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, *, seed: int = 0):
         super().__init__()
         self.config = cfg
-        self.model = _Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Built on the meta device: the modules' default init would draw from the global RNG (and be thrown
+        # away); reset_parameters draws every weight from this model's own seeded generator instead.
+        with torch.device("meta"):
+            self.model = _Backbone(cfg)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.to_empty(device="cpu")
         self.reset_parameters(torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
