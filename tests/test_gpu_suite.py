@@ -53,6 +53,15 @@ def test_every_device_part_dry_runs(suite, tmp_path):
     assert saved["env"]["ceilings"]["copy_TBs"] > 0 and "bandwidth_for_floor" in saved["env"]
 
 
+def test_float64_route_in_a_background_process(suite):
+    """The GPU default: the float64 route runs as benchmarks/_f64_route.py beside the device parts."""
+    rec = suite.main(["--device", "cpu", "--small", "--parts", "pair", "--ref", "background", "--ref-threads", "1",
+                      "--budget", "600", "--pair-reps", "1", "--batch", "1"])
+    agree = [r for r in rec["rows"] if "agreement with the float64 CPU route" in r["case"]]
+    assert len(agree) == 4 and all(r["status"] == "pass" and "ran alongside" in r["note"] for r in agree)
+    assert rec["parts"]["pair"]["ref_mode"] == "background" and "ref_worker_output" not in rec["parts"]["pair"]
+
+
 def test_a_short_budget_skips_and_says_so(suite, tmp_path):
     """A part whose time box is spent is listed as skipped with the reason, and the JSON is still written."""
     out = tmp_path / "gpu.json"
