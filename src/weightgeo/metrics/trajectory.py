@@ -107,11 +107,14 @@ def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generato
             rho = torch.linalg.vector_norm(R, dim=-2)
             ok = (rho <= RTOL * S[..., :1]).all(-1) & (S[..., :1] > 0).all(-1)
             keep = []
+            # One copy to the host per round, not one sync per matrix (on CUDA).
+            ok_host, S_host = ok.tolist(), S.double().cpu()
+            Vh_host = Vh[:, : V_out.shape[1]].float().cpu() if V_out is not None else None
             for j, i in enumerate(todo):
-                if bool(ok[j]):
-                    S_out[i] = S[j].double().cpu()
+                if ok_host[j]:
+                    S_out[i] = S_host[j]
                     if V_out is not None:
-                        V_out[i] = Vh[j, : V_out.shape[1]].float().cpu()
+                        V_out[i] = Vh_host[j]
                     method[i] = "randomized"
                 else:
                     keep.append(i)
