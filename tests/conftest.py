@@ -46,3 +46,14 @@ def _global_rng_untouched(request):
         return
     assert same_torch, f"{request.node.nodeid} used torch's global RNG; pass a torch.Generator"
     assert same_np, f"{request.node.nodeid} used NumPy's global RNG; use np.random.default_rng(seed)"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test that skips without CUDA carries the ``cuda`` marker (written on it, or added here from its
+    ``skipif`` reason), so that ``pytest -m cuda`` (what benchmarks/gpu_suite.py runs on a GPU) selects them all.
+    Runs before ``-m`` deselects."""
+    for item in items:
+        if item.get_closest_marker("cuda") is None and any(
+                "cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

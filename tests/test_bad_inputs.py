@@ -177,7 +177,8 @@ TENSOR_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(TENSOR_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.cuda) if "CUDA" in c else c
+                                  for c in TENSOR_CASES])
 def test_tensor_level_rejects(case):
     if case == "CUDA asked for but absent" and torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")

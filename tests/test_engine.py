@@ -210,6 +210,7 @@ def test_batched_pair_metrics_equal_the_loop(gen):
             assert together[i][key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_shape_groups_equal_cpu(pair):
     """device="cuda": pinned groups moved to the GPU give the CPU rows (same float64 small problems)."""

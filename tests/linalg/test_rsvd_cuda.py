@@ -10,7 +10,7 @@ import torch
 from weightgeo import WeightgeoError
 from weightgeo.linalg.rsvd import randomized_svd, randomized_svd_with_info, spectral_norm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def gapped(m: int, n: int, seed: int = 0, rank: int = 16, noise: float = 1e-3) -> torch.Tensor:
@@ -61,7 +61,9 @@ def test_cuda_batched_equals_looped():
     for i in range(4):
         U, S, Vh = randomized_svd(A[i], 8, seed=3)
         assert torch.allclose(r.S[i], S, rtol=1e-5)
-        assert torch.allclose(r.U[i], U, atol=1e-4) and torch.allclose(r.Vh[i], Vh, atol=1e-4)
+        # cuSOLVER may pick another driver for a batch than for one matrix: vectors agree up to sign.
+        sign = (r.U[i] * U).sum(0).sign()
+        assert torch.allclose(r.U[i], U * sign, atol=1e-4) and torch.allclose(r.Vh[i], Vh * sign[:, None], atol=1e-4)
 
 
 def test_cuda_rank_deficient_fallback_and_exact():

@@ -73,6 +73,9 @@ def test_exact_svd_reconstructs_and_dtype():
     assert exact_svd(A.bfloat16())[1].dtype == torch.float32  # bf16 SVD does not exist: upcast
     with pytest.raises(WeightgeoError, match="matrix"):
         exact_svd(torch.ones(3))
+    for fn in (exact_svd, decompose):  # asked for explicitly, a dtype no SVD exists in is a clear error
+        with pytest.raises(WeightgeoError, match=r"no bf16/fp16 SVD.*torch.float32"):
+            fn(A, dtype=torch.bfloat16)
 
 
 def test_batched_equals_looped(gen):

@@ -85,6 +85,7 @@ def test_errors():
         matrix_pair_metrics(torch.ones(3), torch.ones(3), metrics={"spectral_drift"})
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_equals_cuda():
     b, f, _, _ = case("powerlaw", "1e-3")

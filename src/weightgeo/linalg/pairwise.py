@@ -426,7 +426,8 @@ def _untrusted(base: BaseSpectrum, eig: PairEigen, s1: torch.Tensor, num: torch.
 def effective_k(k: int, base: BaseSpectrum, spec: PairSpectrum) -> torch.Tensor:
     """Per member ([...] int64): ``min(k, n, rank(W0), rank(W1))``; directions beyond a rank are arbitrary."""
     n = base.A.shape[-1]
-    return torch.minimum(torch.minimum(base.rank(), spec.rank1), torch.tensor(min(int(k), n)))
+    # clamp_max, not a torch.tensor(k): that would be a CPU tensor beside CUDA ones.
+    return torch.minimum(base.rank(), spec.rank1).clamp_max(min(int(k), n))
 
 
 def spectral_gap(sigma0: torch.Tensor, k: int) -> torch.Tensor:

@@ -75,7 +75,15 @@ def exact_svd(
         ``U`` [..., m, p], ``S`` [..., p] descending, ``Vh`` [..., p, n] with ``p = min(m, n)``.
     """
     A = check_matrix(A, "A", batched=True, allow_empty=True)
-    return torch.linalg.svd(A.to(dtype or compute_dtype(A.dtype)), full_matrices=False)
+    return torch.linalg.svd(A.to(_svd_dtype(dtype, "exact_svd") or compute_dtype(A.dtype)), full_matrices=False)
+
+
+def _svd_dtype(dtype: torch.dtype | None, fn: str) -> torch.dtype | None:
+    """``dtype`` when LAPACK and cuSOLVER can factorise in it (float32, float64), else a clear error."""
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise WeightgeoError(f"{fn}: dtype={dtype} cannot be factorised (LAPACK and cuSOLVER have no bf16/fp16 "
+                             "SVD); pass dtype=torch.float32 or torch.float64, or None for the policy")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,7 @@ def decompose(
     m, n = A.shape[-2], A.shape[-1]
     eps = compute_eps(A.dtype)
     small: Side = "right" if m >= n else "left"
-    if dtype is not None or A.dtype == torch.float64:
+    if _svd_dtype(dtype, "decompose") is not None or A.dtype == torch.float64:
         d = dtype or torch.float64
         if not vectors:
             S = torch.linalg.svdvals(A.to(d)).double()

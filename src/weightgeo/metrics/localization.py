@@ -20,6 +20,7 @@ whole-matrix temporaries beyond the inputs. If nothing was updated, both overlap
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -120,8 +121,9 @@ class Selector:
         self.hist = None
         self.stage += 1
         if self.stage == self.passes:
-            self.threshold = float(torch.tensor([self.prefix], dtype=torch.int64).to(self.int_dtype)
-                                   .view(torch.float32 if self.width == 32 else torch.float64))
+            # The prefix is the bit pattern of a non-negative float: read it back on the host.
+            self.threshold = struct.unpack("<f" if self.width == 32 else "<d",
+                                           struct.pack("<I" if self.width == 32 else "<Q", self.prefix))[0]
             self.ties_left = self.count - self.beyond
 
     def mark(self, x: torch.Tensor) -> torch.Tensor:

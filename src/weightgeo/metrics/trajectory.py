@@ -105,8 +105,8 @@ def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generato
     want = min(max(r, k) + 1, mn)
     fro = (torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64) if frobenius is None
            else frobenius.to(torch.float64)).cpu()
-    S_out = torch.zeros(B, want, dtype=torch.float64)
-    V_out = torch.zeros(B, min(k, mn), n, dtype=torch.float32) if k else None
+    S_out = torch.zeros(B, want, dtype=torch.float64, device="cpu")  # host results, whatever the default device
+    V_out = torch.zeros(B, min(k, mn), n, dtype=torch.float32, device="cpu") if k else None
     method = ["exact"] * B
     todo = list(range(B))
     if mn > EXACT_MAX_DIM:
@@ -120,11 +120,14 @@ def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generato
             rho = torch.linalg.vector_norm(R, dim=-2)
             ok = (rho <= RTOL * S[..., :1]).all(-1) & (S[..., :1] > 0).all(-1)
             keep = []
+            # One copy to the host per round, not one sync per matrix (on CUDA).
+            ok_host, S_host = ok.tolist(), S.double().cpu()
+            Vh_host = Vh[:, : V_out.shape[1]].float().cpu() if V_out is not None else None
             for j, i in enumerate(todo):
-                if bool(ok[j]):
-                    S_out[i] = S[j].double().cpu()
+                if ok_host[j]:
+                    S_out[i] = S_host[j]
                     if V_out is not None:
-                        V_out[i] = Vh[j, : V_out.shape[1]].float().cpu()
+                        V_out[i] = Vh_host[j]
                     method[i] = "randomized"
                 else:
                     keep.append(i)
