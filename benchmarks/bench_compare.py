@@ -33,6 +33,8 @@ import torch
 from weightgeo.linalg.angles import subspace_angles
 from weightgeo.linalg.pairwise import base_spectrum, pair_geometry
 
+os.environ["WEIGHTGEO_CACHE"] = "off"  # time the computation, not the result cache (bench_resume.py times that)
+
 SHAPES = {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896), "o_proj": (896, 896),
           "gate_proj": (4864, 896), "up_proj": (4864, 896), "down_proj": (896, 4864)}
 

@@ -10,6 +10,7 @@ fast-decaying spectrum, stable rank ≈ 5–20). Prints markdown tables for BENC
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 
 from weightgeo import compare, rank_curve
 from weightgeo.track import Tracker
+
+os.environ["WEIGHTGEO_CACHE"] = "off"  # time the computation, not the result cache (bench_resume.py times that)
 
 SHAPES = {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896), "o_proj": (896, 896)}
 

@@ -62,6 +62,7 @@ and synthetic matrices), ``_f64_route.py`` (the float64 CPU route and its backgr
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import math
@@ -88,6 +89,8 @@ from _gpu_cases import (QWEN3_8B, SMALL, SMALL_RSVD, f64_sigma, layer_shapes, ma
 from _gpu_profile import eigh_route, part_profile  # noqa: E402
 from _gpu_record import (ROOT, SHARES, Suite, bandwidth_used, ceilings, child_env, environment, ms,  # noqa: E402
                          once, timed)
+
+os.environ["WEIGHTGEO_CACHE"] = "off"  # time the computation, not the result cache (bench_resume.py times that)
 
 PARTS = ("tests", "rsvd", "pair", "profile", "engine")
 

@@ -1,8 +1,16 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests never touch the network: huggingface_hub reads this at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The result cache is on by default (docs/caching.md): tests, their doctests and the subprocesses they start
+# use one fresh folder per session, never the user's ~/.cache/weightgeo (nor a WEIGHTGEO_CACHE they set).
+_CACHE = tempfile.mkdtemp(prefix="weightgeo-test-cache-")
+os.environ["WEIGHTGEO_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import numpy as np
 import pytest

@@ -22,7 +22,7 @@ LAYERS = [
     ["weightgeo.report"],
     ["weightgeo.stream"],
     ["weightgeo.engine", "weightgeo.trajectory"],
-    ["weightgeo.api", "weightgeo.track"],
+    ["weightgeo.api", "weightgeo.track", "weightgeo.follow"],
     ["weightgeo.cli", "weightgeo.integrations", "weightgeo.train"],
     ["weightgeo.__main__"],
     ["weightgeo"],  # the package root: the flat public API

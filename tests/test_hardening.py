@@ -89,13 +89,14 @@ def test_reports_are_bit_identical_across_two_processes(tmp_path):
     b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
     script = textwrap.dedent(f"""
         import json, sys, weightgeo
-        r = weightgeo.compare({str(b)!r}, {str(f)!r}, k=16, rank=8, progress=False)
+        r = weightgeo.compare({str(b)!r}, {str(f)!r}, k=16, rank=8, progress=False, cache=sys.argv[1] == "on")
         data = json.loads(r.to_json())
-        for key in ("seconds", "ranks"):
+        for key in ("seconds", "ranks", "cache"):
             data["meta"].pop(key)
         sys.stdout.write(json.dumps(data, sort_keys=True))
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    outs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
-            for _ in range(2)]
-    assert outs[0] == outs[1] and len(outs[0]) > 1000
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WEIGHTGEO_CACHE": str(tmp_path / "cache")}
+    # computed twice without the cache, then computed into the cache and served from it: all bit-identical
+    outs = [subprocess.run([sys.executable, "-c", script, cache], capture_output=True, text=True, env=env,
+                           check=True).stdout for cache in ("off", "off", "on", "on")]
+    assert outs[0] == outs[1] == outs[2] == outs[3] and len(outs[0]) > 1000

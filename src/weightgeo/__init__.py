@@ -29,6 +29,7 @@ from .api import (UpdateMasks, principal_angles, principal_overlap, spectral_dri
 from .checkpoint import Checkpoint, open_checkpoint
 from .engine import compare, compare_many
 from .errors import WeightgeoError
+from .follow import FollowUpdate, follow
 from .linalg.rsvd import randomized_svd
 from .metrics import Localization
 from .metrics.trajectory import LockingOnset
@@ -38,6 +39,7 @@ from .trajectory import locking_onset, rank_curve
 
 __all__ = [
     "Checkpoint",
+    "FollowUpdate",
     "Localization",
     "LockingOnset",
     "Report",
@@ -47,6 +49,7 @@ __all__ = [
     "__version__",
     "compare",
     "compare_many",
+    "follow",
     "locking_onset",
     "open_checkpoint",
     "principal_angles",

@@ -5,7 +5,7 @@ computes the number) or two checkpoint sources (local folders or files, hub ids,
 ``nn.Module``, :class:`~weightgeo.checkpoint.Checkpoint`, a LoRA adapter folder as ``ft``): then
 :func:`weightgeo.compare` streams both checkpoints and the verb returns its :class:`~weightgeo.report.Report`,
 one row per analysed tensor, restricted to that verb's metric. The checkpoint-only keywords (``include``,
-``exclude``, ``device``, ``batch_bytes``, ``progress``) are those of :func:`~weightgeo.compare`.
+``exclude``, ``device``, ``batch_bytes``, ``progress``, ``cache``) are those of :func:`~weightgeo.compare`.
 
 Degenerate cases agree between the two forms: a matrix of numerical rank 0 gives a NaN ``principal_overlap``
 in both, and where :func:`principal_angles` of two tensors raises (no subspace), its report row has an empty
@@ -22,12 +22,14 @@ in both, and where :func:`principal_angles` of two tensors raises (no subspace),
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Sequence
 
 import torch
 
 from . import metrics
+from .cache import ResultCache
 from .checkpoint import compile_filter, open_checkpoint
 from .linalg.policy import compute_dtype, same_compute_dtype
 from .metrics import trajectory as trajectory_kernels
@@ -44,6 +46,7 @@ __all__ = ["update_sparsity", "update_mask", "UpdateMasks", "principal_angles", 
 
 Filter = str | Sequence[str] | None
 Device = str | torch.device | None
+Cache = bool | str | os.PathLike[str] | ResultCache | None
 
 
 def _tensors(*xs: Any) -> bool:
@@ -58,17 +61,19 @@ def _no_checkpoint_options(verb: str, **given: Any) -> None:
 
 
 def _dispatch(verb: str, tensor_fn: Any, base: Any, ft: Any, *, include: Filter, exclude: Filter, device: Device,
-              batch_bytes: int | None, progress: bool, **params: Any) -> Any:
+              batch_bytes: int | None, progress: bool, cache: Cache, **params: Any) -> Any:
     """``tensor_fn(base, ft, **params)`` for two tensors; else the Report of ``compare`` restricted to ``verb``."""
     if _tensors(base, ft):
-        _no_checkpoint_options(verb, include=include, exclude=exclude, device=device, batch_bytes=batch_bytes)
+        _no_checkpoint_options(verb, include=include, exclude=exclude, device=device, batch_bytes=batch_bytes,
+                               cache=cache)
         return tensor_fn(base, ft, **params)
     return compare(base, ft, metrics=[verb], include=include, exclude=exclude, device=device,
-                   batch_bytes=batch_bytes, progress=progress, **params)
+                   batch_bytes=batch_bytes, progress=progress, cache=cache, **params)
 
 
 def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None,
-                    device: Device = None, batch_bytes: int | None = None, progress: bool = False) -> float | Report:
+                    device: Device = None, batch_bytes: int | None = None, progress: bool = False,
+                    cache: Cache = None) -> float | Report:
     """Fraction of entries unchanged under the bf16 rule (paper §3.1, App. C.3; PNT Def. 2.2).
 
     >>> update_sparsity(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 4.1]))
@@ -77,7 +82,8 @@ def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = 
     Args:
         base, ft: two tensors of one shape, or two checkpoint sources (module docstring).
         eta: relative tolerance η (default 1e-3).
-        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+        include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
+            :func:`~weightgeo.compare`.
 
     Returns:
         tensors: a float in [0, 1] (1 = nothing changed; :func:`weightgeo.metrics.update_sparsity`).
@@ -85,12 +91,12 @@ def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = 
         summary, the parameter-weighted model figure. Reported: SFT 0.081, OPD 0.516, RLVR 0.772 (Qwen3-8B).
     """
     return _dispatch("update_sparsity", metrics.update_sparsity, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, eta=eta)
+                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, eta=eta)
 
 
 def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right", include: Filter = None,
                      exclude: Filter = None, device: Device = None, batch_bytes: int | None = None,
-                     progress: bool = False) -> torch.Tensor | Report:
+                     progress: bool = False, cache: Cache = None) -> torch.Tensor | Report:
     """Principal angles (degrees, ascending) between the top-k singular subspaces of W0 and W+ (§1.2).
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -101,7 +107,8 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right", i
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
         k, side: subspace dimension (default 512, capped per matrix at its effective k) and side ("right" = V,
             the input side; "left" = U).
-        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+        include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
+            :func:`~weightgeo.compare`.
 
     Returns:
         tensors: [k_eff] float64 degrees in [0, 90] (:func:`weightgeo.metrics.principal_angles`; raises for a
@@ -110,12 +117,12 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right", i
         next to the "principal_overlap" statistics.
     """
     return _dispatch("principal_angles", metrics.principal_angles, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, k=k, side=side)
+                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, k=k, side=side)
 
 
 def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right", include: Filter = None,
                       exclude: Filter = None, device: Device = None, batch_bytes: int | None = None,
-                      progress: bool = False) -> float | Report:
+                      progress: bool = False, cache: Cache = None) -> float | Report:
     """Mean cos² of the principal angles between the top-k singular subspaces (§1.2; = Sim_k of §2).
 
     >>> principal_overlap(torch.eye(3), torch.eye(3), k=2)
@@ -124,7 +131,8 @@ def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right", 
     Args:
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
         k, side: as :func:`principal_angles`.
-        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+        include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
+            :func:`~weightgeo.compare`.
 
     Returns:
         tensors: a float in [0, 1] (1 = same subspace; NaN for a matrix of numerical rank 0). checkpoints: a
@@ -132,11 +140,11 @@ def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right", 
         ``mean_principal_angle``, ``k_effective`` and ``spectral_gap`` per matrix.
     """
     return _dispatch("principal_overlap", metrics.principal_overlap, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, k=k, side=side)
+                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, k=k, side=side)
 
 
 def spectral_drift(base: Any, ft: Any, *, include: Filter = None, exclude: Filter = None, device: Device = None,
-                   batch_bytes: int | None = None, progress: bool = False) -> float | Report:
+                   batch_bytes: int | None = None, progress: bool = False, cache: Cache = None) -> float | Report:
     """Normalized spectral shift ``‖σ(W+) − σ(W0)‖₂ / ‖σ(W0)‖₂`` over all singular values (§1.3).
 
     >>> spectral_drift(torch.diag(torch.tensor([3.0, 4.0])), torch.diag(torch.tensor([3.0, 4.5])))
@@ -144,18 +152,20 @@ def spectral_drift(base: Any, ft: Any, *, include: Filter = None, exclude: Filte
 
     Args:
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
-        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+        include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
+            :func:`~weightgeo.compare`.
 
     Returns:
         tensors: a float ≥ 0 (:func:`weightgeo.metrics.spectral_drift`). checkpoints: a
         :class:`~weightgeo.report.Report` with ``spectral_drift`` per matrix.
     """
     return _dispatch("spectral_drift", metrics.spectral_drift, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress)
+                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache)
 
 
 def stable_rank(delta: Any, ft: Any = None, *, include: Filter = None, exclude: Filter = None,
-                device: Device = None, batch_bytes: int | None = None, progress: bool = False) -> float | Report:
+                device: Device = None, batch_bytes: int | None = None, progress: bool = False,
+                cache: Cache = None) -> float | Report:
     """Stable rank ``‖Δ‖_F² / ‖Δ‖₂²`` of an update (notes §2): of ``delta``, or of ``ft − base``.
 
     >>> stable_rank(torch.diag(torch.tensor([2.0, 2.0, 1.0])))
@@ -167,7 +177,8 @@ def stable_rank(delta: Any, ft: Any = None, *, include: Filter = None, exclude: 
         delta: the update Δ [out, in] (one argument), or the base W0 when ``ft`` is given: a tensor (then Δ =
             ``ft − base`` in the compute dtype, exact for bf16 pairs) or a checkpoint source.
         ft: W+ (a tensor or a checkpoint source), or ``None``.
-        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+        include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
+            :func:`~weightgeo.compare`.
 
     Returns:
         tensors: a float in [1, rank(Δ)], 0.0 for Δ = 0 (:func:`weightgeo.metrics.stable_rank`). checkpoints: a
@@ -178,10 +189,10 @@ def stable_rank(delta: Any, ft: Any = None, *, include: Filter = None, exclude: 
             raise WeightgeoError(f"stable_rank(delta) takes an update tensor; for checkpoints pass both: "
                                  f"stable_rank(base, ft) (got a {type(delta).__name__})")
         _no_checkpoint_options("stable_rank", include=include, exclude=exclude, device=device,
-                               batch_bytes=batch_bytes)
+                               batch_bytes=batch_bytes, cache=cache)
         return metrics.stable_rank(delta)
     return _dispatch("stable_rank", _stable_rank_of_pair, delta, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress)
+                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache)
 
 
 def _stable_rank_of_pair(base: Any, ft: Any) -> float:
@@ -193,7 +204,8 @@ def _stable_rank_of_pair(base: Any, ft: Any) -> float:
 
 def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
                         include: Filter = None, exclude: Filter = None, device: Device = None,
-                        batch_bytes: int | None = None, progress: bool = False) -> Localization | Report:
+                        batch_bytes: int | None = None, progress: bool = False,
+                        cache: Cache = None) -> Localization | Report:
     """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
 
     >>> W0 = torch.tensor([[4.0, 0.1], [0.2, 3.0]])
@@ -203,7 +215,8 @@ def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.
     Args:
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
         rank, alpha, eta: reconstruction rank r, mask fraction α and bf16 tolerance η.
-        include, exclude, device, batch_bytes, progress: for checkpoint sources, as :func:`~weightgeo.compare`.
+        include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
+            :func:`~weightgeo.compare`.
 
     Returns:
         tensors: a :class:`~weightgeo.metrics.localization.Localization`. checkpoints: a
@@ -211,7 +224,8 @@ def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.
         ``low_magnitude_overlap`` per matrix.
     """
     return _dispatch("update_localization", metrics.update_localization, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, rank=rank, alpha=alpha, eta=eta)
+                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, rank=rank, alpha=alpha,
+                     eta=eta)
 
 
 def update_mask(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None,
@@ -304,7 +318,7 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
 
 def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = "right", seed: int = 0,
                         base: Any = None, include: Filter = None, exclude: Filter = None, device: Device = None,
-                        progress: bool = False) -> float | Report:
+                        progress: bool = False, cache: Cache = None) -> float | Report:
     """Sim_K = ‖V_K(a)ᵀ V_K(b)‖_F² / K between the top-``k`` singular subspaces of two updates (paper §4).
 
     >>> g = torch.Generator().manual_seed(0)
@@ -318,14 +332,15 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
         k: subspace size K (default 16, the paper's). side: "right" (V, input side) or, for tensors, "left".
         seed: seeds the randomized SVD of large matrices (results are verified, see
             :mod:`weightgeo.metrics.trajectory`).
-        base, include, exclude, device, progress: for checkpoint sources, as :func:`~weightgeo.rank_curve`.
+        base, include, exclude, device, progress, cache: for checkpoint sources, as :func:`~weightgeo.rank_curve`.
 
     Returns:
         tensors: a float in [0, 1] (1 = same subspace). checkpoints: a :class:`~weightgeo.report.Report` with
         ``subspace_similarity`` per matrix (NaN where either update is zero).
     """
     if _tensors(delta_a, delta_b):
-        _no_checkpoint_options("subspace_similarity", base=base, include=include, exclude=exclude, device=device)
+        _no_checkpoint_options("subspace_similarity", base=base, include=include, exclude=exclude, device=device,
+                               cache=cache)
         return trajectory_kernels.subspace_similarity(delta_a, delta_b, k=k, side=side, seed=seed)
     if base is None:
         raise WeightgeoError("subspace_similarity of two checkpoints compares their updates from a base: pass "
@@ -334,7 +349,7 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
         raise WeightgeoError(f"subspace_similarity(side={side!r}) of checkpoints: only side='right' (the input "
                              f"side, the paper's) is computed from checkpoints; pass tensors for side='left'")
     curve = rank_curve([delta_a, delta_b], base=base, steps=[1, 2], include=include, exclude=exclude, hill_k=2,
-                       k=k, device=device, seed=seed, progress=progress)
+                       k=k, device=device, seed=seed, progress=progress, cache=cache)
     sims = curve.meta["similarity"]
     first = {}
     for row in curve.rows:

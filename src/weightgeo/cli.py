@@ -1,14 +1,16 @@
-"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR`` and
+"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR [--follow]`` and
 ``weightgeo cache info|prune``.
 
 Bad input exits with status 2 and the error message on stderr; results go to stdout (and ``--out``, whose
-missing parent folders are created, and said so on stderr).
+missing parent folders are created, and said so on stderr). Ctrl-C exits with status 130; in follow mode the
+report and figure written so far stay whole (every rewrite is atomic).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +18,7 @@ from ._version import __version__
 from .checkpoint import open_checkpoint
 from .engine import compare, compare_many
 from .errors import WeightgeoError
+from .follow import follow
 from .outputs import check_output_path
 from .trajectory import locking_onset, rank_curve
 
@@ -36,6 +39,11 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
                         "created")
     p.add_argument("--summary", action="store_true", help="print only the model summary, not the per-tensor table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="result cache folder (default: $WEIGHTGEO_CACHE, else ~/.cache/weightgeo); results of "
+                        "checkpoints on disk are reused and a killed run resumes")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,11 +70,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_filters(c)
 
     t = sub.add_parser("trajectory", help="rank curves and subspace locking over a checkpoint stream",
-                       description="Follow the cumulative update W_t - W_0 over the checkpoint-<step> folders "
-                                   "of RUN_DIR: stable rank, norms, Hill index, Sim_K to the final subspace "
-                                   "and the locking onset.")
-    t.add_argument("run_dir", help="directory of checkpoint-<step> folders")
-    t.add_argument("--base", default=None, help="initial model (default: the first checkpoint)")
+                       description="Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
+                                   "(checkpoint-N, global_step_N, global_stepN, iter_N, step-N): stable rank, "
+                                   "norms, Hill index, Sim_K to the final subspace and the locking onset. "
+                                   "Checkpoints not completely written are left out (listed with the reason); "
+                                   "--follow analyses new ones as the run writes them.")
+    t.add_argument("run_dir", help="run directory of checkpoint folders")
+    t.add_argument("--base", default=None, help="initial model (default: the first complete checkpoint)")
+    t.add_argument("--strict", action="store_true",
+                   help="fail on a checkpoint that is not completely written instead of leaving it out")
+    t.add_argument("--follow", action="store_true",
+                   help="keep watching RUN_DIR: analyse each checkpoint once it is complete, rewrite --out and "
+                        "--plot, print a line per new step")
+    t.add_argument("--until", type=int, default=None, metavar="STEP", help="--follow: stop after this step")
+    t.add_argument("--poll-s", type=float, default=10.0, metavar="S",
+                   help="--follow: seconds between scans of RUN_DIR (default 10)")
+    t.add_argument("--idle-s", type=float, default=None, metavar="S",
+                   help="--follow: stop after S seconds without a new complete checkpoint (default: never)")
     t.add_argument("--k", type=int, default=16, help="subspace size K for Sim_K (default 16)")
     t.add_argument("--threshold", type=float, default=0.9, help="locking threshold on Sim_K (default 0.9)")
     t.add_argument("--hill-k", type=int, default=10, help="top singular values for the Hill index (default 10)")
@@ -157,6 +177,10 @@ def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
         print(f"wrote {out}", file=sys.stderr)
 
 
+def _cache_arg(args: argparse.Namespace):
+    return False if args.no_cache else args.cache
+
+
 def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[Any, list[Any]]:
     """With ``--config``, the checkpoints opened with it (``open_checkpoint(config=)``); else the paths as given."""
     if config is None:
@@ -177,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         opts = dict(metrics=args.metrics, include=_filters(args.include), exclude=_filters(args.exclude), k=args.k,
                     side=args.side, rank=args.rank, alpha=args.alpha, eta=args.eta, device=args.device,
                     batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, cache=_cache_arg(args))
         base, fts = _open_with_config(args.base, args.ft, args.config)
         if len(fts) == 1:
             _emit(compare(base, fts[0], **opts), args)
@@ -189,26 +213,93 @@ def _run(args: argparse.Namespace) -> int:
             _emit(report, args, out)
         return 0
     if args.command == "trajectory":
-        report = rank_curve(args.run_dir, base=args.base, include=_filters(args.include),
-                                      exclude=_filters(args.exclude), hill_k=args.hill_k, k=args.k,
-                                      device=args.device, progress=not args.no_progress, config=args.config)
-        onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
-        report.summary["locking_onset"] = onset.step
-        report.summary["mean_similarity"] = onset.mean_similarity
+        opts = dict(base=args.base, include=_filters(args.include), exclude=_filters(args.exclude),
+                    hill_k=args.hill_k, k=args.k, device=args.device, strict=args.strict, cache=_cache_arg(args),
+                    config=args.config)
+        if args.follow:
+            return _follow(args, opts)
+        for flag, v in (("--until", args.until), ("--idle-s", args.idle_s)):
+            if v is not None:
+                raise WeightgeoError(f"{flag} applies to --follow only")
+        report = rank_curve(args.run_dir, progress=not args.no_progress, **opts)
+        onset = _with_onset(report, args)
         _emit(report, args)
         print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
-        if args.plot is not None:
-            from .plot import plot_trajectories
-
-            plot_trajectories({Path(args.run_dir).name: report}, args.plot, locking={Path(args.run_dir).name: onset})
-            print(f"wrote {args.plot}", file=sys.stderr)
+        _plot(report, onset, args)
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _with_onset(report, args: argparse.Namespace):
+    onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
+    report.summary["locking_onset"] = onset.step
+    report.summary["mean_similarity"] = onset.mean_similarity
+    return onset
+
+
+def _plot(report, onset, args: argparse.Namespace, *, quiet: bool = False) -> None:
+    if args.plot is None:
+        return
+    from .plot import plot_trajectories
+
+    name = Path(args.run_dir).name
+    plot_trajectories({name: report}, args.plot, locking={name: onset})  # written atomically
+    if not quiet:
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _follow(args: argparse.Namespace, opts: dict) -> int:
+    """--follow: one line per new step; --out and --plot rewritten (atomically) after each."""
+    opts.pop("strict")
+    if args.poll_s < 0 or (args.idle_s is not None and args.idle_s < 0):
+        raise WeightgeoError("--poll-s and --idle-s take seconds ≥ 0")
+    print(f"following {args.run_dir} (every {args.poll_s:g} s"
+          + (f", until step {args.until}" if args.until is not None else "")
+          + (f", stopping after {args.idle_s:g} s without a new checkpoint" if args.idle_s is not None else "")
+          + "; Ctrl-C to stop)", flush=True)
+    last = None
+    try:
+        for update in follow(args.run_dir, until=args.until, poll_s=args.poll_s, idle_s=args.idle_s,
+                             strict=args.strict, progress=False, **opts):
+            report = update.report
+            onset = _with_onset(report, args)
+            by = report.summary["by_step"][update.step]
+            c = report.meta.get("cache", {})
+            nan = float("nan")
+            # outputs first: once a step's line is printed, --out and --plot hold it (Ctrl-C keeps them whole)
+            if args.out is not None:
+                (report.to_csv if args.out.suffix.lower() == ".csv" else report.to_json)(args.out)
+            _plot(report, onset, args, quiet=True)
+            last = (update, onset)
+            print(f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
+                  f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('frobenius_norm', nan):.4g}; "
+                  f"{len(report.summary['steps'])} step(s), "
+                  f"locking onset {onset.step}; {c.get('spectra_computed', 0)} spectra computed, "
+                  f"{c.get('spectra_reused', 0)} reused"
+                  + (f"; left out: {', '.join(s['name'] for s in update.skipped)}" if update.skipped else ""),
+                  flush=True)
+    except KeyboardInterrupt:
+        done = f"the report up to step {last[0].step}" if last else "nothing yet"
+        where = " in " + ", ".join(str(p) for p in (args.out, args.plot) if p is not None) if last else ""
+        print(f"weightgeo: interrupted; {done}{where} (written whole)", file=sys.stderr)
+        return 130
+    if last is None:
+        print(f"no complete checkpoint to analyse in {args.run_dir}", file=sys.stderr)
+        return 0
+    update, onset = last
+    print(update.report.summary_text() if args.summary else str(update.report))
+    print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
+    for p in (args.out, args.plot):
+        if p is not None:
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``weightgeo`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return _run(args)
     except WeightgeoError as e:
@@ -217,6 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("weightgeo: interrupted; no partial output was written", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr (a command-line user needs the message, not our source line)."""
+    print(f"weightgeo: warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -250,7 +250,8 @@ class Report:
                                    for g, vals in v.items()], summary={})
                 lines += ["  " + line for line in sub.table().splitlines()]
         unmatched = self.unmatched
-        lines += _skipped_lines(self.skipped)
+        lines += _checkpoint_lines([c for c in self.skipped if c.get("kind") == "checkpoint"])
+        lines += _skipped_lines([c for c in self.skipped if c.get("kind") != "checkpoint"])
         for side, names in unmatched.items():
             if names:
                 lines.append(f"{side}: {len(names)} tensor(s) without a partner: " + ", ".join(names[:5])
@@ -267,6 +268,19 @@ class Report:
 
     def __repr__(self) -> str:
         return f"Report(rows={len(self.rows)}, summary_keys={list(self.summary)[:6]})"
+
+
+def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Checkpoints a stream left out: a corrupt one (not the newest) loudly, the others in one line."""
+    lines = [f"CORRUPT checkpoint {c['name']} (step {c.get('step')}) was left out: {c.get('reason')}; it is not "
+             f"the newest, so its save failed or it was damaged: re-save or remove it" for c in ckpts
+             if c.get("state") == "corrupt"]
+    rest = [c for c in ckpts if c.get("state") != "corrupt"]
+    if rest:
+        lines.append(f"left out {len(rest)} incomplete checkpoint(s): " + "; ".join(
+            f"{c['name']} ({'still being written?' if c.get('state') == 'in_progress' else c.get('state')}: "
+            f"{c.get('reason')})" for c in rest[:5]) + (" ..." if len(rest) > 5 else ""))
+    return lines
 
 
 def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:

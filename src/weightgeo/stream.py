@@ -1,8 +1,12 @@
 """Checkpoint streams: an ordered run of checkpoints of one training run, and the one-read pass over them.
 
-A stream is either a directory of HF Trainer ``checkpoint-<step>`` folders, or a sequence of checkpoint
-sources (paths, mappings, modules, :class:`~weightgeo.checkpoint.Checkpoint` objects) with their steps.
-The base (initial model, W0) is ``base=`` or, by default, the first checkpoint.
+A stream is either a run directory of checkpoint folders (HF Trainer ``checkpoint-N``, verl ``global_step_N``,
+DeepSpeed / OpenRLHF ``global_stepN``, Megatron / slime ``iter_NNNNNNN``, torchtitan ``step-N``, ``step_N``;
+the step from the folder name), or a sequence of checkpoint sources (paths, mappings, modules,
+:class:`~weightgeo.checkpoint.Checkpoint` objects) with their steps. The base (initial model, W0) is ``base=``
+or, by default, the first complete checkpoint. Checkpoints that are not completely written (a shard cut short,
+an empty folder, a missing completion marker: :func:`~weightgeo.checkpoint.completeness.scan_run`) are left
+out and listed in ``CheckpointStream.skipped`` with the reason, unless ``strict=True``.
 
 >>> import torch
 >>> g = torch.Generator().manual_seed(0)
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -28,12 +31,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .checkpoint import Checkpoint, align, compile_filter, open_checkpoint
+from .checkpoint.completeness import CheckpointStatus, checkpoint_status, scan_run, step_of
 from .errors import WeightgeoError
 from .validation import check_finite
 
-__all__ = ["CheckpointStream", "open_stream", "StreamReader", "MatrixPlan"]
+__all__ = ["CheckpointStream", "open_stream", "run_checkpoints", "RunCheckpoints", "skipped_checkpoint",
+           "base_folder_step", "StreamReader", "MatrixPlan"]
 
-_CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_NAMINGS = "checkpoint-N, global_step_N, global_stepN, iter_N, step-N or step_N"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class CheckpointStream:
         base: the base source (W0).
         base_step: the base's step when it is the stream's first checkpoint, else ``None``.
         origin: where the stream came from, for messages and report meta.
+        skipped: checkpoints left out because they are not completely written, each a dict (``name``, ``kind``
+            = ``"checkpoint"``, ``step``, ``path``, ``state``, ``problem``, ``reason``; :func:`skipped_checkpoint`).
     """
 
     sources: tuple[Any, ...]
@@ -53,39 +60,78 @@ class CheckpointStream:
     base: Any
     base_step: int | None
     origin: str
+    skipped: tuple[dict[str, Any], ...] = ()
 
     def __len__(self) -> int:
         return len(self.steps)
 
+    @classmethod
+    def of(cls, sources: Sequence[Any], steps: Sequence[int], *, base: Any = None, origin: str = "",
+           skipped: Sequence[dict[str, Any]] = ()) -> "CheckpointStream":
+        """A stream of ``sources`` at ``steps`` (already in order); without ``base`` the first one is the base.
 
-def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None) -> CheckpointStream:
+        Raises:
+            WeightgeoError: a single checkpoint and no separate base (nothing to compare).
+        """
+        return _finish(list(sources), [int(t) for t in steps], base, origin or f"sequence of {len(sources)} "
+                       f"checkpoints", skipped=tuple(skipped))
+
+
+def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
+                strict: bool = False) -> CheckpointStream:
     """Validate a stream description (directory or sequence) and pin every checkpoint to its step.
 
-    Nothing but folder names and ``trainer_state.json`` files is read.
+    Nothing but folder names, sizes, headers and completion markers is read (no tensor data).
+
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> run = Path(tempfile.mkdtemp())
+    >>> for step in (0, 10, 20):
+    ...     (run / f"global_step_{step}").mkdir()
+    ...     save_file({"w": torch.ones(4, 4) * step}, str(run / f"global_step_{step}" / "model.safetensors"))
+    >>> (run / "global_step_30").mkdir()  # the trainer has just created it
+    >>> s = open_stream(run)
+    >>> s.base_step, s.steps, [(c["step"], c["problem"]) for c in s.skipped]
+    (0, (10, 20), [(30, 'empty')])
 
     Args:
-        stream: a directory of ``checkpoint-<step>`` folders (step from the folder name, checked against
+        stream: a run directory of checkpoint folders (``checkpoint-N``, ``global_step_N``, ``global_stepN``,
+            ``iter_NNNNNNN``, ``step-N``, ``step_N``; the step from the folder name, checked against
             ``trainer_state.json``'s ``global_step`` when present), a sequence of checkpoint sources, or a
             :class:`CheckpointStream`.
-        base: the initial model W0. Default: the first checkpoint, which then contributes no update of its own.
+        base: the initial model W0. Default: the first complete checkpoint, which then contributes no update of
+            its own.
         steps: for a sequence, its steps (strictly increasing). Default: the numbers in the folder names when
-            every source is a ``checkpoint-<step>`` path, else positions (base = 0; our choice).
+            every source is a checkpoint folder named as above, else positions (base = 0; our choice).
+        strict: raise on the first checkpoint that is not completely written instead of leaving it out.
 
     Raises:
         WeightgeoError: empty directory or sequence, a single checkpoint and no separate base (nothing to
-            compare), duplicate or unsorted steps, a ``trainer_state.json`` that disagrees with its folder.
+            compare), duplicate or unsorted steps, a ``trainer_state.json`` that disagrees with its folder, an
+            incomplete base, an incomplete checkpoint with ``strict=True``.
     """
     if isinstance(stream, CheckpointStream):
         if base is not None or steps is not None:
             raise WeightgeoError("open_stream: the CheckpointStream already fixes its base and steps; "
                                  "pass base=/steps= only with a directory or a sequence of sources")
         return stream
+    _check_base(base)
     if isinstance(stream, (str, os.PathLike)):
         if steps is not None:
-            raise WeightgeoError(f"stream {str(stream)!r} is a directory: its steps come from the "
-                                 f"checkpoint-<step> folder names; drop steps= (or pass a list of sources)")
-        sources, found_steps, origin = _scan_directory(Path(stream))
-        return _finish(sources, found_steps, base, origin, checked=True)
+            raise WeightgeoError(f"stream {str(stream)!r} is a directory: its steps come from the checkpoint "
+                                 f"folder names; drop steps= (or pass a list of sources)")
+        found = run_checkpoints(stream, strict=strict)
+        if not found.complete:
+            raise WeightgeoError(f"stream directory {found.root} has no complete checkpoint yet: "
+                                 + "; ".join(f"{c['name']}: {c['reason']}" for c in found.skipped[:4]))
+        complete = list(found.complete)
+        own = base_folder_step(base, complete)
+        if own is not None:  # base= is one of the run's own folders: the base, not a step of the stream
+            base = None if own == complete[0][0] else base
+            complete = [(t, p) for t, p in complete if t != own or base is None]
+        paths = [p for _, p in complete]
+        return _finish(paths, [t for t, _ in complete], base, str(found.root), skipped=tuple(found.skipped))
     if isinstance(stream, (Sequence, Iterator)) and not isinstance(stream, (bytes, dict)):
         sources = list(stream)
         if not sources:
@@ -94,30 +140,138 @@ def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = 
         if steps is None:
             named = [_step_from_path(s) for s in sources]
             if all(n is not None for n in named):
-                found = [int(n) for n in named]  # type: ignore[arg-type]
-                _check_order(found, "the checkpoint-<step> folder names", sources)
-                for s, n in zip(sources, found):
-                    _check_trainer_state(Path(s), n)
-                return _finish(sources, found, base, origin, checked=True)
-            start = 1 if base is not None else 0
-            return _finish(sources, list(range(start, start + len(sources))), base, origin, checked=False)
-        given = _validate_steps(steps, len(sources))
-        for s, n in zip(sources, given):
-            if isinstance(s, (str, os.PathLike)) and Path(s).is_dir():
-                _check_trainer_state(Path(s), n)
-        return _finish(sources, given, base, origin, checked=True)
-    raise WeightgeoError(f"stream must be a directory of checkpoint-<step> folders or a sequence of checkpoint "
-                         f"sources, got {type(stream).__name__}")
+                found_steps = [int(n) for n in named]  # type: ignore[arg-type]
+                _check_order(found_steps, "the checkpoint folder names", sources)
+            else:
+                start = 1 if base is not None else 0
+                found_steps = list(range(start, start + len(sources)))
+        else:
+            found_steps = _validate_steps(steps, len(sources))
+        kept, kept_steps, skipped = _complete_sources(sources, found_steps, strict=strict)
+        for src, n in zip(kept, kept_steps):
+            if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+                _check_trainer_state(Path(src), n)
+        if not kept:
+            raise WeightgeoError(f"{origin}: no complete checkpoint: "
+                                 + "; ".join(f"{c['name']}: {c['reason']}" for c in skipped[:4]))
+        return _finish(kept, kept_steps, base, origin, skipped=tuple(skipped))
+    raise WeightgeoError(f"stream must be a run directory of checkpoint folders ({_NAMINGS}) or a sequence of "
+                         f"checkpoint sources, got {type(stream).__name__}")
 
 
-def _finish(sources: list[Any], steps: list[int], base: Any, origin: str, *, checked: bool) -> CheckpointStream:
+@dataclass(frozen=True)
+class RunCheckpoints:
+    """The checkpoints of a run directory (from :func:`run_checkpoints`): ``complete`` as ``(step, path)`` in
+    step order, and the ``skipped`` ones (:func:`skipped_checkpoint` dicts), in step order."""
+
+    root: Path
+    complete: list[tuple[int, Path]]
+    skipped: list[dict[str, Any]]
+
+
+def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> RunCheckpoints:
+    """Which checkpoints of run directory ``root`` are complete (:func:`~weightgeo.checkpoint.completeness.scan_run`),
+    and which are left out and why.
+
+    Raises:
+        WeightgeoError: ``root`` is missing or a file, holds no checkpoint folder, holds two complete folders of
+            one step (``checkpoint-10`` and ``checkpoint-010``), or (``strict``) an incomplete checkpoint.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise WeightgeoError(f"stream directory {root} does not exist; pass the run directory that holds the "
+                             f"checkpoint folders ({_NAMINGS})")
+    if not root.is_dir():
+        raise WeightgeoError(f"stream {root} is a file, not a directory of checkpoint folders; for a list of "
+                             f"checkpoints pass a sequence of sources with steps=")
+    scan = scan_run(root)
+    if not scan.checkpoints:
+        others = sorted(c.name for c in root.iterdir())
+        what = "it is empty" if not others else f"it holds {others[:6]}" + (" ..." if len(others) > 6 else "")
+        hint = (" It looks like a single checkpoint: pass a list of checkpoints, or its parent run directory."
+                if any(o in ("config.json", "model.safetensors", "model.safetensors.index.json",
+                             "pytorch_model.bin", ".metadata") for o in others) else "")
+        raise WeightgeoError(f"stream directory {root} has no checkpoint folders ({_NAMINGS}; {what}).{hint}")
+    states = {id(c): "corrupt" for c in scan.corrupt}
+    states.update({id(c): "abandoned" for c in scan.abandoned})
+    states.update({id(c): "in_progress" for c in scan.in_progress})
+    complete: dict[int, Path] = {}
+    skipped = []
+    for st in scan.checkpoints:
+        if not st.complete:
+            if strict:
+                raise WeightgeoError(f"{st.path} is not completely written ({st.reason}); strict=True (--strict) "
+                                     f"fails on it: wait for the save to finish, remove the folder, or drop strict "
+                                     f"to leave it out")
+            skipped.append(skipped_checkpoint(st, states.get(id(st), "corrupt")))
+            continue
+        assert st.step is not None
+        if st.step in complete:
+            raise WeightgeoError(f"duplicate step {st.step} in {root}: {complete[st.step].name} and {st.path.name}; "
+                                 f"remove one")
+        complete[st.step] = st.path
+    for step, path in complete.items():
+        _check_trainer_state(path, step)
+    return RunCheckpoints(root, sorted(complete.items()), skipped)
+
+
+def base_folder_step(base: Any, complete: Sequence[tuple[int, Path]]) -> int | None:
+    """The step of the run folder (in ``complete``, ``(step, path)`` pairs) that ``base`` is, else ``None``.
+
+    >>> base_folder_step("/run/checkpoint-10", [(0, Path("/run/checkpoint-0")), (10, Path("/run/checkpoint-10"))])
+    10
+    """
+    if not isinstance(base, (str, os.PathLike)):
+        return None
+    where = os.path.realpath(base)
+    return next((t for t, p in complete if os.path.realpath(p) == where), None)
+
+
+def skipped_checkpoint(status: CheckpointStatus, state: str) -> dict[str, Any]:
+    """The ``report.meta["skipped"]`` entry of a checkpoint left out: ``name`` (the folder), ``kind``
+    (``"checkpoint"``), ``step``, ``path``, ``state`` (``"in_progress"``: the newest, probably still being written;
+    ``"corrupt"``: an older one, a failed save or a damaged copy; ``"abandoned"``: an old temporary folder),
+    ``problem`` (one of :data:`~weightgeo.checkpoint.completeness.PROBLEMS`) and ``reason``."""
+    return {"name": status.path.name, "kind": "checkpoint", "step": status.step, "path": str(status.path),
+            "state": state, "problem": status.problem, "reason": status.reason}
+
+
+def _check_base(base: Any) -> None:
+    """A base given as a checkpoint folder must be completely written: it cannot be left out."""
+    if isinstance(base, (str, os.PathLike)) and Path(base).is_dir() and step_of(Path(base).name)[0] is not None:
+        st = checkpoint_status(base)
+        if not st.complete:
+            raise WeightgeoError(f"base {base} is not completely written ({st.reason}); pass a complete base")
+
+
+def _complete_sources(sources: list[Any], steps: list[int], *, strict: bool
+                      ) -> tuple[list[Any], list[int], list[dict[str, Any]]]:
+    """The sources of a sequence that are complete (checkpoint folders are checked; other sources pass)."""
+    statuses = [checkpoint_status(s) if isinstance(s, (str, os.PathLike)) and Path(s).is_dir() else None
+                for s in sources]
+    newest = max((i for i, st in enumerate(statuses) if st is not None), default=None)
+    kept, kept_steps, skipped = [], [], []
+    for i, (src, step, st) in enumerate(zip(sources, steps, statuses)):
+        if st is None or st.complete:
+            kept.append(src)
+            kept_steps.append(step)
+            continue
+        if strict:
+            raise WeightgeoError(f"{st.path} is not completely written ({st.reason}); strict=True fails on it")
+        state = "in_progress" if i == newest else ("abandoned" if st.temporary else "corrupt")
+        skipped.append({**skipped_checkpoint(st, state), "step": step})
+    return kept, kept_steps, skipped
+
+
+def _finish(sources: list[Any], steps: list[int], base: Any, origin: str, *,
+            skipped: tuple[dict[str, Any], ...] = ()) -> CheckpointStream:
     if base is None:
         if len(sources) < 2:
             raise WeightgeoError(
                 f"{origin}: a stream with one checkpoint (step {steps[0]}) has nothing to compare; add "
                 f"checkpoints, or pass the initial model as base=")
-        return CheckpointStream(tuple(sources[1:]), tuple(steps[1:]), sources[0], steps[0], origin)
-    return CheckpointStream(tuple(sources), tuple(steps), base, None, origin)
+        return CheckpointStream(tuple(sources[1:]), tuple(steps[1:]), sources[0], steps[0], origin, skipped)
+    return CheckpointStream(tuple(sources), tuple(steps), base, None, origin, skipped)
 
 
 def _validate_steps(steps: Sequence[int], n: int) -> list[int]:
@@ -147,41 +301,10 @@ def _check_order(steps: list[int], what: str, sources: list[Any] | None) -> None
 
 def _step_from_path(source: Any) -> int | None:
     if isinstance(source, (str, os.PathLike)):
-        m = _CKPT_DIR.match(Path(source).name)
-        if m:
-            return int(m.group(1))
+        step, _, temporary = step_of(Path(source).name)
+        if step is not None and not temporary:
+            return step
     return None
-
-
-def _scan_directory(root: Path) -> tuple[list[Path], list[int], str]:
-    if not root.exists():
-        raise WeightgeoError(f"stream directory {root} does not exist; pass the Trainer output_dir that holds "
-                             f"the checkpoint-<step> folders")
-    if not root.is_dir():
-        raise WeightgeoError(f"stream {root} is a file, not a directory of checkpoint-<step> folders; for a list "
-                             f"of checkpoints pass a sequence of sources with steps=")
-    found: dict[int, Path] = {}
-    others = []
-    for child in sorted(root.iterdir()):
-        m = _CKPT_DIR.match(child.name)
-        if m and child.is_dir():
-            step = int(m.group(1))
-            if step in found:  # checkpoint-10 and checkpoint-010
-                raise WeightgeoError(f"duplicate step {step} in {root}: {found[step].name} and {child.name}; "
-                                     f"remove one")
-            found[step] = child
-        else:
-            others.append(child.name)
-    if not found:
-        what = "it is empty" if not others else f"it holds {others[:6]}" + (" ..." if len(others) > 6 else "")
-        hint = (" It looks like a single checkpoint: pass a list of checkpoints, or its parent run directory."
-                if any(o in ("config.json", "model.safetensors", "model.safetensors.index.json",
-                             "pytorch_model.bin") for o in others) else "")
-        raise WeightgeoError(f"stream directory {root} has no checkpoint-<step> folders ({what}).{hint}")
-    steps = sorted(found)
-    for s in steps:
-        _check_trainer_state(found[s], s)
-    return [found[s] for s in steps], steps, str(root)
 
 
 def _check_trainer_state(folder: Path, step: int) -> None:
@@ -225,7 +348,8 @@ class StreamReader:
     @classmethod
     def open(cls, stream: CheckpointStream, *, include: Any = None, exclude: Any = None,
              config: Any = None) -> "StreamReader":
-        """``config``: architecture numbers for native checkpoints, given to every ``open_checkpoint``."""
+        """Open the base and every checkpoint (headers only) and plan the matrices to follow. ``config``: the
+        model's HF config for native checkpoints whose name mapping needs architecture numbers."""
         keep = compile_filter(include, exclude)
         base = open_checkpoint(stream.base, config=config)
         cks: list[Checkpoint] = []
@@ -246,15 +370,19 @@ class StreamReader:
                 f"floating tensor present in all checkpoints)")
         return cls(stream, base, cks, plan, skipped, unmatched)
 
-    def updates(self, entry: MatrixPlan, *, device: torch.device, dtype: torch.dtype = torch.float32
-                ) -> Iterator[tuple[int, torch.Tensor]]:
+    def updates(self, entry: MatrixPlan, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                only: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(step, ΔW_t)`` for one matrix, reading the base tensor once and each checkpoint's once.
 
         ΔW_t = W_t − W0 is formed in ``dtype`` (float32 by default: the difference of two bf16 values is exact
-        in float32) on ``device``.
+        in float32) on ``device``. ``only``: the indices (into the stream's steps) to read; default all.
         """
+        picks = range(len(self.checkpoints)) if only is None else sorted(set(only))
+        if not picks:
+            return
         w0 = self.base.get(entry.base_name).to(device=device, dtype=dtype)
-        for step, ck, name in zip(self.stream.steps, self.checkpoints, entry.names):
+        for i in picks:
+            step, ck, name = self.stream.steps[i], self.checkpoints[i], entry.names[i]
             wt = ck.get(name).to(device=device, dtype=dtype)
             d = wt - w0
             del wt

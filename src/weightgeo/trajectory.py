@@ -16,24 +16,33 @@ summaries and reports (shared with :class:`~weightgeo.track.Tracker`).
 from __future__ import annotations
 
 import math
+import os
 import time
-from typing import Any, Mapping, Sequence
+import warnings
+from typing import Any, Mapping, MutableMapping, Sequence
 
 import torch
 
+from ._version import __version__
+from .cache import CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
 from .checkpoint import layer_index, module_type
 from .devices import resolve_device
 from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
-from .linalg.hardware import hardware, pass_dtype
+from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
 from .linalg.spectra import hill_tail_index
-from .metrics.trajectory import (UPDATE_BATCH_BYTES, LockingOnset, Spectrum, build_locking, matrix_seed,
-                                 subspace_sim, update_spectra)
+from .metrics.trajectory import (EXACT_MAX_DIM, RTOL, UPDATE_BATCH_BYTES, LockingOnset, Spectrum, build_locking,
+                                 matrix_seed, subspace_sim, update_spectra)
 from .report import Report, summarize_rows
-from .stream import StreamReader, open_stream
+from .stream import CheckpointStream, StreamReader, open_stream
 from .validation import check_int, check_k, check_threshold
 
-__all__ = ["rank_curve", "locking_onset", "spectrum_row", "assemble", "trajectory_summary"]
+__all__ = ["rank_curve", "locking_onset", "stream_report", "spectrum_row", "assemble", "trajectory_summary",
+           "warn_skipped", "SPECTRUM_KIND"]
+
+#: the cache entries of the stream pass: one per (matrix, step), the :class:`Spectrum` of ΔW_t (or a zero update)
+SPECTRUM_KIND = "update_spectrum"
+CacheArg = bool | str | os.PathLike[str] | ResultCache | None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,12 +120,98 @@ def trajectory_summary(rows: list[dict[str, Any]], steps: Sequence[int], sims: d
 
 # --------------------------------------------------------------------------------------------------------------
 # stream-level verbs
-def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: Any, r: int, k: int,
-                 device: Any, seed: int, progress: bool, config: Any = None):
-    """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra."""
-    s = open_stream(stream, base=base, steps=steps)
+class _Spectra:
+    """Where the stream pass finds a (matrix, step) spectrum it need not compute: the previous update's (follow
+    mode), then the result cache; and where it stores the ones it computes (each as soon as it is computed).
+
+    A spectrum is keyed by the identities of the base and checkpoint tensors, the matrix (its name seeds the
+    randomized passes), ``r``, ``k``, the seed, the verification rule and the numerical policy; ``update_spectra``
+    with a per-matrix ``seed`` makes it a function of exactly these (not of the batch or of earlier flushes)."""
+
+    def __init__(self, cache: ResultCache | None, memo: MutableMapping[str, Any] | None, *, device: torch.device,
+                 r: int, k: int, seed: int) -> None:
+        self.cache, self.memo = cache, memo
+        self.policy = policy_fingerprint(device)
+        self.version = cache.version if cache is not None else __version__
+        self.options = {"r": r, "k": k, "seed": seed, "dtype": "float32", "rtol": RTOL, "exact_max_dim": EXACT_MAX_DIM}
+        self.before = cache.stats.as_dict() if cache is not None else {}
+        self.reused = self.computed = self.read = self.uncacheable = 0
+        self.used: set[str] = set()
+
+    def key(self, base_id: Any, ck_id: Any, matrix: str) -> CacheKey | None:
+        if base_id is None or ck_id is None:
+            self.uncacheable += 1
+            return None
+        if self.cache is None and self.memo is None:
+            return None
+        return result_key(SPECTRUM_KIND, inputs=[base_id, ck_id], options={**self.options, "matrix": matrix},
+                          policy=self.policy, version=self.version)
+
+    def get(self, key: CacheKey | None) -> tuple[bool, Spectrum | None]:
+        """``(found, spectrum)``; a found ``None`` is a zero update (ΔW_t = 0 exactly: no spectrum)."""
+        if key is None:
+            return False, None
+        if self.memo is not None and key.digest in self.memo:
+            self.used.add(key.digest)
+            self.reused += 1
+            return True, self.memo[key.digest]
+        entry = self.cache.get(key) if self.cache is not None else None
+        if entry is None:
+            return False, None
+        sp = None if entry.row.get("zero") else unpack(Spectrum, entry.row, entry.tensors)
+        self._remember(key, sp)
+        self.reused += 1
+        return True, sp
+
+    def put(self, key: CacheKey | None, sp: Spectrum | None) -> None:
+        self.computed += 1
+        if key is None:
+            return
+        self._remember(key, sp)
+        if self.cache is not None:
+            row, tensors = pack(sp) if sp is not None else ({"zero": True}, {})
+            self.cache.put(key, row, tensors)
+
+    def _remember(self, key: CacheKey, sp: Spectrum | None) -> None:
+        if self.memo is not None:
+            self.memo[key.digest] = sp
+            self.used.add(key.digest)
+
+    def meta(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"enabled": self.cache is not None, "spectra_reused": self.reused,
+                               "spectra_computed": self.computed, "tensors_read": self.read,
+                               "uncacheable": self.uncacheable}
+        if self.cache is not None:
+            now = self.cache.stats.as_dict()
+            out.update({k: v - self.before.get(k, 0) for k, v in now.items()}, root=str(self.cache.root))
+        return out
+
+
+def warn_skipped(skipped: Sequence[Mapping[str, Any]], *, stacklevel: int = 3) -> None:
+    """One warning per checkpoint left out of a stream; a corrupt one (not the newest) is named loudly.
+    ``stacklevel`` 3 points at the caller of the function that calls this one."""
+    for c in skipped:
+        if c.get("kind") != "checkpoint":
+            continue
+        if c.get("state") == "corrupt":
+            msg = (f"CORRUPT checkpoint {c['path']} (step {c['step']}) left out: {c['reason']}. It is not the newest "
+                   f"checkpoint, so its save failed or the copy is damaged: re-save or remove it")
+        elif c.get("state") == "in_progress":
+            msg = (f"left out {c['path']} (step {c['step']}, the newest: probably still being written): "
+                   f"{c['reason']}")
+        else:
+            msg = f"left out the temporary folder {c['path']} of an unfinished save: {c['reason']}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+
+
+def _stream_pass(s: CheckpointStream, *, include: Any, exclude: Any, r: int, k: int, device: Any, seed: int,
+                 progress: bool, cache: CacheArg, config: Any = None, memo: MutableMapping[str, Any] | None = None):
+    """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra; spectra
+    already known (``memo``, the result cache) are not recomputed, and a matrix whose every step is known is
+    not read at all."""
     dev = resolve_device(device)
     t0 = time.perf_counter()
+    spectra = _Spectra(resolve_cache(cache), memo, device=dev, r=r, k=k, seed=seed)
     records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
     with StreamReader.open(s, include=include, exclude=exclude, config=config) as reader:
         # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
@@ -130,22 +225,45 @@ def _stream_pass(stream: Any, *, base: Any, steps: Any, include: Any, exclude: A
 
             plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
         for entry in plan:
-            records[entry.key] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k))
-        parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records})
+            records[entry.key] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k, spectra=spectra))
+        parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records,
+                              "cache": spectra.meta()})
         merged = {key: rec for part in parts for key, rec in part["records"].items()}
         records = {e.key: merged[e.key] for e in full_plan if e.key in merged}
         meta = _stream_meta(s, reader, dev, world.size, parts, seed=seed, include=include, exclude=exclude)
+    if memo is not None:  # keep what this pass used: the next update needs no more
+        for digest in [d for d in memo if d not in spectra.used]:
+            del memo[digest]
+    meta["cache"] = sum_counts([p["cache"] for p in parts])
     meta["seconds"] = round(time.perf_counter() - t0, 3)
-    return s, records, meta
+    return records, meta
 
 
-def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int
-            ) -> dict[int, Spectrum]:
-    """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates."""
+def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int,
+            spectra: _Spectra) -> dict[int, Spectrum]:
+    """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates.
+
+    Steps whose spectrum is known are not read; the others are computed and stored one batch at a time. Every
+    batch draws its test matrices from the matrix's own seed, so a step's spectrum is the same whichever batch
+    (or run) computes it."""
     m, n = entry.shape
-    per_batch = max(1, UPDATE_BATCH_BYTES // (4 * m * n))
-    g = torch.Generator(device=dev).manual_seed(matrix_seed(seed, entry.key))
+    steps = reader.stream.steps
+    base_id = reader.base.identity(entry.base_name)
+    keys = [spectra.key(base_id, ck.identity(name), entry.key) for ck, name in zip(reader.checkpoints, entry.names)]
     out: dict[int, Spectrum] = {}
+    todo = []
+    for i, (step, key) in enumerate(zip(steps, keys)):
+        found, sp = spectra.get(key)
+        if not found:
+            todo.append(i)
+        elif sp is not None:
+            out[step] = sp
+    if not todo:
+        return dict(sorted(out.items()))
+    spectra.read += 1 + len(todo)
+    per_batch = max(1, UPDATE_BATCH_BYTES // (4 * m * n))
+    mseed = matrix_seed(seed, entry.key)
+    key_of = {steps[i]: keys[i] for i in todo}
     batch: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
@@ -154,17 +272,20 @@ def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r
         D = torch.stack([d for _, d in batch])
         fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
         nz = [i for i in range(len(batch)) if float(fro[i]) > 0]
-        if nz:
-            for i, sp in zip(nz, update_spectra(D[nz], r=r, k=k, generator=g, frobenius=fro[nz])):
-                out[batch[i][0]] = sp
+        found = dict(zip(nz, update_spectra(D[nz], r=r, k=k, seed=mseed, frobenius=fro[nz]))) if nz else {}
+        for i, (step, _) in enumerate(batch):
+            sp = found.get(i)
+            spectra.put(key_of[step], sp)  # on disk as soon as computed: a killed run keeps it
+            if sp is not None:
+                out[step] = sp
         batch.clear()
 
-    for step, d in reader.updates(entry, device=dev):
+    for step, d in reader.updates(entry, device=dev, only=todo):
         batch.append((step, d))
         if len(batch) >= per_batch:
             flush()
     flush()
-    return out
+    return dict(sorted(out.items()))
 
 
 def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: int, parts: list[dict[str, Any]],
@@ -174,7 +295,7 @@ def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: in
             "steps": list(s.steps), "device": str(dev), "hardware": hardware(dev).as_dict(),
             # ΔW_t is formed in float32 (exact for bf16 pairs), so the policy gives float32 passes everywhere
             "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""), **params,
-            "skipped": list(reader.skipped) + _source_skipped(reader), "unmatched": reader.unmatched,
+            "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)], "unmatched": reader.unmatched,
             "torch_version": torch.__version__, "world_size": world_size,
             "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
     in_out = [e.key for e in reader.plan if reader.base.in_out_layout(e.base_name)]
@@ -195,7 +316,7 @@ def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
 def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
                include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                hill_k: int = 10, k: int = 16, device: str | torch.device | None = None, seed: int = 0,
-               progress: bool = False, config: Any = None) -> Report:
+               progress: bool = False, strict: bool = False, cache: CacheArg = None, config: Any = None) -> Report:
     """Stable rank, norms, Hill index and Sim_K to the final subspace of ΔW_t along a stream (paper §4, Fig. 4).
 
     >>> import torch
@@ -208,9 +329,11 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
     [1.382, 1.382]
 
     Args:
-        stream: a directory of ``checkpoint-<step>`` folders or a sequence of checkpoint sources
-            (see :func:`weightgeo.stream.open_stream`).
-        base: the initial model W0 (default: the first checkpoint; it gets no row).
+        stream: a run directory of checkpoint folders (HF Trainer ``checkpoint-N``, verl ``global_step_N``,
+            DeepSpeed ``global_stepN``, Megatron ``iter_NNNNNNN``, torchtitan ``step-N``) or a sequence of
+            checkpoint sources (see :func:`weightgeo.stream.open_stream`). Checkpoints not completely written
+            are left out with a warning and listed in ``meta["skipped"]`` (docs/trajectories.md).
+        base: the initial model W0 (default: the first complete checkpoint; it gets no row).
         steps: steps of a sequence (strictly increasing).
         include, exclude: regexes or presets (``"attention"`` = the paper's q/k/v/o set). Default: every
             2-D floating tensor present in all checkpoints (our choice).
@@ -218,6 +341,11 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
         k: subspace size K for ``final_subspace_similarity`` (default 16, the paper's).
         device: where the linear algebra runs; reading is on CPU. seed: for the randomized SVD.
         progress: show a tqdm bar.
+        strict: fail on the first checkpoint that is not completely written instead of leaving it out.
+        cache: the result cache (``None``: ``WEIGHTGEO_CACHE``, on by default; ``False``: off; a folder; a
+            :class:`~weightgeo.cache.ResultCache`). Each (matrix, step) spectrum of checkpoints on disk is
+            stored as it is computed, so a re-run, a resumed run or a run with one more checkpoint reads and
+            computes only what is new (docs/caching.md).
         config: the model's HF config (a ``config.json`` path, its folder or a dict) for native checkpoints
             whose name mapping needs architecture numbers (Megatron / torchtitan DCP folders; see
             :func:`~weightgeo.open_checkpoint`), given to the base and every checkpoint.
@@ -228,12 +356,26 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
         (σ_K/σ_{K+1} of ΔW_t, the convention of every report: Sim_K means little near 1),
         ``final_subspace_similarity`` (Sim_K(t, t_end), in [0, 1])
         and ``method``; ``summary["by_step"][step]`` = unweighted means over matrices (with ``by_module``),
-        ``summary["curves"]`` = those means as lists over ``summary["steps"]``. Each tensor is read once.
+        ``summary["curves"]`` = those means as lists over ``summary["steps"]``; ``meta["cache"]`` the spectra
+        reused and computed and the tensors read. Each tensor is read at most once.
     """
+    s = open_stream(stream, base=base, steps=steps, strict=strict)
+    warn_skipped(s.skipped)
+    return stream_report(s, include=include, exclude=exclude, hill_k=hill_k, k=k, device=device, seed=seed,
+                         progress=progress, cache=cache, config=config, warn=False)
+
+
+def stream_report(s: CheckpointStream, *, include: Any = None, exclude: Any = None, hill_k: int = 10, k: int = 16,
+                  device: Any = None, seed: int = 0, progress: bool = False, cache: CacheArg = None,
+                  config: Any = None, memo: MutableMapping[str, Any] | None = None, warn: bool = True) -> Report:
+    """:func:`rank_curve` of an opened :class:`~weightgeo.stream.CheckpointStream`; ``memo`` (a dict kept by
+    the caller between calls, as follow mode does) holds the spectra of the previous call so that only new
+    checkpoints are computed; ``warn=False`` leaves warning about skipped checkpoints to the caller."""
     hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
-    s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude,
-                                    r=max(hill_k, k), k=k, device=device, seed=seed, progress=progress,
-                                    config=config)
+    if warn:
+        warn_skipped(s.skipped)
+    records, meta = _stream_pass(s, include=include, exclude=exclude, r=max(hill_k, k), k=k, device=device,
+                                 seed=seed, progress=progress, cache=cache, config=config, memo=memo)
     rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k)
     meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero,
                 similarity=sims)
@@ -246,7 +388,8 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
 def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None, k: int = 16,
                   threshold: float = 0.9, include: str | Sequence[str] | None = None,
                   exclude: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                  seed: int = 0, progress: bool = False, config: Any = None) -> LockingOnset:
+                  seed: int = 0, progress: bool = False, strict: bool = False, cache: CacheArg = None,
+                  config: Any = None) -> LockingOnset:
     """When the top-K input subspace of ΔW_t locks onto the final one (paper §4, Fig. 5; definition ours).
 
     Onset (per matrix, and for the model on the mean curve): the first checkpoint t < t_end after which
@@ -263,7 +406,7 @@ def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None 
     Args:
         stream: a stream (as :func:`rank_curve`), or a :class:`~weightgeo.report.Report` from
             :func:`rank_curve` (its similarities are reused, nothing is read; its ``k`` applies).
-        base, steps, include, exclude, device, seed, progress, config: as :func:`rank_curve`.
+        base, steps, include, exclude, device, seed, progress, strict, cache, config: as :func:`rank_curve`.
         k: subspace size K (default 16). threshold: in (0, 1], default 0.9 (our choice).
 
     Returns:
@@ -278,8 +421,10 @@ def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None 
         sims = {n: {int(s): float(v) for s, v in c.items()} for n, c in sims.items()}
         return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
     k = check_k(k)
-    s, records, meta = _stream_pass(stream, base=base, steps=steps, include=include, exclude=exclude, r=k, k=k,
-                                    device=device, seed=seed, progress=progress, config=config)
+    s = open_stream(stream, base=base, steps=steps, strict=strict)
+    warn_skipped(s.skipped)
+    records, meta = _stream_pass(s, include=include, exclude=exclude, r=k, k=k, device=device, seed=seed,
+                                 progress=progress, cache=cache, config=config)
     _, sims, zero = assemble(records, s.steps, hill_k=2, k=k)
     meta.update(kind="locking_onset", zero_updates=zero)
     return build_locking(sims, k=k, threshold=threshold, meta=meta)

@@ -93,3 +93,39 @@ def test_cpu_equals_cuda():
     gpu = matrix_pair_metrics(b.cuda(), f.cuda(), metrics=frozenset(PAIR_METRICS), k=K, rank=RANK)
     for key, v in cpu.items():
         assert gpu[key] == pytest.approx(v, rel=1e-6, abs=2e-3 if "overlap" in key or key == "density" else 1e-6), key
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_batched_equals_looped_bit_for_bit(monkeypatch, gen, shape):
+    """A member's row does not depend on the batch it is in (a cached or resumed row equals a fresh one): the
+    policy's row blocks are per matrix, whatever the batch size. A small ROW_BLOCK makes every matrix span
+    several blocks and the batch several member chunks."""
+    from weightgeo.linalg import policy
+    from weightgeo.linalg.svd import decompose, frobenius_sq
+    from weightgeo.metrics.pair import batched_pair_metrics
+
+    monkeypatch.setattr(policy, "ROW_BLOCK", 1000)
+    w0 = (0.02 * torch.randn(5, *shape, generator=gen)).bfloat16()
+    w1 = (w0.float() + 1e-3 * torch.randn(5, *shape, generator=gen)).bfloat16()
+    kw = dict(metrics=frozenset(PAIR_METRICS), k=8, side="right", rank=4, alpha=0.5, eta=1e-3)
+    batched = batched_pair_metrics(w0, w1, **kw)
+    for i in range(5):
+        assert batched_pair_metrics(w0[i:i + 1], w1[i:i + 1], **kw)[0] == batched[i]
+    whole = decompose(w0)
+    for i in (0, 3):
+        one = decompose(w0[i:i + 1])
+        assert torch.equal(one.S[0], whole.S[i]) and torch.equal(one.vectors[0], whole.vectors[i])
+    assert torch.equal(frobenius_sq(w0)[2:3], frobenius_sq(w0[2:3]))
+
+
+def test_batched_equals_looped_at_the_real_row_block(gen):
+    """Two 4200×512 members hold more than ROW_BLOCK entries together but not alone: a row block sized over the
+    batch would sum them in another order than each alone (relative differences of ~1e-9 before the fix)."""
+    from weightgeo.metrics.pair import batched_pair_metrics
+
+    w0 = (0.02 * torch.randn(2, 4200, 512, generator=gen)).bfloat16()
+    w1 = (w0.float() + 1e-3 * torch.randn(2, 4200, 512, generator=gen)).bfloat16()
+    kw = dict(metrics=frozenset({"principal_overlap", "spectral_drift", "stable_rank"}), k=16, side="right",
+              rank=4, alpha=0.5, eta=1e-3)
+    batched = batched_pair_metrics(w0, w1, **kw)
+    assert [batched_pair_metrics(w0[i:i + 1], w1[i:i + 1], **kw)[0] for i in range(2)] == batched

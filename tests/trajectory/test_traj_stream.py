@@ -47,6 +47,8 @@ def test_paths_named_checkpoint_give_their_steps(tmp_path):
 
 def test_trainer_state_must_agree(tmp_path):
     _write_run(tmp_path, [10, 20])
+    # a Trainer writes trainer_state.json into every checkpoint (one without it would be an unfinished save)
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
     (tmp_path / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
     assert open_stream(tmp_path).steps == (20,)
     (tmp_path / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 21}))

@@ -1,6 +1,7 @@
 """A result cache for per-tensor results and reusable decompositions, keyed by what determines them.
 
-Not yet called by ``compare`` / ``rank_curve`` (docs/caching.md says what will be cached once wired).
+Used by ``compare``, ``compare_many``, ``rank_curve``, ``locking_onset`` and ``follow`` (``cache=``; on by
+default for checkpoints on disk): docs/caching.md says exactly what is cached.
 
 >>> import tempfile, torch
 >>> cache = resolve_cache(tempfile.mkdtemp())
@@ -22,10 +23,10 @@ from __future__ import annotations
 from .codec import decode_row, encode_row, pack, unpack
 from .keys import KEY_FORMAT, CacheKey, canonical_json, result_key
 from .location import ENV_VAR, cacheable, default_cache_dir, resolve_cache
-from .store import FORMAT, CacheEntry, CacheInfo, CacheStats, PruneResult, ResultCache
+from .store import FORMAT, CacheEntry, CacheInfo, CacheStats, PruneResult, ResultCache, sum_counts
 
 __all__ = [
     "ResultCache", "CacheKey", "CacheEntry", "CacheStats", "CacheInfo", "PruneResult", "resolve_cache",
     "default_cache_dir", "cacheable", "canonical_json", "result_key", "encode_row", "decode_row", "pack", "unpack",
-    "FORMAT", "KEY_FORMAT", "ENV_VAR",
+    "FORMAT", "KEY_FORMAT", "ENV_VAR", "sum_counts",
 ]

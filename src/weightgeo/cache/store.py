@@ -48,7 +48,7 @@ from ..errors import WeightgeoError
 from .codec import decode_row, encode_row
 from .keys import CacheKey, result_key
 
-__all__ = ["ResultCache", "CacheEntry", "CacheStats", "CacheInfo", "PruneResult", "FORMAT"]
+__all__ = ["ResultCache", "CacheEntry", "CacheStats", "CacheInfo", "PruneResult", "FORMAT", "sum_counts"]
 
 #: entry file format; entries live under ``<root>/v<FORMAT>/``
 FORMAT = 1
@@ -424,6 +424,21 @@ class ResultCache:
                 return
             self._warned.add(cause)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def sum_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counters of several passes (every rank's ``meta["cache"]``) added up: integers summed, the rest from the
+    first.
+
+    >>> sum_counts([{"hits": 2, "root": "/c"}, {"hits": 3, "root": "/c"}])
+    {'hits': 5, 'root': '/c'}
+    """
+    out = dict(parts[0])
+    for p in parts[1:]:
+        for key, v in p.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[key] = out.get(key, 0) + v
+    return out
 
 
 def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """The one pass runner: ``compare`` (one fine-tune) and ``compare_many`` (several of one base) are one pass.
 
-Open the checkpoints, plan from headers, shard the work across ranks, read each tensor once (the base once for
-every fine-tune) with read-ahead, run the shape groups and the row-chunk streams, gather the rows, and build
-one Report per fine-tune. With several fine-tunes each base matrix is also decomposed once for all of them.
+Open the checkpoints, plan from headers, shard the work across ranks, take the cached rows out
+(:mod:`.cached`), read each remaining tensor once (the base once for every fine-tune) with read-ahead, run the
+shape groups and the row-chunk streams (each row cached as its group finishes), gather the rows, and build one
+Report per fine-tune. With several fine-tunes each base matrix is also decomposed once for all of them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any, Sequence
 
 import torch
 
+from ..cache import ResultCache, resolve_cache, sum_counts
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..distributed import current_world
 from ..errors import WeightgeoError
 from ..readahead import ReadAhead
 from ..report import Report
+from .cached import RowCache
 from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
 from .options import Filter, Options
 from .plan import Group, Work, pack_groups, plan_pair, plan_work
@@ -27,12 +30,13 @@ from .report import comparison_report
 __all__ = ["compare", "compare_many", "run"]
 
 Rows = list[tuple[int, dict[str, Any]]]
+CacheArg = bool | str | os.PathLike[str] | ResultCache | None
 
 
 def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None, include: Filter = None,
             exclude: Filter = None, k: int = 512, side: str = "right", rank: int = 64, alpha: float = 0.5,
             eta: float = 1e-3, device: str | torch.device | None = None, progress: bool = True,
-            batch_bytes: int | None = None) -> Report:
+            batch_bytes: int | None = None, cache: CacheArg = None) -> Report:
     """Compare a fine-tuned checkpoint with its base in one streaming pass, tensor by tensor.
 
     >>> import torch, weightgeo
@@ -62,20 +66,26 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None, i
             are stacked into [B, out, in] batches whose estimated working set fits it, and the next group is
             read in the background while one is computed. Default 64 MiB on CPU, a quarter of the free
             memory on CUDA; ``0`` analyses one matrix at a time (lowest peak memory).
+        cache: the result cache for checkpoints on disk (``None``: ``WEIGHTGEO_CACHE`` decides, on by default
+            in ``~/.cache/weightgeo``; ``False``: off; a folder; a :class:`~weightgeo.cache.ResultCache`).
+            Rows are looked up before anything is read and written as each shape group finishes, so a re-run is
+            served from the cache and a killed run resumes where it stopped, with identical rows
+            (docs/caching.md).
 
     Returns:
         :class:`~weightgeo.report.Report`: one row per analysed tensor (1-D tensors get only the elementwise
-        metrics), the model summary, and ``meta`` with provenance, skipped tensors and unmatched names.
+        metrics), the model summary, and ``meta`` with provenance, skipped tensors, unmatched names and
+        ``meta["cache"]`` (rows served and computed, tensors read, cache lookups and writes).
     """
     options = Options.create(metrics=metrics, include=include, exclude=exclude, k=k, side=side, rank=rank,
                              alpha=alpha, eta=eta, device=device, progress=progress, batch_bytes=batch_bytes)
-    return run(base, [ft], options)[0]
+    return run(base, [ft], options, cache=cache)[0]
 
 
 def compare_many(base: Any, fts: Sequence[Any], *, metrics: str | Sequence[str] | None = None,
                  include: Filter = None, exclude: Filter = None, k: int = 512, side: str = "right", rank: int = 64,
                  alpha: float = 0.5, eta: float = 1e-3, device: str | torch.device | None = None,
-                 progress: bool = True, batch_bytes: int | None = None) -> list[Report]:
+                 progress: bool = True, batch_bytes: int | None = None, cache: CacheArg = None) -> list[Report]:
     """Compare several fine-tunes with one base, reading and decomposing the base once: ``compare`` for each.
 
     >>> import torch, weightgeo
@@ -94,7 +104,7 @@ def compare_many(base: Any, fts: Sequence[Any], *, metrics: str | Sequence[str] 
     Args:
         base: the shared base checkpoint (any source :func:`~weightgeo.compare` accepts).
         fts: a list of fine-tuned checkpoints (each any source ``compare`` accepts, LoRA adapters included).
-        metrics, include, exclude, k, side, rank, alpha, eta, device, progress, batch_bytes: as in
+        metrics, include, exclude, k, side, rank, alpha, eta, device, progress, batch_bytes, cache: as in
             :func:`~weightgeo.compare`, applied to every fine-tune.
 
     Returns:
@@ -108,10 +118,11 @@ def compare_many(base: Any, fts: Sequence[Any], *, metrics: str | Sequence[str] 
         raise WeightgeoError("compare_many: fts is empty; give at least one fine-tuned checkpoint")
     options = Options.create(metrics=metrics, include=include, exclude=exclude, k=k, side=side, rank=rank,
                              alpha=alpha, eta=eta, device=device, progress=progress, batch_bytes=batch_bytes)
-    return run(base, list(fts), options, shared_meta=True)
+    return run(base, list(fts), options, shared_meta=True, cache=cache)
 
 
-def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = False) -> list[Report]:
+def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = False,
+        cache: CacheArg = None) -> list[Report]:
     """The pass: one Report per fine-tune in ``fts`` (each as ``compare(base, ft)`` would give it)."""
     t0 = time.perf_counter()
     b = open_checkpoint(base)
@@ -123,22 +134,28 @@ def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = 
         plans = [plan_pair(b, f, keep, elementwise=options.sparsity, svd=bool(options.pair_metrics)) for f in fs]
         world = current_world(options.device)
         work = plan_work(plans, pair=bool(options.pair_metrics)).shard(world)
+        store = RowCache(resolve_cache(cache), b, fs, options)
+        todo, local = store.lookup(work)
         t_rank = time.perf_counter()
         bar = _progress(options.progress and world.is_main, work.n_rows())
         try:
-            local = _run_units(b, fs, work, options, bar)
+            if bar is not None:
+                bar.update(work.n_rows() - todo.n_rows())
+            for i, rows in enumerate(_run_units(b, fs, todo, options, bar, store)):
+                local[i].extend(rows)
         finally:
             if bar is not None:
                 bar.close()
         per_rank = world.gather({"rank": world.rank, "seconds": round(time.perf_counter() - t_rank, 3),
                                  "tensors": [[work.job(i, j).uid for i, j in _users(work, i)] for i in range(len(fs))],
-                                 "rows": local})
+                                 "rows": local, "cache": store.meta()})
     finally:
         b.close()
         for f in fs:
             f.close()
     seconds = time.perf_counter() - t0
     extra = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
+    extra["cache"] = sum_counts([p["cache"] for p in per_rank])
     return [comparison_report(plans[i], [pair for part in per_rank for pair in part["rows"][i]], options,
                               world_size=world.size, seconds=seconds, **extra,
                               ranks=[{"rank": p["rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]}
@@ -158,9 +175,11 @@ def _progress(enabled: bool, total: int):
     return tqdm(desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
 
 
-def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Options, bar) -> list[Rows]:
+def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Options, bar,
+               store: RowCache | None = None) -> list[Rows]:
     """Rows of this rank's units, per fine-tune: shape groups through the batched pair kernel, the other tensors
-    streamed in row chunks, in plan order; a background thread reads the next group or chunk meanwhile."""
+    streamed in row chunks, in plan order; a background thread reads the next group or chunk meanwhile. Each
+    row goes to ``store`` (the result cache) as soon as it is finished."""
     budget = options.budget()
     groups = pack_groups(work, len(fs), budget)
     first = {g.units[0]: g for g in groups}
@@ -192,14 +211,17 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
     with ReadAhead(reads(), budget=ahead, background=background) as stream:
         for what, data in stream:
             if isinstance(what, Group):
-                done = _group(what, *data, work, options, out)
+                done = _group(what, *data, work, options, out, store)
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)
                 counts[key] = counts.get(key, 0) + chunk_unchanged(options, job.uid, s, e, c0, c1)
                 if e < job.rows:
                     continue
-                out[i].append((index[key], finish_row(options, job, counts.pop(key))))
+                row = finish_row(options, job, counts.pop(key))
+                out[i].append((index[key], row))
+                if store is not None:
+                    store.store(i, index[key], job, row)
                 done = 1
             if bar is not None:
                 bar.update(done)
@@ -207,9 +229,10 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
 
 
 def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], fp8: list, work: Work, options: Options,
-           out: list[Rows]) -> int:
-    """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once."""
-    shared = SharedBase(W0, options)
+           out: list[Rows], store: RowCache | None = None) -> int:
+    """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
+    decomposition read from the cache), and the rows are cached as soon as they are computed."""
+    shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)
     done = 0
     for i, (W1, js) in enumerate(zip(W1s, g.jobs)):
         if W1 is None:
@@ -217,5 +240,8 @@ def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], fp8: list
         jobs = [work.job(i, j) for j in js]
         rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i])
         out[i].extend(zip(js, rows))
+        if store is not None:
+            for j, job, row in zip(js, jobs, rows):
+                store.store(i, j, job, row)
         done += len(rows)
     return done

@@ -18,17 +18,23 @@ trajectories' residual checks) cost 1.0–2.9× the torch route's time; the prod
 True
 >>> pass_dtype(torch.float32, "cpu", (4096, 4096))
 torch.float32
+>>> policy_fingerprint("cpu") == policy_fingerprint(None), len(policy_fingerprint("cpu"))
+(True, 16)
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Hardware", "hardware", "pass_dtype", "BF16_PASS_MIN_ENTRIES"]
+from . import policy
+
+__all__ = ["Hardware", "hardware", "pass_dtype", "policy_fingerprint", "BF16_PASS_MIN_ENTRIES"]
 
 #: bf16 passes pay for their cast and fixed costs from about this many entries per matrix (measured: 896×896
 #: and larger gain on AVX512-BF16 and AMX; 128×896 does not).
@@ -113,3 +119,25 @@ def pass_dtype(dtype: torch.dtype, device: str | torch.device | None, shape: tup
             and hardware(device).bf16_gemm:
         return torch.bfloat16
     return torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(device: str) -> str:
+    hw = _describe(device)
+    doc = {
+        # the policy's rules (precision, row blocks, conditioning) and what they run on
+        "compute": {str(d): str(policy.compute_dtype(d)) for d in (*policy.LOW_PRECISION, torch.float64)},
+        "row_block": policy.ROW_BLOCK, "refine_below": policy.REFINE_BELOW, "bf16_pass_min": BF16_PASS_MIN_ENTRIES,
+        "device": torch.device(device).type, "hardware": [hw.kind, hw.name, hw.capability, hw.bf16_gemm],
+        # LAPACK / BLAS builds and kernels come with torch: another torch may round differently
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def policy_fingerprint(device: str | torch.device | None = None) -> str:
+    """A short digest of everything in the numerical policy that can change a result bit: the compute dtypes,
+    row blocks and conditioning threshold (:mod:`weightgeo.linalg.policy`), the hardware kind, CPU or GPU
+    model and capability of ``device``, and the torch version. Result caches key on it (docs/caching.md), so a
+    result computed under another policy, on another kind of machine or by another torch is never served."""
+    return _fingerprint(str(torch.device("cpu") if device is None else torch.device(device)))

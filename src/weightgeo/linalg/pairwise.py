@@ -36,7 +36,7 @@ directions beyond the numerical rank (``max(m, n)·eps·σ₁``, eps of the inpu
 arbitrary, so ``k`` is capped there, as in :mod:`weightgeo.metrics.rotation`.
 
 Memory: W0 and W1 stay in their stored dtype; the products ``(A0+A1)ᵀΔ``, ``A0ᵀΔ``, ``ΔᵀΔ`` and ‖Δ‖_F² are
-summed over the policy's row blocks (:func:`~weightgeo.linalg.policy.row_blocks`, upcast one at a time,
+summed over the policy's row blocks (:func:`~weightgeo.linalg.policy.batch_row_blocks`, upcast one at a time,
 :func:`products`), so no whole-matrix float32 copy of W0, W1 or ΔW is made (a 151936×896 embedding pair peaks
 at its bf16 inputs plus O(block)).
 
@@ -58,11 +58,12 @@ import torch
 
 from ..errors import WeightgeoError
 from ..validation import check_k, check_matrix, check_sides
-from .policy import REFINE_BELOW, compute_dtype, numerical_rank, row_blocks
+from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_shift
 from .svd import Decomposition, decompose
 
 __all__ = ["BaseSpectrum", "PairGeometry", "Products", "PairEigen", "PairSpectrum", "base_spectrum",
+           "restore_base_spectrum",
            "pair_geometry", "products", "pair_products", "pair_eigen", "pair_spectrum", "effective_k", "pair_angles",
            "tall_like"]
 
@@ -92,30 +93,40 @@ def products(A0: torch.Tensor, A1: torch.Tensor, *, P: bool = False, C0: bool = 
              fro: bool = False) -> Products:
     """One pass over row blocks of the tall ``A0``/``A1`` ([..., m, n], m ≥ n), upcasting one block at a time.
 
-    Blocks hold at most the policy's ``ROW_BLOCK`` entries across the batch, so a 151936×896 embedding never
-    gets a whole float32 copy of either side or of ΔW (the bf16 inputs are the only whole-matrix arrays).
+    Blocks hold at most the policy's ``ROW_BLOCK`` entries, so a 151936×896 embedding never gets a whole
+    float32 copy of either side or of ΔW (the bf16 inputs are the only whole-matrix arrays). Every matrix is cut
+    into the same row blocks whatever the batch size (:func:`~weightgeo.linalg.policy.batch_row_blocks`), so a
+    member of a batch gets exactly the sums it gets alone.
 
     >>> products(torch.eye(2), 2 * torch.eye(2), J=True, fro=True).fro_sq
     tensor(2., dtype=torch.float64)
     """
     cd = compute_dtype(A0.dtype)
-    acc: dict[str, torch.Tensor] = {}
+    m, n = A0.shape[-2:]
+    lead = A0.shape[:-2]
+    X0, X1 = (X.reshape(math.prod(lead), m, n) for X in (A0, A1))  # views for [m, n] and [B, m, n]
+    parts: dict[str, list[torch.Tensor]] = {}
+    for b0, b1, spans in batch_row_blocks(X0.shape[0], m, n) if X0.shape[0] else [(0, 0, [(0, m)])]:
+        acc: dict[str, torch.Tensor] = {}
 
-    def add(key: str, value: torch.Tensor) -> None:
-        acc[key] = value if key not in acc else acc[key].add_(value)
+        def add(key: str, value: torch.Tensor) -> None:
+            acc[key] = value if key not in acc else acc[key].add_(value)
 
-    for s, e in row_blocks(A0.shape[-2], A0[..., :1, :].numel()):  # a block of rows across the whole batch
-        a0 = A0[..., s:e, :].to(cd)
-        d = A1[..., s:e, :].to(cd) - a0
-        if P:
-            add("P", (a0 + a0 + d).mT @ d)
-        if C0:
-            add("C0", a0.mT @ d)
-        if J:
-            add("J", d.mT @ d)
-        if fro:
-            add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
-    return Products(acc.get("P"), acc.get("C0"), acc.get("J"), acc.get("fro"))
+        for s, e in spans:
+            a0 = X0[b0:b1, s:e].to(cd)
+            d = X1[b0:b1, s:e].to(cd) - a0
+            if P:
+                add("P", (a0 + a0 + d).mT @ d)
+            if C0:
+                add("C0", a0.mT @ d)
+            if J:
+                add("J", d.mT @ d)
+            if fro:
+                add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
+        for key, value in acc.items():
+            parts.setdefault(key, []).append(value)
+    out = {key: (v[0] if len(v) == 1 else torch.cat(v)).reshape((*lead, *v[0].shape[1:])) for key, v in parts.items()}
+    return Products(out.get("P"), out.get("C0"), out.get("J"), out.get("fro"))
 
 
 @dataclass(frozen=True)
@@ -187,7 +198,32 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
     transposed = A.shape[-2] < A.shape[-1]
     if transposed:
         A = A.mT
-    return BaseSpectrum(A, transposed, dec, dec.vectors.to(compute_dtype(A.dtype)))  # type: ignore[union-attr]
+    # V_c row-major, as restore_base_spectrum rebuilds it: eigh returns column-major vectors, and a GEMM's
+    # rounding depends on its operands' layout, so a cached base must have the layout of a fresh one
+    V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()  # type: ignore[union-attr]
+    return BaseSpectrum(A, transposed, dec, V_c)
+
+
+def restore_base_spectrum(W0: torch.Tensor, *, S: torch.Tensor, lam: torch.Tensor, V_c: torch.Tensor,
+                          refined_mask: torch.Tensor | None = None) -> BaseSpectrum:
+    """A :class:`BaseSpectrum` of ``W0`` from the parts a result cache keeps (no decomposition is computed).
+
+    ``S`` ([..., p] float64, the policy's values), ``lam`` (the Gram eigenvalues ``V_c`` diagonalises), ``V_c``
+    ([..., p, p], the small-side basis in the compute dtype) and ``refined_mask`` ([...] bool or ``None``) are
+    what every pair kernel reads; the float64 basis (``decomposition.vectors``) is not kept (``None``): the
+    kernels use ``V_c``, which :func:`base_spectrum` derives from it.
+
+    >>> W0 = torch.diag(torch.tensor([3.0, 1.0]))
+    >>> b = base_spectrum(W0)
+    >>> restore_base_spectrum(W0, S=b.sigma, lam=b.lam, V_c=b.V_c).sigma
+    tensor([3., 1.], dtype=torch.float64)
+    """
+    A = check_matrix(W0, "W0", batched=True)
+    m, n = A.shape[-2:]
+    transposed = m < n
+    dec = Decomposition(S, None, "left" if transposed else "right", (m, n), compute_eps(A.dtype), lam,
+                        refined_mask)
+    return BaseSpectrum(A.mT if transposed else A, transposed, dec, V_c.contiguous())
 
 
 @dataclass(frozen=True)

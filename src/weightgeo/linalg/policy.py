@@ -28,7 +28,7 @@ import torch
 from ..errors import WeightgeoError
 
 __all__ = ["ROW_BLOCK", "REFINE_BELOW", "LOW_PRECISION", "FLOAT8", "compute_dtype", "to_compute_dtype", "compute_eps",
-           "numerical_rank", "rows_per_block", "row_blocks", "same_compute_dtype"]
+           "numerical_rank", "rows_per_block", "row_blocks", "batch_row_blocks", "same_compute_dtype"]
 
 #: Entries of one row block (32 MiB in float64): the bound on every upcast temporary.
 ROW_BLOCK = 1 << 22
@@ -116,6 +116,30 @@ def row_blocks(rows: int, row_len: int, *, elements: int | None = None) -> Itera
     step = rows_per_block(row_len, elements=elements)
     for s in range(0, rows, step):
         yield s, min(rows, s + step)
+
+
+def batch_row_blocks(batch: int, rows: int, row_len: int, *, elements: int | None = None
+                     ) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """Blocks of a batch [B, rows, row_len] whose sums do not depend on the batch size: ``(b0, b1, spans)``.
+
+    Every matrix is cut into the same row spans (:func:`row_blocks` of *one* matrix), and the members are taken
+    ``b1 − b0`` at a time so that one span of all of them holds at most ``elements`` entries. A reduction over
+    the spans therefore adds the same partial sums in the same order for a member whatever batch it is in: a
+    batched call equals a call on each member alone, bit for bit where the kernels are batch-invariant (CPU),
+    which is what lets a cached or resumed result equal an uninterrupted run's. ``elements`` defaults to
+    :data:`ROW_BLOCK`, read at call time.
+
+    >>> list(batch_row_blocks(3, 4, 2, elements=4))
+    [(0, 1, [(0, 2), (2, 4)]), (1, 2, [(0, 2), (2, 4)]), (2, 3, [(0, 2), (2, 4)])]
+    >>> list(batch_row_blocks(4, 2, 2, elements=8))
+    [(0, 2, [(0, 2)]), (2, 4, [(0, 2)])]
+    """
+    elements = ROW_BLOCK if elements is None else elements
+    spans = list(row_blocks(rows, row_len, elements=elements)) or [(0, rows)]
+    widest = max(e - s for s, e in spans) * max(1, row_len)
+    per = max(1, elements // max(1, widest))
+    for b0 in range(0, batch, per):
+        yield b0, min(batch, b0 + per), spans
 
 
 def same_compute_dtype(b: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

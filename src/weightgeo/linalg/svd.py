@@ -29,6 +29,7 @@ Everything is batched over leading dimensions and never touches the global RNG.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +37,7 @@ import torch
 
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_side
-from .policy import REFINE_BELOW, compute_dtype, compute_eps, numerical_rank, row_blocks, to_compute_dtype
+from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank, to_compute_dtype
 
 __all__ = [
     "to_compute_dtype",
@@ -153,11 +154,18 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
     X, _ = tall_orientation(A)
     if X.dtype == dtype:
         return X.mT @ X
-    G = None
-    for s, e in row_blocks(X.shape[-2], X[..., :1, :].numel()):
-        Y = X[..., s:e, :].to(dtype)
-        G = Y.mT @ Y if G is None else G.addmm_(Y.mT, Y) if G.ndim == 2 else G.baddbmm_(Y.mT, Y)
-    return G
+    m, n = X.shape[-2:]
+    Xf = X.reshape(math.prod(X.shape[:-2]), m, n)
+    if Xf.shape[0] == 0:
+        return Xf.mT.to(dtype) @ Xf.to(dtype)
+    parts = []
+    for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
+        G = None
+        for s, e in spans:
+            Y = Xf[b0:b1, s:e].to(dtype)
+            G = Y.mT @ Y if G is None else G.baddbmm_(Y.mT, Y)
+        parts.append(G)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*X.shape[:-2], n, n)
 
 
 def gram_eigh(
@@ -265,11 +273,18 @@ def frobenius_sq(A: torch.Tensor) -> torch.Tensor:
     >>> frobenius_sq(torch.tensor([[3.0, 4.0]]))
     tensor(25., dtype=torch.float64)
     """
-    total = None
-    for s, e in row_blocks(max(A.shape[-2], 1), A[..., :1, :].numel()):  # an empty A still gives one block
-        part = A[..., s:e, :].to(torch.float64).square().sum((-2, -1))
-        total = part if total is None else total + part
-    return total
+    m, n = A.shape[-2:]
+    Af = A.reshape(math.prod(A.shape[:-2]), m, n)
+    if Af.shape[0] == 0 or m == 0:
+        return A.to(torch.float64).square().sum((-2, -1))
+    parts = []
+    for b0, b1, spans in batch_row_blocks(Af.shape[0], m, n):  # the same row blocks for every batch size
+        total = None
+        for s, e in spans:
+            part = Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
+            total = part if total is None else total + part
+        parts.append(total)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(A.shape[:-2])
 
 
 def singular_values(A: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:

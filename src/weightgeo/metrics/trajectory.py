@@ -74,19 +74,32 @@ def matrix_seed(seed: int, key: str) -> int:
 
 
 def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generator | None = None,
-                   frobenius: torch.Tensor | None = None) -> list[Spectrum]:
+                   frobenius: torch.Tensor | None = None, seed: int | None = None) -> list[Spectrum]:
     """Top-``r`` singular values (+1 for the gap) and top-``k`` right vectors of each nonzero ΔW in ``D``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> D = torch.randn(3, 300, 2, generator=g) @ torch.randn(3, 2, 280, generator=g)
+    >>> alone = update_spectra(D[1:2], r=4, k=2, seed=7)[0]
+    >>> torch.equal(update_spectra(D, r=4, k=2, seed=7)[1].Vh, alone.Vh), alone.method
+    (True, 'randomized')
 
     Args:
         D: [B, m, n] float32/float64 updates, all nonzero.
         r: number of singular values needed (``max(k, hill_k)``).
         k: number of right singular vectors to keep (0 for none).
-        generator: for the randomized passes (on ``D``'s device).
+        generator: for the randomized passes (on ``D``'s device), advanced by each pass.
         frobenius: [B] ‖ΔW‖_F if already computed.
+        seed: instead of ``generator``: every call draws the same test matrices from ``seed``, so each member's
+            spectrum depends on its own ΔW and ``seed`` only, not on the batch it is in or on earlier calls
+            (the Ω of a pass is shared by the batch; what a resumed or cached stream pass relies on).
 
     Returns:
         one :class:`Spectrum` per matrix.
     """
+    if seed is not None:
+        if generator is not None:
+            raise WeightgeoError("update_spectra: pass generator or seed, not both")
+        generator = torch.Generator(device=D.device).manual_seed(int(seed))
     B, m, n = D.shape
     mn = min(m, n)
     want = min(max(r, k) + 1, mn)

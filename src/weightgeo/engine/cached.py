@@ -1,0 +1,175 @@
+"""The result cache of a comparison: rows looked up after planning, stored as each shape group finishes.
+
+It sits between :func:`~weightgeo.engine.plan.plan_work` and :func:`~weightgeo.engine.plan.pack_groups`: a
+job whose row is cached leaves the work (its tensors are not read), the rest is grouped and computed as usual,
+and every row is written as soon as its group (or row-chunk stream) finishes, so a killed run keeps what it
+finished. A row is keyed by the identities of its two stored tensors (``Checkpoint.identity``), the job (names,
+shape, rows compared, dtypes), the metric set and kernel options, the weightgeo version and the numerical-policy
+fingerprint; in-memory sources have no identity and are never cached. The base's decomposition (what every
+fine-tune of that base reuses: values, Gram eigenvalues and the small-side basis) is cached per base matrix
+too, so a new fine-tune of a known base skips the float64 Gram and ``eigh``.
+
+Rows equal an uninterrupted run's bit for bit because a member of a shape group gets the same numbers in any
+batch (the policy's row blocks are per matrix, :func:`~weightgeo.linalg.policy.batch_row_blocks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Sequence
+
+import torch
+
+from ..cache import CacheKey, ResultCache
+from ..checkpoint import Checkpoint
+from ..linalg.hardware import policy_fingerprint
+from ..linalg.pairwise import BaseSpectrum, base_spectrum, restore_base_spectrum
+from .groups import SharedBase, job_row
+from .options import Options
+from .plan import Group, Job, Work
+
+__all__ = ["RowCache", "CachedBase", "ROW_KIND", "BASE_KIND"]
+
+#: one entry per (base tensor, fine-tune tensor, job, metrics, options): a row's metric values
+ROW_KIND = "pair_row"
+#: one entry per base matrix (and rows compared): its values, Gram eigenvalues and small-side basis
+BASE_KIND = "base_decomposition"
+
+Rows = list[tuple[int, dict[str, Any]]]
+
+
+class RowCache:
+    """The cache of one pass (``cache=None``: nothing is looked up or stored) and its counters for the report."""
+
+    def __init__(self, cache: ResultCache | None, b: Checkpoint, fs: Sequence[Checkpoint], options: Options) -> None:
+        self.cache, self.b, self.fs, self.options = cache, b, list(fs), options
+        self.policy = policy_fingerprint(options.device)
+        self.before = cache.stats.as_dict() if cache is not None else {}
+        self.counts = {"rows_cached": 0, "rows_computed": 0, "tensors_read": 0, "uncacheable": 0,
+                       "bases_cached": 0, "bases_computed": 0}
+        self._keys: dict[tuple[int, int], CacheKey | None] = {}
+
+    def _kernel(self) -> dict[str, Any]:
+        o = self.options
+        return {"k": o.k, "side": o.side, "rank": o.rank, "alpha": o.alpha, "eta": o.eta, "angles": o.angles}
+
+    def row_key(self, i: int, j: int, job: Job) -> CacheKey | None:
+        """The key of fine-tune ``i``'s job ``j`` (``None``: no cache, or a tensor without an identity)."""
+        if (i, j) not in self._keys:
+            key = None
+            if self.cache is not None:
+                key = self.cache.key(ROW_KIND, inputs=[self.b.identity(job.base_name),
+                                                       self.fs[i].identity(job.ft_name)],
+                                     metrics=self.options.metrics, options={"kernel": self._kernel(), "job": job},
+                                     policy=self.policy)
+                self.counts["uncacheable"] += key is None
+            self._keys[(i, j)] = key
+        return self._keys[(i, j)]
+
+    def lookup(self, work: Work) -> tuple[Work, list[Rows]]:
+        """The work left once cached rows are taken out, and those rows (per fine-tune, ``(job index, row)``)."""
+        hits: list[Rows] = [[] for _ in self.fs]
+        units = []
+        for unit in work.units:
+            left = []
+            for i, j in unit.users:
+                job = work.job(i, j)
+                key = self.row_key(i, j, job)
+                entry = self.cache.get(key) if self.cache is not None and key is not None else None
+                if entry is None:
+                    left.append((i, j))
+                else:
+                    hits[i].append((j, {**job_row(job), **entry.row}))
+                    self.counts["rows_cached"] += 1
+            if left:
+                units.append(replace(unit, users=tuple(left)))
+                self.counts["tensors_read"] += 1 + len(left) if unit.matrix else 2
+        return Work(work.plans, tuple(units)), hits
+
+    def store(self, i: int, j: int, job: Job, row: dict[str, Any]) -> None:
+        """Write one finished row (its metric values; the identifying part is rebuilt from the job)."""
+        self.counts["rows_computed"] += 1
+        key = self.row_key(i, j, job)
+        if self.cache is not None and key is not None:
+            ident = job_row(job)
+            self.cache.put(key, {k: v for k, v in row.items() if k not in ident})
+
+    def shared_base(self, W0: torch.Tensor, g: Group, work: Work) -> SharedBase:
+        """Shape group ``g``'s shared base, its decomposition read from the cache where it is there."""
+        if self.cache is None:
+            return SharedBase(W0, self.options)
+        experts = g.experts or (None,) * len(g.base_names)
+        return CachedBase(W0, self.options, self, list(zip(g.base_names, experts)), g.rows)
+
+    def base_key(self, name: str, rows: int, expert: int | None = None) -> CacheKey | None:
+        """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack)."""
+        assert self.cache is not None
+        return self.cache.key(BASE_KIND, inputs=[self.b.identity(name)], options={"rows": rows, "expert": expert},
+                              policy=self.policy)
+
+    def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int
+                      ) -> BaseSpectrum:
+        """W0's decomposition for a stack of ``members`` (base name, expert), member by member from the cache,
+        the missing members computed (in one batch) and stored."""
+        assert self.cache is not None
+        names = [n for n, _ in members]
+        keys = [self.base_key(n, rows, e) for n, e in members]
+        entries = [self.cache.get(k) if k is not None else None for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        self.counts["bases_cached"] += len(names) - len(missing)
+        self.counts["bases_computed"] += len(missing)
+        if len(missing) == len(names):
+            fresh = base_spectrum(W0)
+            self._store_bases(fresh, keys)
+            return fresh
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = [None] * len(names)  # type: ignore[list-item]
+        for i, e in enumerate(entries):
+            if e is not None:
+                parts[i] = (e.tensors["S"], e.tensors["lam"], e.tensors["V_c"], bool(e.row["refined"]))
+        if missing:
+            fresh = base_spectrum(W0[missing])
+            self._store_bases(fresh, [keys[i] for i in missing])
+            for slot, i in enumerate(missing):
+                parts[i] = _member(fresh, slot)
+        dev = W0.device
+        S, lam, V_c = (torch.stack([p[n] for p in parts]).to(dev) for n in range(3))
+        refined = [p[3] for p in parts]
+        mask = torch.tensor(refined, device=dev) if any(refined) else None
+        return restore_base_spectrum(W0, S=S, lam=lam, V_c=V_c, refined_mask=mask)
+
+    def _store_bases(self, spec: BaseSpectrum, keys: Sequence[CacheKey | None]) -> None:
+        assert self.cache is not None
+        for slot, key in enumerate(keys):
+            if key is not None:
+                S, lam, V_c, refined = _member(spec, slot)
+                self.cache.put(key, {"refined": refined}, {"S": S, "lam": lam, "V_c": V_c})
+
+    def meta(self) -> dict[str, Any]:
+        """``report.meta["cache"]``: rows and base decompositions served and computed, tensors read, and this
+        pass's lookups and writes (hits, misses, corrupt, foreign, writes, ...)."""
+        out: dict[str, Any] = {"enabled": self.cache is not None, **self.counts}
+        if self.cache is not None:
+            now = self.cache.stats.as_dict()
+            out.update({k: v - self.before.get(k, 0) for k, v in now.items()}, root=str(self.cache.root))
+        return out
+
+
+def _member(spec: BaseSpectrum, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    mask = spec.decomposition.refined_mask
+    return spec.sigma[i], spec.lam[i], spec.V_c[i], bool(mask[i]) if mask is not None else False
+
+
+class CachedBase(SharedBase):
+    """A :class:`~weightgeo.engine.groups.SharedBase` whose decomposition comes from the result cache when the
+    cache holds it (made on first use, like its parent's)."""
+
+    def __init__(self, W0: torch.Tensor, options: Options, rc: RowCache, members: Sequence[tuple[str, int | None]],
+                 rows: int) -> None:
+        super().__init__(W0, options)
+        self.rc, self.members, self.rows = rc, list(members), rows
+        self._restored: BaseSpectrum | None = None
+
+    def spectrum(self) -> BaseSpectrum | None:
+        if self._restored is None and self.options.needs_base:
+            self._restored = self.rc.base_spectrum(self.on_device(), self.members, self.rows)
+        return self._restored
