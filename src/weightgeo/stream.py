@@ -32,6 +32,8 @@ import torch
 
 from .checkpoint import Checkpoint, align, compile_filter, open_checkpoint
 from .checkpoint.completeness import CheckpointStatus, checkpoint_status, scan_run, step_of
+from .checkpoint.names import is_expert_stack
+from .checkpoint.view import read_region
 from .errors import WeightgeoError
 from .validation import check_finite
 
@@ -323,12 +325,21 @@ def _check_trainer_state(folder: Path, step: int) -> None:
 
 @dataclass(frozen=True)
 class MatrixPlan:
-    """One matrix followed along the stream: its key and stored name in the base and in each checkpoint."""
+    """One matrix followed along the stream: its key and stored name in the base and in each checkpoint.
+
+    For expert ``expert`` of an [E, out, in] expert stack, ``shape`` is the expert's [out, in] and the names are
+    the stack's (every expert of a stack shares its key; :attr:`uid` tells them apart)."""
 
     key: str
     shape: tuple[int, int]
     base_name: str
     names: tuple[str, ...]
+    expert: int | None = None
+
+    @property
+    def uid(self) -> str:
+        """Unique in the plan: the key, with ``[j]`` for expert j of a stack (as the pair engine's rows)."""
+        return self.key if self.expert is None else f"{self.key}[{self.expert}]"
 
 
 @dataclass
@@ -380,13 +391,13 @@ class StreamReader:
         picks = range(len(self.checkpoints)) if only is None else sorted(set(only))
         if not picks:
             return
-        w0 = self.base.get(entry.base_name).to(device=device, dtype=dtype)
+        w0 = _read(self.base, entry.base_name, entry.expert).to(device=device, dtype=dtype)
         for i in picks:
             step, ck, name = self.stream.steps[i], self.checkpoints[i], entry.names[i]
-            wt = ck.get(name).to(device=device, dtype=dtype)
+            wt = _read(ck, name, entry.expert).to(device=device, dtype=dtype)
             d = wt - w0
             del wt
-            check_finite(d, f"{entry.key} at step {step} ({ck.source}): W_t − W0")
+            check_finite(d, f"{entry.uid} at step {step} ({ck.source}): W_t − W0")
             yield step, d
 
     def close(self) -> None:
@@ -398,6 +409,11 @@ class StreamReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read(ck: Checkpoint, name: str, expert: int | None) -> torch.Tensor:
+    """The tensor ``name``, or expert ``expert`` of the stack ``name`` read alone (not the whole stack)."""
+    return ck.get(name) if expert is None else read_region(ck, name, (expert,), (expert + 1,))[0]
 
 
 def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: Callable[..., bool], *,
@@ -424,9 +440,12 @@ def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: C
         bi = base.info(pairs[0].base_name)
         if not keep(key, bi.shape):
             continue
-        if len(bi.shape) != 2:
+        stack = is_expert_stack(key, bi.shape)
+        if len(bi.shape) != 2 and not stack:
             if explicit or len(bi.shape) > 2:  # 1-D norms and biases are not followed by default; ≥3-D is news
-                skipped.append({"name": key, "reason": f"{len(bi.shape)}-D tensor: trajectory metrics need a matrix"})
+                what = " that is not an expert stack [E, out, in]" if len(bi.shape) > 2 else ""
+                skipped.append({"name": key, "reason": f"{len(bi.shape)}-D tensor{what}: trajectory metrics need "
+                                                       f"a matrix"})
             continue
         if not bi.dtype.is_floating_point:
             skipped.append({"name": key, "reason": f"non-floating dtype {bi.dtype}"})
@@ -440,6 +459,10 @@ def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: C
         if min(bi.shape) == 0:
             skipped.append({"name": key, "reason": "empty matrix"})
             continue
-        plan.append(MatrixPlan(key, (bi.shape[0], bi.shape[1]), pairs[0].base_name,
-                               tuple(p.ft_name for p in pairs)))
+        names = tuple(p.ft_name for p in pairs)
+        if stack:  # E matrices [out, in], each followed (and read) on its own, as the pair engine does
+            plan.extend(MatrixPlan(key, (bi.shape[1], bi.shape[2]), pairs[0].base_name, names, expert=j)
+                        for j in range(bi.shape[0]))
+        else:
+            plan.append(MatrixPlan(key, (bi.shape[0], bi.shape[1]), pairs[0].base_name, names))
     return plan, skipped, {"only_base": sorted(only_base), "only_ft": sorted(only_ft)}

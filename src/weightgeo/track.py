@@ -137,6 +137,10 @@ class Tracker:
                 continue
             shape = _full_shape(p)
             if len(shape) != 2 or not keep(key, shape):
+                if len(shape) > 2 and keep(key, shape):  # e.g. fused MoE experts: say so, never drop silently
+                    self.skipped.append({"name": key, "reason": f"{len(shape)}-D tensor: the Tracker follows 2-D "
+                                                                f"weights (rank_curve on saved checkpoints follows "
+                                                                f"expert stacks per expert)"})
                 continue
             if isinstance(p, torch.nn.Parameter) and not p.requires_grad:
                 self.skipped.append({"name": key, "reason": "requires_grad=False (frozen: its update is zero)"})

@@ -47,16 +47,17 @@ CacheArg = bool | str | os.PathLike[str] | ResultCache | None
 
 # --------------------------------------------------------------------------------------------------------------
 # rows: one per (step, matrix), from Spectrum records
-def spectrum_row(key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, hill_k: int, k: int
-                 ) -> dict[str, Any]:
-    """The report row of one (step, matrix) from its :class:`Spectrum`."""
+def spectrum_row(key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, hill_k: int, k: int,
+                 expert: int | None = None) -> dict[str, Any]:
+    """The report row of one (step, matrix) from its :class:`Spectrum` (``expert``: its number in the expert
+    stack ``key``, a field of the row as in the pair engine's rows)."""
     S = sp.S
     s1 = float(S[0])
     fro = sp.frobenius
     kh = min(hill_k, S.shape[0])
     row: dict[str, Any] = {
-        "step": int(step), "name": key, "shape": tuple(shape), "numel": shape[0] * shape[1],
-        "module": module_type(key), "layer": layer_index(key),
+        "step": int(step), "name": key, **({} if expert is None else {"expert": expert}), "shape": tuple(shape),
+        "numel": shape[0] * shape[1], "module": module_type(key), "layer": layer_index(key),
         "frobenius_norm": fro, "spectral_norm": s1,
         "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
         "hill_alpha": float(hill_tail_index(S, kh)) if kh >= 2 else math.nan,
@@ -78,22 +79,26 @@ def _gap(S: torch.Tensor, k: int, p: int) -> float:
 
 
 def assemble(records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]]], steps: Sequence[int], *,
-             hill_k: int, k: int) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]], list[dict[str, Any]]]:
-    """Rows (sorted by step, name), similarity curves to the final step, and zero-update skips."""
+             hill_k: int, k: int, experts: Mapping[str, tuple[str, int]] | None = None
+             ) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]], list[dict[str, Any]]]:
+    """Rows (sorted by step, name, expert), similarity curves to the final step (keyed as ``records``), and
+    zero-update skips. ``experts``: for the records of expert stacks, their key ``stack[j]`` -> (stack, j)."""
     rows: list[dict[str, Any]] = []
     sims: dict[str, dict[int, float]] = {}
     skipped: list[dict[str, Any]] = []
     t_end = steps[-1]
     for key, (shape, per_step) in records.items():
+        name, expert = (experts or {}).get(key, (key, None))
+        at = {"name": name} if expert is None else {"name": name, "expert": expert}
         final = per_step.get(t_end)
         curve: dict[int, float] = {}
         for s in steps:
             sp = per_step.get(s)
             if sp is None:
-                skipped.append({"name": key, "step": int(s), "reason": "ΔW is exactly zero at this step"})
+                skipped.append({**at, "step": int(s), "reason": "ΔW is exactly zero at this step"})
                 curve[s] = math.nan
                 continue
-            row = spectrum_row(key, shape, s, sp, hill_k=hill_k, k=k)
+            row = spectrum_row(name, shape, s, sp, hill_k=hill_k, k=k, expert=expert)
             if final is not None and final.Vh is not None and sp.Vh is not None:
                 curve[s] = subspace_sim(sp.Vh, final.Vh)
                 row["final_subspace_similarity"] = curve[s]
@@ -101,7 +106,7 @@ def assemble(records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]
                 curve[s] = math.nan
             rows.append(row)
         sims[key] = curve
-    rows.sort(key=lambda r: (r["step"], r["name"]))
+    rows.sort(key=lambda r: (r["step"], r["name"], r.get("expert", -1)))
     return rows, sims, skipped
 
 
@@ -225,18 +230,19 @@ def _stream_pass(s: CheckpointStream, *, include: Any, exclude: Any, r: int, k: 
 
             plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
         for entry in plan:
-            records[entry.key] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k, spectra=spectra))
+            records[entry.uid] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k, spectra=spectra))
         parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records,
                               "cache": spectra.meta()})
         merged = {key: rec for part in parts for key, rec in part["records"].items()}
-        records = {e.key: merged[e.key] for e in full_plan if e.key in merged}
+        records = {e.uid: merged[e.uid] for e in full_plan if e.uid in merged}
+        experts = {e.uid: (e.key, e.expert) for e in full_plan if e.expert is not None}
         meta = _stream_meta(s, reader, dev, world.size, parts, seed=seed, include=include, exclude=exclude)
     if memo is not None:  # keep what this pass used: the next update needs no more
         for digest in [d for d in memo if d not in spectra.used]:
             del memo[digest]
     meta["cache"] = sum_counts([p["cache"] for p in parts])
     meta["seconds"] = round(time.perf_counter() - t0, 3)
-    return records, meta
+    return records, meta, experts
 
 
 def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int,
@@ -249,7 +255,7 @@ def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r
     m, n = entry.shape
     steps = reader.stream.steps
     base_id = reader.base.identity(entry.base_name)
-    keys = [spectra.key(base_id, ck.identity(name), entry.key) for ck, name in zip(reader.checkpoints, entry.names)]
+    keys = [spectra.key(base_id, ck.identity(name), entry.uid) for ck, name in zip(reader.checkpoints, entry.names)]
     out: dict[int, Spectrum] = {}
     todo = []
     for i, (step, key) in enumerate(zip(steps, keys)):
@@ -262,7 +268,7 @@ def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r
         return dict(sorted(out.items()))
     spectra.read += 1 + len(todo)
     per_batch = max(1, UPDATE_BATCH_BYTES // (4 * m * n))
-    mseed = matrix_seed(seed, entry.key)
+    mseed = matrix_seed(seed, entry.uid)
     key_of = {steps[i]: keys[i] for i in todo}
     batch: list[tuple[int, torch.Tensor]] = []
 
@@ -298,7 +304,7 @@ def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: in
             "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)], "unmatched": reader.unmatched,
             "torch_version": torch.__version__, "world_size": world_size,
             "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
-    in_out = [e.key for e in reader.plan if reader.base.in_out_layout(e.base_name)]
+    in_out = [e.uid for e in reader.plan if reader.base.in_out_layout(e.base_name)]
     if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
         meta["in_out_layout"] = in_out
     return meta
@@ -374,9 +380,9 @@ def stream_report(s: CheckpointStream, *, include: Any = None, exclude: Any = No
     hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
     if warn:
         warn_skipped(s.skipped)
-    records, meta = _stream_pass(s, include=include, exclude=exclude, r=max(hill_k, k), k=k, device=device,
+    records, meta, experts = _stream_pass(s, include=include, exclude=exclude, r=max(hill_k, k), k=k, device=device,
                                  seed=seed, progress=progress, cache=cache, config=config, memo=memo)
-    rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k)
+    rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k, experts=experts)
     meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero,
                 similarity=sims)
     if not rows:
@@ -423,8 +429,8 @@ def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None 
     k = check_k(k)
     s = open_stream(stream, base=base, steps=steps, strict=strict)
     warn_skipped(s.skipped)
-    records, meta = _stream_pass(s, include=include, exclude=exclude, r=k, k=k, device=device, seed=seed,
+    records, meta, experts = _stream_pass(s, include=include, exclude=exclude, r=k, k=k, device=device, seed=seed,
                                  progress=progress, cache=cache, config=config)
-    _, sims, zero = assemble(records, s.steps, hill_k=2, k=k)
+    _, sims, zero = assemble(records, s.steps, hill_k=2, k=k, experts=experts)
     meta.update(kind="locking_onset", zero_updates=zero)
     return build_locking(sims, k=k, threshold=threshold, meta=meta)
