@@ -12,6 +12,10 @@ from weightgeo.train.model import GPT
 
 from .plan import ATTENTION, BLOCK, KS, LOC_ALPHA, TRACK_K, start_dir
 
+# The example reuses whole jobs from its output folder (results/*.json); weightgeo's per-tensor result cache
+# (~/.cache/weightgeo) would only add tens of thousands of entries per run that no later run can use.
+CACHE = False
+
 
 def _module_type(name: str) -> str:
     return name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
@@ -27,7 +31,7 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
     ck = [run_dir / f"checkpoint-{s}" for s in steps]
     res: dict = {"steps": steps[1:], "sim": {}}
     for K in KS:
-        rc = weightgeo.rank_curve(ck, steps=steps, include=ATTENTION, k=K)
+        rc = weightgeo.rank_curve(ck, steps=steps, include=ATTENTION, k=K, cache=CACHE)
         rows = sorted(rc.rows, key=lambda r: (r["step"], r["name"]))
         res["matrices"] = sorted({r["name"] for r in rows})
         res["sim"][str(K)] = {str(s): [r["final_subspace_similarity"] for r in rows if r["step"] == s]
@@ -35,7 +39,7 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
         if K == KS[0]:
             res["srank"] = {str(s): [r["stable_rank"] for r in rows if r["step"] == s] for s in steps[1:]}
             res["fro"] = {str(s): [r["frobenius_norm"] for r in rows if r["step"] == s] for s in steps[1:]}
-    rc32 = weightgeo.rank_curve([run_dir / "fp32" / f"checkpoint-{s}" for s in steps], steps=steps, k=1)
+    rc32 = weightgeo.rank_curve([run_dir / "fp32" / f"checkpoint-{s}" for s in steps], steps=steps, k=1, cache=CACHE)
     att = set(res["matrices"])
     res["srank_fp32"] = {str(s): [r["stable_rank"] for r in sorted(rc32.rows, key=lambda r: r["name"])
                              if r["step"] == s and r["name"] in att] for s in steps[1:]}
@@ -51,7 +55,7 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
                                  for t, v in by.items()}
     res["density"], res["unchanged_rows"] = {}, {}
     for s, c in zip(steps[1:], ck[1:]):
-        rep = weightgeo.compare(ck[0], c, metrics="update_sparsity", progress=False)
+        rep = weightgeo.compare(ck[0], c, metrics="update_sparsity", progress=False, cache=CACHE)
         rows = sorted(rep.rows, key=lambda r: r["name"])
         res["unchanged_rows"][str(s)] = [[r["name"], r["numel"], r["update_sparsity"]] for r in rows]
         mats = [r for r in rows if len(r["shape"]) == 2]
@@ -69,7 +73,8 @@ def measure_pair(out: Path, assets: Path, job: dict) -> dict:
     ft = run / f"checkpoint-{job['step']}"
     d = json.loads((ft / "config.json").read_text())["hidden_size"]
     k = max(1, d // 8)
-    rep = weightgeo.compare(base, ft, include=BLOCK, k=k, side="right", rank=k, alpha=LOC_ALPHA, progress=False)
+    rep = weightgeo.compare(base, ft, include=BLOCK, k=k, side="right", rank=k, alpha=LOC_ALPHA, progress=False,
+                            cache=CACHE)
     rep.to_json(run / f"compare_{job['step']}.json")
     keys = ("name", "numel", "module", "update_sparsity", "spectral_drift", "max_principal_angle", "density",
             "low_magnitude_overlap")
@@ -79,7 +84,8 @@ def measure_pair(out: Path, assets: Path, job: dict) -> dict:
 def tracker_agreement(tracker, run_dir: Path) -> dict:
     """The live Tracker's rank curve against the offline ``rank_curve`` of the same run's bf16 checkpoints."""
     trc = tracker.rank_curve()
-    off = {(r["step"], r["name"]): r for r in weightgeo.rank_curve(run_dir, include=ATTENTION, k=TRACK_K).rows}
+    offline = weightgeo.rank_curve(run_dir, include=ATTENTION, k=TRACK_K, cache=CACHE)
+    off = {(r["step"], r["name"]): r for r in offline.rows}
     diff = {}
     for key in ("stable_rank", "frobenius_norm", "spectral_norm", "final_subspace_similarity"):
         ab = 0.0
