@@ -147,6 +147,7 @@ CHECKPOINT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, on the hostile pickle
 def test_compare_rejects(case, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
