@@ -128,6 +128,15 @@ def test_incomplete_checkpoints_are_left_out_listed_and_strict_fails(tmp_path):
         weightgeo.rank_curve(run, base=run / "checkpoint-0", cache=False, **KW)
 
 
+def test_a_run_left_with_one_complete_checkpoint_says_what_was_left_out(tmp_path):
+    run = _run(tmp_path / "run", [0])
+    _truncated(run / "checkpoint-10", 10)
+    (run / "checkpoint-20").mkdir()
+    with pytest.raises(WeightgeoError, match=r"one checkpoint \(step 0\) has nothing to compare.*left out "
+                                             r".*checkpoint-10 \(step 10\).*left out .*checkpoint-20 \(step 20\)"):
+        weightgeo.rank_curve(run, cache=False, **KW)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. follow mode: a writer process adds checkpoints while `weightgeo trajectory --follow` runs
 _WRITER = """

@@ -269,9 +269,11 @@ def _finish(sources: list[Any], steps: list[int], base: Any, origin: str, *,
             skipped: tuple[dict[str, Any], ...] = ()) -> CheckpointStream:
     if base is None:
         if len(sources) < 2:
+            left = "".join(f"; left out {c.get('path', c.get('name'))} (step {c.get('step')}): {c.get('reason')}"
+                           for c in skipped)  # why a run of several folders came down to one
             raise WeightgeoError(
                 f"{origin}: a stream with one checkpoint (step {steps[0]}) has nothing to compare; add "
-                f"checkpoints, or pass the initial model as base=")
+                f"checkpoints, or pass the initial model as base={left}")
         return CheckpointStream(tuple(sources[1:]), tuple(steps[1:]), sources[0], steps[0], origin, skipped)
     return CheckpointStream(tuple(sources), tuple(steps), base, None, origin, skipped)
 
