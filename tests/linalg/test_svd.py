@@ -147,3 +147,11 @@ def test_exact_spectral_norm_and_gram_vs_float64(shape, kind):
     D64 = D.astype(np.float64)
     G_ref = D64.T @ D64 if m >= n else D64 @ D64.T
     np.testing.assert_allclose(gram(torch.from_numpy(D)).numpy(), G_ref, rtol=1e-12, atol=1e-12 * np.abs(G_ref).max())
+
+
+def test_gram_and_frobenius_of_an_empty_batch_keep_the_batch_shape():
+    from weightgeo.linalg.svd import frobenius_sq, gram
+
+    A = torch.zeros(0, 3, 5, 4)
+    assert gram(A).shape == (0, 3, 4, 4) and gram(A).dtype == torch.float64
+    assert frobenius_sq(A).shape == (0, 3)

@@ -157,7 +157,7 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
     m, n = X.shape[-2:]
     Xf = X.reshape(math.prod(X.shape[:-2]), m, n)
     if Xf.shape[0] == 0:
-        return Xf.mT.to(dtype) @ Xf.to(dtype)
+        return X.new_zeros((*X.shape[:-2], n, n), dtype=dtype)
     parts = []
     for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
         G = None
