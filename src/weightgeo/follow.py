@@ -36,7 +36,7 @@ import torch
 from .checkpoint.completeness import step_of
 from .errors import WeightgeoError
 from .report import Report
-from .stream import CheckpointStream, base_folder_step, run_checkpoints
+from .stream import CheckpointStream, base_folder_step, run_checkpoints, strict_error
 from .trajectory import CacheArg, stream_report, warn_skipped
 from .validation import check_int
 
@@ -163,9 +163,7 @@ def _report_bad(skipped: list[dict[str, Any]], warned: set[tuple[str, str]], *, 
     written is what following a run expects: no warning)."""
     bad = [c for c in skipped if c.get("state") != "in_progress"]
     if strict and bad:
-        c = bad[0]
-        raise WeightgeoError(f"{c['path']} (step {c['step']}) is not completely written and is not the newest "
-                             f"checkpoint ({c['reason']}); strict=True fails on it")
+        raise strict_error(bad[0]["path"], bad[0]["reason"], step=bad[0]["step"])
     fresh = [c for c in bad if (c["path"], str(c["problem"])) not in warned]
     warned.update((c["path"], str(c["problem"])) for c in fresh)
     if fresh:

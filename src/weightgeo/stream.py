@@ -33,12 +33,12 @@ import torch
 from .checkpoint import Checkpoint, align, compile_filter, open_checkpoint
 from .checkpoint.completeness import CheckpointStatus, checkpoint_status, scan_run, step_of
 from .checkpoint.names import is_expert_stack
-from .checkpoint.view import read_region
+from .checkpoint.view import read_expert
 from .errors import WeightgeoError
 from .validation import check_finite
 
 __all__ = ["CheckpointStream", "open_stream", "run_checkpoints", "RunCheckpoints", "skipped_checkpoint",
-           "base_folder_step", "StreamReader", "MatrixPlan"]
+           "base_folder_step", "strict_error", "StreamReader", "MatrixPlan"]
 
 _NAMINGS = "checkpoint-N, global_step_N, global_stepN, iter_N, step-N or step_N"
 
@@ -125,8 +125,8 @@ def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = 
                                  f"folder names; drop steps= (or pass a list of sources)")
         found = run_checkpoints(stream, strict=strict)
         if not found.complete:
-            raise WeightgeoError(f"stream directory {found.root} has no complete checkpoint yet: "
-                                 + "; ".join(f"{c['name']}: {c['reason']}" for c in found.skipped[:4]))
+            raise WeightgeoError(f"stream directory {found.root} has no complete checkpoint yet"
+                                 + _left_out(found.skipped))
         complete = list(found.complete)
         own = base_folder_step(base, complete)
         if own is not None:  # base= is one of the run's own folders: the base, not a step of the stream
@@ -154,8 +154,7 @@ def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = 
             if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
                 _check_trainer_state(Path(src), n)
         if not kept:
-            raise WeightgeoError(f"{origin}: no complete checkpoint: "
-                                 + "; ".join(f"{c['name']}: {c['reason']}" for c in skipped[:4]))
+            raise WeightgeoError(f"{origin}: no complete checkpoint" + _left_out(skipped))
         return _finish(kept, kept_steps, base, origin, skipped=tuple(skipped))
     raise WeightgeoError(f"stream must be a run directory of checkpoint folders ({_NAMINGS}) or a sequence of "
                          f"checkpoint sources, got {type(stream).__name__}")
@@ -202,9 +201,7 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
     for st in scan.checkpoints:
         if not st.complete:
             if strict:
-                raise WeightgeoError(f"{st.path} is not completely written ({st.reason}); strict=True (--strict) "
-                                     f"fails on it: wait for the save to finish, remove the folder, or drop strict "
-                                     f"to leave it out")
+                raise strict_error(st.path, st.reason)
             skipped.append(skipped_checkpoint(st, states.get(id(st), "corrupt")))
             continue
         assert st.step is not None
@@ -238,6 +235,19 @@ def skipped_checkpoint(status: CheckpointStatus, state: str) -> dict[str, Any]:
             "state": state, "problem": status.problem, "reason": status.reason}
 
 
+def strict_error(path: Any, reason: str, *, step: int | None = None) -> WeightgeoError:
+    """The error of ``strict=True`` (CLI ``--strict``) on a checkpoint that is not completely written."""
+    at = "" if step is None else f" (step {step})"
+    return WeightgeoError(f"{path}{at} is not completely written ({reason}); strict=True (--strict) fails on it: "
+                          f"wait for the save to finish, remove the folder, or drop strict to leave it out")
+
+
+def _left_out(skipped: Sequence[dict[str, Any]]) -> str:
+    """``; left out <path> (step N): <reason>`` for each checkpoint left out, for an error message."""
+    return "".join(f"; left out {c.get('path', c.get('name'))} (step {c.get('step')}): {c.get('reason')}"
+                   for c in skipped)
+
+
 def _check_base(base: Any) -> None:
     """A base given as a checkpoint folder must be completely written: it cannot be left out."""
     if isinstance(base, (str, os.PathLike)) and Path(base).is_dir() and step_of(Path(base).name)[0] is not None:
@@ -259,7 +269,7 @@ def _complete_sources(sources: list[Any], steps: list[int], *, strict: bool
             kept_steps.append(step)
             continue
         if strict:
-            raise WeightgeoError(f"{st.path} is not completely written ({st.reason}); strict=True fails on it")
+            raise strict_error(st.path, st.reason)
         state = "in_progress" if i == newest else ("abandoned" if st.temporary else "corrupt")
         skipped.append({**skipped_checkpoint(st, state), "step": step})
     return kept, kept_steps, skipped
@@ -269,11 +279,9 @@ def _finish(sources: list[Any], steps: list[int], base: Any, origin: str, *,
             skipped: tuple[dict[str, Any], ...] = ()) -> CheckpointStream:
     if base is None:
         if len(sources) < 2:
-            left = "".join(f"; left out {c.get('path', c.get('name'))} (step {c.get('step')}): {c.get('reason')}"
-                           for c in skipped)  # why a run of several folders came down to one
-            raise WeightgeoError(
+            raise WeightgeoError(  # with what was left out: why a run of several folders came down to one
                 f"{origin}: a stream with one checkpoint (step {steps[0]}) has nothing to compare; add "
-                f"checkpoints, or pass the initial model as base={left}")
+                f"checkpoints, or pass the initial model as base=" + _left_out(skipped))
         return CheckpointStream(tuple(sources[1:]), tuple(steps[1:]), sources[0], steps[0], origin, skipped)
     return CheckpointStream(tuple(sources), tuple(steps), base, None, origin, skipped)
 
@@ -415,7 +423,7 @@ class StreamReader:
 
 def _read(ck: Checkpoint, name: str, expert: int | None) -> torch.Tensor:
     """The tensor ``name``, or expert ``expert`` of the stack ``name`` read alone (not the whole stack)."""
-    return ck.get(name) if expert is None else read_region(ck, name, (expert,), (expert + 1,))[0]
+    return ck.get(name) if expert is None else read_expert(ck, name, expert)
 
 
 def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: Callable[..., bool], *,

@@ -26,7 +26,7 @@ import torch
 from ..errors import WeightgeoError
 from .base import Checkpoint, TensorInfo
 
-__all__ = ["Piece", "MappedCheckpoint", "read_region"]
+__all__ = ["Piece", "MappedCheckpoint", "read_region", "read_expert"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,13 @@ def read_region(ck: Checkpoint, name: str, start: Sequence[int], stop: Sequence[
         return ck.get(name)
     t = ck.get_rows(name, start[0], stop[0])
     return t[(slice(None),) + tuple(slice(b, e) for b, e in zip(start[1:], stop[1:]))]
+
+
+def read_expert(ck: Checkpoint, name: str, expert: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` (default: all) of expert ``expert`` of the stack ``name`` [E, out, in], reading that
+    box alone (one expert, not the stack)."""
+    stop = ck.info(name).shape[1] if stop is None else stop
+    return read_region(ck, name, (expert, start), (expert + 1, stop))[0]
 
 
 class MappedCheckpoint(Checkpoint):

@@ -83,7 +83,7 @@ class RowCache:
                     self.counts["rows_cached"] += 1
             if left:
                 units.append(replace(unit, users=tuple(left)))
-                self.counts["tensors_read"] += 1 + len(left) if unit.matrix else 2
+                self.counts["tensors_read"] += 1 + len(left)  # the base once, each fine-tune left once
         return Work(work.plans, tuple(units)), hits
 
     def store(self, i: int, j: int, job: Job, row: dict[str, Any]) -> None:

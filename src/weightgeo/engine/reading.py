@@ -12,11 +12,11 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import Checkpoint, Fp8Weight
-from ..checkpoint.view import read_region
+from ..checkpoint.view import read_expert
 from ..linalg.policy import ROW_BLOCK, row_blocks
 from .plan import Job
 
-__all__ = ["read_rows", "expert_rows", "read_stack", "chunk_spans", "read_chunk", "read_fp8", "ahead_bytes",
+__all__ = ["read_rows", "read_stack", "chunk_spans", "read_chunk", "read_fp8", "ahead_bytes",
            "AHEAD_CHUNKS", "Chunk"]
 
 #: row chunks the reader thread may run ahead of the elementwise counting
@@ -27,16 +27,11 @@ def read_rows(ck: Checkpoint, name: str, rows: int, expert: int | None = None) -
     """The first ``rows`` rows of tensor ``name`` (the whole tensor when that is all of it), as stored; of its
     expert ``expert`` when ``name`` is an [E, out, in] stack (reading that expert alone)."""
     if expert is not None:
-        return expert_rows(ck, name, expert, 0, rows)
+        return read_expert(ck, name, expert, 0, rows)
     shape = ck.info(name).shape
     if shape and rows < shape[0]:
         return ck.get_rows(name, 0, rows)
     return ck.get(name)
-
-
-def expert_rows(ck: Checkpoint, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of expert ``expert`` of the stack ``name`` [E, out, in], reading that box alone."""
-    return read_region(ck, name, (expert, start), (expert + 1, stop))[0]
 
 
 def read_stack(ck: Checkpoint, names: Sequence[str], rows: int, pin: bool,
@@ -73,7 +68,7 @@ def read_chunk(b: Checkpoint, f: Checkpoint, job: Job, s: int, e: int) -> Chunk:
     if job.fp8:
         return _fp8_pair(b, f, job, s, e)
     if job.expert is not None:
-        return expert_rows(b, job.base_name, job.expert, s, e), expert_rows(f, job.ft_name, job.expert, s, e)
+        return read_expert(b, job.base_name, job.expert, s, e), read_expert(f, job.ft_name, job.expert, s, e)
     return b.get_rows(job.base_name, s, e), f.get_rows(job.ft_name, s, e)
 
 
