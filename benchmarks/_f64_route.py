@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _gpu_record import Suite, child_env
+
 
 def f64_route(W0: torch.Tensor, W1: torch.Tensor, k: int) -> dict[str, Any]:
     """The float64 route: LAPACK SVD of both sides (tall orientation), right-side angles (SciPy when present), NSS."""
+
     def right(W):
         A = W.double()
         if A.shape[0] >= A.shape[1]:
@@ -47,8 +48,13 @@ def f64_route(W0: torch.Tensor, W1: torch.Tensor, k: int) -> dict[str, Any]:
         ang = torch.rad2deg(wg_angles(V0[:, :kk], V1[:, :kk])).sort().values
         how = "weightgeo.linalg.angles.subspace_angles (no SciPy)"
     nss = float((S1 - S0).norm() / S0.norm())
-    return {"angles": ang, "nss": nss, "seconds": time.perf_counter() - t, "threads": torch.get_num_threads(),
-            "angles_by": how}
+    return {
+        "angles": ang,
+        "nss": nss,
+        "seconds": time.perf_counter() - t,
+        "threads": torch.get_num_threads(),
+        "angles_by": how,
+    }
 
 
 def route_flops(m: int, n: int) -> float:
@@ -82,8 +88,13 @@ def _route_shapes(d: Path, spec: dict[str, Any]) -> None:
         left = spec["deadline"] - time.time()
         est = route_flops(*W0.shape) / rate
         if est > left:
-            (d / f"skip_{name}.json").write_text(json.dumps(
-                {"reason": f"time box: estimated {est:.0f} s at {rate / 1e9:.0f} GFLOP/s, {max(left, 0):.0f} s left"}))
+            (d / f"skip_{name}.json").write_text(
+                json.dumps(
+                    {
+                        "reason": f"time box: estimated {est:.0f} s at {rate / 1e9:.0f} GFLOP/s, {max(left, 0):.0f} s left"
+                    }
+                )
+            )
             continue
         res = f64_route(W0, W1, spec["k"])
         rate = route_flops(*W0.shape) / res["seconds"]
@@ -102,16 +113,21 @@ class References:
         self.dir = Path(tempfile.mkdtemp(prefix="wg_gpu_ref_"))
         self.proc: subprocess.Popen | None = None
         self.order = sorted(pairs, key=lambda nm: route_flops(*pairs[nm][0].shape))
-        self.threads = s.args.ref_threads or (max(1, (os.cpu_count() or 2) - 4) if self.mode == "background"
-                                              else torch.get_num_threads())
+        self.threads = s.args.ref_threads or (
+            max(1, (os.cpu_count() or 2) - 4) if self.mode == "background" else torch.get_num_threads()
+        )
         spec = {"order": self.order, "k": k, "threads": self.threads, "deadline": time.time() + deadline_s}
         (self.dir / "spec.json").write_text(json.dumps(spec))
         if self.mode == "off":
             return
         torch.save({nm: (w0.cpu(), w1.cpu()) for nm, (w0, w1) in pairs.items()}, self.dir / "pairs.pt")
         if self.mode == "background":
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(self.dir)],
-                                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), str(self.dir)],
+                env=child_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
 
     def run_inline(self, deadline_s: float) -> None:
         if self.mode != "inline":

@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import torch
-
 from _gpu_record import Suite
 
 # Qwen3-8B: hidden 4096, 32 query / 8 KV heads of 128, intermediate 12288, vocabulary 151936, 36 layers,
@@ -79,8 +78,9 @@ def pair_kernel(W0: torch.Tensor, W1: torch.Tensor, k: int) -> list[dict[str, An
     """The engine's kernel for a shape group: every pair metric, side right, the paper's defaults."""
     from weightgeo.metrics.pair import PAIR_METRICS, batched_pair_metrics
 
-    return batched_pair_metrics(W0, W1, metrics=frozenset(PAIR_METRICS), k=k, side="right", rank=64, alpha=0.5,
-                                eta=1e-3, angles=True)
+    return batched_pair_metrics(
+        W0, W1, metrics=frozenset(PAIR_METRICS), k=k, side="right", rank=64, alpha=0.5, eta=1e-3, angles=True
+    )
 
 
 def stack_count(s: Suite, m: int, n: int, want: int) -> int:

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import torch
-
 from _gpu_cases import layer_shapes, pair_kernel, stack_count
 from _gpu_record import Suite, ms, once, timed
 
@@ -70,8 +69,15 @@ def part_profile(s: Suite, pairs: dict, cfg: dict, later: list) -> None:
 
 
 def _pair_steps(s: Suite, nm: str, pair: tuple[torch.Tensor, torch.Tensor], k: int, saved: dict | None) -> None:
-    from weightgeo.linalg.pairwise import (base_spectrum, effective_k, pair_angles, pair_eigen, pair_products,
-                                           pair_spectrum, tall_like)
+    from weightgeo.linalg.pairwise import (
+        base_spectrum,
+        effective_k,
+        pair_angles,
+        pair_eigen,
+        pair_products,
+        pair_spectrum,
+        tall_like,
+    )
     from weightgeo.linalg.svd import gram
     from weightgeo.metrics.localization import localize
 
@@ -88,8 +94,9 @@ def _pair_steps(s: Suite, nm: str, pair: tuple[torch.Tensor, torch.Tensor], k: i
     steps["base: float64 Gram"], G = step(lambda: gram(W0, dtype=torch.float64))
     steps["base: eigh float64 (n×n)"], _ = step(lambda: torch.linalg.eigh(G))
     t_base, base = step(lambda: base_spectrum(W0))
-    steps["base: rest (checks, casts)"] = max(0.0, t_base - steps["base: float64 Gram"]
-                                              - steps["base: eigh float64 (n×n)"])
+    steps["base: rest (checks, casts)"] = max(
+        0.0, t_base - steps["base: float64 Gram"] - steps["base: eigh float64 (n×n)"]
+    )
     A1 = tall_like(base, W1, "W1")
     steps["products (row blocks)"], prod = step(lambda: pair_products(base, A1, sides=("right",), stable_rank=True))
     t_eig, eig = step(lambda: pair_eigen(base, prod, vectors=True))
@@ -101,16 +108,25 @@ def _pair_steps(s: Suite, nm: str, pair: tuple[torch.Tensor, torch.Tensor], k: i
     steps["angles (k)"], _ = step(lambda: pair_angles(base, prod, eig, spec, ke, ("right",)))
     steps["stable rank: eigvalsh float64 of ΔᵀΔ"], _ = step(lambda: torch.linalg.eigvalsh(prod.J.double()))
     r = min(64, m, n)
-    steps["localization (3 passes)"], _ = step(lambda: localize(W0[0], W1[0], base.V_c[0, :, :r], base.transposed,
-                                                                alpha=0.5, eta=1e-3))
+    steps["localization (3 passes)"], _ = step(
+        lambda: localize(W0[0], W1[0], base.V_c[0, :, :r], base.transposed, alpha=0.5, eta=1e-3)
+    )
     whole, _ = step(lambda: pair_kernel(W0, W1, k))
     total = sum(steps.values())
     for name, t in steps.items():
-        s.row("profile", f"{nm} {m}×{n}: {name}", "ok", ms=t * 1e3, against=f"whole kernel {ms(whole)}",
-              ratio=t / whole)
+        s.row(
+            "profile", f"{nm} {m}×{n}: {name}", "ok", ms=t * 1e3, against=f"whole kernel {ms(whole)}", ratio=t / whole
+        )
     eig_share = (steps["base: eigh float64 (n×n)"] + steps["pair: eigh float64 (n×n)"]) / whole
-    s.row("profile", f"{nm} {m}×{n}: sum of steps", "ok", ms=total * 1e3, against=f"whole kernel {ms(whole)}",
-          ratio=total / whole, note=f"the two n×n eigh: {eig_share:.0%} of the kernel")
+    s.row(
+        "profile",
+        f"{nm} {m}×{n}: sum of steps",
+        "ok",
+        ms=total * 1e3,
+        against=f"whole kernel {ms(whole)}",
+        ratio=total / whole,
+        note=f"the two n×n eigh: {eig_share:.0%} of the kernel",
+    )
     s.record["parts"]["profile"]["steps"][nm] = {"steps_s": steps, "whole_s": whole}
     if saved is not None:
         saved.update(G=G, M1=M1, Q=eig.Q, ke=ke, W0=W0, W1=W1, base=base, A1=A1)
@@ -123,7 +139,7 @@ def _alternatives(s: Suite, saved: dict, k: int) -> None:
     import weightgeo.linalg.policy as policy
     import weightgeo.linalg.svd as svd
 
-    G, M1, Q, ke = saved["G"], saved["M1"], saved["Q"], saved["ke"]
+    G, Q, ke = saved["G"], saved["Q"], saved["ke"]
     n = G.shape[-1]
     t_def = once(s, lambda: torch.linalg.eigh(G))[0]
     tag = f"eigh float64 {n}×{n}"
@@ -133,8 +149,13 @@ def _alternatives(s: Suite, saved: dict, k: int) -> None:
             rows.append((f"{tag}: MAGMA", once(s, lambda: torch.linalg.eigh(G))[0], ""))
     rows.append((f"{tag}: values only (eigvalsh)", once(s, lambda: torch.linalg.eigvalsh(G))[0], ""))
     G32 = G.float()
-    rows.append((f"{tag}: in float32 (speed only: not accurate enough, docs/numerics.md)",
-                 once(s, lambda: torch.linalg.eigh(G32))[0], ""))
+    rows.append(
+        (
+            f"{tag}: in float32 (speed only: not accurate enough, docs/numerics.md)",
+            once(s, lambda: torch.linalg.eigh(G32))[0],
+            "",
+        )
+    )
     if s.left() > 8 * t_def + 2:
         G4 = G.expand(4, -1, -1).contiguous()
         rows.append((f"{tag}: batch of 4, per matrix", once(s, lambda: torch.linalg.eigh(G4))[0] / 4, ""))
@@ -149,13 +170,19 @@ def _alternatives(s: Suite, saved: dict, k: int) -> None:
         for drv in ("gesvd", "gesvda"):
             try:
                 alts.append((f"driver {drv}", once(s, lambda drv=drv: torch.linalg.svdvals(Bk, driver=drv))[0]))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 alts.append((f"driver {drv}: {type(e).__name__}", math.nan))
     Bd = Q[..., ke:, :ke]
     alts.append(("eigvalsh float64 of BᵀB", once(s, lambda: torch.linalg.eigvalsh(Bd.mT @ Bd))[0]))
     for label, t in alts:
-        s.row("profile", f"angles: sines of the {Bk.shape[-2]}×{Bk.shape[-1]} block, {label}", "ok",
-              ms=t * 1e3, against=f"svdvals float32 default {ms(t_sv)}", ratio=t / t_sv)
+        s.row(
+            "profile",
+            f"angles: sines of the {Bk.shape[-2]}×{Bk.shape[-1]} block, {label}",
+            "ok",
+            ms=t * 1e3,
+            against=f"svdvals float32 default {ms(t_sv)}",
+            ratio=t / t_sv,
+        )
     # row blocks 16× larger (same sums, another order: timing only)
     W0, A1, base = saved["W0"], saved["A1"], saved["base"]
     t_rb = once(s, lambda: pairwise.pair_products(base, A1, sides=("right",), stable_rank=True))[0]
@@ -167,10 +194,22 @@ def _alternatives(s: Suite, saved: dict, k: int) -> None:
     finally:
         policy.ROW_BLOCK = orig
     t_gram0 = once(s, lambda: svd.gram(W0, dtype=torch.float64))[0]
-    s.row("profile", "products with row blocks of 2²⁶ entries", "ok", ms=t_big * 1e3,
-          against=f"2²² (policy) {ms(t_rb)}", ratio=t_big / t_rb)
-    s.row("profile", "base float64 Gram with row blocks of 2²⁶ entries", "ok", ms=t_gram * 1e3,
-          against=f"2²² (policy) {ms(t_gram0)}", ratio=t_gram / t_gram0)
+    s.row(
+        "profile",
+        "products with row blocks of 2²⁶ entries",
+        "ok",
+        ms=t_big * 1e3,
+        against=f"2²² (policy) {ms(t_rb)}",
+        ratio=t_big / t_rb,
+    )
+    s.row(
+        "profile",
+        "base float64 Gram with row blocks of 2²⁶ entries",
+        "ok",
+        ms=t_gram * 1e3,
+        against=f"2²² (policy) {ms(t_gram0)}",
+        ratio=t_gram / t_gram0,
+    )
     s.write()
 
 
@@ -204,10 +243,22 @@ def _rsvd_steps(s: Suite, cfg: dict) -> None:
     t_svd = once(s, lambda: torch.linalg.svd(T, full_matrices=False))[0]
     whole = timed(s, lambda: randomized_svd_with_info(A, k, n_iter=2, seed=0, pass_dtype=torch.bfloat16), reps=1)[0]
     tag = f"rsvd steps, {B}×{m}×{n} bf16, l={l_}"
-    s.row("profile", f"{tag}: one pass A·Xᵀ (of 6)", "ok", ms=t_pass * 1e3, against=f"HBM floor {ms(floor)}",
-          ratio=t_pass / floor)
-    s.row("profile", f"{tag}: CholeskyQR2 of the {l_}×{m} rows (of 5)", "ok", ms=t_qr * 1e3,
-          against=f"whole call {ms(whole)}", ratio=t_qr / whole)
+    s.row(
+        "profile",
+        f"{tag}: one pass A·Xᵀ (of 6)",
+        "ok",
+        ms=t_pass * 1e3,
+        against=f"HBM floor {ms(floor)}",
+        ratio=t_pass / floor,
+    )
+    s.row(
+        "profile",
+        f"{tag}: CholeskyQR2 of the {l_}×{m} rows (of 5)",
+        "ok",
+        ms=t_qr * 1e3,
+        against=f"whole call {ms(whole)}",
+        ratio=t_qr / whole,
+    )
     alts = [("default driver", t_svd)]
     if s.cuda:
         for drv in ("gesvd", "gesvda"):
@@ -215,14 +266,21 @@ def _rsvd_steps(s: Suite, cfg: dict) -> None:
                 alts.append((f"driver {drv}: skipped (time box)", math.nan))
                 continue
             try:
-                alts.append((f"driver {drv}", once(s, lambda drv=drv: torch.linalg.svd(T, full_matrices=False,
-                                                                                      driver=drv))[0]))
-            except Exception as e:  # noqa: BLE001
+                alts.append(
+                    (f"driver {drv}", once(s, lambda drv=drv: torch.linalg.svd(T, full_matrices=False, driver=drv))[0])
+                )
+            except Exception as e:
                 alts.append((f"driver {drv}: {type(e).__name__}", math.nan))
     alts.append(("eigh float64 of the l×l Gram", once(s, lambda: torch.linalg.eigh((T.mT @ T).double()))[0]))
     for label, t in alts:
-        s.row("profile", f"{tag}: final small SVD of ({B}, {n}, {l_}) fp32, {label}", "ok", ms=t * 1e3,
-              against=f"whole call {ms(whole)}", ratio=t / whole)
+        s.row(
+            "profile",
+            f"{tag}: final small SVD of ({B}, {n}, {l_}) fp32, {label}",
+            "ok",
+            ms=t * 1e3,
+            against=f"whole call {ms(whole)}",
+            ratio=t / whole,
+        )
     del A, X, W, T
     s.free()
     s.write()
@@ -231,11 +289,17 @@ def _rsvd_steps(s: Suite, cfg: dict) -> None:
 def _host_alternatives(s: Suite, saved: dict, k: int) -> None:
     if not s.cuda or s.deadline - time.perf_counter() < 6:
         return
-    G, M1 = saved["G"], saved["M1"]
+    G = saved["G"]
     t_def = once(s, lambda: torch.linalg.eigh(G))[0]
     t_host = once(s, lambda: [t.to(s.device) for t in torch.linalg.eigh(G.cpu())])[0]
-    s.row("profile", f"eigh float64 {G.shape[-1]}×{G.shape[-1]}: on the host ({torch.get_num_threads()} threads, "
-          "copies included)", "ok", ms=t_host * 1e3, against=f"GPU {ms(t_def)}", ratio=t_host / t_def)
+    s.row(
+        "profile",
+        f"eigh float64 {G.shape[-1]}×{G.shape[-1]}: on the host ({torch.get_num_threads()} threads, copies included)",
+        "ok",
+        ms=t_host * 1e3,
+        against=f"GPU {ms(t_def)}",
+        ratio=t_host / t_def,
+    )
     W0, W1 = saved["W0"], saved["W1"]
     if s.deadline - time.perf_counter() < 4 * t_host + 4:
         return
@@ -244,6 +308,12 @@ def _host_alternatives(s: Suite, saved: dict, k: int) -> None:
         t_alt, rows = once(s, lambda: pair_kernel(W0, W1, k))
     t_dev = once(s, lambda: pair_kernel(W0, W1, k))[0]
     diff = max(abs(x - y) for x, y in zip(rows[0]["principal_angles"], ref["principal_angles"]))
-    s.row("profile", "q_proj whole kernel with every eigh on the host (--pair-eigh cpu)", "ok", ms=t_alt * 1e3,
-          against=f"default {ms(t_dev)}", ratio=t_alt / t_dev,
-          accuracy=f"angles differ ≤ {diff:.1e}°, NSS {abs(rows[0]['spectral_drift'] / ref['spectral_drift'] - 1):.1e}")
+    s.row(
+        "profile",
+        "q_proj whole kernel with every eigh on the host (--pair-eigh cpu)",
+        "ok",
+        ms=t_alt * 1e3,
+        against=f"default {ms(t_dev)}",
+        ratio=t_alt / t_dev,
+        accuracy=f"angles differ ≤ {diff:.1e}°, NSS {abs(rows[0]['spectral_drift'] / ref['spectral_drift'] - 1):.1e}",
+    )

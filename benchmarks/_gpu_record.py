@@ -12,11 +12,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from _timing import machine_line, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +27,18 @@ SHARES = {"tests": 0.17, "rsvd": 0.24, "pair": 0.24, "profile": 0.14, "engine": 
 RESERVE = 0.04  # of --budget, for the float64 route's results, the host-side profile rows and the output
 
 #: HBM bandwidth by device name (vendor datasheets, TB/s), first match wins
-DATASHEET_TBS = (("H200", 4.8), ("GH200", 4.0), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),
-                 ("H800", 3.35), ("A100-SXM4-80GB", 2.039), ("A100 80GB", 1.935), ("A100", 1.555),
-                 ("L40S", 0.864))
+DATASHEET_TBS = (
+    ("H200", 4.8),
+    ("GH200", 4.0),
+    ("H100 NVL", 3.9),
+    ("H100 PCIe", 2.0),
+    ("H100", 3.35),
+    ("H800", 3.35),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+)
 
 
 class Suite:
@@ -43,9 +52,13 @@ class Suite:
         self.reserve = RESERVE * args.budget
         self.carry = 0.0
         self.rows: list[dict[str, Any]] = []
-        self.record: dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                       "command": " ".join([Path(sys.executable).name] + sys.argv),
-                                       "args": vars(args), "env": {}, "parts": {}}
+        self.record: dict[str, Any] = {
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "args": vars(args),
+            "env": {},
+            "parts": {},
+        }
         self.part_end = self.deadline
 
     # --- time box ---
@@ -67,15 +80,42 @@ class Suite:
         self.carry = max(0.0, self.left())
 
     # --- rows ---
-    def row(self, part: str, case: str, status: str, *, ms: float | None = None, against: str = "",
-            ratio: float | None = None, accuracy: str = "", peak: float | None = None, note: str = "",
-            **data: Any) -> dict[str, Any]:
-        r = dict(part=part, case=case, status=status, ms=ms, against=against, ratio=ratio, accuracy=accuracy,
-                 peak_gib=peak, note=note, **data)
+    def row(
+        self,
+        part: str,
+        case: str,
+        status: str,
+        *,
+        ms: float | None = None,
+        against: str = "",
+        ratio: float | None = None,
+        accuracy: str = "",
+        peak: float | None = None,
+        note: str = "",
+        **data: Any,
+    ) -> dict[str, Any]:
+        r = dict(
+            part=part,
+            case=case,
+            status=status,
+            ms=ms,
+            against=against,
+            ratio=ratio,
+            accuracy=accuracy,
+            peak_gib=peak,
+            note=note,
+            **data,
+        )
         self.rows.append(r)
-        print(f"[{self.now():6.1f}s] {part:8s} {case}: {status}" + (f", {ms:.3g} ms" if ms is not None else "")
-              + (f", {against}" if against else "") + (f", ratio {ratio:.3g}" if ratio is not None else "")
-              + (f", {accuracy}" if accuracy else "") + (f" ({note})" if note else ""), flush=True)
+        print(
+            f"[{self.now():6.1f}s] {part:8s} {case}: {status}"
+            + (f", {ms:.3g} ms" if ms is not None else "")
+            + (f", {against}" if against else "")
+            + (f", ratio {ratio:.3g}" if ratio is not None else "")
+            + (f", {accuracy}" if accuracy else "")
+            + (f" ({note})" if note else ""),
+            flush=True,
+        )
         return r
 
     def skip(self, part: str, case: str, why: str) -> None:
@@ -102,10 +142,24 @@ class Suite:
     def table(self) -> str:
         def f(x: float | None, digits: int = 3) -> str:
             return "" if x is None else "–" if x != x else f"{x:.{digits}g}"
-        body = [(r["part"], r["case"], r["status"], f(r["ms"]), r["against"], f(r["ratio"]), r["accuracy"],
-                 f(r["peak_gib"]), r["note"]) for r in self.rows]
-        return markdown_table(["part", "case", "status", "time (ms)", "against", "ratio", "accuracy",
-                               "peak GPU (GiB)", "note"], body)
+
+        body = [
+            (
+                r["part"],
+                r["case"],
+                r["status"],
+                f(r["ms"]),
+                r["against"],
+                f(r["ratio"]),
+                r["accuracy"],
+                f(r["peak_gib"]),
+                r["note"],
+            )
+            for r in self.rows
+        ]
+        return markdown_table(
+            ["part", "case", "status", "time (ms)", "against", "ratio", "accuracy", "peak GPU (GiB)", "note"], body
+        )
 
     def write(self) -> None:
         if not self.args.out:
@@ -165,8 +219,13 @@ def once(s: Suite, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def environment(s: Suite) -> dict[str, Any]:
-    env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "machine": machine_line(),
-                           "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "machine": machine_line(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
     import weightgeo
 
     env["weightgeo"] = f"{weightgeo.__version__} from {Path(weightgeo.__file__).parent}"
@@ -175,10 +234,15 @@ def environment(s: Suite) -> dict[str, Any]:
     env["hardware"] = hardware(s.device).as_dict()
     if s.cuda:
         p = torch.cuda.get_device_properties(s.device)
-        env.update(device=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
-                   capability=f"sm_{p.major}{p.minor}", tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                   linalg_library=str(torch.backends.cuda.preferred_linalg_library()),
-                   magma=bool(getattr(torch.cuda, "has_magma", False)))
+        env.update(
+            device=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            sms=p.multi_processor_count,
+            capability=f"sm_{p.major}{p.minor}",
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            linalg_library=str(torch.backends.cuda.preferred_linalg_library()),
+            magma=bool(getattr(torch.cuda, "has_magma", False)),
+        )
         env["driver"] = _driver_version()
     else:
         env.update(device="cpu: " + str(env["hardware"]["name"]), driver=None, gpu_memory_gib=None)
@@ -187,8 +251,12 @@ def environment(s: Suite) -> dict[str, Any]:
 
 def _driver_version() -> str | None:
     try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         if q.returncode == 0 and q.stdout.strip():
             return q.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError):

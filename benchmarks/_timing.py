@@ -13,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def median_time(fn: Callable[[int], object], *, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float], list]:
@@ -80,10 +80,12 @@ def machine_line() -> str:
     except ImportError:
         pass
     try:
-        parts.append("load avg %.1f/%.1f/%.1f" % os.getloadavg())
+        parts.append("load avg {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()))
     except OSError:
         pass
-    env = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ]
+    env = [
+        v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ
+    ]
     if env:
         parts.append("set: " + ", ".join(f"{v}={os.environ[v]}" for v in env))
     return "; ".join(parts)

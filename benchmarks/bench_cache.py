@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import machine_line, markdown_table, median_time
 from safetensors.torch import save_file
 
-from _timing import machine_line, markdown_table, median_time
 from weightgeo.cache import ResultCache, pack, unpack
 from weightgeo.checkpoint import open_checkpoint
 from weightgeo.linalg.pairwise import base_spectrum
@@ -33,10 +33,23 @@ POLICY = "bench-policy"
 
 
 def _row() -> dict:
-    return {"name": "model.layers.3.mlp.down_proj.weight", "shape": (896, 4864), "numel": 4358144, "module":
-            "down_proj", "layer": 3, "dtype": "bfloat16", "update_sparsity": 0.4123456789, "principal_overlap":
-            0.987654321, "max_principal_angle": 12.3456789, "mean_principal_angle": 3.21, "spectral_drift": 1.2e-4,
-            "update_localization": 0.61, "stable_rank": 7.89, "k_effective": 512, "gap": math.inf}
+    return {
+        "name": "model.layers.3.mlp.down_proj.weight",
+        "shape": (896, 4864),
+        "numel": 4358144,
+        "module": "down_proj",
+        "layer": 3,
+        "dtype": "bfloat16",
+        "update_sparsity": 0.4123456789,
+        "principal_overlap": 0.987654321,
+        "max_principal_angle": 12.3456789,
+        "mean_principal_angle": 3.21,
+        "spectral_drift": 1.2e-4,
+        "update_localization": 0.61,
+        "stable_rank": 7.89,
+        "k_effective": 512,
+        "gap": math.inf,
+    }
 
 
 def main() -> None:
@@ -55,22 +68,30 @@ def main() -> None:
 
 def run(root: Path, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
-    W = {"896x896": (0.02 * torch.randn(896, 896, generator=g)).bfloat16(),
-         "4864x896": (0.02 * torch.randn(4864, 896, generator=g)).bfloat16()}
+    W = {
+        "896x896": (0.02 * torch.randn(896, 896, generator=g)).bfloat16(),
+        "4864x896": (0.02 * torch.randn(4864, 896, generator=g)).bfloat16(),
+    }
     save_file({"a": W["896x896"], "b": W["4864x896"]}, str(root / "model.safetensors"))
     ck = open_checkpoint(root / "model.safetensors")
     ids = [ck.identity("a"), ck.identity("b")]
 
     entries: list[tuple[str, object, dict, float | None]] = [("compare row (JSON)", _row(), {}, None)]
-    entries.append(("update spectrum (S 17 f64, Vh 16x896 f32)", {"frobenius": 1.5, "method": "randomized"},
-                    {"S": torch.rand(17, generator=g, dtype=torch.float64),
-                     "Vh": torch.randn(16, 896, generator=g)}, None))
+    entries.append(
+        (
+            "update spectrum (S 17 f64, Vh 16x896 f32)",
+            {"frobenius": 1.5, "method": "randomized"},
+            {"S": torch.rand(17, generator=g, dtype=torch.float64), "Vh": torch.randn(16, 896, generator=g)},
+            None,
+        )
+    )
     for shape, w in W.items():
         t_compute, _, _ = median_time(lambda s, w=w: base_spectrum(w), repeats=max(3, repeats // 3))
         row, tensors = pack(base_spectrum(w).decomposition)
         entries.append((f"base decomposition {shape} (896x896 f64 eigenbasis)", row, tensors, t_compute))
-    entries.append(("raw 4864x896 f64 tensor", None, {"U": torch.randn(4864, 896, generator=g, dtype=torch.float64)},
-                    None))
+    entries.append(
+        ("raw 4864x896 f64 tensor", None, {"U": torch.randn(4864, 896, generator=g, dtype=torch.float64)}, None)
+    )
 
     t_id, _, _ = median_time(lambda s: open_checkpoint(root / "model.safetensors").identity("a"), repeats=repeats)
     table = []
@@ -88,22 +109,47 @@ def run(root: Path, repeats: int) -> None:
 
             results[fsync], _, keys = median_time(put, repeats=repeats)
         key = keys[-1]
-        t_key, _, _ = median_time(lambda s: cache.key("bench", inputs=ids, options={"entry": i}, policy=POLICY),
-                                  repeats=repeats)
+        t_key, _, _ = median_time(
+            lambda s: cache.key("bench", inputs=ids, options={"entry": i}, policy=POLICY), repeats=repeats
+        )
         t_get, _, got = median_time(lambda s: cache.get(key), repeats=repeats)
         e = got[-1]
         assert e is not None and all(torch.equal(e.tensors[k], v.contiguous()) for k, v in tensors.items())
         if row is not None and "small_side" in row:
             unpack(Decomposition, e.row, e.tensors)
         size = cache.path(key).stat().st_size
-        table.append([what, f"{size / 1e6:.3f}", 1e3 * t_key, 1e3 * results[True], 1e3 * results[False],
-                      1e3 * t_get, None if t_compute is None else 1e3 * t_compute,
-                      None if t_compute is None else t_get / t_compute])
+        table.append(
+            [
+                what,
+                f"{size / 1e6:.3f}",
+                1e3 * t_key,
+                1e3 * results[True],
+                1e3 * results[False],
+                1e3 * t_get,
+                None if t_compute is None else 1e3 * t_compute,
+                None if t_compute is None else t_get / t_compute,
+            ]
+        )
     print(f"# bench_cache {time.strftime('%Y-%m-%d')}: {machine_line()}")
-    print(f"cache folder on {root} ({os.statvfs(root).f_bsize}-byte blocks); Checkpoint.identity(name) "
-          f"{1e6 * t_id:.0f} µs (open + header + stat)\n")
-    print(markdown_table(["entry", "MB", "key ms", "put ms (fsync)", "put ms (no fsync)", "get ms",
-                          "compute ms (base_spectrum)", "get / compute"], table))
+    print(
+        f"cache folder on {root} ({os.statvfs(root).f_bsize}-byte blocks); Checkpoint.identity(name) "
+        f"{1e6 * t_id:.0f} µs (open + header + stat)\n"
+    )
+    print(
+        markdown_table(
+            [
+                "entry",
+                "MB",
+                "key ms",
+                "put ms (fsync)",
+                "put ms (no fsync)",
+                "get ms",
+                "compute ms (base_spectrum)",
+                "get / compute",
+            ],
+            table,
+        )
+    )
 
 
 if __name__ == "__main__":

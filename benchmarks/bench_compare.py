@@ -35,8 +35,15 @@ from weightgeo.linalg.pairwise import base_spectrum, pair_geometry
 
 os.environ["WEIGHTGEO_CACHE"] = "off"  # time the computation, not the result cache (bench_resume.py times that)
 
-SHAPES = {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896), "o_proj": (896, 896),
-          "gate_proj": (4864, 896), "up_proj": (4864, 896), "down_proj": (896, 4864)}
+SHAPES = {
+    "q_proj": (896, 896),
+    "k_proj": (128, 896),
+    "v_proj": (128, 896),
+    "o_proj": (896, 896),
+    "gate_proj": (4864, 896),
+    "up_proj": (4864, 896),
+    "down_proj": (896, 4864),
+}
 
 
 def make_pair(m, n, rel, gen):
@@ -78,9 +85,11 @@ def run_compare(layers, rel, seed):
     save_file(base, os.path.join(d, "base.safetensors"))
     save_file(ft, os.path.join(d, "ft.safetensors"))
     nbytes = sum(v.numel() * 2 for v in base.values()) * 2
-    code = ("import weightgeo,time;t=time.perf_counter();"
-            f"weightgeo.compare('{d}/base.safetensors','{d}/ft.safetensors',progress=False);"
-            "print('WALL',time.perf_counter()-t)")
+    code = (
+        "import weightgeo,time;t=time.perf_counter();"
+        f"weightgeo.compare('{d}/base.safetensors','{d}/ft.safetensors',progress=False);"
+        "print('WALL',time.perf_counter()-t)"
+    )
     p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode != 0:
         return None, p.stderr[-2000:]
@@ -91,8 +100,9 @@ def run_compare(layers, rel, seed):
 
 def run_many(layers, rel, seed, n):
     """``compare_many(base, [ft_1..ft_n])`` against n ``compare(base, ft_i)`` calls, in this process."""
-    import weightgeo
     from safetensors.torch import save_file
+
+    import weightgeo
 
     gen = torch.Generator().manual_seed(seed)
     d = tempfile.mkdtemp(prefix="wg_many_")
@@ -127,8 +137,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--compare", action="store_true", help="also time the whole weightgeo.compare suite")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--many", type=int, default=0, metavar="N",
-                    help="also time compare_many(base, N fine-tunes) against N compare calls")
+    ap.add_argument(
+        "--many",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time compare_many(base, N fine-tunes) against N compare calls",
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -160,16 +175,26 @@ def main() -> None:
         tot["ours"] += ours
         tot["pair"] += pair
         rows.append((name, f"{m}×{n}", f64, ours, pair, float(g.gap)))
-    print(f"\n### Pair suite, {a.layers} layers × 7 matrices, ΔW rel {a.rel:g}, k={a.k}, "
-          f"{torch.get_num_threads()} threads (float64 route timed on {a.ref_layers} layer(s), scaled)\n")
-    print("| matrix | shape | float64 SVD route (s) | ours incl. base (s) | ours, base reused (s) | speed-up | amortised | σ_k/σ_k+1 |")
+    print(
+        f"\n### Pair suite, {a.layers} layers × 7 matrices, ΔW rel {a.rel:g}, k={a.k}, "
+        f"{torch.get_num_threads()} threads (float64 route timed on {a.ref_layers} layer(s), scaled)\n"
+    )
+    print(
+        "| matrix | shape | float64 SVD route (s) | ours incl. base (s) | ours, base reused (s) | speed-up | amortised | σ_k/σ_k+1 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, shape, f64, ours, pair, gap in rows:
-        print(f"| {name} | {shape} | {f64:.2f} | {ours:.2f} | {pair:.2f} | {f64 / ours:.1f}× | {f64 / pair:.1f}× | {gap:.4f} |")
-    print(f"| **all** | | **{tot['f64']:.1f}** | **{tot['ours']:.1f}** | **{tot['pair']:.1f}** | "
-          f"**{tot['f64'] / tot['ours']:.1f}×** | **{tot['f64'] / tot['pair']:.1f}×** | |")
-    print(f"\nAgreement with float64 (right-side angles, reference layers): max |Δangle| = {worst_ang:.2e}°, "
-          f"max |Δangle| / (2 % + 0.005°) = {worst_tol:.2e}, max NSS relative error = {worst_nss:.2e}")
+        print(
+            f"| {name} | {shape} | {f64:.2f} | {ours:.2f} | {pair:.2f} | {f64 / ours:.1f}× | {f64 / pair:.1f}× | {gap:.4f} |"
+        )
+    print(
+        f"| **all** | | **{tot['f64']:.1f}** | **{tot['ours']:.1f}** | **{tot['pair']:.1f}** | "
+        f"**{tot['f64'] / tot['ours']:.1f}×** | **{tot['f64'] / tot['pair']:.1f}×** | |"
+    )
+    print(
+        f"\nAgreement with float64 (right-side angles, reference layers): max |Δangle| = {worst_ang:.2e}°, "
+        f"max |Δangle| / (2 % + 0.005°) = {worst_tol:.2e}, max NSS relative error = {worst_nss:.2e}"
+    )
     if a.compare:
         res, err = run_compare(a.layers, a.rel, a.seed)
         if res is None:
@@ -181,8 +206,10 @@ def main() -> None:
             print(f"| {a.layers} layers | {wall:.1f} | {gbs:.3f} | {rss:.2f} |")
     if a.many:
         t_sep, t_many = run_many(a.layers, a.rel, a.seed, a.many)
-        print(f"\n| fine-tunes of one base ({a.layers} layers, all metrics) | {a.many} × compare (s) | "
-              "compare_many (s) | ratio |")
+        print(
+            f"\n| fine-tunes of one base ({a.layers} layers, all metrics) | {a.many} × compare (s) | "
+            "compare_many (s) | ratio |"
+        )
         print("|---|---|---|---|")
         print(f"| {a.many} | {t_sep:.2f} | {t_many:.2f} | {t_many / t_sep:.2f} |")
 

@@ -14,8 +14,8 @@ imports included), GB/s of checkpoint data and peak RSS. The page cache is warm 
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,9 +50,18 @@ def qwen05_shapes() -> dict[str, tuple[int, ...]]:
     return s
 
 
-CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN,
-          "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-          "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
 
 
 def synthetic_pair(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -62,7 +71,7 @@ def synthetic_pair(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, to
     for name, shape in qwen05_shapes().items():
         w = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else 1 + 0.1 * torch.randn(shape, generator=g)
         # An update of ~half a bf16 ULP moves about a third of the stored values (RL-like).
-        d = torch.randn(shape, generator=g) * w.abs() * 2.0 ** -9
+        d = torch.randn(shape, generator=g) * w.abs() * 2.0**-9
         base[name], ft[name] = w.to(torch.bfloat16), (w + d).to(torch.bfloat16)
     return base, ft
 
@@ -97,8 +106,21 @@ def write_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def run_compare(base: Path, ft: Path, metrics: list[str], extra: list[str]) -> dict[str, float]:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "weightgeo", "compare", str(base), str(ft),
-           "--summary", "--no-progress", "--metrics", *metrics, *extra]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "weightgeo",
+        "compare",
+        str(base),
+        str(ft),
+        "--summary",
+        "--no-progress",
+        "--metrics",
+        *metrics,
+        *extra,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -125,11 +147,20 @@ def in_process_pass(base: Path, ft: Path, repeats: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wg-qwen05"))
-    ap.add_argument("--metrics", nargs="+", action="append", default=None,
-                    help="a metric set to time (repeatable); default: update_sparsity, then all metrics on the "
-                         "attention and MLP matrices")
-    ap.add_argument("--format", choices=("safetensors", "dcp"), default="safetensors",
-                    help="checkpoint format to write and read (dcp: torch.distributed.checkpoint folders)")
+    ap.add_argument(
+        "--metrics",
+        nargs="+",
+        action="append",
+        default=None,
+        help="a metric set to time (repeatable); default: update_sparsity, then all metrics on the "
+        "attention and MLP matrices",
+    )
+    ap.add_argument(
+        "--format",
+        choices=("safetensors", "dcp"),
+        default="safetensors",
+        help="checkpoint format to write and read (dcp: torch.distributed.checkpoint folders)",
+    )
     ap.add_argument("--cleanup", action="store_true", help="delete the checkpoints written by this run at the end")
     args = ap.parse_args()
     fresh = not (args.dir / ("dcp_ft" if args.format == "dcp" else "ft")).exists()
@@ -154,13 +185,21 @@ def measure(args: argparse.Namespace, base: Path, ft: Path) -> None:
     print("|---|---|---|---|---|")
     for metrics in sets:
         r = run_compare(base, ft, metrics, [])
-        print(f"| {' '.join(metrics)} | {r['wall_s']:.2f} | {size_gb / r['wall_s']:.2f} | "
-              f"{r['peak_rss_gb']:.2f} | {r['cpu_percent']:.0f} |")
+        print(
+            f"| {' '.join(metrics)} | {r['wall_s']:.2f} | {size_gb / r['wall_s']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['cpu_percent']:.0f} |"
+        )
     if args.metrics is None:
-        r = run_compare(base, ft, ["update_sparsity", "principal_overlap", "spectral_drift", "update_localization",
-                                   "stable_rank"], [])
-        print(f"| all (every tensor, embedding included) | {r['wall_s']:.2f} | {size_gb / r['wall_s']:.2f} | "
-              f"{r['peak_rss_gb']:.2f} | {r['cpu_percent']:.0f} |")
+        r = run_compare(
+            base,
+            ft,
+            ["update_sparsity", "principal_overlap", "spectral_drift", "update_localization", "stable_rank"],
+            [],
+        )
+        print(
+            f"| all (every tensor, embedding included) | {r['wall_s']:.2f} | {size_gb / r['wall_s']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['cpu_percent']:.0f} |"
+        )
         print("\n" + r["stdout"][-1500:])
 
 

@@ -24,14 +24,20 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import machine_line
 from safetensors.torch import save_file
 
-from _timing import machine_line
 from weightgeo import compare, rank_curve
 
-SHAPES = {"self_attn.q_proj": (896, 896), "self_attn.k_proj": (128, 896), "self_attn.v_proj": (128, 896),
-          "self_attn.o_proj": (896, 896), "mlp.gate_proj": (4864, 896), "mlp.up_proj": (4864, 896),
-          "mlp.down_proj": (896, 4864)}
+SHAPES = {
+    "self_attn.q_proj": (896, 896),
+    "self_attn.k_proj": (128, 896),
+    "self_attn.v_proj": (128, 896),
+    "self_attn.o_proj": (896, 896),
+    "mlp.gate_proj": (4864, 896),
+    "mlp.up_proj": (4864, 896),
+    "mlp.down_proj": (896, 4864),
+}
 
 
 class Run:
@@ -98,17 +104,21 @@ def main() -> None:
         for r in range(args.repeats):  # each repeat: fresh caches and a freshly written extra checkpoint
             cache, res = tmp / f"cache-{r}", {}
             shutil.rmtree(run.root / f"checkpoint-{10 * args.checkpoints}", ignore_errors=True)
-            for name, fn in (("nocache", lambda: rank_curve(run.root, cache=False, **kw)),
-                             ("first", lambda: rank_curve(run.root, cache=cache, **kw)),
-                             ("second", lambda: rank_curve(run.root, cache=cache, **kw))):
+            for name, fn in (
+                ("nocache", lambda: rank_curve(run.root, cache=False, **kw)),
+                ("first", lambda: rank_curve(run.root, cache=cache, **kw)),
+                ("second", lambda: rank_curve(run.root, cache=cache, **kw)),
+            ):
                 sec, out = timed(fn)
                 t.setdefault(name, []).append(sec)
                 res[name] = out
             extra = run.write(10 * args.checkpoints)
-            for name, fn in (("extra", lambda: rank_curve(run.root, cache=cache, **kw)),
-                             ("extra_ref", lambda: rank_curve(run.root, cache=False, **kw)),
-                             ("cmp_first", lambda: compare(b, extra, cache=tmp / f"cmp-{r}", **pair)),
-                             ("cmp_second", lambda: compare(b, extra, cache=tmp / f"cmp-{r}", **pair))):
+            for name, fn in (
+                ("extra", lambda: rank_curve(run.root, cache=cache, **kw)),
+                ("extra_ref", lambda: rank_curve(run.root, cache=False, **kw)),
+                ("cmp_first", lambda: compare(b, extra, cache=tmp / f"cmp-{r}", **pair)),
+                ("cmp_second", lambda: compare(b, extra, cache=tmp / f"cmp-{r}", **pair)),
+            ):
                 sec, out = timed(fn)
                 t.setdefault(name, []).append(sec)
                 res[name] = out
@@ -116,34 +126,49 @@ def main() -> None:
             assert rows(res["extra"]) == rows(res["extra_ref"]) and rows(res["cmp_first"]) == rows(res["cmp_second"])
         best = {name: min(v) for name, v in t.items()}  # the least disturbed of the repeats (a shared machine)
         t_nocache, t_first, t_second = best["nocache"], best["first"], best["second"]
-        t_extra, t_extra_ref, t_cmp_first, t_cmp_second = (best[n] for n in ("extra", "extra_ref", "cmp_first",
-                                                                            "cmp_second"))
+        t_extra, t_extra_ref, t_cmp_first, t_cmp_second = (
+            best[n] for n in ("extra", "extra_ref", "cmp_first", "cmp_second")
+        )
         first, second, grown, c1, c2 = (res[n] for n in ("first", "second", "extra", "cmp_first", "cmp_second"))
 
         n_updates = args.checkpoints - 1  # the first checkpoint is the base
         share = 1 / n_updates
         matrices = len({r["name"] for r in first.rows})
         print(machine_line())
-        print(f"capability {torch.backends.cpu.get_cpu_capability()}; run: {args.layers} layers × 7 matrices = "
-              f"{matrices} matrices, {args.checkpoints} checkpoints (base + {n_updates} updates), then one more; fastest of {args.repeats}\n")
+        print(
+            f"capability {torch.backends.cpu.get_cpu_capability()}; run: {args.layers} layers × 7 matrices = "
+            f"{matrices} matrices, {args.checkpoints} checkpoints (base + {n_updates} updates), then one more; fastest of {args.repeats}\n"
+        )
         print("| run | seconds | ratio to the first run | goal | cache |")
         print("|---|---|---|---|---|")
-        c = lambda r: r.meta["cache"]  # noqa: E731
+        c = lambda r: r.meta["cache"]
         print(f"| `rank_curve`, no cache | {t_nocache:.2f} | {t_nocache / t_first:.3f} | | off |")
-        print(f"| `rank_curve`, first run (cold cache, writes {c(first)['spectra_computed']} spectra) | "
-              f"{t_first:.2f} | 1.000 | | {c(first)['writes']} writes |")
-        print(f"| `rank_curve`, unchanged run | {t_second:.3f} | **{t_second / t_first:.3f}** | ≤ 0.05 | "
-              f"{c(second)['spectra_reused']} reused, {c(second)['spectra_computed']} computed, "
-              f"{c(second)['tensors_read']} tensors read |")
-        print(f"| `rank_curve`, one extra checkpoint | {t_extra:.2f} | **{t_extra / t_first:.3f}** | ≤ {share:.3f} "
-              f"(1/{n_updates}) + headers | {c(grown)['spectra_reused']} reused, "
-              f"{c(grown)['spectra_computed']} computed, {c(grown)['tensors_read']} tensors read |")
-        print(f"| `rank_curve` of the grown run without a cache | {t_extra_ref:.2f} | {t_extra_ref / t_first:.3f} | | "
-              f"off: one more checkpoint adds {t_extra_ref - t_nocache:.2f} s |")
-        print(f"| `compare(first, last)`, k=64, cold cache | {t_cmp_first:.2f} | 1.000 (of itself) | | "
-              f"{c(c1)['rows_computed']} rows computed |")
-        print(f"| `compare(first, last)`, warm | {t_cmp_second:.3f} | **{t_cmp_second / t_cmp_first:.3f}** | ≤ 0.05 | "
-              f"{c(c2)['rows_cached']} rows served, {c(c2)['tensors_read']} tensors read |")
+        print(
+            f"| `rank_curve`, first run (cold cache, writes {c(first)['spectra_computed']} spectra) | "
+            f"{t_first:.2f} | 1.000 | | {c(first)['writes']} writes |"
+        )
+        print(
+            f"| `rank_curve`, unchanged run | {t_second:.3f} | **{t_second / t_first:.3f}** | ≤ 0.05 | "
+            f"{c(second)['spectra_reused']} reused, {c(second)['spectra_computed']} computed, "
+            f"{c(second)['tensors_read']} tensors read |"
+        )
+        print(
+            f"| `rank_curve`, one extra checkpoint | {t_extra:.2f} | **{t_extra / t_first:.3f}** | ≤ {share:.3f} "
+            f"(1/{n_updates}) + headers | {c(grown)['spectra_reused']} reused, "
+            f"{c(grown)['spectra_computed']} computed, {c(grown)['tensors_read']} tensors read |"
+        )
+        print(
+            f"| `rank_curve` of the grown run without a cache | {t_extra_ref:.2f} | {t_extra_ref / t_first:.3f} | | "
+            f"off: one more checkpoint adds {t_extra_ref - t_nocache:.2f} s |"
+        )
+        print(
+            f"| `compare(first, last)`, k=64, cold cache | {t_cmp_first:.2f} | 1.000 (of itself) | | "
+            f"{c(c1)['rows_computed']} rows computed |"
+        )
+        print(
+            f"| `compare(first, last)`, warm | {t_cmp_second:.3f} | **{t_cmp_second / t_cmp_first:.3f}** | ≤ 0.05 | "
+            f"{c(c2)['rows_cached']} rows served, {c(c2)['tensors_read']} tensors read |"
+        )
         print("\nwarm results equal the cold ones row for row (checked)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

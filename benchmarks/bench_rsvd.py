@@ -50,10 +50,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_line, markdown_table, median_time  # noqa: E402
+from _timing import machine_line, markdown_table, median_time
 
-from weightgeo.linalg.hardware import hardware, pass_dtype  # noqa: E402
-from weightgeo.linalg.rsvd import ACCURATE_N_ITER, randomized_svd  # noqa: E402
+from weightgeo.linalg.hardware import hardware, pass_dtype
+from weightgeo.linalg.rsvd import ACCURATE_N_ITER, randomized_svd
 
 ALL_SHAPES = [(128, 896), (896, 896), (4864, 896), (2048, 1024), (3072, 1024), (4096, 4096), (11008, 4096)]
 LLAMA7B = {(4096, 4096), (11008, 4096)}
@@ -212,19 +212,31 @@ def run_stacks(repeats: int, ks: list[int]) -> list[list]:
                 def err(S):
                     return float(((S.double() - ref[..., :k]).abs() / ref[..., :1]).max())
 
-                runs = {"lowrank": lambda sd: _lowrank(A32, k, sd)[1][..., :k],
-                        "default": lambda sd: randomized_svd(A, k, oversample=P, seed=sd)[1],
-                        "fp32": lambda sd: randomized_svd(A, k, oversample=P, seed=sd, pass_dtype=torch.float32)[1]}
+                runs = {
+                    "lowrank": lambda sd: _lowrank(A32, k, sd)[1][..., :k],
+                    "default": lambda sd: randomized_svd(A, k, oversample=P, seed=sd)[1],
+                    "fp32": lambda sd: randomized_svd(A, k, oversample=P, seed=sd, pass_dtype=torch.float32)[1],
+                }
                 res = {}
                 for name, fn in runs.items():
                     time.sleep(0.05)
                     t, ts, outs = median_time(fn, repeats=repeats)
                     res[name] = (t, min(ts), float(np.median([err(o) for o in outs])))
                 lr = res["lowrank"]
-                rows.append([f"{B}×{m}×{n}", str(dtype).replace("torch.", ""), k, chosen,
-                             f"{res['default'][0] / lr[0]:.2f} ({res['default'][1] / lr[1]:.2f})",
-                             f"{res['fp32'][0] / lr[0]:.2f} ({res['fp32'][1] / lr[1]:.2f})",
-                             fmt_ms(lr[0]), f"{lr[2]:.1e}", f"{res['default'][2]:.1e}", f"{res['fp32'][2]:.1e}"])
+                rows.append(
+                    [
+                        f"{B}×{m}×{n}",
+                        str(dtype).replace("torch.", ""),
+                        k,
+                        chosen,
+                        f"{res['default'][0] / lr[0]:.2f} ({res['default'][1] / lr[1]:.2f})",
+                        f"{res['fp32'][0] / lr[0]:.2f} ({res['fp32'][1] / lr[1]:.2f})",
+                        fmt_ms(lr[0]),
+                        f"{lr[2]:.1e}",
+                        f"{res['default'][2]:.1e}",
+                        f"{res['fp32'][2]:.1e}",
+                    ]
+                )
                 print("  " + " | ".join(str(x) for x in rows[-1]), f"(load {os.getloadavg()[0]:.1f})", flush=True)
     return rows
 
@@ -237,8 +249,12 @@ def main(argv=None) -> None:
     ap.add_argument("--k", default="16,64", help="comma-separated k values (default 16,64)")
     ap.add_argument("--spectra", default="power,rank16", help="power,rank16")
     ap.add_argument("--repeats", type=int, default=5, help="timed seeded runs per method (median reported)")
-    ap.add_argument("--acc-seeds", type=int, default=11,
-                    help="seeds for the accuracy medians (the timed runs plus untimed ones; default 11)")
+    ap.add_argument(
+        "--acc-seeds",
+        type=int,
+        default=11,
+        help="seeds for the accuracy medians (the timed runs plus untimed ones; default 11)",
+    )
     ap.add_argument("--no-sklearn", action="store_true")
     ap.add_argument("--no-qwen", action="store_true", help="skip the all-linear-weights-of-Qwen2.5-0.5B run")
     ap.add_argument("--qwen-only", action="store_true")
@@ -288,7 +304,7 @@ def main(argv=None) -> None:
                 exact = 2 * (k + P) >= min(m, n)
                 label = f"{m}×{n}" + (" (exact)" if exact else "")
                 case_rows.append([label, kind, k] + [f"{fmt_ms(r[x][0])} ({fmt_ms(r[x][4])})" for x in names])
-                acc_rows.append([f"{m}×{n}", kind, k] + ["%.1e / %.1f / %.4f" % r[x][1:4] for x in names])
+                acc_rows.append([f"{m}×{n}", kind, k] + ["{:.1e} / {:.1f} / {:.4f}".format(*r[x][1:4]) for x in names])
                 lr = r["lowrank"]
 
                 def ratio(x, y):  # median ratio (min ratio)
@@ -314,38 +330,86 @@ def main(argv=None) -> None:
                     tally["T3"][1] += 1
                     tally["T4"][1] += 1
                     row += [s3, s3b, s4, "yes" if e4 else "no"]
-                row.append(" ".join(t for t, ok in [("T1", ok1), ("T2", ok2)] + (
-                    [("T3", ok3), ("T4", ok4)] if with_sk else []) if not ok) or "all met")
+                row.append(
+                    " ".join(
+                        t
+                        for t, ok in [("T1", ok1), ("T2", ok2)] + ([("T3", ok3), ("T4", ok4)] if with_sk else [])
+                        if not ok
+                    )
+                    or "all met"
+                )
                 ratio_rows.append(row)
-                print(f"{m}×{n} {kind} k={k}: " + "  ".join(
-                    f"{x} {fmt_ms(r[x][0])} ms ({r[x][1]:.1e}, {r[x][2]:.1f}°, {r[x][3]:.4f})" for x in names), flush=True)
+                print(
+                    f"{m}×{n} {kind} k={k}: "
+                    + "  ".join(
+                        f"{x} {fmt_ms(r[x][0])} ms ({r[x][1]:.1e}, {r[x][2]:.1f}°, {r[x][3]:.4f})" for x in names
+                    ),
+                    flush=True,
+                )
 
     out = ["", *head, ""]
     if case_rows:
-        out += ["Time, ms: median (min) of the seeded runs:", "", markdown_table(["m×n", "spectrum", "k"] + names, case_rows), ""]
-        out += ["Accuracy (max rel σ error / largest angle ° / captured energy):", "",
-                markdown_table(["m×n", "spectrum", "k"] + names, acc_rows), ""]
+        out += [
+            "Time, ms: median (min) of the seeded runs:",
+            "",
+            markdown_table(["m×n", "spectrum", "k"] + names, case_rows),
+            "",
+        ]
+        out += [
+            "Accuracy (max rel σ error / largest angle ° / captured energy):",
+            "",
+            markdown_table(["m×n", "spectrum", "k"] + names, acc_rows),
+            "",
+        ]
         rh = ["m×n", "spectrum", "k", "wg32/lowrank (≤0.75)", "σ err ≤1.1×", "wgbf16/lowrank (≤0.5)"]
         if with_sk:
             rh += ["wg32/sk2 (≤0.6)", "wgbf16/sk2", "wgacc/skauto (≤0.4)", "σ err ≤ skauto"]
-        out += ["Ratios of medians (ratios of minima) vs targets; a target counts as met on the medians:", "", markdown_table(rh + ["missed"], ratio_rows), ""]
+        out += [
+            "Ratios of medians (ratios of minima) vs targets; a target counts as met on the medians:",
+            "",
+            markdown_table(rh + ["missed"], ratio_rows),
+            "",
+        ]
         out += ["Targets met: " + ", ".join(f"{t} {a_}/{b}" for t, (a_, b) in tally.items() if b), ""]
     if a.stacks or a.stacks_only:
         hw = hardware("cpu")
         print(f"Update-like stacks ({hw.kind}, capability {hw.capability}):", flush=True)
         srows = run_stacks(a.repeats, ks)
-        out += [f"Update-like stacks on this CPU ({hw.kind}, torch capability {hw.capability}): weightgeo's default "
-                f"(the policy's pass dtype) and fp32 passes against svd_lowrank on the float32 stack, q = k + 10, "
-                f"niter 2; ratios of medians (of minima); σ error = max |σ̂ − σ| / σ₁, median over seeds:", "",
-                markdown_table(["stack", "stored", "k", "policy passes", "default/lowrank", "fp32/lowrank",
-                                "lowrank ms", "lowrank σ err", "default σ err", "fp32 σ err"], srows), ""]
+        out += [
+            f"Update-like stacks on this CPU ({hw.kind}, torch capability {hw.capability}): weightgeo's default "
+            f"(the policy's pass dtype) and fp32 passes against svd_lowrank on the float32 stack, q = k + 10, "
+            f"niter 2; ratios of medians (of minima); σ error = max |σ̂ − σ| / σ₁, median over seeds:",
+            "",
+            markdown_table(
+                [
+                    "stack",
+                    "stored",
+                    "k",
+                    "policy passes",
+                    "default/lowrank",
+                    "fp32/lowrank",
+                    "lowrank ms",
+                    "lowrank σ err",
+                    "default σ err",
+                    "fp32 σ err",
+                ],
+                srows,
+            ),
+            "",
+        ]
     if not a.no_qwen and not a.stacks_only:
         print("All linear weights of Qwen2.5-0.5B at k=16 (stacked by shape):", flush=True)
         n_params, qrows = run_qwen(a.repeats)
-        out += [f"All linear weights of Qwen2.5-0.5B at k=16 ({n_params / 1e6:.0f} M params in 4 same-shape stacks; target ≤ 1 s):", "",
-                markdown_table(["method", "median s", "min s", "max s"],
-                               [[nm, f"{t:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for nm, t, lo, hi in qrows]), ""]
-    out.append("load average at the end: %.1f/%.1f/%.1f" % os.getloadavg())
+        out += [
+            f"All linear weights of Qwen2.5-0.5B at k=16 ({n_params / 1e6:.0f} M params in 4 same-shape stacks; target ≤ 1 s):",
+            "",
+            markdown_table(
+                ["method", "median s", "min s", "max s"],
+                [[nm, f"{t:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for nm, t, lo, hi in qrows],
+            ),
+            "",
+        ]
+    out.append("load average at the end: {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()))
     text = "\n".join(out)
     print(text)
     if a.markdown:

@@ -86,17 +86,23 @@ def main() -> None:
         rep = rank_curve(files, base=base, steps=steps, **kw)
         methods = {m: sum(r["method"] == m for r in rep.rows) for m in ("randomized", "exact")}
 
-        print(f"### Trajectory: marginal cost per checkpoint ({a.layers} layers × q/k/v/o of Qwen2.5-0.5B = "
-              f"{n_mat} matrices, bf16 safetensors, {a.threads} threads, median of {a.repeats})\n")
+        print(
+            f"### Trajectory: marginal cost per checkpoint ({a.layers} layers × q/k/v/o of Qwen2.5-0.5B = "
+            f"{n_mat} matrices, bf16 safetensors, {a.threads} threads, median of {a.repeats})\n"
+        )
         print("| quantity | seconds | ratio to fresh pair (stable_rank) |")
         print("|---|---|---|")
         print(f"| fresh pair `compare(base, ft, metrics=['stable_rank'])` | {t_pair:.3f} | 1.00 |")
         print(f"| fresh pair `compare(base, ft)` (all pair metrics) | {t_pair_all:.3f} | {t_pair_all / t_pair:.2f} |")
         print(f"| `rank_curve` base + 1 checkpoint (k=16, hill_k=10, Sim_K) | {t_one:.3f} | {t_one / t_pair:.2f} |")
         print(f"| `rank_curve` base + {a.checkpoints} checkpoints | {t_all:.3f} | {t_all / t_pair:.2f} |")
-        print(f"| **marginal cost of one more checkpoint** | {marginal:.3f} | **{marginal / t_pair:.2f}** (goal ≤ 0.20) |")
-        print(f"\nrows by method: {methods}; mean stable rank at the last step "
-              f"{rep.summary['by_step'][steps[-1]]['stable_rank']:.2f}\n")
+        print(
+            f"| **marginal cost of one more checkpoint** | {marginal:.3f} | **{marginal / t_pair:.2f}** (goal ≤ 0.20) |"
+        )
+        print(
+            f"\nrows by method: {methods}; mean stable rank at the last step "
+            f"{rep.summary['by_step'][steps[-1]]['stable_rank']:.2f}\n"
+        )
 
         # sketch vs exact on the same stream, through the Tracker (fp32 'training' == the bf16 checkpoints)
         res = {}
@@ -108,27 +114,34 @@ def main() -> None:
             res[mode] = (tr, (time.perf_counter() - t0) / len(steps))
         ex, sk = res["exact"][0], res["sketch"][0]
         re_, rs_ = ex.rank_curve().rows, sk.rank_curve().rows
-        err = {key: [abs(b[key] - a_[key]) / abs(a_[key]) for a_, b in zip(re_, rs_)]
-               for key in ("frobenius_norm", "stable_rank", "spectral_norm", "hill_alpha")}
-        err["final_subspace_similarity"] = [abs(b["final_subspace_similarity"] - a_["final_subspace_similarity"])
-                                            for a_, b in zip(re_, rs_)]
+        err = {
+            key: [abs(b[key] - a_[key]) / abs(a_[key]) for a_, b in zip(re_, rs_)]
+            for key in ("frobenius_norm", "stable_rank", "spectral_norm", "hill_alpha")
+        }
+        err["final_subspace_similarity"] = [
+            abs(b["final_subspace_similarity"] - a_["final_subspace_similarity"]) for a_, b in zip(re_, rs_)
+        ]
         print(f"### Tracker: sketch vs exact ({n_mat} matrices, {len(steps)} tracked steps)\n")
         print("| mode | W0 state (MiB) | per-step history (MiB) | update (s/step) | onset |")
         print("|---|---|---|---|---|")
         for mode, (tr, t) in res.items():
             mem = tr.memory_bytes()
-            print(f"| {mode} | {mem['base'] / 2**20:.1f} | {mem['history'] / len(steps) / 2**20:.2f} | {t:.3f} | "
-                  f"{tr.locking_onset().step} |")
+            print(
+                f"| {mode} | {mem['base'] / 2**20:.1f} | {mem['history'] / len(steps) / 2**20:.2f} | {t:.3f} | "
+                f"{tr.locking_onset().step} |"
+            )
         print("\n| sketch error vs exact (per row) | median | max |")
         print("|---|---|---|")
         for key, v in err.items():
             kind = "abs" if key == "final_subspace_similarity" else "rel"
             print(f"| {key} ({kind}) | {statistics.median(v):.2e} | {max(v):.2e} |")
         s = sk.sketch_rank
-        print(f"\nsketch: s = {s}, l = {2 * s + 1}, float64: 8·(m·s + l·n) bytes per matrix "
-              f"(896×896: {8 * (896 * s + (2 * s + 1) * 896) / 2**20:.2f} MiB vs bf16 copy "
-              f"{2 * 896 * 896 / 2**20:.2f} MiB; 128×896: sketch {8 * (128 * s + (2 * s + 1) * 896) / 2**20:.2f} vs "
-              f"{2 * 128 * 896 / 2**20:.2f} MiB)")
+        print(
+            f"\nsketch: s = {s}, l = {2 * s + 1}, float64: 8·(m·s + l·n) bytes per matrix "
+            f"(896×896: {8 * (896 * s + (2 * s + 1) * 896) / 2**20:.2f} MiB vs bf16 copy "
+            f"{2 * 896 * 896 / 2**20:.2f} MiB; 128×896: sketch {8 * (128 * s + (2 * s + 1) * 896) / 2**20:.2f} vs "
+            f"{2 * 128 * 896 / 2**20:.2f} MiB)"
+        )
 
 
 if __name__ == "__main__":

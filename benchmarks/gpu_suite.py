@@ -62,10 +62,10 @@ and synthetic matrices), ``_f64_route.py`` (the float64 CPU route and its backgr
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -73,22 +73,42 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 # Measure this checkout, whatever else is installed (the GPU machine has no weightgeo).
 sys.path.insert(0, str(BENCH.parent / "src"))
 sys.path.insert(0, str(BENCH))
 
-import torch  # noqa: E402
-
-from _f64_route import References, route_flops  # noqa: E402
-from _gpu_cases import (QWEN3_8B, SMALL, SMALL_RSVD, f64_sigma, layer_shapes, make_pair, pair_kernel,  # noqa: E402
-                        planted_stack, sigma_error, stack_count)
-from _gpu_profile import eigh_route, part_profile  # noqa: E402
-from _gpu_record import (ROOT, SHARES, Suite, bandwidth_used, ceilings, child_env, environment, ms,  # noqa: E402
-                         once, timed)
+import torch
+from _f64_route import References, route_flops
+from _gpu_cases import (
+    QWEN3_8B,
+    SMALL,
+    SMALL_RSVD,
+    f64_sigma,
+    layer_shapes,
+    make_pair,
+    pair_kernel,
+    planted_stack,
+    sigma_error,
+    stack_count,
+)
+from _gpu_profile import eigh_route, part_profile
+from _gpu_record import (
+    ROOT,
+    SHARES,
+    Suite,
+    bandwidth_used,
+    ceilings,
+    child_env,
+    environment,
+    ms,
+    once,
+    timed,
+)
 
 os.environ["WEIGHTGEO_CACHE"] = "off"  # time the computation, not the result cache (bench_resume.py times that)
 
@@ -103,16 +123,30 @@ def cuda_test_files() -> list[str]:
     """The test files that mention CUDA: collecting only them keeps the part short and out of reach of unrelated
     modules' imports (the GPU machine has its own transformers, no deepspeed); within them the ``cuda`` marker
     (written, or added by tests/conftest.py from a ``skipif`` reason) selects."""
-    return sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").rglob("test_*.py")
-                  if "cuda" in f.read_text(errors="replace").lower())
+    return sorted(
+        str(f.relative_to(ROOT))
+        for f in (ROOT / "tests").rglob("test_*.py")
+        if "cuda" in f.read_text(errors="replace").lower()
+    )
 
 
 def part_tests(s: Suite) -> None:
     paths = cuda_test_files() if s.args.tests == "auto" else s.args.tests.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="wg_gpu_tests_"))
     xml = tmp / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", f"--junitxml={xml}", *paths]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={xml}",
+        *paths,
+    ]
     budget = max(5.0, s.left())
     t = time.perf_counter()
     try:
@@ -134,8 +168,13 @@ def part_tests(s: Suite) -> None:
         summary += f"; killed at the part's time box ({budget:.0f} s): tests not listed did not run"
     if not results:
         summary += "; no test reported: output_tail in the JSON"
-    s.row("tests", "pytest -m cuda", "FAIL" if n_fail or killed or rc not in (0, 5) or not results else "ok",
-          ms=wall * 1e3, note=summary)
+    s.row(
+        "tests",
+        "pytest -m cuda",
+        "FAIL" if n_fail or killed or rc not in (0, 5) or not results else "ok",
+        ms=wall * 1e3,
+        note=summary,
+    )
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -148,11 +187,13 @@ def _junit(path: Path) -> list[dict[str, Any]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                message = (child.get("message") or child.text or "").strip().splitlines()[0] if (
-                    child.get("message") or child.text) else ""
+                message = (
+                    (child.get("message") or child.text or "").strip().splitlines()[0]
+                    if (child.get("message") or child.text)
+                    else ""
+                )
                 break
-        out.append({"id": ident, "outcome": outcome, "seconds": float(case.get("time") or 0.0),
-                    "message": message})
+        out.append({"id": ident, "outcome": outcome, "seconds": float(case.get("time") or 0.0), "message": message})
     return out
 
 
@@ -205,9 +246,11 @@ def part_rsvd(s: Suite, ceil: dict[str, float], bw_tbs: float, bw_text: str) -> 
             p = default_oversample(k)
             l_ = k + p
             flops = (2 * q + 2) * 2 * B * m * n * l_
-            cases = [("weightgeo bf16 passes", stack16, torch.bfloat16),
-                     ("weightgeo fp32 passes", stack32, torch.float32),
-                     ("svd_lowrank", stack32, None)]
+            cases = [
+                ("weightgeo bf16 passes", stack16, torch.bfloat16),
+                ("weightgeo fp32 passes", stack32, torch.float32),
+                ("svd_lowrank", stack32, None),
+            ]
             if not tried_bf16_lowrank:
                 cases.append(("svd_lowrank on the bf16 stack", stack16, None))
                 tried_bf16_lowrank = True
@@ -216,10 +259,11 @@ def part_rsvd(s: Suite, ceil: dict[str, float], bw_tbs: float, bw_text: str) -> 
             for label, A, pdt in cases:
                 case = f"{B}×{m}×{n} ({name}) k={k} l={l_}: {label}"
                 if pdt is None:
-                    fn = (lambda A=A: lowrank(A, l_, q, a.seed))
+                    fn = lambda A=A: lowrank(A, l_, q, a.seed)
                 else:
-                    fn = (lambda A=A, pdt=pdt: randomized_svd_with_info(A, k, n_iter=q, oversample=p, seed=a.seed,
-                                                                     pass_dtype=pdt))
+                    fn = lambda A=A, pdt=pdt: randomized_svd_with_info(
+                        A, k, n_iter=q, oversample=p, seed=a.seed, pass_dtype=pdt
+                    )
                 bytes_a = A.numel() * A.element_size()
                 floor = (2 * q + 2) * bytes_a / (bw_tbs * 1e12)
                 rate = ceil["gemm_bf16_TFLOPs" if A.dtype == torch.bfloat16 else "gemm_fp32_TFLOPs"] * 1e12
@@ -234,17 +278,22 @@ def part_rsvd(s: Suite, ceil: dict[str, float], bw_tbs: float, bw_text: str) -> 
                         s.skip("rsvd", case, f"time box (one call took {ms(t_first)})")
                         continue
                     t, times, out = timed(s, fn, reps=reps, warmup=0)
-                except Exception as e:  # noqa: BLE001 - an unsupported dtype or an OOM is a result to report
+                except Exception as e:
                     s.free()
-                    s.row("rsvd", case, "unsupported" if "BFloat16" in str(e) or "dtype" in str(e) else "error",
-                          note=f"{type(e).__name__}: {str(e).splitlines()[0][:140]}")
+                    s.row(
+                        "rsvd",
+                        case,
+                        "unsupported" if "BFloat16" in str(e) or "dtype" in str(e) else "error",
+                        note=f"{type(e).__name__}: {str(e).splitlines()[0][:140]}",
+                    )
                     continue
                 S = out[1] if pdt is None else out.S
                 ref = ref16 if A.dtype == torch.bfloat16 else None
                 err_planted = sigma_error(S, planted, k)
                 err_ref = sigma_error(S[:R], ref, k) if ref is not None else err_planted
-                acc = (f"σ err {err_ref:.1e} (f64 of stored)" + (f", {err_planted:.1e} (planted)" if ref is not None
-                                                                  else " (planted = exact)"))
+                acc = f"σ err {err_ref:.1e} (f64 of stored)" + (
+                    f", {err_planted:.1e} (planted)" if ref is not None else " (planted = exact)"
+                )
                 peak = s.peak_gib()
                 extra = (peak - base_alloc / 2**30) if peak is not None else None
                 note = f"× roofline {t / roof:.2f}"
@@ -255,10 +304,32 @@ def part_rsvd(s: Suite, ceil: dict[str, float], bw_tbs: float, bw_text: str) -> 
                         note += f"; the policy's passes for this stack: {pass_dtype(torch.bfloat16, s.device, (m, n))}"
                     if out.method != "randomized":
                         note += f"; method {out.method}"
-                results[label] = (t, s.row("rsvd", case, "ok", ms=t * 1e3, against=f"HBM floor {ms(floor)}", ratio=t / floor,
-                      accuracy=acc, peak=peak, note=note, seconds=times, floor_s=floor, roofline_s=roof,
-                      sigma_err_ref=err_ref, sigma_err_planted=err_planted, working_gib=extra, B=B, m=m, n=n, k=k,
-                      l=l_, reps=len(times)))
+                results[label] = (
+                    t,
+                    s.row(
+                        "rsvd",
+                        case,
+                        "ok",
+                        ms=t * 1e3,
+                        against=f"HBM floor {ms(floor)}",
+                        ratio=t / floor,
+                        accuracy=acc,
+                        peak=peak,
+                        note=note,
+                        seconds=times,
+                        floor_s=floor,
+                        roofline_s=roof,
+                        sigma_err_ref=err_ref,
+                        sigma_err_planted=err_planted,
+                        working_gib=extra,
+                        B=B,
+                        m=m,
+                        n=n,
+                        k=k,
+                        l=l_,
+                        reps=len(times),
+                    ),
+                )
             if t_lowrank:
                 for label in ("weightgeo bf16 passes", "weightgeo fp32 passes"):
                     if label in results:
@@ -286,8 +357,7 @@ def lowrank(A: torch.Tensor, l_: int, q: int, seed: int):
 def part_pair(s: Suite, pairs: dict, refs: References, cfg: dict) -> dict[str, Any]:
     a = s.args
     rec = s.record["parts"]["pair"]
-    rec.update(k=a.pair_k, eigh_route=a.pair_eigh, rel=a.rel, ref_mode=refs.mode, ref_threads=refs.threads,
-               shapes={})
+    rec.update(k=a.pair_k, eigh_route=a.pair_eigh, rel=a.rel, ref_mode=refs.mode, ref_threads=refs.threads, shapes={})
     dev = s.device
     results: dict[str, Any] = {}
     shapes = {nm: (m, n, count) for nm, m, n, count in layer_shapes(cfg)}
@@ -322,16 +392,19 @@ def part_pair(s: Suite, pairs: dict, refs: References, cfg: dict) -> dict[str, A
                     del S0, S1
                 results[nm] = res
                 row = rows[0]
-                note = (f"k_eff {row['k_effective']:.0f}, gap {row['spectral_gap']:.4f}, {len(times)} reps; "
-                        + (f"B={Bt}: {ms(res['member_s'])}/member" + (f", peak {res['peakB']:.2f} GiB" if s.cuda else "")
-                           if "member_s" in res else "no batched run (time box or size)"))
+                note = f"k_eff {row['k_effective']:.0f}, gap {row['spectral_gap']:.4f}, {len(times)} reps; " + (
+                    f"B={Bt}: {ms(res['member_s'])}/member" + (f", peak {res['peakB']:.2f} GiB" if s.cuda else "")
+                    if "member_s" in res
+                    else "no batched run (time box or size)"
+                )
                 note += f"; {count} per {'layer' if nm in pairs else 'model'}"
                 s.row("pair", f"{nm} {m}×{n}, one matrix", "ok", ms=t * 1e3, peak=peak1, note=note)
                 rec["shapes"][nm] = {k_: v for k_, v in res.items() if k_ != "row"} | {
-                    "row": {k_: v for k_, v in row.items() if k_ != "principal_angles"}}
+                    "row": {k_: v for k_, v in row.items() if k_ != "principal_angles"}
+                }
                 del W0, W1
                 s.free()
-            except Exception as e:  # noqa: BLE001 - reported, the next shape goes on
+            except Exception as e:
                 s.free()
                 s.row("pair", f"{nm} {m}×{n}", "error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:150]}")
                 rec.setdefault("errors", []).append(traceback.format_exc())
@@ -355,8 +428,13 @@ def pair_agreement(s: Suite, results: dict, refs: References, cfg: dict) -> None
             continue
         f64_layer += ref["seconds"] * count
         if res is None:
-            s.row("pair", f"{nm} {m}×{n}: float64 CPU route", "ok", ms=ref["seconds"] * 1e3,
-                  note="no device result to compare")
+            s.row(
+                "pair",
+                f"{nm} {m}×{n}: float64 CPU route",
+                "ok",
+                ms=ref["seconds"] * 1e3,
+                note="no device result to compare",
+            )
             continue
         row = res["row"]
         dev_ang = torch.tensor(row["principal_angles"], dtype=torch.float64)
@@ -367,18 +445,28 @@ def pair_agreement(s: Suite, results: dict, refs: References, cfg: dict) -> None
         worst = float((err / tol).max()) if kk else math.nan
         nss_err = abs(row["spectral_drift"] / ref["nss"] - 1) if ref["nss"] else math.nan
         ok = kk == len(ang) and worst <= 1 and nss_err <= 0.02
-        s.row("pair", f"{nm} {m}×{n}: agreement with the float64 CPU route", "pass" if ok else "FAIL",
-              ms=res["one_s"] * 1e3, against=f"float64 route {ref['seconds']:.3g} s ({ref['threads']} threads)",
-              ratio=ref["seconds"] / res["one_s"],
-              accuracy=f"angles ≤ {worst:.1e} of tol (max {float(err.max()) if kk else math.nan:.1e}°), "
-                       f"NSS {nss_err:.1e} rel",
-              note=f"k {kk} of {len(ang)}; NSS {ref['nss']:.3e}; ratio = speed-up"
-                   + ("; ran alongside the device parts" if refs.mode == "background" else ""),
-              worst_angle_over_tol=worst, nss_rel_err=nss_err, f64_s=ref["seconds"])
+        s.row(
+            "pair",
+            f"{nm} {m}×{n}: agreement with the float64 CPU route",
+            "pass" if ok else "FAIL",
+            ms=res["one_s"] * 1e3,
+            against=f"float64 route {ref['seconds']:.3g} s ({ref['threads']} threads)",
+            ratio=ref["seconds"] / res["one_s"],
+            accuracy=f"angles ≤ {worst:.1e} of tol (max {float(err.max()) if kk else math.nan:.1e}°), "
+            f"NSS {nss_err:.1e} rel",
+            note=f"k {kk} of {len(ang)}; NSS {ref['nss']:.3e}; ratio = speed-up"
+            + ("; ran alongside the device parts" if refs.mode == "background" else ""),
+            worst_angle_over_tol=worst,
+            nss_rel_err=nss_err,
+            f64_s=ref["seconds"],
+        )
         rec["shapes"].setdefault(nm, {})["f64"] = {k_: v for k_, v in ref.items() if k_ != "angles"}
     # the projection
-    per_layer = [(results[nm]["one_s"], results[nm].get("member_s", results[nm]["one_s"]), count)
-                 for nm, _, _, count in layer_shapes(cfg) if nm in results]
+    per_layer = [
+        (results[nm]["one_s"], results[nm].get("member_s", results[nm]["one_s"]), count)
+        for nm, _, _, count in layer_shapes(cfg)
+        if nm in results
+    ]
     if len(per_layer) < len(layer_shapes(cfg)):
         s.skip("pair", "whole model projection", "a layer shape was not measured")
         return
@@ -399,16 +487,30 @@ def pair_agreement(s: Suite, results: dict, refs: References, cfg: dict) -> None
         against = f"float64 route {f64_total / 60:.1f} min (36 × measured layer + vocab estimated)"
         ratio = f64_total / totalB
     label = "Qwen3-8B" if not s.args.small else "small model"
-    s.row("pair", f"{label} whole model projected ({L} layers + 2 vocab matrices)", "ok", ms=totalB * 1e3,
-          against=against, ratio=ratio,
-          note=(f"{L} × {batched if s.cuda else one:.2f} s/layer ({'batched members' if s.cuda else 'one at a time'})"
-                f" + vocab {emb_s or 0:.2f} s; {L} × one-layer runs: {total1:.0f} s, × batched members: "
-                f"{L * batched + (emb_s or 0.0):.0f} s; target ≤ 300 s: {'met' if totalB <= 300 else 'missed'}"
-                + ("" if emb else "; vocab matrices not measured")
-                + "; reading and the host-side elementwise pass not included (engine part)"),
-          projected_s=totalB, projected_one_layer_s=total1)
-    rec["projection"] = {"per_layer_s": one, "per_layer_batched_s": batched, "vocab_s": emb_s,
-                         "total_s": totalB, "total_one_layer_s": total1}
+    s.row(
+        "pair",
+        f"{label} whole model projected ({L} layers + 2 vocab matrices)",
+        "ok",
+        ms=totalB * 1e3,
+        against=against,
+        ratio=ratio,
+        note=(
+            f"{L} × {batched if s.cuda else one:.2f} s/layer ({'batched members' if s.cuda else 'one at a time'})"
+            f" + vocab {emb_s or 0:.2f} s; {L} × one-layer runs: {total1:.0f} s, × batched members: "
+            f"{L * batched + (emb_s or 0.0):.0f} s; target ≤ 300 s: {'met' if totalB <= 300 else 'missed'}"
+            + ("" if emb else "; vocab matrices not measured")
+            + "; reading and the host-side elementwise pass not included (engine part)"
+        ),
+        projected_s=totalB,
+        projected_one_layer_s=total1,
+    )
+    rec["projection"] = {
+        "per_layer_s": one,
+        "per_layer_batched_s": batched,
+        "vocab_s": emb_s,
+        "total_s": totalB,
+        "total_one_layer_s": total1,
+    }
 
 
 def pair_batch(s: Suite, m: int, n: int, want: int) -> int:
@@ -428,8 +530,9 @@ def pair_batch(s: Suite, m: int, n: int, want: int) -> int:
 
 
 def part_engine(s: Suite, pairs: dict, cfg: dict, results: dict) -> None:
-    import weightgeo
     from safetensors.torch import save_file
+
+    import weightgeo
     from weightgeo.engine.options import default_batch_bytes
 
     a = s.args
@@ -439,13 +542,23 @@ def part_engine(s: Suite, pairs: dict, cfg: dict, results: dict) -> None:
     if per_layer and len(results) >= len(pairs):
         L = min(L, int((s.left() - 10) / (1.5 * per_layer + 2)))
         if L < 1:
-            s.skip("engine", "weightgeo.compare", f"time box: one layer's kernels take {per_layer:.1f} s, "
-                   f"{s.left():.0f} s left")
+            s.skip(
+                "engine",
+                "weightgeo.compare",
+                f"time box: one layer's kernels take {per_layer:.1f} s, {s.left():.0f} s left",
+            )
             return
     d = Path(tempfile.mkdtemp(prefix="wg_gpu_engine_"))
     try:
-        names = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+        names = {
+            "q_proj": "self_attn",
+            "k_proj": "self_attn",
+            "v_proj": "self_attn",
+            "o_proj": "self_attn",
+            "gate_proj": "mlp",
+            "up_proj": "mlp",
+            "down_proj": "mlp",
+        }
         same = {"v_proj": "k_proj", "o_proj": "q_proj", "up_proj": "gate_proj"}
         base, ft = {}, {}
         for i in range(L):
@@ -466,14 +579,25 @@ def part_engine(s: Suite, pairs: dict, cfg: dict, results: dict) -> None:
             s.skip("engine", f"compare, {L} layers", "time box")
             return
         s.reset_peak()
-        t, rep = once(s, lambda: weightgeo.compare(str(d / "base.safetensors"), str(d / "ft.safetensors"),
-                                                   device=s.device, progress=False, k=a.pair_k))
-        s.row("engine", f"weightgeo.compare, {L} layers × 7 matrices, device={s.device}", "ok", ms=t * 1e3,
-              against=f"{nbytes / 1e9:.2f} GB read", peak=s.peak_gib(),
-              note=f"{t / L:.2f} s/layer incl. reading, group budget {default_batch_bytes(s.device) / 2**30:.1f} GiB, "
-                   f"{len(rep.rows)} rows, {nbytes / t / 1e9:.2f} GB/s; files written in {t_w:.1f} s; one run "
-                   "(kernels warmed by the pair part)",
-              seconds_per_layer=t / L, rows=len(rep.rows))
+        t, rep = once(
+            s,
+            lambda: weightgeo.compare(
+                str(d / "base.safetensors"), str(d / "ft.safetensors"), device=s.device, progress=False, k=a.pair_k
+            ),
+        )
+        s.row(
+            "engine",
+            f"weightgeo.compare, {L} layers × 7 matrices, device={s.device}",
+            "ok",
+            ms=t * 1e3,
+            against=f"{nbytes / 1e9:.2f} GB read",
+            peak=s.peak_gib(),
+            note=f"{t / L:.2f} s/layer incl. reading, group budget {default_batch_bytes(s.device) / 2**30:.1f} GiB, "
+            f"{len(rep.rows)} rows, {nbytes / t / 1e9:.2f} GB/s; files written in {t_w:.1f} s; one run "
+            "(kernels warmed by the pair part)",
+            seconds_per_layer=t / L,
+            rows=len(rep.rows),
+        )
         s.record["parts"]["engine"]["summary"] = {k_: v for k_, v in rep.summary.items() if isinstance(v, (int, float))}
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -483,31 +607,55 @@ def part_engine(s: Suite, pairs: dict, cfg: dict, results: dict) -> None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     ap.add_argument("--small", action="store_true", help="tiny shapes (the dry run); timings mean nothing")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds of measuring in all (default 450)")
     ap.add_argument("--out", default=None, help="JSON file with every figure (rewritten after each part)")
-    ap.add_argument("--bandwidth", type=float, default=None,
-                    help="HBM bandwidth in TB/s for the floor (default: the datasheet value for the device name)")
-    ap.add_argument("--tests", default="auto",
-                    help="comma-separated test paths for the tests part (default: the test files that mention CUDA)")
+    ap.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="HBM bandwidth in TB/s for the floor (default: the datasheet value for the device name)",
+    )
+    ap.add_argument(
+        "--tests",
+        default="auto",
+        help="comma-separated test paths for the tests part (default: the test files that mention CUDA)",
+    )
     ap.add_argument("--stack", type=int, default=None, help="matrices per rSVD stack (default 36; 3 with --small)")
     ap.add_argument("--rsvd-k", default=None, help="k values of the rSVD part (default 16,64; 8,16 with --small)")
-    ap.add_argument("--reps", type=int, default=None,
-                    help="timed repetitions per rSVD case, fewer if time is short (default 5; 2 with --small)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed repetitions per rSVD case, fewer if time is short (default 5; 2 with --small)",
+    )
     ap.add_argument("--ref-entries", type=int, default=2, help="bf16 stack entries with a float64 σ reference")
     ap.add_argument("--pair-k", type=int, default=None, help="k of the pair suite (default 512; 64 with --small)")
     ap.add_argument("--pair-reps", type=int, default=None, help="timed runs per pair shape (default 3; 1 with --small)")
-    ap.add_argument("--batch", type=int, default=None,
-                    help="layers per batched pair measurement, 1: none (default 4; 2 with --small)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="layers per batched pair measurement, 1: none (default 4; 2 with --small)",
+    )
     ap.add_argument("--rel", type=float, default=1e-3, help="ΔW size relative to the weight RMS")
-    ap.add_argument("--pair-eigh", choices=("default", "cpu", "magma"), default="default",
-                    help="eigh route of the pair part (benchmark only; the library default is 'default')")
-    ap.add_argument("--ref", choices=("auto", "background", "inline", "off"), default="auto",
-                    help="float64 route: background process (CUDA default), inline after the device runs (CPU)")
+    ap.add_argument(
+        "--pair-eigh",
+        choices=("default", "cpu", "magma"),
+        default="default",
+        help="eigh route of the pair part (benchmark only; the library default is 'default')",
+    )
+    ap.add_argument(
+        "--ref",
+        choices=("auto", "background", "inline", "off"),
+        default="auto",
+        help="float64 route: background process (CUDA default), inline after the device runs (CPU)",
+    )
     ap.add_argument("--ref-threads", type=int, default=0, help="CPU threads of the float64 route (default cores - 4)")
     ap.add_argument("--engine-layers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -526,12 +674,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def no_cuda_message(args: argparse.Namespace) -> str:
     smi = shutil.which("nvidia-smi")
-    return (f"gpu_suite: --device {args.device} but torch {torch.__version__} here has no usable CUDA "
-            f"(torch.version.cuda = {torch.version.cuda}, torch.cuda.is_available() = {torch.cuda.is_available()}; "
-            f"nvidia-smi {'at ' + smi if smi else 'not found'}). This suite installs nothing. Install a CUDA build "
-            "of torch that matches the driver (nvidia-smi prints the CUDA version it supports), e.g. "
-            "`python3 -m pip install torch==<version>+cu<NNN>` from PyTorch's CUDA wheel index, then run this "
-            "command again; or dry-run on CPU with `--device cpu --small`.")
+    return (
+        f"gpu_suite: --device {args.device} but torch {torch.__version__} here has no usable CUDA "
+        f"(torch.version.cuda = {torch.version.cuda}, torch.cuda.is_available() = {torch.cuda.is_available()}; "
+        f"nvidia-smi {'at ' + smi if smi else 'not found'}). This suite installs nothing. Install a CUDA build "
+        "of torch that matches the driver (nvidia-smi prints the CUDA version it supports), e.g. "
+        "`python3 -m pip install torch==<version>+cu<NNN>` from PyTorch's CUDA wheel index, then run this "
+        "command again; or dry-run on CPU with `--device cpu --small`."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -558,11 +708,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bw, bw_text = bandwidth_used(s, ceil["copy_TBs"])
     a.bandwidth_used = bw
     env.update(ceilings=ceil, bandwidth_for_floor=bw_text)
-    header = (f"### GPU suite: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), driver {env['driver']}, "
-              f"{env['gpu_memory_gib']} GiB\n\n{env['machine']}  \n"
-              f"weightgeo {env['weightgeo']}; measured: copy {ceil['copy_TBs']:.3g} TB/s (read+write), GEMM bf16 "
-              f"{ceil['gemm_bf16_TFLOPs']:.3g} / fp32 {ceil['gemm_fp32_TFLOPs']:.3g} TFLOP/s; floor bandwidth "
-              f"{bw_text}; {datetime.date.today()}; `{s.record['command']}`")
+    header = (
+        f"### GPU suite: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), driver {env['driver']}, "
+        f"{env['gpu_memory_gib']} GiB\n\n{env['machine']}  \n"
+        f"weightgeo {env['weightgeo']}; measured: copy {ceil['copy_TBs']:.3g} TB/s (read+write), GEMM bf16 "
+        f"{ceil['gemm_bf16_TFLOPs']:.3g} / fp32 {ceil['gemm_fp32_TFLOPs']:.3g} TFLOP/s; floor bandwidth "
+        f"{bw_text}; {datetime.date.today()}; `{s.record['command']}`"
+    )
     print(header, flush=True)
     cfg = SMALL if a.small else QWEN3_8B
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -575,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s.free()
         if "pair" in parts:
             # Until the end of the profile part (the engine part reads files on the host cores).
-            upto = sum(SHARES[p] for p in PARTS[:PARTS.index("profile") + 1] if p in parts) * a.budget
+            upto = sum(SHARES[p] for p in PARTS[: PARTS.index("profile") + 1] if p in parts) * a.budget
             refs = References(s, pairs, a.pair_k, deadline_s=upto)
     results: dict[str, Any] = {}
     try:
@@ -601,14 +753,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if refs is not None and refs.running():
                         refs.finish(0)  # its deadline has passed; the host cores are the engine's now
                     part_engine(s, pairs, cfg, results)
-            except Exception as e:  # noqa: BLE001 - one part's failure is reported, the next part runs
+            except Exception as e:
                 s.free()
                 s.row(p, "(part)", "error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 s.record["parts"][p]["traceback"] = traceback.format_exc()
             s.record["parts"][p].update(seconds=round(time.perf_counter() - t_part, 2), peak_gib=s.peak_gib())
             if p != "tests":
-                s.row(p, "(part total)", "ok", ms=(time.perf_counter() - t_part) * 1e3, peak=s.peak_gib(),
-                      note=f"budget {allowed:.0f} s" + ("; peak = torch.cuda.max_memory_allocated" if s.cuda else ""))
+                s.row(
+                    p,
+                    "(part total)",
+                    "ok",
+                    ms=(time.perf_counter() - t_part) * 1e3,
+                    peak=s.peak_gib(),
+                    note=f"budget {allowed:.0f} s" + ("; peak = torch.cuda.max_memory_allocated" if s.cuda else ""),
+                )
             s.end_part()
             s.write()
         if refs is not None:
@@ -617,7 +775,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for fn in later:
             try:
                 fn()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 s.row("profile", "(host alternatives)", "error", note=f"{type(e).__name__}: {str(e)[:150]}")
     finally:
         if refs is not None:

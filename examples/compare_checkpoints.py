@@ -32,8 +32,10 @@ def power_law_matrix(m: int, n: int, g: torch.Generator, *, exponent: float = 0.
 
 def synthetic_base(layers: int, hidden: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     inter, vocab = 4 * hidden, 512
-    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
-         "model.norm.weight": torch.ones(hidden)}
+    t = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
+        "model.norm.weight": torch.ones(hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -55,7 +57,7 @@ def fine_tune(base: dict[str, torch.Tensor], g: torch.Generator, *, scale: float
             if rank is None:
                 d = torch.randn(m, n, generator=g)
             else:
-                d = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank ** 0.5
+                d = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank**0.5
             out[name] = w + scale * w.pow(2).mean().sqrt() * d
         else:
             out[name] = w.clone()
@@ -64,10 +66,18 @@ def fine_tune(base: dict[str, torch.Tensor], g: torch.Generator, *, scale: float
 
 def save_hf(path: Path, tensors: dict[str, torch.Tensor], hidden: int, layers: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, path / "model.safetensors",
-              metadata={"format": "pt"})
-    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    save_file(
+        {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
+        path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
@@ -91,13 +101,34 @@ def main() -> None:
         report = weightgeo.compare(paths["base"], paths[label], k=64, progress=False)
         report.to_json(args.out / f"{label}.json")
         print(f"== base vs {label} ==")
-        print(report.table(columns=["name", "shape", "update_sparsity", "max_principal_angle", "spectral_drift",
-                                    "density", "low_magnitude_overlap", "stable_rank"], max_rows=9))
+        print(
+            report.table(
+                columns=[
+                    "name",
+                    "shape",
+                    "update_sparsity",
+                    "max_principal_angle",
+                    "spectral_drift",
+                    "density",
+                    "low_magnitude_overlap",
+                    "stable_rank",
+                ],
+                max_rows=9,
+            )
+        )
         print()
         summaries[label] = report.summary
 
-    keys = ("update_sparsity", "principal_overlap", "max_principal_angle", "spectral_drift", "density",
-            "principal_mask_overlap", "low_magnitude_overlap", "stable_rank")
+    keys = (
+        "update_sparsity",
+        "principal_overlap",
+        "max_principal_angle",
+        "spectral_drift",
+        "density",
+        "principal_mask_overlap",
+        "low_magnitude_overlap",
+        "stable_rank",
+    )
     print("model summary        " + "".join(f"{k:>14}" for k in ("dense", "gentle")))
     for key in keys:
         print(f"{key:<21}" + "".join(f"{summaries[lbl][key]:>14.4g}" for lbl in ("dense", "gentle")))

@@ -67,9 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    machine = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "cpu": _cpu_name(), "cores": os.cpu_count(), "jobs": args.jobs, "threads": args.threads,
-               "load_start": [round(x, 2) for x in os.getloadavg()]}
+    machine = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "load_start": [round(x, 2) for x in os.getloadavg()],
+    }
     label = mode + (" + controls" if plan.controls and mode != "smoke" else "")
     print(f"[{label}] {out.resolve()}: {args.jobs} job(s) x {args.threads} thread(s)", flush=True)
     jobs = build_jobs(plan, assets)
@@ -97,17 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     R = write_report(out, label, plan, results, regime_box, ev, D, figures, wall, machine)
     t = R.get("tracker_opd")
     if t:
-        print(f"tracker vs offline rank_curve (OPD seed 0): {t['rows_matched']}/{t['rows_tracker']} rows, max rel diff "
-              + ", ".join(f"{k} {v:.1e}" for k, v in t["max_rel_diff"].items()))
-    print(f"\nwrote {out.resolve()}/report.md, report.json" + (f", {', '.join(figures)}" if figures else "")
-          + f"; wall {wall:.0f} s")
+        print(
+            f"tracker vs offline rank_curve (OPD seed 0): {t['rows_matched']}/{t['rows_tracker']} rows, max rel diff "
+            + ", ".join(f"{k} {v:.1e}" for k, v in t["max_rel_diff"].items())
+        )
+    print(
+        f"\nwrote {out.resolve()}/report.md, report.json"
+        + (f", {', '.join(figures)}" if figures else "")
+        + f"; wall {wall:.0f} s"
+    )
     print("\n" + regime_line(regime_box))
     for c in R["claims"]:
         d = next(x for x in R["claim_details"] if x["id"] == c["id"])
         ci = "" if c["ci95"] is None else f"  CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
         st = "" if c["statistic"] is None else f"  statistic {c['statistic']:+.4f}"
-        print(f"  {c['id']}. {c['verdict'].upper():<12} {c['text']}{st}{ci}"
-              + ("  (not run in this mode)" if d.get("not_run") else ""))
+        print(
+            f"  {c['id']}. {c['verdict'].upper():<12} {c['text']}{st}{ci}"
+            + ("  (not run in this mode)" if d.get("not_run") else "")
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ def gen() -> torch.Generator:
     """A seeded generator; tests never touch the global RNG."""
     return torch.Generator().manual_seed(0)
 
+
 import sys
 from pathlib import Path
 
@@ -55,5 +56,6 @@ def pytest_collection_modifyitems(config, items):
     Runs before ``-m`` deselects."""
     for item in items:
         if item.get_closest_marker("cuda") is None and any(
-                "cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
+            "cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")
+        ):
             item.add_marker(pytest.mark.cuda)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -26,8 +27,14 @@ from safetensors.torch import save_file
 __all__ = ["tiny_llama_state", "write_hf_checkpoint", "write_lora_adapter", "lora_pattern_value"]
 
 
-def tiny_llama_state(num_layers: int = 2, hidden: int = 16, intermediate: int = 32, vocab: int = 40,
-                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_llama_state(
+    num_layers: int = 2,
+    hidden: int = 16,
+    intermediate: int = 32,
+    vocab: int = 40,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """A random Llama/Qwen-style state_dict (``model.embed_tokens.weight`` ... ``lm_head.weight``)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -52,11 +59,17 @@ def tiny_llama_state(num_layers: int = 2, hidden: int = 16, intermediate: int = 
 def _split(names: list[str], shards: int) -> list[list[str]]:
     shards = max(1, min(shards, len(names)))
     size = -(-len(names) // shards)
-    return [names[i:i + size] for i in range(0, len(names), size)]
+    return [names[i : i + size] for i in range(0, len(names), size)]
 
 
-def write_hf_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], *, shards: int = 1,
-                        config: dict | None = None, fmt: Literal["safetensors", "bin"] = "safetensors") -> Path:
+def write_hf_checkpoint(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    shards: int = 1,
+    config: dict | None = None,
+    fmt: Literal["safetensors", "bin"] = "safetensors",
+) -> Path:
     """Write ``tensors`` as an HF model folder at ``path`` (created) and return the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -98,10 +111,18 @@ def lora_pattern_value(patterns: Mapping[str, float] | None, module: str, defaul
     return default
 
 
-def write_lora_adapter(path: str | Path, base_tensors: Mapping[str, torch.Tensor], *,
-                       targets: Iterable[str] = ("q_proj", "v_proj"), r: int = 4, alpha: float = 8,
-                       rslora: bool = False, rank_pattern: dict[str, int] | None = None,
-                       alpha_pattern: dict[str, float] | None = None, seed: int = 0) -> Path:
+def write_lora_adapter(
+    path: str | Path,
+    base_tensors: Mapping[str, torch.Tensor],
+    *,
+    targets: Iterable[str] = ("q_proj", "v_proj"),
+    r: int = 4,
+    alpha: float = 8,
+    rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    seed: int = 0,
+) -> Path:
     """Write a PEFT LoRA adapter for the 2-D ``.weight`` tensors of ``base_tensors`` whose module is in ``targets``.
 
     Keys are ``base_model.model.<module>.lora_A.weight`` [rank, in] / ``lora_B.weight`` [out, rank], rank from
@@ -125,10 +146,20 @@ def write_lora_adapter(path: str | Path, base_tensors: Mapping[str, torch.Tensor
         out[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.1
     save_file(out, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-        "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": list(targets), "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {},
-        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(targets),
+        "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
     }
     (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return path

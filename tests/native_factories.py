@@ -31,19 +31,45 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_hf", "write_dcp", "to_megatron", "to_torchtitan", "assert_same_rows", "torchrun", "HF_KINDS",
-           "fp8_quantize", "fp8_reference", "write_fp8"]
+__all__ = [
+    "tiny_hf",
+    "write_dcp",
+    "to_megatron",
+    "to_torchtitan",
+    "assert_same_rows",
+    "torchrun",
+    "HF_KINDS",
+    "fp8_quantize",
+    "fp8_reference",
+    "write_fp8",
+]
 
 HF_KINDS = ("llama", "qwen2", "qwen3")
 
 
-def tiny_hf(path: str | Path, kind: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-            perturb: float = 0.0, perturb_seed: int = 1, tie: bool = False):
+def tiny_hf(
+    path: str | Path,
+    kind: str = "llama",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    perturb: float = 0.0,
+    perturb_seed: int = 1,
+    tie: bool = False,
+):
     """A tiny transformers model of ``kind`` saved at ``path``: (folder, config dict, state_dict as saved)."""
     import transformers
 
-    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, tie_word_embeddings=tie)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common)
         cls = transformers.LlamaForCausalLM
@@ -78,8 +104,10 @@ def write_dcp(path: str | Path, tensors: dict, *, extra: bool = True) -> Path:
     state = dict(tensors)
     if extra:
         some = next(iter(tensors))
-        state["optimizer"] = {"state": {some: {"exp_avg": torch.zeros_like(tensors[some]), "step": 3}},
-                              "param_groups": [{"lr": 1e-5}]}
+        state["optimizer"] = {
+            "state": {some: {"exp_avg": torch.zeros_like(tensors[some]), "step": 3}},
+            "param_groups": [{"lr": 1e-5}],
+        }
         state["decoder.layers.self_attention.linear_qkv._extra_state"] = {"fp8_meta": None}
         state["train_state"] = {"step": 7}
     with warnings.catch_warnings():
@@ -94,7 +122,7 @@ def _qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gr
     per = heads // groups
     parts = []
     for g in range(groups):
-        parts += [q[g * per * hd:(g + 1) * per * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
+        parts += [q[g * per * hd : (g + 1) * per * hd], k[g * hd : (g + 1) * hd], v[g * hd : (g + 1) * hd]]
     return torch.cat(parts, dim=0)
 
 
@@ -107,8 +135,10 @@ def to_megatron(sd: dict, cfg: dict, *, pad_to: int | None = None, stacked: bool
     def pad(w: torch.Tensor) -> torch.Tensor:
         return torch.cat([w, torch.zeros(pad_to - V, *w.shape[1:], dtype=w.dtype)]) if pad_to > V else w
 
-    out = {"embedding.word_embeddings.weight": pad(sd["model.embed_tokens.weight"]),
-           "decoder.final_layernorm.weight": sd["model.norm.weight"]}
+    out = {
+        "embedding.word_embeddings.weight": pad(sd["model.embed_tokens.weight"]),
+        "decoder.final_layernorm.weight": sd["model.norm.weight"],
+    }
     if "lm_head.weight" in sd:
         out["output_layer.weight"] = pad(sd["lm_head.weight"])
     per_layer: dict[str, list[torch.Tensor]] = {}
@@ -116,8 +146,9 @@ def to_megatron(sd: dict, cfg: dict, *, pad_to: int | None = None, stacked: bool
         p = f"model.layers.{i}."
         a = p + "self_attn."
         layer = {
-            "self_attention.linear_qkv.weight": _qkv_fused(sd[a + "q_proj.weight"], sd[a + "k_proj.weight"],
-                                                           sd[a + "v_proj.weight"], heads, groups),
+            "self_attention.linear_qkv.weight": _qkv_fused(
+                sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], heads, groups
+            ),
             "self_attention.linear_qkv.layer_norm_weight": sd[p + "input_layernorm.weight"],
             "self_attention.linear_proj.weight": sd[a + "o_proj.weight"],
             "mlp.linear_fc1.weight": torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
@@ -128,8 +159,9 @@ def to_megatron(sd: dict, cfg: dict, *, pad_to: int | None = None, stacked: bool
             layer["self_attention.q_layernorm.weight"] = sd[a + "q_norm.weight"]
             layer["self_attention.k_layernorm.weight"] = sd[a + "k_norm.weight"]
         if a + "q_proj.bias" in sd:
-            layer["self_attention.linear_qkv.bias"] = _qkv_fused(sd[a + "q_proj.bias"], sd[a + "k_proj.bias"],
-                                                                 sd[a + "v_proj.bias"], heads, groups)
+            layer["self_attention.linear_qkv.bias"] = _qkv_fused(
+                sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"], heads, groups
+            )
         for rest, t in layer.items():
             if stacked:
                 per_layer.setdefault(rest, []).append(t)
@@ -178,10 +210,10 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for i in range(rows):
         for j in range(cols):
-            blk = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+            blk = w[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1]
             s = blk.abs().max().clamp_min(1e-12) / 448
             scales[i, j] = s
-            codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (blk / s).to(torch.float8_e4m3fn)
+            codes[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = (blk / s).to(torch.float8_e4m3fn)
     return codes, scales
 
 
@@ -190,8 +222,9 @@ def fp8_reference(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, i
     b0, b1 = block
     for i in range(scales.shape[0]):
         for j in range(scales.shape[1]):
-            out[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].double()
-                                                             * scales[i, j].double())
+            out[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = (
+                codes[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1].double() * scales[i, j].double()
+            )
     return out
 
 
@@ -207,8 +240,14 @@ def write_fp8(path: str | Path, tensors: dict, *, block: tuple[int, int], config
         else:
             flat[name] = value
     save_file({k: v.contiguous() for k, v in flat.items()}, str(path / "model.safetensors"))
-    cfg = config if config is not None else {"model_type": "qwen3", "quantization_config": {
-        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}}
+    cfg = (
+        config
+        if config is not None
+        else {
+            "model_type": "qwen3",
+            "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)},
+        }
+    )
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
@@ -242,9 +281,23 @@ def torchrun(script: Path, *, port: int | None = None, nproc: int = 2, timeout: 
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                             "--master-port", str(port), str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(port),
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -80,8 +80,9 @@ def select_mask(key: np.ndarray, count: int, largest: bool) -> np.ndarray:
     return m
 
 
-def localization(A0: np.ndarray, A1: np.ndarray, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
-                 upd: np.ndarray | None = None) -> dict:
+def localization(
+    A0: np.ndarray, A1: np.ndarray, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3, upd: np.ndarray | None = None
+) -> dict:
     """``upd``: the update mask (True = updated) when it is not the bf16 rule's (FP8 weights)."""
     A0 = np.asarray(A0, np.float64)
     U, s, Vh = svd(A0)

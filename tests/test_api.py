@@ -77,8 +77,9 @@ def test_stable_rank_of_a_pair(pair):
     assert weightgeo.stable_rank(base[Q], ft[Q]) == pytest.approx(weightgeo.stable_rank(ft[Q] - base[Q]), rel=1e-6)
     b16, f16 = base[Q].bfloat16(), ft[Q].bfloat16()  # the difference is formed in float32: exact
     assert weightgeo.stable_rank(b16, f16) == weightgeo.stable_rank(f16.float() - b16.float())
-    assert weightgeo.stable_rank(base, ft)[Q]["stable_rank"] == pytest.approx(weightgeo.stable_rank(base[Q], ft[Q]),
-                                                                            rel=1e-5)
+    assert weightgeo.stable_rank(base, ft)[Q]["stable_rank"] == pytest.approx(
+        weightgeo.stable_rank(base[Q], ft[Q]), rel=1e-5
+    )
     with pytest.raises(WeightgeoError, match="stable_rank\\(base, ft\\)"):
         weightgeo.stable_rank(base)
 

@@ -15,8 +15,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "weightgeo"
 # layers; units of one layer are peers and never import each other.
 LAYERS = [
     ["weightgeo.errors", "weightgeo._version"],
-    ["weightgeo.validation", "weightgeo.means", "weightgeo.devices", "weightgeo.distributed", "weightgeo.readahead",
-     "weightgeo.outputs"],
+    [
+        "weightgeo.validation",
+        "weightgeo.means",
+        "weightgeo.devices",
+        "weightgeo.distributed",
+        "weightgeo.readahead",
+        "weightgeo.outputs",
+    ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
     ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache"],
     ["weightgeo.report"],
@@ -28,8 +34,10 @@ LAYERS = [
     ["weightgeo"],  # the package root: the flat public API
 ]
 # Deprecated names forwarded upward by a module-level __getattr__ (PEP 562), each until the release named.
-DEPRECATED_FORWARDS = {("weightgeo.metrics.trajectory", "weightgeo.trajectory"): "0.3",
-                       ("weightgeo.checkpoint", "weightgeo.metrics"): "0.3"}
+DEPRECATED_FORWARDS = {
+    ("weightgeo.metrics.trajectory", "weightgeo.trajectory"): "0.3",
+    ("weightgeo.checkpoint", "weightgeo.metrics"): "0.3",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -116,7 +124,7 @@ def test_no_private_import_across_modules():
             # a private module (_files, _version) is for its own package only
             private = [i for i, part in enumerate(dst.split(".")) if part.startswith("_") and part != "__main__"]
             if private:
-                owner = ".".join(dst.split(".")[:private[0]])
+                owner = ".".join(dst.split(".")[: private[0]])
                 if not (src == owner or src.startswith(owner + ".")):
                     bad.append(f"{src}:{line} imports the private module {dst} from outside {owner}")
     assert not bad, "\n".join(bad)
@@ -140,7 +148,7 @@ def test_no_import_circle():
             if nxt.startswith(node + "."):
                 continue  # the package's own submodule
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 if not all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in zip(cycle, cycle[1:])):
                     cycles.append(" -> ".join(cycle))
             elif nxt not in state:
@@ -159,7 +167,7 @@ def test_deprecated_forwards_warn_and_work(src, dst):
     import importlib
 
     mod = importlib.import_module(src)
-    names = getattr(mod, "_MOVED")
+    names = mod._MOVED
     target = importlib.import_module(dst)
     for n in names:
         with pytest.warns(DeprecationWarning, match=n):

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
 
 import weightgeo
 from weightgeo import WeightgeoError
 from weightgeo.cli import main as cli_main
-
-from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
 
 
 def _state(seed=0):
@@ -41,7 +40,7 @@ def _bad_json_header(tmp):
     f = d / "model.safetensors"
     raw = f.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    f.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
+    f.write_bytes(raw[:8] + b"{" * n + raw[8 + n :])
     return d, str(f)
 
 
@@ -50,18 +49,20 @@ def _offsets_out_of_range(tmp):
     f = d / "model.safetensors"
     raw = f.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     header[name]["data_offsets"] = [0, 10**9]
     text = json.dumps(header).encode()
-    f.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    f.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
     return d, name
 
 
 def _overlapping(tmp):
     f = tmp / "overlap.safetensors"
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
     text = json.dumps(header).encode()
     f.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 12)
     return f, "overlap"
@@ -132,17 +133,26 @@ CHECKPOINT_CASES = {
     "directory with no weights": lambda t: (_good(t), *_no_weights_dir(t)),
     "pickle needing code execution": lambda t: (_good(t), *_evil_pickle(t)),
     "missing path": lambda t: (_good(t), t / "nope", "nope"),
-    "hub id while offline and uncached": lambda t: (_good(t), "weightgeo-test/not-cached-anywhere",
-                                                    "weightgeo-test/not-cached-anywhere"),
+    "hub id while offline and uncached": lambda t: (
+        _good(t),
+        "weightgeo-test/not-cached-anywhere",
+        "weightgeo-test/not-cached-anywhere",
+    ),
     "LoRA targets match nothing": lambda t: (*_adapter_matching_nothing(t), "q_proj"),
-    "mismatched shapes": lambda t: ({"layers.0.q_proj.weight": torch.ones(4, 4)},
-                                    {"layers.0.q_proj.weight": torch.ones(4, 5)}, "layers.0.q_proj.weight"),
+    "mismatched shapes": lambda t: (
+        {"layers.0.q_proj.weight": torch.ones(4, 4)},
+        {"layers.0.q_proj.weight": torch.ones(4, 5)},
+        "layers.0.q_proj.weight",
+    ),
     "disjoint names": lambda t: ({"a.weight": torch.ones(2, 2)}, {"b.weight": torch.ones(2, 2)}, "a.weight"),
     "NaN values": lambda t: ({"w": torch.ones(3, 3)}, {"w": torch.full((3, 3), float("nan"))}, "w rows 0:3"),
     "Inf values": lambda t: ({"w": torch.full((3, 3), float("inf"))}, {"w": torch.ones(3, 3)}, "w rows 0:3"),
     "integer tensors only": lambda t: ({"ids": torch.arange(4)}, {"ids": torch.arange(4)}, "ids"),
-    "quantized (int8) weights only": lambda t: ({"q.qweight": torch.zeros(4, 4, dtype=torch.int8)},
-                                               {"q.qweight": torch.ones(4, 4, dtype=torch.int8)}, "int8"),
+    "quantized (int8) weights only": lambda t: (
+        {"q.qweight": torch.zeros(4, 4, dtype=torch.int8)},
+        {"q.qweight": torch.ones(4, 4, dtype=torch.int8)},
+        "int8",
+    ),
 }
 
 
@@ -162,24 +172,24 @@ TENSOR_CASES = {
     "shapes differ in a tensor metric": lambda: weightgeo.spectral_drift(torch.ones(3, 4), torch.ones(4, 3)),
     "k below 1": lambda: weightgeo.principal_angles(torch.eye(4), torch.eye(4), k=0),
     "k larger than the matrix (randomized SVD)": lambda: weightgeo.randomized_svd(torch.ones(5, 4), 9),
-    "integer tensors in a tensor metric": lambda: weightgeo.update_sparsity(torch.ones(2, dtype=torch.int64),
-                                                                            torch.ones(2, dtype=torch.int64)),
+    "integer tensors in a tensor metric": lambda: weightgeo.update_sparsity(
+        torch.ones(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
+    ),
     "NaN in a tensor metric": lambda: weightgeo.update_sparsity(torch.ones(2), torch.tensor([1.0, float("nan")])),
     "unknown metric": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, metrics=["x"]),
-    "CUDA asked for but absent": lambda: (weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
-                                                            device="cuda:7")),
-    "invalid include regex": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
-                                                       include="(unclosed"),
-    "negative batch_bytes": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)},
-                                                      batch_bytes=-1),
+    "CUDA asked for but absent": lambda: weightgeo.compare(
+        {"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, device="cuda:7"
+    ),
+    "invalid include regex": lambda: weightgeo.compare(
+        {"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, include="(unclosed"
+    ),
+    "negative batch_bytes": lambda: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, batch_bytes=-1),
     "eta outside (0, 1)": lambda: weightgeo.update_sparsity(torch.ones(2), torch.ones(2), eta=-1.0),
-    "localization alpha outside (0, 1)": lambda: weightgeo.update_localization(torch.eye(4), torch.eye(4),
-                                                                               alpha=1.5),
+    "localization alpha outside (0, 1)": lambda: weightgeo.update_localization(torch.eye(4), torch.eye(4), alpha=1.5),
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.cuda) if "CUDA" in c else c
-                                  for c in TENSOR_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.cuda) if "CUDA" in c else c for c in TENSOR_CASES])
 def test_tensor_level_rejects(case):
     if case == "CUDA asked for but absent" and torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")

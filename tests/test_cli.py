@@ -2,10 +2,9 @@ import json
 import subprocess
 import sys
 
+from factories import tiny_llama_state, write_hf_checkpoint
 
 from weightgeo.cli import main
-
-from factories import tiny_llama_state, write_hf_checkpoint
 
 
 def _pair(tmp_path):
@@ -26,12 +25,33 @@ def test_compare_prints_table_and_summary_and_writes_json(tmp_path, capsys):
 
 def test_several_fine_tunes_write_one_report_each(tmp_path, capsys):
     b, f = _pair(tmp_path)
-    f2 = write_hf_checkpoint(tmp_path / "f2", {k: (v.float() * 1.05).to(v.dtype)
-                                               for k, v in tiny_llama_state(num_layers=1, hidden=8, intermediate=16,
-                                                                            vocab=20).items()})
+    f2 = write_hf_checkpoint(
+        tmp_path / "f2",
+        {
+            k: (v.float() * 1.05).to(v.dtype)
+            for k, v in tiny_llama_state(num_layers=1, hidden=8, intermediate=16, vocab=20).items()
+        },
+    )
     out = tmp_path / "r.json"
-    assert main(["compare", str(b), str(f), str(f2), "--k", "4", "--rank", "2", "--summary", "--no-progress",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(b),
+                str(f),
+                str(f2),
+                "--k",
+                "4",
+                "--rank",
+                "2",
+                "--summary",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"== {f} ==" in text and f"== {f2} ==" in text
     reports = [json.loads((tmp_path / f"r-{i}.json").read_text()) for i in (1, 2)]
@@ -44,8 +64,24 @@ def test_several_fine_tunes_write_one_report_each(tmp_path, capsys):
 def test_summary_only_and_csv(tmp_path, capsys):
     b, f = _pair(tmp_path)
     out = tmp_path / "r.csv"
-    assert main(["compare", str(b), str(f), "--metrics", "update_sparsity", "--summary", "--no-progress",
-                 "--include", "attention", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(b),
+                str(f),
+                "--metrics",
+                "update_sparsity",
+                "--summary",
+                "--no-progress",
+                "--include",
+                "attention",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert text.startswith("summary:") and "q_proj.weight" not in text.split("by_module")[0]
     assert out.read_text().splitlines()[0].startswith("name,shape,numel,module,layer,")
@@ -62,9 +98,12 @@ def test_bad_input_exits_2_with_the_message(tmp_path, capsys):
 
 def test_console_entry_point_runs_as_module(tmp_path):
     b, f = _pair(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "weightgeo", "compare", str(b), str(f), "--summary",
-                           "--metrics", "update_sparsity"], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "weightgeo", "compare", str(b), str(f), "--summary", "--metrics", "update_sparsity"],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "update_sparsity" in proc.stdout
 
@@ -76,11 +115,28 @@ def test_trajectory_prints_curves_and_onset_and_draws(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     direction = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
     for step in (0, 10, 20, 30):
-        write_hf_checkpoint(tmp_path / "run" / f"checkpoint-{step}",
-                            {k: v + 1e-2 * step * direction[k] for k, v in base.items()})
+        write_hf_checkpoint(
+            tmp_path / "run" / f"checkpoint-{step}", {k: v + 1e-2 * step * direction[k] for k, v in base.items()}
+        )
     out, fig = tmp_path / "traj.json", tmp_path / "traj.png"
-    assert main(["trajectory", str(tmp_path / "run"), "--include", "attention", "--k", "4", "--no-progress",
-                 "--out", str(out), "--plot", str(fig)]) == 0
+    assert (
+        main(
+            [
+                "trajectory",
+                str(tmp_path / "run"),
+                "--include",
+                "attention",
+                "--k",
+                "4",
+                "--no-progress",
+                "--out",
+                str(out),
+                "--plot",
+                str(fig),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     # A straight-line update keeps one direction: locked from the first checkpoint after the base.
     assert "locking onset (Sim_4 >= 0.9 from then on): step 10" in text
@@ -99,8 +155,10 @@ def test_out_to_a_directory_is_refused_before_the_analysis_and_missing_folders_a
     assert main(["trajectory", str(tmp_path), "--no-progress", "--plot", str(tmp_path / "dir.json")]) == 2
     assert "--plot path" in capsys.readouterr().err
     out = tmp_path / "results" / "sft" / "r.json"
-    assert main(["compare", str(b), str(f), "--k", "4", "--rank", "2", "--summary", "--no-progress",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["compare", str(b), str(f), "--k", "4", "--rank", "2", "--summary", "--no-progress", "--out", str(out)])
+        == 0
+    )
     assert f"created folder {tmp_path / 'results'}" in capsys.readouterr().err
     assert json.loads(out.read_text())["rows"]
 

@@ -4,19 +4,20 @@ import math
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
 
 import weightgeo
 from weightgeo import WeightgeoError
-
-from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
 
 OPTS = dict(k=8, rank=4, progress=False)
 
 
 def _perturb(state, scale, seed):
     g = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + scale * v.float().abs().mean() * torch.randn(v.shape, generator=g)).to(v.dtype)
-            for k, v in state.items()}
+    return {
+        k: (v.float() + scale * v.float().abs().mean() * torch.randn(v.shape, generator=g)).to(v.dtype)
+        for k, v in state.items()
+    }
 
 
 def _assert_same_rows(got, want):
@@ -49,9 +50,13 @@ def family(tmp_path):
     g = torch.Generator().manual_seed(5)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         grown[name] = torch.cat([grown[name], torch.randn(3, grown[name].shape[1], generator=g).to(grown[name].dtype)])
-    fts = [write_hf_checkpoint(tmp_path / "a", a, shards=2), write_hf_checkpoint(tmp_path / "fp32", fp32),
-           write_hf_checkpoint(tmp_path / "missing", missing), write_lora_adapter(tmp_path / "lora", base),
-           write_hf_checkpoint(tmp_path / "grown", grown)]
+    fts = [
+        write_hf_checkpoint(tmp_path / "a", a, shards=2),
+        write_hf_checkpoint(tmp_path / "fp32", fp32),
+        write_hf_checkpoint(tmp_path / "missing", missing),
+        write_lora_adapter(tmp_path / "lora", base),
+        write_hf_checkpoint(tmp_path / "grown", grown),
+    ]
     return b, fts
 
 

@@ -44,10 +44,20 @@ def test_kernels_create_nothing_on_the_default_device():
     W1 = (W0.float() + 1e-2 * torch.randn(2, 96, 40, generator=g)).bfloat16()
     low = torch.randn(2, 96, 6, generator=g) @ torch.randn(6, 80, generator=g)  # rank 6 < the sketch
     with torch.device("meta"):
-        rows = batched_pair_metrics(W0, W1, metrics=frozenset(PAIR_METRICS), k=8, side="right", rank=4,
-                                    alpha=0.5, eta=1e-3, angles=True)
-        rows += batched_pair_metrics(low, low + 1e-3, metrics=frozenset(PAIR_METRICS), k=8, side="right",
-                                     rank=4, alpha=0.5, eta=1e-3, angles=True)
+        rows = batched_pair_metrics(
+            W0, W1, metrics=frozenset(PAIR_METRICS), k=8, side="right", rank=4, alpha=0.5, eta=1e-3, angles=True
+        )
+        rows += batched_pair_metrics(
+            low,
+            low + 1e-3,
+            metrics=frozenset(PAIR_METRICS),
+            k=8,
+            side="right",
+            rank=4,
+            alpha=0.5,
+            eta=1e-3,
+            angles=True,
+        )
         r = randomized_svd_with_info(low, 12, seed=0)
         spectra = update_spectra(low, r=10, k=4)
     assert len(rows) == 4 and all(0 <= row["k_effective"] <= 8 for row in rows)

@@ -9,11 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint
 
 import weightgeo
 from weightgeo.distributed import balanced_shards
-
-from factories import tiny_llama_state, write_hf_checkpoint
 
 
 def _torchrun_report(tmp_path, call: str, *, port: int) -> dict | list[dict]:
@@ -21,22 +20,38 @@ def _torchrun_report(tmp_path, call: str, *, port: int) -> dict | list[dict]:
     when ``call`` returns a list)."""
     out = tmp_path / f"report-{port}"
     script = tmp_path / f"run-{port}.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, weightgeo
         r = {call}
         if int(os.environ["RANK"]) == 0:
             for i, x in enumerate(r if isinstance(r, list) else [r]):
                 x.to_json({str(out)!r} + f"-{{i}}.json")
             open({str(out)!r} + ".n", "w").write(str(len(r)) if isinstance(r, list) else "single")
-    """))
+    """)
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(port), str(script)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(port),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = (tmp_path / f"report-{port}.n").read_text()
-    reports = [json.loads((tmp_path / f"report-{port}-{i}.json").read_text()) for i in range(1 if n == "single"
-                                                                                            else int(n))]
+    reports = [
+        json.loads((tmp_path / f"report-{port}-{i}.json").read_text()) for i in range(1 if n == "single" else int(n))
+    ]
     return reports[0] if n == "single" else reports
 
 
@@ -55,8 +70,9 @@ def test_two_gloo_ranks_give_the_single_process_report(tmp_path):
     g = torch.Generator().manual_seed(3)
     ft = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
     b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
-    dist = _torchrun_report(tmp_path, f"weightgeo.compare({str(b)!r}, {str(f)!r}, k=8, rank=4, progress=False)",
-                            port=29517)
+    dist = _torchrun_report(
+        tmp_path, f"weightgeo.compare({str(b)!r}, {str(f)!r}, k=8, rank=4, progress=False)", port=29517
+    )
     single = weightgeo.compare(b, f, k=8, rank=4, progress=False)
     assert dist["meta"]["world_size"] == 2
     assert [r["name"] for r in dist["rows"]] == [r["name"] for r in single.rows]
@@ -80,10 +96,12 @@ def test_rank_curve_under_two_ranks_equals_single_process(tmp_path):
     g = torch.Generator().manual_seed(4)
     direction = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
     for step in (0, 10, 20):
-        write_hf_checkpoint(tmp_path / "run" / f"checkpoint-{step}",
-                            {k: v + 1e-2 * step * direction[k] for k, v in base.items()})
-    dist = _torchrun_report(tmp_path, f"weightgeo.rank_curve({str(tmp_path / 'run')!r}, include='linear', k=4, "
-                                      f"hill_k=3)", port=29518)
+        write_hf_checkpoint(
+            tmp_path / "run" / f"checkpoint-{step}", {k: v + 1e-2 * step * direction[k] for k, v in base.items()}
+        )
+    dist = _torchrun_report(
+        tmp_path, f"weightgeo.rank_curve({str(tmp_path / 'run')!r}, include='linear', k=4, hill_k=3)", port=29518
+    )
     single = weightgeo.rank_curve(tmp_path / "run", include="linear", k=4, hill_k=3)
     assert dist["meta"]["world_size"] == 2
     shares = [set(r["matrices"]) for r in dist["meta"]["ranks"]]
@@ -103,8 +121,9 @@ def test_compare_many_under_two_ranks_equals_single_process(tmp_path):
         g = torch.Generator().manual_seed(seed)
         ft = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
         fts.append(str(write_hf_checkpoint(tmp_path / f"f{seed}", ft)))
-    dist = _torchrun_report(tmp_path, f"weightgeo.compare_many({str(b)!r}, {fts!r}, k=8, rank=4, progress=False)",
-                            port=29519)
+    dist = _torchrun_report(
+        tmp_path, f"weightgeo.compare_many({str(b)!r}, {fts!r}, k=8, rank=4, progress=False)", port=29519
+    )
     single = weightgeo.compare_many(b, fts, k=8, rank=4, progress=False)
     assert len(dist) == 2
     for d, s in zip(dist, single):

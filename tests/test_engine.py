@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint
 
 import weightgeo
 from weightgeo import WeightgeoError
-
-from factories import tiny_llama_state, write_hf_checkpoint
 
 
 def _perturb(state, *, scale=1e-2, seed=1, skip=()):
@@ -92,8 +91,9 @@ def test_no_tensors_in_common(tmp_path):
 
 def test_mismatched_shapes_name_the_tensor():
     with pytest.raises(WeightgeoError, match=r"'layers.0.q_proj.weight'.*\(4, 4\).*\(4, 5\)"):
-        weightgeo.compare({"layers.0.q_proj.weight": torch.ones(4, 4)},
-                          {"layers.0.q_proj.weight": torch.ones(4, 5)}, progress=False)
+        weightgeo.compare(
+            {"layers.0.q_proj.weight": torch.ones(4, 4)}, {"layers.0.q_proj.weight": torch.ones(4, 5)}, progress=False
+        )
 
 
 def test_nan_is_an_error_naming_the_tensor():
@@ -118,8 +118,13 @@ def test_added_tokens_compare_the_shared_rows():
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(10, 4, generator=g)
     grown = torch.cat([emb, torch.randn(2, 4, generator=g)])
-    r = weightgeo.compare({"model.embed_tokens.weight": emb}, {"model.embed_tokens.weight": grown},
-                          metrics=["update_sparsity", "spectral_drift"], k=2, progress=False)
+    r = weightgeo.compare(
+        {"model.embed_tokens.weight": emb},
+        {"model.embed_tokens.weight": grown},
+        metrics=["update_sparsity", "spectral_drift"],
+        k=2,
+        progress=False,
+    )
     row = r.rows[0]
     assert row["rows_compared"] == 10 and row["rows_added"] == 2
     assert row["update_sparsity"] == 1.0 and row["spectral_drift"] == pytest.approx(0.0, abs=1e-7)
@@ -188,8 +193,11 @@ def test_group_with_a_rank_deficient_member_keeps_per_matrix_k(tmp_path):
     ft[q1] = base[q1] * 1.01
     b = write_hf_checkpoint(tmp_path / "b", base)
     f = write_hf_checkpoint(tmp_path / "f", ft)
-    rows = _rows_by_name(weightgeo.compare(b, f, k=8, progress=False, metrics="principal_overlap",
-                                           include=r"q_proj", batch_bytes=1 << 30))
+    rows = _rows_by_name(
+        weightgeo.compare(
+            b, f, k=8, progress=False, metrics="principal_overlap", include=r"q_proj", batch_bytes=1 << 30
+        )
+    )
     key = q1.removeprefix("model.")  # report rows carry canonical names
     assert rows[key]["k_effective"] == 3
     assert rows[key.replace(".1.", ".0.")]["k_effective"] == 8

@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 from native_factories import fp8_quantize, fp8_reference, write_fp8
 
-import reference as R
 import weightgeo
 from weightgeo.checkpoint import open_checkpoint
 from weightgeo.metrics.sparsity import unchanged_mask_general
@@ -128,12 +128,16 @@ def test_bare_fp8_tensors_are_analysed_as_their_values(gen, tmp_path):
         (tmp_path / name).mkdir()
         save_file({"lin.weight": w}, str(tmp_path / name / "model.safetensors"))
     r = weightgeo.compare(tmp_path / "b", tmp_path / "f", k=4, rank=2, progress=False)["lin.weight"]
-    want = weightgeo.compare({"lin.weight": w0.float()}, {"lin.weight": w1.float()}, k=4, rank=2, progress=False).rows[0]
+    want = weightgeo.compare({"lin.weight": w0.float()}, {"lin.weight": w1.float()}, k=4, rank=2, progress=False).rows[
+        0
+    ]
     assert r["dtype"] == "float8_e4m3fn"
     for key in ("update_sparsity", "principal_overlap", "spectral_drift", "stable_rank", "density"):
         assert r[key] == pytest.approx(want[key], rel=1e-6), key
     assert weightgeo.update_sparsity(w0, w1) == float(np.mean((w0.float() == w1.float()).numpy()))
-    assert weightgeo.principal_overlap(w0, w1, k=3) == pytest.approx(weightgeo.principal_overlap(w0.float(), w1.float(), k=3))
+    assert weightgeo.principal_overlap(w0, w1, k=3) == pytest.approx(
+        weightgeo.principal_overlap(w0.float(), w1.float(), k=3)
+    )
     nan = w0.clone()
     nan.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn NaN
     with pytest.raises(weightgeo.WeightgeoError, match="non-finite"):

@@ -23,9 +23,31 @@ def test_every_device_part_dry_runs(suite, tmp_path):
     """rsvd, pair (with the float64 route inline), profile and engine at --small sizes, one k, stacks of 2."""
     out = tmp_path / "gpu.json"
     threads = suite.torch.get_num_threads()
-    rec = suite.main(["--device", "cpu", "--small", "--parts", "rsvd,pair,profile,engine", "--budget", "600",
-                      "--rsvd-k", "8", "--stack", "2", "--reps", "1", "--pair-reps", "1", "--batch", "2",
-                      "--ref-threads", "1", "--out", str(out)])
+    rec = suite.main(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--parts",
+            "rsvd,pair,profile,engine",
+            "--budget",
+            "600",
+            "--rsvd-k",
+            "8",
+            "--stack",
+            "2",
+            "--reps",
+            "1",
+            "--pair-reps",
+            "1",
+            "--batch",
+            "2",
+            "--ref-threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert suite.torch.get_num_threads() == threads  # the inline float64 route restores the thread count
     rows = rec["rows"]
     bad = [(r["case"], r["status"], r["note"]) for r in rows if r["status"] in ("error", "FAIL", "skipped")]
@@ -55,8 +77,25 @@ def test_every_device_part_dry_runs(suite, tmp_path):
 
 def test_float64_route_in_a_background_process(suite):
     """The GPU default: the float64 route runs as benchmarks/_f64_route.py beside the device parts."""
-    rec = suite.main(["--device", "cpu", "--small", "--parts", "pair", "--ref", "background", "--ref-threads", "1",
-                      "--budget", "600", "--pair-reps", "1", "--batch", "1"])
+    rec = suite.main(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--parts",
+            "pair",
+            "--ref",
+            "background",
+            "--ref-threads",
+            "1",
+            "--budget",
+            "600",
+            "--pair-reps",
+            "1",
+            "--batch",
+            "1",
+        ]
+    )
     agree = [r for r in rec["rows"] if "agreement with the float64 CPU route" in r["case"]]
     assert len(agree) == 4 and all(r["status"] == "pass" and "ran alongside" in r["note"] for r in agree)
     assert rec["parts"]["pair"]["ref_mode"] == "background" and "ref_worker_output" not in rec["parts"]["pair"]
@@ -73,11 +112,13 @@ def test_a_short_budget_skips_and_says_so(suite, tmp_path):
 
 def test_tests_part_selects_the_cuda_tests(suite, tmp_path):
     """``pytest -m cuda`` in a subprocess, read back per test (here: the CPU-runnable CUDA case of bad inputs)."""
-    rec = suite.main(["--device", "cpu", "--small", "--parts", "tests", "--tests", "tests/test_bad_inputs.py",
-                      "--budget", "60"])
+    rec = suite.main(
+        ["--device", "cpu", "--small", "--parts", "tests", "--tests", "tests/test_bad_inputs.py", "--budget", "60"]
+    )
     rows = [r for r in rec["rows"] if r["part"] == "tests"]
     assert [(r["case"], r["status"]) for r in rows[:-1]] == [
-        ("tests/test_bad_inputs.py::test_tensor_level_rejects[CUDA asked for but absent]", "passed")]
+        ("tests/test_bad_inputs.py::test_tensor_level_rejects[CUDA asked for but absent]", "passed")
+    ]
     assert rows[-1]["case"] == "pytest -m cuda" and rows[-1]["status"] == "ok"
 
 

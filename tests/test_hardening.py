@@ -13,18 +13,28 @@ import textwrap
 from pathlib import Path
 
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import weightgeo
 from weightgeo import WeightgeoError
 
-from factories import tiny_llama_state, write_hf_checkpoint
-
 _SHARD_NAMES = st.one_of(
-    st.sampled_from(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     "../model-00001-of-00002.safetensors", "/etc/passwd", "..", ".", "",
-                     "sub/../../x.safetensors", "model.safetensors.index.json", "nul\x00.safetensors"]),
+    st.sampled_from(
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "../model-00001-of-00002.safetensors",
+            "/etc/passwd",
+            "..",
+            ".",
+            "",
+            "sub/../../x.safetensors",
+            "model.safetensors.index.json",
+            "nul\x00.safetensors",
+        ]
+    ),
     st.text(max_size=40),
 )
 _VALUES = st.one_of(_SHARD_NAMES, st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=2))
@@ -57,13 +67,18 @@ def _audit_opens(folder: Path):
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.dictionaries(st.sampled_from(["model.embed_tokens.weight", "lm_head.weight", "extra.weight",
-                                               "model.norm.weight"]), _VALUES, max_size=3),
-       drop_metadata=st.booleans())
-def test_fuzzed_index_gives_a_checkpoint_or_a_weightgeo_error_and_never_escapes(tmp_path_factory, edits,
-                                                                                 drop_metadata):
-    folder = write_hf_checkpoint(tmp_path_factory.mktemp("ck") / "m",
-                                 tiny_llama_state(num_layers=1, hidden=4, intermediate=8, vocab=6), shards=2)
+@given(
+    edits=st.dictionaries(
+        st.sampled_from(["model.embed_tokens.weight", "lm_head.weight", "extra.weight", "model.norm.weight"]),
+        _VALUES,
+        max_size=3,
+    ),
+    drop_metadata=st.booleans(),
+)
+def test_fuzzed_index_gives_a_checkpoint_or_a_weightgeo_error_and_never_escapes(tmp_path_factory, edits, drop_metadata):
+    folder = write_hf_checkpoint(
+        tmp_path_factory.mktemp("ck") / "m", tiny_llama_state(num_layers=1, hidden=4, intermediate=8, vocab=6), shards=2
+    )
     idx = folder / "model.safetensors.index.json"
     data = json.loads(idx.read_text())
     data["weight_map"].update(edits)
@@ -97,6 +112,10 @@ def test_reports_are_bit_identical_across_two_processes(tmp_path):
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WEIGHTGEO_CACHE": str(tmp_path / "cache")}
     # computed twice without the cache, then computed into the cache and served from it: all bit-identical
-    outs = [subprocess.run([sys.executable, "-c", script, cache], capture_output=True, text=True, env=env,
-                           check=True).stdout for cache in ("off", "off", "on", "on")]
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", script, cache], capture_output=True, text=True, env=env, check=True
+        ).stdout
+        for cache in ("off", "off", "on", "on")
+    ]
     assert outs[0] == outs[1] == outs[2] == outs[3] and len(outs[0]) > 1000

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def _state(step: int, **shape: int) -> dict[str, torch.Tensor]:
         if w.ndim == 2:
             u = torch.randn(w.shape[0], 2, generator=torch.Generator().manual_seed(len(name)))
             v = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(len(name) + 1))
-            d = 1e-3 * step * (u @ v) + 1e-4 * step ** 0.5 * torch.randn(w.shape, generator=g)
+            d = 1e-3 * step * (u @ v) + 1e-4 * step**0.5 * torch.randn(w.shape, generator=g)
             w = (w.float() + d).to(w.dtype)
         out[name] = w
     return out
@@ -102,8 +101,8 @@ class _Reads:
 # 1. incomplete checkpoints are left out, loudly when they are not the newest; strict fails fast
 def test_incomplete_checkpoints_are_left_out_listed_and_strict_fails(tmp_path):
     run = _run(tmp_path / "run", [0, 10, 20])
-    _truncated(run / "checkpoint-15", 15)   # an older save that failed: corrupt
-    (run / "checkpoint-30").mkdir()         # the trainer has just created it: in progress
+    _truncated(run / "checkpoint-15", 15)  # an older save that failed: corrupt
+    (run / "checkpoint-30").mkdir()  # the trainer has just created it: in progress
     with pytest.warns(RuntimeWarning) as seen:
         rep = weightgeo.rank_curve(run, cache=False, **KW)
     msgs = " | ".join(str(w.message) for w in seen)
@@ -132,8 +131,11 @@ def test_a_run_left_with_one_complete_checkpoint_says_what_was_left_out(tmp_path
     run = _run(tmp_path / "run", [0])
     _truncated(run / "checkpoint-10", 10)
     (run / "checkpoint-20").mkdir()
-    with pytest.raises(WeightgeoError, match=r"one checkpoint \(step 0\) has nothing to compare.*left out "
-                                             r".*checkpoint-10 \(step 10\).*left out .*checkpoint-20 \(step 20\)"):
+    with pytest.raises(
+        WeightgeoError,
+        match=r"one checkpoint \(step 0\) has nothing to compare.*left out "
+        r".*checkpoint-10 \(step 10\).*left out .*checkpoint-20 \(step 20\)",
+    ):
         weightgeo.rank_curve(run, cache=False, **KW)
 
 
@@ -161,11 +163,39 @@ def test_follow_a_run_being_written_equals_offline_rank_curve(tmp_path):
     out = tmp_path / "out" / "live.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WEIGHTGEO_CACHE": str(tmp_path / "cache")}
     follower = subprocess.Popen(
-        [sys.executable, "-m", "weightgeo", "trajectory", str(run), "--follow", "--until", "50", "--poll-s", "0.1",
-         "--idle-s", "120", "--k", "2", "--hill-k", "2", "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    writer = subprocess.run([sys.executable, "-c", _WRITER.format(tests=str(TESTS), run=str(run))], env=env,
-                            capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "weightgeo",
+            "trajectory",
+            str(run),
+            "--follow",
+            "--until",
+            "50",
+            "--poll-s",
+            "0.1",
+            "--idle-s",
+            "120",
+            "--k",
+            "2",
+            "--hill-k",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    writer = subprocess.run(
+        [sys.executable, "-c", _WRITER.format(tests=str(TESTS), run=str(run))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert writer.returncode == 0, writer.stderr
     stdout, stderr = follower.communicate(timeout=120)
     assert follower.returncode == 0, stderr
@@ -187,10 +217,28 @@ def test_follow_stops_on_ctrl_c_with_status_130_and_the_report_intact(tmp_path):
     run = _run(tmp_path / "run", [0, 10])
     out = tmp_path / "live.json"
     follower = subprocess.Popen(
-        [sys.executable, "-m", "weightgeo", "trajectory", str(run), "--follow", "--poll-s", "0.1", "--k", "2",
-         "--hill-k", "2", "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "WEIGHTGEO_CACHE": str(tmp_path / "cache")})
+        [
+            sys.executable,
+            "-m",
+            "weightgeo",
+            "trajectory",
+            str(run),
+            "--follow",
+            "--poll-s",
+            "0.1",
+            "--k",
+            "2",
+            "--hill-k",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WEIGHTGEO_CACHE": str(tmp_path / "cache")},
+    )
     try:
         while not follower.stdout.readline().startswith("step 10:"):
             assert follower.poll() is None, follower.stderr.read()
@@ -218,7 +266,10 @@ def test_follow_iterator_stops_and_reuses_the_spectra_of_earlier_steps(tmp_path)
     mid = weightgeo.rank_curve(run, base=run / "checkpoint-10", cache=False, **KW)
     assert mid.summary["steps"] == [0, 20, 30] and mid.meta["base_step"] is None
     assert [u.step for u in weightgeo.follow(run, base=run / "checkpoint-10", idle_s=0, cache=False, **KW)] == [
-        0, 20, 30]
+        0,
+        20,
+        30,
+    ]
     with pytest.raises(WeightgeoError, match="poll_s"):
         next(weightgeo.follow(run, poll_s=-1, cache=False))
 
@@ -243,8 +294,12 @@ print("finished", flush=True)
 
 def _kill_after(call: str, cache: Path, n: int) -> None:
     """Run ``call`` in a child whose every cache write is slow, and SIGKILL it after ``n`` writes."""
-    child = subprocess.Popen([sys.executable, "-c", _SLOW.format(tests=str(TESTS), call=call)],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "WEIGHTGEO_CACHE": str(cache)})
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW.format(tests=str(TESTS), call=call)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WEIGHTGEO_CACHE": str(cache)},
+    )
     seen = 0
     try:
         while seen < n:
@@ -345,8 +400,7 @@ def test_truncated_entries_other_versions_and_other_options_are_not_served(tmp_p
     k3 = weightgeo.rank_curve(run, cache=root, k=3, hill_k=2)
     assert k3.meta["cache"]["spectra_reused"] == 0
     assert _rows_json(k3) == _rows_json(weightgeo.rank_curve(run, cache=False, k=3, hill_k=2))
-    assert weightgeo.rank_curve(run, cache=ResultCache(root, version="99.0"), **KW).meta["cache"][
-        "spectra_reused"] == 0
+    assert weightgeo.rank_curve(run, cache=ResultCache(root, version="99.0"), **KW).meta["cache"]["spectra_reused"] == 0
     # the file changed on disk (same name, new bytes): its old results are not served
     time.sleep(0.01)
     _trainer_save(run / "checkpoint-20", 21)
@@ -404,8 +458,11 @@ class _no_warning:
 def test_cli_cache_switches(tmp_path, capsys):
     b, f = write_hf_checkpoint(tmp_path / "b", _state(0)), write_hf_checkpoint(tmp_path / "f", _state(40))
     args = ["compare", str(b), str(f), "--k", "4", "--rank", "2", "--summary", "--no-progress"]
-    for extra, cached in ((["--cache", str(tmp_path / "c")], 0), (["--cache", str(tmp_path / "c")], 21),
-                          (["--no-cache"], 0)):
+    for extra, cached in (
+        (["--cache", str(tmp_path / "c")], 0),
+        (["--cache", str(tmp_path / "c")], 21),
+        (["--no-cache"], 0),
+    ):
         assert main([*args, *extra, "--out", str(tmp_path / "r.json")]) == 0
         meta = Report.from_json(tmp_path / "r.json").meta["cache"]
         assert meta["rows_cached"] == cached and meta["enabled"] == (extra[0] == "--cache")
@@ -427,5 +484,6 @@ def test_a_new_fine_tune_of_a_cached_base_gives_the_rows_of_a_fresh_run(tmp_path
     assert _rows_json(second) == _rows_json(weightgeo.compare(b, f2, cache=False, **PAIR_KW))
     many = weightgeo.compare_many(b, [f1, f2], cache=root, **PAIR_KW)  # both fine-tunes already cached
     assert [r.meta["cache"]["rows_computed"] for r in many] == [0, 0]
-    assert [_rows_json(r) for r in many] == [_rows_json(r) for r in weightgeo.compare_many(b, [f1, f2], cache=False,
-                                                                                           **PAIR_KW)]
+    assert [_rows_json(r) for r in many] == [
+        _rows_json(r) for r in weightgeo.compare_many(b, [f1, f2], cache=False, **PAIR_KW)
+    ]

@@ -22,10 +22,21 @@ STACK = "layers.{i}.mlp.experts.{p}"
 def _qwen3_moe(seed: int):
     import transformers
 
-    cfg = transformers.Qwen3MoeConfig(vocab_size=40, hidden_size=H, intermediate_size=24, moe_intermediate_size=F,
-                                      num_hidden_layers=L, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      num_experts=E, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
-                                      max_position_embeddings=32)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=40,
+        hidden_size=H,
+        intermediate_size=24,
+        moe_intermediate_size=F,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=E,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=32,
+    )
     with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG: leave it untouched
         torch.manual_seed(seed)
         return transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
@@ -56,8 +67,9 @@ def _experts_2d(sd: dict) -> dict:
     return {f"{k}.{j}": v[j] for k, v in sd.items() if ".experts." in k for j in range(v.shape[0])}
 
 
-@pytest.mark.parametrize("metrics,batch_bytes,row_block", [(None, None, None), (None, 0, None),
-                                                           (["update_sparsity"], None, 100)])
+@pytest.mark.parametrize(
+    "metrics,batch_bytes,row_block", [(None, None, None), (None, 0, None), (["update_sparsity"], None, 100)]
+)
 def test_expert_rows_equal_the_per_expert_2d_results(moe, metrics, batch_bytes, row_block, monkeypatch):
     _, sd0, sd1 = moe
     if row_block is not None:  # the row-chunk stream, in chunks of a few rows of one expert
@@ -92,14 +104,20 @@ def test_fused_stacks_on_disk_match_the_per_expert_hf_save(moe, tmp_path):
         (tmp_path / name).mkdir()
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / name / "model.safetensors"))
     fused = weightgeo.compare(tmp_path / "b", tmp_path / "f", include="experts", k=4, rank=4, progress=False)
-    split = weightgeo.compare(tmp / "base", tmp / "ft", include=r"experts\.\d+\.down_proj", k=4, rank=4,
-                              progress=False)
+    split = weightgeo.compare(tmp / "base", tmp / "ft", include=r"experts\.\d+\.down_proj", k=4, rank=4, progress=False)
     assert len(split.rows) == L * E
     for row in split.rows:
         assert row["module"] == "down_proj" and row["expert"] is not None  # per-expert names get the field too
         got = fused[STACK.format(i=row["layer"], p="down_proj")][row["expert"]]
-        for key in ("update_sparsity", "principal_overlap", "spectral_drift", "stable_rank", "density",
-                    "principal_mask_overlap", "low_magnitude_overlap"):
+        for key in (
+            "update_sparsity",
+            "principal_overlap",
+            "spectral_drift",
+            "stable_rank",
+            "density",
+            "principal_mask_overlap",
+            "low_magnitude_overlap",
+        ):
             assert got[key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (row["name"], key)
     assert set(split.summary["experts"]) == {f"layers.{i}.mlp.experts.down_proj.weight" for i in range(L)}
 
@@ -116,15 +134,18 @@ def test_megatron_stacked_experts_pair_with_the_hf_base(moe, tmp_path):
 
     w = "model.layers.{i}.mlp.experts.{j}.{p}.weight"
     megatron = {
-        "embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"],
-                                                       torch.zeros(8, H, dtype=torch.bfloat16)]),
-        "decoder.layers.mlp.experts.experts.linear_fc1.weight": stack(lambda i, j: torch.cat(
-            [hf[w.format(i=i, j=j, p="gate_proj")], hf[w.format(i=i, j=j, p="up_proj")]])),
+        "embedding.word_embeddings.weight": torch.cat(
+            [hf["model.embed_tokens.weight"], torch.zeros(8, H, dtype=torch.bfloat16)]
+        ),
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight": stack(
+            lambda i, j: torch.cat([hf[w.format(i=i, j=j, p="gate_proj")], hf[w.format(i=i, j=j, p="up_proj")]])
+        ),
         "decoder.layers.mlp.router.weight": torch.stack([hf[f"model.layers.{i}.mlp.gate.weight"] for i in range(L)]),
     }
     for j in range(E):
         megatron[f"decoder.layers.mlp.experts.linear_fc2.weight{j}"] = torch.stack(
-            [hf[w.format(i=i, j=j, p="down_proj")] for i in range(L)])
+            [hf[w.format(i=i, j=j, p="down_proj")] for i in range(L)]
+        )
     meg = open_checkpoint(write_dcp(tmp_path / "iter_0000005", megatron, extra=False), config=cfg)
     kw = dict(include=["experts", "router"], k=4, rank=4, progress=False)
     got = weightgeo.compare(tmp / "base", meg, **kw)
@@ -135,9 +156,11 @@ def test_megatron_stacked_experts_pair_with_the_hf_base(moe, tmp_path):
 
 
 def test_other_3d_tensors_are_listed_as_skipped_with_the_reason(gen):
-    b = {"conv.weight": torch.randn(4, 3, 5, generator=gen),
-         "blocks.0.attn.bias4d": torch.randn(2, 2, 2, 2, generator=gen),
-         "layers.0.mlp.experts.down_proj": torch.randn(2, 6, 4, generator=gen)}
+    b = {
+        "conv.weight": torch.randn(4, 3, 5, generator=gen),
+        "blocks.0.attn.bias4d": torch.randn(2, 2, 2, 2, generator=gen),
+        "layers.0.mlp.experts.down_proj": torch.randn(2, 6, 4, generator=gen),
+    }
     f = {k: v * 1.01 for k, v in b.items()}
     r = weightgeo.compare(b, f, k=2, rank=2, progress=False)
     skipped = {s["name"]: s["reason"] for s in r.meta["skipped"]}
@@ -152,8 +175,7 @@ def test_other_3d_tensors_are_listed_as_skipped_with_the_reason(gen):
 def test_bad_expert_stacks_name_the_tensor_and_expert(gen):
     b = {"layers.0.mlp.experts.gate_up_proj": torch.randn(3, 6, 4, generator=gen)}
     with pytest.raises(WeightgeoError, match=r"layers.0.mlp.experts.gate_up_proj.*\(3, 6, 4\).*\(4, 6, 4\)"):
-        weightgeo.compare(b, {"layers.0.mlp.experts.gate_up_proj": torch.randn(4, 6, 4, generator=gen)},
-                          progress=False)
+        weightgeo.compare(b, {"layers.0.mlp.experts.gate_up_proj": torch.randn(4, 6, 4, generator=gen)}, progress=False)
     bad = b["layers.0.mlp.experts.gate_up_proj"].clone()
     bad[2, 1, 1] = float("nan")
     for metrics in (None, "update_sparsity"):
@@ -191,8 +213,10 @@ def test_experts_and_router_presets():
 
 def test_gpt_oss_stacks_are_marked_in_out_per_expert(gen):
     """gpt-oss applies x @ W[e]: its stacks are [E, in, out], so each expert's row says layout in_out (as Conv1D)."""
-    sd = {"model.layers.0.mlp.experts.gate_up_proj": torch.randn(2, 8, 12, generator=gen),
-          "model.layers.0.mlp.experts.gate_up_proj_bias": torch.randn(2, 12, generator=gen)}
+    sd = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(2, 8, 12, generator=gen),
+        "model.layers.0.mlp.experts.gate_up_proj_bias": torch.randn(2, 12, generator=gen),
+    }
     b = StateDictCheckpoint(sd, config={"model_type": "gpt_oss"})
     f = StateDictCheckpoint({k: v * 1.01 for k, v in sd.items()}, config={"model_type": "gpt_oss"})
     r = weightgeo.compare(b, f, k=2, rank=2, progress=False)
@@ -215,18 +239,21 @@ def _moe_run(root, sds: dict[int, dict], *, per_expert: bool):
 def test_expert_stacks_in_a_stream_are_followed_per_expert(gen, tmp_path, monkeypatch):
     """rank_curve / locking_onset follow each expert of a stack as its own matrix: one row per (step, expert),
     equal to the run whose experts are stored as separate 2-D tensors; each expert is read alone."""
-    low = lambda *s: torch.randn(*s[:-1], 2, generator=gen) @ torch.randn(2, s[-1], generator=gen)  # noqa: E731
-    w0 = {"layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * F, H, generator=gen),
-          "layers.0.mlp.experts.down_proj": torch.randn(E, H, F, generator=gen),
-          "layers.0.self_attn.q_proj.weight": torch.randn(H, H, generator=gen)}
+    low = lambda *s: torch.randn(*s[:-1], 2, generator=gen) @ torch.randn(2, s[-1], generator=gen)
+    w0 = {
+        "layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * F, H, generator=gen),
+        "layers.0.mlp.experts.down_proj": torch.randn(E, H, F, generator=gen),
+        "layers.0.self_attn.q_proj.weight": torch.randn(H, H, generator=gen),
+    }
     u = {k: low(*v.shape) for k, v in w0.items()}
     sds = {t: {k: v + 0.01 * t * u[k] for k, v in w0.items()} for t in (0, 10, 20)}
     stacked = _moe_run(tmp_path / "stacked", sds, per_expert=False)
     split = _moe_run(tmp_path / "split", sds, per_expert=True)
     reads = []
     real = weightgeo.checkpoint.SafetensorsCheckpoint.get
-    monkeypatch.setattr(weightgeo.checkpoint.SafetensorsCheckpoint, "get",
-                        lambda self, name: reads.append(name) or real(self, name))
+    monkeypatch.setattr(
+        weightgeo.checkpoint.SafetensorsCheckpoint, "get", lambda self, name: reads.append(name) or real(self, name)
+    )
     kw = dict(k=2, hill_k=2, cache=False)
     got = weightgeo.rank_curve(stacked, **kw)
     assert not [n for n in reads if ".experts." in n]  # stacks are read one expert at a time, not whole
@@ -245,14 +272,18 @@ def test_expert_stacks_in_a_stream_are_followed_per_expert(gen, tmp_path, monkey
 
 
 def test_other_3d_tensors_in_a_stream_are_listed_as_skipped(gen, tmp_path):
-    w0 = {"conv.weight": torch.randn(4, 3, 5, generator=gen), "layers.0.self_attn.q_proj.weight":
-          torch.randn(6, 6, generator=gen)}
-    run = _moe_run(tmp_path / "run", {t: {k: v * (1 + 0.01 * t) for k, v in w0.items()} for t in (0, 10)},
-                   per_expert=False)
+    w0 = {
+        "conv.weight": torch.randn(4, 3, 5, generator=gen),
+        "layers.0.self_attn.q_proj.weight": torch.randn(6, 6, generator=gen),
+    }
+    run = _moe_run(
+        tmp_path / "run", {t: {k: v * (1 + 0.01 * t) for k, v in w0.items()} for t in (0, 10)}, per_expert=False
+    )
     r = weightgeo.rank_curve(run, k=2, hill_k=2, cache=False)
     skipped = {s["name"]: s["reason"] for s in r.meta["skipped"] if "name" in s}
     assert "not an expert stack" in skipped["conv.weight"] and {x["name"] for x in r.rows} == {
-        "layers.0.self_attn.q_proj.weight"}
+        "layers.0.self_attn.q_proj.weight"
+    }
 
 
 def test_tracker_lists_fused_expert_stacks_as_skipped():

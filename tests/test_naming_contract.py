@@ -6,14 +6,24 @@ import math
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint
 
 import weightgeo
 from weightgeo.metrics.catalog import ALL_METRICS, OUTPUTS, TRAJECTORY_OUTPUTS, VECTOR_OUTPUTS
 
-from factories import tiny_llama_state, write_hf_checkpoint
-
-IDENTIFIERS = {"name", "shape", "numel", "module", "layer", "dtype", "rows_compared", "rows_added", "layout",
-               "step", "method"}
+IDENTIFIERS = {
+    "name",
+    "shape",
+    "numel",
+    "module",
+    "layer",
+    "dtype",
+    "rows_compared",
+    "rows_added",
+    "layout",
+    "step",
+    "method",
+}
 
 
 def _check_value(key, value):
@@ -42,8 +52,10 @@ def reports(tmp_path_factory):
     pair = weightgeo.compare(b, f, metrics=list(ALL_METRICS) + list(VECTOR_OUTPUTS), k=4, rank=2, progress=False)
     run = tmp / "run"
     for step, scale in ((0, 0.0), (5, 1.0), (10, 2.0)):
-        write_hf_checkpoint(run / f"checkpoint-{step}",
-                            {k: (v.float() + scale * (ft[k].float() - v.float())).to(v.dtype) for k, v in base.items()})
+        write_hf_checkpoint(
+            run / f"checkpoint-{step}",
+            {k: (v.float() + scale * (ft[k].float() - v.float())).to(v.dtype) for k, v in base.items()},
+        )
     return pair, weightgeo.rank_curve(run, k=4, hill_k=3)
 
 

@@ -64,8 +64,10 @@ def test_stream_reports_list_every_checkpoints_entries(megatron_run):
 
 
 def test_three_d_tensors_without_an_expert_name_are_listed(gen):
-    conv = {"model.layers.0.conv.weight": torch.randn(6, 1, 4, generator=gen),
-            "model.layers.0.self_attn.q_proj.weight": torch.randn(6, 6, generator=gen)}
+    conv = {
+        "model.layers.0.conv.weight": torch.randn(6, 1, 4, generator=gen),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(6, 6, generator=gen),
+    }
     ft = {k: v + 0.01 for k, v in conv.items()}
     r = weightgeo.compare(conv, ft, **OPTS)
     row = r["layers.0.conv.weight"]
@@ -82,8 +84,25 @@ def test_cli_config_reads_native_folders_without_their_own(megatron_run, tmp_pat
     assert main(["compare", str(b), str(f), "--no-progress", "--k", "4", "--rank", "2"]) == 2
     assert "pass config=" in capsys.readouterr().err  # no architecture numbers anywhere
     out = tmp_path / "r.json"
-    assert main(["compare", str(b), str(f), "--config", str(base_dir / "config.json"), "--no-progress", "--k", "4",
-                 "--rank", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(b),
+                str(f),
+                "--config",
+                str(base_dir / "config.json"),
+                "--no-progress",
+                "--k",
+                "4",
+                "--rank",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     got = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     want = weightgeo.compare(base_dir, ft_dir, **OPTS)
     assert sorted(got) == sorted(r["name"] for r in want.rows)
@@ -92,8 +111,26 @@ def test_cli_config_reads_native_folders_without_their_own(megatron_run, tmp_pat
             if key in row:
                 assert got[row["name"]][key] == pytest.approx(row[key], rel=1e-6), (row["name"], key)
     out2 = tmp_path / "t.json"
-    assert main(["trajectory", str(run), "--config", str(base_dir), "--k", "2", "--hill-k", "2", "--include",
-                 "attention", "--no-progress", "--out", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "trajectory",
+                str(run),
+                "--config",
+                str(base_dir),
+                "--k",
+                "2",
+                "--hill-k",
+                "2",
+                "--include",
+                "attention",
+                "--no-progress",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out2.read_text())["rows"]
     assert {r["step"] for r in rows} == {10} and {r["module"] for r in rows} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     with pytest.raises(WeightgeoError, match="config"):

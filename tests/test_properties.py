@@ -63,9 +63,8 @@ def test_the_table_covers_every_metric():
     assert set(METRICS) - listed <= {"principal_overlap_left"}, "METRICS lists a metric the catalog does not"
     assert COUNTS <= listed
 
-pairs = st.tuples(
-    st.integers(4, 10), st.integers(4, 10), st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 1e-2, 0.3])
-)
+
+pairs = st.tuples(st.integers(4, 10), st.integers(4, 10), st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 1e-2, 0.3]))
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
@@ -134,9 +133,18 @@ def test_identity_is_best(name):
     fn = METRICS[name][0]
     b, _ = _pair(8, 6, 0, 0.0)
     v = fn(b, b.clone())
-    best = {"update_sparsity": 1.0, "principal_overlap": 1.0, "principal_overlap_left": 1.0, "max_principal_angle": 0.0,
-            "spectral_drift": 0.0, "density": 0.0, "stable_rank": 0.0, "mean_principal_angle": 0.0,
-            "delta_frobenius": 0.0, "k_effective": float(K)}
+    best = {
+        "update_sparsity": 1.0,
+        "principal_overlap": 1.0,
+        "principal_overlap_left": 1.0,
+        "max_principal_angle": 0.0,
+        "spectral_drift": 0.0,
+        "density": 0.0,
+        "stable_rank": 0.0,
+        "mean_principal_angle": 0.0,
+        "delta_frobenius": 0.0,
+        "k_effective": float(K),
+    }
     if name == "spectral_gap":  # a property of W0 alone: σ_k/σ_{k+1}
         s = torch.linalg.svdvals(b)
         assert v == pytest.approx(float(s[K - 1] / s[K]), rel=1e-9)
@@ -154,8 +162,15 @@ def test_numpy_equals_torch():
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 3), m=st.integers(2, 12), n=st.integers(2, 12), low_rank=st.booleans(),
-       bf16=st.booleans(), side=st.sampled_from(["right", "left"]), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    m=st.integers(2, 12),
+    n=st.integers(2, 12),
+    low_rank=st.booleans(),
+    bf16=st.booleans(),
+    side=st.sampled_from(["right", "left"]),
+    seed=st.integers(0, 2**16),
+)
 def test_batched_pair_metrics_equal_one_at_a_time(B, m, n, low_rank, bf16, side, seed):
     """The engine's shape-group kernel gives every member what it gets alone (incl. rank-deficient members,
     whose effective k differs, and the ill-conditioned fallbacks)."""
@@ -164,15 +179,16 @@ def test_batched_pair_metrics_equal_one_at_a_time(B, m, n, low_rank, bf16, side,
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(B, m, n, generator=g, dtype=torch.float64)
     if low_rank:  # the first member exactly rank 1: a different effective k from the others
-        W0[0] = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g,
-                                                                                     dtype=torch.float64)
+        W0[0] = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(
+            1, n, generator=g, dtype=torch.float64
+        )
     W1 = W0 + 0.05 * torch.randn(B, m, n, generator=g, dtype=torch.float64)
     dt = torch.bfloat16 if bf16 else torch.float32
     W0, W1 = W0.to(dt), W1.to(dt)
     opts = dict(metrics=frozenset(PAIR_METRICS), k=K, side=side, rank=2, alpha=0.4, eta=1e-3)
     together = batched_pair_metrics(W0, W1, **opts)
     for i in range(B):
-        alone = batched_pair_metrics(W0[i:i + 1], W1[i:i + 1], **opts)[0]
+        alone = batched_pair_metrics(W0[i : i + 1], W1[i : i + 1], **opts)[0]
         assert together[i].keys() == alone.keys()
         for key, val in alone.items():
             if math.isnan(val):

@@ -60,7 +60,8 @@ def test_leaving_early_stops_the_producer():
 
 def test_foreground_mode_reads_in_the_callers_thread():
     seen = []
-    ra = ReadAhead(((1, lambda i=i: seen.append(threading.current_thread()) or i) for i in range(3)), budget=10,
-                   background=False)
+    ra = ReadAhead(
+        ((1, lambda i=i: seen.append(threading.current_thread()) or i) for i in range(3)), budget=10, background=False
+    )
     assert list(ra) == [0, 1, 2]
     assert all(t is threading.main_thread() for t in seen)

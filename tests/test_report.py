@@ -9,10 +9,28 @@ from weightgeo.report import Report, summarize_rows
 
 def _rows():
     return [
-        {"name": "layers.0.q_proj.weight", "shape": (4, 4), "numel": 16, "module": "q_proj", "layer": 0,
-         "update_sparsity": 0.5, "spectral_drift": 1e-3, "max_principal_angle": 2.0, "principal_overlap": 0.9},
-        {"name": "layers.1.q_proj.weight", "shape": (4, 4), "numel": 16, "module": "q_proj", "layer": 1,
-         "update_sparsity": 1.0, "spectral_drift": 3e-3, "max_principal_angle": 4.0, "principal_overlap": math.nan},
+        {
+            "name": "layers.0.q_proj.weight",
+            "shape": (4, 4),
+            "numel": 16,
+            "module": "q_proj",
+            "layer": 0,
+            "update_sparsity": 0.5,
+            "spectral_drift": 1e-3,
+            "max_principal_angle": 2.0,
+            "principal_overlap": 0.9,
+        },
+        {
+            "name": "layers.1.q_proj.weight",
+            "shape": (4, 4),
+            "numel": 16,
+            "module": "q_proj",
+            "layer": 1,
+            "update_sparsity": 1.0,
+            "spectral_drift": 3e-3,
+            "max_principal_angle": 4.0,
+            "principal_overlap": math.nan,
+        },
         {"name": "norm.weight", "shape": (4,), "numel": 4, "module": "norm", "layer": None, "update_sparsity": 0.0},
     ]
 
@@ -51,9 +69,14 @@ def test_from_json_rejects_other_files(tmp_path):
 
 
 def test_csv_and_pandas_and_text(tmp_path):
-    r = Report(rows=_rows(), summary=summarize_rows(_rows()),
-               meta={"skipped": [{"name": "pos_ids", "reason": "non-floating dtype"}],
-                     "unmatched": {"only_base": ["lm_head.weight"], "only_ft": []}})
+    r = Report(
+        rows=_rows(),
+        summary=summarize_rows(_rows()),
+        meta={
+            "skipped": [{"name": "pos_ids", "reason": "non-floating dtype"}],
+            "unmatched": {"only_base": ["lm_head.weight"], "only_ft": []},
+        },
+    )
     p = tmp_path / "r.csv"
     r.to_csv(p)
     lines = p.read_text().splitlines()

@@ -58,11 +58,12 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
     seeds = pl.seeds
     if D.has(*[f"m_{m}_s{i}" for m in ("sft", "opd", "rlvr", "null") for i in range(seeds)]):
         meths = ("sft", "opd", "rlvr")
-        q = {"density": (lambda S, t: S["density"][str(t)]["per_matrix"], False, "update density (all 2-D weights)"),
-             "fro": (lambda S, t: S["fro"][str(t)], False, "‖ΔW_t‖_F (attention, bf16)"),
-             "srank": (lambda S, t: S["srank"][str(t)], True, "stable rank of ΔW_t (attention, bf16)"),
-             "srank_fp32": (lambda S, t: S["srank_fp32"][str(t)], True,
-                            "stable rank of ΔW_t (attention, fp32 masters)")}
+        q = {
+            "density": (lambda S, t: S["density"][str(t)]["per_matrix"], False, "update density (all 2-D weights)"),
+            "fro": (lambda S, t: S["fro"][str(t)], False, "‖ΔW_t‖_F (attention, bf16)"),
+            "srank": (lambda S, t: S["srank"][str(t)], True, "stable rank of ΔW_t (attention, bf16)"),
+            "srank_fp32": (lambda S, t: S["srank_fp32"][str(t)], True, "stable rank of ΔW_t (attention, fp32 masters)"),
+        }
         fig, axs = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
         for ax, (key, (fn, frac, title)) in zip(axs.flat, q.items()):
             x, arr = _series(D, "null", seeds, fn, frac=frac)
@@ -97,8 +98,11 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
                 x, arr = _series(D, meth, seeds, fn, frac=True)
                 ax.plot(x, np.nanmean(arr, 2).mean(0), color=COLORS[meth], lw=2, marker="o", ms=3, label=LABEL[meth])
             ax.axhline(k / 64, color="k", ls=":", lw=0.8, label="random (K/64)")
-            ax.set(title=f"Sim_{k}(t, t_end)" + ("  (primary K*)" if k == K else ""), xlabel="fraction of training",
-                   ylim=(0, 1.02))
+            ax.set(
+                title=f"Sim_{k}(t, t_end)" + ("  (primary K*)" if k == K else ""),
+                xlabel="fraction of training",
+                ylim=(0, 1.02),
+            )
             ax.grid(alpha=0.3)
         axs[0].legend(fontsize=7)
         fig.savefig(out / "fig_simk.png", dpi=110)
@@ -109,16 +113,21 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
         d6 = det[6]
         fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
         ks = list(d6["per_k"])
-        for j, (key, col, lab) in enumerate((("sft_proj_minus_plain", "tab:blue", "SFT: projected − plain"),
-                                             ("opd_proj_minus_plain", "tab:orange", "OPD: projected − plain"))):
+        for j, (key, col, lab) in enumerate(
+            (
+                ("sft_proj_minus_plain", "tab:blue", "SFT: projected − plain"),
+                ("opd_proj_minus_plain", "tab:orange", "OPD: projected − plain"),
+            )
+        ):
             ys = [d6["per_k"][k][key]["statistic"] for k in ks]
             ci = [d6["per_k"][k][key]["ci95"] or (y, y) for k, y in zip(ks, ys)]
             xs = np.arange(len(ks)) + (j - 0.5) * 0.3
             err = [[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]]
             ax.bar(xs, ys, 0.3, color=col, label=lab, yerr=err, capsize=3)
         g, h = d6["opd_gain"], d6["head_only_gain"]
-        ax.axhline(g["statistic"], color="tab:orange", ls="--", lw=1,
-                   label=f"OPD gain over the anchor {g['statistic']:+.4f}")
+        ax.axhline(
+            g["statistic"], color="tab:orange", ls="--", lw=1, label=f"OPD gain over the anchor {g['statistic']:+.4f}"
+        )
         ax.axhline(h["statistic"], color="tab:red", ls=":", lw=1, label=f"head-only OPD gain {h['statistic']:+.4f}")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(ks)), [f"K={k}" + (" (K*)" if int(k) == K else "") for k in ks])
@@ -139,8 +148,13 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
         ax.plot(x, [agg(ref["srank"][str(s)]) for s in ref["steps"]], color="k", lw=2.5, label="OPD (seed 0)")
         for n in sorted(n[2:] for n in D.res if n.startswith("m_ctrl_")):
             S = D.res[f"m_{n}"]
-            ax.plot(x, [agg(S["srank"][str(s)]) for s in ref["steps"]], lw=1.2, ls="--" if "mix" in n else "-",
-                    label=n.removeprefix("ctrl_"))
+            ax.plot(
+                x,
+                [agg(S["srank"][str(s)]) for s in ref["steps"]],
+                lw=1.2,
+                ls="--" if "mix" in n else "-",
+                label=n.removeprefix("ctrl_"),
+            )
         ax.set(xlabel="step", ylabel="stable rank of ΔW_t (attention, bf16)", title="OPD controls (paper §5)")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
@@ -148,5 +162,3 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
         plt.close(fig)
         made.append("fig_controls.png")
     return made
-
-

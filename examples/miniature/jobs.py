@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import weightgeo
 from safetensors.torch import load_file, save_file
+
+import weightgeo
 from weightgeo.train import opd, rlvr, sft
 from weightgeo.train.model import GPT
 from weightgeo.train.regime import RegimeThresholds, accuracy_matrix, regime_checks, reverse_kl
@@ -72,8 +73,10 @@ def run_job(job: dict, out: str, assets: str, threads: int) -> dict:
 def _save_eval(path: Path, mats: dict[str, dict]) -> dict:
     """Store correctness matrices {reading: {"t1", "greedy"}} and return their accuracies."""
     save_file({f"{k}@{r}": v.contiguous() for r, m in mats.items() for k, v in m.items()}, str(path))
-    return {r: {"acc_t1": m["t1"].float().mean().item(), "acc_greedy": m["greedy"].float().mean().item()}
-            for r, m in mats.items()}
+    return {
+        r: {"acc_t1": m["t1"].float().mean().item(), "acc_greedy": m["greedy"].float().mean().item()}
+        for r, m in mats.items()
+    }
 
 
 def load_eval(out: Path, name: str, reading) -> dict[str, np.ndarray]:
@@ -91,6 +94,7 @@ def _train(job: dict, out: Path, assets: Path) -> dict:
 
         def hook(m, step):
             tracker.update(m.named_parameters(), step)
+
     kind = job["kind"]
     if kind == "sft":
         summary = sft.train(model, sft.SFTConfig(**cfg_kw), run_dir, task=TASK)
@@ -99,18 +103,31 @@ def _train(job: dict, out: Path, assets: Path) -> dict:
         summary = opd.train(model, teacher, opd.OPDConfig(**cfg_kw), run_dir, task=TASK, on_step=hook)
     else:
         summary = rlvr.train(model, rlvr.RLVRConfig(**cfg_kw), run_dir, task=TASK)
-    mats = {r: accuracy_matrix(GPT.from_pretrained(run_dir / f"checkpoint-{r}"), TASK, n=job["eval_prompts"],
-                               samples=job["eval_samples"]) for r in job["readings"]}
-    res = {"name": job["name"], "kind": kind, "steps": cfg_kw["steps"], "run_dir": str(run_dir),
-           "acc": _save_eval(run_dir / "eval.safetensors", mats),
-           "summary": {k: v for k, v in summary.items() if k in ("steps_without_update", "opd_share_mean",
-                                                                 "checkpoints", "final_loss")}}
+    mats = {
+        r: accuracy_matrix(
+            GPT.from_pretrained(run_dir / f"checkpoint-{r}"), TASK, n=job["eval_prompts"], samples=job["eval_samples"]
+        )
+        for r in job["readings"]
+    }
+    res = {
+        "name": job["name"],
+        "kind": kind,
+        "steps": cfg_kw["steps"],
+        "run_dir": str(run_dir),
+        "acc": _save_eval(run_dir / "eval.safetensors", mats),
+        "summary": {
+            k: v
+            for k, v in summary.items()
+            if k in ("steps_without_update", "opd_share_mean", "checkpoints", "final_loss")
+        },
+    }
     logs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     res["train_s"] = logs[-1]["wall_s"] if logs else 0.0
     if kind == "rlvr":
         res["summary"]["kept_groups_mean"] = float(np.mean([r["kept_groups"] for r in logs])) if logs else math.nan
         res["summary"]["steps_without_kept_group_by_reading"] = {
-            r: sum(1 for x in logs if x["step"] <= r and x["kept_groups"] == 0) for r in job["readings"]}
+            r: sum(1 for x in logs if x["step"] <= r and x["kept_groups"] == 0) for r in job["readings"]
+        }
     if tracker is not None:
         res["tracker"] = tracker_agreement(tracker, run_dir)
     return res
@@ -137,16 +154,27 @@ def _regime(job: dict, out: Path, assets: Path) -> dict:
     values = {
         "teacher_acc_t1": teacher_r["acc"]["final"]["acc_t1"],
         "teacher_acc_greedy": teacher_r["acc"]["final"]["acc_greedy"],
-        "anchor_acc_t1": sft0["acc"][str(last)]["acc_t1"], "anchor_acc_greedy": sft0["acc"][str(last)]["acc_greedy"],
-        "reverse_kl_nats": kl["reverse_kl_nats"], "response_tokens": kl["response_tokens"],
-        "param_ratio": teacher_r["num_params"] / anchor.num_params(), "sft_last_gain": gain["diff"],
+        "anchor_acc_t1": sft0["acc"][str(last)]["acc_t1"],
+        "anchor_acc_greedy": sft0["acc"][str(last)]["acc_greedy"],
+        "reverse_kl_nats": kl["reverse_kl_nats"],
+        "response_tokens": kl["response_tokens"],
+        "param_ratio": teacher_r["num_params"] / anchor.num_params(),
+        "sft_last_gain": gain["diff"],
     }
     checks = regime_checks(values)
-    return {"values": values, "checks": checks, "passed": all(checks.values()), "sft_last_gain_ci95": gain["ci95"],
-            "sft_reading_80pct": at80, "kl_sampled_token_estimate": kl["sampled_token_estimate"],
-            "kl_by_position": kl["by_position"], "base_acc": sft0["acc"]["0"],
-            "student_params": anchor.num_params(), "teacher_params": teacher_r["num_params"],
-            "thresholds": asdict(RegimeThresholds())}
+    return {
+        "values": values,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "sft_last_gain_ci95": gain["ci95"],
+        "sft_reading_80pct": at80,
+        "kl_sampled_token_estimate": kl["sampled_token_estimate"],
+        "kl_by_position": kl["by_position"],
+        "base_acc": sft0["acc"]["0"],
+        "student_params": anchor.num_params(),
+        "teacher_params": teacher_r["num_params"],
+        "thresholds": asdict(RegimeThresholds()),
+    }
 
 
 def _critical_path(jobs: dict[str, dict]) -> dict[str, float]:
@@ -161,13 +189,15 @@ def _critical_path(jobs: dict[str, dict]) -> dict[str, float]:
         if n not in rank:
             rank[n] = jobs[n]["cost"] + max((up(c) for c in children[n] if c in jobs), default=0.0)
         return rank[n]
+
     for n in jobs:
         up(n)
     return rank
 
 
-def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, threads: int, log=print,
-            on_done=None) -> dict[str, dict]:
+def run_all(
+    jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, threads: int, log=print, on_done=None
+) -> dict[str, dict]:
     """Run ``jobs`` respecting their deps, longest ready job first, in ``n_workers`` processes (1: in this
     process). A job whose result file holds the same spec is reused (and so are its outputs)."""
     results: dict[str, dict] = {}
@@ -175,8 +205,11 @@ def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, t
         f = out / "results" / f"{name}.json"
         if f.is_file():
             r = json.loads(f.read_text())
-            newer_dep = any((out / "results" / f"{d}.json").stat().st_mtime > f.stat().st_mtime
-                            for d in job["deps"] if (out / "results" / f"{d}.json").is_file())
+            newer_dep = any(
+                (out / "results" / f"{d}.json").stat().st_mtime > f.stat().st_mtime
+                for d in job["deps"]
+                if (out / "results" / f"{d}.json").is_file()
+            )
             if r.get("spec") == _spec(job) and not newer_dep and all(d in results for d in job["deps"]):
                 results[name] = r
                 r["reused"] = True
@@ -197,8 +230,11 @@ def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, t
         results[name] = res
         pending.pop(name, None)
         if jobs[name]["kind"] in ("sft", "opd", "rlvr", "eval_model"):
-            log(f"  {name:<22} {res['wall_s']:6.1f}s  " + "  ".join(
-                f"@{r}: T=1 {a['acc_t1']:.3f} greedy {a['acc_greedy']:.3f}" for r, a in res["acc"].items()), flush=True)
+            log(
+                f"  {name:<22} {res['wall_s']:6.1f}s  "
+                + "  ".join(f"@{r}: T=1 {a['acc_t1']:.3f} greedy {a['acc_greedy']:.3f}" for r, a in res["acc"].items()),
+                flush=True,
+            )
         if on_done:
             on_done(name, res)
 
@@ -223,4 +259,3 @@ def run_all(jobs: dict[str, dict], out: Path, assets: Path, *, n_workers: int, t
             for fut in done:
                 finish(running.pop(fut), fut.result())
     return results
-

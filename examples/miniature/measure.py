@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+
 import weightgeo
 from weightgeo.train.model import GPT
 
@@ -34,15 +35,20 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
         rc = weightgeo.rank_curve(ck, steps=steps, include=ATTENTION, k=K, cache=CACHE)
         rows = sorted(rc.rows, key=lambda r: (r["step"], r["name"]))
         res["matrices"] = sorted({r["name"] for r in rows})
-        res["sim"][str(K)] = {str(s): [r["final_subspace_similarity"] for r in rows if r["step"] == s]
-                              for s in steps[1:]}
+        res["sim"][str(K)] = {
+            str(s): [r["final_subspace_similarity"] for r in rows if r["step"] == s] for s in steps[1:]
+        }
         if K == KS[0]:
             res["srank"] = {str(s): [r["stable_rank"] for r in rows if r["step"] == s] for s in steps[1:]}
             res["fro"] = {str(s): [r["frobenius_norm"] for r in rows if r["step"] == s] for s in steps[1:]}
     rc32 = weightgeo.rank_curve([run_dir / "fp32" / f"checkpoint-{s}" for s in steps], steps=steps, k=1, cache=CACHE)
     att = set(res["matrices"])
-    res["srank_fp32"] = {str(s): [r["stable_rank"] for r in sorted(rc32.rows, key=lambda r: r["name"])
-                             if r["step"] == s and r["name"] in att] for s in steps[1:]}
+    res["srank_fp32"] = {
+        str(s): [
+            r["stable_rank"] for r in sorted(rc32.rows, key=lambda r: r["name"]) if r["step"] == s and r["name"] in att
+        ]
+        for s in steps[1:]
+    }
     res["consistency"] = {}
     for s in steps[1:]:
         by: dict[str, list[float]] = {}
@@ -50,9 +56,13 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
             if r["step"] == s:
                 by.setdefault(_module_type(r["name"]), []).append((r["frobenius_norm"] ** 2, r["numel"]))
         denom = math.sqrt(sum(x * x for x in lrs[:s]))
-        res["consistency"][str(s)] = {t: {"rms": math.sqrt(sum(a for a, _ in v) / sum(n for _, n in v)),
-                                     "c_tilde": math.sqrt(sum(a for a, _ in v) / sum(n for _, n in v)) / denom}
-                                 for t, v in by.items()}
+        res["consistency"][str(s)] = {
+            t: {
+                "rms": math.sqrt(sum(a for a, _ in v) / sum(n for _, n in v)),
+                "c_tilde": math.sqrt(sum(a for a, _ in v) / sum(n for _, n in v)) / denom,
+            }
+            for t, v in by.items()
+        }
     res["density"], res["unchanged_rows"] = {}, {}
     for s, c in zip(steps[1:], ck[1:]):
         rep = weightgeo.compare(ck[0], c, metrics="update_sparsity", progress=False, cache=CACHE)
@@ -73,11 +83,20 @@ def measure_pair(out: Path, assets: Path, job: dict) -> dict:
     ft = run / f"checkpoint-{job['step']}"
     d = json.loads((ft / "config.json").read_text())["hidden_size"]
     k = max(1, d // 8)
-    rep = weightgeo.compare(base, ft, include=BLOCK, k=k, side="right", rank=k, alpha=LOC_ALPHA, progress=False,
-                            cache=CACHE)
+    rep = weightgeo.compare(
+        base, ft, include=BLOCK, k=k, side="right", rank=k, alpha=LOC_ALPHA, progress=False, cache=CACHE
+    )
     rep.to_json(run / f"compare_{job['step']}.json")
-    keys = ("name", "numel", "module", "update_sparsity", "spectral_drift", "max_principal_angle", "density",
-            "low_magnitude_overlap")
+    keys = (
+        "name",
+        "numel",
+        "module",
+        "update_sparsity",
+        "spectral_drift",
+        "max_principal_angle",
+        "density",
+        "low_magnitude_overlap",
+    )
     return {"rows": [{x: r[x] for x in keys} for r in sorted(rep.rows, key=lambda r: r["name"])], "k": k}
 
 
@@ -95,8 +114,13 @@ def tracker_agreement(tracker, run_dir: Path) -> dict:
                 scale = 1.0 if key == "final_subspace_similarity" else max(abs(o[key]), 1e-30)  # Sim: absolute
                 ab = max(ab, abs(r[key] - o[key]) / scale)
         diff[key] = ab
-    return {"rows_tracker": len(trc.rows), "rows_matched": sum((r["step"], r["name"]) in off for r in trc.rows),
-            "rows_offline": len(off), "max_rel_diff": diff, "k": TRACK_K}
+    return {
+        "rows_tracker": len(trc.rows),
+        "rows_matched": sum((r["step"], r["name"]) in off for r in trc.rows),
+        "rows_offline": len(off),
+        "max_rel_diff": diff,
+        "k": TRACK_K,
+    }
 
 
 def half_ulp_over_lr(ckpt: Path, lr: float) -> dict:
@@ -111,7 +135,7 @@ def half_ulp_over_lr(ckpt: Path, lr: float) -> dict:
         _, e = torch.frexp(w)  # |w| in [2^(e-1), 2^e): ULP = 2^(e-1-7)
         steps = torch.ldexp(torch.ones_like(w), e - 9) / lr
         out.setdefault(_module_type(name), []).append(steps)
-    return {t: dict(zip(("p10", "p50", "p90"), torch.quantile(torch.cat(v), torch.tensor([0.1, 0.5, 0.9])).tolist()))
-            for t, v in out.items()}
-
-
+    return {
+        t: dict(zip(("p10", "p50", "p90"), torch.quantile(torch.cat(v), torch.tensor([0.1, 0.5, 0.9])).tolist()))
+        for t, v in out.items()
+    }

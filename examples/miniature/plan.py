@@ -41,13 +41,28 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(seeds=1, opd_steps=100, rlvr_steps=333, rlvr_matched=100, every=10, rlvr_every=50)
-SMOKE = Plan(seeds=1, sft_steps=6, opd_steps=4, rlvr_steps=8, rlvr_matched=4, every=2, rlvr_every=2, n_prompts=4,
-             eval_prompts=48, eval_samples=2, controls=True, project_seeds=1, sparsify=(("topk", 0.5),),
-             mix_alphas=(0.05,))
+SMOKE = Plan(
+    seeds=1,
+    sft_steps=6,
+    opd_steps=4,
+    rlvr_steps=8,
+    rlvr_matched=4,
+    every=2,
+    rlvr_every=2,
+    n_prompts=4,
+    eval_prompts=48,
+    eval_samples=2,
+    controls=True,
+    project_seeds=1,
+    sparsify=(("topk", 0.5),),
+    mix_alphas=(0.05,),
+)
 
 KS = (1, 2, 4, 16)  # Sim_K reported at every K; the primary K* is chosen by PRIMARY_K_RULE
-PRIMARY_K_RULE = ("K* = the largest K in {1, 2, 4, 16} not above s, s = the smaller of SFT's and OPD's "
-                  "seed-mean stable rank of ΔW (attention, bf16) at their first checkpoint at >= 20% of training")
+PRIMARY_K_RULE = (
+    "K* = the largest K in {1, 2, 4, 16} not above s, s = the smaller of SFT's and OPD's "
+    "seed-mean stable rank of ΔW (attention, bf16) at their first checkpoint at >= 20% of training"
+)
 ATTENTION = "attention"  # trajectories: the 16 attention matrices (the paper's set)
 BLOCK = ["attention", "mlp"]  # pair diagnostics: the 24 block matrices
 LOC_ALPHA = 0.3  # localization mask fraction (paper's Fig. 3)
@@ -74,8 +89,10 @@ def _file_id(p: Path) -> str:
 def build_jobs(plan: Plan, assets: Path) -> dict[str, dict]:
     """Every training and measurement job of ``plan``: {name: spec}. A spec is plain JSON (kind, deps, params)."""
     jobs: dict[str, dict] = {}
-    ids = {"base": _file_id(assets / "base" / "model.safetensors"),
-           "teacher": _file_id(assets / "teacher" / "model.safetensors")}
+    ids = {
+        "base": _file_id(assets / "base" / "model.safetensors"),
+        "teacher": _file_id(assets / "teacher" / "model.safetensors"),
+    }
     ev = {"eval_prompts": plan.eval_prompts, "eval_samples": plan.eval_samples}
 
     def add(name, kind, deps=(), cost=1.0, **params):
@@ -94,37 +111,108 @@ def build_jobs(plan: Plan, assets: Path) -> dict[str, dict]:
     n_sft = max(plan.seeds if plan.main else 0, plan.project_seeds if plan.controls else 0, 1)
     n_opd = max(plan.seeds if plan.main else 0, plan.project_seeds if plan.controls else 0, 1)
     for i in range(n_sft):
-        add(f"sft_s{i}", "sft", cost=plan.sft_steps * 0.1, start="base", assets_id=ids, cfg={**sft_cfg, "seed": i},
-            readings=[0, s80, plan.sft_steps], **ev)
+        add(
+            f"sft_s{i}",
+            "sft",
+            cost=plan.sft_steps * 0.1,
+            start="base",
+            assets_id=ids,
+            cfg={**sft_cfg, "seed": i},
+            readings=[0, s80, plan.sft_steps],
+            **ev,
+        )
     add("regime", "regime", deps=["sft_s0", "teacher"], cost=0.5, assets_id=ids, **ev)
     after = ["regime"]  # nothing downstream of the anchor (and no geometry) before the regime is printed
     for i in range(n_opd):
-        add(f"opd_s{i}", "opd", deps=after, cost=plan.opd_steps * 0.25, start="anchor", assets_id=ids,
-            cfg={**opd_cfg, "seed": 100 + i}, readings=[plan.opd_steps], track=i == 0, **ev)
+        add(
+            f"opd_s{i}",
+            "opd",
+            deps=after,
+            cost=plan.opd_steps * 0.25,
+            start="anchor",
+            assets_id=ids,
+            cfg={**opd_cfg, "seed": 100 + i},
+            readings=[plan.opd_steps],
+            track=i == 0,
+            **ev,
+        )
     if plan.main:
         for i in range(plan.seeds):
-            add(f"null_s{i}", "opd", deps=after, cost=plan.opd_steps * 0.25, start="anchor", assets_id=ids,
-                cfg={**opd_cfg, "seed": 100 + i, "permute_advantages": True}, readings=[plan.opd_steps], **ev)
-            add(f"rlvr_s{i}", "rlvr", deps=after, cost=plan.rlvr_steps * 0.17, start="anchor", assets_id=ids,
-                cfg={**rlvr_cfg, "seed": 200 + i}, readings=[plan.rlvr_matched, plan.rlvr_steps], **ev)
+            add(
+                f"null_s{i}",
+                "opd",
+                deps=after,
+                cost=plan.opd_steps * 0.25,
+                start="anchor",
+                assets_id=ids,
+                cfg={**opd_cfg, "seed": 100 + i, "permute_advantages": True},
+                readings=[plan.opd_steps],
+                **ev,
+            )
+            add(
+                f"rlvr_s{i}",
+                "rlvr",
+                deps=after,
+                cost=plan.rlvr_steps * 0.17,
+                start="anchor",
+                assets_id=ids,
+                cfg={**rlvr_cfg, "seed": 200 + i},
+                readings=[plan.rlvr_matched, plan.rlvr_steps],
+                **ev,
+            )
     if plan.controls:
         p_sft, p_opd = round(plan.project_frac * plan.sft_steps), round(plan.project_frac * plan.opd_steps)
         for i in range(plan.project_seeds):
             for k in plan.project_ks:
-                add(f"sft_proj_k{k}_s{i}", "sft", deps=after, cost=plan.sft_steps * 0.1, start="base", assets_id=ids,
-                    cfg={**sft_cfg, "seed": i, "project_at": p_sft, "project_k": k}, readings=[plan.sft_steps], **ev)
-                add(f"opd_proj_k{k}_s{i}", "opd", deps=after, cost=plan.opd_steps * 0.25, start="anchor",
-                    assets_id=ids, cfg={**opd_cfg, "seed": 100 + i, "project_at": p_opd, "project_k": k},
-                    readings=[plan.opd_steps], **ev)
-            add(f"opd_head_s{i}", "opd", deps=after, cost=plan.opd_steps * 0.2, start="anchor", assets_id=ids,
-                cfg={**opd_cfg, "seed": 100 + i, "trainable": HEAD_ONLY}, readings=[plan.opd_steps], **ev)
+                add(
+                    f"sft_proj_k{k}_s{i}",
+                    "sft",
+                    deps=after,
+                    cost=plan.sft_steps * 0.1,
+                    start="base",
+                    assets_id=ids,
+                    cfg={**sft_cfg, "seed": i, "project_at": p_sft, "project_k": k},
+                    readings=[plan.sft_steps],
+                    **ev,
+                )
+                add(
+                    f"opd_proj_k{k}_s{i}",
+                    "opd",
+                    deps=after,
+                    cost=plan.opd_steps * 0.25,
+                    start="anchor",
+                    assets_id=ids,
+                    cfg={**opd_cfg, "seed": 100 + i, "project_at": p_opd, "project_k": k},
+                    readings=[plan.opd_steps],
+                    **ev,
+                )
+            add(
+                f"opd_head_s{i}",
+                "opd",
+                deps=after,
+                cost=plan.opd_steps * 0.2,
+                start="anchor",
+                assets_id=ids,
+                cfg={**opd_cfg, "seed": 100 + i, "trainable": HEAD_ONLY},
+                readings=[plan.opd_steps],
+                **ev,
+            )
         ctrl = {f"ctrl_{m}_{r:g}": {"keep_ratio": r, "keep_mode": m} for m, r in plan.sparsify}
         if plan.offpolicy:
             ctrl["ctrl_offpolicy"] = {"rollout_source": "teacher"}
         ctrl.update({f"ctrl_mix_{a:g}": {"rlvr_alpha": a} for a in plan.mix_alphas})
         for name, kw in ctrl.items():
-            add(name, "opd", deps=after, cost=plan.opd_steps * 0.25, start="anchor", assets_id=ids,
-                cfg={**opd_cfg, "seed": 100, **kw}, readings=[plan.opd_steps], **ev)
+            add(
+                name,
+                "opd",
+                deps=after,
+                cost=plan.opd_steps * 0.25,
+                start="anchor",
+                assets_id=ids,
+                cfg={**opd_cfg, "seed": 100, **kw},
+                readings=[plan.opd_steps],
+                **ev,
+            )
     # measurement: one job per stream (and per RLVR reading), one per pair; all after the regime
     runs = [n for n, j in jobs.items() if j["kind"] in ("sft", "opd", "rlvr")]
     for n in runs:
@@ -133,7 +221,7 @@ def build_jobs(plan: Plan, assets: Path) -> dict[str, dict]:
             continue  # projected / head-only runs are judged by accuracy only
         lrs = _lr_schedule(j)
         add(f"m_{n}", "measure_stream", deps=[n, "regime"], cost=3.0, run=n, upto=None, lrs=lrs)
-        if not n.split("_s")[0] in ("sft", "opd", "null", "rlvr"):
+        if n.split("_s")[0] not in ("sft", "opd", "null", "rlvr"):
             continue  # controls are judged by their stable-rank curves only
         base = "base" if j["start"] == "base" else "anchor"
         add(f"p_{n}", "measure_pair", deps=[n, "regime"], cost=1.0, run=n, start=base, step=j["cfg"]["steps"])
@@ -149,11 +237,19 @@ def _lr_schedule(job: dict) -> list[float]:
     c = job["cfg"]
     if job["kind"] == "sft":
         d = sft.SFTConfig()
-        return [lr_at(t, total=c["steps"], lr=d.lr, schedule="cosine", warmup_frac=d.warmup_frac, min_lr=d.min_lr)
-                for t in range(c["steps"])]
+        return [
+            lr_at(t, total=c["steps"], lr=d.lr, schedule="cosine", warmup_frac=d.warmup_frac, min_lr=d.min_lr)
+            for t in range(c["steps"])
+        ]
     return [(opd.OPDConfig() if job["kind"] == "opd" else rlvr.RLVRConfig()).lr] * c["steps"]
 
 
 def start_dir(job: dict, out: Path, assets: Path) -> Path:
-    return assets / "base" if job["start"] == "base" else out / "runs" / "sft_s0" / "checkpoint-{}".format(
-        json.loads((out / "results" / "sft_s0.json").read_text())["steps"])
+    return (
+        assets / "base"
+        if job["start"] == "base"
+        else out
+        / "runs"
+        / "sft_s0"
+        / "checkpoint-{}".format(json.loads((out / "results" / "sft_s0.json").read_text())["steps"])
+    )

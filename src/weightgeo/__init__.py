@@ -24,8 +24,17 @@ Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) 
 from __future__ import annotations
 
 from ._version import __version__
-from .api import (UpdateMasks, principal_angles, principal_overlap, spectral_drift, stable_rank,
-                  subspace_similarity, update_localization, update_mask, update_sparsity)
+from .api import (
+    UpdateMasks,
+    principal_angles,
+    principal_overlap,
+    spectral_drift,
+    stable_rank,
+    subspace_similarity,
+    update_localization,
+    update_mask,
+    update_sparsity,
+)
 from .checkpoint import Checkpoint, open_checkpoint
 from .engine import compare, compare_many
 from .errors import WeightgeoError

@@ -23,26 +23,35 @@ in both, and where :func:`principal_angles` of two tensors raises (no subspace),
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from . import metrics
 from .cache import ResultCache
 from .checkpoint import compile_filter, open_checkpoint
-from .linalg.policy import compute_dtype, same_compute_dtype
-from .metrics import trajectory as trajectory_kernels
 from .engine import compare, plan_pair
 from .errors import WeightgeoError
+from .linalg.policy import compute_dtype, same_compute_dtype
+from .metrics import trajectory as trajectory_kernels
 from .metrics.localization import Localization
 from .metrics.sparsity import fp8_update_mask, unchanged_mask
 from .report import Report, summarize_rows
 from .trajectory import rank_curve
 from .validation import check_eta, check_finite, check_pair, is_tensor_like
 
-__all__ = ["update_sparsity", "update_mask", "UpdateMasks", "principal_angles", "principal_overlap",
-           "spectral_drift", "stable_rank", "update_localization", "subspace_similarity"]
+__all__ = [
+    "update_sparsity",
+    "update_mask",
+    "UpdateMasks",
+    "principal_angles",
+    "principal_overlap",
+    "spectral_drift",
+    "stable_rank",
+    "update_localization",
+    "subspace_similarity",
+]
 
 Filter = str | Sequence[str] | None
 Device = str | torch.device | None
@@ -56,24 +65,58 @@ def _tensors(*xs: Any) -> bool:
 def _no_checkpoint_options(verb: str, **given: Any) -> None:
     used = [k for k, v in given.items() if v is not None]
     if used:
-        raise WeightgeoError(f"{verb}: {', '.join(used)} appl{'y' if len(used) > 1 else 'ies'} to checkpoint "
-                             f"sources only; with tensors, slice or move them yourself")
+        raise WeightgeoError(
+            f"{verb}: {', '.join(used)} appl{'y' if len(used) > 1 else 'ies'} to checkpoint "
+            f"sources only; with tensors, slice or move them yourself"
+        )
 
 
-def _dispatch(verb: str, tensor_fn: Any, base: Any, ft: Any, *, include: Filter, exclude: Filter, device: Device,
-              batch_bytes: int | None, progress: bool, cache: Cache, **params: Any) -> Any:
+def _dispatch(
+    verb: str,
+    tensor_fn: Any,
+    base: Any,
+    ft: Any,
+    *,
+    include: Filter,
+    exclude: Filter,
+    device: Device,
+    batch_bytes: int | None,
+    progress: bool,
+    cache: Cache,
+    **params: Any,
+) -> Any:
     """``tensor_fn(base, ft, **params)`` for two tensors; else the Report of ``compare`` restricted to ``verb``."""
     if _tensors(base, ft):
-        _no_checkpoint_options(verb, include=include, exclude=exclude, device=device, batch_bytes=batch_bytes,
-                               cache=cache)
+        _no_checkpoint_options(
+            verb, include=include, exclude=exclude, device=device, batch_bytes=batch_bytes, cache=cache
+        )
         return tensor_fn(base, ft, **params)
-    return compare(base, ft, metrics=[verb], include=include, exclude=exclude, device=device,
-                   batch_bytes=batch_bytes, progress=progress, cache=cache, **params)
+    return compare(
+        base,
+        ft,
+        metrics=[verb],
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+        **params,
+    )
 
 
-def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None,
-                    device: Device = None, batch_bytes: int | None = None, progress: bool = False,
-                    cache: Cache = None) -> float | Report:
+def update_sparsity(
+    base: Any,
+    ft: Any,
+    *,
+    eta: float = 1e-3,
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    batch_bytes: int | None = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> float | Report:
     """Fraction of entries unchanged under the bf16 rule (paper §3.1, App. C.3; PNT Def. 2.2).
 
     >>> update_sparsity(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 4.1]))
@@ -90,13 +133,34 @@ def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = 
         checkpoints: a :class:`~weightgeo.report.Report` with ``update_sparsity`` per tensor and, in its
         summary, the parameter-weighted model figure. Reported: SFT 0.081, OPD 0.516, RLVR 0.772 (Qwen3-8B).
     """
-    return _dispatch("update_sparsity", metrics.update_sparsity, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, eta=eta)
+    return _dispatch(
+        "update_sparsity",
+        metrics.update_sparsity,
+        base,
+        ft,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+        eta=eta,
+    )
 
 
-def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right", include: Filter = None,
-                     exclude: Filter = None, device: Device = None, batch_bytes: int | None = None,
-                     progress: bool = False, cache: Cache = None) -> torch.Tensor | Report:
+def principal_angles(
+    base: Any,
+    ft: Any,
+    *,
+    k: int = 512,
+    side: str = "right",
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    batch_bytes: int | None = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> torch.Tensor | Report:
     """Principal angles (degrees, ascending) between the top-k singular subspaces of W0 and W+ (§1.2).
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -116,13 +180,35 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right", i
         the angle vector ``principal_angles`` (a list, ascending, length ``k_effective``; empty for rank 0)
         next to the "principal_overlap" statistics.
     """
-    return _dispatch("principal_angles", metrics.principal_angles, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, k=k, side=side)
+    return _dispatch(
+        "principal_angles",
+        metrics.principal_angles,
+        base,
+        ft,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+        k=k,
+        side=side,
+    )
 
 
-def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right", include: Filter = None,
-                      exclude: Filter = None, device: Device = None, batch_bytes: int | None = None,
-                      progress: bool = False, cache: Cache = None) -> float | Report:
+def principal_overlap(
+    base: Any,
+    ft: Any,
+    *,
+    k: int = 512,
+    side: str = "right",
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    batch_bytes: int | None = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> float | Report:
     """Mean cos² of the principal angles between the top-k singular subspaces (§1.2; = Sim_k of §2).
 
     >>> principal_overlap(torch.eye(3), torch.eye(3), k=2)
@@ -139,12 +225,33 @@ def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right", 
         :class:`~weightgeo.report.Report` with ``principal_overlap``, ``max_principal_angle``,
         ``mean_principal_angle``, ``k_effective`` and ``spectral_gap`` per matrix.
     """
-    return _dispatch("principal_overlap", metrics.principal_overlap, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, k=k, side=side)
+    return _dispatch(
+        "principal_overlap",
+        metrics.principal_overlap,
+        base,
+        ft,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+        k=k,
+        side=side,
+    )
 
 
-def spectral_drift(base: Any, ft: Any, *, include: Filter = None, exclude: Filter = None, device: Device = None,
-                   batch_bytes: int | None = None, progress: bool = False, cache: Cache = None) -> float | Report:
+def spectral_drift(
+    base: Any,
+    ft: Any,
+    *,
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    batch_bytes: int | None = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> float | Report:
     """Normalized spectral shift ``‖σ(W+) − σ(W0)‖₂ / ‖σ(W0)‖₂`` over all singular values (§1.3).
 
     >>> spectral_drift(torch.diag(torch.tensor([3.0, 4.0])), torch.diag(torch.tensor([3.0, 4.5])))
@@ -159,13 +266,31 @@ def spectral_drift(base: Any, ft: Any, *, include: Filter = None, exclude: Filte
         tensors: a float ≥ 0 (:func:`weightgeo.metrics.spectral_drift`). checkpoints: a
         :class:`~weightgeo.report.Report` with ``spectral_drift`` per matrix.
     """
-    return _dispatch("spectral_drift", metrics.spectral_drift, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache)
+    return _dispatch(
+        "spectral_drift",
+        metrics.spectral_drift,
+        base,
+        ft,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+    )
 
 
-def stable_rank(delta: Any, ft: Any = None, *, include: Filter = None, exclude: Filter = None,
-                device: Device = None, batch_bytes: int | None = None, progress: bool = False,
-                cache: Cache = None) -> float | Report:
+def stable_rank(
+    delta: Any,
+    ft: Any = None,
+    *,
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    batch_bytes: int | None = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> float | Report:
     """Stable rank ``‖Δ‖_F² / ‖Δ‖₂²`` of an update (notes §2): of ``delta``, or of ``ft − base``.
 
     >>> stable_rank(torch.diag(torch.tensor([2.0, 2.0, 1.0])))
@@ -186,13 +311,26 @@ def stable_rank(delta: Any, ft: Any = None, *, include: Filter = None, exclude: 
     """
     if ft is None:
         if not is_tensor_like(delta):
-            raise WeightgeoError(f"stable_rank(delta) takes an update tensor; for checkpoints pass both: "
-                                 f"stable_rank(base, ft) (got a {type(delta).__name__})")
-        _no_checkpoint_options("stable_rank", include=include, exclude=exclude, device=device,
-                               batch_bytes=batch_bytes, cache=cache)
+            raise WeightgeoError(
+                f"stable_rank(delta) takes an update tensor; for checkpoints pass both: "
+                f"stable_rank(base, ft) (got a {type(delta).__name__})"
+            )
+        _no_checkpoint_options(
+            "stable_rank", include=include, exclude=exclude, device=device, batch_bytes=batch_bytes, cache=cache
+        )
         return metrics.stable_rank(delta)
-    return _dispatch("stable_rank", _stable_rank_of_pair, delta, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache)
+    return _dispatch(
+        "stable_rank",
+        _stable_rank_of_pair,
+        delta,
+        ft,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+    )
 
 
 def _stable_rank_of_pair(base: Any, ft: Any) -> float:
@@ -202,10 +340,20 @@ def _stable_rank_of_pair(base: Any, ft: Any) -> float:
     return metrics.stable_rank(f.to(cd) - b.to(cd))
 
 
-def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
-                        include: Filter = None, exclude: Filter = None, device: Device = None,
-                        batch_bytes: int | None = None, progress: bool = False,
-                        cache: Cache = None) -> Localization | Report:
+def update_localization(
+    base: Any,
+    ft: Any,
+    *,
+    rank: int = 64,
+    alpha: float = 0.5,
+    eta: float = 1e-3,
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    batch_bytes: int | None = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> Localization | Report:
     """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
 
     >>> W0 = torch.tensor([[4.0, 0.1], [0.2, 3.0]])
@@ -223,13 +371,26 @@ def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.
         :class:`~weightgeo.report.Report` with ``density``, ``principal_mask_overlap`` and
         ``low_magnitude_overlap`` per matrix.
     """
-    return _dispatch("update_localization", metrics.update_localization, base, ft, include=include, exclude=exclude,
-                     device=device, batch_bytes=batch_bytes, progress=progress, cache=cache, rank=rank, alpha=alpha,
-                     eta=eta)
+    return _dispatch(
+        "update_localization",
+        metrics.update_localization,
+        base,
+        ft,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_bytes=batch_bytes,
+        progress=progress,
+        cache=cache,
+        rank=rank,
+        alpha=alpha,
+        eta=eta,
+    )
 
 
-def update_mask(base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None,
-                exclude: Filter = None) -> torch.Tensor | "UpdateMasks":
+def update_mask(
+    base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None
+) -> torch.Tensor | UpdateMasks:
     """Mask of visibly updated entries under the bf16 rule (True = updated), paper §3.1 / PNT Def. 2.1.
 
     >>> update_mask(torch.tensor([1.0, 0.0, 1024.001]), torch.tensor([1.5, -0.0, 1024.002]))
@@ -269,8 +430,9 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
         self._b = open_checkpoint(base)
         self._f = open_checkpoint(ft, base=self._b)
         try:
-            self.plan = plan_pair(self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False,
-                                  experts=False)  # a stack's mask is its whole [E, out, in]
+            self.plan = plan_pair(
+                self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False, experts=False
+            )  # a stack's mask is its whole [E, out, in]
         except BaseException:
             self.close()
             raise
@@ -287,8 +449,9 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
         if job.fp8:  # both stored as scaled FP8: the FP8 rule on codes and scales (docs/checkpoints.md)
             a, b = self._b.fp8_weight(job.base_name, 0, job.rows), self._f.fp8_weight(job.ft_name, 0, job.rows)
             assert a is not None and b is not None
-            return fp8_update_mask(a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=self.eta,
-                                   rows=a.rows, name=name)
+            return fp8_update_mask(
+                a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=self.eta, rows=a.rows, name=name
+            )
         w0 = self._b.get_rows(job.base_name, 0, job.rows)
         w1 = self._f.get_rows(job.ft_name, 0, job.rows)
         check_finite(w0, f"{name}: base")
@@ -306,7 +469,7 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
         self._b.close()
         self._f.close()
 
-    def __enter__(self) -> "UpdateMasks":
+    def __enter__(self) -> UpdateMasks:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -316,9 +479,20 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
         return f"UpdateMasks({self._b.source!r} -> {self._f.source!r}, tensors={len(self)}, eta={self.eta})"
 
 
-def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = "right", seed: int = 0,
-                        base: Any = None, include: Filter = None, exclude: Filter = None, device: Device = None,
-                        progress: bool = False, cache: Cache = None) -> float | Report:
+def subspace_similarity(
+    delta_a: Any,
+    delta_b: Any,
+    *,
+    k: int = 16,
+    side: str = "right",
+    seed: int = 0,
+    base: Any = None,
+    include: Filter = None,
+    exclude: Filter = None,
+    device: Device = None,
+    progress: bool = False,
+    cache: Cache = None,
+) -> float | Report:
     """Sim_K = ‖V_K(a)ᵀ V_K(b)‖_F² / K between the top-``k`` singular subspaces of two updates (paper §4).
 
     >>> g = torch.Generator().manual_seed(0)
@@ -339,26 +513,50 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
         ``subspace_similarity`` per matrix (NaN where either update is zero).
     """
     if _tensors(delta_a, delta_b):
-        _no_checkpoint_options("subspace_similarity", base=base, include=include, exclude=exclude, device=device,
-                               cache=cache)
+        _no_checkpoint_options(
+            "subspace_similarity", base=base, include=include, exclude=exclude, device=device, cache=cache
+        )
         return trajectory_kernels.subspace_similarity(delta_a, delta_b, k=k, side=side, seed=seed)
     if base is None:
-        raise WeightgeoError("subspace_similarity of two checkpoints compares their updates from a base: pass "
-                             "base=<the model both were trained from>")
+        raise WeightgeoError(
+            "subspace_similarity of two checkpoints compares their updates from a base: pass "
+            "base=<the model both were trained from>"
+        )
     if side != "right":
-        raise WeightgeoError(f"subspace_similarity(side={side!r}) of checkpoints: only side='right' (the input "
-                             f"side, the paper's) is computed from checkpoints; pass tensors for side='left'")
-    curve = rank_curve([delta_a, delta_b], base=base, steps=[1, 2], include=include, exclude=exclude, hill_k=2,
-                       k=k, device=device, seed=seed, progress=progress, cache=cache)
+        raise WeightgeoError(
+            f"subspace_similarity(side={side!r}) of checkpoints: only side='right' (the input "
+            f"side, the paper's) is computed from checkpoints; pass tensors for side='left'"
+        )
+    curve = rank_curve(
+        [delta_a, delta_b],
+        base=base,
+        steps=[1, 2],
+        include=include,
+        exclude=exclude,
+        hill_k=2,
+        k=k,
+        device=device,
+        seed=seed,
+        progress=progress,
+        cache=cache,
+    )
     sims = curve.meta["similarity"]
     first = {}
     for row in curve.rows:
         first.setdefault(row["name"], row)
-    rows = [{key: first[name][key] for key in ("name", "shape", "numel", "module", "layer")}
-            | {"subspace_similarity": sims[name][1]} for name in sims if name in first]
-    meta = {**{key: v for key, v in curve.meta.items() if key not in ("similarity", "steps", "base_step")},
-            "kind": "subspace_similarity", "a": _source(delta_a), "b": _source(delta_b),
-            "params": {"k": k, "side": side, "seed": seed}}
+    rows = [
+        {key: first[name][key] for key in ("name", "shape", "numel", "module", "layer")}
+        | {"subspace_similarity": sims[name][1]}
+        for name in sims
+        if name in first
+    ]
+    meta = {
+        **{key: v for key, v in curve.meta.items() if key not in ("similarity", "steps", "base_step")},
+        "kind": "subspace_similarity",
+        "a": _source(delta_a),
+        "b": _source(delta_b),
+        "params": {"k": k, "side": side, "seed": seed},
+    }
     return Report(rows=rows, summary=summarize_rows(rows), meta=meta)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ._version import __version__
 from .checkpoint import open_checkpoint
@@ -26,23 +27,39 @@ __all__ = ["main"]
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--include", action="append", metavar="REGEX",
-                   help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, "
-                        "experts, router")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="REGEX",
+        help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, experts, router",
+    )
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="the model's HF config.json (or its folder): architecture numbers for native checkpoints "
-                        "(Megatron/slime iter_N, torchtitan step-N) that carry none; given to every checkpoint")
-    p.add_argument("--out", type=Path, default=None, metavar="PATH",
-                   help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are "
-                        "created")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="the model's HF config.json (or its folder): architecture numbers for native checkpoints "
+        "(Megatron/slime iter_N, torchtitan step-N) that carry none; given to every checkpoint",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are created",
+    )
     p.add_argument("--summary", action="store_true", help="print only the model summary, not the per-tensor table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                   help="result cache folder (default: $WEIGHTGEO_CACHE, else ~/.cache/weightgeo); results of "
-                        "checkpoints on disk are reused and a killed run resumes")
+    g.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="result cache folder (default: $WEIGHTGEO_CACHE, else ~/.cache/weightgeo); results of "
+        "checkpoints on disk are reused and a killed run resumes",
+    )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
 
 
@@ -51,42 +68,78 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"weightgeo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compare", help="pair diagnostics of a fine-tuned checkpoint against its base",
-                       description="Compare FT against BASE: update sparsity, principal angles, spectral drift, "
-                                   "update localization and stable rank, per tensor and for the whole model.")
+    c = sub.add_parser(
+        "compare",
+        help="pair diagnostics of a fine-tuned checkpoint against its base",
+        description="Compare FT against BASE: update sparsity, principal angles, spectral drift, "
+        "update localization and stable rank, per tensor and for the whole model.",
+    )
     c.add_argument("base", help="base checkpoint: HF dir, .safetensors/.bin file, or hub id")
-    c.add_argument("ft", nargs="+", help="fine-tuned checkpoint (or a PEFT LoRA adapter dir applied to BASE); "
-                                         "several: each compared with BASE, which is read and decomposed once")
-    c.add_argument("--metrics", nargs="+", metavar="NAME", default=None,
-                   help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)")
+    c.add_argument(
+        "ft",
+        nargs="+",
+        help="fine-tuned checkpoint (or a PEFT LoRA adapter dir applied to BASE); "
+        "several: each compared with BASE, which is read and decomposed once",
+    )
+    c.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)",
+    )
     c.add_argument("--k", type=int, default=512, help="top-k subspace size for principal angles (default 512)")
     c.add_argument("--side", choices=("right", "left"), default="right", help="singular subspace side (default right)")
     c.add_argument("--rank", type=int, default=64, help="localization reconstruction rank (default 64)")
     c.add_argument("--alpha", type=float, default=0.5, help="localization mask fraction (default 0.5)")
     c.add_argument("--eta", type=float, default=1e-3, help="bf16 relative tolerance (default 1e-3)")
-    c.add_argument("--batch-mb", type=int, default=None, metavar="MB",
-                   help="memory budget of one shape group in MiB (default 64 on CPU, a quarter of free GPU "
-                        "memory on CUDA; 0 = one matrix at a time)")
+    c.add_argument(
+        "--batch-mb",
+        type=int,
+        default=None,
+        metavar="MB",
+        help="memory budget of one shape group in MiB (default 64 on CPU, a quarter of free GPU "
+        "memory on CUDA; 0 = one matrix at a time)",
+    )
     _add_filters(c)
 
-    t = sub.add_parser("trajectory", help="rank curves and subspace locking over a checkpoint stream",
-                       description="Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
-                                   "(checkpoint-N, global_step_N, global_stepN, iter_N, step-N): stable rank, "
-                                   "norms, Hill index, Sim_K to the final subspace and the locking onset. "
-                                   "Checkpoints not completely written are left out (listed with the reason); "
-                                   "--follow analyses new ones as the run writes them.")
+    t = sub.add_parser(
+        "trajectory",
+        help="rank curves and subspace locking over a checkpoint stream",
+        description="Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
+        "(checkpoint-N, global_step_N, global_stepN, iter_N, step-N): stable rank, "
+        "norms, Hill index, Sim_K to the final subspace and the locking onset. "
+        "Checkpoints not completely written are left out (listed with the reason); "
+        "--follow analyses new ones as the run writes them.",
+    )
     t.add_argument("run_dir", help="run directory of checkpoint folders")
     t.add_argument("--base", default=None, help="initial model (default: the first complete checkpoint)")
-    t.add_argument("--strict", action="store_true",
-                   help="fail on a checkpoint that is not completely written instead of leaving it out")
-    t.add_argument("--follow", action="store_true",
-                   help="keep watching RUN_DIR: analyse each checkpoint once it is complete, rewrite --out and "
-                        "--plot, print a line per new step")
+    t.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on a checkpoint that is not completely written instead of leaving it out",
+    )
+    t.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep watching RUN_DIR: analyse each checkpoint once it is complete, rewrite --out and "
+        "--plot, print a line per new step",
+    )
     t.add_argument("--until", type=int, default=None, metavar="STEP", help="--follow: stop after this step")
-    t.add_argument("--poll-s", type=float, default=10.0, metavar="S",
-                   help="--follow: seconds between scans of RUN_DIR (default 10)")
-    t.add_argument("--idle-s", type=float, default=None, metavar="S",
-                   help="--follow: stop after S seconds without a new complete checkpoint (default: never)")
+    t.add_argument(
+        "--poll-s",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="--follow: seconds between scans of RUN_DIR (default 10)",
+    )
+    t.add_argument(
+        "--idle-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="--follow: stop after S seconds without a new complete checkpoint (default: never)",
+    )
     t.add_argument("--k", type=int, default=16, help="subspace size K for Sim_K (default 16)")
     t.add_argument("--threshold", type=float, default=0.9, help="locking threshold on Sim_K (default 0.9)")
     t.add_argument("--hill-k", type=int, default=10, help="top singular values for the Hill index (default 10)")
@@ -97,20 +150,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_cache_parser(sub) -> None:
-    k = sub.add_parser("cache", help="show or prune the result cache",
-                       description="The result cache (default ~/.cache/weightgeo, or $WEIGHTGEO_CACHE): "
-                                   "'info' lists entries and bytes per weightgeo version; 'prune' removes entries "
-                                   "of other versions, entries unused for --older-than days, then the least "
-                                   "recently used beyond --max-gb.")
+    k = sub.add_parser(
+        "cache",
+        help="show or prune the result cache",
+        description="The result cache (default ~/.cache/weightgeo, or $WEIGHTGEO_CACHE): "
+        "'info' lists entries and bytes per weightgeo version; 'prune' removes entries "
+        "of other versions, entries unused for --older-than days, then the least "
+        "recently used beyond --max-gb.",
+    )
     k.add_argument("action", choices=("info", "prune"))
-    k.add_argument("--cache", type=Path, default=None, metavar="DIR", help="the cache folder (default: "
-                   "$WEIGHTGEO_CACHE, else $XDG_CACHE_HOME/weightgeo or ~/.cache/weightgeo)")
-    k.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                   help="prune: remove entries not used for this many days")
-    k.add_argument("--max-gb", type=float, default=None, metavar="X",
-                   help="prune: then remove the least recently used entries until at most X GB remain")
-    k.add_argument("--keep-other-versions", action="store_true",
-                   help="prune: keep entries written by other weightgeo versions")
+    k.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the cache folder (default: $WEIGHTGEO_CACHE, else $XDG_CACHE_HOME/weightgeo or ~/.cache/weightgeo)",
+    )
+    k.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="prune: remove entries not used for this many days",
+    )
+    k.add_argument(
+        "--max-gb",
+        type=float,
+        default=None,
+        metavar="X",
+        help="prune: then remove the least recently used entries until at most X GB remain",
+    )
+    k.add_argument(
+        "--keep-other-versions", action="store_true", help="prune: keep entries written by other weightgeo versions"
+    )
     k.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
 
 
@@ -128,9 +200,12 @@ def _cache_command(args: argparse.Namespace) -> int:
     for flag, v in (("--older-than", args.older_than), ("--max-gb", args.max_gb)):
         if v is not None and not v >= 0:
             raise WeightgeoError(f"{flag} {v}: give a number ≥ 0")
-    result = cache.prune(older_than=None if args.older_than is None else args.older_than * 86400.0,
-                         max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9),
-                         other_versions=not args.keep_other_versions, dry_run=args.dry_run)
+    result = cache.prune(
+        older_than=None if args.older_than is None else args.older_than * 86400.0,
+        max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9),
+        other_versions=not args.keep_other_versions,
+        dry_run=args.dry_run,
+    )
     print(f"weightgeo cache at {cache.root}: {result}")
     return 0
 
@@ -198,10 +273,20 @@ def _run(args: argparse.Namespace) -> int:
         return _cache_command(args)
     _check_outputs(args)
     if args.command == "compare":
-        opts = dict(metrics=args.metrics, include=_filters(args.include), exclude=_filters(args.exclude), k=args.k,
-                    side=args.side, rank=args.rank, alpha=args.alpha, eta=args.eta, device=args.device,
-                    batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
-                    progress=not args.no_progress, cache=_cache_arg(args))
+        opts = dict(
+            metrics=args.metrics,
+            include=_filters(args.include),
+            exclude=_filters(args.exclude),
+            k=args.k,
+            side=args.side,
+            rank=args.rank,
+            alpha=args.alpha,
+            eta=args.eta,
+            device=args.device,
+            batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
+            progress=not args.no_progress,
+            cache=_cache_arg(args),
+        )
         base, fts = _open_with_config(args.base, args.ft, args.config)
         if len(fts) == 1:
             _emit(compare(base, fts[0], **opts), args)
@@ -213,9 +298,17 @@ def _run(args: argparse.Namespace) -> int:
             _emit(report, args, out)
         return 0
     if args.command == "trajectory":
-        opts = dict(base=args.base, include=_filters(args.include), exclude=_filters(args.exclude),
-                    hill_k=args.hill_k, k=args.k, device=args.device, strict=args.strict, cache=_cache_arg(args),
-                    config=args.config)
+        opts = dict(
+            base=args.base,
+            include=_filters(args.include),
+            exclude=_filters(args.exclude),
+            hill_k=args.hill_k,
+            k=args.k,
+            device=args.device,
+            strict=args.strict,
+            cache=_cache_arg(args),
+            config=args.config,
+        )
         if args.follow:
             return _follow(args, opts)
         for flag, v in (("--until", args.until), ("--idle-s", args.idle_s)):
@@ -253,14 +346,24 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
     opts.pop("strict")
     if args.poll_s < 0 or (args.idle_s is not None and args.idle_s < 0):
         raise WeightgeoError("--poll-s and --idle-s take seconds ≥ 0")
-    print(f"following {args.run_dir} (every {args.poll_s:g} s"
-          + (f", until step {args.until}" if args.until is not None else "")
-          + (f", stopping after {args.idle_s:g} s without a new checkpoint" if args.idle_s is not None else "")
-          + "; Ctrl-C to stop)", flush=True)
+    print(
+        f"following {args.run_dir} (every {args.poll_s:g} s"
+        + (f", until step {args.until}" if args.until is not None else "")
+        + (f", stopping after {args.idle_s:g} s without a new checkpoint" if args.idle_s is not None else "")
+        + "; Ctrl-C to stop)",
+        flush=True,
+    )
     last = None
     try:
-        for update in follow(args.run_dir, until=args.until, poll_s=args.poll_s, idle_s=args.idle_s,
-                             strict=args.strict, progress=False, **opts):
+        for update in follow(
+            args.run_dir,
+            until=args.until,
+            poll_s=args.poll_s,
+            idle_s=args.idle_s,
+            strict=args.strict,
+            progress=False,
+            **opts,
+        ):
             report = update.report
             onset = _with_onset(report, args)
             by = report.summary["by_step"][update.step]
@@ -271,13 +374,15 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
                 (report.to_csv if args.out.suffix.lower() == ".csv" else report.to_json)(args.out)
             _plot(report, onset, args, quiet=True)
             last = (update, onset)
-            print(f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
-                  f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('frobenius_norm', nan):.4g}; "
-                  f"{len(report.summary['steps'])} step(s), "
-                  f"locking onset {onset.step}; {c.get('spectra_computed', 0)} spectra computed, "
-                  f"{c.get('spectra_reused', 0)} reused"
-                  + (f"; left out: {', '.join(s['name'] for s in update.skipped)}" if update.skipped else ""),
-                  flush=True)
+            print(
+                f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
+                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('frobenius_norm', nan):.4g}; "
+                f"{len(report.summary['steps'])} step(s), "
+                f"locking onset {onset.step}; {c.get('spectra_computed', 0)} spectra computed, "
+                f"{c.get('spectra_reused', 0)} reused"
+                + (f"; left out: {', '.join(s['name'] for s in update.skipped)}" if update.skipped else ""),
+                flush=True,
+            )
     except KeyboardInterrupt:
         done = f"the report up to step {last[0].step}" if last else "nothing yet"
         where = " in " + ", ".join(str(p) for p in (args.out, args.plot) if p is not None) if last else ""

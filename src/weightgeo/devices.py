@@ -26,10 +26,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise WeightgeoError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightgeoError(f"device={device!r} but CUDA is not available in this torch build "
-                             f"({torch.__version__}); use device='cpu'")
+        raise WeightgeoError(
+            f"device={device!r} but CUDA is not available in this torch build ({torch.__version__}); use device='cpu'"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         # Checked here: otherwise the first use (the group budget's mem_get_info) fails with a raw CUDA error.
-        raise WeightgeoError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise WeightgeoError(
+            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return dev

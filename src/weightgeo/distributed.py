@@ -11,8 +11,9 @@ from __future__ import annotations
 import atexit
 import heapq
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -59,16 +60,17 @@ def current_world(device: torch.device | None = None) -> World:
     if size <= 1:
         return World()
     if not dist.is_available():
-        raise WeightgeoError(f"WORLD_SIZE={size} but this torch build has no torch.distributed; "
-                             "run without torchrun")
+        raise WeightgeoError(f"WORLD_SIZE={size} but this torch build has no torch.distributed; run without torchrun")
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group(backend=backend)
     except (RuntimeError, ValueError) as e:
-        raise WeightgeoError(f"could not join the torch.distributed group (WORLD_SIZE={size}, backend "
-                             f"{backend}): {e}; launch with torchrun --nproc-per-node N") from e
+        raise WeightgeoError(
+            f"could not join the torch.distributed group (WORLD_SIZE={size}, backend "
+            f"{backend}): {e}; launch with torchrun --nproc-per-node N"
+        ) from e
     # We created the group, so we tear it down: a gloo group left to interpreter shutdown can abort the
     # process ("terminate called without an active exception") and torchrun then reports a failed rank.
     atexit.register(_shutdown)

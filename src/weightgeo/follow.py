@@ -27,9 +27,10 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -64,11 +65,24 @@ class FollowUpdate:
         return [r for r in self.report.rows if r["step"] == self.step]
 
 
-def follow(run_dir: str | os.PathLike[str], *, base: Any = None, include: str | Sequence[str] | None = None,
-           exclude: str | Sequence[str] | None = None, hill_k: int = 10, k: int = 16,
-           device: str | torch.device | None = None, seed: int = 0, until: int | None = None,
-           poll_s: float = 10.0, idle_s: float | None = None, strict: bool = False, cache: CacheArg = None,
-           config: Any = None, progress: bool = False) -> Iterator[FollowUpdate]:
+def follow(
+    run_dir: str | os.PathLike[str],
+    *,
+    base: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    hill_k: int = 10,
+    k: int = 16,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    until: int | None = None,
+    poll_s: float = 10.0,
+    idle_s: float | None = None,
+    strict: bool = False,
+    cache: CacheArg = None,
+    config: Any = None,
+    progress: bool = False,
+) -> Iterator[FollowUpdate]:
     """Analyse a run's checkpoints as they become complete: one :class:`FollowUpdate` per new step.
 
     The run directory is scanned every ``poll_s`` seconds (:func:`~weightgeo.stream.run_checkpoints`: names,
@@ -100,8 +114,10 @@ def follow(run_dir: str | os.PathLike[str], *, base: Any = None, include: str | 
     """
     root = Path(run_dir)
     if not root.is_dir():
-        raise WeightgeoError(f"follow: run directory {root} does not exist or is not a directory; pass the folder "
-                             f"the trainer writes its checkpoint folders into")
+        raise WeightgeoError(
+            f"follow: run directory {root} does not exist or is not a directory; pass the folder "
+            f"the trainer writes its checkpoint folders into"
+        )
     if until is not None:
         until = check_int(until, "until", minimum=0)
     for name, value in (("poll_s", poll_s), ("idle_s", idle_s)):
@@ -125,15 +141,34 @@ def follow(run_dir: str | os.PathLike[str], *, base: Any = None, include: str | 
         for step in new:
             included = sorted(t for t in done | {step} if t in complete)
             sources = [complete[t] for t in included]
-            s = (CheckpointStream.of(sources, included, base=separate, origin=str(root), skipped=skipped)
-                 if separate is not None else
-                 CheckpointStream.of([complete[base_step], *sources], [base_step, *included], origin=str(root),
-                                     skipped=skipped))
-            report = stream_report(s, include=include, exclude=exclude, hill_k=hill_k, k=k, device=device,
-                                   seed=seed, progress=progress, cache=cache, config=config, memo=memo, warn=False)
+            s = (
+                CheckpointStream.of(sources, included, base=separate, origin=str(root), skipped=skipped)
+                if separate is not None
+                else CheckpointStream.of(
+                    [complete[base_step], *sources], [base_step, *included], origin=str(root), skipped=skipped
+                )
+            )
+            report = stream_report(
+                s,
+                include=include,
+                exclude=exclude,
+                hill_k=hill_k,
+                k=k,
+                device=device,
+                seed=seed,
+                progress=progress,
+                cache=cache,
+                config=config,
+                memo=memo,
+                warn=False,
+            )
             updates += 1
-            report.meta["follow"] = {"update": updates, "new_step": step, "final_step": included[-1],
-                                     "run_dir": str(root)}
+            report.meta["follow"] = {
+                "update": updates,
+                "new_step": step,
+                "final_step": included[-1],
+                "run_dir": str(root),
+            }
             done.add(step)
             last_new = time.monotonic()
             yield FollowUpdate(step, report, skipped)

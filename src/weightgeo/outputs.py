@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import WeightgeoError
 
@@ -43,16 +43,19 @@ def check_output_path(path: str | os.PathLike[str], *, what: str = "report") -> 
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        raise WeightgeoError(f"{what} path {p} is an existing directory; give a file name inside it, e.g. "
-                             f"{p / ('report' + (p.suffix or '.json'))}")
+        raise WeightgeoError(
+            f"{what} path {p} is an existing directory; give a file name inside it, e.g. "
+            f"{p / ('report' + (p.suffix or '.json'))}"
+        )
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise WeightgeoError(f"{what} path {p}: {parent} is a file, not a folder; choose another location")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise WeightgeoError(f"{what} path {p}: cannot create files in {parent} (permission denied); choose a "
-                             f"writable location")
+        raise WeightgeoError(
+            f"{what} path {p}: cannot create files in {parent} (permission denied); choose a writable location"
+        )
     return p
 
 
@@ -73,7 +76,9 @@ def atomic_output(path: str | os.PathLike[str], *, what: str = "report") -> Iter
         os.replace(tmp, target)
         tmp = None
     except OSError as e:
-        raise WeightgeoError(f"cannot write {what} {target} ({e.strerror or e}); check the path and free space") from None
+        raise WeightgeoError(
+            f"cannot write {what} {target} ({e.strerror or e}); check the path and free space"
+        ) from None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import WeightgeoError
 from .outputs import atomic_output
@@ -65,8 +66,9 @@ def _matrix_rows(report, key: str) -> list[dict[str, Any]]:
     return [r for r in report.rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
 
 
-def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], *, alpha: float | None = None,
-                      title: str | None = None) -> Path:
+def plot_pair_reports(
+    reports: Mapping[str, Any], path: str | os.PathLike[str], *, alpha: float | None = None, title: str | None = None
+) -> Path:
     """Fig. 2 (max principal angle and NSS per matrix, sorted by layer) and Fig. 3 (localization) for runs.
 
     Args:
@@ -83,10 +85,15 @@ def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], 
         axes[0].plot(range(len(rows)), [r["max_principal_angle"] for r in rows], ".", ms=4, label=label)
         rows = _matrix_rows(rep, "spectral_drift")
         axes[1].plot(range(len(rows)), [r["spectral_drift"] for r in rows], ".", ms=4, label=label)
-    axes[0].set(title="max principal angle per matrix (Fig. 2)", xlabel="matrix (checkpoint order)",
-                ylabel="degrees", yscale="log")
-    axes[1].set(title="spectral drift NSS per matrix (Fig. 2)", xlabel="matrix (checkpoint order)",
-                ylabel="NSS", yscale="log")
+    axes[0].set(
+        title="max principal angle per matrix (Fig. 2)",
+        xlabel="matrix (checkpoint order)",
+        ylabel="degrees",
+        yscale="log",
+    )
+    axes[1].set(
+        title="spectral drift NSS per matrix (Fig. 2)", xlabel="matrix (checkpoint order)", ylabel="NSS", yscale="log"
+    )
     for ax in axes[:2]:  # headroom (a decade on the log axis) so the legend does not hide points
         ys = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0 and math.isfinite(v)]
         if ys:
@@ -96,13 +103,25 @@ def plot_pair_reports(reports: Mapping[str, Any], path: str | os.PathLike[str], 
     for j, (label, rep) in enumerate(reports.items()):
         vals = [100 * float(rep.summary.get(k, math.nan)) for k in keys]
         axes[2].bar([i + j * width for i in range(len(keys))], vals, width, label=label)
-    a = alpha if alpha is not None else next(
-        (rep.meta.get("params", {}).get("alpha") for rep in reports.values()), None)
+    a = (
+        alpha
+        if alpha is not None
+        else next((rep.meta.get("params", {}).get("alpha") for rep in reports.values()), None)
+    )
     if a is not None:  # the baseline of the two overlaps (not of the density)
-        axes[2].hlines(100 * a, 1 - width / 2, len(keys) - 1 + width * (len(reports) - 0.5), color="gray",
-                       ls="--", lw=1, label=f"random baseline α={a:g}")
-    axes[2].set_xticks([i + width * (len(reports) - 1) / 2 for i in range(len(keys))],
-                       ["update\ndensity", "principal-mask\noverlap", "low-magnitude\noverlap"])
+        axes[2].hlines(
+            100 * a,
+            1 - width / 2,
+            len(keys) - 1 + width * (len(reports) - 0.5),
+            color="gray",
+            ls="--",
+            lw=1,
+            label=f"random baseline α={a:g}",
+        )
+    axes[2].set_xticks(
+        [i + width * (len(reports) - 1) / 2 for i in range(len(keys))],
+        ["update\ndensity", "principal-mask\noverlap", "low-magnitude\noverlap"],
+    )
     axes[2].set(title="update localization (Fig. 3)", ylabel="%")
     return _finish(fig, axes, title, path)
 
@@ -121,9 +140,14 @@ def _by_step(report, key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_trajectories(reports: Mapping[str, Any], path: str | os.PathLike[str], *,
-                      locking: Mapping[str, Any] | None = None, title: str | None = None,
-                      x: str = "step") -> Path:
+def plot_trajectories(
+    reports: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    locking: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    x: str = "step",
+) -> Path:
     """Fig. 4 (stable rank, ‖ΔW_t‖_F, Hill α vs step) and Fig. 5 (Sim_K(t, t_end) vs step) for runs.
 
     Args:
@@ -137,8 +161,11 @@ def plot_trajectories(reports: Mapping[str, Any], path: str | os.PathLike[str], 
     if x not in ("step", "fraction"):
         raise WeightgeoError(f"plot_trajectories: x={x!r}; use 'step' or 'fraction'")
     plt = _pyplot()
-    panels = [("stable_rank", "stable rank of ΔW_t"), ("frobenius_norm", "‖ΔW_t‖_F"),
-              ("hill_alpha", "Hill tail index α̂")]
+    panels = [
+        ("stable_rank", "stable rank of ΔW_t"),
+        ("frobenius_norm", "‖ΔW_t‖_F"),
+        ("hill_alpha", "Hill tail index α̂"),
+    ]
     n = len(panels) + (1 if locking else 0)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4), layout="constrained")
     xlabel = "step" if x == "step" else "fraction of training (step / last step)"
@@ -161,8 +188,7 @@ def plot_trajectories(reports: Mapping[str, Any], path: str | os.PathLike[str], 
             sims = res.mean_similarity
             steps = sorted(sims, key=float)
             last = float(getattr(res, "final_step", None) or max(float(s) for s in steps))
-            line, = ax.plot(scale([float(s) for s in steps], last), [sims[s] for s in steps], "o-", ms=3,
-                            label=label)
+            (line,) = ax.plot(scale([float(s) for s in steps], last), [sims[s] for s in steps], "o-", ms=3, label=label)
             if res.step is not None:
                 ax.axvline(scale([float(res.step)], last)[0], color=line.get_color(), ls=":", lw=1)
         thr = next((getattr(r, "threshold", None) for r in locking.values()), None)

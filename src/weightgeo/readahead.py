@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 __all__ = ["ReadAhead"]
 
@@ -60,8 +61,7 @@ class ReadAhead(Generic[T]):
         try:
             for nbytes, read in self._items:
                 with self._cond:
-                    while (not self._stop and self._inflight > 0
-                           and self._inflight + nbytes > self._budget):
+                    while not self._stop and self._inflight > 0 and self._inflight + nbytes > self._budget:
                         self._cond.wait()
                     if self._stop:
                         return
@@ -108,7 +108,7 @@ class ReadAhead(Generic[T]):
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def __enter__(self) -> "ReadAhead[T]":
+    def __enter__(self) -> ReadAhead[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,9 +7,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .checkpoint.names import expert_index, expert_tensor
 from .errors import WeightgeoError
@@ -21,8 +22,23 @@ __all__ = ["Report", "summarize_rows", "check_output_path"]
 # Columns shown first in tables, in this order, when present.
 _LEAD_COLUMNS = ("group", "step", "name", "expert", "shape", "numel", "module", "layer")
 # Row keys that are identifiers or bookkeeping, not metric values to average.
-_NOT_METRICS = frozenset({"step", "name", "expert", "base_name", "ft_name", "shape", "numel", "module", "layer",
-                          "dtype", "rows_compared", "rows_added", "k_effective"})
+_NOT_METRICS = frozenset(
+    {
+        "step",
+        "name",
+        "expert",
+        "base_name",
+        "ft_name",
+        "shape",
+        "numel",
+        "module",
+        "layer",
+        "dtype",
+        "rows_compared",
+        "rows_added",
+        "k_effective",
+    }
+)
 # Metrics summarised as parameter-count weighted means (fractions of entries); the rest are unweighted means.
 _WEIGHTED = frozenset({"update_sparsity"})
 
@@ -176,14 +192,13 @@ class Report:
         The file is written to a temporary name and renamed, so an interrupted run never leaves half a file.
         Missing parent folders are created; a ``path`` that is an existing directory raises WeightgeoError.
         """
-        text = json.dumps(_jsonable({"rows": self.rows, "summary": self.summary, "meta": self.meta}),
-                          indent=indent)
+        text = json.dumps(_jsonable({"rows": self.rows, "summary": self.summary, "meta": self.meta}), indent=indent)
         if path is not None:
             atomic_write_text(path, text)
         return text
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> "Report":
+    def from_json(cls, path: str | os.PathLike[str]) -> Report:
         """Read a report written by :meth:`to_json`."""
         try:
             data = json.loads(Path(path).read_text())
@@ -223,15 +238,15 @@ class Report:
 
     def table(self, *, columns: Sequence[str] | None = None, max_rows: int | None = None) -> str:
         """A fixed-width text table of the rows."""
-        cols = list(columns) if columns else [c for c in self.columns()
-                                              if c not in ("base_name", "ft_name", "dtype")]
+        cols = list(columns) if columns else [c for c in self.columns() if c not in ("base_name", "ft_name", "dtype")]
         rows = self.rows if max_rows is None else self.rows[:max_rows]
         cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
         lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(v.rjust(w) if _numeric_cell(v) else v.ljust(w) for v, w in zip(row, widths))
-                  for row in cells]
+        lines += [
+            "  ".join(v.rjust(w) if _numeric_cell(v) else v.ljust(w) for v, w in zip(row, widths)) for row in cells
+        ]
         if max_rows is not None and len(self.rows) > max_rows:
             lines.append(f"... {len(self.rows) - max_rows} more rows")
         return "\n".join(lines)
@@ -244,23 +259,38 @@ class Report:
         for k, v in self.summary.items():
             if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
                 lines.append(f"{k}:")
-                sub = Report(rows=[{"group": g, **{m: x for m, x in vals.items()
-                                                   if not isinstance(x, (dict, list))
-                                                   and (not m.startswith("n_") or m == "n_tensors")}}
-                                   for g, vals in v.items()], summary={})
+                sub = Report(
+                    rows=[
+                        {
+                            "group": g,
+                            **{
+                                m: x
+                                for m, x in vals.items()
+                                if not isinstance(x, (dict, list)) and (not m.startswith("n_") or m == "n_tensors")
+                            },
+                        }
+                        for g, vals in v.items()
+                    ],
+                    summary={},
+                )
                 lines += ["  " + line for line in sub.table().splitlines()]
         unmatched = self.unmatched
         lines += _checkpoint_lines([c for c in self.skipped if c.get("kind") == "checkpoint"])
         lines += _skipped_lines([c for c in self.skipped if c.get("kind") != "checkpoint"])
         for side, names in unmatched.items():
             if names:
-                lines.append(f"{side}: {len(names)} tensor(s) without a partner: " + ", ".join(names[:5])
-                             + (" ..." if len(names) > 5 else ""))
+                lines.append(
+                    f"{side}: {len(names)} tensor(s) without a partner: "
+                    + ", ".join(names[:5])
+                    + (" ..." if len(names) > 5 else "")
+                )
         in_out = [r["name"] for r in self.rows if r.get("layout") == "in_out"]
         if in_out:
-            lines.append(f"{len(in_out)} matri{'x is' if len(in_out) == 1 else 'ces are'} stored [in, out] "
-                         f"(Conv1D, e.g. {in_out[0]}): there side='right' is the output side; use side='left' "
-                         f"for their input side")
+            lines.append(
+                f"{len(in_out)} matri{'x is' if len(in_out) == 1 else 'ces are'} stored [in, out] "
+                f"(Conv1D, e.g. {in_out[0]}): there side='right' is the output side; use side='left' "
+                f"for their input side"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -272,14 +302,23 @@ class Report:
 
 def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:
     """Checkpoints a stream left out: a corrupt one (not the newest) loudly, the others in one line."""
-    lines = [f"CORRUPT checkpoint {c['name']} (step {c.get('step')}) was left out: {c.get('reason')}; it is not "
-             f"the newest, so its save failed or it was damaged: re-save or remove it" for c in ckpts
-             if c.get("state") == "corrupt"]
+    lines = [
+        f"CORRUPT checkpoint {c['name']} (step {c.get('step')}) was left out: {c.get('reason')}; it is not "
+        f"the newest, so its save failed or it was damaged: re-save or remove it"
+        for c in ckpts
+        if c.get("state") == "corrupt"
+    ]
     rest = [c for c in ckpts if c.get("state") != "corrupt"]
     if rest:
-        lines.append(f"left out {len(rest)} incomplete checkpoint(s): " + "; ".join(
-            f"{c['name']} ({'still being written?' if c.get('state') == 'in_progress' else c.get('state')}: "
-            f"{c.get('reason')})" for c in rest[:5]) + (" ..." if len(rest) > 5 else ""))
+        lines.append(
+            f"left out {len(rest)} incomplete checkpoint(s): "
+            + "; ".join(
+                f"{c['name']} ({'still being written?' if c.get('state') == 'in_progress' else c.get('state')}: "
+                f"{c.get('reason')})"
+                for c in rest[:5]
+            )
+            + (" ..." if len(rest) > 5 else "")
+        )
     return lines
 
 
@@ -289,8 +328,11 @@ def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = []
     tensors = [s for s in skipped if "side" not in s]
     if tensors:
-        lines.append(f"skipped {len(tensors)} tensor(s): " + "; ".join(
-            f"{s['name']} ({s['reason']})" for s in tensors[:5]) + (" ..." if len(tensors) > 5 else ""))
+        lines.append(
+            f"skipped {len(tensors)} tensor(s): "
+            + "; ".join(f"{s['name']} ({s['reason']})" for s in tensors[:5])
+            + (" ..." if len(tensors) > 5 else "")
+        )
     entries = [s for s in skipped if "side" in s]
     if entries:
         sides: dict[str, int] = {}
@@ -300,10 +342,14 @@ def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
             why = re.sub(r"'[^']*'", "*", str(s["reason"]))  # "FP8 scales of 'w'" counts with the others
             reasons[why] = reasons.get(why, 0) + 1
         by_reason = sorted(reasons.items(), key=lambda kv: -kv[1])
-        lines.append(f"not weights, not analysed: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ("
-                     + ", ".join(f"{side} {n}" for side, n in sides.items()) + "): "
-                     + "; ".join(f"{n} {why}" for why, n in by_reason[:4]) + (" ..." if len(by_reason) > 4 else "")
-                     + " (meta['skipped'])")
+        lines.append(
+            f"not weights, not analysed: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ("
+            + ", ".join(f"{side} {n}" for side, n in sides.items())
+            + "): "
+            + "; ".join(f"{n} {why}" for why, n in by_reason[:4])
+            + (" ..." if len(by_reason) > 4 else "")
+            + " (meta['skipped'])"
+        )
     return lines
 
 

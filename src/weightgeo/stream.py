@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -37,8 +38,17 @@ from .checkpoint.view import read_expert
 from .errors import WeightgeoError
 from .validation import check_finite
 
-__all__ = ["CheckpointStream", "open_stream", "run_checkpoints", "RunCheckpoints", "skipped_checkpoint",
-           "base_folder_step", "strict_error", "StreamReader", "MatrixPlan"]
+__all__ = [
+    "CheckpointStream",
+    "open_stream",
+    "run_checkpoints",
+    "RunCheckpoints",
+    "skipped_checkpoint",
+    "base_folder_step",
+    "strict_error",
+    "StreamReader",
+    "MatrixPlan",
+]
 
 _NAMINGS = "checkpoint-N, global_step_N, global_stepN, iter_N, step-N or step_N"
 
@@ -68,19 +78,32 @@ class CheckpointStream:
         return len(self.steps)
 
     @classmethod
-    def of(cls, sources: Sequence[Any], steps: Sequence[int], *, base: Any = None, origin: str = "",
-           skipped: Sequence[dict[str, Any]] = ()) -> "CheckpointStream":
+    def of(
+        cls,
+        sources: Sequence[Any],
+        steps: Sequence[int],
+        *,
+        base: Any = None,
+        origin: str = "",
+        skipped: Sequence[dict[str, Any]] = (),
+    ) -> CheckpointStream:
         """A stream of ``sources`` at ``steps`` (already in order); without ``base`` the first one is the base.
 
         Raises:
             WeightgeoError: a single checkpoint and no separate base (nothing to compare).
         """
-        return _finish(list(sources), [int(t) for t in steps], base, origin or f"sequence of {len(sources)} "
-                       f"checkpoints", skipped=tuple(skipped))
+        return _finish(
+            list(sources),
+            [int(t) for t in steps],
+            base,
+            origin or f"sequence of {len(sources)} checkpoints",
+            skipped=tuple(skipped),
+        )
 
 
-def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
-                strict: bool = False) -> CheckpointStream:
+def open_stream(
+    stream: Any, *, base: Any = None, steps: Sequence[int] | None = None, strict: bool = False
+) -> CheckpointStream:
     """Validate a stream description (directory or sequence) and pin every checkpoint to its step.
 
     Nothing but folder names, sizes, headers and completion markers is read (no tensor data).
@@ -115,18 +138,23 @@ def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = 
     """
     if isinstance(stream, CheckpointStream):
         if base is not None or steps is not None:
-            raise WeightgeoError("open_stream: the CheckpointStream already fixes its base and steps; "
-                                 "pass base=/steps= only with a directory or a sequence of sources")
+            raise WeightgeoError(
+                "open_stream: the CheckpointStream already fixes its base and steps; "
+                "pass base=/steps= only with a directory or a sequence of sources"
+            )
         return stream
     _check_base(base)
     if isinstance(stream, (str, os.PathLike)):
         if steps is not None:
-            raise WeightgeoError(f"stream {str(stream)!r} is a directory: its steps come from the checkpoint "
-                                 f"folder names; drop steps= (or pass a list of sources)")
+            raise WeightgeoError(
+                f"stream {str(stream)!r} is a directory: its steps come from the checkpoint "
+                f"folder names; drop steps= (or pass a list of sources)"
+            )
         found = run_checkpoints(stream, strict=strict)
         if not found.complete:
-            raise WeightgeoError(f"stream directory {found.root} has no complete checkpoint yet"
-                                 + _left_out(found.skipped))
+            raise WeightgeoError(
+                f"stream directory {found.root} has no complete checkpoint yet" + _left_out(found.skipped)
+            )
         complete = list(found.complete)
         own = base_folder_step(base, complete)
         if own is not None:  # base= is one of the run's own folders: the base, not a step of the stream
@@ -156,8 +184,10 @@ def open_stream(stream: Any, *, base: Any = None, steps: Sequence[int] | None = 
         if not kept:
             raise WeightgeoError(f"{origin}: no complete checkpoint" + _left_out(skipped))
         return _finish(kept, kept_steps, base, origin, skipped=tuple(skipped))
-    raise WeightgeoError(f"stream must be a run directory of checkpoint folders ({_NAMINGS}) or a sequence of "
-                         f"checkpoint sources, got {type(stream).__name__}")
+    raise WeightgeoError(
+        f"stream must be a run directory of checkpoint folders ({_NAMINGS}) or a sequence of "
+        f"checkpoint sources, got {type(stream).__name__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -180,18 +210,34 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
     """
     root = Path(root)
     if not root.exists():
-        raise WeightgeoError(f"stream directory {root} does not exist; pass the run directory that holds the "
-                             f"checkpoint folders ({_NAMINGS})")
+        raise WeightgeoError(
+            f"stream directory {root} does not exist; pass the run directory that holds the "
+            f"checkpoint folders ({_NAMINGS})"
+        )
     if not root.is_dir():
-        raise WeightgeoError(f"stream {root} is a file, not a directory of checkpoint folders; for a list of "
-                             f"checkpoints pass a sequence of sources with steps=")
+        raise WeightgeoError(
+            f"stream {root} is a file, not a directory of checkpoint folders; for a list of "
+            f"checkpoints pass a sequence of sources with steps="
+        )
     scan = scan_run(root)
     if not scan.checkpoints:
         others = sorted(c.name for c in root.iterdir())
         what = "it is empty" if not others else f"it holds {others[:6]}" + (" ..." if len(others) > 6 else "")
-        hint = (" It looks like a single checkpoint: pass a list of checkpoints, or its parent run directory."
-                if any(o in ("config.json", "model.safetensors", "model.safetensors.index.json",
-                             "pytorch_model.bin", ".metadata") for o in others) else "")
+        hint = (
+            " It looks like a single checkpoint: pass a list of checkpoints, or its parent run directory."
+            if any(
+                o
+                in (
+                    "config.json",
+                    "model.safetensors",
+                    "model.safetensors.index.json",
+                    "pytorch_model.bin",
+                    ".metadata",
+                )
+                for o in others
+            )
+            else ""
+        )
         raise WeightgeoError(f"stream directory {root} has no checkpoint folders ({_NAMINGS}; {what}).{hint}")
     states = {id(c): "corrupt" for c in scan.corrupt}
     states.update({id(c): "abandoned" for c in scan.abandoned})
@@ -206,8 +252,9 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
             continue
         assert st.step is not None
         if st.step in complete:
-            raise WeightgeoError(f"duplicate step {st.step} in {root}: {complete[st.step].name} and {st.path.name}; "
-                                 f"remove one")
+            raise WeightgeoError(
+                f"duplicate step {st.step} in {root}: {complete[st.step].name} and {st.path.name}; remove one"
+            )
         complete[st.step] = st.path
     for step, path in complete.items():
         _check_trainer_state(path, step)
@@ -231,21 +278,31 @@ def skipped_checkpoint(status: CheckpointStatus, state: str) -> dict[str, Any]:
     (``"checkpoint"``), ``step``, ``path``, ``state`` (``"in_progress"``: the newest, probably still being written;
     ``"corrupt"``: an older one, a failed save or a damaged copy; ``"abandoned"``: an old temporary folder),
     ``problem`` (one of :data:`~weightgeo.checkpoint.completeness.PROBLEMS`) and ``reason``."""
-    return {"name": status.path.name, "kind": "checkpoint", "step": status.step, "path": str(status.path),
-            "state": state, "problem": status.problem, "reason": status.reason}
+    return {
+        "name": status.path.name,
+        "kind": "checkpoint",
+        "step": status.step,
+        "path": str(status.path),
+        "state": state,
+        "problem": status.problem,
+        "reason": status.reason,
+    }
 
 
 def strict_error(path: Any, reason: str, *, step: int | None = None) -> WeightgeoError:
     """The error of ``strict=True`` (CLI ``--strict``) on a checkpoint that is not completely written."""
     at = "" if step is None else f" (step {step})"
-    return WeightgeoError(f"{path}{at} is not completely written ({reason}); strict=True (--strict) fails on it: "
-                          f"wait for the save to finish, remove the folder, or drop strict to leave it out")
+    return WeightgeoError(
+        f"{path}{at} is not completely written ({reason}); strict=True (--strict) fails on it: "
+        f"wait for the save to finish, remove the folder, or drop strict to leave it out"
+    )
 
 
 def _left_out(skipped: Sequence[dict[str, Any]]) -> str:
     """``; left out <path> (step N): <reason>`` for each checkpoint left out, for an error message."""
-    return "".join(f"; left out {c.get('path', c.get('name'))} (step {c.get('step')}): {c.get('reason')}"
-                   for c in skipped)
+    return "".join(
+        f"; left out {c.get('path', c.get('name'))} (step {c.get('step')}): {c.get('reason')}" for c in skipped
+    )
 
 
 def _check_base(base: Any) -> None:
@@ -256,11 +313,13 @@ def _check_base(base: Any) -> None:
             raise WeightgeoError(f"base {base} is not completely written ({st.reason}); pass a complete base")
 
 
-def _complete_sources(sources: list[Any], steps: list[int], *, strict: bool
-                      ) -> tuple[list[Any], list[int], list[dict[str, Any]]]:
+def _complete_sources(
+    sources: list[Any], steps: list[int], *, strict: bool
+) -> tuple[list[Any], list[int], list[dict[str, Any]]]:
     """The sources of a sequence that are complete (checkpoint folders are checked; other sources pass)."""
-    statuses = [checkpoint_status(s) if isinstance(s, (str, os.PathLike)) and Path(s).is_dir() else None
-                for s in sources]
+    statuses = [
+        checkpoint_status(s) if isinstance(s, (str, os.PathLike)) and Path(s).is_dir() else None for s in sources
+    ]
     newest = max((i for i, st in enumerate(statuses) if st is not None), default=None)
     kept, kept_steps, skipped = [], [], []
     for i, (src, step, st) in enumerate(zip(sources, steps, statuses)):
@@ -275,13 +334,15 @@ def _complete_sources(sources: list[Any], steps: list[int], *, strict: bool
     return kept, kept_steps, skipped
 
 
-def _finish(sources: list[Any], steps: list[int], base: Any, origin: str, *,
-            skipped: tuple[dict[str, Any], ...] = ()) -> CheckpointStream:
+def _finish(
+    sources: list[Any], steps: list[int], base: Any, origin: str, *, skipped: tuple[dict[str, Any], ...] = ()
+) -> CheckpointStream:
     if base is None:
         if len(sources) < 2:
             raise WeightgeoError(  # with what was left out: why a run of several folders came down to one
                 f"{origin}: a stream with one checkpoint (step {steps[0]}) has nothing to compare; add "
-                f"checkpoints, or pass the initial model as base=" + _left_out(skipped))
+                f"checkpoints, or pass the initial model as base=" + _left_out(skipped)
+            )
         return CheckpointStream(tuple(sources[1:]), tuple(steps[1:]), sources[0], steps[0], origin, skipped)
     return CheckpointStream(tuple(sources), tuple(steps), base, None, origin, skipped)
 
@@ -307,8 +368,9 @@ def _check_order(steps: list[int], what: str, sources: list[Any] | None) -> None
         seen[s] = i
     for a, b in zip(steps, steps[1:]):
         if b < a:
-            raise WeightgeoError(f"{what} are not increasing ({a} then {b}): {steps}; pass the checkpoints in "
-                                 f"training order")
+            raise WeightgeoError(
+                f"{what} are not increasing ({a} then {b}): {steps}; pass the checkpoints in training order"
+            )
 
 
 def _step_from_path(source: Any) -> int | None:
@@ -329,8 +391,10 @@ def _check_trainer_state(folder: Path, step: int) -> None:
         raise WeightgeoError(f"{state}: not readable JSON ({e}); fix or delete the file") from e
     gs = data.get("global_step") if isinstance(data, dict) else None
     if gs is not None and int(gs) != step:
-        raise WeightgeoError(f"{state}: global_step is {gs} but the checkpoint is at step {step} (from its folder "
-                             f"name or steps=); rename the folder or pass steps= explicitly")
+        raise WeightgeoError(
+            f"{state}: global_step is {gs} but the checkpoint is at step {step} (from its folder "
+            f"name or steps=); rename the folder or pass steps= explicitly"
+        )
 
 
 @dataclass(frozen=True)
@@ -367,8 +431,9 @@ class StreamReader:
     unmatched: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, stream: CheckpointStream, *, include: Any = None, exclude: Any = None,
-             config: Any = None) -> "StreamReader":
+    def open(
+        cls, stream: CheckpointStream, *, include: Any = None, exclude: Any = None, config: Any = None
+    ) -> StreamReader:
         """Open the base and every checkpoint (headers only) and plan the matrices to follow. ``config``: the
         model's HF config for native checkpoints whose name mapping needs architecture numbers."""
         keep = compile_filter(include, exclude)
@@ -388,11 +453,18 @@ class StreamReader:
             raise WeightgeoError(
                 f"{stream.origin}: no matrix to follow ({len(base)} tensors in the base {base.source}; "
                 f"{len(skipped)} skipped, e.g. {skipped[:3]}); widen include=/exclude= (default: every 2-D "
-                f"floating tensor present in all checkpoints)")
+                f"floating tensor present in all checkpoints)"
+            )
         return cls(stream, base, cks, plan, skipped, unmatched)
 
-    def updates(self, entry: MatrixPlan, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                only: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def updates(
+        self,
+        entry: MatrixPlan,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        only: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(step, ΔW_t)`` for one matrix, reading the base tensor once and each checkpoint's once.
 
         ΔW_t = W_t − W0 is formed in ``dtype`` (float32 by default: the difference of two bf16 values is exact
@@ -414,7 +486,7 @@ class StreamReader:
         for c in [self.base, *self.checkpoints]:
             c.close()
 
-    def __enter__(self) -> "StreamReader":
+    def __enter__(self) -> StreamReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -426,8 +498,9 @@ def _read(ck: Checkpoint, name: str, expert: int | None) -> torch.Tensor:
     return ck.get(name) if expert is None else read_expert(ck, name, expert)
 
 
-def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: Callable[..., bool], *,
-          explicit: bool) -> tuple[list[MatrixPlan], list[dict[str, Any]], dict[str, list[str]]]:
+def _plan(
+    base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: Callable[..., bool], *, explicit: bool
+) -> tuple[list[MatrixPlan], list[dict[str, Any]], dict[str, list[str]]]:
     """Which matrices to follow, from headers alone. A key must be present in the base and every checkpoint."""
     per_ck = []
     only_base: set[str] = set()
@@ -454,25 +527,33 @@ def _plan(base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: C
         if len(bi.shape) != 2 and not stack:
             if explicit or len(bi.shape) > 2:  # 1-D norms and biases are not followed by default; ≥3-D is news
                 what = " that is not an expert stack [E, out, in]" if len(bi.shape) > 2 else ""
-                skipped.append({"name": key, "reason": f"{len(bi.shape)}-D tensor{what}: trajectory metrics need "
-                                                       f"a matrix"})
+                skipped.append(
+                    {"name": key, "reason": f"{len(bi.shape)}-D tensor{what}: trajectory metrics need a matrix"}
+                )
             continue
         if not bi.dtype.is_floating_point:
             skipped.append({"name": key, "reason": f"non-floating dtype {bi.dtype}"})
             continue
-        bad = [(s, ck.info(p.ft_name).shape) for s, ck, p in zip(steps, cks, pairs)
-               if ck.info(p.ft_name).shape != bi.shape]
+        bad = [
+            (s, ck.info(p.ft_name).shape) for s, ck, p in zip(steps, cks, pairs) if ck.info(p.ft_name).shape != bi.shape
+        ]
         if bad:
-            skipped.append({"name": key, "reason": f"shape changes along the stream: base {bi.shape}, "
-                                                   f"step {bad[0][0]} {bad[0][1]}"})
+            skipped.append(
+                {
+                    "name": key,
+                    "reason": f"shape changes along the stream: base {bi.shape}, step {bad[0][0]} {bad[0][1]}",
+                }
+            )
             continue
         if min(bi.shape) == 0:
             skipped.append({"name": key, "reason": "empty matrix"})
             continue
         names = tuple(p.ft_name for p in pairs)
         if stack:  # E matrices [out, in], each followed (and read) on its own, as the pair engine does
-            plan.extend(MatrixPlan(key, (bi.shape[1], bi.shape[2]), pairs[0].base_name, names, expert=j)
-                        for j in range(bi.shape[0]))
+            plan.extend(
+                MatrixPlan(key, (bi.shape[1], bi.shape[2]), pairs[0].base_name, names, expert=j)
+                for j in range(bi.shape[0])
+            )
         else:
             plan.append(MatrixPlan(key, (bi.shape[0], bi.shape[1]), pairs[0].base_name, names))
     return plan, skipped, {"only_base": sorted(only_base), "only_ft": sorted(only_ft)}

@@ -47,9 +47,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -57,9 +58,8 @@ from .checkpoint import canonical_name, compile_filter
 from .devices import resolve_device
 from .errors import WeightgeoError
 from .means import nanmean
+from .metrics.trajectory import UPDATE_BATCH_BYTES, Spectrum, build_locking, matrix_seed, subspace_sim, update_spectra
 from .outputs import atomic_output
-from .metrics.trajectory import (UPDATE_BATCH_BYTES, Spectrum, build_locking, matrix_seed, subspace_sim,
-                                 update_spectra)
 from .report import Report
 from .trajectory import assemble, spectrum_row, trajectory_summary
 from .validation import check_finite, check_int, check_k
@@ -107,10 +107,23 @@ class Tracker:
         gather: gather DTensor parameters with ``full_tensor()`` (every rank must call ``update``).
     """
 
-    def __init__(self, model: Any, *, every: int = 1, k: int = 16, include: Any = None, exclude: Any = None,
-                 mode: str = "exact", device: str | torch.device | None = None, hill_k: int = 10,
-                 dtype: torch.dtype | None = torch.bfloat16, seed: int = 0, sketch_rank: int | None = None,
-                 base_device: str | torch.device = "cpu", gather: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        every: int = 1,
+        k: int = 16,
+        include: Any = None,
+        exclude: Any = None,
+        mode: str = "exact",
+        device: str | torch.device | None = None,
+        hill_k: int = 10,
+        dtype: torch.dtype | None = torch.bfloat16,
+        seed: int = 0,
+        sketch_rank: int | None = None,
+        base_device: str | torch.device = "cpu",
+        gather: bool = False,
+    ) -> None:
         if mode not in _MODES:
             raise WeightgeoError(f"mode={mode!r}; use 'exact' (a bf16 copy of W0) or 'sketch' (random sketches)")
         self.every = check_int(every, "every", minimum=1)
@@ -122,7 +135,9 @@ class Tracker:
         self.gather = bool(gather)
         self.include, self.exclude = include, exclude
         r = max(self.k, self.hill_k)
-        self.sketch_rank = check_int(sketch_rank, "sketch_rank", minimum=r + 1) if sketch_rank is not None else 2 * r + 1
+        self.sketch_rank = (
+            check_int(sketch_rank, "sketch_rank", minimum=r + 1) if sketch_rank is not None else 2 * r + 1
+        )
         self.device = None if device is None else resolve_device(device)
         self.base_device = torch.device(base_device)
         self.skipped: list[dict[str, Any]] = []
@@ -138,23 +153,32 @@ class Tracker:
             shape = _full_shape(p)
             if len(shape) != 2 or not keep(key, shape):
                 if len(shape) > 2 and keep(key, shape):  # e.g. fused MoE experts: say so, never drop silently
-                    self.skipped.append({"name": key, "reason": f"{len(shape)}-D tensor: the Tracker follows 2-D "
-                                                                f"weights (rank_curve on saved checkpoints follows "
-                                                                f"expert stacks per expert)"})
+                    self.skipped.append(
+                        {
+                            "name": key,
+                            "reason": f"{len(shape)}-D tensor: the Tracker follows 2-D "
+                            f"weights (rank_curve on saved checkpoints follows "
+                            f"expert stacks per expert)",
+                        }
+                    )
                 continue
             if isinstance(p, torch.nn.Parameter) and not p.requires_grad:
                 self.skipped.append({"name": key, "reason": "requires_grad=False (frozen: its update is zero)"})
                 continue
             if key in self._matrices:
-                raise WeightgeoError(f"parameters {self._matrices[key].name!r} and {name!r} both map to {key!r}; "
-                                     f"pass a model without duplicate wrapper prefixes")
+                raise WeightgeoError(
+                    f"parameters {self._matrices[key].name!r} and {name!r} both map to {key!r}; "
+                    f"pass a model without duplicate wrapper prefixes"
+                )
             w = self._full(name, p)
             m = _Matrix(key, name, (shape[0], shape[1]), matrix_seed(self.seed, key))
             self._matrices[key] = m
             self._capture_base(m, w)
         if not self._matrices:
-            raise WeightgeoError(f"Tracker: no parameter to track (include={include!r}, exclude={exclude!r}; "
-                                 f"{len(self.skipped)} skipped: {self.skipped[:3]}); track 2-D trainable weights")
+            raise WeightgeoError(
+                f"Tracker: no parameter to track (include={include!r}, exclude={exclude!r}; "
+                f"{len(self.skipped)} skipped: {self.skipped[:3]}); track 2-D trainable weights"
+            )
 
     # --- W0 ------------------------------------------------------------------------------------------------
     def _round(self, w: torch.Tensor) -> torch.Tensor:
@@ -190,25 +214,29 @@ class Tracker:
                     f"parameter {name!r} is a DeepSpeed ZeRO-3 shard (ds_id={p.ds_id}, local shape "
                     f"{tuple(p.shape)}, full {ds_shape}, status {status}); the Tracker needs whole matrices: call "
                     f"update inside `with deepspeed.zero.GatheredParameters(list(model.parameters())):` on every "
-                    f"rank, or track a ZeRO-1/2 run")
+                    f"rank, or track a ZeRO-1/2 run"
+                )
             return p
         if type(p).__name__ == "FlatParameter" or getattr(p, "_is_flat_param", False) or "_flat_param" in name:
             raise WeightgeoError(
                 f"parameter {name!r} is an FSDP flat parameter (shape {tuple(p.shape)}): it is a shard of many "
                 f"matrices; wrap with use_orig_params=True and call update inside "
-                f"`with FSDP.summon_full_params(model):` on every rank")
+                f"`with FSDP.summon_full_params(model):` on every rank"
+            )
         if _is_dtensor(p):
             if not self.gather:
                 raise WeightgeoError(
                     f"parameter {name!r} is a DTensor sharded as {getattr(p, 'placements', '?')} (local shape "
                     f"{tuple(p.to_local().shape)}, full {tuple(p.shape)}); pass Tracker(..., gather=True) and call "
-                    f"update on every rank (full_tensor() is a collective)")
+                    f"update on every rank (full_tensor() is a collective)"
+                )
             return p.full_tensor()
         return p
 
     # --- tracking ------------------------------------------------------------------------------------------
-    def update(self, named_parameters: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
-               step: int) -> dict[str, float]:
+    def update(
+        self, named_parameters: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor], step: int
+    ) -> dict[str, float]:
         """Measure ΔW_t at ``step`` and return a flat ``{"weightgeo/<metric>/<group>": value}`` dict.
 
         Keys: ``weightgeo/{stable_rank,frobenius_norm,spectral_norm,hill_alpha}/{mean,<module type>}``
@@ -222,8 +250,10 @@ class Tracker:
         if step % self.every:
             return {}
         if self.steps and step <= self.steps[-1]:
-            raise WeightgeoError(f"Tracker.update(step={step}) after step {self.steps[-1]}: steps must increase "
-                                 f"(one update per optimizer step)")
+            raise WeightgeoError(
+                f"Tracker.update(step={step}) after step {self.steps[-1]}: steps must increase "
+                f"(one update per optimizer step)"
+            )
         current = self._collect(named_parameters)
         specs = self._measure_exact(current, step) if self.mode == "exact" else self._measure_sketch(current)
         if not specs:
@@ -243,14 +273,18 @@ class Tracker:
                 continue
             w = self._full(name, p)
             if tuple(w.shape) != m.shape:
-                raise WeightgeoError(f"parameter {name!r} has shape {tuple(w.shape)} but {m.shape} at the start; "
-                                     f"the tracker follows fixed matrices")
+                raise WeightgeoError(
+                    f"parameter {name!r} has shape {tuple(w.shape)} but {m.shape} at the start; "
+                    f"the tracker follows fixed matrices"
+                )
             got[key] = w.detach()
         missing = [k for k in self._matrices if k not in got]
         if missing:
-            raise WeightgeoError(f"Tracker.update: {len(missing)} tracked parameter(s) missing, e.g. "
-                                 f"{[self._matrices[k].name for k in missing[:3]]}; pass model.named_parameters() "
-                                 f"of the tracked model")
+            raise WeightgeoError(
+                f"Tracker.update: {len(missing)} tracked parameter(s) missing, e.g. "
+                f"{[self._matrices[k].name for k in missing[:3]]}; pass model.named_parameters() "
+                f"of the tracked model"
+            )
         return got
 
     def _measure_exact(self, current: dict[str, torch.Tensor], step: int) -> dict[str, Spectrum]:
@@ -263,9 +297,13 @@ class Tracker:
             per = max(1, UPDATE_BATCH_BYTES // (4 * shape[0] * shape[1]))
             g = torch.Generator(device=dev).manual_seed(matrix_seed(self.seed + step, f"{shape}"))
             for i in range(0, len(keys), per):
-                chunk = keys[i:i + per]
-                D = torch.stack([self._round(current[k]).to(dev, torch.float32)
-                                 - self._base[k].to(dev, torch.float32) for k in chunk])
+                chunk = keys[i : i + per]
+                D = torch.stack(
+                    [
+                        self._round(current[k]).to(dev, torch.float32) - self._base[k].to(dev, torch.float32)
+                        for k in chunk
+                    ]
+                )
                 for j, key in enumerate(chunk):
                     check_finite(D[j], f"Tracker.update(step={step}): {key}: W_t − W0")
                 fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
@@ -292,8 +330,10 @@ class Tracker:
         return out
 
     def _log(self, specs: dict[str, Spectrum], step: int, prev: int | None) -> dict[str, float]:
-        rows = [spectrum_row(key, self._matrices[key].shape, step, sp, hill_k=self.hill_k, k=self.k)
-                for key, sp in specs.items()]
+        rows = [
+            spectrum_row(key, self._matrices[key].shape, step, sp, hill_k=self.hill_k, k=self.k)
+            for key, sp in specs.items()
+        ]
         out: dict[str, float] = {}
         metrics = ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha")
         for metric in metrics:
@@ -305,8 +345,11 @@ class Tracker:
             for metric in metrics:
                 out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
-            sims = [subspace_sim(sp.Vh, self._records[key][prev].Vh) for key, sp in specs.items()
-                    if prev in self._records.get(key, {})]
+            sims = [
+                subspace_sim(sp.Vh, self._records[key][prev].Vh)
+                for key, sp in specs.items()
+                if prev in self._records.get(key, {})
+            ]
             if sims:
                 out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = nanmean(sims)
         out[f"{_PREFIX}/n_matrices"] = float(len(rows))
@@ -315,19 +358,34 @@ class Tracker:
     # --- results -------------------------------------------------------------------------------------------
     def _need_steps(self) -> None:
         if not self.steps:
-            raise WeightgeoError("the Tracker has no tracked step with a nonzero update yet; call update(...) "
-                                 "during training first")
+            raise WeightgeoError(
+                "the Tracker has no tracked step with a nonzero update yet; call update(...) during training first"
+            )
 
     def rank_curve(self) -> Report:
         """The same :class:`~weightgeo.report.Report` as :func:`~weightgeo.trajectory.rank_curve`."""
         self._need_steps()
         records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
         rows, sims, zero = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
-        meta = {"kind": "rank_curve", "source": "Tracker", "mode": self.mode, "steps": list(self.steps),
-                "params": {"hill_k": self.hill_k, "k": self.k, "every": self.every,
-                           "sketch_rank": self.sketch_rank if self.mode == "sketch" else None},
-                "seed": self.seed, "include": self.include, "exclude": self.exclude,
-                "skipped": list(self.skipped), "zero_updates": zero, "similarity": sims, "unmatched": {}}
+        meta = {
+            "kind": "rank_curve",
+            "source": "Tracker",
+            "mode": self.mode,
+            "steps": list(self.steps),
+            "params": {
+                "hill_k": self.hill_k,
+                "k": self.k,
+                "every": self.every,
+                "sketch_rank": self.sketch_rank if self.mode == "sketch" else None,
+            },
+            "seed": self.seed,
+            "include": self.include,
+            "exclude": self.exclude,
+            "skipped": list(self.skipped),
+            "zero_updates": zero,
+            "similarity": sims,
+            "unmatched": {},
+        }
         return Report(rows=rows, summary=trajectory_summary(rows, self.steps, sims, k=self.k), meta=meta)
 
     def locking_onset(self, threshold: float = 0.9):  # -> LockingOnset
@@ -335,14 +393,18 @@ class Tracker:
         self._need_steps()
         records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
         _, sims, _ = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
-        return build_locking(sims, k=self.k, threshold=threshold,
-                             meta={"kind": "locking_onset", "source": "Tracker", "mode": self.mode})
+        return build_locking(
+            sims, k=self.k, threshold=threshold, meta={"kind": "locking_onset", "source": "Tracker", "mode": self.mode}
+        )
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``base`` (W0 copy or sketches) and ``history`` (per-step spectra and V_K)."""
         base = sum(t.numel() * t.element_size() for t in self._base.values())
-        hist = sum(sp.S.numel() * sp.S.element_size() + (0 if sp.Vh is None else sp.Vh.numel() * sp.Vh.element_size())
-                   for per in self._records.values() for sp in per.values())
+        hist = sum(
+            sp.S.numel() * sp.S.element_size() + (0 if sp.Vh is None else sp.Vh.numel() * sp.Vh.element_size())
+            for per in self._records.values()
+            for sp in per.values()
+        )
         return {"base": base, "history": hist}
 
     @property
@@ -365,10 +427,20 @@ class Tracker:
                     tensors[f"V/{step}/{key}"] = sp.Vh.contiguous()
                 hist.setdefault(key, {})[str(step)] = {"frobenius": sp.frobenius, "method": sp.method}
         state = {
-            "format": _FORMAT, "mode": self.mode, "every": self.every, "k": self.k, "hill_k": self.hill_k,
-            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""), "seed": self.seed,
-            "sketch_rank": self.sketch_rank, "include": self.include, "exclude": self.exclude,
-            "gather": self.gather, "steps": self.steps, "skipped": self.skipped, "history": hist,
+            "format": _FORMAT,
+            "mode": self.mode,
+            "every": self.every,
+            "k": self.k,
+            "hill_k": self.hill_k,
+            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "seed": self.seed,
+            "sketch_rank": self.sketch_rank,
+            "include": self.include,
+            "exclude": self.exclude,
+            "gather": self.gather,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "history": hist,
             "matrices": [[m.key, m.name, list(m.shape), m.seed] for m in self._matrices.values()],
         }
         with atomic_output(path, what="tracker state") as tmp:
@@ -376,8 +448,13 @@ class Tracker:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None,
-             base_device: str | torch.device = "cpu") -> "Tracker":
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        base_device: str | torch.device = "cpu",
+    ) -> Tracker:
         """Read a tracker written by :meth:`save`; it can go on tracking (same W0, same test matrices)."""
         from safetensors import safe_open
 
@@ -385,15 +462,18 @@ class Tracker:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if "weightgeo_tracker" not in meta:
-                    raise WeightgeoError(f"{path}: not a weightgeo Tracker file (no 'weightgeo_tracker' metadata); "
-                                         f"write one with Tracker.save")
+                    raise WeightgeoError(
+                        f"{path}: not a weightgeo Tracker file (no 'weightgeo_tracker' metadata); "
+                        f"write one with Tracker.save"
+                    )
                 state = json.loads(meta["weightgeo_tracker"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except WeightgeoError:
             raise
         except Exception as e:  # OSError, JSON errors, safetensors' own SafetensorError
-            raise WeightgeoError(f"{path}: cannot read a Tracker file ({type(e).__name__}: {e}); write one with "
-                                 f"Tracker.save") from e
+            raise WeightgeoError(
+                f"{path}: cannot read a Tracker file ({type(e).__name__}: {e}); write one with Tracker.save"
+            ) from e
         if state.get("format") != _FORMAT:
             raise WeightgeoError(f"{path}: Tracker file format {state.get('format')} is not {_FORMAT}")
         self = cls.__new__(cls)
@@ -406,17 +486,20 @@ class Tracker:
         self.skipped = list(state["skipped"])
         self.steps = [int(s) for s in state["steps"]]
         self._matrices = {k: _Matrix(k, n, (s[0], s[1]), seed) for k, n, s, seed in state["matrices"]}
-        self._base = {k[len("base/"):]: t.to(self.base_device) for k, t in tensors.items() if k.startswith("base/")}
+        self._base = {k[len("base/") :]: t.to(self.base_device) for k, t in tensors.items() if k.startswith("base/")}
         self._records = {}
         for key, per in state["history"].items():
             for step, h in per.items():
                 self._records.setdefault(key, {})[int(step)] = Spectrum(
-                    float(h["frobenius"]), tensors[f"S/{step}/{key}"], tensors.get(f"V/{step}/{key}"), h["method"])
+                    float(h["frobenius"]), tensors[f"S/{step}/{key}"], tensors.get(f"V/{step}/{key}"), h["method"]
+                )
         return self
 
     def __repr__(self) -> str:
-        return (f"Tracker(mode={self.mode!r}, matrices={len(self._matrices)}, k={self.k}, every={self.every}, "
-                f"steps={len(self.steps)})")
+        return (
+            f"Tracker(mode={self.mode!r}, matrices={len(self._matrices)}, k={self.k}, every={self.every}, "
+            f"steps={len(self.steps)})"
+        )
 
 
 def sketch_spectrum(Y: torch.Tensor, Z: torch.Tensor, psi: torch.Tensor, *, r: int, k: int) -> Spectrum:

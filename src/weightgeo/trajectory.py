@@ -19,7 +19,8 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 import torch
 
@@ -31,14 +32,31 @@ from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
 from .linalg.spectra import hill_tail_index
-from .metrics.trajectory import (EXACT_MAX_DIM, RTOL, UPDATE_BATCH_BYTES, LockingOnset, Spectrum, build_locking,
-                                 matrix_seed, subspace_sim, update_spectra)
+from .metrics.trajectory import (
+    EXACT_MAX_DIM,
+    RTOL,
+    UPDATE_BATCH_BYTES,
+    LockingOnset,
+    Spectrum,
+    build_locking,
+    matrix_seed,
+    subspace_sim,
+    update_spectra,
+)
 from .report import Report, summarize_rows
 from .stream import CheckpointStream, StreamReader, open_stream
 from .validation import check_int, check_k, check_threshold
 
-__all__ = ["rank_curve", "locking_onset", "stream_report", "spectrum_row", "assemble", "trajectory_summary",
-           "warn_skipped", "SPECTRUM_KIND"]
+__all__ = [
+    "rank_curve",
+    "locking_onset",
+    "stream_report",
+    "spectrum_row",
+    "assemble",
+    "trajectory_summary",
+    "warn_skipped",
+    "SPECTRUM_KIND",
+]
 
 #: the cache entries of the stream pass: one per (matrix, step), the :class:`Spectrum` of ΔW_t (or a zero update)
 SPECTRUM_KIND = "update_spectrum"
@@ -47,8 +65,9 @@ CacheArg = bool | str | os.PathLike[str] | ResultCache | None
 
 # --------------------------------------------------------------------------------------------------------------
 # rows: one per (step, matrix), from Spectrum records
-def spectrum_row(key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, hill_k: int, k: int,
-                 expert: int | None = None) -> dict[str, Any]:
+def spectrum_row(
+    key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, hill_k: int, k: int, expert: int | None = None
+) -> dict[str, Any]:
     """The report row of one (step, matrix) from its :class:`Spectrum` (``expert``: its number in the expert
     stack ``key``, a field of the row as in the pair engine's rows)."""
     S = sp.S
@@ -56,9 +75,15 @@ def spectrum_row(key: str, shape: tuple[int, int], step: int, sp: Spectrum, *, h
     fro = sp.frobenius
     kh = min(hill_k, S.shape[0])
     row: dict[str, Any] = {
-        "step": int(step), "name": key, **({} if expert is None else {"expert": expert}), "shape": tuple(shape),
-        "numel": shape[0] * shape[1], "module": module_type(key), "layer": layer_index(key),
-        "frobenius_norm": fro, "spectral_norm": s1,
+        "step": int(step),
+        "name": key,
+        **({} if expert is None else {"expert": expert}),
+        "shape": tuple(shape),
+        "numel": shape[0] * shape[1],
+        "module": module_type(key),
+        "layer": layer_index(key),
+        "frobenius_norm": fro,
+        "spectral_norm": s1,
         "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
         "hill_alpha": float(hill_tail_index(S, kh)) if kh >= 2 else math.nan,
     }
@@ -78,9 +103,14 @@ def _gap(S: torch.Tensor, k: int, p: int) -> float:
     return top / nxt if nxt > 0 else math.inf
 
 
-def assemble(records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]]], steps: Sequence[int], *,
-             hill_k: int, k: int, experts: Mapping[str, tuple[str, int]] | None = None
-             ) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]], list[dict[str, Any]]]:
+def assemble(
+    records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]]],
+    steps: Sequence[int],
+    *,
+    hill_k: int,
+    k: int,
+    experts: Mapping[str, tuple[str, int]] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]], list[dict[str, Any]]]:
     """Rows (sorted by step, name, expert), similarity curves to the final step (keyed as ``records``), and
     zero-update skips. ``experts``: for the records of expert stacks, their key ``stack[j]`` -> (stack, j)."""
     rows: list[dict[str, Any]] = []
@@ -110,17 +140,25 @@ def assemble(records: Mapping[str, tuple[tuple[int, int], Mapping[int, Spectrum]
     return rows, sims, skipped
 
 
-def trajectory_summary(rows: list[dict[str, Any]], steps: Sequence[int], sims: dict[str, dict[int, float]],
-                       *, k: int) -> dict[str, Any]:
+def trajectory_summary(
+    rows: list[dict[str, Any]], steps: Sequence[int], sims: dict[str, dict[int, float]], *, k: int
+) -> dict[str, Any]:
     """``steps``, ``by_step`` ({step: unweighted means over matrices, with ``by_module``}) and the curves."""
     by_step: dict[int, Any] = {}
     for s in steps:
         rs = [r for r in rows if r["step"] == s]
         by_step[int(s)] = summarize_rows(rs) if rs else {"n_tensors": 0}
-    curve = {m: [by_step[int(s)].get(m, math.nan) for s in steps]
-             for m in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity")}
-    return {"steps": [int(s) for s in steps], "final_step": int(steps[-1]), "k": int(k), "by_step": by_step,
-            "curves": curve}
+    curve = {
+        m: [by_step[int(s)].get(m, math.nan) for s in steps]
+        for m in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity")
+    }
+    return {
+        "steps": [int(s) for s in steps],
+        "final_step": int(steps[-1]),
+        "k": int(k),
+        "by_step": by_step,
+        "curves": curve,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,8 +171,16 @@ class _Spectra:
     randomized passes), ``r``, ``k``, the seed, the verification rule and the numerical policy; ``update_spectra``
     with a per-matrix ``seed`` makes it a function of exactly these (not of the batch or of earlier flushes)."""
 
-    def __init__(self, cache: ResultCache | None, memo: MutableMapping[str, Any] | None, *, device: torch.device,
-                 r: int, k: int, seed: int) -> None:
+    def __init__(
+        self,
+        cache: ResultCache | None,
+        memo: MutableMapping[str, Any] | None,
+        *,
+        device: torch.device,
+        r: int,
+        k: int,
+        seed: int,
+    ) -> None:
         self.cache, self.memo = cache, memo
         self.policy = policy_fingerprint(device)
         self.version = cache.version if cache is not None else __version__
@@ -149,8 +195,13 @@ class _Spectra:
             return None
         if self.cache is None and self.memo is None:
             return None
-        return result_key(SPECTRUM_KIND, inputs=[base_id, ck_id], options={**self.options, "matrix": matrix},
-                          policy=self.policy, version=self.version)
+        return result_key(
+            SPECTRUM_KIND,
+            inputs=[base_id, ck_id],
+            options={**self.options, "matrix": matrix},
+            policy=self.policy,
+            version=self.version,
+        )
 
     def get(self, key: CacheKey | None) -> tuple[bool, Spectrum | None]:
         """``(found, spectrum)``; a found ``None`` is a zero update (ΔW_t = 0 exactly: no spectrum)."""
@@ -183,9 +234,13 @@ class _Spectra:
             self.used.add(key.digest)
 
     def meta(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"enabled": self.cache is not None, "spectra_reused": self.reused,
-                               "spectra_computed": self.computed, "tensors_read": self.read,
-                               "uncacheable": self.uncacheable}
+        out: dict[str, Any] = {
+            "enabled": self.cache is not None,
+            "spectra_reused": self.reused,
+            "spectra_computed": self.computed,
+            "tensors_read": self.read,
+            "uncacheable": self.uncacheable,
+        }
         if self.cache is not None:
             now = self.cache.stats.as_dict()
             out.update({k: v - self.before.get(k, 0) for k, v in now.items()}, root=str(self.cache.root))
@@ -199,18 +254,31 @@ def warn_skipped(skipped: Sequence[Mapping[str, Any]], *, stacklevel: int = 3) -
         if c.get("kind") != "checkpoint":
             continue
         if c.get("state") == "corrupt":
-            msg = (f"CORRUPT checkpoint {c['path']} (step {c['step']}) left out: {c['reason']}. It is not the newest "
-                   f"checkpoint, so its save failed or the copy is damaged: re-save or remove it")
+            msg = (
+                f"CORRUPT checkpoint {c['path']} (step {c['step']}) left out: {c['reason']}. It is not the newest "
+                f"checkpoint, so its save failed or the copy is damaged: re-save or remove it"
+            )
         elif c.get("state") == "in_progress":
-            msg = (f"left out {c['path']} (step {c['step']}, the newest: probably still being written): "
-                   f"{c['reason']}")
+            msg = f"left out {c['path']} (step {c['step']}, the newest: probably still being written): {c['reason']}"
         else:
             msg = f"left out the temporary folder {c['path']} of an unfinished save: {c['reason']}"
         warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
 
-def _stream_pass(s: CheckpointStream, *, include: Any, exclude: Any, r: int, k: int, device: Any, seed: int,
-                 progress: bool, cache: CacheArg, config: Any = None, memo: MutableMapping[str, Any] | None = None):
+def _stream_pass(
+    s: CheckpointStream,
+    *,
+    include: Any,
+    exclude: Any,
+    r: int,
+    k: int,
+    device: Any,
+    seed: int,
+    progress: bool,
+    cache: CacheArg,
+    config: Any = None,
+    memo: MutableMapping[str, Any] | None = None,
+):
     """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra; spectra
     already known (``memo``, the result cache) are not recomputed, and a matrix whose every step is known is
     not read at all."""
@@ -231,8 +299,9 @@ def _stream_pass(s: CheckpointStream, *, include: Any, exclude: Any, r: int, k: 
             plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
         for entry in plan:
             records[entry.uid] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k, spectra=spectra))
-        parts = world.gather({"rank": world.rank, "matrices": list(records), "records": records,
-                              "cache": spectra.meta()})
+        parts = world.gather(
+            {"rank": world.rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
+        )
         merged = {key: rec for part in parts for key, rec in part["records"].items()}
         records = {e.uid: merged[e.uid] for e in full_plan if e.uid in merged}
         experts = {e.uid: (e.key, e.expert) for e in full_plan if e.expert is not None}
@@ -245,8 +314,9 @@ def _stream_pass(s: CheckpointStream, *, include: Any, exclude: Any, r: int, k: 
     return records, meta, experts
 
 
-def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int,
-            spectra: _Spectra) -> dict[int, Spectrum]:
+def _follow(
+    reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int, spectra: _Spectra
+) -> dict[int, Spectrum]:
     """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates.
 
     Steps whose spectrum is known are not read; the others are computed and stored one batch at a time. Every
@@ -294,16 +364,27 @@ def _follow(reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r
     return dict(sorted(out.items()))
 
 
-def _stream_meta(s: Any, reader: StreamReader, dev: torch.device, world_size: int, parts: list[dict[str, Any]],
-                 **params: Any) -> dict[str, Any]:
+def _stream_meta(
+    s: Any, reader: StreamReader, dev: torch.device, world_size: int, parts: list[dict[str, Any]], **params: Any
+) -> dict[str, Any]:
     """The provenance of a stream pass (every rank's share, what was skipped or unmatched, the hardware)."""
-    meta = {"kind": "trajectory", "stream": s.origin, "base": reader.base.source, "base_step": s.base_step,
-            "steps": list(s.steps), "device": str(dev), "hardware": hardware(dev).as_dict(),
-            # ΔW_t is formed in float32 (exact for bf16 pairs), so the policy gives float32 passes everywhere
-            "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""), **params,
-            "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)], "unmatched": reader.unmatched,
-            "torch_version": torch.__version__, "world_size": world_size,
-            "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts]}
+    meta = {
+        "kind": "trajectory",
+        "stream": s.origin,
+        "base": reader.base.source,
+        "base_step": s.base_step,
+        "steps": list(s.steps),
+        "device": str(dev),
+        "hardware": hardware(dev).as_dict(),
+        # ΔW_t is formed in float32 (exact for bf16 pairs), so the policy gives float32 passes everywhere
+        "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""),
+        **params,
+        "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)],
+        "unmatched": reader.unmatched,
+        "torch_version": torch.__version__,
+        "world_size": world_size,
+        "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts],
+    }
     in_out = [e.uid for e in reader.plan if reader.base.in_out_layout(e.base_name)]
     if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
         meta["in_out_layout"] = in_out
@@ -319,10 +400,22 @@ def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
     return out
 
 
-def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None,
-               include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-               hill_k: int = 10, k: int = 16, device: str | torch.device | None = None, seed: int = 0,
-               progress: bool = False, strict: bool = False, cache: CacheArg = None, config: Any = None) -> Report:
+def rank_curve(
+    stream: Any,
+    *,
+    base: Any = None,
+    steps: Sequence[int] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    hill_k: int = 10,
+    k: int = 16,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    strict: bool = False,
+    cache: CacheArg = None,
+    config: Any = None,
+) -> Report:
     """Stable rank, norms, Hill index and Sim_K to the final subspace of ΔW_t along a stream (paper §4, Fig. 4).
 
     >>> import torch
@@ -367,35 +460,80 @@ def rank_curve(stream: Any, *, base: Any = None, steps: Sequence[int] | None = N
     """
     s = open_stream(stream, base=base, steps=steps, strict=strict)
     warn_skipped(s.skipped)
-    return stream_report(s, include=include, exclude=exclude, hill_k=hill_k, k=k, device=device, seed=seed,
-                         progress=progress, cache=cache, config=config, warn=False)
+    return stream_report(
+        s,
+        include=include,
+        exclude=exclude,
+        hill_k=hill_k,
+        k=k,
+        device=device,
+        seed=seed,
+        progress=progress,
+        cache=cache,
+        config=config,
+        warn=False,
+    )
 
 
-def stream_report(s: CheckpointStream, *, include: Any = None, exclude: Any = None, hill_k: int = 10, k: int = 16,
-                  device: Any = None, seed: int = 0, progress: bool = False, cache: CacheArg = None,
-                  config: Any = None, memo: MutableMapping[str, Any] | None = None, warn: bool = True) -> Report:
+def stream_report(
+    s: CheckpointStream,
+    *,
+    include: Any = None,
+    exclude: Any = None,
+    hill_k: int = 10,
+    k: int = 16,
+    device: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+    cache: CacheArg = None,
+    config: Any = None,
+    memo: MutableMapping[str, Any] | None = None,
+    warn: bool = True,
+) -> Report:
     """:func:`rank_curve` of an opened :class:`~weightgeo.stream.CheckpointStream`; ``memo`` (a dict kept by
     the caller between calls, as follow mode does) holds the spectra of the previous call so that only new
     checkpoints are computed; ``warn=False`` leaves warning about skipped checkpoints to the caller."""
     hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
     if warn:
         warn_skipped(s.skipped)
-    records, meta, experts = _stream_pass(s, include=include, exclude=exclude, r=max(hill_k, k), k=k, device=device,
-                                 seed=seed, progress=progress, cache=cache, config=config, memo=memo)
+    records, meta, experts = _stream_pass(
+        s,
+        include=include,
+        exclude=exclude,
+        r=max(hill_k, k),
+        k=k,
+        device=device,
+        seed=seed,
+        progress=progress,
+        cache=cache,
+        config=config,
+        memo=memo,
+    )
     rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k, experts=experts)
-    meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero,
-                similarity=sims)
+    meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero, similarity=sims)
     if not rows:
-        raise WeightgeoError(f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same "
-                             f"model as the checkpoints?")
+        raise WeightgeoError(
+            f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same model as the checkpoints?"
+        )
     return Report(rows=rows, summary=trajectory_summary(rows, s.steps, sims, k=k), meta=meta)
 
 
-def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None = None, k: int = 16,
-                  threshold: float = 0.9, include: str | Sequence[str] | None = None,
-                  exclude: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                  seed: int = 0, progress: bool = False, strict: bool = False, cache: CacheArg = None,
-                  config: Any = None) -> LockingOnset:
+def locking_onset(
+    stream: Any,
+    *,
+    base: Any = None,
+    steps: Sequence[int] | None = None,
+    k: int = 16,
+    threshold: float = 0.9,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    strict: bool = False,
+    cache: CacheArg = None,
+    config: Any = None,
+) -> LockingOnset:
     """When the top-K input subspace of ΔW_t locks onto the final one (paper §4, Fig. 5; definition ours).
 
     Onset (per matrix, and for the model on the mean curve): the first checkpoint t < t_end after which
@@ -422,15 +560,26 @@ def locking_onset(stream: Any, *, base: Any = None, steps: Sequence[int] | None 
     if isinstance(stream, Report):
         sims = stream.meta.get("similarity")
         if stream.meta.get("kind") != "rank_curve" or sims is None:
-            raise WeightgeoError("locking_onset(report): pass a Report made by rank_curve (it carries the "
-                                 "similarities), or a stream")
+            raise WeightgeoError(
+                "locking_onset(report): pass a Report made by rank_curve (it carries the similarities), or a stream"
+            )
         sims = {n: {int(s): float(v) for s, v in c.items()} for n, c in sims.items()}
         return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
     k = check_k(k)
     s = open_stream(stream, base=base, steps=steps, strict=strict)
     warn_skipped(s.skipped)
-    records, meta, experts = _stream_pass(s, include=include, exclude=exclude, r=k, k=k, device=device, seed=seed,
-                                 progress=progress, cache=cache, config=config)
+    records, meta, experts = _stream_pass(
+        s,
+        include=include,
+        exclude=exclude,
+        r=k,
+        k=k,
+        device=device,
+        seed=seed,
+        progress=progress,
+        cache=cache,
+        config=config,
+    )
     _, sims, zero = assemble(records, s.steps, hill_k=2, k=k, experts=experts)
     meta.update(kind="locking_onset", zero_updates=zero)
     return build_locking(sims, k=k, threshold=threshold, meta=meta)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,8 +119,10 @@ def check_batch_bytes(batch_bytes: Any) -> int | None:
         return None
     ok = isinstance(batch_bytes, numbers.Integral) or (isinstance(batch_bytes, float) and batch_bytes.is_integer())
     if isinstance(batch_bytes, bool) or not ok or batch_bytes < 0:
-        raise WeightgeoError(f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
-                             f"at a time), or None for the default")
+        raise WeightgeoError(
+            f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
+            f"at a time), or None for the default"
+        )
     return int(batch_bytes)
 
 
@@ -139,19 +142,22 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
         if not np.issubdtype(x.dtype, np.floating):
             raise WeightgeoError(
                 f"{name}: expected a floating-point array, got NumPy dtype {x.dtype} with shape {x.shape}; "
-                "weightgeo analyses floating weights only")
+                "weightgeo analyses floating weights only"
+            )
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise WeightgeoError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise WeightgeoError(
             f"{name}: expected a floating-point tensor, got dtype {x.dtype} with shape {tuple(x.shape)}; "
-            "weightgeo analyses floating weights only (cast it, or leave it out)")
+            "weightgeo analyses floating weights only (cast it, or leave it out)"
+        )
     return x.detach()
 
 
-def check_matrix(x: Any, name: str, *, batched: bool = False, allow_empty: bool = False,
-                 finite: bool = False) -> torch.Tensor:
+def check_matrix(
+    x: Any, name: str, *, batched: bool = False, allow_empty: bool = False, finite: bool = False
+) -> torch.Tensor:
     """``x`` as a floating matrix [out, in] (``batched``: a stack ``(*, m, n)`` of them), non-empty unless
     ``allow_empty``, finite when ``finite``.
 
@@ -166,8 +172,10 @@ def check_matrix(x: Any, name: str, *, batched: bool = False, allow_empty: bool 
     if not (t.ndim >= 2 if batched else t.ndim == 2):
         want = "(*, m, n)" if batched else "[out, in]"
         stack = " or a stack of them" if batched else ""
-        raise WeightgeoError(f"{name}: SVD metrics need matrices {want}, got shape {tuple(t.shape)}, not a matrix; "
-                             f"pass a 2-D [out, in] weight{stack} (update_sparsity works on any shape)")
+        raise WeightgeoError(
+            f"{name}: SVD metrics need matrices {want}, got shape {tuple(t.shape)}, not a matrix; "
+            f"pass a 2-D [out, in] weight{stack} (update_sparsity works on any shape)"
+        )
     if not allow_empty and min(t.shape[-2:]) == 0:
         raise WeightgeoError(f"{name}: empty matrix of shape {tuple(t.shape)}; nothing to measure")
     if finite:
@@ -175,19 +183,22 @@ def check_matrix(x: Any, name: str, *, batched: bool = False, allow_empty: bool 
     return t
 
 
-def check_pair(base: Any, ft: Any, *, matrix: bool, what: str, finite: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def check_pair(
+    base: Any, ft: Any, *, matrix: bool, what: str, finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (base, ft) pair: floating, same shape, non-empty, finite (when ``finite``), 2-D (when ``matrix``)."""
     if not (is_tensor_like(base) and is_tensor_like(ft)):
         raise WeightgeoError(
             f"{what}: expected two tensors (torch or NumPy), got {type(base).__name__} and {type(ft).__name__}; "
             f"checkpoint sources (paths, hub ids, mappings, modules) go to weightgeo.{what}(base, ft) or "
-            "weightgeo.compare, which return a Report")
+            "weightgeo.compare, which return a Report"
+        )
     b, f = as_tensor(base, "base"), as_tensor(ft, "ft")
     if b.shape != f.shape:
         raise WeightgeoError(
             f"{what}: base and ft differ in shape: {tuple(b.shape)} vs {tuple(f.shape)}; compare the same "
-            "tensor of two checkpoints of one architecture (transpose or slice one of them if that is intended)")
+            "tensor of two checkpoints of one architecture (transpose or slice one of them if that is intended)"
+        )
     if matrix:
         check_matrix(b, what)
     if b.numel() == 0:
@@ -231,4 +242,5 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     bad = x.numel() - int(torch.isfinite(x.to(torch.float32) if x.dtype.itemsize == 1 else x).sum())
     raise WeightgeoError(
         f"tensor {name!r} (shape {tuple(x.shape)}, {x.dtype}) has {bad} non-finite value(s) (NaN/Inf); "
-        "metrics are undefined there: fix the checkpoint or exclude this tensor")
+        "metrics are undefined there: fix the checkpoint or exclude this tensor"
+    )

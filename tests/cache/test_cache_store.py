@@ -10,19 +10,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
 
-from weightgeo.cache import (CacheKey, ResultCache, cacheable, canonical_json, decode_row, default_cache_dir,
-                             encode_row, pack, resolve_cache, unpack)
+from weightgeo.cache import (
+    CacheKey,
+    ResultCache,
+    cacheable,
+    canonical_json,
+    decode_row,
+    default_cache_dir,
+    encode_row,
+    pack,
+    resolve_cache,
+    unpack,
+)
 from weightgeo.checkpoint import open_checkpoint
 from weightgeo.errors import WeightgeoError
 from weightgeo.linalg.pairwise import base_spectrum
 from weightgeo.linalg.svd import Decomposition
 
-from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
-
 POLICY = "policy-test-1"
-IDENT = {"format": "safetensors", "file": {"path": "/x/model.safetensors", "size": 100, "mtime_ns": 5},
-         "tensor": "w", "dtype": "torch.bfloat16", "shape": [4, 4], "byte_range": [64, 96]}
+IDENT = {
+    "format": "safetensors",
+    "file": {"path": "/x/model.safetensors", "size": 100, "mtime_ns": 5},
+    "tensor": "w",
+    "dtype": "torch.bfloat16",
+    "shape": [4, 4],
+    "byte_range": [64, 96],
+}
 
 
 def _key(cache, kind="pair_row", inputs=(IDENT,), **kw):
@@ -40,13 +55,28 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_round_trip_rows_and_tensors_bit_identical(tmp_path, gen):
     cache = ResultCache(tmp_path)
-    row = {"name": "layers.0.q_proj.weight", "shape": (896, 4864), "numel": 4358144, "layer": None,
-           "principal_overlap": math.nan, "gap": math.inf, "neg": -0.0, "third": 1 / 3, "by_step": {10: 0.5, 20: 1},
-           "nested": [(1, 2), {"a": [None, True]}], "__tuple__": "a reserved-looking key"}
-    tensors = {"S": torch.randn(7, generator=gen, dtype=torch.float64),
-               "V": torch.randn(5, 3, generator=gen).to(torch.bfloat16).t(),  # a non-contiguous view
-               "nan": torch.tensor([math.nan, -math.inf, -0.0]), "mask": torch.tensor([True, False]),
-               "idx": torch.arange(3), "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 4)}
+    row = {
+        "name": "layers.0.q_proj.weight",
+        "shape": (896, 4864),
+        "numel": 4358144,
+        "layer": None,
+        "principal_overlap": math.nan,
+        "gap": math.inf,
+        "neg": -0.0,
+        "third": 1 / 3,
+        "by_step": {10: 0.5, 20: 1},
+        "nested": [(1, 2), {"a": [None, True]}],
+        "__tuple__": "a reserved-looking key",
+    }
+    tensors = {
+        "S": torch.randn(7, generator=gen, dtype=torch.float64),
+        "V": torch.randn(5, 3, generator=gen).to(torch.bfloat16).t(),  # a non-contiguous view
+        "nan": torch.tensor([math.nan, -math.inf, -0.0]),
+        "mask": torch.tensor([True, False]),
+        "idx": torch.arange(3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+    }
     tensors["shares_S"] = tensors["S"][2:4]  # shares storage with S
     key = _key(cache)
     assert cache.put(key, row, tensors)
@@ -77,8 +107,11 @@ def test_decompositions_round_trip_through_pack(tmp_path, gen):
     dec = unpack(Decomposition, e.row, e.tensors)
     for f in ("S", "vectors", "gram_eigenvalues"):
         assert _same_bits(getattr(dec, f), getattr(spec.decomposition, f))
-    assert (dec.shape, dec.small_side, dec.eps) == (spec.decomposition.shape, spec.decomposition.small_side,
-                                                    spec.decomposition.eps)
+    assert (dec.shape, dec.small_side, dec.eps) == (
+        spec.decomposition.shape,
+        spec.decomposition.small_side,
+        spec.decomposition.eps,
+    )
     assert (dec.refined_mask is None) == (spec.decomposition.refined_mask is None)
     with pytest.raises(WeightgeoError, match="dataclass"):
         pack({"S": 1})
@@ -88,8 +121,10 @@ def test_key_sensitivity(tmp_path):
     cache = ResultCache(tmp_path, version="1.0")
     base = _key(cache)
     cache.put(base, {"v": 1})
-    same = [_key(cache), cache.key("pair_row", inputs=[dict(reversed(list(IDENT.items())))], options={"k": 4},
-                                   policy=POLICY)]
+    same = [
+        _key(cache),
+        cache.key("pair_row", inputs=[dict(reversed(list(IDENT.items())))], options={"k": 4}, policy=POLICY),
+    ]
     assert all(k.digest == base.digest for k in same)  # mapping order does not matter
 
     @dataclass(frozen=True)
@@ -108,8 +143,9 @@ def test_key_sensitivity(tmp_path):
         "header entry": _key(cache, inputs=[{**IDENT, "byte_range": [96, 128]}]),
         "dtype": _key(cache, inputs=[{**IDENT, "dtype": "torch.float32"}]),
         "second input": _key(cache, inputs=[IDENT, IDENT]),
-        "version": ResultCache(tmp_path, version="1.1").key("pair_row", inputs=[IDENT], options={"k": 4},
-                                                            policy=POLICY),
+        "version": ResultCache(tmp_path, version="1.1").key(
+            "pair_row", inputs=[IDENT], options={"k": 4}, policy=POLICY
+        ),
     }
     for what, k in changed.items():
         assert k.digest != base.digest, what
@@ -230,8 +266,11 @@ def _fill(root: str, worker: int, barrier, n_shared: int, n_own: int, rounds: in
             cache.put(_key(cache, options={"shared": i}), {"i": i}, {"V": shared[i]})
             cache.get(_key(cache, options={"shared": (i * 7) % n_shared}))
             if r == 0 and i < n_own:
-                cache.put(_key(cache, options={"own": i, "worker": worker}), {"i": i, "worker": worker},
-                          {"V": torch.full((96, 96), float(worker * 1000 + i), dtype=torch.float64)})
+                cache.put(
+                    _key(cache, options={"own": i, "worker": worker}),
+                    {"i": i, "worker": worker},
+                    {"V": torch.full((96, 96), float(worker * 1000 + i), dtype=torch.float64)},
+                )
     if cache.stats.corrupt or cache.stats.foreign or cache.stats.write_errors:
         raise SystemExit(f"worker {worker}: {cache.stats}")
 

@@ -17,10 +17,12 @@ from weightgeo.checkpoint import DcpCheckpoint, open_checkpoint
 
 @pytest.fixture
 def tensors(gen):
-    return {"model.embed_tokens.weight": torch.randn(37, 8, generator=gen).bfloat16(),
-            "model.layers.0.mlp.up_proj.weight": torch.randn(12, 8, generator=gen),
-            "model.norm.weight": torch.randn(8, generator=gen).bfloat16(),
-            "step_count": torch.tensor(5)}
+    return {
+        "model.embed_tokens.weight": torch.randn(37, 8, generator=gen).bfloat16(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(12, 8, generator=gen),
+        "model.norm.weight": torch.randn(8, generator=gen).bfloat16(),
+        "step_count": torch.tensor(5),
+    }
 
 
 def test_lists_from_metadata_and_reads_each_tensor_exactly(tmp_path, tensors):
@@ -49,12 +51,20 @@ def test_training_state_is_skipped_and_listed(tmp_path, tensors):
 def test_compare_over_dcp_equals_compare_over_safetensors(tmp_path, tensors, gen):
     from factories import write_hf_checkpoint
 
-    ft = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.is_floating_point() else v
-          for k, v in tensors.items()}
-    native = weightgeo.compare(write_dcp(tmp_path / "b", tensors), write_dcp(tmp_path / "f", ft), k=4, rank=2,
-                               progress=False)
-    hf = weightgeo.compare(write_hf_checkpoint(tmp_path / "hb", tensors), write_hf_checkpoint(tmp_path / "hf", ft),
-                           k=4, rank=2, progress=False)
+    ft = {
+        k: (v.float() + 1e-2 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.is_floating_point() else v
+        for k, v in tensors.items()
+    }
+    native = weightgeo.compare(
+        write_dcp(tmp_path / "b", tensors), write_dcp(tmp_path / "f", ft), k=4, rank=2, progress=False
+    )
+    hf = weightgeo.compare(
+        write_hf_checkpoint(tmp_path / "hb", tensors),
+        write_hf_checkpoint(tmp_path / "hf", ft),
+        k=4,
+        rank=2,
+        progress=False,
+    )
     assert [r["name"] for r in native.rows] == [r["name"] for r in hf.rows]
     for x, y in zip(native.rows, hf.rows):
         assert x["update_sparsity"] == y["update_sparsity"]
@@ -113,7 +123,7 @@ def test_corrupt_chunk_bytes_are_an_error_at_read(tmp_path, tensors):
     at = next(v for k, v in ck.metadata.storage_data.items() if k.fqn == name)
     f = d / at.relative_path
     blob = bytearray(f.read_bytes())
-    blob[at.offset:at.offset + 64] = b"\0" * 64  # the stored blob's zip header
+    blob[at.offset : at.offset + 64] = b"\0" * 64  # the stored blob's zip header
     f.write_bytes(bytes(blob))
     with pytest.raises(WeightgeoError, match="cannot be read") as e:
         ck.get(name)
@@ -148,5 +158,7 @@ def test_megatron_classes_in_metadata_are_stubbed_without_megatron(tmp_path, ten
         monkeypatch.delitem(sys.modules, ".".join(parts[:i]))
     assert "megatron" not in {m.split(".")[0] for m in sys.modules}
     ck = open_checkpoint(d)
-    assert type(ck.metadata.mcore_data).__module__ == mod.__name__ and ck.metadata.mcore_data.shapes == {"decoder": (2, 3)}
+    assert type(ck.metadata.mcore_data).__module__ == mod.__name__ and ck.metadata.mcore_data.shapes == {
+        "decoder": (2, 3)
+    }
     assert torch.equal(ck.get("model.norm.weight"), tensors["model.norm.weight"])

@@ -115,7 +115,9 @@ def test_identity_names_the_files_read_and_changes_when_one_is_rewritten(zero, s
     step = tmp_path / "global_step1"
     shutil.copytree(zero / f"zero{stage}" / "global_step1", step)
     first = DeepSpeedCheckpoint(step).identity("0.weight")
-    assert first == DeepSpeedCheckpoint(step).identity("0.weight") and first["zero_stage"] == ("0-2" if stage == 2 else "3")
+    assert first == DeepSpeedCheckpoint(step).identity("0.weight") and first["zero_stage"] == (
+        "0-2" if stage == 2 else "3"
+    )
     assert DeepSpeedCheckpoint(step).identity("1.weight") != first
     time.sleep(0.05)  # file times are taken from a coarse clock
     target = sorted(step.glob("*model_states.pt"))[-1]

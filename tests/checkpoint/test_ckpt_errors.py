@@ -78,8 +78,7 @@ def test_offsets_size_mismatch(tmp_path):
 
 
 def test_offsets_overlapping(tmp_path):
-    f = write_raw(tmp_path / "ov.safetensors", {"a": entry(offsets=(0, 8)), "b": entry(offsets=(4, 12))},
-                  b"\x00" * 12)
+    f = write_raw(tmp_path / "ov.safetensors", {"a": entry(offsets=(0, 8)), "b": entry(offsets=(4, 12))}, b"\x00" * 12)
     msg = raises("overlap", open_checkpoint, f)
     assert "'a'" in msg and "'b'" in msg and str(f) in msg
 
@@ -90,11 +89,16 @@ def test_unknown_dtype(tmp_path):
     assert "'w'" in msg and str(f) in msg
 
 
-@pytest.mark.parametrize("bad", [{"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]},
-                                 {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
-                                 {"dtype": "F32", "shape": [1], "data_offsets": [0]},
-                                 {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]},
-                                 "not an object"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]},
+        {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+        {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]},
+        "not an object",
+    ],
+)
 def test_malformed_entries(tmp_path, bad):
     f = write_raw(tmp_path / "m.safetensors", {"w": bad}, b"\x00" * 4)
     assert "'w'" in raises(str(f), open_checkpoint, f)
@@ -253,6 +257,7 @@ def test_invalid_config_json(tmp_path):
 
 def test_duplicate_tensor_across_files(tmp_path):
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(1)}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
     assert "'w'" in raises("stored twice", open_checkpoint, tmp_path)

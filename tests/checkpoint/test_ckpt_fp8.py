@@ -21,8 +21,9 @@ E4M3 = torch.float8_e4m3fn
 reference, quantize = fp8_reference, fp8_quantize
 
 
-@pytest.mark.parametrize("shape,block", [((300, 200), (128, 128)), ((5, 7), (2, 3)), ((128, 256), (128, 128)),
-                                         ((1, 9), (4, 4))])
+@pytest.mark.parametrize(
+    "shape,block", [((300, 200), (128, 128)), ((5, 7), (2, 3)), ((128, 256), (128, 128)), ((1, 9), (4, 4))]
+)
 def test_dequantize_matches_float64_reference(gen, shape, block):
     codes, scales = quantize(torch.randn(shape, generator=gen), block)
     ref = reference(codes, scales, block)
@@ -42,12 +43,21 @@ def _fp8_folder(tmp_path, name, w, *, block=(128, 128), extra=None, config=None)
     codes, scales = quantize(w, block)
     d = tmp_path / name
     d.mkdir()
-    tensors = {"model.layers.0.mlp.up_proj.weight": codes, "model.layers.0.mlp.up_proj.weight_scale_inv": scales,
-               "model.norm.weight": torch.ones(w.shape[1], dtype=torch.bfloat16), **(extra or {})}
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": codes,
+        "model.layers.0.mlp.up_proj.weight_scale_inv": scales,
+        "model.norm.weight": torch.ones(w.shape[1], dtype=torch.bfloat16),
+        **(extra or {}),
+    }
     save_file(tensors, str(d / "model.safetensors"))
-    cfg = config if config is not None else {
-        "model_type": "qwen3", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
-                                                       "weight_block_size": list(block)}}
+    cfg = (
+        config
+        if config is not None
+        else {
+            "model_type": "qwen3",
+            "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)},
+        }
+    )
     (d / "config.json").write_text(json.dumps(cfg))
     return d, codes, scales
 
@@ -59,8 +69,12 @@ def test_fp8_checkpoint_reads_dequantised_and_keeps_the_codes(tmp_path, gen):
     assert isinstance(ck, Fp8Checkpoint) and ck.block == (64, 128)
     name = "model.layers.0.mlp.up_proj.weight"
     assert ck.names() == [name, "model.norm.weight"]  # the scales are consumed ...
-    assert ck.skipped == [{"name": name + "_scale_inv", "reason": f"FP8 scales of {name!r}, folded into its "
-                                                                    f"dequantised values (stored codes: fp8_weight())"}]
+    assert ck.skipped == [
+        {
+            "name": name + "_scale_inv",
+            "reason": f"FP8 scales of {name!r}, folded into its dequantised values (stored codes: fp8_weight())",
+        }
+    ]
     assert ck.info(name).dtype == torch.float32
     ref = reference(codes, scales, (64, 128)).float()
     assert torch.equal(ck.get(name), ref)
@@ -76,8 +90,11 @@ def test_compare_fp8_checkpoints_like_their_dequantised_weights(tmp_path, gen):
     f, fc, fs = _fp8_folder(tmp_path, "f", w + 0.05 * torch.randn(w.shape, generator=gen))
     opts = dict(k=8, rank=4, progress=False)
     r = weightgeo.compare(b, f, **opts)  # previously refused: "not a real floating-point dtype"
-    plain = weightgeo.compare({"model.layers.0.mlp.up_proj.weight": reference(bc, bs, (128, 128)).float()},
-                              {"model.layers.0.mlp.up_proj.weight": reference(fc, fs, (128, 128)).float()}, **opts)
+    plain = weightgeo.compare(
+        {"model.layers.0.mlp.up_proj.weight": reference(bc, bs, (128, 128)).float()},
+        {"model.layers.0.mlp.up_proj.weight": reference(fc, fs, (128, 128)).float()},
+        **opts,
+    )
     got = next(x for x in r.rows if x["name"] == "layers.0.mlp.up_proj.weight")
     want = plain.rows[0]
     for key in ("principal_overlap", "spectral_drift", "stable_rank"):
@@ -90,10 +107,12 @@ def test_compressed_tensors_per_channel_scales(tmp_path, gen):
     codes = (w / scale).to(E4M3)
     d = tmp_path / "ct"
     d.mkdir()
-    save_file({"lin.weight": codes, "lin.weight_scale": scale, "lin.input_scale": torch.ones(1)},
-              str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors",
-                                                                        "format": "float-quantized"}}))
+    save_file(
+        {"lin.weight": codes, "lin.weight_scale": scale, "lin.input_scale": torch.ones(1)}, str(d / "model.safetensors")
+    )
+    (d / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}})
+    )
     ck = open_checkpoint(d)
     assert ck.names() == ["lin.weight"] and {s["name"] for s in ck.skipped} == {"lin.weight_scale", "lin.input_scale"}
     assert torch.equal(ck.get("lin.weight"), (codes.double() * scale.double()).float())
@@ -118,8 +137,9 @@ def test_fp8_without_its_scales_and_bad_block_sizes(tmp_path, gen):
     with pytest.raises(WeightgeoError, match="no scales found.*'w.weight_scale_inv'"):
         open_checkpoint(d)
     w = torch.randn(300, 200, generator=gen)
-    bad, _, _ = _fp8_folder(tmp_path, "bad", w, config={"quantization_config": {"quant_method": "fp8",
-                                                                               "weight_block_size": [64, 64]}})
+    bad, _, _ = _fp8_folder(
+        tmp_path, "bad", w, config={"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}
+    )
     with pytest.raises(WeightgeoError, match=r"needs \(5, 4\); fix quantization_config.weight_block_size"):
         open_checkpoint(bad)
 
@@ -128,8 +148,13 @@ def test_fp8_without_its_scales_and_bad_block_sizes(tmp_path, gen):
 def test_packed_integer_formats_are_refused_by_name(tmp_path, method, name):
     d = tmp_path / method
     d.mkdir()
-    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32),
-               "model.layers.0.mlp.up_proj.scales": torch.ones(1, 8, dtype=torch.float16)}, str(d / "model.safetensors"))
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32),
+            "model.layers.0.mlp.up_proj.scales": torch.ones(1, 8, dtype=torch.float16),
+        },
+        str(d / "model.safetensors"),
+    )
     (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": method, "bits": 4}}))
     with pytest.raises(WeightgeoError, match=f"quantised with {name}") as e:
         open_checkpoint(d)
@@ -161,8 +186,14 @@ def test_rule_on_constructed_inputs():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), eta=st.sampled_from([0.0, 1e-3, 0.05, 0.1, 0.5]),
-       rows=st.integers(1, 9), cols=st.integers(1, 9), b0=st.integers(1, 4), b1=st.integers(1, 4))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    eta=st.sampled_from([0.0, 1e-3, 0.05, 0.1, 0.5]),
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 9),
+    b0=st.integers(1, 4),
+    b1=st.integers(1, 4),
+)
 def test_rule_equals_the_exact_float64_rule(seed, eta, rows, cols, b0, b1):
     g = torch.Generator().manual_seed(seed)
     c0 = (torch.randn(rows, cols, generator=g) * 4).to(E4M3)

@@ -15,8 +15,14 @@ from safetensors.torch import save
 from weightgeo.checkpoint.safetensors import SafetensorsCheckpoint
 from weightgeo.errors import WeightgeoError
 
-_VALID = save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16),
-               "c": torch.tensor([1, 2], dtype=torch.int64)}, metadata={"format": "pt"})
+_VALID = save(
+    {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.ones(4, dtype=torch.bfloat16),
+        "c": torch.tensor([1, 2], dtype=torch.int64),
+    },
+    metadata={"format": "pt"},
+)
 _DIR = Path(tempfile.mkdtemp(prefix="wg-fuzz-"))
 
 
@@ -53,10 +59,14 @@ def test_mutated_valid_file(edits):
     _check(bytes(blob))
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.sampled_from(["F32", "BF16", "I64", "X"]),
-                     lambda c: st.lists(c, max_size=3) | st.dictionaries(
-                         st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "a"]), c, max_size=4),
-                     max_leaves=12)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 40) | st.sampled_from(["F32", "BF16", "I64", "X"]),
+    lambda c: (
+        st.lists(c, max_size=3)
+        | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "a"]), c, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @_settings

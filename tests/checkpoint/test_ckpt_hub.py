@@ -37,6 +37,7 @@ def build_cache(cache: Path, repo_id: str, model_dir: Path, *, ref: str = "main"
 @pytest.fixture
 def offline(monkeypatch):
     from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
@@ -48,6 +49,7 @@ def test_offline_cached_sharded(tmp_path, offline, monkeypatch):
     snap = build_cache(cache, "org/tiny", src)
     assert resolve_hub("org/tiny", cache_dir=cache) == snap
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     ckpt = open_checkpoint("org/tiny")
     assert ckpt.source == "org/tiny" and ckpt.config == {"tie_word_embeddings": False}
@@ -61,6 +63,7 @@ def test_offline_cached_revision(tmp_path, offline, monkeypatch):
     cache = tmp_path / "hub"
     build_cache(cache, "org/tiny", write_hf_checkpoint(tmp_path / "src", sd), ref="v1")
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     assert open_checkpoint("org/tiny@v1").names() == sorted(sd)
     assert open_checkpoint("org/tiny", revision="v1").names() == sorted(sd)
@@ -70,6 +73,7 @@ def test_offline_cached_revision(tmp_path, offline, monkeypatch):
 
 def test_offline_uncached(tmp_path, offline, monkeypatch):
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(WeightgeoError) as e:
         open_checkpoint("someorg/not-cached")
@@ -106,6 +110,7 @@ def test_bad_repo_ids():
 
 def test_offline_flag_read_at_call_time(monkeypatch):
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert not hub_offline()
@@ -117,6 +122,7 @@ def test_online_validates_index_before_shards(tmp_path, monkeypatch):
     """Online path (network mocked): the index is fetched and rejected before snapshot_download runs."""
     import huggingface_hub
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     bad = tmp_path / "model.safetensors.index.json"
@@ -124,8 +130,9 @@ def test_online_validates_index_before_shards(tmp_path, monkeypatch):
     cfg = tmp_path / "config.json"
     cfg.write_text("{}")
     calls = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo, name, **k: calls.append(name) or str(tmp_path / name))
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda repo, name, **k: calls.append(name) or str(tmp_path / name)
+    )
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append("snapshot") or "")
     with pytest.raises(WeightgeoError, match="not a plain file name"):
         resolve_hub("org/tiny")

@@ -58,10 +58,17 @@ def test_mapped_views_add_their_recipe(hf, tmp_path):
 def test_fp8_identity_holds_codes_scales_and_block(tmp_path, gen):
     d = tmp_path / "fp8"
     d.mkdir()
-    save_file({"lin.weight": torch.randn(4, 6, generator=gen).to(torch.float8_e4m3fn),
-               "lin.weight_scale_inv": torch.ones(2, 2), "norm.weight": torch.ones(6)}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
-                                                                        "weight_block_size": [2, 3]}}))
+    save_file(
+        {
+            "lin.weight": torch.randn(4, 6, generator=gen).to(torch.float8_e4m3fn),
+            "lin.weight_scale_inv": torch.ones(2, 2),
+            "norm.weight": torch.ones(6),
+        },
+        str(d / "model.safetensors"),
+    )
+    (d / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [2, 3]}})
+    )
     ck = open_checkpoint(d)
     ident = ck.identity("lin.weight")
     assert ident["format"] == "fp8" and ident["block"] == [2, 3]

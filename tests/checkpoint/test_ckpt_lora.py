@@ -24,12 +24,18 @@ CASES = {
     # name: (adapter kwargs, module -> expected scaling)
     "plain": (dict(r=4, alpha=8), lambda m: 8 / 4),
     "rslora": (dict(r=4, alpha=8, rslora=True), lambda m: 8 / math.sqrt(4)),
-    "rank_pattern": (dict(r=4, alpha=8, rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 3}),
-                     lambda m: 8 / (2 if m.endswith("q_proj") else 3 if m == "model.layers.1.self_attn.v_proj" else 4)),
-    "alpha_pattern": (dict(r=4, alpha=8, alpha_pattern={"layers.0.self_attn.v_proj": 2, "q_proj": 16}),
-                      lambda m: (16 if m.endswith("q_proj") else 2 if m == "model.layers.0.self_attn.v_proj" else 8) / 4),
-    "both_rslora": (dict(r=4, alpha=8, rslora=True, rank_pattern={"v_proj": 1}, alpha_pattern={"v_proj": 3}),
-                    lambda m: 3 / 1 if m.endswith("v_proj") else 8 / 2),
+    "rank_pattern": (
+        dict(r=4, alpha=8, rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 3}),
+        lambda m: 8 / (2 if m.endswith("q_proj") else 3 if m == "model.layers.1.self_attn.v_proj" else 4),
+    ),
+    "alpha_pattern": (
+        dict(r=4, alpha=8, alpha_pattern={"layers.0.self_attn.v_proj": 2, "q_proj": 16}),
+        lambda m: (16 if m.endswith("q_proj") else 2 if m == "model.layers.0.self_attn.v_proj" else 8) / 4,
+    ),
+    "both_rslora": (
+        dict(r=4, alpha=8, rslora=True, rank_pattern={"v_proj": 1}, alpha_pattern={"v_proj": 3}),
+        lambda m: 3 / 1 if m.endswith("v_proj") else 8 / 2,
+    ),
 }
 
 
@@ -76,21 +82,29 @@ def test_adapter_from_bin_and_base_checkpoint_object(tmp_path):
 
 
 def test_embedding_and_fan_in_fan_out_transposed(tmp_path, gen):
-    base = {"model.embed_tokens.weight": torch.randn(10, 6, generator=gen),
-            "transformer.h.0.attn.c_attn.weight": torch.randn(6, 18, generator=gen)}  # Conv1D: [in, out]
+    base = {
+        "model.embed_tokens.weight": torch.randn(10, 6, generator=gen),
+        "transformer.h.0.attn.c_attn.weight": torch.randn(6, 18, generator=gen),
+    }  # Conv1D: [in, out]
     A_e, B_e = torch.randn(2, 10, generator=gen), torch.randn(6, 2, generator=gen)
     A_c, B_c = torch.randn(2, 6, generator=gen), torch.randn(18, 2, generator=gen)
-    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": A_e,
-               "base_model.model.model.embed_tokens.lora_embedding_B": B_e,
-               "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": A_c,
-               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": B_c},
-              str(tmp_path / "adapter_model.safetensors"))
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "fan_in_fan_out": True}))
+    save_file(
+        {
+            "base_model.model.model.embed_tokens.lora_embedding_A": A_e,
+            "base_model.model.model.embed_tokens.lora_embedding_B": B_e,
+            "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": A_c,
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": B_c,
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "fan_in_fan_out": True})
+    )
     ckpt = open_checkpoint(tmp_path, base=base)
     torch.testing.assert_close(ckpt.get("model.embed_tokens.weight"), base["model.embed_tokens.weight"] + (B_e @ A_e).T)
-    torch.testing.assert_close(ckpt.get("transformer.h.0.attn.c_attn.weight"),
-                               base["transformer.h.0.attn.c_attn.weight"] + (B_c @ A_c).T)
+    torch.testing.assert_close(
+        ckpt.get("transformer.h.0.attn.c_attn.weight"), base["transformer.h.0.attn.c_attn.weight"] + (B_c @ A_c).T
+    )
     fd = ckpt.factored_delta("model.embed_tokens.weight")
     assert fd.B.shape == (10, 2) and fd.A.shape == (2, 6)
 

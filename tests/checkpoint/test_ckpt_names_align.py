@@ -10,11 +10,16 @@ from weightgeo.checkpoint import align, canonical_name, compile_filter, layer_in
 from weightgeo.errors import WeightgeoError
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight",
-                                  "base_model.model.model.layers.0.self_attn.q_proj.weight",
-                                  "layers.0.self_attn.q_proj.weight",
-                                  "module._orig_mod.model.layers.0.self_attn.q_proj.weight",
-                                  "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.self_attn.q_proj.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "module._orig_mod.model.layers.0.self_attn.q_proj.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight",
+    ],
+)
 def test_canonical_prefixes(name):
     assert canonical_name(name) == "layers.0.self_attn.q_proj.weight"
 
@@ -24,34 +29,56 @@ def test_canonical_keeps_meaningful_names():
     assert canonical_name("transformer.h.0.attn.c_attn.weight") == "transformer.h.0.attn.c_attn.weight"
 
 
-@pytest.mark.parametrize("name,mt,li", [
-    ("model.layers.3.self_attn.q_proj.weight", "q_proj", 3),
-    ("model.layers.3.self_attn.q_proj.bias", "q_proj", 3),
-    ("model.embed_tokens.weight", "embed_tokens", None),
-    ("lm_head.weight", "lm_head", None),
-    ("model.layers.11.input_layernorm.weight", "input_layernorm", 11),
-    ("transformer.h.7.mlp.c_fc.weight", "c_fc", 7),
-    ("encoder.block.2.layer.1.DenseReluDense.wi.weight", "wi", 2),
-    ("model.layers.1.block_sparse_moe.experts.5.w1.weight", "w1", 1),
-    ("vision.blocks.4.attn.qkv.weight", "qkv", 4),
-    ("stages.3.conv.weight", "conv", 3),
-    ("model.rotary_emb.inv_freq", "inv_freq", None),
-])
+@pytest.mark.parametrize(
+    "name,mt,li",
+    [
+        ("model.layers.3.self_attn.q_proj.weight", "q_proj", 3),
+        ("model.layers.3.self_attn.q_proj.bias", "q_proj", 3),
+        ("model.embed_tokens.weight", "embed_tokens", None),
+        ("lm_head.weight", "lm_head", None),
+        ("model.layers.11.input_layernorm.weight", "input_layernorm", 11),
+        ("transformer.h.7.mlp.c_fc.weight", "c_fc", 7),
+        ("encoder.block.2.layer.1.DenseReluDense.wi.weight", "wi", 2),
+        ("model.layers.1.block_sparse_moe.experts.5.w1.weight", "w1", 1),
+        ("vision.blocks.4.attn.qkv.weight", "qkv", 4),
+        ("stages.3.conv.weight", "conv", 3),
+        ("model.rotary_emb.inv_freq", "inv_freq", None),
+    ],
+)
 def test_module_type_and_layer_index(name, mt, li):
     assert module_type(name) == mt
     assert layer_index(name) == li
 
 
-ATTN = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-        "gpt_neox.layers.0.attention.query_key_value.weight", "gpt_neox.layers.0.attention.dense.weight",
-        "transformer.h.0.self_attention.dense.weight", "transformer.blocks.0.attn.Wqkv.weight",
-        "model.layers.0.self_attn.qkv_proj.weight", "model.decoder.layers.0.self_attn.out_proj.weight"]
-MLP = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight", "transformer.h.0.mlp.c_fc.weight",
-       "transformer.h.0.mlp.c_proj.weight", "model.decoder.layers.0.fc1.weight", "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
-       "gpt_neox.layers.0.mlp.dense_4h_to_h.weight", "model.layers.0.block_sparse_moe.experts.0.w3.weight"]
-OTHER = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "transformer.wte.weight",
-         "gpt_neox.embed_out.weight"]
+ATTN = [
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.o_proj.weight",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.attn.c_proj.weight",
+    "gpt_neox.layers.0.attention.query_key_value.weight",
+    "gpt_neox.layers.0.attention.dense.weight",
+    "transformer.h.0.self_attention.dense.weight",
+    "transformer.blocks.0.attn.Wqkv.weight",
+    "model.layers.0.self_attn.qkv_proj.weight",
+    "model.decoder.layers.0.self_attn.out_proj.weight",
+]
+MLP = [
+    "model.layers.0.mlp.gate_proj.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "transformer.h.0.mlp.c_fc.weight",
+    "transformer.h.0.mlp.c_proj.weight",
+    "model.decoder.layers.0.fc1.weight",
+    "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+    "gpt_neox.layers.0.mlp.dense_4h_to_h.weight",
+    "model.layers.0.block_sparse_moe.experts.0.w3.weight",
+]
+OTHER = [
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "model.norm.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_out.weight",
+]
 
 
 def test_presets():
@@ -97,9 +124,10 @@ def test_align_prefixes_and_only(tmp_path):
     ft_sd = {"base_model.model." + k: v for k, v in sd.items() if "layers.1.mlp" not in k}
     ft_sd["base_model.model.model.extra.weight"] = torch.zeros(2)
     a = align(base, open_checkpoint(ft_sd))
-    assert [p.key for p in a.pairs] == sorted((canonical_name(k) for k in sd if "layers.1.mlp" not in k),
-                                              key=lambda k: [int(t) if t.isdigit() else t for t in
-                                                             __import__("re").split(r"(\d+)", k)])
+    assert [p.key for p in a.pairs] == sorted(
+        (canonical_name(k) for k in sd if "layers.1.mlp" not in k),
+        key=lambda k: [int(t) if t.isdigit() else t for t in __import__("re").split(r"(\d+)", k)],
+    )
     p = next(p for p in a.pairs if p.key == "layers.0.self_attn.q_proj.weight")
     assert p.base_name == "model.layers.0.self_attn.q_proj.weight"
     assert p.ft_name == "base_model.model.model.layers.0.self_attn.q_proj.weight"

@@ -32,9 +32,12 @@ def test_megatron_layout_reads_as_the_hf_tensors(tmp_path, kind, stacked):
         assert got.dtype == t.dtype and torch.equal(got, t), name
     emb = sd["model.embed_tokens.weight"]
     assert torch.equal(ck.get_rows("model.embed_tokens.weight", 90, 200), emb[90:])  # padding rows never appear
-    assert torch.equal(ck.get_rows("model.layers.1.mlp.up_proj.weight", 3, 7), sd["model.layers.1.mlp.up_proj.weight"][3:7])
-    assert torch.equal(ck.get_rows("model.layers.0.self_attn.k_proj.weight", 2, 5),
-                       sd["model.layers.0.self_attn.k_proj.weight"][2:5])
+    assert torch.equal(
+        ck.get_rows("model.layers.1.mlp.up_proj.weight", 3, 7), sd["model.layers.1.mlp.up_proj.weight"][3:7]
+    )
+    assert torch.equal(
+        ck.get_rows("model.layers.0.self_attn.k_proj.weight", 2, 5), sd["model.layers.0.self_attn.k_proj.weight"][2:5]
+    )
     assert "interleaved" in ck.origin("model.layers.1.self_attn.q_proj.weight").note
     assert any("_extra_state" in s["name"] for s in ck.skipped)
 
@@ -114,17 +117,26 @@ def test_megatron_run_folder_and_other_backends(tmp_path):
 
 def test_stacked_experts_map_to_per_expert_hf_names(tmp_path, gen):
     L, E, F, H, V = 2, 3, 4, 8, 10
-    hf = {f"model.layers.{i}.mlp.experts.{j}.{p}.weight": torch.randn(shape, generator=gen)
-          for i in range(L) for j in range(E)
-          for p, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F)))}
+    hf = {
+        f"model.layers.{i}.mlp.experts.{j}.{p}.weight": torch.randn(shape, generator=gen)
+        for i in range(L)
+        for j in range(E)
+        for p, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F)))
+    }
     hf.update({f"model.layers.{i}.mlp.gate.weight": torch.randn(E, H, generator=gen) for i in range(L)})
     hf["model.embed_tokens.weight"] = torch.randn(V, H, generator=gen)
 
     def stack(fn):
         return torch.stack([torch.stack([fn(i, j) for j in range(E)]) for i in range(L)])
 
-    fc1 = stack(lambda i, j: torch.cat([hf[f"model.layers.{i}.mlp.experts.{j}.gate_proj.weight"],
-                                        hf[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight"]]))
+    fc1 = stack(
+        lambda i, j: torch.cat(
+            [
+                hf[f"model.layers.{i}.mlp.experts.{j}.gate_proj.weight"],
+                hf[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight"],
+            ]
+        )
+    )
     megatron = {
         "embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], torch.zeros(6, H)]),
         "decoder.layers.mlp.experts.experts.linear_fc1.weight": fc1,  # SequentialMLP / TEGroupedMLP: [L, E, 2F, H]
@@ -132,7 +144,8 @@ def test_stacked_experts_map_to_per_expert_hf_names(tmp_path, gen):
     }
     for j in range(E):  # singleton_local_shards spelling: one key per expert, stacked over layers only
         megatron[f"decoder.layers.mlp.experts.linear_fc2.weight{j}"] = torch.stack(
-            [hf[f"model.layers.{i}.mlp.experts.{j}.down_proj.weight"] for i in range(L)])
+            [hf[f"model.layers.{i}.mlp.experts.{j}.down_proj.weight"] for i in range(L)]
+        )
     cfg = {"model_type": "qwen3_moe", "vocab_size": V, "num_hidden_layers": L, "moe_intermediate_size": F}
     ck = open_checkpoint(write_dcp(tmp_path / "iter_0000003", megatron, extra=False), config=cfg)
     assert ck.names() == sorted(hf)
@@ -142,8 +155,9 @@ def test_stacked_experts_map_to_per_expert_hf_names(tmp_path, gen):
     titan = {"tok_embeddings.weight": hf["model.embed_tokens.weight"]}
     for i in range(L):
         for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            titan[f"layers.{i}.moe.experts.{w}"] = torch.stack([hf[f"model.layers.{i}.mlp.experts.{j}.{p}.weight"]
-                                                                 for j in range(E)])
+            titan[f"layers.{i}.moe.experts.{w}"] = torch.stack(
+                [hf[f"model.layers.{i}.mlp.experts.{j}.{p}.weight"] for j in range(E)]
+            )
         titan[f"layers.{i}.moe.router.gate.weight"] = hf[f"model.layers.{i}.mlp.gate.weight"]
     ck = open_checkpoint(write_dcp(tmp_path / "step-3", titan, extra=False), config=cfg)
     assert ck.names() == sorted(hf)
@@ -179,9 +193,19 @@ def test_megatron_common_pt_args_supply_the_numbers(tmp_path, monkeypatch):
     _, cfg, sd = tiny_hf(tmp_path / "hf", "qwen3")
     d = write_dcp(tmp_path / "iter_0000004", to_megatron(sd, cfg, pad_to=128))
     ModelType, mods = _fake_megatron_enum(monkeypatch)
-    args = argparse.Namespace(num_attention_heads=4, num_query_groups=2, group_query_attention=True, kv_channels=16,
-                              num_layers=2, hidden_size=32, ffn_hidden_size=48, vocab_size=97, padded_vocab_size=128,
-                              untie_embeddings_and_output_weights=True, model_type=ModelType(1))
+    args = argparse.Namespace(
+        num_attention_heads=4,
+        num_query_groups=2,
+        group_query_attention=True,
+        kv_channels=16,
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        vocab_size=97,
+        padded_vocab_size=128,
+        untie_embeddings_and_output_weights=True,
+        model_type=ModelType(1),
+    )
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 4}, d / "common.pt")
     (d / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
     for n in reversed(mods):

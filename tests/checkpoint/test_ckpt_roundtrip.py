@@ -83,6 +83,7 @@ def test_safetensors_rows_read_only_their_bytes(tmp_path, monkeypatch):
     sd = {"w": torch.arange(1000 * 8, dtype=torch.float32).reshape(1000, 8)}
     ckpt = open_checkpoint(write_hf_checkpoint(tmp_path, sd))
     import weightgeo.checkpoint.safetensors as st
+
     sizes = []
     real = st._read_bytes
     monkeypatch.setattr(st, "_read_bytes", lambda p, s, n, name: sizes.append(n) or real(p, s, n, name))
@@ -136,6 +137,7 @@ def test_trainer_checkpoint_folder(tmp_path):
 def test_nonstandard_safetensors_names_in_folder(tmp_path):
     sd = tiny_llama_state(num_layers=1)
     from safetensors.torch import save_file
+
     save_file({k: v for k, v in sd.items() if "layers" in k}, str(tmp_path / "a.safetensors"))
     save_file({k: v for k, v in sd.items() if "layers" not in k}, str(tmp_path / "b.safetensors"))
     assert_same(open_checkpoint(tmp_path), sd)
@@ -153,8 +155,9 @@ def test_torch_bin_keeps_one_shard_open(tmp_path):
     ckpt = open_checkpoint(write_hf_checkpoint(tmp_path, sd, shards=3, fmt="bin"))
     loads = []
     import weightgeo.checkpoint.torch_bin as tb
+
     real = tb.load_state_file
-    tb_load = lambda p: loads.append(p.name) or real(p)  # noqa: E731
+    tb_load = lambda p: loads.append(p.name) or real(p)
     try:
         tb.load_state_file = tb_load
         for name in ckpt.names():

@@ -103,8 +103,9 @@ def test_verl_actor_compares_like_its_hf_twin(run, tmp_path):
     twin = write_hf_checkpoint(tmp_path / "twin", full, config=cfg)
     base = run / "hf_base"
     opts = dict(k=4, rank=2, progress=False)
-    assert_same_rows(weightgeo.compare(base, run / "global_step_1" / "actor", **opts),
-                     weightgeo.compare(base, twin, **opts))
+    assert_same_rows(
+        weightgeo.compare(base, run / "global_step_1" / "actor", **opts), weightgeo.compare(base, twin, **opts)
+    )
 
 
 def test_multi_chunk_dcp_reads_only_the_chunks_it_needs(run, monkeypatch):
@@ -168,14 +169,15 @@ def test_mismatched_world_size(actor):
 
 
 def _rewrite_placements(path: Path, placement) -> None:
-    import torch.distributed.tensor  # noqa: F401
+    import torch.distributed.tensor
     from torch.distributed.tensor import DTensor
 
     sd = torch.load(path, weights_only=True)
     name = "model.norm.weight"
     v = sd[name]
-    sd[name] = DTensor.from_local(v.to_local(), v.device_mesh, [placement], run_check=False,
-                                  shape=v.shape, stride=v.stride())
+    sd[name] = DTensor.from_local(
+        v.to_local(), v.device_mesh, [placement], run_check=False, shape=v.shape, stride=v.stride()
+    )
     torch.save(sd, path)
 
 

@@ -13,7 +13,6 @@ from weightgeo.checkpoint.completeness import PROBLEMS, checkpoint_status, scan_
 from weightgeo.errors import WeightgeoError
 
 
-
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory) -> Path:
     """A real transformers.Trainer run of 2 steps on a tiny Llama, saving at every step (about 1 s)."""
@@ -22,12 +21,28 @@ def trainer_run(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     out = tmp_path_factory.mktemp("trainer") / "run"
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg)  # the weights do not matter here, only the files the Trainer writes
     ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
-    args = TrainingArguments(str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
-                             save_strategy="steps", save_steps=1, use_cpu=True, disable_tqdm=True, logging_steps=1)
+    args = TrainingArguments(
+        str(out),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids]).train()
@@ -110,8 +125,14 @@ def test_sharded_save_pretrained(tmp_path):
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     folder = tmp_path / "checkpoint-5"
     with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG: leave it untouched
         model = LlamaForCausalLM(cfg)
@@ -139,8 +160,10 @@ def test_dcp_folder(tmp_path):
     g = torch.Generator().manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-        dcp.save({"w": torch.randn(64, 32, generator=g), "b": torch.randn(8, generator=g).bfloat16(), "n": 3},
-                 checkpoint_id=str(folder))
+        dcp.save(
+            {"w": torch.randn(64, 32, generator=g), "b": torch.randn(8, generator=g).bfloat16(), "n": 3},
+            checkpoint_id=str(folder),
+        )
     s = checkpoint_status(folder)
     assert s.complete and s.marker == ".metadata" and "dcp" in s.formats
     data = sorted(folder.glob("*.distcp"))[0]

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from factories import tiny_llama_state, write_hf_checkpoint
 
 import weightgeo
 from weightgeo.checkpoint import open_checkpoint
-
-from factories import tiny_llama_state, write_hf_checkpoint
 
 
 def _gpt2(transformers, seed):

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+import reference as R
 import scipy.linalg
 import torch
 
-import reference as R
 from weightgeo import WeightgeoError
 from weightgeo.linalg import subspace_angles
 

@@ -58,7 +58,11 @@ def check_close(g, r, sides=("right", "left")):
 # Square / tall / wide, k inside the spectrum with σ_k/σ_{k+1} ≈ 1.003 (the hard case scaled down)
 # and k = min(m, n); dense and low-rank ΔW at three sizes.
 CASES = [
-    (96, 96, 48), (320, 64, 40), (64, 320, 40), (24, 128, 512), (128, 24, 512),
+    (96, 96, 48),
+    (320, 64, 40),
+    (64, 320, 40),
+    (24, 128, 512),
+    (128, 24, 512),
 ]
 
 
@@ -98,7 +102,7 @@ def test_weyl_and_mirsky_bounds():
     for m, n in [(100, 60), (60, 100)]:
         W0, W1 = make_pair(m, n, 1e-2, seed=7)
         g = pair_geometry(W0, W1, k=40)
-        dW = (W1.double() - W0.double())
+        dW = W1.double() - W0.double()
         ds = (g.sigma1 - g.sigma0).abs()
         assert float(ds.max()) <= float(torch.linalg.matrix_norm(dW, 2)) * (1 + 1e-9)  # Weyl
         assert float(ds.norm()) <= float(torch.linalg.matrix_norm(dW, "fro")) * (1 + 1e-9)  # Mirsky
@@ -151,8 +155,10 @@ def test_fallback_equal_spectra_and_near_identical_fast_path():
     rng = np.random.default_rng(4)
     p = 64
     s = np.arange(1, p + 1) ** -0.5
-    A = [(np.linalg.qr(rng.standard_normal((96, p)))[0] * s) @ np.linalg.qr(rng.standard_normal((p, p)))[0].T
-         for _ in range(2)]
+    A = [
+        (np.linalg.qr(rng.standard_normal((96, p)))[0] * s) @ np.linalg.qr(rng.standard_normal((p, p)))[0].T
+        for _ in range(2)
+    ]
     W0, W1 = (torch.from_numpy(a.astype(np.float32)) for a in A)
     g = pair_geometry(W0, W1, k=8, sides=())
     ref = ref_geometry(W0, W1, 8)["nss"]

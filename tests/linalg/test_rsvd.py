@@ -132,7 +132,7 @@ def test_orth_rows_cholesky_fallback_rank_deficient():
 def test_orth_rows_ill_conditioned_gets_third_pass():
     g = torch.Generator().manual_seed(1)
     scales = torch.logspace(0, -3.3, 20)  # κ ≈ 2000: first CholeskyQR loses ~κ²u of orthogonality
-    W = (scales[:, None] * torch.linalg.qr(torch.randn(600, 20, generator=g)).Q.mT)
+    W = scales[:, None] * torch.linalg.qr(torch.randn(600, 20, generator=g)).Q.mT
     W = torch.linalg.qr(torch.randn(20, 20, generator=g)).Q @ W
     assert orth_err(_orth_rows(W).mT) < 1e-5
 
@@ -235,8 +235,13 @@ def test_non_contiguous_input():
 
 # ---- dtypes and errors -----------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "dtype,out", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                  (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+    "dtype,out",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
 )
 def test_dtype_rule(dtype, out):
     A = torch.randn(80, 60, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -358,7 +363,9 @@ def test_properties_small_random(batch, m, n, data, dtype, n_iter, seed, low_ran
     g = torch.Generator().manual_seed(seed)
     if low_rank:
         r = data.draw(st.integers(1, min(m, n)), label="rank")
-        A = torch.randn(*batch, m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
+        A = torch.randn(*batch, m, r, generator=g, dtype=torch.float64) @ torch.randn(
+            r, n, generator=g, dtype=torch.float64
+        )
     else:
         A = torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
     A = A.to(dtype)

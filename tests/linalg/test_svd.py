@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 
-import reference as R
 from weightgeo import WeightgeoError
 from weightgeo.linalg import (
     compute_dtype,
@@ -36,8 +36,11 @@ def test_compute_dtype():
 @pytest.mark.parametrize("storage", ["bf16", "fp32", "fp64"])
 def test_singular_values_vs_float64(kind, shape, storage):
     A = R.make_base(kind, *shape, np.random.default_rng(1))
-    t = {"bf16": lambda a: torch.from_numpy(a).bfloat16(), "fp32": torch.from_numpy,
-         "fp64": lambda a: torch.from_numpy(a.astype(np.float64))}[storage](A)
+    t = {
+        "bf16": lambda a: torch.from_numpy(a).bfloat16(),
+        "fp32": torch.from_numpy,
+        "fp64": lambda a: torch.from_numpy(a.astype(np.float64)),
+    }[storage](A)
     ref = np.linalg.svd(t.double().numpy(), compute_uv=False)
     s = singular_values(t).numpy()
     # policy accuracy: ~1e-16·σ1²/σi, floor sqrt(eps64)·σ1 for the Gram route
@@ -135,15 +138,21 @@ def test_exact_spectral_norm_and_gram_vs_float64(shape, kind):
         D = rng.standard_normal(shape).astype(np.float32)
     elif kind == "bf16diff":
         W = torch.from_numpy(0.02 * rng.standard_normal(shape).astype(np.float32)).bfloat16()
-        D = ((W.float() + torch.from_numpy(2e-5 * rng.standard_normal(shape).astype(np.float32))).bfloat16().float()
-             - W.float()).numpy()
+        D = (
+            (W.float() + torch.from_numpy(2e-5 * rng.standard_normal(shape).astype(np.float32))).bfloat16().float()
+            - W.float()
+        ).numpy()
     elif kind == "lowrank":
-        D = (rng.standard_normal((m, 8)) @ rng.standard_normal((8, n)) + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
+        D = (rng.standard_normal((m, 8)) @ rng.standard_normal((8, n)) + 1e-3 * rng.standard_normal(shape)).astype(
+            np.float32
+        )
     else:
         D = R.make_base("powerlaw", m, n, rng)
     ref = np.linalg.svd(D.astype(np.float64), compute_uv=False)[0]
     assert abs(float(exact_spectral_norm(torch.from_numpy(D))) / ref - 1) < 1e-6
-    assert float(frobenius_sq(torch.from_numpy(D))) == pytest.approx(float((D.astype(np.float64) ** 2).sum()), rel=1e-12)
+    assert float(frobenius_sq(torch.from_numpy(D))) == pytest.approx(
+        float((D.astype(np.float64) ** 2).sum()), rel=1e-12
+    )
     D64 = D.astype(np.float64)
     G_ref = D64.T @ D64 if m >= n else D64 @ D64.T
     np.testing.assert_allclose(gram(torch.from_numpy(D)).numpy(), G_ref, rtol=1e-12, atol=1e-12 * np.abs(G_ref).max())

@@ -5,15 +5,14 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
-
 import reference as R
+import torch
 
 M, N, K, RANK = 96, 64, 32, 8
 CASES = [(kind, upd) for kind in R.KINDS for upd in R.UPDATES]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(kind: str, upd: str, m: int = M, n: int = N):
     """(base, ft) as stored (bf16 or fp32 tensors), and their float32 values as NumPy arrays."""
     seed = (R.KINDS.index(kind) * 10 + R.UPDATES.index(upd)) * 7919 % 1000

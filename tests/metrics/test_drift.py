@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
-
 import reference as R
+import torch
 from cases import CASES, case
+
 from weightgeo import WeightgeoError
 from weightgeo.linalg import singular_values
 from weightgeo.metrics import spectral_drift, stable_rank
@@ -65,7 +65,8 @@ def test_stable_rank_vs_reference(kind):
     D = R.make_base(kind, 70, 50, rng)
     assert stable_rank(torch.from_numpy(D)) == pytest.approx(R.stable_rank(D), rel=1e-6)
     assert stable_rank(torch.from_numpy(D).bfloat16()) == pytest.approx(
-        R.stable_rank(torch.from_numpy(D).bfloat16().float().numpy()), rel=1e-6)
+        R.stable_rank(torch.from_numpy(D).bfloat16().float().numpy()), rel=1e-6
+    )
 
 
 def test_stable_rank_edges():

@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
 import reference as R
-from cases import K, RANK, case
+import torch
+from cases import RANK, K, case
+
 from weightgeo import WeightgeoError
 from weightgeo.metrics import (
     ALL_METRICS,
@@ -20,7 +20,13 @@ from weightgeo.metrics import (
 )
 
 KEYS = {
-    "principal_overlap": {"principal_overlap", "max_principal_angle", "mean_principal_angle", "k_effective", "spectral_gap"},
+    "principal_overlap": {
+        "principal_overlap",
+        "max_principal_angle",
+        "mean_principal_angle",
+        "k_effective",
+        "spectral_gap",
+    },
     "spectral_drift": {"spectral_drift"},
     "update_localization": {"density", "principal_mask_overlap", "low_magnitude_overlap"},
     "stable_rank": {"stable_rank", "delta_frobenius"},
@@ -52,7 +58,10 @@ def test_agrees_with_public_functions(kind, upd):
     assert out["spectral_drift"] == pytest.approx(spectral_drift(b, f), rel=1e-9)  # eigh vs eigvalsh
     loc = update_localization(b, f, rank=RANK, alpha=0.3)
     assert (out["density"], out["principal_mask_overlap"], out["low_magnitude_overlap"]) == (
-        loc.density, loc.principal_mask_overlap, loc.low_magnitude_overlap)
+        loc.density,
+        loc.principal_mask_overlap,
+        loc.low_magnitude_overlap,
+    )
     delta = f.float() - b.float()
     assert out["stable_rank"] == pytest.approx(stable_rank(delta))
     assert out["delta_frobenius"] == pytest.approx(float(np.linalg.norm(f_np.astype(np.float64) - b_np)), rel=1e-6)
@@ -110,10 +119,10 @@ def test_batched_equals_looped_bit_for_bit(monkeypatch, gen, shape):
     kw = dict(metrics=frozenset(PAIR_METRICS), k=8, side="right", rank=4, alpha=0.5, eta=1e-3)
     batched = batched_pair_metrics(w0, w1, **kw)
     for i in range(5):
-        assert batched_pair_metrics(w0[i:i + 1], w1[i:i + 1], **kw)[0] == batched[i]
+        assert batched_pair_metrics(w0[i : i + 1], w1[i : i + 1], **kw)[0] == batched[i]
     whole = decompose(w0)
     for i in (0, 3):
-        one = decompose(w0[i:i + 1])
+        one = decompose(w0[i : i + 1])
         assert torch.equal(one.S[0], whole.S[i]) and torch.equal(one.vectors[0], whole.vectors[i])
     assert torch.equal(frobenius_sq(w0)[2:3], frobenius_sq(w0[2:3]))
 
@@ -125,7 +134,13 @@ def test_batched_equals_looped_at_the_real_row_block(gen):
 
     w0 = (0.02 * torch.randn(2, 4200, 512, generator=gen)).bfloat16()
     w1 = (w0.float() + 1e-3 * torch.randn(2, 4200, 512, generator=gen)).bfloat16()
-    kw = dict(metrics=frozenset({"principal_overlap", "spectral_drift", "stable_rank"}), k=16, side="right",
-              rank=4, alpha=0.5, eta=1e-3)
+    kw = dict(
+        metrics=frozenset({"principal_overlap", "spectral_drift", "stable_rank"}),
+        k=16,
+        side="right",
+        rank=4,
+        alpha=0.5,
+        eta=1e-3,
+    )
     batched = batched_pair_metrics(w0, w1, **kw)
-    assert [batched_pair_metrics(w0[i:i + 1], w1[i:i + 1], **kw)[0] for i in range(2)] == batched
+    assert [batched_pair_metrics(w0[i : i + 1], w1[i : i + 1], **kw)[0] for i in range(2)] == batched

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
-
 import reference as R
+import torch
 from cases import CASES, K, angle_tolerance, case
+
 from weightgeo import WeightgeoError
 from weightgeo.metrics import principal_angles, principal_overlap
 
@@ -68,8 +68,11 @@ def test_k_above_rank_is_effective_k():
     A = R.make_base("lowrank", 40, 30, rng)  # rank 8 in fp32
     B = R.make_base("lowrank", 40, 30, rng)
     assert principal_angles(torch.from_numpy(A), torch.from_numpy(B), k=512).shape == (8,)
-    assert principal_angles(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
-                            torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), k=512).shape == (3,)
+    assert principal_angles(
+        torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
+        torch.randn(5, 3, generator=torch.Generator().manual_seed(1)),
+        k=512,
+    ).shape == (3,)
 
 
 def test_edge_cases():

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
-
 import reference as R
+import torch
 from cases import CASES, case
+
 from weightgeo import WeightgeoError
 from weightgeo.metrics import update_mask, update_sparsity
 from weightgeo.metrics.sparsity import unchanged_count, unchanged_mask, unchanged_mask_general

@@ -41,18 +41,32 @@ STEPS = [20, 40, 60, 80, 100]
 def _stream(rng, srank, sim20, unchanged, steps=STEPS):
     """A measure_stream-shaped result: stable rank per step (a curve), Sim_K at every step, unchanged rows."""
     srank = np.interp(steps, [steps[0], steps[-1]], srank)
-    noise = lambda: rng.normal(0, 0.01, M)  # noqa: E731
-    return {"steps": list(steps),
-            "srank": {str(s): list(v * (1 + noise())) for s, v in zip(steps, srank)},
-            "sim": {str(k): {str(s): list(np.clip(sim20 + noise(), 0, 1)) for s in steps} for k in (1, 2, 4, 16)},
-            "unchanged_rows": {str(steps[-1]): [[f"m{i}", 100 * (i + 1), unchanged + 0.01 * rng.normal()]
-                                                for i in range(M)]}}
+    noise = lambda: rng.normal(0, 0.01, M)
+    return {
+        "steps": list(steps),
+        "srank": {str(s): list(v * (1 + noise())) for s, v in zip(steps, srank)},
+        "sim": {str(k): {str(s): list(np.clip(sim20 + noise(), 0, 1)) for s in steps} for k in (1, 2, 4, 16)},
+        "unchanged_rows": {
+            str(steps[-1]): [[f"m{i}", 100 * (i + 1), unchanged + 0.01 * rng.normal()] for i in range(M)]
+        },
+    }
 
 
 def _pair(rng, nss, angle, density, low):
-    j = lambda x: x * (1 + rng.normal(0, 0.02))  # noqa: E731
-    return {"rows": [{"name": f"m{i}", "numel": 100, "spectral_drift": j(nss), "max_principal_angle": j(angle),
-                      "density": j(density), "low_magnitude_overlap": j(low)} for i in range(M)]}
+    j = lambda x: x * (1 + rng.normal(0, 0.02))
+    return {
+        "rows": [
+            {
+                "name": f"m{i}",
+                "numel": 100,
+                "spectral_drift": j(nss),
+                "max_principal_angle": j(angle),
+                "density": j(density),
+                "low_magnitude_overlap": j(low),
+            }
+            for i in range(M)
+        ]
+    }
 
 
 def _acc_file(out, name, reading, t1):
@@ -64,12 +78,27 @@ def _acc_file(out, name, reading, t1):
 
 def _constructed(ex, out, *, paper: bool):
     """Measurements shaped like the paper's findings (paper=True) or like their opposite, 3 seeds."""
-    plan = ex.plan.Plan(seeds=3, sft_steps=100, opd_steps=100, rlvr_steps=100, rlvr_matched=100, every=20,
-                        controls=True, project_ks=(4,), project_seeds=3, sparsify=(("random", 0.5),), mix_alphas=(0.05,))
+    plan = ex.plan.Plan(
+        seeds=3,
+        sft_steps=100,
+        opd_steps=100,
+        rlvr_steps=100,
+        rlvr_matched=100,
+        every=20,
+        controls=True,
+        project_ks=(4,),
+        project_seeds=3,
+        sparsify=(("random", 0.5),),
+        mix_alphas=(0.05,),
+    )
     rng = np.random.default_rng(0)
     # (unchanged, NSS, angle, density, low-mag overlap, srank start->end, Sim_K at 20%)
-    P = {"sft": (0.1, 1e-3, 10.0, 0.9, 0.3, (10, 40), 0.3), "opd": (0.5, 1e-4, 1.0, 0.5, 0.5, (20, 20), 0.95),
-         "rlvr": (0.8, 1e-5, 0.3, 0.2, 0.7, (20, 10), 0.4), "null": (0.9, 1e-6, 0.1, 0.1, 0.8, (30, 30), 0.2)}
+    P = {
+        "sft": (0.1, 1e-3, 10.0, 0.9, 0.3, (10, 40), 0.3),
+        "opd": (0.5, 1e-4, 1.0, 0.5, 0.5, (20, 20), 0.95),
+        "rlvr": (0.8, 1e-5, 0.3, 0.2, 0.7, (20, 10), 0.4),
+        "null": (0.9, 1e-6, 0.1, 0.1, 0.8, (30, 30), 0.2),
+    }
     if not paper:  # SFT and RLVR swap; OPD rises; SFT locks, OPD does not
         P["sft"], P["rlvr"] = (0.8, 1e-5, 0.3, 0.2, 0.7, (20, 10), 0.95), (0.1, 1e-3, 10.0, 0.9, 0.3, (10, 40), 0.4)
         P["opd"] = (0.5, 1e-4, 1.0, 0.5, 0.5, (10, 20), 0.2)
@@ -89,7 +118,7 @@ def _constructed(ex, out, *, paper: bool):
     n = 400
     u = rng.uniform(size=(n, 4))
     base_p = rng.uniform(0.3, 0.9, size=(n, 1))
-    draw = lambda shift: (u < np.clip(base_p + shift, 0, 1)).astype(np.uint8)  # noqa: E731
+    draw = lambda shift: (u < np.clip(base_p + shift, 0, 1)).astype(np.uint8)
     _acc_file(out, "sft_s0", 100, draw(0.0))
     for s in range(3):
         _acc_file(out, f"sft_s{s}", 100, draw(0.0))
@@ -137,8 +166,16 @@ def test_smoke_run_end_to_end(ex, tmp_path):
     finally:
         torch.set_num_threads(threads)  # the example pins the process's intra-op threads
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["regime"]) == {"teacher_acc_t1", "teacher_acc_greedy", "anchor_acc_t1", "anchor_acc_greedy",
-                                  "reverse_kl_nats", "response_tokens", "checks", "passed"}
+    assert set(rep["regime"]) == {
+        "teacher_acc_t1",
+        "teacher_acc_greedy",
+        "anchor_acc_t1",
+        "anchor_acc_greedy",
+        "reverse_kl_nats",
+        "response_tokens",
+        "checks",
+        "passed",
+    }
     assert set(rep["regime"]["checks"]) == {"R1", "R2", "R3"}
     assert all(isinstance(v, bool) for v in rep["regime"]["checks"].values())
     assert rep["regime"]["passed"] == all(rep["regime"]["checks"].values())

@@ -34,16 +34,19 @@ def _bytes(run_dir):
 
 def _sft_then_opd(transformers, d, on_step=None):
     """SFT a tiny Llama, reload its last checkpoint as the OPD student, distil a wider Llama teacher."""
-    sft.train(tiny_hf_model(TASK, seed=0), sft.SFTConfig(steps=3, batch_size=16, save_every=0, eval_n=0, lr=1e-3),
-              d / "sft")
+    sft.train(
+        tiny_hf_model(TASK, seed=0), sft.SFTConfig(steps=3, batch_size=16, save_every=0, eval_n=0, lr=1e-3), d / "sft"
+    )
     student = transformers.AutoModelForCausalLM.from_pretrained(d / "sft" / "checkpoint-3").float()
     teacher = tiny_hf_model(TASK, hidden_size=96, heads=4, seed=1)
     return student, opd.train(student, teacher, OPD_CFG, d / "opd", on_step=on_step)
 
 
 def test_core_and_train_import_without_transformers():
-    code = ("import sys, weightgeo, weightgeo.train.hf, weightgeo.train.opd, weightgeo.train.sft, "
-            "weightgeo.train.rlvr; assert 'transformers' not in sys.modules, 'transformers was imported'")
+    code = (
+        "import sys, weightgeo, weightgeo.train.hf, weightgeo.train.opd, weightgeo.train.sft, "
+        "weightgeo.train.rlvr; assert 'transformers' not in sys.modules, 'transformers was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -74,7 +77,7 @@ def test_adapter_matches_the_hf_model(transformers):
     lp = response_logprobs(w, prompts, s.tokens)
     seq = torch.cat([prompts, s.tokens], 1)
     with torch.no_grad():
-        logits = hf(input_ids=seq).logits[:, prompts.shape[1] - 1:-1]
+        logits = hf(input_ids=seq).logits[:, prompts.shape[1] - 1 : -1]
     direct = torch.log_softmax(logits.float(), -1).gather(-1, s.tokens.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(lp, direct, atol=1e-6)
     assert torch.allclose(s.logprobs, direct, atol=1e-5)  # T=1: sampling log-probs are the policy's own
@@ -102,8 +105,9 @@ def test_opd_run_streams_and_compares(transformers, tmp_path):
     last = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "opd" / "checkpoint-3").float()
     assert all(torch.equal(p.bfloat16().float(), q) for p, q in zip(student.parameters(), last.parameters()))
 
-    report = weightgeo.compare(tmp_path / "opd" / "checkpoint-0", tmp_path / "opd" / "checkpoint-3", k=4,
-                               progress=False)
+    report = weightgeo.compare(
+        tmp_path / "opd" / "checkpoint-0", tmp_path / "opd" / "checkpoint-3", k=4, progress=False
+    )
     assert report.meta["unmatched"] == {"only_base": [], "only_ft": []}
     assert any("q_proj" in r["name"] for r in report.rows)
     assert report.summary["update_sparsity"] < 0.5  # lr 1e-3: most bf16 values moved
@@ -128,10 +132,12 @@ def test_mixed_architectures_and_rlvr(transformers, tmp_path):
     gpt = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2), seed=0)
     opd.train(gpt, tiny_hf_model(TASK, seed=1), OPD_CFG, tmp_path / "gpt_student")
     GPT.from_pretrained(tmp_path / "gpt_student" / "checkpoint-3")
-    cfg = opd.OPDConfig(steps=2, n_prompts=2, group_size=4, save_every=0, eval_n=8, rollout_source="teacher",
-                        project_at=1)  # the projector finds Llama's q/k/v/o and gate/up/down
+    cfg = opd.OPDConfig(
+        steps=2, n_prompts=2, group_size=4, save_every=0, eval_n=8, rollout_source="teacher", project_at=1
+    )  # the projector finds Llama's q/k/v/o and gate/up/down
     out = opd.train(tiny_hf_model(TASK, seed=2), gpt, cfg, tmp_path / "hf_student")
     assert out["checkpoints"] == [0, 2] and set(out["end"]) >= {"acc_greedy", "acc_t1"}
-    out = rlvr.train(tiny_hf_model(TASK, seed=3), rlvr.RLVRConfig(steps=2, n_prompts=2, group_size=4, eval_n=0),
-                     tmp_path / "rlvr")
+    out = rlvr.train(
+        tiny_hf_model(TASK, seed=3), rlvr.RLVRConfig(steps=2, n_prompts=2, group_size=4, eval_n=0), tmp_path / "rlvr"
+    )
     assert out["checkpoints"] == [0, 2]

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from weightgeo.train.losses import (advantage_share, centered_rewards, clipped_pg_loss, grpo_advantages,
-                                    mix_advantages, opd_advantages, permute_advantages, sft_loss, sparsify_tokens)
+from weightgeo.train.losses import (
+    advantage_share,
+    centered_rewards,
+    clipped_pg_loss,
+    grpo_advantages,
+    mix_advantages,
+    opd_advantages,
+    permute_advantages,
+    sft_loss,
+    sparsify_tokens,
+)
 
 
 def test_sft_loss_hand_values():
@@ -17,7 +26,9 @@ def test_sft_loss_hand_values():
     assert sft_loss(logits, targets, torch.tensor([[1.0, 1.0]])).item() == pytest.approx(sum(ce) / 2, abs=1e-6)
     assert sft_loss(logits, targets, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(ce[1], abs=1e-6)
     # normalised by a passed-in count, not the mask
-    assert sft_loss(logits, targets, torch.tensor([[1.0, 1.0]]), num_tokens=4).item() == pytest.approx(sum(ce) / 4, abs=1e-6)
+    assert sft_loss(logits, targets, torch.tensor([[1.0, 1.0]]), num_tokens=4).item() == pytest.approx(
+        sum(ce) / 4, abs=1e-6
+    )
 
 
 def test_opd_advantages_hand_values():
@@ -32,7 +43,7 @@ def test_opd_advantages_hand_values():
 
 
 def test_grpo_group_stats_and_zero_variance_skip():
-    r = torch.tensor([1.0, 0.0, 0.0, 1.0,   0.0, 0.0, 0.0, 0.0,   1.0, 1.0, 1.0, 0.0])
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
     adv, keep = grpo_advantages(r, 4, eps=0.0)
     # group 1: mean 0.5, sample std sqrt(1/3): ±0.5 / 0.57735 = ±0.866025
     g1 = 0.5 / math.sqrt(1 / 3)
@@ -53,7 +64,9 @@ def test_grpo_group_stats_and_zero_variance_skip():
 
 
 def test_centered_rewards_and_mix():
-    assert torch.allclose(centered_rewards(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4), torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    assert torch.allclose(
+        centered_rewards(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4), torch.tensor([0.75, -0.25, -0.25, -0.25])
+    )
     a_opd = torch.tensor([[0.4, -0.2]])
     assert torch.allclose(mix_advantages(a_opd, torch.tensor([1.0]), 0.75), torch.tensor([[0.55, 0.1]]))
     assert torch.allclose(mix_advantages(a_opd, torch.tensor([1.0]), 1.0), a_opd)
@@ -72,7 +85,9 @@ def test_clipped_pg_loss_hand_values():
     assert clipped_pg_loss(logp, old, adv, mask).item() == pytest.approx(want, abs=1e-6)
     # a masked token does not count; normaliser from num_tokens
     mask2 = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    assert clipped_pg_loss(logp, old, adv, mask2, num_tokens=10).item() == pytest.approx((-1.28 + 0.8 - 2.2) / 10, abs=1e-6)
+    assert clipped_pg_loss(logp, old, adv, mask2, num_tokens=10).item() == pytest.approx(
+        (-1.28 + 0.8 - 2.2) / 10, abs=1e-6
+    )
     # per-sequence advantages broadcast over tokens
     lp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
     l1 = clipped_pg_loss(lp, lp, torch.tensor([1.0, -1.0]), torch.ones(2, 2))
@@ -105,7 +120,9 @@ def test_gradient_accumulation_invariance():
     assert parts == pytest.approx(full.item(), abs=1e-6)
     assert torch.allclose(grads, gfull, atol=1e-7)
     # the naive per-micro-batch mean would not match
-    naive = sum(clipped_pg_loss(w[sl], old[sl], adv[sl], mask[sl]).item() for sl in (slice(0, 5), slice(5, 7), slice(7, 12)))
+    naive = sum(
+        clipped_pg_loss(w[sl], old[sl], adv[sl], mask[sl]).item() for sl in (slice(0, 5), slice(5, 7), slice(7, 12))
+    )
     assert abs(naive / 3 - full.item()) > 1e-4
     # same property for sft_loss
     logits = torch.randn(B, T, 7, generator=g)
@@ -127,7 +144,7 @@ def test_sparsify_tokens():
     assert torch.allclose(w.sum(1), mask.sum(1))
     wr = sparsify_tokens(scores, mask, 0.25, mode="random", generator=torch.Generator().manual_seed(0))
     assert ((wr > 0).sum(1) == torch.tensor([1, 1])).all() and torch.allclose(wr.sum(1), mask.sum(1))
-    assert (wr[1, 3] == 0)
+    assert wr[1, 3] == 0
     assert torch.equal(sparsify_tokens(scores, mask, 1.0), mask)
     with pytest.raises(ValueError):
         sparsify_tokens(scores, mask, 0.5, mode="random")

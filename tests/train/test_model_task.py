@@ -14,10 +14,16 @@ CFG = GPTConfig(n_layer=2, n_embd=32, n_head=2)
 
 def test_llama_style_names():
     names = set(GPT(CFG).state_dict())
-    for want in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                 "model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-                 "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight",
-                 "model.layers.0.input_layernorm.weight"]:
+    for want in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+    ]:
         assert want in names
 
 
@@ -104,12 +110,12 @@ def _column_sums(a, b, n):
 def test_scratchpad_format(n):
     t = ScratchpadAdditionTask(n_digits=n)
     g = torch.Generator().manual_seed(n)
-    for a, b in t.sample_operands(50, g).tolist() + [(10 ** n - 1, 10 ** n - 1), (0, 0)]:
+    for a, b in t.sample_operands(50, g).tolist() + [(10**n - 1, 10**n - 1), (0, 0)]:
         c = t.completion(a, b)
         assert len(c) == t.completion_len == 5 * n + 3
-        assert c[:4 * n] == _column_sums(a, b, n)  # a_i b_i s_i c_i, least-significant column first
+        assert c[: 4 * n] == _column_sums(a, b, n)  # a_i b_i s_i c_i, least-significant column first
         assert c[4 * n] == SEP and c[-1] == EOS
-        assert int(t.decode(c[4 * n + 1:-1])) == a + b  # the answer, most-significant first, n + 1 digits
+        assert int(t.decode(c[4 * n + 1 : -1])) == a + b  # the answer, most-significant first, n + 1 digits
         assert t.scratchpad(a, b)[-1] == c[4 * n + 1]  # the last carry is the answer's leading digit
     assert t.completion_len >= 16 or n < 3  # the miniature's 3 digits: 18 response tokens
     toks, mask = t.demonstrations(4, g)
@@ -125,7 +131,7 @@ def test_scratchpad_verifier_reads_the_final_answer_only():
     assert t.rewards(prompts, good).all()
     # any scratchpad content (no <eos>) leaves the reward unchanged
     noisy = good.clone()
-    noisy[:, :t.scratchpad_len] = torch.randint(0, 10, (200, t.scratchpad_len), generator=g)
+    noisy[:, : t.scratchpad_len] = torch.randint(0, 10, (200, t.scratchpad_len), generator=g)
     assert t.rewards(prompts, noisy).all()
     # so does a shorter or longer scratchpad, and tokens after <eos>
     p0, (a, b) = prompts[0], t.operands(prompts[0])

@@ -8,21 +8,30 @@ import torch
 from weightgeo.train.regime import RegimeThresholds, regime_checks, reverse_kl
 from weightgeo.train.task import EOS, ScratchpadAdditionTask
 
-OK = {"teacher_acc_t1": 0.99, "anchor_acc_t1": 0.55, "reverse_kl_nats": 0.3, "param_ratio": 4.9,
-      "sft_last_gain": 0.01, "response_tokens": 18.0}
+OK = {
+    "teacher_acc_t1": 0.99,
+    "anchor_acc_t1": 0.55,
+    "reverse_kl_nats": 0.3,
+    "param_ratio": 4.9,
+    "sft_last_gain": 0.01,
+    "response_tokens": 18.0,
+}
 
 
-@pytest.mark.parametrize("change, failed", [
-    ({}, None),
-    ({"param_ratio": 3.9}, "R1"),
-    ({"teacher_acc_t1": 0.94}, "R1"),
-    ({"teacher_acc_t1": 0.96, "anchor_acc_t1": 0.72}, "R1"),  # gap < 0.25 (and R2 fails too)
-    ({"reverse_kl_nats": 0.09}, "R1"),
-    ({"anchor_acc_t1": 0.39}, "R2"),
-    ({"anchor_acc_t1": 0.71}, "R2"),
-    ({"sft_last_gain": 0.0}, "R2"),  # SFT no longer improving
-    ({"response_tokens": 15.9}, "R3"),
-])
+@pytest.mark.parametrize(
+    "change, failed",
+    [
+        ({}, None),
+        ({"param_ratio": 3.9}, "R1"),
+        ({"teacher_acc_t1": 0.94}, "R1"),
+        ({"teacher_acc_t1": 0.96, "anchor_acc_t1": 0.72}, "R1"),  # gap < 0.25 (and R2 fails too)
+        ({"reverse_kl_nats": 0.09}, "R1"),
+        ({"anchor_acc_t1": 0.39}, "R2"),
+        ({"anchor_acc_t1": 0.71}, "R2"),
+        ({"sft_last_gain": 0.0}, "R2"),  # SFT no longer improving
+        ({"response_tokens": 15.9}, "R3"),
+    ],
+)
 def test_regime_checks(change, failed):
     c = regime_checks({**OK, **change})
     assert set(c) == {"R1", "R2", "R3"}

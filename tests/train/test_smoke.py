@@ -39,11 +39,15 @@ def test_sft_opd_rlvr_streams(tmp_path):
     _check_stream(tmp_path / "sft", [0, 2, 4])
     assert set(s["end"]) >= {"acc_greedy", "acc_t1"}
     anchor = GPT.from_pretrained(tmp_path / "sft" / "checkpoint-4")
-    opd.train(anchor, teacher, opd.OPDConfig(steps=3, n_prompts=4, group_size=4, save_every=2, eval_n=0),
-              tmp_path / "opd")
+    opd.train(
+        anchor, teacher, opd.OPDConfig(steps=3, n_prompts=4, group_size=4, save_every=2, eval_n=0), tmp_path / "opd"
+    )
     _check_stream(tmp_path / "opd", [0, 2, 3])
-    r = rlvr.train(GPT.from_pretrained(tmp_path / "sft" / "checkpoint-4"),
-                   rlvr.RLVRConfig(steps=3, n_prompts=4, group_size=4, save_every=10, eval_n=0), tmp_path / "rlvr")
+    r = rlvr.train(
+        GPT.from_pretrained(tmp_path / "sft" / "checkpoint-4"),
+        rlvr.RLVRConfig(steps=3, n_prompts=4, group_size=4, save_every=10, eval_n=0),
+        tmp_path / "rlvr",
+    )
     _check_stream(tmp_path / "rlvr", [0, 3])
     assert r["steps_without_update"] <= 3
     # checkpoint-0 of a run from the anchor equals the anchor
@@ -55,8 +59,14 @@ def test_determinism_bitwise(tmp_path):
         m = GPT(TINY, seed=0)
         sft.train(m, sft.SFTConfig(steps=3, batch_size=8, save_every=1, eval_n=0, lr=1e-3), d / "sft")
         t = GPT(TINY, seed=5)
-        opd.train(m, t, opd.OPDConfig(steps=2, n_prompts=2, group_size=4, save_every=1, eval_n=0,
-                                      keep_ratio=0.5, keep_mode="random", lr=1e-3), d / "opd")
+        opd.train(
+            m,
+            t,
+            opd.OPDConfig(
+                steps=2, n_prompts=2, group_size=4, save_every=1, eval_n=0, keep_ratio=0.5, keep_mode="random", lr=1e-3
+            ),
+            d / "opd",
+        )
         return {**_bytes(d / "sft"), **{"opd/" + k: v for k, v in _bytes(d / "opd").items()}}
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
@@ -74,8 +84,15 @@ def test_micro_batching_matches_full_batch(tmp_path):
     assert torch.allclose(full, acc, atol=1e-7)
 
 
-@pytest.mark.parametrize("kw", [dict(rollout_source="teacher"), dict(keep_ratio=0.25, keep_mode="topk"),
-                                dict(rlvr_alpha=0.05), dict(project_at=1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rollout_source="teacher"),
+        dict(keep_ratio=0.25, keep_mode="topk"),
+        dict(rlvr_alpha=0.05),
+        dict(project_at=1),
+    ],
+)
 def test_opd_controls_run(tmp_path, kw):
     m, t = GPT(TINY, seed=0), GPT(TINY, seed=1)
     opd.train(m, t, opd.OPDConfig(steps=2, n_prompts=2, group_size=4, save_every=0, eval_n=0, **kw), tmp_path)
@@ -94,8 +111,11 @@ def test_projected_run_branches_exactly(tmp_path):
 def test_pretrain_writes_asset(tmp_path):
     from weightgeo.train.pretrain import PretrainConfig, pretrain
 
-    meta = pretrain(PretrainConfig(model=TINY, max_steps=2, eval_every=1, stop_acc=2.0, threads=None, batch_size=8),
-                    tmp_path / "base", verbose=False)
+    meta = pretrain(
+        PretrainConfig(model=TINY, max_steps=2, eval_every=1, stop_acc=2.0, threads=None, batch_size=8),
+        tmp_path / "base",
+        verbose=False,
+    )
     assert meta["steps"] == 2 and len(meta["history"]) == 2
     m = GPT.from_pretrained(tmp_path / "base")
     assert m.config == TINY
@@ -104,8 +124,9 @@ def test_pretrain_writes_asset(tmp_path):
 
 def test_fp32_masters_beside_bf16_and_save_at(tmp_path):
     m = GPT(TINY, seed=0)
-    sft.train(m, sft.SFTConfig(steps=5, batch_size=8, save_every=4, save_at=(3,), save_fp32=True, eval_n=0, lr=1e-3),
-              tmp_path)
+    sft.train(
+        m, sft.SFTConfig(steps=5, batch_size=8, save_every=4, save_at=(3,), save_fp32=True, eval_n=0, lr=1e-3), tmp_path
+    )
     _check_stream(tmp_path, [0, 3, 4, 5])
     for s in (0, 3, 4, 5):
         d = tmp_path / "fp32" / f"checkpoint-{s}"
@@ -154,7 +175,11 @@ def test_null_run_permutes_and_head_only_freezes(tmp_path):
 
 
 def test_mix_logs_realised_share(tmp_path):
-    out = opd.train(GPT(TINY, seed=0), GPT(TINY, seed=1), opd.OPDConfig(steps=2, n_prompts=2, group_size=4,
-                    save_every=0, eval_n=0, rlvr_alpha=0.05), tmp_path)
+    out = opd.train(
+        GPT(TINY, seed=0),
+        GPT(TINY, seed=1),
+        opd.OPDConfig(steps=2, n_prompts=2, group_size=4, save_every=0, eval_n=0, rlvr_alpha=0.05),
+        tmp_path,
+    )
     shares = [json.loads(x).get("opd_share") for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert out["opd_share_mean"] == pytest.approx(sum(shares) / 2) and all(0 <= s <= 1 for s in shares)

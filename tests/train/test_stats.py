@@ -58,19 +58,22 @@ def test_cluster_bootstrap_resamples_seeds_and_items():
     assert r3["ci95"] is None
 
 
-@pytest.mark.parametrize("per_seed, ci, testable, want", [
-    ([0.2, 0.1, 0.3], (0.05, 0.3), True, "reproduced"),
-    ([0.2, 0.1, 0.3], (0.05, 0.3), False, "untestable"),  # a regime check failed: never "no"
-    ([0.2, -0.01, 0.3], (0.01, 0.3), True, "inconclusive"),  # one seed against: not every seed
-    ([0.2, 0.1, 0.3], (-0.01, 0.3), True, "inconclusive"),  # CI touches 0
-    ([0.2, 0.1, 0.3], (0.0, 0.3), True, "inconclusive"),  # "excludes 0" is strict
-    ([-0.2, -0.1], (-0.3, -0.05), True, "contradicted"),
-    ([-0.2, -0.1], (-0.3, 0.01), True, "inconclusive"),
-    ([-0.2, 0.1], (-0.3, -0.05), True, "inconclusive"),
-    ([0.1], None, True, "inconclusive"),  # no interval
-    ([], (0.1, 0.2), True, "inconclusive"),  # no data
-    ([math.nan, 0.1], (0.1, 0.2), True, "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "per_seed, ci, testable, want",
+    [
+        ([0.2, 0.1, 0.3], (0.05, 0.3), True, "reproduced"),
+        ([0.2, 0.1, 0.3], (0.05, 0.3), False, "untestable"),  # a regime check failed: never "no"
+        ([0.2, -0.01, 0.3], (0.01, 0.3), True, "inconclusive"),  # one seed against: not every seed
+        ([0.2, 0.1, 0.3], (-0.01, 0.3), True, "inconclusive"),  # CI touches 0
+        ([0.2, 0.1, 0.3], (0.0, 0.3), True, "inconclusive"),  # "excludes 0" is strict
+        ([-0.2, -0.1], (-0.3, -0.05), True, "contradicted"),
+        ([-0.2, -0.1], (-0.3, 0.01), True, "inconclusive"),
+        ([-0.2, 0.1], (-0.3, -0.05), True, "inconclusive"),
+        ([0.1], None, True, "inconclusive"),  # no interval
+        ([], (0.1, 0.2), True, "inconclusive"),  # no data
+        ([math.nan, 0.1], (0.1, 0.2), True, "inconclusive"),
+    ],
+)
 def test_verdict_rule(per_seed, ci, testable, want):
     assert verdict(per_seed, ci, testable=testable) == want
     assert want in VERDICTS

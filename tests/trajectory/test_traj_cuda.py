@@ -8,8 +8,8 @@ import pytest
 import torch
 from traj_planted import planted_stream
 
-from weightgeo.trajectory import locking_onset, rank_curve
 from weightgeo.track import Tracker
+from weightgeo.trajectory import locking_onset, rank_curve
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,8 +27,10 @@ def _same_rows(on, off):
 
 def test_rank_curve_and_locking_onset_on_cuda_equal_cpu(device="cuda"):
     base, cks = planted_stream("switch", STEPS, switch_at=300, dtype=torch.bfloat16)
-    _same_rows(rank_curve(cks, base=base, steps=STEPS, k=16, hill_k=10, device=device, progress=False),
-               rank_curve(cks, base=base, steps=STEPS, k=16, hill_k=10, progress=False))
+    _same_rows(
+        rank_curve(cks, base=base, steps=STEPS, k=16, hill_k=10, device=device, progress=False),
+        rank_curve(cks, base=base, steps=STEPS, k=16, hill_k=10, progress=False),
+    )
     on = locking_onset(cks, base=base, steps=STEPS, k=16, device=device, progress=False)
     assert on.step == locking_onset(cks, base=base, steps=STEPS, k=16, progress=False).step == 300
 

@@ -19,8 +19,10 @@ HAVE_TRAINER = HAVE_TRANSFORMERS and importlib.util.find_spec("accelerate") is n
 
 
 def test_import_weightgeo_does_not_import_transformers():
-    code = ("import sys, weightgeo, weightgeo.track, weightgeo.integrations; "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    code = (
+        "import sys, weightgeo, weightgeo.track, weightgeo.integrations; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -34,8 +36,9 @@ def test_clear_import_error_without_transformers():
 def stub_callback(monkeypatch):
     """WeightGeoCallback built on a stand-in ``transformers.TrainerCallback`` (no transformers needed)."""
     fake = types.ModuleType("transformers")
-    fake.TrainerCallback = type("TrainerCallback", (), {
-        "on_step_end": lambda self, *a, **k: None, "on_log": lambda self, *a, **k: None})
+    fake.TrainerCallback = type(
+        "TrainerCallback", (), {"on_step_end": lambda self, *a, **k: None, "on_log": lambda self, *a, **k: None}
+    )
     monkeypatch.setitem(sys.modules, "transformers", fake)
     monkeypatch.delitem(sys.modules, "weightgeo.integrations.transformers", raising=False)
     mod = importlib.import_module("weightgeo.integrations.transformers")
@@ -104,14 +107,28 @@ def test_real_trainer_tiny_model(tmp_path):  # pragma: no cover - needs transfor
 
     from weightgeo.integrations.transformers import WeightGeoCallback
 
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     torch_gen = torch.Generator().manual_seed(0)
     model = LlamaForCausalLM(cfg)
     ids = torch.randint(0, 32, (8, 8), generator=torch_gen)
     ds = [{"input_ids": x, "labels": x} for x in ids]
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True)
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=ds)
     cb = WeightGeoCallback.attach(trainer, every=2, include="attention", k=2, hill_k=2, dtype=None)
     trainer.train()

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from traj_planted import (BIG_NAME, K, NORM_NAME, Q_NAME, planted_stream, ref_delta, ref_hill, ref_sim,
-                          ref_stable_rank)
+from traj_planted import BIG_NAME, Q_NAME, K, planted_stream, ref_delta, ref_hill, ref_sim, ref_stable_rank
 
 from weightgeo.checkpoint import Checkpoint, canonical_name, open_checkpoint
 from weightgeo.errors import WeightgeoError
@@ -72,23 +71,28 @@ def test_update_spectra_randomized_and_fallback_match_float64(gen):
     for sp, x in zip(specs, D):
         X = x.double().numpy()
         s = np.linalg.svd(X, compute_uv=False)
-        np.testing.assert_allclose(sp.S.numpy(), s[:K + 1], rtol=1e-5)
+        np.testing.assert_allclose(sp.S.numpy(), s[: K + 1], rtol=1e-5)
         assert sp.frobenius == pytest.approx(float(np.linalg.norm(X)), rel=1e-12)
         Vt = np.linalg.svd(X, full_matrices=False)[2][:K]
-        assert np.linalg.norm(sp.Vh.double().numpy() @ Vt.T) ** 2 / K == pytest.approx(1.0, abs=1e-4) \
-            or sp.method == "exact"  # the flat matrix's V_16 is ill-defined (gap ≈ 1) but exact
+        assert (
+            np.linalg.norm(sp.Vh.double().numpy() @ Vt.T) ** 2 / K == pytest.approx(1.0, abs=1e-4)
+            or sp.method == "exact"
+        )  # the flat matrix's V_16 is ill-defined (gap ≈ 1) but exact
 
 
 # --- onset rule -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("curve, threshold, want", [
-    ({1: 0.95, 2: 0.97, 3: 1.0}, 0.9, 1),
-    ({1: 0.5, 2: 0.95, 3: 1.0}, 0.9, 2),
-    ({1: 0.95, 2: 0.5, 3: 1.0}, 0.9, None),     # dips again: locks only if it stays
-    ({1: 0.95, 2: 0.89, 3: 1.0}, 0.9, None),    # t_end never counts
-    ({1: 0.9, 2: 0.9, 3: 1.0}, 0.9, 1),         # ≥ threshold
-    ({1: math.nan, 2: 0.95, 3: 1.0}, 0.9, 2),   # NaN never passes
-    ({7: 1.0}, 0.9, 7),                          # a single checkpoint: vacuous, t_end
-])
+@pytest.mark.parametrize(
+    "curve, threshold, want",
+    [
+        ({1: 0.95, 2: 0.97, 3: 1.0}, 0.9, 1),
+        ({1: 0.5, 2: 0.95, 3: 1.0}, 0.9, 2),
+        ({1: 0.95, 2: 0.5, 3: 1.0}, 0.9, None),  # dips again: locks only if it stays
+        ({1: 0.95, 2: 0.89, 3: 1.0}, 0.9, None),  # t_end never counts
+        ({1: 0.9, 2: 0.9, 3: 1.0}, 0.9, 1),  # ≥ threshold
+        ({1: math.nan, 2: 0.95, 3: 1.0}, 0.9, 2),  # NaN never passes
+        ({7: 1.0}, 0.9, 7),  # a single checkpoint: vacuous, t_end
+    ],
+)
 def test_onset_rule(curve, threshold, want):
     assert onset_step(curve, threshold) == want
 
@@ -103,13 +107,12 @@ def test_locking_onset_planted(kind, want):
     assert set(res.per_matrix.values()) == {want}
     assert res.final_step == STEPS[-1]
     assert set(res.per_matrix) == {canonical_name(Q_NAME), canonical_name(BIG_NAME)}  # the 1-D norm is not a matrix
-    for name, curve in res.similarity.items():
+    for curve in res.similarity.values():
         assert list(curve) == STEPS
         assert curve[STEPS[-1]] == pytest.approx(1.0, abs=1e-6)
     if kind == "switch":
         assert all(res.mean_similarity[s] < 0.05 for s in (100, 200))
-    assert res.mean_similarity == pytest.approx(
-        {s: np.mean([c[s] for c in res.similarity.values()]) for s in STEPS})
+    assert res.mean_similarity == pytest.approx({s: np.mean([c[s] for c in res.similarity.values()]) for s in STEPS})
 
 
 def test_rank_curve_matches_float64_reference():
@@ -150,9 +153,13 @@ def test_rank_curve_include_preset_and_zero_updates():
     cks[0][BIG_NAME] = base[BIG_NAME].clone()  # no update yet at the first step
     rep = rank_curve(cks, base=base, steps=STEPS[:2], include="attention", k=4, hill_k=4)
     assert [(r["step"], r["name"]) for r in rep.rows] == [
-        (100, canonical_name(Q_NAME)), (200, canonical_name(Q_NAME)), (200, canonical_name(BIG_NAME))]
-    assert rep.meta["zero_updates"] == [{"name": canonical_name(BIG_NAME), "step": 100,
-                                         "reason": "ΔW is exactly zero at this step"}]
+        (100, canonical_name(Q_NAME)),
+        (200, canonical_name(Q_NAME)),
+        (200, canonical_name(BIG_NAME)),
+    ]
+    assert rep.meta["zero_updates"] == [
+        {"name": canonical_name(BIG_NAME), "step": 100, "reason": "ΔW is exactly zero at this step"}
+    ]
     rep = rank_curve(cks, base=base, steps=STEPS[:2], include=r"q_proj", k=4, hill_k=4)
     assert {r["name"] for r in rep.rows} == {canonical_name(Q_NAME)}
     with pytest.raises(WeightgeoError, match="no matrix to follow"):

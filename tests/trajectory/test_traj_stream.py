@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from factories import write_hf_checkpoint
-from traj_planted import BIG_NAME, NORM_NAME, Q_NAME, planted_stream
+from traj_planted import Q_NAME, planted_stream
 
 from weightgeo.errors import WeightgeoError
-from weightgeo.trajectory import locking_onset, rank_curve
 from weightgeo.stream import CheckpointStream, open_stream
+from weightgeo.trajectory import locking_onset, rank_curve
 
 
 def _write_run(root, steps, kind="switch", switch_at=30, states=None):
@@ -86,7 +86,7 @@ def test_stream_errors(tmp_path):
 
 def test_default_positional_steps():
     base, cks = planted_stream("fixed", [1, 2])
-    assert open_stream(cks).steps == (1,)           # base = position 0
+    assert open_stream(cks).steps == (1,)  # base = position 0
     assert open_stream(cks, base=base).steps == (1, 2)
     assert isinstance(open_stream(open_stream(cks)), CheckpointStream)
 
@@ -94,12 +94,13 @@ def test_default_positional_steps():
 def test_unmatched_and_shape_changes_are_reported():
     base, cks = planted_stream("fixed", [1, 2, 3])
     cks = [dict(c) for c in cks]
-    del cks[1][Q_NAME]                                   # missing in one checkpoint
-    cks[2]["model.extra.weight"] = torch.zeros(3, 3)     # only in one checkpoint
+    del cks[1][Q_NAME]  # missing in one checkpoint
+    cks[2]["model.extra.weight"] = torch.zeros(3, 3)  # only in one checkpoint
     rep = rank_curve(cks, base=base, steps=[1, 2, 3], k=4, hill_k=4)
     assert {r["name"] for r in rep.rows} == {"layers.1.self_attn.o_proj.weight"}
     assert Q_NAME in rep.unmatched["only_base"]
     assert "model.extra.weight" in rep.unmatched["only_ft"]
     rep = rank_curve(cks, base=base, steps=[1, 2, 3], include=["norm", "o_proj"], k=4, hill_k=4)
-    assert rep.skipped == [{"name": "layers.0.input_layernorm.weight",
-                            "reason": "1-D tensor: trajectory metrics need a matrix"}]
+    assert rep.skipped == [
+        {"name": "layers.0.input_layernorm.weight", "reason": "1-D tensor: trajectory metrics need a matrix"}
+    ]

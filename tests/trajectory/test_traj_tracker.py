@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from traj_planted import BIG_NAME, NORM_NAME, Q_NAME, SHAPES, planted_stream
+from traj_planted import Q_NAME, SHAPES, planted_stream
 
 from weightgeo.errors import WeightgeoError
 from weightgeo.metrics.trajectory import LockingOnset
-from weightgeo.trajectory import locking_onset, rank_curve
 from weightgeo.track import Tracker
+from weightgeo.trajectory import locking_onset, rank_curve
 
 STEPS = [100, 200, 300, 400]
 
@@ -21,7 +20,7 @@ class Toy(torch.nn.Module):
     def __init__(self, state):
         super().__init__()
         self.names = list(state)
-        for i, (n, t) in enumerate(state.items()):
+        for i, t in enumerate(state.values()):
             self.register_parameter(f"p{i}", torch.nn.Parameter(t.float().clone()))
 
     def named_parameters(self, *a, **k):  # the HF names, as a transformers model would give

@@ -29,8 +29,9 @@ def base_state(g: torch.Generator) -> dict[str, torch.Tensor]:
     return sd
 
 
-def planted_stream(kind: str, steps: list[int], *, seed: int = 0, switch_at: int | None = None,
-                   dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def planted_stream(
+    kind: str, steps: list[int], *, seed: int = 0, switch_at: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """(base, checkpoints) for ``kind`` in {"fixed", "switch", "fresh"}; checkpoints align with ``steps``.
 
     fixed:  ΔW_t = C_t V0ᵀ with one fixed 16-dim input subspace V0 (coefficients change): onset = steps[0].
@@ -56,7 +57,7 @@ def planted_stream(kind: str, steps: list[int], *, seed: int = 0, switch_at: int
                 else:
                     deltas[n] = deltas[n] + _coeff(m, g, 0.5 * (i + 1)) @ V2.T
             elif kind == "fresh":
-                deltas[n] = deltas[n] + _coeff(m, g, 0.05 * 1.6 ** i) @ _orth(SHAPES[n][1], K, g).T
+                deltas[n] = deltas[n] + _coeff(m, g, 0.05 * 1.6**i) @ _orth(SHAPES[n][1], K, g).T
             else:
                 raise ValueError(kind)
             ck[n] = (w0[n] + deltas[n]).to(dtype)
@@ -72,7 +73,7 @@ def ref_delta(w_t: torch.Tensor, w_0: torch.Tensor) -> np.ndarray:
 
 def ref_stable_rank(D: np.ndarray) -> float:
     s = np.linalg.svd(D, compute_uv=False)
-    return float((D ** 2).sum() / s[0] ** 2)
+    return float((D**2).sum() / s[0] ** 2)
 
 
 def ref_hill(D: np.ndarray, k: int) -> float:

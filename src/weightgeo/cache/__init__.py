@@ -26,7 +26,23 @@ from .location import ENV_VAR, cacheable, default_cache_dir, resolve_cache
 from .store import FORMAT, CacheEntry, CacheInfo, CacheStats, PruneResult, ResultCache, sum_counts
 
 __all__ = [
-    "ResultCache", "CacheKey", "CacheEntry", "CacheStats", "CacheInfo", "PruneResult", "resolve_cache",
-    "default_cache_dir", "cacheable", "canonical_json", "result_key", "encode_row", "decode_row", "pack", "unpack",
-    "FORMAT", "KEY_FORMAT", "ENV_VAR", "sum_counts",
+    "ResultCache",
+    "CacheKey",
+    "CacheEntry",
+    "CacheStats",
+    "CacheInfo",
+    "PruneResult",
+    "resolve_cache",
+    "default_cache_dir",
+    "cacheable",
+    "canonical_json",
+    "result_key",
+    "encode_row",
+    "decode_row",
+    "pack",
+    "unpack",
+    "FORMAT",
+    "KEY_FORMAT",
+    "ENV_VAR",
+    "sum_counts",
 ]

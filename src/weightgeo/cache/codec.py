@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import torch
 
@@ -83,8 +84,10 @@ def _tag(obj: Any, where: str) -> Any:
         return {_DICT: [[_tag(k, f"{where} key"), _tag(v, f"{where}.{k}")] for k, v in obj.items()]}
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0 and not isinstance(obj, torch.Tensor):
         return _tag(obj.item(), where)  # NumPy scalars
-    raise WeightgeoError(f"cache row: {where} is a {type(obj).__name__}; rows hold numbers, strings, None, lists, "
-                         f"tuples and dicts (tensors go in the entry's tensors)")
+    raise WeightgeoError(
+        f"cache row: {where} is a {type(obj).__name__}; rows hold numbers, strings, None, lists, "
+        f"tuples and dicts (tensors go in the entry's tensors)"
+    )
 
 
 def _untag(obj: Any) -> Any:

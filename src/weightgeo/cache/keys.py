@@ -18,8 +18,9 @@ import enum
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -59,12 +60,20 @@ def canonical_json(obj: Any) -> str:
     Raises:
         WeightgeoError: a value that has no stable JSON form (a tensor, an arbitrary object, non-text keys).
     """
-    return json.dumps(_canonical(obj, "options"), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=True)
+    return json.dumps(
+        _canonical(obj, "options"), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+    )
 
 
-def result_key(kind: str, *, inputs: Sequence[Mapping[str, Any]], metrics: Iterable[str] = (), options: Any = None,
-               policy: str, version: str) -> CacheKey:
+def result_key(
+    kind: str,
+    *,
+    inputs: Sequence[Mapping[str, Any]],
+    metrics: Iterable[str] = (),
+    options: Any = None,
+    policy: str,
+    version: str,
+) -> CacheKey:
     """The key of one result: ``kind``, the input identities (in order), the metric set (unordered), the
     options, the numerical-policy fingerprint and the weightgeo version, hashed with sha256.
 
@@ -81,14 +90,22 @@ def result_key(kind: str, *, inputs: Sequence[Mapping[str, Any]], metrics: Itera
     if not isinstance(policy, str) or not policy:
         raise WeightgeoError(f"cache key: policy must be a non-empty fingerprint string, got {policy!r}")
     if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Sequence) or not inputs:
-        raise WeightgeoError(f"cache key: inputs must be a non-empty list of identities (one per input tensor), "
-                             f"got {type(inputs).__name__}")
+        raise WeightgeoError(
+            f"cache key: inputs must be a non-empty list of identities (one per input tensor), "
+            f"got {type(inputs).__name__}"
+        )
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     if not all(isinstance(m, str) for m in names):
         raise WeightgeoError(f"cache key: metrics must be names (strings), got {names!r}")
-    doc = {"key_format": KEY_FORMAT, "kind": kind, "weightgeo": str(version), "policy": policy,
-           "metrics": sorted(set(names)), "options": _canonical(options, "options"),
-           "inputs": [_canonical(i, f"inputs[{n}]") for n, i in enumerate(inputs)]}
+    doc = {
+        "key_format": KEY_FORMAT,
+        "kind": kind,
+        "weightgeo": str(version),
+        "policy": policy,
+        "metrics": sorted(set(names)),
+        "options": _canonical(options, "options"),
+        "inputs": [_canonical(i, f"inputs[{n}]") for n, i in enumerate(inputs)],
+    }
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return CacheKey(hashlib.sha256(text.encode("utf-8")).hexdigest(), kind, text)
 
@@ -104,8 +121,10 @@ def _canonical(obj: Any, where: str) -> Any:
         out = {}
         for k, v in obj.items():
             if not isinstance(k, str):
-                raise WeightgeoError(f"cache key: {where} has a non-text key {k!r} ({type(k).__name__}); use "
-                                     f"string keys so that the key is unambiguous")
+                raise WeightgeoError(
+                    f"cache key: {where} has a non-text key {k!r} ({type(k).__name__}); use "
+                    f"string keys so that the key is unambiguous"
+                )
             out[k] = _canonical(v, f"{where}.{k}")
         return out
     if isinstance(obj, (list, tuple)):
@@ -117,8 +136,14 @@ def _canonical(obj: Any, where: str) -> Any:
         return str(obj)
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0 \
-            and not isinstance(obj, torch.Tensor):  # NumPy scalars
+    if (
+        hasattr(obj, "item")
+        and hasattr(obj, "dtype")
+        and getattr(obj, "ndim", 1) == 0
+        and not isinstance(obj, torch.Tensor)
+    ):  # NumPy scalars
         return _canonical(obj.item(), where)
-    raise WeightgeoError(f"cache key: {where} is a {type(obj).__name__}, which has no stable JSON form; pass "
-                         f"numbers, strings, lists, string-keyed mappings or dataclasses of them")
+    raise WeightgeoError(
+        f"cache key: {where} is a {type(obj).__name__}, which has no stable JSON form; pass "
+        f"numbers, strings, lists, string-keyed mappings or dataclasses of them"
+    )

@@ -53,11 +53,15 @@ def resolve_cache(cache: bool | str | os.PathLike[str] | ResultCache | None = No
             raise WeightgeoError("cache='' names no folder; pass a folder, True (default folder) or False (off)")
         p = Path(cache).expanduser()
         if p.exists() and not p.is_dir():
-            raise WeightgeoError(f"cache={os.fspath(cache)!r} is a file, not a folder; pass a folder for the cache "
-                                 f"(it is created if missing) or cache=False")
+            raise WeightgeoError(
+                f"cache={os.fspath(cache)!r} is a file, not a folder; pass a folder for the cache "
+                f"(it is created if missing) or cache=False"
+            )
         return ResultCache(p)
-    raise WeightgeoError(f"cache={cache!r}: pass None (default: WEIGHTGEO_CACHE or ~/.cache/weightgeo), True, False, "
-                         f"a folder path or a ResultCache")
+    raise WeightgeoError(
+        f"cache={cache!r}: pass None (default: WEIGHTGEO_CACHE or ~/.cache/weightgeo), True, False, "
+        f"a folder path or a ResultCache"
+    )
 
 
 def cacheable(source: Any) -> bool:

@@ -35,10 +35,11 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -55,9 +56,11 @@ FORMAT = 1
 _MAGIC = "weightgeo_cache"
 _SUFFIX = ".safetensors"
 _STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that was killed
-_CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
-                 "# This file is a cache directory tag created by weightgeo (result cache).\n"
-                 "# For information about cache directory tags see https://bford.info/cachedir/\n")
+_CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by weightgeo (result cache).\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
 
 
 @dataclass
@@ -136,8 +139,11 @@ class PruneResult:
     def __str__(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()) if n)
-        return (f"{verb} {self.removed} file(s), {_human(self.freed_bytes)}" + (f" ({why})" if why else "")
-                + f"; kept {self.kept} entries, {_human(self.kept_bytes)}")
+        return (
+            f"{verb} {self.removed} file(s), {_human(self.freed_bytes)}"
+            + (f" ({why})" if why else "")
+            + f"; kept {self.kept} entries, {_human(self.kept_bytes)}"
+        )
 
 
 class _Corrupt(Exception):
@@ -175,14 +181,27 @@ class ResultCache:
         return f"ResultCache({str(self.root)!r}, version={self.version!r})"
 
     # --- keys ---------------------------------------------------------------------------------------------
-    def key(self, kind: str, *, inputs: Sequence[Mapping[str, Any] | None], metrics: Iterable[str] = (),
-            options: Any = None, policy: str) -> CacheKey | None:
+    def key(
+        self,
+        kind: str,
+        *,
+        inputs: Sequence[Mapping[str, Any] | None],
+        metrics: Iterable[str] = (),
+        options: Any = None,
+        policy: str,
+    ) -> CacheKey | None:
         """The key of a result (see :func:`~weightgeo.cache.keys.result_key`), or ``None`` when an input has no
         identity (``Checkpoint.identity`` returned ``None``: in-memory sources are never cached)."""
         if any(i is None for i in inputs):
             return None
-        return result_key(kind, inputs=inputs, metrics=metrics, options=options, policy=policy,  # type: ignore[arg-type]
-                          version=self.version)
+        return result_key(
+            kind,
+            inputs=inputs,
+            metrics=metrics,
+            options=options,
+            policy=policy,  # type: ignore[arg-type]
+            version=self.version,
+        )
 
     def path(self, key: CacheKey) -> Path:
         """Where the entry of ``key`` lives."""
@@ -226,14 +245,13 @@ class ResultCache:
         if n > len(data) - 8:
             raise _Corrupt("header cut short")
         try:
-            header = json.loads(data[8:8 + n])
+            header = json.loads(data[8 : 8 + n])
         except (UnicodeDecodeError, ValueError) as e:
             raise _Corrupt(f"header is not JSON ({e})") from None
         meta = header.get("__metadata__") if isinstance(header, dict) else None
         if not isinstance(meta, dict) or _MAGIC not in meta:
             raise _Foreign("not a weightgeo cache entry")
-        if (meta[_MAGIC] != str(FORMAT) or meta.get("weightgeo_version") != self.version
-                or meta.get("key") != key.text):
+        if meta[_MAGIC] != str(FORMAT) or meta.get("weightgeo_version") != self.version or meta.get("key") != key.text:
             raise _Foreign("another format, version or key")
         try:
             if len(data) != 8 + n + int(meta["data_bytes"]):
@@ -242,11 +260,17 @@ class ResultCache:
             row_text = meta["row"]
             if _checksum(row_text, tensors) != meta["sha256"]:
                 raise _Corrupt("checksum mismatch")
-            return CacheEntry(key.digest, str(meta.get("kind", "")), decode_row(row_text), tensors,
-                              float(meta.get("created", "nan")), self.version)
+            return CacheEntry(
+                key.digest,
+                str(meta.get("kind", "")),
+                decode_row(row_text),
+                tensors,
+                float(meta.get("created", "nan")),
+                self.version,
+            )
         except _Corrupt:
             raise
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the bytes, the entry is not trusted
+        except Exception as e:
             raise _Corrupt(f"{type(e).__name__}: {e}") from None
 
     # --- writing ------------------------------------------------------------------------------------------
@@ -260,9 +284,16 @@ class ResultCache:
             return False
         row_text = encode_row(row)
         payload = _cpu_tensors(tensors or {})
-        meta = {_MAGIC: str(FORMAT), "weightgeo_version": self.version, "kind": key.kind, "key": key.text,
-                "row": row_text, "sha256": _checksum(row_text, payload), "created": repr(time.time()),
-                "data_bytes": str(sum(t.numel() * t.element_size() for t in payload.values()))}
+        meta = {
+            _MAGIC: str(FORMAT),
+            "weightgeo_version": self.version,
+            "kind": key.kind,
+            "key": key.text,
+            "row": row_text,
+            "sha256": _checksum(row_text, payload),
+            "created": repr(time.time()),
+            "data_bytes": str(sum(t.numel() * t.element_size() for t in payload.values())),
+        }
         data = st_save(payload, metadata=meta)
         path = self.path(key)
         try:
@@ -271,8 +302,10 @@ class ResultCache:
             except FileNotFoundError:  # a concurrent prune removed the empty folder between mkdir and mkstemp
                 self._write(path, key, data)
         except OSError as e:
-            self._warn(f"write:{type(e).__name__}", f"weightgeo cache: cannot write under {self.root} ({e}); "
-                                                      f"results are computed but not cached")
+            self._warn(
+                f"write:{type(e).__name__}",
+                f"weightgeo cache: cannot write under {self.root} ({e}); results are computed but not cached",
+            )
             self._count(write_errors=1)
             return False
         self._count(writes=1, bytes_written=len(data))
@@ -319,12 +352,25 @@ class ResultCache:
                 d["entries"] += 1
                 d["bytes"] += size
                 mtimes.append(mtime)
-        return CacheInfo(self.root, sum(d["entries"] for d in by_version.values()),
-                         sum(d["bytes"] for d in by_version.values()), by_version, temp, tuple(self._other_formats()),
-                         min(mtimes, default=None), max(mtimes, default=None))
+        return CacheInfo(
+            self.root,
+            sum(d["entries"] for d in by_version.values()),
+            sum(d["bytes"] for d in by_version.values()),
+            by_version,
+            temp,
+            tuple(self._other_formats()),
+            min(mtimes, default=None),
+            max(mtimes, default=None),
+        )
 
-    def prune(self, *, older_than: float | timedelta | None = None, max_bytes: int | None = None,
-              other_versions: bool = True, dry_run: bool = False) -> PruneResult:
+    def prune(
+        self,
+        *,
+        older_than: float | timedelta | None = None,
+        max_bytes: int | None = None,
+        other_versions: bool = True,
+        dry_run: bool = False,
+    ) -> PruneResult:
         """Remove entries: of other weightgeo versions and cache formats (``other_versions``), not used for
         ``older_than`` (seconds or a ``timedelta``), then the least recently used until at most ``max_bytes``
         remain. Temporary files of writers killed over an hour ago always go.
@@ -379,8 +425,11 @@ class ResultCache:
 
     def _other_formats(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.root.iterdir()
-                          if p.is_dir() and re.fullmatch(r"v\d+", p.name) and p.name != f"v{FORMAT}")
+            return sorted(
+                p.name
+                for p in self.root.iterdir()
+                if p.is_dir() and re.fullmatch(r"v\d+", p.name) and p.name != f"v{FORMAT}"
+            )
         except OSError:
             return []
 

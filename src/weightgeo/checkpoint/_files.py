@@ -46,11 +46,18 @@ def safe_shard_name(index_path: Path | str, shard: object) -> str:
     """Check that an index's shard entry is a plain file name (no folders, ``..`` or absolute paths)."""
     if not isinstance(shard, str) or not shard:
         raise WeightgeoError(f"{index_path}: weight_map values must be shard file names, found {shard!r}; {_FIX}")
-    if (shard in (".", "..") or "/" in shard or "\\" in shard or os.path.isabs(shard) or "\x00" in shard
-            or (len(shard) > 1 and shard[1] == ":")):
+    if (
+        shard in (".", "..")
+        or "/" in shard
+        or "\\" in shard
+        or os.path.isabs(shard)
+        or "\x00" in shard
+        or (len(shard) > 1 and shard[1] == ":")
+    ):
         raise WeightgeoError(
             f"{index_path}: shard {shard!r} is not a plain file name inside the checkpoint folder; "
-            f"refusing to read outside it. Fix the index so that it names files next to it")
+            f"refusing to read outside it. Fix the index so that it names files next to it"
+        )
     return shard
 
 
@@ -67,7 +74,8 @@ def shard_path(index_path: Path, shard: str) -> Path:
         present = sorted(x.name for x in folder.iterdir()) if folder.is_dir() else []
         raise WeightgeoError(
             f"{index_path}: shard {shard!r} is listed in weight_map but {p} does not exist "
-            f"(folder holds {present[:12]}); re-download the missing shard or fix the index")
+            f"(folder holds {present[:12]}); re-download the missing shard or fix the index"
+        )
     check_link(p, folder)
     if not p.is_file():
         raise WeightgeoError(f"{p}: shard is not a regular file; {_FIX}")
@@ -89,7 +97,8 @@ def check_link(p: Path, folder: Path) -> None:
             return
     raise WeightgeoError(
         f"{p}: is a symlink to {real}, outside the checkpoint folder {folder}; refusing to follow it. "
-        f"Copy the file into the folder or open the target directly")
+        f"Copy the file into the folder or open the target directly"
+    )
 
 
 def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any], dict[str, Path]]:
@@ -102,13 +111,14 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any], dict[s
     wm = obj.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise WeightgeoError(
-            f"{index_path}: shard index needs a non-empty \"weight_map\" object {{tensor name: shard file}}, "
-            f"found {type(wm).__name__}; {_FIX}")
+            f'{index_path}: shard index needs a non-empty "weight_map" object {{tensor name: shard file}}, '
+            f"found {type(wm).__name__}; {_FIX}"
+        )
     meta = obj.get("metadata", {})
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
-        raise WeightgeoError(f"{index_path}: \"metadata\" must be an object, found {type(meta).__name__}; {_FIX}")
+        raise WeightgeoError(f'{index_path}: "metadata" must be an object, found {type(meta).__name__}; {_FIX}')
     for name in wm:
         if not isinstance(name, str) or not name:
             raise WeightgeoError(f"{index_path}: bad tensor name {name!r} in weight_map; {_FIX}")

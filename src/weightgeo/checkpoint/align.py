@@ -55,7 +55,8 @@ def _canonical_map(ckpt: Checkpoint, side: str) -> dict[str, str]:
         if key in out:
             raise WeightgeoError(
                 f"{side} checkpoint {ckpt.source}: tensors {out[key]!r} and {name!r} both normalise to {key!r}; "
-                f"the names are ambiguous, rename or drop one (e.g. open a filtered state_dict)")
+                f"the names are ambiguous, rename or drop one (e.g. open a filtered state_dict)"
+            )
         out[key] = name
     return out
 
@@ -93,5 +94,4 @@ def align(base: Checkpoint, ft: Checkpoint) -> Alignment:
             tied.append(_LM_HEAD)
             only_base = [k for k in only_base if k != _LM_HEAD]
             only_ft = [k for k in only_ft if k != _LM_HEAD]
-    return Alignment(pairs=pairs, only_base=[kb[k] for k in only_base], only_ft=[kf[k] for k in only_ft],
-                     tied=tied)
+    return Alignment(pairs=pairs, only_base=[kb[k] for k in only_base], only_ft=[kf[k] for k in only_ft], tied=tied)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -119,7 +120,8 @@ class Checkpoint(abc.ABC):
         except KeyError:
             raise WeightgeoError(
                 f"{self.source}: no tensor named {name!r} ({len(self.infos)} tensors present); "
-                f"list them with open_checkpoint(...).names()") from None
+                f"list them with open_checkpoint(...).names()"
+            ) from None
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (stored dtype, CPU)."""
@@ -128,7 +130,8 @@ class Checkpoint(abc.ABC):
         if tuple(t.shape) != info.shape:
             raise WeightgeoError(
                 f"{self.source}: tensor {name!r} has shape {tuple(t.shape)} but its header says "
-                f"{info.shape}; the file is corrupt, re-save or re-download it")
+                f"{info.shape}; the file is corrupt, re-save or re-download it"
+            )
         return t
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -169,7 +172,7 @@ class Checkpoint(abc.ABC):
 
         return name in self.in_out_names or stored_in_out(name, self.config)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  # an optional hook: in-memory sources hold no files
         """Release file handles (safe to call twice)."""
 
     def __contains__(self, name: object) -> bool:
@@ -181,7 +184,7 @@ class Checkpoint(abc.ABC):
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -59,9 +59,14 @@ __all__ = ["CheckpointStatus", "RunScan", "checkpoint_status", "scan_run", "step
 PROBLEMS = ("missing", "temporary", "empty", "missing_files", "bad_file", "no_weights", "no_marker")
 
 # Checkpoint folder names and the step they carry: HF Trainer, verl, DeepSpeed, Megatron, torchtitan/torchtune.
-_NAMINGS = (("checkpoint-N", re.compile(r"^checkpoint-(\d+)$")), ("global_step_N", re.compile(r"^global_step_(\d+)$")),
-            ("global_stepN", re.compile(r"^global_step(\d+)$")), ("iter_N", re.compile(r"^iter_(\d+)$")),
-            ("step-N", re.compile(r"^step-(\d+)$")), ("step_N", re.compile(r"^step_(\d+)$")))
+_NAMINGS = (
+    ("checkpoint-N", re.compile(r"^checkpoint-(\d+)$")),
+    ("global_step_N", re.compile(r"^global_step_(\d+)$")),
+    ("global_stepN", re.compile(r"^global_step(\d+)$")),
+    ("iter_N", re.compile(r"^iter_(\d+)$")),
+    ("step-N", re.compile(r"^step-(\d+)$")),
+    ("step_N", re.compile(r"^step_(\d+)$")),
+)
 _TEMP_PREFIX = re.compile(r"^(?:tmp|temp)[-_]", re.IGNORECASE)
 _TEMP_SUFFIX = re.compile(r"\.(?:tmp|temp|partial|incomplete)$", re.IGNORECASE)
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
@@ -181,8 +186,9 @@ def step_of(name: str) -> tuple[int | None, str | None, bool]:
     return None, None, temporary
 
 
-def checkpoint_status(folder: str | os.PathLike[str], *, run_root: str | os.PathLike[str] | None = None
-                      ) -> CheckpointStatus:
+def checkpoint_status(
+    folder: str | os.PathLike[str], *, run_root: str | os.PathLike[str] | None = None
+) -> CheckpointStatus:
     """Whether ``folder`` is a completely written checkpoint, from names, sizes, headers and markers only.
 
     >>> import tempfile, torch
@@ -227,8 +233,10 @@ def scan_run(root: str | os.PathLike[str]) -> RunScan:
     """
     root = Path(root)
     if not root.is_dir():
-        raise WeightgeoError(f"run directory {root} does not exist or is not a directory; pass the folder that "
-                             f"holds the checkpoint folders")
+        raise WeightgeoError(
+            f"run directory {root} does not exist or is not a directory; pass the folder that "
+            f"holds the checkpoint folders"
+        )
     ctx = _RunContext.read(root)
     found = []
     for child in root.iterdir():
@@ -250,7 +258,7 @@ class _RunContext:
     hf_trainer: bool
 
     @classmethod
-    def read(cls, root: Path) -> "_RunContext":
+    def read(cls, root: Path) -> _RunContext:
         tracker = _tracker(root / _MEGATRON_TRACKER)
         ds = _tracker(root / _DEEPSPEED_LATEST)
         hf = False
@@ -305,8 +313,10 @@ def _status(folder: Path, ctx: _RunContext) -> CheckpointStatus:
             files.append((p, size))
             last = max(last, mtime)
         if temporary:
-            found.add("temporary", f"{folder.name} is a temporary folder (a trainer writes a checkpoint there and "
-                                   f"renames it when done)")
+            found.add(
+                "temporary",
+                f"{folder.name} is a temporary folder (a trainer writes a checkpoint there and renames it when done)",
+            )
         if not files:
             found.add("empty", f"{folder} is empty (the trainer has created it and not yet written into it)")
         else:
@@ -314,8 +324,20 @@ def _status(folder: Path, ctx: _RunContext) -> CheckpointStatus:
             _check_markers(folder, step, files, ctx, found)
     found.problems.sort(key=lambda p: PROBLEMS.index(p[0]))
     first = found.problems[0] if found.problems else (None, None)
-    return CheckpointStatus(folder, step, not found.problems, first[0], first[1], tuple(found.problems),
-                            tuple(found.formats), found.marker, len(files), last, temporary, naming)
+    return CheckpointStatus(
+        folder,
+        step,
+        not found.problems,
+        first[0],
+        first[1],
+        tuple(found.problems),
+        tuple(found.formats),
+        found.marker,
+        len(files),
+        last,
+        temporary,
+        naming,
+    )
 
 
 def _walk(folder: Path):
@@ -340,8 +362,11 @@ def _walk(folder: Path):
 
 def _check_files(folder: Path, files: list[tuple[Path, int]], found: _Findings) -> None:
     names = {p for p, _ in files}
-    weights = [p for p, _ in files if p.suffix in _WEIGHT_EXT and p.name not in _NOT_WEIGHTS
-               and not p.name.startswith("rng_state")]
+    weights = [
+        p
+        for p, _ in files
+        if p.suffix in _WEIGHT_EXT and p.name not in _NOT_WEIGHTS and not p.name.startswith("rng_state")
+    ]
     for p, size in files:
         if p.name.endswith(".safetensors"):
             found.fmt("safetensors")
@@ -362,8 +387,9 @@ def _check_files(folder: Path, files: list[tuple[Path, int]], found: _Findings) 
         _check_dcp(folder, dict(files), found)
     if not weights and not any(p.name == ".metadata" for p in names):
         shown = sorted(str(p.relative_to(folder)) for p in names)[:8]
-        found.add("no_weights", f"{folder} holds no weight files yet (found {shown}); a trainer writes config "
-                                f"files first")
+        found.add(
+            "no_weights", f"{folder} holds no weight files yet (found {shown}); a trainer writes config files first"
+        )
 
 
 def _check_index(path: Path, found: _Findings) -> None:
@@ -392,12 +418,17 @@ def _check_shard_sets(names: set[Path], found: _Findings) -> None:
     for (parent, stem, n, ext), have in sorted(sets.items(), key=lambda kv: str(kv[0])):
         missing = sorted(set(range(1, n + 1)) - have)
         if missing:
-            found.add("missing_files", f"{parent}: shards {[f'{stem}-{k:05d}-of-{n:05d}.{ext}' for k in missing[:3]]}"
-                                       f" of {n} are missing")
+            found.add(
+                "missing_files",
+                f"{parent}: shards {[f'{stem}-{k:05d}-of-{n:05d}.{ext}' for k in missing[:3]]} of {n} are missing",
+            )
         index = parent / f"{stem}.{ext}.index.json"
         if index not in names and not any(q.parent == parent and q.name.endswith(".index.json") for q in names):
-            found.add("missing_files", f"{parent}: {n} {stem}-*-of-{n:05d}.{ext} shards but no index "
-                                       f"({index.name}), which is written after them")
+            found.add(
+                "missing_files",
+                f"{parent}: {n} {stem}-*-of-{n:05d}.{ext} shards but no index "
+                f"({index.name}), which is written after them",
+            )
 
 
 def _check_verl_ranks(names: set[Path], found: _Findings) -> None:
@@ -410,8 +441,10 @@ def _check_verl_ranks(names: set[Path], found: _Findings) -> None:
         found.fmt("verl")
         missing = sorted(set(range(world)) - ranks)
         if missing:
-            found.add("missing_files", f"{parent}: model_world_size_{world}_rank_R.pt missing for ranks "
-                                       f"{missing[:8]} of {world}")
+            found.add(
+                "missing_files",
+                f"{parent}: model_world_size_{world}_rank_R.pt missing for ranks {missing[:8]} of {world}",
+            )
 
 
 def _zip_problem(path: Path, size: int) -> str | None:
@@ -427,8 +460,10 @@ def _zip_problem(path: Path, size: int) -> str | None:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return (f"truncated or corrupt torch zip file ({size} bytes; {e}); torch writes the zip directory last, "
-                f"so the save did not finish")
+        return (
+            f"truncated or corrupt torch zip file ({size} bytes; {e}); torch writes the zip directory last, "
+            f"so the save did not finish"
+        )
     end = max((i.header_offset + len(i.FileHeader()) + i.compress_size for i in infos), default=0)
     if end > size:
         return f"truncated torch zip file: records end at byte {end} but the file has {size} bytes"
@@ -447,7 +482,7 @@ def _check_dcp(folder: Path, sizes: dict[Path, int], found: _Findings) -> None:
             continue
         try:
             ranges = _dcp_ranges(meta)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means unreadable metadata
+        except Exception as e:
             found.add("bad_file", f"{meta}: unreadable DCP metadata ({type(e).__name__}: {str(e)[:120]})")
             continue
         found.marker = found.marker or ".metadata"
@@ -462,8 +497,7 @@ def _check_dcp(folder: Path, sizes: dict[Path, int], found: _Findings) -> None:
             if p not in sizes:
                 found.add("missing_files", f"{meta}: names data file {rel} that does not exist")
             elif sizes[p] < end:
-                found.add("bad_file", f"{p}: truncated: {sizes[p]} bytes, but .metadata records data up to "
-                                      f"byte {end}")
+                found.add("bad_file", f"{p}: truncated: {sizes[p]} bytes, but .metadata records data up to byte {end}")
 
 
 def _dcp_ranges(meta: Path) -> list[tuple[str, int]]:
@@ -473,17 +507,22 @@ def _dcp_ranges(meta: Path) -> list[tuple[str, int]]:
     return [(info.relative_path, int(info.offset) + int(info.length)) for info in storage.values()]
 
 
-def _check_markers(folder: Path, step: int | None, files: list[tuple[Path, int]], ctx: _RunContext,
-                   found: _Findings) -> None:
+def _check_markers(
+    folder: Path, step: int | None, files: list[tuple[Path, int]], ctx: _RunContext, found: _Findings
+) -> None:
     top = {p.name for p, _ in files if p.parent == folder}
     trainer_files = any(n in top for n in _TRAINER_FILES) or any(
-        n.startswith("rng_state_") and n.endswith(".pth") for n in top)
+        n.startswith("rng_state_") and n.endswith(".pth") for n in top
+    )
     if _TRAINER_STATE in top or trainer_files or (ctx.hf_trainer and folder.name.startswith("checkpoint-")):
         found.fmt("hf_trainer")
         state = folder / _TRAINER_STATE
         if _TRAINER_STATE not in top:
-            found.add("no_marker", f"{folder}: no {_TRAINER_STATE}, which the HF Trainer writes last (after "
-                                   f"weights, optimizer and RNG state): the save has not finished")
+            found.add(
+                "no_marker",
+                f"{folder}: no {_TRAINER_STATE}, which the HF Trainer writes last (after "
+                f"weights, optimizer and RNG state): the save has not finished",
+            )
         else:
             try:
                 obj = json.loads(state.read_text(encoding="utf-8"))
@@ -498,12 +537,17 @@ def _check_markers(folder: Path, step: int | None, files: list[tuple[Path, int]]
         name, value = ctx_marker
         found.fmt(what)
         if value is None:
-            found.add("no_marker", f"{ctx.root / name}: unreadable or empty (being rewritten?); cannot confirm "
-                                   f"{folder.name} is complete")
+            found.add(
+                "no_marker",
+                f"{ctx.root / name}: unreadable or empty (being rewritten?); cannot confirm {folder.name} is complete",
+            )
         elif isinstance(value, int) and step is not None:
             if value < step:
-                found.add("no_marker", f"{ctx.root / name} names step {value}; {folder.name} (step {step}) is newer: "
-                                       f"still being written, or its save failed")
+                found.add(
+                    "no_marker",
+                    f"{ctx.root / name} names step {value}; {folder.name} (step {step}) is newer: "
+                    f"still being written, or its save failed",
+                )
             else:
                 found.marker = found.marker or f"{name} (step {value})"
         elif isinstance(value, str) and value == folder.name:
@@ -513,8 +557,11 @@ def _check_markers(folder: Path, step: int | None, files: list[tuple[Path, int]]
         found.fmt("deepspeed")
         latest = folder / _DEEPSPEED_LATEST
         if not latest.is_file():
-            found.add("no_marker", f"{folder}: DeepSpeed folder(s) {[p.name for p in inner]} but no "
-                                   f"'{_DEEPSPEED_LATEST}' file, which DeepSpeed writes after them")
+            found.add(
+                "no_marker",
+                f"{folder}: DeepSpeed folder(s) {[p.name for p in inner]} but no "
+                f"'{_DEEPSPEED_LATEST}' file, which DeepSpeed writes after them",
+            )
             return
         tag = latest.read_text(encoding="utf-8", errors="replace").strip()
         if not tag or os.path.basename(tag) != tag or not (folder / tag).is_dir():

@@ -32,9 +32,10 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -49,10 +50,26 @@ _METADATA = ".metadata"
 _FIX = "the checkpoint was not written completely or was truncated by a copy; copy or save it again"
 #: first name components of entries that are training state, not model weights (torchtitan, Megatron, DCP users)
 _OPTIMIZER_ROOTS = frozenset({"optimizer", "optim", "optimizers", "optimizer_state", "optim_state"})
-_STATE_ROOTS = frozenset({"lr_scheduler", "lr_schedulers", "scheduler", "opt_param_scheduler", "dataloader",
-                          "data_loader", "train_state", "rng_state", "rng_tracker_states", "args",
-                          "checkpoint_version", "iteration", "num_floating_point_operations_so_far",
-                          "common_state", "extra_state", "content_metadata"})
+_STATE_ROOTS = frozenset(
+    {
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "opt_param_scheduler",
+        "dataloader",
+        "data_loader",
+        "train_state",
+        "rng_state",
+        "rng_tracker_states",
+        "args",
+        "checkpoint_version",
+        "iteration",
+        "num_floating_point_operations_so_far",
+        "common_state",
+        "extra_state",
+        "content_metadata",
+    }
+)
 
 
 def is_dcp_folder(folder: str | os.PathLike[str]) -> bool:
@@ -111,8 +128,14 @@ class DcpCheckpoint(Checkpoint):
             outside their tensor's shape or not covering it.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, source: str | None = None,
-                 config: Mapping[str, Any] | None = None, stub_prefixes: tuple[str, ...] = STUB_PREFIXES) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        source: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        stub_prefixes: tuple[str, ...] = STUB_PREFIXES,
+    ) -> None:
         super().__init__()
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -139,31 +162,42 @@ class DcpCheckpoint(Checkpoint):
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         meta_path = self.folder / _METADATA
-        sizes = self._check_files(meta_path)
+        self._check_files(meta_path)
         storage = self.metadata.storage_data
         for name, md in self._tensors.items():
             shape = tuple(int(d) for d in md.size)
             dtype = getattr(getattr(md, "properties", None), "dtype", None)
             if not isinstance(dtype, torch.dtype):
-                raise WeightgeoError(f"{meta_path}: tensor {name!r} has no dtype in the metadata (found {dtype!r}); "
-                                     f"the .metadata is corrupt, {_FIX}")
+                raise WeightgeoError(
+                    f"{meta_path}: tensor {name!r} has no dtype in the metadata (found {dtype!r}); "
+                    f"the .metadata is corrupt, {_FIX}"
+                )
             chunks = [_Chunk(tuple(int(o) for o in c.offsets), tuple(int(s) for s in c.sizes)) for c in md.chunks]
             if not chunks and math.prod(shape):
                 raise WeightgeoError(f"{meta_path}: tensor {name!r} {shape} has no stored chunks; {_FIX}")
             covered = 0
             for i, c in enumerate(chunks):
-                if (len(c.offsets) != len(shape) or len(c.sizes) != len(shape)
-                        or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(c.offsets, c.sizes, shape))):
-                    raise WeightgeoError(f"{meta_path}: chunk {i} of tensor {name!r} (offsets {c.offsets}, sizes "
-                                         f"{c.sizes}) lies outside its global shape {shape}; the .metadata is "
-                                         f"corrupt, {_FIX}")
+                if (
+                    len(c.offsets) != len(shape)
+                    or len(c.sizes) != len(shape)
+                    or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(c.offsets, c.sizes, shape))
+                ):
+                    raise WeightgeoError(
+                        f"{meta_path}: chunk {i} of tensor {name!r} (offsets {c.offsets}, sizes "
+                        f"{c.sizes}) lies outside its global shape {shape}; the .metadata is "
+                        f"corrupt, {_FIX}"
+                    )
                 covered += math.prod(c.sizes)
                 if storage.get(MetadataIndex(name, c.offsets)) is None:
-                    raise WeightgeoError(f"{meta_path}: chunk {i} of tensor {name!r} (offsets {c.offsets}) has no "
-                                         f"storage entry; the .metadata is corrupt, {_FIX}")
+                    raise WeightgeoError(
+                        f"{meta_path}: chunk {i} of tensor {name!r} (offsets {c.offsets}) has no "
+                        f"storage entry; the .metadata is corrupt, {_FIX}"
+                    )
             if covered != math.prod(shape):
-                raise WeightgeoError(f"{meta_path}: the stored chunks of tensor {name!r} {shape} hold {covered} entries, "
-                                     f"not {math.prod(shape)}; the .metadata is corrupt, {_FIX}")
+                raise WeightgeoError(
+                    f"{meta_path}: the stored chunks of tensor {name!r} {shape} hold {covered} entries, "
+                    f"not {math.prod(shape)}; the .metadata is corrupt, {_FIX}"
+                )
             self._chunks[name] = chunks
 
     def _check_files(self, meta_path: Path) -> dict[str, int]:
@@ -175,18 +209,24 @@ class DcpCheckpoint(Checkpoint):
                 path = self.folder / rel
                 if not path.is_file():
                     present = sorted(p.name for p in self.folder.iterdir())
-                    raise WeightgeoError(f"{path}: missing: the metadata stores {getattr(index, 'fqn', index)!r} there "
-                                         f"(folder holds {present[:12]}); {_FIX}")
+                    raise WeightgeoError(
+                        f"{path}: missing: the metadata stores {getattr(index, 'fqn', index)!r} there "
+                        f"(folder holds {present[:12]}); {_FIX}"
+                    )
                 sizes[rel] = path.stat().st_size
             off, length = int(info.offset), int(info.length)
             if off < 0 or length <= 0 or off + length > sizes[rel]:
-                raise WeightgeoError(f"{self.folder / rel}: truncated: {getattr(index, 'fqn', index)!r} is stored at "
-                                     f"bytes {off}..{off + length} but the file has {sizes[rel]} bytes; {_FIX}")
+                raise WeightgeoError(
+                    f"{self.folder / rel}: truncated: {getattr(index, 'fqn', index)!r} is stored at "
+                    f"bytes {off}..{off + length} but the file has {sizes[rel]} bytes; {_FIX}"
+                )
         return sizes
 
     # --- Checkpoint -------------------------------------------------------------------------------
     def _infos(self) -> dict[str, TensorInfo]:
-        return {n: TensorInfo(n, tuple(int(d) for d in md.size), md.properties.dtype) for n, md in self._tensors.items()}
+        return {
+            n: TensorInfo(n, tuple(int(d) for d in md.size), md.properties.dtype) for n, md in self._tensors.items()
+        }
 
     def _get(self, name: str) -> torch.Tensor:
         self._drop_slab(keep=name)
@@ -230,8 +270,14 @@ class DcpCheckpoint(Checkpoint):
             rel = str(item.relative_path)
             if rel not in self._file_ids:
                 self._file_ids[rel] = file_identity(self.folder / rel)
-            chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), "file": self._file_ids[rel],
-                           "byte_range": [int(item.offset), int(item.offset) + int(item.length)]})
+            chunks.append(
+                {
+                    "offsets": list(c.offsets),
+                    "sizes": list(c.sizes),
+                    "file": self._file_ids[rel],
+                    "byte_range": [int(item.offset), int(item.offset) + int(item.length)],
+                }
+            )
         return {"format": "dcp", "tensor": name, "dtype": str(info.dtype), "shape": list(info.shape), "chunks": chunks}
 
     def get_region(self, name: str, start: Sequence[int], stop: Sequence[int]) -> torch.Tensor:
@@ -248,10 +294,12 @@ class DcpCheckpoint(Checkpoint):
         """
         shape = self.info(name).shape
         if len(start) != len(stop) or len(start) > len(shape):
-            raise WeightgeoError(f"{self.source}: tensor {name!r} {shape}: region start {tuple(start)} / stop "
-                                 f"{tuple(stop)} must give the same number of leading dims (at most {len(shape)})")
+            raise WeightgeoError(
+                f"{self.source}: tensor {name!r} {shape}: region start {tuple(start)} / stop "
+                f"{tuple(stop)} must give the same number of leading dims (at most {len(shape)})"
+            )
         begin = tuple(int(s) for s in start) + (0,) * (len(shape) - len(start))
-        end = tuple(int(e) for e in stop) + shape[len(stop):]
+        end = tuple(int(e) for e in stop) + shape[len(stop) :]
         if any(not 0 <= b <= e <= d for b, e, d in zip(begin, end, shape)):
             raise WeightgeoError(f"{self.source}: tensor {name!r} {shape}: region {begin}..{end} lies outside it")
         self._drop_slab(keep=name)
@@ -293,20 +341,34 @@ class DcpCheckpoint(Checkpoint):
         if "no_dist" in inspect.signature(dcp.load).parameters:
             kwargs["no_dist"] = True  # never coordinate with other ranks: each reads its own tensors
         elif dist.is_available() and dist.is_initialized():  # pragma: no cover - torch < 2.7 under torchrun
-            raise WeightgeoError(f"{self.source}: reading a DCP checkpoint inside a torch.distributed job needs "
-                                 f"torch >= 2.7 (dcp.load(no_dist=True)); upgrade torch or run single-process")
+            raise WeightgeoError(
+                f"{self.source}: reading a DCP checkpoint inside a torch.distributed job needs "
+                f"torch >= 2.7 (dcp.load(no_dist=True)); upgrade torch or run single-process"
+            )
         planner = _DefaultPlanner() if offsets is None else _BoxPlanner(name, offsets, out)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
                 dcp.load({name: out}, storage_reader=self._storage_reader(), planner=planner, **kwargs)
         except CheckpointException as e:
-            raise WeightgeoError(f"{self.source}: tensor {name!r} cannot be read ({_first_failure(e)}); a stored "
-                                 f"chunk is corrupt, {_FIX}") from None
-        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-                AssertionError, KeyError) as e:
-            raise WeightgeoError(f"{self.source}: tensor {name!r} cannot be read ({type(e).__name__}: "
-                                 f"{str(e)[:200]}); a stored chunk is corrupt, {_FIX}") from None
+            raise WeightgeoError(
+                f"{self.source}: tensor {name!r} cannot be read ({_first_failure(e)}); a stored "
+                f"chunk is corrupt, {_FIX}"
+            ) from None
+        except (
+            RuntimeError,
+            pickle.UnpicklingError,
+            EOFError,
+            OSError,
+            ValueError,
+            zipfile.BadZipFile,
+            AssertionError,
+            KeyError,
+        ) as e:
+            raise WeightgeoError(
+                f"{self.source}: tensor {name!r} cannot be read ({type(e).__name__}: "
+                f"{str(e)[:200]}); a stored chunk is corrupt, {_FIX}"
+            ) from None
 
     def _storage_reader(self) -> Any:
         if self._reader is None:

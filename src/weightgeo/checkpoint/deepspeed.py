@@ -20,8 +20,9 @@ import contextlib
 import io
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -53,9 +54,11 @@ def _load_module(path: Path) -> dict[str, torch.Tensor]:
     state = load_torch_file(path, prefixes=("deepspeed",))
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, Mapping) or not module:
-        raise WeightgeoError(f"{path}: has no 'module' state dict of weights (keys: "
-                             f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__}); a ZeRO-3 save "
-                             f"keeps them partitioned, or the file is not a DeepSpeed model-states file")
+        raise WeightgeoError(
+            f"{path}: has no 'module' state dict of weights (keys: "
+            f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__}); a ZeRO-3 save "
+            f"keeps them partitioned, or the file is not a DeepSpeed model-states file"
+        )
     bad = [k for k, v in module.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightgeoError(f"{path}: 'module' entries {bad[:4]} are not named tensors; the file is corrupt")
@@ -75,16 +78,19 @@ class DeepSpeedCheckpoint(Checkpoint):
             (the message names the extra), or files DeepSpeed cannot reassemble.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, source: str | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], *, source: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.source = source or str(self.folder)
         self.config = dict(config or {})
         others = sorted(p.name for p in self.folder.glob("*mp_rank_*_model_states.pt") if "mp_rank_00" not in p.name)
         if others:
-            raise WeightgeoError(f"{self.folder}: model-parallel DeepSpeed save ({others[:3]}); only mp_rank_00 (no "
-                                 f"tensor parallelism) is read, convert with DeepSpeed's zero_to_fp32.py or save HF weights")
+            raise WeightgeoError(
+                f"{self.folder}: model-parallel DeepSpeed save ({others[:3]}); only mp_rank_00 (no "
+                f"tensor parallelism) is read, convert with DeepSpeed's zero_to_fp32.py or save HF weights"
+            )
         self._lazy: dict[str, Any] | None = None
         self._files: MappedFiles | None = None
         self._file_ids: list[dict[str, Any]] | None = None  # identity() of the files read, taken once
@@ -105,27 +111,36 @@ class DeepSpeedCheckpoint(Checkpoint):
         ranks = sorted(int(_ZERO3.match(p.name)[1]) for p in self.folder.glob("zero_pp_rank_*") if _ZERO3.match(p.name))
         missing = [r for r in range(max(ranks) + 1) if r not in ranks] if ranks else [0]
         if missing:
-            raise WeightgeoError(f"{self.folder}: ZeRO-3 rank files zero_pp_rank_{missing[:4]}_mp_rank_00_model_states.pt "
-                                 f"are missing; copy every rank's files of this save")
+            raise WeightgeoError(
+                f"{self.folder}: ZeRO-3 rank files zero_pp_rank_{missing[:4]}_mp_rank_00_model_states.pt "
+                f"are missing; copy every rank's files of this save"
+            )
         try:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         except ImportError:
-            raise WeightgeoError(f"{self.folder}: is a DeepSpeed ZeRO-3 checkpoint (parameters partitioned across "
-                                 f"{len(ranks)} ranks), whose reassembly needs DeepSpeed: {EXTRA}; or save HF weights "
-                                 f"from the run (OpenRLHF --ckpt.save_hf)") from None
+            raise WeightgeoError(
+                f"{self.folder}: is a DeepSpeed ZeRO-3 checkpoint (parameters partitioned across "
+                f"{len(ranks)} ranks), whose reassembly needs DeepSpeed: {EXTRA}; or save HF weights "
+                f"from the run (OpenRLHF --ckpt.save_hf)"
+            ) from None
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress to stdout
-                state = get_fp32_state_dict_from_zero_checkpoint(str(self.folder.parent), tag=self.folder.name,
-                                                                 lazy_mode=True)
+                state = get_fp32_state_dict_from_zero_checkpoint(
+                    str(self.folder.parent), tag=self.folder.name, lazy_mode=True
+                )
         except TypeError as e:
             if "lazy_mode" not in str(e):
                 raise
-            raise WeightgeoError(f"{self.folder}: the installed DeepSpeed has no lazy_mode in zero_to_fp32 (it came in "
-                                 f"0.16); upgrade: {EXTRA}") from None
+            raise WeightgeoError(
+                f"{self.folder}: the installed DeepSpeed has no lazy_mode in zero_to_fp32 (it came in "
+                f"0.16); upgrade: {EXTRA}"
+            ) from None
         except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError, EOFError) as e:
-            raise WeightgeoError(f"{self.folder}: DeepSpeed cannot reassemble this ZeRO-3 checkpoint "
-                                 f"({type(e).__name__}: {str(e)[:300]}); copy every rank's model and optimizer "
-                                 f"files of this save") from None
+            raise WeightgeoError(
+                f"{self.folder}: DeepSpeed cannot reassemble this ZeRO-3 checkpoint "
+                f"({type(e).__name__}: {str(e)[:300]}); copy every rank's model and optimizer "
+                f"files of this save"
+            ) from None
         return dict(state)
 
     def _infos(self) -> dict[str, TensorInfo]:
@@ -140,11 +155,18 @@ class DeepSpeedCheckpoint(Checkpoint):
             if self._files is not None:
                 paths = list(self._files.paths)
             else:
-                paths = sorted(p for p in self.folder.iterdir()
-                               if p.name.endswith(("_model_states.pt", "_optim_states.pt")))
+                paths = sorted(
+                    p for p in self.folder.iterdir() if p.name.endswith(("_model_states.pt", "_optim_states.pt"))
+                )
             self._file_ids = [file_identity(p) for p in paths]
-        return {"format": "deepspeed", "zero_stage": self.zero_stage, "tensor": name, "dtype": str(info.dtype),
-                "shape": list(info.shape), "files": self._file_ids}
+        return {
+            "format": "deepspeed",
+            "zero_stage": self.zero_stage,
+            "tensor": name,
+            "dtype": str(info.dtype),
+            "shape": list(info.shape),
+            "files": self._file_ids,
+        }
 
     def _get(self, name: str) -> torch.Tensor:
         if self._files is not None:

@@ -22,28 +22,61 @@ Other quantised formats (GPTQ, AWQ, bitsandbytes, ...: packed integers) are refu
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ..errors import WeightgeoError
 from .base import Checkpoint, Fp8Weight, TensorInfo
 
-__all__ = ["Fp8Weight", "Fp8Checkpoint", "fp8_dequantize", "expand_scales", "check_scales", "wrap_quantized",
-           "DEFAULT_BLOCK", "FP8_DTYPES"]
+__all__ = [
+    "Fp8Weight",
+    "Fp8Checkpoint",
+    "fp8_dequantize",
+    "expand_scales",
+    "check_scales",
+    "wrap_quantized",
+    "DEFAULT_BLOCK",
+    "FP8_DTYPES",
+]
 
 DEFAULT_BLOCK = (128, 128)
-FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                       if hasattr(torch, n))
+FP8_DTYPES = frozenset(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
 #: quant_method values of packed-integer formats, which weightgeo does not dequantise
-_PACKED = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "aqlm": "AQLM", "hqq": "HQQ",
-           "exl2": "EXL2", "quanto": "quanto", "eetq": "EETQ", "marlin": "Marlin", "gguf": "GGUF",
-           "torchao": "torchao", "mxfp4": "MXFP4", "vptq": "VPTQ", "higgs": "HIGGS", "spqr": "SpQR"}
+_PACKED = {
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "bitsandbytes": "bitsandbytes",
+    "aqlm": "AQLM",
+    "hqq": "HQQ",
+    "exl2": "EXL2",
+    "quanto": "quanto",
+    "eetq": "EETQ",
+    "marlin": "Marlin",
+    "gguf": "GGUF",
+    "torchao": "torchao",
+    "mxfp4": "MXFP4",
+    "vptq": "VPTQ",
+    "higgs": "HIGGS",
+    "spqr": "SpQR",
+}
 _PACKED_NAMES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".absmax", ".quant_map")
 
 
-def check_scales(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], *, row_start: int = 0,
-           rows: int | None = None, name: str = "") -> tuple[int, int]:
+def check_scales(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block: tuple[int, int],
+    *,
+    row_start: int = 0,
+    rows: int | None = None,
+    name: str = "",
+) -> tuple[int, int]:
     """Check that ``codes`` are 2-D float8 and ``scales`` fit them in ``block`` s; return the block as two ints."""
     pre = f"{name}: " if name else ""
     if codes.dtype not in FP8_DTYPES or codes.ndim != 2:
@@ -54,9 +87,11 @@ def check_scales(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, in
     total = codes.shape[0] + row_start if rows is None else rows
     want = (math.ceil(total / b0), math.ceil(codes.shape[1] / b1))
     if scales.ndim != 2 or tuple(scales.shape) != want or not scales.dtype.is_floating_point:
-        raise WeightgeoError(f"{pre}FP8 scales have shape {tuple(scales.shape)} ({scales.dtype}) but a [{total}, "
-                             f"{codes.shape[1]}] weight in {b0}x{b1} blocks needs float scales of shape {want}; check "
-                             f"quantization_config.weight_block_size")
+        raise WeightgeoError(
+            f"{pre}FP8 scales have shape {tuple(scales.shape)} ({scales.dtype}) but a [{total}, "
+            f"{codes.shape[1]}] weight in {b0}x{b1} blocks needs float scales of shape {want}; check "
+            f"quantization_config.weight_block_size"
+        )
     return b0, b1
 
 
@@ -70,11 +105,18 @@ def expand_scales(scales: torch.Tensor, block: tuple[int, int], row_start: int, 
     first, last = row_start // b0, (row_start + rows - 1) // b0 + 1 if rows else row_start // b0
     s = scales[first:last].repeat_interleave(b0, dim=0)
     off = row_start - first * b0
-    return s[off:off + rows].repeat_interleave(b1, dim=1)[:, :cols]
+    return s[off : off + rows].repeat_interleave(b1, dim=1)[:, :cols]
 
 
-def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK, *,
-                   dtype: torch.dtype = torch.float32, row_start: int = 0, rows: int | None = None) -> torch.Tensor:
+def fp8_dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    *,
+    dtype: torch.dtype = torch.float32,
+    row_start: int = 0,
+    rows: int | None = None,
+) -> torch.Tensor:
     """``codes · scale`` per ``block`` (b0 rows x b1 columns; edge blocks may be partial) in ``dtype``.
 
     Args:
@@ -96,10 +138,15 @@ def _block_size(config: Mapping[str, Any], source: str) -> tuple[int, int]:
     size = q.get("weight_block_size") if isinstance(q, Mapping) else None
     if size is None:
         return DEFAULT_BLOCK
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-        raise WeightgeoError(f"{source}: quantization_config.weight_block_size must be two positive integers, found "
-                             f"{size!r}; fix config.json")
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        raise WeightgeoError(
+            f"{source}: quantization_config.weight_block_size must be two positive integers, found "
+            f"{size!r}; fix config.json"
+        )
     return int(size[0]), int(size[1])
 
 
@@ -108,17 +155,22 @@ def check_quantization(config: Mapping[str, Any], infos: Mapping[str, TensorInfo
     q = config.get("quantization_config") if isinstance(config, Mapping) else None
     method = str(q.get("quant_method", "")).lower() if isinstance(q, Mapping) else ""
     fmt = _PACKED.get(method)
-    if method == "compressed-tensors" and isinstance(q, Mapping) and q.get("format") not in (None, "float-quantized",
-                                                                                               "naive-quantized"):
+    if (
+        method == "compressed-tensors"
+        and isinstance(q, Mapping)
+        and q.get("format") not in (None, "float-quantized", "naive-quantized")
+    ):
         fmt = f"compressed-tensors ({q.get('format')})"
     packed = next((n for n in infos if n.endswith(_PACKED_NAMES)), None)
     if fmt is None and packed is not None:
         fmt = "GPTQ/AWQ-style packed integers"
     if fmt is not None:
         what = f" (e.g. tensor {packed!r}, {str(infos[packed].dtype).replace('torch.', '')})" if packed else ""
-        raise WeightgeoError(f"{source}: is quantised with {fmt}{what}: packed integer weights are not read (only "
-                             f"floating weights and scaled FP8); compare the unquantised model, or dequantise it first "
-                             f"(e.g. transformers' dequantize / merge back to bf16)")
+        raise WeightgeoError(
+            f"{source}: is quantised with {fmt}{what}: packed integer weights are not read (only "
+            f"floating weights and scaled FP8); compare the unquantised model, or dequantise it first "
+            f"(e.g. transformers' dequantize / merge back to bf16)"
+        )
 
 
 class Fp8Checkpoint(Checkpoint):
@@ -152,16 +204,23 @@ class Fp8Checkpoint(Checkpoint):
             consumed[scale] = name
         for name in inner.names():
             if name in consumed:
-                self.skipped.append({"name": name, "reason": f"FP8 scales of {consumed[name]!r}, folded into its "
-                                                            f"dequantised values (stored codes: fp8_weight())"})
-            elif name.endswith(".input_scale") and name[:-len("input_scale")] + "weight" in self._fp8:
+                self.skipped.append(
+                    {
+                        "name": name,
+                        "reason": f"FP8 scales of {consumed[name]!r}, folded into its "
+                        f"dequantised values (stored codes: fp8_weight())",
+                    }
+                )
+            elif name.endswith(".input_scale") and name[: -len("input_scale")] + "weight" in self._fp8:
                 self.skipped.append({"name": name, "reason": "FP8 activation scale (not a weight)"})
         self._hidden = set(consumed) | {s["name"] for s in self.skipped if s not in inner.skipped}
 
     def _scale_of(self, name: str, info: TensorInfo, *, required: bool) -> tuple[str, tuple[int, int]] | None:
         where = f"{self.source}: FP8 tensor {name!r} {info.shape}"
-        block_name, chan_name = name + "_scale_inv", (name[:-len("weight")] + "weight_scale"
-                                                      if name.endswith("weight") else name + "_scale")
+        block_name, chan_name = (
+            name + "_scale_inv",
+            (name[: -len("weight")] + "weight_scale" if name.endswith("weight") else name + "_scale"),
+        )
         if block_name not in self.inner and chan_name not in self.inner and not required:
             return None
         if len(info.shape) != 2:
@@ -171,9 +230,11 @@ class Fp8Checkpoint(Checkpoint):
             s = self.inner.info(block_name).shape
             want = (math.ceil(out / self.block[0]), math.ceil(cols / self.block[1]))
             if tuple(s) != want:
-                raise WeightgeoError(f"{self.source}: {block_name!r} has shape {tuple(s)} but {name!r} {info.shape} in "
-                                     f"{self.block[0]}x{self.block[1]} blocks needs {want}; fix "
-                                     f"quantization_config.weight_block_size in config.json")
+                raise WeightgeoError(
+                    f"{self.source}: {block_name!r} has shape {tuple(s)} but {name!r} {info.shape} in "
+                    f"{self.block[0]}x{self.block[1]} blocks needs {want}; fix "
+                    f"quantization_config.weight_block_size in config.json"
+                )
             return block_name, self.block
         if chan_name in self.inner:
             s = tuple(self.inner.info(chan_name).shape)
@@ -181,10 +242,14 @@ class Fp8Checkpoint(Checkpoint):
                 return chan_name, (out, cols)
             if s in ((out,), (out, 1)):
                 return chan_name, (1, cols)
-            raise WeightgeoError(f"{self.source}: {chan_name!r} has shape {s}; per-tensor ([1]) and per-channel "
-                                 f"([{out}, 1]) FP8 scales are read, group-wise ones are not")
-        raise WeightgeoError(f"{where}: no scales found ({block_name!r} or {chan_name!r}); an FP8 weight without its "
-                             f"scales cannot be read, the checkpoint is incomplete")
+            raise WeightgeoError(
+                f"{self.source}: {chan_name!r} has shape {s}; per-tensor ([1]) and per-channel "
+                f"([{out}, 1]) FP8 scales are read, group-wise ones are not"
+            )
+        raise WeightgeoError(
+            f"{where}: no scales found ({block_name!r} or {chan_name!r}); an FP8 weight without its "
+            f"scales cannot be read, the checkpoint is incomplete"
+        )
 
     def _infos(self) -> dict[str, TensorInfo]:
         out = {}
@@ -256,7 +321,12 @@ def wrap_quantized(ckpt: Checkpoint) -> Checkpoint:
     names = ckpt.names()
     check_quantization(ckpt.config, ckpt.infos, ckpt.source)
     fp8 = [n for n in names if ckpt.info(n).dtype in FP8_DTYPES]
-    if fp8 and (_declares_fp8(ckpt.config) or any(n + "_scale_inv" in ckpt or n + "_scale" in ckpt
-                                                  or n[:-len("weight")] + "weight_scale" in ckpt for n in fp8)):
+    if fp8 and (
+        _declares_fp8(ckpt.config)
+        or any(
+            n + "_scale_inv" in ckpt or n + "_scale" in ckpt or n[: -len("weight")] + "weight_scale" in ckpt
+            for n in fp8
+        )
+    ):
         return Fp8Checkpoint(ckpt)
     return ckpt

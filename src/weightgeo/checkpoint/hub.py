@@ -43,6 +43,7 @@ def hub_offline() -> bool:
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     try:
         from huggingface_hub import constants
+
         return bool(constants.HF_HUB_OFFLINE) or env
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return env
@@ -50,12 +51,13 @@ def hub_offline() -> bool:
 
 def _fix(repo_id: str, revision: str | None) -> str:
     rev = f" --revision {revision}" if revision else ""
-    return (f"run once online (unset HF_HUB_OFFLINE), or `huggingface-cli download {repo_id}{rev} "
-            f"--include '*.safetensors' '*.json'`, or pass a local checkpoint path")
+    return (
+        f"run once online (unset HF_HUB_OFFLINE), or `huggingface-cli download {repo_id}{rev} "
+        f"--include '*.safetensors' '*.json'`, or pass a local checkpoint path"
+    )
 
 
-def resolve_hub(repo_id: str, *, revision: str | None = None,
-                cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The local snapshot folder of hub model ``repo_id`` (downloaded unless offline).
 
     Args:
@@ -78,21 +80,29 @@ def resolve_hub(repo_id: str, *, revision: str | None = None,
     try:
         if not offline:
             _check_remote_index(hf, hf_errors, repo_id, revision, cache_dir)
-        folder = hf.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_ALLOW,
-                                      local_files_only=offline)
+        folder = hf.snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_ALLOW, local_files_only=offline
+        )
     except WeightgeoError:
         raise
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError) as e:
-        raise WeightgeoError(f"{where}: {type(e).__name__} (missing, private or gated); check the id and "
-                             f"revision, log in with `huggingface-cli login`, or pass a local path") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled,
-            getattr(hf_errors, "IncompleteSnapshotError", hf_errors.LocalEntryNotFoundError)) as e:
+        raise WeightgeoError(
+            f"{where}: {type(e).__name__} (missing, private or gated); check the id and "
+            f"revision, log in with `huggingface-cli login`, or pass a local path"
+        ) from None
+    except (
+        hf_errors.LocalEntryNotFoundError,
+        hf_errors.OfflineModeIsEnabled,
+        getattr(hf_errors, "IncompleteSnapshotError", hf_errors.LocalEntryNotFoundError),
+    ) as e:
         mode = "HF_HUB_OFFLINE is set and it is not" if offline else "the Hub is unreachable and it is not"
-        raise WeightgeoError(f"{where}: {mode} in the local cache ({type(e).__name__}); {_fix(repo_id, revision)}"
-                             ) from None
+        raise WeightgeoError(
+            f"{where}: {mode} in the local cache ({type(e).__name__}); {_fix(repo_id, revision)}"
+        ) from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
-        raise WeightgeoError(f"{where}: download failed ({type(e).__name__}: {str(e)[:200]}); "
-                             f"{_fix(repo_id, revision)}") from None
+        raise WeightgeoError(
+            f"{where}: download failed ({type(e).__name__}: {str(e)[:200]}); {_fix(repo_id, revision)}"
+        ) from None
     folder = Path(folder)
     index = folder / _INDEX
     if index.is_file():
@@ -100,7 +110,7 @@ def resolve_hub(repo_id: str, *, revision: str | None = None,
     return folder
 
 
-def _check_remote_index(hf, hf_errors, repo_id: str, revision: str | None, cache_dir) -> None:  # noqa: ANN001
+def _check_remote_index(hf, hf_errors, repo_id: str, revision: str | None, cache_dir) -> None:
     """Fetch config.json and the shard index (small) and validate them before any shard is downloaded."""
     for name in ("config.json", _INDEX):
         try:
@@ -119,7 +129,9 @@ def _validate_index_names(index: Path) -> None:
     obj = read_json_object(index, what="shard index")
     wm = obj.get("weight_map")
     if not isinstance(wm, dict) or not wm:
-        raise WeightgeoError(f"{index}: shard index has no weight_map object; the repo's index is broken, "
-                             f"pick another revision or report it to the repo owner")
+        raise WeightgeoError(
+            f"{index}: shard index has no weight_map object; the repo's index is broken, "
+            f"pick another revision or report it to the repo owner"
+        )
     for shard in set(wm.values()):
         safe_shard_name(index, shard)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -25,8 +26,10 @@ from .names import canonical_name
 __all__ = ["LoraAdapter", "MergedAdapterCheckpoint", "pattern_value"]
 
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
+)
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -47,8 +50,10 @@ def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any)
             if re.match(rf"(.*\.)?({key})$", module):
                 return value
         except re.error as e:
-            raise WeightgeoError(f"adapter pattern {key!r} is not a valid regular expression ({e}); fix "
-                                 f"rank_pattern/alpha_pattern in adapter_config.json") from None
+            raise WeightgeoError(
+                f"adapter pattern {key!r} is not a valid regular expression ({e}); fix "
+                f"rank_pattern/alpha_pattern in adapter_config.json"
+            ) from None
     return default
 
 
@@ -94,11 +99,15 @@ class LoraAdapter:
         self.config: dict[str, Any] = cfg
         peft_type = cfg.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise WeightgeoError(f"{cfg_path}: peft_type {peft_type!r} is not supported, only LoRA adapters; "
-                                 f"merge the adapter into the model (merge_and_unload) and compare full weights")
+            raise WeightgeoError(
+                f"{cfg_path}: peft_type {peft_type!r} is not supported, only LoRA adapters; "
+                f"merge the adapter into the model (merge_and_unload) and compare full weights"
+            )
         if cfg.get("use_dora"):
-            raise WeightgeoError(f"{cfg_path}: DoRA not supported (use_dora=true: the update is not low-rank); "
-                                 f"merge the adapter with PEFT's merge_and_unload() and compare the merged weights")
+            raise WeightgeoError(
+                f"{cfg_path}: DoRA not supported (use_dora=true: the update is not low-rank); "
+                f"merge the adapter with PEFT's merge_and_unload() and compare the merged weights"
+            )
         self.r = _positive(cfg_path, "r", cfg.get("r", 8))
         self.lora_alpha = _number(cfg_path, "lora_alpha", cfg.get("lora_alpha", 8))
         self.use_rslora = bool(cfg.get("use_rslora", False))
@@ -119,39 +128,50 @@ class LoraAdapter:
                 self.extra.append(key)
                 continue
             module = m["module"]
-            module = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+            module = module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module
             kind = m["kind"].replace("embedding_", "")
             slot = found.setdefault(module, {})
             if kind in slot:
-                raise WeightgeoError(f"{self.weights.source}: module {module!r} has two {kind} tensors "
-                                     f"({slot[kind]!r}, {key!r}); save one adapter per folder")
+                raise WeightgeoError(
+                    f"{self.weights.source}: module {module!r} has two {kind} tensors "
+                    f"({slot[kind]!r}, {key!r}); save one adapter per folder"
+                )
             slot[kind] = key
             slot["embedding"] = slot.get("embedding", "") or ("1" if "embedding" in m["kind"] else "")
         for module, slot in found.items():
             if "lora_A" not in slot or "lora_B" not in slot:
                 have = next(iter(v for k, v in slot.items() if k.startswith("lora")))
-                raise WeightgeoError(f"{self.weights.source}: {have!r} has no matching "
-                                     f"{'lora_B' if 'lora_A' in slot else 'lora_A'} tensor; re-save the adapter")
+                raise WeightgeoError(
+                    f"{self.weights.source}: {have!r} has no matching "
+                    f"{'lora_B' if 'lora_A' in slot else 'lora_A'} tensor; re-save the adapter"
+                )
             a = self.weights.info(slot["lora_A"])
             b = self.weights.info(slot["lora_B"])
             if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-                raise WeightgeoError(f"{self.weights.source}: module {module!r}: lora_A {a.shape} and lora_B "
-                                     f"{b.shape} are not [r, in] and [out, r] (conv LoRA is not supported)")
+                raise WeightgeoError(
+                    f"{self.weights.source}: module {module!r}: lora_A {a.shape} and lora_B "
+                    f"{b.shape} are not [r, in] and [out, r] (conv LoRA is not supported)"
+                )
             rank = a.shape[0]
             want = pattern_value(self.rank_pattern, module, self.r)
             if int(want) != rank:
-                raise WeightgeoError(f"{self.weights.source}: module {module!r} has rank {rank} (lora_A {a.shape}) "
-                                     f"but adapter_config.json gives r={want}; fix r/rank_pattern in {cfg_path}")
+                raise WeightgeoError(
+                    f"{self.weights.source}: module {module!r} has rank {rank} (lora_A {a.shape}) "
+                    f"but adapter_config.json gives r={want}; fix r/rank_pattern in {cfg_path}"
+                )
             alpha = float(pattern_value(self.alpha_pattern, module, self.lora_alpha))
             scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
             # PEFT's embedding LoRA stores A [r, vocab], B [dim, r] and applies (B @ A).T
             transpose = bool(slot["embedding"]) or self.fan_in_fan_out
             shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
-            self.modules[module] = _Module(module, slot["lora_A"], slot["lora_B"], rank, alpha, scaling,
-                                           transpose, shape)
+            self.modules[module] = _Module(
+                module, slot["lora_A"], slot["lora_B"], rank, alpha, scaling, transpose, shape
+            )
         if not self.modules:
-            raise WeightgeoError(f"{self.weights.source}: no lora_A/lora_B tensors found (keys: "
-                                 f"{self.weights.names()[:5]}); pass a PEFT LoRA adapter folder")
+            raise WeightgeoError(
+                f"{self.weights.source}: no lora_A/lora_B tensors found (keys: "
+                f"{self.weights.names()[:5]}); pass a PEFT LoRA adapter folder"
+            )
 
     def delta(self, module: str) -> FactoredDelta:
         """The factored update of one module: ``B`` [out, r], ``A`` [r, in], scaling (dtype as stored)."""
@@ -187,8 +207,9 @@ def _mapping(where: Path, key: str, v: Any) -> dict[str, Any]:
     if v is None:
         return {}
     if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()):
-        raise WeightgeoError(f"{where}: {key} must map module patterns to numbers, found {v!r:.200}; "
-                             f"fix adapter_config.json")
+        raise WeightgeoError(
+            f"{where}: {key} must map module patterns to numbers, found {v!r:.200}; fix adapter_config.json"
+        )
     return dict(v)
 
 
@@ -201,8 +222,10 @@ def _open_weights(path: Path) -> Checkpoint:
         return SafetensorsCheckpoint([st])
     if pt.is_file():
         return TorchBinCheckpoint([pt])
-    raise WeightgeoError(f"{path}: adapter_config.json found but no adapter_model.safetensors or adapter_model.bin "
-                         f"(folder holds {sorted(p.name for p in path.iterdir())[:12]}); re-save the adapter")
+    raise WeightgeoError(
+        f"{path}: adapter_config.json found but no adapter_model.safetensors or adapter_model.bin "
+        f"(folder holds {sorted(p.name for p in path.iterdir())[:12]}); re-save the adapter"
+    )
 
 
 class MergedAdapterCheckpoint(Checkpoint):
@@ -229,12 +252,14 @@ class MergedAdapterCheckpoint(Checkpoint):
                 continue
             shape = base.info(name).shape
             if tuple(shape) != m.shape:
-                raise WeightgeoError(f"{adapter.path}: LoRA update of {module!r} has shape {m.shape} but base tensor "
-                                     f"{name!r} is {shape}; use the base model this adapter was trained on")
+                raise WeightgeoError(
+                    f"{adapter.path}: LoRA update of {module!r} has shape {m.shape} but base tensor "
+                    f"{name!r} is {shape}; use the base model this adapter was trained on"
+                )
             self._targets[name] = module
         self._replace: dict[str, str] = {}
         for key in adapter.extra:
-            k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            k = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
             k = k.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
             name = by_canon.get(canonical_name(k))
             if name is None:
@@ -246,7 +271,8 @@ class MergedAdapterCheckpoint(Checkpoint):
             raise WeightgeoError(
                 f"{adapter.path}: adapter targets match no base tensor ({matched}; unmatched adapter modules "
                 f"{unmatched[:4]}, base keys look like {base.names()[:4]}); pass the base model this adapter "
-                f"was trained on")
+                f"was trained on"
+            )
 
     def _infos(self) -> dict[str, TensorInfo]:
         return dict(self.base.infos)
@@ -282,8 +308,13 @@ class MergedAdapterCheckpoint(Checkpoint):
             parts = {"base": base, "replacement": self.adapter.weights.identity(self._replace[name])}
         elif name in self._targets:
             m = self.adapter.modules[self._targets[name]]
-            parts = {"base": base, "A": self.adapter.weights.identity(m.a_key),
-                     "B": self.adapter.weights.identity(m.b_key), "scaling": m.scaling, "transpose": m.transpose}
+            parts = {
+                "base": base,
+                "A": self.adapter.weights.identity(m.a_key),
+                "B": self.adapter.weights.identity(m.b_key),
+                "scaling": m.scaling,
+                "transpose": m.transpose,
+            }
         else:
             return base
         return None if any(v is None for v in parts.values()) else {"format": "lora", **parts}

@@ -18,8 +18,9 @@ shapes): resident memory stays at the budget plus the tensor being read.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["MappedFiles", "REMAP_BYTES"]
 

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -78,8 +79,10 @@ _PLAIN = {  # per-layer one-to-one renames
 }
 _GATED = {"mlp.linear_fc1.weight": "mlp", "mlp.shared_experts.linear_fc1.weight": "{shared}"}
 _LAYER = re.compile(r"^decoder\.layers\.(?:(?P<i>\d+)\.)?(?P<rest>.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.(?:(?P<stacked>experts\.)(?P<a>linear_fc[12])\.weight"
-                     r"|(?P<b>linear_fc[12])\.weight(?P<j>\d+))$")
+_EXPERT = re.compile(
+    r"^mlp\.experts\.(?:(?P<stacked>experts\.)(?P<a>linear_fc[12])\.weight"
+    r"|(?P<b>linear_fc[12])\.weight(?P<j>\d+))$"
+)
 
 
 def is_megatron(names: Iterable[str]) -> bool:
@@ -97,13 +100,17 @@ def check_megatron_folder(folder: Path) -> None:
     if meta.is_file():
         backend = read_json_object(meta, what="Megatron metadata.json").get("sharded_backend")
         if backend not in (None, "torch_dist"):
-            raise WeightgeoError(f"{meta}: sharded_backend {backend!r} is not supported, only 'torch_dist' (a "
-                                 f"torch.distributed.checkpoint); re-save with --ckpt-format torch_dist or convert it "
-                                 f"with Megatron's checkpoint converter")
+            raise WeightgeoError(
+                f"{meta}: sharded_backend {backend!r} is not supported, only 'torch_dist' (a "
+                f"torch.distributed.checkpoint); re-save with --ckpt-format torch_dist or convert it "
+                f"with Megatron's checkpoint converter"
+            )
     if not (folder / ".metadata").is_file() and any(folder.glob("mp_rank_*/model_optim_rng.pt")):
-        raise WeightgeoError(f"{folder}: is a legacy Megatron --ckpt-format torch checkpoint (mp_rank_*/"
-                             f"model_optim_rng.pt), which is not read; save with --ckpt-format torch_dist (slime's "
-                             f"default) or convert to Hugging Face weights")
+        raise WeightgeoError(
+            f"{folder}: is a legacy Megatron --ckpt-format torch checkpoint (mp_rank_*/"
+            f"model_optim_rng.pt), which is not read; save with --ckpt-format torch_dist (slime's "
+            f"default) or convert to Hugging Face weights"
+        )
 
 
 def megatron_folder_config(folder: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -125,24 +132,32 @@ def _vocab_rows(inner: Checkpoint, arch: ArchConfig) -> int | None:
         return None
     rows = {n: inner.info(n).shape[0] for n in present}
     if len(set(rows.values())) > 1:
-        raise WeightgeoError(f"{inner.source}: the embedding and output layer have different padded vocabularies "
-                             f"({rows}); the checkpoint is inconsistent")
+        raise WeightgeoError(
+            f"{inner.source}: the embedding and output layer have different padded vocabularies "
+            f"({rows}); the checkpoint is inconsistent"
+        )
     stored = next(iter(rows.values()))
     vocab = arch.require("vocab_size", why=f"to drop the padding rows of the stored {stored}-row vocabulary")
     padded = arch.get("padded_vocab_size")
     if vocab > stored or (isinstance(padded, int) and padded != stored):
-        raise WeightgeoError(f"{inner.source}: the stored vocabulary has {stored} rows but the config says "
-                             f"vocab_size={vocab}" + (f", padded_vocab_size={padded}" if isinstance(padded, int) else "")
-                             + "; the config belongs to another model, pass the right config=")
+        raise WeightgeoError(
+            f"{inner.source}: the stored vocabulary has {stored} rows but the config says "
+            f"vocab_size={vocab}"
+            + (f", padded_vocab_size={padded}" if isinstance(padded, int) else "")
+            + "; the config belongs to another model, pass the right config="
+        )
     return vocab
 
 
 def _qkv(part: str, groups: int, per_group: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    sel = {"q": slice(0, per_group), "k": slice(per_group, per_group + 1), "v": slice(per_group + 1, per_group + 2)}[part]
+    sel = {"q": slice(0, per_group), "k": slice(per_group, per_group + 1), "v": slice(per_group + 1, per_group + 2)}[
+        part
+    ]
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         grouped = rearrange(t, "(g r d) ... -> g r d ...", g=groups, r=per_group + 2, d=head_dim)
         return rearrange(grouped[:, sel], "g r d ... -> (g r d) ...")
+
     return pick
 
 
@@ -155,12 +170,21 @@ class _Builder:
         shared = "mlp.shared_expert" if arch.model_type() == "qwen2_moe" else "mlp.shared_experts"
         self.shared = shared
 
-    def add(self, hf: str, stored: str, shape: tuple[int, ...], box: tuple[tuple[int, ...], tuple[int, ...]],
-            squeeze: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "",
-            recipe: Any = None) -> None:
+    def add(
+        self,
+        hf: str,
+        stored: str,
+        shape: tuple[int, ...],
+        box: tuple[tuple[int, ...], tuple[int, ...]],
+        squeeze: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        note: str = "",
+        recipe: Any = None,
+    ) -> None:
         dtype = self.inner.info(stored).dtype
-        self.pieces.append(Piece(TensorInfo(hf, shape, dtype), stored, box[0], box[1], squeeze, transform, note,
-                                 recipe))
+        self.pieces.append(
+            Piece(TensorInfo(hf, shape, dtype), stored, box[0], box[1], squeeze, transform, note, recipe)
+        )
 
     def build(self) -> None:
         vocab = _vocab_rows(self.inner, self.arch)
@@ -178,8 +202,10 @@ class _Builder:
         want = self.arch.get("num_hidden_layers")
         for depth, name in self.layers.items():
             if isinstance(want, int) and depth != want:
-                raise WeightgeoError(f"{self.inner.source}: {name!r} stacks {depth} layers but the config says "
-                                     f"num_hidden_layers={want}; pass the config of this model")
+                raise WeightgeoError(
+                    f"{self.inner.source}: {name!r} stacks {depth} layers but the config says "
+                    f"num_hidden_layers={want}; pass the config of this model"
+                )
 
     def _layer_tensor(self, name: str, info: TensorInfo, index: str | None, rest: str) -> bool:
         shape = info.shape
@@ -208,41 +234,83 @@ class _Builder:
                 return False
         return True
 
-    def _gated(self, name: str, prefix: str, shape: tuple[int, ...], start: tuple[int, ...], stop: tuple[int, ...],
-               k: int) -> None:
+    def _gated(
+        self, name: str, prefix: str, shape: tuple[int, ...], start: tuple[int, ...], stop: tuple[int, ...], k: int
+    ) -> None:
         rows = shape[0]
-        key = ("shared_expert_intermediate_size" if "shared_expert" in prefix
-               else "moe_intermediate_size" if ".experts." in prefix else "intermediate_size")
+        key = (
+            "shared_expert_intermediate_size"
+            if "shared_expert" in prefix
+            else "moe_intermediate_size"
+            if ".experts." in prefix
+            else "intermediate_size"
+        )
         size = self.arch.get(key)
         if isinstance(size, int) and rows == size:
-            raise WeightgeoError(f"{self.inner.source}: {name!r} has {rows} rows = intermediate_size: a non-gated "
-                                 f"MLP, which has no Llama/Qwen HF counterpart; only gated (SwiGLU [gate; up]) MLPs are "
-                                 f"mapped")
+            raise WeightgeoError(
+                f"{self.inner.source}: {name!r} has {rows} rows = intermediate_size: a non-gated "
+                f"MLP, which has no Llama/Qwen HF counterpart; only gated (SwiGLU [gate; up]) MLPs are "
+                f"mapped"
+            )
         if rows % 2 or (isinstance(size, int) and rows != 2 * size):
-            raise WeightgeoError(f"{self.inner.source}: {name!r} has {rows} rows; a fused [gate; up] needs "
-                                 f"2 x intermediate_size" + (f" = {2 * size}" if isinstance(size, int) else "")
-                                 + "; pass the config of this model")
+            raise WeightgeoError(
+                f"{self.inner.source}: {name!r} has {rows} rows; a fused [gate; up] needs "
+                f"2 x intermediate_size"
+                + (f" = {2 * size}" if isinstance(size, int) else "")
+                + "; pass the config of this model"
+            )
         half = rows // 2
         for j, proj in enumerate(("gate_proj", "up_proj")):
-            self.add(f"{prefix}.{proj}.weight", name, (half, *shape[1:]), (start + (j * half,), stop + ((j + 1) * half,)),
-                     k, note=f"{'first' if j == 0 else 'second'} half of linear_fc1 ([gate; up])")
+            self.add(
+                f"{prefix}.{proj}.weight",
+                name,
+                (half, *shape[1:]),
+                (start + (j * half,), stop + ((j + 1) * half,)),
+                k,
+                note=f"{'first' if j == 0 else 'second'} half of linear_fc1 ([gate; up])",
+            )
 
-    def _qkv(self, name: str, pre: str, kind: str, shape: tuple[int, ...], start: tuple[int, ...],
-             stop: tuple[int, ...], k: int) -> None:
+    def _qkv(
+        self,
+        name: str,
+        pre: str,
+        kind: str,
+        shape: tuple[int, ...],
+        start: tuple[int, ...],
+        stop: tuple[int, ...],
+        k: int,
+    ) -> None:
         heads, groups, hd = self.arch.heads(), self.arch.kv_heads(), self.arch.head_dim()
         why = f"{name!r} has {shape[0]} rows"
         if heads % groups or shape[0] != groups * (heads // groups + 2) * hd:
-            raise WeightgeoError(f"{self.inner.source}: {why}, but num_attention_heads={heads}, num_key_value_heads="
-                                 f"{groups}, head_dim={hd} give (heads + 2 x kv_heads) x head_dim = "
-                                 f"{(heads + 2 * groups) * hd}; pass the config of this model")
+            raise WeightgeoError(
+                f"{self.inner.source}: {why}, but num_attention_heads={heads}, num_key_value_heads="
+                f"{groups}, head_dim={hd} give (heads + 2 x kv_heads) x head_dim = "
+                f"{(heads + 2 * groups) * hd}; pass the config of this model"
+            )
         per = heads // groups
         for part, rows in (("q", heads * hd), ("k", groups * hd), ("v", groups * hd)):
-            self.add(f"{pre}self_attn.{part}_proj.{kind}", name, (rows, *shape[1:]), (start, stop), k,
-                     _qkv(part, groups, per, hd), note=f"{part} rows of the fused QKV, interleaved per query group",
-                     recipe={"qkv": part, "groups": groups, "per_group": per, "head_dim": hd})
+            self.add(
+                f"{pre}self_attn.{part}_proj.{kind}",
+                name,
+                (rows, *shape[1:]),
+                (start, stop),
+                k,
+                _qkv(part, groups, per, hd),
+                note=f"{part} rows of the fused QKV, interleaved per query group",
+                recipe={"qkv": part, "groups": groups, "per_group": per, "head_dim": hd},
+            )
 
-    def _experts(self, name: str, pre: str, m: re.Match, shape: tuple[int, ...], start: tuple[int, ...],
-                 stop: tuple[int, ...], k: int) -> bool:
+    def _experts(
+        self,
+        name: str,
+        pre: str,
+        m: re.Match,
+        shape: tuple[int, ...],
+        start: tuple[int, ...],
+        stop: tuple[int, ...],
+        k: int,
+    ) -> bool:
         fc = m["a"] or m["b"]
         if m["stacked"]:
             if not shape:
@@ -265,5 +333,4 @@ def megatron_view(inner: Checkpoint, arch: ArchConfig, *, source: str | None = N
     b = _Builder(inner, arch)
     b.build()
     config = arch.merged()
-    return MappedCheckpoint(inner, b.pieces, scheme="Megatron", source=source, config=config,
-                            passthrough=b.passthrough)
+    return MappedCheckpoint(inner, b.pieces, scheme="Megatron", source=source, config=config, passthrough=b.passthrough)

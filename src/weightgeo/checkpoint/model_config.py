@@ -19,9 +19,10 @@ weightgeo.errors.WeightgeoError: runs/iter_0000010: needs the model's vocab_size
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import WeightgeoError
 from ._files import read_json_object
@@ -30,10 +31,17 @@ __all__ = ["ArchConfig", "read_model_config", "megatron_args_config", "MEGATRON_
 
 #: Megatron argument names -> HF config keys (``common.pt`` ``args``)
 MEGATRON_ARG_NAMES = {
-    "num_attention_heads": "num_attention_heads", "kv_channels": "head_dim", "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size", "vocab_size": "vocab_size",
-    "num_experts": "num_experts", "moe_ffn_hidden_size": "moe_intermediate_size",
-    "untie_embeddings_and_output_weights": None, "num_query_groups": None, "group_query_attention": None,
+    "num_attention_heads": "num_attention_heads",
+    "kv_channels": "head_dim",
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "num_experts": "num_experts",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "untie_embeddings_and_output_weights": None,
+    "num_query_groups": None,
+    "group_query_attention": None,
     "padded_vocab_size": "padded_vocab_size",
 }
 
@@ -50,14 +58,18 @@ def read_model_config(config: Any, *, what: str = "config") -> dict[str, Any]:
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
-            raise WeightgeoError(f"{what}={str(config)!r}: no such config.json; pass the HF model's config.json, the "
-                                 f"folder holding it, or a dict")
+            raise WeightgeoError(
+                f"{what}={str(config)!r}: no such config.json; pass the HF model's config.json, the "
+                f"folder holding it, or a dict"
+            )
         return read_json_object(p, what="config.json")
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return dict(to_dict())
-    raise WeightgeoError(f"{what} must be a config.json path, a model folder, a dict or a transformers config, got "
-                         f"{type(config).__name__}")
+    raise WeightgeoError(
+        f"{what} must be a config.json path, a model folder, a dict or a transformers config, got "
+        f"{type(config).__name__}"
+    )
 
 
 def megatron_args_config(args: Any) -> dict[str, Any]:
@@ -83,7 +95,7 @@ class ArchConfig:
     layers: tuple[tuple[str, Mapping[str, Any]], ...]  # (where from, config dict), highest priority first
 
     @classmethod
-    def of(cls, *configs: Mapping[str, Any] | None, source: str, names: tuple[str, ...] = ()) -> "ArchConfig":
+    def of(cls, *configs: Mapping[str, Any] | None, source: str, names: tuple[str, ...] = ()) -> ArchConfig:
         named = tuple((names[i] if i < len(names) else f"config {i}", dict(c)) for i, c in enumerate(configs) if c)
         return cls(source, named)
 
@@ -108,7 +120,8 @@ class ArchConfig:
             raise WeightgeoError(
                 f"{self.source}: needs the model's {key} ({why}){seen}; pass config= (the HF model's config.json path, "
                 f"its folder or a dict) to open_checkpoint, e.g. weightgeo.open_checkpoint({self.source!r}, "
-                f"config='path/to/hf_model') (as the fine-tune in compare(hf_base, this), the HF base supplies them)")
+                f"config='path/to/hf_model') (as the fine-tune in compare(hf_base, this), the HF base supplies them)"
+            )
         return value
 
     def heads(self) -> int:
@@ -124,8 +137,10 @@ class ArchConfig:
         hidden = self.require("hidden_size", why="head_dim = hidden_size / num_attention_heads")
         heads = self.heads()
         if hidden % heads:
-            raise WeightgeoError(f"{self.source}: hidden_size {hidden} is not a multiple of num_attention_heads "
-                                 f"{heads}; pass config= with head_dim")
+            raise WeightgeoError(
+                f"{self.source}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                f"{heads}; pass config= with head_dim"
+            )
         return hidden // heads
 
     def model_type(self) -> str | None:

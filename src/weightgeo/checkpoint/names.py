@@ -13,13 +13,26 @@ prefixes so that tensors align; the other helpers read structure out of a name.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..errors import WeightgeoError
 
-__all__ = ["canonical_name", "module_type", "layer_index", "compile_filter", "stored_in_out", "PRESETS",
-           "INPUT_EMBEDDINGS", "OUTPUT_EMBEDDINGS", "VOCAB_MODULES", "is_embedding", "expert_index", "expert_tensor",
-           "is_expert_stack"]
+__all__ = [
+    "canonical_name",
+    "module_type",
+    "layer_index",
+    "compile_filter",
+    "stored_in_out",
+    "PRESETS",
+    "INPUT_EMBEDDINGS",
+    "OUTPUT_EMBEDDINGS",
+    "VOCAB_MODULES",
+    "is_embedding",
+    "expert_index",
+    "expert_tensor",
+    "is_expert_stack",
+]
 
 # Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
 _PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
@@ -31,11 +44,13 @@ _ATTENTION = re.compile(
     r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|c_attn|query_key_value|Wqkv|out_proj)\.weight$"
     r"|(attn|attention)\.(c_proj|dense)\.weight$"
     r"|(attn|attention)\.(self\.)?(query|key|value)\.weight$"
-    r"|attention\.output\.dense\.weight$")
+    r"|attention\.output\.dense\.weight$"
+)
 _MLP = re.compile(
     r"(^|\.)(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h)"
     r"\.weight$"
-    r"|mlp\.c_proj\.weight$")
+    r"|mlp\.c_proj\.weight$"
+)
 # Routed experts: a component named ``experts`` (not ``shared_experts``, the always-active dense MLP). A stack
 # ``...experts.gate_up_proj`` [E, out, in] (transformers' fused layout, in memory and in state dicts), or one
 # expert ``...experts.{j}.gate_proj.weight`` (HF on disk; Megatron and torchtitan views).
@@ -43,8 +58,10 @@ _EXPERTS = re.compile(r"(^|\.)experts\.")
 _EXPERT_J = re.compile(r"(^|\.)experts\.(\d+)\.")
 # The routers of MoE blocks (Qwen/Mixtral/DeepSeek ``mlp.gate``, Mixtral ``block_sparse_moe.gate``, gpt-oss and
 # Megatron ``router``, torchtitan ``moe.router.gate``) and Qwen2-MoE's shared-expert gate.
-_ROUTER = re.compile(r"(^|\.)(mlp|moe|block_sparse_moe|feed_forward)\.(gate|router|router\.gate)\.weight$"
-                     r"|(^|\.)shared_expert_gate\.weight$")
+_ROUTER = re.compile(
+    r"(^|\.)(mlp|moe|block_sparse_moe|feed_forward)\.(gate|router|router\.gate)\.weight$"
+    r"|(^|\.)shared_expert_gate\.weight$"
+)
 
 # The one list of vocabulary modules (rows = tokens), by module type. Input embeddings are what an absent
 # lm_head.weight may be tied to (checkpoint.align); a vocabulary module's row count may differ between base and
@@ -82,8 +99,8 @@ def canonical_name(name: str) -> str:
     while changed:
         changed = False
         for p in _PREFIXES:
-            if name.startswith(p) and name[len(p):] not in _PARAM_SUFFIXES and len(name) > len(p):
-                name = name[len(p):]
+            if name.startswith(p) and name[len(p) :] not in _PARAM_SUFFIXES and len(name) > len(p):
+                name = name[len(p) :]
                 changed = True
     return name
 
@@ -166,8 +183,13 @@ def is_expert_stack(name: str, shape: tuple[int, ...] | None) -> bool:
     False
     """
     c = canonical_name(name)
-    return (shape is None or len(shape) == 3) and bool(_EXPERTS.search(c)) and not _EXPERT_J.search(c) \
-        and not c.endswith(".bias") and not c.endswith("_bias")
+    return (
+        (shape is None or len(shape) == 3)
+        and bool(_EXPERTS.search(c))
+        and not _EXPERT_J.search(c)
+        and not c.endswith(".bias")
+        and not c.endswith("_bias")
+    )
 
 
 def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
@@ -180,8 +202,7 @@ def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
     if kind == "attention":
         return lambda c, s: two_d_weight(c, s) and bool(_ATTENTION.search(c))
     if kind == "mlp":
-        return lambda c, s: ((two_d_weight(c, s) and bool(_MLP.search(c)))
-                             or (s is not None and is_expert_stack(c, s)))
+        return lambda c, s: (two_d_weight(c, s) and bool(_MLP.search(c))) or (s is not None and is_expert_stack(c, s))
     if kind == "experts":
         return lambda c, s: matrices(c, s) and bool(_EXPERTS.search(c))
     if kind == "router":
@@ -192,6 +213,7 @@ def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
             return False
         # without a shape, norms (1-D in practice) are excluded by name
         return s is not None or not re.search(r"norm|(^|[._])ln(_|\d|$)", module_type(c))
+
     return linear
 
 
@@ -203,27 +225,32 @@ def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[
     elif isinstance(spec, (list, tuple, set, frozenset)):
         items = spec
     else:
-        raise WeightgeoError(f"{what} must be a regex string, a preset {PRESETS} or a list of them, "
-                             f"got {type(spec).__name__}")
+        raise WeightgeoError(
+            f"{what} must be a regex string, a preset {PRESETS} or a list of them, got {type(spec).__name__}"
+        )
     out = []
     for item in items:
         if not isinstance(item, str):
-            raise WeightgeoError(f"{what} entries must be strings (regexes or presets {PRESETS}), "
-                                 f"got {type(item).__name__} {item!r}")
+            raise WeightgeoError(
+                f"{what} entries must be strings (regexes or presets {PRESETS}), got {type(item).__name__} {item!r}"
+            )
         if item in PRESETS:
             out.append(_preset(item))
             continue
         try:
             rx = re.compile(item)
         except re.error as e:
-            raise WeightgeoError(f"{what} pattern {item!r} is not a valid regular expression ({e}); "
-                                 f"fix the regex or use a preset {PRESETS}") from None
+            raise WeightgeoError(
+                f"{what} pattern {item!r} is not a valid regular expression ({e}); "
+                f"fix the regex or use a preset {PRESETS}"
+            ) from None
         out.append(lambda c, s, rx=rx: rx.search(c) is not None)
     return out
 
 
-def compile_filter(include: str | Sequence[str] | None = None,
-                   exclude: str | Sequence[str] | None = None) -> Callable[..., bool]:
+def compile_filter(
+    include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+) -> Callable[..., bool]:
     """A predicate ``f(name, shape=None) -> bool`` selecting tensors by regex or preset.
 
     ``include``/``exclude`` are a regex, a preset or a list of them. Regexes are ``re.search``-ed on the
@@ -280,5 +307,8 @@ def stored_in_out(name: str, config: Mapping[str, Any]) -> bool:
     """
     if config.get("model_type") in _IN_OUT_EXPERT_MODEL_TYPES and is_expert_stack(name, None):
         return True
-    return (config.get("model_type") in _CONV1D_MODEL_TYPES and name.endswith(".weight")
-            and module_type(name) in _CONV1D_MODULES)
+    return (
+        config.get("model_type") in _CONV1D_MODEL_TYPES
+        and name.endswith(".weight")
+        and module_type(name) in _CONV1D_MODULES
+    )

@@ -16,8 +16,9 @@ which folders it holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ._files import read_config
 from .base import Checkpoint
@@ -33,8 +34,14 @@ __all__ = ["open_native_dir"]
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def open_native_dir(folder: Path, *, source: str, config: dict[str, Any] | None, base_config: dict[str, Any],
-                    open_hf: Callable[[Path], Checkpoint]) -> Checkpoint | None:
+def open_native_dir(
+    folder: Path,
+    *,
+    source: str,
+    config: dict[str, Any] | None,
+    base_config: dict[str, Any],
+    open_hf: Callable[[Path], Checkpoint],
+) -> Checkpoint | None:
     """The checkpoint in ``folder`` if a training framework wrote it, else ``None``.
 
     ``config`` is the explicit ``config=``, ``base_config`` the paired base's; ``open_hf`` opens an HF folder.
@@ -56,8 +63,9 @@ def _has_hf_weights(folder: Path) -> bool:
     return any((folder / n).is_file() for n in _HF_WEIGHTS)
 
 
-def _verl(folder: Path, *, source: str, config: dict[str, Any] | None,
-          open_hf: Callable[[Path], Checkpoint]) -> Checkpoint:
+def _verl(
+    folder: Path, *, source: str, config: dict[str, Any] | None, open_hf: Callable[[Path], Checkpoint]
+) -> Checkpoint:
     hf_dir = folder / "huggingface"
     if not is_verl_actor(folder):
         return open_hf(hf_dir)
@@ -74,8 +82,9 @@ def _verl(folder: Path, *, source: str, config: dict[str, Any] | None,
 
 
 def _itemsize(ck: Checkpoint) -> int:
-    return max((i.dtype.itemsize for i in ck.infos.values() if i.dtype.is_floating_point and len(i.shape) == 2),
-               default=0)
+    return max(
+        (i.dtype.itemsize for i in ck.infos.values() if i.dtype.is_floating_point and len(i.shape) == 2), default=0
+    )
 
 
 def _dcp(folder: Path, *, source: str, config: dict[str, Any] | None, base_config: dict[str, Any]) -> Checkpoint:
@@ -84,12 +93,17 @@ def _dcp(folder: Path, *, source: str, config: dict[str, Any] | None, base_confi
     if is_megatron(names):
         args, unread = megatron_folder_config(folder)
         inner.skipped.extend(unread)
-        arch = ArchConfig.of(config, inner.config, base_config, args, source=source,
-                             names=("config=", "config.json", "base", "common.pt args"))
+        arch = ArchConfig.of(
+            config,
+            inner.config,
+            base_config,
+            args,
+            source=source,
+            names=("config=", "config.json", "base", "common.pt args"),
+        )
         return megatron_view(inner, arch, source=source)
     if is_torchtitan(names):
-        arch = ArchConfig.of(config, inner.config, base_config, source=source,
-                             names=("config=", "config.json", "base"))
+        arch = ArchConfig.of(config, inner.config, base_config, source=source, names=("config=", "config.json", "base"))
         return torchtitan_view(inner, arch, source=source)
     inner.config = {**base_config, **inner.config}
     return inner

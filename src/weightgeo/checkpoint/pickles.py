@@ -28,8 +28,9 @@ import io
 import os
 import pickle
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -40,11 +41,24 @@ __all__ = ["load_dcp_metadata", "load_torch_file", "Stub", "STUB_PREFIXES"]
 #: packages whose pickled classes become :class:`Stub` placeholders instead of being imported
 STUB_PREFIXES: tuple[str, ...] = ("megatron",)
 
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint._extension", "torch.distributed.checkpoint.planner")
-_PLAIN = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-          ("builtins", "set"), ("builtins", "frozenset"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-          ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("pathlib", "Path")}
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint._extension",
+    "torch.distributed.checkpoint.planner",
+)
+_PLAIN = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("pathlib", "Path"),
+}
 _TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 
 
@@ -104,7 +118,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         return WeightgeoError(
             f"{self._source}: refused to unpickle {module}.{name}: it is not part of checkpoint metadata (allowed: "
             f"torch.distributed.checkpoint metadata classes, torch.Size, dtypes, paths; stubbed: "
-            f"{', '.join(p + '*' for p in self._prefixes)}); the file is corrupt or not a DCP .metadata")
+            f"{', '.join(p + '*' for p in self._prefixes)}); the file is corrupt or not a DCP .metadata"
+        )
 
 
 def _restricted_loads(blob: bytes, *, source: str, prefixes: tuple[str, ...] = STUB_PREFIXES) -> Any:
@@ -112,10 +127,24 @@ def _restricted_loads(blob: bytes, *, source: str, prefixes: tuple[str, ...] = S
         return _MetadataUnpickler(io.BytesIO(blob), source=source, prefixes=prefixes).load()
     except WeightgeoError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError, TypeError,
-            ValueError, MemoryError, RecursionError, UnicodeDecodeError, OverflowError) as e:
-        raise WeightgeoError(f"{source}: corrupt checkpoint metadata, the pickle does not load ({type(e).__name__}: "
-                             f"{str(e)[:200]}); re-save the checkpoint or copy the file again") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        TypeError,
+        ValueError,
+        MemoryError,
+        RecursionError,
+        UnicodeDecodeError,
+        OverflowError,
+    ) as e:
+        raise WeightgeoError(
+            f"{source}: corrupt checkpoint metadata, the pickle does not load ({type(e).__name__}: "
+            f"{str(e)[:200]}); re-save the checkpoint or copy the file again"
+        ) from None
 
 
 def load_dcp_metadata(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = STUB_PREFIXES) -> Any:
@@ -124,22 +153,33 @@ def load_dcp_metadata(path: str | os.PathLike[str], *, prefixes: tuple[str, ...]
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
-        raise WeightgeoError(f"{path}: no such file; a torch.distributed.checkpoint folder holds .metadata and "
-                             f"__<rank>_<n>.distcp files") from None
+        raise WeightgeoError(
+            f"{path}: no such file; a torch.distributed.checkpoint folder holds .metadata and __<rank>_<n>.distcp files"
+        ) from None
     except OSError as e:
         raise WeightgeoError(f"{path}: cannot read ({e})") from None
     from torch.distributed.checkpoint.metadata import Metadata
 
     meta = _restricted_loads(blob, source=str(path), prefixes=prefixes)
-    if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
-            or not isinstance(getattr(meta, "storage_data", None), dict):
-        raise WeightgeoError(f"{path}: holds a {type(meta).__name__}, not DCP Metadata with state_dict_metadata and "
-                             f"storage_data; the folder is not a torch.distributed.checkpoint (or it is corrupt)")
+    if (
+        not isinstance(meta, Metadata)
+        or not isinstance(getattr(meta, "state_dict_metadata", None), dict)
+        or not isinstance(getattr(meta, "storage_data", None), dict)
+    ):
+        raise WeightgeoError(
+            f"{path}: holds a {type(meta).__name__}, not DCP Metadata with state_dict_metadata and "
+            f"storage_data; the folder is not a torch.distributed.checkpoint (or it is corrupt)"
+        )
     return meta
 
 
-def load_torch_file(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = STUB_PREFIXES,
-                    allowed: Iterable[Any] = (), mmap: bool = True) -> Any:
+def load_torch_file(
+    path: str | os.PathLike[str],
+    *,
+    prefixes: tuple[str, ...] = STUB_PREFIXES,
+    allowed: Iterable[Any] = (),
+    mmap: bool = True,
+) -> Any:
     """``torch.load(path, weights_only=True)``, with the globals of the ``prefixes`` packages stubbed.
 
     ``allowed`` names further safe classes (e.g. ``argparse.Namespace``). Any other global that
@@ -153,17 +193,21 @@ def load_torch_file(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] =
     try:
         unsafe = finder(path) if finder is not None else []
     except (RuntimeError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
-        raise WeightgeoError(f"{path}: cannot read this torch file ({type(e).__name__}: {str(e)[:200]}); it is "
-                             f"truncated or corrupt, re-save or copy it again") from None
+        raise WeightgeoError(
+            f"{path}: cannot read this torch file ({type(e).__name__}: {str(e)[:200]}); it is "
+            f"truncated or corrupt, re-save or copy it again"
+        ) from None
     allowed_names = {f"{a.__module__}.{a.__qualname__}" for a in extra if isinstance(a, type)}
     for full in unsafe:
         if full in allowed_names:
             continue
         module, _, name = full.rpartition(".")
         if not _stubbed(module, prefixes):
-            raise WeightgeoError(f"{path}: refused: it pickles {full}, which weights_only loading does not allow and "
-                                 f"which is not a stubbed framework class ({', '.join(p + '*' for p in prefixes)}); "
-                                 f"the file may run code when loaded, convert it to safetensors")
+            raise WeightgeoError(
+                f"{path}: refused: it pickles {full}, which weights_only loading does not allow and "
+                f"which is not a stubbed framework class ({', '.join(p + '*' for p in prefixes)}); "
+                f"the file may run code when loaded, convert it to safetensors"
+            )
         extra.append((_stub(module, name), full))
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before it nothing can be stubbed
     try:
@@ -176,9 +220,21 @@ def load_torch_file(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] =
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightgeoError(f"{path}: refused: weights_only loading failed ({first[:200]}); convert the checkpoint "
-                             f"to safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError, TypeError,
-            IndexError, MemoryError) as e:
-        raise WeightgeoError(f"{path}: cannot read this torch file ({type(e).__name__}: {str(e)[:200]}); re-save it "
-                             f"or copy it again") from None
+        raise WeightgeoError(
+            f"{path}: refused: weights_only loading failed ({first[:200]}); convert the checkpoint to safetensors"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        AttributeError,
+        KeyError,
+        TypeError,
+        IndexError,
+        MemoryError,
+    ) as e:
+        raise WeightgeoError(
+            f"{path}: cannot read this torch file ({type(e).__name__}: {str(e)[:200]}); re-save it or copy it again"
+        ) from None

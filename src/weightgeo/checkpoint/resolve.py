@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -29,8 +30,12 @@ from .torch_bin import TorchBinCheckpoint
 
 __all__ = ["open_checkpoint", "StateDictCheckpoint"]
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _BIN_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -64,17 +69,23 @@ def open_checkpoint(source: Any, *, base: Any = None, revision: str | None = Non
     explicit = read_model_config(config) if config is not None else None
     if isinstance(source, torch.nn.Module):
         # transformers' Conv1D (GPT-2 style) stores W as [in, out]; known from the class, whatever the config
-        conv1d = [f"{name}.weight" if name else "weight" for name, mod in source.named_modules()
-                  if type(mod).__name__ == "Conv1D"]
-        ckpt: Checkpoint = StateDictCheckpoint(source.state_dict(), source=type(source).__name__,
-                                               config=_module_config(source), in_out_names=conv1d)
+        conv1d = [
+            f"{name}.weight" if name else "weight"
+            for name, mod in source.named_modules()
+            if type(mod).__name__ == "Conv1D"
+        ]
+        ckpt: Checkpoint = StateDictCheckpoint(
+            source.state_dict(), source=type(source).__name__, config=_module_config(source), in_out_names=conv1d
+        )
     elif isinstance(source, Mapping):
         ckpt = StateDictCheckpoint(source, source="state_dict")
     elif isinstance(source, (str, os.PathLike)):
         ckpt = _open_path(source, base=base, revision=revision, config=explicit)
     else:
-        raise WeightgeoError(f"cannot open a {type(source).__name__} as a checkpoint; pass a path, a hub id, a "
-                             f"state_dict, an nn.Module or a Checkpoint")
+        raise WeightgeoError(
+            f"cannot open a {type(source).__name__} as a checkpoint; pass a path, a hub id, a "
+            f"state_dict, an nn.Module or a Checkpoint"
+        )
     if explicit:
         ckpt.config = {**ckpt.config, **explicit}
     return wrap_quantized(ckpt)
@@ -90,20 +101,23 @@ def _module_config(module: torch.nn.Module) -> dict[str, Any]:
     return dict(to_dict()) if callable(to_dict) else {}
 
 
-def _open_path(source: str | os.PathLike[str], *, base: Any, revision: str | None,
-               config: dict[str, Any] | None) -> Checkpoint:
+def _open_path(
+    source: str | os.PathLike[str], *, base: Any, revision: str | None, config: dict[str, Any] | None
+) -> Checkpoint:
     text = os.fspath(source)
     path = Path(text).expanduser()
     if not path.exists():
         if isinstance(source, str) and is_hub_id(text):
             repo, _, rev = text.partition("@")
             if rev and revision and rev != revision:
-                raise WeightgeoError(f"{text!r}: revision {rev!r} in the id conflicts with revision={revision!r}; "
-                                     f"give one")
+                raise WeightgeoError(
+                    f"{text!r}: revision {rev!r} in the id conflicts with revision={revision!r}; give one"
+                )
             folder = resolve_hub(repo, revision=rev or revision)
             return _open_dir(folder, base=base, source=text, config=config)
-        raise WeightgeoError(f"no such file or directory: {text}; pass a local checkpoint dir, a .safetensors file "
-                             f"or a hub id")
+        raise WeightgeoError(
+            f"no such file or directory: {text}; pass a local checkpoint dir, a .safetensors file or a hub id"
+        )
     if path.is_dir():
         return _open_dir(path, base=base, source=str(path), config=config)
     return _open_file(path, base=base)
@@ -123,8 +137,9 @@ def _open_file(path: Path, *, base: Any) -> Checkpoint:
         return SafetensorsCheckpoint([path], config=config)
     if name.endswith(_BIN_SUFFIXES):
         return TorchBinCheckpoint([path], config=config)
-    raise WeightgeoError(f"{path}: unknown checkpoint file type; pass a .safetensors, .bin/.pt or *.index.json file "
-                         f"or the model folder")
+    raise WeightgeoError(
+        f"{path}: unknown checkpoint file type; pass a .safetensors, .bin/.pt or *.index.json file or the model folder"
+    )
 
 
 def _open_dir(folder: Path, *, base: Any, source: str, config: dict[str, Any] | None = None) -> Checkpoint:
@@ -144,8 +159,13 @@ def _open_dir(folder: Path, *, base: Any, source: str, config: dict[str, Any] | 
     others = sorted(folder.glob("*.safetensors"))
     if others:  # non-standard names (consolidated.safetensors, ...): all of them, one checkpoint
         return SafetensorsCheckpoint(others, source=source, config=own)
-    native = open_native_dir(folder, source=source, config=config, base_config=_base_config(base),
-                             open_hf=lambda d: _open_dir(d, base=None, source=str(d)))
+    native = open_native_dir(
+        folder,
+        source=source,
+        config=config,
+        base_config=_base_config(base),
+        open_hf=lambda d: _open_dir(d, base=None, source=str(d)),
+    )
     if native is not None:
         return native
     content = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
@@ -153,11 +173,15 @@ def _open_dir(folder: Path, *, base: Any, source: str, config: dict[str, Any] | 
     latest = next((m for m in _LATEST if (folder / m).is_file()), None)
     if steps:
         mark = f" ({latest}: {(folder / latest).read_text(errors='replace').strip()[:40]!r})" if latest else ""
-        hint = (f"; it is a training run folder holding checkpoints {steps[:3] + (['...'] if len(steps) > 3 else [])}"
-                f"{mark}: open one of them, e.g. {folder / steps[-1].rstrip('/')}")
+        hint = (
+            f"; it is a training run folder holding checkpoints {steps[:3] + (['...'] if len(steps) > 3 else [])}"
+            f"{mark}: open one of them, e.g. {folder / steps[-1].rstrip('/')}"
+        )
     else:
-        hint = ("; pass a folder with model.safetensors (or shards + index) or pytorch_model.bin, or a training "
-                "framework's checkpoint folder (docs/checkpoints.md)")
+        hint = (
+            "; pass a folder with model.safetensors (or shards + index) or pytorch_model.bin, or a training "
+            "framework's checkpoint folder (docs/checkpoints.md)"
+        )
     raise WeightgeoError(f"{folder}: no weights found (contents: {content[:20]}){hint}")
 
 
@@ -182,7 +206,9 @@ def _base_config(base: Any) -> dict[str, Any]:
 
 def _open_adapter(folder: Path, *, base: Any) -> Checkpoint:
     if base is None:
-        raise WeightgeoError(f"{folder}: is a LoRA adapter (adapter_config.json); pass the base model too: "
-                             f"open_checkpoint({str(folder)!r}, base=<base model path, hub id or Checkpoint>)")
+        raise WeightgeoError(
+            f"{folder}: is a LoRA adapter (adapter_config.json); pass the base model too: "
+            f"open_checkpoint({str(folder)!r}, base=<base model path, hub id or Checkpoint>)"
+        )
     adapter = LoraAdapter(folder)
     return MergedAdapterCheckpoint(open_checkpoint(base), adapter)

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -25,14 +26,25 @@ class StateDictCheckpoint(Checkpoint):
     [in, out] (transformers ``Conv1D``), when known from the module classes.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], *, source: str = "state_dict",
-                 config: Mapping[str, Any] | None = None, in_out_names: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        source: str = "state_dict",
+        config: Mapping[str, Any] | None = None,
+        in_out_names: Iterable[str] = (),
+    ) -> None:
         super().__init__()
-        bad = [(k, type(v).__name__) for k, v in tensors.items()
-               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        bad = [
+            (k, type(v).__name__)
+            for k, v in tensors.items()
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+        ]
         if bad:
-            raise WeightgeoError(f"{source}: entries {bad[:5]} are not (str name, Tensor) pairs; pass a "
-                                 f"state_dict of tensors, e.g. model.state_dict()")
+            raise WeightgeoError(
+                f"{source}: entries {bad[:5]} are not (str name, Tensor) pairs; pass a "
+                f"state_dict of tensors, e.g. model.state_dict()"
+            )
         self._tensors = {k: v.detach() for k, v in tensors.items()}
         self.source = source
         self.config = dict(config or {})

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,11 +52,26 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightgeoError(
             f"{path}: refused: weights_only loading failed, the pickle needs code execution or is corrupt "
-            f"({first[:200]}); convert the checkpoint to safetensors (or re-save a plain state_dict)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError,
-            TypeError, IndexError, UnicodeDecodeError, MemoryError, OverflowError) as e:
-        raise WeightgeoError(f"{path}: cannot read this torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                             f"re-download or re-save the file") from None
+            f"({first[:200]}); convert the checkpoint to safetensors (or re-save a plain state_dict)"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        AttributeError,
+        KeyError,
+        TypeError,
+        IndexError,
+        UnicodeDecodeError,
+        MemoryError,
+        OverflowError,
+    ) as e:
+        raise WeightgeoError(
+            f"{path}: cannot read this torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            f"re-download or re-save the file"
+        ) from None
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for k in _NESTED_KEYS:
             inner = obj.get(k)
@@ -63,12 +79,15 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 obj = inner
                 break
     if not isinstance(obj, Mapping):
-        raise WeightgeoError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors; save "
-                             f"model.state_dict() instead")
+        raise WeightgeoError(
+            f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors; save model.state_dict() instead"
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise WeightgeoError(f"{path}: entries {bad[:5]} are not named tensors (a training checkpoint?); save "
-                             f"model.state_dict() or convert to safetensors")
+        raise WeightgeoError(
+            f"{path}: entries {bad[:5]} are not named tensors (a training checkpoint?); save "
+            f"model.state_dict() or convert to safetensors"
+        )
     return dict(obj)
 
 
@@ -85,9 +104,14 @@ class TorchBinCheckpoint(Checkpoint):
         config: the parsed ``config.json``.
     """
 
-    def __init__(self, files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
-                 weight_map: Mapping[str, str] | None = None, source: str | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        *,
+        weight_map: Mapping[str, str] | None = None,
+        source: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         paths, default_source = file_list(files, "TorchBinCheckpoint")
         self.files = paths
@@ -103,13 +127,13 @@ class TorchBinCheckpoint(Checkpoint):
         _ = self.infos  # validate every shard now (mmap: no tensor data is copied), not mid-analysis
 
     @classmethod
-    def from_index(cls, index_path: str | os.PathLike[str], *, source: str | None = None,
-                   config: Mapping[str, Any] | None = None) -> "TorchBinCheckpoint":
+    def from_index(
+        cls, index_path: str | os.PathLike[str], *, source: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> TorchBinCheckpoint:
         """Open a sharded checkpoint from its ``pytorch_model.bin.index.json`` (validated first)."""
         index_path = Path(index_path)
         weight_map, _meta, shards = read_index(index_path)
-        return cls(list(shards.values()), weight_map=weight_map, source=source or str(index_path.parent),
-                   config=config)
+        return cls(list(shards.values()), weight_map=weight_map, source=source or str(index_path.parent), config=config)
 
     def _shard(self, i: int) -> dict[str, torch.Tensor]:
         if self._open is None or self._open[0] != i:
@@ -124,16 +148,20 @@ class TorchBinCheckpoint(Checkpoint):
             sd = self._shard(i)
             for name, t in sd.items():
                 if name in owner:
-                    raise WeightgeoError(f"tensor {name!r} is stored twice, in {self.files[owner[name]]} and {p}; "
-                                         f"remove one copy or fix the shard index")
+                    raise WeightgeoError(
+                        f"tensor {name!r} is stored twice, in {self.files[owner[name]]} and {p}; "
+                        f"remove one copy or fix the shard index"
+                    )
                 owner[name] = i
                 infos[name] = TensorInfo(name, tuple(t.shape), t.dtype)
         if self._weight_map is not None:
             names = [p.name for p in self.files]
             for name, shard in self._weight_map.items():
                 if name not in owner or names[owner[name]] != shard:
-                    raise WeightgeoError(f"{self.source}: the index lists tensor {name!r} in {shard!r} but that "
-                                         f"shard does not hold it; re-download the shards or fix the index")
+                    raise WeightgeoError(
+                        f"{self.source}: the index lists tensor {name!r} in {shard!r} but that "
+                        f"shard does not hold it; re-download the shards or fix the index"
+                    )
         self._owner = owner
         return infos
 
@@ -145,8 +173,13 @@ class TorchBinCheckpoint(Checkpoint):
         path = self.files[self._owner[name]]
         if path not in self._file_ids:
             self._file_ids[path] = file_identity(path)
-        return {"format": "torch", "file": self._file_ids[path], "tensor": name, "dtype": str(info.dtype),
-                "shape": list(info.shape)}
+        return {
+            "format": "torch",
+            "file": self._file_ids[path],
+            "tensor": name,
+            "dtype": str(info.dtype),
+            "shape": list(info.shape),
+        }
 
     def _get(self, name: str) -> torch.Tensor:
         _ = self.infos

@@ -25,7 +25,7 @@ needs ``num_attention_heads`` and ``num_key_value_heads``. torchtitan's Qwen3 us
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from einops import rearrange
@@ -42,22 +42,34 @@ INTERLEAVED_ROPE = frozenset({"llama", "llama4", "llama4_text"})
 #: model types whose torchtitan implementation uses HF's rotate-half layout: q/k as stored
 HALF_ROPE = frozenset({"qwen3", "qwen3_moe", "qwen2", "qwen2_moe"})
 
-_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
+_TOP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER = re.compile(r"^layers\.(?P<i>\d+)\.(?P<rest>.+)$")
 _PLAIN = {
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
     "attention.qkv_linear.wv.weight": "self_attn.v_proj.weight",
-    "attention.q_norm.weight": "self_attn.q_norm.weight", "attention.k_norm.weight": "self_attn.k_norm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
     "moe.router.gate.weight": "mlp.gate.weight",
-    "moe.shared_experts.w1.weight": "{shared}.gate_proj.weight", "moe.shared_experts.w3.weight": "{shared}.up_proj.weight",
+    "moe.shared_experts.w1.weight": "{shared}.gate_proj.weight",
+    "moe.shared_experts.w3.weight": "{shared}.up_proj.weight",
     "moe.shared_experts.w2.weight": "{shared}.down_proj.weight",
 }
-_ROTARY = {"attention.wq.weight": ("q_proj", "heads"), "attention.wk.weight": ("k_proj", "kv_heads"),
-           "attention.qkv_linear.wq.weight": ("q_proj", "heads"), "attention.qkv_linear.wk.weight": ("k_proj", "kv_heads")}
+_ROTARY = {
+    "attention.wq.weight": ("q_proj", "heads"),
+    "attention.wk.weight": ("k_proj", "kv_heads"),
+    "attention.qkv_linear.wq.weight": ("q_proj", "heads"),
+    "attention.qkv_linear.wk.weight": ("k_proj", "kv_heads"),
+}
 _EXPERTS = {"moe.experts.w1": "gate_proj", "moe.experts.w3": "up_proj", "moe.experts.w2": "down_proj"}
 
 
@@ -67,13 +79,15 @@ def is_torchtitan(names: Iterable[str]) -> bool:
     >>> is_torchtitan(["tok_embeddings.weight", "layers.0.attention.wq.weight"]), is_torchtitan(["model.norm.weight"])
     (True, False)
     """
-    return any(n == "tok_embeddings.weight" or re.match(r"^layers\.\d+\.(attention|feed_forward|moe)\.", n)
-               for n in names)
+    return any(
+        n == "tok_embeddings.weight" or re.match(r"^layers\.\d+\.(attention|feed_forward|moe)\.", n) for n in names
+    )
 
 
 def _to_half_layout(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def permute(t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "(h d two) c -> (h two d) c", h=heads, two=2)
+
     return permute
 
 
@@ -89,7 +103,8 @@ def torchtitan_view(inner: Checkpoint, arch: ArchConfig, *, source: str | None =
         raise WeightgeoError(
             f"{source or inner.source}: torchtitan's rotary layout (whether wq/wk rows must be permuted to HF's) "
             f"depends on the model, and model_type {mt!r} is not one weightgeo knows ({known}); pass config= with "
-            f"the HF config of this model (its model_type), e.g. open_checkpoint(path, config='path/to/hf_model')")
+            f"the HF config of this model (its model_type), e.g. open_checkpoint(path, config='path/to/hf_model')"
+        )
     shared = "mlp.shared_expert" if mt == "qwen2_moe" else "mlp.shared_experts"
     pieces: list[Piece] = []
     passthrough: list[str] = []
@@ -109,18 +124,34 @@ def torchtitan_view(inner: Checkpoint, arch: ArchConfig, *, source: str | None =
             if permute:
                 heads = arch.heads() if which == "heads" else arch.kv_heads()
                 if not info.shape or info.shape[0] % (2 * heads):
-                    raise WeightgeoError(f"{inner.source}: {name!r} has {info.shape[0] if info.shape else 0} rows, not "
-                                         f"a multiple of 2 x {which.replace('_', ' ')} ({heads}); pass the config of "
-                                         f"this model")
+                    raise WeightgeoError(
+                        f"{inner.source}: {name!r} has {info.shape[0] if info.shape else 0} rows, not "
+                        f"a multiple of 2 x {which.replace('_', ' ')} ({heads}); pass the config of "
+                        f"this model"
+                    )
                 transform, recipe = _to_half_layout(heads), {"rotary_to_half": heads}
-            pieces.append(Piece(TensorInfo(pre + f"self_attn.{proj}.weight", info.shape, info.dtype), name,
-                                transform=transform, note="rows permuted to HF's rotary layout" if permute else "",
-                                recipe=recipe))
+            pieces.append(
+                Piece(
+                    TensorInfo(pre + f"self_attn.{proj}.weight", info.shape, info.dtype),
+                    name,
+                    transform=transform,
+                    note="rows permuted to HF's rotary layout" if permute else "",
+                    recipe=recipe,
+                )
+            )
         elif rest in _EXPERTS and len(info.shape) == 3:
             for j in range(info.shape[0]):
-                pieces.append(Piece(TensorInfo(pre + f"mlp.experts.{j}.{_EXPERTS[rest]}.weight", info.shape[1:],
-                                               info.dtype), name, (j,), (j + 1,), 1))
+                pieces.append(
+                    Piece(
+                        TensorInfo(pre + f"mlp.experts.{j}.{_EXPERTS[rest]}.weight", info.shape[1:], info.dtype),
+                        name,
+                        (j,),
+                        (j + 1,),
+                        1,
+                    )
+                )
         else:
             passthrough.append(name)
-    return MappedCheckpoint(inner, pieces, scheme="torchtitan", source=source, config=arch.merged(),
-                            passthrough=passthrough)
+    return MappedCheckpoint(
+        inner, pieces, scheme="torchtitan", source=source, config=arch.merged(), passthrough=passthrough
+    )

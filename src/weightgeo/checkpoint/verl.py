@@ -18,9 +18,10 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -43,7 +44,9 @@ def is_verl_actor(folder: str | os.PathLike[str]) -> bool:
     False
     """
     folder = Path(folder)
-    return (folder / "fsdp_config.json").is_file() or any(RANK_FILE.match(p.name) for p in folder.glob("model_world_size_*"))
+    return (folder / "fsdp_config.json").is_file() or any(
+        RANK_FILE.match(p.name) for p in folder.glob("model_world_size_*")
+    )
 
 
 @contextlib.contextmanager
@@ -90,14 +93,18 @@ class VerlFsdpCheckpoint(Checkpoint):
             tensor-parallel mesh, ranks that disagree on a tensor's shape, mesh or placement.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, source: str | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], *, source: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.source = source or str(self.folder)
         hf_config = self.folder / "huggingface" / "config.json"
-        self.config = dict(config) if config is not None else (
-            read_json_object(hf_config, what="config.json") if hf_config.is_file() else {})
+        self.config = (
+            dict(config)
+            if config is not None
+            else (read_json_object(hf_config, what="config.json") if hf_config.is_file() else {})
+        )
         self.world_size, paths = self._rank_files()
         self._files = MappedFiles(paths, _load_rank)
         self._file_ids: dict[int, dict[str, Any]] = {}  # identity() of each rank file, taken once
@@ -115,25 +122,34 @@ class VerlFsdpCheckpoint(Checkpoint):
         if cfg_path.is_file():
             declared = read_json_object(cfg_path, what="fsdp_config.json").get("world_size")
             if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
-                raise WeightgeoError(f"{cfg_path}: world_size must be a positive integer, found {declared!r}; the "
-                                     f"file is corrupt")
+                raise WeightgeoError(
+                    f"{cfg_path}: world_size must be a positive integer, found {declared!r}; the file is corrupt"
+                )
         if not found:
-            raise WeightgeoError(f"{self.folder}: no model_world_size_<W>_rank_<R>.pt files (folder holds "
-                                 f"{sorted(p.name for p in self.folder.iterdir())[:12]}); the actor was saved without "
-                                 f"'model' in checkpoint.save_contents, open its huggingface/ folder if it holds weights")
+            raise WeightgeoError(
+                f"{self.folder}: no model_world_size_<W>_rank_<R>.pt files (folder holds "
+                f"{sorted(p.name for p in self.folder.iterdir())[:12]}); the actor was saved without "
+                f"'model' in checkpoint.save_contents, open its huggingface/ folder if it holds weights"
+            )
         if len(found) > 1:
-            raise WeightgeoError(f"{self.folder}: rank files of several world sizes {sorted(found)} are mixed in one "
-                                 f"folder; keep the files of one save")
+            raise WeightgeoError(
+                f"{self.folder}: rank files of several world sizes {sorted(found)} are mixed in one "
+                f"folder; keep the files of one save"
+            )
         world, ranks = next(iter(found.items()))
         if declared is not None and declared != world:
-            raise WeightgeoError(f"{cfg_path}: world_size {declared} but the rank files say world size {world} "
-                                 f"(model_world_size_{world}_rank_*.pt); the folder mixes two saves, re-copy it")
+            raise WeightgeoError(
+                f"{cfg_path}: world_size {declared} but the rank files say world size {world} "
+                f"(model_world_size_{world}_rank_*.pt); the folder mixes two saves, re-copy it"
+            )
         missing = [f"model_world_size_{world}_rank_{r}.pt" for r in range(world) if r not in ranks]
         extra = sorted(r for r in ranks if r >= world)
         if missing or extra:
-            raise WeightgeoError(f"{self.folder}: world size {world} needs rank files 0..{world - 1}; "
-                                 + (f"missing {missing[:8]}" if missing else f"unexpected ranks {extra[:8]}")
-                                 + "; copy every rank's file of this save")
+            raise WeightgeoError(
+                f"{self.folder}: world size {world} needs rank files 0..{world - 1}; "
+                + (f"missing {missing[:8]}" if missing else f"unexpected ranks {extra[:8]}")
+                + "; copy every rank's file of this save"
+            )
         return world, [ranks[r] for r in range(world)]
 
     def _plan(self) -> dict[str, _Layout]:
@@ -142,8 +158,10 @@ class VerlFsdpCheckpoint(Checkpoint):
         for r, sd in enumerate(states[1:], start=1):
             if set(sd) != set(names):
                 diff = sorted(set(sd) ^ set(names))
-                raise WeightgeoError(f"{self._files.paths[r]}: holds other tensors than rank 0 (e.g. {diff[:4]}); the "
-                                     f"rank files come from different saves")
+                raise WeightgeoError(
+                    f"{self._files.paths[r]}: holds other tensors than rank 0 (e.g. {diff[:4]}); the "
+                    f"rank files come from different saves"
+                )
         return {name: self._layout(name, [sd[name] for sd in states]) for name in names}
 
     def _layout(self, name: str, values: list[Any]) -> _Layout:
@@ -154,27 +172,39 @@ class VerlFsdpCheckpoint(Checkpoint):
             if self.world_size == 1 and isinstance(values[0], torch.Tensor):
                 t = values[0]
                 return _Layout(TensorInfo(name, tuple(t.shape), t.dtype), (0,), None, ())
-            raise WeightgeoError(f"{where}: the rank files hold plain tensors, not DTensors, so how they were sharded "
-                                 f"is not recorded; save with FSDP2 (or FSDP1 with a device mesh), as verl does")
+            raise WeightgeoError(
+                f"{where}: the rank files hold plain tensors, not DTensors, so how they were sharded "
+                f"is not recorded; save with FSDP2 (or FSDP1 with a device mesh), as verl does"
+            )
         v0 = values[0]
         mesh = v0.device_mesh.mesh
         dims = tuple(v0.device_mesh.mesh_dim_names or ())
         placements = tuple(v0.placements)
         shape, dtype = tuple(v0.shape), v0.dtype
         for r, v in enumerate(values):
-            if (tuple(v.shape) != shape or tuple(v.placements) != placements or v.dtype != dtype
-                    or not torch.equal(v.device_mesh.mesh, mesh)):
-                raise WeightgeoError(f"{where}: rank {r} has shape {tuple(v.shape)}, {v.dtype}, placements "
-                                     f"{tuple(v.placements)} but rank 0 has {shape}, {dtype}, {placements} (or another "
-                                     f"mesh); the rank files come from different saves")
+            if (
+                tuple(v.shape) != shape
+                or tuple(v.placements) != placements
+                or v.dtype != dtype
+                or not torch.equal(v.device_mesh.mesh, mesh)
+            ):
+                raise WeightgeoError(
+                    f"{where}: rank {r} has shape {tuple(v.shape)}, {v.dtype}, placements "
+                    f"{tuple(v.placements)} but rank 0 has {shape}, {dtype}, {placements} (or another "
+                    f"mesh); the rank files come from different saves"
+                )
         if mesh.numel() != self.world_size:
-            raise WeightgeoError(f"{where}: its device mesh has {mesh.numel()} ranks but the folder holds "
-                                 f"{self.world_size} rank files; copy every rank's file of this save")
+            raise WeightgeoError(
+                f"{where}: its device mesh has {mesh.numel()} ranks but the folder holds "
+                f"{self.world_size} rank files; copy every rank's file of this save"
+            )
         tp = [d for d in dims if d.lower() in _TP_NAMES]
         if tp:
-            raise WeightgeoError(f"{where}: device mesh {dims} has a tensor/expert/context/pipeline-parallel dimension "
-                                 f"{tp}, which is not reassembled (only FSDP and HSDP meshes are); merge the checkpoint "
-                                 f"with verl's model_merger and open the Hugging Face output")
+            raise WeightgeoError(
+                f"{where}: device mesh {dims} has a tensor/expert/context/pipeline-parallel dimension "
+                f"{tp}, which is not reassembled (only FSDP and HSDP meshes are); merge the checkpoint "
+                f"with verl's model_merger and open the Hugging Face output"
+            )
         shard_dims: list[tuple[int, int]] = []  # (mesh dim, tensor dim)
         for m, p in enumerate(placements):
             kind = type(p).__name__
@@ -184,15 +214,21 @@ class VerlFsdpCheckpoint(Checkpoint):
                 shard_dims.append((m, int(p.dim)))
                 continue
             if kind == "Partial":
-                raise WeightgeoError(f"{where}: placement {p} on mesh dim {m}: a Partial tensor holds per-rank partial "
-                                     f"sums, not pieces of the weight; save the state dict after reduction "
-                                     f"(full_tensor()) or merge with verl's model_merger")
-            raise WeightgeoError(f"{where}: unknown placement {p!r} ({kind}) on mesh dim {m}; only Shard(d) and "
-                                 f"Replicate are reassembled (a _StridedShard means FSDP over tensor parallelism, which "
-                                 f"is not supported)")
+                raise WeightgeoError(
+                    f"{where}: placement {p} on mesh dim {m}: a Partial tensor holds per-rank partial "
+                    f"sums, not pieces of the weight; save the state dict after reduction "
+                    f"(full_tensor()) or merge with verl's model_merger"
+                )
+            raise WeightgeoError(
+                f"{where}: unknown placement {p!r} ({kind}) on mesh dim {m}; only Shard(d) and "
+                f"Replicate are reassembled (a _StridedShard means FSDP over tensor parallelism, which "
+                f"is not supported)"
+            )
         if len(shard_dims) > 1:
-            raise WeightgeoError(f"{where}: sharded on several mesh dims {placements} (tensor parallelism inside FSDP); "
-                                 f"only one sharded mesh dim is reassembled")
+            raise WeightgeoError(
+                f"{where}: sharded on several mesh dims {placements} (tensor parallelism inside FSDP); "
+                f"only one sharded mesh dim is reassembled"
+            )
         info = TensorInfo(name, shape, dtype)
 
         def rank_at(coord: tuple[int, ...]) -> int:
@@ -210,9 +246,11 @@ class VerlFsdpCheckpoint(Checkpoint):
             ranks.append(rank_at(tuple(base)))
         sizes = tuple(int(values[r].to_local().shape[d]) for r in ranks)
         local_other = [tuple(values[r].to_local().shape) for r in ranks]
-        if sum(sizes) != shape[d] or any(s[:d] + s[d + 1:] != shape[:d] + shape[d + 1:] for s in local_other):
-            raise WeightgeoError(f"{where}: the local shards {local_other} along dim {d} do not make up its global "
-                                 f"shape {shape}; the rank files are inconsistent, re-copy them")
+        if sum(sizes) != shape[d] or any(s[:d] + s[d + 1 :] != shape[:d] + shape[d + 1 :] for s in local_other):
+            raise WeightgeoError(
+                f"{where}: the local shards {local_other} along dim {d} do not make up its global "
+                f"shape {shape}; the rank files are inconsistent, re-copy them"
+            )
         return _Layout(info, tuple(ranks), d, sizes)
 
     # --- Checkpoint -------------------------------------------------------------------------------
@@ -229,9 +267,16 @@ class VerlFsdpCheckpoint(Checkpoint):
         the order they are concatenated, plus its name, dtype, global shape and how it is reassembled (the
         concatenation dim and piece sizes): rewriting any of those files changes it."""
         lay = self.placements(name)
-        return {"format": "verl_fsdp", "world_size": self.world_size, "tensor": name, "dtype": str(lay.info.dtype),
-                "shape": list(lay.info.shape), "dim": lay.dim, "sizes": list(lay.sizes),
-                "files": [self._file_id(r) for r in lay.ranks]}
+        return {
+            "format": "verl_fsdp",
+            "world_size": self.world_size,
+            "tensor": name,
+            "dtype": str(lay.info.dtype),
+            "shape": list(lay.info.shape),
+            "dim": lay.dim,
+            "sizes": list(lay.sizes),
+            "files": [self._file_id(r) for r in lay.ranks],
+        }
 
     def _file_id(self, rank: int) -> dict[str, Any]:
         if rank not in self._file_ids:
@@ -261,7 +306,7 @@ class VerlFsdpCheckpoint(Checkpoint):
         for r, n in zip(lay.ranks, lay.sizes):
             a, b = max(lo, at), min(hi, at + n)
             if a < b:
-                parts.append(self._piece(r, name)[a - at:b - at])
+                parts.append(self._piece(r, name)[a - at : b - at])
             at += n
         out = torch.cat(parts, dim=0) if parts else self._piece(lay.ranks[0], name)[:0].clone()
         self._files.touched(out.nbytes)

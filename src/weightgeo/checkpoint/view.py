@@ -18,8 +18,9 @@ un-interleave, the rotary permutation). Reading one HF tensor reads only that bo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -77,8 +78,16 @@ class MappedCheckpoint(Checkpoint):
     disappears: in a pair with an HF checkpoint they show up as unmatched.
     """
 
-    def __init__(self, inner: Checkpoint, pieces: Iterable[Piece], *, scheme: str, source: str | None = None,
-                 config: dict | None = None, passthrough: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        inner: Checkpoint,
+        pieces: Iterable[Piece],
+        *,
+        scheme: str,
+        source: str | None = None,
+        config: dict | None = None,
+        passthrough: Iterable[str] = (),
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.scheme = scheme
@@ -88,9 +97,11 @@ class MappedCheckpoint(Checkpoint):
         self._pieces: dict[str, Piece] = {}
         for p in pieces:
             if p.info.name in self._pieces:
-                raise WeightgeoError(f"{self.source}: {scheme} names map two stored tensors to {p.info.name!r} "
-                                     f"({self._pieces[p.info.name].stored!r}, {p.stored!r}); the checkpoint mixes "
-                                     f"layouts, open one of them")
+                raise WeightgeoError(
+                    f"{self.source}: {scheme} names map two stored tensors to {p.info.name!r} "
+                    f"({self._pieces[p.info.name].stored!r}, {p.stored!r}); the checkpoint mixes "
+                    f"layouts, open one of them"
+                )
             self._pieces[p.info.name] = p
         for name in passthrough:
             if name not in self._pieces:
@@ -107,7 +118,7 @@ class MappedCheckpoint(Checkpoint):
 
     def _box(self, p: Piece) -> torch.Tensor:
         t = read_region(self.inner, p.stored, p.start, p.stop) if p.start else self.inner.get(p.stored)
-        t = t.reshape(t.shape[p.squeeze:]) if p.squeeze else t
+        t = t.reshape(t.shape[p.squeeze :]) if p.squeeze else t
         return t
 
     def _get(self, name: str) -> torch.Tensor:
@@ -116,9 +127,11 @@ class MappedCheckpoint(Checkpoint):
         if p.transform is not None:
             t = p.transform(t).contiguous()
         if tuple(t.shape) != p.info.shape:
-            raise WeightgeoError(f"{self.source}: {self.scheme} tensor {name!r} built from {p.stored!r} has shape "
-                                 f"{tuple(t.shape)}, expected {p.info.shape}; the checkpoint does not match the "
-                                 f"architecture numbers given (config=)")
+            raise WeightgeoError(
+                f"{self.source}: {self.scheme} tensor {name!r} built from {p.stored!r} has shape "
+                f"{tuple(t.shape)}, expected {p.info.shape}; the checkpoint does not match the "
+                f"architecture numbers given (config=)"
+            )
         return t
 
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -146,9 +159,17 @@ class MappedCheckpoint(Checkpoint):
             return None
         if self._as_stored(name) is not None:
             return stored
-        return {"format": "view", "scheme": self.scheme, "stored": stored, "start": list(p.start),
-                "stop": list(p.stop), "squeeze": p.squeeze, "transform": p.recipe, "shape": list(p.info.shape),
-                "dtype": str(p.info.dtype)}
+        return {
+            "format": "view",
+            "scheme": self.scheme,
+            "stored": stored,
+            "start": list(p.start),
+            "stop": list(p.stop),
+            "squeeze": p.squeeze,
+            "transform": p.recipe,
+            "shape": list(p.info.shape),
+            "dtype": str(p.info.dtype),
+        }
 
     def in_out_layout(self, name: str) -> bool:
         """A stored tensor offered as it is keeps its stored layout; a mapped one is [out, in] (or as ``config``
@@ -156,7 +177,7 @@ class MappedCheckpoint(Checkpoint):
         stored = self._as_stored(name)
         return self.inner.in_out_layout(stored) if stored is not None else super().in_out_layout(name)
 
-    def factored_delta(self, name: str):  # noqa: ANN201 - see Checkpoint.factored_delta
+    def factored_delta(self, name: str):
         stored = self._as_stored(name)
         return None if stored is None else self.inner.factored_delta(stored)
 
@@ -166,7 +187,7 @@ class MappedCheckpoint(Checkpoint):
         same = not p.start and p.transform is None and p.info.shape == self.inner.info(p.stored).shape
         return p.stored if same else None
 
-    def fp8_weight(self, name: str, start: int | None = None, stop: int | None = None):  # noqa: ANN201
+    def fp8_weight(self, name: str, start: int | None = None, stop: int | None = None):
         stored = self._as_stored(name)
         return None if stored is None else self.inner.fp8_weight(stored, start, stop)
 

@@ -13,5 +13,14 @@ from .options import Options, default_batch_bytes, resolve_metrics
 from .plan import Job, Plan, plan_pair
 from .run import compare, compare_many, run
 
-__all__ = ["compare", "compare_many", "run", "Options", "resolve_metrics", "default_batch_bytes", "Job", "Plan",
-           "plan_pair"]
+__all__ = [
+    "compare",
+    "compare_many",
+    "run",
+    "Options",
+    "resolve_metrics",
+    "default_batch_bytes",
+    "Job",
+    "Plan",
+    "plan_pair",
+]

@@ -15,8 +15,9 @@ batch (the policy's row blocks are per matrix, :func:`~weightgeo.linalg.policy.b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -45,8 +46,14 @@ class RowCache:
         self.cache, self.b, self.fs, self.options = cache, b, list(fs), options
         self.policy = policy_fingerprint(options.device)
         self.before = cache.stats.as_dict() if cache is not None else {}
-        self.counts = {"rows_cached": 0, "rows_computed": 0, "tensors_read": 0, "uncacheable": 0,
-                       "bases_cached": 0, "bases_computed": 0}
+        self.counts = {
+            "rows_cached": 0,
+            "rows_computed": 0,
+            "tensors_read": 0,
+            "uncacheable": 0,
+            "bases_cached": 0,
+            "bases_computed": 0,
+        }
         self._keys: dict[tuple[int, int], CacheKey | None] = {}
 
     def _kernel(self) -> dict[str, Any]:
@@ -58,10 +65,13 @@ class RowCache:
         if (i, j) not in self._keys:
             key = None
             if self.cache is not None:
-                key = self.cache.key(ROW_KIND, inputs=[self.b.identity(job.base_name),
-                                                       self.fs[i].identity(job.ft_name)],
-                                     metrics=self.options.metrics, options={"kernel": self._kernel(), "job": job},
-                                     policy=self.policy)
+                key = self.cache.key(
+                    ROW_KIND,
+                    inputs=[self.b.identity(job.base_name), self.fs[i].identity(job.ft_name)],
+                    metrics=self.options.metrics,
+                    options={"kernel": self._kernel(), "job": job},
+                    policy=self.policy,
+                )
                 self.counts["uncacheable"] += key is None
             self._keys[(i, j)] = key
         return self._keys[(i, j)]
@@ -104,11 +114,11 @@ class RowCache:
     def base_key(self, name: str, rows: int, expert: int | None = None) -> CacheKey | None:
         """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack)."""
         assert self.cache is not None
-        return self.cache.key(BASE_KIND, inputs=[self.b.identity(name)], options={"rows": rows, "expert": expert},
-                              policy=self.policy)
+        return self.cache.key(
+            BASE_KIND, inputs=[self.b.identity(name)], options={"rows": rows, "expert": expert}, policy=self.policy
+        )
 
-    def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int
-                      ) -> BaseSpectrum:
+    def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int) -> BaseSpectrum:
         """W0's decomposition for a stack of ``members`` (base name, expert), member by member from the cache,
         the missing members computed (in one batch) and stored."""
         assert self.cache is not None
@@ -163,8 +173,9 @@ class CachedBase(SharedBase):
     """A :class:`~weightgeo.engine.groups.SharedBase` whose decomposition comes from the result cache when the
     cache holds it (made on first use, like its parent's)."""
 
-    def __init__(self, W0: torch.Tensor, options: Options, rc: RowCache, members: Sequence[tuple[str, int | None]],
-                 rows: int) -> None:
+    def __init__(
+        self, W0: torch.Tensor, options: Options, rc: RowCache, members: Sequence[tuple[str, int | None]], rows: int
+    ) -> None:
         super().__init__(W0, options)
         self.rc, self.members, self.rows = rc, list(members), rows
         self._restored: BaseSpectrum | None = None

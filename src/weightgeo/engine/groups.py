@@ -8,7 +8,8 @@ per-tensor result cache can sit in front of them. Every analysed entry goes thro
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -22,8 +23,7 @@ from ..metrics.sparsity import finite_as_bf16, fp8_unchanged_count, fp8_update_m
 from .options import Options
 from .plan import Job
 
-__all__ = ["job_row", "finite_chunks", "chunk_unchanged", "fp8_unchanged", "finish_row", "SharedBase",
-           "matrix_rows"]
+__all__ = ["job_row", "finite_chunks", "chunk_unchanged", "fp8_unchanged", "finish_row", "SharedBase", "matrix_rows"]
 
 Fp8Pair = tuple[Fp8Weight, Fp8Weight]
 
@@ -33,8 +33,12 @@ def job_row(job: Job) -> dict[str, Any]:
     ``expert`` for one expert of an MoE block (of a stack [E, out, in], whose rows share the stack's name and
     its shape is the expert's; or a per-expert ``experts.{j}.`` name)."""
     row: dict[str, Any] = {
-        "name": job.key, "shape": job.shape, "numel": math.prod(job.shape), "module": module_type(job.key),
-        "layer": layer_index(job.key), "dtype": str(job.base_dtype).replace("torch.", ""),
+        "name": job.key,
+        "shape": job.shape,
+        "numel": math.prod(job.shape),
+        "module": module_type(job.key),
+        "layer": layer_index(job.key),
+        "dtype": str(job.base_dtype).replace("torch.", ""),
     }
     expert = job.expert if job.expert is not None else expert_index(job.key)
     if expert is not None:
@@ -48,8 +52,9 @@ def job_row(job: Job) -> dict[str, Any]:
     return row
 
 
-def chunk_unchanged(options: Options, key: str, s: int, e: int, c0: torch.Tensor | Fp8Weight,
-                    c1: torch.Tensor | Fp8Weight) -> int:
+def chunk_unchanged(
+    options: Options, key: str, s: int, e: int, c0: torch.Tensor | Fp8Weight, c1: torch.Tensor | Fp8Weight
+) -> int:
     """The finiteness pass over rows ``s:e`` of one tensor (NaN/Inf raise, naming the tensor and rows), and the
     count of unchanged entries when update_sparsity is asked for (else 0). Stored FP8 rows (:class:`Fp8Weight`)
     are checked and counted by the FP8 update rule."""
@@ -68,8 +73,16 @@ def _bf16_chunk(options: Options, key: str, s: int, e: int, c0: torch.Tensor, c1
 
 def _fp8_rows(pair: Fp8Pair, s: int, e: int) -> Fp8Pair:
     """Rows ``s:e`` (relative to the codes held) of both sides of a stored FP8 pair."""
-    return tuple(Fp8Weight(w.codes[s:e], w.scales, w.block, w.row_start + s,  # type: ignore[return-value]
-                           w.row_start + w.codes.shape[0] if w.rows is None else w.rows) for w in pair)
+    return tuple(
+        Fp8Weight(
+            w.codes[s:e],
+            w.scales,
+            w.block,
+            w.row_start + s,  # type: ignore[return-value]
+            w.row_start + w.codes.shape[0] if w.rows is None else w.rows,
+        )
+        for w in pair
+    )
 
 
 def fp8_unchanged(options: Options, key: str, pair: Fp8Pair) -> int:
@@ -78,26 +91,49 @@ def fp8_unchanged(options: Options, key: str, pair: Fp8Pair) -> int:
     total = 0
     for s, e in row_blocks(w0.codes.shape[0], w0.codes.shape[1]):
         a, b = _fp8_rows(pair, s, e)
-        total += fp8_unchanged_count(a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=options.eta,
-                                     row_start=a.row_start, rows=a.rows,
-                                     name=f"{key} rows {a.row_start}:{a.row_start + e - s}")
+        total += fp8_unchanged_count(
+            a.codes,
+            a.scales,
+            b.codes,
+            b.scales,
+            a.block,
+            block1=b.block,
+            eta=options.eta,
+            row_start=a.row_start,
+            rows=a.rows,
+            name=f"{key} rows {a.row_start}:{a.row_start + e - s}",
+        )
     return total
 
 
 def _fp8_update_rows(options: Options, key: str, pair: Fp8Pair):  # -> Callable[[int, int], torch.Tensor]
     """The FP8 rule's update mask of rows ``s:e``, for the localization kernel's row blocks."""
+
     def rows(s: int, e: int) -> torch.Tensor:
         a, b = _fp8_rows(pair, s, e)
-        return fp8_update_mask(a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=options.eta,
-                               row_start=a.row_start, rows=a.rows, name=key)
+        return fp8_update_mask(
+            a.codes,
+            a.scales,
+            b.codes,
+            b.scales,
+            a.block,
+            block1=b.block,
+            eta=options.eta,
+            row_start=a.row_start,
+            rows=a.rows,
+            name=key,
+        )
+
     return rows
 
 
 def finite_chunks(options: Options, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:
     """:func:`chunk_unchanged` over the row chunks of one matrix already read (bounded temporaries); ``count=False``:
     the finiteness pass alone (0)."""
-    return sum(_bf16_chunk(options, job.uid, s, e, w0[s:e], w1[s:e], count=count and options.sparsity)
-               for s, e in row_blocks(job.rows, job.row_len))
+    return sum(
+        _bf16_chunk(options, job.uid, s, e, w0[s:e], w1[s:e], count=count and options.sparsity)
+        for s, e in row_blocks(job.rows, job.row_len)
+    )
 
 
 def finish_row(options: Options, job: Job, unchanged: int) -> dict[str, Any]:
@@ -129,8 +165,15 @@ class SharedBase:
         return self._spectrum
 
 
-def matrix_rows(options: Options, jobs: Sequence[Job], W0: torch.Tensor, W1: torch.Tensor, *,
-                shared: SharedBase | None = None, fp8: Sequence[Fp8Pair | None] | None = None) -> list[dict[str, Any]]:
+def matrix_rows(
+    options: Options,
+    jobs: Sequence[Job],
+    W0: torch.Tensor,
+    W1: torch.Tensor,
+    *,
+    shared: SharedBase | None = None,
+    fp8: Sequence[Fp8Pair | None] | None = None,
+) -> list[dict[str, Any]]:
     """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored).
 
     The finiteness pass and update_sparsity per member, in row chunks of the tensors already read, then one
@@ -140,17 +183,32 @@ def matrix_rows(options: Options, jobs: Sequence[Job], W0: torch.Tensor, W1: tor
     update mask then follow the FP8 update rule.
     """
     pairs = list(fp8) if fp8 is not None else [None] * len(jobs)
-    rows = [finish_row(options, job, finite_chunks(options, job, w0, w1) if pair is None else
-                       finite_chunks(options, job, w0, w1, count=False) + fp8_unchanged(options, job.key, pair))
-            for job, w0, w1, pair in zip(jobs, W0, W1, pairs)]
+    rows = [
+        finish_row(
+            options,
+            job,
+            finite_chunks(options, job, w0, w1)
+            if pair is None
+            else finite_chunks(options, job, w0, w1, count=False) + fp8_unchanged(options, job.key, pair),
+        )
+        for job, w0, w1, pair in zip(jobs, W0, W1, pairs)
+    ]
     if not options.pair_metrics:
         return rows
     shared = SharedBase(W0, options) if shared is None else shared
-    update_rows = ([None if p is None else _fp8_update_rows(options, job.key, p) for job, p in zip(jobs, pairs)]
-                   if any(p is not None for p in pairs) else None)
+    update_rows = (
+        [None if p is None else _fp8_update_rows(options, job.key, p) for job, p in zip(jobs, pairs)]
+        if any(p is not None for p in pairs)
+        else None
+    )
     try:
-        found = batched_pair_metrics(shared.on_device(), W1.to(options.device, non_blocking=True),
-                                     base=shared.spectrum(), update_rows=update_rows, **options.kernel())
+        found = batched_pair_metrics(
+            shared.on_device(),
+            W1.to(options.device, non_blocking=True),
+            base=shared.spectrum(),
+            update_rows=update_rows,
+            **options.kernel(),
+        )
     except WeightgeoError as e:
         names = ", ".join(repr(job.uid) for job in jobs)
         raise WeightgeoError(f"tensor{'s' if len(jobs) > 1 else ''} {names}: {e}") from e

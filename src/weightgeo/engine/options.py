@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -42,8 +43,9 @@ def resolve_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
     for m in names:
         canonical = ALIASES.get(m, m)
         if canonical not in ALL_METRICS:
-            raise WeightgeoError(f"unknown metric {m!r}; choose from {', '.join(ALL_METRICS)} "
-                                 f"(aliases: {', '.join(sorted(ALIASES))})")
+            raise WeightgeoError(
+                f"unknown metric {m!r}; choose from {', '.join(ALL_METRICS)} (aliases: {', '.join(sorted(ALIASES))})"
+            )
         chosen.add(canonical)
     return tuple(m for m in ALL_METRICS if m in chosen)
 
@@ -85,19 +87,40 @@ class Options:
     batch_bytes: int | None = None
 
     @classmethod
-    def create(cls, *, metrics: str | Sequence[str] | None = None, include: Filter = None, exclude: Filter = None,
-               k: int = 512, side: str = "right", rank: int = 64, alpha: float = 0.5, eta: float = 1e-3,
-               device: str | torch.device | None = None, progress: bool = True,
-               batch_bytes: int | None = None) -> "Options":
+    def create(
+        cls,
+        *,
+        metrics: str | Sequence[str] | None = None,
+        include: Filter = None,
+        exclude: Filter = None,
+        k: int = 512,
+        side: str = "right",
+        rank: int = 64,
+        alpha: float = 0.5,
+        eta: float = 1e-3,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        batch_bytes: int | None = None,
+    ) -> Options:
         """Validate every option (metric names, k, side, rank/alpha, eta, device, budget, filters) at once."""
         names = [metrics] if isinstance(metrics, str) else list(metrics) if metrics is not None else []
         vectors = tuple(v for v in VECTOR_OUTPUTS if v in names)
         rank, alpha = check_rank_alpha(rank, alpha)
         compile_filter(include, exclude)  # bad regexes fail here, before anything is opened
-        return cls(metrics=resolve_metrics(metrics), vectors=vectors, include=include, exclude=exclude,
-                   k=check_k(k), side=check_side(side), rank=rank, alpha=alpha, eta=check_eta(eta),
-                   device=resolve_device(device), progress=bool(progress),
-                   batch_bytes=check_batch_bytes(batch_bytes))
+        return cls(
+            metrics=resolve_metrics(metrics),
+            vectors=vectors,
+            include=include,
+            exclude=exclude,
+            k=check_k(k),
+            side=check_side(side),
+            rank=rank,
+            alpha=alpha,
+            eta=check_eta(eta),
+            device=resolve_device(device),
+            progress=bool(progress),
+            batch_bytes=check_batch_bytes(batch_bytes),
+        )
 
     @property
     def pair_metrics(self) -> frozenset[str]:
@@ -129,10 +152,25 @@ class Options:
 
     def params(self) -> dict[str, Any]:
         """The parameters as the report's ``meta["params"]`` records them."""
-        return {"k": self.k, "side": self.side, "rank": self.rank, "alpha": self.alpha, "eta": self.eta,
-                "include": self.include, "exclude": self.exclude, "batch_bytes": self.batch_bytes}
+        return {
+            "k": self.k,
+            "side": self.side,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "eta": self.eta,
+            "include": self.include,
+            "exclude": self.exclude,
+            "batch_bytes": self.batch_bytes,
+        }
 
     def kernel(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~weightgeo.metrics.pair.batched_pair_metrics`."""
-        return dict(metrics=self.pair_metrics, k=self.k, side=self.side, rank=self.rank, alpha=self.alpha,
-                    eta=self.eta, angles=self.angles)
+        return dict(
+            metrics=self.pair_metrics,
+            k=self.k,
+            side=self.side,
+            rank=self.rank,
+            alpha=self.alpha,
+            eta=self.eta,
+            angles=self.angles,
+        )

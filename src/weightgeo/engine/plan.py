@@ -11,8 +11,8 @@ the options and the tensors only (:func:`weightgeo.engine.groups.matrix_rows`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -21,8 +21,7 @@ from ..checkpoint.names import VOCAB_MODULES, is_expert_stack
 from ..distributed import World, balanced_shards
 from ..errors import WeightgeoError
 
-__all__ = ["Job", "Plan", "plan_pair", "Unit", "Work", "plan_work", "Group", "pack_groups",
-           "small_problem_bytes"]
+__all__ = ["Job", "Plan", "plan_pair", "Unit", "Work", "plan_work", "Group", "pack_groups", "small_problem_bytes"]
 
 
 @dataclass(frozen=True)
@@ -84,12 +83,12 @@ class Plan:
 
     def source_skipped(self) -> list[dict[str, str]]:
         """Both sources' non-weight entries, each tagged with its ``side`` (``"base"`` or ``"ft"``)."""
-        return ([{**s, "side": "base"} for s in self.base_skipped]
-                + [{**s, "side": "ft"} for s in self.ft_skipped])
+        return [{**s, "side": "base"} for s in self.base_skipped] + [{**s, "side": "ft"} for s in self.ft_skipped]
 
 
-def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool,
-              experts: bool = True) -> Plan:
+def plan_pair(
+    b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool, experts: bool = True
+) -> Plan:
     """Decide what to analyse between ``b`` and ``f`` from their headers (raises when there is nothing).
 
     Args:
@@ -104,7 +103,8 @@ def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elemen
     if not alignment.pairs:
         raise WeightgeoError(
             f"no tensors in common between {b.source} ({len(b)} tensors, e.g. {b.names()[:3]}) and "
-            f"{f.source} ({len(f)} tensors, e.g. {f.names()[:3]}); are they the same architecture?")
+            f"{f.source} ({len(f)} tensors, e.g. {f.names()[:3]}); are they the same architecture?"
+        )
     jobs: list[Job] = []
     skipped: list[dict[str, str]] = []
     partial: list[dict[str, str]] = []
@@ -135,18 +135,35 @@ def plan_pair(b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elemen
         rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
         if stack:
             in_out = b.in_out_layout(pair.base_name)  # each expert [in, out] (gpt-oss)
-            jobs.extend(Job(pair.key, pair.base_name, pair.ft_name, ib.shape[1:], ib.shape[1], 0, ib.dtype,
-                            i_f.dtype, in_out, expert=j) for j in range(ib.shape[0]))
+            jobs.extend(
+                Job(
+                    pair.key,
+                    pair.base_name,
+                    pair.ft_name,
+                    ib.shape[1:],
+                    ib.shape[1],
+                    0,
+                    ib.dtype,
+                    i_f.dtype,
+                    in_out,
+                    expert=j,
+                )
+                for j in range(ib.shape[0])
+            )
             continue
         in_out = len(ib.shape) == 2 and b.in_out_layout(pair.base_name)
         fp8 = b.fp8_block(pair.base_name) is not None and f.fp8_block(pair.ft_name) is not None
-        jobs.append(Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out,
-                        fp8))
+        jobs.append(
+            Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out, fp8)
+        )
     if not jobs:
         why = (f"{filtered_out} excluded by include/exclude" if filtered_out else "") + (
-            f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else "")
-        raise WeightgeoError(f"nothing to analyse between {b.source} and {f.source}: {len(alignment.pairs)} "
-                             f"tensors in common, {why}; widen include/exclude or check the dtypes")
+            f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else ""
+        )
+        raise WeightgeoError(
+            f"nothing to analyse between {b.source} and {f.source}: {len(alignment.pairs)} "
+            f"tensors in common, {why}; widen include/exclude or check the dtypes"
+        )
     return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source, tuple(b.skipped), tuple(f.skipped))
 
 
@@ -156,8 +173,10 @@ def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str,
     if len(sb) == len(sf) == 2 and sb[1:] == sf[1:] and module_type(key) in VOCAB_MODULES:
         # Added tokens: compare the rows both share; the new rows have no base to compare with.
         return min(sb[0], sf[0]), sf[0] - sb[0]
-    raise WeightgeoError(f"tensor {key!r}: shape {sb} in {src_b} but {sf} in {src_f}; compare checkpoints of "
-                         f"one architecture, or exclude it with exclude={key!r}")
+    raise WeightgeoError(
+        f"tensor {key!r}: shape {sb} in {src_b} but {sf} in {src_f}; compare checkpoints of "
+        f"one architecture, or exclude it with exclude={key!r}"
+    )
 
 
 # --- work items ----------------------------------------------------------------------------------------------
@@ -185,7 +204,7 @@ class Work:
     def job(self, ft: int, j: int) -> Job:
         return self.plans[ft].jobs[j]
 
-    def shard(self, world: World) -> "Work":
+    def shard(self, world: World) -> Work:
         """This rank's share of the units, balanced by entries read (every rank computes the same split)."""
         mine = sorted(balanced_shards([u.weight for u in self.units], world.size)[world.rank])
         return Work(self.plans, tuple(self.units[i] for i in mine))
@@ -260,9 +279,19 @@ def pack_groups(work: Work, n_fts: int, budget: int) -> list[Group]:
         cost = inputs + (1 if n_fts == 1 else 2) * small_problem_bytes(rows, cols)
         size = max(1, budget // max(cost, 1))
         for s in range(0, len(members), size):
-            part = tuple(members[s:s + size])
-            per_ft = tuple(tuple(dict(work.units[u].users)[i] for u in part) if ft_dtypes[i] is not None else ()
-                           for i in range(n_fts))
-            groups.append(Group(part, tuple(work.units[u].base_name for u in part), rows, per_ft,
-                                inputs * len(part), tuple(work.units[u].expert for u in part)))
+            part = tuple(members[s : s + size])
+            per_ft = tuple(
+                tuple(dict(work.units[u].users)[i] for u in part) if ft_dtypes[i] is not None else ()
+                for i in range(n_fts)
+            )
+            groups.append(
+                Group(
+                    part,
+                    tuple(work.units[u].base_name for u in part),
+                    rows,
+                    per_ft,
+                    inputs * len(part),
+                    tuple(work.units[u].expert for u in part),
+                )
+            )
     return groups

@@ -7,7 +7,7 @@ one is computed, for sources whose reads are pure file I/O (``Checkpoint.pure_io
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -16,8 +16,7 @@ from ..checkpoint.view import read_expert
 from ..linalg.policy import ROW_BLOCK, row_blocks
 from .plan import Job
 
-__all__ = ["read_rows", "read_stack", "chunk_spans", "read_chunk", "read_fp8", "ahead_bytes",
-           "AHEAD_CHUNKS", "Chunk"]
+__all__ = ["read_rows", "read_stack", "chunk_spans", "read_chunk", "read_fp8", "ahead_bytes", "AHEAD_CHUNKS", "Chunk"]
 
 #: row chunks the reader thread may run ahead of the elementwise counting
 AHEAD_CHUNKS = 2
@@ -34,8 +33,9 @@ def read_rows(ck: Checkpoint, name: str, rows: int, expert: int | None = None) -
     return ck.get(name)
 
 
-def read_stack(ck: Checkpoint, names: Sequence[str], rows: int, pin: bool,
-               experts: Sequence[int | None] | None = None) -> torch.Tensor:
+def read_stack(
+    ck: Checkpoint, names: Sequence[str], rows: int, pin: bool, experts: Sequence[int | None] | None = None
+) -> torch.Tensor:
     """Same-shape tensors ``names`` (first ``rows`` rows each) stacked as stored ([B, rows, ...]), filled one at
     a time; ``pin``: in pinned memory (for a non-blocking copy to CUDA); ``experts``: per name, the expert to
     take when it is an expert stack (``None``: the tensor itself)."""

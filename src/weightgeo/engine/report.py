@@ -15,8 +15,16 @@ from .plan import Plan
 __all__ = ["comparison_report"]
 
 
-def comparison_report(plan: Plan, indexed_rows: list[tuple[int, dict[str, Any]]], options: Options, *,
-                      world_size: int, ranks: list[dict[str, Any]], seconds: float, **extra: Any) -> Report:
+def comparison_report(
+    plan: Plan,
+    indexed_rows: list[tuple[int, dict[str, Any]]],
+    options: Options,
+    *,
+    world_size: int,
+    ranks: list[dict[str, Any]],
+    seconds: float,
+    **extra: Any,
+) -> Report:
     """The Report of one comparison from its ``(job index, row)`` pairs (any order, from every rank)."""
     rows = [row for _, row in sorted(indexed_rows, key=lambda p: p[0])]
     meta = {

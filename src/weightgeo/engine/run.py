@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,10 +34,23 @@ Rows = list[tuple[int, dict[str, Any]]]
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
 
 
-def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None, include: Filter = None,
-            exclude: Filter = None, k: int = 512, side: str = "right", rank: int = 64, alpha: float = 0.5,
-            eta: float = 1e-3, device: str | torch.device | None = None, progress: bool = True,
-            batch_bytes: int | None = None, cache: CacheArg = None) -> Report:
+def compare(
+    base: Any,
+    ft: Any,
+    *,
+    metrics: str | Sequence[str] | None = None,
+    include: Filter = None,
+    exclude: Filter = None,
+    k: int = 512,
+    side: str = "right",
+    rank: int = 64,
+    alpha: float = 0.5,
+    eta: float = 1e-3,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    batch_bytes: int | None = None,
+    cache: CacheArg = None,
+) -> Report:
     """Compare a fine-tuned checkpoint with its base in one streaming pass, tensor by tensor.
 
     >>> import torch, weightgeo
@@ -77,15 +91,39 @@ def compare(base: Any, ft: Any, *, metrics: str | Sequence[str] | None = None, i
         metrics), the model summary, and ``meta`` with provenance, skipped tensors, unmatched names and
         ``meta["cache"]`` (rows served and computed, tensors read, cache lookups and writes).
     """
-    options = Options.create(metrics=metrics, include=include, exclude=exclude, k=k, side=side, rank=rank,
-                             alpha=alpha, eta=eta, device=device, progress=progress, batch_bytes=batch_bytes)
+    options = Options.create(
+        metrics=metrics,
+        include=include,
+        exclude=exclude,
+        k=k,
+        side=side,
+        rank=rank,
+        alpha=alpha,
+        eta=eta,
+        device=device,
+        progress=progress,
+        batch_bytes=batch_bytes,
+    )
     return run(base, [ft], options, cache=cache)[0]
 
 
-def compare_many(base: Any, fts: Sequence[Any], *, metrics: str | Sequence[str] | None = None,
-                 include: Filter = None, exclude: Filter = None, k: int = 512, side: str = "right", rank: int = 64,
-                 alpha: float = 0.5, eta: float = 1e-3, device: str | torch.device | None = None,
-                 progress: bool = True, batch_bytes: int | None = None, cache: CacheArg = None) -> list[Report]:
+def compare_many(
+    base: Any,
+    fts: Sequence[Any],
+    *,
+    metrics: str | Sequence[str] | None = None,
+    include: Filter = None,
+    exclude: Filter = None,
+    k: int = 512,
+    side: str = "right",
+    rank: int = 64,
+    alpha: float = 0.5,
+    eta: float = 1e-3,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    batch_bytes: int | None = None,
+    cache: CacheArg = None,
+) -> list[Report]:
     """Compare several fine-tunes with one base, reading and decomposing the base once: ``compare`` for each.
 
     >>> import torch, weightgeo
@@ -112,17 +150,31 @@ def compare_many(base: Any, fts: Sequence[Any], *, metrics: str | Sequence[str] 
         up to float rounding (``meta["shared_base"]`` is True).
     """
     if isinstance(fts, (str, bytes, os.PathLike)) or not isinstance(fts, Sequence):
-        raise WeightgeoError(f"compare_many: fts must be a list of fine-tuned checkpoints, got "
-                             f"{type(fts).__name__}; for one fine-tune use weightgeo.compare(base, ft)")
+        raise WeightgeoError(
+            f"compare_many: fts must be a list of fine-tuned checkpoints, got "
+            f"{type(fts).__name__}; for one fine-tune use weightgeo.compare(base, ft)"
+        )
     if not fts:
         raise WeightgeoError("compare_many: fts is empty; give at least one fine-tuned checkpoint")
-    options = Options.create(metrics=metrics, include=include, exclude=exclude, k=k, side=side, rank=rank,
-                             alpha=alpha, eta=eta, device=device, progress=progress, batch_bytes=batch_bytes)
+    options = Options.create(
+        metrics=metrics,
+        include=include,
+        exclude=exclude,
+        k=k,
+        side=side,
+        rank=rank,
+        alpha=alpha,
+        eta=eta,
+        device=device,
+        progress=progress,
+        batch_bytes=batch_bytes,
+    )
     return run(base, list(fts), options, shared_meta=True, cache=cache)
 
 
-def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = False,
-        cache: CacheArg = None) -> list[Report]:
+def run(
+    base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = False, cache: CacheArg = None
+) -> list[Report]:
     """The pass: one Report per fine-tune in ``fts`` (each as ``compare(base, ft)`` would give it)."""
     t0 = time.perf_counter()
     b = open_checkpoint(base)
@@ -146,9 +198,15 @@ def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = 
         finally:
             if bar is not None:
                 bar.close()
-        per_rank = world.gather({"rank": world.rank, "seconds": round(time.perf_counter() - t_rank, 3),
-                                 "tensors": [[work.job(i, j).uid for i, j in _users(work, i)] for i in range(len(fs))],
-                                 "rows": local, "cache": store.meta()})
+        per_rank = world.gather(
+            {
+                "rank": world.rank,
+                "seconds": round(time.perf_counter() - t_rank, 3),
+                "tensors": [[work.job(i, j).uid for i, j in _users(work, i)] for i in range(len(fs))],
+                "rows": local,
+                "cache": store.meta(),
+            }
+        )
     finally:
         b.close()
         for f in fs:
@@ -156,11 +214,18 @@ def run(base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = 
     seconds = time.perf_counter() - t0
     extra = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
     extra["cache"] = sum_counts([p["cache"] for p in per_rank])
-    return [comparison_report(plans[i], [pair for part in per_rank for pair in part["rows"][i]], options,
-                              world_size=world.size, seconds=seconds, **extra,
-                              ranks=[{"rank": p["rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]}
-                                     for p in per_rank])
-            for i in range(len(fs))]
+    return [
+        comparison_report(
+            plans[i],
+            [pair for part in per_rank for pair in part["rows"][i]],
+            options,
+            world_size=world.size,
+            seconds=seconds,
+            **extra,
+            ranks=[{"rank": p["rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]} for p in per_rank],
+        )
+        for i in range(len(fs))
+    ]
 
 
 def _users(work: Work, ft: int) -> list[tuple[int, int]]:
@@ -175,8 +240,9 @@ def _progress(enabled: bool, total: int):
     return tqdm(desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
 
 
-def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Options, bar,
-               store: RowCache | None = None) -> list[Rows]:
+def _run_units(
+    b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Options, bar, store: RowCache | None = None
+) -> list[Rows]:
     """Rows of this rank's units, per fine-tune: shape groups through the batched pair kernel, the other tensors
     streamed in row chunks, in plan order; a background thread reads the next group or chunk meanwhile. Each
     row goes to ``store`` (the result cache) as soon as it is finished."""
@@ -188,8 +254,10 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
 
     def read_group(g: Group):
         W0 = read_stack(b, g.base_names, g.rows, pin, g.experts)
-        W1s = [read_stack(fs[i], [work.job(i, j).ft_name for j in js], g.rows, pin, g.experts) if js else None
-               for i, js in enumerate(g.jobs)]
+        W1s = [
+            read_stack(fs[i], [work.job(i, j).ft_name for j in js], g.rows, pin, g.experts) if js else None
+            for i, js in enumerate(g.jobs)
+        ]
         fp8 = [read_fp8(b, fs[i], [work.job(i, j) for j in js], g.rows) if js else None for i, js in enumerate(g.jobs)]
         return g, (W0, W1s, fp8)
 
@@ -228,8 +296,16 @@ def _run_units(b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Opt
     return out
 
 
-def _group(g: Group, W0: torch.Tensor, W1s: list[torch.Tensor | None], fp8: list, work: Work, options: Options,
-           out: list[Rows], store: RowCache | None = None) -> int:
+def _group(
+    g: Group,
+    W0: torch.Tensor,
+    W1s: list[torch.Tensor | None],
+    fp8: list,
+    work: Work,
+    options: Options,
+    out: list[Rows],
+    store: RowCache | None = None,
+) -> int:
     """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
     decomposition read from the cache), and the rows are cached as soon as they are computed."""
     shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)

@@ -27,8 +27,10 @@ from ..track import Tracker
 
 __all__ = ["WeightGeoCallback"]
 
-_MISSING = ("weightgeo.integrations.transformers.WeightGeoCallback needs the transformers package "
-            "(pip install transformers); the rest of weightgeo, including weightgeo.Tracker, works without it")
+_MISSING = (
+    "weightgeo.integrations.transformers.WeightGeoCallback needs the transformers package "
+    "(pip install transformers); the rest of weightgeo, including weightgeo.Tracker, works without it"
+)
 
 try:
     from transformers import TrainerCallback
@@ -44,8 +46,9 @@ else:
 
 
 def _define(base: type) -> type:
-    return type("WeightGeoCallback", (_WeightGeoCallback, base), {"__doc__": _WeightGeoCallback.__doc__,
-                                                                    "__module__": __name__})
+    return type(
+        "WeightGeoCallback", (_WeightGeoCallback, base), {"__doc__": _WeightGeoCallback.__doc__, "__module__": __name__}
+    )
 
 
 class _WeightGeoCallback:
@@ -67,7 +70,7 @@ class _WeightGeoCallback:
         self._gather = bool(tracker_kwargs.get("gather", False))
 
     @classmethod
-    def attach(cls, trainer: Any, **kwargs: Any) -> "WeightGeoCallback":
+    def attach(cls, trainer: Any, **kwargs: Any) -> WeightGeoCallback:
         """Create the callback, register it with ``trainer.add_callback`` and log through ``trainer.log``."""
         cb = cls(trainer=trainer, **kwargs)
         trainer.add_callback(cb)
@@ -96,8 +99,7 @@ class _WeightGeoCallback:
             if history is not None:
                 history.append({**logs, "step": int(state.global_step)})
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if self._pending and logs is not None:
             logs.update(self._pending)
             self._pending = {}

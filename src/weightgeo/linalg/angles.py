@@ -13,9 +13,7 @@ from ..errors import WeightgeoError
 __all__ = ["subspace_angles"]
 
 
-def subspace_angles(
-    Q1: torch.Tensor, Q2: torch.Tensor, *, values_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+def subspace_angles(Q1: torch.Tensor, Q2: torch.Tensor, *, values_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Principal angles (radians, ascending) between the column spans of orthonormal ``Q1`` and ``Q2``.
 
     >>> Q1 = torch.eye(3)[:, :2]
@@ -37,8 +35,7 @@ def subspace_angles(
     """
     if Q1.ndim < 2 or Q2.ndim < 2 or Q1.shape[-2] != Q2.shape[-2]:
         raise WeightgeoError(
-            f"subspace_angles needs bases [..., n, k] with the same n, got {tuple(Q1.shape)} and "
-            f"{tuple(Q2.shape)}"
+            f"subspace_angles needs bases [..., n, k] with the same n, got {tuple(Q1.shape)} and {tuple(Q2.shape)}"
         )
     if Q1.shape[-1] < Q2.shape[-1]:
         Q1, Q2 = Q2, Q1

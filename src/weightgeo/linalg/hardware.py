@@ -79,7 +79,7 @@ def _cpu_flags() -> dict[str, Any]:
     return flags
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _describe(device: str) -> Hardware:
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -115,20 +115,22 @@ def pass_dtype(dtype: torch.dtype, device: str | torch.device | None, shape: tup
     """
     if dtype == torch.float64:
         return torch.float64
-    if dtype == torch.bfloat16 and shape[0] * shape[1] >= BF16_PASS_MIN_ENTRIES \
-            and hardware(device).bf16_gemm:
+    if dtype == torch.bfloat16 and shape[0] * shape[1] >= BF16_PASS_MIN_ENTRIES and hardware(device).bf16_gemm:
         return torch.bfloat16
     return torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fingerprint(device: str) -> str:
     hw = _describe(device)
     doc = {
         # the policy's rules (precision, row blocks, conditioning) and what they run on
         "compute": {str(d): str(policy.compute_dtype(d)) for d in (*policy.LOW_PRECISION, torch.float64)},
-        "row_block": policy.ROW_BLOCK, "refine_below": policy.REFINE_BELOW, "bf16_pass_min": BF16_PASS_MIN_ENTRIES,
-        "device": torch.device(device).type, "hardware": [hw.kind, hw.name, hw.capability, hw.bf16_gemm],
+        "row_block": policy.ROW_BLOCK,
+        "refine_below": policy.REFINE_BELOW,
+        "bf16_pass_min": BF16_PASS_MIN_ENTRIES,
+        "device": torch.device(device).type,
+        "hardware": [hw.kind, hw.name, hw.capability, hw.bf16_gemm],
         # LAPACK / BLAS builds and kernels come with torch: another torch may round differently
         "torch": torch.__version__,
     }

@@ -51,8 +51,8 @@ Everything is batched over leading dimensions, device-agnostic, torch only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
@@ -62,10 +62,23 @@ from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, 
 from .spectra import spectral_shift
 from .svd import Decomposition, decompose
 
-__all__ = ["BaseSpectrum", "PairGeometry", "Products", "PairEigen", "PairSpectrum", "base_spectrum",
-           "restore_base_spectrum",
-           "pair_geometry", "products", "pair_products", "pair_eigen", "pair_spectrum", "effective_k", "pair_angles",
-           "tall_like"]
+__all__ = [
+    "BaseSpectrum",
+    "PairGeometry",
+    "Products",
+    "PairEigen",
+    "PairSpectrum",
+    "base_spectrum",
+    "restore_base_spectrum",
+    "pair_geometry",
+    "products",
+    "pair_products",
+    "pair_eigen",
+    "pair_spectrum",
+    "effective_k",
+    "pair_angles",
+    "tall_like",
+]
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,9 @@ class Products:
         return self.C0 + self.C0.mT + self.J
 
 
-def products(A0: torch.Tensor, A1: torch.Tensor, *, P: bool = False, C0: bool = False, J: bool = False,
-             fro: bool = False) -> Products:
+def products(
+    A0: torch.Tensor, A1: torch.Tensor, *, P: bool = False, C0: bool = False, J: bool = False, fro: bool = False
+) -> Products:
     """One pass over row blocks of the tall ``A0``/``A1`` ([..., m, n], m ≥ n), upcasting one block at a time.
 
     Blocks hold at most the policy's ``ROW_BLOCK`` entries, so a 151936×896 embedding never gets a whole
@@ -109,7 +123,7 @@ def products(A0: torch.Tensor, A1: torch.Tensor, *, P: bool = False, C0: bool = 
     for b0, b1, spans in batch_row_blocks(X0.shape[0], m, n) if X0.shape[0] else [(0, 0, [(0, m)])]:
         acc: dict[str, torch.Tensor] = {}
 
-        def add(key: str, value: torch.Tensor) -> None:
+        def add(key: str, value: torch.Tensor, acc: dict[str, torch.Tensor] = acc) -> None:
             acc[key] = value if key not in acc else acc[key].add_(value)
 
         for s, e in spans:
@@ -170,13 +184,21 @@ class BaseSpectrum:
         """Numerical rank ``#{σᵢ > max(m, n)·eps·σ₁}`` per matrix ([...] int64)."""
         return self.decomposition.rank()
 
-    def select(self, index: torch.Tensor | Sequence[int]) -> "BaseSpectrum":
+    def select(self, index: torch.Tensor | Sequence[int]) -> BaseSpectrum:
         """The members ``index`` of a batched base ([B, ...] -> [len(index), ...]), without recomputing."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.A.device)
         d = self.decomposition
-        pick = (lambda t: None if t is None else t[idx.to(t.device)])
-        dec = replace(d, S=pick(d.S), vectors=pick(d.vectors), gram_eigenvalues=pick(d.gram_eigenvalues),
-                      refined_mask=pick(d.refined_mask))
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        dec = replace(
+            d,
+            S=pick(d.S),
+            vectors=pick(d.vectors),
+            gram_eigenvalues=pick(d.gram_eigenvalues),
+            refined_mask=pick(d.refined_mask),
+        )
         return BaseSpectrum(self.A[idx], self.transposed, dec, self.V_c[idx])
 
 
@@ -204,8 +226,9 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
     return BaseSpectrum(A, transposed, dec, V_c)
 
 
-def restore_base_spectrum(W0: torch.Tensor, *, S: torch.Tensor, lam: torch.Tensor, V_c: torch.Tensor,
-                          refined_mask: torch.Tensor | None = None) -> BaseSpectrum:
+def restore_base_spectrum(
+    W0: torch.Tensor, *, S: torch.Tensor, lam: torch.Tensor, V_c: torch.Tensor, refined_mask: torch.Tensor | None = None
+) -> BaseSpectrum:
     """A :class:`BaseSpectrum` of ``W0`` from the parts a result cache keeps (no decomposition is computed).
 
     ``S`` ([..., p] float64, the policy's values), ``lam`` (the Gram eigenvalues ``V_c`` diagonalises), ``V_c``
@@ -221,8 +244,7 @@ def restore_base_spectrum(W0: torch.Tensor, *, S: torch.Tensor, lam: torch.Tenso
     A = check_matrix(W0, "W0", batched=True)
     m, n = A.shape[-2:]
     transposed = m < n
-    dec = Decomposition(S, None, "left" if transposed else "right", (m, n), compute_eps(A.dtype), lam,
-                        refined_mask)
+    dec = Decomposition(S, None, "left" if transposed else "right", (m, n), compute_eps(A.dtype), lam, refined_mask)
     return BaseSpectrum(A.mT if transposed else A, transposed, dec, V_c.contiguous())
 
 
@@ -263,8 +285,14 @@ class PairGeometry:
         return a
 
 
-def pair_geometry(W0: torch.Tensor | None, W1: torch.Tensor, *, k: int = 512, sides: Sequence[str] = ("right",),
-                  base: BaseSpectrum | None = None) -> PairGeometry:
+def pair_geometry(
+    W0: torch.Tensor | None,
+    W1: torch.Tensor,
+    *,
+    k: int = 512,
+    sides: Sequence[str] = ("right",),
+    base: BaseSpectrum | None = None,
+) -> PairGeometry:
     """Principal angles between top-k singular subspaces and NSS of a near-identical pair, float64-accurate.
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -297,8 +325,9 @@ def pair_geometry(W0: torch.Tensor | None, W1: torch.Tensor, *, k: int = 512, si
     k_eff = int(effective_k(k, base, spec).min())
     right, left = pair_angles(base, prod, eig, spec, k_eff, sides)
     gap = spectral_gap(base.sigma, k_eff)
-    return PairGeometry(right, left, spec.nss, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1,
-                        spec.fallback)
+    return PairGeometry(
+        right, left, spec.nss, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1, spec.fallback
+    )
 
 
 def tall_like(base: BaseSpectrum, W: torch.Tensor, what: str) -> torch.Tensor:
@@ -319,8 +348,9 @@ def _wants(base: BaseSpectrum, sides: tuple[str, ...]) -> tuple[bool, bool, bool
     return want_small, want_big, complement
 
 
-def pair_products(base: BaseSpectrum, A1: torch.Tensor, *, sides: tuple[str, ...],
-                  stable_rank: bool = False) -> Products:
+def pair_products(
+    base: BaseSpectrum, A1: torch.Tensor, *, sides: tuple[str, ...], stable_rank: bool = False
+) -> Products:
     """The products the pair geometry of ``sides`` needs (plus ΔᵀΔ and ‖Δ‖_F² for the stable rank), in one
     row-block pass. ``A1`` is oriented like ``base.A``."""
     _, want_big, _ = _wants(base, sides)
@@ -386,8 +416,11 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     need = _untrusted(base, eig, s1, num, inv_den)
     sigma1, rank1 = s1, numerical_rank(s1, base.A.shape[-2:], eps=base.eps)
     nrm = torch.linalg.vector_norm(s0, dim=-1)
-    nss = torch.where(nrm > 0, num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
-                      torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+    nss = torch.where(
+        nrm > 0,
+        num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
+        torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)),
+    )
     fallback = bool(need.any())
     if fallback:
         p = s1.shape[-1]
@@ -400,8 +433,9 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     return PairSpectrum(sigma1, rank1, nss, fallback)
 
 
-def _untrusted(base: BaseSpectrum, eig: PairEigen, s1: torch.Tensor, num: torch.Tensor,
-               inv_den: torch.Tensor) -> torch.Tensor:
+def _untrusted(
+    base: BaseSpectrum, eig: PairEigen, s1: torch.Tensor, num: torch.Tensor, inv_den: torch.Tensor
+) -> torch.Tensor:
     """[...] bool: members whose base-relative values are not certified. Three triggers:
 
     1. W0 is ill-conditioned (the policy refined its values: σ_min < REFINE_BELOW·σ₁);
@@ -437,9 +471,15 @@ def spectral_gap(sigma0: torch.Tensor, k: int) -> torch.Tensor:
     return torch.full(sigma0.shape[:-1], math.inf, dtype=torch.float64, device=sigma0.device)
 
 
-def pair_angles(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpectrum, k: int,
-                sides: tuple[str, ...], index: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def pair_angles(
+    base: BaseSpectrum,
+    prod: Products,
+    eig: PairEigen,
+    spec: PairSpectrum,
+    k: int,
+    sides: tuple[str, ...],
+    index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(right, left)`` angles in degrees ([..., k], ascending; ``None`` for a side not asked for) at one
     effective ``k``, for every member or, with ``index``, for the members ``index`` of a batch [B, ...]."""
     if index is not None:
@@ -449,24 +489,37 @@ def pair_angles(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSp
     vd = torch.float64 if base.A.dtype == torch.float64 else torch.float32
     small = big = None
     if want_small:
-        small = (torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k, vd).clamp(0, 1))) if k > 0  # type: ignore[arg-type]
-                 else s0.new_zeros(*s0.shape[:-1], 0))
+        small = (
+            torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k, vd).clamp(0, 1)))
+            if k > 0  # type: ignore[arg-type]
+            else s0.new_zeros(*s0.shape[:-1], 0)
+        )
     if want_big:
         rank0 = base.rank()
         in_rank = torch.arange(s0.shape[-1], device=s0.device) < rank0[..., None]
-        big = (torch.rad2deg(_big_side_angles(s0, in_rank, eig.mu, eig.Q, base.V_c, prod.C0,
-                                              prod.J if complement else None, k)) if k > 0
-               else s0.new_zeros(*s0.shape[:-1], 0))
+        big = (
+            torch.rad2deg(
+                _big_side_angles(s0, in_rank, eig.mu, eig.Q, base.V_c, prod.C0, prod.J if complement else None, k)
+            )
+            if k > 0
+            else s0.new_zeros(*s0.shape[:-1], 0)
+        )
     right, left = (big, small) if base.transposed else (small, big)
     return (right if "right" in sides else None), (left if "left" in sides else None)
 
 
 def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpectrum, index: torch.Tensor):
     """The members ``index`` of every per-pair result (first dimension), for :func:`pair_angles`."""
-    pick = (lambda t: None if t is None else t[index.to(t.device)])
-    return (base.select(index), Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
-            PairEigen(pick(eig.F), pick(eig.mu), pick(eig.Q)),
-            PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.nss), spec.fallback))
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[index.to(t.device)]
+
+    return (
+        base.select(index),
+        Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
+        PairEigen(pick(eig.F), pick(eig.mu), pick(eig.Q)),
+        PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.nss), spec.fallback),
+    )
 
 
 def _sines_small(Q: torch.Tensor, k: int, values_dtype: torch.dtype) -> torch.Tensor:
@@ -489,8 +542,7 @@ def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
     policy's values), outside which U0 is undefined.
     """
     f64 = torch.float64
-    inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank & (s0 > 0), s0, torch.ones_like(s0)),
-                         torch.zeros_like(s0))
+    inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank & (s0 > 0), s0, torch.ones_like(s0)), torch.zeros_like(s0))
     C = (Vc.mT @ C0 @ Vc).to(f64)
     Qk = Q[..., :, :k]
     inv_s1 = 1.0 / mu[..., :k].clamp_min(torch.finfo(f64).tiny).sqrt()

@@ -21,22 +21,37 @@ rank takes the rule from here (the hardware-dependent choices live in :mod:`weig
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ..errors import WeightgeoError
 
-__all__ = ["ROW_BLOCK", "REFINE_BELOW", "LOW_PRECISION", "FLOAT8", "compute_dtype", "to_compute_dtype", "compute_eps",
-           "numerical_rank", "rows_per_block", "row_blocks", "batch_row_blocks", "same_compute_dtype"]
+__all__ = [
+    "ROW_BLOCK",
+    "REFINE_BELOW",
+    "LOW_PRECISION",
+    "FLOAT8",
+    "compute_dtype",
+    "to_compute_dtype",
+    "compute_eps",
+    "numerical_rank",
+    "rows_per_block",
+    "row_blocks",
+    "batch_row_blocks",
+    "same_compute_dtype",
+]
 
 #: Entries of one row block (32 MiB in float64): the bound on every upcast temporary.
 ROW_BLOCK = 1 << 22
 #: σ_min/σ₁ below which values come from LAPACK float64 instead of the float64 Gram route.
 REFINE_BELOW = 1e-6
 #: float8 dtypes this torch has (values exact in float32 and in bf16)
-FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-               if hasattr(torch, n))
+FLOAT8 = tuple(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
 #: Stored dtypes analysed in float32.
 LOW_PRECISION = (torch.bfloat16, torch.float16, torch.float32) + FLOAT8
 
@@ -59,7 +74,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
         return torch.float64
     raise WeightgeoError(
         f"dtype {dtype} is not a real floating-point dtype; weightgeo analyses bf16/fp16/fp32/fp64 and float8 "
-        "weights (cast integer or complex tensors yourself, or skip them)")
+        "weights (cast integer or complex tensors yourself, or skip them)"
+    )
 
 
 def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +134,9 @@ def row_blocks(rows: int, row_len: int, *, elements: int | None = None) -> Itera
         yield s, min(rows, s + step)
 
 
-def batch_row_blocks(batch: int, rows: int, row_len: int, *, elements: int | None = None
-                     ) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+def batch_row_blocks(
+    batch: int, rows: int, row_len: int, *, elements: int | None = None
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
     """Blocks of a batch [B, rows, row_len] whose sums do not depend on the batch size: ``(b0, b1, spans)``.
 
     Every matrix is cut into the same row spans (:func:`row_blocks` of *one* matrix), and the members are taken

@@ -61,7 +61,6 @@ time, so everything is arranged around the GEMM layout):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -155,11 +154,11 @@ def randomized_svd(
     k: int,
     *,
     n_iter: int = 2,
-    oversample: Optional[int] = None,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    pass_dtype: Optional[torch.dtype] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    oversample: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pass_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``k`` singular triplets of ``A`` (batched), by seeded randomized subspace iteration.
 
     >>> import torch
@@ -203,10 +202,10 @@ def randomized_svd_with_info(
     k: int,
     *,
     n_iter: int = 2,
-    oversample: Optional[int] = None,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    pass_dtype: Optional[torch.dtype] = None,
+    oversample: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pass_dtype: torch.dtype | None = None,
 ) -> RSVDResult:
     """:func:`randomized_svd` returning an :class:`RSVDResult` with the spectral gap and method.
 
@@ -234,8 +233,8 @@ def spectral_norm(
     *,
     n_iter: int = 4,
     block: int = 8,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Largest singular value ``σ₁`` of each matrix in ``A`` (batched), by block subspace iteration.
 
@@ -274,9 +273,9 @@ def low_rank_reconstruction(
     rank: int,
     *,
     accurate: bool = True,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    pass_dtype: Optional[torch.dtype] = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pass_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Best rank-``rank`` approximation ``U diag(S) Vh`` of each matrix in ``A``, shape ``(*, m, n)``.
 
@@ -358,8 +357,14 @@ def _rsvd(A, k, p, n_iter, seed, generator, pass_dtype) -> RSVDResult:
     if A.numel() == 0:  # empty batch: shapes only
         e = A.new_empty
         return RSVDResult(
-            e(*batch, m, k, dtype=cdt), e(*batch, k, dtype=cdt), e(*batch, k, n, dtype=cdt),
-            e(batch, dtype=cdt), "randomized", n_iter, p, cdt,
+            e(*batch, m, k, dtype=cdt),
+            e(*batch, k, dtype=cdt),
+            e(*batch, k, n, dtype=cdt),
+            e(batch, dtype=cdt),
+            "randomized",
+            n_iter,
+            p,
+            cdt,
         )
     if 2 * l >= min(m, n):
         return _exact(A, k, cdt)
@@ -552,5 +557,6 @@ def _exact(A: Tensor, k: int, cdt: torch.dtype) -> RSVDResult:
     else:
         U, S, Vh = torch.linalg.svd(Ac, full_matrices=False)
     gap = _gap(S, k) if S.shape[-1] > k else torch.full(S.shape[:-1], float("inf"), dtype=S.dtype, device=S.device)
-    return RSVDResult(U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous(), gap, "exact", 0, 0,
-                      cdt)
+    return RSVDResult(
+        U[..., :k].contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous(), gap, "exact", 0, 0, cdt
+    )

@@ -41,11 +41,16 @@ def spectral_shift(S0: torch.Tensor, S1: torch.Tensor) -> torch.Tensor:
         [...] ≥ 0, best (no drift) 0. A zero base gives ``inf`` (0 if both are zero): our choice.
     """
     if S0.shape != S1.shape:
-        raise WeightgeoError(f"spectral_shift: singular-value vectors differ in shape: {tuple(S0.shape)} vs {tuple(S1.shape)}")
+        raise WeightgeoError(
+            f"spectral_shift: singular-value vectors differ in shape: {tuple(S0.shape)} vs {tuple(S1.shape)}"
+        )
     num = torch.linalg.vector_norm(S1 - S0, dim=-1)
     den = torch.linalg.vector_norm(S0, dim=-1)
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
-                       torch.where(num > 0, torch.full_like(num, float("inf")), torch.zeros_like(num)))
+    return torch.where(
+        den > 0,
+        num / torch.where(den > 0, den, torch.ones_like(den)),
+        torch.where(num > 0, torch.full_like(num, float("inf")), torch.zeros_like(num)),
+    )
 
 
 def hill_tail_index(S: torch.Tensor, k: int = 10) -> torch.Tensor:

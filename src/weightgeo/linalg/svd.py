@@ -58,9 +58,7 @@ __all__ = [
 Side = Literal["right", "left"]
 
 
-def exact_svd(
-    A: torch.Tensor, *, dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exact_svd(A: torch.Tensor, *, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin LAPACK SVD ``A = U diag(S) Vh`` in ``dtype`` (default: the compute dtype), batched.
 
     >>> U, S, Vh = exact_svd(torch.diag(torch.tensor([3.0, 1.0])))
@@ -81,8 +79,10 @@ def exact_svd(
 def _svd_dtype(dtype: torch.dtype | None, fn: str) -> torch.dtype | None:
     """``dtype`` when LAPACK and cuSOLVER can factorise in it (float32, float64), else a clear error."""
     if dtype is not None and dtype not in (torch.float32, torch.float64):
-        raise WeightgeoError(f"{fn}: dtype={dtype} cannot be factorised (LAPACK and cuSOLVER have no bf16/fp16 "
-                             "SVD); pass dtype=torch.float32 or torch.float64, or None for the policy")
+        raise WeightgeoError(
+            f"{fn}: dtype={dtype} cannot be factorised (LAPACK and cuSOLVER have no bf16/fp16 "
+            "SVD); pass dtype=torch.float32 or torch.float64, or None for the policy"
+        )
     return dtype
 
 

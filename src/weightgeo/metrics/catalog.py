@@ -11,8 +11,7 @@ contract, ``tests/test_properties.py``, ``tests/test_naming_contract.py``) agree
 
 from __future__ import annotations
 
-__all__ = ["ALL_METRICS", "PAIR_METRICS", "ALIASES", "OUTPUTS", "VECTOR_OUTPUTS", "TRAJECTORY_OUTPUTS",
-           "COUNTS"]
+__all__ = ["ALL_METRICS", "PAIR_METRICS", "ALIASES", "OUTPUTS", "VECTOR_OUTPUTS", "TRAJECTORY_OUTPUTS", "COUNTS"]
 
 #: metrics computed per matrix by the pair kernel (the engine streams update_sparsity in row chunks itself)
 PAIR_METRICS: tuple[str, ...] = ("principal_overlap", "spectral_drift", "update_localization", "stable_rank")
@@ -34,8 +33,13 @@ ALIASES: dict[str, str] = {
 #: the scalar row keys of each family, in the order rows carry them
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "update_sparsity": ("update_sparsity",),
-    "principal_overlap": ("principal_overlap", "max_principal_angle", "mean_principal_angle", "k_effective",
-                          "spectral_gap"),
+    "principal_overlap": (
+        "principal_overlap",
+        "max_principal_angle",
+        "mean_principal_angle",
+        "k_effective",
+        "spectral_gap",
+    ),
     "spectral_drift": ("spectral_drift",),
     "update_localization": ("density", "principal_mask_overlap", "low_magnitude_overlap"),
     "stable_rank": ("stable_rank", "delta_frobenius"),
@@ -45,8 +49,14 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 VECTOR_OUTPUTS: dict[str, str] = {"principal_angles": "principal_overlap"}
 
 #: the scalar row keys of a trajectory report (rank_curve, Tracker.rank_curve), in row order
-TRAJECTORY_OUTPUTS: tuple[str, ...] = ("frobenius_norm", "spectral_norm", "stable_rank", "hill_alpha",
-                                       "spectral_gap", "final_subspace_similarity")
+TRAJECTORY_OUTPUTS: tuple[str, ...] = (
+    "frobenius_norm",
+    "spectral_norm",
+    "stable_rank",
+    "hill_alpha",
+    "spectral_gap",
+    "final_subspace_similarity",
+)
 
 #: row keys that count something (integers stored as numbers) rather than measure it
 COUNTS: frozenset[str] = frozenset({"k_effective"})

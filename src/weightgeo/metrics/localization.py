@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,8 +63,12 @@ class Localization:
     def principal_overlap(self) -> float:
         """Deprecated alias of :attr:`principal_mask_overlap` (a mask overlap, not the subspace
         ``principal_overlap``); removed in 0.3."""
-        warnings.warn("Localization.principal_overlap is deprecated: use principal_mask_overlap (the name the "
-                      "report rows use); the alias goes in weightgeo 0.3", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Localization.principal_overlap is deprecated: use principal_mask_overlap (the name the "
+            "report rows use); the alias goes in weightgeo 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.principal_mask_overlap
 
 
@@ -122,8 +127,9 @@ class Selector:
         self.stage += 1
         if self.stage == self.passes:
             # The prefix is the bit pattern of a non-negative float: read it back on the host.
-            self.threshold = struct.unpack("<f" if self.width == 32 else "<d",
-                                           struct.pack("<I" if self.width == 32 else "<Q", self.prefix))[0]
+            self.threshold = struct.unpack(
+                "<f" if self.width == 32 else "<d", struct.pack("<I" if self.width == 32 else "<Q", self.prefix)
+            )[0]
             self.ties_left = self.count - self.beyond
 
     def mark(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +146,13 @@ class Selector:
 
 
 def localize(
-    b: torch.Tensor, f: torch.Tensor, V: torch.Tensor, transposed: bool, *, alpha: float, eta: float,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    V: torch.Tensor,
+    transposed: bool,
+    *,
+    alpha: float,
+    eta: float,
     update_rows: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Localization:
     """The kernel for one [out, in] pair, in row blocks of W0 (three passes, O(block) temporaries).
@@ -178,8 +190,9 @@ def localize(
         low.end_pass()
     n_upd = n_princ = n_low = 0
     for (s, e), (rec, mag) in zip(spans, blocks()):
-        upd = (~unchanged_mask(b[s:e], f[s:e], eta) if update_rows is None
-               else update_rows(s, e).to(b.device)).reshape(-1)
+        upd = (~unchanged_mask(b[s:e], f[s:e], eta) if update_rows is None else update_rows(s, e).to(b.device)).reshape(
+            -1
+        )
         n_upd += int(upd.sum())
         n_princ += int((princ.mark(rec) & upd).sum())
         n_low += int((low.mark(mag) & upd).sum())
@@ -187,9 +200,7 @@ def localize(
     return Localization(n_upd / n, po, lo, alpha, r, n_upd, n)
 
 
-def update_localization(
-    base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3
-) -> Localization:
+def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3) -> Localization:
     """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
 
     >>> W0 = torch.tensor([[4.0, 0.1], [0.2, 3.0]])

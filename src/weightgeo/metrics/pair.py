@@ -12,14 +12,27 @@ effective k. Accuracy: docs/numerics.md.
 from __future__ import annotations
 
 import math
-from typing import AbstractSet, Callable, Sequence
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
 from ..errors import WeightgeoError
-from ..linalg.pairwise import (BaseSpectrum, PairEigen, PairSpectrum, Products, base_spectrum, effective_k,
-                               pair_angles, pair_eigen, pair_products, pair_spectrum, products, spectral_gap,
-                               tall_like)
+from ..linalg.pairwise import (
+    BaseSpectrum,
+    PairEigen,
+    PairSpectrum,
+    Products,
+    base_spectrum,
+    effective_k,
+    pair_angles,
+    pair_eigen,
+    pair_products,
+    pair_spectrum,
+    products,
+    spectral_gap,
+    tall_like,
+)
 from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
 from ..linalg.svd import tall_orientation
@@ -75,8 +88,9 @@ def matrix_pair_metrics(
     rank, alpha = check_rank_alpha(rank, alpha)
     eta = check_eta(eta)
     b, f = same_compute_dtype(*check_pair(w0, w1, matrix=True, what="matrix_pair_metrics"))
-    return batched_pair_metrics(b[None], f[None], metrics=frozenset(wanted), k=k, side=side, rank=rank,
-                                alpha=alpha, eta=eta, angles=angles)[0]
+    return batched_pair_metrics(
+        b[None], f[None], metrics=frozenset(wanted), k=k, side=side, rank=rank, alpha=alpha, eta=eta, angles=angles
+    )[0]
 
 
 def batched_pair_metrics(
@@ -134,15 +148,34 @@ def batched_pair_metrics(
         assert base is not None
         r = min(rank, *w0.shape[-2:])
         for i, row in enumerate(out):
-            res = localize(w0[i], w1[i], base.V_c[i, :, :r], base.transposed, alpha=alpha, eta=eta,
-                           update_rows=None if update_rows is None else update_rows[i])
-            row.update(density=res.density, principal_mask_overlap=res.principal_mask_overlap,
-                       low_magnitude_overlap=res.low_magnitude_overlap)
+            res = localize(
+                w0[i],
+                w1[i],
+                base.V_c[i, :, :r],
+                base.transposed,
+                alpha=alpha,
+                eta=eta,
+                update_rows=None if update_rows is None else update_rows[i],
+            )
+            row.update(
+                density=res.density,
+                principal_mask_overlap=res.principal_mask_overlap,
+                low_magnitude_overlap=res.low_magnitude_overlap,
+            )
     return out
 
 
-def _rotation_rows(out: list[dict[str, float]], base: BaseSpectrum, prod: Products, eig: PairEigen,
-                   spec: PairSpectrum, *, k: int, side: str, angles: bool) -> None:
+def _rotation_rows(
+    out: list[dict[str, float]],
+    base: BaseSpectrum,
+    prod: Products,
+    eig: PairEigen,
+    spec: PairSpectrum,
+    *,
+    k: int,
+    side: str,
+    angles: bool,
+) -> None:
     """The angle statistics of every member at its own effective k (members sharing a k in one call)."""
     each = effective_k(k, base, spec)
     values = sorted({int(v) for v in each.tolist()})
@@ -150,8 +183,13 @@ def _rotation_rows(out: list[dict[str, float]], base: BaseSpectrum, prod: Produc
         members = [i for i, v in enumerate(each.tolist()) if v == kv]
         if kv == 0:
             for i in members:
-                out[i].update(principal_overlap=math.nan, max_principal_angle=math.nan,
-                              mean_principal_angle=math.nan, k_effective=0.0, spectral_gap=math.nan)
+                out[i].update(
+                    principal_overlap=math.nan,
+                    max_principal_angle=math.nan,
+                    mean_principal_angle=math.nan,
+                    k_effective=0.0,
+                    spectral_gap=math.nan,
+                )
                 if angles:
                     out[i]["principal_angles"] = []
             continue
@@ -163,9 +201,13 @@ def _rotation_rows(out: list[dict[str, float]], base: BaseSpectrum, prod: Produc
         assert deg is not None
         for j, i in enumerate(members):
             theta = torch.deg2rad(deg[j])
-            out[i].update(principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
-                          max_principal_angle=float(deg[j].max()), mean_principal_angle=float(deg[j].mean()),
-                          k_effective=float(kv), spectral_gap=float(gap[j]))
+            out[i].update(
+                principal_overlap=float((torch.cos(theta) ** 2).mean().clamp(0, 1)),
+                max_principal_angle=float(deg[j].max()),
+                mean_principal_angle=float(deg[j].mean()),
+                k_effective=float(kv),
+                spectral_gap=float(gap[j]),
+            )
             if angles:
                 out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]
 

@@ -49,7 +49,8 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -
     if g.k == 0:
         raise WeightgeoError(
             f"principal_angles: numerical rank 0 (base rank {int(g.rank0)}, ft rank {int(g.rank1)}, "
-            f"shape {tuple(b.shape)}): a zero matrix has no singular subspace")
+            f"shape {tuple(b.shape)}): a zero matrix has no singular subspace"
+        )
     return g.angles(side)
 
 

@@ -34,8 +34,18 @@ from ..checkpoint.fp8 import check_scales, expand_scales
 from ..errors import WeightgeoError
 from ..validation import check_eta, check_finite, check_pair
 
-__all__ = ["update_sparsity", "update_mask", "FAST_ETA", "as_bf16", "finite_as_bf16", "unchanged_mask",
-           "unchanged_count", "unchanged_mask_general", "fp8_update_mask", "fp8_unchanged_count"]
+__all__ = [
+    "update_sparsity",
+    "update_mask",
+    "FAST_ETA",
+    "as_bf16",
+    "finite_as_bf16",
+    "unchanged_mask",
+    "unchanged_count",
+    "unchanged_mask_general",
+    "fp8_update_mask",
+    "fp8_unchanged_count",
+]
 
 #: Below this η the rule is bf16 equality (PNT Prop. E.3), the fast path.
 FAST_ETA = 2.0**-9
@@ -63,8 +73,9 @@ def finite_as_bf16(w0: torch.Tensor, w1: torch.Tensor, name: str = "") -> tuple[
     return b0, b1
 
 
-def unchanged_mask(w0: torch.Tensor, w1: torch.Tensor, eta: float, *, name: str = "",
-                   check: bool = True) -> torch.Tensor:
+def unchanged_mask(
+    w0: torch.Tensor, w1: torch.Tensor, eta: float, *, name: str = "", check: bool = True
+) -> torch.Tensor:
     """Boolean mask of unchanged entries (True = unchanged) under the bf16 rule; ``check``: finiteness first.
 
     >>> unchanged_mask(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]), 1e-3)
@@ -106,8 +117,9 @@ def unchanged_mask_general(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> to
     return (x1 - x0).abs() <= eta * torch.maximum(x0.abs(), x1.abs())
 
 
-def unchanged_count(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3, *, name: str = "",
-                    check: bool = True) -> int:
+def unchanged_count(
+    w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3, *, name: str = "", check: bool = True
+) -> int:
     """Number of unchanged entries in a chunk (the engine calls this on row chunks of one tensor).
 
     ``check=False`` skips the finiteness check (the engine's finiteness pass has done it).
@@ -178,9 +190,19 @@ def _scale_bits(scales: torch.Tensor) -> torch.Tensor:
     return scales.view(torch.int32) if scales.dtype == torch.float32 else scales
 
 
-def fp8_update_mask(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
-                    block: tuple[int, int] = (128, 128), *, eta: float = 1e-3, row_start: int = 0,
-                    rows: int | None = None, name: str = "", block1: tuple[int, int] | None = None) -> torch.Tensor:
+def fp8_update_mask(
+    codes0: torch.Tensor,
+    scales0: torch.Tensor,
+    codes1: torch.Tensor,
+    scales1: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    *,
+    eta: float = 1e-3,
+    row_start: int = 0,
+    rows: int | None = None,
+    name: str = "",
+    block1: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Mask of updated entries of an FP8 weight under the FP8 rule (module docstring); True = updated.
 
     >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
@@ -204,9 +226,11 @@ def fp8_update_mask(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.T
     eta = check_eta(eta)
     blk1 = block if block1 is None else block1
     if codes0.shape != codes1.shape or (scales0.shape != scales1.shape and tuple(blk1) == tuple(block)):
-        raise WeightgeoError(f"{name + ': ' if name else ''}FP8 base codes {tuple(codes0.shape)} / scales "
-                             f"{tuple(scales0.shape)} and fine-tuned {tuple(codes1.shape)} / {tuple(scales1.shape)} differ "
-                             f"in shape; compare checkpoints of one architecture")
+        raise WeightgeoError(
+            f"{name + ': ' if name else ''}FP8 base codes {tuple(codes0.shape)} / scales "
+            f"{tuple(scales0.shape)} and fine-tuned {tuple(codes1.shape)} / {tuple(scales1.shape)} differ "
+            f"in shape; compare checkpoints of one architecture"
+        )
     b = check_scales(codes0, scales0, block, row_start=row_start, rows=rows, name=name)
     b1 = check_scales(codes1, scales1, blk1, row_start=row_start, rows=rows, name=name)
     _fp8_finite(codes0, scales0, "base", name)
@@ -225,9 +249,19 @@ def fp8_update_mask(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.T
     return torch.where(same_scale, updated, exact) if shortcut else exact
 
 
-def fp8_unchanged_count(codes0: torch.Tensor, scales0: torch.Tensor, codes1: torch.Tensor, scales1: torch.Tensor,
-                        block: tuple[int, int] = (128, 128), *, eta: float = 1e-3, row_start: int = 0,
-                        rows: int | None = None, name: str = "", block1: tuple[int, int] | None = None) -> int:
+def fp8_unchanged_count(
+    codes0: torch.Tensor,
+    scales0: torch.Tensor,
+    codes1: torch.Tensor,
+    scales1: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    *,
+    eta: float = 1e-3,
+    row_start: int = 0,
+    rows: int | None = None,
+    name: str = "",
+    block1: tuple[int, int] | None = None,
+) -> int:
     """Number of unchanged entries under the FP8 rule (what ``update_sparsity`` counts on FP8 weights).
 
     >>> c = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).to(torch.float8_e4m3fn)
@@ -236,6 +270,7 @@ def fp8_unchanged_count(codes0: torch.Tensor, scales0: torch.Tensor, codes1: tor
 
     Args: as :func:`fp8_update_mask`. Returns: an int in [0, codes0.numel()].
     """
-    mask = fp8_update_mask(codes0, scales0, codes1, scales1, block, eta=eta, row_start=row_start, rows=rows,
-                           name=name, block1=block1)
+    mask = fp8_update_mask(
+        codes0, scales0, codes1, scales1, block, eta=eta, row_start=row_start, rows=rows, name=name, block1=block1
+    )
     return mask.numel() - int(torch.count_nonzero(mask))

@@ -25,19 +25,31 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import WeightgeoError
-from ..means import nanmean
 from ..linalg.rsvd import randomized_svd
 from ..linalg.svd import decompose
+from ..means import nanmean
 from ..validation import check_k, check_matrix, check_side, check_threshold
 
-__all__ = ["Spectrum", "update_spectra", "matrix_seed", "subspace_sim", "subspace_similarity", "onset_step",
-           "LockingOnset", "build_locking", "EXACT_MAX_DIM", "RTOL", "UPDATE_BATCH_BYTES"]
+__all__ = [
+    "Spectrum",
+    "update_spectra",
+    "matrix_seed",
+    "subspace_sim",
+    "subspace_similarity",
+    "onset_step",
+    "LockingOnset",
+    "build_locking",
+    "EXACT_MAX_DIM",
+    "RTOL",
+    "UPDATE_BATCH_BYTES",
+]
 
 #: min(m, n) at or below which the exact policy is used directly (randomized has no edge there).
 EXACT_MAX_DIM = 256
@@ -73,8 +85,15 @@ def matrix_seed(seed: int, key: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**62)
 
 
-def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generator | None = None,
-                   frobenius: torch.Tensor | None = None, seed: int | None = None) -> list[Spectrum]:
+def update_spectra(
+    D: torch.Tensor,
+    *,
+    r: int,
+    k: int,
+    generator: torch.Generator | None = None,
+    frobenius: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> list[Spectrum]:
     """Top-``r`` singular values (+1 for the gap) and top-``k`` right vectors of each nonzero ΔW in ``D``.
 
     >>> g = torch.Generator().manual_seed(0)
@@ -103,8 +122,11 @@ def update_spectra(D: torch.Tensor, *, r: int, k: int, generator: torch.Generato
     B, m, n = D.shape
     mn = min(m, n)
     want = min(max(r, k) + 1, mn)
-    fro = (torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64) if frobenius is None
-           else frobenius.to(torch.float64)).cpu()
+    fro = (
+        torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
+        if frobenius is None
+        else frobenius.to(torch.float64)
+    ).cpu()
     S_out = torch.zeros(B, want, dtype=torch.float64, device="cpu")  # host results, whatever the default device
     V_out = torch.zeros(B, min(k, mn), n, dtype=torch.float32, device="cpu") if k else None
     method = ["exact"] * B
@@ -178,12 +200,16 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
     if side == "left":
         a, b = a.mT, b.mT
     if a.shape[1] != b.shape[1]:
-        raise WeightgeoError(f"subspace_similarity(side={side!r}): the {side} sides differ: shapes "
-                             f"{tuple(delta_a.shape)} and {tuple(delta_b.shape)}; compare updates of one matrix")
+        raise WeightgeoError(
+            f"subspace_similarity(side={side!r}): the {side} sides differ: shapes "
+            f"{tuple(delta_a.shape)} and {tuple(delta_b.shape)}; compare updates of one matrix"
+        )
     k = check_k(k)
     if k > min(*a.shape, *b.shape):
-        raise WeightgeoError(f"k={k} must be in [1, {min(*a.shape, *b.shape)}] for shapes {tuple(delta_a.shape)} and "
-                             f"{tuple(delta_b.shape)}")
+        raise WeightgeoError(
+            f"k={k} must be in [1, {min(*a.shape, *b.shape)}] for shapes {tuple(delta_a.shape)} and "
+            f"{tuple(delta_b.shape)}"
+        )
     vs = []
     for x, what in ((a, "delta_a"), (b, "delta_b")):
         if not bool(x.any()):
@@ -261,26 +287,37 @@ class LockingOnset:
             import pandas as pd
         except ImportError as e:
             raise ImportError("LockingOnset.to_pandas needs pandas: pip install 'weightgeo[pandas]'") from e
-        return pd.DataFrame([{"name": n, "step": s, "similarity": v, "onset": self.per_matrix.get(n)}
-                             for n, curve in self.similarity.items() for s, v in curve.items()])
+        return pd.DataFrame(
+            [
+                {"name": n, "step": s, "similarity": v, "onset": self.per_matrix.get(n)}
+                for n, curve in self.similarity.items()
+                for s, v in curve.items()
+            ]
+        )
 
     def __repr__(self) -> str:
-        return (f"LockingOnset(step={self.step}, k={self.k}, threshold={self.threshold}, final_step="
-                f"{self.final_step}, matrices={len(self.per_matrix)}, locked_fraction={self.locked_fraction:.3f})")
+        return (
+            f"LockingOnset(step={self.step}, k={self.k}, threshold={self.threshold}, final_step="
+            f"{self.final_step}, matrices={len(self.per_matrix)}, locked_fraction={self.locked_fraction:.3f})"
+        )
 
 
-def build_locking(similarity: dict[str, dict[int, float]], *, k: int, threshold: float,
-                  meta: dict[str, Any] | None = None) -> LockingOnset:
+def build_locking(
+    similarity: dict[str, dict[int, float]], *, k: int, threshold: float, meta: dict[str, Any] | None = None
+) -> LockingOnset:
     """The :class:`LockingOnset` of per-matrix similarity curves (shared by streams, reports and the Tracker)."""
     threshold = check_threshold(threshold)
     steps = sorted({s for c in similarity.values() for s in c})
     if not steps:
         raise WeightgeoError("no checkpoint with a nonzero update: nothing to lock onto")
     mean = {s: nanmean(c[s] for c in similarity.values() if s in c) for s in steps}
-    per = {n: onset_step(c, threshold) if c and not all(math.isnan(v) for v in c.values()) else None
-           for n, c in similarity.items()}
-    return LockingOnset(onset_step(mean, threshold), per, similarity, mean, int(k), threshold, steps[-1],
-                        dict(meta or {}))
+    per = {
+        n: onset_step(c, threshold) if c and not all(math.isnan(v) for v in c.values()) else None
+        for n, c in similarity.items()
+    }
+    return LockingOnset(
+        onset_step(mean, threshold), per, similarity, mean, int(k), threshold, steps[-1], dict(meta or {})
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,7 +331,11 @@ def __getattr__(name: str) -> Any:
 
         from .. import trajectory  # a deprecated forward, the one import from this floor upward (lazy)
 
-        warnings.warn(f"weightgeo.metrics.trajectory.{name} moved to weightgeo.trajectory.{name} (also "
-                      f"weightgeo.{name}); the old path goes in weightgeo 0.3", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"weightgeo.metrics.trajectory.{name} moved to weightgeo.trajectory.{name} (also "
+            f"weightgeo.{name}); the old path goes in weightgeo 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(trajectory, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,8 +37,10 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise WeightgeoError("the Hugging Face path of weightgeo.train needs transformers, which is not installed; "
-                             "pip install 'weightgeo[hf]' (or pip install 'transformers>=4.40')") from e
+        raise WeightgeoError(
+            "the Hugging Face path of weightgeo.train needs transformers, which is not installed; "
+            "pip install 'weightgeo[hf]' (or pip install 'transformers>=4.40')"
+        ) from e
     return transformers
 
 
@@ -59,11 +61,13 @@ class HFCausalLM(nn.Module):
         super().__init__()
         tf = _transformers()
         if not isinstance(model, tf.PreTrainedModel):
-            raise WeightgeoError(f"HFCausalLM wraps a transformers PreTrainedModel (AutoModelForCausalLM); "
-                                 f"got {type(model).__name__}")
+            raise WeightgeoError(
+                f"HFCausalLM wraps a transformers PreTrainedModel (AutoModelForCausalLM); got {type(model).__name__}"
+            )
         if next(model.named_parameters(recurse=False), None) is not None:
-            raise WeightgeoError(f"{type(model).__name__} holds parameters outside its submodules; "
-                                 "HFCausalLM cannot mirror its names")
+            raise WeightgeoError(
+                f"{type(model).__name__} holds parameters outside its submodules; HFCausalLM cannot mirror its names"
+            )
         # Not a registered submodule: that would prefix every name with "hf."; registering the HF model's
         # children under their own names keeps parameter and checkpoint names identical to the HF model's.
         self.__dict__["hf"] = model
@@ -71,7 +75,7 @@ class HFCausalLM(nn.Module):
             self.add_module(name, child)
         self.training = model.training
 
-    def train(self, mode: bool = True) -> "HFCausalLM":
+    def train(self, mode: bool = True) -> HFCausalLM:
         # Through the HF model so its top-level flag follows too (its forward may read self.training).
         self.hf.train(mode)
         self.training = mode
@@ -131,8 +135,15 @@ def as_policy(model: Any) -> Any:
     return model
 
 
-def tiny_hf_model(task: ScratchpadAdditionTask | None = None, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                  intermediate_size: int | None = None, seed: int = 0) -> PreTrainedModel:
+def tiny_hf_model(
+    task: ScratchpadAdditionTask | None = None,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
     """A small ``transformers`` ``LlamaForCausalLM`` on the task's vocabulary, fp32, seeded.
 
     ``intermediate_size`` defaults to ``2 * hidden_size``; embeddings and ``lm_head`` are untied (as in
@@ -143,11 +154,19 @@ def tiny_hf_model(task: ScratchpadAdditionTask | None = None, *, hidden_size: in
     """
     tf = _transformers()
     task = task or ScratchpadAdditionTask()
-    cfg = tf.LlamaConfig(vocab_size=task.vocab_size, hidden_size=hidden_size,
-                         intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=task.prompt_len + task.completion_len, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=task.eos_id, pad_token_id=None)
+    cfg = tf.LlamaConfig(
+        vocab_size=task.vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=task.prompt_len + task.completion_len,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=task.eos_id,
+        pad_token_id=None,
+    )
     with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG; keep it as it was
         model = tf.LlamaForCausalLM(cfg).float()
     g = torch.Generator().manual_seed(seed)

@@ -18,9 +18,10 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,17 +30,33 @@ from .losses import clipped_pg_loss
 from .model import generate, response_logprobs
 from .task import ScratchpadAdditionTask
 
-__all__ = ["make_optimizer", "lr_at", "CheckpointWriter", "evaluate", "correctness", "StepCallback", "rollout",
-           "Rollouts", "step_generator", "attach_projection", "freeze_except", "set_threads", "begin_run", "end_step",
-           "finish_run", "pg_update"]
+__all__ = [
+    "make_optimizer",
+    "lr_at",
+    "CheckpointWriter",
+    "evaluate",
+    "correctness",
+    "StepCallback",
+    "rollout",
+    "Rollouts",
+    "step_generator",
+    "attach_projection",
+    "freeze_except",
+    "set_threads",
+    "begin_run",
+    "end_step",
+    "finish_run",
+    "pg_update",
+]
 
 #: ``on_step(model, step)``: called after every optimizer step (and once with step 0 before training). ``model`` is
 #: a ``GPT`` or an :class:`~weightgeo.train.hf.HFCausalLM` (a transformers model, under its own parameter names).
 StepCallback = Callable[[nn.Module, int], None]
 
 
-def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
-                   eps: float = 1e-8) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW on the fp32 master weights that require grad. Decoupled weight decay on 2-D tensors (matrices and
     embeddings) only; norm gains are not decayed (nanoGPT's convention; the paper does not say)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -50,8 +67,7 @@ def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], w
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
 
 
-def lr_at(step: int, *, total: int, lr: float, schedule: str, warmup_frac: float = 0.0,
-          min_lr: float = 0.0) -> float:
+def lr_at(step: int, *, total: int, lr: float, schedule: str, warmup_frac: float = 0.0, min_lr: float = 0.0) -> float:
     """Learning rate for optimizer step ``step`` (0-based). ``schedule``: "constant" or "cosine" (linear
     warm-up over ``warmup_frac * total`` steps, then cosine from ``lr`` to ``min_lr`` at the last step)."""
     if schedule == "constant":
@@ -78,8 +94,17 @@ class CheckpointWriter:
     [0, 10, 30]
     """
 
-    def __init__(self, run_dir: str | Path, *, save_every: int, total_steps: int, config: dict,
-                 dtype: torch.dtype = torch.bfloat16, save_at: Sequence[int] = (), save_fp32: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        save_every: int,
+        total_steps: int,
+        config: dict,
+        dtype: torch.dtype = torch.bfloat16,
+        save_at: Sequence[int] = (),
+        save_fp32: bool = False,
+    ):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save_every, self.total, self.dtype = save_every, total_steps, dtype
@@ -92,8 +117,12 @@ class CheckpointWriter:
         self.saved: list[int] = []
 
     def should_save(self, step: int) -> bool:
-        return (step == 0 or step == self.total or step in self.save_at
-                or (self.save_every > 0 and step % self.save_every == 0))
+        return (
+            step == 0
+            or step == self.total
+            or step in self.save_at
+            or (self.save_every > 0 and step % self.save_every == 0)
+        )
 
     def save(self, model: nn.Module, step: int, metrics: dict | None = None) -> Path:
         state = {"global_step": step, "max_steps": self.total, "metrics": metrics or {}}
@@ -118,15 +147,27 @@ class CheckpointWriter:
 
 def __getattr__(name: str) -> Any:
     if name == "CheckpointStream":  # renamed: weightgeo.stream.CheckpointStream is the *reader* of a stream
-        warnings.warn("weightgeo.train.loop.CheckpointStream is deprecated and will be removed in the next release; "
-                      "use CheckpointWriter (the same class)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "weightgeo.train.loop.CheckpointStream is deprecated and will be removed in the next release; "
+            "use CheckpointWriter (the same class)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return CheckpointWriter
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @torch.no_grad()
-def correctness(model: nn.Module, task: ScratchpadAdditionTask, prompts: torch.Tensor, *, samples: int = 1,
-                sample_seed: int = 4321, temperature: float = 1.0, batch: int = 4096) -> torch.Tensor:
+def correctness(
+    model: nn.Module,
+    task: ScratchpadAdditionTask,
+    prompts: torch.Tensor,
+    *,
+    samples: int = 1,
+    sample_seed: int = 4321,
+    temperature: float = 1.0,
+    batch: int = 4096,
+) -> torch.Tensor:
     """Verifier reward of ``samples`` completions per prompt: [n_prompts, samples] float 0/1.
 
     The random stream depends only on ``sample_seed``, the prompts and ``samples`` (completions are drawn in
@@ -137,22 +178,37 @@ def correctness(model: nn.Module, task: ScratchpadAdditionTask, prompts: torch.T
     g = torch.Generator().manual_seed(sample_seed)
     out = []
     for i in range(0, len(rep), batch):
-        p = rep[i:i + batch]
-        s = generate(model, p, task.completion_len, generator=g if temperature > 0 else None,
-                     temperature=temperature, eos_id=task.eos_id)
+        p = rep[i : i + batch]
+        s = generate(
+            model,
+            p,
+            task.completion_len,
+            generator=g if temperature > 0 else None,
+            temperature=temperature,
+            eos_id=task.eos_id,
+        )
         out.append(task.rewards(p, s.tokens))
     return torch.cat(out).view(len(prompts), samples)
 
 
-def evaluate(model: nn.Module, task: ScratchpadAdditionTask, *, n: int = 500, seed: int = 1234,
-             sample_seed: int = 4321, temperatures: Iterable[float] = (0.0, 1.0), samples: int = 1) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    task: ScratchpadAdditionTask,
+    *,
+    n: int = 500,
+    seed: int = 1234,
+    sample_seed: int = 4321,
+    temperatures: Iterable[float] = (0.0, 1.0),
+    samples: int = 1,
+) -> dict[str, float]:
     """Accuracy (mean binary reward) on ``n`` fixed held-out prompts, greedy (``acc_greedy``) and sampled at
     T=1 (``acc_t1``, ``samples`` completions per prompt), each with its standard error over prompts (``*_se``)."""
     prompts = task.prompts(n, torch.Generator().manual_seed(seed))
     out = {}
     for temp in temperatures:
-        c = correctness(model, task, prompts, samples=samples if temp > 0 else 1, sample_seed=sample_seed,
-                        temperature=temp).mean(1)
+        c = correctness(
+            model, task, prompts, samples=samples if temp > 0 else 1, sample_seed=sample_seed, temperature=temp
+        ).mean(1)
         key = "acc_greedy" if temp == 0 else f"acc_t{temp:g}"
         out[key] = c.mean().item()
         out[key + "_se"] = max(c.std().item(), 1e-6) / math.sqrt(n) if n > 1 else float("nan")
@@ -170,12 +226,21 @@ class Rollouts(dict):
 
 
 @torch.no_grad()
-def rollout(policy: nn.Module, task: ScratchpadAdditionTask, n_prompts: int, group_size: int, *,
-            data_gen: torch.Generator, sample_gen: torch.Generator, temperature: float = 1.0) -> Rollouts:
+def rollout(
+    policy: nn.Module,
+    task: ScratchpadAdditionTask,
+    n_prompts: int,
+    group_size: int,
+    *,
+    data_gen: torch.Generator,
+    sample_gen: torch.Generator,
+    temperature: float = 1.0,
+) -> Rollouts:
     """Sample ``group_size`` completions per prompt from ``policy`` and score them with the verifier."""
     prompts = task.prompts(n_prompts, data_gen).repeat_interleave(group_size, dim=0)
-    s = generate(policy, prompts, task.completion_len, generator=sample_gen, temperature=temperature,
-                 eos_id=task.eos_id)
+    s = generate(
+        policy, prompts, task.completion_len, generator=sample_gen, temperature=temperature, eos_id=task.eos_id
+    )
     return Rollouts(prompts=prompts, tokens=s.tokens, mask=s.mask, rewards=task.rewards(prompts, s.tokens))
 
 
@@ -204,16 +269,23 @@ def freeze_except(model: nn.Module, trainable: str | None) -> list[str]:
     pat = re.compile(trainable)
     kept = [n for n, p in model.named_parameters() if pat.search(n)]
     if not kept:
-        raise ValueError(f"trainable={trainable!r} matches no parameter (names look like "
-                         f"{next(model.named_parameters())[0]!r})")
+        raise ValueError(
+            f"trainable={trainable!r} matches no parameter (names look like {next(model.named_parameters())[0]!r})"
+        )
     for n, p in model.named_parameters():
         p.requires_grad_(n in kept)
     return kept
 
 
-def begin_run(model: nn.Module, cfg: Any, run_dir: str | Path, *, algorithm: str, task: ScratchpadAdditionTask,
-              on_step: StepCallback | None
-              ) -> tuple[CheckpointWriter, torch.optim.AdamW, dict[str, torch.Tensor], dict]:
+def begin_run(
+    model: nn.Module,
+    cfg: Any,
+    run_dir: str | Path,
+    *,
+    algorithm: str,
+    task: ScratchpadAdditionTask,
+    on_step: StepCallback | None,
+) -> tuple[CheckpointWriter, torch.optim.AdamW, dict[str, torch.Tensor], dict]:
     """What every algorithm does before its first step: threads, the parameters left trainable
     (``cfg.trainable``), the checkpoint writer, AdamW, a copy of the starting weights (for ``project_at``), the
     start evaluation, ``checkpoint-0`` and ``on_step(model, 0)``.
@@ -223,12 +295,19 @@ def begin_run(model: nn.Module, cfg: Any, run_dir: str | Path, *, algorithm: str
     set_threads(cfg.threads)
     vocab = getattr(getattr(getattr(model, "hf", model), "config", None), "vocab_size", None)
     if isinstance(vocab, int) and vocab < task.vocab_size:
-        raise ValueError(f"the model's vocabulary ({vocab}) is smaller than the task's ({task.vocab_size}); "
-                         f"build the model with vocab_size={task.vocab_size}")
+        raise ValueError(
+            f"the model's vocabulary ({vocab}) is smaller than the task's ({task.vocab_size}); "
+            f"build the model with vocab_size={task.vocab_size}"
+        )
     freeze_except(model, getattr(cfg, "trainable", None))
-    writer = CheckpointWriter(run_dir, save_every=cfg.save_every, total_steps=cfg.steps,
-                              config={"algorithm": algorithm, **asdict(cfg)}, save_at=getattr(cfg, "save_at", ()),
-                              save_fp32=getattr(cfg, "save_fp32", False))
+    writer = CheckpointWriter(
+        run_dir,
+        save_every=cfg.save_every,
+        total_steps=cfg.steps,
+        config={"algorithm": algorithm, **asdict(cfg)},
+        save_at=getattr(cfg, "save_at", ()),
+        save_fp32=getattr(cfg, "save_fp32", False),
+    )
     opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     summary: dict = {"start": _eval(model, task, cfg)}
@@ -242,8 +321,15 @@ def _eval(model: nn.Module, task: ScratchpadAdditionTask, cfg: Any) -> dict:
     return evaluate(model, task, n=cfg.eval_n, samples=getattr(cfg, "eval_samples", 1)) if cfg.eval_n else {}
 
 
-def end_step(writer: CheckpointWriter, model: nn.Module, step: int, record: dict, *,
-             on_step: StepCallback | None, saved: dict | None = None) -> None:
+def end_step(
+    writer: CheckpointWriter,
+    model: nn.Module,
+    step: int,
+    record: dict,
+    *,
+    on_step: StepCallback | None,
+    saved: dict | None = None,
+) -> None:
     """After optimizer step ``step`` (1-based): log ``record``, call ``on_step``, save a checkpoint when due
     (with ``saved``, default ``record``, as its metrics; the last step is saved by :func:`finish_run`)."""
     writer.log(record)
@@ -253,8 +339,15 @@ def end_step(writer: CheckpointWriter, model: nn.Module, step: int, record: dict
         writer.maybe_save(model, step, record if saved is None else saved)
 
 
-def finish_run(model: nn.Module, cfg: Any, task: ScratchpadAdditionTask, writer: CheckpointWriter, proj: Any,
-               summary: dict, last: dict) -> dict:
+def finish_run(
+    model: nn.Module,
+    cfg: Any,
+    task: ScratchpadAdditionTask,
+    writer: CheckpointWriter,
+    proj: Any,
+    summary: dict,
+    last: dict,
+) -> dict:
     """The end evaluation, the last checkpoint (metrics ``last`` plus the evaluation), the projector's hooks
     removed; returns ``summary`` with ``end``, ``checkpoints`` and ``run_dir``."""
     summary["end"] = _eval(model, task, cfg)
@@ -265,9 +358,20 @@ def finish_run(model: nn.Module, cfg: Any, task: ScratchpadAdditionTask, writer:
     return summary
 
 
-def pg_update(policy: nn.Module, opt: torch.optim.Optimizer, prompts: torch.Tensor, tokens: torch.Tensor,
-              old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *, micro_batch: int, updates: int,
-              clip_low: float, clip_high: float) -> float:
+def pg_update(
+    policy: nn.Module,
+    opt: torch.optim.Optimizer,
+    prompts: torch.Tensor,
+    tokens: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    micro_batch: int,
+    updates: int,
+    clip_low: float,
+    clip_high: float,
+) -> float:
     """``updates`` optimizer steps of the clipped policy-gradient loss on one batch of rollouts (OPD and GRPO),
     accumulated over micro-batches; the loss is normalised by the whole batch's token count, so accumulation
     does not change it. Returns the last update's summed loss."""
@@ -279,8 +383,9 @@ def pg_update(policy: nn.Module, opt: torch.optim.Optimizer, prompts: torch.Tens
         for i in range(0, len(prompts), micro_batch):
             sl = slice(i, i + micro_batch)
             logp = response_logprobs(policy, prompts[sl], tokens[sl])
-            loss = clipped_pg_loss(logp, old_logp[sl], adv[sl], mask[sl], clip_low=clip_low, clip_high=clip_high,
-                                   num_tokens=n_tok)
+            loss = clipped_pg_loss(
+                logp, old_logp[sl], adv[sl], mask[sl], clip_low=clip_low, clip_high=clip_high, num_tokens=n_tok
+            )
             loss.backward()
             loss_sum += loss.item()
         opt.step()

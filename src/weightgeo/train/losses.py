@@ -12,8 +12,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sft_loss", "opd_advantages", "grpo_advantages", "clipped_pg_loss", "sparsify_tokens",
-           "mix_advantages", "centered_rewards", "permute_advantages", "advantage_share"]
+__all__ = [
+    "sft_loss",
+    "opd_advantages",
+    "grpo_advantages",
+    "clipped_pg_loss",
+    "sparsify_tokens",
+    "mix_advantages",
+    "centered_rewards",
+    "permute_advantages",
+    "advantage_share",
+]
 
 
 def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | None) -> torch.Tensor:
@@ -21,8 +30,9 @@ def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | No
     return n.clamp_min(1.0)
 
 
-def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
-             num_tokens: float | int | None = None) -> torch.Tensor:
+def sft_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, num_tokens: float | int | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy summed over masked targets / ``num_tokens``.
 
     logits [B, T, V], targets [B, T] (token ids), mask [B, T] (1 = a response token to learn).
@@ -48,8 +58,9 @@ def opd_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask:
     return (-(student_logp.detach() - teacher_logp.detach()) * mask).float()
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6,
-                    normalize_std: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6, normalize_std: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-normalised advantages (r − mean_g) / (std_g + eps) and a keep mask of groups with reward variance.
 
     ``rewards`` [G * group_size], groups contiguous (prompt-major). Returns ``(advantages [N], keep [N] bool)``;
@@ -62,8 +73,9 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6
     (tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000]), tensor([ True,  True,  True,  True, False, False, False, False]))
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
-                         f"got shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
+        )
     r = rewards.float().view(-1, group_size)
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(mean)
@@ -85,9 +97,16 @@ def centered_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (r - r.mean(1, keepdim=True)).reshape(-1)
 
 
-def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                    clip_low: float = 0.2, clip_high: float = 0.28,
-                    num_tokens: float | int | None = None) -> torch.Tensor:
+def clipped_pg_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    num_tokens: float | int | None = None,
+) -> torch.Tensor:
     """PPO/GRPO clipped surrogate, token-level normalised (DAPO): Σ_t m_t · −min(ρ_t A_t, clip(ρ_t) A_t) / N.
 
     logp, old_logp, mask [B, T]; advantages [B, T] (per token, OPD) or [B] (per sequence, GRPO; broadcast
@@ -110,8 +129,14 @@ def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     return (per_token * mask).sum() / _denominator(mask, num_tokens)
 
 
-def sparsify_tokens(scores: torch.Tensor, mask: torch.Tensor, keep_ratio: float, *, mode: str = "topk",
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def sparsify_tokens(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    keep_ratio: float,
+    *,
+    mode: str = "topk",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Token-sparsification control (paper §5): keep a fraction ρ of each sequence's response tokens and
     rescale so the sequence's total weight is unchanged: returns weights w_t = (T / Σm) · m_t, where T is the
     sequence's response-token count and m the keep mask; multiply the advantages by it (r̃_t = w_t r_t).
@@ -137,7 +162,9 @@ def sparsify_tokens(scores: torch.Tensor, mask: torch.Tensor, keep_ratio: float,
     s = torch.where(mask > 0, s, torch.full_like(s, float("-inf")))
     T = mask.sum(1, keepdim=True)
     k = torch.ceil(keep_ratio * T - 1e-9)
-    order = torch.argsort(torch.argsort(s, dim=1, descending=True, stable=True), dim=1, stable=True)  # rank of each token
+    order = torch.argsort(
+        torch.argsort(s, dim=1, descending=True, stable=True), dim=1, stable=True
+    )  # rank of each token
     keep = (order < k).float() * mask
     return keep * (T / keep.sum(1, keepdim=True).clamp_min(1.0))
 

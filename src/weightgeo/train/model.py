@@ -67,8 +67,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         past = cache is not None and "k" in cache
         if past:  # decoding: the new token(s) attend to every cached position
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -138,8 +140,9 @@ class GPT(nn.Module):
             if p.ndim == 1:
                 p.fill_(1.0)
             else:
-                nn.init.normal_(p, 0.0, resid if name.endswith(("o_proj.weight", "down_proj.weight")) else std,
-                                generator=generator)
+                nn.init.normal_(
+                    p, 0.0, resid if name.endswith(("o_proj.weight", "down_proj.weight")) else std, generator=generator
+                )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -149,8 +152,9 @@ class GPT(nn.Module):
         position of ``idx[:, 0]`` when decoding after a cached prefix."""
         T = idx.shape[1]
         if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence length {start_pos + T} > block_size {self.config.block_size}; "
-                             "raise GPTConfig.block_size")
+            raise ValueError(
+                f"sequence length {start_pos + T} > block_size {self.config.block_size}; raise GPTConfig.block_size"
+            )
         m = self.model
         x = m.embed_tokens(idx) + m.embed_positions(torch.arange(start_pos, start_pos + T, device=idx.device))
         for i, block in enumerate(m.layers):
@@ -158,18 +162,27 @@ class GPT(nn.Module):
         return self.lm_head(m.norm(x))
 
     # ---- HF-layout checkpoints -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                        extra: dict | None = None) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None
+    ) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (weights cast to ``dtype``, round-to-nearest-even)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         c = self.config
         config = {
-            "architectures": ["WeightgeoGPT"], "model_type": "weightgeo-gpt",
-            "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "intermediate_size": c.mlp_ratio * c.n_embd, "vocab_size": c.vocab_size,
-            "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": False,
-            "torch_dtype": str(dtype).removeprefix("torch."), "weightgeo_gpt_config": asdict(c), **(extra or {}),
+            "architectures": ["WeightgeoGPT"],
+            "model_type": "weightgeo-gpt",
+            "hidden_size": c.n_embd,
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "intermediate_size": c.mlp_ratio * c.n_embd,
+            "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.block_size,
+            "rms_norm_eps": c.norm_eps,
+            "tie_word_embeddings": False,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "weightgeo_gpt_config": asdict(c),
+            **(extra or {}),
         }
         (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
@@ -177,7 +190,7 @@ class GPT(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "GPT":
+    def from_pretrained(cls, directory: str | Path) -> GPT:
         """Load a ``save_pretrained`` folder into fp32 master weights."""
         d = Path(directory)
         cfg_path, w_path = d / "config.json", d / "model.safetensors"
@@ -201,8 +214,15 @@ class Sample(NamedTuple):
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *,
-             generator: torch.Generator | None = None, temperature: float = 1.0, eos_id: int | None = None) -> Sample:
+def generate(
+    model: nn.Module,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    eos_id: int | None = None,
+) -> Sample:
     """Sample ``max_new_tokens`` after each prompt (``temperature=0``: greedy, no generator needed).
 
     ``model``: a ``GPT`` (decoded with its key/value cache) or any module whose ``forward(idx)`` returns
@@ -213,7 +233,9 @@ def generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *,
     sequence keeps length N) but masked out.
     """
     if temperature > 0 and generator is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit torch.Generator (the global RNG is never used)")
+        raise ValueError(
+            "sampling with temperature > 0 needs an explicit torch.Generator (the global RNG is never used)"
+        )
     was_training = model.training
     model.eval()
     seq, toks, lps = prompts, [], []
@@ -247,5 +269,5 @@ def generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *,
 def response_logprobs(model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     """log π(completion_t | prompt, completion_<t) for every completion token: [B, N] (with grad if enabled)."""
     seq = torch.cat([prompts, completions], dim=1)
-    logits = model(seq[:, :-1])[:, prompts.shape[1] - 1:, :].float()
+    logits = model(seq[:, :-1])[:, prompts.shape[1] - 1 :, :].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)

@@ -29,10 +29,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from .hf import as_policy
-from .loop import (StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout,
-                   step_generator)
-from .losses import (advantage_share, centered_rewards, mix_advantages, opd_advantages, permute_advantages,
-                     sparsify_tokens)
+from .loop import StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout, step_generator
+from .losses import (
+    advantage_share,
+    centered_rewards,
+    mix_advantages,
+    opd_advantages,
+    permute_advantages,
+    sparsify_tokens,
+)
 from .model import GPT, response_logprobs
 from .task import ScratchpadAdditionTask
 
@@ -72,8 +77,15 @@ class OPDConfig:
     threads: int | None = None  # torch intra-op threads (None: leave as is)
 
 
-def train(student: GPT | PreTrainedModel, teacher: GPT | PreTrainedModel, cfg: OPDConfig, run_dir: str | Path, *,
-          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
+def train(
+    student: GPT | PreTrainedModel,
+    teacher: GPT | PreTrainedModel,
+    cfg: OPDConfig,
+    run_dir: str | Path,
+    *,
+    task: ScratchpadAdditionTask | None = None,
+    on_step: StepCallback | None = None,
+) -> dict:
     """Distil ``teacher`` into ``student`` in place; write ``run_dir/checkpoint-<step>``; return a summary.
 
     Either model may be a transformers causal LM (``AutoModelForCausalLM``) on the task's vocabulary, and
@@ -96,16 +108,28 @@ def train(student: GPT | PreTrainedModel, teacher: GPT | PreTrainedModel, cfg: O
         if cfg.project_at is not None and step == cfg.project_at:
             proj = attach_projection(student, initial, cfg.project_k)
         policy = student if cfg.rollout_source == "student" else teacher
-        ro = rollout(policy, task, cfg.n_prompts, cfg.group_size, data_gen=step_generator(cfg.seed, step, 0),
-                     sample_gen=step_generator(cfg.seed, step, 1), temperature=cfg.temperature)
+        ro = rollout(
+            policy,
+            task,
+            cfg.n_prompts,
+            cfg.group_size,
+            data_gen=step_generator(cfg.seed, step, 0),
+            sample_gen=step_generator(cfg.seed, step, 1),
+            temperature=cfg.temperature,
+        )
         prompts, tokens, mask = ro["prompts"], ro["tokens"], ro["mask"]
         with torch.no_grad():
             old_logp = response_logprobs(student, prompts, tokens)
             teacher_logp = response_logprobs(teacher, prompts, tokens)
         adv = opd_advantages(old_logp, teacher_logp, mask)
         if cfg.keep_ratio < 1.0:
-            adv = adv * sparsify_tokens((old_logp - teacher_logp).abs(), mask, cfg.keep_ratio, mode=cfg.keep_mode,
-                                        generator=step_generator(cfg.seed, step, 2))
+            adv = adv * sparsify_tokens(
+                (old_logp - teacher_logp).abs(),
+                mask,
+                cfg.keep_ratio,
+                mode=cfg.keep_mode,
+                generator=step_generator(cfg.seed, step, 2),
+            )
         share = None
         if cfg.rlvr_alpha < 1.0:
             a_rlvr = centered_rewards(ro["rewards"], cfg.group_size)
@@ -114,10 +138,25 @@ def train(student: GPT | PreTrainedModel, teacher: GPT | PreTrainedModel, cfg: O
         if cfg.permute_advantages:
             adv = permute_advantages(adv, mask, step_generator(cfg.seed, step, 3))
         student.train()
-        loss_sum = pg_update(student, opt, prompts, tokens, old_logp, adv, mask, micro_batch=mb,
-                             updates=cfg.updates_per_batch, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
-        rec = {"step": step + 1, "loss": loss_sum, "reward": ro["rewards"].mean().item(),
-               "reverse_kl": ((old_logp - teacher_logp) * mask).sum().item() / mask.sum().item()}
+        loss_sum = pg_update(
+            student,
+            opt,
+            prompts,
+            tokens,
+            old_logp,
+            adv,
+            mask,
+            micro_batch=mb,
+            updates=cfg.updates_per_batch,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+        )
+        rec = {
+            "step": step + 1,
+            "loss": loss_sum,
+            "reward": ro["rewards"].mean().item(),
+            "reverse_kl": ((old_logp - teacher_logp) * mask).sum().item() / mask.sum().item(),
+        }
         if share is not None:
             rec["opd_share"] = share
             shares.append(share)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,12 +52,19 @@ class PretrainConfig:
 
 
 #: The shipped assets' recipes (``python -m weightgeo.train.pretrain`` runs these).
-RECIPES = {"base": PretrainConfig(model=STUDENT, seed=0, stop_acc=0.3, eval_every=10),
-           "teacher": PretrainConfig(model=TEACHER, seed=1, stop_acc=0.98, eval_every=100)}
+RECIPES = {
+    "base": PretrainConfig(model=STUDENT, seed=0, stop_acc=0.3, eval_every=10),
+    "teacher": PretrainConfig(model=TEACHER, seed=1, stop_acc=0.98, eval_every=100),
+}
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, verbose: bool = True,
-             on_eval: Callable[[GPT, int, dict], None] | None = None) -> dict:
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    *,
+    verbose: bool = True,
+    on_eval: Callable[[GPT, int, dict], None] | None = None,
+) -> dict:
     """Train ``cfg.model`` from a seeded init on correct demonstrations until T=1 accuracy >= ``cfg.stop_acc``
     (or ``max_steps``); save it to ``out_dir`` (bf16) with ``pretrain.json``; return that metadata.
     ``on_eval(model, step, metrics)`` is called at every evaluation (e.g. to keep snapshots)."""
@@ -80,21 +87,36 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, verbose: bool = True,
         step += 1
         if step % cfg.eval_every == 0:
             ev = evaluate(model, task, samples=cfg.eval_samples)
-            rec = {"step": step, "loss": round(loss.item(), 4), "acc_greedy": ev["acc_greedy"], "acc_t1": ev["acc_t1"],
-                   "wall_s": round(time.perf_counter() - t0, 1)}
+            rec = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "acc_greedy": ev["acc_greedy"],
+                "acc_t1": ev["acc_t1"],
+                "wall_s": round(time.perf_counter() - t0, 1),
+            }
             history.append(rec)
             if on_eval:
                 on_eval(model, step, rec)
             if verbose:
-                print(f"  step {step:5d} loss {loss.item():.4f} acc greedy {ev['acc_greedy']:.3f} "
-                      f"T=1 {ev['acc_t1']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"  step {step:5d} loss {loss.item():.4f} acc greedy {ev['acc_greedy']:.3f} "
+                    f"T=1 {ev['acc_t1']:.3f} ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
             if ev["acc_t1"] >= cfg.stop_acc:
                 break
     wall = time.perf_counter() - t0
     final = evaluate(model, task, n=1000, seed=999, samples=4)  # a prompt set the stopping rule never saw
-    meta = {"recipe": asdict(cfg), "steps": step, "wall_s": round(wall, 1), "num_params": model.num_params(),
-            "eval_1000x4": final, "history": history, "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    meta = {
+        "recipe": asdict(cfg),
+        "steps": step,
+        "wall_s": round(wall, 1),
+        "num_params": model.num_params(),
+        "eval_1000x4": final,
+        "history": history,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     d = model.save_pretrained(out_dir)
     (d / "pretrain.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -111,8 +133,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"pretraining {name}: {asdict(cfg.model)}", flush=True)
         meta = pretrain(cfg, out / name)
-        print(f"{name}: {meta['num_params']:,} params, {meta['steps']} steps, {meta['wall_s']} s, "
-              f"eval {meta['eval_1000x4']}", flush=True)
+        print(
+            f"{name}: {meta['num_params']:,} params, {meta['steps']} steps, {meta['wall_s']} s, "
+            f"eval {meta['eval_1000x4']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Our choices, where the paper is silent (documented in docs/training.md):
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -49,11 +49,14 @@ class SubspaceProjector:
         self.bases: dict[str, torch.Tensor] = {}
         for name, V in bases.items():
             if name not in params:
-                raise KeyError(f"basis for {name!r} but the model has no such parameter "
-                               f"(names look like {next(iter(params))!r})")
+                raise KeyError(
+                    f"basis for {name!r} but the model has no such parameter (names look like {next(iter(params))!r})"
+                )
             p = params[name]
             if p.ndim != 2 or V.ndim != 2 or V.shape[0] != p.shape[1]:
-                raise ValueError(f"{name!r}: weight {tuple(p.shape)} needs V [in={p.shape[-1]}, K], got {tuple(V.shape)}")
+                raise ValueError(
+                    f"{name!r}: weight {tuple(p.shape)} needs V [in={p.shape[-1]}, K], got {tuple(V.shape)}"
+                )
             V = V.detach().to(device=p.device, dtype=p.dtype).contiguous()  # the hook multiplies p's gradient
             if check_orthonormal and V.shape[1]:
                 err = (V.T @ V - torch.eye(V.shape[1], dtype=V.dtype, device=V.device)).abs().max().item()
@@ -68,16 +71,20 @@ class SubspaceProjector:
             h.remove()
         self.handles.clear()
 
-    def __enter__(self) -> "SubspaceProjector":
+    def __enter__(self) -> SubspaceProjector:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
 
-def subspace_bases(current: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                   initial: Mapping[str, torch.Tensor], *, k: int = 16,
-                   include: re.Pattern | None = None) -> dict[str, torch.Tensor]:
+def subspace_bases(
+    current: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    initial: Mapping[str, torch.Tensor],
+    *,
+    k: int = 16,
+    include: re.Pattern | None = None,
+) -> dict[str, torch.Tensor]:
     """V_K = top-``k`` right singular vectors of ΔW = W_t − W_0 per matrix: {name: [in, k'] orthonormal}.
 
     ``current`` / ``initial``: state dicts (or ``named_parameters()``); computed in float64 with

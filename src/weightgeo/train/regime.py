@@ -56,9 +56,12 @@ def regime_checks(values: dict, thresholds: RegimeThresholds = RegimeThresholds(
     t = thresholds
     lo, hi = t.anchor_acc_t1_range
     return {
-        "R1": bool(values["param_ratio"] >= t.param_ratio_min and values["teacher_acc_t1"] >= t.teacher_acc_t1_min
-                   and values["teacher_acc_t1"] >= values["anchor_acc_t1"] + t.teacher_gap_min
-                   and values["reverse_kl_nats"] >= t.reverse_kl_min),
+        "R1": bool(
+            values["param_ratio"] >= t.param_ratio_min
+            and values["teacher_acc_t1"] >= t.teacher_acc_t1_min
+            and values["teacher_acc_t1"] >= values["anchor_acc_t1"] + t.teacher_gap_min
+            and values["reverse_kl_nats"] >= t.reverse_kl_min
+        ),
         "R2": bool(lo <= values["anchor_acc_t1"] <= hi and values["sft_last_gain"] > t.sft_last_gain_min),
         "R3": bool(values["response_tokens"] >= t.response_tokens_min),
     }
@@ -79,8 +82,15 @@ def accuracy_matrix(model: nn.Module, task: ScratchpadAdditionTask, *, n: int = 
 
 
 @torch.no_grad()
-def reverse_kl(student: nn.Module, teacher: nn.Module, task: ScratchpadAdditionTask, *, n: int = 1000,
-               samples: int = 4, batch: int = 1000) -> dict[str, float]:
+def reverse_kl(
+    student: nn.Module,
+    teacher: nn.Module,
+    task: ScratchpadAdditionTask,
+    *,
+    n: int = 1000,
+    samples: int = 4,
+    batch: int = 1000,
+) -> dict[str, float]:
     """Per-token reverse KL(student || teacher) on the student's own T=1 samples of the held-out prompts.
 
     ``reverse_kl_nats``: the exact KL over the vocabulary at each sampled prefix, Σ_v π_s(v) (log π_s(v) −
@@ -96,7 +106,7 @@ def reverse_kl(student: nn.Module, teacher: nn.Module, task: ScratchpadAdditionT
     was = student.training, teacher.training
     student.eval(), teacher.eval()
     for i in range(0, len(p), batch):
-        pr = p[i:i + batch]
+        pr = p[i : i + batch]
         s = generate(student, pr, task.completion_len, generator=g, temperature=1.0, eos_id=task.eos_id)
         seq = torch.cat([pr, s.tokens], 1)[:, :-1]
         P = pr.shape[1] - 1
@@ -112,8 +122,12 @@ def reverse_kl(student: nn.Module, teacher: nn.Module, task: ScratchpadAdditionT
         pos_sum += (kl * m).sum(0).double()
         pos_cnt += m.sum(0).double()
     student.train(was[0]), teacher.train(was[1])
-    return {"reverse_kl_nats": tot / cnt, "sampled_token_estimate": est / cnt, "response_tokens": cnt / len(p),
-            "by_position": (pos_sum / pos_cnt.clamp_min(1)).tolist()}
+    return {
+        "reverse_kl_nats": tot / cnt,
+        "sampled_token_estimate": est / cnt,
+        "response_tokens": cnt / len(p),
+        "by_position": (pos_sum / pos_cnt.clamp_min(1)).tolist(),
+    }
 
 
 def thresholds_dict(t: RegimeThresholds = RegimeThresholds()) -> dict:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .hf import as_policy
-from .loop import (StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout,
-                   step_generator)
+from .loop import StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout, step_generator
 from .losses import grpo_advantages
 from .model import GPT, response_logprobs
 from .task import ScratchpadAdditionTask
@@ -54,8 +53,14 @@ class RLVRConfig:
     threads: int | None = None
 
 
-def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
-          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
+def train(
+    model: GPT | PreTrainedModel,
+    cfg: RLVRConfig,
+    run_dir: str | Path,
+    *,
+    task: ScratchpadAdditionTask | None = None,
+    on_step: StepCallback | None = None,
+) -> dict:
     """GRPO on ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     ``model`` may be a transformers causal LM (``AutoModelForCausalLM``); it is trained through
@@ -70,20 +75,41 @@ def train(model: GPT | PreTrainedModel, cfg: RLVRConfig, run_dir: str | Path, *,
     for step in range(cfg.steps):
         if cfg.project_at is not None and step == cfg.project_at:
             proj = attach_projection(model, initial, cfg.project_k)
-        ro = rollout(model, task, cfg.n_prompts, cfg.group_size, data_gen=step_generator(cfg.seed, step, 0),
-                     sample_gen=step_generator(cfg.seed, step, 1), temperature=cfg.temperature)
+        ro = rollout(
+            model,
+            task,
+            cfg.n_prompts,
+            cfg.group_size,
+            data_gen=step_generator(cfg.seed, step, 0),
+            sample_gen=step_generator(cfg.seed, step, 1),
+            temperature=cfg.temperature,
+        )
         adv, keep = grpo_advantages(ro["rewards"], cfg.group_size, eps=cfg.std_eps)
         idx = keep.nonzero().squeeze(1)
-        rec = {"step": step + 1, "reward": ro["rewards"].mean().item(),
-               "kept_groups": int(keep.sum().item()) // cfg.group_size, "loss": 0.0}
+        rec = {
+            "step": step + 1,
+            "reward": ro["rewards"].mean().item(),
+            "kept_groups": int(keep.sum().item()) // cfg.group_size,
+            "loss": 0.0,
+        }
         if len(idx):
             prompts, tokens, mask, adv = ro["prompts"][idx], ro["tokens"][idx], ro["mask"][idx], adv[idx]
             with torch.no_grad():
                 old_logp = response_logprobs(model, prompts, tokens)
             model.train()
-            rec["loss"] = pg_update(model, opt, prompts, tokens, old_logp, adv, mask,
-                                    micro_batch=cfg.micro_batch_size or len(idx), updates=cfg.updates_per_batch,
-                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+            rec["loss"] = pg_update(
+                model,
+                opt,
+                prompts,
+                tokens,
+                old_logp,
+                adv,
+                mask,
+                micro_batch=cfg.micro_batch_size or len(idx),
+                updates=cfg.updates_per_batch,
+                clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high,
+            )
         else:
             skipped_steps += 1
         end_step(writer, model, step + 1, rec, on_step=on_step)

@@ -51,8 +51,14 @@ class SFTConfig:
     threads: int | None = None  # torch intra-op threads (None: leave as is)
 
 
-def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *,
-          task: ScratchpadAdditionTask | None = None, on_step: StepCallback | None = None) -> dict:
+def train(
+    model: GPT | PreTrainedModel,
+    cfg: SFTConfig,
+    run_dir: str | Path,
+    *,
+    task: ScratchpadAdditionTask | None = None,
+    on_step: StepCallback | None = None,
+) -> dict:
     """Fine-tune ``model`` in place; write ``run_dir/checkpoint-<step>``; return a summary dict.
 
     With ``cfg.project_at = s``, the run is identical to the unprojected one up to step s (same seeds), then
@@ -72,8 +78,7 @@ def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *,
     for step in range(cfg.steps):
         if cfg.project_at is not None and step == cfg.project_at:
             proj = attach_projection(model, initial, cfg.project_k)
-        lr = lr_at(step, total=cfg.steps, lr=cfg.lr, schedule="cosine", warmup_frac=cfg.warmup_frac,
-                   min_lr=cfg.min_lr)
+        lr = lr_at(step, total=cfg.steps, lr=cfg.lr, schedule="cosine", warmup_frac=cfg.warmup_frac, min_lr=cfg.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         tokens, mask = task.demonstrations(cfg.batch_size, step_generator(cfg.seed, step, 0))
@@ -81,13 +86,19 @@ def train(model: GPT | PreTrainedModel, cfg: SFTConfig, run_dir: str | Path, *,
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for i in range(0, cfg.batch_size, mb):
-            t, m = tokens[i:i + mb], mask[i:i + mb]
+            t, m = tokens[i : i + mb], mask[i : i + mb]
             loss = sft_loss(model(t[:, :-1]), t[:, 1:], m, num_tokens=n_tok)
             loss.backward()
             loss_sum += loss.item()
         opt.step()
-        end_step(writer, model, step + 1, {"step": step + 1, "lr": lr, "loss": loss_sum}, on_step=on_step,
-                 saved={"loss": loss_sum})
+        end_step(
+            writer,
+            model,
+            step + 1,
+            {"step": step + 1, "lr": lr, "loss": loss_sum},
+            on_step=on_step,
+            saved={"loss": loss_sum},
+        )
     summary = finish_run(model, cfg, task, writer, proj, summary, {"loss": loss_sum})
     summary["final_loss"] = loss_sum
     return summary

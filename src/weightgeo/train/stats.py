@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -51,19 +51,33 @@ def paired_bootstrap(a, b, *, n_boot: int = N_BOOT, seed: int = 0, level: float 
     """
     pa, pb = _per_prompt(a), _per_prompt(b)
     if pa.shape != pb.shape:
-        raise ValueError(f"paired_bootstrap: the two models were evaluated on different prompt sets "
-                         f"({pa.shape} vs {pb.shape}); evaluate both on the same prompts and sampling seeds")
+        raise ValueError(
+            f"paired_bootstrap: the two models were evaluated on different prompt sets "
+            f"({pa.shape} vs {pb.shape}); evaluate both on the same prompts and sampling seeds"
+        )
     d = pb - pa
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(n_boot, len(d)))
     reps = d[idx].mean(axis=1)
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(d.mean()), "ci95": (float(lo), float(hi)), "a": float(pa.mean()), "b": float(pb.mean()),
-            "n_prompts": int(len(d))}
+    return {
+        "diff": float(d.mean()),
+        "ci95": (float(lo), float(hi)),
+        "a": float(pa.mean()),
+        "b": float(pb.mean()),
+        "n_prompts": int(len(d)),
+    }
 
 
-def cluster_bootstrap(stat: Callable[[int, np.ndarray], float], n_seeds: int, n_items: int, *,
-                      n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> dict:
+def cluster_bootstrap(
+    stat: Callable[[int, np.ndarray], float],
+    n_seeds: int,
+    n_items: int,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """A statistic over seeds and items with a two-level percentile bootstrap.
 
     ``stat(s, idx)`` returns the statistic of training seed ``s`` computed on items ``idx`` (an int array of
@@ -94,8 +108,15 @@ def cluster_bootstrap(stat: Callable[[int, np.ndarray], float], n_seeds: int, n_
     return {"statistic": float(np.mean(per_seed)), "per_seed": per_seed, "ci95": (float(lo), float(hi))}
 
 
-def bootstrap_links(links: dict[str, Callable[[int, np.ndarray], float]], n_seeds: int, n_items: int, *,
-                    n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[dict, dict[str, dict]]:
+def bootstrap_links(
+    links: dict[str, Callable[[int, np.ndarray], float]],
+    n_seeds: int,
+    n_items: int,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[dict, dict[str, dict]]:
     """:func:`cluster_bootstrap` of a claim made of several links (each oriented so that > 0 is the claim's
     direction) and of its statistic, the smallest link: ``(claim, {link: result})``, each result as
     :func:`cluster_bootstrap` returns. One set of resamples serves every link, and each link is evaluated once

@@ -28,8 +28,8 @@ least-significant first and ``<eos>``, 5 tokens that all decide the reward (``"3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -87,19 +87,19 @@ class _Addition:
     def operands(self, prompt: Sequence[int] | torch.Tensor) -> tuple[int, int]:
         p = [int(t) for t in prompt]
         n = self.n_digits
-        if len(p) != self.prompt_len or p[n] != PLUS or p[-1] != EQUALS or max(p[:n] + p[n + 1:2 * n + 1]) > 9:
+        if len(p) != self.prompt_len or p[n] != PLUS or p[-1] != EQUALS or max(p[:n] + p[n + 1 : 2 * n + 1]) > 9:
             raise ValueError(f"not a prompt of this task (n_digits={n}): {self.decode(p)!r}")
-        return int("".join(map(str, p[:n]))), int("".join(map(str, p[n + 1:2 * n + 1])))
+        return int("".join(map(str, p[:n]))), int("".join(map(str, p[n + 1 : 2 * n + 1])))
 
     def _prompt_operands(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.n_digits
         pw = 10 ** torch.arange(n - 1, -1, -1)
-        return (prompts[:, :n] * pw).sum(1), (prompts[:, n + 1:2 * n + 1] * pw).sum(1)
+        return (prompts[:, :n] * pw).sum(1), (prompts[:, n + 1 : 2 * n + 1] * pw).sum(1)
 
     # ---- batches (seeded; never the global RNG) ------------------------------------------------------
     def sample_operands(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """[n, 2] uniform operands in [0, 10^n_digits)."""
-        return torch.randint(0, 10 ** self.n_digits, (n, 2), generator=generator)
+        return torch.randint(0, 10**self.n_digits, (n, 2), generator=generator)
 
     def _tokens(self, ops: torch.Tensor, with_answer: bool) -> torch.Tensor:
         rows = [self.encode_prompt(a, b) + (self.completion(a, b) if with_answer else []) for a, b in ops.tolist()]
@@ -114,15 +114,18 @@ class _Addition:
         *targets* ``tokens[:, 1:]`` ([n, T-1]) that is 1 on completion tokens only (scratchpad included)."""
         tokens = self._tokens(self.sample_operands(n, generator), with_answer=True)
         mask = torch.zeros(n, tokens.shape[1] - 1)
-        mask[:, self.prompt_len - 1:] = 1.0
+        mask[:, self.prompt_len - 1 :] = 1.0
         return tokens, mask
 
     def reward(self, prompt: Sequence[int] | torch.Tensor, completion: Sequence[int] | torch.Tensor) -> float:
         """The verifier on one completion (:meth:`rewards` is the batched form and equals it); a malformed
         prompt raises ``ValueError``."""
         self.operands(prompt)  # validates
-        return float(self.rewards(torch.tensor([[int(t) for t in prompt]]),
-                                  torch.tensor([[int(t) for t in completion]]))[0].item())
+        return float(
+            self.rewards(torch.tensor([[int(t) for t in prompt]]), torch.tensor([[int(t) for t in completion]]))[
+                0
+            ].item()
+        )
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ class ScratchpadAdditionTask(_Addition):
         n = self.n_digits
         a, b = self._prompt_operands(prompts)
         s = a + b
-        want = torch.stack([(s // 10 ** i) % 10 for i in range(n, -1, -1)], 1)  # [B, n+1], MSB first
+        want = torch.stack([(s // 10**i) % 10 for i in range(n, -1, -1)], 1)  # [B, n+1], MSB first
         B, N = completions.shape
         is_eos = completions == EOS
         has_eos = is_eos.any(1)
@@ -208,7 +211,7 @@ class AdditionTask(_Addition):
         n = self.n_digits
         a, b = self._prompt_operands(prompts)
         s = a + b
-        want = torch.stack([(s // 10 ** i) % 10 for i in range(n + 1)] + [torch.full_like(s, EOS)], 1)
+        want = torch.stack([(s // 10**i) % 10 for i in range(n + 1)] + [torch.full_like(s, EOS)], 1)
         got = completions[:, : n + 2]
         if got.shape[1] < n + 2:
             return torch.zeros(len(s))
