@@ -36,7 +36,6 @@ LAYERS = [
 # Deprecated names forwarded upward by a module-level __getattr__ (PEP 562), each until the release named.
 DEPRECATED_FORWARDS = {
     ("weightgeo.metrics.trajectory", "weightgeo.trajectory"): "0.3",
-    ("weightgeo.checkpoint", "weightgeo.metrics"): "0.3",
 }
 
 

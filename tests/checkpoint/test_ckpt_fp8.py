@@ -224,12 +224,13 @@ def test_rule_rejects_bad_inputs():
         fp8_update_mask(c, s, c, s, (1, 2), eta=float("nan"))
 
 
-def test_the_old_paths_of_the_fp8_rule_forward_with_a_warning():
+def test_the_fp8_rule_lives_in_metrics_only():
+    """The FP8 update rule is a metric (weightgeo.metrics); the never-released forward from weightgeo.checkpoint is
+    gone, so the checkpoint layer imports nothing above it (tests/test_architecture.py)."""
     import weightgeo.checkpoint as ckpt_pkg
+    import weightgeo.metrics as metrics
 
-    with pytest.warns(DeprecationWarning, match="moved to weightgeo.metrics.fp8_update_mask"):
-        assert ckpt_pkg.fp8_update_mask is fp8_update_mask
-    with pytest.warns(DeprecationWarning):
-        assert ckpt_pkg.fp8_unchanged_count is fp8_unchanged_count
-    with pytest.raises(AttributeError):
-        ckpt_pkg.no_such_name  # noqa: B018
+    assert metrics.fp8_update_mask is fp8_update_mask and metrics.fp8_unchanged_count is fp8_unchanged_count
+    for name in ("fp8_update_mask", "fp8_unchanged_count", "no_such_name"):
+        with pytest.raises(AttributeError):
+            getattr(ckpt_pkg, name)

@@ -61,22 +61,3 @@ __all__ = [
     "checkpoint_status",
     "scan_run",
 ]
-
-# deprecated forwards (the FP8 update rule is a metric: weightgeo.metrics; these names go in 0.3)
-_MOVED = ("fp8_update_mask", "fp8_unchanged_count")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import warnings
-
-        from .. import metrics  # a deprecated forward, the one import from this floor upward (lazy)
-
-        warnings.warn(
-            f"weightgeo.checkpoint.{name} moved to weightgeo.metrics.{name} (the FP8 update rule); the old "
-            f"path goes in weightgeo 0.3",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(metrics, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
