@@ -17,6 +17,7 @@ from typing import Any
 
 from ._version import __version__
 from .checkpoint import open_checkpoint
+from .checkpoint.runs import NAMINGS_TEXT
 from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .follow import follow
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         "trajectory",
         help="rank curves and subspace locking over a checkpoint stream",
         description="Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
-        "(checkpoint-N, global_step_N, global_stepN, iter_N, step-N): stable rank, "
+        f"({NAMINGS_TEXT}): stable rank, "
         "norms, Hill index, Sim_K to the final subspace and the locking onset. "
         "Checkpoints not completely written are left out (listed with the reason); "
         "--follow analyses new ones as the run writes them.",

@@ -33,7 +33,10 @@ import torch
 
 from .checkpoint import Checkpoint, align, compile_filter, open_checkpoint
 from .checkpoint.completeness import CheckpointStatus, checkpoint_status, scan_run, step_of
+from .checkpoint.hf import TRAINER_STATE
 from .checkpoint.names import is_expert_stack
+from .checkpoint.registry import is_checkpoint_folder
+from .checkpoint.runs import NAMINGS_TEXT
 from .checkpoint.view import read_expert
 from .errors import WeightgeoError
 from .validation import check_finite
@@ -49,8 +52,6 @@ __all__ = [
     "StreamReader",
     "MatrixPlan",
 ]
-
-_NAMINGS = "checkpoint-N, global_step_N, global_stepN, iter_N, step-N or step_N"
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def open_stream(
             raise WeightgeoError(f"{origin}: no complete checkpoint" + _left_out(skipped))
         return _finish(kept, kept_steps, base, origin, skipped=tuple(skipped))
     raise WeightgeoError(
-        f"stream must be a run directory of checkpoint folders ({_NAMINGS}) or a sequence of "
+        f"stream must be a run directory of checkpoint folders ({NAMINGS_TEXT}) or a sequence of "
         f"checkpoint sources, got {type(stream).__name__}"
     )
 
@@ -212,7 +213,7 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
     if not root.exists():
         raise WeightgeoError(
             f"stream directory {root} does not exist; pass the run directory that holds the "
-            f"checkpoint folders ({_NAMINGS})"
+            f"checkpoint folders ({NAMINGS_TEXT})"
         )
     if not root.is_dir():
         raise WeightgeoError(
@@ -225,20 +226,10 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
         what = "it is empty" if not others else f"it holds {others[:6]}" + (" ..." if len(others) > 6 else "")
         hint = (
             " It looks like a single checkpoint: pass a list of checkpoints, or its parent run directory."
-            if any(
-                o
-                in (
-                    "config.json",
-                    "model.safetensors",
-                    "model.safetensors.index.json",
-                    "pytorch_model.bin",
-                    ".metadata",
-                )
-                for o in others
-            )
+            if is_checkpoint_folder(root)
             else ""
         )
-        raise WeightgeoError(f"stream directory {root} has no checkpoint folders ({_NAMINGS}; {what}).{hint}")
+        raise WeightgeoError(f"stream directory {root} has no checkpoint folders ({NAMINGS_TEXT}; {what}).{hint}")
     states = {id(c): "corrupt" for c in scan.corrupt}
     states.update({id(c): "abandoned" for c in scan.abandoned})
     states.update({id(c): "in_progress" for c in scan.in_progress})
@@ -382,7 +373,7 @@ def _step_from_path(source: Any) -> int | None:
 
 
 def _check_trainer_state(folder: Path, step: int) -> None:
-    state = folder / "trainer_state.json"
+    state = folder / TRAINER_STATE
     if not state.is_file():
         return
     try:

@@ -10,6 +10,10 @@ from typing import Any
 from ..errors import WeightgeoError
 
 _FIX = "re-download or re-save the file"
+#: the HF model config file next to the weights
+CONFIG = "config.json"
+#: the suffix of HF shard indexes (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``)
+INDEX_SUFFIX = ".index.json"
 
 
 def read_json_object(path: Path, *, what: str = "JSON file") -> dict[str, Any]:
@@ -30,8 +34,8 @@ def read_json_object(path: Path, *, what: str = "JSON file") -> dict[str, Any]:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """``folder/config.json`` parsed, or ``{}`` when there is none."""
-    p = Path(folder) / "config.json"
-    return read_json_object(p, what="config.json") if p.is_file() else {}
+    p = Path(folder) / CONFIG
+    return read_json_object(p, what=CONFIG) if p.is_file() else {}
 
 
 def _inside(child: Path, parent: Path) -> bool:

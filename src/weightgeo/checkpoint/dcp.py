@@ -40,13 +40,20 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
-from ._files import file_identity, safe_shard_name
+from ._files import CONFIG, file_identity, read_config, safe_shard_name
 from .base import Checkpoint, TensorInfo
+from .format import Findings, FolderFiles, Format, Source
+from .megatron import is_megatron, megatron_folder_config, megatron_refusal, megatron_view
+from .model_config import ArchConfig
 from .pickles import STUB_PREFIXES, load_dcp_metadata
+from .torchtitan import is_torchtitan, torchtitan_view
 
-__all__ = ["DcpCheckpoint", "is_dcp_folder", "skip_reason"]
+__all__ = ["FORMAT", "DcpCheckpoint", "is_dcp_folder", "skip_reason", "METADATA"]
 
-_METADATA = ".metadata"
+#: what DCP renames into place once every rank's data is written: the folder's index and completion marker
+METADATA = ".metadata"
+_METADATA_TMP = METADATA + ".tmp"
+_DATA_SUFFIX = ".distcp"  # __<rank>_<n>.distcp
 _FIX = "the checkpoint was not written completely or was truncated by a copy; copy or save it again"
 #: first name components of entries that are training state, not model weights (torchtitan, Megatron, DCP users)
 _OPTIMIZER_ROOTS = frozenset({"optimizer", "optim", "optimizers", "optimizer_state", "optim_state"})
@@ -78,7 +85,7 @@ def is_dcp_folder(folder: str | os.PathLike[str]) -> bool:
     >>> is_dcp_folder(".")
     False
     """
-    return (Path(folder) / _METADATA).is_file()
+    return (Path(folder) / METADATA).is_file()
 
 
 def skip_reason(name: str, is_tensor: bool) -> str | None:
@@ -142,7 +149,7 @@ class DcpCheckpoint(Checkpoint):
         self.folder = Path(folder)
         self.source = source or str(self.folder)
         self.config = dict(config or {})
-        self.metadata = load_dcp_metadata(self.folder / _METADATA, prefixes=stub_prefixes)
+        self.metadata = load_dcp_metadata(self.folder / METADATA, prefixes=stub_prefixes)
         self._tensors: dict[str, Any] = {}
         self._chunks: dict[str, list[_Chunk]] = {}
         for name, md in self.metadata.state_dict_metadata.items():
@@ -161,7 +168,7 @@ class DcpCheckpoint(Checkpoint):
     def _validate(self) -> None:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        meta_path = self.folder / _METADATA
+        meta_path = self.folder / METADATA
         self._check_files(meta_path)
         storage = self.metadata.storage_data
         for name, md in self._tensors.items():
@@ -173,7 +180,7 @@ class DcpCheckpoint(Checkpoint):
                     f"the .metadata is corrupt, {_FIX}"
                 )
             chunks = [_Chunk(tuple(int(o) for o in c.offsets), tuple(int(s) for s in c.sizes)) for c in md.chunks]
-            if not chunks and math.prod(shape):
+            if not chunks and math.prod(shape) > 0:
                 raise WeightgeoError(f"{meta_path}: tensor {name!r} {shape} has no stored chunks; {_FIX}")
             covered = 0
             for i, c in enumerate(chunks):
@@ -420,7 +427,7 @@ def _BoxPlanner(name: str, offsets: tuple[int, ...], out: torch.Tensor) -> Any:
     """A load planner for one box of one tensor: read items for the stored chunks overlapping it only."""
     if "box" not in _CLASSES:
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
         from torch.distributed.checkpoint.planner import LoadPlan
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -430,7 +437,9 @@ def _BoxPlanner(name: str, offsets: tuple[int, ...], out: torch.Tensor) -> Any:
                 self._name, self._offsets, self._out = name, offsets, out
 
             def create_local_plan(self) -> Any:
+                assert self.metadata is not None  # set by set_up_planner before any plan is made
                 md = self.metadata.state_dict_metadata[self._name]
+                assert isinstance(md, TensorStorageMetadata)  # only tensors are offered (skip_reason)
                 box = ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=self._out.size())
                 return LoadPlan(create_read_items_for_chunk_list(self._name, md, [box]))
 
@@ -439,3 +448,93 @@ def _BoxPlanner(name: str, offsets: tuple[int, ...], out: torch.Tensor) -> Any:
 
         _CLASSES["box"] = _Box
     return _CLASSES["box"](name, offsets, out)
+
+
+# --- the format ---------------------------------------------------------------------------------------------
+def _recognise(source: Source) -> bool:
+    folder = source.folder
+    return folder is not None and (is_dcp_folder(folder) or megatron_refusal(folder, dcp=False) is not None)
+
+
+def _open(source: Source) -> Checkpoint:
+    """The DCP folder as HF-named tensors when Megatron's or torchtitan's names are recognised, else as stored."""
+    folder = source.folder
+    assert folder is not None
+    refusal = megatron_refusal(folder, dcp=is_dcp_folder(folder))
+    if refusal is not None:
+        raise WeightgeoError(refusal)
+    text, base_config = source.text, source.base_config()
+    inner = DcpCheckpoint(folder, source=text, config=read_config(folder))
+    names = inner.names()
+    if is_megatron(names):
+        args, unread = megatron_folder_config(folder)
+        inner.skipped.extend(unread)
+        arch = ArchConfig.of(
+            source.config,
+            inner.config,
+            base_config,
+            args,
+            source=text,
+            names=("config=", CONFIG, "base", "common.pt args"),
+        )
+        return megatron_view(inner, arch, source=text)
+    if is_torchtitan(names):
+        arch = ArchConfig.of(source.config, inner.config, base_config, source=text, names=("config=", CONFIG, "base"))
+        return torchtitan_view(inner, arch, source=text)
+    inner.config = {**base_config, **inner.config}
+    return inner
+
+
+def _complete(folder: FolderFiles, found: Findings) -> None:
+    """``.metadata`` is there (DCP renames it into place after every rank's data is written) and every data file it
+    names is as long as the byte ranges it records."""
+    sizes = folder.sizes
+    names = set(sizes)
+    if any(p.suffix == _DATA_SUFFIX for p in names):
+        found.weights = True
+    if not any(p.name in (METADATA, _METADATA_TMP) or p.suffix == _DATA_SUFFIX for p in names):
+        return
+    found.saw("dcp")
+    if any(p.name == METADATA for p in names):
+        found.weights = True  # the data files it names are checked below
+    for d in sorted({p.parent for p in names if p.suffix == _DATA_SUFFIX or p.name.startswith(METADATA)}):
+        meta = d / METADATA
+        if meta not in names:
+            pending = f" ({_METADATA_TMP} present: being written)" if (d / _METADATA_TMP) in names else ""
+            found.add("no_marker", f"{d}: DCP data files but no {METADATA}, which DCP writes last{pending}")
+            continue
+        try:
+            ranges = _data_ranges(meta)
+        except Exception as e:
+            found.add("bad_file", f"{meta}: unreadable DCP metadata ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        found.mark(METADATA)
+        need: dict[str, int] = {}
+        for rel, end in ranges:
+            need[rel] = max(need.get(rel, 0), end)
+        for rel, end in sorted(need.items()):
+            if os.path.basename(rel) != rel or rel in ("", ".", ".."):
+                found.add("bad_file", f"{meta}: data file {rel!r} is not a plain file name")
+                continue
+            p = d / rel
+            if p not in sizes:
+                found.add("missing_files", f"{meta}: names data file {rel} that does not exist")
+            elif sizes[p] < end:
+                found.add("bad_file", f"{p}: truncated: {sizes[p]} bytes, but {METADATA} records data up to byte {end}")
+
+
+def _data_ranges(meta: Path) -> list[tuple[str, int]]:
+    """``(relative data file, end byte)`` of every stored item recorded in a DCP ``.metadata`` (read with the
+    checkpoint layer's restricted unpickler: nothing is imported or run beyond DCP's own metadata classes)."""
+    storage = load_dcp_metadata(meta).storage_data
+    return [(info.relative_path, int(info.offset) + int(info.length)) for info in storage.values()]
+
+
+FORMAT = Format(
+    "dcp",
+    "torch.distributed.checkpoint (.metadata + __R_0.distcp): Megatron/slime iter_N and torchtitan step-N names "
+    "mapped to HF names, others as stored; other Megatron layouts refused",
+    recognise=_recognise,
+    open=_open,
+    complete=_complete,
+)

@@ -27,17 +27,24 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
-from ._files import file_identity
+from ._files import file_identity, read_config
 from .base import Checkpoint, TensorInfo
+from .format import Findings, FolderFiles, Format, Source
 from .mapped_files import MappedFiles
 from .pickles import load_torch_file
+from .runs import DEEPSPEED_LATEST, step_of
 
-__all__ = ["DeepSpeedCheckpoint", "is_deepspeed_folder", "EXTRA"]
+__all__ = ["FORMAT", "DeepSpeedCheckpoint", "is_deepspeed_folder", "EXTRA"]
 
 #: the pip extra that installs DeepSpeed for ZeRO-3 checkpoints
 EXTRA = "pip install 'weightgeo[deepspeed]'"
 _ZERO12 = "mp_rank_00_model_states.pt"
 _ZERO3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+_ZERO3_GLOB = "zero_pp_rank_*"
+_MODEL_PARALLEL_GLOB = "*mp_rank_*_model_states.pt"
+_MP_RANK_0 = "mp_rank_00"  # the only model-parallel rank read
+_FILES = ("_model_states.pt", "_optim_states.pt")  # what a tensor's values are reassembled from (identity)
+_TAG_NAMINGS = ("global_stepN", "global_step_N")  # DeepSpeed tags as trainers name them (runs.STEP_NAMINGS)
 
 
 def is_deepspeed_folder(folder: str | os.PathLike[str]) -> bool:
@@ -47,7 +54,7 @@ def is_deepspeed_folder(folder: str | os.PathLike[str]) -> bool:
     False
     """
     folder = Path(folder)
-    return (folder / _ZERO12).is_file() or any(_ZERO3.match(p.name) for p in folder.glob("zero_pp_rank_*"))
+    return (folder / _ZERO12).is_file() or any(_ZERO3.match(p.name) for p in folder.glob(_ZERO3_GLOB))
 
 
 def _load_module(path: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +92,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         self.folder = Path(folder)
         self.source = source or str(self.folder)
         self.config = dict(config or {})
-        others = sorted(p.name for p in self.folder.glob("*mp_rank_*_model_states.pt") if "mp_rank_00" not in p.name)
+        others = sorted(p.name for p in self.folder.glob(_MODEL_PARALLEL_GLOB) if _MP_RANK_0 not in p.name)
         if others:
             raise WeightgeoError(
                 f"{self.folder}: model-parallel DeepSpeed save ({others[:3]}); only mp_rank_00 (no "
@@ -108,7 +115,7 @@ class DeepSpeedCheckpoint(Checkpoint):
                 self._info[n] = TensorInfo(n, tuple(int(d) for d in t.shape), dtype)
 
     def _zero3(self) -> dict[str, Any]:
-        ranks = sorted(int(_ZERO3.match(p.name)[1]) for p in self.folder.glob("zero_pp_rank_*") if _ZERO3.match(p.name))
+        ranks = sorted(int(m[1]) for p in self.folder.glob(_ZERO3_GLOB) if (m := _ZERO3.match(p.name)))
         missing = [r for r in range(max(ranks) + 1) if r not in ranks] if ranks else [0]
         if missing:
             raise WeightgeoError(
@@ -155,9 +162,7 @@ class DeepSpeedCheckpoint(Checkpoint):
             if self._files is not None:
                 paths = list(self._files.paths)
             else:
-                paths = sorted(
-                    p for p in self.folder.iterdir() if p.name.endswith(("_model_states.pt", "_optim_states.pt"))
-                )
+                paths = sorted(p for p in self.folder.iterdir() if p.name.endswith(_FILES))
             self._file_ids = [file_identity(p) for p in paths]
         return {
             "format": "deepspeed",
@@ -187,3 +192,48 @@ class DeepSpeedCheckpoint(Checkpoint):
     def close(self) -> None:
         if self._files is not None:
             self._files.release()
+
+
+# --- the format ---------------------------------------------------------------------------------------------
+def _recognise(source: Source) -> bool:
+    return source.folder is not None and is_deepspeed_folder(source.folder)
+
+
+def _open(source: Source) -> Checkpoint:
+    assert source.folder is not None
+    return DeepSpeedCheckpoint(
+        source.folder, source=source.text, config={**source.base_config(), **read_config(source.folder)}
+    )
+
+
+def _complete(folder: FolderFiles, found: Findings) -> None:
+    """DeepSpeed under the HF Trainer (``checkpoint-N/global_stepN/`` and ``checkpoint-N/latest``): ``latest``,
+    which DeepSpeed writes after the tag folder, names it. (``latest`` at the run root: completeness.py.)"""
+    if not folder.path.is_dir():
+        return
+    inner = [p for p in folder.path.iterdir() if p.is_dir() and step_of(p.name)[1] in _TAG_NAMINGS]
+    if not inner:
+        return
+    found.saw("deepspeed")
+    latest = folder.path / DEEPSPEED_LATEST
+    if not latest.is_file():
+        found.add(
+            "no_marker",
+            f"{folder.path}: DeepSpeed folder(s) {[p.name for p in inner]} but no "
+            f"'{DEEPSPEED_LATEST}' file, which DeepSpeed writes after them",
+        )
+        return
+    tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not tag or os.path.basename(tag) != tag or not (folder.path / tag).is_dir():
+        found.add("no_marker", f"{latest} names {tag!r}, which is not a folder here")
+    else:
+        found.mark(DEEPSPEED_LATEST)
+
+
+FORMAT = Format(
+    "deepspeed",
+    "DeepSpeed ZeRO global_stepN: mp_rank_00_model_states.pt (ZeRO-0/1/2) or zero_pp_rank_*_mp_rank_00 (ZeRO-3)",
+    recognise=_recognise,
+    open=_open,
+    complete=_complete,
+)

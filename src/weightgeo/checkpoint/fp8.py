@@ -7,8 +7,7 @@ of a b0 x b1 block, the block size coming from ``config.json``'s ``quantization_
 ([out, 1]), which is the same rule with one block per tensor or per row. :class:`Fp8Checkpoint` offers each
 such weight dequantised to float32 under its own name; the scale tensors are consumed (listed in
 ``skipped`` as folded into their weight) and :meth:`Fp8Checkpoint.fp8_weight` returns the stored codes and
-scales, which the FP8 update rule compares (:func:`weightgeo.metrics.sparsity.fp8_unchanged_count`; it moved
-there from this package: ``weightgeo.checkpoint.fp8_update_mask`` forwards with a DeprecationWarning until 0.3).
+scales, which the FP8 update rule compares (:func:`weightgeo.metrics.sparsity.fp8_unchanged_count`).
 
 An FP8 tensor with no scales in a checkpoint whose config declares no FP8 quantisation is left as stored.
 Other quantised formats (GPTQ, AWQ, bitsandbytes, ...: packed integers) are refused naming the format.
@@ -29,8 +28,10 @@ import torch
 
 from ..errors import WeightgeoError
 from .base import Checkpoint, Fp8Weight, TensorInfo
+from .format import Format, Source, nothing_to_check
 
 __all__ = [
+    "FORMAT",
     "Fp8Weight",
     "Fp8Checkpoint",
     "fp8_dequantize",
@@ -150,8 +151,8 @@ def _block_size(config: Mapping[str, Any], source: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def check_quantization(config: Mapping[str, Any], infos: Mapping[str, TensorInfo], source: str) -> None:
-    """Refuse packed-integer quantised checkpoints (GPTQ, AWQ, ...), naming the format and the fix."""
+def _packed_format(config: Mapping[str, Any], infos: Mapping[str, TensorInfo]) -> tuple[str, str | None] | None:
+    """``(format, an example packed tensor or None)`` of a packed-integer quantised checkpoint, else ``None``."""
     q = config.get("quantization_config") if isinstance(config, Mapping) else None
     method = str(q.get("quant_method", "")).lower() if isinstance(q, Mapping) else ""
     fmt = _PACKED.get(method)
@@ -164,7 +165,14 @@ def check_quantization(config: Mapping[str, Any], infos: Mapping[str, TensorInfo
     packed = next((n for n in infos if n.endswith(_PACKED_NAMES)), None)
     if fmt is None and packed is not None:
         fmt = "GPTQ/AWQ-style packed integers"
-    if fmt is not None:
+    return None if fmt is None else (fmt, packed)
+
+
+def check_quantization(config: Mapping[str, Any], infos: Mapping[str, TensorInfo], source: str) -> None:
+    """Refuse packed-integer quantised checkpoints (GPTQ, AWQ, ...), naming the format and the fix."""
+    found = _packed_format(config, infos)
+    if found is not None:
+        fmt, packed = found
         what = f" (e.g. tensor {packed!r}, {str(infos[packed].dtype).replace('torch.', '')})" if packed else ""
         raise WeightgeoError(
             f"{source}: is quantised with {fmt}{what}: packed integer weights are not read (only "
@@ -188,7 +196,9 @@ class Fp8Checkpoint(Checkpoint):
         self.source = inner.source
         self.config = dict(inner.config)
         self.skipped = list(inner.skipped)
-        self.block = tuple(block) if block is not None else _block_size(inner.config, inner.source)
+        self.block: tuple[int, int] = (
+            (int(block[0]), int(block[1])) if block is not None else _block_size(inner.config, inner.source)
+        )
         self._fp8: dict[str, tuple[str, tuple[int, int]]] = {}  # weight -> (scale tensor, its block)
         consumed: dict[str, str] = {}
         declared = _declares_fp8(inner.config)
@@ -318,15 +328,43 @@ def _declares_fp8(config: Mapping[str, Any]) -> bool:
 def wrap_quantized(ckpt: Checkpoint) -> Checkpoint:
     """``ckpt`` itself, or an :class:`Fp8Checkpoint` over it when it stores FP8 weights with scales (or its config
     declares FP8 quantisation); packed-integer formats raise (see :func:`check_quantization`)."""
-    names = ckpt.names()
-    check_quantization(ckpt.config, ckpt.infos, ckpt.source)
-    fp8 = [n for n in names if ckpt.info(n).dtype in FP8_DTYPES]
-    if fp8 and (
+    source = Source(ckpt, ckpt.source)
+    opened = _open(source) if _recognise(source) else ckpt
+    assert isinstance(opened, Checkpoint)
+    return opened
+
+
+def _scaled_fp8(ckpt: Checkpoint) -> bool:
+    fp8 = [n for n in ckpt.names() if ckpt.info(n).dtype in FP8_DTYPES]
+    return bool(fp8) and (
         _declares_fp8(ckpt.config)
         or any(
             n + "_scale_inv" in ckpt or n + "_scale" in ckpt or n[: -len("weight")] + "weight_scale" in ckpt
             for n in fp8
         )
-    ):
-        return Fp8Checkpoint(ckpt)
-    return ckpt
+    )
+
+
+def _recognise(source: Source) -> bool:
+    """An opened checkpoint that stores FP8 weights with scales (or declares FP8 quantisation), or one quantised
+    with a packed-integer format (refused when opened)."""
+    ck = source.checkpoint
+    return ck is not None and (_packed_format(ck.config, ck.infos) is not None or _scaled_fp8(ck))
+
+
+def _open(source: Source) -> Checkpoint:
+    ck = source.checkpoint
+    assert ck is not None  # recognised
+    check_quantization(ck.config, ck.infos, ck.source)
+    return Fp8Checkpoint(ck)
+
+
+FORMAT = Format(
+    "fp8",
+    "wraps any checkpoint with float8 weights and their scales (weight_scale_inv / weight_scale): read dequantised; "
+    "packed-integer quantisation (GPTQ, AWQ, ...) refused",
+    recognise=_recognise,
+    open=_open,
+    complete=nothing_to_check,
+    wraps=True,
+)

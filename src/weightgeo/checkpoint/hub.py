@@ -13,13 +13,16 @@ import re
 from pathlib import Path
 
 from ..errors import WeightgeoError
-from ._files import read_json_object, safe_shard_name
+from ._files import CONFIG, read_json_object, safe_shard_name
+from .format import Format, Source, nothing_to_check
+from .hf import SAFETENSORS_FILES
+from .safetensors import SUFFIX
 
-__all__ = ["resolve_hub", "is_hub_id", "hub_offline"]
+__all__ = ["FORMAT", "resolve_hub", "is_hub_id", "hub_offline"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-_ALLOW = ["*.safetensors", "*.json"]
-_INDEX = "model.safetensors.index.json"
+_ALLOW = [f"*{SUFFIX}", "*.json"]
+_INDEX = SAFETENSORS_FILES[1]
 
 
 def is_hub_id(text: str) -> bool:
@@ -80,8 +83,12 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | o
     try:
         if not offline:
             _check_remote_index(hf, hf_errors, repo_id, revision, cache_dir)
-        folder = hf.snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_ALLOW, local_files_only=offline
+        snapshot = hf.snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+            allow_patterns=_ALLOW,
+            local_files_only=offline,
         )
     except WeightgeoError:
         raise
@@ -103,7 +110,7 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | o
         raise WeightgeoError(
             f"{where}: download failed ({type(e).__name__}: {str(e)[:200]}); {_fix(repo_id, revision)}"
         ) from None
-    folder = Path(folder)
+    folder = Path(snapshot)
     index = folder / _INDEX
     if index.is_file():
         _validate_index_names(index)
@@ -112,7 +119,7 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | o
 
 def _check_remote_index(hf, hf_errors, repo_id: str, revision: str | None, cache_dir) -> None:
     """Fetch config.json and the shard index (small) and validate them before any shard is downloaded."""
-    for name in ("config.json", _INDEX):
+    for name in (CONFIG, _INDEX):
         try:
             path = hf.hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir)
         except hf_errors.LocalEntryNotFoundError:
@@ -122,7 +129,7 @@ def _check_remote_index(hf, hf_errors, repo_id: str, revision: str | None, cache
         if name == _INDEX:
             _validate_index_names(Path(path))
         else:
-            read_json_object(Path(path), what="config.json")
+            read_json_object(Path(path), what=CONFIG)
 
 
 def _validate_index_names(index: Path) -> None:
@@ -135,3 +142,27 @@ def _validate_index_names(index: Path) -> None:
         )
     for shard in set(wm.values()):
         safe_shard_name(index, shard)
+
+
+# --- the format ---------------------------------------------------------------------------------------------
+def _recognise(source: Source) -> bool:
+    # the resolver leaves a str as it is only when no such local path exists
+    return isinstance(source.value, str) and is_hub_id(source.value)
+
+
+def _open(source: Source) -> Source:
+    repo, _, rev = source.value.partition("@")
+    if rev and source.revision and rev != source.revision:
+        raise WeightgeoError(
+            f"{source.value!r}: revision {rev!r} in the id conflicts with revision={source.revision!r}; give one"
+        )
+    return source.at(resolve_hub(repo, revision=rev or source.revision))  # opened by the format of its files
+
+
+FORMAT = Format(
+    "hub",
+    "a Hugging Face Hub id org/name[@revision] that is no local path: its snapshot folder, opened by its format",
+    recognise=_recognise,
+    open=_open,
+    complete=nothing_to_check,
+)

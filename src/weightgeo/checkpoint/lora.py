@@ -21,10 +21,17 @@ import torch
 from ..errors import WeightgeoError
 from ._files import read_json_object
 from .base import Checkpoint, FactoredDelta, TensorInfo
+from .format import Format, Source, nothing_to_check
+from .hf import has_weight_files
 from .names import canonical_name
+from .safetensors import SafetensorsCheckpoint
+from .torch_bin import TorchBinCheckpoint
 
-__all__ = ["LoraAdapter", "MergedAdapterCheckpoint", "pattern_value"]
+__all__ = ["FORMAT", "ADAPTER_CONFIG", "LoraAdapter", "MergedAdapterCheckpoint", "pattern_value"]
 
+#: what marks a PEFT adapter folder
+ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -89,13 +96,13 @@ class LoraAdapter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
-        if path.is_file() and path.name == "adapter_config.json":
+        if path.is_file() and path.name == ADAPTER_CONFIG:
             path = path.parent
         self.path = path
-        cfg_path = path / "adapter_config.json"
+        cfg_path = path / ADAPTER_CONFIG
         if not cfg_path.is_file():
-            raise WeightgeoError(f"{path}: no adapter_config.json; pass a PEFT adapter folder")
-        cfg = read_json_object(cfg_path, what="adapter_config.json")
+            raise WeightgeoError(f"{path}: no {ADAPTER_CONFIG}; pass a PEFT adapter folder")
+        cfg = read_json_object(cfg_path, what=ADAPTER_CONFIG)
         self.config: dict[str, Any] = cfg
         peft_type = cfg.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
@@ -214,10 +221,7 @@ def _mapping(where: Path, key: str, v: Any) -> dict[str, Any]:
 
 
 def _open_weights(path: Path) -> Checkpoint:
-    from .safetensors import SafetensorsCheckpoint
-    from .torch_bin import TorchBinCheckpoint
-
-    st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    st, pt = (path / n for n in _ADAPTER_WEIGHTS)
     if st.is_file():
         return SafetensorsCheckpoint([st])
     if pt.is_file():
@@ -304,6 +308,7 @@ class MergedAdapterCheckpoint(Checkpoint):
         """The base tensor's identity, plus the adapter's factors and scaling (or its replacement tensor) when
         it adapts ``name``; ``None`` when any part has no on-disk identity."""
         base = self.base.identity(name)
+        parts: dict[str, Any]
         if name in self._replace:  # the replacement's values, cast to the base tensor's dtype
             parts = {"base": base, "replacement": self.adapter.weights.identity(self._replace[name])}
         elif name in self._targets:
@@ -326,3 +331,37 @@ class MergedAdapterCheckpoint(Checkpoint):
     def close(self) -> None:
         self.base.close()
         self.adapter.close()
+
+
+# --- the format ---------------------------------------------------------------------------------------------
+def _recognise(source: Source) -> bool:
+    if source.file is not None:
+        return source.file.name == ADAPTER_CONFIG
+    folder = source.folder
+    # an HF folder that also holds an adapter is the model, unless a base says the adapter is what is meant
+    return (
+        folder is not None
+        and (folder / ADAPTER_CONFIG).is_file()
+        and (source.base is not None or not has_weight_files(folder))
+    )
+
+
+def _open(source: Source) -> Checkpoint:
+    folder = source.file.parent if source.file is not None else source.folder
+    assert folder is not None  # recognised: a folder or its adapter_config.json
+    if source.base is None:
+        raise WeightgeoError(
+            f"{folder}: is a LoRA adapter ({ADAPTER_CONFIG}); pass the base model too: "
+            f"open_checkpoint({str(folder)!r}, base=<base model path, hub id or Checkpoint>)"
+        )
+    return MergedAdapterCheckpoint(source.base, LoraAdapter(folder))
+
+
+FORMAT = Format(
+    "lora",
+    f"a PEFT LoRA adapter ({ADAPTER_CONFIG} + adapter_model.safetensors/.bin) applied to base=",
+    recognise=_recognise,
+    open=_open,
+    complete=nothing_to_check,
+    needs_base=True,
+)

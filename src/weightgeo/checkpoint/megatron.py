@@ -48,7 +48,11 @@ from .model_config import ArchConfig, megatron_args_config
 from .pickles import load_torch_file
 from .view import MappedCheckpoint, Piece
 
-__all__ = ["megatron_view", "is_megatron", "check_megatron_folder", "megatron_folder_config"]
+__all__ = ["megatron_view", "is_megatron", "megatron_refusal", "megatron_folder_config"]
+
+_METADATA_JSON = "metadata.json"  # Megatron's own, beside DCP's .metadata: which sharded backend wrote the folder
+_COMMON = "common.pt"  # before core 0.19: the pickled args
+_LEGACY_GLOB = "mp_rank_*/model_optim_rng.pt"  # --ckpt-format torch
 
 _TOP = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -94,34 +98,40 @@ def is_megatron(names: Iterable[str]) -> bool:
     return any(n.startswith(("decoder.layers.", "embedding.word_embeddings.")) for n in names)
 
 
-def check_megatron_folder(folder: Path) -> None:
-    """Refuse Megatron folders that are not ``torch_dist`` (``metadata.json``'s ``sharded_backend``), naming the fix."""
-    meta = folder / "metadata.json"
+def megatron_refusal(folder: Path, *, dcp: bool) -> str | None:
+    """Why the Megatron folder ``folder`` is not read, naming the fix, or ``None``: a sharded backend other than
+    ``torch_dist`` (``metadata.json``'s ``sharded_backend``), or (when it is no DCP folder, ``dcp=False``) the legacy
+    ``--ckpt-format torch`` layout.
+
+    >>> megatron_refusal(Path("."), dcp=False) is None
+    True
+    """
+    meta = folder / _METADATA_JSON
     if meta.is_file():
-        backend = read_json_object(meta, what="Megatron metadata.json").get("sharded_backend")
+        backend = read_json_object(meta, what=f"Megatron {_METADATA_JSON}").get("sharded_backend")
         if backend not in (None, "torch_dist"):
-            raise WeightgeoError(
+            return (
                 f"{meta}: sharded_backend {backend!r} is not supported, only 'torch_dist' (a "
                 f"torch.distributed.checkpoint); re-save with --ckpt-format torch_dist or convert it "
                 f"with Megatron's checkpoint converter"
             )
-    if not (folder / ".metadata").is_file() and any(folder.glob("mp_rank_*/model_optim_rng.pt")):
-        raise WeightgeoError(
-            f"{folder}: is a legacy Megatron --ckpt-format torch checkpoint (mp_rank_*/"
-            f"model_optim_rng.pt), which is not read; save with --ckpt-format torch_dist (slime's "
-            f"default) or convert to Hugging Face weights"
+    if not dcp and any(folder.glob(_LEGACY_GLOB)):
+        return (
+            f"{folder}: is a legacy Megatron --ckpt-format torch checkpoint ({_LEGACY_GLOB}), which is not read; "
+            f"save with --ckpt-format torch_dist (slime's default) or convert to Hugging Face weights"
         )
+    return None
 
 
 def megatron_folder_config(folder: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Architecture numbers from ``common.pt``'s Megatron ``args`` (no Megatron needed), and what could not be read."""
-    common = folder / "common.pt"
+    common = folder / _COMMON
     if not common.is_file():
         return {}, []
     try:
         state = load_torch_file(common, allowed=[argparse.Namespace], mmap=False)
     except WeightgeoError as e:
-        return {}, [{"name": "common.pt", "reason": f"not read, its Megatron args are unused ({e})"}]
+        return {}, [{"name": _COMMON, "reason": f"not read, its Megatron args are unused ({e})"}]
     args = state.get("args") if isinstance(state, dict) else None
     return (megatron_args_config(args) if args is not None else {}), []
 
@@ -192,6 +202,7 @@ class _Builder:
             info = self.inner.info(name)
             if name in _TOP:
                 if name in _VOCAB:
+                    assert vocab is not None  # a vocabulary tensor is present, so _vocab_rows gave its rows
                     self.add(_TOP[name], name, (vocab, *info.shape[1:]), ((0,), (vocab,)), 0, note="unpadded rows")
                 else:
                     self.add(_TOP[name], name, info.shape, ((), ()), 0)
@@ -209,6 +220,7 @@ class _Builder:
 
     def _layer_tensor(self, name: str, info: TensorInfo, index: str | None, rest: str) -> bool:
         shape = info.shape
+        layers: list[tuple[int, tuple[int, ...], tuple[int, ...], int]]  # (layer, box start, box stop, squeeze)
         if index is None:  # stacked over layers on dim 0
             if not shape:
                 return False

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WeightgeoError
-from ._files import read_json_object
+from ._files import CONFIG, read_json_object
 
 __all__ = ["ArchConfig", "read_model_config", "megatron_args_config", "MEGATRON_ARG_NAMES"]
 
@@ -56,13 +56,13 @@ def read_model_config(config: Any, *, what: str = "config") -> dict[str, Any]:
     if isinstance(config, (str, os.PathLike)):
         p = Path(config).expanduser()
         if p.is_dir():
-            p = p / "config.json"
+            p = p / CONFIG
         if not p.is_file():
             raise WeightgeoError(
                 f"{what}={str(config)!r}: no such config.json; pass the HF model's config.json, the "
                 f"folder holding it, or a dict"
             )
-        return read_json_object(p, what="config.json")
+        return read_json_object(p, what=CONFIG)
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return dict(to_dict())

@@ -217,6 +217,10 @@ def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
     return linear
 
 
+def _searcher(rx: re.Pattern[str]) -> Callable[[str, tuple[int, ...] | None], bool]:
+    return lambda c, s: rx.search(c) is not None
+
+
 def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[str, tuple[int, ...] | None], bool]]:
     if spec is None:
         return []
@@ -228,7 +232,7 @@ def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[
         raise WeightgeoError(
             f"{what} must be a regex string, a preset {PRESETS} or a list of them, got {type(spec).__name__}"
         )
-    out = []
+    out: list[Callable[[str, tuple[int, ...] | None], bool]] = []
     for item in items:
         if not isinstance(item, str):
             raise WeightgeoError(
@@ -244,7 +248,7 @@ def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[
                 f"{what} pattern {item!r} is not a valid regular expression ({e}); "
                 f"fix the regex or use a preset {PRESETS}"
             ) from None
-        out.append(lambda c, s, rx=rx: rx.search(c) is not None)
+        out.append(_searcher(rx))
     return out
 
 

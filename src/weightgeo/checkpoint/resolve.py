@@ -1,4 +1,5 @@
-"""One resolver for every input: what is this source, and which lazy :class:`Checkpoint` reads it?
+"""One resolver for every input: the first format of the registry (:mod:`.registry`) that recognises a source
+opens it as a lazy :class:`Checkpoint`.
 
 >>> import torch
 >>> ckpt = open_checkpoint({"w": torch.ones(2, 2)})
@@ -9,34 +10,22 @@
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import WeightgeoError
-from ._files import read_config, read_index
+from . import registry
 from .base import Checkpoint
-from .fp8 import wrap_quantized
-from .hub import is_hub_id, resolve_hub
-from .lora import LoraAdapter, MergedAdapterCheckpoint
+from .format import Source
 from .model_config import read_model_config
-from .native import open_native_dir
-from .safetensors import SafetensorsCheckpoint
+from .runs import TRACKERS, step_of
 from .state_dict import StateDictCheckpoint
-from .torch_bin import TorchBinCheckpoint
 
 __all__ = ["open_checkpoint", "StateDictCheckpoint"]
 
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-_BIN_SUFFIXES = (".bin", ".pt", ".pth")
+#: a located source that locates again, more than this many times, is a loop between formats
+_MAX_HOPS = 8
 
 
 def open_checkpoint(source: Any, *, base: Any = None, revision: str | None = None, config: Any = None) -> Checkpoint:
@@ -67,110 +56,75 @@ def open_checkpoint(source: Any, *, base: Any = None, revision: str | None = Non
     if isinstance(source, Checkpoint):
         return source
     explicit = read_model_config(config) if config is not None else None
-    if isinstance(source, torch.nn.Module):
-        # transformers' Conv1D (GPT-2 style) stores W as [in, out]; known from the class, whatever the config
-        conv1d = [
-            f"{name}.weight" if name else "weight"
-            for name, mod in source.named_modules()
-            if type(mod).__name__ == "Conv1D"
-        ]
-        ckpt: Checkpoint = StateDictCheckpoint(
-            source.state_dict(), source=type(source).__name__, config=_module_config(source), in_out_names=conv1d
-        )
-    elif isinstance(source, Mapping):
-        ckpt = StateDictCheckpoint(source, source="state_dict")
-    elif isinstance(source, (str, os.PathLike)):
-        ckpt = _open_path(source, base=base, revision=revision, config=explicit)
-    else:
-        raise WeightgeoError(
-            f"cannot open a {type(source).__name__} as a checkpoint; pass a path, a hub id, a "
-            f"state_dict, an nn.Module or a Checkpoint"
-        )
+    ckpt = _open(_source(source, base=base, revision=revision, config=explicit))
     if explicit:
         ckpt.config = {**ckpt.config, **explicit}
-    return wrap_quantized(ckpt)
+    return _wrap(ckpt)
 
 
-def _module_config(module: torch.nn.Module) -> dict[str, Any]:
-    cfg = getattr(module, "config", None)
-    if cfg is None:
-        return {}
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    to_dict = getattr(cfg, "to_dict", None)
-    return dict(to_dict()) if callable(to_dict) else {}
+def _source(source: Any, *, base: Any, revision: str | None, config: dict[str, Any] | None) -> Source:
+    """``source`` as the formats see it: an existing path as a :class:`Path`; anything else as given."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        path = Path(text).expanduser()
+        if path.exists():
+            return Source(path, str(path), base, revision, config)
+        return Source(source, text, base, revision, config)
+    return Source(source, type(source).__name__, base, revision, config)
 
 
-def _open_path(
-    source: str | os.PathLike[str], *, base: Any, revision: str | None, config: dict[str, Any] | None
-) -> Checkpoint:
-    text = os.fspath(source)
-    path = Path(text).expanduser()
-    if not path.exists():
-        if isinstance(source, str) and is_hub_id(text):
-            repo, _, rev = text.partition("@")
-            if rev and revision and rev != revision:
-                raise WeightgeoError(
-                    f"{text!r}: revision {rev!r} in the id conflicts with revision={revision!r}; give one"
-                )
-            folder = resolve_hub(repo, revision=rev or revision)
-            return _open_dir(folder, base=base, source=text, config=config)
-        raise WeightgeoError(
-            f"no such file or directory: {text}; pass a local checkpoint dir, a .safetensors file or a hub id"
+def _open(source: Source) -> Checkpoint:
+    """Open ``source`` with the first format that recognises it, following what a format locates (a hub id's
+    snapshot folder) to the format that opens that."""
+    for _ in range(_MAX_HOPS):
+        fmt = registry.recognise(source)
+        if fmt is None:
+            raise _unrecognised(source)
+        if fmt.needs_base and source.base is not None:
+            source = replace(source, base=open_checkpoint(source.base))  # the base is any source: opened here
+        opened = fmt.open(source)
+        if isinstance(opened, Checkpoint):
+            return opened
+        source = opened
+    raise WeightgeoError(f"{source.text}: formats located each other {_MAX_HOPS} times without opening it")
+
+
+def _wrap(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` inside every wrapping format that recognises it (FP8 dequantisation), in registry order."""
+    for fmt in registry.FORMATS:
+        source = Source(ckpt, ckpt.source)
+        if fmt.wraps and fmt.recognise(source):
+            opened = fmt.open(source)
+            if not isinstance(opened, Checkpoint):  # a wrapper wraps: it never locates
+                raise TypeError(f"format {fmt.name!r} wraps a checkpoint but returned {type(opened).__name__}")
+            ckpt = opened
+    return ckpt
+
+
+def _unrecognised(source: Source) -> WeightgeoError:
+    """What no format recognised, in words, and what to pass instead."""
+    if source.folder is not None:
+        return WeightgeoError(_no_weights(source.folder))
+    if source.file is not None:
+        return WeightgeoError(
+            f"{source.file}: unknown checkpoint file type; pass a .safetensors, .bin/.pt or *.index.json file or "
+            f"the model folder"
         )
-    if path.is_dir():
-        return _open_dir(path, base=base, source=str(path), config=config)
-    return _open_file(path, base=base)
-
-
-def _open_file(path: Path, *, base: Any) -> Checkpoint:
-    name = path.name
-    config = read_config(path.parent)
-    if name == "adapter_config.json":
-        return _open_adapter(path.parent, base=base)
-    if name.endswith(".index.json"):
-        _, _, shards = read_index(path)
-        if all(s.endswith(".safetensors") for s in shards):
-            return SafetensorsCheckpoint.from_index(path, config=config)
-        return TorchBinCheckpoint.from_index(path, config=config)
-    if name.endswith(".safetensors"):
-        return SafetensorsCheckpoint([path], config=config)
-    if name.endswith(_BIN_SUFFIXES):
-        return TorchBinCheckpoint([path], config=config)
-    raise WeightgeoError(
-        f"{path}: unknown checkpoint file type; pass a .safetensors, .bin/.pt or *.index.json file or the model folder"
+    if isinstance(source.value, (str, os.PathLike)):
+        return WeightgeoError(
+            f"no such file or directory: {source.text}; pass a local checkpoint dir, a .safetensors file or a hub id"
+        )
+    return WeightgeoError(
+        f"cannot open a {type(source.value).__name__} as a checkpoint; pass a path, a hub id, a "
+        f"state_dict, an nn.Module or a Checkpoint"
     )
 
 
-def _open_dir(folder: Path, *, base: Any, source: str, config: dict[str, Any] | None = None) -> Checkpoint:
-    has = {n for n in _WEIGHT_FILES if (folder / n).is_file()}
-    adapter = (folder / "adapter_config.json").is_file()
-    if adapter and (base is not None or not has):
-        return _open_adapter(folder, base=base)
-    own = read_config(folder)
-    if "model.safetensors" in has:
-        return SafetensorsCheckpoint([folder / "model.safetensors"], source=source, config=own)
-    if "model.safetensors.index.json" in has:
-        return SafetensorsCheckpoint.from_index(folder / "model.safetensors.index.json", source=source, config=own)
-    if "pytorch_model.bin" in has:
-        return TorchBinCheckpoint([folder / "pytorch_model.bin"], source=source, config=own)
-    if "pytorch_model.bin.index.json" in has:
-        return TorchBinCheckpoint.from_index(folder / "pytorch_model.bin.index.json", source=source, config=own)
-    others = sorted(folder.glob("*.safetensors"))
-    if others:  # non-standard names (consolidated.safetensors, ...): all of them, one checkpoint
-        return SafetensorsCheckpoint(others, source=source, config=own)
-    native = open_native_dir(
-        folder,
-        source=source,
-        config=config,
-        base_config=_base_config(base),
-        open_hf=lambda d: _open_dir(d, base=None, source=str(d)),
-    )
-    if native is not None:
-        return native
+def _no_weights(folder: Path) -> str:
     content = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    steps = sorted((c for c in content if _STEP_DIR.match(c)), key=_step_of)
-    latest = next((m for m in _LATEST if (folder / m).is_file()), None)
+    numbered = [(_step(c), c) for c in content if c.endswith("/")]
+    steps = [c for _, c in sorted((t, c) for t, c in numbered if t is not None)]
+    latest = next((m for m in TRACKERS if (folder / m).is_file()), None)
     if steps:
         mark = f" ({latest}: {(folder / latest).read_text(errors='replace').strip()[:40]!r})" if latest else ""
         hint = (
@@ -182,33 +136,10 @@ def _open_dir(folder: Path, *, base: Any, source: str, config: dict[str, Any] | 
             "; pass a folder with model.safetensors (or shards + index) or pytorch_model.bin, or a training "
             "framework's checkpoint folder (docs/checkpoints.md)"
         )
-    raise WeightgeoError(f"{folder}: no weights found (contents: {content[:20]}){hint}")
+    return f"{folder}: no weights found (contents: {content[:20]}){hint}"
 
 
-# checkpoint folders of a run: HF Trainer, verl / DeepSpeed, Megatron / slime, torchtitan
-_STEP_DIR = re.compile(r"^(checkpoint-|global_step_?|iter_|step-)(\d+)/$")
-_LATEST = ("latest_checkpointed_iteration.txt", "latest")
-
-
-def _step_of(entry: str) -> int:
-    m = _STEP_DIR.match(entry)
-    return int(m[2]) if m else -1
-
-
-def _base_config(base: Any) -> dict[str, Any]:
-    """The paired base's config (architecture numbers for a native fine-tune), when it is at hand."""
-    if isinstance(base, Checkpoint):
-        return dict(base.config)
-    if isinstance(base, (str, os.PathLike)) and Path(base).is_dir():
-        return read_config(Path(base))
-    return {}
-
-
-def _open_adapter(folder: Path, *, base: Any) -> Checkpoint:
-    if base is None:
-        raise WeightgeoError(
-            f"{folder}: is a LoRA adapter (adapter_config.json); pass the base model too: "
-            f"open_checkpoint({str(folder)!r}, base=<base model path, hub id or Checkpoint>)"
-        )
-    adapter = LoraAdapter(folder)
-    return MergedAdapterCheckpoint(open_checkpoint(base), adapter)
+def _step(entry: str) -> int | None:
+    """The step of a checkpoint folder entry (``name/``), temporary folders left out."""
+    step, _, temporary = step_of(entry.rstrip("/"))
+    return None if temporary else step

@@ -31,8 +31,10 @@ from ..errors import WeightgeoError
 from ._files import file_identity, file_list, read_index
 from .base import Checkpoint, TensorInfo
 
-__all__ = ["SafetensorsCheckpoint", "read_header", "SAFETENSORS_DTYPES"]
+__all__ = ["SafetensorsCheckpoint", "read_header", "SAFETENSORS_DTYPES", "SUFFIX"]
 
+#: the file suffix of safetensors files
+SUFFIX = ".safetensors"
 _FIX = "re-download or re-save the file"
 #: safetensors dtype codes that torch can hold, mapped to torch dtypes
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -120,8 +122,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, _Entry], dict[s
         )
     entries: dict[str, _Entry] = {}
     spans: list[tuple[int, int, str]] = []
-    for name, e in header.items():
-        entries[name] = _parse_entry(path, name, e, data_start, data_len)
+    for name, raw_entry in header.items():
+        entries[name] = _parse_entry(path, name, raw_entry, data_start, data_len)
         spans.append((entries[name].start, entries[name].stop, name))
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
@@ -174,7 +176,7 @@ def _parse_entry(path: Path, name: str, e: Any, data_start: int, data_len: int) 
 def _read_bytes(path: Path, start: int, nbytes: int, name: str) -> torch.Tensor:
     # torch.empty, not bytearray: a bytearray is zero-filled first, which cost as much as the read itself.
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B")
+    view = buf.numpy().data.cast("B")
     got = 0
     try:
         with open(path, "rb", buffering=0) as f:
@@ -246,16 +248,16 @@ class SafetensorsCheckpoint(Checkpoint):
         if weight_map is not None:
             by_name = {p.name: p for p in paths}
             for name, shard in weight_map.items():
-                ent = self._entries.get(name)
+                held = self._entries.get(name)
                 if shard not in by_name:
                     raise WeightgeoError(
                         f"{self.source}: weight_map puts tensor {name!r} in {shard!r}, which is not "
                         f"among the shard files {sorted(by_name)}; fix the index"
                     )
-                if ent is None or ent.path.name != shard:
+                if held is None or held.path.name != shard:
                     raise WeightgeoError(
                         f"{by_name[shard]}: the index lists tensor {name!r} in this shard but its header does not "
-                        f"hold it{'' if ent is None else f' (found in {ent.path.name})'}; re-download the "
+                        f"hold it{'' if held is None else f' (found in {held.path.name})'}; re-download the "
                         f"shards or fix the index"
                     )
 

@@ -1,5 +1,9 @@
 """In-memory tensors (a state_dict or an ``nn.Module``) behind the :class:`Checkpoint` interface.
 
+Recognised by type: a ``Mapping`` of name -> tensor, or an ``nn.Module`` (its ``state_dict()``; transformers
+``Conv1D`` weights are known to be stored [in, out] from the module classes, and ``module.config`` becomes
+``Checkpoint.config``). Nothing is on disk, so there is nothing to judge complete.
+
 >>> import torch
 >>> ckpt = StateDictCheckpoint({"w": torch.zeros(2, 3, requires_grad=True)})
 >>> ckpt.names(), ckpt.get("w").requires_grad
@@ -15,8 +19,9 @@ import torch
 
 from ..errors import WeightgeoError
 from .base import Checkpoint, TensorInfo
+from .format import Format, Source, nothing_to_check
 
-__all__ = ["StateDictCheckpoint"]
+__all__ = ["FORMAT", "StateDictCheckpoint"]
 
 
 class StateDictCheckpoint(Checkpoint):
@@ -58,3 +63,42 @@ class StateDictCheckpoint(Checkpoint):
 
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._tensors[name][start:stop].cpu()
+
+
+# --- the format ---------------------------------------------------------------------------------------------
+def _recognise(source: Source) -> bool:
+    return isinstance(source.value, (torch.nn.Module, Mapping))
+
+
+def _open(source: Source) -> Checkpoint:
+    value = source.value
+    if isinstance(value, torch.nn.Module):
+        # transformers' Conv1D (GPT-2 style) stores W as [in, out]; known from the class, whatever the config
+        conv1d = [
+            f"{name}.weight" if name else "weight"
+            for name, mod in value.named_modules()
+            if type(mod).__name__ == "Conv1D"
+        ]
+        return StateDictCheckpoint(
+            value.state_dict(), source=type(value).__name__, config=_module_config(value), in_out_names=conv1d
+        )
+    return StateDictCheckpoint(value, source="state_dict")
+
+
+def _module_config(module: torch.nn.Module) -> dict[str, Any]:
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return {}
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    to_dict = getattr(cfg, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else {}
+
+
+FORMAT = Format(
+    "state_dict",
+    "in memory: a {name: Tensor} mapping or an nn.Module (its state_dict())",
+    recognise=_recognise,
+    open=_open,
+    complete=nothing_to_check,
+)

@@ -27,8 +27,11 @@ from ..errors import WeightgeoError
 from ._files import file_identity, file_list, read_index
 from .base import Checkpoint, TensorInfo
 
-__all__ = ["TorchBinCheckpoint", "load_state_file"]
+__all__ = ["TorchBinCheckpoint", "load_state_file", "SUFFIXES", "zip_problem"]
 
+#: file suffixes of ``torch.save`` files (HF ``pytorch_model.bin``, verl and DeepSpeed ``.pt``, Trainer ``.pth``)
+SUFFIXES = (".bin", ".pt", ".pth")
+_ZIP_MAGIC = b"PK\x03\x04"
 _NESTED_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
 
@@ -89,6 +92,37 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"model.state_dict() or convert to safetensors"
         )
     return dict(obj)
+
+
+def zip_problem(path: Path, size: int) -> str | None:
+    """Why a ``torch.save`` zip file is cut short or corrupt, or ``None``, from its zip directory alone (torch
+    writes it last). Legacy (pre-zip) pickles cannot be checked cheaply: ``None``.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "w.pt"
+    >>> torch.save({"w": torch.ones(64)}, p)
+    >>> zip_problem(p, p.stat().st_size) is None, zip_problem(p, 10) is None
+    (True, False)
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"cannot read ({e})"
+    if magic != _ZIP_MAGIC:
+        return None if size > 0 else "empty file"
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return (
+            f"truncated or corrupt torch zip file ({size} bytes; {e}); torch writes the zip directory last, "
+            f"so the save did not finish"
+        )
+    end = max((i.header_offset + len(i.FileHeader()) + i.compress_size for i in infos), default=0)
+    if end > size:
+        return f"truncated torch zip file: records end at byte {end} but the file has {size} bytes"
+    return None
 
 
 class TorchBinCheckpoint(Checkpoint):

@@ -26,14 +26,21 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
-from ._files import file_identity, read_json_object
+from ._files import file_identity, read_config, read_json_object
 from .base import Checkpoint, TensorInfo
+from .format import Findings, FolderFiles, Format, Source
+from .hf import has_weight_files, open_folder
 from .mapped_files import MappedFiles
+from .torch_bin import load_state_file
 
-__all__ = ["VerlFsdpCheckpoint", "is_verl_actor", "RANK_FILE"]
+__all__ = ["FORMAT", "VerlFsdpCheckpoint", "is_verl_actor", "RANK_FILE"]
 
 #: verl's per-rank model file name
 RANK_FILE = re.compile(r"^model_world_size_(?P<w>\d+)_rank_(?P<r>\d+)\.pt$")
+_RANK_GLOB = "model_world_size_*"
+_FSDP_CONFIG = "fsdp_config.json"
+_ACTOR = "actor"  # global_step_N/actor/
+_HF_COPY = "huggingface"  # actor/huggingface/: config, tokenizer, and full weights with save_contents 'hf_model'
 _TP_NAMES = ("tp", "tensor", "tensor_parallel", "ep", "expert", "cp", "pp")
 
 
@@ -44,9 +51,7 @@ def is_verl_actor(folder: str | os.PathLike[str]) -> bool:
     False
     """
     folder = Path(folder)
-    return (folder / "fsdp_config.json").is_file() or any(
-        RANK_FILE.match(p.name) for p in folder.glob("model_world_size_*")
-    )
+    return (folder / _FSDP_CONFIG).is_file() or any(RANK_FILE.match(p.name) for p in folder.glob(_RANK_GLOB))
 
 
 @contextlib.contextmanager
@@ -63,8 +68,6 @@ def _quiet_mesh() -> Iterator[None]:
 
 def _load_rank(path: Path) -> dict[str, Any]:
     import torch.distributed.tensor  # noqa: F401 - allow-lists DTensor for weights_only loading
-
-    from .torch_bin import load_state_file
 
     with _quiet_mesh():
         return load_state_file(path)
@@ -99,12 +102,7 @@ class VerlFsdpCheckpoint(Checkpoint):
         super().__init__()
         self.folder = Path(folder)
         self.source = source or str(self.folder)
-        hf_config = self.folder / "huggingface" / "config.json"
-        self.config = (
-            dict(config)
-            if config is not None
-            else (read_json_object(hf_config, what="config.json") if hf_config.is_file() else {})
-        )
+        self.config = dict(config) if config is not None else read_config(self.folder / _HF_COPY)
         self.world_size, paths = self._rank_files()
         self._files = MappedFiles(paths, _load_rank)
         self._file_ids: dict[int, dict[str, Any]] = {}  # identity() of each rank file, taken once
@@ -117,10 +115,10 @@ class VerlFsdpCheckpoint(Checkpoint):
             m = RANK_FILE.match(p.name)
             if m:
                 found.setdefault(int(m["w"]), {})[int(m["r"])] = p
-        cfg_path = self.folder / "fsdp_config.json"
+        cfg_path = self.folder / _FSDP_CONFIG
         declared = None
         if cfg_path.is_file():
-            declared = read_json_object(cfg_path, what="fsdp_config.json").get("world_size")
+            declared = read_json_object(cfg_path, what=_FSDP_CONFIG).get("world_size")
             if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
                 raise WeightgeoError(
                     f"{cfg_path}: world_size must be a positive integer, found {declared!r}; the file is corrupt"
@@ -314,3 +312,72 @@ class VerlFsdpCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._files.release()
+
+
+# --- the format ---------------------------------------------------------------------------------------------
+def _actor(folder: Path) -> Path | None:
+    """The actor folder verl wrote into ``folder`` (``global_step_N/actor/``, or ``actor/`` itself), else ``None``:
+    it holds rank files, or a ``huggingface/`` copy with full weights."""
+    actor = folder / _ACTOR
+    if actor.is_dir() and (is_verl_actor(actor) or has_weight_files(actor / _HF_COPY, safetensors_only=True)):
+        return actor
+    if is_verl_actor(folder) or (folder.name == _ACTOR and has_weight_files(folder / _HF_COPY, safetensors_only=True)):
+        return folder
+    return None
+
+
+def _recognise(source: Source) -> bool:
+    return source.folder is not None and _actor(source.folder) is not None
+
+
+def _open(source: Source) -> Checkpoint:
+    assert source.folder is not None
+    folder = _actor(source.folder)
+    assert folder is not None  # recognised
+    text = source.text if folder == source.folder else str(folder)
+    hf_dir = folder / _HF_COPY
+    if not is_verl_actor(folder):
+        return open_folder(hf_dir, source=str(hf_dir))
+    shards = VerlFsdpCheckpoint(folder, source=text, config=source.config)
+    if not has_weight_files(hf_dir, safetensors_only=True):
+        return shards
+    hf = open_folder(hf_dir, source=str(hf_dir))
+    # the HF copy (checkpoint.save_contents 'hf_model') is cheaper to read; it is used unless it is less precise
+    if _itemsize(hf) >= _itemsize(shards):
+        shards.close()
+        return hf
+    hf.close()
+    return shards
+
+
+def _itemsize(ck: Checkpoint) -> int:
+    return max(
+        (i.dtype.itemsize for i in ck.infos.values() if i.dtype.is_floating_point and len(i.shape) == 2), default=0
+    )
+
+
+def _complete(folder: FolderFiles, found: Findings) -> None:
+    """Every rank's ``model_world_size_W_rank_R.pt`` is there (the files themselves are torch zips: :mod:`.hf`)."""
+    by_dir: dict[tuple[Path, int], set[int]] = {}
+    for p in folder.sizes:
+        m = RANK_FILE.match(p.name)
+        if m:
+            by_dir.setdefault((p.parent, int(m["w"])), set()).add(int(m["r"]))
+    for (parent, world), ranks in sorted(by_dir.items(), key=lambda kv: str(kv[0])):
+        found.saw("verl")
+        missing = sorted(set(range(world)) - ranks)
+        if missing:
+            found.add(
+                "missing_files",
+                f"{parent}: model_world_size_{world}_rank_R.pt missing for ranks {missing[:8]} of {world}",
+            )
+
+
+FORMAT = Format(
+    "verl",
+    "verl FSDP actor: global_step_N[/actor] with model_world_size_W_rank_R.pt / fsdp_config.json, or its "
+    "huggingface/ copy",
+    recognise=_recognise,
+    open=_open,
+    complete=_complete,
+)
