@@ -183,8 +183,10 @@ def _check_shard_sets(names: set[Path], found: Findings) -> None:
 
 
 def _trainer_folder(name: str) -> bool:
-    """Named as the HF Trainer names its checkpoints (a temporary one too: a checkpoint being staged)."""
-    return step_of(name)[1] == _TRAINER_NAMING
+    """Named as the HF Trainer names its checkpoints; a temporary folder is not held to the Trainer's marker (it is
+    reported as temporary)."""
+    _, naming, temporary = step_of(name)
+    return naming == _TRAINER_NAMING and not temporary
 
 
 def _trainer_run(root: Path) -> bool:
