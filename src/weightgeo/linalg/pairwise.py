@@ -60,7 +60,7 @@ from ..errors import WeightgeoError
 from ..validation import check_k, check_matrix, check_sides
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_shift
-from .svd import Decomposition, decompose
+from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
 
 __all__ = [
     "BaseSpectrum",
@@ -73,6 +73,7 @@ __all__ = [
     "pair_geometry",
     "products",
     "pair_products",
+    "side_products",
     "pair_eigen",
     "pair_spectrum",
     "effective_k",
@@ -133,10 +134,12 @@ def products(
                 add("P", (a0 + a0 + d).mT @ d)
             if C0:
                 add("C0", a0.mT @ d)
-            if J:
-                add("J", d.mT @ d)
+            if J:  # symmetric: the panels on and above the diagonal only
+                add_gram(acc.setdefault("J", d.new_zeros(b1 - b0, n, n)), d)
             if fro:
                 add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
+        if "J" in acc:
+            mirror_upper(acc["J"])
         for key, value in acc.items():
             parts.setdefault(key, []).append(value)
     out = {key: (v[0] if len(v) == 1 else torch.cat(v)).reshape((*lead, *v[0].shape[1:])) for key, v in parts.items()}
@@ -353,12 +356,20 @@ def pair_products(
 ) -> Products:
     """The products the pair geometry of ``sides`` needs (plus ΔᵀΔ and ‖Δ‖_F² for the stable rank), in one
     row-block pass. ``A1`` is oriented like ``base.A``."""
-    _, want_big, _ = _wants(base, sides)
+    return side_products(base.A, A1, transposed=base.transposed, sides=sides, stable_rank=stable_rank)
+
+
+def side_products(
+    A0: torch.Tensor, A1: torch.Tensor, *, transposed: bool, sides: tuple[str, ...], stable_rank: bool = False
+) -> Products:
+    """:func:`pair_products` from the tall ``A0``, ``A1`` alone (``transposed``: they are views of ``Wᵀ``), so that
+    it can run before or beside the base's decomposition: it needs none of it."""
+    want_big = ("left" in sides and not transposed) or ("right" in sides and transposed)
     if want_big:
         # The big side needs C0 (and J for its complement term); D = C0 + C0ᵀ + J then needs no P.
-        return products(base.A, A1, C0=True, J=True, fro=stable_rank)
+        return products(A0, A1, C0=True, J=True, fro=stable_rank)
     # J is the Gram of ΔW: its top eigenvalue is σ₁(ΔW)² for the stable rank.
-    return products(base.A, A1, P=True, J=stable_rank, fro=stable_rank)
+    return products(A0, A1, P=True, J=stable_rank, fro=stable_rank)
 
 
 @dataclass(frozen=True)
@@ -373,9 +384,8 @@ class PairEigen:
 
 def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool) -> PairEigen:
     """Rotate ``D = A1ᵀA1 − A0ᵀA0`` into W0's eigenbasis and solve W1's eigenproblem there (float64)."""
-    Vc = base.V_c
     D = prod.D()
-    F = (Vc.mT @ D @ Vc).to(torch.float64)
+    F = congruence(base.V_c, D).to(torch.float64)
     del D
     F = 0.5 * (F + F.mT)
     M1 = torch.diag_embed(base.lam) + F
@@ -486,11 +496,10 @@ def pair_angles(
         base, prod, eig, spec = _members(base, prod, eig, spec, index)
     want_small, want_big, complement = _wants(base, sides)
     s0 = base.lam.clamp_min(0).sqrt()
-    vd = torch.float64 if base.A.dtype == torch.float64 else torch.float32
     small = big = None
     if want_small:
         small = (
-            torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k, vd).clamp(0, 1)))
+            torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k).clamp(0, 1)))
             if k > 0  # type: ignore[arg-type]
             else s0.new_zeros(*s0.shape[:-1], 0)
         )
@@ -522,17 +531,20 @@ def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpect
     )
 
 
-def _sines_small(Q: torch.Tensor, k: int, values_dtype: torch.dtype) -> torch.Tensor:
-    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q."""
+def _sines_small(Q: torch.Tensor, k: int) -> torch.Tensor:
+    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q (float64)."""
     n = Q.shape[-1]
     shape = Q.shape[:-2]
     if k >= n:
         return Q.new_zeros(*shape, k)
-    # Singular values of the off-diagonal block; float32 (for ≤fp32 inputs) costs ~1e-7 absolute in a sine.
+    # The sines are the singular values of the off-diagonal block B = Q[k:, :k]: their squares are the float64
+    # eigenvalues of B's smaller Gram (‖B‖ ≤ 1, so each square carries ~1e-16 absolute and a sine s ~1e-16/s,
+    # at most ~1e-8 rad), cheaper than an SVD of the (n−k)×k block.
     B = Q[..., k:, :k]
-    s = torch.linalg.svdvals(B.to(values_dtype)).to(Q.dtype)
+    G = B.mT @ B if k <= n - k else B @ B.mT
+    s = torch.linalg.eigvalsh(G).clamp(0, 1).sqrt()  # ascending
     pad = Q.new_zeros(*shape, k - s.shape[-1])
-    return torch.cat([pad, s.flip(-1)], -1)  # min(k, n-k) sines; the other angles are exactly 0
+    return torch.cat([pad, s], -1)  # min(k, n-k) sines; the other angles are exactly 0
 
 
 def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
@@ -553,7 +565,7 @@ def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
     K = X.mT @ X
     if J is not None:
         # H = VᵀΔᵀ(I − U0U0ᵀ)ΔV = VᵀΔᵀΔV − Cᵀ Λ0⁺ C (component of ΔV outside W0's range).
-        H = (Vc.mT @ J @ Vc).to(f64) - C.mT @ (inv_s0[..., :, None] ** 2 * C)
+        H = congruence(Vc, J).to(f64) - C.mT @ (inv_s0[..., :, None] ** 2 * C)
         Qc = Qk.to(Vc.dtype)
         Hq = (Qc.mT @ H.to(Vc.dtype) @ Qc).to(f64)
         K = K + inv_s1[..., :, None] * Hq * inv_s1[..., None, :]
