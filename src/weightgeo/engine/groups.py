@@ -205,7 +205,7 @@ def matrix_rows(
         found = batched_pair_metrics(
             shared.on_device(),
             W1.to(options.device, non_blocking=True),
-            base=shared.spectrum(),
+            base=shared.spectrum,  # made in the kernel's second lane, beside the products (or read from the cache)
             update_rows=update_rows,
             **options.kernel(),
         )

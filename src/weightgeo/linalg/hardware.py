@@ -1,12 +1,21 @@
 """What the device does fast, and the choices of the numerical policy that depend on it.
 
-Only one choice depends on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
-(:func:`pass_dtype`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
+Two choices depend on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
+(:func:`pass_dtype`), and how many steps of one pair run side by side on a CPU (:func:`lanes`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
 the hardware multiplies bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or AVX512-BF16) and slower where it
 does not (AVX2-only CPUs emulate them); their price is a noise floor of about 2⁻⁸·σ₁ (docs/numerics.md). fp32
 and fp64 stacks always get passes in their own precision (a bf16 pass over an fp32 stack costs a cast copy
 and the same floor), and the pair method's GEMMs always run in the compute dtype: their accuracy relative to
 ‖ΔW‖ is what the method rests on. Measured per CPU kind: BENCHMARKS.md, "Randomized SVD".
+
+Lanes (:class:`Lanes`). A pair's steps form two chains that need nothing from each other until late: the base's
+decomposition (float64 Gram, ``eigh``) and the fine-tune's products (and the stable rank's ``eigvalsh``); after the
+base, the localization and the pair eigenproblem are independent again. On a CPU with at least two torch threads
+they run in two lanes (the calling thread and one worker), each with half of the threads, instead of one after the
+other with all of them. LAPACK's symmetric eigensolvers gain little from a second thread at these sizes and lose a
+lot when a core is busy elsewhere (a barrier waits for the slowest thread): on the shared 2-core AMD EPYC, float64
+``eigvalsh`` of four 896² matrices took 3.55 s with 2 threads and 0.37 s with one (``eigh``: 1.27 s and 0.77 s),
+at load 2.3. Results do not depend on the lanes (every step is the same call with the same operands).
 
 The GEMM library is torch everywhere. Measured on a 2-core AMD EPYC (AVX512-BF16), where torch's MKL takes its
 generic path: NumPy's OpenBLAS ran the whole fp32 subspace iteration in 0.63–1.30× svd_lowrank's time in
@@ -27,14 +36,28 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from . import policy
 
-__all__ = ["Hardware", "hardware", "pass_dtype", "policy_fingerprint", "BF16_PASS_MIN_ENTRIES"]
+__all__ = [
+    "Hardware",
+    "hardware",
+    "pass_dtype",
+    "policy_fingerprint",
+    "BF16_PASS_MIN_ENTRIES",
+    "LANES",
+    "lanes",
+    "Lanes",
+]
+
+T = TypeVar("T")
 
 #: bf16 passes pay for their cast and fixed costs from about this many entries per matrix (measured: 896×896
 #: and larger gain on AVX512-BF16 and AMX; 128×896 does not).
@@ -120,6 +143,69 @@ def pass_dtype(dtype: torch.dtype, device: str | torch.device | None, shape: tup
     return torch.float32
 
 
+#: Lanes of one pair on a CPU: ``None`` lets :func:`lanes` decide; 1 forces one lane (the benchmarks time both).
+LANES: int | None = None
+
+
+def lanes(device: str | torch.device | None = None) -> int:
+    """How many independent steps of one pair run side by side on ``device``: 2 on a CPU where torch has at least
+    two threads (each lane then gets half of them), else 1 (CUDA orders its own work; one thread has no second
+    core). :data:`LANES` overrides it."""
+    if LANES is not None:
+        return max(1, int(LANES))
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return 2 if dev.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+_worker: ThreadPoolExecutor | None = None
+
+
+class Lanes:
+    """Run independent steps side by side (:func:`lanes`): ``with Lanes(device) as ln: job = ln.submit(fn, *args)``
+    starts ``fn`` in the second lane (a worker thread) and returns a future; the calling thread is the first lane.
+    Inside the block each lane runs torch with half of the calling thread's threads; on leaving it every job
+    submitted has finished and the calling thread has its threads back. With one lane, ``submit`` runs ``fn`` at
+    once (its exception is raised by ``result()``, as from the worker)."""
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        # inside a lane (a job that opens its own Lanes) there is no third lane: run inline
+        self.n = 1 if threading.current_thread().name.startswith("weightgeo-lane") else lanes(device)
+        self._threads = 0
+        self._jobs: list[Future] = []
+
+    def __enter__(self) -> Lanes:
+        global _worker
+        if self.n > 1:
+            self._threads = torch.get_num_threads()
+            per = max(1, self._threads // self.n)
+            if _worker is None:
+                _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightgeo-lane")
+            _worker.submit(torch.set_num_threads, per).result()  # the worker's own threads (thread-local)
+            torch.set_num_threads(per)
+        return self
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        if self.n == 1 or _worker is None:
+            job: Future[T] = Future()
+            try:
+                job.set_result(fn(*args, **kwargs))
+            except Exception as e:  # raised by result(), as a worker's would be
+                job.set_exception(e)
+            return job
+        job = _worker.submit(fn, *args, **kwargs)
+        self._jobs.append(job)
+        return job
+
+    def __exit__(self, *exc: object) -> None:
+        for job in self._jobs:  # a job still running must not outlive the block (nor see the threads restored)
+            try:
+                job.result()
+            except Exception:  # the caller already has it, or raises its own exception
+                pass
+        if self._threads:
+            torch.set_num_threads(self._threads)
+
+
 @functools.cache
 def _fingerprint(device: str) -> str:
     hw = _describe(device)
@@ -127,6 +213,7 @@ def _fingerprint(device: str) -> str:
         # the policy's rules (precision, row blocks, conditioning) and what they run on
         "compute": {str(d): str(policy.compute_dtype(d)) for d in (*policy.LOW_PRECISION, torch.float64)},
         "row_block": policy.ROW_BLOCK,
+        "col_panel": policy.COL_PANEL,
         "refine_below": policy.REFINE_BELOW,
         "bf16_pass_min": BF16_PASS_MIN_ENTRIES,
         "device": torch.device(device).type,

@@ -18,6 +18,7 @@ from collections.abc import Set as AbstractSet
 import torch
 
 from ..errors import WeightgeoError
+from ..linalg.hardware import Lanes
 from ..linalg.pairwise import (
     BaseSpectrum,
     PairEigen,
@@ -27,15 +28,13 @@ from ..linalg.pairwise import (
     effective_k,
     pair_angles,
     pair_eigen,
-    pair_products,
     pair_spectrum,
     products,
+    side_products,
     spectral_gap,
-    tall_like,
 )
 from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
-from ..linalg.svd import tall_orientation
 from ..validation import check_eta, check_k, check_pair, check_rank_alpha, check_side
 from .catalog import ALL_METRICS, PAIR_METRICS
 from .localization import localize
@@ -103,7 +102,7 @@ def batched_pair_metrics(
     rank: int,
     alpha: float,
     eta: float,
-    base: BaseSpectrum | None = None,
+    base: BaseSpectrum | Callable[[], BaseSpectrum | None] | None = None,
     angles: bool = False,
     update_rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None = None,
 ) -> list[dict[str, float]]:
@@ -114,25 +113,39 @@ def batched_pair_metrics(
     Results equal the per-matrix ones: the ill-conditioned fallbacks are decided per member, and each
     member gets its own effective k (members that share one are done together; nothing is recomputed).
     ``base``: :func:`~weightgeo.linalg.pairwise.base_spectrum` of ``w0`` when the caller already has it
-    (several fine-tunes of one base decompose it once). ``update_rows``: per member, ``None`` (the bf16 rule on
+    (several fine-tunes of one base decompose it once), or a function that makes it (called once, in the second
+    lane, beside the products: the engine's shared, possibly cached, base). ``update_rows``: per member, ``None`` (the bf16 rule on
     the values) or a function giving the update mask of rows ``s:e`` (the FP8 rule on stored codes), used by
     the localization's update mask.
     """
     rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
     out: list[dict[str, float]] = [{} for _ in range(w0.shape[0])]
-    if base is None and (rot or nss or loc):
-        base = base_spectrum(w0)
-    if rot or nss or srank:
+    transposed = w0.shape[-2] < w0.shape[-1]
+    A0, A1 = (w0.mT, w1.mT) if transposed else (w0, w1)  # tall, as the base orients them
+    # Two lanes (linalg.hardware.Lanes): the base's decomposition beside the fine-tune's products and stable rank,
+    # then the localization beside the pair eigenproblem and angles.
+    with Lanes(w0.device) as lanes:
+        make = base if callable(base) else (lambda: base_spectrum(w0)) if base is None else None
+        base_job = lanes.submit(make) if make is not None and (rot or nss or loc) else None
+        prod, ranks = None, None
         sides = (side,) if rot else ()
-        if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
-            A1 = None
-            prod = products(tall_orientation(w0)[0], tall_orientation(w1)[0], J=True, fro=True)
-        else:
-            A1 = tall_like(base, w1, "W1")
-            prod = pair_products(base, A1, sides=sides, stable_rank=srank)
         if rot or nss:
-            assert base is not None and A1 is not None
+            prod = side_products(A0, A1, transposed=transposed, sides=sides, stable_rank=srank)
+        elif srank:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
+            prod = products(A0, A1, J=True, fro=True)
+        if srank:
+            assert prod is not None
+            ranks = _stable_ranks(prod)
+        if base_job is not None:
+            base = base_job.result() or base_spectrum(w0)
+        assert not callable(base)
+        loc_job = None
+        if loc:
+            assert base is not None
+            loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=rank, alpha=alpha, eta=eta, rows=update_rows)
+        if rot or nss:
+            assert base is not None and prod is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
             spec = pair_spectrum(base, A1, eig)
             if rot:
@@ -141,28 +154,43 @@ def batched_pair_metrics(
                 for i, row in enumerate(out):
                     row["spectral_drift"] = float(spec.nss[i])
             del eig, spec
-        if srank:
-            _stable_rank_rows(out, prod)
         del prod
-    if loc:
-        assert base is not None
-        r = min(rank, *w0.shape[-2:])
-        for i, row in enumerate(out):
-            res = localize(
-                w0[i],
-                w1[i],
-                base.V_c[i, :, :r],
-                base.transposed,
-                alpha=alpha,
-                eta=eta,
-                update_rows=None if update_rows is None else update_rows[i],
-            )
-            row.update(
-                density=res.density,
-                principal_mask_overlap=res.principal_mask_overlap,
-                low_magnitude_overlap=res.low_magnitude_overlap,
-            )
+        for row, extra in zip(out, ranks or ()):
+            row.update(extra)
+        if loc_job is not None:
+            for row, res in zip(out, loc_job.result()):
+                row.update(
+                    density=res.density,
+                    principal_mask_overlap=res.principal_mask_overlap,
+                    low_magnitude_overlap=res.low_magnitude_overlap,
+                )
     return out
+
+
+def _localization_rows(
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    base: BaseSpectrum,
+    *,
+    rank: int,
+    alpha: float,
+    eta: float,
+    rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None,
+) -> list:
+    """The localization of every member (its own lane: it needs only the base's vectors and the inputs)."""
+    r = min(rank, *w0.shape[-2:])
+    return [
+        localize(
+            w0[i],
+            w1[i],
+            base.V_c[i, :, :r],
+            base.transposed,
+            alpha=alpha,
+            eta=eta,
+            update_rows=None if rows is None else rows[i],
+        )
+        for i in range(w0.shape[0])
+    ]
 
 
 def _rotation_rows(
@@ -212,9 +240,9 @@ def _rotation_rows(
                 out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]
 
 
-def _stable_rank_rows(out: list[dict[str, float]], prod: Products) -> None:
+def _stable_ranks(prod: Products) -> list[dict[str, float]]:
     """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F²."""
     s1 = torch.linalg.eigvalsh(prod.J.to(torch.float64))[..., -1].clamp_min(0).sqrt()  # type: ignore[union-attr]
     sr = stable_rank_from_values(s1[..., None], prod.fro_sq)
-    for i, row in enumerate(out):
-        row.update(stable_rank=float(sr[i]), delta_frobenius=float(prod.fro_sq[i].sqrt()))  # type: ignore[index]
+    fro = prod.fro_sq.sqrt()  # type: ignore[union-attr]
+    return [{"stable_rank": float(sr[i]), "delta_frobenius": float(fro[i])} for i in range(sr.shape[0])]
