@@ -555,19 +555,21 @@ def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
     """
     f64 = torch.float64
     inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank & (s0 > 0), s0, torch.ones_like(s0)), torch.zeros_like(s0))
-    C = (Vc.mT @ C0 @ Vc).to(f64)
     Qk = Q[..., :, :k]
     inv_s1 = 1.0 / mu[..., :k].clamp_min(torch.finfo(f64).tiny).sqrt()
+    # Everything through the n×k block V Q_k (W1's top-k small-side vectors), in float64, never an n×n product:
+    # C Q_k with C = VᵀA0ᵀΔV is Vᵀ(C0 (V Q_k)) (O(n²k) instead of O(n³); V is the basis the products used).
+    V = Vc.to(f64)
+    P = V @ Qk
+    CQ = V.mT @ (C0.to(f64) @ P)
     # Rows k: of X = U0ᵀU1_k = (Σ0 Q_k + Σ0⁻¹ C Q_k) Σ1_k⁻¹; rows outside W0's range are 0.
-    CQ = (C[..., k:, :].to(Vc.dtype) @ Qk.to(Vc.dtype)).to(f64)
-    X = (s0[..., k:, None] * Qk[..., k:, :] + inv_s0[..., k:, None] * CQ) * inv_s1[..., None, :]
+    X = (s0[..., k:, None] * Qk[..., k:, :] + inv_s0[..., k:, None] * CQ[..., k:, :]) * inv_s1[..., None, :]
     X = X * in_rank[..., k:, None]
     K = X.mT @ X
     if J is not None:
-        # H = VᵀΔᵀ(I − U0U0ᵀ)ΔV = VᵀΔᵀΔV − Cᵀ Λ0⁺ C (component of ΔV outside W0's range).
-        H = congruence(Vc, J).to(f64) - C.mT @ (inv_s0[..., :, None] ** 2 * C)
-        Qc = Qk.to(Vc.dtype)
-        Hq = (Qc.mT @ H.to(Vc.dtype) @ Qc).to(f64)
+        # Q_kᵀHQ_k with H = VᵀΔᵀ(I − U0U0ᵀ)ΔV = VᵀΔᵀΔV − Cᵀ Λ0⁺ C (component of ΔV outside W0's range):
+        # (VQ_k)ᵀ J (VQ_k) − (CQ_k)ᵀ Λ0⁺ (CQ_k).
+        Hq = P.mT @ (J.to(f64) @ P) - CQ.mT @ (inv_s0[..., :, None] ** 2 * CQ)
         K = K + inv_s1[..., :, None] * Hq * inv_s1[..., None, :]
     K = 0.5 * (K + K.mT)
     sin2 = torch.linalg.eigvalsh(K).clamp(0, 1)  # ascending
