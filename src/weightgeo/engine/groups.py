@@ -8,7 +8,7 @@ per-tensor result cache can sit in front of them. Every analysed entry goes thro
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -173,6 +173,7 @@ def matrix_rows(
     *,
     shared: SharedBase | None = None,
     fp8: Sequence[Fp8Pair | None] | None = None,
+    base_ready: Callable[[], object] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored).
 
@@ -180,7 +181,8 @@ def matrix_rows(
     batched pair kernel on ``options.device``. ``shared``: the group's base on the device and its
     decomposition, when several fine-tunes of one base share them. ``fp8``: per member, the stored codes and
     scales of both sides when it is an FP8 job (``reading.read_fp8``): its update_sparsity and localization
-    update mask then follow the FP8 update rule.
+    update mask then follow the FP8 update rule. ``base_ready``: the kernel's hook once the base is decomposed
+    (:func:`~weightgeo.metrics.pair.batched_pair_metrics`).
     """
     pairs = list(fp8) if fp8 is not None else [None] * len(jobs)
     rows = [
@@ -207,6 +209,7 @@ def matrix_rows(
             W1.to(options.device, non_blocking=True),
             base=shared.spectrum,  # made in the kernel's second lane, beside the products (or read from the cache)
             update_rows=update_rows,
+            base_ready=base_ready,
             **options.kernel(),
         )
     except WeightgeoError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from ..cache import ResultCache, resolve_cache, sum_counts
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..distributed import current_world
 from ..errors import WeightgeoError
+from ..linalg.hardware import ahead
 from ..readahead import ReadAhead
 from ..report import Report
 from .cached import RowCache
@@ -212,7 +213,7 @@ def run(
         for f in fs:
             f.close()
     seconds = time.perf_counter() - t0
-    extra = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
+    extra: dict[str, Any] = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
     extra["cache"] = sum_counts([p["cache"] for p in per_rank])
     return [
         comparison_report(
@@ -274,12 +275,33 @@ def _run_units(
     out: list[Rows] = [[] for _ in fs]
     counts: dict[tuple[int, str], int] = {}
     index = {(i, plan.jobs[j].uid): j for i, plan in enumerate(work.plans) for j in range(len(plan.jobs))}
-    ahead = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
+    ahead_budget = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
     background = b.pure_io and all(f.pure_io for f in fs)
-    with ReadAhead(reads(), budget=ahead, background=background) as stream:
+    early: dict[int, SharedBase] = {}  # a shape group's shared base, made before its turn (by id of the group)
+
+    def next_base(stream: ReadAhead) -> Callable[[], object] | None:
+        """A hook that starts the next shape group's base decomposition in the second lane, if that group has been
+        read already (linalg.hardware.ahead: beside this group's pair eigenproblem)."""
+        nxt = stream.peek()
+        if nxt is None or not isinstance(nxt[0], Group) or not options.needs_base or id(nxt[0]) in early:
+            return None
+        g2, (W0_2, _, _) = nxt
+        shared = store.shared_base(W0_2, g2, work) if store is not None else SharedBase(W0_2, options)
+        early[id(g2)] = shared
+        started: list[object] = []
+
+        def start() -> None:  # once, however many fine-tunes of this group call it
+            if not started:
+                started.append(ahead(shared.spectrum, options.device))
+
+        return start
+
+    with ReadAhead(reads(), budget=ahead_budget, background=background) as stream:
         for what, data in stream:
             if isinstance(what, Group):
-                done = _group(what, *data, work, options, out, store)
+                hook = next_base(stream)
+                W0, W1s, fp8 = data
+                done = _group(what, W0, W1s, fp8, work, options, out, store, early.pop(id(what), None), hook)
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)
@@ -305,16 +327,21 @@ def _group(
     options: Options,
     out: list[Rows],
     store: RowCache | None = None,
+    shared: SharedBase | None = None,
+    base_ready: Callable[[], object] | None = None,
 ) -> int:
     """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
-    decomposition read from the cache), and the rows are cached as soon as they are computed."""
-    shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)
+    decomposition read from the cache), and the rows are cached as soon as they are computed. ``shared``: the
+    group's base made ahead of its turn; ``base_ready``: the kernel's hook once the base is decomposed (it starts
+    the next group's base)."""
+    if shared is None:
+        shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)
     done = 0
     for i, (W1, js) in enumerate(zip(W1s, g.jobs)):
         if W1 is None:
             continue
         jobs = [work.job(i, j) for j in js]
-        rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i])
+        rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i], base_ready=base_ready)
         out[i].extend(zip(js, rows))
         if store is not None:
             for j, job, row in zip(js, jobs, rows):

@@ -33,12 +33,13 @@ torch.float32
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ __all__ = [
     "LANES",
     "lanes",
     "Lanes",
+    "ahead",
 ]
 
 T = TypeVar("T")
@@ -157,7 +159,51 @@ def lanes(device: str | torch.device | None = None) -> int:
     return 2 if dev.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
-_worker: ThreadPoolExecutor | None = None
+class _Worker:
+    """The second lane: one daemon thread running jobs in order, those of a pair (``now``) before any submitted to
+    fill its idle time (``later``: the next shape group's base, :func:`ahead`), each with ``threads`` torch threads."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._now: collections.deque = collections.deque()
+        self._later: collections.deque = collections.deque()
+        self.threads = 0
+        threading.Thread(target=self._loop, name="weightgeo-lane", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], args: tuple, kwargs: dict, *, later: bool = False) -> Future[T]:
+        job: Future[T] = Future()
+        with self._cond:
+            (self._later if later else self._now).append((job, fn, args, kwargs))
+            self._cond.notify()
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._now or self._later):
+                    self._cond.wait()
+                job, fn, args, kwargs = (self._now or self._later).popleft()
+            if not job.set_running_or_notify_cancel():
+                continue
+            try:
+                if self.threads:
+                    torch.set_num_threads(self.threads)  # thread-local: this lane's share
+                job.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # raised by result() in the caller's thread
+                job.set_exception(e)
+
+
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
+
+
+def _second_lane(threads: int) -> _Worker:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = _Worker()
+        _worker.threads = threads
+        return _worker
 
 
 class Lanes:
@@ -169,30 +215,28 @@ class Lanes:
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         # inside a lane (a job that opens its own Lanes) there is no third lane: run inline
-        self.n = 1 if threading.current_thread().name.startswith("weightgeo-lane") else lanes(device)
+        self.n = 1 if _in_second_lane() else lanes(device)
         self._threads = 0
         self._jobs: list[Future] = []
+        self._worker: _Worker | None = None
 
     def __enter__(self) -> Lanes:
-        global _worker
         if self.n > 1:
             self._threads = torch.get_num_threads()
             per = max(1, self._threads // self.n)
-            if _worker is None:
-                _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightgeo-lane")
-            _worker.submit(torch.set_num_threads, per).result()  # the worker's own threads (thread-local)
+            self._worker = _second_lane(per)
             torch.set_num_threads(per)
         return self
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-        if self.n == 1 or _worker is None:
+        if self._worker is None:
             job: Future[T] = Future()
             try:
                 job.set_result(fn(*args, **kwargs))
             except Exception as e:  # raised by result(), as a worker's would be
                 job.set_exception(e)
             return job
-        job = _worker.submit(fn, *args, **kwargs)
+        job = self._worker.submit(fn, args, kwargs)
         self._jobs.append(job)
         return job
 
@@ -204,6 +248,19 @@ class Lanes:
                 pass
         if self._threads:
             torch.set_num_threads(self._threads)
+
+
+def ahead(fn: Callable[[], T], device: str | torch.device | None = None) -> Future[T] | None:
+    """Start ``fn`` in the second lane whenever it would otherwise idle (after every job of a pair in progress),
+    with the lane's share of the threads; ``None`` (nothing started) with one lane. The engine starts the next
+    shape group's base decomposition this way, so that it runs beside this group's pair eigenproblem."""
+    if _in_second_lane() or lanes(device) < 2:
+        return None
+    return _second_lane(max(1, torch.get_num_threads() // lanes(device))).submit(fn, (), {}, later=True)
+
+
+def _in_second_lane() -> bool:
+    return threading.current_thread().name == "weightgeo-lane"
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Any
 
 import torch
 
@@ -105,7 +106,8 @@ def batched_pair_metrics(
     base: BaseSpectrum | Callable[[], BaseSpectrum | None] | None = None,
     angles: bool = False,
     update_rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None = None,
-) -> list[dict[str, float]]:
+    base_ready: Callable[[], object] | None = None,
+) -> list[dict[str, Any]]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
     The engine's kernel for a shape group: one batched base decomposition, one row-block pass for the
@@ -116,11 +118,13 @@ def batched_pair_metrics(
     (several fine-tunes of one base decompose it once), or a function that makes it (called once, in the second
     lane, beside the products: the engine's shared, possibly cached, base). ``update_rows``: per member, ``None`` (the bf16 rule on
     the values) or a function giving the update mask of rows ``s:e`` (the FP8 rule on stored codes), used by
-    the localization's update mask.
+    the localization's update mask. ``base_ready``: called once the base's decomposition is done and the
+    localization started (the engine then starts the next group's base in the second lane, beside this pair's
+    eigenproblem).
     """
     rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
-    out: list[dict[str, float]] = [{} for _ in range(w0.shape[0])]
+    out: list[dict[str, Any]] = [{} for _ in range(w0.shape[0])]
     transposed = w0.shape[-2] < w0.shape[-1]
     A0, A1 = (w0.mT, w1.mT) if transposed else (w0, w1)  # tall, as the base orients them
     # Two lanes (linalg.hardware.Lanes): the base's decomposition beside the fine-tune's products and stable rank,
@@ -139,11 +143,14 @@ def batched_pair_metrics(
             ranks = _stable_ranks(prod)
         if base_job is not None:
             base = base_job.result() or base_spectrum(w0)
-        assert not callable(base)
+        elif callable(base):  # no metric here needs the base
+            base = None
         loc_job = None
         if loc:
             assert base is not None
             loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=rank, alpha=alpha, eta=eta, rows=update_rows)
+        if base_ready is not None:
+            base_ready()
         if rot or nss:
             assert base is not None and prod is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
@@ -194,7 +201,7 @@ def _localization_rows(
 
 
 def _rotation_rows(
-    out: list[dict[str, float]],
+    out: list[dict[str, Any]],
     base: BaseSpectrum,
     prod: Products,
     eig: PairEigen,
