@@ -197,7 +197,7 @@ class BaseSpectrum:
 
         dec = replace(
             d,
-            S=pick(d.S),
+            S=d.S[idx.to(d.S.device)],
             vectors=pick(d.vectors),
             gram_eigenvalues=pick(d.gram_eigenvalues),
             refined_mask=pick(d.refined_mask),
@@ -424,7 +424,8 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     num = torch.linalg.vector_norm(ds, dim=-1)
     inv_den = torch.where(ok_den, 1.0 / safe_den, torch.zeros_like(den))
     need = _untrusted(base, eig, s1, num, inv_den)
-    sigma1, rank1 = s1, numerical_rank(s1, base.A.shape[-2:], eps=base.eps)
+    m, n = base.A.shape[-2:]
+    sigma1, rank1 = s1, numerical_rank(s1, (m, n), eps=base.eps)
     nrm = torch.linalg.vector_norm(s0, dim=-1)
     nss = torch.where(
         nrm > 0,
@@ -498,9 +499,10 @@ def pair_angles(
     s0 = base.lam.clamp_min(0).sqrt()
     small = big = None
     if want_small:
+        assert eig.Q is not None, "pair_angles needs the pair's eigenvectors (pair_eigen(vectors=True))"
         small = (
             torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k).clamp(0, 1)))
-            if k > 0  # type: ignore[arg-type]
+            if k > 0
             else s0.new_zeros(*s0.shape[:-1], 0)
         )
     if want_big:
@@ -523,11 +525,14 @@ def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpect
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[index.to(t.device)]
 
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t[index.to(t.device)]
+
     return (
         base.select(index),
         Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
-        PairEigen(pick(eig.F), pick(eig.mu), pick(eig.Q)),
-        PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.nss), spec.fallback),
+        PairEigen(take(eig.F), take(eig.mu), pick(eig.Q)),
+        PairSpectrum(take(spec.sigma1), take(spec.rank1), take(spec.nss), spec.fallback),
     )
 
 

@@ -328,12 +328,11 @@ def frobenius_sq(A: torch.Tensor) -> torch.Tensor:
     Af = A.reshape(math.prod(A.shape[:-2]), m, n)
     if Af.shape[0] == 0 or m == 0:
         return A.to(torch.float64).square().sum((-2, -1))
-    parts = []
+    parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Af.shape[0], m, n):  # the same row blocks for every batch size
-        total = None
+        total = torch.zeros(b1 - b0, dtype=torch.float64, device=A.device)
         for s, e in spans:
-            part = Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
-            total = part if total is None else total + part
+            total = total + Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
         parts.append(total)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(A.shape[:-2])
 
