@@ -197,6 +197,16 @@ _worker: _Worker | None = None
 _worker_lock = threading.Lock()
 
 
+class _Open(threading.local):
+    """The Lanes block the current thread is in: its lanes and threads per lane (1, 1 outside any)."""
+
+    n = 1
+    per = 1
+
+
+_open = _Open()
+
+
 def _second_lane(threads: int) -> _Worker:
     global _worker
     with _worker_lock:
@@ -219,6 +229,7 @@ class Lanes:
         self._threads = 0
         self._jobs: list[Future] = []
         self._worker: _Worker | None = None
+        self._outer = (1, 1)
 
     def __enter__(self) -> Lanes:
         if self.n > 1:
@@ -226,6 +237,8 @@ class Lanes:
             per = max(1, self._threads // self.n)
             self._worker = _second_lane(per)
             torch.set_num_threads(per)
+            self._outer = (_open.n, _open.per)
+            _open.n, _open.per = self.n, per
         return self
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
@@ -248,15 +261,19 @@ class Lanes:
                 pass
         if self._threads:
             torch.set_num_threads(self._threads)
+            _open.n, _open.per = self._outer
 
 
 def ahead(fn: Callable[[], T], device: str | torch.device | None = None) -> Future[T] | None:
     """Start ``fn`` in the second lane whenever it would otherwise idle (after every job of a pair in progress),
     with the lane's share of the threads; ``None`` (nothing started) with one lane. The engine starts the next
     shape group's base decomposition this way, so that it runs beside this group's pair eigenproblem."""
-    if _in_second_lane() or lanes(device) < 2:
+    if _in_second_lane():
         return None
-    return _second_lane(max(1, torch.get_num_threads() // lanes(device))).submit(fn, (), {}, later=True)
+    if _open.n > 1:  # inside a Lanes block, whose calling thread runs with its lane's share already
+        return _second_lane(_open.per).submit(fn, (), {}, later=True)
+    n = lanes(device)
+    return None if n < 2 else _second_lane(max(1, torch.get_num_threads() // n)).submit(fn, (), {}, later=True)
 
 
 def _in_second_lane() -> bool:
