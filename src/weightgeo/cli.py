@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .checkpoint import open_checkpoint
-from .checkpoint.runs import NAMINGS_TEXT
-from .engine import compare, compare_many
 from .errors import WeightgeoError
-from .follow import follow
 from .outputs import check_output_path
-from .trajectory import locking_onset, rank_curve
+
+# The checkpoint readers, the engine and the trajectories (and so torch) are imported by the commands that use
+# them, not here: ``weightgeo --help`` starts in a tenth of a second instead of the seconds torch takes.
 
 __all__ = ["main"]
 
@@ -64,10 +62,32 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose description may be a function, called when the help is printed (the trajectory
+    command's names the run-folder namings, which live with the checkpoint readers)."""
+
+    def format_help(self) -> str:
+        if callable(self.description):
+            self.description = self.description()
+        return super().format_help()
+
+
+def _trajectory_description() -> str:
+    from .checkpoint.runs import NAMINGS_TEXT
+
+    return (
+        "Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
+        f"({NAMINGS_TEXT}): stable rank, "
+        "norms, Hill index, Sim_K to the final subspace and the locking onset. "
+        "Checkpoints not completely written are left out (listed with the reason); "
+        "--follow analyses new ones as the run writes them."
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weightgeo", description="The geometry of fine-tuning in parameter space.")
     parser.add_argument("--version", action="version", version=f"weightgeo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser(
         "compare",
@@ -107,11 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "trajectory",
         help="rank curves and subspace locking over a checkpoint stream",
-        description="Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
-        f"({NAMINGS_TEXT}): stable rank, "
-        "norms, Hill index, Sim_K to the final subspace and the locking onset. "
-        "Checkpoints not completely written are left out (listed with the reason); "
-        "--follow analyses new ones as the run writes them.",
+        description=_trajectory_description,  # type: ignore[arg-type]  # a function: _Parser calls it for --help
     )
     t.add_argument("run_dir", help="run directory of checkpoint folders")
     t.add_argument("--base", default=None, help="initial model (default: the first complete checkpoint)")
@@ -261,6 +277,8 @@ def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[An
     """With ``--config``, the checkpoints opened with it (``open_checkpoint(config=)``); else the paths as given."""
     if config is None:
         return base, list(fts)
+    from .checkpoint import open_checkpoint
+
     b = open_checkpoint(base, config=config)
     try:
         return b, [open_checkpoint(ft, base=b, config=config) for ft in fts]
@@ -274,6 +292,8 @@ def _run(args: argparse.Namespace) -> int:
         return _cache_command(args)
     _check_outputs(args)
     if args.command == "compare":
+        from .engine import compare, compare_many
+
         opts = dict(
             metrics=args.metrics,
             include=_filters(args.include),
@@ -315,6 +335,8 @@ def _run(args: argparse.Namespace) -> int:
         for flag, v in (("--until", args.until), ("--idle-s", args.idle_s)):
             if v is not None:
                 raise WeightgeoError(f"{flag} applies to --follow only")
+        from .trajectory import rank_curve
+
         report = rank_curve(args.run_dir, progress=not args.no_progress, **opts)
         onset = _with_onset(report, args)
         _emit(report, args)
@@ -325,6 +347,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _with_onset(report, args: argparse.Namespace):
+    from .trajectory import locking_onset
+
     onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
     report.summary["locking_onset"] = onset.step
     report.summary["mean_similarity"] = onset.mean_similarity
@@ -344,6 +368,8 @@ def _plot(report, onset, args: argparse.Namespace, *, quiet: bool = False) -> No
 
 def _follow(args: argparse.Namespace, opts: dict) -> int:
     """--follow: one line per new step; --out and --plot rewritten (atomically) after each."""
+    from .follow import follow
+
     opts.pop("strict")
     if args.poll_s < 0 or (args.idle_s is not None and args.idle_s < 0):
         raise WeightgeoError("--poll-s and --idle-s take seconds ≥ 0")
