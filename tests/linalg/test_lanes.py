@@ -89,9 +89,9 @@ def test_kernel_in_lanes_agrees_with_one_lane(monkeypatch, gen, two_threads, sid
 
 
 def test_next_groups_base_made_ahead_gives_the_same_rows(monkeypatch, tmp_path, two_threads):
-    import sys
+    import importlib
 
-    run = sys.modules["weightgeo.engine.run"]
+    run = importlib.import_module("weightgeo.engine.run")  # the module (the package exports a function "run")
     base = tiny_llama_state(num_layers=3, hidden=32, intermediate=48, vocab=40)
     g = torch.Generator().manual_seed(1)
     ft = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}

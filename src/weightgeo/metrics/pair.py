@@ -127,20 +127,20 @@ def batched_pair_metrics(
     out: list[dict[str, Any]] = [{} for _ in range(w0.shape[0])]
     transposed = w0.shape[-2] < w0.shape[-1]
     A0, A1 = (w0.mT, w1.mT) if transposed else (w0, w1)  # tall, as the base orients them
-    # Two lanes (linalg.hardware.Lanes): the base's decomposition beside the fine-tune's products and stable rank,
-    # then the localization beside the pair eigenproblem and angles.
+    # Two lanes (linalg.hardware.Lanes): the base's decomposition (then the stable rank's eigenvalue and the
+    # localization) in the second, the fine-tune's products, the pair eigenproblem and the angles in the first.
     with Lanes(w0.device) as lanes:
         make = base if callable(base) else (lambda: base_spectrum(w0)) if base is None else None
         base_job = lanes.submit(make) if make is not None and (rot or nss or loc) else None
-        prod, ranks = None, None
+        prod, rank_job = None, None
         sides = (side,) if rot else ()
         if rot or nss:
             prod = side_products(A0, A1, transposed=transposed, sides=sides, stable_rank=srank)
         elif srank:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
             prod = products(A0, A1, J=True, fro=True)
-        if srank:
+        if srank:  # its eigvalsh of ΔᵀΔ in the second lane, after the base (the first lane waits for it anyway)
             assert prod is not None
-            ranks = _stable_ranks(prod)
+            rank_job = lanes.submit(_stable_ranks, prod)
         if base_job is not None:
             base = base_job.result() or base_spectrum(w0)
         elif callable(base):  # no metric here needs the base
@@ -162,7 +162,7 @@ def batched_pair_metrics(
                     row["spectral_drift"] = float(spec.nss[i])
             del eig, spec
         del prod
-        for row, extra in zip(out, ranks or ()):
+        for row, extra in zip(out, rank_job.result() if rank_job is not None else ()):
             row.update(extra)
         if loc_job is not None:
             for row, res in zip(out, loc_job.result()):
