@@ -63,6 +63,18 @@ def test_a_pairs_jobs_go_before_work_ahead(two_threads):
     assert order == ["pair", "ahead"]
 
 
+def test_a_job_not_started_is_taken_back_by_the_first_lane(two_threads):
+    gate = threading.Event()
+    with hardware.Lanes("cpu") as ln:
+        ln.submit(gate.wait)  # the second lane is busy
+        job = ln.submit(lambda: threading.current_thread().name)
+        assert ln.take(job) == threading.current_thread().name  # run here, not waited for
+        gate.set()
+        started = ln.submit(lambda: threading.current_thread().name)
+        started.result()
+        assert ln.take(started) == "weightgeo-lane"  # already done there: its result
+
+
 def test_one_lane_runs_inline(monkeypatch, two_threads):
     monkeypatch.setattr(hardware, "LANES", 1)
     with hardware.Lanes("cpu") as ln:

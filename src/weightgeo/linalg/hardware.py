@@ -220,14 +220,16 @@ class Lanes:
     """Run independent steps side by side (:func:`lanes`): ``with Lanes(device) as ln: job = ln.submit(fn, *args)``
     starts ``fn`` in the second lane (a worker thread) and returns a future; the calling thread is the first lane.
     Inside the block each lane runs torch with half of the calling thread's threads; on leaving it every job
-    submitted has finished and the calling thread has its threads back. With one lane, ``submit`` runs ``fn`` at
-    once (its exception is raised by ``result()``, as from the worker)."""
+    submitted has finished and the calling thread has its threads back. ``take(job)`` is its result, or the job run
+    in the calling thread when the second lane has not started it (the first lane, idle, takes it back). With one
+    lane, ``submit`` runs ``fn`` at once (its exception is raised by ``result()``, as from the worker)."""
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         # inside a lane (a job that opens its own Lanes) there is no third lane: run inline
         self.n = 1 if _in_second_lane() else lanes(device)
         self._threads = 0
         self._jobs: list[Future] = []
+        self._calls: dict[int, tuple[Callable[..., Any], tuple, dict]] = {}
         self._worker: _Worker | None = None
         self._outer = (1, 1)
 
@@ -251,14 +253,25 @@ class Lanes:
             return job
         job = self._worker.submit(fn, args, kwargs)
         self._jobs.append(job)
+        self._calls[id(job)] = (fn, args, kwargs)
         return job
+
+    def take(self, job: Future[T]) -> T:
+        """``job.result()``, or the job run here when the second lane has not started it yet (then the first
+        lane, done with its own steps, does it instead of waiting: the lanes balance themselves)."""
+        call = self._calls.pop(id(job), None)
+        if call is not None and job.cancel():
+            fn, args, kwargs = call
+            return fn(*args, **kwargs)
+        return job.result()
 
     def __exit__(self, *exc: object) -> None:
         for job in self._jobs:  # a job still running must not outlive the block (nor see the threads restored)
             try:
                 job.result()
-            except Exception:  # the caller already has it, or raises its own exception
+            except Exception:  # the caller already has it, or raises its own exception (or it was taken back)
                 pass
+        self._calls.clear()
         if self._threads:
             torch.set_num_threads(self._threads)
             _open.n, _open.per = self._outer

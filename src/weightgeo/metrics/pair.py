@@ -162,10 +162,11 @@ def batched_pair_metrics(
                     row["spectral_drift"] = float(spec.nss[i])
             del eig, spec
         del prod
-        for row, extra in zip(out, rank_job.result() if rank_job is not None else ()):
-            row.update(extra)
+        if rank_job is not None:
+            for row, extra in zip(out, lanes.take(rank_job)):
+                row.update(extra)
         if loc_job is not None:
-            for row, res in zip(out, loc_job.result()):
+            for row, res in zip(out, lanes.take(loc_job)):
                 row.update(
                     density=res.density,
                     principal_mask_overlap=res.principal_mask_overlap,
