@@ -285,11 +285,11 @@ def skipped_checkpoint(status: CheckpointStatus, state: str) -> dict[str, Any]:
     }
 
 
-def strict_error(path: Any, reason: str, *, step: int | None = None) -> WeightgeoError:
+def strict_error(path: Any, reason: str | None, *, step: int | None = None) -> WeightgeoError:
     """The error of ``strict=True`` (CLI ``--strict``) on a checkpoint that is not completely written."""
     at = "" if step is None else f" (step {step})"
     return WeightgeoError(
-        f"{path}{at} is not completely written ({reason}); strict=True (--strict) fails on it: "
+        f"{path}{at} is not completely written ({reason or 'incomplete'}); strict=True (--strict) fails on it: "
         f"wait for the save to finish, remove the folder, or drop strict to leave it out"
     )
 

@@ -591,7 +591,8 @@ def _named_tensors(obj: Any) -> Iterable[tuple[str, torch.Tensor]]:
     return obj
 
 
-def _full_shape(p: torch.Tensor) -> tuple[int, ...] | None:
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The whole parameter's shape (a DeepSpeed ZeRO-3 shard says it in ``ds_shape``)."""
     ds = getattr(p, "ds_shape", None)
     return tuple(ds) if ds is not None else tuple(p.shape)
 

@@ -52,7 +52,7 @@ def not_in_key(why: str) -> dict[str, str]:
     return {NOT_IN_KEY: why}
 
 
-def in_key(field: dataclasses.Field) -> bool:  # type: ignore[type-arg]
+def in_key(field: dataclasses.Field[Any]) -> bool:
     """Whether a dataclass field enters cache keys (every field does unless marked :func:`not_in_key`)."""
     return NOT_IN_KEY not in field.metadata
 

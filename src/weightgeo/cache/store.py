@@ -510,7 +510,7 @@ def _checksum(row_text: str, tensors: Mapping[str, torch.Tensor]) -> str:
         t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         if t.numel():
-            h.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

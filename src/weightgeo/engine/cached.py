@@ -167,7 +167,12 @@ class RowCache:
             for slot, i in enumerate(missing):
                 parts[i] = _member(fresh, slot)
         dev = W0.device
-        S, lam, V_c = (torch.stack([p[n] for p in parts]).to(dev) for n in range(3))
+        S, lam, V_c = (
+            torch.stack([p[0] for p in parts]),
+            torch.stack([p[1] for p in parts]),
+            torch.stack([p[2] for p in parts]),
+        )
+        S, lam, V_c = S.to(dev), lam.to(dev), V_c.to(dev)
         refined = [p[3] for p in parts]
         mask = torch.tensor(refined, device=dev) if any(refined) else None
         return restore_base_spectrum(W0, S=S, lam=lam, V_c=V_c, refined_mask=mask)

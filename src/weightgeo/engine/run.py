@@ -222,7 +222,7 @@ def run(
         for f in fs:
             f.close()
     seconds = time.perf_counter() - t0
-    extra = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
+    extra: dict[str, Any] = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
     extra["cache"] = sum_counts([p["cache"] for p in per_rank])
     return [
         comparison_report(
