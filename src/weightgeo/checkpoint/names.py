@@ -226,6 +226,11 @@ def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
     return linear
 
 
+def _matches(rx: re.Pattern[str]) -> Callable[[str, tuple[int, ...] | None], bool]:
+    """The predicate of one regex: ``re.search`` on the canonical name (the shape plays no part)."""
+    return lambda cname, shape: rx.search(cname) is not None
+
+
 def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[str, tuple[int, ...] | None], bool]]:
     if spec is None:
         return []
@@ -237,7 +242,7 @@ def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[
         raise WeightgeoError(
             f"{what} must be a regex string, a preset {PRESETS} or a list of them, got {type(spec).__name__}"
         )
-    out = []
+    out: list[Callable[[str, tuple[int, ...] | None], bool]] = []
     for item in items:
         if not isinstance(item, str):
             raise WeightgeoError(
@@ -253,7 +258,7 @@ def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[
                 f"{what} pattern {item!r} is not a valid regular expression ({e}); "
                 f"fix the regex or use a preset {PRESETS}"
             ) from None
-        out.append(lambda c, s, rx=rx: rx.search(c) is not None)
+        out.append(_matches(rx))
     return out
 
 
