@@ -533,7 +533,7 @@ def part_engine(s: Suite, pairs: dict, cfg: dict, results: dict) -> None:
     from safetensors.torch import save_file
 
     import weightgeo
-    from weightgeo.engine.options import default_batch_bytes
+    from weightgeo.options import default_batch_bytes
 
     a = s.args
     L = a.engine_layers

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "weightgeo"
 # Lowest first. A unit (a module, or a package with everything in it) may import itself and the units of lower
 # layers; units of one layer are peers and never import each other.
 LAYERS = [
-    ["weightgeo.errors", "weightgeo._version"],
+    ["weightgeo.errors", "weightgeo._version", "weightgeo.defaults"],
     [
         "weightgeo.validation",
         "weightgeo.means",
@@ -24,8 +24,8 @@ LAYERS = [
         "weightgeo.outputs",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
-    ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache"],
-    ["weightgeo.report"],
+    ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache", "weightgeo.selection"],
+    ["weightgeo.report", "weightgeo.options"],
     ["weightgeo.stream"],
     ["weightgeo.engine", "weightgeo.trajectory"],
     ["weightgeo.api", "weightgeo.track", "weightgeo.follow"],
@@ -34,9 +34,7 @@ LAYERS = [
     ["weightgeo"],  # the package root: the flat public API
 ]
 # Deprecated names forwarded upward by a module-level __getattr__ (PEP 562), each until the release named.
-DEPRECATED_FORWARDS = {
-    ("weightgeo.metrics.trajectory", "weightgeo.trajectory"): "0.3",
-}
+DEPRECATED_FORWARDS = {}
 
 
 def _module_name(path: Path) -> str:

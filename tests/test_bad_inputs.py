@@ -16,6 +16,7 @@ import torch
 from factories import tiny_llama_state, write_hf_checkpoint, write_lora_adapter
 
 import weightgeo
+import weightgeo.cache
 from weightgeo import WeightgeoError
 from weightgeo.cli import main as cli_main
 
@@ -195,6 +196,37 @@ def test_tensor_level_rejects(case):
         pytest.skip("this machine has a cuda:7")
     with pytest.raises(WeightgeoError):
         TENSOR_CASES[case]()
+
+
+OPTION_CASES = {
+    "integer dtype to round to": (
+        lambda t: weightgeo.compare({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, dtype=torch.int8),
+        "dtype=torch.int8",
+    ),
+    "seed that is not an integer": (
+        lambda t: weightgeo.rank_curve([{"w": torch.ones(2, 2)}] * 2, seed=0.5),
+        "seed=0.5",
+    ),
+    "infinite poll interval": (lambda t: next(weightgeo.follow(t, poll_s=float("inf"))), "poll_s=inf"),
+    "follow of a missing folder": (lambda t: next(weightgeo.follow(t / "nope")), "nope does not exist"),
+    "a step that is not an integer": (
+        lambda t: weightgeo.rank_curve([{"w": torch.ones(2, 2)}] * 2, steps=[1, "2"]),
+        "every entry of steps must be an integer",
+    ),
+    "unknown Tracker mode": (lambda t: weightgeo.Tracker({"w": torch.ones(2, 2)}, mode="fast"), "mode='fast'"),
+    "negative cache age": (
+        lambda t: weightgeo.cache.ResultCache(t / "c").prune(older_than=-1),
+        "prune: older_than=-1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_option_rejects(case, tmp_path):
+    call, named = OPTION_CASES[case]
+    with pytest.raises(WeightgeoError) as e:
+        call(tmp_path)
+    assert named in str(e.value), str(e.value)
 
 
 def test_stream_with_one_checkpoint(tmp_path):

@@ -286,10 +286,22 @@ def test_other_3d_tensors_in_a_stream_are_listed_as_skipped(gen, tmp_path):
     }
 
 
-def test_tracker_lists_fused_expert_stacks_as_skipped():
-    """The Tracker follows 2-D weights; a fused stack of a live MoE model is listed with the reason, not dropped."""
-    tracker = weightgeo.Tracker(_qwen3_moe(0), every=1, k=2, include=["experts", "attention"])
-    stacks = {s["name"]: s["reason"] for s in tracker.skipped}
-    assert len(stacks) == 2 * L and "2-D" in stacks["layers.0.mlp.experts.gate_up_proj"]
+def test_tracker_follows_fused_expert_stacks_per_expert(moe):
+    """The Tracker follows each expert of a fused stack of a live MoE model as its own matrix, as rank_curve does
+    in saved checkpoints (one selector decides for both): the same rows, per (step, expert); nothing listed as
+    skipped for a stack. A 3-D tensor that is not an expert stack is listed with the reason."""
+    _, sd0, sd1 = moe
+    tracker = weightgeo.Tracker(_qwen3_moe(0), every=1, k=2, hill_k=2, include=["experts", "attention"])
+    stack = STACK.format(i=0, p="gate_up_proj")
+    assert not [s for s in tracker.skipped if ".experts." in s["name"]]
+    assert [f"{stack}[{j}]" for j in range(E)] == [n for n in tracker.names if n.startswith(stack)]
+    tracker.update(sd1, 1)
+    live = tracker.rank_curve()
+    off = weightgeo.rank_curve([sd1], base=sd0, steps=[1], k=2, hill_k=2, include=["experts", "attention"])
+    assert [(r["name"], r.get("expert")) for r in live.rows] == [(r["name"], r.get("expert")) for r in off.rows]
+    assert len([r for r in live.rows if r.get("expert") is not None]) == 2 * L * E
+    for a, b in zip(live.rows, off.rows):
+        for key in ("frobenius_norm", "spectral_norm", "stable_rank"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["name"], a.get("expert"), key)
     with pytest.raises(WeightgeoError, match="no parameter to track.*3-D tensor"):
-        weightgeo.Tracker(_qwen3_moe(0), every=1, k=2, include="experts")
+        weightgeo.Tracker({"conv.weight": torch.ones(4, 3, 5)}, every=1, k=2)

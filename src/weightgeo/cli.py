@@ -18,11 +18,15 @@ from typing import Any
 from ._version import __version__
 from .checkpoint import open_checkpoint
 from .checkpoint.runs import NAMINGS_TEXT
+from .defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, RANK, SIDE, STREAM_K, THRESHOLD
 from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .follow import follow
+from .metrics.trajectory import LockingOnset
 from .outputs import check_output_path
+from .report import Report
 from .trajectory import locking_onset, rank_curve
+from .validation import check_amount, check_int, check_report_path, cli_syntax
 
 __all__ = ["main"]
 
@@ -35,7 +39,14 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, experts, router",
     )
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", default=None, help="cpu (default: where the checkpoints are read) or cuda[:N]")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        metavar="NAME",
+        help="round both sides to this float format first (bfloat16, float16, float32, ...); "
+        "default: compare in the stored formats",
+    )
     p.add_argument(
         "--config",
         default=None,
@@ -89,11 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)",
     )
-    c.add_argument("--k", type=int, default=512, help="top-k subspace size for principal angles (default 512)")
-    c.add_argument("--side", choices=("right", "left"), default="right", help="singular subspace side (default right)")
-    c.add_argument("--rank", type=int, default=64, help="localization reconstruction rank (default 64)")
-    c.add_argument("--alpha", type=float, default=0.5, help="localization mask fraction (default 0.5)")
-    c.add_argument("--eta", type=float, default=1e-3, help="bf16 relative tolerance (default 1e-3)")
+    c.add_argument("--k", type=int, default=PAIR_K, help=f"top-k subspace size for principal angles (default {PAIR_K})")
+    c.add_argument("--side", choices=("right", "left"), default=SIDE, help=f"singular subspace side (default {SIDE})")
+    c.add_argument("--rank", type=int, default=RANK, help=f"localization reconstruction rank (default {RANK})")
+    c.add_argument("--alpha", type=float, default=ALPHA, help=f"localization mask fraction (default {ALPHA})")
+    c.add_argument("--eta", type=float, default=ETA, help=f"bf16 relative tolerance (default {ETA:g})")
     c.add_argument(
         "--batch-mb",
         type=int,
@@ -130,9 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--poll-s",
         type=float,
-        default=10.0,
+        default=POLL_S,
         metavar="S",
-        help="--follow: seconds between scans of RUN_DIR (default 10)",
+        help=f"--follow: seconds between scans of RUN_DIR (default {POLL_S:g})",
     )
     t.add_argument(
         "--idle-s",
@@ -141,16 +152,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="--follow: stop after S seconds without a new complete checkpoint (default: never)",
     )
-    t.add_argument("--k", type=int, default=16, help="subspace size K for Sim_K (default 16)")
-    t.add_argument("--threshold", type=float, default=0.9, help="locking threshold on Sim_K (default 0.9)")
-    t.add_argument("--hill-k", type=int, default=10, help="top singular values for the Hill index (default 10)")
+    t.add_argument("--k", type=int, default=STREAM_K, help=f"subspace size K for Sim_K (default {STREAM_K})")
+    t.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help=f"locking threshold on Sim_K (default {THRESHOLD})"
+    )
+    t.add_argument(
+        "--hill-k", type=int, default=HILL_K, help=f"top singular values for the Hill index (default {HILL_K})"
+    )
     t.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the trajectory figures")
     _add_filters(t)
     _add_cache_parser(sub)
     return parser
 
 
-def _add_cache_parser(sub) -> None:
+def _add_cache_parser(sub: Any) -> None:
     k = sub.add_parser(
         "cache",
         help="show or prune the result cache",
@@ -198,12 +213,11 @@ def _cache_command(args: argparse.Namespace) -> int:
     if args.action == "info":
         print(cache.info())
         return 0
-    for flag, v in (("--older-than", args.older_than), ("--max-gb", args.max_gb)):
-        if v is not None and not v >= 0:
-            raise WeightgeoError(f"{flag} {v}: give a number ≥ 0")
+    days = None if args.older_than is None else check_amount(args.older_than, "older_than", unit="days")
+    gb = None if args.max_gb is None else check_amount(args.max_gb, "max_gb", unit="GB")
     result = cache.prune(
-        older_than=None if args.older_than is None else args.older_than * 86400.0,
-        max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9),
+        older_than=None if days is None else days * 86400.0,
+        max_bytes=None if gb is None else int(gb * 1e9),
         other_versions=not args.keep_other_versions,
         dry_run=args.dry_run,
     )
@@ -220,8 +234,7 @@ def _filters(values: list[str] | None) -> str | list[str] | None:
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse a bad --out / --plot before the analysis runs, not after."""
     if getattr(args, "out", None) is not None:
-        if args.out.suffix.lower() not in (".json", ".csv"):
-            raise WeightgeoError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .json or .csv path")
+        check_report_path(args.out)
         check_output_path(args.out)
     if getattr(args, "plot", None) is not None:
         check_output_path(args.plot, what="--plot")
@@ -236,24 +249,23 @@ def _created(path: Path) -> str:
     return missing
 
 
-def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
+def _emit(report: Report, args: argparse.Namespace, out: Path | None = None) -> None:
     print(report.summary_text() if args.summary else str(report))
     out = args.out if out is None else out
     if out is not None:
-        suffix = out.suffix.lower()
-        created = _created(out)
-        if suffix == ".csv":
-            report.to_csv(out)
-        elif suffix == ".json":
-            report.to_json(out)
-        else:
-            raise WeightgeoError(f"--out {out}: unknown format {suffix!r}; use a .json or .csv path")
+        created = _created(check_report_path(out))
+        _write(report, out)
         if created:
             print(f"created folder {created}", file=sys.stderr)
         print(f"wrote {out}", file=sys.stderr)
 
 
-def _cache_arg(args: argparse.Namespace):
+def _write(report: Report, out: Path) -> None:
+    """``--out``: the report as CSV (rows) or JSON (rows, summary, meta), by the suffix (checked before the pass)."""
+    (report.to_csv if out.suffix.lower() == ".csv" else report.to_json)(out)
+
+
+def _cache_arg(args: argparse.Namespace) -> Any:
     return False if args.no_cache else args.cache
 
 
@@ -283,8 +295,9 @@ def _run(args: argparse.Namespace) -> int:
             rank=args.rank,
             alpha=args.alpha,
             eta=args.eta,
+            dtype=args.dtype,
             device=args.device,
-            batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
+            batch_bytes=None if args.batch_mb is None else check_int(args.batch_mb, "batch_mb", minimum=0) << 20,
             progress=not args.no_progress,
             cache=_cache_arg(args),
         )
@@ -305,6 +318,7 @@ def _run(args: argparse.Namespace) -> int:
             exclude=_filters(args.exclude),
             hill_k=args.hill_k,
             k=args.k,
+            dtype=args.dtype,
             device=args.device,
             strict=args.strict,
             cache=_cache_arg(args),
@@ -324,14 +338,14 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
-def _with_onset(report, args: argparse.Namespace):
+def _with_onset(report: Report, args: argparse.Namespace) -> LockingOnset:
     onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
     report.summary["locking_onset"] = onset.step
     report.summary["mean_similarity"] = onset.mean_similarity
     return onset
 
 
-def _plot(report, onset, args: argparse.Namespace, *, quiet: bool = False) -> None:
+def _plot(report: Report, onset: LockingOnset, args: argparse.Namespace, *, quiet: bool = False) -> None:
     if args.plot is None:
         return
     from .plot import plot_trajectories
@@ -342,11 +356,12 @@ def _plot(report, onset, args: argparse.Namespace, *, quiet: bool = False) -> No
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
-def _follow(args: argparse.Namespace, opts: dict) -> int:
+def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     """--follow: one line per new step; --out and --plot rewritten (atomically) after each."""
     opts.pop("strict")
-    if args.poll_s < 0 or (args.idle_s is not None and args.idle_s < 0):
-        raise WeightgeoError("--poll-s and --idle-s take seconds ≥ 0")
+    check_amount(args.poll_s, "poll_s", unit="seconds")
+    if args.idle_s is not None:
+        check_amount(args.idle_s, "idle_s", unit="seconds", finite=False)
     print(
         f"following {args.run_dir} (every {args.poll_s:g} s"
         + (f", until step {args.until}" if args.until is not None else "")
@@ -354,7 +369,7 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
         + "; Ctrl-C to stop)",
         flush=True,
     )
-    last = None
+    last: tuple[Any, LockingOnset] | None = None
     try:
         for update in follow(
             args.run_dir,
@@ -372,7 +387,7 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
             nan = float("nan")
             # outputs first: once a step's line is printed, --out and --plot hold it (Ctrl-C keeps them whole)
             if args.out is not None:
-                (report.to_csv if args.out.suffix.lower() == ".csv" else report.to_json)(args.out)
+                _write(report, args.out)
             _plot(report, onset, args, quiet=True)
             last = (update, onset)
             print(
@@ -407,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        return _run(args)
+        with cli_syntax():  # messages name options as flags (--hill-k 1), not as keywords (hill_k=1)
+            return _run(args)
     except WeightgeoError as e:
         print(f"weightgeo: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from ._version import __version__
 from .cache import CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
 from .checkpoint import layer_index, module_type
-from .devices import resolve_device
+from .defaults import HILL_K, PROGRESS, SEED, STREAM_K, THRESHOLD
 from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
@@ -43,9 +43,9 @@ from .metrics.trajectory import (
     subspace_sim,
     update_spectra,
 )
+from .options import Filter, StreamOptions
 from .report import Report, summarize_rows
-from .stream import CheckpointStream, StreamReader, open_stream
-from .validation import check_int, check_k, check_threshold
+from .stream import CheckpointStream, MatrixPlan, StreamReader, open_stream
 
 __all__ = [
     "rank_curve",
@@ -55,6 +55,7 @@ __all__ = [
     "assemble",
     "trajectory_summary",
     "warn_skipped",
+    "spectrum_key",
     "SPECTRUM_KIND",
 ]
 
@@ -163,28 +164,55 @@ def trajectory_summary(
 
 # --------------------------------------------------------------------------------------------------------------
 # stream-level verbs
+def spectrum_key(
+    options: StreamOptions,
+    r: int,
+    base_id: Any,
+    ck_id: Any,
+    matrix: str,
+    *,
+    policy: str,
+    version: str = __version__,
+) -> CacheKey:
+    """The key of one (matrix, step) spectrum: the identities of the base and checkpoint tensors, the matrix (its
+    name seeds the randomized passes), the options as a whole (every field of
+    :class:`~weightgeo.options.StreamOptions` but those marked as unable to change a result), ``r`` (the values
+    kept), the verification rule and the numerical policy."""
+    return result_key(
+        SPECTRUM_KIND,
+        inputs=[base_id, ck_id],
+        options={
+            "options": options,
+            "r": r,
+            "matrix": matrix,
+            "formed_in": "float32",  # ΔW_t = W_t − W0 in float32 (StreamReader.updates)
+            "rtol": RTOL,
+            "exact_max_dim": EXACT_MAX_DIM,
+        },
+        policy=policy,
+        version=version,
+    )
+
+
 class _Spectra:
     """Where the stream pass finds a (matrix, step) spectrum it need not compute: the previous update's (follow
     mode), then the result cache; and where it stores the ones it computes (each as soon as it is computed).
 
-    A spectrum is keyed by the identities of the base and checkpoint tensors, the matrix (its name seeds the
-    randomized passes), ``r``, ``k``, the seed, the verification rule and the numerical policy; ``update_spectra``
-    with a per-matrix ``seed`` makes it a function of exactly these (not of the batch or of earlier flushes)."""
+    A spectrum is keyed by :func:`spectrum_key`; ``update_spectra`` with a per-matrix ``seed`` makes it a function
+    of exactly what that key holds (not of the batch or of earlier flushes)."""
 
     def __init__(
         self,
         cache: ResultCache | None,
         memo: MutableMapping[str, Any] | None,
+        options: StreamOptions,
         *,
         device: torch.device,
         r: int,
-        k: int,
-        seed: int,
     ) -> None:
-        self.cache, self.memo = cache, memo
+        self.cache, self.memo, self.options, self.r = cache, memo, options, r
         self.policy = policy_fingerprint(device)
         self.version = cache.version if cache is not None else __version__
-        self.options = {"r": r, "k": k, "seed": seed, "dtype": "float32", "rtol": RTOL, "exact_max_dim": EXACT_MAX_DIM}
         self.before = cache.stats.as_dict() if cache is not None else {}
         self.reused = self.computed = self.read = self.uncacheable = 0
         self.used: set[str] = set()
@@ -195,13 +223,7 @@ class _Spectra:
             return None
         if self.cache is None and self.memo is None:
             return None
-        return result_key(
-            SPECTRUM_KIND,
-            inputs=[base_id, ck_id],
-            options={**self.options, "matrix": matrix},
-            policy=self.policy,
-            version=self.version,
-        )
+        return spectrum_key(self.options, self.r, base_id, ck_id, matrix, policy=self.policy, version=self.version)
 
     def get(self, key: CacheKey | None) -> tuple[bool, Spectrum | None]:
         """``(found, spectrum)``; a found ``None`` is a zero update (ΔW_t = 0 exactly: no spectrum)."""
@@ -267,45 +289,42 @@ def warn_skipped(skipped: Sequence[Mapping[str, Any]], *, stacklevel: int = 3) -
 
 def _stream_pass(
     s: CheckpointStream,
+    options: StreamOptions,
     *,
-    include: Any,
-    exclude: Any,
     r: int,
-    k: int,
-    device: Any,
-    seed: int,
-    progress: bool,
     cache: CacheArg,
     config: Any = None,
     memo: MutableMapping[str, Any] | None = None,
-):
+) -> tuple[dict[str, tuple[tuple[int, int], dict[int, Spectrum]]], dict[str, Any], dict[str, tuple[str, int]]]:
     """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra; spectra
     already known (``memo``, the result cache) are not recomputed, and a matrix whose every step is known is
     not read at all."""
-    dev = resolve_device(device)
+    dev = options.where()  # checkpoints are read into CPU memory: that is where their data is
     t0 = time.perf_counter()
-    spectra = _Spectra(resolve_cache(cache), memo, device=dev, r=r, k=k, seed=seed)
+    spectra = _Spectra(resolve_cache(cache), memo, options, device=dev, r=r)
     records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
-    with StreamReader.open(s, include=include, exclude=exclude, config=config) as reader:
+    with StreamReader.open(s, options.selector(), config=config) as reader:
         # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
         # gathered below so every rank returns the single-process result.
         world = current_world(dev)
         full_plan = list(reader.plan)
         shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
-        plan = [full_plan[i] for i in sorted(shards[world.rank])]
-        if progress and world.is_main:
+        plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.rank])]
+        if options.progress and world.is_main:
             from tqdm.auto import tqdm
 
             plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
         for entry in plan:
-            records[entry.uid] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k, spectra=spectra))
+            records[entry.uid] = (entry.shape, _follow(reader, entry, dev, options, r=r, spectra=spectra))
         parts = world.gather(
             {"rank": world.rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
         )
         merged = {key: rec for part in parts for key, rec in part["records"].items()}
         records = {e.uid: merged[e.uid] for e in full_plan if e.uid in merged}
         experts = {e.uid: (e.key, e.expert) for e in full_plan if e.expert is not None}
-        meta = _stream_meta(s, reader, dev, world.size, parts, seed=seed, include=include, exclude=exclude)
+        meta = _stream_meta(
+            s, reader, dev, world.size, parts, seed=options.seed, include=options.include, exclude=options.exclude
+        )
     if memo is not None:  # keep what this pass used: the next update needs no more
         for digest in [d for d in memo if d not in spectra.used]:
             del memo[digest]
@@ -315,7 +334,7 @@ def _stream_pass(
 
 
 def _follow(
-    reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int, spectra: _Spectra
+    reader: StreamReader, entry: MatrixPlan, dev: torch.device, options: StreamOptions, *, r: int, spectra: _Spectra
 ) -> dict[int, Spectrum]:
     """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates.
 
@@ -338,7 +357,7 @@ def _follow(
         return dict(sorted(out.items()))
     spectra.read += 1 + len(todo)
     per_batch = max(1, UPDATE_BATCH_BYTES // (4 * m * n))
-    mseed = matrix_seed(seed, entry.uid)
+    mseed = matrix_seed(options.seed, entry.uid)
     key_of = {steps[i]: keys[i] for i in todo}
     batch: list[tuple[int, torch.Tensor]] = []
 
@@ -348,7 +367,7 @@ def _follow(
         D = torch.stack([d for _, d in batch])
         fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
         nz = [i for i in range(len(batch)) if float(fro[i]) > 0]
-        found = dict(zip(nz, update_spectra(D[nz], r=r, k=k, seed=mseed, frobenius=fro[nz]))) if nz else {}
+        found = dict(zip(nz, update_spectra(D[nz], r=r, k=options.k, seed=mseed, frobenius=fro[nz]))) if nz else {}
         for i, (step, _) in enumerate(batch):
             sp = found.get(i)
             spectra.put(key_of[step], sp)  # on disk as soon as computed: a killed run keeps it
@@ -356,7 +375,7 @@ def _follow(
                 out[step] = sp
         batch.clear()
 
-    for step, d in reader.updates(entry, device=dev, only=todo):
+    for step, d in reader.updates(entry, device=dev, only=todo, rounding=options.dtype):
         batch.append((step, d))
         if len(batch) >= per_batch:
             flush()
@@ -380,6 +399,7 @@ def _stream_meta(
         "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""),
         **params,
         "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)],
+        "filtered_out": reader.filtered_out,  # tensors the include/exclude filter left out
         "unmatched": reader.unmatched,
         "torch_version": torch.__version__,
         "world_size": world_size,
@@ -405,13 +425,14 @@ def rank_curve(
     *,
     base: Any = None,
     steps: Sequence[int] | None = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    hill_k: int = 10,
-    k: int = 16,
+    include: Filter = None,
+    exclude: Filter = None,
+    hill_k: int = HILL_K,
+    k: int = STREAM_K,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: bool = False,
+    seed: int = SEED,
+    progress: bool = PROGRESS,
     strict: bool = False,
     cache: CacheArg = None,
     config: Any = None,
@@ -438,8 +459,11 @@ def rank_curve(
             2-D floating tensor present in all checkpoints (our choice).
         hill_k: number of top singular values in the Hill estimator (≥ 2; default 10, the paper is silent).
         k: subspace size K for ``final_subspace_similarity`` (default 16, the paper's).
-        device: where the linear algebra runs; reading is on CPU. seed: for the randomized SVD.
-        progress: show a tqdm bar.
+        dtype: ``None`` (default): ΔW_t = W_t − W0 from the stored values (in float32, exact for bf16); a
+            floating dtype: W0 and W_t rounded to it first (the update checkpoints in that format would show).
+        device: where the linear algebra runs; ``None``: where the checkpoints are read, the CPU. seed: for the
+            randomized SVD.
+        progress: show a tqdm bar (default False; the command line shows one).
         strict: fail on the first checkpoint that is not completely written instead of leaving it out.
         cache: the result cache (``None``: ``WEIGHTGEO_CACHE``, on by default; ``False``: off; a folder; a
             :class:`~weightgeo.cache.ResultCache`). Each (matrix, step) spectrum of checkpoints on disk is
@@ -458,59 +482,34 @@ def rank_curve(
         ``summary["curves"]`` = those means as lists over ``summary["steps"]``; ``meta["cache"]`` the spectra
         reused and computed and the tensors read. Each tensor is read at most once.
     """
+    options = StreamOptions.create(
+        include=include, exclude=exclude, hill_k=hill_k, k=k, dtype=dtype, device=device, seed=seed, progress=progress
+    )
     s = open_stream(stream, base=base, steps=steps, strict=strict)
     warn_skipped(s.skipped)
-    return stream_report(
-        s,
-        include=include,
-        exclude=exclude,
-        hill_k=hill_k,
-        k=k,
-        device=device,
-        seed=seed,
-        progress=progress,
-        cache=cache,
-        config=config,
-        warn=False,
-    )
+    return stream_report(s, options, cache=cache, config=config, warn=False)
 
 
 def stream_report(
     s: CheckpointStream,
+    options: StreamOptions | None = None,
     *,
-    include: Any = None,
-    exclude: Any = None,
-    hill_k: int = 10,
-    k: int = 16,
-    device: Any = None,
-    seed: int = 0,
-    progress: bool = False,
     cache: CacheArg = None,
     config: Any = None,
     memo: MutableMapping[str, Any] | None = None,
     warn: bool = True,
 ) -> Report:
-    """:func:`rank_curve` of an opened :class:`~weightgeo.stream.CheckpointStream`; ``memo`` (a dict kept by
-    the caller between calls, as follow mode does) holds the spectra of the previous call so that only new
-    checkpoints are computed; ``warn=False`` leaves warning about skipped checkpoints to the caller."""
-    hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
+    """:func:`rank_curve` of an opened :class:`~weightgeo.stream.CheckpointStream` with ``options`` (default
+    :class:`~weightgeo.options.StreamOptions`); ``memo`` (a dict kept by the caller between calls, as follow
+    mode does) holds the spectra of the previous call so that only new checkpoints are computed; ``warn=False``
+    leaves warning about skipped checkpoints to the caller."""
+    options = StreamOptions() if options is None else options
     if warn:
         warn_skipped(s.skipped)
-    records, meta, experts = _stream_pass(
-        s,
-        include=include,
-        exclude=exclude,
-        r=max(hill_k, k),
-        k=k,
-        device=device,
-        seed=seed,
-        progress=progress,
-        cache=cache,
-        config=config,
-        memo=memo,
-    )
-    rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k, experts=experts)
-    meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero, similarity=sims)
+    records, meta, experts = _stream_pass(s, options, r=options.r, cache=cache, config=config, memo=memo)
+    k = options.k
+    rows, sims, zero = assemble(records, s.steps, hill_k=options.hill_k, k=k, experts=experts)
+    meta.update(kind="rank_curve", params=options.params(), zero_updates=zero, similarity=sims)
     if not rows:
         raise WeightgeoError(
             f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same model as the checkpoints?"
@@ -523,13 +522,14 @@ def locking_onset(
     *,
     base: Any = None,
     steps: Sequence[int] | None = None,
-    k: int = 16,
-    threshold: float = 0.9,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    k: int = STREAM_K,
+    threshold: float = THRESHOLD,
+    include: Filter = None,
+    exclude: Filter = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: bool = False,
+    seed: int = SEED,
+    progress: bool = PROGRESS,
     strict: bool = False,
     cache: CacheArg = None,
     config: Any = None,
@@ -550,13 +550,12 @@ def locking_onset(
     Args:
         stream: a stream (as :func:`rank_curve`), or a :class:`~weightgeo.report.Report` from
             :func:`rank_curve` (its similarities are reused, nothing is read; its ``k`` applies).
-        base, steps, include, exclude, device, seed, progress, strict, cache, config: as :func:`rank_curve`.
+        base, steps, include, exclude, dtype, device, seed, progress, strict, cache, config: as :func:`rank_curve`.
         k: subspace size K (default 16). threshold: in (0, 1], default 0.9 (our choice).
 
     Returns:
         a :class:`LockingOnset` (``step``, ``per_matrix``, ``similarity``, ``mean_similarity``).
     """
-    threshold = check_threshold(threshold)
     if isinstance(stream, Report):
         sims = stream.meta.get("similarity")
         if stream.meta.get("kind") != "rank_curve" or sims is None:
@@ -565,21 +564,20 @@ def locking_onset(
             )
         sims = {n: {int(s): float(v) for s, v in c.items()} for n, c in sims.items()}
         return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
-    k = check_k(k)
-    s = open_stream(stream, base=base, steps=steps, strict=strict)
-    warn_skipped(s.skipped)
-    records, meta, experts = _stream_pass(
-        s,
+    options = StreamOptions.create(
         include=include,
         exclude=exclude,
-        r=k,
         k=k,
+        threshold=threshold,
+        dtype=dtype,
         device=device,
         seed=seed,
         progress=progress,
-        cache=cache,
-        config=config,
     )
-    _, sims, zero = assemble(records, s.steps, hill_k=2, k=k, experts=experts)
-    meta.update(kind="locking_onset", zero_updates=zero)
-    return build_locking(sims, k=k, threshold=threshold, meta=meta)
+    s = open_stream(stream, base=base, steps=steps, strict=strict)
+    warn_skipped(s.skipped)
+    # r = k: the onset needs the top-K subspaces only (no Hill index)
+    records, meta, experts = _stream_pass(s, options, r=options.k, cache=cache, config=config)
+    _, sims, zero = assemble(records, s.steps, hill_k=2, k=options.k, experts=experts)
+    meta.update(kind="locking_onset", params=options.params(), zero_updates=zero)
+    return build_locking(sims, k=options.k, threshold=options.threshold, meta=meta)

@@ -26,10 +26,35 @@ import torch
 
 from ..errors import WeightgeoError
 
-__all__ = ["CacheKey", "KEY_FORMAT", "canonical_json", "result_key"]
+__all__ = ["CacheKey", "KEY_FORMAT", "NOT_IN_KEY", "not_in_key", "in_key", "canonical_json", "result_key"]
 
 #: bumped when the key recipe changes: every old key then misses
-KEY_FORMAT = 1
+KEY_FORMAT = 2
+
+#: the metadata entry of a dataclass field that cannot change a result: the field is left out of every key, and
+#: the entry's value says why (an option object is keyed as a whole, so only a field marked so stays out)
+NOT_IN_KEY = "weightgeo_not_in_key"
+
+
+def not_in_key(why: str) -> dict[str, str]:
+    """Field metadata for a dataclass field that cannot change a result (left out of cache keys), with the reason.
+
+    >>> from dataclasses import dataclass, field
+    >>> @dataclass(frozen=True)
+    ... class Opts:
+    ...     k: int = 16
+    ...     progress: bool = field(default=False, metadata=not_in_key("a progress bar on stderr"))
+    >>> canonical_json(Opts(progress=True))
+    '{"k":16}'
+    """
+    if not why:
+        raise WeightgeoError("not_in_key: say why the field cannot change a result")
+    return {NOT_IN_KEY: why}
+
+
+def in_key(field: dataclasses.Field[Any]) -> bool:
+    """Whether a dataclass field enters cache keys (every field does unless marked :func:`not_in_key`)."""
+    return NOT_IN_KEY not in field.metadata
 
 
 @dataclass(frozen=True)
@@ -44,8 +69,8 @@ class CacheKey:
 
 
 def canonical_json(obj: Any) -> str:
-    """The one JSON text of ``obj``: sorted keys, no spaces, dataclasses as their fields, tuples and lists
-    alike, sets sorted, dtypes / devices / paths / enums as text.
+    """The one JSON text of ``obj``: sorted keys, no spaces, dataclasses as their fields (every field but those
+    marked :func:`not_in_key`), tuples and lists alike, sets sorted, dtypes / devices / paths / enums as text.
 
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
@@ -116,7 +141,9 @@ def _canonical(obj: Any, where: str) -> Any:
     if isinstance(obj, enum.Enum):
         return _canonical(obj.value, where)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _canonical(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
+        return {
+            f.name: _canonical(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj) if in_key(f)
+        }
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():

@@ -46,6 +46,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import WeightgeoError
+from ..validation import check_amount, check_int
 from .codec import decode_row, encode_row
 from .keys import CacheKey, result_key
 
@@ -192,16 +193,10 @@ class ResultCache:
     ) -> CacheKey | None:
         """The key of a result (see :func:`~weightgeo.cache.keys.result_key`), or ``None`` when an input has no
         identity (``Checkpoint.identity`` returned ``None``: in-memory sources are never cached)."""
-        if any(i is None for i in inputs):
+        present = [i for i in inputs if i is not None]
+        if len(present) < len(inputs):
             return None
-        return result_key(
-            kind,
-            inputs=inputs,
-            metrics=metrics,
-            options=options,
-            policy=policy,  # type: ignore[arg-type]
-            version=self.version,
-        )
+        return result_key(kind, inputs=present, metrics=metrics, options=options, policy=policy, version=self.version)
 
     def path(self, key: CacheKey) -> Path:
         """Where the entry of ``key`` lives."""
@@ -378,10 +373,10 @@ class ResultCache:
         Safe while other processes use the cache: a removed entry is just a miss for them.
         """
         age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or age < 0):
-            raise WeightgeoError(f"prune: older_than={older_than!r} must be a number of seconds ≥ 0 or a timedelta")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-            raise WeightgeoError(f"prune: max_bytes={max_bytes!r} must be an integer ≥ 0")
+        if age is not None:
+            age = check_amount(age, "prune: older_than", unit="seconds (or a timedelta)", finite=False)
+        if max_bytes is not None:
+            max_bytes = check_int(max_bytes, "prune: max_bytes", minimum=0, what="bytes")
         now = time.time()
         mine = self._version_dir(self.version).name
         remove: list[tuple[Path, int, str]] = []
@@ -515,7 +510,7 @@ def _checksum(row_text: str, tensors: Mapping[str, torch.Tensor]) -> str:
         t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         if t.numel():
-            h.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

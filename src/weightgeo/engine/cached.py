@@ -4,10 +4,13 @@ It sits between :func:`~weightgeo.engine.plan.plan_work` and :func:`~weightgeo.e
 job whose row is cached leaves the work (its tensors are not read), the rest is grouped and computed as usual,
 and every row is written as soon as its group (or row-chunk stream) finishes, so a killed run keeps what it
 finished. A row is keyed by the identities of its two stored tensors (``Checkpoint.identity``), the job (names,
-shape, rows compared, dtypes), the metric set and kernel options, the weightgeo version and the numerical-policy
-fingerprint; in-memory sources have no identity and are never cached. The base's decomposition (what every
-fine-tune of that base reuses: values, Gram eigenvalues and the small-side basis) is cached per base matrix
-too, so a new fine-tune of a known base skips the float64 Gram and ``eigh``.
+shape, rows compared, dtypes), the options object as a whole (every field of
+:class:`~weightgeo.options.PairOptions` but those marked as unable to change a result), the weightgeo version and
+the numerical-policy fingerprint; in-memory sources have no identity and are never cached. The base's
+decomposition (what every fine-tune of that base reuses: values, Gram eigenvalues and the small-side basis) is
+cached per base matrix too, keyed by its identity, rows, expert and the option fields marked
+:data:`~weightgeo.options.BASE` (the rounding dtype), so a new fine-tune of a known base skips the float64 Gram
+and ``eigh``.
 
 Rows equal an uninterrupted run's bit for bit because a member of a shape group gets the same numbers in any
 batch (the policy's row blocks are per matrix, :func:`~weightgeo.linalg.policy.batch_row_blocks`).
@@ -25,11 +28,11 @@ from ..cache import CacheKey, ResultCache
 from ..checkpoint import Checkpoint
 from ..linalg.hardware import policy_fingerprint
 from ..linalg.pairwise import BaseSpectrum, base_spectrum, restore_base_spectrum
+from ..options import PairOptions
 from .groups import SharedBase, job_row
-from .options import Options
 from .plan import Group, Job, Work
 
-__all__ = ["RowCache", "CachedBase", "ROW_KIND", "BASE_KIND"]
+__all__ = ["RowCache", "CachedBase", "row_key", "base_key", "ROW_KIND", "BASE_KIND"]
 
 #: one entry per (base tensor, fine-tune tensor, job, metrics, options): a row's metric values
 ROW_KIND = "pair_row"
@@ -39,10 +42,38 @@ BASE_KIND = "base_decomposition"
 Rows = list[tuple[int, dict[str, Any]]]
 
 
+def row_key(
+    cache: ResultCache, options: PairOptions, job: Job, inputs: Sequence[dict[str, Any] | None], *, policy: str
+) -> CacheKey | None:
+    """The key of one pair row: the two stored tensors' identities, the job and the options as a whole (every
+    field but those marked :func:`~weightgeo.cache.not_in_key`); ``None`` when a tensor has no identity."""
+    return cache.key(
+        ROW_KIND, inputs=inputs, metrics=options.metrics, options={"options": options, "job": job}, policy=policy
+    )
+
+
+def base_key(
+    cache: ResultCache,
+    options: PairOptions,
+    identity: dict[str, Any] | None,
+    rows: int,
+    expert: int | None = None,
+    *,
+    policy: str,
+) -> CacheKey | None:
+    """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack): its
+    identity, rows, expert and the option fields marked :data:`~weightgeo.options.BASE`."""
+    return cache.key(
+        BASE_KIND, inputs=[identity], options={"rows": rows, "expert": expert, **options.base_key()}, policy=policy
+    )
+
+
 class RowCache:
     """The cache of one pass (``cache=None``: nothing is looked up or stored) and its counters for the report."""
 
-    def __init__(self, cache: ResultCache | None, b: Checkpoint, fs: Sequence[Checkpoint], options: Options) -> None:
+    def __init__(
+        self, cache: ResultCache | None, b: Checkpoint, fs: Sequence[Checkpoint], options: PairOptions
+    ) -> None:
         self.cache, self.b, self.fs, self.options = cache, b, list(fs), options
         self.policy = policy_fingerprint(options.device)
         self.before = cache.stats.as_dict() if cache is not None else {}
@@ -56,20 +87,16 @@ class RowCache:
         }
         self._keys: dict[tuple[int, int], CacheKey | None] = {}
 
-    def _kernel(self) -> dict[str, Any]:
-        o = self.options
-        return {"k": o.k, "side": o.side, "rank": o.rank, "alpha": o.alpha, "eta": o.eta, "angles": o.angles}
-
     def row_key(self, i: int, j: int, job: Job) -> CacheKey | None:
         """The key of fine-tune ``i``'s job ``j`` (``None``: no cache, or a tensor without an identity)."""
         if (i, j) not in self._keys:
             key = None
             if self.cache is not None:
-                key = self.cache.key(
-                    ROW_KIND,
-                    inputs=[self.b.identity(job.base_name), self.fs[i].identity(job.ft_name)],
-                    metrics=self.options.metrics,
-                    options={"kernel": self._kernel(), "job": job},
+                key = row_key(
+                    self.cache,
+                    self.options,
+                    job,
+                    [self.b.identity(job.base_name), self.fs[i].identity(job.ft_name)],
                     policy=self.policy,
                 )
                 self.counts["uncacheable"] += key is None
@@ -114,9 +141,7 @@ class RowCache:
     def base_key(self, name: str, rows: int, expert: int | None = None) -> CacheKey | None:
         """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack)."""
         assert self.cache is not None
-        return self.cache.key(
-            BASE_KIND, inputs=[self.b.identity(name)], options={"rows": rows, "expert": expert}, policy=self.policy
-        )
+        return base_key(self.cache, self.options, self.b.identity(name), rows, expert, policy=self.policy)
 
     def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int) -> BaseSpectrum:
         """W0's decomposition for a stack of ``members`` (base name, expert), member by member from the cache,
@@ -142,7 +167,12 @@ class RowCache:
             for slot, i in enumerate(missing):
                 parts[i] = _member(fresh, slot)
         dev = W0.device
-        S, lam, V_c = (torch.stack([p[n] for p in parts]).to(dev) for n in range(3))
+        S, lam, V_c = (
+            torch.stack([p[0] for p in parts]),
+            torch.stack([p[1] for p in parts]),
+            torch.stack([p[2] for p in parts]),
+        )
+        S, lam, V_c = S.to(dev), lam.to(dev), V_c.to(dev)
         refined = [p[3] for p in parts]
         mask = torch.tensor(refined, device=dev) if any(refined) else None
         return restore_base_spectrum(W0, S=S, lam=lam, V_c=V_c, refined_mask=mask)
@@ -174,7 +204,7 @@ class CachedBase(SharedBase):
     cache holds it (made on first use, like its parent's)."""
 
     def __init__(
-        self, W0: torch.Tensor, options: Options, rc: RowCache, members: Sequence[tuple[str, int | None]], rows: int
+        self, W0: torch.Tensor, options: PairOptions, rc: RowCache, members: Sequence[tuple[str, int | None]], rows: int
     ) -> None:
         super().__init__(W0, options)
         self.rc, self.members, self.rows = rc, list(members), rows

@@ -1,8 +1,10 @@
 """Running the work: the rows of a shape group, and the row-chunk stream of the elementwise metrics.
 
 Both are functions of the options and the tensors only (no checkpoint, no device state), so that a
-per-tensor result cache can sit in front of them. Every analysed entry goes through the finiteness pass
-(:func:`finite_chunks`) whatever the metrics; update_sparsity then counts on the chunks it checked.
+per-tensor result cache can sit in front of them. Tensors come as stored and are rounded to ``options.dtype``
+here (:meth:`~weightgeo.options.PairOptions.round`; nothing when it is ``None``). Every analysed entry goes
+through the finiteness pass (:func:`finite_chunks`) whatever the metrics; update_sparsity then counts on the
+chunks it checked.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..linalg.pairwise import BaseSpectrum, base_spectrum
 from ..linalg.policy import row_blocks
 from ..metrics.pair import batched_pair_metrics
 from ..metrics.sparsity import finite_as_bf16, fp8_unchanged_count, fp8_update_mask, unchanged_count
-from .options import Options
+from ..options import PairOptions
 from .plan import Job
 
 __all__ = ["job_row", "finite_chunks", "chunk_unchanged", "fp8_unchanged", "finish_row", "SharedBase", "matrix_rows"]
@@ -53,7 +55,7 @@ def job_row(job: Job) -> dict[str, Any]:
 
 
 def chunk_unchanged(
-    options: Options, key: str, s: int, e: int, c0: torch.Tensor | Fp8Weight, c1: torch.Tensor | Fp8Weight
+    options: PairOptions, key: str, s: int, e: int, c0: torch.Tensor | Fp8Weight, c1: torch.Tensor | Fp8Weight
 ) -> int:
     """The finiteness pass over rows ``s:e`` of one tensor (NaN/Inf raise, naming the tensor and rows), and the
     count of unchanged entries when update_sparsity is asked for (else 0). Stored FP8 rows (:class:`Fp8Weight`)
@@ -63,10 +65,12 @@ def chunk_unchanged(
         n = fp8_unchanged(options, key, (c0, c1))  # checks the codes and scales whatever the metrics
         return n if options.sparsity else 0
     assert isinstance(c1, torch.Tensor)
-    return _bf16_chunk(options, key, s, e, c0, c1, count=options.sparsity)
+    return _bf16_chunk(options, key, s, e, options.round(c0), options.round(c1), count=options.sparsity)
 
 
-def _bf16_chunk(options: Options, key: str, s: int, e: int, c0: torch.Tensor, c1: torch.Tensor, *, count: bool) -> int:
+def _bf16_chunk(
+    options: PairOptions, key: str, s: int, e: int, c0: torch.Tensor, c1: torch.Tensor, *, count: bool
+) -> int:
     b0, b1 = finite_as_bf16(c0, c1, f"{key} rows {s}:{e}")
     return unchanged_count(b0, b1, options.eta, check=False) if count else 0
 
@@ -85,7 +89,7 @@ def _fp8_rows(pair: Fp8Pair, s: int, e: int) -> Fp8Pair:
     )
 
 
-def fp8_unchanged(options: Options, key: str, pair: Fp8Pair) -> int:
+def fp8_unchanged(options: PairOptions, key: str, pair: Fp8Pair) -> int:
     """Unchanged entries of a stored FP8 pair under the FP8 update rule, in the policy's row blocks."""
     w0 = pair[0]
     total = 0
@@ -106,7 +110,7 @@ def fp8_unchanged(options: Options, key: str, pair: Fp8Pair) -> int:
     return total
 
 
-def _fp8_update_rows(options: Options, key: str, pair: Fp8Pair):  # -> Callable[[int, int], torch.Tensor]
+def _fp8_update_rows(options: PairOptions, key: str, pair: Fp8Pair):  # -> Callable[[int, int], torch.Tensor]
     """The FP8 rule's update mask of rows ``s:e``, for the localization kernel's row blocks."""
 
     def rows(s: int, e: int) -> torch.Tensor:
@@ -127,7 +131,7 @@ def _fp8_update_rows(options: Options, key: str, pair: Fp8Pair):  # -> Callable[
     return rows
 
 
-def finite_chunks(options: Options, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:
+def finite_chunks(options: PairOptions, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:
     """:func:`chunk_unchanged` over the row chunks of one matrix already read (bounded temporaries); ``count=False``:
     the finiteness pass alone (0)."""
     return sum(
@@ -136,7 +140,7 @@ def finite_chunks(options: Options, job: Job, w0: torch.Tensor, w1: torch.Tensor
     )
 
 
-def finish_row(options: Options, job: Job, unchanged: int) -> dict[str, Any]:
+def finish_row(options: PairOptions, job: Job, unchanged: int) -> dict[str, Any]:
     """The row of a tensor once every chunk was counted (:func:`chunk_unchanged`)."""
     row = job_row(job)
     if options.sparsity:
@@ -148,8 +152,8 @@ class SharedBase:
     """A group's base stack on the device and its decomposition, made on first use (after the finiteness pass
     of the first fine-tune that needs them) and reused by every fine-tune of the group."""
 
-    def __init__(self, W0: torch.Tensor, options: Options) -> None:
-        self.W0, self.options = W0, options
+    def __init__(self, W0: torch.Tensor, options: PairOptions) -> None:
+        self.W0, self.options = options.round(W0), options
         self._device: torch.Tensor | None = None
         self._spectrum: BaseSpectrum | None = None
 
@@ -166,7 +170,7 @@ class SharedBase:
 
 
 def matrix_rows(
-    options: Options,
+    options: PairOptions,
     jobs: Sequence[Job],
     W0: torch.Tensor,
     W1: torch.Tensor,
@@ -174,7 +178,8 @@ def matrix_rows(
     shared: SharedBase | None = None,
     fp8: Sequence[Fp8Pair | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored).
+    """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored, rounded to
+    ``options.dtype`` here).
 
     The finiteness pass and update_sparsity per member, in row chunks of the tensors already read, then one
     batched pair kernel on ``options.device``. ``shared``: the group's base on the device and its
@@ -182,6 +187,7 @@ def matrix_rows(
     scales of both sides when it is an FP8 job (``reading.read_fp8``): its update_sparsity and localization
     update mask then follow the FP8 update rule.
     """
+    W0, W1 = options.round(W0), options.round(W1)
     pairs = list(fp8) if fp8 is not None else [None] * len(jobs)
     rows = [
         finish_row(

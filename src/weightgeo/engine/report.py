@@ -8,8 +8,8 @@ import torch
 
 from .._version import __version__
 from ..linalg.hardware import hardware
+from ..options import PairOptions
 from ..report import Report, summarize_rows
-from .options import Options
 from .plan import Plan
 
 __all__ = ["comparison_report"]
@@ -18,7 +18,7 @@ __all__ = ["comparison_report"]
 def comparison_report(
     plan: Plan,
     indexed_rows: list[tuple[int, dict[str, Any]]],
-    options: Options,
+    options: PairOptions,
     *,
     world_size: int,
     ranks: list[dict[str, Any]],
@@ -43,6 +43,7 @@ def comparison_report(
         # tensors in both but not analysed, then each source's entries that are not weights (tagged by side)
         "skipped": plan.skipped + plan.source_skipped(),
         "partial": plan.partial,
+        "filtered_out": plan.filtered_out,  # tensors the include/exclude filter left out
         "unmatched": {"only_base": plan.alignment.only_base, "only_ft": plan.alignment.only_ft},
         "tied": plan.alignment.tied,
         **extra,

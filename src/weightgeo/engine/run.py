@@ -17,13 +17,14 @@ import torch
 
 from ..cache import ResultCache, resolve_cache, sum_counts
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
+from ..options import Filter, PairOptions
 from ..readahead import ReadAhead
 from ..report import Report
 from .cached import RowCache
 from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
-from .options import Filter, Options
 from .plan import Group, Work, pack_groups, plan_pair, plan_work
 from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
 from .report import comparison_report
@@ -41,13 +42,14 @@ def compare(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = 512,
-    side: str = "right",
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    k: int = PAIR_K,
+    side: str = SIDE,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool = PROGRESS,
     batch_bytes: int | None = None,
     cache: CacheArg = None,
 ) -> Report:
@@ -71,11 +73,16 @@ def compare(
         include, exclude: regexes on the canonical tensor name, or presets ``"attention"``, ``"mlp"``,
             ``"linear"``, ``"experts"``, ``"router"``. Default: every floating tensor present in both (paper
             §3.1); an [E, out, in] expert stack is analysed as E matrices (one row per ``expert``).
-        k, side: top-k subspace size (capped per matrix) and side for the rotation metrics (paper §3.1).
-        rank, alpha, eta: localization's reconstruction rank and mask fraction, and the bf16 tolerance
-            (paper §3.2, §3.1).
-        device: where the linear algebra runs (``"cpu"``, ``"cuda"``); reading is always on CPU.
-        progress: show a tqdm bar on stderr.
+        k, side: top-k subspace size (capped per matrix; default 512) and side for the rotation metrics
+            (default ``"right"``, the input side; paper §3.1).
+        rank, alpha, eta: localization's reconstruction rank and mask fraction (default 64 and 0.5), and the bf16
+            tolerance (default 1e-3) (paper §3.2, §3.1).
+        dtype: ``None`` (default): compare the tensors in their stored formats. A floating dtype
+            (``torch.bfloat16``, ``"float16"``, ...): both sides are rounded to it before the update rule and the
+            geometry (the FP8 update rule on stored codes then does not apply).
+        device: where the linear algebra runs (``"cpu"``, ``"cuda"``); ``None``: where the checkpoints are read,
+            the CPU.
+        progress: show a tqdm bar on stderr (default False; the command line shows one).
         batch_bytes: memory budget of one shape group: same-shape matrices (``q_proj`` of every layer, ...)
             are stacked into [B, out, in] batches whose estimated working set fits it, and the next group is
             read in the background while one is computed. Default 64 MiB on CPU, a quarter of the free
@@ -91,7 +98,7 @@ def compare(
         metrics), the model summary, and ``meta`` with provenance, skipped tensors, unmatched names and
         ``meta["cache"]`` (rows served and computed, tensors read, cache lookups and writes).
     """
-    options = Options.create(
+    options = PairOptions.create(
         metrics=metrics,
         include=include,
         exclude=exclude,
@@ -100,6 +107,7 @@ def compare(
         rank=rank,
         alpha=alpha,
         eta=eta,
+        dtype=dtype,
         device=device,
         progress=progress,
         batch_bytes=batch_bytes,
@@ -114,13 +122,14 @@ def compare_many(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = 512,
-    side: str = "right",
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    k: int = PAIR_K,
+    side: str = SIDE,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool = PROGRESS,
     batch_bytes: int | None = None,
     cache: CacheArg = None,
 ) -> list[Report]:
@@ -142,7 +151,7 @@ def compare_many(
     Args:
         base: the shared base checkpoint (any source :func:`~weightgeo.compare` accepts).
         fts: a list of fine-tuned checkpoints (each any source ``compare`` accepts, LoRA adapters included).
-        metrics, include, exclude, k, side, rank, alpha, eta, device, progress, batch_bytes, cache: as in
+        metrics, include, exclude, k, side, rank, alpha, eta, dtype, device, progress, batch_bytes, cache: as in
             :func:`~weightgeo.compare`, applied to every fine-tune.
 
     Returns:
@@ -156,7 +165,7 @@ def compare_many(
         )
     if not fts:
         raise WeightgeoError("compare_many: fts is empty; give at least one fine-tuned checkpoint")
-    options = Options.create(
+    options = PairOptions.create(
         metrics=metrics,
         include=include,
         exclude=exclude,
@@ -165,6 +174,7 @@ def compare_many(
         rank=rank,
         alpha=alpha,
         eta=eta,
+        dtype=dtype,
         device=device,
         progress=progress,
         batch_bytes=batch_bytes,
@@ -173,7 +183,7 @@ def compare_many(
 
 
 def run(
-    base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = False, cache: CacheArg = None
+    base: Any, fts: Sequence[Any], options: PairOptions, *, shared_meta: bool = False, cache: CacheArg = None
 ) -> list[Report]:
     """The pass: one Report per fine-tune in ``fts`` (each as ``compare(base, ft)`` would give it)."""
     t0 = time.perf_counter()
@@ -182,8 +192,8 @@ def run(
     try:
         for ft in fts:
             fs.append(open_checkpoint(ft, base=b))
-        keep = options.keep()
-        plans = [plan_pair(b, f, keep, elementwise=options.sparsity, svd=bool(options.pair_metrics)) for f in fs]
+        select = options.selector()
+        plans = [plan_pair(b, f, select, fp8=options.dtype is None) for f in fs]
         world = current_world(options.device)
         work = plan_work(plans, pair=bool(options.pair_metrics)).shard(world)
         store = RowCache(resolve_cache(cache), b, fs, options)
@@ -212,7 +222,7 @@ def run(
         for f in fs:
             f.close()
     seconds = time.perf_counter() - t0
-    extra = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
+    extra: dict[str, Any] = {"shared_base": True, "fine_tunes": len(fs)} if shared_meta else {}
     extra["cache"] = sum_counts([p["cache"] for p in per_rank])
     return [
         comparison_report(
@@ -241,7 +251,7 @@ def _progress(enabled: bool, total: int):
 
 
 def _run_units(
-    b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Options, bar, store: RowCache | None = None
+    b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: PairOptions, bar, store: RowCache | None = None
 ) -> list[Rows]:
     """Rows of this rank's units, per fine-tune: shape groups through the batched pair kernel, the other tensors
     streamed in row chunks, in plan order; a background thread reads the next group or chunk meanwhile. Each
@@ -279,7 +289,8 @@ def _run_units(
     with ReadAhead(reads(), budget=ahead, background=background) as stream:
         for what, data in stream:
             if isinstance(what, Group):
-                done = _group(what, *data, work, options, out, store)
+                W0, W1s, fp8 = data
+                done = _group(what, W0, W1s, fp8, work, options, out, store)
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)
@@ -302,7 +313,7 @@ def _group(
     W1s: list[torch.Tensor | None],
     fp8: list,
     work: Work,
-    options: Options,
+    options: PairOptions,
     out: list[Rows],
     store: RowCache | None = None,
 ) -> int:

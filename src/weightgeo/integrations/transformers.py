@@ -20,12 +20,14 @@ parameters), where every rank must take part in the gather.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import WeightgeoError
 from ..track import Tracker
 
 __all__ = ["WeightGeoCallback"]
+
+C = TypeVar("C", bound="_WeightGeoCallback")
 
 _MISSING = (
     "weightgeo.integrations.transformers.WeightGeoCallback needs the transformers package "
@@ -70,7 +72,7 @@ class _WeightGeoCallback:
         self._gather = bool(tracker_kwargs.get("gather", False))
 
     @classmethod
-    def attach(cls, trainer: Any, **kwargs: Any) -> WeightGeoCallback:
+    def attach(cls: type[C], trainer: Any, **kwargs: Any) -> C:
         """Create the callback, register it with ``trainer.add_callback`` and log through ``trainer.log``."""
         cb = cls(trainer=trainer, **kwargs)
         trainer.add_callback(cb)

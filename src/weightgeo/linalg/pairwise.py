@@ -56,6 +56,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..validation import check_k, check_matrix, check_sides
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
@@ -272,7 +273,7 @@ class PairGeometry:
     rank1: torch.Tensor | None = None
     fallback: bool = False
 
-    def overlap(self, side: str = "right") -> torch.Tensor:
+    def overlap(self, side: str = SIDE) -> torch.Tensor:
         """Mean cos² of the angles on ``side`` ([...], in [0, 1]; 1 = same subspace)."""
         a = self.angles(side)
         return torch.cos(torch.deg2rad(a)).pow(2).mean(-1)
@@ -289,7 +290,7 @@ def pair_geometry(
     W0: torch.Tensor | None,
     W1: torch.Tensor,
     *,
-    k: int = 512,
+    k: int = PAIR_K,
     sides: Sequence[str] = ("right",),
     base: BaseSpectrum | None = None,
 ) -> PairGeometry:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..defaults import ALPHA, ETA, RANK
 from ..linalg.pairwise import base_spectrum
 from ..linalg.policy import ROW_BLOCK, row_blocks
 from ..validation import check_eta, check_pair, check_rank_alpha
@@ -200,7 +201,9 @@ def localize(
     return Localization(n_upd / n, po, lo, alpha, r, n_upd, n)
 
 
-def update_localization(base: Any, ft: Any, *, rank: int = 64, alpha: float = 0.5, eta: float = 1e-3) -> Localization:
+def update_localization(
+    base: Any, ft: Any, *, rank: int = RANK, alpha: float = ALPHA, eta: float = ETA
+) -> Localization:
     """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
 
     >>> W0 = torch.tensor([[4.0, 0.1], [0.2, 3.0]])

@@ -17,6 +17,7 @@ from collections.abc import Set as AbstractSet
 
 import torch
 
+from ..defaults import ALPHA, ETA, PAIR_K, RANK, SIDE
 from ..errors import WeightgeoError
 from ..linalg.pairwise import (
     BaseSpectrum,
@@ -48,11 +49,11 @@ def matrix_pair_metrics(
     w1: torch.Tensor,
     *,
     metrics: AbstractSet[str],
-    k: int = 512,
-    side: str = "right",
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    k: int = PAIR_K,
+    side: str = SIDE,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
     angles: bool = False,
 ) -> dict[str, float]:
     """All requested SVD-family metrics of one [out, in] pair, sharing the decompositions.

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..linalg.pairwise import PairGeometry, pair_geometry
 from ..linalg.policy import same_compute_dtype
@@ -22,7 +23,7 @@ def _geometry(base: Any, ft: Any, k: int, side: str, what: str) -> tuple[PairGeo
     return pair_geometry(b, f, k=k, sides=(side,)), b
 
 
-def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -> torch.Tensor:
+def principal_angles(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) -> torch.Tensor:
     """Principal angles (degrees, ascending) between the top-k singular subspaces of W0 and W+ (§1.2).
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -54,7 +55,7 @@ def principal_angles(base: Any, ft: Any, *, k: int = 512, side: str = "right") -
     return g.angles(side)
 
 
-def principal_overlap(base: Any, ft: Any, *, k: int = 512, side: str = "right") -> float:
+def principal_overlap(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) -> float:
     """Mean cos² of the principal angles between the top-k singular subspaces (§1.2; = Sim_k of §2).
 
     >>> principal_overlap(torch.eye(3), torch.eye(3), k=2)
