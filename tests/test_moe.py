@@ -84,7 +84,7 @@ def test_expert_rows_equal_the_per_expert_2d_results(moe, metrics, batch_bytes, 
         ref = by_name[f"{row['name']}.{row['expert']}"]
         assert row["shape"] == ref["shape"] and row["numel"] == ref["numel"]
         for key, val in ref.items():
-            if key not in ("name", "module", "layer", "shape", "numel", "dtype"):
+            if key not in ("name", "module", "layer", "shape", "numel", "stored_dtype"):
                 assert row[key] == pytest.approx(val, rel=1e-6, abs=1e-9), (row["name"], row["expert"], key)
         assert row["module"] in ("gate_up_proj", "down_proj") and row["layer"] in range(L)
     name = STACK.format(i=1, p="down_proj")
@@ -264,7 +264,7 @@ def test_expert_stacks_in_a_stream_are_followed_per_expert(gen, tmp_path, monkey
     for row in experts:
         ref = want[(row["step"], f"{row['name']}.{row['expert']}")]
         assert row["shape"] == ref["shape"] and row["module"] in ("gate_up_proj", "down_proj")
-        for key in ("stable_rank", "frobenius_norm", "spectral_norm", "final_subspace_similarity"):
+        for key in ("stable_rank", "delta_frobenius", "spectral_norm", "final_subspace_similarity"):
             assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (row["name"], row["expert"], key)
     assert f"{STACK.format(i=0, p='down_proj')}[{E - 1}]" in got.meta["similarity"]
     onset = weightgeo.locking_onset(stacked, k=2, threshold=0.5, cache=False)

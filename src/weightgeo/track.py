@@ -16,7 +16,7 @@ checkpoints the run would have saved.
 ...     with torch.no_grad():
 ...         _ = lin.weight.add_(0.05 * u)
 ...     logs = tr.update(lin.named_parameters(), step)
->>> round(logs["weightgeo/sim2_to_prev/mean"], 4), logs["weightgeo/n_matrices"]
+>>> round(logs["weightgeo/previous_subspace_similarity/mean"], 4), logs["weightgeo/n_matrices"]
 (1.0, 1.0)
 >>> tr.locking_onset(threshold=0.9).step
 1
@@ -58,6 +58,7 @@ from .checkpoint import canonical_name, compile_filter
 from .devices import resolve_device
 from .errors import WeightgeoError
 from .means import nanmean
+from .metrics.catalog import TRACKER_OUTPUTS, TRACKER_PREFIX
 from .metrics.trajectory import UPDATE_BATCH_BYTES, Spectrum, build_locking, matrix_seed, subspace_sim, update_spectra
 from .outputs import atomic_output
 from .report import Report
@@ -66,7 +67,7 @@ from .validation import check_finite, check_int, check_k
 
 __all__ = ["Tracker"]
 
-_PREFIX = "weightgeo"
+_PREFIX = TRACKER_PREFIX
 _MODES = ("exact", "sketch")
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _FORMAT = 1
@@ -239,9 +240,10 @@ class Tracker:
     ) -> dict[str, float]:
         """Measure ΔW_t at ``step`` and return a flat ``{"weightgeo/<metric>/<group>": value}`` dict.
 
-        Keys: ``weightgeo/{stable_rank,frobenius_norm,spectral_norm,hill_alpha}/{mean,<module type>}``
-        (unweighted means over matrices), ``weightgeo/sim{K}_to_prev/mean`` (Sim_K to the previous tracked
-        step) and ``weightgeo/n_matrices`` (matrices with a nonzero update). Returns ``{}`` when ``step`` is not
+        Keys: ``weightgeo/{stable_rank,delta_frobenius,spectral_norm,hill_alpha}/{mean,<module type>}``
+        (unweighted means over matrices), ``weightgeo/previous_subspace_similarity/mean`` (Sim_K to the
+        previous tracked step) and ``weightgeo/n_matrices`` (matrices with a nonzero update); the names are
+        :mod:`weightgeo.metrics.catalog`'s. Returns ``{}`` when ``step`` is not
         a multiple of ``every``; a step where no tracked matrix has changed is not recorded.
         """
         if isinstance(step, bool) or not isinstance(step, int) and not hasattr(step, "__index__"):
@@ -335,14 +337,13 @@ class Tracker:
             for key, sp in specs.items()
         ]
         out: dict[str, float] = {}
-        metrics = ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha")
-        for metric in metrics:
+        for metric in TRACKER_OUTPUTS:
             out[f"{_PREFIX}/{metric}/mean"] = nanmean(r[metric] for r in rows)
         by_module: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_module.setdefault(r["module"], []).append(r)
         for mod, rs in sorted(by_module.items()):
-            for metric in metrics:
+            for metric in TRACKER_OUTPUTS:
                 out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
             sims = [
@@ -351,7 +352,7 @@ class Tracker:
                 if prev in self._records.get(key, {})
             ]
             if sims:
-                out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = nanmean(sims)
+                out[f"{_PREFIX}/previous_subspace_similarity/mean"] = nanmean(sims)
         out[f"{_PREFIX}/n_matrices"] = float(len(rows))
         return out
 

@@ -51,6 +51,7 @@ Everything is batched over leading dimensions, device-agnostic, torch only.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -59,7 +60,7 @@ import torch
 from ..errors import WeightgeoError
 from ..validation import check_k, check_matrix, check_sides
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
-from .spectra import spectral_shift
+from .spectra import spectral_drift_from_values
 from .svd import Decomposition, decompose
 
 __all__ = [
@@ -253,8 +254,8 @@ class PairGeometry:
     """Result of :func:`pair_geometry` (all float64 tensors, batched like the inputs).
 
     ``angles_right`` / ``angles_left``: [..., k] principal angles in degrees, ascending, between the
-    top-``k`` singular subspaces of W0 and W1 (``None`` for a side not asked for). ``nss``: [...]
-    ``‖σ(W1) − σ(W0)‖₂ / ‖σ(W0)‖₂``. ``sigma0`` / ``sigma1``: [..., min(m, n)] descending.
+    top-``k`` singular subspaces of W0 and W1 (``None`` for a side not asked for). ``spectral_drift``: [...]
+    ``‖σ(W1) − σ(W0)‖₂ / ‖σ(W0)‖₂`` (the paper's NSS; ``nss`` is its deprecated alias until 0.3). ``sigma0`` / ``sigma1``: [..., min(m, n)] descending.
     ``gap``: [...] ``σ_k(W0)/σ_{k+1}(W0)`` (``inf`` when k = min(m, n)); angles are reproducible only
     where it is clearly above 1. ``k``: the effective subspace dimension. ``rank0`` / ``rank1``: [...]
     numerical ranks of W0 and W1. ``fallback``: True when W0 or W1 was too ill-conditioned for the
@@ -263,7 +264,7 @@ class PairGeometry:
 
     angles_right: torch.Tensor | None
     angles_left: torch.Tensor | None
-    nss: torch.Tensor
+    spectral_drift: torch.Tensor
     sigma0: torch.Tensor
     sigma1: torch.Tensor
     gap: torch.Tensor
@@ -271,6 +272,17 @@ class PairGeometry:
     rank0: torch.Tensor | None = None
     rank1: torch.Tensor | None = None
     fallback: bool = False
+
+    @property
+    def nss(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`spectral_drift` (one name for the quantity everywhere); removed in 0.3."""
+        warnings.warn(
+            "PairGeometry.nss is deprecated: use spectral_drift (the name of the metric and of the report rows); "
+            "the alias goes in weightgeo 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.spectral_drift
 
     def overlap(self, side: str = "right") -> torch.Tensor:
         """Mean cos² of the angles on ``side`` ([...], in [0, 1]; 1 = same subspace)."""
@@ -297,7 +309,7 @@ def pair_geometry(
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
     >>> g = pair_geometry(W0, W0, k=2)
-    >>> g.angles_right, g.nss
+    >>> g.angles_right, g.spectral_drift
     (tensor([0., 0.], dtype=torch.float64), tensor(0., dtype=torch.float64))
 
     Args:
@@ -326,7 +338,7 @@ def pair_geometry(
     right, left = pair_angles(base, prod, eig, spec, k_eff, sides)
     gap = spectral_gap(base.sigma, k_eff)
     return PairGeometry(
-        right, left, spec.nss, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1, spec.fallback
+        right, left, spec.spectral_drift, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1, spec.fallback
     )
 
 
@@ -389,12 +401,13 @@ def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool) -> PairEige
 
 @dataclass(frozen=True)
 class PairSpectrum:
-    """σ(W1) ([..., p] float64, descending), its numerical rank and the NSS ([...]), per member; ``fallback``:
+    """σ(W1) ([..., p] float64, descending), its numerical rank and the spectral drift (NSS, [...]), per member;
+    ``fallback``:
     whether some member took its values from the policy instead of the base-relative eigenproblem."""
 
     sigma1: torch.Tensor
     rank1: torch.Tensor
-    nss: torch.Tensor
+    spectral_drift: torch.Tensor
     fallback: bool
 
 
@@ -416,7 +429,7 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     need = _untrusted(base, eig, s1, num, inv_den)
     sigma1, rank1 = s1, numerical_rank(s1, base.A.shape[-2:], eps=base.eps)
     nrm = torch.linalg.vector_norm(s0, dim=-1)
-    nss = torch.where(
+    drift = torch.where(
         nrm > 0,
         num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
         torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)),
@@ -426,11 +439,11 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
         p = s1.shape[-1]
         which = need.reshape(-1)
         d1 = decompose(A1.reshape(-1, *A1.shape[-2:])[which], vectors=False)
-        sigma1, rank1, nss = sigma1.clone(), rank1.clone(), nss.clone()
+        sigma1, rank1, drift = sigma1.clone(), rank1.clone(), drift.clone()
         sigma1.reshape(-1, p)[which] = d1.S
         rank1.reshape(-1)[which] = d1.rank()
-        nss.reshape(-1)[which] = spectral_shift(base.sigma.reshape(-1, p)[which], d1.S)
-    return PairSpectrum(sigma1, rank1, nss, fallback)
+        drift.reshape(-1)[which] = spectral_drift_from_values(base.sigma.reshape(-1, p)[which], d1.S)
+    return PairSpectrum(sigma1, rank1, drift, fallback)
 
 
 def _untrusted(
@@ -518,7 +531,7 @@ def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpect
         base.select(index),
         Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
         PairEigen(pick(eig.F), pick(eig.mu), pick(eig.Q)),
-        PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.nss), spec.fallback),
+        PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.spectral_drift), spec.fallback),
     )
 
 

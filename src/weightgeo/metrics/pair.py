@@ -118,12 +118,12 @@ def batched_pair_metrics(
     the values) or a function giving the update mask of rows ``s:e`` (the FP8 rule on stored codes), used by
     the localization's update mask.
     """
-    rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
+    rot, drift, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
     out: list[dict[str, float]] = [{} for _ in range(w0.shape[0])]
-    if base is None and (rot or nss or loc):
+    if base is None and (rot or drift or loc):
         base = base_spectrum(w0)
-    if rot or nss or srank:
+    if rot or drift or srank:
         sides = (side,) if rot else ()
         if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
             A1 = None
@@ -131,15 +131,15 @@ def batched_pair_metrics(
         else:
             A1 = tall_like(base, w1, "W1")
             prod = pair_products(base, A1, sides=sides, stable_rank=srank)
-        if rot or nss:
+        if rot or drift:
             assert base is not None and A1 is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
             spec = pair_spectrum(base, A1, eig)
             if rot:
                 _rotation_rows(out, base, prod, eig, spec, k=k, side=side, angles=angles)
-            if nss:
+            if drift:
                 for i, row in enumerate(out):
-                    row["spectral_drift"] = float(spec.nss[i])
+                    row["spectral_drift"] = float(spec.spectral_drift[i])
             del eig, spec
         if srank:
             _stable_rank_rows(out, prod)
