@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import WeightgeoError
 from .losses import clipped_pg_loss
 from .model import generate, response_logprobs
 from .task import ScratchpadAdditionTask
@@ -73,7 +74,7 @@ def lr_at(step: int, *, total: int, lr: float, schedule: str, warmup_frac: float
     if schedule == "constant":
         return lr
     if schedule != "cosine":
-        raise ValueError(f"schedule {schedule!r}: use 'constant' or 'cosine'")
+        raise WeightgeoError(f"lr_at(schedule={schedule!r}): use schedule='constant' or schedule='cosine'")
     warm = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
     if step < warm:
         return lr * (step + 1) / warm
@@ -263,14 +264,15 @@ def attach_projection(model: nn.Module, initial: dict[str, torch.Tensor], k: int
 
 def freeze_except(model: nn.Module, trainable: str | None) -> list[str]:
     """``requires_grad=False`` on every parameter whose name does not match the regex ``trainable`` (None: keep
-    all); returns the names left trainable. Raises ``ValueError`` when nothing matches."""
+    all); returns the names left trainable. Raises :class:`~weightgeo.errors.WeightgeoError` when nothing matches."""
     if trainable is None:
         return [n for n, _ in model.named_parameters()]
     pat = re.compile(trainable)
     kept = [n for n, p in model.named_parameters() if pat.search(n)]
     if not kept:
-        raise ValueError(
-            f"trainable={trainable!r} matches no parameter (names look like {next(model.named_parameters())[0]!r})"
+        raise WeightgeoError(
+            f"trainable={trainable!r} matches no parameter (names look like {next(model.named_parameters())[0]!r}); "
+            f"pass a regex that matches some parameter names, or trainable=None to train all"
         )
     for n, p in model.named_parameters():
         p.requires_grad_(n in kept)
@@ -295,7 +297,7 @@ def begin_run(
     set_threads(cfg.threads)
     vocab = getattr(getattr(getattr(model, "hf", model), "config", None), "vocab_size", None)
     if isinstance(vocab, int) and vocab < task.vocab_size:
-        raise ValueError(
+        raise WeightgeoError(
             f"the model's vocabulary ({vocab}) is smaller than the task's ({task.vocab_size}); "
             f"build the model with vocab_size={task.vocab_size}"
         )

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..errors import WeightgeoError
+
 __all__ = ["GPTConfig", "GPT", "Sample", "generate", "response_logprobs"]
 
 
@@ -77,7 +79,10 @@ class Attention(nn.Module):
         if cache is not None:
             cache["k"], cache["v"] = k, v
         if past and T > 1:
-            raise ValueError("with a filled cache, feed one token at a time")
+            raise WeightgeoError(
+                f"attention cache already holds {cache['k'].shape[2] - T} position(s) and {T} new tokens came in; "
+                f"decoding takes one token at a time: pass the prompt once with an empty cache, then one token per call"
+            )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=not past)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -152,8 +157,10 @@ class GPT(nn.Module):
         position of ``idx[:, 0]`` when decoding after a cached prefix."""
         T = idx.shape[1]
         if start_pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {start_pos + T} > block_size {self.config.block_size}; raise GPTConfig.block_size"
+            raise WeightgeoError(
+                f"GPT.forward: sequence length {start_pos + T} (start_pos={start_pos} + {T} tokens) is longer than "
+                f"block_size={self.config.block_size}; shorten the input or build the model with "
+                f"GPTConfig(block_size={start_pos + T})"
             )
         m = self.model
         x = m.embed_tokens(idx) + m.embed_positions(torch.arange(start_pos, start_pos + T, device=idx.device))
@@ -233,8 +240,10 @@ def generate(
     sequence keeps length N) but masked out.
     """
     if temperature > 0 and generator is None:
-        raise ValueError(
-            "sampling with temperature > 0 needs an explicit torch.Generator (the global RNG is never used)"
+        raise WeightgeoError(
+            f"generate(temperature={temperature}) samples, and got generator=None: pass "
+            f"generator=torch.Generator().manual_seed(...) (the global RNG is never used), or temperature=0 for "
+            f"greedy decoding"
         )
     was_training = model.training
     model.eval()
