@@ -190,7 +190,7 @@ class Report:
             cols.extend(k for k in r if k not in cols)
         return cols
 
-    def __getitem__(self, name: str) -> dict[str, Any]:
+    def __getitem__(self, name: str) -> dict[Any, Any]:
         """The row of one tensor by name (for trajectory reports, the rows of that name, by step; for an expert
         stack [E, out, in], its experts' rows, by ``expert``)."""
         hits = [r for r in self.rows if r.get("name") == name]

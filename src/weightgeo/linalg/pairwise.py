@@ -164,7 +164,9 @@ class BaseSpectrum:
     @property
     def lam(self) -> torch.Tensor:
         """Eigenvalues σ0² of the small-side Gram that ``V_c`` diagonalises (float64, descending)."""
-        return self.decomposition.gram_eigenvalues  # type: ignore[return-value]
+        lam = self.decomposition.gram_eigenvalues
+        assert lam is not None  # a base is decomposed through its Gram, which keeps them
+        return lam
 
     @property
     def eps(self) -> float:
@@ -195,7 +197,7 @@ class BaseSpectrum:
 
         dec = replace(
             d,
-            S=pick(d.S),
+            S=d.S[idx.to(d.S.device)],
             vectors=pick(d.vectors),
             gram_eigenvalues=pick(d.gram_eigenvalues),
             refined_mask=pick(d.refined_mask),
@@ -223,7 +225,8 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
         A = A.mT
     # V_c row-major, as restore_base_spectrum rebuilds it: eigh returns column-major vectors, and a GEMM's
     # rounding depends on its operands' layout, so a cached base must have the layout of a fresh one
-    V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()  # type: ignore[union-attr]
+    assert dec.vectors is not None  # asked for with vectors=True
+    V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()
     return BaseSpectrum(A, transposed, dec, V_c)
 
 
@@ -269,8 +272,8 @@ class PairGeometry:
     sigma1: torch.Tensor
     gap: torch.Tensor
     k: int
-    rank0: torch.Tensor | None = None
-    rank1: torch.Tensor | None = None
+    rank0: torch.Tensor
+    rank1: torch.Tensor
     fallback: bool = False
 
     @property
@@ -427,7 +430,8 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     num = torch.linalg.vector_norm(ds, dim=-1)
     inv_den = torch.where(ok_den, 1.0 / safe_den, torch.zeros_like(den))
     need = _untrusted(base, eig, s1, num, inv_den)
-    sigma1, rank1 = s1, numerical_rank(s1, base.A.shape[-2:], eps=base.eps)
+    m, n = base.A.shape[-2:]
+    sigma1, rank1 = s1, numerical_rank(s1, (m, n), eps=base.eps)
     nrm = torch.linalg.vector_norm(s0, dim=-1)
     drift = torch.where(
         nrm > 0,
@@ -502,9 +506,11 @@ def pair_angles(
     vd = torch.float64 if base.A.dtype == torch.float64 else torch.float32
     small = big = None
     if want_small:
+        if k > 0 and eig.Q is None:
+            raise WeightgeoError("pair_angles: the pair eigenproblem was solved without vectors; pass vectors=True")
         small = (
             torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k, vd).clamp(0, 1)))
-            if k > 0  # type: ignore[arg-type]
+            if k > 0 and eig.Q is not None
             else s0.new_zeros(*s0.shape[:-1], 0)
         )
     if want_big:
@@ -524,14 +530,17 @@ def pair_angles(
 def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpectrum, index: torch.Tensor):
     """The members ``index`` of every per-pair result (first dimension), for :func:`pair_angles`."""
 
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t[index.to(t.device)]
+
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[index.to(t.device)]
+        return None if t is None else take(t)
 
     return (
         base.select(index),
         Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
-        PairEigen(pick(eig.F), pick(eig.mu), pick(eig.Q)),
-        PairSpectrum(pick(spec.sigma1), pick(spec.rank1), pick(spec.spectral_drift), spec.fallback),
+        PairEigen(take(eig.F), take(eig.mu), pick(eig.Q)),
+        PairSpectrum(take(spec.sigma1), take(spec.rank1), take(spec.spectral_drift), spec.fallback),
     )
 
 

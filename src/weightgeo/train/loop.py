@@ -83,6 +83,18 @@ def lr_at(step: int, *, total: int, lr: float, schedule: str, warmup_frac: float
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def _save_pretrained(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
+    """``model.save_pretrained(directory, dtype=dtype)``: GPT and HFCausalLM write config.json and
+    model.safetensors; a module without it is an error that says what to train instead."""
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise WeightgeoError(
+            f"CheckpointWriter.save: {type(model).__name__} has no save_pretrained(directory, dtype=); train a "
+            f"weightgeo.train.model.GPT, or wrap a transformers model with weightgeo.train.hf.as_policy(model)"
+        )
+    save(directory, dtype=dtype)
+
+
 class CheckpointWriter:
     """Writes ``checkpoint-<step>`` folders (bf16, HF layout), optionally the fp32 masters beside them
     (``fp32/checkpoint-<step>``), and ``log.jsonl`` into ``run_dir``.
@@ -131,7 +143,7 @@ class CheckpointWriter:
         if self.save_fp32:
             dirs.append((self.dir / "fp32" / f"checkpoint-{step}", torch.float32))
         for d, dtype in dirs:
-            model.save_pretrained(d, dtype=dtype)
+            _save_pretrained(model, d, dtype)
             (d / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         self.saved.append(step)
         return dirs[0][0]

@@ -33,7 +33,11 @@ def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | No
 
 
 def sft_loss(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, num_tokens: float | int | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_tokens: float | int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy summed over masked targets / ``num_tokens``.
 
@@ -108,7 +112,7 @@ def clipped_pg_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    num_tokens: float | int | None = None,
+    num_tokens: float | int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO/GRPO clipped surrogate, token-level normalised (DAPO): Σ_t m_t · −min(ρ_t A_t, clip(ρ_t) A_t) / N.
 

@@ -82,6 +82,10 @@ class _Addition:
     def completion(self, a: int, b: int) -> list[int]:  # pragma: no cover - defined by each task
         raise NotImplementedError
 
+    def rewards(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """[B] float 0/1: the verifier on a batch (defined by each task)."""
+        raise NotImplementedError
+
     def answer(self, a: int, b: int) -> list[int]:
         """The full correct completion (alias of :meth:`completion`, the name the answer-only task used)."""
         return self.completion(a, b)
