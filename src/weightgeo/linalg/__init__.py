@@ -6,9 +6,7 @@ Pure tensor math, batched over leading dimensions; never reads files, never touc
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
+from . import spectra
 from .angles import subspace_angles
 from .policy import REFINE_BELOW, ROW_BLOCK, compute_dtype, numerical_rank, row_blocks, to_compute_dtype
 from .spectra import hill_tail_index, spectral_drift_from_values, stable_rank_from_values
@@ -33,14 +31,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Deprecated names (PEP 562): ``spectral_shift`` is :func:`spectral_drift_from_values` until 0.3."""
-    if name == "spectral_shift":
-        warnings.warn(
-            "weightgeo.linalg.spectral_shift is deprecated: use spectral_drift_from_values (spectral drift has one "
-            "name); the alias goes in weightgeo 0.3",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return spectral_drift_from_values
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# deprecated names (``spectral_shift`` until 0.3) resolve through the module that renamed them, warning
+__getattr__ = spectra.__getattr__

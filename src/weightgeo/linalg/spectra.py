@@ -83,10 +83,10 @@ def __getattr__(name: str) -> Any:
     """Deprecated names (PEP 562): ``spectral_shift`` is :func:`spectral_drift_from_values` until 0.3."""
     if name == "spectral_shift":
         warnings.warn(
-            "weightgeo.linalg.spectra.spectral_shift is deprecated: use spectral_drift_from_values (spectral drift "
-            "has one name); the alias goes in weightgeo 0.3",
+            "weightgeo.linalg.spectral_shift is deprecated: use spectral_drift_from_values (spectral drift has one "
+            "name); the alias goes in weightgeo 0.3",
             DeprecationWarning,
             stacklevel=2,
         )
         return spectral_drift_from_values
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {__package__!r} has no attribute {name!r}")  # linalg resolves through here
