@@ -8,9 +8,11 @@ Definitions follow "On the Geometry of On-Policy Distillation" (arXiv 2606.07082
 Naming contract (stated once, used everywhere):
 
 - ``*_overlap`` / ``*_similarity`` lie in [0, 1]; higher means more aligned.
-- ``*_angles`` are in degrees, ascending.
+- ``*_angle`` / ``*_angles`` are in degrees (a vector ascending).
 - ``*_sparsity`` is the fraction of entries unchanged.
-- The same keyword names everywhere: ``k``, ``eta``, ``device``, ``dtype``, ``seed``.
+- ``delta_*`` is a property of the update ΔW where the same word of W0 exists (``delta_spectral_gap``).
+- One name per quantity in every row; the same keyword names everywhere (``k``, ``eta``, ``device``,
+  ``dtype``, ``seed``), one meaning each: the glossary, :mod:`weightgeo.metrics.catalog` (docs/metrics.md).
 
 Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) in, a :class:`Report` out
 (:mod:`weightgeo.api`). Layers, one way: docs/architecture.md.

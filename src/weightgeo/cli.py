@@ -392,7 +392,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
             last = (update, onset)
             print(
                 f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
-                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('frobenius_norm', nan):.4g}; "
+                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('delta_frobenius', nan):.4g}; "
                 f"{len(report.summary['steps'])} step(s), "
                 f"locking onset {onset.step}; {c.get('spectra_computed', 0)} spectra computed, "
                 f"{c.get('spectra_reused', 0)} reused"

@@ -69,7 +69,7 @@ def _matrix_rows(report, key: str) -> list[dict[str, Any]]:
 def plot_pair_reports(
     reports: Mapping[str, Any], path: str | os.PathLike[str], *, alpha: float | None = None, title: str | None = None
 ) -> Path:
-    """Fig. 2 (max principal angle and NSS per matrix, sorted by layer) and Fig. 3 (localization) for runs.
+    """Fig. 2 (max principal angle and spectral drift per matrix, sorted by layer) and Fig. 3 (localization) for runs.
 
     Args:
         reports: label -> pair :class:`~weightgeo.report.Report` (from :func:`weightgeo.compare`).
@@ -92,7 +92,10 @@ def plot_pair_reports(
         yscale="log",
     )
     axes[1].set(
-        title="spectral drift NSS per matrix (Fig. 2)", xlabel="matrix (checkpoint order)", ylabel="NSS", yscale="log"
+        title="spectral drift per matrix (Fig. 2)",
+        xlabel="matrix (checkpoint order)",
+        ylabel="spectral drift (NSS)",
+        yscale="log",
     )
     for ax in axes[:2]:  # headroom (a decade on the log axis) so the legend does not hide points
         ys = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0 and math.isfinite(v)]
@@ -163,7 +166,7 @@ def plot_trajectories(
     plt = _pyplot()
     panels = [
         ("stable_rank", "stable rank of ΔW_t"),
-        ("frobenius_norm", "‖ΔW_t‖_F"),
+        ("delta_frobenius", "‖ΔW_t‖_F"),
         ("hill_alpha", "Hill tail index α̂"),
     ]
     n = len(panels) + (1 if locking else 0)
@@ -179,7 +182,7 @@ def plot_trajectories(
             ax.plot(scale(xs, max(xs, default=0.0)), ys, "o-", ms=3, label=label)
         # norms of different runs span orders of magnitude
         positive = [v for line in ax.get_lines() for v in line.get_ydata() if not math.isnan(v)]
-        if key == "frobenius_norm" and positive and min(positive) > 0:
+        if key == "delta_frobenius" and positive and min(positive) > 0:
             ax.set_yscale("log")
         ax.set(title=f"{name} (Fig. 4)", xlabel=xlabel)
     if locking:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,32 +16,17 @@ from typing import Any
 from .checkpoint.names import expert_index, expert_tensor
 from .errors import WeightgeoError
 from .means import nanmean
+from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, WEIGHTED
 from .outputs import atomic_write_text, check_output_path
 
 __all__ = ["Report", "summarize_rows", "check_output_path"]
 
 # Columns shown first in tables, in this order, when present.
 _LEAD_COLUMNS = ("group", "step", "name", "expert", "shape", "numel", "module", "layer")
-# Row keys that are identifiers or bookkeeping, not metric values to average.
-_NOT_METRICS = frozenset(
-    {
-        "step",
-        "name",
-        "expert",
-        "base_name",
-        "ft_name",
-        "shape",
-        "numel",
-        "module",
-        "layer",
-        "dtype",
-        "rows_compared",
-        "rows_added",
-        "k_effective",
-    }
-)
-# Metrics summarised as parameter-count weighted means (fractions of entries); the rest are unweighted means.
-_WEIGHTED = frozenset({"update_sparsity"})
+# Row keys that name or count rather than measure (never averaged), and those summarized as parameter-count
+# weighted means (fractions of entries); the rest are unweighted means. Both come from the glossary.
+_NOT_METRICS = NOT_SUMMARIZED
+_WEIGHTED = WEIGHTED
 
 
 def _jsonable(value: Any) -> Any:
@@ -72,6 +58,35 @@ def _from_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_json(v) for v in value]
     return value
+
+
+def _renamed_keys(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rename, in place, the keys an older weightgeo wrote (:data:`~weightgeo.metrics.catalog.RENAMED`: row
+    keys, their summary means and ``n_`` counts; ``meta["ranks"]`` of process ranks); returns what was renamed.
+    A stream report (rows with a ``step``) renames its stream keys, a pair report its pair keys."""
+    stream = any("step" in r for r in rows) or meta.get("kind") == "rank_curve"
+    names = {old: new for old, (new, where) in RENAMED.items() if (where == STREAM) == stream}
+    names |= {f"n_{old}": f"n_{new}" for old, new in names.items()}
+    done: dict[str, str] = {}
+
+    def rename(d: dict[str, Any], deep: bool) -> None:
+        for old in [k for k in d if k in names]:
+            d[names[old]] = d.pop(old)
+            done.setdefault(old, names[old])
+        if deep:
+            for v in d.values():
+                if isinstance(v, dict):
+                    rename(v, deep)
+
+    for r in rows:
+        rename(r, False)
+    rename(summary, True)
+    if "ranks" in meta and "processes" not in meta:  # process ranks: [{"rank": r, ...}] before 0.2
+        meta["processes"] = [
+            {("process_rank" if k == "rank" else k): v for k, v in p.items()} for p in meta.pop("ranks")
+        ]
+        done["ranks"] = "processes"
+    return [(old, new) for old, new in done.items() if not old.startswith("n_")]
 
 
 def _is_number(v: Any) -> bool:
@@ -199,7 +214,8 @@ class Report:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Report:
-        """Read a report written by :meth:`to_json`."""
+        """Read a report written by :meth:`to_json`. A file written before a rename (CHANGELOG.md) is read
+        under today's names, with a ``DeprecationWarning`` saying which; re-save it to update the file."""
         try:
             data = json.loads(Path(path).read_text())
             rows = [_from_json(r) for r in data["rows"]]
@@ -208,7 +224,17 @@ class Report:
         for r in rows:
             if isinstance(r.get("shape"), list):
                 r["shape"] = tuple(r["shape"])
-        return cls(rows=rows, summary=_from_json(data.get("summary", {})), meta=data.get("meta", {}))
+        summary, meta = _from_json(data.get("summary", {})), data.get("meta", {})
+        renamed = _renamed_keys(rows, summary, meta)
+        if renamed:
+            warnings.warn(
+                f"{path} was written by an older weightgeo: read with today's names ("
+                + ", ".join(f"{old} -> {new}" for old, new in renamed)
+                + "); re-save it with Report.to_json to update the file (CHANGELOG.md)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return cls(rows=rows, summary=summary, meta=meta)
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write the rows as CSV (shape as ``"896x896"``), atomically; missing parent folders are created."""
@@ -238,7 +264,7 @@ class Report:
 
     def table(self, *, columns: Sequence[str] | None = None, max_rows: int | None = None) -> str:
         """A fixed-width text table of the rows."""
-        cols = list(columns) if columns else [c for c in self.columns() if c not in ("base_name", "ft_name", "dtype")]
+        cols = list(columns) if columns else [c for c in self.columns() if c != "stored_dtype"]
         rows = self.rows if max_rows is None else self.rows[:max_rows]
         cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]

@@ -16,7 +16,7 @@ checkpoints the run would have saved.
 ...     with torch.no_grad():
 ...         _ = lin.weight.add_(0.05 * u)
 ...     logs = tr.update(lin.named_parameters(), step)
->>> round(logs["weightgeo/sim2_to_prev/mean"], 4), logs["weightgeo/n_matrices"]
+>>> round(logs["weightgeo/previous_subspace_similarity/mean"], 4), logs["weightgeo/n_matrices"]
 (1.0, 1.0)
 >>> tr.locking_onset(threshold=0.9).step
 1
@@ -62,6 +62,7 @@ from .checkpoint import canonical_name
 from .defaults import HILL_K, SEED, STREAM_K, THRESHOLD, TRACKER_DTYPE
 from .errors import WeightgeoError
 from .means import nanmean
+from .metrics.catalog import TRACKER_OUTPUTS, TRACKER_PREFIX
 from .metrics.trajectory import (
     UPDATE_BATCH_BYTES,
     LockingOnset,
@@ -80,7 +81,7 @@ from .validation import check_choice, check_finite, check_int, check_next_step
 
 __all__ = ["Tracker"]
 
-_PREFIX = "weightgeo"
+_PREFIX = TRACKER_PREFIX
 _MODES = {"exact": "a copy of W0 in dtype", "sketch": "random sketches of W0"}
 _FORMAT = 2  # 2: expert stacks tracked per expert (matrices carry the expert); files of format 1 still load
 
@@ -276,9 +277,10 @@ class Tracker:
     ) -> dict[str, float]:
         """Measure ΔW_t at ``step`` and return a flat ``{"weightgeo/<metric>/<group>": value}`` dict.
 
-        Keys: ``weightgeo/{stable_rank,frobenius_norm,spectral_norm,hill_alpha}/{mean,<module type>}``
-        (unweighted means over matrices), ``weightgeo/sim{K}_to_prev/mean`` (Sim_K to the previous tracked
-        step) and ``weightgeo/n_matrices`` (matrices with a nonzero update). Returns ``{}`` when ``step`` is not
+        Keys: ``weightgeo/{stable_rank,delta_frobenius,spectral_norm,hill_alpha}/{mean,<module type>}``
+        (unweighted means over matrices), ``weightgeo/previous_subspace_similarity/mean`` (Sim_K to the
+        previous tracked step) and ``weightgeo/n_matrices`` (matrices with a nonzero update); the names are
+        :mod:`weightgeo.metrics.catalog`'s. Returns ``{}`` when ``step`` is not
         a multiple of ``every``; a step where no tracked matrix has changed is not recorded.
         """
         step = check_next_step(step, self.steps[-1] if self.steps else None, what="Tracker.update")
@@ -374,14 +376,13 @@ class Tracker:
             for m, sp in ((self._matrices[uid], sp) for uid, sp in specs.items())
         ]
         out: dict[str, float] = {}
-        metrics = ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha")
-        for metric in metrics:
+        for metric in TRACKER_OUTPUTS:
             out[f"{_PREFIX}/{metric}/mean"] = nanmean(r[metric] for r in rows)
         by_module: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_module.setdefault(r["module"], []).append(r)
         for mod, rs in sorted(by_module.items()):
-            for metric in metrics:
+            for metric in TRACKER_OUTPUTS:
                 out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
             sims = [
@@ -392,7 +393,7 @@ class Tracker:
                 and (before := self._records[key][prev].Vh) is not None
             ]
             if sims:
-                out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = nanmean(sims)
+                out[f"{_PREFIX}/previous_subspace_similarity/mean"] = nanmean(sims)
         out[f"{_PREFIX}/n_matrices"] = float(len(rows))
         return out
 

@@ -32,6 +32,7 @@ from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
 from .linalg.spectra import hill_tail_index
+from .metrics.catalog import TRAJECTORY_CURVES
 from .metrics.trajectory import (
     EXACT_MAX_DIM,
     RTOL,
@@ -83,19 +84,19 @@ def spectrum_row(
         "numel": shape[0] * shape[1],
         "module": module_type(key),
         "layer": layer_index(key),
-        "frobenius_norm": fro,
+        "delta_frobenius": fro,
         "spectral_norm": s1,
         "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
         "hill_alpha": float(hill_tail_index(S, kh)) if kh >= 2 else math.nan,
     }
-    row["spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
+    row["delta_spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
     row["method"] = sp.method
     return row
 
 
 def _gap(S: torch.Tensor, k: int, p: int) -> float:
-    """σ_K/σ_{K+1} of ΔW, the convention of every ``spectral_gap``: inf when K = min(m, n) (or σ_{K+1} = 0),
-    NaN when σ_K = 0 (ΔW of rank below K: no top-K subspace)."""
+    """``delta_spectral_gap``: σ_K/σ_{K+1} of ΔW (pair rows' ``spectral_gap`` is that ratio of W0); inf when
+    K = min(m, n) (or σ_{K+1} = 0), NaN when σ_K = 0 (ΔW of rank below K: no top-K subspace)."""
     if k >= p:
         return math.inf
     top, nxt = float(S[k - 1]), float(S[k])
@@ -149,10 +150,7 @@ def trajectory_summary(
     for s in steps:
         rs = [r for r in rows if r["step"] == s]
         by_step[int(s)] = summarize_rows(rs) if rs else {"n_tensors": 0}
-    curve = {
-        m: [by_step[int(s)].get(m, math.nan) for s in steps]
-        for m in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity")
-    }
+    curve = {m: [by_step[int(s)].get(m, math.nan) for s in steps] for m in TRAJECTORY_CURVES}
     return {
         "steps": [int(s) for s in steps],
         "final_step": int(steps[-1]),
@@ -309,7 +307,7 @@ def _stream_pass(
         world = current_world(dev)
         full_plan = list(reader.plan)
         shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
-        plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.rank])]
+        plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.process_rank])]
         if options.progress and world.is_main:
             from tqdm.auto import tqdm
 
@@ -317,7 +315,7 @@ def _stream_pass(
         for entry in plan:
             records[entry.uid] = (entry.shape, _follow(reader, entry, dev, options, r=r, spectra=spectra))
         parts = world.gather(
-            {"rank": world.rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
+            {"process_rank": world.process_rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
         )
         merged = {key: rec for part in parts for key, rec in part["records"].items()}
         records = {e.uid: merged[e.uid] for e in full_plan if e.uid in merged}
@@ -403,7 +401,7 @@ def _stream_meta(
         "unmatched": reader.unmatched,
         "torch_version": torch.__version__,
         "world_size": world_size,
-        "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts],
+        "processes": [{"process_rank": p["process_rank"], "matrices": p["matrices"]} for p in parts],
     }
     in_out = [e.uid for e in reader.plan if reader.base.in_out_layout(e.base_name)]
     if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
@@ -475,8 +473,8 @@ def rank_curve(
 
     Returns:
         :class:`~weightgeo.report.Report`: ``rows`` per (step, matrix) with ``step, name, shape, numel, module,
-        layer, frobenius_norm, spectral_norm, stable_rank`` (in [1, rank]), ``hill_alpha``, ``spectral_gap``
-        (σ_K/σ_{K+1} of ΔW_t, the convention of every report: Sim_K means little near 1),
+        layer, delta_frobenius`` (‖ΔW_t‖_F), ``spectral_norm``, ``stable_rank`` (in [1, rank]), ``hill_alpha``,
+        ``delta_spectral_gap`` (σ_K/σ_{K+1} of ΔW_t: Sim_K means little near 1),
         ``final_subspace_similarity`` (Sim_K(t, t_end), in [0, 1])
         and ``method``; ``summary["by_step"][step]`` = unweighted means over matrices (with ``by_module``),
         ``summary["curves"]`` = those means as lists over ``summary["steps"]``; ``meta["cache"]`` the spectra

@@ -31,7 +31,7 @@ Fp8Pair = tuple[Fp8Weight, Fp8Weight]
 
 
 def job_row(job: Job) -> dict[str, Any]:
-    """The identifying part of a tensor's row: name, shape, numel, module, layer, dtype (and layout notes);
+    """The identifying part of a tensor's row: name, shape, numel, module, layer, stored_dtype (and layout notes);
     ``expert`` for one expert of an MoE block (of a stack [E, out, in], whose rows share the stack's name and
     its shape is the expert's; or a per-expert ``experts.{j}.`` name)."""
     row: dict[str, Any] = {
@@ -40,7 +40,7 @@ def job_row(job: Job) -> dict[str, Any]:
         "numel": math.prod(job.shape),
         "module": module_type(job.key),
         "layer": layer_index(job.key),
-        "dtype": str(job.base_dtype).replace("torch.", ""),
+        "stored_dtype": str(job.base_dtype).replace("torch.", ""),
     }
     expert = job.expert if job.expert is not None else expert_index(job.key)
     if expert is not None:

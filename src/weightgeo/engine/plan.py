@@ -197,7 +197,7 @@ class Work:
 
     def shard(self, world: World) -> Work:
         """This rank's share of the units, balanced by entries read (every rank computes the same split)."""
-        mine = sorted(balanced_shards([u.weight for u in self.units], world.size)[world.rank])
+        mine = sorted(balanced_shards([u.weight for u in self.units], world.size)[world.process_rank])
         return Work(self.plans, tuple(self.units[i] for i in mine))
 
     def n_rows(self) -> int:

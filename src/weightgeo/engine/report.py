@@ -21,7 +21,7 @@ def comparison_report(
     options: PairOptions,
     *,
     world_size: int,
-    ranks: list[dict[str, Any]],
+    processes: list[dict[str, Any]],
     seconds: float,
     **extra: Any,
 ) -> Report:
@@ -37,7 +37,7 @@ def comparison_report(
         "device": str(options.device),
         "hardware": hardware(options.device).as_dict(),
         "world_size": world_size,
-        "ranks": ranks,
+        "processes": processes,
         "torch_version": torch.__version__,
         "seconds": round(seconds, 3),
         # tensors in both but not analysed, then each source's entries that are not weights (tagged by side)

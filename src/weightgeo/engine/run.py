@@ -210,7 +210,7 @@ def run(
                 bar.close()
         per_rank = world.gather(
             {
-                "rank": world.rank,
+                "process_rank": world.process_rank,
                 "seconds": round(time.perf_counter() - t_rank, 3),
                 "tensors": [[work.job(i, j).uid for i, j in _users(work, i)] for i in range(len(fs))],
                 "rows": local,
@@ -232,7 +232,10 @@ def run(
             world_size=world.size,
             seconds=seconds,
             **extra,
-            ranks=[{"rank": p["rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]} for p in per_rank],
+            processes=[
+                {"process_rank": p["process_rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]}
+                for p in per_rank
+            ],
         )
         for i in range(len(fs))
     ]

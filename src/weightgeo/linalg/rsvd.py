@@ -223,7 +223,8 @@ def randomized_svd_with_info(
     """
     A, k, p, n_iter, pass_dtype = _validate(A, k, n_iter, oversample, seed, generator, pass_dtype)
     if pass_dtype is None:
-        pass_dtype = policy_pass_dtype(A.dtype, A.device, tuple(A.shape[-2:]))
+        m, n = A.shape[-2:]
+        pass_dtype = policy_pass_dtype(A.dtype, A.device, (m, n))
     with torch.no_grad():
         return _rsvd(A, k, p, n_iter, seed, generator, pass_dtype)
 
@@ -413,7 +414,7 @@ def _chunked(A, omega, k, n_iter, pdt, cdt):
     parts = []
     for i in range(0, count, per):
         j = min(count, i + per)
-        if cast:
+        if buf is not None:  # cast: the chunk goes through one reused pass-dtype buffer
             chunk = buf[: j - i]
             chunk.copy_(Af[i:j])
         else:

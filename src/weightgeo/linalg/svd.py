@@ -158,12 +158,14 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
     Xf = X.reshape(math.prod(X.shape[:-2]), m, n)
     if Xf.shape[0] == 0:
         return X.new_zeros((*X.shape[:-2], n, n), dtype=dtype)
-    parts = []
+    parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
-        G = None
-        for s, e in spans:
+        (s, e), *rest = spans  # never empty
+        Y = Xf[b0:b1, s:e].to(dtype)
+        G = Y.mT @ Y
+        for s, e in rest:
             Y = Xf[b0:b1, s:e].to(dtype)
-            G = Y.mT @ Y if G is None else G.baddbmm_(Y.mT, Y)
+            G = G.baddbmm_(Y.mT, Y)
         parts.append(G)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*X.shape[:-2], n, n)
 
@@ -277,12 +279,12 @@ def frobenius_sq(A: torch.Tensor) -> torch.Tensor:
     Af = A.reshape(math.prod(A.shape[:-2]), m, n)
     if Af.shape[0] == 0 or m == 0:
         return A.to(torch.float64).square().sum((-2, -1))
-    parts = []
+    parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Af.shape[0], m, n):  # the same row blocks for every batch size
-        total = None
-        for s, e in spans:
-            part = Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
-            total = part if total is None else total + part
+        (s, e), *rest = spans  # never empty
+        total = Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
+        for s, e in rest:
+            total = total + Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
         parts.append(total)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(A.shape[:-2])
 

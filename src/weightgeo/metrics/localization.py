@@ -170,13 +170,15 @@ def localize(
     count = math.floor(alpha * n)
     cd = V.dtype
     spans = list(row_blocks(rows, cols, elements=ROW_BLOCK))  # ROW_BLOCK read here: tests shrink it
-    R = None
+    R: torch.Tensor | None = None
     if transposed:  # V Vᵀ W0 by rows: V[rows] @ (Vᵀ W0), with the r × in factor accumulated once
-        R = sum(V[s:e].mT @ b[s:e].to(cd) for s, e in spans)
+        for s, e in spans:
+            part = V[s:e].mT @ b[s:e].to(cd)
+            R = part if R is None else R + part
 
     def keys(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         w0 = b[s:e].to(cd)
-        recon = (V[s:e] @ R) if transposed else (w0 @ V) @ V.mT
+        recon = (V[s:e] @ R) if R is not None else (w0 @ V) @ V.mT
         return recon.abs_().reshape(-1), w0.abs().reshape(-1)  # abs(), not abs_(): w0 may be b itself
 
     cache = [keys(s, e) for s, e in spans] if n <= _CACHE_BELOW else None

@@ -41,7 +41,10 @@ from ..validation import check_eta, check_k, check_pair, check_rank_alpha, check
 from .catalog import ALL_METRICS, PAIR_METRICS
 from .localization import localize
 
-__all__ = ["PAIR_METRICS", "ALL_METRICS", "matrix_pair_metrics", "batched_pair_metrics"]
+__all__ = ["PAIR_METRICS", "ALL_METRICS", "matrix_pair_metrics", "batched_pair_metrics", "PairRow"]
+
+#: the metric values of one matrix: numbers, and the angle vector ``principal_angles`` when asked for
+PairRow = dict[str, float | list[float]]
 
 
 def matrix_pair_metrics(
@@ -55,7 +58,7 @@ def matrix_pair_metrics(
     alpha: float = ALPHA,
     eta: float = ETA,
     angles: bool = False,
-) -> dict[str, float]:
+) -> PairRow:
     """All requested SVD-family metrics of one [out, in] pair, sharing the decompositions.
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -107,7 +110,7 @@ def batched_pair_metrics(
     base: BaseSpectrum | None = None,
     angles: bool = False,
     update_rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None = None,
-) -> list[dict[str, float]]:
+) -> list[PairRow]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
     The engine's kernel for a shape group: one batched base decomposition, one row-block pass for the
@@ -119,12 +122,12 @@ def batched_pair_metrics(
     the values) or a function giving the update mask of rows ``s:e`` (the FP8 rule on stored codes), used by
     the localization's update mask.
     """
-    rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
+    rot, drift, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
-    out: list[dict[str, float]] = [{} for _ in range(w0.shape[0])]
-    if base is None and (rot or nss or loc):
+    out: list[PairRow] = [{} for _ in range(w0.shape[0])]
+    if base is None and (rot or drift or loc):
         base = base_spectrum(w0)
-    if rot or nss or srank:
+    if rot or drift or srank:
         sides = (side,) if rot else ()
         if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
             A1 = None
@@ -132,15 +135,15 @@ def batched_pair_metrics(
         else:
             A1 = tall_like(base, w1, "W1")
             prod = pair_products(base, A1, sides=sides, stable_rank=srank)
-        if rot or nss:
+        if rot or drift:
             assert base is not None and A1 is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
             spec = pair_spectrum(base, A1, eig)
             if rot:
                 _rotation_rows(out, base, prod, eig, spec, k=k, side=side, angles=angles)
-            if nss:
+            if drift:
                 for i, row in enumerate(out):
-                    row["spectral_drift"] = float(spec.nss[i])
+                    row["spectral_drift"] = float(spec.spectral_drift[i])
             del eig, spec
         if srank:
             _stable_rank_rows(out, prod)
@@ -167,7 +170,7 @@ def batched_pair_metrics(
 
 
 def _rotation_rows(
-    out: list[dict[str, float]],
+    out: list[PairRow],
     base: BaseSpectrum,
     prod: Products,
     eig: PairEigen,
@@ -213,9 +216,11 @@ def _rotation_rows(
                 out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]
 
 
-def _stable_rank_rows(out: list[dict[str, float]], prod: Products) -> None:
+def _stable_rank_rows(out: list[PairRow], prod: Products) -> None:
     """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F²."""
-    s1 = torch.linalg.eigvalsh(prod.J.to(torch.float64))[..., -1].clamp_min(0).sqrt()  # type: ignore[union-attr]
-    sr = stable_rank_from_values(s1[..., None], prod.fro_sq)
+    J, fro_sq = prod.J, prod.fro_sq
+    assert J is not None and fro_sq is not None  # the products were asked for with the stable rank
+    s1 = torch.linalg.eigvalsh(J.to(torch.float64))[..., -1].clamp_min(0).sqrt()
+    sr = stable_rank_from_values(s1[..., None], fro_sq)
     for i, row in enumerate(out):
-        row.update(stable_rank=float(sr[i]), delta_frobenius=float(prod.fro_sq[i].sqrt()))  # type: ignore[index]
+        row.update(stable_rank=float(sr[i]), delta_frobenius=float(fro_sq[i].sqrt()))

@@ -149,7 +149,7 @@ def update_spectra(
             for j, i in enumerate(todo):
                 if ok_host[j]:
                     S_out[i] = S_host[j]
-                    if V_out is not None:
+                    if V_out is not None and Vh_host is not None:
                         V_out[i] = Vh_host[j]
                     method[i] = "randomized"
                 else:
@@ -216,7 +216,9 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = STREAM_K, side: 
         if not bool(x.any()):
             raise WeightgeoError(f"subspace_similarity: {what} is all zeros: it has no top-{k} subspace")
         g = torch.Generator(device=x.device).manual_seed(int(seed))
-        vs.append(update_spectra(x[None], r=k, k=k, generator=g)[0].Vh)
+        vh = update_spectra(x[None], r=k, k=k, generator=g)[0].Vh
+        assert vh is not None  # k ≥ 1 vectors were asked for
+        vs.append(vh)
     return subspace_sim(vs[0], vs[1])
 
 
