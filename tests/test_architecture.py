@@ -22,6 +22,8 @@ LAYERS = [
         "weightgeo.distributed",
         "weightgeo.readahead",
         "weightgeo.outputs",
+        "weightgeo.jsonfile",
+        "weightgeo.memory",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
     ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache", "weightgeo.selection"],

@@ -9,6 +9,7 @@ report and figure written so far stay whole (every rewrite is atomic).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -29,6 +30,15 @@ from .trajectory import locking_onset, rank_curve
 from .validation import check_amount, check_int, check_report_path, cli_syntax
 
 __all__ = ["main"]
+
+
+def size(text: str) -> int | float:
+    """A ``--k`` / ``--rank`` value: ``512`` (a count) or ``0.125`` (a fraction of each matrix's smaller side);
+    checked with the options."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
@@ -100,9 +110,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)",
     )
-    c.add_argument("--k", type=int, default=PAIR_K, help=f"top-k subspace size for principal angles (default {PAIR_K})")
+    c.add_argument(
+        "--k",
+        type=size,
+        default=PAIR_K,
+        help=f"top-k subspace size for principal angles: a count, or a fraction in (0, 1) of each matrix's smaller "
+        f"side (default {PAIR_K}: an eighth, the paper's 512 of 4096)",
+    )
     c.add_argument("--side", choices=("right", "left"), default=SIDE, help=f"singular subspace side (default {SIDE})")
-    c.add_argument("--rank", type=int, default=RANK, help=f"localization reconstruction rank (default {RANK})")
+    c.add_argument(
+        "--rank",
+        type=size,
+        default=RANK,
+        help=f"localization reconstruction rank: a count or a fraction of the smaller side (default {RANK})",
+    )
     c.add_argument("--alpha", type=float, default=ALPHA, help=f"localization mask fraction (default {ALPHA})")
     c.add_argument("--eta", type=float, default=ETA, help=f"bf16 relative tolerance (default {ETA:g})")
     c.add_argument(
@@ -187,14 +208,14 @@ def _add_cache_parser(sub: Any) -> None:
         type=float,
         default=None,
         metavar="DAYS",
-        help="prune: remove entries not used for this many days",
+        help="prune: remove entries not used for this many days (inf: no age limit)",
     )
     k.add_argument(
         "--max-gb",
         type=float,
         default=None,
         metavar="X",
-        help="prune: then remove the least recently used entries until at most X GB remain",
+        help="prune: then remove the least recently used entries until at most X GB remain (inf: no size limit)",
     )
     k.add_argument(
         "--keep-other-versions", action="store_true", help="prune: keep entries written by other weightgeo versions"
@@ -213,15 +234,23 @@ def _cache_command(args: argparse.Namespace) -> int:
     if args.action == "info":
         print(cache.info())
         return 0
-    days = None if args.older_than is None else check_amount(args.older_than, "older_than", unit="days")
-    gb = None if args.max_gb is None else check_amount(args.max_gb, "max_gb", unit="GB")
+    # inf is "no limit" (as leaving the flag out); a finite amount too large for the machine is no limit either
+    days = None if args.older_than is None else check_amount(args.older_than, "older_than", unit="days", finite=False)
+    gb = None if args.max_gb is None else check_amount(args.max_gb, "max_gb", unit="GB", finite=False)
+    seconds = None if days is None or not math.isfinite(days * 86400.0) else days * 86400.0
+    max_bytes = None if gb is None or not math.isfinite(gb * 1e9) else int(gb * 1e9)
     result = cache.prune(
-        older_than=None if days is None else days * 86400.0,
-        max_bytes=None if gb is None else int(gb * 1e9),
-        other_versions=not args.keep_other_versions,
-        dry_run=args.dry_run,
+        older_than=seconds, max_bytes=max_bytes, other_versions=not args.keep_other_versions, dry_run=args.dry_run
     )
     print(f"weightgeo cache at {cache.root}: {result}")
+    if not result.ok:
+        print(
+            f"weightgeo: error: the cache at {cache.root} could not be pruned as asked ("
+            + "; ".join(result.errors)
+            + "): make it writable by you (e.g. chmod -R u+w on it), or run as its owner",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

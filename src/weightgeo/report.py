@@ -15,9 +15,11 @@ from typing import Any
 
 from .checkpoint.names import expert_index, expert_tensor
 from .errors import WeightgeoError
+from .jsonfile import read_json
 from .means import nanmean
 from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, WEIGHTED
 from .outputs import atomic_write_text, check_output_path
+from .validation import given, spell
 
 __all__ = ["Report", "summarize_rows", "check_output_path"]
 
@@ -130,22 +132,36 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> 
 
 def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     keys: list[str] = []
+    missing: dict[str, int] = {}  # metric -> rows where it is not measurable (null)
     for r in rows:
         for key, v in r.items():
-            if key not in _NOT_METRICS and _is_number(v) and key not in keys:
+            if key not in _NOT_METRICS and (_is_number(v) or v is None and key in _unmeasured(r)) and key not in keys:
                 keys.append(key)
+        for key in _unmeasured(r):
+            missing[key] = missing.get(key, 0) + 1
     out: dict[str, Any] = {"n_tensors": len(rows), "numel": sum(int(r.get("numel", 0)) for r in rows)}
     for key in keys:
         have = [r for r in rows if _is_number(r.get(key))]
         vals = [float(r[key]) for r in have]
-        if key in _WEIGHTED:
-            out[key] = nanmean(vals, [float(r.get("numel", 1)) for r in have])
-        else:
-            out[key] = nanmean(vals)
+        mean: float | None = None  # nothing measurable: null, as in the rows
+        if have and key in _WEIGHTED:
+            mean = nanmean(vals, [float(r.get("numel", 1)) for r in have])
+        elif have:
+            mean = nanmean(vals)
+        out[key] = mean
+        if key not in _WEIGHTED or key in missing:
             out[f"n_{key}"] = len(have)
         if key == "max_principal_angle" and vals:
             out["max_principal_angle_overall"] = max(vals)
+    if missing:
+        out["n_not_measurable"] = dict(sorted(missing.items()))
     return out
+
+
+def _unmeasured(row: Mapping[str, Any]) -> dict[str, str]:
+    """The row's ``not_measurable`` map (metric -> reason), ``{}`` when every metric was measured."""
+    nm = row.get("not_measurable")
+    return nm if isinstance(nm, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -216,15 +232,19 @@ class Report:
     def from_json(cls, path: str | os.PathLike[str]) -> Report:
         """Read a report written by :meth:`to_json`. A file written before a rename (CHANGELOG.md) is read
         under today's names, with a ``DeprecationWarning`` saying which; re-save it to update the file."""
+        fix = "write one with Report.to_json"
+        data = read_json(path, what="weightgeo report", fix=fix)
         try:
-            data = json.loads(Path(path).read_text())
             rows = [_from_json(r) for r in data["rows"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise WeightgeoError(f"{path}: not a weightgeo report JSON ({e}); write one with Report.to_json") from e
+        except (KeyError, TypeError) as e:
+            raise WeightgeoError(f"{path}: not a weightgeo report JSON (no rows: {e}); {fix}") from e
         for r in rows:
             if isinstance(r.get("shape"), list):
                 r["shape"] = tuple(r["shape"])
+            for key in _unmeasured(r):  # null because not measurable (not NaN, undefined): None again
+                r[key] = None
         summary, meta = _from_json(data.get("summary", {})), data.get("meta", {})
+        _restore_nulls(summary)
         renamed = _renamed_keys(rows, summary, meta)
         if renamed:
             warnings.warn(
@@ -263,10 +283,10 @@ class Report:
         return plot_report(self, path, **kwargs)
 
     def table(self, *, columns: Sequence[str] | None = None, max_rows: int | None = None) -> str:
-        """A fixed-width text table of the rows."""
+        """A fixed-width text table of the rows (``n/m``: not measurable, the summary says why)."""
         cols = list(columns) if columns else [c for c in self.columns() if c != "stored_dtype"]
         rows = self.rows if max_rows is None else self.rows[:max_rows]
-        cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+        cells = [["n/m" if c in _unmeasured(r) else _fmt(r.get(c)) for c in cols] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
         lines.append("  ".join("-" * w for w in widths))
@@ -280,8 +300,9 @@ class Report:
     def summary_text(self) -> str:
         lines = ["summary:"]
         flat = {k: v for k, v in self.summary.items() if not isinstance(v, dict)}
+        nm = self.summary.get("n_not_measurable") or {}
         for k, v in flat.items():
-            lines.append(f"  {k:<28} {_fmt(v)}")
+            lines.append(f"  {k:<28} {'n/m' if v is None and k in nm else _fmt(v)}")
         for k, v in self.summary.items():
             if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
                 lines.append(f"{k}:")
@@ -294,13 +315,18 @@ class Report:
                                 for m, x in vals.items()
                                 if not isinstance(x, (dict, list)) and (not m.startswith("n_") or m == "n_tensors")
                             },
+                            "not_measurable": {
+                                m: "" for m in vals.get("n_not_measurable") or {} if vals.get(m) is None
+                            },
                         }
                         for g, vals in v.items()
                     ],
                     summary={},
                 )
-                lines += ["  " + line for line in sub.table().splitlines()]
+                cols = [c for c in sub.columns() if c != "not_measurable"]
+                lines += ["  " + line for line in sub.table(columns=cols).splitlines()]
         unmatched = self.unmatched
+        lines += not_measurable_lines(self.rows)
         lines += _checkpoint_lines([c for c in self.skipped if c.get("kind") == "checkpoint"])
         lines += _skipped_lines([c for c in self.skipped if c.get("kind") != "checkpoint"])
         for side, names in unmatched.items():
@@ -324,6 +350,41 @@ class Report:
 
     def __repr__(self) -> str:
         return f"Report(rows={len(self.rows)}, summary_keys={list(self.summary)[:6]})"
+
+
+def not_measurable_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary's account of null metrics: which, in how many rows, why, and the option that measures them (in
+    the syntax of the interface in use)."""
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for r in rows:
+        by_reason: dict[str, list[str]] = {}
+        for key, why in _unmeasured(r).items():
+            by_reason.setdefault(str(why), []).append(key)
+        for why, keys in by_reason.items():
+            groups.setdefault((why.split(" ", 1)[0], tuple(keys)), []).append(why)
+    lines = []
+    for (option, keys), reasons in groups.items():
+        fix = {  # what measures them, in the syntax of the interface in use
+            "k": f"a {spell('k')} below the smaller side measures them, e.g. {given('k', 0.125)} (an eighth of "
+            f"each matrix's smaller side, the default)",
+            "rank": f"a {spell('rank')} below the smaller side measures it, e.g. {given('rank', 0.125)}",
+            "K": f"a {spell('k')} below the smaller side measures them",
+        }.get(option, "")
+        lines.append(
+            f"NOT MEASURABLE (null, n/m in the table) in {len(reasons)} of {len(rows)} rows: {', '.join(keys)}: "
+            f"e.g. {reasons[0]}; {fix}"
+        )
+    return lines
+
+
+def _restore_nulls(summary: dict[str, Any]) -> None:
+    """In a summary read from JSON, the means of metrics no row could measure are None again (not NaN)."""
+    for key in dict(summary.get("n_not_measurable") or {}):
+        if summary.get(f"n_{key}") == 0:
+            summary[key] = None
+    for v in summary.values():
+        if isinstance(v, dict):
+            _restore_nulls(v)
 
 
 def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -404,12 +465,19 @@ def _fmt(v: Any) -> str:
         return "x".join(str(d) for d in v)
     if isinstance(v, list):  # a vector (principal_angles): its length in a table, the values in JSON/CSV
         return f"[{len(v)} values]"
+    if isinstance(v, dict):  # not_measurable: which metrics (the summary says why)
+        return f"{len(v)} metric{'s' if len(v) != 1 else ''}"
     return str(v)
 
 
 def _csv_cell(v: Any) -> Any:
     if isinstance(v, tuple):
         return "x".join(str(d) for d in v)
+    if isinstance(v, dict):  # not_measurable: "metric, metric: reason; ..."
+        by: dict[str, list[str]] = {}
+        for key, why in v.items():
+            by.setdefault(str(why), []).append(str(key))
+        return "; ".join(f"{', '.join(keys)}: {why}" for why, keys in by.items())
     if isinstance(v, float) and math.isnan(v):
         return ""
     return v

@@ -22,7 +22,6 @@ matrix by matrix, so memory holds one base matrix plus one batch of updates, nev
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .checkpoint.registry import is_checkpoint_folder
 from .checkpoint.runs import NAMINGS_TEXT
 from .checkpoint.view import read_expert
 from .errors import WeightgeoError
+from .jsonfile import read_json
 from .options import StreamOptions
 from .selection import ByUid, Selector
 from .validation import check_finite, check_increasing, check_run_dir, check_steps
@@ -343,17 +343,20 @@ def _step_from_path(source: Any) -> int | None:
 
 
 def _check_trainer_state(folder: Path, step: int) -> None:
+    """A checkpoint's ``trainer_state.json``, when there is one, must agree with the step of its folder."""
     state = folder / TRAINER_STATE
     if not state.is_file():
         return
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightgeoError(f"{state}: not readable JSON ({e}); fix or delete the file") from e
+    fix = f"fix or delete {state} (weightgeo reads only its global_step; the weights do not need it)"
+    data = read_json(state, what=TRAINER_STATE, fix=fix)
     gs = data.get("global_step") if isinstance(data, dict) else None
-    if gs is not None and int(gs) != step:
+    if gs is None:
+        return
+    if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not float(gs).is_integer():
+        raise WeightgeoError(f"{state}: global_step is {gs!r}, not a whole number of steps; {fix}")
+    if int(gs) != step:
         raise WeightgeoError(
-            f"{state}: global_step is {gs} but the checkpoint is at step {step} (from its folder "
+            f"{state}: global_step is {int(gs)} but the checkpoint is at step {step} (from its folder "
             f"name or steps=); rename the folder or pass steps= explicitly"
         )
 

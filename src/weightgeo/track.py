@@ -61,6 +61,7 @@ import torch
 from .checkpoint import canonical_name
 from .defaults import HILL_K, SEED, STREAM_K, THRESHOLD, TRACKER_DTYPE
 from .errors import WeightgeoError
+from .jsonfile import loads
 from .means import nanmean
 from .metrics.catalog import TRACKER_OUTPUTS, TRACKER_PREFIX
 from .metrics.trajectory import (
@@ -513,7 +514,7 @@ class Tracker:
                         f"{path}: not a weightgeo Tracker file (no 'weightgeo_tracker' metadata); "
                         f"write one with Tracker.save"
                     )
-                state = json.loads(meta["weightgeo_tracker"])
+                state = loads(meta["weightgeo_tracker"], source=str(path), what="Tracker state")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except WeightgeoError:
             raise

@@ -25,13 +25,14 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .cache import CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
+from .cache import CacheEntry, CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
 from .checkpoint import layer_index, module_type
 from .defaults import HILL_K, PROGRESS, SEED, STREAM_K, THRESHOLD
 from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
 from .linalg.spectra import hill_tail_index
+from .memory import check_fits
 from .metrics.catalog import TRAJECTORY_CURVES
 from .metrics.trajectory import (
     EXACT_MAX_DIM,
@@ -47,6 +48,7 @@ from .metrics.trajectory import (
 from .options import Filter, StreamOptions
 from .report import Report, summarize_rows
 from .stream import CheckpointStream, MatrixPlan, StreamReader, open_stream
+from .validation import either
 
 __all__ = [
     "rank_curve",
@@ -91,7 +93,23 @@ def spectrum_row(
     }
     row["delta_spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
     row["method"] = sp.method
+    if k >= min(shape):
+        row["delta_spectral_gap"] = None
+        row["not_measurable"] = dict.fromkeys(_K_KEYS, whole_space(k, shape))
     return row
+
+
+#: the stream row keys that say nothing when K reaches the matrix's smaller side
+_K_KEYS = ("delta_spectral_gap", "final_subspace_similarity")
+
+
+def whole_space(k: int, shape: tuple[int, int]) -> str:
+    """Why a subspace metric of an [m, n] matrix is not measurable at K = ``k``."""
+    p = min(shape)
+    return (
+        f"K {k} ≥ {p}, the smaller side of {shape[0]}x{shape[1]}: the top-K subspace of ΔW holds every singular "
+        f"direction (there is no σ_K+1), so it is no principal subspace (Sim_K is 1 for a square or tall matrix)"
+    )
 
 
 def _gap(S: torch.Tensor, k: int, p: int) -> float:
@@ -131,7 +149,10 @@ def assemble(
                 curve[s] = math.nan
                 continue
             row = spectrum_row(name, shape, s, sp, hill_k=hill_k, k=k, expert=expert)
-            if final is not None and final.Vh is not None and sp.Vh is not None:
+            if k >= min(shape):  # not measurable: no curve point (the onset rule skips NaN), a null in the row
+                curve[s] = math.nan
+                row["final_subspace_similarity"] = None
+            elif final is not None and final.Vh is not None and sp.Vh is not None:
                 curve[s] = subspace_sim(sp.Vh, final.Vh)
                 row["final_subspace_similarity"] = curve[s]
             else:
@@ -171,11 +192,12 @@ def spectrum_key(
     *,
     policy: str,
     version: str = __version__,
+    code: str | None = None,
 ) -> CacheKey:
     """The key of one (matrix, step) spectrum: the identities of the base and checkpoint tensors, the matrix (its
     name seeds the randomized passes), the options as a whole (every field of
     :class:`~weightgeo.options.StreamOptions` but those marked as unable to change a result), ``r`` (the values
-    kept), the verification rule and the numerical policy."""
+    kept), the verification rule, the numerical policy and the code fingerprint (``None``: this process's)."""
     return result_key(
         SPECTRUM_KIND,
         inputs=[base_id, ck_id],
@@ -189,7 +211,31 @@ def spectrum_key(
         },
         policy=policy,
         version=version,
+        code=code,
     )
+
+
+def check_spectrum_entry(entry: CacheEntry, shape: tuple[int, int], *, r: int, k: int) -> None:
+    """Raise unless a cached spectrum of an [m, n] ΔW has the structure the stream pass uses (a hostile or
+    damaged entry is then counted as corrupt and recomputed, see :meth:`~weightgeo.cache.ResultCache.get`)."""
+    row, t = entry.row, entry.tensors
+    if not isinstance(row, dict):
+        raise TypeError("row is not an object")
+    if row.get("zero") is True and not t:
+        return
+    S, Vh = t.get("S"), t.get("Vh")
+    if set(row) - {"Vh"} != {"frobenius", "method"} or row.get("Vh", None) is not None:
+        raise TypeError("not a Spectrum row")
+    if not isinstance(row["method"], str) or ("Vh" in row) == ("Vh" in t):
+        raise TypeError("method, Vh")
+    fro = row["frobenius"]
+    if not isinstance(fro, float) or not math.isfinite(fro) or fro < 0:
+        raise TypeError("frobenius")
+    p = min(shape)
+    if S is None or S.dtype != torch.float64 or S.ndim != 1 or not 1 <= S.shape[0] <= min(r + 1, p):
+        raise TypeError("S")
+    if set(t) - {"S", "Vh"} or (Vh is not None and (Vh.ndim != 2 or Vh.shape[1] != shape[1] or Vh.shape[0] > k)):
+        raise TypeError("Vh")
 
 
 class _Spectra:
@@ -211,6 +257,7 @@ class _Spectra:
         self.cache, self.memo, self.options, self.r = cache, memo, options, r
         self.policy = policy_fingerprint(device)
         self.version = cache.version if cache is not None else __version__
+        self.code = cache.code if cache is not None else None
         self.before = cache.stats.as_dict() if cache is not None else {}
         self.reused = self.computed = self.read = self.uncacheable = 0
         self.used: set[str] = set()
@@ -221,17 +268,22 @@ class _Spectra:
             return None
         if self.cache is None and self.memo is None:
             return None
-        return spectrum_key(self.options, self.r, base_id, ck_id, matrix, policy=self.policy, version=self.version)
+        return spectrum_key(
+            self.options, self.r, base_id, ck_id, matrix, policy=self.policy, version=self.version, code=self.code
+        )
 
-    def get(self, key: CacheKey | None) -> tuple[bool, Spectrum | None]:
-        """``(found, spectrum)``; a found ``None`` is a zero update (ΔW_t = 0 exactly: no spectrum)."""
+    def get(self, key: CacheKey | None, shape: tuple[int, int]) -> tuple[bool, Spectrum | None]:
+        """``(found, spectrum)`` of an [m, n] matrix's ΔW; a found ``None`` is a zero update (ΔW_t = 0 exactly:
+        no spectrum)."""
         if key is None:
             return False, None
         if self.memo is not None and key.digest in self.memo:
             self.used.add(key.digest)
             self.reused += 1
             return True, self.memo[key.digest]
-        entry = self.cache.get(key) if self.cache is not None else None
+        entry = None
+        if self.cache is not None:
+            entry = self.cache.get(key, validate=lambda e: check_spectrum_entry(e, shape, r=self.r, k=self.options.k))
         if entry is None:
             return False, None
         sp = None if entry.row.get("zero") else unpack(Spectrum, entry.row, entry.tensors)
@@ -308,6 +360,8 @@ def _stream_pass(
         full_plan = list(reader.plan)
         shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
         plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.process_rank])]
+        for entry in plan:  # from the headers, before anything is read
+            _check_fits(reader, entry)
         if options.progress and world.is_main:
             from tqdm.auto import tqdm
 
@@ -331,6 +385,18 @@ def _stream_pass(
     return records, meta, experts
 
 
+def _check_fits(reader: StreamReader, entry: MatrixPlan) -> None:
+    """The least one matrix needs at once (W0 and one W_t as stored, their float32 difference) must fit."""
+    m, n = entry.shape
+    size = reader.base.info(entry.base_name).dtype.itemsize
+    check_fits(
+        m * n * (2 * size + 4),
+        device=None,
+        what=f"matrix {entry.uid!r} [{m}, {n}] (W0 and one checkpoint's, as stored, and their float32 difference)",
+        fix=either(f"leave it out with exclude={entry.key!r}", f"leave it out with --exclude '{entry.key}'"),
+    )
+
+
 def _follow(
     reader: StreamReader, entry: MatrixPlan, dev: torch.device, options: StreamOptions, *, r: int, spectra: _Spectra
 ) -> dict[int, Spectrum]:
@@ -346,7 +412,7 @@ def _follow(
     out: dict[int, Spectrum] = {}
     todo = []
     for i, (step, key) in enumerate(zip(steps, keys)):
-        found, sp = spectra.get(key)
+        found, sp = spectra.get(key, entry.shape)
         if not found:
             todo.append(i)
         elif sp is not None:

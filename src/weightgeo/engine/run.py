@@ -24,6 +24,7 @@ from ..options import Filter, PairOptions
 from ..readahead import ReadAhead
 from ..report import Report
 from .cached import RowCache
+from .fits import check_groups_fit
 from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
 from .plan import Group, Work, pack_groups, plan_pair, plan_work
 from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
@@ -42,9 +43,9 @@ def compare(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
-    rank: int = RANK,
+    rank: int | float = RANK,
     alpha: float = ALPHA,
     eta: float = ETA,
     dtype: torch.dtype | str | None = None,
@@ -122,9 +123,9 @@ def compare_many(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
-    rank: int = RANK,
+    rank: int | float = RANK,
     alpha: float = ALPHA,
     eta: float = ETA,
     dtype: torch.dtype | str | None = None,
@@ -261,6 +262,7 @@ def _run_units(
     row goes to ``store`` (the result cache) as soon as it is finished."""
     budget = options.budget()
     groups = pack_groups(work, len(fs), budget)
+    check_groups_fit(groups, work, options)  # from the headers, before anything is read
     first = {g.units[0]: g for g in groups}
     in_group = {u for g in groups for u in g.units}
     pin = options.device.type == "cuda"
