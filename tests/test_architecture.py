@@ -24,6 +24,7 @@ LAYERS = [
         "weightgeo.outputs",
         "weightgeo.jsonfile",
         "weightgeo.memory",
+        "weightgeo.interrupts",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
     ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache", "weightgeo.selection"],

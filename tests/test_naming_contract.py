@@ -308,11 +308,6 @@ DEFAULT_EXCEPTIONS = {
     ("Tracker.__init__", "k"): (16, _UPDATE_K),
     ("subspace_similarity", "k"): (16, _UPDATE_K),
     ("randomized_svd", "seed"): (None, "None keeps seed and generator exclusive; with neither it draws from seed 0"),
-    ("Tracker.__init__", "dtype"): (
-        torch.bfloat16,
-        "the Tracker reads live (fp32 master) weights: rounding both to bf16 measures the update a bf16 checkpoint "
-        "shows (docs/trajectories.md); dtype=None keeps the parameters' own",
-    ),
     ("stable_rank", "ft"): (None, "stable_rank(delta) of one update; given ft, stable_rank(base, ft) of the pair"),
     ("Report.to_json", "path"): (None, "to_json always returns the text; without a path it writes no file"),
 }

@@ -9,7 +9,9 @@ report and figure written so far stay whole (every rewrite is atomic).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from .defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, RANK, SIDE, STREAM_K, 
 from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .follow import follow
+from .interrupts import answer_interrupts, say_interrupted
 from .metrics.trajectory import LockingOnset
 from .outputs import check_output_path
 from .report import Report
@@ -399,6 +402,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         flush=True,
     )
     last: tuple[Any, LockingOnset] | None = None
+    _FOLLOWED.clear()
     try:
         for update in follow(
             args.run_dir,
@@ -419,6 +423,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                 _write(report, args.out)
             _plot(report, onset, args, quiet=True)
             last = (update, onset)
+            _FOLLOWED[:] = [update.step]
             print(
                 f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
                 f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('delta_frobenius', nan):.4g}; "
@@ -429,9 +434,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                 flush=True,
             )
     except KeyboardInterrupt:
-        done = f"the report up to step {last[0].step}" if last else "nothing yet"
-        where = " in " + ", ".join(str(p) for p in (args.out, args.plot) if p is not None) if last else ""
-        print(f"weightgeo: interrupted; {done}{where} (written whole)", file=sys.stderr)
+        say_interrupted(_interrupted(args))
         return 130
     if last is None:
         print(f"no complete checkpoint to analyse in {args.run_dir}", file=sys.stderr)
@@ -445,22 +448,67 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     return 0
 
 
+#: the steps a --follow run has written out so far (what the interrupt message says is kept)
+_FOLLOWED: list[int] = []
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the outputs written whole (--follow), or none; and what a re-run does (the cache)."""
+    if getattr(args, "follow", False):
+        outs = [str(p) for p in (args.out, args.plot) if p is not None]
+        kept = (
+            f"the report up to step {_FOLLOWED[-1]}" + (f" in {', '.join(outs)}" if outs else "") + " (written whole)"
+        )
+        done = kept if _FOLLOWED else "nothing written yet"
+    else:
+        done = "no report was written"
+    if getattr(args, "no_cache", False):
+        return f"{done}; no result cache was used (--no-cache), so a re-run starts over"
+    try:
+        from .cache import resolve_cache
+
+        cache = resolve_cache(args.cache) if args.cache is not None else resolve_cache(None)
+    except WeightgeoError:
+        cache = None
+    if cache is None:
+        return f"{done}; the result cache is off (WEIGHTGEO_CACHE), so a re-run starts over"
+    return (
+        f"{done}; what was finished is kept in the result cache at {cache.root}: re-run the same command to resume "
+        f"from there"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``weightgeo`` console script; returns the exit status."""
+    """Entry point of the ``weightgeo`` console script; returns the exit status. Ctrl-C exits with 130 within a
+    second or two wherever it lands (:mod:`weightgeo.interrupts`)."""
     args = _parser().parse_args(argv)
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        with cli_syntax():  # messages name options as flags (--hill-k 1), not as keywords (hill_k=1)
+        # messages name options as flags (--hill-k 1), not as keywords (hill_k=1)
+        with cli_syntax(), answer_interrupts(lambda: _interrupted(args)):
             return _run(args)
     except WeightgeoError as e:
         print(f"weightgeo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("weightgeo: interrupted; no partial output was written", file=sys.stderr)
+        say_interrupted(_interrupted(args))
         return 130
     finally:
         warnings.showwarning = shown
+
+
+def console() -> None:
+    """The ``weightgeo`` console script and ``python -m weightgeo``: :func:`main`, then exit with its status. After
+    Ctrl-C the process ends at once (its outputs are whole, its messages flushed): finalising the interpreter (the
+    garbage collection of torch's objects) can take seconds, and the user asked to stop."""
+    status = main()
+    if status == 130:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -469,4 +517,4 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

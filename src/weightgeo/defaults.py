@@ -50,8 +50,10 @@ THRESHOLD = 0.9
 #: ``progress``: one rule for every verb: no bar from Python unless asked for; the command line shows one
 #: (``--no-progress`` hides it)
 PROGRESS = False
-#: the Tracker's rounding ``dtype``: W0 and W_t are rounded to it before ΔW_t is formed (a bf16 checkpoint's
-#: view of the run); the stream verbs round nothing by default (``dtype=None``: the stored formats)
-TRACKER_DTYPE = torch.bfloat16
+#: the Tracker's rounding ``dtype``: ``None``, each parameter's own dtype, which is the format a trainer's
+#: checkpoints hold (``save_pretrained`` writes the parameters as they are: HF Trainer, TRL), so that the live
+#: numbers equal ``rank_curve`` of the run's checkpoints; a loop that saves in another format (weightgeo.train
+#: writes bf16 from fp32 masters) passes that ``dtype=``. The stream verbs round nothing either (stored formats).
+TRACKER_DTYPE: torch.dtype | None = None
 #: ``poll_s``: seconds between two scans of a followed run directory
 POLL_S = 10.0

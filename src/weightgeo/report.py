@@ -327,6 +327,13 @@ class Report:
                 lines += ["  " + line for line in sub.table(columns=cols).splitlines()]
         unmatched = self.unmatched
         lines += not_measurable_lines(self.rows)
+        mixed = self.meta.get("mixed_formats") or {}
+        if mixed:
+            lines.append(
+                f"{sum(mixed.values())} tensor(s) stored in different float formats in base and fine-tune ("
+                + "; ".join(f"{how}: {n}" for how, n in mixed.items())
+                + f"): the rows' compared_in says the rule; {spell('dtype')} chooses the format instead"
+            )
         lines += _checkpoint_lines([c for c in self.skipped if c.get("kind") == "checkpoint"])
         lines += _skipped_lines([c for c in self.skipped if c.get("kind") != "checkpoint"])
         for side, names in unmatched.items():

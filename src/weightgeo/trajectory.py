@@ -19,7 +19,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -362,12 +362,17 @@ def _stream_pass(
         plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.process_rank])]
         for entry in plan:  # from the headers, before anything is read
             _check_fits(reader, entry)
-        if options.progress and world.is_main:
-            from tqdm.auto import tqdm
-
-            plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
-        for entry in plan:
-            records[entry.uid] = (entry.shape, _follow(reader, entry, dev, options, r=r, spectra=spectra))
+        bar = _bar(options.progress and world.is_main, len(list(plan)))
+        advance = (lambda x: None) if bar is None else bar.update
+        try:
+            for entry in plan:
+                records[entry.uid] = (
+                    entry.shape,
+                    _follow(reader, entry, dev, options, r=r, spectra=spectra, advance=advance),
+                )
+        finally:
+            if bar is not None:
+                bar.close()
         parts = world.gather(
             {"process_rank": world.process_rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
         )
@@ -385,6 +390,21 @@ def _stream_pass(
     return records, meta, experts
 
 
+def _bar(enabled: bool, total: int):
+    """A bar over the matrices that moves in fractions of one: each step read, each batch decomposed."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        desc="weightgeo trajectory",
+        total=total,
+        leave=False,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} matrices [{elapsed}<{remaining}]",
+    )
+
+
 def _check_fits(reader: StreamReader, entry: MatrixPlan) -> None:
     """The least one matrix needs at once (W0 and one W_t as stored, their float32 difference) must fit."""
     m, n = entry.shape
@@ -398,7 +418,14 @@ def _check_fits(reader: StreamReader, entry: MatrixPlan) -> None:
 
 
 def _follow(
-    reader: StreamReader, entry: MatrixPlan, dev: torch.device, options: StreamOptions, *, r: int, spectra: _Spectra
+    reader: StreamReader,
+    entry: MatrixPlan,
+    dev: torch.device,
+    options: StreamOptions,
+    *,
+    r: int,
+    spectra: _Spectra,
+    advance: Callable[[float], object] = lambda x: None,
 ) -> dict[int, Spectrum]:
     """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates.
 
@@ -417,6 +444,8 @@ def _follow(
             todo.append(i)
         elif sp is not None:
             out[step] = sp
+    share = 1.0 / max(len(steps), 1)  # of this matrix, per step: half when read, half when decomposed
+    advance(share * (len(steps) - len(todo)))
     if not todo:
         return dict(sorted(out.items()))
     spectra.read += 1 + len(todo)
@@ -437,9 +466,11 @@ def _follow(
             spectra.put(key_of[step], sp)  # on disk as soon as computed: a killed run keeps it
             if sp is not None:
                 out[step] = sp
+        advance(0.5 * share * len(batch))
         batch.clear()
 
     for step, d in reader.updates(entry, device=dev, only=todo, rounding=options.dtype):
+        advance(0.5 * share)
         batch.append((step, d))
         if len(batch) >= per_batch:
             flush()

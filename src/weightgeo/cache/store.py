@@ -50,6 +50,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import WeightgeoError
 from ..jsonfile import loads
+from ..outputs import publish
 from ..validation import check_amount, check_int
 from .codec import decode_row, encode_row
 from .fingerprint import code_fingerprint
@@ -360,6 +361,7 @@ class ResultCache:
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
+            publish(tmp)  # private while written; then the mode the umask gives a new file
             os.replace(tmp, path)
         except BaseException:
             if tmp is not None:

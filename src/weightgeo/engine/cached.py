@@ -142,24 +142,35 @@ class RowCache:
             ident = job_row(job)
             self.cache.put(key, {k: v for k, v in row.items() if k not in ident})
 
-    def shared_base(self, W0: torch.Tensor, g: Group, work: Work) -> SharedBase:
-        """Shape group ``g``'s shared base, its decomposition read from the cache where it is there."""
+    def shared_base(self, W0: torch.Tensor, g: Group, work: Work, options: PairOptions | None = None) -> SharedBase:
+        """Shape group ``g``'s shared base, its decomposition read from the cache where it is there (``options``:
+        this pass's, or those of the fine-tunes it is rounded for, :func:`~weightgeo.engine.groups.pair_options`)."""
+        options = self.options if options is None else options
         if self.cache is None:
-            return SharedBase(W0, self.options)
+            return SharedBase(W0, options)
         experts = g.experts or (None,) * len(g.base_names)
-        return CachedBase(W0, self.options, self, list(zip(g.base_names, experts)), g.rows)
+        return CachedBase(W0, options, self, list(zip(g.base_names, experts)), g.rows)
 
-    def base_key(self, name: str, rows: int, expert: int | None = None) -> CacheKey | None:
+    def base_key(
+        self, name: str, rows: int, expert: int | None = None, options: PairOptions | None = None
+    ) -> CacheKey | None:
         """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack)."""
         assert self.cache is not None
-        return base_key(self.cache, self.options, self.b.identity(name), rows, expert, policy=self.policy)
+        opts = self.options if options is None else options
+        return base_key(self.cache, opts, self.b.identity(name), rows, expert, policy=self.policy)
 
-    def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int) -> BaseSpectrum:
+    def base_spectrum(
+        self,
+        W0: torch.Tensor,
+        members: Sequence[tuple[str, int | None]],
+        rows: int,
+        options: PairOptions | None = None,
+    ) -> BaseSpectrum:
         """W0's decomposition for a stack of ``members`` (base name, expert), member by member from the cache,
         the missing members computed (in one batch) and stored."""
         assert self.cache is not None
         names = [n for n, _ in members]
-        keys = [self.base_key(n, rows, e) for n, e in members]
+        keys = [self.base_key(n, rows, e, options) for n, e in members]
         p, vdtype = min(W0.shape[-2:]), compute_dtype(W0.dtype)
         entries = [
             self.cache.get(k, validate=lambda e: check_base_entry(e, p, vdtype)) if k is not None else None
@@ -259,5 +270,5 @@ class CachedBase(SharedBase):
 
     def spectrum(self) -> BaseSpectrum | None:
         if self._restored is None and self.options.needs_base:
-            self._restored = self.rc.base_spectrum(self.on_device(), self.members, self.rows)
+            self._restored = self.rc.base_spectrum(self.on_device(), self.members, self.rows, self.options)
         return self._restored

@@ -193,7 +193,7 @@ def shape_mismatch(
     """One error for every tensor whose shapes differ: how many, a few examples, the hidden sizes that differ
     (from the configs, else the dimension the shapes differ in most), and the fix in the interface's syntax."""
     n = len(mismatched)
-    examples = "; ".join(f"{k} {list(sb)} vs {list(sf)}" for k, sb, sf in mismatched[:3]) + ("; ..." if n > 3 else "")
+    examples = "; ".join(f"{k!r} {sb} vs {sf}" for k, sb, sf in mismatched[:3]) + ("; ..." if n > 3 else "")
     hb = next((b.config[h] for h in _HIDDEN_KEYS if isinstance(b.config.get(h), int)), None)
     hf = next((f.config[h] for h in _HIDDEN_KEYS if isinstance(f.config.get(h), int)), None)
     if hb is not None and hf is not None and hb != hf:
