@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,52 +32,53 @@ def _big(tmp: Path, name: str, seed: int) -> Path:
     return write_hf_checkpoint(tmp / name, {"model.layers.0.mlp.up_proj.weight": torch.randn(N, N, generator=g)})
 
 
-def _start(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "weightgeo", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+class _Run:
+    """The command line in a subprocess, its stderr collected as it comes (the progress bar says where it is)."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "weightgeo", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.err = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for chunk in iter(lambda: self.proc.stderr.read(1), ""):
+            self.err += chunk
+
+    def wait_for(self, marker: str, then_s: float) -> None:
+        """Wait until ``marker`` shows on stderr (the work is under way), then ``then_s`` more seconds."""
+        deadline = time.monotonic() + 180
+        while marker not in self.err:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"never saw {marker!r} (rc={self.proc.poll()}): {self.err[-2000:]}")
+            time.sleep(0.05)
+        time.sleep(then_s)
+        assert self.proc.poll() is None, f"finished before the signal: {self.err[-1000:]}"
+
+    def interrupt(self) -> float:
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"no exit 60 s after SIGINT: {self.err[-2000:]}")
+        elapsed = time.monotonic() - sent
+        self._reader.join(timeout=10)
+        return elapsed
 
 
-def _wait_busy(proc: subprocess.Popen, seconds: float) -> None:
-    """Let the process get deep into its work (imports done, inside the kernel)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if _busy(proc.pid):
-            time.sleep(seconds)
-            return
-    pytest.fail(f"the process never got busy (rc={proc.poll()})")
-
-
-def _busy(pid: int) -> bool:
-    """Whether the process has imported torch and spent a few CPU seconds (it is then computing)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK") > 8.0
-
-
-def _interrupt(proc: subprocess.Popen) -> tuple[float, str]:
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"no exit 60 s after SIGINT: {err[-2000:]}")
-    return time.monotonic() - sent, err
-
-
-def _check(elapsed: float, err: str, proc: subprocess.Popen) -> None:
-    assert proc.returncode == 130, err[-2000:]
+def _check(elapsed: float, run: _Run) -> None:
+    err = run.err
+    assert run.proc.returncode == 130, err[-2000:]
     assert elapsed <= CONTRACT_S + SLACK_S, (
         f"exited {elapsed:.2f} s after SIGINT: the contract is {CONTRACT_S} s (+{SLACK_S} s slack for a loaded "
         f"machine); stderr: {err[-1000:]}"
@@ -88,24 +90,20 @@ def _check(elapsed: float, err: str, proc: subprocess.Popen) -> None:
 def test_compare_answers_ctrl_c_inside_a_long_kernel(tmp_path):
     base, ft = _big(tmp_path, "b", 0), _big(tmp_path, "f", 1)
     cache = tmp_path / "cache"
-    proc = _start(["compare", str(base), str(ft), "--metrics", "spectral_drift", "--cache", str(cache)])
-    _wait_busy(proc, 1.0)
-    elapsed, err = _interrupt(proc)
-    _check(elapsed, err, proc)
-    assert str(cache) in err
-    # the bar moved while the one matrix was being worked on (read and checked: half of it)
-    assert "0.5/1" in err, err[-2000:]
+    run = _Run(["compare", str(base), str(ft), "--metrics", "spectral_drift", "--cache", str(cache)])
+    run.wait_for("0.5/1", 1.0)  # the bar moved when the one matrix was read and checked; the kernel is running
+    _check(run.interrupt(), run)
+    assert str(cache) in run.err
 
 
 def test_trajectory_answers_ctrl_c_inside_a_long_kernel(tmp_path):
     run = tmp_path / "run"
     for step in (0, 1, 2):
         _big(run, f"checkpoint-{step}", step)
-    proc = _start(["trajectory", str(run), "--no-cache", "--k", "2", "--hill-k", "2"])
-    _wait_busy(proc, 1.0)
-    elapsed, err = _interrupt(proc)
-    _check(elapsed, err, proc)
-    assert "--no-cache" in err  # nothing was cached: the message says a re-run starts over
+    cmd = _Run(["trajectory", str(run), "--no-cache", "--k", "2", "--hill-k", "2"])
+    cmd.wait_for("weightgeo trajectory:", 1.5)  # the bar is up: checkpoints are being read and decomposed
+    _check(cmd.interrupt(), cmd)
+    assert "--no-cache" in cmd.err  # nothing was cached: the message says a re-run starts over
 
 
 def test_follow_answers_ctrl_c_while_waiting(tmp_path):
@@ -116,14 +114,39 @@ def test_follow_answers_ctrl_c_while_waiting(tmp_path):
         d = write_hf_checkpoint(run / f"checkpoint-{step}", w)
         (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     out = tmp_path / "r.json"
-    proc = _start(
-        ["trajectory", str(run), "--follow", "--poll-s", "60", "--k", "1", "--hill-k", "2", "--out", str(out)]
-    )
+    cmd = _Run(["trajectory", str(run), "--follow", "--poll-s", "60", "--k", "1", "--hill-k", "2", "--out", str(out)])
     deadline = time.monotonic() + 120
-    while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not out.exists() and time.monotonic() < deadline and cmd.proc.poll() is None:
         time.sleep(0.2)
     assert out.exists(), "follow never wrote its first report"
     time.sleep(0.5)  # now asleep until the next scan, 60 s away
-    elapsed, err = _interrupt(proc)
-    _check(elapsed, err, proc)
-    assert "step 1" in err and json.loads(out.read_text())["rows"]
+    _check(cmd.interrupt(), cmd)
+    assert "step 1" in cmd.err and json.loads(out.read_text())["rows"]
+
+
+def test_compare_interrupted_then_resumed_equals_a_fresh_run(tmp_path):
+    """Ctrl-C part-way; the re-run serves what was finished from the cache and its report (rows and summary)
+    equals an uncached run's bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(6)]
+    base = {n: torch.randn(900, 900, generator=g) for n in names}
+    ft = {n: w + 1e-2 * torch.randn(w.shape, generator=g) for n, w in base.items()}
+    b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
+    cache = tmp_path / "cache"
+    args = ["compare", str(b), str(f), "--k", "0.125", "--rank", "8", "--batch-mb", "0"]
+    run = _Run([*args, "--cache", str(cache)])
+    run.wait_for("2.0/6", 0.0)  # two of the six matrices done (and cached)
+    _check(run.interrupt(), run)
+    outs = {}
+    for name, flag in (("resumed", ["--cache", str(cache)]), ("fresh", ["--no-cache"])):
+        done = subprocess.run(
+            [sys.executable, "-m", "weightgeo", *args, *flag, "--out", str(tmp_path / f"{name}.json")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    resumed, fresh = outs["resumed"], outs["fresh"]
+    assert resumed["meta"]["cache"]["rows_cached"] >= 2 and resumed["meta"]["cache"]["rows_computed"] <= 4
+    assert resumed["rows"] == fresh["rows"] and resumed["summary"] == fresh["summary"]

@@ -402,6 +402,7 @@ def _bar(enabled: bool, total: int):
         leave=False,
         dynamic_ncols=True,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} matrices [{elapsed}<{remaining}]",
+        mininterval=0,  # updates come per tensor, chunk or step at most: show each
     )
 
 

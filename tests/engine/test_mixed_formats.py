@@ -83,3 +83,15 @@ def test_cli_warns_once_with_the_count_and_the_flag(tmp_path, capsys):
     assert cli_main(["compare", str(b), str(f), "--k", "2", "--no-progress", "--no-cache", "--summary"]) == 0
     err = capsys.readouterr().err
     assert err.count("weightgeo: warning: 12 tensors") == 1 and "--dtype" in err and "dtype=" not in err
+
+
+def test_rows_of_mixed_formats_are_served_from_the_cache(tmp_path):
+    base, ft = _same_weights(torch.float16, torch.bfloat16)
+    b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
+    kw = {**KW, "cache": tmp_path / "cache"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        first = weightgeo.compare(b, f, **kw)
+        again = weightgeo.compare(b, f, **kw)
+    assert again.meta["cache"]["rows_cached"] == len(again.rows) and again.meta["cache"]["corrupt"] == 0
+    assert rows_json(again) == rows_json(first)

@@ -260,6 +260,7 @@ def _progress(enabled: bool, total: int):
         leave=False,
         dynamic_ncols=True,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} tensors [{elapsed}<{remaining}]",
+        mininterval=0,  # updates come per tensor, chunk or step at most: show each
     )
 
 

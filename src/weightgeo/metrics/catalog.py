@@ -133,6 +133,16 @@ GLOSSARY: dict[str, Term] = {
     "module": _t("the module type from the name (q_proj, down_proj, embed_tokens, ...)", PAIR, STREAM),
     "layer": _t("the transformer layer index from the name (None outside the layers)", PAIR, STREAM, range="≥ 0"),
     "stored_dtype": _t("the base tensor's stored dtype (bfloat16, float32, float8_e4m3fn, ...)", PAIR),
+    "ft_stored_dtype": _t(
+        "the fine-tune's stored dtype, where it differs from the base's (stored_dtype)", PAIR, range="a float dtype"
+    ),
+    "compared_in": _t(
+        "where base and fine-tune store a tensor in different float formats, the one it was compared in: the finer "
+        "where it holds every value of the other (the stored values, nothing rounded), else both rounded to the "
+        "coarser (fp16 and bf16: bf16); dtype= overrides (docs/metrics.md)",
+        PAIR,
+        range="a float dtype",
+    ),
     "rows_compared": _t(
         "rows compared when the fine-tune added rows (grown vocabulary): the base's row count", PAIR, range="≥ 1"
     ),
