@@ -25,6 +25,7 @@ LAYERS = [
         "weightgeo.jsonfile",
         "weightgeo.memory",
         "weightgeo.interrupts",
+        "weightgeo.progress",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
     ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache", "weightgeo.selection"],

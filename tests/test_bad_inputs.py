@@ -444,3 +444,11 @@ def test_a_stream_matrix_larger_than_the_memory(tmp_path):
     base, ft, _ = _beyond_memory(tmp_path)
     with pytest.raises(WeightgeoError, match=r"up_proj.*\[1048576, 1048576\].*TiB.*exclude="):
         weightgeo.rank_curve([base, ft], steps=[0, 1], cache=False)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_broken_symlink_is_named_as_one(tmp_path, kind):
+    link = tmp_path / "ft"
+    link.symlink_to(link if kind == "loop" else tmp_path / "gone")
+    with pytest.raises(WeightgeoError, match=("loop" if kind == "loop" else "missing") + r"; fix the link"):
+        weightgeo.compare(_good(tmp_path), link, cache=False)

@@ -367,8 +367,8 @@ def not_measurable_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         by_reason: dict[str, list[str]] = {}
         for key, why in _unmeasured(r).items():
             by_reason.setdefault(str(why), []).append(key)
-        for why, keys in by_reason.items():
-            groups.setdefault((why.split(" ", 1)[0], tuple(keys)), []).append(why)
+        for why, names in by_reason.items():
+            groups.setdefault((why.split(" ", 1)[0], tuple(names)), []).append(why)
     lines = []
     for (option, keys), reasons in groups.items():
         fix = {  # what measures them, in the syntax of the interface in use

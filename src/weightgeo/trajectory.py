@@ -46,6 +46,7 @@ from .metrics.trajectory import (
     update_spectra,
 )
 from .options import Filter, StreamOptions
+from .progress import fraction_bar
 from .report import Report, summarize_rows
 from .stream import CheckpointStream, MatrixPlan, StreamReader, open_stream
 from .validation import either
@@ -362,7 +363,9 @@ def _stream_pass(
         plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.process_rank])]
         for entry in plan:  # from the headers, before anything is read
             _check_fits(reader, entry)
-        bar = _bar(options.progress and world.is_main, len(list(plan)))
+        bar = fraction_bar(
+            options.progress and world.is_main, desc="weightgeo trajectory", total=len(list(plan)), unit="matrices"
+        )
         advance = (lambda x: None) if bar is None else bar.update
         try:
             for entry in plan:
@@ -388,22 +391,6 @@ def _stream_pass(
     meta["cache"] = sum_counts([p["cache"] for p in parts])
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return records, meta, experts
-
-
-def _bar(enabled: bool, total: int):
-    """A bar over the matrices that moves in fractions of one: each step read, each batch decomposed."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        desc="weightgeo trajectory",
-        total=total,
-        leave=False,
-        dynamic_ncols=True,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} matrices [{elapsed}<{remaining}]",
-        mininterval=0,  # updates come per tensor, chunk or step at most: show each
-    )
 
 
 def _check_fits(reader: StreamReader, entry: MatrixPlan) -> None:

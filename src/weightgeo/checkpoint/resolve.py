@@ -69,6 +69,19 @@ def _source(source: Any, *, base: Any, revision: str | None, config: dict[str, A
         path = Path(text).expanduser()
         if path.exists():
             return Source(path, str(path), base, revision, config)
+        if path.is_symlink():  # a link to nothing, or a loop: say so, not "no such file"
+            try:
+                path.resolve(strict=True)
+                why = "which cannot be followed"
+            except (OSError, RuntimeError) as e:
+                why = (
+                    "which is a loop"
+                    if "loop" in str(e).lower() or getattr(e, "errno", 0) == 40
+                    else "which is missing"
+                )
+            raise WeightgeoError(
+                f"{path} is a symbolic link to {os.readlink(path)}, {why}; fix the link or pass the checkpoint itself"
+            )
         return Source(source, text, base, revision, config)
     return Source(source, type(source).__name__, base, revision, config)
 

@@ -21,6 +21,7 @@ from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
 from ..options import Filter, PairOptions
+from ..progress import fraction_bar
 from ..readahead import ReadAhead
 from ..report import Report
 from .cached import RowCache
@@ -249,19 +250,7 @@ def _users(work: Work, ft: int) -> list[tuple[int, int]]:
 def _progress(enabled: bool, total: int):
     """A bar over the rows; it moves in fractions of a tensor (each row chunk, each member read and checked, each
     kernel done), so a large tensor or shape group never leaves it standing still."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        desc="weightgeo compare",
-        unit="tensor",
-        total=total,
-        leave=False,
-        dynamic_ncols=True,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} tensors [{elapsed}<{remaining}]",
-        mininterval=0,  # updates come per tensor, chunk or step at most: show each
-    )
+    return fraction_bar(enabled, desc="weightgeo compare", total=total, unit="tensors")
 
 
 def _run_units(
