@@ -389,10 +389,11 @@ class Tracker:
             for metric in TRACKER_OUTPUTS:
                 out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
-            sims = [
+            sims = [  # not where K reaches the smaller side: Sim_K says nothing there (docs/metrics.md)
                 subspace_sim(Vh, before)
                 for key, sp in specs.items()
-                if prev in self._records.get(key, {})
+                if self.k < min(self._matrices[key].shape)
+                and prev in self._records.get(key, {})
                 and (Vh := sp.Vh) is not None
                 and (before := self._records[key][prev].Vh) is not None
             ]

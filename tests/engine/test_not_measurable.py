@@ -135,3 +135,14 @@ def test_stream_k_at_the_smaller_side_gives_null_similarity(tmp_path):
     assert q["subspace_similarity"] is None and q["not_measurable"]["subspace_similarity"]
     with pytest.raises(WeightgeoError, match="smaller side"):
         weightgeo.subspace_similarity(torch.ones(8, 8), torch.eye(8), k=8)
+
+
+def test_tracker_rows_and_logs_skip_a_similarity_that_says_nothing():
+    base, ft = _pair()  # 8-wide matrices and 16x8 ones: K = 8 reaches every smaller side
+    tr = weightgeo.Tracker(base, k=8, hill_k=2)
+    mid = {k: (v.float() * 0.5 + ft[k].float() * 0.5).to(v.dtype) for k, v in base.items()}
+    tr.update(mid, 1)
+    logs = tr.update(ft, 2)
+    assert "weightgeo/previous_subspace_similarity/mean" not in logs  # no measurable matrix: no mean of ones
+    rows = tr.rank_curve().rows
+    assert all(r["final_subspace_similarity"] is None and r["not_measurable"] for r in rows)
