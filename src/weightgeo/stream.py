@@ -38,6 +38,7 @@ from .checkpoint.runs import NAMINGS_TEXT
 from .checkpoint.view import read_expert
 from .errors import WeightgeoError
 from .jsonfile import read_json
+from .linalg.policy import compared_format
 from .options import StreamOptions
 from .selection import ByUid, Selector
 from .validation import check_finite, check_increasing, check_run_dir, check_steps
@@ -430,22 +431,28 @@ class StreamReader:
 
         ΔW_t = W_t − W0 is formed in ``dtype`` (float32 by default: the difference of two bf16 values is exact
         in float32) on ``device``, from W0 and W_t as stored, or rounded to ``rounding`` first (the options'
-        ``dtype``). ``only``: the indices (into the stream's steps) to read; default all.
+        ``dtype``). Without ``rounding``, a W_t stored in a float format that neither holds nor is held by W0's
+        (fp16 and bf16) is compared by the pair rule: both rounded to the coarser
+        (:func:`~weightgeo.linalg.policy.compared_format`). ``only``: the indices (into the stream's steps) to
+        read; default all.
         """
         picks = range(len(self.checkpoints)) if only is None else sorted(set(only))
         if not picks:
             return
 
-        def read(ck: Checkpoint, name: str) -> torch.Tensor:
+        def read(ck: Checkpoint, name: str, to: torch.dtype | None) -> torch.Tensor:
             w = _read(ck, name, entry.expert)
-            w = w if rounding is None or w.dtype == rounding else w.to(rounding)
+            w = w if to is None or w.dtype == to else w.to(to)
             return w.to(device=device, dtype=dtype)
 
-        w0 = read(self.base, entry.base_name)
+        stored0 = self.base.info(entry.base_name).dtype
+        w0 = read(self.base, entry.base_name, rounding)
         for i in picks:
             step, ck, name = self.stream.steps[i], self.checkpoints[i], entry.names[i]
-            wt = read(ck, name)
-            d = wt - w0
+            rule = None if rounding is not None else compared_format(stored0, ck.info(name).dtype)
+            to = rule[0] if rule is not None and rule[1] else rounding
+            wt = read(ck, name, to)
+            d = wt - (w0 if to is None or to == rounding else w0.to(to).to(dtype))
             del wt
             check_finite(d, f"{entry.uid} at step {step} ({ck.source}): W_t − W0")
             yield step, d

@@ -31,6 +31,7 @@ from .defaults import HILL_K, PROGRESS, SEED, STREAM_K, THRESHOLD
 from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
+from .linalg.policy import compared_format
 from .linalg.spectra import hill_tail_index
 from .memory import check_fits
 from .metrics.catalog import TRAJECTORY_CURVES
@@ -49,7 +50,7 @@ from .options import Filter, StreamOptions
 from .progress import fraction_bar
 from .report import Report, summarize_rows
 from .stream import CheckpointStream, MatrixPlan, StreamReader, open_stream
-from .validation import either
+from .validation import either, spell
 
 __all__ = [
     "rank_curve",
@@ -383,8 +384,18 @@ def _stream_pass(
         records = {e.uid: merged[e.uid] for e in full_plan if e.uid in merged}
         experts = {e.uid: (e.key, e.expert) for e in full_plan if e.expert is not None}
         meta = _stream_meta(
-            s, reader, dev, world.size, parts, seed=options.seed, include=options.include, exclude=options.exclude
+            s,
+            reader,
+            dev,
+            world.size,
+            parts,
+            seed=options.seed,
+            include=options.include,
+            exclude=options.exclude,
         )
+        mixed = _mixed_formats(reader, options.dtype)
+        if mixed:  # the rule of pairs (linalg.policy.compared_format), per (matrix, checkpoint) in two formats
+            meta["mixed_formats"] = mixed
     if memo is not None:  # keep what this pass used: the next update needs no more
         for digest in [d for d in memo if d not in spectra.used]:
             del memo[digest]
@@ -494,6 +505,23 @@ def _stream_meta(
     return meta
 
 
+def _mixed_formats(reader: StreamReader, dtype: Any) -> dict[str, int]:
+    """How many (matrix, checkpoint) pairs are stored in two float formats, by formats and the rule used (none
+    with a ``dtype=``: everything is rounded to it)."""
+    out: dict[str, int] = {}
+    if dtype is not None:
+        return out
+    for e in reader.plan:
+        a = reader.base.info(e.base_name).dtype
+        for ck, name in zip(reader.checkpoints, e.names):
+            rule = compared_format(a, ck.info(name).dtype)
+            if rule is not None:
+                how = f"both rounded to {rule[0]}" if rule[1] else "compared as stored"
+                text = f"{a} vs {ck.info(name).dtype}: {how}".replace("torch.", "")
+                out[text] = out.get(text, 0) + 1
+    return out
+
+
 def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
     """Every checkpoint's entries that are not weights (optimizer state, FP8 scales, ...), tagged by side
     (``"base"``, or ``"ft"`` with the checkpoint's ``step``)."""
@@ -593,6 +621,16 @@ def stream_report(
     k = options.k
     rows, sims, zero = assemble(records, s.steps, hill_k=options.hill_k, k=k, experts=experts)
     meta.update(kind="rank_curve", params=options.params(), zero_updates=zero, similarity=sims)
+    if meta.get("mixed_formats"):
+        n = sum(meta["mixed_formats"].values())
+        warnings.warn(
+            f"{n} (matrix, checkpoint) pair(s) are stored in different float formats in the base and the checkpoint ("
+            + "; ".join(f"{k}: {v}" for k, v in meta["mixed_formats"].items())
+            + f"); where both are rounded to one format, rounding differences show in ΔW_t; {spell('dtype')} chooses "
+            f"the format instead (docs/metrics.md)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not rows:
         raise WeightgeoError(
             f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same model as the checkpoints?"

@@ -95,3 +95,16 @@ def test_rows_of_mixed_formats_are_served_from_the_cache(tmp_path):
         again = weightgeo.compare(b, f, **kw)
     assert again.meta["cache"]["rows_cached"] == len(again.rows) and again.meta["cache"]["corrupt"] == 0
     assert rows_json(again) == rows_json(first)
+
+
+def test_a_stream_applies_the_rule_and_says_so():
+    w = tiny_llama_state(num_layers=1, hidden=16, intermediate=32, vocab=20, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    steps = [{k: v + s * 1e-2 * torch.randn(v.shape, generator=g) for k, v in w.items()} for s in (1, 2)]
+    base16 = {k: v.half() for k, v in w.items()}
+    cks = [{k: v.bfloat16() for k, v in sd.items()} for sd in steps]
+    with pytest.warns(RuntimeWarning, match=r"float16 vs bfloat16: both rounded to bfloat16"):
+        mixed = weightgeo.rank_curve(cks, base=base16, steps=[1, 2], k=2, hill_k=2, cache=False)
+    asked = weightgeo.rank_curve(cks, base=base16, steps=[1, 2], k=2, hill_k=2, cache=False, dtype=torch.bfloat16)
+    assert mixed.rows == asked.rows and "mixed_formats" not in asked.meta
+    assert sum(mixed.meta["mixed_formats"].values()) == 2 * 9
