@@ -31,16 +31,21 @@ _said = threading.Event()
 _lock = threading.Lock()
 
 
-def say_interrupted(message: str) -> None:
-    """Print the interrupt message to stderr once per process (the main thread or the watchdog, whichever is
-    first)."""
+def say_interrupted(message: str, *, raw: bool = False) -> None:
+    """Print the interrupt message to stderr once per command (the main thread or the watchdog, whichever is
+    first). ``raw``: straight to file descriptor 2, past Python's buffers and their locks (the watchdog must not wait
+    for a main thread stuck mid-write)."""
     with _lock:
         if _said.is_set():
             return
         _said.set()
+    text = f"weightgeo: interrupted; {message}\n"
     try:
-        sys.stderr.write(f"weightgeo: interrupted; {message}\n")
-        sys.stderr.flush()
+        if raw:  # a progress bar may still be drawn on the line: start a new one
+            os.write(2, ("\n" + text).encode("utf-8", "replace"))
+        else:
+            sys.stderr.write(text)
+            sys.stderr.flush()
     except (OSError, ValueError):  # stderr closed
         pass
 
@@ -74,7 +79,7 @@ def answer_interrupts(message: Callable[[], str], *, within_s: float = WITHIN_S,
             if not got:  # the write end was closed: the context is over
                 return
             if signal.SIGINT in got and not done.wait(within_s):
-                say_interrupted(message())
+                say_interrupted(message(), raw=True)
                 os._exit(status)
 
     thread = threading.Thread(target=watch, name="weightgeo-interrupt-watchdog", daemon=True)

@@ -8,7 +8,8 @@ function on its source. Normalised means parsed and dumped without docstrings, c
 editing a comment, a docstring or a doctest, or re-formatting, keeps every entry; changing a statement, a
 constant or a signature in any of these modules makes every entry a miss, recomputed and overwritten.
 
-It is computed once per process (about 0.1 s: parsing some 60 files), the first time a cache is used.
+It is computed once per process (0.2–0.8 s on 2 shared cores: parsing some 60 files), the first time a cache is
+used.
 
 >>> fp = code_fingerprint()
 >>> len(fp), fp == code_fingerprint()
