@@ -22,7 +22,7 @@ from .errors import WeightgeoError
 from .follow import follow
 from .outputs import check_output_path
 from .render.html import write_page
-from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block
+from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block, wrap_lines
 from .render.words import short_labels
 from .report import Report
 from .trajectory import locking_onset, rank_curve
@@ -454,7 +454,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_side_by_side(reports: dict, args: argparse.Namespace) -> None:
     width, _ = _width(args)
-    print("side by side: " + "; ".join(f"{lb} = {_source(r)}" for lb, r in reports.items()))
+    legend = "side by side: " + "; ".join(f"{lb} = {_source(r)}" for lb, r in reports.items())
+    print("\n".join(wrap_lines([legend], width)))
     print(side_by_side(reports, width=width, threshold=getattr(args, "threshold", 0.9)))
     for lb, r in reports.items():
         notes = accounting_lines(r, width=width)

@@ -28,7 +28,7 @@ from .render.panels import (
     report_kind,
     trajectory_panels,
 )
-from .render.svg import PALETTE
+from .render.svg import PALETTE, run_colour
 from .render.words import default_label
 
 __all__ = ["plot_report", "plot_runs", "plot_pair_reports", "plot_trajectories", "draw_panels"]
@@ -120,14 +120,14 @@ def _rect(xy, **kw):
     return Rectangle(xy, 1, 1, **kw)
 
 
-def _bars(sub, p: BarPanel) -> None:
+def _bars(sub, p: BarPanel, colours: Mapping[str, str] | None) -> None:
     ax = sub.subplots()
     n = max(len(p.series), 1)
     width = 0.8 / n
     for si, (label, ys) in enumerate(p.series):
         xs = [i + (si - (n - 1) / 2) * width for i in range(len(p.categories))]
         vals = [math.nan if v is None else v for v in ys]
-        ax.bar(xs, vals, width, label=label, color=PALETTE[si % len(PALETTE)])
+        ax.bar(xs, vals, width, label=label, color=run_colour(label, si, colours))
     if p.baseline is not None:
         ax.axhline(p.baseline[0], color="#555", ls="--", lw=1, label=p.baseline[1])
     ax.set_xticks(range(len(p.categories)), p.categories, rotation=35 if len(p.categories) > 4 else 0, ha="right")
@@ -139,10 +139,10 @@ def _bars(sub, p: BarPanel) -> None:
     ax.legend(fontsize=7.5, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, frameon=False)
 
 
-def _lines(sub, p: LinePanel) -> None:
+def _lines(sub, p: LinePanel, colours: Mapping[str, str] | None) -> None:
     ax = sub.subplots()
     for si, s in enumerate(p.series):
-        col = PALETTE[si % len(PALETTE)]
+        col = run_colour(s.label, si, colours)
         ys = [math.nan if v is None else v for v in s.y]
         ax.plot(s.x, ys, "o-", ms=3, color=col, label=s.label)
         if s.marker is not None:
@@ -160,8 +160,17 @@ def _lines(sub, p: LinePanel) -> None:
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
 
 
-def draw_panels(panels: Sequence[Panel], path: str | os.PathLike[str], *, title: str | None = None, max_axes: int = 4):
-    """Paint ``panels`` into one image file, row by row; returns the path."""
+def draw_panels(
+    panels: Sequence[Panel],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    max_axes: int = 4,
+    labels: Sequence[str] = (),
+) -> Path:
+    """Paint ``panels`` into one image file, row by row; ``labels``: the runs in order (each keeps its colour
+    in every panel). Returns the path."""
+    colours = {lb: PALETTE[i % len(PALETTE)] for i, lb in enumerate(labels)}
     if not panels:
         raise WeightgeoError("nothing to draw: the reports carry none of the metrics the figures show")
     plt = _pyplot()
@@ -179,9 +188,9 @@ def draw_panels(panels: Sequence[Panel], path: str | os.PathLike[str], *, title:
             if isinstance(p, HeatmapPanel):
                 _heatmap(cell, p)
             elif isinstance(p, BarPanel):
-                _bars(cell, p)
+                _bars(cell, p, colours)
             else:
-                _lines(cell, p)
+                _lines(cell, p, colours)
     if title:
         fig.suptitle(title, fontsize=12)
     return _save(fig, path)
@@ -207,7 +216,9 @@ def plot_runs(
     if pairs:
         pp = pair_panels(pairs)
         panels += [*pp.heatmaps, *pp.model]
-    return draw_panels(panels, path, title=title, max_axes=4 if len(reports) == 1 else max(4, len(reports)))
+    return draw_panels(
+        panels, path, title=title, max_axes=4 if len(reports) == 1 else max(4, len(reports)), labels=list(reports)
+    )
 
 
 def plot_report(report: Any, path: str | os.PathLike[str], *, label: str | None = None, **kwargs: Any) -> Path:

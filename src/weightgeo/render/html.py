@@ -157,10 +157,10 @@ def _headline(runs: Mapping[str, Any], kind: str) -> str:
     )
 
 
-def _figures(panels: Sequence[Panel], *, row: bool = False) -> str:
+def _figures(panels: Sequence[Panel], *, row: bool = False, colours: Mapping[str, str] | None = None) -> str:
     figs = []
     for p in panels:
-        svg = panel_svg(p)
+        svg = panel_svg(p, colours)
         width = re.search(r'width="(\d+)"', svg)
         style = f' style="width:{max(int(width.group(1)), 300)}px"' if width else ""
         figs.append(
@@ -380,28 +380,33 @@ def report_page(runs: Mapping[str, Any], *, title: str | None = None, threshold:
         parts.append(_headline(pairs, "compare"))
     if trajs:
         parts.append(_headline(trajs, "trajectory") if not pairs else "")
+    colours = {lb: PALETTE[i % len(PALETTE)] for i, lb in enumerate(labels)}
     figs = ['<section id="figures"><h2>Figures</h2>']
     if trajs:
         tp = trajectory_panels(trajs, threshold=threshold)
-        figs.append("<h3>Over training</h3>" + _figures(tp.curves, row=True))
-        figs.append("<h3>Where in the network</h3>" + _figures(tp.heatmaps))
+        figs.append("<h3>Over training</h3>" + _figures(tp.curves, row=True, colours=colours))
+        figs.append("<h3>Where in the network</h3>" + _figures(tp.heatmaps, row=True, colours=colours))
         if tp.more_heatmaps:
             figs.append(
-                "<details><summary>more per-matrix metrics</summary>" + _figures(tp.more_heatmaps) + "</details>"
+                "<details><summary>more per-matrix metrics</summary>"
+                + _figures(tp.more_heatmaps, row=True, colours=colours)
+                + "</details>"
             )
         if tp.modules:
-            figs.append("<h3>By module</h3>" + _figures(tp.modules, row=True))
+            figs.append("<h3>By module</h3>" + _figures(tp.modules, row=True, colours=colours))
     if pairs:
         pp = pair_panels(pairs)
-        figs.append("<h3>Where in the network</h3>" + _figures(pp.heatmaps))
+        figs.append("<h3>Where in the network</h3>" + _figures(pp.heatmaps, row=True, colours=colours))
         if pp.more_heatmaps:
             figs.append(
                 "<details><summary>heatmaps of the other per-matrix metrics</summary>"
-                + _figures(pp.more_heatmaps)
+                + _figures(pp.more_heatmaps, row=True, colours=colours)
                 + "</details>"
             )
         if pp.modules or pp.model:
-            figs.append("<h3>By module and for the model</h3>" + _figures([*pp.model, *pp.modules], row=True))
+            figs.append(
+                "<h3>By module and for the model</h3>" + _figures([*pp.model, *pp.modules], row=True, colours=colours)
+            )
     figs.append("</section>")
     parts.append("".join(figs))
     table_parts = []

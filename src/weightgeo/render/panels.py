@@ -207,7 +207,7 @@ def _heatmap(
     values = [v for _, g in grids for v in g.measured_values()]
     scale = shared_scale(values, log=words.log)
     shared = " One colour scale for every run." if len(runs) > 1 else ""
-    caption = f"{words.sentence[:1].upper() + words.sentence[1:]}." if words.sentence else f"{key}."
+    caption = f"{_sentence(words.sentence)}." if words.sentence else f"{key}."
     return HeatmapPanel(key, f"{words.label} per layer and module{when}", caption + shared, grids, scale, words.unit)
 
 
@@ -227,12 +227,17 @@ def _module_bars(
         f"{words.label} by module{when}",
         f"Each module type's {weighting} over the layers"
         + (", runs side by side." if len(runs) > 1 else ".")
-        + (f" {words.sentence[:1].upper() + words.sentence[1:]}." if words.sentence else ""),
+        + (f" {_sentence(words.sentence)}." if words.sentence else ""),
         cats,
         series,
         words.label + (f" ({words.unit})" if words.unit else ""),
         log=log,
     )
+
+
+def _sentence(text: str) -> str:
+    """``text`` with a capital first letter when that is a Latin letter (σ_k must not become Σ_k)."""
+    return text[:1].upper() + text[1:] if text[:1].isascii() else text
 
 
 def pair_panels(runs: Mapping[str, Any], *, keys: Sequence[str] | None = None) -> PairPanels:

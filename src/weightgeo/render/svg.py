@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 from .cells import NOT_MEASURED
 from .panels import BarPanel, HeatmapPanel, LinePanel, Panel, Scale, value_text
 
-__all__ = ["panel_svg", "heatmap_svg", "bars_svg", "lines_svg", "PALETTE", "colour", "nice_ticks"]
+__all__ = ["panel_svg", "heatmap_svg", "bars_svg", "lines_svg", "PALETTE", "colour", "nice_ticks", "run_colour"]
 
 #: run colours (matplotlib's tab10), in label order, the same on every panel
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
@@ -241,7 +241,7 @@ def _range(values: Sequence[float], *, log: bool, zero: bool) -> tuple[float, fl
     return lo, hi
 
 
-def bars_svg(panel: BarPanel) -> str:
+def bars_svg(panel: BarPanel, colours: Mapping[str, str] | None = None) -> str:
     """Grouped bars (categories on x, runs side by side); a dashed baseline when the panel has one."""
     cats, series = panel.categories, panel.series
     n = max(len(series), 1)
@@ -260,7 +260,7 @@ def bars_svg(panel: BarPanel) -> str:
     bw = slot * 0.8 / n
     base_y = ax.y(max(ax.lo, 0.0)) if not ax.log else ax.y0 + ax.h
     for si, (label, ys) in enumerate(series):
-        col = PALETTE[si % len(PALETTE)]
+        col = run_colour(label, si, colours)
         for ci, v in enumerate(ys):
             bx = x0 + ci * slot + slot * 0.1 + si * bw
             if v is None:
@@ -274,7 +274,7 @@ def bars_svg(panel: BarPanel) -> str:
     for ci, c in enumerate(cats):
         cx, cy = x0 + ci * slot + slot / 2, top + h + 8
         body.append(_t(cx, cy, c, size=10, anchor="end", extra=f'transform="rotate(-35 {cx:.1f} {cy:.1f})"'))
-    legend = [(label, PALETTE[i % len(PALETTE)], "box") for i, (label, _) in enumerate(series)]
+    legend = [(label, run_colour(label, i, colours), "box") for i, (label, _) in enumerate(series)]
     if panel.baseline:
         by = ax.y(panel.baseline[0])
         body.append(f'<line x1="{x0}" y1="{by:.1f}" x2="{x0 + w}" y2="{by:.1f}" stroke="#555" stroke-dasharray="5 3"/>')
@@ -284,7 +284,7 @@ def bars_svg(panel: BarPanel) -> str:
     return _svg(width, top + h + bottom, body, title=panel.title, kind="bars")
 
 
-def lines_svg(panel: LinePanel) -> str:
+def lines_svg(panel: LinePanel, colours: Mapping[str, str] | None = None) -> str:
     """Curves over training; the threshold dashed; each series' marker (the locking onset) a dotted vertical
     line in the run's colour with its label."""
     x0, top, w, h = 60.0, 30.0, 290.0, 200.0
@@ -312,7 +312,7 @@ def lines_svg(panel: LinePanel) -> str:
     legend: list[tuple[str, str, str]] = []
     markers = 0
     for si, s in enumerate(panel.series):
-        col = PALETTE[si % len(PALETTE)]
+        col = run_colour(s.label, si, colours)
         pts = [(px(x), ax.y(y)) for x, y in zip(s.x, s.y) if y is not None and math.isfinite(y)]
         if pts:
             body.append(
@@ -344,10 +344,18 @@ def lines_svg(panel: LinePanel) -> str:
     return _svg(width, top + h + 42, body, title=panel.title, kind="lines")
 
 
-def panel_svg(panel: Panel) -> str:
-    """Paint any panel."""
+def run_colour(label: str, index: int, colours: Mapping[str, str] | None = None) -> str:
+    """A run's colour: from ``colours`` (one page, one colour per run whichever panels it is in), else by
+    its index in the panel."""
+    if colours and label in colours:
+        return colours[label]
+    return PALETTE[index % len(PALETTE)]
+
+
+def panel_svg(panel: Panel, colours: Mapping[str, str] | None = None) -> str:
+    """Paint any panel; ``colours``: run label -> colour, shared by every panel of a page."""
     if isinstance(panel, HeatmapPanel):
         return heatmap_svg(panel)
     if isinstance(panel, BarPanel):
-        return bars_svg(panel)
-    return lines_svg(panel)
+        return bars_svg(panel, colours)
+    return lines_svg(panel, colours)
