@@ -21,7 +21,7 @@ from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .follow import follow
 from .outputs import check_output_path
-from .render.html import write_page
+from .render.html import write_html
 from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block, wrap_lines
 from .render.words import short_labels
 from .report import Report
@@ -474,7 +474,7 @@ def _pages(reports: dict, args: argparse.Namespace, *, quiet: bool = False) -> N
     html = getattr(args, "html", None) if args.command != "report" else args.out
     if html is not None:
         created = _created(html)
-        write_page(reports, html, title=getattr(args, "title", None), threshold=threshold)
+        write_html(reports, html, title=getattr(args, "title", None), threshold=threshold)
         if not quiet:
             if created:
                 print(f"created folder {created}", file=sys.stderr)

@@ -262,10 +262,10 @@ class Report:
             label: the run's name on the page (default: its source's last path components).
             title: the page title. threshold: the locking threshold on Sim_K for trajectories (default 0.9).
         """
-        from .render.html import write_page
+        from .render.html import write_html
         from .render.words import default_label
 
-        return write_page({label or default_label(self): self}, path, title=title, threshold=threshold)
+        return write_html({label or default_label(self): self}, path, title=title, threshold=threshold)
 
     def _repr_html_(self) -> str:
         """The notebook view: summary in words, headline numbers, a heatmap and the head of the table."""

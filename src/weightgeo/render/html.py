@@ -27,16 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..errors import WeightgeoError
 from ..outputs import atomic_write_text
+from ..validation import check_threshold
 from .cells import NOT_MEASURED, fmt, measured, partial_reasons, reason
 from .panels import Panel, final_rows, locking_of, pair_panels, report_kind, step_summary, trajectory_panels
 from .svg import PALETTE, panel_svg
 from .vocabulary import describe, metric_keys, random_baseline
 from .words import takeaways
 
-__all__ = ["report_page", "write_page", "notebook_html", "summary_keys"]
+__all__ = ["report_page", "write_html", "notebook_html", "summary_keys", "figures_html", "STYLE"]
 
-_CSS = """
+#: the page's stylesheet (scoped to class ``wg``), for pages that embed :func:`figures_html`
+STYLE = """
 .wg{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1d1d1f;line-height:1.45;
  max-width:1180px;margin:0 auto;padding:0 18px 40px}
 .wg h1{font-size:1.6em;margin:.6em 0 .1em}.wg h2{font-size:1.25em;margin:1.6em 0 .4em;border-bottom:1px solid #ddd}
@@ -380,6 +383,30 @@ def report_page(runs: Mapping[str, Any], *, title: str | None = None, threshold:
         parts.append(_headline(pairs, "compare"))
     if trajs:
         parts.append(_headline(trajs, "trajectory") if not pairs else "")
+    parts.append(figures_html(runs, threshold=threshold))
+    table_parts = []
+    if pairs:
+        table_parts.append(_table(pairs, "compare", "rows-pairs"))
+    if trajs:
+        table_parts.append(_table(trajs, "trajectory", "rows-trajectories"))
+    parts.append('<section id="table"><h2>Per tensor</h2>' + "".join(table_parts) + "</section>")
+    parts.append(_accounting(runs, kind))
+    parts.append(_provenance(runs))
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body><div class='wg'>"
+        + "".join(parts)
+        + f"</div><script>{_JS}</script></body></html>\n"
+    )
+
+
+def figures_html(runs: Mapping[str, Any], *, threshold: float = 0.9) -> str:
+    """The figures section of :func:`report_page` on its own (for embedding in another page that uses
+    :data:`STYLE`): curves over training, layer x module heatmaps on shared scales, per-module bars."""
+    pairs = {lb: r for lb, r in runs.items() if report_kind(r) == "compare"}
+    trajs = {lb: r for lb, r in runs.items() if report_kind(r) == "trajectory"}
+    labels = list(runs)
     colours = {lb: PALETTE[i % len(PALETTE)] for i, lb in enumerate(labels)}
     figs = ['<section id="figures"><h2>Figures</h2>']
     if trajs:
@@ -408,29 +435,38 @@ def report_page(runs: Mapping[str, Any], *, title: str | None = None, threshold:
                 "<h3>By module and for the model</h3>" + _figures([*pp.model, *pp.modules], row=True, colours=colours)
             )
     figs.append("</section>")
-    parts.append("".join(figs))
-    table_parts = []
-    if pairs:
-        table_parts.append(_table(pairs, "compare", "rows-pairs"))
-    if trajs:
-        table_parts.append(_table(trajs, "trajectory", "rows-trajectories"))
-    parts.append('<section id="table"><h2>Per tensor</h2>' + "".join(table_parts) + "</section>")
-    parts.append(_accounting(runs, kind))
-    parts.append(_provenance(runs))
-    return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><div class='wg'>"
-        + "".join(parts)
-        + f"</div><script>{_JS}</script></body></html>\n"
-    )
+    return "".join(figs)
 
 
-def write_page(
-    runs: Mapping[str, Any], path: str | os.PathLike[str], *, title: str | None = None, threshold: float = 0.9
+def write_html(
+    reports: Mapping[str, Any], path: str | os.PathLike[str], *, title: str | None = None, threshold: float = 0.9
 ) -> Path:
-    """Write :func:`report_page` to ``path`` atomically; returns the path."""
-    return atomic_write_text(path, report_page(runs, title=title, threshold=threshold), what="HTML report")
+    """Write one self-contained HTML page with several reports side by side (comparisons, trajectories or
+    both): shared colour scales, every run's label in every figure; returns the path.
+
+    >>> import tempfile, weightgeo
+    >>> rows = [{"name": "layers.0.q_proj.weight", "shape": (4, 4), "numel": 16, "module": "q_proj", "layer": 0,
+    ...          "update_sparsity": 0.5}]
+    >>> r = weightgeo.Report(rows=rows, summary={"update_sparsity": 0.5}, meta={"kind": "compare"})
+    >>> weightgeo.write_html({"SFT": r, "OPD": r}, tempfile.mkdtemp() + "/page.html").suffix
+    '.html'
+
+    Args:
+        reports: label -> :class:`~weightgeo.Report` (``compare`` / ``rank_curve`` results, or
+            ``Report.from_json`` of saved ones), in the order to show them.
+        path: the ``.html`` file, written atomically (missing folders are created).
+        title: the page title (default: the labels). threshold: the locking threshold on Sim_K (default 0.9).
+    """
+    if not isinstance(reports, Mapping) or not reports:
+        raise WeightgeoError("write_html: pass {'label': report, ...} with at least one report")
+    for label, rep in reports.items():
+        if not isinstance(label, str) or not all(hasattr(rep, a) for a in ("rows", "summary", "meta")):
+            raise WeightgeoError(
+                f"write_html: {label!r} -> {type(rep).__name__}; give string labels and weightgeo Reports "
+                "(weightgeo.compare, rank_curve or Report.from_json)"
+            )
+    check_threshold(threshold)
+    return atomic_write_text(path, report_page(reports, title=title, threshold=threshold), what="HTML report")
 
 
 def notebook_html(report: Any, *, label: str, max_rows: int = 10) -> str:
@@ -445,7 +481,7 @@ def notebook_html(report: Any, *, label: str, max_rows: int = 10) -> str:
         panels = pair_panels(runs).heatmaps[:1]
     n = len(final_rows(report)[1]) if kind == "trajectory" else len(report.rows)
     return (
-        f"<div class='wg' style='max-width:none;padding:0'><style>{_CSS}</style>"
+        f"<div class='wg' style='max-width:none;padding:0'><style>{STYLE}</style>"
         f"<b>weightgeo {kind} report</b> · {_e(label)} · {n} tensors"
         + "<ul class='lead'>"
         + "".join(f"<li>{_e(t)}</li>" for t in takeaways(runs))
