@@ -19,7 +19,8 @@ stream with fp32 masters beside it. It measures the streams with weightgeo's pub
 ``rank_curve``, a live ``Tracker`` on OPD checked against the offline results), decides every claim by the
 rule fixed in docs/reproduction.md before the first run, and writes ``report.html`` (open it first: the
 conclusion, every link's verdict, layer x module heatmaps), ``report.md``, ``report.json``, ``geometry.html``
-(weightgeo's page of the pair comparisons) and the figures into the output folder. Runs already in the output folder with the same configuration are reused.
+(weightgeo's page of the pair comparisons) and the figures into the output folder. Runs already in the output
+folder with the same configuration are reused.
 
 Nothing here is tuned on geometry: the task, the assets and the regime thresholds were fixed on accuracy, KL
 and lengths only; the criteria and the primary-K rule were committed before the first full run.
