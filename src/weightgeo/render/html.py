@@ -95,7 +95,7 @@ def _num_cell(v: Any, why: str = "") -> str:
     if measured(v):
         f = float(v)
         data = f' data-v="{f!r}"' if math.isfinite(f) else f' data-v="{"1e308" if f > 0 else "-1e308"}"'
-        return f'<td class="n"{data} title="{_e(repr(v))}">{_e(fmt(v))}</td>'
+        return f'<td class="n"{data}>{_e(fmt(v))}</td>'
     if v is None or (isinstance(v, float) and math.isnan(v)) or why:
         return f'<td class="n nm" title="{_e(why or "not measured")}">{NOT_MEASURED}</td>'
     return f"<td>{_e(fmt(v))}</td>"
