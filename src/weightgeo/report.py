@@ -14,32 +14,18 @@ from typing import Any
 from .checkpoint.names import expert_index, expert_tensor
 from .errors import WeightgeoError
 from .means import nanmean
+from .metrics.catalog import COUNTS
 from .outputs import atomic_write_text, check_output_path
 from .render.cells import fmt
 from .render.text import DEFAULT_WIDTH, rows_table, summary_block
+from .render.vocabulary import IDENTITY_FIELDS
 
 __all__ = ["Report", "summarize_rows", "check_output_path"]
 
 # Columns shown first in tables, in this order, when present.
 _LEAD_COLUMNS = ("group", "step", "name", "expert", "shape", "numel", "module", "layer")
-# Row keys that are identifiers or bookkeeping, not metric values to average.
-_NOT_METRICS = frozenset(
-    {
-        "step",
-        "name",
-        "expert",
-        "base_name",
-        "ft_name",
-        "shape",
-        "numel",
-        "module",
-        "layer",
-        "dtype",
-        "rows_compared",
-        "rows_added",
-        "k_effective",
-    }
-)
+# Row keys that are identifiers or bookkeeping (and counts), not metric values to average.
+_NOT_METRICS = IDENTITY_FIELDS | COUNTS
 # Metrics summarised as parameter-count weighted means (fractions of entries); the rest are unweighted means.
 _WEIGHTED = frozenset({"update_sparsity"})
 

@@ -197,12 +197,12 @@ def _table(runs: Mapping[str, Any], kind: str, tid: str, *, max_rows: int | None
     body = []
     shown = data if max_rows is None else data[:max_rows]
     labels = list(runs)
-    for lb, r, partial, onsets in shown:
+    for lb, r, why_partial, onsets in shown:
         cells = [f"<td class='lb'>{_run_dot(labels.index(lb))}{_e(lb)}</td>"] if multi else []
         for c in ident:
             v = r.get(c)
             if c == "layer":
-                lay = int(v) if measured(v) else None  # a report read back from JSON has NaN for "no layer"
+                lay = int(v) if isinstance(v, (int, float)) and measured(v) else None  # JSON's NaN = no layer
                 cells.append(f'<td class="n" data-v="{lay}">{lay}</td>' if lay is not None else "<td></td>")
             else:
                 cells.append(f"<td>{_e(fmt(v) if v is not None else '')}</td>")
@@ -212,7 +212,7 @@ def _table(runs: Mapping[str, Any], kind: str, tid: str, *, max_rows: int | None
                 cells.append(_num_cell(on, "") if on is not None else '<td class="n nm" title="never locks">never</td>')
                 continue
             v = r.get(k)
-            why = "" if measured(v) else reason(r, k, partial)
+            why = "" if measured(v) else reason(r, k, why_partial)
             cells.append(_num_cell(v, why) if (k in r or why) else '<td class="n nm" title="not computed">—</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     table = f'<table class="sortable" id="{tid}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -401,6 +401,13 @@ def report_page(runs: Mapping[str, Any], *, title: str | None = None, threshold:
     )
 
 
+def _folded(summary: str, panels: Sequence[Panel], colours: Mapping[str, str]) -> str:
+    """Panels behind a click ('' when there are none)."""
+    if not panels:
+        return ""
+    return f"<details><summary>{_e(summary)}</summary>{_figures(panels, row=True, colours=colours)}</details>"
+
+
 def figures_html(runs: Mapping[str, Any], *, threshold: float = 0.9) -> str:
     """The figures section of :func:`report_page` on its own (for embedding in another page that uses
     :data:`STYLE`): curves over training, layer x module heatmaps on shared scales, per-module bars."""
@@ -413,23 +420,13 @@ def figures_html(runs: Mapping[str, Any], *, threshold: float = 0.9) -> str:
         tp = trajectory_panels(trajs, threshold=threshold)
         figs.append("<h3>Over training</h3>" + _figures(tp.curves, row=True, colours=colours))
         figs.append("<h3>Where in the network</h3>" + _figures(tp.heatmaps, row=True, colours=colours))
-        if tp.more_heatmaps:
-            figs.append(
-                "<details><summary>more per-matrix metrics</summary>"
-                + _figures(tp.more_heatmaps, row=True, colours=colours)
-                + "</details>"
-            )
+        figs.append(_folded("more per-matrix metrics", tp.more_heatmaps, colours))
         if tp.modules:
             figs.append("<h3>By module</h3>" + _figures(tp.modules, row=True, colours=colours))
     if pairs:
         pp = pair_panels(pairs)
         figs.append("<h3>Where in the network</h3>" + _figures(pp.heatmaps, row=True, colours=colours))
-        if pp.more_heatmaps:
-            figs.append(
-                "<details><summary>heatmaps of the other per-matrix metrics</summary>"
-                + _figures(pp.more_heatmaps, row=True, colours=colours)
-                + "</details>"
-            )
+        figs.append(_folded("heatmaps of the other per-matrix metrics", pp.more_heatmaps, colours))
         if pp.modules or pp.model:
             figs.append(
                 "<h3>By module and for the model</h3>" + _figures([*pp.model, *pp.modules], row=True, colours=colours)
@@ -476,9 +473,9 @@ def notebook_html(report: Any, *, label: str, max_rows: int = 10) -> str:
     kind = report_kind(report)
     if kind == "trajectory":
         tp = trajectory_panels(runs)
-        panels: list[Panel] = [p for p in tp.curves if p.key == "final_subspace_similarity"][:1] + tp.heatmaps[:1]
+        panels: list[Panel] = [*[p for p in tp.curves if p.key == "final_subspace_similarity"][:1], *tp.heatmaps[:1]]
     else:
-        panels = pair_panels(runs).heatmaps[:1]
+        panels = [*pair_panels(runs).heatmaps[:1]]
     n = len(final_rows(report)[1]) if kind == "trajectory" else len(report.rows)
     return (
         f"<div class='wg' style='max-width:none;padding:0'><style>{STYLE}</style>"

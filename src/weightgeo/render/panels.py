@@ -155,10 +155,6 @@ class PairPanels:
     modules: list[BarPanel]
     model: list[BarPanel] = field(default_factory=list)
 
-    def figure(self) -> list[list[Panel]]:
-        """The panels of a figure file, row by row (the page shows more)."""
-        return [[h] for h in self.heatmaps] + ([list(self.model)] if self.model else [])
-
 
 @dataclass(frozen=True)
 class TrajectoryPanels:
@@ -166,9 +162,6 @@ class TrajectoryPanels:
     heatmaps: list[HeatmapPanel]
     more_heatmaps: list[HeatmapPanel]
     modules: list[BarPanel]
-
-    def figure(self) -> list[list[Panel]]:
-        return [list(self.curves)] + [[h] for h in self.heatmaps]
 
 
 def report_kind(report: Any) -> str:
@@ -414,7 +407,7 @@ def trajectory_panels(runs: Mapping[str, Any], *, threshold: float = 0.9, x: str
                 sim20, f" Read at the checkpoint nearest 20% of training: {', '.join(when)}; 1 = already locked."
             )
         )
-    onset_rows = []
+    onset_rows: list[tuple[str, list[Mapping[str, Any]], Mapping[str, str]]] = []
     for label, rep in runs.items():
         lock = locking_of(rep, threshold)
         if lock is None:
@@ -435,11 +428,11 @@ def trajectory_panels(runs: Mapping[str, Any], *, threshold: float = 0.9, x: str
                 {},
             )
         )
-    onset = _heatmap("locking_onset", onset_rows) if onset_rows else None
-    if onset is not None:
+    onset_map = _heatmap("locking_onset", onset_rows) if onset_rows else None
+    if onset_map is not None:
         heat.append(
             _with_caption(
-                onset, f" Per matrix, threshold {threshold:g}; grey = never locks before the last checkpoint."
+                onset_map, f" Per matrix, threshold {threshold:g}; grey = never locks before the last checkpoint."
             )
         )
     more = [

@@ -219,8 +219,9 @@ def rows_table(
     """The per-tensor table of ``rows`` within ``width``; ``columns`` picks them (all shown); the columns left
     out are named under the table with ``hint`` (how to see them, in the caller's syntax)."""
     shown = rows if max_rows is None else rows[:max_rows]
+    left: list[str] = []
     if columns:
-        cols, left = list(columns), []
+        cols = list(columns)
     else:
         cols, left = table_columns(rows, width=width, trajectory=any("step" in r for r in rows))
         cols = [c for c in cols if c not in _HIDDEN]

@@ -214,8 +214,9 @@ def random_baseline(key: str, meta: Mapping[str, Any], rows: Sequence[Mapping[st
             shape = r.get("shape")
             if measured(r.get(key)) and isinstance(shape, (tuple, list)) and len(shape) >= 2:
                 n = int(shape[-1] if side == "right" else shape[-2])
-                kk = r.get("k_effective") if measured(r.get("k_effective")) else min(float(k), *shape[-2:])
+                ke = r.get("k_effective")
+                kk = float(ke) if isinstance(ke, (int, float)) and measured(ke) else min(float(k), *shape[-2:])
                 if n:
-                    fracs.append(min(float(kk), n) / n)
+                    fracs.append(min(kk, n) / n)
         return sum(fracs) / len(fracs) if fracs else None
     return None
