@@ -54,7 +54,7 @@ def test_several_fine_tunes_write_one_report_each(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     # --summary: one side-by-side table (a column per fine-tune, labelled), each label tied to its path
-    assert f"f = {f}" in text and f"f2 = {f2}" in text
+    assert f"== {f} ==  (f)" in text and f"== {f2} ==  (f2)" in text
     header = next(line for line in text.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "f", "f2"]
     assert text.count("update_sparsity") == 1

@@ -22,7 +22,7 @@ from .errors import WeightgeoError
 from .follow import follow
 from .outputs import check_output_path
 from .render.html import write_html
-from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block, wrap_lines
+from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block
 from .render.words import short_labels
 from .report import Report
 from .trajectory import locking_onset, rank_curve
@@ -417,11 +417,11 @@ def _run(args: argparse.Namespace) -> int:
         reports = {}
         for i, (label, report) in enumerate(zip(labels, compare_many(base, fts, **opts)), start=1):
             if not args.summary:
-                print(f"== {label}: {report.meta['ft']} ==")
+                print(_run_header(label, report))
             out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
             _emit(report, args, out, show=not args.summary)
             reports[label] = report
-        _print_side_by_side(reports, args)
+        _print_side_by_side(reports, args, legend=args.summary)
         _pages(reports, args)
         return 0
     if args.command == "trajectory":
@@ -452,10 +452,18 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
-def _print_side_by_side(reports: dict, args: argparse.Namespace) -> None:
+def _run_header(label: str, report) -> str:
+    src = _source(report)
+    return f"== {src} ==" + ("" if label == src else f"  ({label})")
+
+
+def _print_side_by_side(reports: dict, args: argparse.Namespace, *, legend: bool = True) -> None:
+    """One table of the runs' summaries; ``legend``: first a line per run tying its label to its input."""
     width, _ = _width(args)
-    legend = "side by side: " + "; ".join(f"{lb} = {_source(r)}" for lb, r in reports.items())
-    print("\n".join(wrap_lines([legend], width)))
+    if legend:
+        for lb, r in reports.items():
+            print(_run_header(lb, r))
+    print("side by side:")
     print(side_by_side(reports, width=width, threshold=getattr(args, "threshold", 0.9)))
     for lb, r in reports.items():
         notes = accounting_lines(r, width=width)

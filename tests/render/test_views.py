@@ -98,12 +98,13 @@ def test_tables_fit_120_columns_and_name_what_they_leave_out():
 
 def test_cli_output_fits_the_terminal_and_takes_columns_and_wide(tiny_run, tmp_path, capsys):
     assert _widest(tiny_run.compare_out) <= 120
-    assert "SFT = " in tiny_run.compare_out and "RLVR = " in tiny_run.compare_out
+    assert "==  (SFT)" in tiny_run.compare_out and "==  (RLVR)" in tiny_run.compare_out  # each table's input
     header = next(line for line in tiny_run.compare_out.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "SFT", "RLVR"]  # several fine-tunes in one side-by-side table
     assert main(["report", *map(str, tiny_run.pair_json), "--columns", "60"]) == 0
     out = capsys.readouterr().out
-    assert _widest(out) <= 60 and "sft" in out and "rlvr" in out  # labels from the paths
+    table = out.split("side by side:")[1]  # above it, a line per input: == its path == (its label)
+    assert _widest(table) <= 60 and "sft" in table and "rlvr" in table  # labels from the paths
     assert main(["report", *map(str, tiny_run.pair_json), "--labels", "a-long-label-for-sft", "b", "--wide"]) == 0
     assert "a-long-label-for-sft" in capsys.readouterr().out
     assert main(["report", str(tiny_run.pair_json[0]), "--columns", "10"]) == 2

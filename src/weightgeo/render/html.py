@@ -33,7 +33,7 @@ from ..validation import check_threshold
 from .cells import NOT_MEASURED, fmt, measured, partial_reasons, reason
 from .panels import Panel, final_rows, locking_of, pair_panels, report_kind, step_summary, trajectory_panels
 from .svg import PALETTE, panel_svg
-from .vocabulary import describe, metric_keys, random_baseline
+from .vocabulary import NORM_KEYS, PAIR_PRIMARY, describe, metric_keys, random_baseline
 from .words import takeaways
 
 __all__ = ["report_page", "write_html", "notebook_html", "summary_keys", "figures_html", "STYLE"]
@@ -76,6 +76,8 @@ document.querySelectorAll('input.filter').forEach(function(inp){inp.addEventList
 """
 
 _SUMMARY_SKIP = ("n_tensors", "numel", "max_principal_angle_overall")
+# the headline numbers of the compact notebook view (the page shows them all)
+_NOTEBOOK_KEYS = (*PAIR_PRIMARY, "stable_rank", *NORM_KEYS, "hill_alpha")
 
 
 def summary_keys(summary: Mapping[str, Any]) -> list[str]:
@@ -107,7 +109,7 @@ def _run_dot(i: int) -> str:
 
 # ------------------------------------------------------------------------------------------------------------
 # sections
-def _headline(runs: Mapping[str, Any], kind: str) -> str:
+def _headline(runs: Mapping[str, Any], kind: str, *, only: Sequence[str] | None = None) -> str:
     labels = list(runs)
     rows_html = []
     if kind == "trajectory":
@@ -123,6 +125,8 @@ def _headline(runs: Mapping[str, Any], kind: str) -> str:
     keys = [k for k in metric_keys([{k: 0.0 for k in keys}]) if k in keys]
     if kind == "trajectory":  # Sim_K(t_end, t_end) = 1 by construction: the curves and the 20% heatmap say it
         keys = [k for k in keys if k != "final_subspace_similarity"]
+    if only is not None:
+        keys = [k for k in keys if k in only]
     for key in keys:
         words = describe(key)
         base = [random_baseline(key, rep.meta or {}, rep.rows) for rep in runs.values()]
@@ -483,7 +487,7 @@ def notebook_html(report: Any, *, label: str, max_rows: int = 10) -> str:
         + "<ul class='lead'>"
         + "".join(f"<li>{_e(t)}</li>" for t in takeaways(runs))
         + "</ul>"
-        + _headline(runs, kind).replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+        + _headline(runs, kind, only=_NOTEBOOK_KEYS).replace("<h2>", "<h3>").replace("</h2>", "</h3>")
         + _figures(panels, row=True)
         + _table(runs, kind, "wg-head", max_rows=max_rows)
         + "<p class='sub'>Report.to_html(path) writes the full page; Report.to_pandas() the table.</p></div>"
