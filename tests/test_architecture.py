@@ -29,7 +29,9 @@ LAYERS = [
         "weightgeo.progress",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
-    ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache", "weightgeo.selection"],
+    ["weightgeo.metrics", "weightgeo.cache", "weightgeo.selection"],
+    ["weightgeo.render"],  # how results are shown (tables, grids, panels, SVG, HTML): reads reports, measures nothing
+    ["weightgeo.plot"],  # the same panels painted with matplotlib
     ["weightgeo.report", "weightgeo.options"],
     ["weightgeo.stream"],
     ["weightgeo.engine", "weightgeo.trajectory"],

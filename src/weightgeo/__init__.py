@@ -44,6 +44,7 @@ from .follow import FollowUpdate, follow
 from .linalg.rsvd import randomized_svd
 from .metrics import Localization
 from .metrics.trajectory import LockingOnset
+from .render.html import write_html
 from .report import Report
 from .track import Tracker
 from .trajectory import locking_onset, rank_curve
@@ -73,4 +74,5 @@ __all__ = [
     "update_localization",
     "update_mask",
     "update_sparsity",
+    "write_html",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "PROGRESS",
     "TRACKER_DTYPE",
     "POLL_S",
+    "TEXT_WIDTH",
 ]
 
 #: ``k`` of the pair metrics: the top-k singular subspace compared by the principal angles and overlap, as a
@@ -57,3 +58,5 @@ PROGRESS = False
 TRACKER_DTYPE: torch.dtype | None = None
 #: ``poll_s``: seconds between two scans of a followed run directory
 POLL_S = 10.0
+#: ``width``: the characters a printed table or summary may take (a terminal of 120 columns)
+TEXT_WIDTH = 120
