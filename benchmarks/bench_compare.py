@@ -167,7 +167,7 @@ def main() -> None:
                 tol = 0.02 * ang.sort().values.abs() + 0.005
                 worst_ang = max(worst_ang, float(e.max()))
                 worst_tol = max(worst_tol, float((e / tol).max()))
-                worst_nss = max(worst_nss, abs(float(g.nss / nss) - 1))
+                worst_nss = max(worst_nss, abs(float(g.spectral_drift / nss) - 1))
                 nref += 1
         f64 = sum(t64) / len(t64) * a.layers
         ours, pair = sum(tours), sum(tpair)

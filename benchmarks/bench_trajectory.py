@@ -116,7 +116,7 @@ def main() -> None:
         re_, rs_ = ex.rank_curve().rows, sk.rank_curve().rows
         err = {
             key: [abs(b[key] - a_[key]) / abs(a_[key]) for a_, b in zip(re_, rs_)]
-            for key in ("frobenius_norm", "stable_rank", "spectral_norm", "hill_alpha")
+            for key in ("delta_frobenius", "stable_rank", "spectral_norm", "hill_alpha")
         }
         err["final_subspace_similarity"] = [
             abs(b["final_subspace_similarity"] - a_["final_subspace_similarity"]) for a_, b in zip(re_, rs_)

@@ -19,6 +19,9 @@ readers:
   declares ``quantization_config`` FP8 with ``weight_block_size``; a ``(codes, scales)`` value is stored as
   ``name`` + ``name_scale_inv``.
 - ``assert_same_rows(report, expected)``: the same rows (names, every metric value) in both reports.
+- ``tiny_qwen3_moe(seed)``: a tiny transformers Qwen3-MoE (``MOE_LAYERS`` layers of ``MOE_EXPERTS`` experts,
+  ``MOE_FFN`` wide, hidden ``MOE_HIDDEN``) with fused expert stacks; ``experts_2d(sd)``: each expert of each
+  stack as its own 2-D tensor (the per-expert reference).
 - ``torchrun(script, *, port=None, nproc=2, timeout=300)``: run a script under torchrun (gloo, CPU; a free port
   by default); on a timeout the whole process group is killed, so no worker outlives the test.
 """
@@ -305,3 +308,36 @@ def torchrun(script: Path, *, port: int | None = None, nproc: int = 2, timeout: 
         proc.communicate()
         raise AssertionError(f"{script} did not finish within {timeout} s under torchrun") from None
     assert proc.returncode == 0, err[-4000:]
+
+
+#: the tiny Qwen3-MoE of the MoE tests: layers, experts per layer, expert FFN width, hidden size
+MOE_LAYERS, MOE_EXPERTS, MOE_FFN, MOE_HIDDEN = 2, 3, 8, 16
+
+
+def tiny_qwen3_moe(seed: int):
+    """A tiny transformers Qwen3-MoE (fused expert stacks in memory), bf16, initialised from ``seed``."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=40,
+        hidden_size=MOE_HIDDEN,
+        intermediate_size=24,
+        moe_intermediate_size=MOE_FFN,
+        num_hidden_layers=MOE_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=MOE_EXPERTS,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=32,
+    )
+    with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG: leave it untouched
+        torch.manual_seed(seed)
+        return transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+
+
+def experts_2d(sd: dict) -> dict:
+    """Each expert of each stack as its own 2-D tensor (the per-expert reference)."""
+    return {f"{k}.{j}": v[j] for k, v in sd.items() if ".experts." in k for j in range(v.shape[0])}

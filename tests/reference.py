@@ -60,7 +60,7 @@ def overlap(deg: np.ndarray) -> float:
     return float(np.mean(np.cos(np.radians(deg)) ** 2))
 
 
-def nss(A0: np.ndarray, A1: np.ndarray) -> float:
+def spectral_drift(A0: np.ndarray, A1: np.ndarray) -> float:
     s0 = np.linalg.svd(np.asarray(A0, np.float64), compute_uv=False)
     s1 = np.linalg.svd(np.asarray(A1, np.float64), compute_uv=False)
     return float(np.linalg.norm(s1 - s0) / np.linalg.norm(s0))

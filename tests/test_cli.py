@@ -53,7 +53,11 @@ def test_several_fine_tunes_write_one_report_each(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert f"== {f} ==" in text and f"== {f2} ==" in text
+    # --summary: one side-by-side table (a column per fine-tune, labelled), each label tied to its path
+    assert f"== {f} ==  (f)" in text and f"== {f2} ==  (f2)" in text
+    header = next(line for line in text.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "f", "f2"]
+    assert text.count("update_sparsity") == 1
     reports = [json.loads((tmp_path / f"r-{i}.json").read_text()) for i in (1, 2)]
     assert [r["meta"]["ft"] for r in reports] == [str(f), str(f2)]
     assert all(r["meta"]["shared_base"] for r in reports)
@@ -199,3 +203,35 @@ def test_out_creates_missing_folders_and_refuses_a_directory_before_the_pass(tmp
     assert main(["compare", str(b), str(f), "--no-progress", "--out", str(tmp_path / "d.json")]) == 2
     captured = capsys.readouterr()
     assert "is an existing directory" in captured.err and "summary:" not in captured.out  # refused before computing
+
+
+def test_bad_flags_are_named_as_flags(tmp_path, capsys):
+    """Validation messages spell options the way the interface in use does: --hill-k on the command line."""
+    b, f = _pair(tmp_path)
+    cases = {
+        ("trajectory", str(tmp_path), "--hill-k", "1"): "--hill-k must be an integer ≥ 2",
+        ("compare", str(b), str(f), "--k", "0"): "--k must be an integer ≥ 1",
+        ("compare", str(b), str(f), "--batch-mb", "-1"): "--batch-mb must be an integer ≥ 0",
+        ("compare", str(b), str(f), "--dtype", "int8"): "--dtype int8: give a floating torch dtype",
+        ("compare", str(b), str(f), "--eta", "-1"): "--eta must be a finite relative tolerance",
+        ("trajectory", str(tmp_path), "--follow", "--poll-s", "-1"): "--poll-s -1.0: give a number of seconds",
+        ("cache", "prune", "--cache", str(tmp_path / "c"), "--max-gb", "-1"): "--max-gb -1.0: give a number of GB",
+        ("cache", "prune", "--cache", str(tmp_path / "c"), "--max-gb", "nan"): "--max-gb nan: give a number of GB",
+    }
+    for argv, want in cases.items():
+        assert main([*argv, "--no-progress"] if argv[0] != "cache" else list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert want in err and "Traceback" not in err, (argv, err)
+
+
+def test_dtype_flag_rounds_both_sides(tmp_path, capsys):
+    b, f = _pair(tmp_path)
+    out = tmp_path / "r.json"
+    assert (
+        main(
+            ["compare", str(b), str(f), "--k", "4", "--rank", "2", "--dtype", "float16", "--no-progress"]
+            + ["--out", str(out)]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["meta"]["params"]["dtype"] == "float16"

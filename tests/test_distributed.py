@@ -85,7 +85,7 @@ def test_two_gloo_ranks_give_the_single_process_report(tmp_path):
             elif isinstance(val, float):
                 assert x[key] == pytest.approx(val, rel=1e-5, abs=1e-6), (y["name"], key)
     # Each rank read only its own share, and the shares cover every tensor once.
-    shares = [set(r["tensors"]) for r in dist["meta"]["ranks"]]
+    shares = [set(r["tensors"]) for r in dist["meta"]["processes"]]
     assert len(shares) == 2 and not shares[0] & shares[1]
     assert shares[0] | shares[1] == {r["name"] for r in single.rows}
 
@@ -104,11 +104,11 @@ def test_rank_curve_under_two_ranks_equals_single_process(tmp_path):
     )
     single = weightgeo.rank_curve(tmp_path / "run", include="linear", k=4, hill_k=3)
     assert dist["meta"]["world_size"] == 2
-    shares = [set(r["matrices"]) for r in dist["meta"]["ranks"]]
+    shares = [set(r["matrices"]) for r in dist["meta"]["processes"]]
     assert not shares[0] & shares[1] and shares[0] and shares[1]
     assert [(r["step"], r["name"]) for r in dist["rows"]] == [(r["step"], r["name"]) for r in single.rows]
     for x, y in zip(dist["rows"], single.rows):
-        for key in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity"):
+        for key in ("stable_rank", "delta_frobenius", "spectral_norm", "hill_alpha", "final_subspace_similarity"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (y["name"], key)
 
 

@@ -106,7 +106,7 @@ def test_reports_are_bit_identical_across_two_processes(tmp_path):
         import json, sys, weightgeo
         r = weightgeo.compare({str(b)!r}, {str(f)!r}, k=16, rank=8, progress=False, cache=sys.argv[1] == "on")
         data = json.loads(r.to_json())
-        for key in ("seconds", "ranks", "cache"):
+        for key in ("seconds", "processes", "cache"):
             data["meta"].pop(key)
         sys.stdout.write(json.dumps(data, sort_keys=True))
     """)

@@ -40,7 +40,7 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
         }
         if K == KS[0]:
             res["srank"] = {str(s): [r["stable_rank"] for r in rows if r["step"] == s] for s in steps[1:]}
-            res["fro"] = {str(s): [r["frobenius_norm"] for r in rows if r["step"] == s] for s in steps[1:]}
+            res["fro"] = {str(s): [r["delta_frobenius"] for r in rows if r["step"] == s] for s in steps[1:]}
     rc32 = weightgeo.rank_curve([run_dir / "fp32" / f"checkpoint-{s}" for s in steps], steps=steps, k=1, cache=CACHE)
     att = set(res["matrices"])
     res["srank_fp32"] = {
@@ -54,7 +54,7 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
         by: dict[str, list[float]] = {}
         for r in rc32.rows:
             if r["step"] == s:
-                by.setdefault(_module_type(r["name"]), []).append((r["frobenius_norm"] ** 2, r["numel"]))
+                by.setdefault(_module_type(r["name"]), []).append((r["delta_frobenius"] ** 2, r["numel"]))
         denom = math.sqrt(sum(x * x for x in lrs[:s]))
         res["consistency"][str(s)] = {
             t: {
@@ -106,7 +106,7 @@ def tracker_agreement(tracker, run_dir: Path) -> dict:
     offline = weightgeo.rank_curve(run_dir, include=ATTENTION, k=TRACK_K, cache=CACHE)
     off = {(r["step"], r["name"]): r for r in offline.rows}
     diff = {}
-    for key in ("stable_rank", "frobenius_norm", "spectral_norm", "final_subspace_similarity"):
+    for key in ("stable_rank", "delta_frobenius", "spectral_norm", "final_subspace_similarity"):
         ab = 0.0
         for r in trc.rows:
             o = off.get((r["step"], r["name"]))

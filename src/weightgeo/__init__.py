@@ -8,9 +8,11 @@ Definitions follow "On the Geometry of On-Policy Distillation" (arXiv 2606.07082
 Naming contract (stated once, used everywhere):
 
 - ``*_overlap`` / ``*_similarity`` lie in [0, 1]; higher means more aligned.
-- ``*_angles`` are in degrees, ascending.
+- ``*_angle`` / ``*_angles`` are in degrees (a vector ascending).
 - ``*_sparsity`` is the fraction of entries unchanged.
-- The same keyword names everywhere: ``k``, ``eta``, ``device``, ``dtype``, ``seed``.
+- ``delta_*`` is a property of the update ΔW where the same word of W0 exists (``delta_spectral_gap``).
+- One name per quantity in every row; the same keyword names everywhere (``k``, ``eta``, ``device``,
+  ``dtype``, ``seed``), one meaning each: the glossary, :mod:`weightgeo.metrics.catalog` (docs/metrics.md).
 
 Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) in, a :class:`Report` out
 (:mod:`weightgeo.api`). Layers, one way: docs/architecture.md.
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (``python -m weightg
     from .linalg.rsvd import randomized_svd
     from .metrics import Localization
     from .metrics.trajectory import LockingOnset
+    from .render.html import write_html
     from .report import Report
     from .track import Tracker
     from .trajectory import locking_onset, rank_curve
@@ -77,6 +80,7 @@ _HOMES = {
     "Localization": ".metrics",
     "LockingOnset": ".metrics.trajectory",
     "Report": ".report",
+    "write_html": ".render.html",
     "Tracker": ".track",
     "locking_onset": ".trajectory",
     "rank_curve": ".trajectory",
@@ -123,4 +127,5 @@ __all__ = [
     "update_localization",
     "update_mask",
     "update_sparsity",
+    "write_html",
 ]

@@ -5,7 +5,8 @@ computes the number) or two checkpoint sources (local folders or files, hub ids,
 ``nn.Module``, :class:`~weightgeo.checkpoint.Checkpoint`, a LoRA adapter folder as ``ft``): then
 :func:`weightgeo.compare` streams both checkpoints and the verb returns its :class:`~weightgeo.report.Report`,
 one row per analysed tensor, restricted to that verb's metric. The checkpoint-only keywords (``include``,
-``exclude``, ``device``, ``batch_bytes``, ``progress``, ``cache``) are those of :func:`~weightgeo.compare`.
+``exclude``, ``device``, ``batch_bytes``, ``progress``, ``cache``) are those of :func:`~weightgeo.compare`;
+``dtype`` applies to both forms (``None``: the stored formats; a floating dtype: both sides rounded to it first).
 
 Degenerate cases agree between the two forms: a matrix of numerical rank 0 gives a NaN ``principal_overlap``
 in both, and where :func:`principal_angles` of two tensors raises (no subspace), its report row has an empty
@@ -30,16 +31,20 @@ import torch
 
 from . import metrics
 from .cache import ResultCache
-from .checkpoint import compile_filter, open_checkpoint
+from .checkpoint import open_checkpoint
+from .defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SEED, SIDE, STREAM_K
 from .engine import compare, plan_pair
 from .errors import WeightgeoError
 from .linalg.policy import compute_dtype, same_compute_dtype
 from .metrics import trajectory as trajectory_kernels
 from .metrics.localization import Localization
 from .metrics.sparsity import fp8_update_mask, unchanged_mask
+from .options import PairOptions, StreamOptions
 from .report import Report, summarize_rows
-from .trajectory import rank_curve
-from .validation import check_eta, check_finite, check_pair, is_tensor_like
+from .selection import tensor_uid
+from .stream import open_stream
+from .trajectory import stream_report
+from .validation import as_tensor, check_dtype, check_finite, check_pair, is_tensor_like
 
 __all__ = [
     "update_sparsity",
@@ -55,11 +60,20 @@ __all__ = [
 
 Filter = str | Sequence[str] | None
 Device = str | torch.device | None
+Dtype = torch.dtype | str | None
 Cache = bool | str | os.PathLike[str] | ResultCache | None
 
 
 def _tensors(*xs: Any) -> bool:
     return all(is_tensor_like(x) for x in xs)
+
+
+def _rounded(dtype: Dtype, *xs: Any) -> tuple[Any, ...]:
+    """Tensors rounded to ``dtype`` (as given when ``None``): the tensor form of every verb's ``dtype=``."""
+    d = check_dtype(dtype)
+    if d is None:
+        return xs
+    return tuple(as_tensor(x, name).to(d) for x, name in zip(xs, ("base", "ft")))
 
 
 def _no_checkpoint_options(verb: str, **given: Any) -> None:
@@ -79,24 +93,27 @@ def _dispatch(
     *,
     include: Filter,
     exclude: Filter,
+    dtype: Dtype,
     device: Device,
     batch_bytes: int | None,
     progress: bool,
     cache: Cache,
     **params: Any,
 ) -> Any:
-    """``tensor_fn(base, ft, **params)`` for two tensors; else the Report of ``compare`` restricted to ``verb``."""
+    """``tensor_fn(base, ft, **params)`` for two tensors (rounded to ``dtype`` first); else the Report of
+    ``compare`` restricted to ``verb``."""
     if _tensors(base, ft):
         _no_checkpoint_options(
             verb, include=include, exclude=exclude, device=device, batch_bytes=batch_bytes, cache=cache
         )
-        return tensor_fn(base, ft, **params)
+        return tensor_fn(*_rounded(dtype, base, ft), **params)
     return compare(
         base,
         ft,
         metrics=[verb],
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -109,12 +126,13 @@ def update_sparsity(
     base: Any,
     ft: Any,
     *,
-    eta: float = 1e-3,
+    eta: float = ETA,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
     batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> float | Report:
     """Fraction of entries unchanged under the bf16 rule (paper §3.1, App. C.3; PNT Def. 2.2).
@@ -124,7 +142,8 @@ def update_sparsity(
 
     Args:
         base, ft: two tensors of one shape, or two checkpoint sources (module docstring).
-        eta: relative tolerance η (default 1e-3).
+        eta: relative tolerance η (default 1e-3, ``weightgeo.defaults.ETA``).
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
             :func:`~weightgeo.compare`.
 
@@ -140,6 +159,7 @@ def update_sparsity(
         ft,
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -152,13 +172,14 @@ def principal_angles(
     base: Any,
     ft: Any,
     *,
-    k: int = 512,
-    side: str = "right",
+    k: int | float = PAIR_K,
+    side: str = SIDE,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
     batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> torch.Tensor | Report:
     """Principal angles (degrees, ascending) between the top-k singular subspaces of W0 and W+ (§1.2).
@@ -171,6 +192,7 @@ def principal_angles(
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
         k, side: subspace dimension (default 512, capped per matrix at its effective k) and side ("right" = V,
             the input side; "left" = U).
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
             :func:`~weightgeo.compare`.
 
@@ -187,6 +209,7 @@ def principal_angles(
         ft,
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -200,13 +223,14 @@ def principal_overlap(
     base: Any,
     ft: Any,
     *,
-    k: int = 512,
-    side: str = "right",
+    k: int | float = PAIR_K,
+    side: str = SIDE,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
     batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> float | Report:
     """Mean cos² of the principal angles between the top-k singular subspaces (§1.2; = Sim_k of §2).
@@ -217,6 +241,7 @@ def principal_overlap(
     Args:
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
         k, side: as :func:`principal_angles`.
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
             :func:`~weightgeo.compare`.
 
@@ -232,6 +257,7 @@ def principal_overlap(
         ft,
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -247,9 +273,10 @@ def spectral_drift(
     *,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
     batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> float | Report:
     """Normalized spectral shift ``‖σ(W+) − σ(W0)‖₂ / ‖σ(W0)‖₂`` over all singular values (§1.3).
@@ -259,6 +286,7 @@ def spectral_drift(
 
     Args:
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
             :func:`~weightgeo.compare`.
 
@@ -273,6 +301,7 @@ def spectral_drift(
         ft,
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -286,9 +315,10 @@ def stable_rank(
     *,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
     batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> float | Report:
     """Stable rank ``‖Δ‖_F² / ‖Δ‖₂²`` of an update (notes §2): of ``delta``, or of ``ft − base``.
@@ -302,6 +332,7 @@ def stable_rank(
         delta: the update Δ [out, in] (one argument), or the base W0 when ``ft`` is given: a tensor (then Δ =
             ``ft − base`` in the compute dtype, exact for bf16 pairs) or a checkpoint source.
         ft: W+ (a tensor or a checkpoint source), or ``None``.
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
             :func:`~weightgeo.compare`.
 
@@ -318,7 +349,7 @@ def stable_rank(
         _no_checkpoint_options(
             "stable_rank", include=include, exclude=exclude, device=device, batch_bytes=batch_bytes, cache=cache
         )
-        return metrics.stable_rank(delta)
+        return metrics.stable_rank(*_rounded(dtype, delta))
     return _dispatch(
         "stable_rank",
         _stable_rank_of_pair,
@@ -326,6 +357,7 @@ def stable_rank(
         ft,
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -344,14 +376,15 @@ def update_localization(
     base: Any,
     ft: Any,
     *,
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    rank: int | float = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
     batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> Localization | Report:
     """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
@@ -363,6 +396,7 @@ def update_localization(
     Args:
         base, ft: two [out, in] tensors, or two checkpoint sources (module docstring).
         rank, alpha, eta: reconstruction rank r, mask fraction α and bf16 tolerance η.
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude, device, batch_bytes, progress, cache: for checkpoint sources, as
             :func:`~weightgeo.compare`.
 
@@ -378,6 +412,7 @@ def update_localization(
         ft,
         include=include,
         exclude=exclude,
+        dtype=dtype,
         device=device,
         batch_bytes=batch_bytes,
         progress=progress,
@@ -389,7 +424,7 @@ def update_localization(
 
 
 def update_mask(
-    base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None
+    base: Any, ft: Any, *, eta: float = ETA, dtype: Dtype = None, include: Filter = None, exclude: Filter = None
 ) -> torch.Tensor | UpdateMasks:
     """Mask of visibly updated entries under the bf16 rule (True = updated), paper §3.1 / PNT Def. 2.1.
 
@@ -401,7 +436,8 @@ def update_mask(
 
     Args:
         base, ft: two tensors of one shape, or two checkpoint sources (module docstring).
-        eta: relative tolerance η (default 1e-3).
+        eta: relative tolerance η (default 1e-3, ``weightgeo.defaults.ETA``).
+        dtype: ``None`` (default): the stored formats; a floating dtype: both sides rounded to it first.
         include, exclude: for checkpoint sources, which tensors (as :func:`~weightgeo.compare`).
 
     Returns:
@@ -411,8 +447,8 @@ def update_mask(
     """
     if _tensors(base, ft):
         _no_checkpoint_options("update_mask", include=include, exclude=exclude)
-        return metrics.update_mask(base, ft, eta=eta)
-    return UpdateMasks(base, ft, eta=eta, include=include, exclude=exclude)
+        return metrics.update_mask(*_rounded(dtype, base, ft), eta=eta)
+    return UpdateMasks(base, ft, eta=eta, dtype=dtype, include=include, exclude=exclude)
 
 
 class UpdateMasks(Mapping[str, torch.Tensor]):
@@ -421,22 +457,38 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
     Keys are the canonical names of the floating tensors both hold (in checkpoint order), as in
     :func:`~weightgeo.compare`'s rows; a vocabulary matrix that gained rows (added tokens) gets the mask of the
     rows both share. A weight both store as scaled FP8 gets the FP8 update rule's mask (stored codes and
-    scales, docs/checkpoints.md); ``skipped`` lists what gets none. Close it (or use it as a context manager)
-    to release the files.
+    scales, docs/checkpoints.md) unless ``dtype`` rounds both sides first; ``skipped`` lists what gets none.
+    Close it (or use it as a context manager) to release the files.
     """
 
-    def __init__(self, base: Any, ft: Any, *, eta: float = 1e-3, include: Filter = None, exclude: Filter = None):
-        self.eta = check_eta(eta)
+    def __init__(
+        self,
+        base: Any,
+        ft: Any,
+        *,
+        eta: float = ETA,
+        dtype: Dtype = None,
+        include: Filter = None,
+        exclude: Filter = None,
+    ) -> None:
+        self.options = PairOptions.create(
+            metrics="update_sparsity", eta=eta, dtype=dtype, include=include, exclude=exclude
+        )
         self._b = open_checkpoint(base)
         self._f = open_checkpoint(ft, base=self._b)
         try:
             self.plan = plan_pair(
-                self._b, self._f, compile_filter(include, exclude), elementwise=True, svd=False, experts=False
+                self._b, self._f, self.options.selector(experts=False), fp8=self.options.dtype is None
             )  # a stack's mask is its whole [E, out, in]
         except BaseException:
             self.close()
             raise
         self._jobs = {job.key: job for job in self.plan.jobs}
+
+    @property
+    def eta(self) -> float:
+        """The bf16 rule's relative tolerance η."""
+        return self.options.eta
 
     @property
     def skipped(self) -> list[dict[str, str]]:
@@ -452,8 +504,8 @@ class UpdateMasks(Mapping[str, torch.Tensor]):
             return fp8_update_mask(
                 a.codes, a.scales, b.codes, b.scales, a.block, block1=b.block, eta=self.eta, rows=a.rows, name=name
             )
-        w0 = self._b.get_rows(job.base_name, 0, job.rows)
-        w1 = self._f.get_rows(job.ft_name, 0, job.rows)
+        w0 = self.options.round(self._b.get_rows(job.base_name, 0, job.rows))
+        w1 = self.options.round(self._f.get_rows(job.ft_name, 0, job.rows))
         check_finite(w0, f"{name}: base")
         check_finite(w1, f"{name}: ft")
         return ~unchanged_mask(w0, w1, self.eta, name=name)
@@ -483,14 +535,15 @@ def subspace_similarity(
     delta_a: Any,
     delta_b: Any,
     *,
-    k: int = 16,
-    side: str = "right",
-    seed: int = 0,
+    k: int = STREAM_K,
+    side: str = SIDE,
+    seed: int = SEED,
     base: Any = None,
     include: Filter = None,
     exclude: Filter = None,
+    dtype: Dtype = None,
     device: Device = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     cache: Cache = None,
 ) -> float | Report:
     """Sim_K = ‖V_K(a)ᵀ V_K(b)‖_F² / K between the top-``k`` singular subspaces of two updates (paper §4).
@@ -506,17 +559,20 @@ def subspace_similarity(
         k: subspace size K (default 16, the paper's). side: "right" (V, input side) or, for tensors, "left".
         seed: seeds the randomized SVD of large matrices (results are verified, see
             :mod:`weightgeo.metrics.trajectory`).
+        dtype: ``None`` (default): the stored formats; a floating dtype: the inputs rounded to it first (for
+            checkpoints, W0 and each W before ΔW is formed).
         base, include, exclude, device, progress, cache: for checkpoint sources, as :func:`~weightgeo.rank_curve`.
 
     Returns:
         tensors: a float in [0, 1] (1 = same subspace). checkpoints: a :class:`~weightgeo.report.Report` with
-        ``subspace_similarity`` per matrix (NaN where either update is zero).
+        ``subspace_similarity`` per matrix (and per expert of an expert stack; NaN where either update is zero).
     """
     if _tensors(delta_a, delta_b):
         _no_checkpoint_options(
             "subspace_similarity", base=base, include=include, exclude=exclude, device=device, cache=cache
         )
-        return trajectory_kernels.subspace_similarity(delta_a, delta_b, k=k, side=side, seed=seed)
+        a, b = _rounded(dtype, delta_a, delta_b)
+        return trajectory_kernels.subspace_similarity(a, b, k=k, side=side, seed=seed)
     if base is None:
         raise WeightgeoError(
             "subspace_similarity of two checkpoints compares their updates from a base: pass "
@@ -527,37 +583,37 @@ def subspace_similarity(
             f"subspace_similarity(side={side!r}) of checkpoints: only side='right' (the input "
             f"side, the paper's) is computed from checkpoints; pass tensors for side='left'"
         )
-    curve = rank_curve(
-        [delta_a, delta_b],
-        base=base,
-        steps=[1, 2],
-        include=include,
-        exclude=exclude,
-        hill_k=2,
-        k=k,
-        device=device,
-        seed=seed,
-        progress=progress,
-        cache=cache,
+    # hill_k=2: the fewest singular values the pass keeps; Sim_K needs the top-K vectors only
+    options = StreamOptions.create(
+        include=include, exclude=exclude, k=k, hill_k=2, seed=seed, dtype=dtype, device=device, progress=progress
     )
+    curve = stream_report(open_stream([delta_a, delta_b], base=base, steps=[1, 2]), options, cache=cache)
     sims = curve.meta["similarity"]
-    first = {}
+    first: dict[str, dict[str, Any]] = {}
     for row in curve.rows:
-        first.setdefault(row["name"], row)
+        first.setdefault(tensor_uid(row["name"], row.get("expert")), row)
+    keys = ("name", "expert", "shape", "numel", "module", "layer")
     rows = [
-        {key: first[name][key] for key in ("name", "shape", "numel", "module", "layer")}
-        | {"subspace_similarity": sims[name][1]}
-        for name in sims
-        if name in first
+        {key: first[uid][key] for key in keys if key in first[uid]} | _similarity(first[uid], sims[uid][1])
+        for uid in sims
+        if uid in first
     ]
     meta = {
         **{key: v for key, v in curve.meta.items() if key not in ("similarity", "steps", "base_step")},
         "kind": "subspace_similarity",
         "a": _source(delta_a),
         "b": _source(delta_b),
-        "params": {"k": k, "side": side, "seed": seed},
+        "params": {**options.params(), "side": side},
     }
     return Report(rows=rows, summary=summarize_rows(rows), meta=meta)
+
+
+def _similarity(row: dict[str, Any], sim: float) -> dict[str, Any]:
+    """A subspace_similarity row's value: Sim_K, or null with the reason where K reaches the smaller side."""
+    why = (row.get("not_measurable") or {}).get("final_subspace_similarity")
+    if why is None:
+        return {"subspace_similarity": sim}
+    return {"subspace_similarity": None, "not_measurable": {"subspace_similarity": why}}
 
 
 def _source(x: Any) -> str:

@@ -1,5 +1,5 @@
-"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR [--follow]`` and
-``weightgeo cache info|prune``.
+"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR [--follow]``,
+``weightgeo report R1.json [R2.json ...] --out PAGE.html`` and ``weightgeo cache info|prune``.
 
 Bad input exits with status 2 and the error message on stderr; results go to stdout (and ``--out``, whose
 missing parent folders are created, and said so on stderr). Ctrl-C exits with status 130; in follow mode the
@@ -9,20 +9,38 @@ report and figure written so far stay whole (every rewrite is atomic).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, RANK, SIDE, STREAM_K, TEXT_WIDTH, THRESHOLD
 from .errors import WeightgeoError
+from .interrupts import answer_interrupts, say_interrupted
 from .outputs import check_output_path
 
-# The checkpoint readers, the engine and the trajectories (and so torch) are imported by the commands that use
-# them, not here: ``weightgeo --help`` starts in a tenth of a second instead of the seconds torch takes.
+if TYPE_CHECKING:
+    from .metrics.trajectory import LockingOnset
+    from .report import Report
+
+# The checkpoint readers, the engine, the trajectories and the renderers (and so torch) are imported by the
+# functions that use them, not here: ``weightgeo --help`` then starts without torch.
 
 __all__ = ["main"]
+
+
+def size(text: str) -> int | float:
+    """A ``--k`` / ``--rank`` value: ``512`` (a count) or ``0.125`` (a fraction of each matrix's smaller side);
+    checked with the options."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
@@ -33,7 +51,14 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         help="analyse only tensors whose name matches (repeatable); presets: attention, mlp, linear, experts, router",
     )
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches (repeatable)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", default=None, help="cpu (default: where the checkpoints are read) or cuda[:N]")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        metavar="NAME",
+        help="round both sides to this float format first (bfloat16, float16, float32, ...); "
+        "default: compare in the stored formats",
+    )
     p.add_argument(
         "--config",
         default=None,
@@ -49,6 +74,14 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are created",
     )
     p.add_argument("--summary", action="store_true", help="print only the model summary, not the per-tensor table")
+    _add_display(p)
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write one self-contained HTML page (heatmaps, curves, the sortable table; opens offline)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -60,6 +93,28 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "checkpoints on disk are reused and a killed run resumes",
     )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
+
+
+def _add_display(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="N|NAME",
+        help="--columns N fits tables to N terminal columns (default 120); --columns NAME [NAME ...] shows "
+        "these columns of the per-tensor table",
+    )
+    p.add_argument("--wide", action="store_true", help="print every column at full width, whatever the width")
+
+
+def _add_labels(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help=f"short names of the {what} in tables, figures and pages, in order (default: their last path parts)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,9 +140,9 @@ def _trajectory_description() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weightgeo", description="The geometry of fine-tuning in parameter space.")
+    parser = _Parser(prog="weightgeo", description="The geometry of fine-tuning in parameter space.")
     parser.add_argument("--version", action="version", version=f"weightgeo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser(
         "compare",
@@ -109,11 +164,30 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)",
     )
-    c.add_argument("--k", type=int, default=512, help="top-k subspace size for principal angles (default 512)")
-    c.add_argument("--side", choices=("right", "left"), default="right", help="singular subspace side (default right)")
-    c.add_argument("--rank", type=int, default=64, help="localization reconstruction rank (default 64)")
-    c.add_argument("--alpha", type=float, default=0.5, help="localization mask fraction (default 0.5)")
-    c.add_argument("--eta", type=float, default=1e-3, help="bf16 relative tolerance (default 1e-3)")
+    c.add_argument(
+        "--k",
+        type=size,
+        default=PAIR_K,
+        help=f"top-k subspace size for principal angles: a count, or a fraction in (0, 1) of each matrix's smaller "
+        f"side (default {PAIR_K}: an eighth, the paper's 512 of 4096)",
+    )
+    c.add_argument("--side", choices=("right", "left"), default=SIDE, help=f"singular subspace side (default {SIDE})")
+    c.add_argument(
+        "--rank",
+        type=size,
+        default=RANK,
+        help=f"localization reconstruction rank: a count or a fraction of the smaller side (default {RANK})",
+    )
+    c.add_argument("--alpha", type=float, default=ALPHA, help=f"localization mask fraction (default {ALPHA})")
+    c.add_argument("--eta", type=float, default=ETA, help=f"bf16 relative tolerance (default {ETA:g})")
+    c.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="draw the figures: layer x module heatmaps and localization bars (several FTs side by side)",
+    )
+    _add_labels(c, "fine-tunes")
     c.add_argument(
         "--batch-mb",
         type=int,
@@ -127,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "trajectory",
         help="rank curves and subspace locking over a checkpoint stream",
-        description=_trajectory_description,  # type: ignore[arg-type]  # a function: _Parser calls it for --help
+        description=_trajectory_description,  # type: ignore[arg-type]  # _Parser calls it when help is shown
     )
     t.add_argument("run_dir", help="run directory of checkpoint folders")
     t.add_argument("--base", default=None, help="initial model (default: the first complete checkpoint)")
@@ -146,9 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--poll-s",
         type=float,
-        default=10.0,
+        default=POLL_S,
         metavar="S",
-        help="--follow: seconds between scans of RUN_DIR (default 10)",
+        help=f"--follow: seconds between scans of RUN_DIR (default {POLL_S:g})",
     )
     t.add_argument(
         "--idle-s",
@@ -157,16 +231,47 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="--follow: stop after S seconds without a new complete checkpoint (default: never)",
     )
-    t.add_argument("--k", type=int, default=16, help="subspace size K for Sim_K (default 16)")
-    t.add_argument("--threshold", type=float, default=0.9, help="locking threshold on Sim_K (default 0.9)")
-    t.add_argument("--hill-k", type=int, default=10, help="top singular values for the Hill index (default 10)")
-    t.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the trajectory figures")
+    t.add_argument("--k", type=int, default=STREAM_K, help=f"subspace size K for Sim_K (default {STREAM_K})")
+    t.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help=f"locking threshold on Sim_K (default {THRESHOLD})"
+    )
+    t.add_argument(
+        "--hill-k", type=int, default=HILL_K, help=f"top singular values for the Hill index (default {HILL_K})"
+    )
+    t.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="draw the trajectory figures: stable rank, ||dW||_F, Hill index and Sim_K with the locking onset",
+    )
+    _add_labels(t, "run")
     _add_filters(t)
+    _add_report_parser(sub)
     _add_cache_parser(sub)
     return parser
 
 
-def _add_cache_parser(sub) -> None:
+def _add_report_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "report",
+        help="put saved reports side by side in one HTML page",
+        description="Read reports written with --out R.json (compare or trajectory) and write one self-contained "
+        "HTML page with them side by side (shared colour scales, the runs' labels in every figure); "
+        "print their summaries in one table.",
+    )
+    r.add_argument("reports", nargs="+", type=Path, metavar="R.json", help="saved reports (Report.to_json)")
+    _add_labels(r, "reports")
+    r.add_argument("--out", type=Path, default=None, metavar="PAGE.html", help="the HTML page to write")
+    r.add_argument("--title", default=None, help="the page title (default: the labels)")
+    r.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help=f"locking threshold on Sim_K (default {THRESHOLD})"
+    )
+    r.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw the figures into an image")
+    _add_display(r)
+
+
+def _add_cache_parser(sub: Any) -> None:
     k = sub.add_parser(
         "cache",
         help="show or prune the result cache",
@@ -188,14 +293,14 @@ def _add_cache_parser(sub) -> None:
         type=float,
         default=None,
         metavar="DAYS",
-        help="prune: remove entries not used for this many days",
+        help="prune: remove entries not used for this many days (inf: no age limit)",
     )
     k.add_argument(
         "--max-gb",
         type=float,
         default=None,
         metavar="X",
-        help="prune: then remove the least recently used entries until at most X GB remain",
+        help="prune: then remove the least recently used entries until at most X GB remain (inf: no size limit)",
     )
     k.add_argument(
         "--keep-other-versions", action="store_true", help="prune: keep entries written by other weightgeo versions"
@@ -205,6 +310,7 @@ def _add_cache_parser(sub) -> None:
 
 def _cache_command(args: argparse.Namespace) -> int:
     from .cache import ResultCache, default_cache_dir, resolve_cache
+    from .validation import check_amount
 
     if args.cache is not None:
         cache = resolve_cache(args.cache)
@@ -214,16 +320,23 @@ def _cache_command(args: argparse.Namespace) -> int:
     if args.action == "info":
         print(cache.info())
         return 0
-    for flag, v in (("--older-than", args.older_than), ("--max-gb", args.max_gb)):
-        if v is not None and not v >= 0:
-            raise WeightgeoError(f"{flag} {v}: give a number ≥ 0")
+    # inf is "no limit" (as leaving the flag out); a finite amount too large for the machine is no limit either
+    days = None if args.older_than is None else check_amount(args.older_than, "older_than", unit="days", finite=False)
+    gb = None if args.max_gb is None else check_amount(args.max_gb, "max_gb", unit="GB", finite=False)
+    seconds = None if days is None or not math.isfinite(days * 86400.0) else days * 86400.0
+    max_bytes = None if gb is None or not math.isfinite(gb * 1e9) else int(gb * 1e9)
     result = cache.prune(
-        older_than=None if args.older_than is None else args.older_than * 86400.0,
-        max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9),
-        other_versions=not args.keep_other_versions,
-        dry_run=args.dry_run,
+        older_than=seconds, max_bytes=max_bytes, other_versions=not args.keep_other_versions, dry_run=args.dry_run
     )
     print(f"weightgeo cache at {cache.root}: {result}")
+    if not result.ok:
+        print(
+            f"weightgeo: error: the cache at {cache.root} could not be pruned as asked ("
+            + "; ".join(result.errors)
+            + "): make it writable by you (e.g. chmod -R u+w on it), or run as its owner",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -235,12 +348,68 @@ def _filters(values: list[str] | None) -> str | list[str] | None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse a bad --out / --plot before the analysis runs, not after."""
+    from .validation import check_report_path
+
+    if args.command == "report":
+        if args.out is not None:
+            _check_html(args.out, "--out")
+        if args.plot is not None:
+            check_output_path(args.plot, what="--plot")
+        return
     if getattr(args, "out", None) is not None:
-        if args.out.suffix.lower() not in (".json", ".csv"):
-            raise WeightgeoError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .json or .csv path")
+        check_report_path(args.out)
         check_output_path(args.out)
     if getattr(args, "plot", None) is not None:
         check_output_path(args.plot, what="--plot")
+    if getattr(args, "html", None) is not None:
+        _check_html(args.html, "--html")
+
+
+def _check_html(path: Path, flag: str) -> None:
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise WeightgeoError(f"{flag} {path}: an HTML page needs a .html path, e.g. {path.with_suffix('.html')}")
+    check_output_path(path, what=f"{flag} page")
+
+
+def _width(args: argparse.Namespace) -> tuple[int | None, list[str] | None]:
+    """(table width, chosen columns) from --wide and --columns N | NAME ..."""
+    cols = getattr(args, "columns", None)
+    if getattr(args, "wide", False):
+        return None, (cols if cols and not (len(cols) == 1 and cols[0].isdigit()) else None)
+    if cols and len(cols) == 1 and cols[0].isdigit():
+        n = int(cols[0])
+        if n < 40:
+            raise WeightgeoError(f"--columns {n}: tables need at least 40 columns; give e.g. --columns 80 or --wide")
+        return n, None
+    return TEXT_WIDTH, cols or None
+
+
+def _labels(args: argparse.Namespace, sources: list[str]) -> list[str]:
+    from .render.words import short_labels
+
+    labels = getattr(args, "labels", None)
+    if labels is None:
+        return short_labels([str(x) for x in sources])
+    if len(labels) != len(sources):
+        raise WeightgeoError(
+            f"--labels: {len(labels)} label(s) for {len(sources)} input(s); give one per input, in order"
+        )
+    if len(set(labels)) != len(labels):
+        raise WeightgeoError(f"--labels {' '.join(labels)}: labels must differ")
+    return list(labels)
+
+
+def _print_report(report, args: argparse.Namespace) -> None:
+    from .render.text import rows_table, summary_block
+
+    width, cols = _width(args)
+    if not args.summary:
+        print(rows_table(report.rows, columns=cols, width=width, hint=_CLI_HINT))
+        print()
+    print(summary_block(report, width=width, hint=_CLI_HINT))
+
+
+_CLI_HINT = "--wide shows all, --columns NAME ... picks"
 
 
 def _created(path: Path) -> str:
@@ -252,33 +421,35 @@ def _created(path: Path) -> str:
     return missing
 
 
-def _emit(report, args: argparse.Namespace, out: Path | None = None) -> None:
-    print(report.summary_text() if args.summary else str(report))
+def _emit(report: Report, args: argparse.Namespace, out: Path | None = None, *, show: bool = True) -> None:
+    from .validation import check_report_path
+
+    if show:
+        _print_report(report, args)
     out = args.out if out is None else out
     if out is not None:
-        suffix = out.suffix.lower()
-        created = _created(out)
-        if suffix == ".csv":
-            report.to_csv(out)
-        elif suffix == ".json":
-            report.to_json(out)
-        else:
-            raise WeightgeoError(f"--out {out}: unknown format {suffix!r}; use a .json or .csv path")
+        created = _created(check_report_path(out))
+        _write(report, out)
         if created:
             print(f"created folder {created}", file=sys.stderr)
         print(f"wrote {out}", file=sys.stderr)
 
 
-def _cache_arg(args: argparse.Namespace):
+def _write(report: Report, out: Path) -> None:
+    """``--out``: the report as CSV (rows) or JSON (rows, summary, meta), by the suffix (checked before the pass)."""
+    (report.to_csv if out.suffix.lower() == ".csv" else report.to_json)(out)
+
+
+def _cache_arg(args: argparse.Namespace) -> Any:
     return False if args.no_cache else args.cache
 
 
 def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[Any, list[Any]]:
     """With ``--config``, the checkpoints opened with it (``open_checkpoint(config=)``); else the paths as given."""
-    if config is None:
-        return base, list(fts)
     from .checkpoint import open_checkpoint
 
+    if config is None:
+        return base, list(fts)
     b = open_checkpoint(base, config=config)
     try:
         return b, [open_checkpoint(ft, base=b, config=config) for ft in fts]
@@ -288,12 +459,14 @@ def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[An
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .engine import compare, compare_many
+    from .trajectory import rank_curve
+    from .validation import check_int
+
     if args.command == "cache":
         return _cache_command(args)
     _check_outputs(args)
     if args.command == "compare":
-        from .engine import compare, compare_many
-
         opts = dict(
             metrics=args.metrics,
             include=_filters(args.include),
@@ -303,20 +476,29 @@ def _run(args: argparse.Namespace) -> int:
             rank=args.rank,
             alpha=args.alpha,
             eta=args.eta,
+            dtype=args.dtype,
             device=args.device,
-            batch_bytes=None if args.batch_mb is None else max(0, args.batch_mb) << 20,
+            batch_bytes=None if args.batch_mb is None else check_int(args.batch_mb, "batch_mb", minimum=0) << 20,
             progress=not args.no_progress,
             cache=_cache_arg(args),
         )
+        labels = _labels(args, list(args.ft))
         base, fts = _open_with_config(args.base, args.ft, args.config)
         if len(fts) == 1:
-            _emit(compare(base, fts[0], **opts), args)
+            report = compare(base, fts[0], **opts)
+            _emit(report, args)
+            _pages({labels[0]: report}, args)
             return 0
         # Several fine-tunes: one report each, in order; --out PATH becomes PATH-1.json, PATH-2.json, ...
-        for i, report in enumerate(compare_many(base, fts, **opts), start=1):
-            print(f"== {report.meta['ft']} ==")
+        reports = {}
+        for i, (label, report) in enumerate(zip(labels, compare_many(base, fts, **opts)), start=1):
+            if not args.summary:
+                print(_run_header(label, report))
             out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
-            _emit(report, args, out)
+            _emit(report, args, out, show=not args.summary)
+            reports[label] = report
+        _print_side_by_side(reports, args, legend=args.summary)
+        _pages(reports, args)
         return 0
     if args.command == "trajectory":
         opts = dict(
@@ -325,6 +507,7 @@ def _run(args: argparse.Namespace) -> int:
             exclude=_filters(args.exclude),
             hill_k=args.hill_k,
             k=args.k,
+            dtype=args.dtype,
             device=args.device,
             strict=args.strict,
             cache=_cache_arg(args),
@@ -335,18 +518,80 @@ def _run(args: argparse.Namespace) -> int:
         for flag, v in (("--until", args.until), ("--idle-s", args.idle_s)):
             if v is not None:
                 raise WeightgeoError(f"{flag} applies to --follow only")
-        from .trajectory import rank_curve
-
         report = rank_curve(args.run_dir, progress=not args.no_progress, **opts)
         onset = _with_onset(report, args)
         _emit(report, args)
         print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
-        _plot(report, onset, args)
+        _pages({_labels(args, [args.run_dir])[0]: report}, args)
         return 0
+    if args.command == "report":
+        return _report_command(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
-def _with_onset(report, args: argparse.Namespace):
+def _run_header(label: str, report: Report) -> str:
+    src = _source(report)
+    return f"== {src} ==" + ("" if label == src else f"  ({label})")
+
+
+def _print_side_by_side(reports: dict[str, Report], args: argparse.Namespace, *, legend: bool = True) -> None:
+    """One table of the runs' summaries; ``legend``: first a line per run tying its label to its input."""
+    from .render.text import accounting_lines, side_by_side
+
+    width, _ = _width(args)
+    if legend:
+        for lb, r in reports.items():
+            print(_run_header(lb, r))
+    print("side by side:")
+    print(side_by_side(reports, width=width, threshold=getattr(args, "threshold", THRESHOLD)))
+    for lb, r in reports.items():
+        notes = accounting_lines(r, width=width)
+        if notes:
+            print(f"{lb}:")
+            print("\n".join("  " + n for n in notes))
+
+
+def _source(report: Report) -> str:
+    return str(report.meta.get("ft") or report.meta.get("stream") or report.meta.get("source") or "?")
+
+
+def _pages(reports: dict[str, Report], args: argparse.Namespace, *, quiet: bool = False) -> None:
+    """--html and --plot of one run or several side by side (written atomically)."""
+    from .render.html import write_html
+
+    threshold = getattr(args, "threshold", THRESHOLD)
+    html = getattr(args, "html", None) if args.command != "report" else args.out
+    if html is not None:
+        created = _created(html)
+        write_html(reports, html, title=getattr(args, "title", None), threshold=threshold)
+        if not quiet:
+            if created:
+                print(f"created folder {created}", file=sys.stderr)
+            print(f"wrote {html}", file=sys.stderr)
+    if args.plot is not None:
+        from .plot import plot_runs
+
+        plot_runs(reports, args.plot, threshold=threshold)
+        if not quiet:
+            print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import Report
+
+    if not 0 < args.threshold <= 1:
+        raise WeightgeoError(f"--threshold {args.threshold}: give a number in (0, 1]")
+    reports = [Report.from_json(p) for p in args.reports]
+    labels = _labels(args, [_source(r) for r in reports])
+    runs = dict(zip(labels, reports))
+    _print_side_by_side(runs, args)
+    if args.out is None and args.plot is None:
+        print("(give --out PAGE.html to write the page, --plot FIG.png for the figures)", file=sys.stderr)
+    _pages(runs, args)
+    return 0
+
+
+def _with_onset(report: Report, args: argparse.Namespace) -> LockingOnset:
     from .trajectory import locking_onset
 
     onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
@@ -355,24 +600,15 @@ def _with_onset(report, args: argparse.Namespace):
     return onset
 
 
-def _plot(report, onset, args: argparse.Namespace, *, quiet: bool = False) -> None:
-    if args.plot is None:
-        return
-    from .plot import plot_trajectories
-
-    name = Path(args.run_dir).name
-    plot_trajectories({name: report}, args.plot, locking={name: onset})  # written atomically
-    if not quiet:
-        print(f"wrote {args.plot}", file=sys.stderr)
-
-
-def _follow(args: argparse.Namespace, opts: dict) -> int:
+def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     """--follow: one line per new step; --out and --plot rewritten (atomically) after each."""
     from .follow import follow
+    from .validation import check_amount
 
     opts.pop("strict")
-    if args.poll_s < 0 or (args.idle_s is not None and args.idle_s < 0):
-        raise WeightgeoError("--poll-s and --idle-s take seconds ≥ 0")
+    check_amount(args.poll_s, "poll_s", unit="seconds")
+    if args.idle_s is not None:
+        check_amount(args.idle_s, "idle_s", unit="seconds", finite=False)
     print(
         f"following {args.run_dir} (every {args.poll_s:g} s"
         + (f", until step {args.until}" if args.until is not None else "")
@@ -380,7 +616,8 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
         + "; Ctrl-C to stop)",
         flush=True,
     )
-    last = None
+    last: tuple[Any, LockingOnset] | None = None
+    _FOLLOWED.clear()
     try:
         for update in follow(
             args.run_dir,
@@ -398,12 +635,13 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
             nan = float("nan")
             # outputs first: once a step's line is printed, --out and --plot hold it (Ctrl-C keeps them whole)
             if args.out is not None:
-                (report.to_csv if args.out.suffix.lower() == ".csv" else report.to_json)(args.out)
-            _plot(report, onset, args, quiet=True)
+                _write(report, args.out)
+            _pages({_labels(args, [args.run_dir])[0]: report}, args, quiet=True)
             last = (update, onset)
+            _FOLLOWED[:] = [update.step]
             print(
                 f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
-                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('frobenius_norm', nan):.4g}; "
+                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('delta_frobenius', nan):.4g}; "
                 f"{len(report.summary['steps'])} step(s), "
                 f"locking onset {onset.step}; {c.get('spectra_computed', 0)} spectra computed, "
                 f"{c.get('spectra_reused', 0)} reused"
@@ -411,37 +649,83 @@ def _follow(args: argparse.Namespace, opts: dict) -> int:
                 flush=True,
             )
     except KeyboardInterrupt:
-        done = f"the report up to step {last[0].step}" if last else "nothing yet"
-        where = " in " + ", ".join(str(p) for p in (args.out, args.plot) if p is not None) if last else ""
-        print(f"weightgeo: interrupted; {done}{where} (written whole)", file=sys.stderr)
+        say_interrupted(_interrupted(args))
         return 130
     if last is None:
         print(f"no complete checkpoint to analyse in {args.run_dir}", file=sys.stderr)
         return 0
     update, onset = last
-    print(update.report.summary_text() if args.summary else str(update.report))
+    _print_report(update.report, args)
     print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
-    for p in (args.out, args.plot):
+    for p in (args.out, args.plot, args.html):
         if p is not None:
             print(f"wrote {p}", file=sys.stderr)
     return 0
 
 
+#: the steps a --follow run has written out so far (what the interrupt message says is kept)
+_FOLLOWED: list[int] = []
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the outputs written whole (--follow), or none; and what a re-run does (the cache)."""
+    if getattr(args, "follow", False):
+        outs = [str(p) for p in (args.out, args.plot, getattr(args, "html", None)) if p is not None]
+        kept = (
+            f"the report up to step {_FOLLOWED[-1]}" + (f" in {', '.join(outs)}" if outs else "") + " (written whole)"
+        )
+        done = kept if _FOLLOWED else "nothing written yet"
+    else:
+        done = "no report was written"
+    if getattr(args, "no_cache", False):
+        return f"{done}; no result cache was used (--no-cache), so a re-run starts over"
+    try:
+        from .cache import resolve_cache
+
+        cache = resolve_cache(args.cache) if args.cache is not None else resolve_cache(None)
+    except WeightgeoError:
+        cache = None
+    if cache is None:
+        return f"{done}; the result cache is off (WEIGHTGEO_CACHE), so a re-run starts over"
+    return (
+        f"{done}; what was finished is kept in the result cache at {cache.root}: re-run the same command to resume "
+        f"from there"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``weightgeo`` console script; returns the exit status."""
+    """Entry point of the ``weightgeo`` console script; returns the exit status. Ctrl-C exits with 130 within a
+    second or two wherever it lands (:mod:`weightgeo.interrupts`)."""
+    from .validation import cli_syntax
+
     args = _parser().parse_args(argv)
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        return _run(args)
+        # messages name options as flags (--hill-k 1), not as keywords (hill_k=1)
+        with cli_syntax(), answer_interrupts(lambda: _interrupted(args)):
+            return _run(args)
     except WeightgeoError as e:
         print(f"weightgeo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("weightgeo: interrupted; no partial output was written", file=sys.stderr)
+        say_interrupted(_interrupted(args))
         return 130
     finally:
         warnings.showwarning = shown
+
+
+def console() -> None:
+    """The ``weightgeo`` console script and ``python -m weightgeo``: :func:`main`, then exit with its status. After
+    Ctrl-C the process ends at once (its outputs are whole, its messages flushed): finalising the interpreter (the
+    garbage collection of torch's objects) can take seconds, and the user asked to stop."""
+    status = main()
+    if status == 130:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -450,4 +734,4 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

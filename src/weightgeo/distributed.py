@@ -26,14 +26,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job: ``rank`` of ``size``; ``size == 1`` means no communication."""
+    """This process's place in the job: ``process_rank`` of ``size``; ``size == 1`` means no communication.
+    (``process_rank``, not ``rank``: in weightgeo ``rank`` is the localization's reconstruction rank.)"""
 
-    rank: int = 0
+    process_rank: int = 0
     size: int = 1
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.process_rank == 0
 
     def gather(self, item: Any) -> list[Any]:
         """Every rank's ``item`` (any picklable object), in rank order, on every rank."""

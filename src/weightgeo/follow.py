@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,13 @@ from typing import Any
 import torch
 
 from .checkpoint.completeness import step_of
+from .defaults import HILL_K, POLL_S, PROGRESS, SEED, STREAM_K
 from .errors import WeightgeoError
+from .options import Filter, StreamOptions
 from .report import Report
-from .stream import CheckpointStream, base_folder_step, run_checkpoints, strict_error
+from .stream import CheckpointStream, RunCheckpoints, base_folder_step, run_checkpoints, strict_error
 from .trajectory import CacheArg, stream_report, warn_skipped
-from .validation import check_int
+from .validation import check_amount, check_int, check_run_dir
 
 __all__ = ["follow", "FollowUpdate"]
 
@@ -69,19 +71,20 @@ def follow(
     run_dir: str | os.PathLike[str],
     *,
     base: Any = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    hill_k: int = 10,
-    k: int = 16,
+    include: Filter = None,
+    exclude: Filter = None,
+    hill_k: int = HILL_K,
+    k: int = STREAM_K,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     until: int | None = None,
-    poll_s: float = 10.0,
+    poll_s: float = POLL_S,
     idle_s: float | None = None,
     strict: bool = False,
     cache: CacheArg = None,
     config: Any = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
 ) -> Iterator[FollowUpdate]:
     """Analyse a run's checkpoints as they become complete: one :class:`FollowUpdate` per new step.
 
@@ -96,7 +99,8 @@ def follow(
         run_dir: the run directory (``checkpoint-N``, ``global_step_N``, ``global_stepN``, ``iter_N``,
             ``step-N`` folders). It may hold no checkpoint yet.
         base: the initial model W0; default: the first complete checkpoint (it gets no row).
-        include, exclude, hill_k, k, device, seed, cache, config, progress: as :func:`~weightgeo.rank_curve`.
+        include, exclude, hill_k, k, dtype, device, seed, cache, config, progress: as
+            :func:`~weightgeo.rank_curve`.
         until: the last step to analyse (default: no end).
         poll_s: seconds between scans of the run directory (default 10).
         idle_s: stop after this many seconds without a new complete checkpoint (default: never; ``0`` = analyse
@@ -112,17 +116,17 @@ def follow(
         WeightgeoError: ``run_dir`` is missing or a file, bad options, and what :func:`~weightgeo.rank_curve`
             raises for the checkpoints themselves.
     """
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise WeightgeoError(
-            f"follow: run directory {root} does not exist or is not a directory; pass the folder "
-            f"the trainer writes its checkpoint folders into"
-        )
+    root = check_run_dir(
+        run_dir, what="follow: run directory", fix="pass the folder the trainer writes its checkpoint folders into"
+    )
+    options = StreamOptions.create(
+        include=include, exclude=exclude, hill_k=hill_k, k=k, dtype=dtype, device=device, seed=seed, progress=progress
+    )
     if until is not None:
         until = check_int(until, "until", minimum=0)
-    for name, value in (("poll_s", poll_s), ("idle_s", idle_s)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
-            raise WeightgeoError(f"follow: {name}={value!r} must be a number of seconds ≥ 0")
+    poll_s = check_amount(poll_s, "poll_s", unit="seconds")
+    if idle_s is not None:
+        idle_s = check_amount(idle_s, "idle_s", unit="seconds", finite=False)  # inf: never stop, as None
     memo: dict[str, Any] = {}
     done: set[int] = set()
     warned: set[tuple[str, str]] = set()
@@ -141,27 +145,14 @@ def follow(
         for step in new:
             included = sorted(t for t in done | {step} if t in complete)
             sources = [complete[t] for t in included]
-            s = (
-                CheckpointStream.of(sources, included, base=separate, origin=str(root), skipped=skipped)
-                if separate is not None
-                else CheckpointStream.of(
+            if separate is not None:
+                s = CheckpointStream.of(sources, included, base=separate, origin=str(root), skipped=skipped)
+            else:
+                assert base_step is not None  # a new step implies a complete checkpoint, the first being the base
+                s = CheckpointStream.of(
                     [complete[base_step], *sources], [base_step, *included], origin=str(root), skipped=skipped
                 )
-            )
-            report = stream_report(
-                s,
-                include=include,
-                exclude=exclude,
-                hill_k=hill_k,
-                k=k,
-                device=device,
-                seed=seed,
-                progress=progress,
-                cache=cache,
-                config=config,
-                memo=memo,
-                warn=False,
-            )
+            report = stream_report(s, options, cache=cache, config=config, memo=memo, warn=False)
             updates += 1
             report.meta["follow"] = {
                 "update": updates,
@@ -183,7 +174,7 @@ def follow(
         time.sleep(poll_s)
 
 
-def _scan(root: Path):
+def _scan(root: Path) -> RunCheckpoints | None:
     """The run's checkpoints, or ``None`` while it holds no checkpoint folder yet (the trainer has not saved)."""
     try:
         if not any(step_of(p.name)[0] is not None and p.is_dir() for p in root.iterdir()):

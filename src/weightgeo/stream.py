@@ -22,24 +22,26 @@ matrix by matrix, so memory holds one base matrix plus one batch of updates, nev
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, align, compile_filter, open_checkpoint
+from .checkpoint import Checkpoint, align, open_checkpoint
 from .checkpoint.completeness import CheckpointStatus, checkpoint_status, scan_run, step_of
 from .checkpoint.hf import TRAINER_STATE
-from .checkpoint.names import is_expert_stack
 from .checkpoint.registry import is_checkpoint_folder
 from .checkpoint.runs import NAMINGS_TEXT
 from .checkpoint.view import read_expert
 from .errors import WeightgeoError
-from .validation import check_finite
+from .jsonfile import read_json
+from .linalg.policy import compared_format
+from .options import StreamOptions
+from .selection import ByUid, Selector
+from .validation import check_finite, check_increasing, check_run_dir, check_steps
 
 __all__ = [
     "CheckpointStream",
@@ -171,13 +173,13 @@ def open_stream(
         if steps is None:
             named = [_step_from_path(s) for s in sources]
             if all(n is not None for n in named):
-                found_steps = [int(n) for n in named]  # type: ignore[arg-type]
-                _check_order(found_steps, "the checkpoint folder names", sources)
+                found_steps = [n for n in named if n is not None]
+                check_increasing(found_steps, "the checkpoint folder names", sources)
             else:
                 start = 1 if base is not None else 0
                 found_steps = list(range(start, start + len(sources)))
         else:
-            found_steps = _validate_steps(steps, len(sources))
+            found_steps = check_steps(steps, len(sources))
         kept, kept_steps, skipped = _complete_sources(sources, found_steps, strict=strict)
         for src, n in zip(kept, kept_steps):
             if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
@@ -209,17 +211,12 @@ def run_checkpoints(root: str | os.PathLike[str], *, strict: bool = False) -> Ru
         WeightgeoError: ``root`` is missing or a file, holds no checkpoint folder, holds two complete folders of
             one step (``checkpoint-10`` and ``checkpoint-010``), or (``strict``) an incomplete checkpoint.
     """
-    root = Path(root)
-    if not root.exists():
-        raise WeightgeoError(
-            f"stream directory {root} does not exist; pass the run directory that holds the "
-            f"checkpoint folders ({NAMINGS_TEXT})"
-        )
-    if not root.is_dir():
-        raise WeightgeoError(
-            f"stream {root} is a file, not a directory of checkpoint folders; for a list of "
-            f"checkpoints pass a sequence of sources with steps="
-        )
+    root = check_run_dir(
+        root,
+        what="stream directory",
+        fix=f"pass the run directory that holds the checkpoint folders ({NAMINGS_TEXT}), or a list of checkpoints "
+        f"with steps=",
+    )
     scan = scan_run(root)
     if not scan.checkpoints:
         others = sorted(c.name for c in root.iterdir())
@@ -280,11 +277,11 @@ def skipped_checkpoint(status: CheckpointStatus, state: str) -> dict[str, Any]:
     }
 
 
-def strict_error(path: Any, reason: str, *, step: int | None = None) -> WeightgeoError:
+def strict_error(path: Any, reason: str | None, *, step: int | None = None) -> WeightgeoError:
     """The error of ``strict=True`` (CLI ``--strict``) on a checkpoint that is not completely written."""
     at = "" if step is None else f" (step {step})"
     return WeightgeoError(
-        f"{path}{at} is not completely written ({reason}); strict=True (--strict) fails on it: "
+        f"{path}{at} is not completely written ({reason or 'incomplete'}); strict=True (--strict) fails on it: "
         f"wait for the save to finish, remove the folder, or drop strict to leave it out"
     )
 
@@ -338,32 +335,6 @@ def _finish(
     return CheckpointStream(tuple(sources), tuple(steps), base, None, origin, skipped)
 
 
-def _validate_steps(steps: Sequence[int], n: int) -> list[int]:
-    out = []
-    for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int) and not (hasattr(s, "__index__")):
-            raise WeightgeoError(f"steps must be integers, got {s!r} ({type(s).__name__})")
-        out.append(int(s))
-    if len(out) != n:
-        raise WeightgeoError(f"steps has {len(out)} entries for {n} checkpoints; give one step per checkpoint")
-    _check_order(out, "steps", None)
-    return out
-
-
-def _check_order(steps: list[int], what: str, sources: list[Any] | None) -> None:
-    seen: dict[int, int] = {}
-    for i, s in enumerate(steps):
-        if s in seen:
-            where = "" if sources is None else f" ({sources[seen[s]]!s} and {sources[i]!s})"
-            raise WeightgeoError(f"duplicate step {s} in {what}{where}; every checkpoint needs its own step")
-        seen[s] = i
-    for a, b in zip(steps, steps[1:]):
-        if b < a:
-            raise WeightgeoError(
-                f"{what} are not increasing ({a} then {b}): {steps}; pass the checkpoints in training order"
-            )
-
-
 def _step_from_path(source: Any) -> int | None:
     if isinstance(source, (str, os.PathLike)):
         step, _, temporary = step_of(Path(source).name)
@@ -373,23 +344,26 @@ def _step_from_path(source: Any) -> int | None:
 
 
 def _check_trainer_state(folder: Path, step: int) -> None:
+    """A checkpoint's ``trainer_state.json``, when there is one, must agree with the step of its folder."""
     state = folder / TRAINER_STATE
     if not state.is_file():
         return
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightgeoError(f"{state}: not readable JSON ({e}); fix or delete the file") from e
+    fix = f"fix or delete {state} (weightgeo reads only its global_step; the weights do not need it)"
+    data = read_json(state, what=TRAINER_STATE, fix=fix)
     gs = data.get("global_step") if isinstance(data, dict) else None
-    if gs is not None and int(gs) != step:
+    if gs is None:
+        return
+    if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not float(gs).is_integer():
+        raise WeightgeoError(f"{state}: global_step is {gs!r}, not a whole number of steps; {fix}")
+    if int(gs) != step:
         raise WeightgeoError(
-            f"{state}: global_step is {gs} but the checkpoint is at step {step} (from its folder "
+            f"{state}: global_step is {int(gs)} but the checkpoint is at step {step} (from its folder "
             f"name or steps=); rename the folder or pass steps= explicitly"
         )
 
 
 @dataclass(frozen=True)
-class MatrixPlan:
+class MatrixPlan(ByUid):
     """One matrix followed along the stream: its key and stored name in the base and in each checkpoint.
 
     For expert ``expert`` of an [E, out, in] expert stack, ``shape`` is the expert's [out, in] and the names are
@@ -400,11 +374,6 @@ class MatrixPlan:
     base_name: str
     names: tuple[str, ...]
     expert: int | None = None
-
-    @property
-    def uid(self) -> str:
-        """Unique in the plan: the key, with ``[j]`` for expert j of a stack (as the pair engine's rows)."""
-        return self.key if self.expert is None else f"{self.key}[{self.expert}]"
 
 
 @dataclass
@@ -421,19 +390,20 @@ class StreamReader:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     unmatched: dict[str, list[str]] = field(default_factory=dict)
 
+    filtered_out: int = 0
+
     @classmethod
-    def open(
-        cls, stream: CheckpointStream, *, include: Any = None, exclude: Any = None, config: Any = None
-    ) -> StreamReader:
-        """Open the base and every checkpoint (headers only) and plan the matrices to follow. ``config``: the
+    def open(cls, stream: CheckpointStream, select: Selector | None = None, *, config: Any = None) -> StreamReader:
+        """Open the base and every checkpoint (headers only) and plan the matrices to follow (``select``: which,
+        default :meth:`StreamOptions.selector() <weightgeo.options.StreamOptions.selector>`). ``config``: the
         model's HF config for native checkpoints whose name mapping needs architecture numbers."""
-        keep = compile_filter(include, exclude)
+        select = StreamOptions().selector() if select is None else select
         base = open_checkpoint(stream.base, config=config)
         cks: list[Checkpoint] = []
         try:
             for src in stream.sources:
                 cks.append(open_checkpoint(src, base=base, config=config))
-            plan, skipped, unmatched = _plan(base, cks, stream.steps, keep, explicit=include is not None)
+            plan, skipped, unmatched, filtered = _plan(base, cks, stream.steps, select)
         except BaseException:
             for c in [base, *cks]:
                 c.close()
@@ -443,10 +413,10 @@ class StreamReader:
                 c.close()
             raise WeightgeoError(
                 f"{stream.origin}: no matrix to follow ({len(base)} tensors in the base {base.source}; "
-                f"{len(skipped)} skipped, e.g. {skipped[:3]}); widen include=/exclude= (default: every 2-D "
-                f"floating tensor present in all checkpoints)"
+                f"{filtered} left out by include/exclude, {len(skipped)} skipped, e.g. {skipped[:3]}); widen "
+                f"include=/exclude= (default: every 2-D floating tensor and expert stack present in all checkpoints)"
             )
-        return cls(stream, base, cks, plan, skipped, unmatched)
+        return cls(stream, base, cks, plan, skipped, unmatched, filtered)
 
     def updates(
         self,
@@ -455,20 +425,34 @@ class StreamReader:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         only: Sequence[int] | None = None,
+        rounding: torch.dtype | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(step, ΔW_t)`` for one matrix, reading the base tensor once and each checkpoint's once.
 
         ΔW_t = W_t − W0 is formed in ``dtype`` (float32 by default: the difference of two bf16 values is exact
-        in float32) on ``device``. ``only``: the indices (into the stream's steps) to read; default all.
+        in float32) on ``device``, from W0 and W_t as stored, or rounded to ``rounding`` first (the options'
+        ``dtype``). Without ``rounding``, a W_t stored in a float format that neither holds nor is held by W0's
+        (fp16 and bf16) is compared by the pair rule: both rounded to the coarser
+        (:func:`~weightgeo.linalg.policy.compared_format`). ``only``: the indices (into the stream's steps) to
+        read; default all.
         """
         picks = range(len(self.checkpoints)) if only is None else sorted(set(only))
         if not picks:
             return
-        w0 = _read(self.base, entry.base_name, entry.expert).to(device=device, dtype=dtype)
+
+        def read(ck: Checkpoint, name: str, to: torch.dtype | None) -> torch.Tensor:
+            w = _read(ck, name, entry.expert)
+            w = w if to is None or w.dtype == to else w.to(to)
+            return w.to(device=device, dtype=dtype)
+
+        stored0 = self.base.info(entry.base_name).dtype
+        w0 = read(self.base, entry.base_name, rounding)
         for i in picks:
             step, ck, name = self.stream.steps[i], self.checkpoints[i], entry.names[i]
-            wt = _read(ck, name, entry.expert).to(device=device, dtype=dtype)
-            d = wt - w0
+            rule = None if rounding is not None else compared_format(stored0, ck.info(name).dtype)
+            to = rule[0] if rule is not None and rule[1] else rounding
+            wt = read(ck, name, to)
+            d = wt - (w0 if to is None or to == rounding else w0.to(to).to(dtype))
             del wt
             check_finite(d, f"{entry.uid} at step {step} ({ck.source}): W_t − W0")
             yield step, d
@@ -490,9 +474,11 @@ def _read(ck: Checkpoint, name: str, expert: int | None) -> torch.Tensor:
 
 
 def _plan(
-    base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], keep: Callable[..., bool], *, explicit: bool
-) -> tuple[list[MatrixPlan], list[dict[str, Any]], dict[str, list[str]]]:
-    """Which matrices to follow, from headers alone. A key must be present in the base and every checkpoint."""
+    base: Checkpoint, cks: list[Checkpoint], steps: Sequence[int], select: Selector
+) -> tuple[list[MatrixPlan], list[dict[str, Any]], dict[str, list[str]], int]:
+    """Which matrices to follow, from headers alone (:meth:`Selector.choose <weightgeo.selection.Selector.choose>`
+    on the base's shape and dtype and each checkpoint's dtype): the plan, the tensors skipped with reasons, the
+    unmatched names and how many the filter left out. A key must be present in the base and every checkpoint."""
     per_ck = []
     only_base: set[str] = set()
     only_ft: set[str] = set()
@@ -509,25 +495,19 @@ def _plan(
             only_base.add(m[k].base_name)
     plan: list[MatrixPlan] = []
     skipped: list[dict[str, Any]] = []
+    filtered = 0
     for key in sorted(keys):
         pairs = [m[key] for m in per_ck]
         bi = base.info(pairs[0].base_name)
-        if not keep(key, bi.shape):
+        infos = [ck.info(p.ft_name) for ck, p in zip(cks, pairs)]
+        ft_dtype = next((i.dtype for i in infos if not i.dtype.is_floating_point), infos[0].dtype)
+        choice = select.choose(key, bi.shape, bi.dtype, ft_dtype)
+        filtered += choice.filtered
+        if choice.analyse is None:
+            if choice.skipped is not None:
+                skipped.append({"name": key, "reason": choice.skipped})
             continue
-        stack = is_expert_stack(key, bi.shape)
-        if len(bi.shape) != 2 and not stack:
-            if explicit or len(bi.shape) > 2:  # 1-D norms and biases are not followed by default; ≥3-D is news
-                what = " that is not an expert stack [E, out, in]" if len(bi.shape) > 2 else ""
-                skipped.append(
-                    {"name": key, "reason": f"{len(bi.shape)}-D tensor{what}: trajectory metrics need a matrix"}
-                )
-            continue
-        if not bi.dtype.is_floating_point:
-            skipped.append({"name": key, "reason": f"non-floating dtype {bi.dtype}"})
-            continue
-        bad = [
-            (s, ck.info(p.ft_name).shape) for s, ck, p in zip(steps, cks, pairs) if ck.info(p.ft_name).shape != bi.shape
-        ]
+        bad = [(s, i.shape) for s, i in zip(steps, infos) if i.shape != bi.shape]
         if bad:
             skipped.append(
                 {
@@ -536,15 +516,12 @@ def _plan(
                 }
             )
             continue
-        if min(bi.shape) == 0:
-            skipped.append({"name": key, "reason": "empty matrix"})
-            continue
         names = tuple(p.ft_name for p in pairs)
-        if stack:  # E matrices [out, in], each followed (and read) on its own, as the pair engine does
+        if choice.analyse == "experts":  # E matrices [out, in], each followed (and read) on its own, as pairs
             plan.extend(
                 MatrixPlan(key, (bi.shape[1], bi.shape[2]), pairs[0].base_name, names, expert=j)
-                for j in range(bi.shape[0])
+                for j in range(choice.experts)
             )
         else:
             plan.append(MatrixPlan(key, (bi.shape[0], bi.shape[1]), pairs[0].base_name, names))
-    return plan, skipped, {"only_base": sorted(only_base), "only_ft": sorted(only_ft)}
+    return plan, skipped, {"only_base": sorted(only_base), "only_ft": sorted(only_ft)}, filtered

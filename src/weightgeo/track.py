@@ -16,16 +16,21 @@ checkpoints the run would have saved.
 ...     with torch.no_grad():
 ...         _ = lin.weight.add_(0.05 * u)
 ...     logs = tr.update(lin.named_parameters(), step)
->>> round(logs["weightgeo/sim2_to_prev/mean"], 4), logs["weightgeo/n_matrices"]
+>>> round(logs["weightgeo/previous_subspace_similarity/mean"], 4), logs["weightgeo/n_matrices"]
 (1.0, 1.0)
 >>> tr.locking_onset(threshold=0.9).step
 1
 
+What is tracked: every 2-D floating weight that passes ``include``/``exclude``, and each expert of an expert
+stack [E, out, in] (its rows carry ``expert``), as :func:`~weightgeo.rank_curve` follows them in checkpoints
+(:class:`~weightgeo.selection.Selector`); everything else is listed in :attr:`Tracker.skipped` with the reason.
+
 Modes (memory per tracked [m, n] matrix; K = ``k``, r = max(k, hill_k)):
 
-* ``"exact"``: a copy of W0 in ``dtype`` (bf16: 2·m·n bytes, on ``base_device``, CPU by default). Each update
-  forms ΔW_t = round(W_t) − W0 exactly, where round() is the cast to ``dtype``: with the default bf16 the
-  tracker sees exactly the update a bf16 checkpoint of W_t would show.
+* ``"exact"``: a copy of W0 in ``dtype`` (each parameter's own by default: 4·m·n bytes for fp32, 2·m·n for bf16,
+  on ``base_device``, CPU by default). Each update forms ΔW_t = round(W_t) − W0 exactly, where round() is the
+  cast to ``dtype``: by default none, so the tracker sees the update the run's checkpoints show (a trainer saves
+  the parameters as they are); ``dtype=torch.bfloat16`` sees what a bf16 checkpoint of fp32 masters would.
 * ``"sketch"``: single-pass two-sided sketches of W0 (Tropp, Yurtsever, Udell & Cevher 2017), float64:
   Y0 = W0·Ω ([m, s]) and Z0 = Ψ·W0 ([l, n]) with seeded Gaussian Ω, Ψ regenerated on demand, s = 2r + 1,
   l = 2s + 1: 8·(m·s + l·n) bytes. The update is linear, so Y_t − Y0 = ΔW_t·Ω and Z_t − Z0 = Ψ·ΔW_t.
@@ -54,36 +59,44 @@ from typing import Any
 
 import torch
 
-from .checkpoint import canonical_name, compile_filter
-from .devices import resolve_device
+from .checkpoint import canonical_name
+from .defaults import HILL_K, SEED, STREAM_K, THRESHOLD, TRACKER_DTYPE
 from .errors import WeightgeoError
+from .jsonfile import loads
 from .means import nanmean
-from .metrics.trajectory import UPDATE_BATCH_BYTES, Spectrum, build_locking, matrix_seed, subspace_sim, update_spectra
+from .metrics.catalog import TRACKER_OUTPUTS, TRACKER_PREFIX
+from .metrics.trajectory import (
+    UPDATE_BATCH_BYTES,
+    LockingOnset,
+    Spectrum,
+    build_locking,
+    matrix_seed,
+    subspace_sim,
+    update_spectra,
+)
+from .options import Filter, StreamOptions
 from .outputs import atomic_output
 from .report import Report
+from .selection import ByUid, tensor_uid
 from .trajectory import assemble, spectrum_row, trajectory_summary
-from .validation import check_finite, check_int, check_k
+from .validation import check_choice, check_finite, check_int, check_next_step
 
 __all__ = ["Tracker"]
 
-_PREFIX = "weightgeo"
-_MODES = ("exact", "sketch")
-_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-_FORMAT = 1
+_PREFIX = TRACKER_PREFIX
+_MODES = {"exact": "a copy of W0 in dtype", "sketch": "random sketches of W0"}
+_FORMAT = 2  # 2: expert stacks tracked per expert (matrices carry the expert); files of format 1 still load
 
 
 @dataclass(frozen=True)
-class _Matrix:
+class _Matrix(ByUid):
+    """One tracked matrix: a 2-D parameter, or expert ``expert`` of the stack parameter ``name``."""
+
     key: str
     name: str
     shape: tuple[int, int]
     seed: int
-
-
-def _key(name: str) -> str:
-    for w in _WRAPPERS:
-        name = name.replace(w, "")
-    return canonical_name(name)
+    expert: int | None = None
 
 
 class Tracker:
@@ -91,16 +104,20 @@ class Tracker:
 
     Args:
         model: the model at the start of training (W0): an ``nn.Module``, a ``Mapping[str, Tensor]`` or an
-            iterable of ``(name, tensor)`` pairs. Only 2-D floating parameters with ``requires_grad`` (for
-            ``nn.Parameter``) that pass ``include``/``exclude`` are tracked.
+            iterable of ``(name, tensor)`` pairs. The 2-D floating parameters and expert stacks (per expert) with
+            ``requires_grad`` (for ``nn.Parameter``) that pass ``include``/``exclude`` are tracked; the other
+            tensors are listed in :attr:`skipped` with the reason.
         every: track steps that are multiples of ``every``; ``update`` returns ``{}`` on the others.
         k: subspace size K for V_K and Sim_K (default 16, the paper's).
-        include, exclude: regexes or presets (``"attention"``, ``"mlp"``, ``"linear"``); default all 2-D weights.
+        include, exclude: regexes or presets (``"attention"``, ``"mlp"``, ``"linear"``, ``"experts"``, ...);
+            default all 2-D weights and expert stacks.
         mode: ``"exact"`` (a ``dtype`` copy of W0) or ``"sketch"`` (float64 sketches, see the module doc).
-        device: where the linear algebra runs; default: where each parameter lives.
+        device: where the linear algebra runs; ``None``: where the data is, each parameter's own device.
         hill_k: top singular values in the Hill estimator (default 10).
-        dtype: W0 and W_t are rounded to this before subtracting (default bf16: the update a bf16 checkpoint
-            shows); ``None`` keeps each parameter's dtype.
+        dtype: W0 and W_t are rounded to this before subtracting. Default ``None``: each parameter's own dtype,
+            the format a trainer's checkpoints hold (``save_pretrained`` writes the parameters as they are), so the
+            live numbers equal :func:`~weightgeo.rank_curve` of the run's checkpoints; a loop that saves in another
+            format passes it (``torch.bfloat16`` for bf16 checkpoints of fp32 masters).
         seed: seeds every random test matrix (per matrix, stable across processes).
         sketch_rank: s, the sketch's range size (default 2·max(k, hill_k) + 1); l = 2s + 1.
         base_device: where the W0 copy / sketches are kept (default CPU).
@@ -112,77 +129,101 @@ class Tracker:
         model: Any,
         *,
         every: int = 1,
-        k: int = 16,
-        include: Any = None,
-        exclude: Any = None,
+        k: int = STREAM_K,
+        include: Filter = None,
+        exclude: Filter = None,
         mode: str = "exact",
         device: str | torch.device | None = None,
-        hill_k: int = 10,
-        dtype: torch.dtype | None = torch.bfloat16,
-        seed: int = 0,
+        hill_k: int = HILL_K,
+        dtype: torch.dtype | str | None = TRACKER_DTYPE,
+        seed: int = SEED,
         sketch_rank: int | None = None,
         base_device: str | torch.device = "cpu",
         gather: bool = False,
     ) -> None:
-        if mode not in _MODES:
-            raise WeightgeoError(f"mode={mode!r}; use 'exact' (a bf16 copy of W0) or 'sketch' (random sketches)")
+        self.mode = check_choice(mode, "mode", _MODES)
+        self.options = StreamOptions.create(
+            include=include, exclude=exclude, k=k, hill_k=hill_k, dtype=dtype, device=device, seed=seed
+        )
         self.every = check_int(every, "every", minimum=1)
-        self.k = check_k(k)
-        self.hill_k = check_int(hill_k, "hill_k", minimum=2)
-        self.mode = mode
-        self.dtype = dtype
-        self.seed = int(seed)
         self.gather = bool(gather)
-        self.include, self.exclude = include, exclude
-        r = max(self.k, self.hill_k)
+        r = self.options.r
         self.sketch_rank = (
             check_int(sketch_rank, "sketch_rank", minimum=r + 1) if sketch_rank is not None else 2 * r + 1
         )
-        self.device = None if device is None else resolve_device(device)
         self.base_device = torch.device(base_device)
         self.skipped: list[dict[str, Any]] = []
+        self.filtered_out = 0
         self.steps: list[int] = []
         self._records: dict[str, dict[int, Spectrum]] = {}
-        self._matrices: dict[str, _Matrix] = {}
-        self._base: dict[str, torch.Tensor] = {}  # exact: W0 copy; sketch: Y0 and Z0 under key+"/y", key+"/z"
-        keep = compile_filter(include, exclude)
+        self._matrices: dict[str, _Matrix] = {}  # by uid: a 2-D parameter's key, or ``key[j]`` for expert j
+        self._base: dict[str, torch.Tensor] = {}  # exact: W0 copy; sketch: Y0 and Z0 under uid+"/y", uid+"/z"
+        select = self.options.selector()
+        names: dict[str, str] = {}
         for name, p in _named_tensors(model):
-            key = _key(name)
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point() or _full_shape(p) is None:
+            key = canonical_name(name)
+            if not isinstance(p, torch.Tensor):
+                self.skipped.append({"name": key, "reason": f"not a tensor ({type(p).__name__})"})
                 continue
-            shape = _full_shape(p)
-            if len(shape) != 2 or not keep(key, shape):
-                if len(shape) > 2 and keep(key, shape):  # e.g. fused MoE experts: say so, never drop silently
-                    self.skipped.append(
-                        {
-                            "name": key,
-                            "reason": f"{len(shape)}-D tensor: the Tracker follows 2-D "
-                            f"weights (rank_curve on saved checkpoints follows "
-                            f"expert stacks per expert)",
-                        }
-                    )
+            frozen = isinstance(p, torch.nn.Parameter) and not p.requires_grad
+            choice = select.choose(key, _full_shape(p), p.dtype, trainable=not frozen)
+            self.filtered_out += choice.filtered
+            if choice.analyse is None:
+                if choice.skipped is not None:
+                    self.skipped.append({"name": key, "reason": choice.skipped})
                 continue
-            if isinstance(p, torch.nn.Parameter) and not p.requires_grad:
-                self.skipped.append({"name": key, "reason": "requires_grad=False (frozen: its update is zero)"})
-                continue
-            if key in self._matrices:
+            if key in names:
                 raise WeightgeoError(
-                    f"parameters {self._matrices[key].name!r} and {name!r} both map to {key!r}; "
+                    f"parameters {names[key]!r} and {name!r} both map to {key!r}; "
                     f"pass a model without duplicate wrapper prefixes"
                 )
+            names[key] = name
             w = self._full(name, p)
-            m = _Matrix(key, name, (shape[0], shape[1]), matrix_seed(self.seed, key))
-            self._matrices[key] = m
-            self._capture_base(m, w)
+            experts: list[int | None] = list(range(choice.experts)) if choice.analyse == "experts" else [None]
+            for j in experts:
+                shape = tuple(w.shape[-2:])
+                m = _Matrix(key, name, (shape[0], shape[1]), matrix_seed(self.seed, tensor_uid(key, j)), j)
+                self._matrices[m.uid] = m
+                self._capture_base(m, w if j is None else w[j])
         if not self._matrices:
             raise WeightgeoError(
                 f"Tracker: no parameter to track (include={include!r}, exclude={exclude!r}; "
-                f"{len(self.skipped)} skipped: {self.skipped[:3]}); track 2-D trainable weights"
+                f"{self.filtered_out} left out by include/exclude, {len(self.skipped)} skipped: {self.skipped[:3]}); "
+                f"track 2-D trainable weights or expert stacks"
             )
+
+    # --- the options -----------------------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.options.k
+
+    @property
+    def hill_k(self) -> int:
+        return self.options.hill_k
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.options.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.options.device
+
+    @property
+    def include(self) -> Filter:
+        return self.options.include
+
+    @property
+    def exclude(self) -> Filter:
+        return self.options.exclude
 
     # --- W0 ------------------------------------------------------------------------------------------------
     def _round(self, w: torch.Tensor) -> torch.Tensor:
-        return w.detach().to(self.dtype) if self.dtype is not None else w.detach()
+        return self.options.round(w.detach())
 
     def _test_matrices(self, m: _Matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = m.shape
@@ -196,13 +237,13 @@ class Tracker:
     def _capture_base(self, m: _Matrix, w: torch.Tensor) -> None:
         w = self._round(w)
         if self.mode == "exact":
-            self._base[m.key] = w.to(self.base_device, copy=True)
+            self._base[m.uid] = w.to(self.base_device, copy=True)
             return
-        dev = self.device or w.device
+        dev = self.options.where(w.device)
         omega, psi = self._test_matrices(m, dev)
         w64 = w.to(dev, torch.float64)
-        self._base[m.key + "/y"] = (w64 @ omega).to(self.base_device)
-        self._base[m.key + "/z"] = (psi @ w64).to(self.base_device)
+        self._base[m.uid + "/y"] = (w64 @ omega).to(self.base_device)
+        self._base[m.uid + "/z"] = (psi @ w64).to(self.base_device)
 
     def _full(self, name: str, p: torch.Tensor) -> torch.Tensor:
         """The whole matrix behind ``p``, or a WeightgeoError saying how to gather it."""
@@ -224,13 +265,14 @@ class Tracker:
                 f"`with FSDP.summon_full_params(model):` on every rank"
             )
         if _is_dtensor(p):
+            dt: Any = p  # a torch.distributed.tensor.DTensor
             if not self.gather:
                 raise WeightgeoError(
-                    f"parameter {name!r} is a DTensor sharded as {getattr(p, 'placements', '?')} (local shape "
-                    f"{tuple(p.to_local().shape)}, full {tuple(p.shape)}); pass Tracker(..., gather=True) and call "
-                    f"update on every rank (full_tensor() is a collective)"
+                    f"parameter {name!r} is a DTensor sharded as {getattr(dt, 'placements', '?')} (local shape "
+                    f"{tuple(dt.to_local().shape)}, full {tuple(dt.shape)}); pass Tracker(..., gather=True) and "
+                    f"call update on every rank (full_tensor() is a collective)"
                 )
-            return p.full_tensor()
+            return dt.full_tensor()
         return p
 
     # --- tracking ------------------------------------------------------------------------------------------
@@ -239,21 +281,15 @@ class Tracker:
     ) -> dict[str, float]:
         """Measure ΔW_t at ``step`` and return a flat ``{"weightgeo/<metric>/<group>": value}`` dict.
 
-        Keys: ``weightgeo/{stable_rank,frobenius_norm,spectral_norm,hill_alpha}/{mean,<module type>}``
-        (unweighted means over matrices), ``weightgeo/sim{K}_to_prev/mean`` (Sim_K to the previous tracked
-        step) and ``weightgeo/n_matrices`` (matrices with a nonzero update). Returns ``{}`` when ``step`` is not
+        Keys: ``weightgeo/{stable_rank,delta_frobenius,spectral_norm,hill_alpha}/{mean,<module type>}``
+        (unweighted means over matrices), ``weightgeo/previous_subspace_similarity/mean`` (Sim_K to the
+        previous tracked step) and ``weightgeo/n_matrices`` (matrices with a nonzero update); the names are
+        :mod:`weightgeo.metrics.catalog`'s. Returns ``{}`` when ``step`` is not
         a multiple of ``every``; a step where no tracked matrix has changed is not recorded.
         """
-        if isinstance(step, bool) or not isinstance(step, int) and not hasattr(step, "__index__"):
-            raise WeightgeoError(f"step must be an integer, got {step!r}")
-        step = int(step)
+        step = check_next_step(step, self.steps[-1] if self.steps else None, what="Tracker.update")
         if step % self.every:
             return {}
-        if self.steps and step <= self.steps[-1]:
-            raise WeightgeoError(
-                f"Tracker.update(step={step}) after step {self.steps[-1]}: steps must increase "
-                f"(one update per optimizer step)"
-            )
         current = self._collect(named_parameters)
         specs = self._measure_exact(current, step) if self.mode == "exact" else self._measure_sketch(current)
         if not specs:
@@ -265,24 +301,33 @@ class Tracker:
         return self._log(specs, step, prev)
 
     def _collect(self, named_parameters: Any) -> dict[str, torch.Tensor]:
+        """Each tracked matrix's W_t (by uid) from the parameters: a 2-D parameter, or one expert of a stack."""
+        stacks: dict[str, list[_Matrix]] = {}
+        for m in self._matrices.values():
+            stacks.setdefault(m.key, []).append(m)
         got: dict[str, torch.Tensor] = {}
+        seen: set[str] = set()
         for name, p in _named_tensors(named_parameters):
-            key = _key(name)
-            m = self._matrices.get(key)
-            if m is None:
+            key = canonical_name(name)
+            ms = stacks.get(key)
+            if ms is None:
                 continue
             w = self._full(name, p)
-            if tuple(w.shape) != m.shape:
+            want = ms[0].shape if ms[0].expert is None else (len(ms), *ms[0].shape)
+            if tuple(w.shape) != tuple(want):
                 raise WeightgeoError(
-                    f"parameter {name!r} has shape {tuple(w.shape)} but {m.shape} at the start; "
+                    f"parameter {name!r} has shape {tuple(w.shape)} but {tuple(want)} at the start; "
                     f"the tracker follows fixed matrices"
                 )
-            got[key] = w.detach()
-        missing = [k for k in self._matrices if k not in got]
+            w = w.detach()
+            for m in ms:
+                got[m.uid] = w if m.expert is None else w[m.expert]
+            seen.add(key)
+        missing = [k for k in stacks if k not in seen]
         if missing:
             raise WeightgeoError(
                 f"Tracker.update: {len(missing)} tracked parameter(s) missing, e.g. "
-                f"{[self._matrices[k].name for k in missing[:3]]}; pass model.named_parameters() "
+                f"{[stacks[k][0].name for k in missing[:3]]}; pass model.named_parameters() "
                 f"of the tracked model"
             )
         return got
@@ -290,7 +335,7 @@ class Tracker:
     def _measure_exact(self, current: dict[str, torch.Tensor], step: int) -> dict[str, Spectrum]:
         groups: dict[tuple[tuple[int, int], torch.device], list[str]] = {}
         for key, w in current.items():
-            groups.setdefault((self._matrices[key].shape, self.device or w.device), []).append(key)
+            groups.setdefault((self._matrices[key].shape, self.options.where(w.device)), []).append(key)
         r = max(self.k, self.hill_k)
         out: dict[str, Spectrum] = {}
         for (shape, dev), keys in groups.items():
@@ -318,7 +363,7 @@ class Tracker:
         out: dict[str, Spectrum] = {}
         for key, w in current.items():
             m = self._matrices[key]
-            dev = self.device or w.device
+            dev = self.options.where(w.device)
             omega, psi = self._test_matrices(m, dev)
             w64 = self._round(w).to(dev, torch.float64)
             Y = w64 @ omega - self._base[key + "/y"].to(dev)
@@ -331,27 +376,29 @@ class Tracker:
 
     def _log(self, specs: dict[str, Spectrum], step: int, prev: int | None) -> dict[str, float]:
         rows = [
-            spectrum_row(key, self._matrices[key].shape, step, sp, hill_k=self.hill_k, k=self.k)
-            for key, sp in specs.items()
+            spectrum_row(m.key, m.shape, step, sp, hill_k=self.hill_k, k=self.k, expert=m.expert)
+            for m, sp in ((self._matrices[uid], sp) for uid, sp in specs.items())
         ]
         out: dict[str, float] = {}
-        metrics = ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha")
-        for metric in metrics:
+        for metric in TRACKER_OUTPUTS:
             out[f"{_PREFIX}/{metric}/mean"] = nanmean(r[metric] for r in rows)
         by_module: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_module.setdefault(r["module"], []).append(r)
         for mod, rs in sorted(by_module.items()):
-            for metric in metrics:
+            for metric in TRACKER_OUTPUTS:
                 out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
-            sims = [
-                subspace_sim(sp.Vh, self._records[key][prev].Vh)
+            sims = [  # not where K reaches the smaller side: Sim_K says nothing there (docs/metrics.md)
+                subspace_sim(Vh, before)
                 for key, sp in specs.items()
-                if prev in self._records.get(key, {})
+                if self.k < min(self._matrices[key].shape)
+                and prev in self._records.get(key, {})
+                and (Vh := sp.Vh) is not None
+                and (before := self._records[key][prev].Vh) is not None
             ]
             if sims:
-                out[f"{_PREFIX}/sim{self.k}_to_prev/mean"] = nanmean(sims)
+                out[f"{_PREFIX}/previous_subspace_similarity/mean"] = nanmean(sims)
         out[f"{_PREFIX}/n_matrices"] = float(len(rows))
         return out
 
@@ -365,16 +412,14 @@ class Tracker:
     def rank_curve(self) -> Report:
         """The same :class:`~weightgeo.report.Report` as :func:`~weightgeo.trajectory.rank_curve`."""
         self._need_steps()
-        records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
-        rows, sims, zero = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
+        rows, sims, zero = assemble(*self._assembly(), hill_k=self.hill_k, k=self.k, experts=self._experts())
         meta = {
             "kind": "rank_curve",
             "source": "Tracker",
             "mode": self.mode,
             "steps": list(self.steps),
             "params": {
-                "hill_k": self.hill_k,
-                "k": self.k,
+                **self.options.params(),
                 "every": self.every,
                 "sketch_rank": self.sketch_rank if self.mode == "sketch" else None,
             },
@@ -382,20 +427,26 @@ class Tracker:
             "include": self.include,
             "exclude": self.exclude,
             "skipped": list(self.skipped),
+            "filtered_out": self.filtered_out,
             "zero_updates": zero,
             "similarity": sims,
             "unmatched": {},
         }
         return Report(rows=rows, summary=trajectory_summary(rows, self.steps, sims, k=self.k), meta=meta)
 
-    def locking_onset(self, threshold: float = 0.9):  # -> LockingOnset
+    def locking_onset(self, threshold: float = THRESHOLD) -> LockingOnset:
         """The :class:`~weightgeo.metrics.trajectory.LockingOnset` with t_end = the last tracked step."""
         self._need_steps()
-        records = {k: (self._matrices[k].shape, self._records.get(k, {})) for k in self._matrices}
-        _, sims, _ = assemble(records, self.steps, hill_k=self.hill_k, k=self.k)
+        _, sims, _ = assemble(*self._assembly(), hill_k=self.hill_k, k=self.k, experts=self._experts())
         return build_locking(
             sims, k=self.k, threshold=threshold, meta={"kind": "locking_onset", "source": "Tracker", "mode": self.mode}
         )
+
+    def _assembly(self) -> tuple[dict[str, tuple[tuple[int, int], dict[int, Spectrum]]], list[int]]:
+        return {u: (m.shape, self._records.get(u, {})) for u, m in self._matrices.items()}, self.steps
+
+    def _experts(self) -> dict[str, tuple[str, int]]:
+        return {u: (m.key, m.expert) for u, m in self._matrices.items() if m.expert is not None}
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``base`` (W0 copy or sketches) and ``history`` (per-step spectra and V_K)."""
@@ -409,7 +460,7 @@ class Tracker:
 
     @property
     def names(self) -> list[str]:
-        """Canonical names of the tracked matrices."""
+        """The tracked matrices: canonical names (``name[j]`` for expert j of a stack)."""
         return list(self._matrices)
 
     # --- persistence ---------------------------------------------------------------------------------------
@@ -440,8 +491,9 @@ class Tracker:
             "gather": self.gather,
             "steps": self.steps,
             "skipped": self.skipped,
+            "filtered_out": self.filtered_out,
             "history": hist,
-            "matrices": [[m.key, m.name, list(m.shape), m.seed] for m in self._matrices.values()],
+            "matrices": [[m.key, m.name, list(m.shape), m.seed, m.expert] for m in self._matrices.values()],
         }
         with atomic_output(path, what="tracker state") as tmp:
             save_file(tensors, str(tmp), metadata={"weightgeo_tracker": json.dumps(state)})
@@ -466,7 +518,7 @@ class Tracker:
                         f"{path}: not a weightgeo Tracker file (no 'weightgeo_tracker' metadata); "
                         f"write one with Tracker.save"
                     )
-                state = json.loads(meta["weightgeo_tracker"])
+                state = loads(meta["weightgeo_tracker"], source=str(path), what="Tracker state")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except WeightgeoError:
             raise
@@ -474,18 +526,28 @@ class Tracker:
             raise WeightgeoError(
                 f"{path}: cannot read a Tracker file ({type(e).__name__}: {e}); write one with Tracker.save"
             ) from e
-        if state.get("format") != _FORMAT:
-            raise WeightgeoError(f"{path}: Tracker file format {state.get('format')} is not {_FORMAT}")
+        if state.get("format") not in (1, _FORMAT):
+            raise WeightgeoError(f"{path}: Tracker file format {state.get('format')} is not {_FORMAT} (or 1)")
         self = cls.__new__(cls)
-        self.mode, self.every, self.k, self.hill_k = state["mode"], state["every"], state["k"], state["hill_k"]
-        self.dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
-        self.seed, self.sketch_rank, self.gather = state["seed"], state["sketch_rank"], state["gather"]
-        self.include, self.exclude = state["include"], state["exclude"]
-        self.device = None if device is None else resolve_device(device)
+        self.mode, self.every = state["mode"], state["every"]
+        self.options = StreamOptions.create(
+            include=state["include"],
+            exclude=state["exclude"],
+            k=state["k"],
+            hill_k=state["hill_k"],
+            dtype=state["dtype"],
+            device=device,
+            seed=state["seed"],
+        )
+        self.sketch_rank, self.gather = state["sketch_rank"], state["gather"]
         self.base_device = torch.device(base_device)
         self.skipped = list(state["skipped"])
+        self.filtered_out = int(state.get("filtered_out", 0))
         self.steps = [int(s) for s in state["steps"]]
-        self._matrices = {k: _Matrix(k, n, (s[0], s[1]), seed) for k, n, s, seed in state["matrices"]}
+        matrices = [
+            _Matrix(m[0], m[1], (m[2][0], m[2][1]), m[3], m[4] if len(m) > 4 else None) for m in state["matrices"]
+        ]
+        self._matrices = {m.uid: m for m in matrices}
         self._base = {k[len("base/") :]: t.to(self.base_device) for k, t in tensors.items() if k.startswith("base/")}
         self._records = {}
         for key, per in state["history"].items():
@@ -535,7 +597,8 @@ def _named_tensors(obj: Any) -> Iterable[tuple[str, torch.Tensor]]:
     return obj
 
 
-def _full_shape(p: torch.Tensor) -> tuple[int, ...] | None:
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The whole parameter's shape (a DeepSpeed ZeRO-3 shard says it in ``ds_shape``)."""
     ds = getattr(p, "ds_shape", None)
     return tuple(ds) if ds is not None else tuple(p.shape)
 

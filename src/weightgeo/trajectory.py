@@ -19,19 +19,22 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 from ._version import __version__
-from .cache import CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
+from .cache import CacheEntry, CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
 from .checkpoint import layer_index, module_type
-from .devices import resolve_device
+from .defaults import HILL_K, PROGRESS, SEED, STREAM_K, THRESHOLD
 from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
+from .linalg.policy import compared_format
 from .linalg.spectra import hill_tail_index
+from .memory import check_fits
+from .metrics.catalog import TRAJECTORY_CURVES
 from .metrics.trajectory import (
     EXACT_MAX_DIM,
     RTOL,
@@ -43,9 +46,11 @@ from .metrics.trajectory import (
     subspace_sim,
     update_spectra,
 )
+from .options import Filter, StreamOptions
+from .progress import fraction_bar
 from .report import Report, summarize_rows
-from .stream import CheckpointStream, StreamReader, open_stream
-from .validation import check_int, check_k, check_threshold
+from .stream import CheckpointStream, MatrixPlan, StreamReader, open_stream
+from .validation import either, spell
 
 __all__ = [
     "rank_curve",
@@ -55,6 +60,7 @@ __all__ = [
     "assemble",
     "trajectory_summary",
     "warn_skipped",
+    "spectrum_key",
     "SPECTRUM_KIND",
 ]
 
@@ -82,19 +88,35 @@ def spectrum_row(
         "numel": shape[0] * shape[1],
         "module": module_type(key),
         "layer": layer_index(key),
-        "frobenius_norm": fro,
+        "delta_frobenius": fro,
         "spectral_norm": s1,
         "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
         "hill_alpha": float(hill_tail_index(S, kh)) if kh >= 2 else math.nan,
     }
-    row["spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
+    row["delta_spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
     row["method"] = sp.method
+    if k >= min(shape):
+        row["delta_spectral_gap"] = None
+        row["not_measurable"] = dict.fromkeys(_K_KEYS, whole_space(k, shape))
     return row
 
 
+#: the stream row keys that say nothing when K reaches the matrix's smaller side
+_K_KEYS = ("delta_spectral_gap", "final_subspace_similarity")
+
+
+def whole_space(k: int, shape: tuple[int, int]) -> str:
+    """Why a subspace metric of an [m, n] matrix is not measurable at K = ``k``."""
+    p = min(shape)
+    return (
+        f"K {k} ≥ {p}, the smaller side of {shape[0]}x{shape[1]}: the top-K subspace of ΔW holds every singular "
+        f"direction (there is no σ_K+1), so it is no principal subspace (Sim_K is 1 for a square or tall matrix)"
+    )
+
+
 def _gap(S: torch.Tensor, k: int, p: int) -> float:
-    """σ_K/σ_{K+1} of ΔW, the convention of every ``spectral_gap``: inf when K = min(m, n) (or σ_{K+1} = 0),
-    NaN when σ_K = 0 (ΔW of rank below K: no top-K subspace)."""
+    """``delta_spectral_gap``: σ_K/σ_{K+1} of ΔW (pair rows' ``spectral_gap`` is that ratio of W0); inf when
+    K = min(m, n) (or σ_{K+1} = 0), NaN when σ_K = 0 (ΔW of rank below K: no top-K subspace)."""
     if k >= p:
         return math.inf
     top, nxt = float(S[k - 1]), float(S[k])
@@ -129,7 +151,10 @@ def assemble(
                 curve[s] = math.nan
                 continue
             row = spectrum_row(name, shape, s, sp, hill_k=hill_k, k=k, expert=expert)
-            if final is not None and final.Vh is not None and sp.Vh is not None:
+            if k >= min(shape):  # not measurable: no curve point (the onset rule skips NaN), a null in the row
+                curve[s] = math.nan
+                row["final_subspace_similarity"] = None
+            elif final is not None and final.Vh is not None and sp.Vh is not None:
                 curve[s] = subspace_sim(sp.Vh, final.Vh)
                 row["final_subspace_similarity"] = curve[s]
             else:
@@ -148,10 +173,7 @@ def trajectory_summary(
     for s in steps:
         rs = [r for r in rows if r["step"] == s]
         by_step[int(s)] = summarize_rows(rs) if rs else {"n_tensors": 0}
-    curve = {
-        m: [by_step[int(s)].get(m, math.nan) for s in steps]
-        for m in ("stable_rank", "frobenius_norm", "spectral_norm", "hill_alpha", "final_subspace_similarity")
-    }
+    curve = {m: [by_step[int(s)].get(m, math.nan) for s in steps] for m in TRAJECTORY_CURVES}
     return {
         "steps": [int(s) for s in steps],
         "final_step": int(steps[-1]),
@@ -163,28 +185,81 @@ def trajectory_summary(
 
 # --------------------------------------------------------------------------------------------------------------
 # stream-level verbs
+def spectrum_key(
+    options: StreamOptions,
+    r: int,
+    base_id: Any,
+    ck_id: Any,
+    matrix: str,
+    *,
+    policy: str,
+    version: str = __version__,
+    code: str | None = None,
+) -> CacheKey:
+    """The key of one (matrix, step) spectrum: the identities of the base and checkpoint tensors, the matrix (its
+    name seeds the randomized passes), the options as a whole (every field of
+    :class:`~weightgeo.options.StreamOptions` but those marked as unable to change a result), ``r`` (the values
+    kept), the verification rule, the numerical policy and the code fingerprint (``None``: this process's)."""
+    return result_key(
+        SPECTRUM_KIND,
+        inputs=[base_id, ck_id],
+        options={
+            "options": options,
+            "r": r,
+            "matrix": matrix,
+            "formed_in": "float32",  # ΔW_t = W_t − W0 in float32 (StreamReader.updates)
+            "rtol": RTOL,
+            "exact_max_dim": EXACT_MAX_DIM,
+        },
+        policy=policy,
+        version=version,
+        code=code,
+    )
+
+
+def check_spectrum_entry(entry: CacheEntry, shape: tuple[int, int], *, r: int, k: int) -> None:
+    """Raise unless a cached spectrum of an [m, n] ΔW has the structure the stream pass uses (a hostile or
+    damaged entry is then counted as corrupt and recomputed, see :meth:`~weightgeo.cache.ResultCache.get`)."""
+    row, t = entry.row, entry.tensors
+    if not isinstance(row, dict):
+        raise TypeError("row is not an object")
+    if row.get("zero") is True and not t:
+        return
+    S, Vh = t.get("S"), t.get("Vh")
+    if set(row) - {"Vh"} != {"frobenius", "method"} or row.get("Vh", None) is not None:
+        raise TypeError("not a Spectrum row")
+    if not isinstance(row["method"], str) or ("Vh" in row) == ("Vh" in t):
+        raise TypeError("method, Vh")
+    fro = row["frobenius"]
+    if not isinstance(fro, float) or not math.isfinite(fro) or fro < 0:
+        raise TypeError("frobenius")
+    p = min(shape)
+    if S is None or S.dtype != torch.float64 or S.ndim != 1 or not 1 <= S.shape[0] <= min(r + 1, p):
+        raise TypeError("S")
+    if set(t) - {"S", "Vh"} or (Vh is not None and (Vh.ndim != 2 or Vh.shape[1] != shape[1] or Vh.shape[0] > k)):
+        raise TypeError("Vh")
+
+
 class _Spectra:
     """Where the stream pass finds a (matrix, step) spectrum it need not compute: the previous update's (follow
     mode), then the result cache; and where it stores the ones it computes (each as soon as it is computed).
 
-    A spectrum is keyed by the identities of the base and checkpoint tensors, the matrix (its name seeds the
-    randomized passes), ``r``, ``k``, the seed, the verification rule and the numerical policy; ``update_spectra``
-    with a per-matrix ``seed`` makes it a function of exactly these (not of the batch or of earlier flushes)."""
+    A spectrum is keyed by :func:`spectrum_key`; ``update_spectra`` with a per-matrix ``seed`` makes it a function
+    of exactly what that key holds (not of the batch or of earlier flushes)."""
 
     def __init__(
         self,
         cache: ResultCache | None,
         memo: MutableMapping[str, Any] | None,
+        options: StreamOptions,
         *,
         device: torch.device,
         r: int,
-        k: int,
-        seed: int,
     ) -> None:
-        self.cache, self.memo = cache, memo
+        self.cache, self.memo, self.options, self.r = cache, memo, options, r
         self.policy = policy_fingerprint(device)
         self.version = cache.version if cache is not None else __version__
-        self.options = {"r": r, "k": k, "seed": seed, "dtype": "float32", "rtol": RTOL, "exact_max_dim": EXACT_MAX_DIM}
+        self.code = cache.code if cache is not None else None
         self.before = cache.stats.as_dict() if cache is not None else {}
         self.reused = self.computed = self.read = self.uncacheable = 0
         self.used: set[str] = set()
@@ -195,23 +270,22 @@ class _Spectra:
             return None
         if self.cache is None and self.memo is None:
             return None
-        return result_key(
-            SPECTRUM_KIND,
-            inputs=[base_id, ck_id],
-            options={**self.options, "matrix": matrix},
-            policy=self.policy,
-            version=self.version,
+        return spectrum_key(
+            self.options, self.r, base_id, ck_id, matrix, policy=self.policy, version=self.version, code=self.code
         )
 
-    def get(self, key: CacheKey | None) -> tuple[bool, Spectrum | None]:
-        """``(found, spectrum)``; a found ``None`` is a zero update (ΔW_t = 0 exactly: no spectrum)."""
+    def get(self, key: CacheKey | None, shape: tuple[int, int]) -> tuple[bool, Spectrum | None]:
+        """``(found, spectrum)`` of an [m, n] matrix's ΔW; a found ``None`` is a zero update (ΔW_t = 0 exactly:
+        no spectrum)."""
         if key is None:
             return False, None
         if self.memo is not None and key.digest in self.memo:
             self.used.add(key.digest)
             self.reused += 1
             return True, self.memo[key.digest]
-        entry = self.cache.get(key) if self.cache is not None else None
+        entry = None
+        if self.cache is not None:
+            entry = self.cache.get(key, validate=lambda e: check_spectrum_entry(e, shape, r=self.r, k=self.options.k))
         if entry is None:
             return False, None
         sp = None if entry.row.get("zero") else unpack(Spectrum, entry.row, entry.tensors)
@@ -267,45 +341,61 @@ def warn_skipped(skipped: Sequence[Mapping[str, Any]], *, stacklevel: int = 3) -
 
 def _stream_pass(
     s: CheckpointStream,
+    options: StreamOptions,
     *,
-    include: Any,
-    exclude: Any,
     r: int,
-    k: int,
-    device: Any,
-    seed: int,
-    progress: bool,
     cache: CacheArg,
     config: Any = None,
     memo: MutableMapping[str, Any] | None = None,
-):
+) -> tuple[dict[str, tuple[tuple[int, int], dict[int, Spectrum]]], dict[str, Any], dict[str, tuple[str, int]]]:
     """Read every followed matrix of the stream once (the base once), form ΔW_t, and keep its spectra; spectra
     already known (``memo``, the result cache) are not recomputed, and a matrix whose every step is known is
     not read at all."""
-    dev = resolve_device(device)
+    dev = options.where()  # checkpoints are read into CPU memory: that is where their data is
     t0 = time.perf_counter()
-    spectra = _Spectra(resolve_cache(cache), memo, device=dev, r=r, k=k, seed=seed)
+    spectra = _Spectra(resolve_cache(cache), memo, options, device=dev, r=r)
     records: dict[str, tuple[tuple[int, int], dict[int, Spectrum]]] = {}
-    with StreamReader.open(s, include=include, exclude=exclude, config=config) as reader:
+    with StreamReader.open(s, options.selector(), config=config) as reader:
         # Under torchrun each rank follows its own share of the matrices (balanced by size); records are
         # gathered below so every rank returns the single-process result.
         world = current_world(dev)
         full_plan = list(reader.plan)
         shards = balanced_shards([e.shape[0] * e.shape[1] for e in full_plan], world.size)
-        plan = [full_plan[i] for i in sorted(shards[world.rank])]
-        if progress and world.is_main:
-            from tqdm.auto import tqdm
-
-            plan = tqdm(plan, desc="weightgeo trajectory", unit="matrix", leave=False, dynamic_ncols=True)
-        for entry in plan:
-            records[entry.uid] = (entry.shape, _follow(reader, entry, dev, seed=seed, r=r, k=k, spectra=spectra))
+        plan: Iterable[MatrixPlan] = [full_plan[i] for i in sorted(shards[world.process_rank])]
+        for entry in plan:  # from the headers, before anything is read
+            _check_fits(reader, entry)
+        bar = fraction_bar(
+            options.progress and world.is_main, desc="weightgeo trajectory", total=len(list(plan)), unit="matrices"
+        )
+        advance = (lambda x: None) if bar is None else bar.update
+        try:
+            for entry in plan:
+                records[entry.uid] = (
+                    entry.shape,
+                    _follow(reader, entry, dev, options, r=r, spectra=spectra, advance=advance),
+                )
+        finally:
+            if bar is not None:
+                bar.close()
         parts = world.gather(
-            {"rank": world.rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
+            {"process_rank": world.process_rank, "matrices": list(records), "records": records, "cache": spectra.meta()}
         )
         merged = {key: rec for part in parts for key, rec in part["records"].items()}
         records = {e.uid: merged[e.uid] for e in full_plan if e.uid in merged}
         experts = {e.uid: (e.key, e.expert) for e in full_plan if e.expert is not None}
-        meta = _stream_meta(s, reader, dev, world.size, parts, seed=seed, include=include, exclude=exclude)
+        meta = _stream_meta(
+            s,
+            reader,
+            dev,
+            world.size,
+            parts,
+            seed=options.seed,
+            include=options.include,
+            exclude=options.exclude,
+        )
+        mixed = _mixed_formats(reader, options.dtype)
+        if mixed:  # the rule of pairs (linalg.policy.compared_format), per (matrix, checkpoint) in two formats
+            meta["mixed_formats"] = mixed
     if memo is not None:  # keep what this pass used: the next update needs no more
         for digest in [d for d in memo if d not in spectra.used]:
             del memo[digest]
@@ -314,8 +404,27 @@ def _stream_pass(
     return records, meta, experts
 
 
+def _check_fits(reader: StreamReader, entry: MatrixPlan) -> None:
+    """The least one matrix needs at once (W0 and one W_t as stored, their float32 difference) must fit."""
+    m, n = entry.shape
+    size = reader.base.info(entry.base_name).dtype.itemsize
+    check_fits(
+        m * n * (2 * size + 4),
+        device=None,
+        what=f"matrix {entry.uid!r} [{m}, {n}] (W0 and one checkpoint's, as stored, and their float32 difference)",
+        fix=either(f"leave it out with exclude={entry.key!r}", f"leave it out with --exclude '{entry.key}'"),
+    )
+
+
 def _follow(
-    reader: StreamReader, entry: Any, dev: torch.device, *, seed: int, r: int, k: int, spectra: _Spectra
+    reader: StreamReader,
+    entry: MatrixPlan,
+    dev: torch.device,
+    options: StreamOptions,
+    *,
+    r: int,
+    spectra: _Spectra,
+    advance: Callable[[float], object] = lambda x: None,
 ) -> dict[int, Spectrum]:
     """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates.
 
@@ -329,16 +438,18 @@ def _follow(
     out: dict[int, Spectrum] = {}
     todo = []
     for i, (step, key) in enumerate(zip(steps, keys)):
-        found, sp = spectra.get(key)
+        found, sp = spectra.get(key, entry.shape)
         if not found:
             todo.append(i)
         elif sp is not None:
             out[step] = sp
+    share = 1.0 / max(len(steps), 1)  # of this matrix, per step: half when read, half when decomposed
+    advance(share * (len(steps) - len(todo)))
     if not todo:
         return dict(sorted(out.items()))
     spectra.read += 1 + len(todo)
     per_batch = max(1, UPDATE_BATCH_BYTES // (4 * m * n))
-    mseed = matrix_seed(seed, entry.uid)
+    mseed = matrix_seed(options.seed, entry.uid)
     key_of = {steps[i]: keys[i] for i in todo}
     batch: list[tuple[int, torch.Tensor]] = []
 
@@ -348,15 +459,17 @@ def _follow(
         D = torch.stack([d for _, d in batch])
         fro = torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64)
         nz = [i for i in range(len(batch)) if float(fro[i]) > 0]
-        found = dict(zip(nz, update_spectra(D[nz], r=r, k=k, seed=mseed, frobenius=fro[nz]))) if nz else {}
+        found = dict(zip(nz, update_spectra(D[nz], r=r, k=options.k, seed=mseed, frobenius=fro[nz]))) if nz else {}
         for i, (step, _) in enumerate(batch):
             sp = found.get(i)
             spectra.put(key_of[step], sp)  # on disk as soon as computed: a killed run keeps it
             if sp is not None:
                 out[step] = sp
+        advance(0.5 * share * len(batch))
         batch.clear()
 
-    for step, d in reader.updates(entry, device=dev, only=todo):
+    for step, d in reader.updates(entry, device=dev, only=todo, rounding=options.dtype):
+        advance(0.5 * share)
         batch.append((step, d))
         if len(batch) >= per_batch:
             flush()
@@ -380,15 +493,33 @@ def _stream_meta(
         "pass_dtype": str(pass_dtype(torch.float32, dev, (1, 1))).replace("torch.", ""),
         **params,
         "skipped": [*s.skipped, *reader.skipped, *_source_skipped(reader)],
+        "filtered_out": reader.filtered_out,  # tensors the include/exclude filter left out
         "unmatched": reader.unmatched,
         "torch_version": torch.__version__,
         "world_size": world_size,
-        "ranks": [{"rank": p["rank"], "matrices": p["matrices"]} for p in parts],
+        "processes": [{"process_rank": p["process_rank"], "matrices": p["matrices"]} for p in parts],
     }
     in_out = [e.uid for e in reader.plan if reader.base.in_out_layout(e.base_name)]
     if in_out:  # Conv1D (GPT-2 style) matrices: their stored right side, used by Sim_K, is the output side
         meta["in_out_layout"] = in_out
     return meta
+
+
+def _mixed_formats(reader: StreamReader, dtype: Any) -> dict[str, int]:
+    """How many (matrix, checkpoint) pairs are stored in two float formats, by formats and the rule used (none
+    with a ``dtype=``: everything is rounded to it)."""
+    out: dict[str, int] = {}
+    if dtype is not None:
+        return out
+    for e in reader.plan:
+        a = reader.base.info(e.base_name).dtype
+        for ck, name in zip(reader.checkpoints, e.names):
+            rule = compared_format(a, ck.info(name).dtype)
+            if rule is not None:
+                how = f"both rounded to {rule[0]}" if rule[1] else "compared as stored"
+                text = f"{a} vs {ck.info(name).dtype}: {how}".replace("torch.", "")
+                out[text] = out.get(text, 0) + 1
+    return out
 
 
 def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
@@ -405,13 +536,14 @@ def rank_curve(
     *,
     base: Any = None,
     steps: Sequence[int] | None = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    hill_k: int = 10,
-    k: int = 16,
+    include: Filter = None,
+    exclude: Filter = None,
+    hill_k: int = HILL_K,
+    k: int = STREAM_K,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: bool = False,
+    seed: int = SEED,
+    progress: bool = PROGRESS,
     strict: bool = False,
     cache: CacheArg = None,
     config: Any = None,
@@ -438,8 +570,11 @@ def rank_curve(
             2-D floating tensor present in all checkpoints (our choice).
         hill_k: number of top singular values in the Hill estimator (≥ 2; default 10, the paper is silent).
         k: subspace size K for ``final_subspace_similarity`` (default 16, the paper's).
-        device: where the linear algebra runs; reading is on CPU. seed: for the randomized SVD.
-        progress: show a tqdm bar.
+        dtype: ``None`` (default): ΔW_t = W_t − W0 from the stored values (in float32, exact for bf16); a
+            floating dtype: W0 and W_t rounded to it first (the update checkpoints in that format would show).
+        device: where the linear algebra runs; ``None``: where the checkpoints are read, the CPU. seed: for the
+            randomized SVD.
+        progress: show a tqdm bar (default False; the command line shows one).
         strict: fail on the first checkpoint that is not completely written instead of leaving it out.
         cache: the result cache (``None``: ``WEIGHTGEO_CACHE``, on by default; ``False``: off; a folder; a
             :class:`~weightgeo.cache.ResultCache`). Each (matrix, step) spectrum of checkpoints on disk is
@@ -451,66 +586,51 @@ def rank_curve(
 
     Returns:
         :class:`~weightgeo.report.Report`: ``rows`` per (step, matrix) with ``step, name, shape, numel, module,
-        layer, frobenius_norm, spectral_norm, stable_rank`` (in [1, rank]), ``hill_alpha``, ``spectral_gap``
-        (σ_K/σ_{K+1} of ΔW_t, the convention of every report: Sim_K means little near 1),
+        layer, delta_frobenius`` (‖ΔW_t‖_F), ``spectral_norm``, ``stable_rank`` (in [1, rank]), ``hill_alpha``,
+        ``delta_spectral_gap`` (σ_K/σ_{K+1} of ΔW_t: Sim_K means little near 1),
         ``final_subspace_similarity`` (Sim_K(t, t_end), in [0, 1])
         and ``method``; ``summary["by_step"][step]`` = unweighted means over matrices (with ``by_module``),
         ``summary["curves"]`` = those means as lists over ``summary["steps"]``; ``meta["cache"]`` the spectra
         reused and computed and the tensors read. Each tensor is read at most once.
     """
+    options = StreamOptions.create(
+        include=include, exclude=exclude, hill_k=hill_k, k=k, dtype=dtype, device=device, seed=seed, progress=progress
+    )
     s = open_stream(stream, base=base, steps=steps, strict=strict)
     warn_skipped(s.skipped)
-    return stream_report(
-        s,
-        include=include,
-        exclude=exclude,
-        hill_k=hill_k,
-        k=k,
-        device=device,
-        seed=seed,
-        progress=progress,
-        cache=cache,
-        config=config,
-        warn=False,
-    )
+    return stream_report(s, options, cache=cache, config=config, warn=False)
 
 
 def stream_report(
     s: CheckpointStream,
+    options: StreamOptions | None = None,
     *,
-    include: Any = None,
-    exclude: Any = None,
-    hill_k: int = 10,
-    k: int = 16,
-    device: Any = None,
-    seed: int = 0,
-    progress: bool = False,
     cache: CacheArg = None,
     config: Any = None,
     memo: MutableMapping[str, Any] | None = None,
     warn: bool = True,
 ) -> Report:
-    """:func:`rank_curve` of an opened :class:`~weightgeo.stream.CheckpointStream`; ``memo`` (a dict kept by
-    the caller between calls, as follow mode does) holds the spectra of the previous call so that only new
-    checkpoints are computed; ``warn=False`` leaves warning about skipped checkpoints to the caller."""
-    hill_k, k = check_int(hill_k, "hill_k", minimum=2), check_k(k)
+    """:func:`rank_curve` of an opened :class:`~weightgeo.stream.CheckpointStream` with ``options`` (default
+    :class:`~weightgeo.options.StreamOptions`); ``memo`` (a dict kept by the caller between calls, as follow
+    mode does) holds the spectra of the previous call so that only new checkpoints are computed; ``warn=False``
+    leaves warning about skipped checkpoints to the caller."""
+    options = StreamOptions() if options is None else options
     if warn:
         warn_skipped(s.skipped)
-    records, meta, experts = _stream_pass(
-        s,
-        include=include,
-        exclude=exclude,
-        r=max(hill_k, k),
-        k=k,
-        device=device,
-        seed=seed,
-        progress=progress,
-        cache=cache,
-        config=config,
-        memo=memo,
-    )
-    rows, sims, zero = assemble(records, s.steps, hill_k=hill_k, k=k, experts=experts)
-    meta.update(kind="rank_curve", params={"hill_k": hill_k, "k": k}, zero_updates=zero, similarity=sims)
+    records, meta, experts = _stream_pass(s, options, r=options.r, cache=cache, config=config, memo=memo)
+    k = options.k
+    rows, sims, zero = assemble(records, s.steps, hill_k=options.hill_k, k=k, experts=experts)
+    meta.update(kind="rank_curve", params=options.params(), zero_updates=zero, similarity=sims)
+    if meta.get("mixed_formats"):
+        n = sum(meta["mixed_formats"].values())
+        warnings.warn(
+            f"{n} (matrix, checkpoint) pair(s) are stored in different float formats in the base and the checkpoint ("
+            + "; ".join(f"{k}: {v}" for k, v in meta["mixed_formats"].items())
+            + f"); where both are rounded to one format, rounding differences show in ΔW_t; {spell('dtype')} chooses "
+            f"the format instead (docs/metrics.md)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not rows:
         raise WeightgeoError(
             f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same model as the checkpoints?"
@@ -523,13 +643,14 @@ def locking_onset(
     *,
     base: Any = None,
     steps: Sequence[int] | None = None,
-    k: int = 16,
-    threshold: float = 0.9,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    k: int = STREAM_K,
+    threshold: float = THRESHOLD,
+    include: Filter = None,
+    exclude: Filter = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: bool = False,
+    seed: int = SEED,
+    progress: bool = PROGRESS,
     strict: bool = False,
     cache: CacheArg = None,
     config: Any = None,
@@ -550,13 +671,12 @@ def locking_onset(
     Args:
         stream: a stream (as :func:`rank_curve`), or a :class:`~weightgeo.report.Report` from
             :func:`rank_curve` (its similarities are reused, nothing is read; its ``k`` applies).
-        base, steps, include, exclude, device, seed, progress, strict, cache, config: as :func:`rank_curve`.
+        base, steps, include, exclude, dtype, device, seed, progress, strict, cache, config: as :func:`rank_curve`.
         k: subspace size K (default 16). threshold: in (0, 1], default 0.9 (our choice).
 
     Returns:
         a :class:`LockingOnset` (``step``, ``per_matrix``, ``similarity``, ``mean_similarity``).
     """
-    threshold = check_threshold(threshold)
     if isinstance(stream, Report):
         sims = stream.meta.get("similarity")
         if stream.meta.get("kind") != "rank_curve" or sims is None:
@@ -565,21 +685,20 @@ def locking_onset(
             )
         sims = {n: {int(s): float(v) for s, v in c.items()} for n, c in sims.items()}
         return build_locking(sims, k=stream.meta["params"]["k"], threshold=threshold, meta=dict(stream.meta))
-    k = check_k(k)
-    s = open_stream(stream, base=base, steps=steps, strict=strict)
-    warn_skipped(s.skipped)
-    records, meta, experts = _stream_pass(
-        s,
+    options = StreamOptions.create(
         include=include,
         exclude=exclude,
-        r=k,
         k=k,
+        threshold=threshold,
+        dtype=dtype,
         device=device,
         seed=seed,
         progress=progress,
-        cache=cache,
-        config=config,
     )
-    _, sims, zero = assemble(records, s.steps, hill_k=2, k=k, experts=experts)
-    meta.update(kind="locking_onset", zero_updates=zero)
-    return build_locking(sims, k=k, threshold=threshold, meta=meta)
+    s = open_stream(stream, base=base, steps=steps, strict=strict)
+    warn_skipped(s.skipped)
+    # r = k: the onset needs the top-K subspaces only (no Hill index)
+    records, meta, experts = _stream_pass(s, options, r=options.k, cache=cache, config=config)
+    _, sims, zero = assemble(records, s.steps, hill_k=2, k=options.k, experts=experts)
+    meta.update(kind="locking_onset", params=options.params(), zero_updates=zero)
+    return build_locking(sims, k=options.k, threshold=options.threshold, meta=meta)

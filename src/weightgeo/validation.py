@@ -1,8 +1,10 @@
-"""The one validation module: every check shared by two or more entry points, each with one message.
+"""The one validation module: every check of user input, each with one message.
 
-Options (``k``, ``side``, ``eta``, ``rank``/``alpha``, thresholds, budgets), tensors and matrices, and
-finiteness. Each function returns the checked value (converted where said) or raises
-:class:`~weightgeo.errors.WeightgeoError` naming what was given and the fix.
+Options (``k``, ``side``, ``eta``, ``rank``/``alpha``, ``dtype``, ``seed``, thresholds, budgets, choices),
+steps, durations and amounts (poll intervals, cache sizes), paths (run directories, report files), tensors and
+matrices, and finiteness. Each function returns the checked value (converted where said) or raises
+:class:`~weightgeo.errors.WeightgeoError` naming what was given and the fix. Messages name an option as the
+interface in use spells it: ``k=0`` from Python, ``--k 0`` inside :func:`cli_syntax` (the command line).
 
 >>> check_k(8), check_side("left"), check_eta(1e-3)
 (8, 'left', 0.001)
@@ -14,26 +16,48 @@ weightgeo.errors.WeightgeoError: k must be an integer ≥ 1 (subspace dimension)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .defaults import ALPHA, ETA, RANK
 from .errors import WeightgeoError
 
 __all__ = [
     "SIDES",
+    "cli_syntax",
+    "spell",
+    "either",
+    "given",
     "check_int",
     "check_k",
+    "check_size",
+    "resolve_size",
+    "Size",
     "check_side",
     "check_sides",
     "check_eta",
     "check_rank_alpha",
     "check_threshold",
     "check_batch_bytes",
+    "check_dtype",
+    "check_seed",
+    "check_choice",
+    "check_step",
+    "check_steps",
+    "check_increasing",
+    "check_next_step",
+    "check_amount",
+    "check_run_dir",
+    "check_report_path",
     "is_tensor_like",
     "as_tensor",
     "check_matrix",
@@ -44,6 +68,48 @@ __all__ = [
 
 #: the two singular sides, in the order every API lists them
 SIDES = ("right", "left")
+
+_CLI: ContextVar[bool] = ContextVar("weightgeo_cli_syntax", default=False)
+
+
+# --- how a message names an option ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def cli_syntax() -> Iterator[None]:
+    """Inside this context every message names options as command-line flags (``--hill-k``, not ``hill_k``).
+
+    >>> with cli_syntax():
+    ...     spell("hill_k")
+    '--hill-k'
+    """
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)
+
+
+def spell(name: str) -> str:
+    """Option ``name`` as the interface in use writes it: ``hill_k`` in Python, ``--hill-k`` on the command line
+    (a name that already is a flag, or a phrase with spaces, stays as it is)."""
+    if not _CLI.get() or name.startswith("-") or not name.isidentifier():
+        return name
+    return "--" + name.replace("_", "-")
+
+
+def either(python: str, cli: str) -> str:
+    """What to tell the user in the syntax of the interface in use: ``python`` from Python, ``cli`` on the
+    command line (a verb and its flags there, a function and its keywords here).
+
+    >>> either("weightgeo.rank_curve(run)", "weightgeo trajectory RUN")
+    'weightgeo.rank_curve(run)'
+    """
+    return cli if _CLI.get() else python
+
+
+def given(name: str, value: Any) -> str:
+    """``name=value`` in Python, ``--name value`` on the command line."""
+    flag = spell(name)
+    return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"
 
 
 # --- options -------------------------------------------------------------------------------------------------
@@ -56,7 +122,7 @@ def check_int(value: Any, name: str, *, minimum: int = 1, what: str = "") -> int
     ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not ok or int(value) < minimum:
         hint = f" ({what})" if what else ""
-        raise WeightgeoError(f"{name} must be an integer ≥ {minimum}{hint}, got {value!r}")
+        raise WeightgeoError(f"{spell(name)} must be an integer ≥ {minimum}{hint}, got {value!r}")
     return int(value)
 
 
@@ -65,10 +131,50 @@ def check_k(k: Any, *, name: str = "k") -> int:
     return check_int(k, name, minimum=1, what="subspace dimension")
 
 
+#: a size per matrix: a count ≥ 1, or a fraction in (0, 1) of each matrix's smaller side (:func:`resolve_size`)
+Size = int | float
+
+
+def check_size(value: Any, name: str = "k", *, what: str = "subspace dimension") -> int | float:
+    """A size per matrix (the pair metrics' ``k``, localization's ``rank``): an integer ≥ 1, or a fraction in
+    (0, 1) of each matrix's smaller side (``0.125``: an eighth of it, the paper's 512 of 4096).
+
+    >>> check_size(512), check_size(0.125), check_size(4.0)
+    (512, 0.125, 4)
+    >>> check_size(1.5)
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: k must be an integer ≥ 1 or a fraction in (0, 1) of each matrix's smaller side (subspace dimension; 0.125 = an eighth), got 1.5
+    """
+    if isinstance(value, (float, np.floating)) and not isinstance(value, bool) and 0.0 < float(value) < 1.0:
+        return float(value)
+    ok = isinstance(value, numbers.Integral) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not ok or int(value) < 1:
+        raise WeightgeoError(
+            f"{spell(name)} must be an integer ≥ 1 or a fraction in (0, 1) of each matrix's smaller side "
+            f"({what}; 0.125 = an eighth), got {value!r}"
+        )
+    return int(value)
+
+
+def resolve_size(size: int | float, smaller_side: int) -> int:
+    """The count a :func:`check_size` value means for a matrix whose smaller side is ``smaller_side``: an integer as
+    given; a fraction f, ``max(1, floor(f · smaller_side))``.
+
+    >>> resolve_size(0.125, 896), resolve_size(0.125, 128), resolve_size(0.125, 4), resolve_size(512, 128)
+    (112, 16, 1, 512)
+    """
+    if isinstance(size, float):
+        return max(1, math.floor(size * smaller_side + 1e-9))
+    return int(size)
+
+
 def check_side(side: Any) -> str:
     """``"right"`` (V, input side) or ``"left"`` (U, output side)."""
     if side not in SIDES:
-        raise WeightgeoError(f"side must be 'right' (V, input side) or 'left' (U, output side), got {side!r}")
+        raise WeightgeoError(
+            f"{spell('side')} must be 'right' (V, input side) or 'left' (U, output side), got {side!r}"
+        )
     return side
 
 
@@ -86,19 +192,22 @@ def check_eta(eta: Any) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if not (0 <= value < math.inf):
-        raise WeightgeoError(f"eta must be a finite relative tolerance ≥ 0 (default 1e-3), got {eta!r}")
+        raise WeightgeoError(f"{spell('eta')} must be a finite relative tolerance ≥ 0 (default {ETA:g}), got {eta!r}")
     return value
 
 
-def check_rank_alpha(rank: Any, alpha: Any) -> tuple[int, float]:
-    """Localization's reconstruction rank r (integer ≥ 1) and mask fraction α in [0, 1]."""
-    r = check_int(rank, "rank", minimum=1, what="reconstruction rank r, default 64")
+def check_rank_alpha(rank: Any, alpha: Any) -> tuple[int | float, float]:
+    """Localization's reconstruction rank r (an integer ≥ 1, or a fraction of each matrix's smaller side, see
+    :func:`check_size`) and mask fraction α in [0, 1]."""
+    r = check_size(rank, "rank", what=f"reconstruction rank r, default {RANK}")
     try:
         a = float(alpha)
     except (TypeError, ValueError):
         a = math.nan
     if not 0.0 <= a <= 1.0:
-        raise WeightgeoError(f"alpha must be a fraction in [0, 1] (default 0.5; Fig. 3 needs 0.3), got {alpha!r}")
+        raise WeightgeoError(
+            f"{spell('alpha')} must be a fraction in [0, 1] (default {ALPHA}; Fig. 3 needs 0.3), got {alpha!r}"
+        )
     return r, a
 
 
@@ -109,7 +218,7 @@ def check_threshold(threshold: Any) -> float:
     except (TypeError, ValueError):
         t = math.nan
     if not 0.0 < t <= 1.0:
-        raise WeightgeoError(f"threshold={threshold!r} must be in (0, 1]: Sim_K lies in [0, 1]")
+        raise WeightgeoError(f"{given('threshold', threshold)} must be in (0, 1]: Sim_K lies in [0, 1]")
     return t
 
 
@@ -120,10 +229,132 @@ def check_batch_bytes(batch_bytes: Any) -> int | None:
     ok = isinstance(batch_bytes, numbers.Integral) or (isinstance(batch_bytes, float) and batch_bytes.is_integer())
     if isinstance(batch_bytes, bool) or not ok or batch_bytes < 0:
         raise WeightgeoError(
-            f"batch_bytes={batch_bytes!r}: give a memory budget in bytes (≥ 0; 0 = one matrix "
+            f"{given('batch_bytes', batch_bytes)}: give a memory budget in bytes (≥ 0; 0 = one matrix "
             f"at a time), or None for the default"
         )
     return int(batch_bytes)
+
+
+def check_dtype(dtype: Any, *, name: str = "dtype") -> torch.dtype | None:
+    """A floating torch dtype (or its name: ``"bfloat16"``) that inputs are rounded to, or ``None`` (the stored
+    formats, nothing rounded).
+
+    >>> check_dtype("bfloat16"), check_dtype(None)
+    (torch.bfloat16, None)
+    """
+    if dtype is None:
+        return None
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise WeightgeoError(
+            f"{given(name, dtype)}: give a floating torch dtype to round both sides to (bfloat16, float16, "
+            f"float32, float64, float8_e4m3fn, ...), or leave it out to compare in the stored formats"
+        )
+    return value
+
+
+def check_seed(seed: Any, *, name: str = "seed") -> int:
+    """A random seed: any integer (bools are not)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise WeightgeoError(f"{given(name, seed)}: a seed is an integer")
+    return int(seed)
+
+
+def check_choice(value: Any, name: str, choices: dict[str, str]) -> str:
+    """One of ``choices`` (name -> what it means, said in the message).
+
+    >>> check_choice("sketch", "mode", {"exact": "a copy of W0", "sketch": "random sketches"})
+    'sketch'
+    """
+    if not isinstance(value, str) or value not in choices:
+        options = " or ".join(f"{c!r} ({what})" for c, what in choices.items())
+        raise WeightgeoError(f"{given(name, value)}; use {options}")
+    return value
+
+
+# --- steps ---------------------------------------------------------------------------------------------------
+def check_step(step: Any, *, name: str = "step") -> int:
+    """A training step: an integer (anything with ``__index__``; bools are not)."""
+    if isinstance(step, bool) or not (isinstance(step, numbers.Integral) or hasattr(step, "__index__")):
+        raise WeightgeoError(f"{spell(name)} must be an integer, got {step!r} ({type(step).__name__})")
+    return int(step)
+
+
+def check_steps(steps: Sequence[Any], n: int, *, name: str = "steps") -> list[int]:
+    """One integer step per checkpoint (``n`` of them), strictly increasing."""
+    out = [check_step(s, name=f"every entry of {spell(name)}") for s in steps]
+    if len(out) != n:
+        raise WeightgeoError(f"{spell(name)} has {len(out)} entries for {n} checkpoints; give one step per checkpoint")
+    check_increasing(out, spell(name))
+    return out
+
+
+def check_increasing(steps: Sequence[int], what: str, sources: Sequence[Any] | None = None) -> None:
+    """Steps strictly increasing: no duplicate (``sources[i]`` named when given), no step before an earlier one.
+
+    >>> check_increasing([10, 10], "steps", ["a", "b"])
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: duplicate step 10 in steps (a and b); every checkpoint needs its own step
+    """
+    seen: dict[int, int] = {}
+    for i, s in enumerate(steps):
+        if s in seen:
+            where = "" if sources is None else f" ({sources[seen[s]]!s} and {sources[i]!s})"
+            raise WeightgeoError(f"duplicate step {s} in {what}{where}; every checkpoint needs its own step")
+        seen[s] = i
+    for a, b in zip(steps, steps[1:]):
+        if b < a:
+            raise WeightgeoError(
+                f"{what} are not increasing ({a} then {b}): {list(steps)}; pass the checkpoints in training order"
+            )
+
+
+def check_next_step(step: Any, last: int | None, *, what: str) -> int:
+    """A step that comes after ``last`` (the previous one recorded by ``what``, ``None`` for none)."""
+    step = check_step(step)
+    if last is not None and step <= last:
+        raise WeightgeoError(
+            f"{what}(step={step}) after step {last}: steps must increase (one update per optimizer step)"
+        )
+    return step
+
+
+# --- amounts and paths ---------------------------------------------------------------------------------------
+def check_amount(value: Any, name: str, *, unit: str, finite: bool = True) -> float:
+    """A number ≥ 0 of ``unit`` (seconds, days, GB, ...); infinity only when not ``finite`` (= no limit).
+
+    >>> check_amount(2, "poll_s", unit="seconds")
+    2.0
+    >>> check_amount(float("inf"), "max_gb", unit="GB")
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: max_gb=inf: give a number of GB ≥ 0 (finite)
+    """
+    ok = isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, bool)
+    v = float(value) if ok else math.nan
+    if not (v >= 0) or (finite and math.isinf(v)):
+        raise WeightgeoError(f"{given(name, value)}: give a number of {unit} ≥ 0{' (finite)' if finite else ''}")
+    return v
+
+
+def check_run_dir(root: str | os.PathLike[str], *, what: str, fix: str) -> Path:
+    """A run directory that exists and is a folder; ``what`` names it in the message (``"stream directory"``),
+    ``fix`` says what to pass instead."""
+    path = Path(root)
+    if not path.exists():
+        raise WeightgeoError(f"{what} {path} does not exist; {fix}")
+    if not path.is_dir():
+        raise WeightgeoError(f"{what} {path} is a file, not a directory of checkpoint folders; {fix}")
+    return path
+
+
+def check_report_path(path: str | os.PathLike[str], *, name: str = "out") -> Path:
+    """A report file: ``.json`` (rows, summary, meta) or ``.csv`` (rows)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".json", ".csv"):
+        raise WeightgeoError(f"{given(name, str(p))}: unknown format {p.suffix!r}; use a .json or .csv path")
+    return p
 
 
 # --- tensors and matrices ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def ref_geometry(W0: torch.Tensor, W1: torch.Tensor, k: int) -> dict:
     k = min(k, *A0.shape)
     right = np.sort(np.degrees(scipy.linalg.subspace_angles(V0h[:k].T, V1h[:k].T)))
     left = np.sort(np.degrees(scipy.linalg.subspace_angles(U0[:, :k], U1[:, :k])))
-    return dict(s0=s0, s1=s1, nss=np.linalg.norm(s1 - s0) / np.linalg.norm(s0), right=right, left=left)
+    return dict(s0=s0, s1=s1, spectral_drift=np.linalg.norm(s1 - s0) / np.linalg.norm(s0), right=right, left=left)
 
 
 def make_pair(m, n, rel, kind="dense", seed=0, rank=4):
@@ -48,7 +48,10 @@ def check_close(g, r, sides=("right", "left")):
         assert np.all(np.abs(a - ref) <= 1e-2 * tol), (side, np.max(np.abs(a - ref) / tol))
         ov = np.mean(np.cos(np.radians(a)) ** 2) - np.mean(np.cos(np.radians(ref)) ** 2)
         assert abs(ov) < 1e-6
-    assert abs(float(g.nss) / r["nss"] - 1) < 1e-3 or abs(float(g.nss) - r["nss"]) < 1e-12
+    assert (
+        abs(float(g.spectral_drift) / r["spectral_drift"] - 1) < 1e-3
+        or abs(float(g.spectral_drift) - r["spectral_drift"]) < 1e-12
+    )
     # σ themselves carry the float32 Gram rounding (~eps32·σ₁); their differences do not.
     np.testing.assert_allclose(g.sigma0.numpy(), r["s0"], rtol=0, atol=1e-6 * r["s0"][0])
     d, dref = (g.sigma1 - g.sigma0).numpy(), r["s1"] - r["s0"]
@@ -75,13 +78,13 @@ def test_matches_float64(m, n, k, rel, kind):
     r = ref_geometry(W0, W1, k)
     assert g.k == min(k, m, n)
     check_close(g, r)
-    assert r["nss"] > 0 and g.nss > 0
+    assert r["spectral_drift"] > 0 and g.spectral_drift > 0
 
 
 def test_identical_pair_is_zero():
     W0, _ = make_pair(100, 60, 1e-3)
     g = pair_geometry(W0, W0, k=30, sides=("right", "left"))
-    assert float(g.nss) == 0.0
+    assert float(g.spectral_drift) == 0.0
     assert float(g.angles_right.abs().max()) == 0.0 and float(g.angles_left.abs().max()) < 1e-6
     assert float(g.overlap("right")) == 1.0
 
@@ -118,7 +121,7 @@ def test_base_reuse_and_batched_equal_looped():
         gi = pair_geometry(None, b, k=24, sides=("right", "left"), base=base)
         assert torch.allclose(g.angles_right[i], gi.angles_right, atol=1e-7)
         assert torch.allclose(g.angles_left[i], gi.angles_left, atol=1e-7)
-        assert torch.allclose(g.nss[i], gi.nss, rtol=1e-8)
+        assert torch.allclose(g.spectral_drift[i], gi.spectral_drift, rtol=1e-8)
 
 
 def test_float64_inputs_run_in_float64():
@@ -146,7 +149,7 @@ def test_repeated_singular_values_identical_pair():
     for W in (torch.eye(5), torch.eye(6)[:, :4], torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0]))):
         g = pair_geometry(W, W.clone(), k=2, sides=("right", "left"))
         assert float(g.angles_right.max()) == 0.0 and float(g.angles_left.max()) < 1e-6
-        assert float(g.nss) == 0.0
+        assert float(g.spectral_drift) == 0.0
 
 
 def test_fallback_equal_spectra_and_near_identical_fast_path():
@@ -161,8 +164,8 @@ def test_fallback_equal_spectra_and_near_identical_fast_path():
     ]
     W0, W1 = (torch.from_numpy(a.astype(np.float32)) for a in A)
     g = pair_geometry(W0, W1, k=8, sides=())
-    ref = ref_geometry(W0, W1, 8)["nss"]
-    assert g.fallback and abs(float(g.nss) - ref) <= 0.02 * ref + 1e-13
+    ref = ref_geometry(W0, W1, 8)["spectral_drift"]
+    assert g.fallback and abs(float(g.spectral_drift) - ref) <= 0.02 * ref + 1e-13
     W0, W1 = make_pair(96, 64, 1e-3)
     g = pair_geometry(W0, W1, k=8)
     assert not g.fallback

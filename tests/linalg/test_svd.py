@@ -13,7 +13,7 @@ from weightgeo.linalg import (
     hill_tail_index,
     numerical_rank,
     singular_values,
-    spectral_shift,
+    spectral_drift_from_values,
     stable_rank_from_values,
     to_compute_dtype,
     top_singular_vectors,
@@ -104,8 +104,8 @@ def test_numerical_rank_exact_lowrank():
 def test_spectra_helpers():
     assert float(stable_rank_from_values(torch.zeros(3))) == 0.0
     assert float(stable_rank_from_values(torch.tensor([4.0, 3.0]))) == pytest.approx(25 / 16)
-    assert float(spectral_shift(torch.zeros(2), torch.zeros(2))) == 0.0
-    assert float(spectral_shift(torch.zeros(2), torch.ones(2))) == float("inf")
+    assert float(spectral_drift_from_values(torch.zeros(2), torch.zeros(2))) == 0.0
+    assert float(spectral_drift_from_values(torch.zeros(2), torch.ones(2))) == float("inf")
     s = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
     k = 4
     ref = 1.0 / (np.log(s[: k - 1].numpy() / s[k - 1].item()).sum() / (k - 1))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from weightgeo.errors import WeightgeoError
 from weightgeo.train.losses import (
     advantage_share,
     centered_rewards,
@@ -59,7 +60,7 @@ def test_grpo_group_stats_and_zero_variance_skip():
     # without std normalisation: r - mean
     adv3, _ = grpo_advantages(r, 4, normalize_std=False)
     assert torch.allclose(adv3[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(WeightgeoError, match=r"shape \(7,\) for group_size=4"):
         grpo_advantages(torch.ones(7), 4)
 
 
@@ -146,8 +147,12 @@ def test_sparsify_tokens():
     assert ((wr > 0).sum(1) == torch.tensor([1, 1])).all() and torch.allclose(wr.sum(1), mask.sum(1))
     assert wr[1, 3] == 0
     assert torch.equal(sparsify_tokens(scores, mask, 1.0), mask)
-    with pytest.raises(ValueError):
+    with pytest.raises(WeightgeoError, match="generator=None"):
         sparsify_tokens(scores, mask, 0.5, mode="random")
+    with pytest.raises(WeightgeoError, match=r"keep_ratio=1\.5"):
+        sparsify_tokens(scores, mask, 1.5)
+    with pytest.raises(WeightgeoError, match="mode='topk' or mode='random'"):
+        sparsify_tokens(scores, mask, 0.5, mode="top-kl")
 
 
 def test_permute_advantages_is_a_null():

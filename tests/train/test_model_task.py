@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from weightgeo.errors import WeightgeoError
 from weightgeo.train.model import GPT, GPTConfig, generate, response_logprobs
 from weightgeo.train.task import EOS, SEP, AdditionTask, ScratchpadAdditionTask
 
@@ -52,7 +53,7 @@ def test_generate_explicit_generator_and_logprobs():
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG was not touched
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
     assert torch.allclose(a.logprobs, response_logprobs(m, prompts, a.tokens), atol=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(WeightgeoError, match="generator=None.*temperature=0"):
         generate(m, prompts, 2, temperature=1.0)
     greedy = generate(m, prompts, 5, temperature=0)
     assert (greedy.logprobs <= 0).all()
@@ -92,7 +93,7 @@ def test_answer_only_task_reward_and_batched_rewards():
     comps[::2] = torch.tensor([t.answer(a, b) for a, b in ops])[::2]
     loop = torch.tensor([t.reward(p, c) for p, c in zip(prompts, comps)])
     assert torch.equal(loop, t.rewards(prompts, comps)) and loop.sum() >= 32
-    with pytest.raises(ValueError):
+    with pytest.raises(WeightgeoError, match="not a prompt of this task"):
         t.reward([1, 2, 3], [0])
 
 
@@ -157,3 +158,16 @@ def test_scratchpad_verifier_reads_the_final_answer_only():
     assert torch.equal(loop, t.rewards(prompts, rnd))
     with pytest.raises(ValueError):
         t.reward(t.encode("12+345="), good[0])
+
+
+def test_bad_training_inputs_are_weightgeo_errors_that_say_the_fix():
+    from weightgeo.train.loop import lr_at
+
+    m = GPT(CFG)
+    too_long = torch.zeros(1, CFG.block_size + 1, dtype=torch.long)
+    with pytest.raises(
+        WeightgeoError, match=rf"length {CFG.block_size + 1} .*GPTConfig\(block_size={CFG.block_size + 1}\)"
+    ):
+        m(too_long)
+    with pytest.raises(WeightgeoError, match="schedule='linear'.*schedule='constant' or schedule='cosine'"):
+        lr_at(0, total=10, lr=1e-3, schedule="linear")

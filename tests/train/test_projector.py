@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from weightgeo.errors import WeightgeoError
 from weightgeo.train.model import GPT, GPTConfig
 from weightgeo.train.projector import BLOCK_MATRICES, SubspaceProjector, subspace_bases
 
@@ -44,11 +45,11 @@ def test_projected_gradients_in_span_and_others_untouched():
 
 def test_projector_validates():
     model = _tiny()
-    with pytest.raises(KeyError):
+    with pytest.raises(WeightgeoError, match="'nope.weight'.*no such parameter.*named_parameters"):
         SubspaceProjector(model, {"nope.weight": torch.eye(32)[:, :2]})
-    with pytest.raises(ValueError):
+    with pytest.raises(WeightgeoError, match=r"shape \(32, 32\) and its basis V has shape \(16, 2\).*\[in=32, K\]"):
         SubspaceProjector(model, {"model.layers.0.self_attn.q_proj.weight": torch.eye(16)[:, :2]})
-    with pytest.raises(ValueError):
+    with pytest.raises(WeightgeoError, match="not orthonormal.*check_orthonormal=False"):
         SubspaceProjector(model, {"model.layers.0.self_attn.q_proj.weight": 2 * torch.eye(32)[:, :2]})
 
 

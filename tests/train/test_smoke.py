@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from weightgeo.errors import WeightgeoError
 from weightgeo.train import opd, rlvr, sft
 from weightgeo.train.model import GPT, GPTConfig
 
@@ -170,7 +171,7 @@ def test_null_run_permutes_and_head_only_freezes(tmp_path):
     opd.train(h, t, opd.OPDConfig(**{**cfg, "steps": 2}, trainable=head_only), tmp_path / "head")
     changed = {n for n, p in h.named_parameters() if not torch.equal(p, start[n])}
     assert changed == {"lm_head.weight", "model.embed_tokens.weight", "model.embed_positions.weight"}
-    with pytest.raises(ValueError, match="matches no parameter"):
+    with pytest.raises(WeightgeoError, match="matches no parameter.*trainable=None"):
         opd.train(GPT(TINY), t, opd.OPDConfig(**cfg, trainable="nothing"), tmp_path / "x")
 
 

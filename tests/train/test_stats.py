@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from weightgeo.errors import WeightgeoError
 from weightgeo.train.stats import VERDICTS, cluster_bootstrap, paired_bootstrap, verdict
 
 
@@ -26,7 +27,7 @@ def test_paired_bootstrap_recovers_a_known_difference_and_uses_the_pairing():
     assert same["diff"] == 0 and same["ci95"] == (0.0, 0.0)
     rev = paired_bootstrap(b, a, n_boot=2000, seed=1)
     assert rev["diff"] == pytest.approx(-r["diff"]) and rev["ci95"][1] == pytest.approx(-lo)
-    with pytest.raises(ValueError, match="different prompt sets"):
+    with pytest.raises(WeightgeoError, match="different prompt sets"):
         paired_bootstrap(a, b[:999])
 
 

@@ -14,7 +14,7 @@ from weightgeo.trajectory import locking_onset, rank_curve
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 STEPS = [100, 200, 300, 400]
-VALUES = ("frobenius_norm", "spectral_norm", "stable_rank", "hill_alpha")
+VALUES = ("delta_frobenius", "spectral_norm", "stable_rank", "hill_alpha")
 
 
 def _same_rows(on, off):
@@ -51,7 +51,7 @@ def test_tracker_on_cuda_equals_cpu(device="cuda"):
     sk = _track(base, cks, "sketch", device)
     for a, b in zip(ex.rank_curve().rows, sk.rank_curve().rows, strict=True):
         assert b["method"] == "sketch"
-        assert b["frobenius_norm"] == pytest.approx(a["frobenius_norm"], rel=0.05)
+        assert b["delta_frobenius"] == pytest.approx(a["delta_frobenius"], rel=0.05)
         assert b["stable_rank"] == pytest.approx(a["stable_rank"], rel=0.10)
         assert b["spectral_norm"] == pytest.approx(a["spectral_norm"], rel=0.10)
         assert abs(b["final_subspace_similarity"] - a["final_subspace_similarity"]) <= 0.1

@@ -90,7 +90,7 @@ def test_callback_without_trainer_merges_into_on_log(stub_callback, gen):
     cb.on_step_end(None, state, None, model=model)
     logs = {"loss": 1.0}
     cb.on_log(None, state, None, logs=logs)
-    assert logs["loss"] == 1.0 and "weightgeo/frobenius_norm/mean" in logs
+    assert logs["loss"] == 1.0 and "weightgeo/delta_frobenius/mean" in logs
     assert state.log_history[0]["step"] == 1
     other = SimpleNamespace(global_step=0, is_world_process_zero=False, log_history=[])
     idle = stub_callback(k=2)

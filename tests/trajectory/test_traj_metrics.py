@@ -127,7 +127,7 @@ def test_rank_curve_matches_float64_reference():
         D = ref_delta(cks[i][full], base[full])
         Dend = ref_delta(cks[-1][full], base[full])
         assert row["stable_rank"] == pytest.approx(ref_stable_rank(D), rel=1e-5)
-        assert row["frobenius_norm"] == pytest.approx(float(np.linalg.norm(D)), rel=1e-10)
+        assert row["delta_frobenius"] == pytest.approx(float(np.linalg.norm(D)), rel=1e-10)
         assert row["spectral_norm"] == pytest.approx(float(np.linalg.svd(D, compute_uv=False)[0]), rel=1e-6)
         assert row["hill_alpha"] == pytest.approx(ref_hill(D, 10), rel=1e-4)
         # verified randomized triplets (residual ≤ 1e-3·σ_i): Sim_K to about 1e-3

@@ -102,5 +102,5 @@ def test_unmatched_and_shape_changes_are_reported():
     assert "model.extra.weight" in rep.unmatched["only_ft"]
     rep = rank_curve(cks, base=base, steps=[1, 2, 3], include=["norm", "o_proj"], k=4, hill_k=4)
     assert rep.skipped == [
-        {"name": "layers.0.input_layernorm.weight", "reason": "1-D tensor: trajectory metrics need a matrix"}
+        {"name": "layers.0.input_layernorm.weight", "reason": "1-D tensor: SVD metrics need a matrix"}
     ]

@@ -21,7 +21,7 @@ counters, info, prune), :mod:`~weightgeo.cache.location` (``cache=`` / ``WEIGHTG
 from __future__ import annotations
 
 from .codec import decode_row, encode_row, pack, unpack
-from .keys import KEY_FORMAT, CacheKey, canonical_json, result_key
+from .keys import KEY_FORMAT, NOT_IN_KEY, CacheKey, canonical_json, in_key, not_in_key, result_key
 from .location import ENV_VAR, cacheable, default_cache_dir, resolve_cache
 from .store import FORMAT, CacheEntry, CacheInfo, CacheStats, PruneResult, ResultCache, sum_counts
 
@@ -37,6 +37,9 @@ __all__ = [
     "cacheable",
     "canonical_json",
     "result_key",
+    "not_in_key",
+    "in_key",
+    "NOT_IN_KEY",
     "encode_row",
     "decode_row",
     "pack",

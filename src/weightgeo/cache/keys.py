@@ -25,11 +25,37 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
+from .fingerprint import code_fingerprint
 
-__all__ = ["CacheKey", "KEY_FORMAT", "canonical_json", "result_key"]
+__all__ = ["CacheKey", "KEY_FORMAT", "NOT_IN_KEY", "not_in_key", "in_key", "canonical_json", "result_key"]
 
-#: bumped when the key recipe changes: every old key then misses
-KEY_FORMAT = 1
+#: bumped when the key recipe changes: every old key then misses (3: the code fingerprint joined the key)
+KEY_FORMAT = 3
+
+#: the metadata entry of a dataclass field that cannot change a result: the field is left out of every key, and
+#: the entry's value says why (an option object is keyed as a whole, so only a field marked so stays out)
+NOT_IN_KEY = "weightgeo_not_in_key"
+
+
+def not_in_key(why: str) -> dict[str, str]:
+    """Field metadata for a dataclass field that cannot change a result (left out of cache keys), with the reason.
+
+    >>> from dataclasses import dataclass, field
+    >>> @dataclass(frozen=True)
+    ... class Opts:
+    ...     k: int = 16
+    ...     progress: bool = field(default=False, metadata=not_in_key("a progress bar on stderr"))
+    >>> canonical_json(Opts(progress=True))
+    '{"k":16}'
+    """
+    if not why:
+        raise WeightgeoError("not_in_key: say why the field cannot change a result")
+    return {NOT_IN_KEY: why}
+
+
+def in_key(field: dataclasses.Field[Any]) -> bool:
+    """Whether a dataclass field enters cache keys (every field does unless marked :func:`not_in_key`)."""
+    return NOT_IN_KEY not in field.metadata
 
 
 @dataclass(frozen=True)
@@ -44,8 +70,8 @@ class CacheKey:
 
 
 def canonical_json(obj: Any) -> str:
-    """The one JSON text of ``obj``: sorted keys, no spaces, dataclasses as their fields, tuples and lists
-    alike, sets sorted, dtypes / devices / paths / enums as text.
+    """The one JSON text of ``obj``: sorted keys, no spaces, dataclasses as their fields (every field but those
+    marked :func:`not_in_key`), tuples and lists alike, sets sorted, dtypes / devices / paths / enums as text.
 
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
@@ -73,9 +99,10 @@ def result_key(
     options: Any = None,
     policy: str,
     version: str,
+    code: str | None = None,
 ) -> CacheKey:
     """The key of one result: ``kind``, the input identities (in order), the metric set (unordered), the
-    options, the numerical-policy fingerprint and the weightgeo version, hashed with sha256.
+    options, the numerical-policy fingerprint, the weightgeo version and the code fingerprint, hashed with sha256.
 
     Args:
         kind: what the entry holds (``"pair_row"``, ``"base_decomposition"``, ``"update_spectrum"``, ...).
@@ -84,6 +111,8 @@ def result_key(
         options: a JSON-able mapping or a dataclass (see :func:`canonical_json`).
         policy: the numerical-policy fingerprint (a non-empty string).
         version: the weightgeo version.
+        code: the code fingerprint (default: :func:`~weightgeo.cache.fingerprint.code_fingerprint`, this
+            process's computing modules), so that a result of other code is never served.
     """
     if not isinstance(kind, str) or not kind:
         raise WeightgeoError(f"cache key: kind must be a non-empty string, got {kind!r}")
@@ -101,6 +130,7 @@ def result_key(
         "key_format": KEY_FORMAT,
         "kind": kind,
         "weightgeo": str(version),
+        "code": code_fingerprint() if code is None else str(code),
         "policy": policy,
         "metrics": sorted(set(names)),
         "options": _canonical(options, "options"),
@@ -116,7 +146,9 @@ def _canonical(obj: Any, where: str) -> Any:
     if isinstance(obj, enum.Enum):
         return _canonical(obj.value, where)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _canonical(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
+        return {
+            f.name: _canonical(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj) if in_key(f)
+        }
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():

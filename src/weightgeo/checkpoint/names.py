@@ -34,8 +34,11 @@ __all__ = [
     "is_expert_stack",
 ]
 
-# Wrapper prefixes, stripped repeatedly from the front of a name (order does not matter).
+# The one list of wrappers a name may carry. Prefixes are stripped repeatedly from the front of a name (order does
+# not matter); wrapper components are removed wherever they stand (before another component): PEFT's
+# ``base_layer`` (a wrapped Linear's own weight), FSDP's and activation checkpointing's wrapped modules.
 _PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.")
+_WRAPPER_COMPONENTS = frozenset({"base_layer", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 # Layer-container names after which the next integer component is the layer index.
 _LAYER_CONTAINERS = frozenset({"layers", "h", "blocks", "block", "layer"})
 _PARAM_SUFFIXES = frozenset({"weight", "bias"})
@@ -82,19 +85,25 @@ PRESETS = ("attention", "mlp", "linear", "experts", "router")
 def canonical_name(name: str) -> str:
     """The name with wrapper prefixes (``base_model.model.``, ``model.``, ``module.``, ``_orig_mod.``) stripped.
 
-    PEFT's ``.base_layer`` component (a wrapped Linear's own weight) is removed too. A prefix is kept when
-    stripping it would leave a bare ``weight``/``bias``.
+    Wrapper components are removed too, wherever they stand: PEFT's ``base_layer`` (a wrapped Linear's own
+    weight), FSDP's ``_fsdp_wrapped_module`` and activation checkpointing's ``_checkpoint_wrapped_module``. A
+    prefix is kept when stripping it would leave a bare ``weight``/``bias``.
 
     >>> canonical_name("model.layers.0.self_attn.q_proj.weight")
     'layers.0.self_attn.q_proj.weight'
     >>> canonical_name("module._orig_mod.model.norm.weight")
     'norm.weight'
+    >>> canonical_name("_fsdp_wrapped_module.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight")
+    'layers.0.mlp.up_proj.weight'
     >>> canonical_name("lm_head.weight")
     'lm_head.weight'
     """
     if not isinstance(name, str):
         raise WeightgeoError(f"tensor names are strings, got {type(name).__name__} {name!r}")
-    name = name.replace(".base_layer.", ".")
+    parts = name.split(".")
+    kept = [p for p in parts[:-1] if p not in _WRAPPER_COMPONENTS] + parts[-1:]
+    if 1 < len(kept) < len(parts):  # never down to a bare ``weight``
+        name = ".".join(kept)
     changed = True
     while changed:
         changed = False
@@ -217,8 +226,9 @@ def _preset(kind: str) -> Callable[[str, tuple[int, ...] | None], bool]:
     return linear
 
 
-def _searcher(rx: re.Pattern[str]) -> Callable[[str, tuple[int, ...] | None], bool]:
-    return lambda c, s: rx.search(c) is not None
+def _matches(rx: re.Pattern[str]) -> Callable[[str, tuple[int, ...] | None], bool]:
+    """The predicate of one regex: ``re.search`` on the canonical name (the shape plays no part)."""
+    return lambda cname, shape: rx.search(cname) is not None
 
 
 def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[str, tuple[int, ...] | None], bool]]:
@@ -248,7 +258,7 @@ def _compile_one(spec: str | Sequence[str] | None, what: str) -> list[Callable[[
                 f"{what} pattern {item!r} is not a valid regular expression ({e}); "
                 f"fix the regex or use a preset {PRESETS}"
             ) from None
-        out.append(_searcher(rx))
+        out.append(_matches(rx))
     return out
 
 

@@ -11,21 +11,26 @@ the options and the tensors only (:func:`weightgeo.engine.groups.matrix_rows`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import re
+import shlex
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..checkpoint import Alignment, Checkpoint, align, module_type
-from ..checkpoint.names import VOCAB_MODULES, is_expert_stack
+from ..checkpoint.names import VOCAB_MODULES
 from ..distributed import World, balanced_shards
 from ..errors import WeightgeoError
+from ..selection import ByUid, Selector
+from ..validation import either
 
 __all__ = ["Job", "Plan", "plan_pair", "Unit", "Work", "plan_work", "Group", "pack_groups", "small_problem_bytes"]
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(ByUid):
     """One tensor of one (base, fine-tune) pair: canonical ``key``, each side's stored name and dtype, the base
     shape, the rows compared (fewer than the tensor's when tokens were added) and what the headers say."""
 
@@ -47,11 +52,6 @@ class Job:
         return len(self.shape) == 2
 
     @property
-    def uid(self) -> str:
-        """Unique in its plan: the key, with ``[j]`` for expert j of a stack (whose experts share the key)."""
-        return self.key if self.expert is None else f"{self.key}[{self.expert}]"
-
-    @property
     def row_len(self) -> int:
         """Entries per row (1 for 1-D and 0-d tensors)."""
         return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
@@ -67,7 +67,8 @@ class Plan:
     """What one (base, fine-tune) comparison analyses, decided from headers.
 
     ``jobs`` in checkpoint order; ``skipped``: tensors in both but not analysed, with reasons; ``partial``:
-    tensors that get only the elementwise metrics (not matrices), with reasons; the ``alignment`` of names;
+    tensors that get only the elementwise metrics (not matrices), with reasons; ``filtered_out``: how many the
+    include/exclude filter left out; the ``alignment`` of names;
     ``base_skipped`` / ``ft_skipped``: what each side's source holds that is not a model weight
     (:attr:`Checkpoint.skipped <weightgeo.checkpoint.Checkpoint.skipped>`: optimizer state, FP8 scales, ...).
     """
@@ -80,24 +81,21 @@ class Plan:
     ft_source: str = ""
     base_skipped: tuple[dict[str, str], ...] = ()
     ft_skipped: tuple[dict[str, str], ...] = ()
+    filtered_out: int = 0
 
     def source_skipped(self) -> list[dict[str, str]]:
         """Both sources' non-weight entries, each tagged with its ``side`` (``"base"`` or ``"ft"``)."""
         return [{**s, "side": "base"} for s in self.base_skipped] + [{**s, "side": "ft"} for s in self.ft_skipped]
 
 
-def plan_pair(
-    b: Checkpoint, f: Checkpoint, keep: Callable[..., bool], *, elementwise: bool, svd: bool, experts: bool = True
-) -> Plan:
+def plan_pair(b: Checkpoint, f: Checkpoint, select: Selector, *, fp8: bool = True) -> Plan:
     """Decide what to analyse between ``b`` and ``f`` from their headers (raises when there is nothing).
 
     Args:
-        keep: the include/exclude predicate ``keep(key, shape)``.
-        elementwise: update_sparsity is asked for (non-matrices are then analysed too).
-        svd: some pair metric is asked for (non-matrices are then listed as partial; ≥3-D tensors that are not
-            expert stacks also in ``skipped``, as getting no SVD metric).
-        experts: an expert stack [E, out, in] (``names.is_expert_stack``) becomes E matrix jobs, one per expert;
-            ``False`` keeps it one tensor (elementwise only).
+        select: which tensors, and how (:class:`~weightgeo.selection.Selector`: the filter, whether non-matrices
+            are analysed elementwise, whether an expert stack [E, out, in] is E matrix jobs).
+        fp8: a weight both sides store as scaled FP8 is compared by the FP8 update rule on its stored codes
+            (``False`` when the options round both sides to a dtype first).
     """
     alignment = align(b, f)
     if not alignment.pairs:
@@ -108,32 +106,24 @@ def plan_pair(
     jobs: list[Job] = []
     skipped: list[dict[str, str]] = []
     partial: list[dict[str, str]] = []
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     filtered_out = 0
     for pair in alignment.pairs:
         ib, i_f = b.info(pair.base_name), f.info(pair.ft_name)
-        if not keep(pair.key, ib.shape):
-            filtered_out += 1
+        choice = select.choose(pair.key, ib.shape, ib.dtype, i_f.dtype)
+        filtered_out += choice.filtered
+        if choice.skipped is not None:
+            skipped.append({"name": pair.key, "reason": choice.skipped})
+        if choice.partial is not None:
+            partial.append({"name": pair.key, "reason": choice.partial})
+        if choice.analyse is None:
             continue
-        if not (ib.dtype.is_floating_point and i_f.dtype.is_floating_point):
-            skipped.append({"name": pair.key, "reason": f"non-floating dtype ({ib.dtype} / {i_f.dtype})"})
+        common = _common_rows(ib.shape, i_f.shape, pair.key)
+        if common is None:
+            mismatched.append((pair.key, tuple(ib.shape), tuple(i_f.shape)))
             continue
-        if ib.numel == 0:
-            skipped.append({"name": pair.key, "reason": "empty tensor"})
-            continue
-        stack = experts and is_expert_stack(pair.key, ib.shape)
-        if len(ib.shape) != 2 and not stack:
-            reason = f"{len(ib.shape)}-D tensor: SVD metrics need a matrix"
-            if len(ib.shape) > 2:
-                reason += " (an [E, out, in] stack is analysed per expert only under an 'experts' name)"
-            if not elementwise:
-                skipped.append({"name": pair.key, "reason": reason})
-                continue
-            if svd:
-                partial.append({"name": pair.key, "reason": reason})
-                if len(ib.shape) > 2:  # no SVD metric for it, said where skipped tensors are listed
-                    skipped.append({"name": pair.key, "reason": reason + "; its row has update_sparsity only"})
-        rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
-        if stack:
+        rows, added = common
+        if choice.analyse == "experts":
             in_out = b.in_out_layout(pair.base_name)  # each expert [in, out] (gpt-oss)
             jobs.extend(
                 Job(
@@ -148,14 +138,16 @@ def plan_pair(
                     in_out,
                     expert=j,
                 )
-                for j in range(ib.shape[0])
+                for j in range(choice.experts)
             )
             continue
         in_out = len(ib.shape) == 2 and b.in_out_layout(pair.base_name)
-        fp8 = b.fp8_block(pair.base_name) is not None and f.fp8_block(pair.ft_name) is not None
+        is_fp8 = fp8 and b.fp8_block(pair.base_name) is not None and f.fp8_block(pair.ft_name) is not None
         jobs.append(
-            Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out, fp8)
+            Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out, is_fp8)
         )
+    if mismatched:
+        raise shape_mismatch(mismatched, b, f, analysed=len(jobs) + len(mismatched))
     if not jobs:
         why = (f"{filtered_out} excluded by include/exclude" if filtered_out else "") + (
             f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else ""
@@ -164,18 +156,74 @@ def plan_pair(
             f"nothing to analyse between {b.source} and {f.source}: {len(alignment.pairs)} "
             f"tensors in common, {why}; widen include/exclude or check the dtypes"
         )
-    return Plan(tuple(jobs), skipped, partial, alignment, b.source, f.source, tuple(b.skipped), tuple(f.skipped))
+    return Plan(
+        tuple(jobs),
+        skipped,
+        partial,
+        alignment,
+        b.source,
+        f.source,
+        tuple(b.skipped),
+        tuple(f.skipped),
+        filtered_out,
+    )
 
 
-def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str, src_f: str) -> tuple[int, int]:
+def _common_rows(sb: tuple[int, ...], sf: tuple[int, ...], key: str) -> tuple[int, int] | None:
+    """``(rows compared, rows added)`` of a tensor stored with shapes ``sb`` and ``sf``; ``None`` when the shapes
+    cannot be compared."""
     if sb == sf:
         return (sb[0] if sb else 1), 0
     if len(sb) == len(sf) == 2 and sb[1:] == sf[1:] and module_type(key) in VOCAB_MODULES:
         # Added tokens: compare the rows both share; the new rows have no base to compare with.
         return min(sb[0], sf[0]), sf[0] - sb[0]
-    raise WeightgeoError(
-        f"tensor {key!r}: shape {sb} in {src_b} but {sf} in {src_f}; compare checkpoints of "
-        f"one architecture, or exclude it with exclude={key!r}"
+    return None
+
+
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+
+
+def shape_mismatch(
+    mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    b: Checkpoint,
+    f: Checkpoint,
+    *,
+    analysed: int,
+) -> WeightgeoError:
+    """One error for every tensor whose shapes differ: how many, a few examples, the hidden sizes that differ
+    (from the configs, else the dimension the shapes differ in most), and the fix in the interface's syntax."""
+    n = len(mismatched)
+    examples = "; ".join(f"{k!r} {sb} vs {sf}" for k, sb, sf in mismatched[:3]) + ("; ..." if n > 3 else "")
+    hb = next((b.config[h] for h in _HIDDEN_KEYS if isinstance(b.config.get(h), int)), None)
+    hf = next((f.config[h] for h in _HIDDEN_KEYS if isinstance(f.config.get(h), int)), None)
+    if hb is not None and hf is not None and hb != hf:
+        sizes = f"their hidden sizes differ, {hb} vs {hf} (config.json)"
+    else:
+        pairs = Counter(
+            (x, y) for _, sb, sf in mismatched if len(sb) == len(sf) for x, y in zip(sb, sf) if x != y
+        ).most_common(1)
+        if not pairs:
+            sizes = "the tensors differ in their number of dimensions"
+        elif n >= max(2, analysed // 2):  # most of the model: another architecture
+            sizes = (
+                f"the hidden sizes differ, {pairs[0][0][0]} vs {pairs[0][0][1]} (the dimension most shapes differ in)"
+            )
+        else:
+            sizes = f"a dimension differs, {pairs[0][0][0]} vs {pairs[0][0][1]}"
+    if n == analysed:
+        flag = either("exclude=", "--exclude REGEX")
+        fix = (
+            f"these are two architectures: compare a fine-tune with the model it started from (leaving tensors "
+            f"out with {flag} cannot help: every analysed tensor differs)"
+        )
+    else:
+        names = [k for k, _, _ in mismatched]
+        types = sorted({module_type(k) for k in names})
+        regex = "|".join(re.escape(k) for k in names) if n <= 3 else "|".join(types)
+        flag = either(f"exclude={regex!r}", f"--exclude {shlex.quote(regex)}")
+        fix = f"compare checkpoints of one architecture, or leave these tensors out with {flag}"
+    return WeightgeoError(
+        f"{n} of {analysed} tensors have other shapes in {f.source} than in {b.source} ({examples}): {sizes}; {fix}"
     )
 
 
@@ -206,7 +254,7 @@ class Work:
 
     def shard(self, world: World) -> Work:
         """This rank's share of the units, balanced by entries read (every rank computes the same split)."""
-        mine = sorted(balanced_shards([u.weight for u in self.units], world.size)[world.rank])
+        mine = sorted(balanced_shards([u.weight for u in self.units], world.size)[world.process_rank])
         return Work(self.plans, tuple(self.units[i] for i in mine))
 
     def n_rows(self) -> int:
@@ -219,8 +267,8 @@ def plan_work(plans: Sequence[Plan], *, pair: bool) -> Work:
     joins the unit of its base matrix and row count (read and decomposed once for all fine-tunes); everything
     else is streamed per fine-tune."""
     units: list[Unit | None] = []
-    users: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    slot: dict[tuple[str, int], int] = {}
+    users: dict[tuple[str, int | None, int], list[tuple[int, int]]] = {}
+    slot: dict[tuple[str, int | None, int], int] = {}
     for i, plan in enumerate(plans):
         for j, job in enumerate(plan.jobs):
             if pair and job.matrix:

@@ -17,14 +17,17 @@ import torch
 
 from ..cache import ResultCache, resolve_cache, sum_counts
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
 from ..linalg.hardware import ahead
+from ..options import Filter, PairOptions
+from ..progress import fraction_bar
 from ..readahead import ReadAhead
 from ..report import Report
 from .cached import RowCache
-from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
-from .options import Filter, Options
+from .fits import check_groups_fit
+from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows, pair_options
 from .plan import Group, Work, pack_groups, plan_pair, plan_work
 from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
 from .report import comparison_report
@@ -42,13 +45,14 @@ def compare(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = 512,
-    side: str = "right",
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    k: int | float = PAIR_K,
+    side: str = SIDE,
+    rank: int | float = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool = PROGRESS,
     batch_bytes: int | None = None,
     cache: CacheArg = None,
 ) -> Report:
@@ -72,11 +76,16 @@ def compare(
         include, exclude: regexes on the canonical tensor name, or presets ``"attention"``, ``"mlp"``,
             ``"linear"``, ``"experts"``, ``"router"``. Default: every floating tensor present in both (paper
             §3.1); an [E, out, in] expert stack is analysed as E matrices (one row per ``expert``).
-        k, side: top-k subspace size (capped per matrix) and side for the rotation metrics (paper §3.1).
-        rank, alpha, eta: localization's reconstruction rank and mask fraction, and the bf16 tolerance
-            (paper §3.2, §3.1).
-        device: where the linear algebra runs (``"cpu"``, ``"cuda"``); reading is always on CPU.
-        progress: show a tqdm bar on stderr.
+        k, side: top-k subspace size (capped per matrix; default 512) and side for the rotation metrics
+            (default ``"right"``, the input side; paper §3.1).
+        rank, alpha, eta: localization's reconstruction rank and mask fraction (default 64 and 0.5), and the bf16
+            tolerance (default 1e-3) (paper §3.2, §3.1).
+        dtype: ``None`` (default): compare the tensors in their stored formats. A floating dtype
+            (``torch.bfloat16``, ``"float16"``, ...): both sides are rounded to it before the update rule and the
+            geometry (the FP8 update rule on stored codes then does not apply).
+        device: where the linear algebra runs (``"cpu"``, ``"cuda"``); ``None``: where the checkpoints are read,
+            the CPU.
+        progress: show a tqdm bar on stderr (default False; the command line shows one).
         batch_bytes: memory budget of one shape group: same-shape matrices (``q_proj`` of every layer, ...)
             are stacked into [B, out, in] batches whose estimated working set fits it, and the next group is
             read in the background while one is computed. Default 64 MiB on CPU, a quarter of the free
@@ -92,7 +101,7 @@ def compare(
         metrics), the model summary, and ``meta`` with provenance, skipped tensors, unmatched names and
         ``meta["cache"]`` (rows served and computed, tensors read, cache lookups and writes).
     """
-    options = Options.create(
+    options = PairOptions.create(
         metrics=metrics,
         include=include,
         exclude=exclude,
@@ -101,6 +110,7 @@ def compare(
         rank=rank,
         alpha=alpha,
         eta=eta,
+        dtype=dtype,
         device=device,
         progress=progress,
         batch_bytes=batch_bytes,
@@ -115,13 +125,14 @@ def compare_many(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = 512,
-    side: str = "right",
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    k: int | float = PAIR_K,
+    side: str = SIDE,
+    rank: int | float = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool = PROGRESS,
     batch_bytes: int | None = None,
     cache: CacheArg = None,
 ) -> list[Report]:
@@ -143,7 +154,7 @@ def compare_many(
     Args:
         base: the shared base checkpoint (any source :func:`~weightgeo.compare` accepts).
         fts: a list of fine-tuned checkpoints (each any source ``compare`` accepts, LoRA adapters included).
-        metrics, include, exclude, k, side, rank, alpha, eta, device, progress, batch_bytes, cache: as in
+        metrics, include, exclude, k, side, rank, alpha, eta, dtype, device, progress, batch_bytes, cache: as in
             :func:`~weightgeo.compare`, applied to every fine-tune.
 
     Returns:
@@ -157,7 +168,7 @@ def compare_many(
         )
     if not fts:
         raise WeightgeoError("compare_many: fts is empty; give at least one fine-tuned checkpoint")
-    options = Options.create(
+    options = PairOptions.create(
         metrics=metrics,
         include=include,
         exclude=exclude,
@@ -166,6 +177,7 @@ def compare_many(
         rank=rank,
         alpha=alpha,
         eta=eta,
+        dtype=dtype,
         device=device,
         progress=progress,
         batch_bytes=batch_bytes,
@@ -174,7 +186,7 @@ def compare_many(
 
 
 def run(
-    base: Any, fts: Sequence[Any], options: Options, *, shared_meta: bool = False, cache: CacheArg = None
+    base: Any, fts: Sequence[Any], options: PairOptions, *, shared_meta: bool = False, cache: CacheArg = None
 ) -> list[Report]:
     """The pass: one Report per fine-tune in ``fts`` (each as ``compare(base, ft)`` would give it)."""
     t0 = time.perf_counter()
@@ -183,8 +195,8 @@ def run(
     try:
         for ft in fts:
             fs.append(open_checkpoint(ft, base=b))
-        keep = options.keep()
-        plans = [plan_pair(b, f, keep, elementwise=options.sparsity, svd=bool(options.pair_metrics)) for f in fs]
+        select = options.selector()
+        plans = [plan_pair(b, f, select, fp8=options.dtype is None) for f in fs]
         world = current_world(options.device)
         work = plan_work(plans, pair=bool(options.pair_metrics)).shard(world)
         store = RowCache(resolve_cache(cache), b, fs, options)
@@ -201,7 +213,7 @@ def run(
                 bar.close()
         per_rank = world.gather(
             {
-                "rank": world.rank,
+                "process_rank": world.process_rank,
                 "seconds": round(time.perf_counter() - t_rank, 3),
                 "tensors": [[work.job(i, j).uid for i, j in _users(work, i)] for i in range(len(fs))],
                 "rows": local,
@@ -223,7 +235,10 @@ def run(
             world_size=world.size,
             seconds=seconds,
             **extra,
-            ranks=[{"rank": p["rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]} for p in per_rank],
+            processes=[
+                {"process_rank": p["process_rank"], "tensors": p["tensors"][i], "seconds": p["seconds"]}
+                for p in per_rank
+            ],
         )
         for i in range(len(fs))
     ]
@@ -234,21 +249,20 @@ def _users(work: Work, ft: int) -> list[tuple[int, int]]:
 
 
 def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
+    """A bar over the rows; it moves in fractions of a tensor (each row chunk, each member read and checked, each
+    kernel done), so a large tensor or shape group never leaves it standing still."""
+    return fraction_bar(enabled, desc="weightgeo compare", total=total, unit="tensors")
 
 
 def _run_units(
-    b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: Options, bar, store: RowCache | None = None
+    b: Checkpoint, fs: Sequence[Checkpoint], work: Work, options: PairOptions, bar, store: RowCache | None = None
 ) -> list[Rows]:
     """Rows of this rank's units, per fine-tune: shape groups through the batched pair kernel, the other tensors
     streamed in row chunks, in plan order; a background thread reads the next group or chunk meanwhile. Each
     row goes to ``store`` (the result cache) as soon as it is finished."""
     budget = options.budget()
     groups = pack_groups(work, len(fs), budget)
+    check_groups_fit(groups, work, options)  # from the headers, before anything is read
     first = {g.units[0]: g for g in groups}
     in_group = {u for g in groups for u in g.units}
     pin = options.device.type == "cuda"
@@ -286,7 +300,7 @@ def _run_units(
         if nxt is None or not isinstance(nxt[0], Group) or not options.needs_base or id(nxt[0]) in early:
             return None
         g2, (W0_2, _, _) = nxt
-        shared = store.shared_base(W0_2, g2, work) if store is not None else SharedBase(W0_2, options)
+        shared = store.shared_base(W0_2, g2, work, options) if store is not None else SharedBase(W0_2, options)
         early[id(g2)] = shared
         started: list[object] = []
 
@@ -301,20 +315,20 @@ def _run_units(
             if isinstance(what, Group):
                 hook = next_base(stream)
                 W0, W1s, fp8 = data
-                done = _group(what, W0, W1s, fp8, work, options, out, store, early.pop(id(what), None), hook)
+                base = early.pop(id(what), None)
+                _group(what, W0, W1s, fp8, work, options, out, store, base, hook, None if bar is None else bar.update)
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)
                 counts[key] = counts.get(key, 0) + chunk_unchanged(options, job.uid, s, e, c0, c1)
+                if bar is not None:  # each row chunk moves the bar
+                    bar.update((e - s) / job.rows if job.rows else 1.0)
                 if e < job.rows:
                     continue
                 row = finish_row(options, job, counts.pop(key))
                 out[i].append((index[key], row))
                 if store is not None:
                     store.store(i, index[key], job, row)
-                done = 1
-            if bar is not None:
-                bar.update(done)
     return out
 
 
@@ -324,24 +338,31 @@ def _group(
     W1s: list[torch.Tensor | None],
     fp8: list,
     work: Work,
-    options: Options,
+    options: PairOptions,
     out: list[Rows],
     store: RowCache | None = None,
-    shared: SharedBase | None = None,
+    early: SharedBase | None = None,
     base_ready: Callable[[], object] | None = None,
+    progress: Callable[[float], object] | None = None,
 ) -> int:
-    """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
-    decomposition read from the cache), and the rows are cached as soon as they are computed. ``shared``: the
-    group's base made ahead of its turn; ``base_ready``: the kernel's hook once the base is decomposed (it starts
-    the next group's base)."""
-    if shared is None:
-        shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)
+    """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once per
+    rounding (or its decomposition read from the cache), and the rows are cached as soon as they are computed.
+    ``early``: the group's base made ahead of its turn (in the pass's rounding); ``base_ready``: the kernel's hook
+    once the base is decomposed (it starts the next group's base); ``progress``: the bar's advance."""
+    shared: dict[torch.dtype | None, SharedBase] = {}  # one per rounding: fine-tunes stored in another format
+    if early is not None:
+        shared[options.dtype] = early
     done = 0
     for i, (W1, js) in enumerate(zip(W1s, g.jobs)):
         if W1 is None:
             continue
         jobs = [work.job(i, j) for j in js]
-        rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i], base_ready=base_ready)
+        use = pair_options(options, jobs[0])
+        if use.dtype not in shared:
+            shared[use.dtype] = store.shared_base(W0, g, work, use) if store is not None else SharedBase(W0, use)
+        rows = matrix_rows(
+            options, jobs, W0, W1, shared=shared[use.dtype], fp8=fp8[i], base_ready=base_ready, progress=progress
+        )
         out[i].extend(zip(js, rows))
         if store is not None:
             for j, job, row in zip(js, jobs, rows):

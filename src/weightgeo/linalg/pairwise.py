@@ -51,15 +51,17 @@ Everything is batched over leading dimensions, device-agnostic, torch only.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
-from ..validation import check_k, check_matrix, check_sides
+from ..validation import check_matrix, check_sides, check_size, resolve_size
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
-from .spectra import spectral_shift
+from .spectra import spectral_drift_from_values
 from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
 
 __all__ = [
@@ -166,7 +168,9 @@ class BaseSpectrum:
     @property
     def lam(self) -> torch.Tensor:
         """Eigenvalues σ0² of the small-side Gram that ``V_c`` diagonalises (float64, descending)."""
-        return self.decomposition.gram_eigenvalues  # type: ignore[return-value]
+        lam = self.decomposition.gram_eigenvalues
+        assert lam is not None  # a base is decomposed through its Gram, which keeps them
+        return lam
 
     @property
     def eps(self) -> float:
@@ -225,7 +229,8 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
         A = A.mT
     # V_c row-major, as restore_base_spectrum rebuilds it: eigh returns column-major vectors, and a GEMM's
     # rounding depends on its operands' layout, so a cached base must have the layout of a fresh one
-    V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()  # type: ignore[union-attr]
+    assert dec.vectors is not None  # asked for with vectors=True
+    V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()
     return BaseSpectrum(A, transposed, dec, V_c)
 
 
@@ -256,8 +261,8 @@ class PairGeometry:
     """Result of :func:`pair_geometry` (all float64 tensors, batched like the inputs).
 
     ``angles_right`` / ``angles_left``: [..., k] principal angles in degrees, ascending, between the
-    top-``k`` singular subspaces of W0 and W1 (``None`` for a side not asked for). ``nss``: [...]
-    ``‖σ(W1) − σ(W0)‖₂ / ‖σ(W0)‖₂``. ``sigma0`` / ``sigma1``: [..., min(m, n)] descending.
+    top-``k`` singular subspaces of W0 and W1 (``None`` for a side not asked for). ``spectral_drift``: [...]
+    ``‖σ(W1) − σ(W0)‖₂ / ‖σ(W0)‖₂`` (the paper's NSS; ``nss`` is its deprecated alias until 0.3). ``sigma0`` / ``sigma1``: [..., min(m, n)] descending.
     ``gap``: [...] ``σ_k(W0)/σ_{k+1}(W0)`` (``inf`` when k = min(m, n)); angles are reproducible only
     where it is clearly above 1. ``k``: the effective subspace dimension. ``rank0`` / ``rank1``: [...]
     numerical ranks of W0 and W1. ``fallback``: True when W0 or W1 was too ill-conditioned for the
@@ -266,16 +271,27 @@ class PairGeometry:
 
     angles_right: torch.Tensor | None
     angles_left: torch.Tensor | None
-    nss: torch.Tensor
+    spectral_drift: torch.Tensor
     sigma0: torch.Tensor
     sigma1: torch.Tensor
     gap: torch.Tensor
     k: int
-    rank0: torch.Tensor | None = None
-    rank1: torch.Tensor | None = None
+    rank0: torch.Tensor
+    rank1: torch.Tensor
     fallback: bool = False
 
-    def overlap(self, side: str = "right") -> torch.Tensor:
+    @property
+    def nss(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`spectral_drift` (one name for the quantity everywhere); removed in 0.3."""
+        warnings.warn(
+            "PairGeometry.nss is deprecated: use spectral_drift (the name of the metric and of the report rows); "
+            "the alias goes in weightgeo 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.spectral_drift
+
+    def overlap(self, side: str = SIDE) -> torch.Tensor:
         """Mean cos² of the angles on ``side`` ([...], in [0, 1]; 1 = same subspace)."""
         a = self.angles(side)
         return torch.cos(torch.deg2rad(a)).pow(2).mean(-1)
@@ -292,7 +308,7 @@ def pair_geometry(
     W0: torch.Tensor | None,
     W1: torch.Tensor,
     *,
-    k: int = 512,
+    k: int | float = PAIR_K,
     sides: Sequence[str] = ("right",),
     base: BaseSpectrum | None = None,
 ) -> PairGeometry:
@@ -300,14 +316,15 @@ def pair_geometry(
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
     >>> g = pair_geometry(W0, W0, k=2)
-    >>> g.angles_right, g.nss
+    >>> g.angles_right, g.spectral_drift
     (tensor([0., 0.], dtype=torch.float64), tensor(0., dtype=torch.float64))
 
     Args:
         W0: [..., m, n] base weight; may be ``None`` when ``base`` is given (then ``base.A`` is used).
         W1: [..., m, n] fine-tuned weight (same shape). bf16/fp16 are upcast to float32, exactly.
-        k: subspace dimension (paper default 512); capped at min(m, n) and at both numerical ranks
-            (the minimum over the batch), reported as ``PairGeometry.k``.
+        k: subspace dimension: a count, or a fraction in (0, 1) of min(m, n) (default 0.125, the paper's 512 of
+            4096); capped at min(m, n) and at both numerical ranks (the minimum over the batch), reported as
+            ``PairGeometry.k``.
         sides: any of "right" (V, input side) and "left" (U, output side); empty for NSS only (then
             the pair's eigenproblem is values-only).
         base: a :func:`base_spectrum` of W0, to reuse across several W1 (saves ~40 % per pair).
@@ -316,7 +333,7 @@ def pair_geometry(
         a :class:`PairGeometry`. Method and measured error bound: module docstring and docs/numerics.md.
     """
     sides = check_sides(sides)
-    k = check_k(k)
+    size = check_size(k)
     if base is None:
         if W0 is None:
             raise WeightgeoError("pair_geometry: give W0 or base=base_spectrum(W0)")
@@ -325,11 +342,11 @@ def pair_geometry(
     prod = pair_products(base, A1, sides=sides)
     eig = pair_eigen(base, prod, vectors=bool(sides))
     spec = pair_spectrum(base, A1, eig)
-    k_eff = int(effective_k(k, base, spec).min())
+    k_eff = int(effective_k(resolve_size(size, min(base.shape)), base, spec).min())
     right, left = pair_angles(base, prod, eig, spec, k_eff, sides)
     gap = spectral_gap(base.sigma, k_eff)
     return PairGeometry(
-        right, left, spec.nss, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1, spec.fallback
+        right, left, spec.spectral_drift, base.sigma, spec.sigma1, gap, k_eff, base.rank(), spec.rank1, spec.fallback
     )
 
 
@@ -399,12 +416,13 @@ def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool) -> PairEige
 
 @dataclass(frozen=True)
 class PairSpectrum:
-    """σ(W1) ([..., p] float64, descending), its numerical rank and the NSS ([...]), per member; ``fallback``:
+    """σ(W1) ([..., p] float64, descending), its numerical rank and the spectral drift (NSS, [...]), per member;
+    ``fallback``:
     whether some member took its values from the policy instead of the base-relative eigenproblem."""
 
     sigma1: torch.Tensor
     rank1: torch.Tensor
-    nss: torch.Tensor
+    spectral_drift: torch.Tensor
     fallback: bool
 
 
@@ -427,7 +445,7 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     m, n = base.A.shape[-2:]
     sigma1, rank1 = s1, numerical_rank(s1, (m, n), eps=base.eps)
     nrm = torch.linalg.vector_norm(s0, dim=-1)
-    nss = torch.where(
+    drift = torch.where(
         nrm > 0,
         num / torch.where(nrm > 0, nrm, torch.ones_like(nrm)),
         torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)),
@@ -437,11 +455,11 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
         p = s1.shape[-1]
         which = need.reshape(-1)
         d1 = decompose(A1.reshape(-1, *A1.shape[-2:])[which], vectors=False)
-        sigma1, rank1, nss = sigma1.clone(), rank1.clone(), nss.clone()
+        sigma1, rank1, drift = sigma1.clone(), rank1.clone(), drift.clone()
         sigma1.reshape(-1, p)[which] = d1.S
         rank1.reshape(-1)[which] = d1.rank()
-        nss.reshape(-1)[which] = spectral_shift(base.sigma.reshape(-1, p)[which], d1.S)
-    return PairSpectrum(sigma1, rank1, nss, fallback)
+        drift.reshape(-1)[which] = spectral_drift_from_values(base.sigma.reshape(-1, p)[which], d1.S)
+    return PairSpectrum(sigma1, rank1, drift, fallback)
 
 
 def _untrusted(
@@ -499,10 +517,11 @@ def pair_angles(
     s0 = base.lam.clamp_min(0).sqrt()
     small = big = None
     if want_small:
-        assert eig.Q is not None, "pair_angles needs the pair's eigenvectors (pair_eigen(vectors=True))"
+        if k > 0 and eig.Q is None:
+            raise WeightgeoError("pair_angles: the pair eigenproblem was solved without vectors; pass vectors=True")
         small = (
             torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k).clamp(0, 1)))
-            if k > 0
+            if k > 0 and eig.Q is not None
             else s0.new_zeros(*s0.shape[:-1], 0)
         )
     if want_big:
@@ -522,17 +541,17 @@ def pair_angles(
 def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpectrum, index: torch.Tensor):
     """The members ``index`` of every per-pair result (first dimension), for :func:`pair_angles`."""
 
-    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[index.to(t.device)]
-
     def take(t: torch.Tensor) -> torch.Tensor:
         return t[index.to(t.device)]
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else take(t)
 
     return (
         base.select(index),
         Products(*(pick(t) for t in (prod.P, prod.C0, prod.J, prod.fro_sq))),
         PairEigen(take(eig.F), take(eig.mu), pick(eig.Q)),
-        PairSpectrum(take(spec.sigma1), take(spec.rank1), take(spec.nss), spec.fallback),
+        PairSpectrum(take(spec.sigma1), take(spec.rank1), take(spec.spectral_drift), spec.fallback),
     )
 
 

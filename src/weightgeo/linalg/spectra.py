@@ -1,12 +1,15 @@
-"""Spectral summaries from singular values: stable rank, normalized spectral shift, Hill tail index."""
+"""Spectral summaries from singular values: stable rank, spectral drift (NSS), Hill tail index."""
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import torch
 
 from ..errors import WeightgeoError
 
-__all__ = ["stable_rank_from_values", "spectral_shift", "hill_tail_index"]
+__all__ = ["stable_rank_from_values", "spectral_drift_from_values", "hill_tail_index"]
 
 
 def stable_rank_from_values(S: torch.Tensor, frobenius_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,10 +30,10 @@ def stable_rank_from_values(S: torch.Tensor, frobenius_sq: torch.Tensor | None =
     return torch.where(top > 0, fro / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
 
 
-def spectral_shift(S0: torch.Tensor, S1: torch.Tensor) -> torch.Tensor:
-    """Normalized spectral shift ``‖σ₁ − σ₀‖₂ / ‖σ₀‖₂`` (NSS, paper-notes §1.3).
+def spectral_drift_from_values(S0: torch.Tensor, S1: torch.Tensor) -> torch.Tensor:
+    """Spectral drift ``‖σ₁ − σ₀‖₂ / ‖σ₀‖₂`` from singular values (the paper's NSS, paper-notes §1.3).
 
-    >>> spectral_shift(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))
+    >>> spectral_drift_from_values(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))
     tensor(0.1000)
 
     Args:
@@ -42,7 +45,7 @@ def spectral_shift(S0: torch.Tensor, S1: torch.Tensor) -> torch.Tensor:
     """
     if S0.shape != S1.shape:
         raise WeightgeoError(
-            f"spectral_shift: singular-value vectors differ in shape: {tuple(S0.shape)} vs {tuple(S1.shape)}"
+            f"spectral_drift_from_values: singular-value vectors differ in shape: {tuple(S0.shape)} vs {tuple(S1.shape)}"
         )
     num = torch.linalg.vector_norm(S1 - S0, dim=-1)
     den = torch.linalg.vector_norm(S0, dim=-1)
@@ -74,3 +77,16 @@ def hill_tail_index(S: torch.Tensor, k: int = 10) -> torch.Tensor:
     sk = top[..., -1:]
     mean_log = torch.log(top[..., :-1] / sk).sum(-1) / (k - 1)
     return torch.where(sk[..., 0] > 0, 1.0 / mean_log, torch.full_like(mean_log, float("nan"))).to(S.dtype)
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names (PEP 562): ``spectral_shift`` is :func:`spectral_drift_from_values` until 0.3."""
+    if name == "spectral_shift":
+        warnings.warn(
+            "weightgeo.linalg.spectral_shift is deprecated: use spectral_drift_from_values (spectral drift has one "
+            "name); the alias goes in weightgeo 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return spectral_drift_from_values
+    raise AttributeError(f"module {__package__!r} has no attribute {name!r}")  # linalg resolves through here

@@ -168,7 +168,7 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
     Xf = X.reshape(math.prod(X.shape[:-2]), m, n)
     if Xf.shape[0] == 0:
         return X.new_zeros((*X.shape[:-2], n, n), dtype=dtype)
-    parts = []
+    parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
         G = Xf.new_zeros((b1 - b0, n, n), dtype=dtype)
         for s, e in spans:

@@ -4,7 +4,8 @@ Naming contract (docs/metrics.md): ``*_overlap`` / ``*_similarity`` in [0, 1], h
 ``*_angles`` in degrees, ascending; ``*_sparsity`` = fraction unchanged; the same keyword names
 everywhere (``k``, ``eta``, ``device``, ``dtype``, ``seed``). These functions take tensors (or NumPy arrays)
 only and never read files; the checkpoint-aware verbs of the same names are ``weightgeo.<verb>``
-(:mod:`weightgeo.api`). The list of all metrics and the row keys each emits: :mod:`.catalog`.
+(:mod:`weightgeo.api`). The list of all metrics, the row keys each emits and every other name: the glossary,
+:mod:`.catalog`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def spectral_drift(base: Any, ft: Any) -> float:
         A zero base gives ``inf`` (0 when ft is zero too).
     """
     b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what="spectral_drift"))
-    return float(pair_geometry(b, f, sides=()).nss)
+    return float(pair_geometry(b, f, sides=()).spectral_drift)
 
 
 def stable_rank(delta: Any) -> float:

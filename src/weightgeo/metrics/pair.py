@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..defaults import ALPHA, ETA, PAIR_K, RANK, SIDE
 from ..errors import WeightgeoError
 from ..linalg.hardware import Lanes
 from ..linalg.pairwise import (
@@ -36,11 +37,18 @@ from ..linalg.pairwise import (
 )
 from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
-from ..validation import check_eta, check_k, check_pair, check_rank_alpha, check_side
+from ..validation import check_eta, check_pair, check_rank_alpha, check_side, check_size, resolve_size
 from .catalog import ALL_METRICS, PAIR_METRICS
 from .localization import localize
 
-__all__ = ["PAIR_METRICS", "ALL_METRICS", "matrix_pair_metrics", "batched_pair_metrics"]
+__all__ = ["PAIR_METRICS", "ALL_METRICS", "SUBSPACE_KEYS", "matrix_pair_metrics", "batched_pair_metrics", "PairRow"]
+
+#: the metric values of one matrix: numbers (``None`` where not measurable), the angle vector
+#: ``principal_angles`` when asked for, and ``not_measurable`` ({metric: reason}) where some metric is not
+PairRow = dict[str, Any]
+
+#: the row keys of the principal_overlap family that say nothing when k reaches the smaller side
+SUBSPACE_KEYS = ("principal_overlap", "max_principal_angle", "mean_principal_angle", "spectral_gap")
 
 
 def matrix_pair_metrics(
@@ -48,13 +56,13 @@ def matrix_pair_metrics(
     w1: torch.Tensor,
     *,
     metrics: AbstractSet[str],
-    k: int = 512,
-    side: str = "right",
-    rank: int = 64,
-    alpha: float = 0.5,
-    eta: float = 1e-3,
+    k: int | float = PAIR_K,
+    side: str = SIDE,
+    rank: int | float = RANK,
+    alpha: float = ALPHA,
+    eta: float = ETA,
     angles: bool = False,
-) -> dict[str, float]:
+) -> PairRow:
     """All requested SVD-family metrics of one [out, in] pair, sharing the decompositions.
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -67,7 +75,8 @@ def matrix_pair_metrics(
         w1: W+ [out, in].
         metrics: subset of :data:`PAIR_METRICS` ("update_sparsity" is accepted and ignored: the engine
             computes it in row chunks with ``sparsity.unchanged_count``).
-        k, side: principal-angle options (§1.2); rank, alpha, eta: localization options (§1.4).
+        k, side: principal-angle options (§1.2); rank, alpha, eta: localization options (§1.4). ``k`` and ``rank``
+            are counts, or fractions in (0, 1) of the matrix's smaller side (``k=0.125``: an eighth of it).
         angles: also return the angle vector as ``principal_angles`` (a list of degrees, ascending, length
             ``k_effective``) with the "principal_overlap" family.
 
@@ -78,12 +87,16 @@ def matrix_pair_metrics(
         "update_localization" → ``density``, ``principal_mask_overlap``, ``low_magnitude_overlap``;
         "stable_rank" → ``stable_rank`` and ``delta_frobenius`` of ΔW = W+ − W0 (fp32; fp64 for fp64).
         A zero W0 or W+ gives NaN angle statistics with ``k_effective`` 0 (and an empty angle vector).
+        Where k reaches the smaller side min(out, in), the top-k subspace is the whole space: the angle
+        statistics and the gap are ``None`` (not measurable, not 0° / 1.0 / inf), as is
+        ``principal_mask_overlap`` where the rank does (the reconstruction is W0 itself); ``not_measurable``
+        then maps each such key to the reason.
     """
     wanted = set(metrics)
     unknown = wanted - set(ALL_METRICS)
     if unknown:
         raise WeightgeoError(f"unknown metric(s) {sorted(unknown)}; known: {list(ALL_METRICS)}")
-    k = check_k(k)
+    k = check_size(k)
     check_side(side)
     rank, alpha = check_rank_alpha(rank, alpha)
     eta = check_eta(eta)
@@ -98,16 +111,16 @@ def batched_pair_metrics(
     w1: torch.Tensor,
     *,
     metrics: AbstractSet[str],
-    k: int,
+    k: int | float,
     side: str,
-    rank: int,
+    rank: int | float,
     alpha: float,
     eta: float,
     base: BaseSpectrum | Callable[[], BaseSpectrum | None] | None = None,
     angles: bool = False,
     update_rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None = None,
     base_ready: Callable[[], object] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[PairRow]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
     The engine's kernel for a shape group: one batched base decomposition, one row-block pass for the
@@ -122,19 +135,22 @@ def batched_pair_metrics(
     localization started (the engine then starts the next group's base in the second lane, beside this pair's
     eigenproblem).
     """
-    rot, nss, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
+    rot, drift, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
-    out: list[dict[str, Any]] = [{} for _ in range(w0.shape[0])]
-    transposed = w0.shape[-2] < w0.shape[-1]
+    out: list[PairRow] = [{} for _ in range(w0.shape[0])]
+    m, n = w0.shape[-2:]
+    p = min(m, n)
+    k_abs, r_abs = resolve_size(k, p), resolve_size(rank, p)
+    transposed = m < n
     A0, A1 = (w0.mT, w1.mT) if transposed else (w0, w1)  # tall, as the base orients them
     # Two lanes (linalg.hardware.Lanes): the base's decomposition (then the stable rank's eigenvalue and the
     # localization) in the second, the fine-tune's products, the pair eigenproblem and the angles in the first.
     with Lanes(w0.device) as lanes:
         make = base if callable(base) else (lambda: base_spectrum(w0)) if base is None else None
-        base_job = lanes.submit(make) if make is not None and (rot or nss or loc) else None
+        base_job = lanes.submit(make) if make is not None and (rot or drift or loc) else None
         prod, rank_job = None, None
         sides = (side,) if rot else ()
-        if rot or nss:
+        if rot or drift:
             prod = side_products(A0, A1, transposed=transposed, sides=sides, stable_rank=srank)
         elif srank:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
             prod = products(A0, A1, J=True, fro=True)
@@ -147,31 +163,42 @@ def batched_pair_metrics(
             base = None
         loc_job = None
         if loc:
-            assert base is not None
-            loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=rank, alpha=alpha, eta=eta, rows=update_rows)
+            assert isinstance(base, BaseSpectrum)
+            r = min(r_abs, p)
+            loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=r, alpha=alpha, eta=eta, rows=update_rows)
         if base_ready is not None:
             base_ready()
-        if rot or nss:
-            assert base is not None and prod is not None
+        if rot or drift:
+            assert isinstance(base, BaseSpectrum) and prod is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
             spec = pair_spectrum(base, A1, eig)
-            if rot:
-                _rotation_rows(out, base, prod, eig, spec, k=k, side=side, angles=angles)
-            if nss:
+            if rot and k_abs >= p:
+                _whole_space_rows(out, effective_k(k_abs, base, spec), k=k_abs, shape=(m, n), angles=angles)
+            elif rot:
+                _rotation_rows(out, base, prod, eig, spec, k=k_abs, side=side, angles=angles)
+            if drift:
                 for i, row in enumerate(out):
-                    row["spectral_drift"] = float(spec.nss[i])
+                    row["spectral_drift"] = float(spec.spectral_drift[i])
             del eig, spec
         del prod
         if rank_job is not None:
-            for row, extra in zip(out, lanes.take(rank_job)):
+            ranks = lanes.take(rank_job)
+            for row, extra in zip(out, ranks):
                 row.update(extra)
         if loc_job is not None:
-            for row, res in zip(out, lanes.take(loc_job)):
+            found = lanes.take(loc_job)
+            for row, res in zip(out, found):
                 row.update(
                     density=res.density,
                     principal_mask_overlap=res.principal_mask_overlap,
                     low_magnitude_overlap=res.low_magnitude_overlap,
                 )
+                if r_abs >= p:
+                    row["principal_mask_overlap"] = None
+                    row.setdefault("not_measurable", {})["principal_mask_overlap"] = (
+                        f"rank {r_abs} ≥ {p}, the smaller side of {m}x{n}: the rank-r reconstruction is W0 itself, "
+                        f"so the principal mask is the top of |W0|, the complement of the low-magnitude mask"
+                    )
     return out
 
 
@@ -201,8 +228,22 @@ def _localization_rows(
     ]
 
 
+def _whole_space_rows(out: list[PairRow], each: torch.Tensor, *, k: int, shape: tuple[int, int], angles: bool) -> None:
+    """The rotation keys of members whose top-k subspace is the whole space (k ≥ min(out, in)): not measurable."""
+    p = min(shape)
+    why = (
+        f"k {k} ≥ {p}, the smaller side of {shape[0]}x{shape[1]}: the top-k subspace holds every singular direction "
+        f"(there is no σ_k+1), so it is no principal subspace (on the smaller side the angles are 0° whatever the "
+        f"update)"
+    )
+    keys = SUBSPACE_KEYS + (("principal_angles",) if angles else ())
+    for i, row in enumerate(out):
+        row.update(dict.fromkeys(keys), k_effective=float(each[i]))
+        row.setdefault("not_measurable", {}).update(dict.fromkeys(keys, why))
+
+
 def _rotation_rows(
-    out: list[dict[str, Any]],
+    out: list[PairRow],
     base: BaseSpectrum,
     prod: Products,
     eig: PairEigen,
@@ -249,8 +290,11 @@ def _rotation_rows(
 
 
 def _stable_ranks(prod: Products) -> list[dict[str, float]]:
-    """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F²."""
-    s1 = torch.linalg.eigvalsh(prod.J.to(torch.float64))[..., -1].clamp_min(0).sqrt()  # type: ignore[union-attr]
-    sr = stable_rank_from_values(s1[..., None], prod.fro_sq)
-    fro = prod.fro_sq.sqrt()  # type: ignore[union-attr]
+    """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F² (the second
+    lane's job: it returns the rows' values instead of writing them)."""
+    J, fro_sq = prod.J, prod.fro_sq
+    assert J is not None and fro_sq is not None  # the products were asked for with the stable rank
+    s1 = torch.linalg.eigvalsh(J.to(torch.float64))[..., -1].clamp_min(0).sqrt()
+    sr = stable_rank_from_values(s1[..., None], fro_sq)
+    fro = fro_sq.sqrt()
     return [{"stable_rank": float(sr[i]), "delta_frobenius": float(fro[i])} for i in range(sr.shape[0])]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.fp8 import check_scales, expand_scales
+from ..defaults import ETA
 from ..errors import WeightgeoError
 from ..validation import check_eta, check_finite, check_pair
 
@@ -117,9 +118,7 @@ def unchanged_mask_general(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> to
     return (x1 - x0).abs() <= eta * torch.maximum(x0.abs(), x1.abs())
 
 
-def unchanged_count(
-    w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3, *, name: str = "", check: bool = True
-) -> int:
+def unchanged_count(w0: torch.Tensor, w1: torch.Tensor, eta: float = ETA, *, name: str = "", check: bool = True) -> int:
     """Number of unchanged entries in a chunk (the engine calls this on row chunks of one tensor).
 
     ``check=False`` skips the finiteness check (the engine's finiteness pass has done it).
@@ -137,7 +136,7 @@ def unchanged_count(
     return int(torch.count_nonzero(unchanged_mask(w0, w1, eta, name=name, check=check)))
 
 
-def update_mask(base: Any, ft: Any, *, eta: float = 1e-3) -> torch.Tensor:
+def update_mask(base: Any, ft: Any, *, eta: float = ETA) -> torch.Tensor:
     """Mask of visibly updated entries under the bf16 rule (True = updated), paper §3.1 / PNT Def. 2.1.
 
     >>> update_mask(torch.tensor([1.0, 0.0, 1024.001]), torch.tensor([1.5, -0.0, 1024.002]))
@@ -156,7 +155,7 @@ def update_mask(base: Any, ft: Any, *, eta: float = 1e-3) -> torch.Tensor:
     return ~unchanged_mask(b, f, eta)
 
 
-def update_sparsity(base: Any, ft: Any, *, eta: float = 1e-3) -> float:
+def update_sparsity(base: Any, ft: Any, *, eta: float = ETA) -> float:
     """Fraction of entries unchanged under the bf16 rule (paper §3.1, App. C.3; PNT Def. 2.2).
 
     >>> update_sparsity(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 4.1]))
@@ -197,7 +196,7 @@ def fp8_update_mask(
     scales1: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     *,
-    eta: float = 1e-3,
+    eta: float = ETA,
     row_start: int = 0,
     rows: int | None = None,
     name: str = "",
@@ -256,7 +255,7 @@ def fp8_unchanged_count(
     scales1: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     *,
-    eta: float = 1e-3,
+    eta: float = ETA,
     row_start: int = 0,
     rows: int | None = None,
     name: str = "",

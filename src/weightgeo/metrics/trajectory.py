@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..defaults import SEED, SIDE, STREAM_K, THRESHOLD
 from ..errors import WeightgeoError
 from ..linalg.rsvd import randomized_svd
 from ..linalg.svd import decompose
@@ -148,7 +149,7 @@ def update_spectra(
             for j, i in enumerate(todo):
                 if ok_host[j]:
                     S_out[i] = S_host[j]
-                    if V_out is not None:
+                    if V_out is not None and Vh_host is not None:
                         V_out[i] = Vh_host[j]
                     method[i] = "randomized"
                 else:
@@ -175,7 +176,7 @@ def subspace_sim(Va: torch.Tensor, Vb: torch.Tensor) -> float:
     return float(min(1.0, max(0.0, float((M * M).sum()) / K)))
 
 
-def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = "right", seed: int = 0) -> float:
+def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = STREAM_K, side: str = SIDE, seed: int = SEED) -> float:
     """Sim_K = ‖V_K(a)ᵀ V_K(b)‖_F² / K between the top-``k`` singular subspaces of two updates (paper §4).
 
     >>> import torch
@@ -205,17 +206,20 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = 16, side: str = 
             f"{tuple(delta_a.shape)} and {tuple(delta_b.shape)}; compare updates of one matrix"
         )
     k = check_k(k)
-    if k > min(*a.shape, *b.shape):
+    if k >= min(*a.shape, *b.shape):
         raise WeightgeoError(
-            f"k={k} must be in [1, {min(*a.shape, *b.shape)}] for shapes {tuple(delta_a.shape)} and "
-            f"{tuple(delta_b.shape)}"
+            f"k={k} must be in [1, {min(*a.shape, *b.shape) - 1}] for shapes {tuple(delta_a.shape)} and "
+            f"{tuple(delta_b.shape)}: at the smaller side the top-k subspace holds every direction (Sim_k would "
+            f"say nothing)"
         )
     vs = []
     for x, what in ((a, "delta_a"), (b, "delta_b")):
         if not bool(x.any()):
             raise WeightgeoError(f"subspace_similarity: {what} is all zeros: it has no top-{k} subspace")
         g = torch.Generator(device=x.device).manual_seed(int(seed))
-        vs.append(update_spectra(x[None], r=k, k=k, generator=g)[0].Vh)
+        vh = update_spectra(x[None], r=k, k=k, generator=g)[0].Vh
+        assert vh is not None  # k ≥ 1 vectors were asked for
+        vs.append(vh)
     return subspace_sim(vs[0], vs[1])
 
 
@@ -227,7 +231,7 @@ def _update_matrix(x: Any, what: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------------------
 # locking onset
-def onset_step(similarity: Mapping[int, float], threshold: float = 0.9) -> int | None:
+def onset_step(similarity: Mapping[int, float], threshold: float = THRESHOLD) -> int | None:
     """The locking onset of one similarity curve ``{step: Sim_K(step, t_end)}`` (our definition).
 
     With checkpoints t_1 < … < t_n (t_n = t_end), the onset is the smallest t_i, i < n, such that
@@ -318,24 +322,3 @@ def build_locking(
     return LockingOnset(
         onset_step(mean, threshold), per, similarity, mean, int(k), threshold, steps[-1], dict(meta or {})
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# deprecated forwards (the stream pass moved up to weightgeo.trajectory; these names go in 0.3)
-_MOVED = ("rank_curve", "locking_onset")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import warnings
-
-        from .. import trajectory  # a deprecated forward, the one import from this floor upward (lazy)
-
-        warnings.warn(
-            f"weightgeo.metrics.trajectory.{name} moved to weightgeo.trajectory.{name} (also "
-            f"weightgeo.{name}); the old path goes in weightgeo 0.3",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(trajectory, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

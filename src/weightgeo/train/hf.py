@@ -57,6 +57,8 @@ class HFCausalLM(nn.Module):
     weights stay fp32 masters. The HF model itself is ``.hf``; training updates it in place.
     """
 
+    hf: PreTrainedModel  # the wrapped model, kept out of the registered submodules (see __init__)
+
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         tf = _transformers()

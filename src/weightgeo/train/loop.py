@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import WeightgeoError
 from .losses import clipped_pg_loss
 from .model import generate, response_logprobs
 from .task import ScratchpadAdditionTask
@@ -73,13 +74,25 @@ def lr_at(step: int, *, total: int, lr: float, schedule: str, warmup_frac: float
     if schedule == "constant":
         return lr
     if schedule != "cosine":
-        raise ValueError(f"schedule {schedule!r}: use 'constant' or 'cosine'")
+        raise WeightgeoError(f"lr_at(schedule={schedule!r}): use schedule='constant' or schedule='cosine'")
     warm = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
     if step < warm:
         return lr * (step + 1) / warm
     span = max(1, total - warm - 1)
     progress = min(1.0, (step - warm) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _save_pretrained(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
+    """``model.save_pretrained(directory, dtype=dtype)``: GPT and HFCausalLM write config.json and
+    model.safetensors; a module without it is an error that says what to train instead."""
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise WeightgeoError(
+            f"CheckpointWriter.save: {type(model).__name__} has no save_pretrained(directory, dtype=); train a "
+            f"weightgeo.train.model.GPT, or wrap a transformers model with weightgeo.train.hf.as_policy(model)"
+        )
+    save(directory, dtype=dtype)
 
 
 class CheckpointWriter:
@@ -130,7 +143,7 @@ class CheckpointWriter:
         if self.save_fp32:
             dirs.append((self.dir / "fp32" / f"checkpoint-{step}", torch.float32))
         for d, dtype in dirs:
-            model.save_pretrained(d, dtype=dtype)
+            _save_pretrained(model, d, dtype)
             (d / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         self.saved.append(step)
         return dirs[0][0]
@@ -263,14 +276,15 @@ def attach_projection(model: nn.Module, initial: dict[str, torch.Tensor], k: int
 
 def freeze_except(model: nn.Module, trainable: str | None) -> list[str]:
     """``requires_grad=False`` on every parameter whose name does not match the regex ``trainable`` (None: keep
-    all); returns the names left trainable. Raises ``ValueError`` when nothing matches."""
+    all); returns the names left trainable. Raises :class:`~weightgeo.errors.WeightgeoError` when nothing matches."""
     if trainable is None:
         return [n for n, _ in model.named_parameters()]
     pat = re.compile(trainable)
     kept = [n for n, p in model.named_parameters() if pat.search(n)]
     if not kept:
-        raise ValueError(
-            f"trainable={trainable!r} matches no parameter (names look like {next(model.named_parameters())[0]!r})"
+        raise WeightgeoError(
+            f"trainable={trainable!r} matches no parameter (names look like {next(model.named_parameters())[0]!r}); "
+            f"pass a regex that matches some parameter names, or trainable=None to train all"
         )
     for n, p in model.named_parameters():
         p.requires_grad_(n in kept)
@@ -295,7 +309,7 @@ def begin_run(
     set_threads(cfg.threads)
     vocab = getattr(getattr(getattr(model, "hf", model), "config", None), "vocab_size", None)
     if isinstance(vocab, int) and vocab < task.vocab_size:
-        raise ValueError(
+        raise WeightgeoError(
             f"the model's vocabulary ({vocab}) is smaller than the task's ({task.vocab_size}); "
             f"build the model with vocab_size={task.vocab_size}"
         )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import WeightgeoError
+
 __all__ = [
     "sft_loss",
     "opd_advantages",
@@ -31,7 +33,11 @@ def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | No
 
 
 def sft_loss(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, num_tokens: float | int | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_tokens: float | int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy summed over masked targets / ``num_tokens``.
 
@@ -73,8 +79,9 @@ def grpo_advantages(
     (tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000]), tensor([ True,  True,  True,  True, False, False, False, False]))
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(
-            f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
+        raise WeightgeoError(
+            f"grpo_advantages: rewards of shape {tuple(rewards.shape)} for group_size={group_size}; pass a 1-D tensor "
+            f"of G * group_size rewards, the group_size samples of each prompt contiguous"
         )
     r = rewards.float().view(-1, group_size)
     mean = r.mean(1, keepdim=True)
@@ -105,7 +112,7 @@ def clipped_pg_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    num_tokens: float | int | None = None,
+    num_tokens: float | int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO/GRPO clipped surrogate, token-level normalised (DAPO): Σ_t m_t · −min(ρ_t A_t, clip(ρ_t) A_t) / N.
 
@@ -149,16 +156,21 @@ def sparsify_tokens(
     tensor([[0., 2., 2., 0.]])
     """
     if not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        raise WeightgeoError(
+            f"sparsify_tokens(keep_ratio={keep_ratio!r}): pass a fraction of the response tokens in (0, 1]"
+        )
     mask = mask.float()
     if mode == "topk":
         s = scores.detach().float()
     elif mode == "random":
         if generator is None:
-            raise ValueError("mode='random' needs an explicit torch.Generator")
+            raise WeightgeoError(
+                "sparsify_tokens(mode='random') got generator=None: pass generator=torch.Generator().manual_seed(...) "
+                "(the global RNG is never used)"
+            )
         s = torch.rand(mask.shape, generator=generator)
     else:
-        raise ValueError(f"mode {mode!r}: use 'topk' or 'random'")
+        raise WeightgeoError(f"sparsify_tokens(mode={mode!r}): use mode='topk' or mode='random'")
     s = torch.where(mask > 0, s, torch.full_like(s, float("-inf")))
     T = mask.sum(1, keepdim=True)
     k = torch.ceil(keep_ratio * T - 1e-9)

@@ -30,6 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..errors import WeightgeoError
+from ..jsonfile import read_json_object
+
 __all__ = ["GPTConfig", "GPT", "Sample", "generate", "response_logprobs"]
 
 
@@ -65,19 +68,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (
             p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
         past = cache is not None and "k" in cache
-        if past:  # decoding: the new token(s) attend to every cached position
-            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         if cache is not None:
+            if past:  # decoding: the new token(s) attend to every cached position
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
         if past and T > 1:
-            raise ValueError("with a filled cache, feed one token at a time")
+            raise WeightgeoError(
+                f"attention cache already holds {k.shape[2] - T} position(s) and {T} new tokens came in; "
+                f"decoding takes one token at a time: pass the prompt once with an empty cache, then one token per call"
+            )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=not past)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -100,7 +106,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -147,13 +153,17 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, *, cache: list[dict] | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, *, cache: list[dict[str, torch.Tensor]] | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
         """``cache``: one dict per layer for incremental decoding (``generate`` uses it); ``start_pos``: the
         position of ``idx[:, 0]`` when decoding after a cached prefix."""
         T = idx.shape[1]
         if start_pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {start_pos + T} > block_size {self.config.block_size}; raise GPTConfig.block_size"
+            raise WeightgeoError(
+                f"GPT.forward: sequence length {start_pos + T} (start_pos={start_pos} + {T} tokens) is longer than "
+                f"block_size={self.config.block_size}; shorten the input or build the model with "
+                f"GPTConfig(block_size={start_pos + T})"
             )
         m = self.model
         x = m.embed_tokens(idx) + m.embed_positions(torch.arange(start_pos, start_pos + T, device=idx.device))
@@ -196,7 +206,9 @@ class GPT(nn.Module):
         cfg_path, w_path = d / "config.json", d / "model.safetensors"
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(f"{d}: expected config.json and model.safetensors (written by save_pretrained)")
-        raw = json.loads(cfg_path.read_text())["weightgeo_gpt_config"]
+        raw = read_json_object(cfg_path, what="config.json").get("weightgeo_gpt_config")
+        if not isinstance(raw, dict):
+            raise WeightgeoError(f"{cfg_path}: no weightgeo_gpt_config object; save the model with GPT.save_pretrained")
         cfg = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
         model = cls(cfg)
         state = {k: v.float() for k, v in load_file(str(w_path)).items()}
@@ -233,14 +245,16 @@ def generate(
     sequence keeps length N) but masked out.
     """
     if temperature > 0 and generator is None:
-        raise ValueError(
-            "sampling with temperature > 0 needs an explicit torch.Generator (the global RNG is never used)"
+        raise WeightgeoError(
+            f"generate(temperature={temperature}) samples, and got generator=None: pass "
+            f"generator=torch.Generator().manual_seed(...) (the global RNG is never used), or temperature=0 for "
+            f"greedy decoding"
         )
     was_training = model.training
     model.eval()
     seq, toks, lps = prompts, [], []
     use_cache = isinstance(model, GPT)  # a key/value cache: each step feeds only the newest token
-    cache = [{} for _ in model.model.layers] if use_cache else None
+    cache: list[dict[str, torch.Tensor]] | None = [{} for _ in model.model.layers] if isinstance(model, GPT) else None
     for t in range(max_new_tokens):
         if use_cache:
             inp, pos = (seq, 0) if t == 0 else (seq[:, -1:], seq.shape[1] - 1)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import WeightgeoError
 from .hf import as_policy
 from .loop import StepCallback, attach_projection, begin_run, end_step, finish_run, pg_update, rollout, step_generator
 from .losses import (
@@ -94,7 +95,10 @@ def train(
     """
     student, teacher = as_policy(student), as_policy(teacher)
     if cfg.rollout_source not in ("student", "teacher"):
-        raise ValueError(f"rollout_source {cfg.rollout_source!r}: use 'student' or 'teacher'")
+        raise WeightgeoError(
+            f"OPDConfig(rollout_source={cfg.rollout_source!r}): use rollout_source='student' (on-policy) or "
+            f"'teacher' (off-policy)"
+        )
     task = task or ScratchpadAdditionTask()
     teacher.eval()
     for p in teacher.parameters():

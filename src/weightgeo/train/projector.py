@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import WeightgeoError
+
 __all__ = ["SubspaceProjector", "subspace_bases", "BLOCK_MATRICES"]
 
 #: Default matrix set: the 2-D weights inside transformer blocks (attention + MLP).
@@ -49,19 +51,25 @@ class SubspaceProjector:
         self.bases: dict[str, torch.Tensor] = {}
         for name, V in bases.items():
             if name not in params:
-                raise KeyError(
-                    f"basis for {name!r} but the model has no such parameter (names look like {next(iter(params))!r})"
+                raise WeightgeoError(
+                    f"SubspaceProjector: a basis for {name!r} but the model has no such parameter (names look like "
+                    f"{next(iter(params))!r}); key bases by the names of model.named_parameters()"
                 )
             p = params[name]
             if p.ndim != 2 or V.ndim != 2 or V.shape[0] != p.shape[1]:
-                raise ValueError(
-                    f"{name!r}: weight {tuple(p.shape)} needs V [in={p.shape[-1]}, K], got {tuple(V.shape)}"
+                raise WeightgeoError(
+                    f"SubspaceProjector: {name!r} is a weight of shape {tuple(p.shape)} and its basis V has shape "
+                    f"{tuple(V.shape)}; pass V of shape [in={p.shape[-1]}, K] for a 2-D weight (subspace_bases "
+                    f"builds them)"
                 )
             V = V.detach().to(device=p.device, dtype=p.dtype).contiguous()  # the hook multiplies p's gradient
             if check_orthonormal and V.shape[1]:
                 err = (V.T @ V - torch.eye(V.shape[1], dtype=V.dtype, device=V.device)).abs().max().item()
                 if err > 1e-4:
-                    raise ValueError(f"{name!r}: V is not orthonormal (max |VᵀV − I| = {err:.2e})")
+                    raise WeightgeoError(
+                        f"SubspaceProjector: the basis V of {name!r} is not orthonormal (max |VᵀV − I| = {err:.2e} > "
+                        f"1e-4); orthonormalize it (torch.linalg.qr(V).Q) or pass check_orthonormal=False"
+                    )
             P = V @ V.T  # [in, in]
             self.bases[name] = V
             self.handles.append(p.register_hook(lambda g, P=P: g @ P))
@@ -103,12 +111,19 @@ def subspace_bases(
         if w.ndim != 2 or (include is not None and not include.search(name)):
             continue
         if name not in initial:
-            raise KeyError(f"{name!r} missing from the initial weights")
+            raise WeightgeoError(
+                f"subspace_bases: {name!r} is in current but not in initial ({len(initial)} tensors); pass the state "
+                f"dicts of one model at two steps"
+            )
         delta = w.detach().double() - initial[name].detach().double()
         _, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         tol = max(delta.shape) * torch.finfo(torch.float64).eps * (S[0].item() if len(S) else 0.0)
         rank = int((S > tol).sum().item()) if len(S) and S[0] > 0 else 0
         out[name] = Vh[: min(k, rank)].T.float().contiguous()
     if not out:
-        raise ValueError("no matrix matched `include`; nothing to project")
+        raise WeightgeoError(
+            f"subspace_bases: no 2-D tensor among {len(cur)} (e.g. {list(cur)[:3]}) matched "
+            f"include={None if include is None else include.pattern!r}; pass an include regex that matches the "
+            f"weight names, or include=None for every 2-D tensor"
+        )
     return out

@@ -90,7 +90,7 @@ def reverse_kl(
     n: int = 1000,
     samples: int = 4,
     batch: int = 1000,
-) -> dict[str, float]:
+) -> dict[str, float | list[float]]:
     """Per-token reverse KL(student || teacher) on the student's own T=1 samples of the held-out prompts.
 
     ``reverse_kl_nats``: the exact KL over the vocabulary at each sampled prefix, Σ_v π_s(v) (log π_s(v) −

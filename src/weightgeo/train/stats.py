@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..errors import WeightgeoError
+
 __all__ = ["paired_bootstrap", "cluster_bootstrap", "bootstrap_links", "verdict", "VERDICTS", "N_BOOT"]
 
 VERDICTS = ("reproduced", "contradicted", "inconclusive", "untestable")
@@ -51,7 +53,7 @@ def paired_bootstrap(a, b, *, n_boot: int = N_BOOT, seed: int = 0, level: float 
     """
     pa, pb = _per_prompt(a), _per_prompt(b)
     if pa.shape != pb.shape:
-        raise ValueError(
+        raise WeightgeoError(
             f"paired_bootstrap: the two models were evaluated on different prompt sets "
             f"({pa.shape} vs {pb.shape}); evaluate both on the same prompts and sampling seeds"
         )

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import WeightgeoError
+
 __all__ = ["ScratchpadAdditionTask", "AdditionTask", "VOCAB", "EOS", "SEP"]
 
 # <eos> keeps id 12 (the answer-only task's vocabulary is the first 13 entries); ">" is new.
@@ -80,6 +82,10 @@ class _Addition:
     def completion(self, a: int, b: int) -> list[int]:  # pragma: no cover - defined by each task
         raise NotImplementedError
 
+    def rewards(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """[B] float 0/1: the verifier on a batch (defined by each task)."""
+        raise NotImplementedError
+
     def answer(self, a: int, b: int) -> list[int]:
         """The full correct completion (alias of :meth:`completion`, the name the answer-only task used)."""
         return self.completion(a, b)
@@ -88,7 +94,11 @@ class _Addition:
         p = [int(t) for t in prompt]
         n = self.n_digits
         if len(p) != self.prompt_len or p[n] != PLUS or p[-1] != EQUALS or max(p[:n] + p[n + 1 : 2 * n + 1]) > 9:
-            raise ValueError(f"not a prompt of this task (n_digits={n}): {self.decode(p)!r}")
+            raise WeightgeoError(
+                f"{type(self).__name__}.operands: {self.decode(p)!r} ({len(p)} tokens) is not a prompt of this task "
+                f"(n_digits={n}: {n} digits, '+', {n} digits, '=', {self.prompt_len} tokens); pass a prompt from "
+                f"encode_prompt(a, b) or prompts(n, generator) of a task with the same n_digits"
+            )
         return int("".join(map(str, p[:n]))), int("".join(map(str, p[n + 1 : 2 * n + 1])))
 
     def _prompt_operands(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +129,7 @@ class _Addition:
 
     def reward(self, prompt: Sequence[int] | torch.Tensor, completion: Sequence[int] | torch.Tensor) -> float:
         """The verifier on one completion (:meth:`rewards` is the batched form and equals it); a malformed
-        prompt raises ``ValueError``."""
+        prompt raises :class:`~weightgeo.errors.WeightgeoError`."""
         self.operands(prompt)  # validates
         return float(
             self.rewards(torch.tensor([[int(t) for t in prompt]]), torch.tensor([[int(t) for t in completion]]))[

@@ -131,7 +131,7 @@ def test_bare_fp8_tensors_are_analysed_as_their_values(gen, tmp_path):
     want = weightgeo.compare({"lin.weight": w0.float()}, {"lin.weight": w1.float()}, k=4, rank=2, progress=False).rows[
         0
     ]
-    assert r["dtype"] == "float8_e4m3fn"
+    assert r["stored_dtype"] == "float8_e4m3fn"
     for key in ("update_sparsity", "principal_overlap", "spectral_drift", "stable_rank", "density"):
         assert r[key] == pytest.approx(want[key], rel=1e-6), key
     assert weightgeo.update_sparsity(w0, w1) == float(np.mean((w0.float() == w1.float()).numpy()))

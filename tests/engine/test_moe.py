@@ -1,6 +1,7 @@
-"""MoE experts as batches: an [E, out, in] expert stack gets one row per expert, equal to the 2-D results of its
-experts; fused (transformers' in-memory Qwen3-MoE layout, as a state dict or safetensors file) and Megatron
-stacked-expert layouts; other >=3-D tensors listed as skipped; the experts / router presets."""
+"""MoE experts as batches in compare: an [E, out, in] expert stack gets one row per expert, equal to the 2-D
+results of its experts; fused (transformers' in-memory Qwen3-MoE layout, as a state dict or safetensors file) and
+Megatron stacked-expert layouts; other >=3-D tensors listed as skipped; the experts / router presets. (Expert
+stacks in streams and the Tracker: tests/trajectory/test_traj_moe.py.)"""
 
 from __future__ import annotations
 
@@ -8,38 +9,24 @@ import json
 
 import pytest
 import torch
-from native_factories import assert_same_rows, write_dcp
+from native_factories import (
+    MOE_EXPERTS,
+    MOE_FFN,
+    MOE_HIDDEN,
+    MOE_LAYERS,
+    assert_same_rows,
+    experts_2d,
+    tiny_qwen3_moe,
+    write_dcp,
+)
 from safetensors.torch import load_file, save_file
 
 import weightgeo
 from weightgeo import WeightgeoError
 from weightgeo.checkpoint import StateDictCheckpoint, compile_filter, open_checkpoint
 
-L, E, F, H = 2, 3, 8, 16
+L, E, F, H = MOE_LAYERS, MOE_EXPERTS, MOE_FFN, MOE_HIDDEN
 STACK = "layers.{i}.mlp.experts.{p}"
-
-
-def _qwen3_moe(seed: int):
-    import transformers
-
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=40,
-        hidden_size=H,
-        intermediate_size=24,
-        moe_intermediate_size=F,
-        num_hidden_layers=L,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        num_experts=E,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=32,
-    )
-    with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG: leave it untouched
-        torch.manual_seed(seed)
-        return transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +34,8 @@ def moe(tmp_path_factory):
     """A tiny Qwen3-MoE (fused experts in memory) and a fine-tune: a bf16 nudge to a random 30% of entries, so
     update_sparsity is neither 0 nor 1; both also saved by save_pretrained (per-expert names on disk)."""
     tmp = tmp_path_factory.mktemp("moe")
-    base = _qwen3_moe(0)
-    ft = _qwen3_moe(0)
+    base = tiny_qwen3_moe(0)
+    ft = tiny_qwen3_moe(0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in ft.parameters():
@@ -62,11 +49,6 @@ def moe(tmp_path_factory):
     return tmp, sd0, sd1
 
 
-def _experts_2d(sd: dict) -> dict:
-    """Each expert of each stack as its own 2-D tensor (the per-expert reference)."""
-    return {f"{k}.{j}": v[j] for k, v in sd.items() if ".experts." in k for j in range(v.shape[0])}
-
-
 @pytest.mark.parametrize(
     "metrics,batch_bytes,row_block", [(None, None, None), (None, 0, None), (["update_sparsity"], None, 100)]
 )
@@ -76,7 +58,7 @@ def test_expert_rows_equal_the_per_expert_2d_results(moe, metrics, batch_bytes, 
         monkeypatch.setattr("weightgeo.linalg.policy.ROW_BLOCK", row_block)
     kw = dict(metrics=metrics, k=4, rank=4, progress=False, batch_bytes=batch_bytes)
     r = weightgeo.compare(sd0, sd1, **kw)
-    want = weightgeo.compare(_experts_2d(sd0), _experts_2d(sd1), **kw)
+    want = weightgeo.compare(experts_2d(sd0), experts_2d(sd1), **kw)
     by_name = {w["name"]: w for w in want.rows}
     experts = [row for row in r.rows if "expert" in row]
     assert len(experts) == L * 2 * E and not r.meta["skipped"]
@@ -84,7 +66,7 @@ def test_expert_rows_equal_the_per_expert_2d_results(moe, metrics, batch_bytes, 
         ref = by_name[f"{row['name']}.{row['expert']}"]
         assert row["shape"] == ref["shape"] and row["numel"] == ref["numel"]
         for key, val in ref.items():
-            if key not in ("name", "module", "layer", "shape", "numel", "dtype"):
+            if key not in ("name", "module", "layer", "shape", "numel", "stored_dtype"):
                 assert row[key] == pytest.approx(val, rel=1e-6, abs=1e-9), (row["name"], row["expert"], key)
         assert row["module"] in ("gate_up_proj", "down_proj") and row["layer"] in range(L)
     name = STACK.format(i=1, p="down_proj")
@@ -224,72 +206,3 @@ def test_gpt_oss_stacks_are_marked_in_out_per_expert(gen):
     assert [rows[j]["layout"] for j in (0, 1)] == ["in_out", "in_out"] and rows[0]["shape"] == (8, 12)
     assert "layout" not in r["layers.0.mlp.experts.gate_up_proj_bias"]
     assert "stored [in, out]" in r.summary_text()
-
-
-def _moe_run(root, sds: dict[int, dict], *, per_expert: bool):
-    """A run folder of checkpoint-N with fused stacks, or with each expert saved as its own 2-D tensor."""
-    for step, sd in sds.items():
-        d = root / f"checkpoint-{step}"
-        d.mkdir(parents=True)
-        save_file(_experts_2d(sd) if per_expert else sd, str(d / "model.safetensors"))
-        (d / "trainer_state.json").write_text("{}")
-    return root
-
-
-def test_expert_stacks_in_a_stream_are_followed_per_expert(gen, tmp_path, monkeypatch):
-    """rank_curve / locking_onset follow each expert of a stack as its own matrix: one row per (step, expert),
-    equal to the run whose experts are stored as separate 2-D tensors; each expert is read alone."""
-    low = lambda *s: torch.randn(*s[:-1], 2, generator=gen) @ torch.randn(2, s[-1], generator=gen)
-    w0 = {
-        "layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * F, H, generator=gen),
-        "layers.0.mlp.experts.down_proj": torch.randn(E, H, F, generator=gen),
-        "layers.0.self_attn.q_proj.weight": torch.randn(H, H, generator=gen),
-    }
-    u = {k: low(*v.shape) for k, v in w0.items()}
-    sds = {t: {k: v + 0.01 * t * u[k] for k, v in w0.items()} for t in (0, 10, 20)}
-    stacked = _moe_run(tmp_path / "stacked", sds, per_expert=False)
-    split = _moe_run(tmp_path / "split", sds, per_expert=True)
-    reads = []
-    real = weightgeo.checkpoint.SafetensorsCheckpoint.get
-    monkeypatch.setattr(
-        weightgeo.checkpoint.SafetensorsCheckpoint, "get", lambda self, name: reads.append(name) or real(self, name)
-    )
-    kw = dict(k=2, hill_k=2, cache=False)
-    got = weightgeo.rank_curve(stacked, **kw)
-    assert not [n for n in reads if ".experts." in n]  # stacks are read one expert at a time, not whole
-    want = {(r["step"], r["name"]): r for r in weightgeo.rank_curve(split, **kw).rows}
-    experts = [r for r in got.rows if "expert" in r]
-    assert len(experts) == 2 * 2 * E and len(got.rows) == 2 * (2 * E + 1)
-    assert not [s for s in got.meta["skipped"] if ".experts." in s["name"]]
-    for row in experts:
-        ref = want[(row["step"], f"{row['name']}.{row['expert']}")]
-        assert row["shape"] == ref["shape"] and row["module"] in ("gate_up_proj", "down_proj")
-        for key in ("stable_rank", "frobenius_norm", "spectral_norm", "final_subspace_similarity"):
-            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (row["name"], row["expert"], key)
-    assert f"{STACK.format(i=0, p='down_proj')}[{E - 1}]" in got.meta["similarity"]
-    onset = weightgeo.locking_onset(stacked, k=2, threshold=0.5, cache=False)
-    assert f"{STACK.format(i=0, p='gate_up_proj')}[0]" in onset.per_matrix
-
-
-def test_other_3d_tensors_in_a_stream_are_listed_as_skipped(gen, tmp_path):
-    w0 = {
-        "conv.weight": torch.randn(4, 3, 5, generator=gen),
-        "layers.0.self_attn.q_proj.weight": torch.randn(6, 6, generator=gen),
-    }
-    run = _moe_run(
-        tmp_path / "run", {t: {k: v * (1 + 0.01 * t) for k, v in w0.items()} for t in (0, 10)}, per_expert=False
-    )
-    r = weightgeo.rank_curve(run, k=2, hill_k=2, cache=False)
-    skipped = {s["name"]: s["reason"] for s in r.meta["skipped"] if "name" in s}
-    assert "not an expert stack" in skipped["conv.weight"] and {x["name"] for x in r.rows} == {
-        "layers.0.self_attn.q_proj.weight"
-    }
-
-
-def test_tracker_lists_fused_expert_stacks_as_skipped():
-    """The Tracker follows 2-D weights; a fused stack of a live MoE model is listed with the reason, not dropped."""
-    tracker = weightgeo.Tracker(_qwen3_moe(0), every=1, k=2, include=["experts", "attention"])
-    stacks = {s["name"]: s["reason"] for s in tracker.skipped}
-    assert len(stacks) == 2 * L and "2-D" in stacks["layers.0.mlp.experts.gate_up_proj"]
-    with pytest.raises(WeightgeoError, match="no parameter to track.*3-D tensor"):
-        weightgeo.Tracker(_qwen3_moe(0), every=1, k=2, include="experts")
