@@ -696,9 +696,10 @@ def _interrupted(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``weightgeo`` console script; returns the exit status. Ctrl-C exits with 130 within a
     second or two wherever it lands (:mod:`weightgeo.interrupts`)."""
+
+    args = _parser().parse_args(argv)  # --help and bad flags end here, before torch is imported
     from .validation import cli_syntax
 
-    args = _parser().parse_args(argv)
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
