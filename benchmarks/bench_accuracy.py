@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 frac = float(np.max(err / (0.02 * np.abs(r) + 0.005))) if err.size else 0.0
                 worst["angle"] = max(worst["angle"], frac)
                 cells.append(f"{float(err.max()) if err.size else 0.0:.1e} / {frac:.1e}")
-            nss_err = abs(float(g.nss) / ref["nss"] - 1)
+            nss_err = abs(float(g.spectral_drift) / ref["nss"] - 1)
             worst["nss"] = max(worst["nss"], nss_err)
             print(
                 f"| {m}×{n} | {kind} {rel:g} | {ref['nss']:.1e} | {nss_err:.1e} | {cells[0]} | {cells[1]} |", flush=True

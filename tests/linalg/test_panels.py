@@ -88,7 +88,7 @@ def test_pair_geometry_by_panels_vs_float64(panels, kind, update, shape, k):
         assert a.shape == ref.shape
         tol = 0.02 * np.abs(ref) + 0.005
         assert np.all(np.abs(a - ref) <= 1e-2 * tol), (side, float(np.max(np.abs(a - ref) / tol)))
-    assert abs(float(g.nss) / R.nss(W0.float().numpy(), W1.float().numpy()) - 1) < 1e-3
+    assert abs(float(g.spectral_drift) / R.spectral_drift(W0.float().numpy(), W1.float().numpy()) - 1) < 1e-3
 
 
 def test_batched_equals_looped_bit_for_bit_by_panels(panels, gen):
