@@ -20,7 +20,8 @@ from weightgeo.engine.cached import base_key, row_key
 from weightgeo.engine.plan import Job
 from weightgeo.errors import WeightgeoError
 from weightgeo.metrics.pair import batched_pair_metrics
-from weightgeo.options import BASE, KERNEL, PairOptions, StreamOptions
+from weightgeo.options import BASE, KERNEL, PairOptions, SparsityOptions, StreamOptions
+from weightgeo.stream_sparsity import count_key
 from weightgeo.track import Tracker
 from weightgeo.trajectory import spectrum_key
 
@@ -50,6 +51,15 @@ STREAM_PERTURB = {
     "hill_k": 3,
     "seed": 1,
     "threshold": 0.5,
+    "dtype": torch.bfloat16,
+    "device": torch.device("meta"),
+    "progress": True,
+    "eta": 1e-3,
+}
+SPARSITY_PERTURB = {
+    "include": "q_proj",
+    "exclude": "k_proj",
+    "eta": 0.0,
     "dtype": torch.bfloat16,
     "device": torch.device("meta"),
     "progress": True,
@@ -108,6 +118,37 @@ def test_every_stream_option_reaches_the_spectrum_key_unless_marked():
             assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
 
 
+def test_every_sparsity_option_reaches_the_count_key_unless_marked():
+    assert set(SPARSITY_PERTURB) == _fields(SparsityOptions), "give every SparsityOptions field a perturbation here"
+    o = SparsityOptions()
+
+    def key(opts):
+        return count_key(opts, IDENT, IDENT, "w").digest
+
+    for f in dataclasses.fields(SparsityOptions):
+        other = dataclasses.replace(o, **{f.name: SPARSITY_PERTURB[f.name]})
+        assert getattr(other, f.name) != getattr(o, f.name), f.name
+        if in_key(f):
+            assert key(other) != key(o), f"{f.name} does not reach the cache key"
+        else:
+            assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
+            assert f.metadata[NOT_IN_KEY], f"{f.name}: say why it cannot change a result"
+
+
+def test_a_stream_pass_keys_its_sparsity_counts_by_its_sparsity_options():
+    """StreamOptions.eta stays out of the spectrum keys (no spectrum depends on it) but reaches the count keys of
+    the same pass, through sparsity_options(); so does every field those keys hold."""
+    assert StreamOptions().sparsity_options() is None
+    o = StreamOptions.create(eta=1e-3, dtype="bfloat16", include="q_proj")
+    sp = o.sparsity_options()
+    assert sp == SparsityOptions.create(eta=1e-3, dtype="bfloat16", include="q_proj")
+    moved = dataclasses.replace(o, eta=0.0).sparsity_options()
+    assert count_key(moved, IDENT, IDENT, "w").digest != count_key(sp, IDENT, IDENT, "w").digest
+    rounded = dataclasses.replace(o, dtype=None).sparsity_options()
+    assert count_key(rounded, IDENT, IDENT, "w").digest != count_key(sp, IDENT, IDENT, "w").digest
+    assert count_key(sp, IDENT, IDENT, "w[0]").digest != count_key(sp, IDENT, IDENT, "w[1]").digest  # experts
+
+
 def test_params_and_kernel_come_from_the_fields():
     o = PairOptions.create(metrics="principal_angles", k=4, dtype="bfloat16")
     assert set(o.params()) == _fields(PairOptions)
@@ -146,7 +187,13 @@ PAIR_VERBS = [
     metrics.principal_overlap,
     metrics.update_localization,
 ]
-STREAM_VERBS = [weightgeo.rank_curve, weightgeo.locking_onset, weightgeo.follow, weightgeo.subspace_similarity]
+STREAM_VERBS = [
+    weightgeo.rank_curve,
+    weightgeo.locking_onset,
+    weightgeo.follow,
+    weightgeo.subspace_similarity,
+    weightgeo.sparsity_curve,
+]
 
 
 def _defaults(fn) -> dict:
@@ -174,6 +221,8 @@ def test_stream_verbs_take_their_defaults_from_one_place(fn):
             assert default is (defaults.TRACKER_DTYPE if fn is Tracker.__init__ else None), fn.__qualname__
         if name == "device":
             assert default is None, fn.__qualname__
+        if name == "eta":
+            assert default == defaults.ETA, fn.__qualname__
     assert o.k == defaults.STREAM_K and o.threshold == defaults.THRESHOLD
 
 
@@ -191,7 +240,7 @@ def test_dtype_rounds_both_sides_first(gen):
     bf = lambda sd: {n: w.bfloat16() for n, w in sd.items()}
     rounded = weightgeo.compare(a, b, k=4, rank=4, dtype=torch.bfloat16)
     stored = weightgeo.compare(bf(a), bf(b), k=4, rank=4)
-    strip = lambda r: [{k: v for k, v in row.items() if k != "dtype"} for row in r.rows]
+    strip = lambda r: [{k: v for k, v in row.items() if k != "stored_dtype"} for row in r.rows]
     assert strip(rounded) == strip(stored) and rounded.meta["params"]["dtype"] == "bfloat16"
     assert strip(weightgeo.compare(a, b, k=4, rank=4)) != strip(stored)  # default: the stored float32 values
     q = "layers.0.q_proj.weight"
