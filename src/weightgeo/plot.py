@@ -151,10 +151,13 @@ def plot_trajectories(
     title: str | None = None,
     x: str = "step",
 ) -> Path:
-    """Fig. 4 (stable rank, ‖ΔW_t‖_F, Hill α vs step) and Fig. 5 (Sim_K(t, t_end) vs step) for runs.
+    """Fig. 4 (stable rank, ‖ΔW_t‖_F, Hill α vs step), Fig. 5 (Sim_K(t, t_end) vs step) and, for reports that
+    carry the sparsity curves, the fraction of entries unchanged since the base (solid) and since the previous
+    checkpoint (dashed) vs step, for runs.
 
     Args:
-        reports: label -> trajectory Report (from :func:`weightgeo.rank_curve` or ``Tracker.rank_curve``).
+        reports: label -> trajectory Report (from :func:`weightgeo.rank_curve` or ``Tracker.rank_curve``; a
+            :func:`weightgeo.sparsity_curve` report draws the sparsity panel alone).
         locking: label -> locking result (from :func:`weightgeo.locking_onset`), adds the Sim_K panel; a
             dotted vertical line marks each run's onset.
         x: ``"step"`` or ``"fraction"`` (step / the run's last step: runs of different lengths side by side).
@@ -164,13 +167,20 @@ def plot_trajectories(
     if x not in ("step", "fraction"):
         raise WeightgeoError(f"plot_trajectories: x={x!r}; use 'step' or 'fraction'")
     plt = _pyplot()
-    panels = [
-        ("stable_rank", "stable rank of ΔW_t"),
-        ("delta_frobenius", "‖ΔW_t‖_F"),
-        ("hill_alpha", "Hill tail index α̂"),
-    ]
-    n = len(panels) + (1 if locking else 0)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4), layout="constrained")
+    spectra = any("stable_rank" in rep.summary.get("curves", {"stable_rank": 0}) for rep in reports.values())
+    panels = (
+        [
+            ("stable_rank", "stable rank of ΔW_t"),
+            ("delta_frobenius", "‖ΔW_t‖_F"),
+            ("hill_alpha", "Hill tail index α̂"),
+        ]
+        if spectra
+        else []
+    )
+    sparsity = any("update_sparsity" in rep.summary.get("curves", {}) for rep in reports.values())
+    n = len(panels) + (1 if locking else 0) + (1 if sparsity else 0)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4), layout="constrained", squeeze=False)
+    axes = list(axes[0])
     xlabel = "step" if x == "step" else "fraction of training (step / last step)"
 
     def scale(steps: list[float], last: float) -> list[float]:
@@ -185,6 +195,23 @@ def plot_trajectories(
         if key == "delta_frobenius" and positive and min(positive) > 0:
             ax.set_yscale("log")
         ax.set(title=f"{name} (Fig. 4)", xlabel=xlabel)
+    if sparsity:
+        ax = axes[len(panels)]
+        for label, rep in reports.items():
+            if "update_sparsity" not in rep.summary.get("curves", {}):
+                continue
+            xs, ys = _by_step(rep, "update_sparsity")
+            (line,) = ax.plot(scale(xs, max(xs, default=0.0)), ys, "o-", ms=3, label=f"{label}: since the base")
+            xs, ys = _by_step(rep, "step_sparsity")
+            ax.plot(
+                scale(xs, max(xs, default=0.0)),
+                ys,
+                "s--",
+                ms=3,
+                color=line.get_color(),
+                label=f"{label}: since the previous checkpoint",
+            )
+        ax.set(title="entries unchanged (bf16 rule, all tensors)", xlabel=xlabel, ylabel="fraction", ylim=(-0.02, 1.02))
     if locking:
         ax = axes[-1]
         for label, res in locking.items():
