@@ -9,8 +9,8 @@ every checkpoint W_t of a stream with base W0:
 * ``step_sparsity``: the fraction unchanged from the previous complete checkpoint W_{t−1} to W_t (the first
   checkpoint against the base), with ``step_unchanged``;
 * ``patch_bytes``: the size of a sparse patch carrying the entries that changed from W_{t−1} to W_t
-  (:mod:`weightgeo.metrics.stepwise`: positions as int32 indices or a bitmask, whichever is smaller per tensor,
-  plus the new values); ``dense_bytes`` the same tensors sent whole.
+  (:mod:`weightgeo.metrics.stepwise`: per tensor the smallest of int32 indices + values, a bitmask + values, or
+  the tensor whole); ``dense_bytes`` the same tensors sent whole.
 
 A tensor may be absent from some checkpoints, appear after the base, or change shape: a row exists where the
 checkpoint holds the tensor; a figure that compares two versions of different presence or shape is not
@@ -37,7 +37,6 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._version import __version__
@@ -50,8 +49,7 @@ from .errors import WeightgeoError
 from .metrics.catalog import SPARSITY_CURVES
 from .metrics.sparsity import FAST_ETA, as_bf16
 from .metrics.stepwise import (
-    bf16_bits,
-    changed_bits,
+    changed_against,
     changed_count,
     checked_bf16,
     fp8_changed,
@@ -84,9 +82,10 @@ __all__ = [
 COUNT_KIND = "changed_count"
 #: what ``meta["patch_encoding"]`` says of patch_bytes
 PATCH_ENCODING = (
-    "per tensor: the changed entries' positions as 4-byte indices (8 beyond 2**32 entries) or a bitmask of "
-    "ceil(n/8) bytes, whichever is smaller, plus their new values at the new checkpoint's element size (FP8: "
-    "1-byte codes, plus the scale tensor when any scale changed); 0 for a tensor with no change"
+    "per tensor the smallest of: 4-byte indices (8 beyond 2**32 entries) plus the new values of the changed "
+    "entries; a bitmask of ceil(n/8) bytes plus those values; the whole tensor's values; values at the new "
+    "checkpoint's element size (FP8: 1-byte codes, plus the scale tensor when any scale changed); 0 for a "
+    "tensor with no change (weightgeo.metrics.stepwise)"
 )
 #: counts are exact integers on every device: their keys hold no hardware fingerprint
 _POLICY = "exact-count"
@@ -211,7 +210,6 @@ class Version:
         self.what, self.options, self.device = what, options, device
         self._bf16: torch.Tensor | None = None
         self.checked = False
-        self._bits: tuple[bool, bool] | None = None
 
     def dense(self) -> torch.Tensor:
         """The values as read (an FP8 weight dequantised to float32), rounded to the options' dtype."""
@@ -238,16 +236,6 @@ class Version:
     def fast(self) -> bool:
         """Whether the CPU bit path counts this version (bf16 values on the CPU, η < 2⁻⁹)."""
         return self.device.type == "cpu" and self.options.eta < FAST_ETA
-
-    def negative_zero(self) -> bool:
-        """Whether it holds a −0 (CPU bit path), checking it finite on the way, once."""
-        if self._bits is None:
-            b = self.rounded()
-            self._bits = bf16_bits(b)
-            if not self._bits[0]:
-                check_finite(b, self.what)  # raises, with the count
-            self.checked = True
-        return self._bits[1]
 
     def keep(self) -> Version:
         """Drop what a later comparison does not need (the values once rounded to bf16)."""
@@ -300,7 +288,6 @@ class CountStore:
         self.version = cache.version if cache is not None else __version__
         self.reused = self.computed = self.read = self.uncacheable = 0
         self.used: set[str] = set()
-        self._scratch: np.ndarray | None = None
 
     def key(self, a: Any, b: Any, uid: str) -> CacheKey | None:
         if a is None or b is None:
@@ -338,13 +325,6 @@ class CountStore:
         if self.memo is not None:
             self.memo[key.digest] = found
             self.used.add(key.digest)
-
-    def scratch(self, n: int) -> Any:
-        """A bool buffer of at least ``n`` entries that this pass's comparisons reuse (no allocation, and no page
-        faults, per comparison)."""
-        if self._scratch is None or self._scratch.size < n:
-            self._scratch = np.empty(max(n, 1 << 20), dtype=np.bool_)
-        return self._scratch
 
     def forget_unused(self) -> None:
         """Follow mode: keep in the memo only what this pass used (the next update needs no more)."""
@@ -430,12 +410,22 @@ class TensorFollower:
 
     def see(self, i: int, version: Version) -> None:
         """Checkpoint ``i``'s version (read in step order): its counts against the base and the previous one."""
+        pairs = []
         for pair in sorted((p for p in self._todo if p[1] == i), key=lambda p: -1 if p[0] is None else p[0]):
             a = self._base if pair[0] is None else (self._prev[1] if self._prev and self._prev[0] == pair[0] else None)
             assert a is not None, (self.plan.uid, pair)  # reads() asked for it, and it came in order
-            found = _count(a, version, self.eta, self.plan.uid, self.store.scratch(version.rounded().numel()))
-            self.store.put(self._keys[pair], found)
-            self._set(pair, found)
+            pairs.append((pair, a))
+        # the CPU bit path counts this version against all its references in one blocked pass
+        fast = [
+            (p, a)
+            for p, a in pairs
+            if version.fast() and a.fast() and not (a.fp8 is not None and version.fp8 is not None)
+        ]
+        found = dict(zip([p for p, _ in fast], _count_fast(version, [a for _, a in fast]))) if fast else {}
+        for pair, a in pairs:
+            got = found[pair] if pair in found else _count(a, version, self.eta, self.plan.uid)
+            self.store.put(self._keys[pair], got)
+            self._set(pair, got)
             self._todo.discard(pair)
         self._prev = (i, version.keep())
 
@@ -451,15 +441,27 @@ class TensorFollower:
         return [self.rows[i] for i in sorted(self.rows)]
 
 
-def _count(a: Version, b: Version, eta: float, uid: str, scratch: Any = None) -> Changed:
+def _count(a: Version, b: Version, eta: float, uid: str) -> Changed:
     if a.fp8 is not None and b.fp8 is not None:
         changed, moved = fp8_changed(a.fp8, b.fp8, eta, name=uid)
         scales = scale_bytes(b.fp8) if moved else 0
         return Changed(changed, "fp8", scales)
-    if a.fast() and b.fast():  # one comparison of the bits; finiteness and −0 known per version
-        negative_zero = a.negative_zero() or b.negative_zero()
-        return Changed(changed_bits(a.rounded(), b.rounded(), negative_zero=negative_zero, out=scratch))
     return Changed(changed_count(a.bf16(), b.bf16(), eta))
+
+
+def _count_fast(version: Version, refs: Sequence[Version]) -> list[Changed]:
+    """The CPU bit path: ``version`` against each of ``refs`` in one blocked pass, which also checks each of them
+    finite that was not yet (:func:`~weightgeo.metrics.stepwise.changed_against`)."""
+    tensors = [version, *refs]
+    counts, bits = changed_against(
+        version.rounded(), [a.rounded() for a in refs], check=[not v.checked for v in tensors]
+    )
+    for v, b in zip(tensors, bits):
+        if b is not None:
+            if not b[0]:
+                check_finite(v.rounded(), v.what)  # raises, naming the version, with the count
+            v.checked = True
+    return [Changed(c) for c in counts]
 
 
 # --------------------------------------------------------------------------------------------------------------

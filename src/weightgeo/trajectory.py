@@ -376,6 +376,7 @@ def _stream_pass(
                 continue
             assert sparsity is not None and counts is not None
             passes.append(_TensorPass(reader, m, t, dev, options, sparsity, r=r, spectra=spectra, counts=counts))
+        passes.sort(key=_TensorPass.where_stored)  # read each file front to back: the OS reads ahead for us
         try:
             for tp in _read_ahead(reader, passes):
                 if tp.entry is not None:
@@ -574,6 +575,18 @@ class _TensorPass:
         self._w0: torch.Tensor | None = None
         # the FP8 rule compares stored codes and scales (not for experts, read as values: as the pair engine)
         self.fp8 = sparsity.dtype is None and plan.expert is None
+
+    def where_stored(self) -> tuple[str, int, int]:
+        """Where the base's version lies in its file (path, byte offset; then the expert): reading the tensors in
+        this order reads each checkpoint's file front to back. Sources without a byte range keep plan order."""
+        inst = self.plan.base or next(i for i in self.plan.instances if i is not None)
+        ck = (
+            self.reader.base if self.plan.base is not None else self.reader.checkpoints[self.plan.instances.index(inst)]
+        )
+        ident = ck.identity(inst.name) or {}
+        where = ident.get("byte_range") or [0]
+        path = ident.get("file", {}).get("path", "") if isinstance(ident.get("file"), dict) else ""
+        return str(path), int(where[0]), -1 if self.plan.expert is None else self.plan.expert
 
     def nbytes(self, which: int | None) -> int:
         inst = self.plan.at(which)

@@ -17,7 +17,7 @@ from weightgeo.errors import WeightgeoError
 from weightgeo.metrics.sparsity import unchanged_mask_general
 from weightgeo.metrics.stepwise import (
     bf16_bits,
-    changed_bits,
+    changed_against,
     changed_count,
     checked_bf16,
     finite_bf16_cpu,
@@ -37,11 +37,14 @@ def _bf16_bits(bits: list[int]) -> torch.Tensor:
 
 
 def test_patch_bytes_by_hand():
-    # n = 1000 entries: bitmask 125 B; indices 4 B each, so the index wins up to 31 changed entries
-    assert patch_bytes(0, 1000, 2) == 0 and patch_encoding(0, 1000) is None
-    assert patch_bytes(31, 1000, 2) == 31 * 4 + 31 * 2 and patch_encoding(31, 1000) == "index"
-    assert patch_bytes(32, 1000, 2) == 125 + 32 * 2 and patch_encoding(32, 1000) == "bitmask"
-    assert patch_bytes(1000, 1000, 4) == 125 + 4000  # fp32 values, all changed
+    # n = 1000 entries: bitmask 125 B; indices 4 B each, so the index wins up to 31 changed entries; past
+    # 937 of them (bf16) the whole tensor (2000 B) is smaller than a bitmask and the values
+    assert patch_bytes(0, 1000, 2) == 0 and patch_encoding(0, 1000, 2) is None
+    assert patch_bytes(31, 1000, 2) == 31 * 4 + 31 * 2 and patch_encoding(31, 1000, 2) == "index"
+    assert patch_bytes(32, 1000, 2) == 125 + 32 * 2 and patch_encoding(32, 1000, 2) == "bitmask"
+    assert patch_bytes(937, 1000, 2) == 125 + 937 * 2 and patch_encoding(937, 1000, 2) == "bitmask"
+    assert patch_bytes(938, 1000, 2) == 2000 and patch_encoding(938, 1000, 2) == "dense"
+    assert patch_bytes(1000, 1000, 4) == 4000  # fp32 values, all changed: the tensor whole
     assert patch_bytes(3, 17, 2) == 3 + 6  # ceil(17/8) = 3 B of bitmask < 12 B of indices
     assert patch_bytes(2, 1000, 1, scales=64) == 8 + 2 + 64  # FP8 codes plus the changed scales
     assert index_bytes(2**32) == 4 and index_bytes(2**32 + 1) == 8
@@ -58,8 +61,8 @@ def test_patch_is_the_smaller_encoding(n, frac):
     if c == 0:
         assert got == 0
     else:
-        assert got == min(4 * c, math.ceil(n / 8)) + 2 * c
-        assert got <= math.ceil(n / 8) + 2 * c and got <= 6 * c
+        assert got == min(6 * c, math.ceil(n / 8) + 2 * c, 2 * n)
+        assert got <= 2 * n  # never more than the tensor whole
 
 
 def test_changed_count_backends_agree_on_the_edge_values(gen):
@@ -84,9 +87,9 @@ def test_changed_count_equals_the_reference_rule(seed, p, eta):
     want = int(torch.count_nonzero(~unchanged_mask_general(a, b, eta)))
     assert changed_count(a, b, eta) == want
     assert changed_count(a, b, eta, backend="torch") == want
-    if eta < 2**-9:  # the bit path of the stream pass: one comparison, −0 known per tensor
-        negative_zero = bf16_bits(a)[1] or bf16_bits(b)[1]
-        assert changed_bits(a, b, negative_zero=negative_zero) == want
+    if eta < 2**-9:  # the bit path of the stream pass: one blocked pass against every reference
+        counts, bits = changed_against(b, [a, b], check=[True, True, False])
+        assert counts == [want, 0] and bits[0] == bf16_bits(b) and bits[1] == bf16_bits(a) and bits[2] is None
 
 
 def test_changed_count_refuses_what_it_cannot_count():
@@ -149,3 +152,20 @@ def test_the_fast_finiteness_check_is_exact_on_every_bf16_pattern():
     assert finite_bf16_cpu(every[finite]) and finite_bf16_cpu(torch.empty(0, dtype=torch.bfloat16))
     for i in torch.nonzero(~finite).flatten().tolist():  # each NaN/Inf pattern alone among finite values
         assert not finite_bf16_cpu(torch.cat([every[finite][:3], every[i : i + 1]])), hex(i - 32768)
+
+
+def test_the_blocked_pass_agrees_across_blocks_and_threads(gen):
+    """Over 2**20 entries the pass runs in two threads and many blocks: ±0 pairs, changes and a NaN anywhere."""
+    n = (1 << 20) + 12345
+    base = torch.randn(n, generator=gen).bfloat16()
+    base[:: 7919] = 0.0
+    prev = base.clone()
+    prev[5 : n : 13] += 1.0
+    cur = prev.clone()
+    cur[:: 7919] = -0.0  # +0 -> -0: unchanged under the rule
+    cur[n - 50 :] += 1.0  # changes in the last block of the second half
+    want = [int(torch.count_nonzero(~unchanged_mask_general(r, cur, 1e-3))) for r in (base, prev)]
+    counts, bits = changed_against(cur, [base, prev], check=[True, True, True])
+    assert counts == want and bits == [(True, True), (True, False), (True, False)]
+    cur[n - 3] = float("nan")
+    assert changed_against(cur, [base], check=[True, False])[1][0] == (False, True)

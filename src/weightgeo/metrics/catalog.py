@@ -213,7 +213,7 @@ GLOSSARY: dict[str, Term] = {
     ),
     "patch_bytes": _t(
         "bytes of a sparse patch carrying the entries changed since the previous checkpoint: per tensor the "
-        "smaller of 4-byte indices and a bitmask, plus the new values (metrics/stepwise.py)",
+        "smallest of 4-byte indices + values, a bitmask + values, the tensor whole (metrics/stepwise.py)",
         STREAM,
         SUMMARY,
         LOG,

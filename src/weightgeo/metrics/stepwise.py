@@ -7,31 +7,37 @@ both rounded to bf16, ``|ŵ1 − ŵ0| > η·max(|ŵ0|, |ŵ1|)``; for η < 2⁻�
 where both versions are stored as scaled FP8, the FP8 rule on the stored codes and scales decides
 (:func:`~weightgeo.metrics.sparsity.fp8_unchanged_count`).
 
-**The sparse patch** (our encoding; docs/trajectories.md). A step's patch carries, per tensor, the positions and
-the new values of the entries changed since the previous checkpoint. The positions go in whichever of two
-encodings is smaller for that tensor:
+**The sparse patch** (our encoding; docs/trajectories.md). A step's patch carries, per tensor, the entries
+changed since the previous checkpoint, in whichever of three encodings is smallest for that tensor:
 
-* ``"index"``: one unsigned integer per changed entry, :func:`index_bytes` = 4 bytes (8 for a tensor of more
-  than 2³² entries);
-* ``"bitmask"``: one bit per entry of the tensor, ⌈n/8⌉ bytes;
+* ``"index"``: per changed entry its position, an unsigned integer of :func:`index_bytes` = 4 bytes (8 for a
+  tensor of more than 2³² entries), and its new value;
+* ``"bitmask"``: one bit per entry of the tensor (⌈n/8⌉ bytes), and the new values of the changed entries;
+* ``"dense"``: the whole tensor's new values (no positions), when it changed almost everywhere;
 
-and the values as the new checkpoint stores them: its element size per changed entry (2 bytes for bf16, 4 for
-float32; an FP8 weight's 1-byte codes, plus its whole scale tensor when any scale changed bits). A tensor
-with no changed entry (and no changed scale) costs nothing. Names, shapes and headers are not counted. So
+values as the new checkpoint stores them: its element size (2 bytes for bf16, 4 for float32; an FP8 weight's
+1-byte codes, plus its whole scale tensor when any scale changed bits). A tensor with no changed entry (and no
+changed scale) costs nothing. Names, shapes and headers are not counted. So, with ``c`` changed entries of ``n``
+and ``v`` bytes per value,
 
-    patch_bytes = min(index_bytes(n) · c, ⌈n/8⌉) + c · value_bytes (+ scale bytes),   0 when c = 0,
+    patch_bytes = min(index_bytes(n) · c + c · v,  ⌈n/8⌉ + c · v,  n · v)  (+ scale bytes),   0 when c = 0,
 
-with ``c`` the changed entries and ``n`` the tensor's entries.
+never more than the tensor sent whole.
 
->>> patch_bytes(10, 1000, 2), patch_encoding(10, 1000)       # 40 B of indices < 125 B of bitmask
+>>> patch_bytes(10, 1000, 2), patch_encoding(10, 1000, 2)      # 40 B of indices < 125 B of bitmask
 (60, 'index')
->>> patch_bytes(500, 1000, 2), patch_encoding(500, 1000)     # 125 B of bitmask < 2000 B of indices
+>>> patch_bytes(500, 1000, 2), patch_encoding(500, 1000, 2)    # 125 B of bitmask < 2000 B of indices
 (1125, 'bitmask')
+>>> patch_bytes(990, 1000, 2), patch_encoding(990, 1000, 2)    # 2000 B whole < 125 + 1980 B
+(2000, 'dense')
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +57,7 @@ __all__ = [
     "changed_count",
     "finite_bf16_cpu",
     "bf16_bits",
-    "changed_bits",
+    "changed_against",
     "fp8_changed",
     "scale_bytes",
     "BACKENDS",
@@ -65,6 +71,11 @@ __all__ = [
 #: the largest tensor whose positions fit an unsigned 32-bit index
 _INDEX32 = 2**32
 _EXPONENT = 0x7F80  # bf16's exponent bits
+#: entries from which changed_against counts in two threads (below, a thread hand-off costs more than it saves)
+_SPLIT = 1 << 20
+#: entries per block of changed_against (measured: 2**18 beat 2**16 and 2**20 on a 4864×896 bf16 matrix;
+#: a current version, two references and the booleans, 1.75 MB, stay within the CPU cache)
+_BLOCK = 1 << 18
 _NEG_ZERO = -32768  # bf16 -0.0 read as int16
 #: how changed_count counts: ``"numpy"`` (int16 bits of CPU bf16 tensors, η < 2⁻⁹) or ``"torch"`` (any device)
 BACKENDS = ("numpy", "torch")
@@ -79,25 +90,35 @@ def index_bytes(numel: int) -> int:
     return 4 if numel <= _INDEX32 else 8
 
 
-def patch_encoding(changed: int, numel: int) -> str | None:
-    """The smaller position encoding of a tensor's patch: ``"index"`` or ``"bitmask"`` (a tie goes to the
-    index), ``None`` when nothing changed.
+def patch_encoding(changed: int, numel: int, value_bytes: int) -> str | None:
+    """The smallest encoding of a tensor's patch: ``"index"``, ``"bitmask"`` or ``"dense"`` (ties go in that
+    order), ``None`` when nothing changed.
 
-    >>> patch_encoding(0, 10), patch_encoding(1, 64), patch_encoding(3, 64)
-    (None, 'index', 'bitmask')
+    >>> patch_encoding(0, 10, 2), patch_encoding(1, 64, 2), patch_encoding(3, 64, 2), patch_encoding(64, 64, 2)
+    (None, 'index', 'bitmask', 'dense')
     """
     if changed < 0 or changed > numel:
         raise WeightgeoError(f"patch_encoding: {changed} changed entries of a tensor of {numel}")
     if changed == 0:
         return None
-    return "index" if index_bytes(numel) * changed <= math.ceil(numel / 8) else "bitmask"
+    sizes = _sizes(changed, numel, value_bytes)
+    return min(sizes, key=lambda k: sizes[k])  # the first of equal sizes: dicts keep their order
+
+
+def _sizes(changed: int, numel: int, value_bytes: int) -> dict[str, int]:
+    values = changed * int(value_bytes)
+    return {
+        "index": index_bytes(numel) * changed + values,
+        "bitmask": math.ceil(numel / 8) + values,
+        "dense": numel * int(value_bytes),
+    }
 
 
 def patch_bytes(changed: int, numel: int, value_bytes: int, *, scales: int = 0) -> int:
-    """Bytes of one tensor's sparse patch (module docstring): positions in the smaller encoding plus the new values.
+    """Bytes of one tensor's sparse patch (module docstring): the smallest of the three encodings.
 
-    >>> patch_bytes(0, 4096, 2), patch_bytes(1, 4096, 2), patch_bytes(4096, 4096, 2)
-    (0, 6, 8704)
+    >>> patch_bytes(0, 4096, 2), patch_bytes(1, 4096, 2), patch_bytes(2000, 4096, 2), patch_bytes(4096, 4096, 2)
+    (0, 6, 4512, 8192)
 
     Args:
         changed: entries changed in the interval, in [0, numel].
@@ -108,9 +129,8 @@ def patch_bytes(changed: int, numel: int, value_bytes: int, *, scales: int = 0) 
     Returns:
         bytes ≥ 0; 0 when nothing changed.
     """
-    enc = patch_encoding(changed, numel)
-    positions = 0 if enc is None else index_bytes(numel) * changed if enc == "index" else math.ceil(numel / 8)
-    return positions + changed * int(value_bytes) + int(scales)
+    enc = patch_encoding(changed, numel, value_bytes)
+    return (0 if enc is None else _sizes(changed, numel, value_bytes)[enc]) + int(scales)
 
 
 def scale_bytes(w: Fp8Weight) -> int:
@@ -166,8 +186,8 @@ def finite_bf16_cpu(b: torch.Tensor) -> bool:
 
 
 def bf16_bits(b: torch.Tensor) -> tuple[bool, bool]:
-    """``(finite, has −0)`` of a CPU bf16 tensor from three reductions of its bits, once per tensor: what
-    :func:`changed_bits` needs to count it against any other (−0 is int16's smallest pattern).
+    """``(finite, has −0)`` of a CPU bf16 tensor from three reductions of its bits (−0 is int16's smallest
+    pattern).
 
     >>> bf16_bits(torch.tensor([1.0, -0.0]).bfloat16())
     (True, True)
@@ -179,23 +199,77 @@ def bf16_bits(b: torch.Tensor) -> tuple[bool, bool]:
     return finite, int(x.min()) == _NEG_ZERO
 
 
-def changed_bits(a: torch.Tensor, b: torch.Tensor, *, negative_zero: bool, out: np.ndarray | None = None) -> int:
-    """bf16 values that differ between two finite CPU bf16 tensors (the rule at η < 2⁻⁹: +0 and −0 equal): one
-    comparison of their bits and a count. ``negative_zero``: either holds a −0 (:func:`bf16_bits`), only then are
-    the ±0 pairs among the differences taken back. ``out``: a bool buffer of at least their size to compare into.
+def changed_against(
+    cur: torch.Tensor, refs: Sequence[torch.Tensor], *, check: Sequence[bool]
+) -> tuple[list[int], list[tuple[bool, bool] | None]]:
+    """One blocked pass over CPU bf16 tensors: the entries of ``cur`` whose bf16 value differs from each of
+    ``refs`` (+0 and −0 equal: the rule at η < 2⁻⁹), and :func:`bf16_bits` (finite, has −0) of each tensor whose
+    ``check`` flag is set (``cur`` first, then ``refs``).
 
-    >>> changed_bits(torch.tensor([0.0, 1.0]).bfloat16(), torch.tensor([-0.0, 2.0]).bfloat16(), negative_zero=True)
-    1
+    Blocks of :data:`_BLOCK` entries keep ``cur`` and its references in the CPU's cache while they are compared
+    and reduced, so each is read from memory once (separate passes read ``cur`` once per reference and once per
+    reduction); large tensors are split in two halves, the second counted by a worker thread.
+
+    >>> a, b = torch.tensor([1.0, 0.0, 3.0]).bfloat16(), torch.tensor([1.0, -0.0, 4.0]).bfloat16()
+    >>> changed_against(b, [a, b], check=[True, False, False])
+    ([1, 0], [(True, True), None, None])
     """
-    x = a.contiguous().view(torch.int16).numpy().ravel()
-    y = b.contiguous().view(torch.int16).numpy().ravel()
-    if x.shape != y.shape:
-        raise WeightgeoError(f"changed_bits: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    ne = np.not_equal(x, y, out=None if out is None or out.size < x.size else out[: x.size])
-    changed = int(np.count_nonzero(ne))
-    if changed and negative_zero:
-        changed -= int(np.count_nonzero(((x[ne] | y[ne]) & 0x7FFF) == 0))
-    return changed
+    y = cur.contiguous().view(torch.int16).numpy().ravel()
+    xs = [r.contiguous().view(torch.int16).numpy().ravel() for r in refs]
+    if any(x.shape != y.shape for x in xs):
+        raise WeightgeoError(f"changed_against: shapes {[tuple(r.shape) for r in refs]} and {tuple(cur.shape)} differ")
+    n = y.size
+    if n >= _SPLIT and (os.cpu_count() or 1) > 1:
+        h = n // 2
+        later = _pool().submit(_blocks, y[h:], [x[h:] for x in xs], check)
+        first = _blocks(y[:h], [x[:h] for x in xs], check)
+        second = later.result()
+        counts = [a + b for a, b in zip(first[0], second[0])]
+        bits = [None if p is None or q is None else (p[0] and q[0], p[1] or q[1]) for p, q in zip(first[1], second[1])]
+        return counts, bits
+    return _blocks(y, xs, check)
+
+
+def _blocks(
+    y: np.ndarray, xs: Sequence[np.ndarray], check: Sequence[bool]
+) -> tuple[list[int], list[tuple[bool, bool] | None]]:
+    """:func:`changed_against` over one contiguous range, block by block."""
+    counts = [0] * len(xs)
+    tensors = [y, *xs]
+    hi = [-32768] * len(tensors)  # int16 max, uint16 max, int16 min of each checked tensor
+    uhi = [0] * len(tensors)
+    lo = [32767] * len(tensors)
+    ne = np.empty(min(_BLOCK, max(y.size, 1)), dtype=np.bool_)
+    for s in range(0, y.size, _BLOCK):
+        yb = y[s : s + _BLOCK]
+        m = ne[: yb.size]
+        ymin = int(yb.min()) if yb.size else 0
+        for t, want in enumerate(check):
+            if want:
+                b = tensors[t][s : s + _BLOCK]
+                hi[t] = max(hi[t], int(b.max()))
+                uhi[t] = max(uhi[t], int(b.view(np.uint16).max()))
+                lo[t] = min(lo[t], ymin if t == 0 else int(b.min()))
+        for j, x in enumerate(xs):
+            xb = x[s : s + _BLOCK]
+            k = int(np.count_nonzero(np.not_equal(xb, yb, out=m)))
+            if k and (ymin == _NEG_ZERO or int(xb.min()) == _NEG_ZERO):  # +0 against −0: unchanged
+                k -= int(np.count_nonzero(m & (((xb | yb) & 0x7FFF) == 0)))
+            counts[j] += k
+    bits: list[tuple[bool, bool] | None] = [
+        (hi[t] < _EXPONENT and uhi[t] < 0xFF80, lo[t] == _NEG_ZERO) if want else None for t, want in enumerate(check)
+    ]
+    return counts, bits
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One worker thread for the second half of large comparisons (made on first use, kept)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightgeo-count"))
+    return _POOL[0]
 
 
 def fp8_changed(a: Fp8Weight, b: Fp8Weight, eta: float, *, name: str = "") -> tuple[int, bool]:
