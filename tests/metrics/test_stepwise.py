@@ -158,11 +158,11 @@ def test_the_blocked_pass_agrees_across_blocks_and_threads(gen):
     """Over 2**20 entries the pass runs in two threads and many blocks: ±0 pairs, changes and a NaN anywhere."""
     n = (1 << 20) + 12345
     base = torch.randn(n, generator=gen).bfloat16()
-    base[:: 7919] = 0.0
+    base[::7919] = 0.0
     prev = base.clone()
-    prev[5 : n : 13] += 1.0
+    prev[5:n:13] += 1.0
     cur = prev.clone()
-    cur[:: 7919] = -0.0  # +0 -> -0: unchanged under the rule
+    cur[::7919] = -0.0  # +0 -> -0: unchanged under the rule
     cur[n - 50 :] += 1.0  # changes in the last block of the second half
     want = [int(torch.count_nonzero(~unchanged_mask_general(r, cur, 1e-3))) for r in (base, prev)]
     counts, bits = changed_against(cur, [base, prev], check=[True, True, True])
