@@ -76,20 +76,7 @@ def cache(tmp_path):
 
 
 def test_every_pair_option_reaches_the_row_key_unless_marked(cache):
-    assert set(PAIR_PERTURB) == _fields(PairOptions), "give every PairOptions field a perturbation here"
-    o = PairOptions()
-
-    def key(opts):
-        return row_key(cache, opts, JOB, [IDENT, IDENT], policy="p").digest
-
-    for f in dataclasses.fields(PairOptions):
-        other = dataclasses.replace(o, **{f.name: PAIR_PERTURB[f.name]})
-        assert getattr(other, f.name) != getattr(o, f.name), f.name  # the perturbation is a change
-        if in_key(f):
-            assert key(other) != key(o), f"{f.name} does not reach the cache key"
-        else:
-            assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
-            assert f.metadata[NOT_IN_KEY], f"{f.name}: say why it cannot change a result"
+    _every_field_reaches(PairOptions, PAIR_PERTURB, lambda o: row_key(cache, o, JOB, [IDENT, IDENT], policy="p").digest)
 
 
 def test_the_base_decomposition_key_holds_exactly_the_base_fields(cache):
@@ -102,37 +89,28 @@ def test_the_base_decomposition_key_holds_exactly_the_base_fields(cache):
         assert changed == (f.name in want), f.name
 
 
-def test_every_stream_option_reaches_the_spectrum_key_unless_marked():
-    assert set(STREAM_PERTURB) == _fields(StreamOptions), "give every StreamOptions field a perturbation here"
-    o = StreamOptions()
-
-    def key(opts):
-        return spectrum_key(opts, opts.r, IDENT, IDENT, "w", policy="p").digest
-
-    for f in dataclasses.fields(StreamOptions):
-        other = dataclasses.replace(o, **{f.name: STREAM_PERTURB[f.name]})
-        assert getattr(other, f.name) != getattr(o, f.name), f.name
-        if in_key(f):
-            assert key(other) != key(o), f"{f.name} does not reach the cache key"
-        else:
-            assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
-
-
-def test_every_sparsity_option_reaches_the_count_key_unless_marked():
-    assert set(SPARSITY_PERTURB) == _fields(SparsityOptions), "give every SparsityOptions field a perturbation here"
-    o = SparsityOptions()
-
-    def key(opts):
-        return count_key(opts, IDENT, IDENT, "w").digest
-
-    for f in dataclasses.fields(SparsityOptions):
-        other = dataclasses.replace(o, **{f.name: SPARSITY_PERTURB[f.name]})
+def _every_field_reaches(cls, perturb, key) -> None:
+    """Perturbing any field of ``cls`` changes ``key(options)`` unless the field is marked not_in_key, with a reason."""
+    assert set(perturb) == _fields(cls), f"give every {cls.__name__} field a perturbation here"
+    o = cls()
+    for f in dataclasses.fields(cls):
+        other = dataclasses.replace(o, **{f.name: perturb[f.name]})
         assert getattr(other, f.name) != getattr(o, f.name), f.name
         if in_key(f):
             assert key(other) != key(o), f"{f.name} does not reach the cache key"
         else:
             assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
             assert f.metadata[NOT_IN_KEY], f"{f.name}: say why it cannot change a result"
+
+
+def test_every_stream_option_reaches_the_spectrum_key_unless_marked():
+    _every_field_reaches(
+        StreamOptions, STREAM_PERTURB, lambda o: spectrum_key(o, o.r, IDENT, IDENT, "w", policy="p").digest
+    )
+
+
+def test_every_sparsity_option_reaches_the_count_key_unless_marked():
+    _every_field_reaches(SparsityOptions, SPARSITY_PERTURB, lambda o: count_key(o, IDENT, IDENT, "w").digest)
 
 
 def test_a_stream_pass_keys_its_sparsity_counts_by_its_sparsity_options():

@@ -41,11 +41,11 @@ import torch
 
 from ._version import __version__
 from .cache import CacheKey, ResultCache, result_key
-from .checkpoint import Checkpoint, Fp8Weight, canonical_name, layer_index, module_type
+from .checkpoint import Checkpoint, Fp8Weight, layer_index, module_type
+from .checkpoint.align import canonical_map, natural_key
 from .checkpoint.fp8 import fp8_dequantize
 from .checkpoint.names import expert_index
 from .checkpoint.view import read_expert
-from .errors import WeightgeoError
 from .metrics.catalog import SPARSITY_CURVES
 from .metrics.sparsity import FAST_ETA, as_bf16
 from .metrics.stepwise import (
@@ -144,7 +144,7 @@ def plan_tensors(
     """Every tensor of the base and the checkpoints to follow, from headers (canonical names; a key absent from
     some checkpoints is followed where present): the plans, the tensors skipped with the reason (non-floating,
     empty, filtered: counted), and how many the include/exclude filter left out."""
-    maps = [_canonical(base)] + [_canonical(ck) for ck in cks]
+    maps = [canonical_map(base, "base")] + [canonical_map(ck) for ck in cks]
     sides = [base, *cks]
     keys: dict[str, None] = {}
     for m in maps:
@@ -152,7 +152,7 @@ def plan_tensors(
     plans: list[TensorPlan] = []
     skipped: list[dict[str, Any]] = []
     filtered = 0
-    for key in sorted(keys, key=_natural):
+    for key in sorted(keys, key=natural_key):
         infos = [ck.info(m[key]) if key in m else None for ck, m in zip(sides, maps)]
         present = [i for i in infos if i is not None]
         first = present[0]
@@ -174,25 +174,6 @@ def plan_tensors(
             ]
             plans.append(TensorPlan(key, at[0], tuple(at[1:]), j))
     return plans, skipped, filtered
-
-
-def _canonical(ck: Checkpoint) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name in ck.names():
-        key = canonical_name(name)
-        if key in out:
-            raise WeightgeoError(
-                f"checkpoint {ck.source}: tensors {out[key]!r} and {name!r} both normalise to {key!r}; the names "
-                f"are ambiguous, rename or drop one"
-            )
-        out[key] = name
-    return out
-
-
-def _natural(key: str) -> list[Any]:
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -140,3 +140,32 @@ def test_checkpoints_give_a_report_per_tensor_and_the_pooled_model_figure(tmp_pa
     assert rep.summary["mask_jaccard"] == pooled.mask_jaccard and rep.summary["numel"] == pooled.numel
     assert set(rep.summary["by_module"]) == {r["module"] for r in rep.rows}
     assert rep.meta["kind"] == "update_mask_overlap" and rep.meta["ft_a"].endswith("a")
+
+
+def test_fp8_checkpoints_take_the_fp8_rules_masks(tmp_path):
+    from native_factories import fp8_quantize, write_fp8
+
+    from weightgeo.metrics.sparsity import fp8_update_mask
+
+    block = (4, 8)
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    codes, scales = fp8_quantize(w, block)
+    a, b = codes.float().clone(), codes.float().clone()
+    a[0, :4] *= 2  # 4 codes move in one fine-tune (in range: 448 is e4m3's largest)
+    b[0, 2:6] *= 2  # 4 in the other, 2 of them the same
+    s_b = scales.clone()
+    s_b[1, 1] *= 2  # and the other's block (1, 1) is rescaled: its nonzero entries change
+    name = "model.layers.0.mlp.down_proj.weight"
+    sources = [
+        write_fp8(tmp_path / n, {name: (c.to(torch.float8_e4m3fn), s)}, block=block)
+        for n, c, s in (("base", codes.float(), scales), ("a", a, scales), ("b", b, s_b))
+    ]
+    row = weightgeo.update_mask_overlap(*sources).rows[0]
+    ma = fp8_update_mask(codes, scales, a.to(torch.float8_e4m3fn), scales, block)
+    mb = fp8_update_mask(codes, scales, b.to(torch.float8_e4m3fn), s_b, block)
+    assert (row["updated_a"], row["updated_b"], row["updated_both"]) == (
+        int(ma.sum()),
+        int(mb.sum()),
+        int((ma & mb).sum()),
+    )
+    assert row["updated_both"] == 2 and row["updated_b"] > 4

@@ -25,7 +25,16 @@ from ..metrics.sparsity import finite_as_bf16, fp8_unchanged_count, fp8_update_m
 from ..options import PairOptions
 from .plan import Job
 
-__all__ = ["job_row", "finite_chunks", "chunk_unchanged", "fp8_unchanged", "finish_row", "SharedBase", "matrix_rows"]
+__all__ = [
+    "job_row",
+    "finite_chunks",
+    "chunk_unchanged",
+    "fp8_unchanged",
+    "fp8_mask",
+    "finish_row",
+    "SharedBase",
+    "matrix_rows",
+]
 
 Fp8Pair = tuple[Fp8Weight, Fp8Weight]
 
@@ -114,21 +123,25 @@ def _fp8_update_rows(options: PairOptions, key: str, pair: Fp8Pair):  # -> Calla
     """The FP8 rule's update mask of rows ``s:e``, for the localization kernel's row blocks."""
 
     def rows(s: int, e: int) -> torch.Tensor:
-        a, b = _fp8_rows(pair, s, e)
-        return fp8_update_mask(
-            a.codes,
-            a.scales,
-            b.codes,
-            b.scales,
-            a.block,
-            block1=b.block,
-            eta=options.eta,
-            row_start=a.row_start,
-            rows=a.rows,
-            name=key,
-        )
+        return fp8_mask(options, key, *_fp8_rows(pair, s, e))
 
     return rows
+
+
+def fp8_mask(options: PairOptions, name: str, a: Fp8Weight, b: Fp8Weight) -> torch.Tensor:
+    """The FP8 rule's update mask between two stored FP8 versions of the same rows (True = updated)."""
+    return fp8_update_mask(
+        a.codes,
+        a.scales,
+        b.codes,
+        b.scales,
+        a.block,
+        block1=b.block,
+        eta=options.eta,
+        row_start=a.row_start,
+        rows=a.rows,
+        name=name,
+    )
 
 
 def finite_chunks(options: PairOptions, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:

@@ -16,16 +16,17 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..checkpoint import Checkpoint, Fp8Weight, open_checkpoint
+from ..checkpoint import Checkpoint, Fp8Weight
 from ..checkpoint.fp8 import fp8_dequantize
 from ..checkpoint.view import read_expert
 from ..linalg.policy import row_blocks
 from ..metrics.mask_overlap import MaskOverlap, overlap_from_counts, pairwise_counts, pooled_overlap
-from ..metrics.sparsity import fp8_update_mask, unchanged_mask
+from ..metrics.sparsity import unchanged_mask
 from ..options import PairOptions
 from ..report import Report
-from .groups import job_row
-from .plan import Job, plan_pair
+from .groups import fp8_mask, job_row
+from .plan import Job
+from .run import open_plans
 
 __all__ = ["mask_overlaps", "overlap_summary", "pairwise_matrix"]
 
@@ -66,13 +67,8 @@ def mask_overlaps(base: Any, fts: Sequence[Any], options: PairOptions) -> dict[t
     """The :class:`~weightgeo.report.Report` of every pair ``(i, j)``, i < j, of the fine-tunes ``fts`` of ``base``
     (``options``: the filter, ``eta``, ``dtype``, ``device``, ``progress``)."""
     t0 = time.perf_counter()
-    b = open_checkpoint(base)
-    fs: list[Checkpoint] = []
+    b, fs, plans = open_plans(base, fts, options)
     try:
-        for ft in fts:
-            fs.append(open_checkpoint(ft, base=b))
-        select = options.selector()
-        plans = [plan_pair(b, f, select, fp8=options.dtype is None) for f in fs]
         by_uid = [{j.uid: j for j in p.jobs} for p in plans]
         common = [j.uid for j in plans[0].jobs if all(j.uid in m for m in by_uid)]
         rows: dict[tuple[int, int], list[dict[str, Any]]] = {
@@ -140,18 +136,7 @@ def _count(
             if job.fp8 and isinstance(c0, Fp8Weight):
                 c1 = _read(f, job.ft_name, job, s, e, fp8=True)
                 assert isinstance(c1, Fp8Weight)
-                m = fp8_update_mask(
-                    c0.codes,
-                    c0.scales,
-                    c1.codes,
-                    c1.scales,
-                    c0.block,
-                    block1=c1.block,
-                    eta=options.eta,
-                    row_start=c0.row_start,
-                    rows=c0.rows,
-                    name=where,
-                )
+                m = fp8_mask(options, where, c0, c1)
             else:
                 if dense0 is None:
                     dense0 = options.round(_dense(c0))

@@ -158,6 +158,10 @@ def overlap_from_counts(n: int, a: int, b: int, x: int) -> MaskOverlap:
     n, a, b, x = int(n), int(a), int(b), int(x)
     if not (0 <= x <= min(a, b) and max(a, b) <= n and a + b - x <= n):
         raise WeightgeoError(f"overlap_from_counts: inconsistent counts n={n}, a={a}, b={b}, x={x}")
+    return _overlap(n, a, b, x, expected_jaccard(n, a, b), max(a, b) / n if min(a, b) else math.nan)
+
+
+def _overlap(n: int, a: int, b: int, x: int, random_jaccard: float, random_overlap: float) -> MaskOverlap:
     union = a + b - x
     return MaskOverlap(
         numel=n,
@@ -166,8 +170,8 @@ def overlap_from_counts(n: int, a: int, b: int, x: int) -> MaskOverlap:
         updated_both=x,
         mask_jaccard=x / union if union else math.nan,
         mask_overlap=x / min(a, b) if min(a, b) else math.nan,
-        random_mask_jaccard=expected_jaccard(n, a, b),
-        random_mask_overlap=max(a, b) / n if min(a, b) else math.nan,
+        random_mask_jaccard=random_jaccard,
+        random_mask_overlap=random_overlap,
     )
 
 
@@ -196,14 +200,5 @@ def pooled_overlap(parts: Iterable[MaskOverlap] | Sequence[MaskOverlap]) -> Mask
     b = sum(p.updated_b for p in parts)
     x = sum(p.updated_both for p in parts)
     ex = math.fsum(p.updated_a * p.updated_b / p.numel for p in parts if p.numel)  # E[x], exact
-    union, e_union = a + b - x, a + b - ex
-    return MaskOverlap(
-        numel=n,
-        updated_a=a,
-        updated_b=b,
-        updated_both=x,
-        mask_jaccard=x / union if union else math.nan,
-        mask_overlap=x / min(a, b) if min(a, b) else math.nan,
-        random_mask_jaccard=ex / e_union if e_union > 0 else math.nan,
-        random_mask_overlap=ex / min(a, b) if min(a, b) else math.nan,
-    )
+    e_union = a + b - ex
+    return _overlap(n, a, b, x, ex / e_union if e_union > 0 else math.nan, ex / min(a, b) if min(a, b) else math.nan)
