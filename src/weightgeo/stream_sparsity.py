@@ -64,16 +64,22 @@ from .validation import check_finite
 __all__ = [
     "Instance",
     "TensorPlan",
+    "comparable",
     "plan_tensors",
     "Version",
     "read_version",
+    "Changed",
     "CountStore",
     "count_key",
     "TensorFollower",
     "StepCounts",
+    "value_bytes",
     "sparsity_row",
+    "not_measured",
     "sparsity_summary",
     "merge_rows",
+    "dtype_changes",
+    "warn_dtype_changes",
     "COUNT_KIND",
     "PATCH_ENCODING",
 ]
@@ -191,6 +197,8 @@ class Version:
         self.what, self.options, self.device = what, options, device
         self._bf16: torch.Tensor | None = None
         self.checked = False
+        #: whether its bf16 values hold a −0, once known (the CPU bit path learns it while checking)
+        self.negative_zero: bool | None = None
 
     def dense(self) -> torch.Tensor:
         """The values as read (an FP8 weight dequantised to float32), rounded to the options' dtype."""
@@ -435,13 +443,16 @@ def _count_fast(version: Version, refs: Sequence[Version]) -> list[Changed]:
     finite that was not yet (:func:`~weightgeo.metrics.stepwise.changed_against`)."""
     tensors = [version, *refs]
     counts, bits = changed_against(
-        version.rounded(), [a.rounded() for a in refs], check=[not v.checked for v in tensors]
+        version.rounded(),
+        [a.rounded() for a in refs],
+        check=[not v.checked for v in tensors],
+        negative_zero=[v.negative_zero for v in tensors],
     )
     for v, b in zip(tensors, bits):
         if b is not None:
             if not b[0]:
                 check_finite(v.rounded(), v.what)  # raises, naming the version, with the count
-            v.checked = True
+            v.checked, v.negative_zero = True, b[1]
     return [Changed(c) for c in counts]
 
 

@@ -38,6 +38,12 @@ Modes (memory per tracked [m, n] matrix; K = ``k``, r = max(k, hill_k)):
   float64 because the difference of two sketches of nearly equal matrices cancels: in float32 its error
   grows like 6e-8·‖W‖/‖ΔW‖.
 
+Sparsity (exact mode only: it compares with W0's copy): ``weightgeo/update_sparsity`` of every tracked tensor
+(the 1-D norms and biases too, whose W0 copies are kept for it) at no other cost, and with ``step_sparsity=True``
+``weightgeo/step_sparsity`` and ``weightgeo/patch_bytes``, the previous step held exactly as a patch of W0 (at most
+one more bf16 copy; :mod:`weightgeo.track_sparsity`). :meth:`Tracker.sparsity_curve` equals
+:func:`~weightgeo.sparsity_curve` on the checkpoints the run writes in the rounding dtype.
+
 Both modes store per tracked step and matrix the top r+1 singular values (float64) and V_K ([K, n] float32):
 4·K·n bytes. Distributed training: parameters must be whole matrices when ``update`` is called. DeepSpeed
 ZeRO-3 shards (``ds_id``) are accepted only inside ``deepspeed.zero.GatheredParameters``; FSDP flat parameters

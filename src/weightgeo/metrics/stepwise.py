@@ -200,11 +200,16 @@ def bf16_bits(b: torch.Tensor) -> tuple[bool, bool]:
 
 
 def changed_against(
-    cur: torch.Tensor, refs: Sequence[torch.Tensor], *, check: Sequence[bool]
+    cur: torch.Tensor,
+    refs: Sequence[torch.Tensor],
+    *,
+    check: Sequence[bool],
+    negative_zero: Sequence[bool | None] | None = None,
 ) -> tuple[list[int], list[tuple[bool, bool] | None]]:
     """One blocked pass over CPU bf16 tensors: the entries of ``cur`` whose bf16 value differs from each of
     ``refs`` (+0 and −0 equal: the rule at η < 2⁻⁹), and :func:`bf16_bits` (finite, has −0) of each tensor whose
-    ``check`` flag is set (``cur`` first, then ``refs``).
+    ``check`` flag is set (``cur`` first, then ``refs``). ``negative_zero``: per tensor (same order) whether it is
+    known to hold a −0 (``None``: unknown); a tensor known to hold none needs no −0 test block by block.
 
     Blocks of :data:`_BLOCK` entries keep ``cur`` and its references in the CPU's cache while they are compared
     and reduced, so each is read from memory once (separate passes read ``cur`` once per reference and once per
@@ -218,20 +223,21 @@ def changed_against(
     xs = [r.contiguous().view(torch.int16).numpy().ravel() for r in refs]
     if any(x.shape != y.shape for x in xs):
         raise WeightgeoError(f"changed_against: shapes {[tuple(r.shape) for r in refs]} and {tuple(cur.shape)} differ")
+    known = list(negative_zero) if negative_zero is not None else [None] * (1 + len(xs))
     n = y.size
     if n >= _SPLIT and (os.cpu_count() or 1) > 1:
         h = n // 2
-        later = _pool().submit(_blocks, y[h:], [x[h:] for x in xs], check)
-        first = _blocks(y[:h], [x[:h] for x in xs], check)
+        later = _pool().submit(_blocks, y[h:], [x[h:] for x in xs], check, known)
+        first = _blocks(y[:h], [x[:h] for x in xs], check, known)
         second = later.result()
         counts = [a + b for a, b in zip(first[0], second[0])]
         bits = [None if p is None or q is None else (p[0] and q[0], p[1] or q[1]) for p, q in zip(first[1], second[1])]
         return counts, bits
-    return _blocks(y, xs, check)
+    return _blocks(y, xs, check, known)
 
 
 def _blocks(
-    y: np.ndarray, xs: Sequence[np.ndarray], check: Sequence[bool]
+    y: np.ndarray, xs: Sequence[np.ndarray], check: Sequence[bool], known: Sequence[bool | None]
 ) -> tuple[list[int], list[tuple[bool, bool] | None]]:
     """:func:`changed_against` over one contiguous range, block by block."""
     counts = [0] * len(xs)
@@ -239,21 +245,24 @@ def _blocks(
     hi = [-32768] * len(tensors)  # int16 max, uint16 max, int16 min of each checked tensor
     uhi = [0] * len(tensors)
     lo = [32767] * len(tensors)
+    # a block's minimum tells whether it holds a −0 (int16's smallest pattern): needed of a tensor being checked,
+    # and of one that may hold a −0 (for the ±0 pairs among the differences)
+    minimum = [want or known[t] is not False for t, want in enumerate(check)]
     ne = np.empty(min(_BLOCK, max(y.size, 1)), dtype=np.bool_)
     for s in range(0, y.size, _BLOCK):
-        yb = y[s : s + _BLOCK]
-        m = ne[: yb.size]
-        ymin = int(yb.min()) if yb.size else 0
+        blocks = [t[s : s + _BLOCK] for t in tensors]
+        mins = [int(b.min()) if need and b.size else 0 for b, need in zip(blocks, minimum)]
         for t, want in enumerate(check):
             if want:
-                b = tensors[t][s : s + _BLOCK]
-                hi[t] = max(hi[t], int(b.max()))
-                uhi[t] = max(uhi[t], int(b.view(np.uint16).max()))
-                lo[t] = min(lo[t], ymin if t == 0 else int(b.min()))
-        for j, x in enumerate(xs):
-            xb = x[s : s + _BLOCK]
+                hi[t] = max(hi[t], int(blocks[t].max()))
+                uhi[t] = max(uhi[t], int(blocks[t].view(np.uint16).max()))
+                lo[t] = min(lo[t], mins[t])
+        yb = blocks[0]
+        m = ne[: yb.size]
+        for j in range(len(xs)):
+            xb = blocks[j + 1]
             k = int(np.count_nonzero(np.not_equal(xb, yb, out=m)))
-            if k and (ymin == _NEG_ZERO or int(xb.min()) == _NEG_ZERO):  # +0 against −0: unchanged
+            if k and (mins[0] == _NEG_ZERO or mins[j + 1] == _NEG_ZERO):  # +0 against −0: unchanged
                 k -= int(np.count_nonzero(m & (((xb | yb) & 0x7FFF) == 0)))
             counts[j] += k
     bits: list[tuple[bool, bool] | None] = [
