@@ -811,6 +811,7 @@ def stream_report(
     if not rows:
         raise WeightgeoError(
             f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same model as the checkpoints?"
+            + (" (sparsity_curve reports such a stream: every entry unchanged)" if sparse is not None else "")
         )
     if sparse is not None:
         rows = merge_rows(rows, passed.rows)
