@@ -21,7 +21,7 @@ from ..errors import WeightgeoError
 from ..linalg.pairwise import BaseSpectrum, base_spectrum
 from ..linalg.policy import row_blocks
 from ..metrics.pair import batched_pair_metrics
-from ..metrics.sparsity import finite_as_bf16, fp8_unchanged_count, fp8_update_mask, unchanged_count
+from ..metrics.sparsity import finite_as_bf16, fp8_update_mask, unchanged_count
 from ..options import PairOptions
 from .plan import Job
 
@@ -104,18 +104,8 @@ def fp8_unchanged(options: PairOptions, key: str, pair: Fp8Pair) -> int:
     total = 0
     for s, e in row_blocks(w0.codes.shape[0], w0.codes.shape[1]):
         a, b = _fp8_rows(pair, s, e)
-        total += fp8_unchanged_count(
-            a.codes,
-            a.scales,
-            b.codes,
-            b.scales,
-            a.block,
-            block1=b.block,
-            eta=options.eta,
-            row_start=a.row_start,
-            rows=a.rows,
-            name=f"{key} rows {a.row_start}:{a.row_start + e - s}",
-        )
+        updated = fp8_mask(options, f"{key} rows {a.row_start}:{a.row_start + e - s}", a, b)
+        total += updated.numel() - int(torch.count_nonzero(updated))
     return total
 
 
