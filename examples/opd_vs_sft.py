@@ -17,8 +17,10 @@ the null (OPD with its advantages permuted across the batch's tokens) and one 10
 from the anchor, read at step 300 (matched steps) and 1000 (the paper's ratio), each a ``checkpoint-<step>``
 stream with fp32 masters beside it. It measures the streams with weightgeo's public API (``compare``,
 ``rank_curve``, a live ``Tracker`` on OPD checked against the offline results), decides every claim by the
-rule fixed in docs/reproduction.md before the first run, and writes ``report.md``, ``report.json`` and the
-figures into the output folder. Runs already in the output folder with the same configuration are reused.
+rule fixed in docs/reproduction.md before the first run, and writes ``report.html`` (open it first: the
+conclusion, every link's verdict, layer x module heatmaps), ``report.md``, ``report.json``, ``geometry.html``
+(weightgeo's page of the pair comparisons) and the figures into the output folder. Runs already in the output
+folder with the same configuration are reused.
 
 Nothing here is tuned on geometry: the task, the assets and the regime thresholds were fixed on accuracy, KL
 and lengths only; the criteria and the primary-K rule were committed before the first full run.
@@ -40,7 +42,7 @@ if HERE not in sys.path:  # the miniature/ package beside this file, however thi
     sys.path.insert(0, HERE)
 
 from miniature.claims import Data, evaluate_claims  # noqa: E402
-from miniature.figures import write_figures  # noqa: E402
+from miniature.figures import captions, write_figures  # noqa: E402
 from miniature.jobs import run_all  # noqa: E402
 from miniature.plan import ASSETS, FULL, QUICK, SMOKE, build_jobs  # noqa: E402
 from miniature.report import regime_line, write_report  # noqa: E402
@@ -98,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ev = evaluate_claims(D, regime_box)
     K = (ev["primary_k"] or {"k": 4})["k"]
     figures = write_figures(D, out, K, ev["details"])
+    figure_captions = captions(D, figures)
     machine["load_end"] = [round(x, 2) for x in os.getloadavg()]
     wall = time.perf_counter() - t0
-    R = write_report(out, label, plan, results, regime_box, ev, D, figures, wall, machine)
+    R = write_report(out, label, plan, results, regime_box, ev, D, figures, wall, machine, figure_captions)
     t = R.get("tracker_opd")
     if t:
         print(
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.1e}" for k, v in t["max_rel_diff"].items())
         )
     print(
-        f"\nwrote {out.resolve()}/report.md, report.json"
+        f"\nwrote {out.resolve()}/report.html, report.md, report.json, geometry.html"
         + (f", {', '.join(figures)}" if figures else "")
         + f"; wall {wall:.0f} s"
     )

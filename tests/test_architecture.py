@@ -24,7 +24,9 @@ LAYERS = [
         "weightgeo.outputs",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
-    ["weightgeo.metrics", "weightgeo.plot", "weightgeo.cache", "weightgeo.selection"],
+    ["weightgeo.metrics", "weightgeo.cache", "weightgeo.selection"],
+    ["weightgeo.render"],  # how results are shown (tables, grids, panels, SVG, HTML): reads reports, measures nothing
+    ["weightgeo.plot"],  # the same panels painted with matplotlib
     ["weightgeo.report", "weightgeo.options"],
     ["weightgeo.stream", "weightgeo.stream_sparsity"],
     ["weightgeo.engine", "weightgeo.trajectory", "weightgeo.track_sparsity"],

@@ -54,7 +54,11 @@ def test_several_fine_tunes_write_one_report_each(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert f"== {f} ==" in text and f"== {f2} ==" in text
+    # --summary: one side-by-side table (a column per fine-tune, labelled), each label tied to its path
+    assert f"== {f} ==  (f)" in text and f"== {f2} ==  (f2)" in text
+    header = next(line for line in text.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "f", "f2"]
+    assert text.count("update_sparsity") == 1
     reports = [json.loads((tmp_path / f"r-{i}.json").read_text()) for i in (1, 2)]
     assert [r["meta"]["ft"] for r in reports] == [str(f), str(f2)]
     assert all(r["meta"]["shared_base"] for r in reports)

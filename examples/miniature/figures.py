@@ -12,6 +12,12 @@ from .plan import KS
 
 COLORS = {"sft": "tab:blue", "opd": "tab:orange", "rlvr": "tab:green", "null": "gray"}
 LABEL = {"sft": "SFT", "opd": "OPD", "rlvr": "RLVR", "null": "null (OPD, permuted advantages)"}
+YLABEL = {
+    "density": "fraction of entries changed",
+    "fro": "‖ΔW_t‖_F",
+    "srank": "stable rank (bf16 checkpoints)",
+    "srank_fp32": "stable rank (fp32 masters)",
+}
 
 
 def _series(D: Data, method: str, seeds: int, key, *, frac: bool):
@@ -73,12 +79,13 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
             x, arr = _series(D, "null", seeds, fn, frac=frac)
             lo, hi, m = _band(arr)
             ax.fill_between(x, lo, hi, color="gray", alpha=0.25, lw=0, label=_band_label(seeds))
-            ax.plot(x, m, color="gray", ls="--", lw=1)
+            ax.plot(x, m, color="gray", ls="--", lw=1, label="null: mean")
             for meth in meths:
                 x, arr = _series(D, meth, seeds, fn, frac=frac)
                 y = np.nanmean(arr, 2)
-                for s in range(seeds):
-                    ax.plot(x, y[s], color=COLORS[meth], lw=0.7, alpha=0.4)
+                if seeds > 1:  # the seeds themselves, thin, under their mean
+                    for s in range(seeds):
+                        ax.plot(x, y[s], color=COLORS[meth], lw=0.7, alpha=0.4)
                 ax.plot(x, y.mean(0), color=COLORS[meth], lw=2, label=LABEL[meth])
                 if key == "density" and "step_density" in D.stream(meth, 0):
                     # density of the step: entries changed since the previous checkpoint (1 - step sparsity)
@@ -86,19 +93,18 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
                     ax.plot(x, np.nanmean(arr, 2).mean(0), color=COLORS[meth], lw=1.6, ls=":")
             if key == "density":
                 ax.plot([], [], color="k", lw=1.6, ls=":", label="step: since the previous checkpoint")
-            ax.set(title=title, xlabel="fraction of training" if frac else "step")
+            ax.set(title=title, xlabel="fraction of training" if frac else "step", ylabel=YLABEL[key])
             if key in ("density", "fro"):
                 ax.set_xscale("log")
             if key == "fro":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        axs[0, 0].legend(fontsize=8)
-        fig.suptitle(f"Trajectories ({seeds} seed(s); thick = seed mean, thin = seeds; RLVR to step {pl.rlvr_steps})")
-        fig.savefig(out / "fig_trajectories.png", dpi=110)
-        plt.close(fig)
-        made.append("fig_trajectories.png")
+        _legend_below(fig, axs[0, 0])
+        seed_text = "1 seed" if seeds == 1 else f"{seeds} seeds; thick = seed mean, thin = each seed"
+        fig.suptitle(f"Trajectories of the cumulative update ΔW_t ({seed_text}; RLVR to step {pl.rlvr_steps})")
+        made.append(_save(fig, out, "fig_trajectories"))
 
-        fig, axs = plt.subplots(1, len(KS), figsize=(4 * len(KS), 3.8), layout="constrained", sharey=True)
+        fig, axs = plt.subplots(1, len(KS), figsize=(4 * len(KS), 4.4), layout="constrained", sharey=True)
         for ax, k in zip(axs, KS):
             fn = lambda S, t, k=k: S["sim"][str(k)][str(t)]  # noqa: E731
             x, arr = _series(D, "null", seeds, fn, frac=True)
@@ -107,17 +113,16 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
             for meth in meths:
                 x, arr = _series(D, meth, seeds, fn, frac=True)
                 ax.plot(x, np.nanmean(arr, 2).mean(0), color=COLORS[meth], lw=2, marker="o", ms=3, label=LABEL[meth])
-            ax.axhline(k / 64, color="k", ls=":", lw=0.8, label="random (K/64)")
+            ax.axhline(k / 64, color="k", ls=":", lw=0.8, label="random subspaces (K/64)")
             ax.set(
                 title=f"Sim_{k}(t, t_end)" + ("  (primary K*)" if k == K else ""),
                 xlabel="fraction of training",
                 ylim=(0, 1.02),
             )
             ax.grid(alpha=0.3)
-        axs[0].legend(fontsize=7)
-        fig.savefig(out / "fig_simk.png", dpi=110)
-        plt.close(fig)
-        made.append("fig_simk.png")
+        axs[0].set_ylabel("similarity to the final top-K subspace")
+        _legend_below(fig, axs[0])  # below the panels: inside, it hid the OPD curve and the null band
+        made.append(_save(fig, out, "fig_simk"))
     det = {d["id"]: d for d in details}
     if 6 in det and not det[6].get("not_run"):
         d6 = det[6]
@@ -142,11 +147,9 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(ks)), [f"K={k}" + (" (K*)" if int(k) == K else "") for k in ks])
         ax.set(ylabel="Δ T=1 accuracy (95% CI)", title="Projection onto early V_K (every 2-D weight projected)")
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        fig.savefig(out / "fig_projection.png", dpi=110)
-        plt.close(fig)
-        made.append("fig_projection.png")
+        _legend_below(fig, ax)
+        made.append(_save(fig, out, "fig_projection"))
     if 7 in det and not det[7].get("not_run"):
         fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
         ref = D.res["m_opd_s0"]
@@ -166,9 +169,63 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
                 label=n.removeprefix("ctrl_"),
             )
         ax.set(xlabel="step", ylabel="stable rank of ΔW_t (attention, bf16)", title="OPD controls (paper §5)")
-        ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
-        fig.savefig(out / "fig_controls.png", dpi=110)
-        plt.close(fig)
-        made.append("fig_controls.png")
+        _legend_below(fig, ax)
+        made.append(_save(fig, out, "fig_controls"))
     return made
+
+
+def _legend_below(fig, ax) -> None:
+    """One legend for the figure, under its panels, where it hides no curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+
+
+def _save(fig, out: Path, stem: str) -> str:
+    """The PNG (report.md) and the SVG (inlined in report.html) of a figure; returns the PNG's name."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    fig.savefig(out / f"{stem}.svg")
+    plt.close(fig)
+    return f"{stem}.png"
+
+
+def captions(D: Data, made: list[str]) -> dict[str, str]:
+    """A caption for each figure made: what is drawn, and what a reader needs to read it."""
+    seeds = D.plan.seeds
+    band = "the null's band (OPD with permuted advantages: no signal) is " + _band_label(seeds).split(": ")[1]
+    out = {
+        "fig_trajectories.png": (
+            "Update density, ‖ΔW_t‖_F and the stable rank of ΔW_t over training for SFT, OPD and RLVR; "
+            f"{band}. The two stable-rank panels measure different updates: the bf16 checkpoints keep only the "
+            "entries whose update crossed half a bf16 ULP, a sparse, noise-like pattern that raises the stable "
+            f"rank{_srank_gap(D)}; the fp32 masters hold the optimizer's full update, which is low-rank for "
+            "every method and for the null."
+        ),
+        "fig_simk.png": (
+            "Sim_K(t, t_end): how much of ΔW_t's top-K input subspace is already the final one, for K = "
+            + ", ".join(str(k) for k in KS)
+            + f"; the dotted line is what random subspaces give (K/64), the grey band the null ({band.split(' is ')[1]})."
+        ),
+        "fig_projection.png": (
+            "Accuracy change when training is projected onto the early top-K subspace, against plain training "
+            "(bars, 95% CI), with OPD's own gain over the anchor and the head-only OPD gain as lines (claim 6)."
+        ),
+        "fig_controls.png": (
+            "Stable rank of ΔW_t for OPD seed 0 and its controls (token sparsification, off-policy rollouts, "
+            "mixes with RLVR; dashed = mixes), over the null's band (claim 7)."
+        ),
+    }
+    return {m: out[m] for m in made if m in out}
+
+
+def _srank_gap(D: Data) -> str:
+    """'(final mean x in bf16 vs y in fp32 for OPD)' from the streams, when both are measured."""
+    try:
+        S = D.stream("opd", 0)
+        last = str(S["steps"][-1])
+        bf, fp = agg(S["srank"][last]), agg(S["srank_fp32"][last])
+    except (KeyError, IndexError):
+        return ""
+    return f" (OPD at its last step: {bf:.1f} in bf16 vs {fp:.1f} in fp32)"

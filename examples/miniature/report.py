@@ -12,8 +12,10 @@ import weightgeo
 from weightgeo.train.stats import paired_bootstrap
 
 from .claims import Data, agg
+from .conclusion import ci_text, conclusion, headline, link_rows, matched_text, md_cell
 from .jobs import json_safe, load_eval
 from .measure import half_ulp_over_lr
+from .page import report_html
 from .plan import Plan
 
 
@@ -57,6 +59,7 @@ def write_report(
     figures: list,
     wall: float,
     machine: dict,
+    figure_captions: dict | None = None,
 ) -> dict:
     acc = _accuracy_table(D, results)
     train_runs = {n: r for n, r in results.items() if r.get("kind") in ("sft", "opd", "rlvr")}
@@ -117,12 +120,15 @@ def write_report(
         },
         "machine": machine,
         "figures": figures,
+        "figure_captions": figure_captions or {},
         "weightgeo": weightgeo.__version__,
         "torch": torch.__version__,
     }
     report = json_safe(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_md(report) + "\n")
+    md = report_md(report)
+    (out / "report.md").write_text(md + "\n")
+    (out / "report.html").write_text(report_html(md, out, plan))
     return report
 
 
@@ -132,6 +138,44 @@ def _ci_text(ci) -> str:
 
 def _fmt(x, p=3):
     return "–" if x is None else f"{x:+.{p}f}" if isinstance(x, float) else str(x)
+
+
+def claims_md(R: dict) -> list[str]:
+    """The claims table with the verdict rule, the links in words and the matched-step reading."""
+    L: list[str] = []
+    L += [
+        "## Claims",
+        "",
+        "Verdict rule: *reproduced* = the paper's ordering (statistic > 0) holds in every seed "
+        "and the 95% CI excludes 0; *contradicted* = the reverse, the same way; *untestable* = a precondition "
+        "failed; *inconclusive* otherwise. The statistic is the smallest of the claim's links (each oriented so "
+        "that > 0 is the paper's direction); CIs: bootstrap over seeds and matrices (claims 1-5, 7) or seeds and "
+        "prompts (6).",
+        "",
+        "| # | claim | verdict | statistic | 95% CI | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in R["claims"]:
+        ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+        L.append(
+            f"| {c['id']} | {c['text']} | **{c['verdict']}** | {_fmt(c['statistic'], 4)} | {ci} | "
+            + ", ".join(f"{v:+.4f}" for v in c["per_seed"])
+            + " |"
+        )
+    notes = [f"- {d['id']}: {d['note']}" for d in R["claim_details"] if d.get("note")]
+    if notes:
+        L += ["", "Notes (each link's statistic, CI and verdict are in the table above):", "", *notes]
+    if R["rlvr_at_matched_steps"]:
+        L += [
+            "",
+            f"RLVR read at matched steps ({R['plan']['rlvr_matched']}) instead of {R['plan']['rlvr_steps']}: "
+            + "; ".join(
+                f"claim {c['id']} {c['verdict']} ({_fmt(c['statistic'], 4)} {_ci_text(c['ci95'])})"
+                for c in R["rlvr_at_matched_steps"]
+            ),
+            "",
+        ]
+    return L
 
 
 def report_md(R: dict) -> str:
@@ -144,6 +188,31 @@ def report_md(R: dict) -> str:
         f"weightgeo {R['weightgeo']}; {R['machine']['jobs']} job(s) x {R['machine']['threads']} thread(s); wall "
         f"{R['timings']['wall_s']:.0f} s; load average at start / end {R['machine']['load_start']} / "
         f"{R['machine']['load_end']}.",
+        "",
+        "## Conclusion",
+        "",
+        f"**{headline(R)}**",
+        "",
+        *[f"- {t}" for t in conclusion(R)],
+        "",
+        "## Every link (each claim is the smallest of its links; > 0 = the paper's direction)",
+        "",
+        "| claim | link | statistic | 95% CI | per seed | verdict | RLVR at matched steps |",
+        "|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['claim']} | {md_cell(r['link'])} | {_fmt(r['statistic'], 4)} | {ci_text(r['ci95'])} | "
+            + ", ".join(f"{v:+.4f}" for v in r["per_seed"])
+            + f" | **{r['verdict']}** | {matched_text(r['matched'])} |"
+            for r in link_rows(R)
+        ],
+        "",
+    ]
+    L += claims_md(R)
+    L += [
+        "## Where in the network each method changed weights",
+        "",
+        "report.html draws layer x module heatmaps of every pair metric for SFT, OPD and RLVR on shared colour "
+        "scales; geometry.html is weightgeo's own page of those comparisons (tables, per-module bars, provenance).",
         "",
         "## Regime (checked before any geometry)",
         "",
@@ -173,47 +242,6 @@ def report_md(R: dict) -> str:
             f"Primary K* = {pk['k']} ({pk['rule']}; stable ranks at 20%: "
             + ", ".join(f"{m} {v:.2f}" for m, v in (pk.get("stable_rank_at_20pct") or {}).items())
             + ").",
-            "",
-        ]
-    L += [
-        "## Claims",
-        "",
-        "Verdict rule: *reproduced* = the paper's ordering (statistic > 0) holds in every seed "
-        "and the 95% CI excludes 0; *contradicted* = the reverse, the same way; *untestable* = a precondition "
-        "failed; *inconclusive* otherwise. The statistic is the smallest of the claim's links (each oriented so "
-        "that > 0 is the paper's direction); CIs: bootstrap over seeds and matrices (claims 1-5, 7) or seeds and "
-        "prompts (6).",
-        "",
-        "| # | claim | verdict | statistic | 95% CI | per seed |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in R["claims"]:
-        ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
-        L.append(
-            f"| {c['id']} | {c['text']} | **{c['verdict']}** | {_fmt(c['statistic'], 4)} | {ci} | "
-            + ", ".join(f"{v:+.4f}" for v in c["per_seed"])
-            + " |"
-        )
-    L += ["", "Links of each claim (statistic, 95% CI, link verdict):", ""]
-    for d in R["claim_details"]:
-        if d.get("not_run"):
-            L.append(f"- {d['id']}: {d['note']}")
-            continue
-        L.append(
-            f"- {d['id']}: "
-            + "; ".join(
-                f"{n} {_fmt(v['statistic'], 4)} {_ci_text(v['ci95'])} ({v['verdict']})" for n, v in d["links"].items()
-            )
-            + (f". Note: {d['note']}" if d.get("note") else "")
-        )
-    if R["rlvr_at_matched_steps"]:
-        L += [
-            "",
-            f"RLVR read at matched steps ({R['plan']['rlvr_matched']}) instead of {R['plan']['rlvr_steps']}: "
-            + "; ".join(
-                f"claim {c['id']} {c['verdict']} ({_fmt(c['statistic'], 4)} {_ci_text(c['ci95'])})"
-                for c in R["rlvr_at_matched_steps"]
-            ),
             "",
         ]
     L += [
@@ -285,7 +313,9 @@ def report_md(R: dict) -> str:
             + ", ".join(f"{k} {v:.1e}" for k, v in t["max_rel_diff"].items())
             + ".",
         ]
-    L += ["", "## Figures", ""] + [f"![{f}]({f})" for f in R["figures"]]
+    L += ["", "## Figures", ""]
+    for f in R["figures"]:
+        L += [f"![{f}]({f})", "", f"*{R.get('figure_captions', {}).get(f, f)}*", ""]
     return "\n".join(L)
 
 

@@ -46,6 +46,7 @@ from .linalg.rsvd import randomized_svd
 from .metrics import Localization
 from .metrics.mask_overlap import MaskOverlap
 from .metrics.trajectory import LockingOnset
+from .render.html import write_html
 from .report import Report
 from .track import Tracker
 from .trajectory import locking_onset, rank_curve, sparsity_curve
@@ -78,4 +79,5 @@ __all__ = [
     "update_mask",
     "update_mask_overlap",
     "update_sparsity",
+    "write_html",
 ]

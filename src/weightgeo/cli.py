@@ -1,5 +1,5 @@
-"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR [--follow]`` and
-``weightgeo cache info|prune``.
+"""The ``weightgeo`` command line: ``weightgeo compare BASE FT``, ``weightgeo trajectory RUN_DIR [--follow]``,
+``weightgeo report R1.json [R2.json ...] --out PAGE.html`` and ``weightgeo cache info|prune``.
 
 Bad input exits with status 2 and the error message on stderr; results go to stdout (and ``--out``, whose
 missing parent folders are created, and said so on stderr). Ctrl-C exits with status 130; in follow mode the
@@ -24,6 +24,9 @@ from .errors import WeightgeoError
 from .follow import follow
 from .metrics.trajectory import LockingOnset
 from .outputs import check_output_path
+from .render.html import write_html
+from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block
+from .render.words import short_labels
 from .report import Report
 from .trajectory import locking_onset, rank_curve
 from .validation import check_amount, check_int, check_report_path, cli_syntax
@@ -62,6 +65,14 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         help="also write the report: .json (rows, summary, meta) or .csv (rows); missing folders are created",
     )
     p.add_argument("--summary", action="store_true", help="print only the model summary, not the per-tensor table")
+    _add_display(p)
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write one self-contained HTML page (heatmaps, curves, the sortable table; opens offline)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -73,6 +84,28 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "checkpoints on disk are reused and a killed run resumes",
     )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
+
+
+def _add_display(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="N|NAME",
+        help="--columns N fits tables to N terminal columns (default 120); --columns NAME [NAME ...] shows "
+        "these columns of the per-tensor table",
+    )
+    p.add_argument("--wide", action="store_true", help="print every column at full width, whatever the width")
+
+
+def _add_labels(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help=f"short names of the {what} in tables, figures and pages, in order (default: their last path parts)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +145,14 @@ def _parser() -> argparse.ArgumentParser:
         "(Jaccard index and overlap coefficient, each against independent random masks of the same sizes), as "
         "a matrix over the fine-tunes; --out PATH writes one report per pair (PATH-i-j.json)",
     )
+    c.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="draw the figures: layer x module heatmaps and localization bars (several FTs side by side)",
+    )
+    _add_labels(c, "fine-tunes")
     c.add_argument(
         "--batch-mb",
         type=int,
@@ -176,10 +217,37 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="spectra only: no update/step sparsity curves (then 1-D tensors are not read)",
     )
-    t.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the trajectory figures")
+    t.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="draw the trajectory figures: stable rank, ||dW||_F, Hill index, Sim_K with the locking onset and the sparsity curves",
+    )
+    _add_labels(t, "run")
     _add_filters(t)
+    _add_report_parser(sub)
     _add_cache_parser(sub)
     return parser
+
+
+def _add_report_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "report",
+        help="put saved reports side by side in one HTML page",
+        description="Read reports written with --out R.json (compare or trajectory) and write one self-contained "
+        "HTML page with them side by side (shared colour scales, the runs' labels in every figure); "
+        "print their summaries in one table.",
+    )
+    r.add_argument("reports", nargs="+", type=Path, metavar="R.json", help="saved reports (Report.to_json)")
+    _add_labels(r, "reports")
+    r.add_argument("--out", type=Path, default=None, metavar="PAGE.html", help="the HTML page to write")
+    r.add_argument("--title", default=None, help="the page title (default: the labels)")
+    r.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help=f"locking threshold on Sim_K (default {THRESHOLD})"
+    )
+    r.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw the figures into an image")
+    _add_display(r)
 
 
 def _add_cache_parser(sub: Any) -> None:
@@ -250,11 +318,62 @@ def _filters(values: list[str] | None) -> str | list[str] | None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse a bad --out / --plot before the analysis runs, not after."""
+    if args.command == "report":
+        if args.out is not None:
+            _check_html(args.out, "--out")
+        if args.plot is not None:
+            check_output_path(args.plot, what="--plot")
+        return
     if getattr(args, "out", None) is not None:
         check_report_path(args.out)
         check_output_path(args.out)
     if getattr(args, "plot", None) is not None:
         check_output_path(args.plot, what="--plot")
+    if getattr(args, "html", None) is not None:
+        _check_html(args.html, "--html")
+
+
+def _check_html(path: Path, flag: str) -> None:
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise WeightgeoError(f"{flag} {path}: an HTML page needs a .html path, e.g. {path.with_suffix('.html')}")
+    check_output_path(path, what=f"{flag} page")
+
+
+def _width(args: argparse.Namespace) -> tuple[int | None, list[str] | None]:
+    """(table width, chosen columns) from --wide and --columns N | NAME ..."""
+    cols = getattr(args, "columns", None)
+    if getattr(args, "wide", False):
+        return None, (cols if cols and not (len(cols) == 1 and cols[0].isdigit()) else None)
+    if cols and len(cols) == 1 and cols[0].isdigit():
+        n = int(cols[0])
+        if n < 40:
+            raise WeightgeoError(f"--columns {n}: tables need at least 40 columns; give e.g. --columns 80 or --wide")
+        return n, None
+    return DEFAULT_WIDTH, cols or None
+
+
+def _labels(args: argparse.Namespace, sources: list[str]) -> list[str]:
+    labels = getattr(args, "labels", None)
+    if labels is None:
+        return short_labels([str(x) for x in sources])
+    if len(labels) != len(sources):
+        raise WeightgeoError(
+            f"--labels: {len(labels)} label(s) for {len(sources)} input(s); give one per input, in order"
+        )
+    if len(set(labels)) != len(labels):
+        raise WeightgeoError(f"--labels {' '.join(labels)}: labels must differ")
+    return list(labels)
+
+
+def _print_report(report, args: argparse.Namespace) -> None:
+    width, cols = _width(args)
+    if not args.summary:
+        print(rows_table(report.rows, columns=cols, width=width, hint=_CLI_HINT))
+        print()
+    print(summary_block(report, width=width, hint=_CLI_HINT))
+
+
+_CLI_HINT = "--wide shows all, --columns NAME ... picks"
 
 
 def _created(path: Path) -> str:
@@ -266,8 +385,9 @@ def _created(path: Path) -> str:
     return missing
 
 
-def _emit(report: Report, args: argparse.Namespace, out: Path | None = None) -> None:
-    print(report.summary_text() if args.summary else str(report))
+def _emit(report: Report, args: argparse.Namespace, out: Path | None = None, *, show: bool = True) -> None:
+    if show:
+        _print_report(report, args)
     out = args.out if out is None else out
     if out is not None:
         created = _created(check_report_path(out))
@@ -320,15 +440,23 @@ def _run(args: argparse.Namespace) -> int:
         )
         if args.mask_overlap:
             return _mask_overlap(args, opts)
+        labels = _labels(args, list(args.ft))
         base, fts = _open_with_config(args.base, args.ft, args.config)
         if len(fts) == 1:
-            _emit(compare(base, fts[0], **opts), args)
+            report = compare(base, fts[0], **opts)
+            _emit(report, args)
+            _pages({labels[0]: report}, args)
             return 0
         # Several fine-tunes: one report each, in order; --out PATH becomes PATH-1.json, PATH-2.json, ...
-        for i, report in enumerate(compare_many(base, fts, **opts), start=1):
-            print(f"== {report.meta['ft']} ==")
+        reports = {}
+        for i, (label, report) in enumerate(zip(labels, compare_many(base, fts, **opts)), start=1):
+            if not args.summary:
+                print(_run_header(label, report))
             out = None if args.out is None else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
-            _emit(report, args, out)
+            _emit(report, args, out, show=not args.summary)
+            reports[label] = report
+        _print_side_by_side(reports, args, legend=args.summary)
+        _pages(reports, args)
         return 0
     if args.command == "trajectory":
         opts = dict(
@@ -356,8 +484,10 @@ def _run(args: argparse.Namespace) -> int:
         for line in _sparsity_lines(report):
             print(line)
         print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
-        _plot(report, onset, args)
+        _pages({_labels(args, [args.run_dir])[0]: report}, args)
         return 0
+    if args.command == "report":
+        return _report_command(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
@@ -443,22 +573,67 @@ def _mask_overlap(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     return 0
 
 
+def _run_header(label: str, report: Report) -> str:
+    src = _source(report)
+    return f"== {src} ==" + ("" if label == src else f"  ({label})")
+
+
+def _print_side_by_side(reports: dict[str, Report], args: argparse.Namespace, *, legend: bool = True) -> None:
+    """One table of the runs' summaries; ``legend``: first a line per run tying its label to its input."""
+    width, _ = _width(args)
+    if legend:
+        for lb, r in reports.items():
+            print(_run_header(lb, r))
+    print("side by side:")
+    print(side_by_side(reports, width=width, threshold=getattr(args, "threshold", THRESHOLD)))
+    for lb, r in reports.items():
+        notes = accounting_lines(r, width=width)
+        if notes:
+            print(f"{lb}:")
+            print("\n".join("  " + n for n in notes))
+
+
+def _source(report: Report) -> str:
+    return str(report.meta.get("ft") or report.meta.get("stream") or report.meta.get("source") or "?")
+
+
+def _pages(reports: dict[str, Report], args: argparse.Namespace, *, quiet: bool = False) -> None:
+    """--html and --plot of one run or several side by side (written atomically)."""
+    threshold = getattr(args, "threshold", THRESHOLD)
+    html = getattr(args, "html", None) if args.command != "report" else args.out
+    if html is not None:
+        created = _created(html)
+        write_html(reports, html, title=getattr(args, "title", None), threshold=threshold)
+        if not quiet:
+            if created:
+                print(f"created folder {created}", file=sys.stderr)
+            print(f"wrote {html}", file=sys.stderr)
+    if args.plot is not None:
+        from .plot import plot_runs
+
+        plot_runs(reports, args.plot, threshold=threshold)
+        if not quiet:
+            print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    if not 0 < args.threshold <= 1:
+        raise WeightgeoError(f"--threshold {args.threshold}: give a number in (0, 1]")
+    reports = [Report.from_json(p) for p in args.reports]
+    labels = _labels(args, [_source(r) for r in reports])
+    runs = dict(zip(labels, reports))
+    _print_side_by_side(runs, args)
+    if args.out is None and args.plot is None:
+        print("(give --out PAGE.html to write the page, --plot FIG.png for the figures)", file=sys.stderr)
+    _pages(runs, args)
+    return 0
+
+
 def _with_onset(report: Report, args: argparse.Namespace) -> LockingOnset:
     onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
     report.summary["locking_onset"] = onset.step
     report.summary["mean_similarity"] = onset.mean_similarity
     return onset
-
-
-def _plot(report: Report, onset: LockingOnset, args: argparse.Namespace, *, quiet: bool = False) -> None:
-    if args.plot is None:
-        return
-    from .plot import plot_trajectories
-
-    name = Path(args.run_dir).name
-    plot_trajectories({name: report}, args.plot, locking={name: onset})  # written atomically
-    if not quiet:
-        print(f"wrote {args.plot}", file=sys.stderr)
 
 
 def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
@@ -493,7 +668,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
             # outputs first: once a step's line is printed, --out and --plot hold it (Ctrl-C keeps them whole)
             if args.out is not None:
                 _write(report, args.out)
-            _plot(report, onset, args, quiet=True)
+            _pages({_labels(args, [args.run_dir])[0]: report}, args, quiet=True)
             last = (update, onset)
             sparse = (
                 f"; unchanged {by['update_sparsity']:.4f} since the base, {by.get('step_sparsity', nan):.4f} "
@@ -512,18 +687,18 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
             )
     except KeyboardInterrupt:
         done = f"the report up to step {last[0].step}" if last else "nothing yet"
-        where = " in " + ", ".join(str(p) for p in (args.out, args.plot) if p is not None) if last else ""
+        where = " in " + ", ".join(str(p) for p in (args.out, args.plot, args.html) if p is not None) if last else ""
         print(f"weightgeo: interrupted; {done}{where} (written whole)", file=sys.stderr)
         return 130
     if last is None:
         print(f"no complete checkpoint to analyse in {args.run_dir}", file=sys.stderr)
         return 0
     update, onset = last
-    print(update.report.summary_text() if args.summary else str(update.report))
+    _print_report(update.report, args)
     for line in _sparsity_lines(update.report):
         print(line)
     print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
-    for p in (args.out, args.plot):
+    for p in (args.out, args.plot, args.html):
         if p is not None:
             print(f"wrote {p}", file=sys.stderr)
     return 0

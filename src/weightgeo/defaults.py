@@ -25,6 +25,7 @@ __all__ = [
     "PROGRESS",
     "TRACKER_DTYPE",
     "POLL_S",
+    "TEXT_WIDTH",
 ]
 
 #: ``k`` of the pair metrics: the top-k singular subspace compared by the principal angles and overlap, capped
@@ -54,3 +55,5 @@ PROGRESS = False
 TRACKER_DTYPE = torch.bfloat16
 #: ``poll_s``: seconds between two scans of a followed run directory
 POLL_S = 10.0
+#: ``width``: the characters a printed table or summary may take (a terminal of 120 columns)
+TEXT_WIDTH = 120

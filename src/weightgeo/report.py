@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.names import expert_index, expert_tensor
+from .defaults import THRESHOLD
 from .errors import WeightgeoError
 from .means import nanmean
 from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, SUMMED, WEIGHTED
 from .outputs import atomic_write_text, check_output_path
+from .render.cells import fmt
+from .render.text import DEFAULT_WIDTH, rows_table, summary_block
 
 __all__ = ["Report", "summarize_rows", "check_output_path"]
 
@@ -251,163 +253,98 @@ class Report:
             w.writerow({k: _csv_cell(r.get(k)) for k in cols})
         atomic_write_text(path, buf.getvalue())
 
-    def to_pandas(self):  # -> pandas.DataFrame
-        """The rows as a pandas DataFrame (requires the ``pandas`` extra)."""
-        try:
-            import pandas as pd
-        except ImportError as e:
-            raise ImportError("Report.to_pandas needs pandas: pip install 'weightgeo[pandas]'") from e
-        return pd.DataFrame(self.rows, columns=self.columns())
+    def to_pandas(self, *, summary: bool = False):  # -> pandas.DataFrame
+        """The rows as a pandas DataFrame, or with ``summary=True`` the model summary (requires the ``pandas``
+        extra).
+
+        Rows: one per tensor (per step and tensor for trajectories) with ``layer`` as a nullable integer
+        (``<NA>`` outside the blocks), ``rows`` and ``cols`` (the matrix's [out, in]; ``cols`` is ``<NA>``
+        for a vector) in place of the ``shape`` tuple, and one float column per metric (NaN = not measured).
+        Summary: one row per group, ``"model"`` first and then each module (comparisons), or one per step
+        (trajectories), one column per metric.
+        """
+        from .render.frames import rows_frame, summary_frame
+
+        return summary_frame(self) if summary else rows_frame(self.rows, self.columns())
 
     def plot(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-        """Draw the report's figures to ``path`` (PNG/PDF; requires the ``plot`` extra)."""
+        """Draw the report's figures to ``path`` (PNG/PDF/SVG; requires the ``plot`` extra): the layer x module
+        heatmaps and localization bars of a comparison, the curves (with the locking onset) and heatmaps of a
+        trajectory; the same panels as :meth:`to_html`."""
         from .plot import plot_report
 
         return plot_report(self, path, **kwargs)
 
-    def table(self, *, columns: Sequence[str] | None = None, max_rows: int | None = None) -> str:
-        """A fixed-width text table of the rows."""
-        cols = list(columns) if columns else [c for c in self.columns() if c != "stored_dtype"]
-        rows = self.rows if max_rows is None else self.rows[:max_rows]
-        cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += [
-            "  ".join(v.rjust(w) if _numeric_cell(v) else v.ljust(w) for v, w in zip(row, widths)) for row in cells
-        ]
-        if max_rows is not None and len(self.rows) > max_rows:
-            lines.append(f"... {len(self.rows) - max_rows} more rows")
-        return "\n".join(lines)
+    def to_html(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        label: str | None = None,
+        title: str | None = None,
+        threshold: float = THRESHOLD,
+    ) -> Path:
+        """Write one self-contained HTML page of the report (inline SVG, no network): the numbers in words,
+        layer x module heatmaps, per-module bars, curves over training, the sortable table, what was skipped
+        and why, provenance. Several reports side by side: :func:`weightgeo.write_html`.
 
-    def summary_text(self) -> str:
-        lines = ["summary:"]
-        flat = {k: v for k, v in self.summary.items() if not isinstance(v, dict)}
-        for k, v in flat.items():
-            lines.append(f"  {k:<28} {_fmt(v)}")
-        for k, v in self.summary.items():
-            if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
-                lines.append(f"{k}:")
-                sub = Report(
-                    rows=[
-                        {
-                            "group": g,
-                            **{
-                                m: x
-                                for m, x in vals.items()
-                                if not isinstance(x, (dict, list)) and (not m.startswith("n_") or m == "n_tensors")
-                            },
-                        }
-                        for g, vals in v.items()
-                    ],
-                    summary={},
-                )
-                lines += ["  " + line for line in sub.table().splitlines()]
-        unmatched = self.unmatched
-        lines += _checkpoint_lines([c for c in self.skipped if c.get("kind") == "checkpoint"])
-        lines += _skipped_lines([c for c in self.skipped if c.get("kind") != "checkpoint"])
-        for side, names in unmatched.items():
-            if names:
-                lines.append(
-                    f"{side}: {len(names)} tensor(s) without a partner: "
-                    + ", ".join(names[:5])
-                    + (" ..." if len(names) > 5 else "")
-                )
-        in_out = [r["name"] for r in self.rows if r.get("layout") == "in_out"]
-        if in_out:
-            lines.append(
-                f"{len(in_out)} matri{'x is' if len(in_out) == 1 else 'ces are'} stored [in, out] "
-                f"(Conv1D, e.g. {in_out[0]}): there side='right' is the output side; use side='left' "
-                f"for their input side"
-            )
-        return "\n".join(lines)
+        Args:
+            path: the ``.html`` file (written atomically; missing folders are created).
+            label: the run's name on the page (default: its source's last path components).
+            title: the page title. threshold: the locking threshold on Sim_K for trajectories (default 0.9).
+        """
+        from .render.html import write_html
+        from .render.words import default_label
+
+        return write_html({label or default_label(self): self}, path, title=title, threshold=threshold)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: summary in words, headline numbers, a heatmap and the head of the table."""
+        from .render.html import notebook_html
+        from .render.words import default_label
+
+        return notebook_html(self, label=default_label(self))
+
+    def table(
+        self,
+        *,
+        columns: Sequence[str] | None = None,
+        max_rows: int | None = None,
+        width: int | None = DEFAULT_WIDTH,
+    ) -> str:
+        """A fixed-width text table of the rows, within ``width`` characters (default 120; ``None``: every
+        column at full width). Without ``columns``, the most telling columns that fit are shown and the others
+        named under the table."""
+        return rows_table(self.rows, columns=columns, max_rows=max_rows, width=width, hint=_MORE_HINT)
+
+    def summary_text(self, *, width: int | None = DEFAULT_WIDTH) -> str:
+        """The model summary in a few lines: the model-level numbers, the per-module (or per-step) table and
+        what was skipped, unmatched or left out, within ``width`` characters."""
+        return summary_block(self, width=width, hint=_MORE_HINT)
 
     def __str__(self) -> str:
         return self.table() + "\n\n" + self.summary_text()
 
     def __repr__(self) -> str:
-        return f"Report(rows={len(self.rows)}, summary_keys={list(self.summary)[:6]})"
+        kind = self.meta.get("kind") or ("rank_curve" if any("step" in r for r in self.rows) else "compare")
+        src = self.meta.get("ft") or self.meta.get("stream") or self.meta.get("source")
+        head = f"Report({kind}" + (f", {src!s}" if src else "") + f": {len(self.rows)} rows"
+        if "steps" in self.summary:
+            steps = self.summary["steps"]
+            head += f", steps {steps[0]}..{steps[-1]}" if steps else ""
+        nums = [f"{k}={fmt(v)}" for k, v in self.summary.items() if k in _REPR_KEYS and not isinstance(v, (dict, list))]
+        return head + ("; " + ", ".join(nums) if nums else "") + ")"
 
 
-def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Checkpoints a stream left out: a corrupt one (not the newest) loudly, the others in one line."""
-    lines = [
-        f"CORRUPT checkpoint {c['name']} (step {c.get('step')}) was left out: {c.get('reason')}; it is not "
-        f"the newest, so its save failed or it was damaged: re-save or remove it"
-        for c in ckpts
-        if c.get("state") == "corrupt"
-    ]
-    rest = [c for c in ckpts if c.get("state") != "corrupt"]
-    if rest:
-        lines.append(
-            f"left out {len(rest)} incomplete checkpoint(s): "
-            + "; ".join(
-                f"{c['name']} ({'still being written?' if c.get('state') == 'in_progress' else c.get('state')}: "
-                f"{c.get('reason')})"
-                for c in rest[:5]
-            )
-            + (" ..." if len(rest) > 5 else "")
-        )
-    return lines
-
-
-def _skipped_lines(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The summary's account of what was skipped: tensors of the pair not analysed, then the entries each
-    source holds that are not weights (``side`` base / ft), counted by side and by reason."""
-    lines = []
-    tensors = [s for s in skipped if "side" not in s]
-    if tensors:
-        lines.append(
-            f"skipped {len(tensors)} tensor(s): "
-            + "; ".join(f"{s['name']} ({s['reason']})" for s in tensors[:5])
-            + (" ..." if len(tensors) > 5 else "")
-        )
-    entries = [s for s in skipped if "side" in s]
-    if entries:
-        sides: dict[str, int] = {}
-        reasons: dict[str, int] = {}
-        for s in entries:
-            sides[str(s["side"])] = sides.get(str(s["side"]), 0) + 1
-            why = re.sub(r"'[^']*'", "*", str(s["reason"]))  # "FP8 scales of 'w'" counts with the others
-            reasons[why] = reasons.get(why, 0) + 1
-        by_reason = sorted(reasons.items(), key=lambda kv: -kv[1])
-        lines.append(
-            f"not weights, not analysed: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ("
-            + ", ".join(f"{side} {n}" for side, n in sides.items())
-            + "): "
-            + "; ".join(f"{n} {why}" for why, n in by_reason[:4])
-            + (" ..." if len(by_reason) > 4 else "")
-            + " (meta['skipped'])"
-        )
-    return lines
-
-
-def _numeric_cell(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if v == 0 or 1e-3 <= abs(v) < 1e5:
-            return f"{v:.4f}"
-        return f"{v:.3e}"
-    if isinstance(v, tuple):
-        return "x".join(str(d) for d in v)
-    if isinstance(v, list):  # a vector (principal_angles): its length in a table, the values in JSON/CSV
-        return f"[{len(v)} values]"
-    return str(v)
+_MORE_HINT = "table(width=None) shows all, table(columns=[...]) picks"
+# the summary numbers a plain repr shows, in this order when present
+_REPR_KEYS = (
+    "update_sparsity",
+    "max_principal_angle",
+    "spectral_drift",
+    "low_magnitude_overlap",
+    "stable_rank",
+    "locking_onset",
+)
 
 
 def _csv_cell(v: Any) -> Any:

@@ -199,6 +199,24 @@ def test_smoke_run_end_to_end(ex, tmp_path):
     assert max(tr["max_rel_diff"].values()) <= 1e-3
     md = (out / "report.md").read_text()
     assert "## Regime" in md and "## Claims" in md
+    # the report opens with the conclusion, then every link with its own verdict and CI, then the claims
+    sections = [line for line in md.splitlines() if line.startswith("## ")]
+    assert sections[:3] == [
+        "## Conclusion",
+        "## Every link (each claim is the smallest of its links; > 0 = the paper's direction)",
+        "## Claims",
+    ]
+    links = [d for d in rep["claim_details"] if not d.get("not_run")]
+    n_links = sum(len(d["links"]) for d in links)
+    table = md.split("## Every link")[1].split("## Claims")[0]
+    assert table.count("\n| ") - 1 == n_links  # a row per link (the header row aside)
+    assert "regime checks" in md.split("## Every link")[0]
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "Conclusion" in page and "<script" not in page
+    assert not __import__("re").search(r"(src|href)=[\"'](https?:)?//", page), "report.html must open offline"
     pytest.importorskip("matplotlib")
     assert set(rep["figures"]) == {"fig_trajectories.png", "fig_simk.png", "fig_projection.png", "fig_controls.png"}
     assert all((out / f).stat().st_size > 10_000 for f in rep["figures"])
+    assert set(rep["figure_captions"]) == set(rep["figures"])
+    assert page.count("<svg") >= len(rep["figures"])  # the figures inline, plus weightgeo's heatmaps
+    assert (out / "geometry.html").is_file() and "heatmap" in page

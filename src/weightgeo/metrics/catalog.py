@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, PROGRESS, RANK, SEED, SIDE, THRESHOLD
+from ..defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, PROGRESS, RANK, SEED, SIDE, TEXT_WIDTH, THRESHOLD
 
 __all__ = [
     "ALL_METRICS",
@@ -609,9 +609,24 @@ GLOSSARY: dict[str, Term] = {
     "columns": _t("the columns of a text table (None = all)", ARGUMENT, default=None),
     "max_rows": _t("the most rows a text table shows (None = all)", ARGUMENT, default=None),
     "indent": _t("JSON indentation", ARGUMENT, default=2),
+    "width": _t(
+        "the characters a printed table or summary may take (None = every column at full width)",
+        ARGUMENT,
+        range="int ≥ 40 or None",
+        default=TEXT_WIDTH,
+    ),
+    "label": _t("a run's name on a page or in a legend (None = from its source's path)", ARGUMENT, default=None),
+    "title": _t("the title of a page or figure (None = from the runs' labels)", ARGUMENT, default=None),
+    "reports": _t("reports to show side by side, keyed by their run labels", ARGUMENT, range="{label: Report}"),
     # ---- result fields ---------------------------------------------------------------------------------------
     "rows": _t("a Report's rows: one dict per analysed tensor (and step)", FIELD),
-    "summary": _t("a Report's model-level figures (the SUMMARY keys)", FIELD),
+    "summary": _t(
+        "a Report's model-level figures (the SUMMARY keys); as an argument (to_pandas(summary=True)), ask for them "
+        "instead of the per-tensor rows",
+        FIELD,
+        ARGUMENT,
+        default=False,
+    ),
     "meta": _t("provenance: version, sources, options, hardware, what was skipped and why", FIELD, default={}),
     "report": _t("a FollowUpdate's rank_curve Report over every complete checkpoint so far", FIELD),
     "skipped": _t("what was left out, each with its reason", FIELD),
