@@ -5,7 +5,8 @@
 - ``trainer_save(folder, step)``: the weights, then ``trainer_state.json`` last (the Trainer's completion marker);
   ``write_run(root, steps)``: a run folder of ``checkpoint-<step>`` saves.
 - ``truncated(folder, step)``: a save killed mid-way (half the shard, no marker).
-- ``rows_json(report)``: a report's rows as its JSON holds them (for bit-for-bit comparisons).
+- ``rows_json(report)`` / ``report_json(report)``: a report's rows (and summary) as its JSON holds them (for
+  bit-for-bit comparisons).
 - ``Reads(monkeypatch)``: counts the tensors read through any Checkpoint; ``take()`` returns and resets it.
 - ``STREAM_KW`` / ``PAIR_KW``: the rank_curve / compare options of these tests.
 """
@@ -65,6 +66,12 @@ def truncated(folder: Path, step: int) -> None:
 
 def rows_json(report: Report) -> list:
     return json.loads(report.to_json())["rows"]
+
+
+def report_json(report: Report) -> dict:
+    """What a report's JSON holds besides its provenance: rows and summary (the bit-for-bit comparisons)."""
+    data = json.loads(report.to_json())
+    return {"rows": data["rows"], "summary": data["summary"]}
 
 
 class Reads:

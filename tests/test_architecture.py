@@ -4,6 +4,7 @@ circle, no private name or private module imported across modules."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ LAYERS = [
         "weightgeo.distributed",
         "weightgeo.readahead",
         "weightgeo.outputs",
+        "weightgeo.jsonfile",
+        "weightgeo.memory",
+        "weightgeo.interrupts",
+        "weightgeo.progress",
     ],
     ["weightgeo.checkpoint", "weightgeo.linalg"],
     ["weightgeo.metrics", "weightgeo.cache", "weightgeo.selection"],
@@ -191,3 +196,18 @@ def test_the_rules_catch_violations(tmp_path, monkeypatch):
         test_no_private_import_across_modules()
     with pytest.raises(AssertionError, match="weightgeo.errors -> weightgeo.validation -> weightgeo.errors"):
         test_no_import_circle()
+
+
+def test_the_version_is_written_once():
+    """pyproject reads the version from weightgeo/_version.py (the one place), and the changelog keeps a section."""
+    root = SRC.parents[1]
+    text = (root / "pyproject.toml").read_text()
+    project = text[text.index("[project]") : text.index("\n[", text.index("[project]"))]
+    assert re.search(r'^dynamic = \["version"\]', project, re.M) and not re.search(r"^version = ", project, re.M)
+    assert 'version = { attr = "weightgeo._version.__version__" }' in text
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    from weightgeo._version import __version__
+
+    assert read_configuration(root / "pyproject.toml", expand=True)["project"]["version"] == __version__
+    assert "## [Unreleased]" in (root / "CHANGELOG.md").read_text()

@@ -122,8 +122,76 @@ def _adapter_matching_nothing(tmp):
     return write_hf_checkpoint(tmp / "other", other), a
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # nested beyond any parser's recursion
+
+
+def _nested_config(tmp):
+    d = _good(tmp, "deepcfg")
+    (d / "config.json").write_text(DEEP)
+    return d, "config.json"
+
+
+def _nested_index(tmp):
+    d = write_hf_checkpoint(tmp / "deepidx", _state(), shards=2)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": ' + DEEP + "}")
+    return d, "model.safetensors.index.json"
+
+
+def _nested_adapter_config(tmp):
+    a = write_lora_adapter(tmp / "deepadapter", _state(), targets=("q_proj",), r=2, alpha=4)
+    (a / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ' + DEEP + "}")
+    return a, "adapter_config.json"
+
+
+def _run_folder(tmp):
+    """An HF Trainer output folder: checkpoint-N folders and a stray eval.safetensors, no model at the top."""
+    run = tmp / "run"
+    for step in (10, 20):
+        write_hf_checkpoint(run / f"checkpoint-{step}", _state(step))
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    from safetensors.torch import save_file
+
+    save_file({"eval_loss": torch.ones(3)}, str(run / "eval.safetensors"))
+    return run, "checkpoint-20"
+
+
+def _other_hidden_size(tmp):
+    wide = tiny_llama_state(num_layers=1, hidden=16, intermediate=16, vocab=12)
+    return write_hf_checkpoint(tmp / "wide", wide), "8 vs 16"
+
+
+def _beyond_memory(tmp):
+    """A header announcing a 4 TiB matrix (the file is sparse: nothing is stored, nothing may be read)."""
+    rows = cols = 1 << 20
+    header = json.dumps(
+        {
+            "model.layers.0.mlp.up_proj.weight": {
+                "dtype": "F32",
+                "shape": [rows, cols],
+                "data_offsets": [0, 4 * rows * cols],
+            }
+        }
+    ).encode()
+    paths = []
+    for side in ("huge-base", "huge-ft"):
+        d = tmp / side
+        d.mkdir()
+        f = d / "model.safetensors"
+        with open(f, "wb") as fh:
+            fh.write(len(header).to_bytes(8, "little") + header)
+            fh.truncate(8 + len(header) + 4 * rows * cols)
+        paths.append(d)
+    return paths[0], paths[1], "up_proj"
+
+
 # (id, builder returning (base_source, ft_source, text the message must contain))
 CHECKPOINT_CASES = {
+    "nested config.json": lambda t: (_good(t), *_nested_config(t)),
+    "nested shard index": lambda t: (_good(t), *_nested_index(t)),
+    "nested adapter_config.json": lambda t: (_good(t), *_nested_adapter_config(t)),
+    "a training run folder given as the fine-tune": lambda t: (_good(t), *_run_folder(t)),
+    "another hidden size (every matrix differs)": lambda t: (_good(t), *_other_hidden_size(t)),
+    "a tensor larger than the memory": _beyond_memory,
     "truncated safetensors": lambda t: (_good(t), *_truncated(t)),
     "corrupt header JSON": lambda t: (_good(t), *_bad_json_header(t)),
     "offsets out of range": lambda t: (_good(t), *_offsets_out_of_range(t)),
@@ -255,3 +323,132 @@ def test_cli_answers_bad_input_with_status_2(tmp_path, capsys):
     assert err.startswith("weightgeo: error:") and f in err and "Traceback" not in err
     assert cli_main(["compare", str(d), str(d), "--out", str(tmp_path / "r.txt")]) == 2
     assert "use a .json or .csv path" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# streams: trainer_state.json
+def _run_with_state(tmp, state: str | None, steps=(10, 20, 30)) -> Path:
+    run = tmp / "run"
+    for step in steps:
+        d = write_hf_checkpoint(run / f"checkpoint-{step}", _state(step))
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if state is not None:
+        (run / f"checkpoint-{steps[1]}" / "trainer_state.json").write_text(state)
+    return run
+
+
+@pytest.mark.parametrize("value", ['"abc"', "10.5", "true", "[20]", '{"step": 20}'])
+def test_trainer_state_with_a_global_step_that_is_not_an_integer(tmp_path, value):
+    run = _run_with_state(tmp_path, '{"global_step": ' + value + "}")
+    with pytest.raises(WeightgeoError) as e:
+        weightgeo.rank_curve(run, cache=False)
+    msg = str(e.value)
+    assert "checkpoint-20" in msg and "trainer_state.json" in msg and "global_step" in msg and "fix or delete" in msg
+
+
+def test_trainer_state_nested_too_deep_is_a_listed_skip(tmp_path):
+    run = _run_with_state(tmp_path, DEEP)
+    with pytest.warns(RuntimeWarning, match="checkpoint-20"):
+        r = weightgeo.rank_curve(run, cache=False)
+    assert r.summary["steps"] == [30]  # checkpoint-10 is the base; checkpoint-20 is left out
+    (left,) = [s for s in r.skipped if s.get("kind") == "checkpoint"]
+    assert left["name"] == "checkpoint-20" and "trainer_state.json" in left["reason"] and "nested" in left["reason"]
+
+
+def test_a_report_file_nested_too_deep(tmp_path):
+    (tmp_path / "r.json").write_text('{"rows": ' + DEEP + "}")
+    with pytest.raises(WeightgeoError, match="r.json: JSON nested deeper"):
+        weightgeo.Report.from_json(tmp_path / "r.json")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# messages a command-line user gets: flags, commands and tools that exist
+def test_cli_compare_on_a_training_run_folder(tmp_path, capsys):
+    run, _ = _run_folder(tmp_path)
+    assert cli_main(["compare", str(_good(tmp_path)), str(run), "--no-progress", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "training run folder" in err and "checkpoint-10" in err and "checkpoint-20" in err
+    assert f"weightgeo trajectory {run}" in err and "Traceback" not in err
+    with pytest.raises(WeightgeoError, match=r"weightgeo\.rank_curve"):  # the Python fix in Python syntax
+        weightgeo.compare(_good(tmp_path), run, cache=False)
+
+
+def test_cli_shape_mismatch_names_the_hidden_sizes_once_with_a_flag(tmp_path, capsys):
+    wide, _ = _other_hidden_size(tmp_path)
+    assert cli_main(["compare", str(_good(tmp_path)), str(wide), "--no-progress", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "--exclude" in err and "exclude=" not in err and err.count("8 vs 16") == 1
+    assert "hidden" in err and err.count("weightgeo: error") == 1
+
+
+def test_offline_hub_error_recommends_the_current_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(WeightgeoError) as e:
+        weightgeo.compare(_good(tmp_path), "weightgeo-test/not-cached-anywhere", cache=False)
+    msg = str(e.value)
+    assert "hf download weightgeo-test/not-cached-anywhere" in msg and "huggingface-cli" not in msg
+    cmd = msg[msg.index("`hf download") + 1 :]
+    cmd = cmd[: cmd.index("`")]
+    import shlex
+    import shutil
+    import subprocess
+
+    hf = shutil.which("hf")
+    if hf is None:
+        pytest.skip("the hf command of huggingface_hub is not on PATH")
+    # the suggested command parses with the installed huggingface_hub (a usage error exits 2); offline it then
+    # fails to reach the hub, which is not what is checked here
+    run = subprocess.run(
+        [hf, *shlex.split(cmd)[1:], "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert run.returncode != 2 and "No such option" not in run.stderr, run.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cache maintenance
+@pytest.mark.parametrize("gb", ["inf", "1e300"])
+def test_cli_prune_with_no_size_limit(tmp_path, capsys, gb):
+    cache = weightgeo.cache.ResultCache(tmp_path / "c")
+    key = cache.key("pair_row", inputs=[{"f": "x"}], policy="p")
+    cache.put(key, {"stable_rank": 1.0})
+    assert cli_main(["cache", "prune", "--cache", str(cache.root), "--max-gb", gb]) == 0
+    out = capsys.readouterr()
+    assert "kept 1 entries" in out.out and "Traceback" not in out.err
+    assert cache.get(key) is not None
+
+
+def test_cli_prune_of_a_cache_it_cannot_change_does_not_report_success(tmp_path, capsys, monkeypatch):
+    cache = weightgeo.cache.ResultCache(tmp_path / "c", code="older")  # entries of other code: to be removed
+    key = cache.key("pair_row", inputs=[{"f": "x"}], policy="p")
+    cache.put(key, {"stable_rank": 1.0})
+    entry = cache.path(key)
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):  # a read-only cache (tests may run as root, which chmod cannot stop)
+        if str(self).startswith(str(cache.root)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert cli_main(["cache", "prune", "--cache", str(cache.root)]) == 1
+    out = capsys.readouterr()
+    assert entry.exists() and "FAILED to remove 1 file" in out.out + out.err
+    assert "Permission denied" in out.err and str(cache.root) in out.err and "writable" in out.err
+
+
+def test_a_stream_matrix_larger_than_the_memory(tmp_path):
+    base, ft, _ = _beyond_memory(tmp_path)
+    with pytest.raises(WeightgeoError, match=r"up_proj.*\[1048576, 1048576\].*TiB.*exclude="):
+        weightgeo.rank_curve([base, ft], steps=[0, 1], cache=False)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_broken_symlink_is_named_as_one(tmp_path, kind):
+    link = tmp_path / "ft"
+    link.symlink_to(link if kind == "loop" else tmp_path / "gone")
+    with pytest.raises(WeightgeoError, match=("loop" if kind == "loop" else "missing") + r"; fix the link"):
+        weightgeo.compare(_good(tmp_path), link, cache=False)

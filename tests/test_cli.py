@@ -216,7 +216,8 @@ def test_bad_flags_are_named_as_flags(tmp_path, capsys):
         ("compare", str(b), str(f), "--dtype", "int8"): "--dtype int8: give a floating torch dtype",
         ("compare", str(b), str(f), "--eta", "-1"): "--eta must be a finite relative tolerance",
         ("trajectory", str(tmp_path), "--follow", "--poll-s", "-1"): "--poll-s -1.0: give a number of seconds",
-        ("cache", "prune", "--cache", str(tmp_path / "c"), "--max-gb", "inf"): "--max-gb inf: give a number of GB",
+        ("cache", "prune", "--cache", str(tmp_path / "c"), "--max-gb", "-1"): "--max-gb -1.0: give a number of GB",
+        ("cache", "prune", "--cache", str(tmp_path / "c"), "--max-gb", "nan"): "--max-gb nan: give a number of GB",
     }
     for argv, want in cases.items():
         assert main([*argv, "--no-progress"] if argv[0] != "cache" else list(argv)) == 2, argv

@@ -130,7 +130,12 @@ def _check_rows(rows, context: str) -> None:
     for row in rows:
         for key, value in row.items():
             assert key in GLOSSARY and context in GLOSSARY[key].where, f"{key!r} is not a glossary {context} key"
+            if value is None and GLOSSARY[key].bounds is not None:  # a null metric says why, in its own row
+                assert key in row.get("not_measurable", {}) and "null" in GLOSSARY[key].range, (key, row["name"])
+                continue
             _check_value(key, value)
+        for key, why in row.get("not_measurable", {}).items():
+            assert row[key] is None and isinstance(why, str) and why, (key, row["name"])
 
 
 def _summary_keys(summary, context: str, path: str = "summary") -> None:
@@ -139,11 +144,16 @@ def _summary_keys(summary, context: str, path: str = "summary") -> None:
         if path.endswith(("by_module", "experts", "by_step")):  # keyed by module, tensor or step
             _summary_keys(value, context, f"{path}[{key}]")
             continue
+        if key == "n_not_measurable":  # {row key: rows where it is null}
+            assert all(context in GLOSSARY[m].where and isinstance(n, int) for m, n in value.items()), value
+            continue
         name = key[2:] if key.startswith("n_") and key != "n_tensors" else key
         assert name in GLOSSARY, f"{path}: {key!r} is not a glossary name"
         assert SUMMARY in GLOSSARY[name].where or key != name and context in GLOSSARY[name].where, (path, key)
         if key == name and isinstance(value, float):
             _check_value(key, value)
+        if value is None:  # a mean over no measurable row: null, and counted
+            assert summary.get(f"n_{key}") == 0 and key in summary.get("n_not_measurable", {}), (path, key)
         if isinstance(value, dict) and key != "curves":
             _summary_keys(value, context, f"{path}.{key}")
 
@@ -333,11 +343,6 @@ DEFAULT_EXCEPTIONS = {
     ("Tracker.__init__", "k"): (16, _UPDATE_K),
     ("subspace_similarity", "k"): (16, _UPDATE_K),
     ("randomized_svd", "seed"): (None, "None keeps seed and generator exclusive; with neither it draws from seed 0"),
-    ("Tracker.__init__", "dtype"): (
-        torch.bfloat16,
-        "the Tracker reads live (fp32 master) weights: rounding both to bf16 measures the update a bf16 checkpoint "
-        "shows (docs/trajectories.md); dtype=None keeps the parameters' own",
-    ),
     ("stable_rank", "ft"): (None, "stable_rank(delta) of one update; given ft, stable_rank(base, ft) of the pair"),
     ("Report.to_json", "path"): (None, "to_json always returns the text; without a path it writes no file"),
 }

@@ -90,7 +90,10 @@ def _train(job: dict, out: Path, assets: Path) -> dict:
     model = GPT.from_pretrained(start_dir(job, out, assets))
     tracker = hook = None
     if job.get("track"):
-        tracker = weightgeo.Tracker(model, every=cfg_kw["save_every"], k=TRACK_K, include=ATTENTION, mode="exact")
+        # the loop trains fp32 masters and saves bf16 checkpoints: the tracker measures what it saves
+        tracker = weightgeo.Tracker(
+            model, every=cfg_kw["save_every"], k=TRACK_K, include=ATTENTION, mode="exact", dtype=torch.bfloat16
+        )
 
         def hook(m, step):
             tracker.update(m.named_parameters(), step)

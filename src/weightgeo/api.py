@@ -175,7 +175,7 @@ def principal_angles(
     base: Any,
     ft: Any,
     *,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
     include: Filter = None,
     exclude: Filter = None,
@@ -226,7 +226,7 @@ def principal_overlap(
     base: Any,
     ft: Any,
     *,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
     include: Filter = None,
     exclude: Filter = None,
@@ -379,7 +379,7 @@ def update_localization(
     base: Any,
     ft: Any,
     *,
-    rank: int = RANK,
+    rank: int | float = RANK,
     alpha: float = ALPHA,
     eta: float = ETA,
     include: Filter = None,
@@ -658,7 +658,7 @@ def subspace_similarity(
         first.setdefault(tensor_uid(row["name"], row.get("expert")), row)
     keys = ("name", "expert", "shape", "numel", "module", "layer")
     rows = [
-        {key: first[uid][key] for key in keys if key in first[uid]} | {"subspace_similarity": sims[uid][1]}
+        {key: first[uid][key] for key in keys if key in first[uid]} | _similarity(first[uid], sims[uid][1])
         for uid in sims
         if uid in first
     ]
@@ -670,6 +670,14 @@ def subspace_similarity(
         "params": {**options.params(), "side": side},
     }
     return Report(rows=rows, summary=summarize_rows(rows), meta=meta)
+
+
+def _similarity(row: dict[str, Any], sim: float) -> dict[str, Any]:
+    """A subspace_similarity row's value: Sim_K, or null with the reason where K reaches the smaller side."""
+    why = (row.get("not_measurable") or {}).get("final_subspace_similarity")
+    if why is None:
+        return {"subspace_similarity": sim}
+    return {"subspace_similarity": None, "not_measurable": {"subspace_similarity": why}}
 
 
 def _source(x: Any) -> str:

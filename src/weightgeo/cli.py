@@ -9,6 +9,9 @@ report and figure written so far stay whole (every rewrite is atomic).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -22,6 +25,7 @@ from .defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, RANK, SIDE, STREAM_K, 
 from .engine import compare, compare_many
 from .errors import WeightgeoError
 from .follow import follow
+from .interrupts import answer_interrupts, say_interrupted
 from .metrics.trajectory import LockingOnset
 from .outputs import check_output_path
 from .render.html import write_html
@@ -32,6 +36,15 @@ from .trajectory import locking_onset, rank_curve
 from .validation import check_amount, check_int, check_report_path, cli_syntax
 
 __all__ = ["main"]
+
+
+def size(text: str) -> int | float:
+    """A ``--k`` / ``--rank`` value: ``512`` (a count) or ``0.125`` (a fraction of each matrix's smaller side);
+    checked with the options."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
@@ -133,9 +146,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="update_sparsity principal_overlap spectral_drift update_localization stable_rank (default all)",
     )
-    c.add_argument("--k", type=int, default=PAIR_K, help=f"top-k subspace size for principal angles (default {PAIR_K})")
+    c.add_argument(
+        "--k",
+        type=size,
+        default=PAIR_K,
+        help=f"top-k subspace size for principal angles: a count, or a fraction in (0, 1) of each matrix's smaller "
+        f"side (default {PAIR_K}: an eighth, the paper's 512 of 4096)",
+    )
     c.add_argument("--side", choices=("right", "left"), default=SIDE, help=f"singular subspace side (default {SIDE})")
-    c.add_argument("--rank", type=int, default=RANK, help=f"localization reconstruction rank (default {RANK})")
+    c.add_argument(
+        "--rank",
+        type=size,
+        default=RANK,
+        help=f"localization reconstruction rank: a count or a fraction of the smaller side (default {RANK})",
+    )
     c.add_argument("--alpha", type=float, default=ALPHA, help=f"localization mask fraction (default {ALPHA})")
     c.add_argument("--eta", type=float, default=ETA, help=f"bf16 relative tolerance (default {ETA:g})")
     c.add_argument(
@@ -272,14 +296,14 @@ def _add_cache_parser(sub: Any) -> None:
         type=float,
         default=None,
         metavar="DAYS",
-        help="prune: remove entries not used for this many days",
+        help="prune: remove entries not used for this many days (inf: no age limit)",
     )
     k.add_argument(
         "--max-gb",
         type=float,
         default=None,
         metavar="X",
-        help="prune: then remove the least recently used entries until at most X GB remain",
+        help="prune: then remove the least recently used entries until at most X GB remain (inf: no size limit)",
     )
     k.add_argument(
         "--keep-other-versions", action="store_true", help="prune: keep entries written by other weightgeo versions"
@@ -298,15 +322,23 @@ def _cache_command(args: argparse.Namespace) -> int:
     if args.action == "info":
         print(cache.info())
         return 0
-    days = None if args.older_than is None else check_amount(args.older_than, "older_than", unit="days")
-    gb = None if args.max_gb is None else check_amount(args.max_gb, "max_gb", unit="GB")
+    # inf is "no limit" (as leaving the flag out); a finite amount too large for the machine is no limit either
+    days = None if args.older_than is None else check_amount(args.older_than, "older_than", unit="days", finite=False)
+    gb = None if args.max_gb is None else check_amount(args.max_gb, "max_gb", unit="GB", finite=False)
+    seconds = None if days is None or not math.isfinite(days * 86400.0) else days * 86400.0
+    max_bytes = None if gb is None or not math.isfinite(gb * 1e9) else int(gb * 1e9)
     result = cache.prune(
-        older_than=None if days is None else days * 86400.0,
-        max_bytes=None if gb is None else int(gb * 1e9),
-        other_versions=not args.keep_other_versions,
-        dry_run=args.dry_run,
+        older_than=seconds, max_bytes=max_bytes, other_versions=not args.keep_other_versions, dry_run=args.dry_run
     )
     print(f"weightgeo cache at {cache.root}: {result}")
+    if not result.ok:
+        print(
+            f"weightgeo: error: the cache at {cache.root} could not be pruned as asked ("
+            + "; ".join(result.errors)
+            + "): make it writable by you (e.g. chmod -R u+w on it), or run as its owner",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -650,6 +682,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         flush=True,
     )
     last: tuple[Any, LockingOnset] | None = None
+    _FOLLOWED.clear()
     try:
         for update in follow(
             args.run_dir,
@@ -670,6 +703,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                 _write(report, args.out)
             _pages({_labels(args, [args.run_dir])[0]: report}, args, quiet=True)
             last = (update, onset)
+            _FOLLOWED[:] = [update.step]
             sparse = (
                 f"; unchanged {by['update_sparsity']:.4f} since the base, {by.get('step_sparsity', nan):.4f} "
                 f"since the previous, patch {_bytes(by.get('patch_bytes', nan))}"
@@ -686,9 +720,7 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                 flush=True,
             )
     except KeyboardInterrupt:
-        done = f"the report up to step {last[0].step}" if last else "nothing yet"
-        where = " in " + ", ".join(str(p) for p in (args.out, args.plot, args.html) if p is not None) if last else ""
-        print(f"weightgeo: interrupted; {done}{where} (written whole)", file=sys.stderr)
+        say_interrupted(_interrupted(args))
         return 130
     if last is None:
         print(f"no complete checkpoint to analyse in {args.run_dir}", file=sys.stderr)
@@ -704,22 +736,67 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     return 0
 
 
+#: the steps a --follow run has written out so far (what the interrupt message says is kept)
+_FOLLOWED: list[int] = []
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the outputs written whole (--follow), or none; and what a re-run does (the cache)."""
+    if getattr(args, "follow", False):
+        outs = [str(p) for p in (args.out, args.plot, getattr(args, "html", None)) if p is not None]
+        kept = (
+            f"the report up to step {_FOLLOWED[-1]}" + (f" in {', '.join(outs)}" if outs else "") + " (written whole)"
+        )
+        done = kept if _FOLLOWED else "nothing written yet"
+    else:
+        done = "no report was written"
+    if getattr(args, "no_cache", False):
+        return f"{done}; no result cache was used (--no-cache), so a re-run starts over"
+    try:
+        from .cache import resolve_cache
+
+        cache = resolve_cache(args.cache) if args.cache is not None else resolve_cache(None)
+    except WeightgeoError:
+        cache = None
+    if cache is None:
+        return f"{done}; the result cache is off (WEIGHTGEO_CACHE), so a re-run starts over"
+    return (
+        f"{done}; what was finished is kept in the result cache at {cache.root}: re-run the same command to resume "
+        f"from there"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``weightgeo`` console script; returns the exit status."""
+    """Entry point of the ``weightgeo`` console script; returns the exit status. Ctrl-C exits with 130 within a
+    second or two wherever it lands (:mod:`weightgeo.interrupts`)."""
     args = _parser().parse_args(argv)
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        with cli_syntax():  # messages name options as flags (--hill-k 1), not as keywords (hill_k=1)
+        # messages name options as flags (--hill-k 1), not as keywords (hill_k=1)
+        with cli_syntax(), answer_interrupts(lambda: _interrupted(args)):
             return _run(args)
     except WeightgeoError as e:
         print(f"weightgeo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("weightgeo: interrupted; no partial output was written", file=sys.stderr)
+        say_interrupted(_interrupted(args))
         return 130
     finally:
         warnings.showwarning = shown
+
+
+def console() -> None:
+    """The ``weightgeo`` console script and ``python -m weightgeo``: :func:`main`, then exit with its status. After
+    Ctrl-C the process ends at once (its outputs are whole, its messages flushed): finalising the interpreter (the
+    garbage collection of torch's objects) can take seconds, and the user asked to stop."""
+    status = main()
+    if status == 130:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -728,4 +805,4 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

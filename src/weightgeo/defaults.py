@@ -5,7 +5,7 @@ and its help read their defaults from here; this module imports nothing of weigh
 tensor-level metrics in ``metrics/`` and ``linalg/`` too). docs/metrics.md explains each choice.
 
 >>> PAIR_K, STREAM_K, ETA, PROGRESS
-(512, 16, 0.001, False)
+(0.125, 16, 0.001, False)
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ __all__ = [
     "TEXT_WIDTH",
 ]
 
-#: ``k`` of the pair metrics: the top-k singular subspace compared by the principal angles and overlap, capped
-#: per matrix (paper §3.1: 512 of the 4096 of an 8B model's hidden size)
-PAIR_K = 512
+#: ``k`` of the pair metrics: the top-k singular subspace compared by the principal angles and overlap, as a
+#: fraction of each matrix's smaller side: an eighth, the paper's 512 of an 8B model's 4096 (§3.1), which keeps
+#: every matrix of every model size measurable (docs/metrics.md: "Choosing k", measured on real shapes)
+PAIR_K = 0.125
 #: ``side``: the singular side the rotation metrics compare, ``"right"`` = V, the input side (paper §3.1)
 SIDE = "right"
 #: ``rank``: update localization's reconstruction rank r (paper §3.2)
@@ -50,9 +51,11 @@ THRESHOLD = 0.9
 #: ``progress``: one rule for every verb: no bar from Python unless asked for; the command line shows one
 #: (``--no-progress`` hides it)
 PROGRESS = False
-#: the Tracker's rounding ``dtype``: W0 and W_t are rounded to it before ΔW_t is formed (a bf16 checkpoint's
-#: view of the run); the stream verbs round nothing by default (``dtype=None``: the stored formats)
-TRACKER_DTYPE = torch.bfloat16
+#: the Tracker's rounding ``dtype``: ``None``, each parameter's own dtype, which is the format a trainer's
+#: checkpoints hold (``save_pretrained`` writes the parameters as they are: HF Trainer, TRL), so that the live
+#: numbers equal ``rank_curve`` of the run's checkpoints; a loop that saves in another format (weightgeo.train
+#: writes bf16 from fp32 masters) passes that ``dtype=``. The stream verbs round nothing either (stored formats).
+TRACKER_DTYPE: torch.dtype | None = None
 #: ``poll_s``: seconds between two scans of a followed run directory
 POLL_S = 10.0
 #: ``width``: the characters a printed table or summary may take (a terminal of 120 columns)

@@ -49,6 +49,7 @@ from .validation import (
     check_rank_alpha,
     check_seed,
     check_side,
+    check_size,
     check_threshold,
 )
 
@@ -166,7 +167,8 @@ class PairOptions(_Options):
         vectors: vector outputs asked for by name (``("principal_angles",)``: each matrix's angle vector); built
             from ``metrics`` when ``None``.
         include, exclude: the tensor filter as given (regexes or presets).
-        k, side, rank, alpha, eta: the metric options (paper §3.1, §3.2).
+        k, side, rank, alpha, eta: the metric options (paper §3.1, §3.2); ``k`` and ``rank`` are counts or
+            fractions in (0, 1) of each matrix's smaller side.
         dtype: both sides are rounded to it before the update rule and the geometry; ``None``: the stored formats.
         device: where the linear algebra runs (``None`` when built: where checkpoints are read, the CPU).
         progress: show a bar. batch_bytes: the shape-group budget as given (``None`` = :func:`default_batch_bytes`).
@@ -176,9 +178,9 @@ class PairOptions(_Options):
     vectors: tuple[str, ...] | None = None
     include: Filter = field(default=None, metadata=_SELECTS)
     exclude: Filter = field(default=None, metadata=_SELECTS)
-    k: int = field(default=PAIR_K, metadata=KERNEL)
+    k: int | float = field(default=PAIR_K, metadata=KERNEL)
     side: str = field(default=SIDE, metadata=KERNEL)
-    rank: int = field(default=RANK, metadata=KERNEL)
+    rank: int | float = field(default=RANK, metadata=KERNEL)
     alpha: float = field(default=ALPHA, metadata=KERNEL)
     eta: float = field(default=ETA, metadata=KERNEL)
     dtype: torch.dtype | None = field(default=None, metadata=BASE)
@@ -200,7 +202,7 @@ class PairOptions(_Options):
         self._set(
             metrics=resolve_metrics(given),
             vectors=tuple(v for v in VECTOR_OUTPUTS if v in names) if self.vectors is None else tuple(self.vectors),
-            k=check_k(self.k),
+            k=check_size(self.k),
             side=check_side(self.side),
             rank=rank,
             alpha=alpha,

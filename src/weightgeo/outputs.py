@@ -3,6 +3,9 @@
 Reports, figures and tracker states are rewritten while a user (or a follow-mode loop) may be reading them, so
 every writer goes through :func:`atomic_output`: the content goes to a unique temporary file in the target's
 folder, which is renamed over the target only once it is complete. Readers see the old file or the new one.
+The temporary file is private while it is written (``mkstemp``: 0600); before the rename it gets the mode a new
+file gets under the process's umask (:func:`publish`), as ``open()`` would give it: a colleague can read what
+the umask lets them read. The result cache's entries go through :func:`publish` too.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -15,12 +18,41 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import WeightgeoError
 
-__all__ = ["check_output_path", "atomic_output", "atomic_write_text"]
+__all__ = ["check_output_path", "atomic_output", "atomic_write_text", "publish", "current_umask"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux ``/proc/self/status``);
+    elsewhere set and restored under a lock (the only way POSIX offers).
+
+    >>> 0 <= current_umask() <= 0o777
+    True
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def publish(path: str | os.PathLike[str]) -> None:
+    """Give a file written under a private temporary name the mode a new file gets from ``open()``:
+    ``0o666 & ~umask`` (what the user asked their files to be)."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def check_output_path(path: str | os.PathLike[str], *, what: str = "report") -> Path:
@@ -73,6 +105,7 @@ def atomic_output(path: str | os.PathLike[str], *, what: str = "report") -> Iter
         fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
         os.close(fd)
         yield Path(tmp)
+        publish(tmp)
         os.replace(tmp, target)
         tmp = None
     except OSError as e:

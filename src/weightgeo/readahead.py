@@ -12,6 +12,7 @@ group and the decomposition of this one run side by side.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -97,19 +98,20 @@ class ReadAhead(Generic[T]):
                     raise item.exc
                 yield item
         finally:
-            self.close()
+            self.close(wait=sys.exc_info()[0] is None)
 
-    def close(self) -> None:
-        """Stop the producer (after the item it is reading) and wait for its thread."""
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the producer (after the item it is reading) and, with ``wait``, wait for its thread. Leaving on an
+        exception (Ctrl-C) does not wait: the daemon thread ends after its read, which may take seconds."""
         with self._cond:
             self._stop = True
             self._queue.clear()
             self._cond.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
     def __enter__(self) -> ReadAhead[T]:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(wait=exc_type is None)

@@ -15,6 +15,7 @@ from typing import Any
 from .checkpoint.names import expert_index, expert_tensor
 from .defaults import THRESHOLD
 from .errors import WeightgeoError
+from .jsonfile import read_json
 from .means import nanmean
 from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, SUMMED, WEIGHTED
 from .outputs import atomic_write_text, check_output_path
@@ -133,24 +134,41 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> 
 
 def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     keys: list[str] = []
+    missing: dict[str, int] = {}  # metric -> rows where it is not measurable (null)
     for r in rows:
         for key, v in r.items():
-            if key not in _NOT_METRICS and _is_number(v) and key not in keys:
+            if key not in _NOT_METRICS and (_is_number(v) or v is None and key in _unmeasured(r)) and key not in keys:
                 keys.append(key)
+        for key in _unmeasured(r):
+            missing[key] = missing.get(key, 0) + 1
     out: dict[str, Any] = {"n_tensors": len(rows), "numel": sum(int(r.get("numel", 0)) for r in rows)}
     for key in keys:
         have = [r for r in rows if _is_number(r.get(key))]
         vals = [float(r[key]) for r in have]
+        mean: float | None = None  # nothing measurable: null, as in the rows
         if key in SUMMED:  # counts and byte sizes: exact integer sums over the rows that have them
             out[key] = sum(int(r[key]) for r in have if not math.isnan(float(r[key])))
-        elif key in _WEIGHTED:
-            out[key] = nanmean(vals, [float(r.get("numel", 1)) for r in have])
-        else:
-            out[key] = nanmean(vals)
+            if key in missing:
+                out[f"n_{key}"] = len(have)
+            continue
+        if have and key in _WEIGHTED:
+            mean = nanmean(vals, [float(r.get("numel", 1)) for r in have])
+        elif have:
+            mean = nanmean(vals)
+        out[key] = mean
+        if key not in _WEIGHTED or key in missing:
             out[f"n_{key}"] = len(have)
         if key == "max_principal_angle" and vals:
             out["max_principal_angle_overall"] = max(vals)
+    if missing:
+        out["n_not_measurable"] = dict(sorted(missing.items()))
     return out
+
+
+def _unmeasured(row: Mapping[str, Any]) -> dict[str, str]:
+    """The row's ``not_measurable`` map (metric -> reason), ``{}`` when every metric was measured."""
+    nm = row.get("not_measurable")
+    return nm if isinstance(nm, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -221,15 +239,19 @@ class Report:
     def from_json(cls, path: str | os.PathLike[str]) -> Report:
         """Read a report written by :meth:`to_json`. A file written before a rename (CHANGELOG.md) is read
         under today's names, with a ``DeprecationWarning`` saying which; re-save it to update the file."""
+        fix = "write one with Report.to_json"
+        data = read_json(path, what="weightgeo report", fix=fix)
         try:
-            data = json.loads(Path(path).read_text())
             rows = [_from_json(r) for r in data["rows"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise WeightgeoError(f"{path}: not a weightgeo report JSON ({e}); write one with Report.to_json") from e
+        except (KeyError, TypeError) as e:
+            raise WeightgeoError(f"{path}: not a weightgeo report JSON (no rows: {e}); {fix}") from e
         for r in rows:
             if isinstance(r.get("shape"), list):
                 r["shape"] = tuple(r["shape"])
+            for key in _unmeasured(r):  # null because not measurable (not NaN, undefined): None again
+                r[key] = None
         summary, meta = _from_json(data.get("summary", {})), data.get("meta", {})
+        _restore_nulls(summary)
         renamed = _renamed_keys(rows, summary, meta)
         if renamed:
             warnings.warn(
@@ -335,6 +357,16 @@ class Report:
         return head + ("; " + ", ".join(nums) if nums else "") + ")"
 
 
+def _restore_nulls(summary: dict[str, Any]) -> None:
+    """In a summary read from JSON, the means of metrics no row could measure are None again (not NaN)."""
+    for key in dict(summary.get("n_not_measurable") or {}):
+        if summary.get(f"n_{key}") == 0:
+            summary[key] = None
+    for v in summary.values():
+        if isinstance(v, dict):
+            _restore_nulls(v)
+
+
 _MORE_HINT = "table(width=None) shows all, table(columns=[...]) picks"
 # the summary numbers a plain repr shows, in this order when present
 _REPR_KEYS = (
@@ -350,6 +382,11 @@ _REPR_KEYS = (
 def _csv_cell(v: Any) -> Any:
     if isinstance(v, tuple):
         return "x".join(str(d) for d in v)
+    if isinstance(v, dict):  # not_measurable: "metric, metric: reason; ..."
+        by: dict[str, list[str]] = {}
+        for key, why in v.items():
+            by.setdefault(str(why), []).append(str(key))
+        return "; ".join(f"{', '.join(keys)}: {why}" for why, keys in by.items())
     if isinstance(v, float) and math.isnan(v):
         return ""
     return v

@@ -22,7 +22,6 @@ matrix by matrix, so memory holds one base matrix plus one batch of updates, nev
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from .checkpoint.registry import is_checkpoint_folder
 from .checkpoint.runs import NAMINGS_TEXT
 from .checkpoint.view import read_expert
 from .errors import WeightgeoError
+from .jsonfile import read_json
+from .linalg.policy import compared_format
 from .options import StreamOptions
 from .selection import ByUid, Selector
 from .validation import check_finite, check_increasing, check_run_dir, check_steps
@@ -343,17 +344,20 @@ def _step_from_path(source: Any) -> int | None:
 
 
 def _check_trainer_state(folder: Path, step: int) -> None:
+    """A checkpoint's ``trainer_state.json``, when there is one, must agree with the step of its folder."""
     state = folder / TRAINER_STATE
     if not state.is_file():
         return
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightgeoError(f"{state}: not readable JSON ({e}); fix or delete the file") from e
+    fix = f"fix or delete {state} (weightgeo reads only its global_step; the weights do not need it)"
+    data = read_json(state, what=TRAINER_STATE, fix=fix)
     gs = data.get("global_step") if isinstance(data, dict) else None
-    if gs is not None and int(gs) != step:
+    if gs is None:
+        return
+    if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not float(gs).is_integer():
+        raise WeightgeoError(f"{state}: global_step is {gs!r}, not a whole number of steps; {fix}")
+    if int(gs) != step:
         raise WeightgeoError(
-            f"{state}: global_step is {gs} but the checkpoint is at step {step} (from its folder "
+            f"{state}: global_step is {int(gs)} but the checkpoint is at step {step} (from its folder "
             f"name or steps=); rename the folder or pass steps= explicitly"
         )
 
@@ -432,22 +436,28 @@ class StreamReader:
 
         ΔW_t = W_t − W0 is formed in ``dtype`` (float32 by default: the difference of two bf16 values is exact
         in float32) on ``device``, from W0 and W_t as stored, or rounded to ``rounding`` first (the options'
-        ``dtype``). ``only``: the indices (into the stream's steps) to read; default all.
+        ``dtype``). Without ``rounding``, a W_t stored in a float format that neither holds nor is held by W0's
+        (fp16 and bf16) is compared by the pair rule: both rounded to the coarser
+        (:func:`~weightgeo.linalg.policy.compared_format`). ``only``: the indices (into the stream's steps) to
+        read; default all.
         """
         picks = range(len(self.checkpoints)) if only is None else sorted(set(only))
         if not picks:
             return
 
-        def read(ck: Checkpoint, name: str) -> torch.Tensor:
+        def read(ck: Checkpoint, name: str, to: torch.dtype | None) -> torch.Tensor:
             w = _read(ck, name, entry.expert)
-            w = w if rounding is None or w.dtype == rounding else w.to(rounding)
+            w = w if to is None or w.dtype == to else w.to(to)
             return w.to(device=device, dtype=dtype)
 
-        w0 = read(self.base, entry.base_name)
+        stored0 = self.base.info(entry.base_name).dtype
+        w0 = read(self.base, entry.base_name, rounding)
         for i in picks:
             step, ck, name = self.stream.steps[i], self.checkpoints[i], entry.names[i]
-            wt = read(ck, name)
-            d = wt - w0
+            rule = None if rounding is not None else compared_format(stored0, ck.info(name).dtype)
+            to = rule[0] if rule is not None and rule[1] else rounding
+            wt = read(ck, name, to)
+            d = wt - (w0 if to is None or to == rounding else w0.to(to).to(dtype))
             del wt
             check_finite(d, f"{entry.uid} at step {step} ({ck.source}): W_t − W0")
             yield step, d

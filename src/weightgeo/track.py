@@ -27,9 +27,10 @@ stack [E, out, in] (its rows carry ``expert``), as :func:`~weightgeo.rank_curve`
 
 Modes (memory per tracked [m, n] matrix; K = ``k``, r = max(k, hill_k)):
 
-* ``"exact"``: a copy of W0 in ``dtype`` (bf16: 2·m·n bytes, on ``base_device``, CPU by default). Each update
-  forms ΔW_t = round(W_t) − W0 exactly, where round() is the cast to ``dtype``: with the default bf16 the
-  tracker sees exactly the update a bf16 checkpoint of W_t would show.
+* ``"exact"``: a copy of W0 in ``dtype`` (each parameter's own by default: 4·m·n bytes for fp32, 2·m·n for bf16,
+  on ``base_device``, CPU by default). Each update forms ΔW_t = round(W_t) − W0 exactly, where round() is the
+  cast to ``dtype``: by default none, so the tracker sees the update the run's checkpoints show (a trainer saves
+  the parameters as they are); ``dtype=torch.bfloat16`` sees what a bf16 checkpoint of fp32 masters would.
 * ``"sketch"``: single-pass two-sided sketches of W0 (Tropp, Yurtsever, Udell & Cevher 2017), float64:
   Y0 = W0·Ω ([m, s]) and Z0 = Ψ·W0 ([l, n]) with seeded Gaussian Ω, Ψ regenerated on demand, s = 2r + 1,
   l = 2s + 1: 8·(m·s + l·n) bytes. The update is linear, so Y_t − Y0 = ΔW_t·Ω and Z_t − Z0 = Ψ·ΔW_t.
@@ -67,6 +68,7 @@ import torch
 from .checkpoint import canonical_name
 from .defaults import ETA, HILL_K, SEED, STREAM_K, THRESHOLD, TRACKER_DTYPE
 from .errors import WeightgeoError
+from .jsonfile import loads
 from .means import nanmean
 from .metrics.catalog import TRACKER_OUTPUTS, TRACKER_PREFIX
 from .metrics.trajectory import (
@@ -119,8 +121,10 @@ class Tracker:
         mode: ``"exact"`` (a ``dtype`` copy of W0) or ``"sketch"`` (float64 sketches, see the module doc).
         device: where the linear algebra runs; ``None``: where the data is, each parameter's own device.
         hill_k: top singular values in the Hill estimator (default 10).
-        dtype: W0 and W_t are rounded to this before subtracting (default bf16: the update a bf16 checkpoint
-            shows); ``None`` keeps each parameter's dtype.
+        dtype: W0 and W_t are rounded to this before subtracting. Default ``None``: each parameter's own dtype,
+            the format a trainer's checkpoints hold (``save_pretrained`` writes the parameters as they are), so the
+            live numbers equal :func:`~weightgeo.rank_curve` of the run's checkpoints; a loop that saves in another
+            format passes it (``torch.bfloat16`` for bf16 checkpoints of fp32 masters).
         seed: seeds every random test matrix (per matrix, stable across processes).
         sketch_rank: s, the sketch's range size (default 2·max(k, hill_k) + 1); l = 2s + 1.
         base_device: where the W0 copy / sketches are kept (default CPU).
@@ -444,10 +448,11 @@ class Tracker:
             for metric in TRACKER_OUTPUTS:
                 out[f"{_PREFIX}/{metric}/{mod}"] = nanmean(r[metric] for r in rs)
         if prev is not None:
-            sims = [
+            sims = [  # not where K reaches the smaller side: Sim_K says nothing there (docs/metrics.md)
                 subspace_sim(Vh, before)
                 for key, sp in specs.items()
-                if prev in self._records.get(key, {})
+                if self.k < min(self._matrices[key].shape)
+                and prev in self._records.get(key, {})
                 and (Vh := sp.Vh) is not None
                 and (before := self._records[key][prev].Vh) is not None
             ]
@@ -598,7 +603,7 @@ class Tracker:
                         f"{path}: not a weightgeo Tracker file (no 'weightgeo_tracker' metadata); "
                         f"write one with Tracker.save"
                     )
-                state = json.loads(meta["weightgeo_tracker"])
+                state = loads(meta["weightgeo_tracker"], source=str(path), what="Tracker state")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except WeightgeoError:
             raise

@@ -19,20 +19,22 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._version import __version__
-from .cache import CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
+from .cache import CacheEntry, CacheKey, ResultCache, pack, resolve_cache, result_key, sum_counts, unpack
 from .checkpoint import layer_index, module_type
 from .defaults import ETA, HILL_K, PROGRESS, SEED, STREAM_K, THRESHOLD
 from .distributed import balanced_shards, current_world
 from .errors import WeightgeoError
 from .linalg.hardware import hardware, pass_dtype, policy_fingerprint
+from .linalg.policy import compared_format
 from .linalg.spectra import hill_tail_index
+from .memory import check_fits
 from .metrics.catalog import SPARSITY_CURVES, TRAJECTORY_CURVES
 from .metrics.trajectory import (
     EXACT_MAX_DIM,
@@ -46,6 +48,7 @@ from .metrics.trajectory import (
     update_spectra,
 )
 from .options import Filter, SparsityOptions, StreamOptions
+from .progress import fraction_bar
 from .readahead import ReadAhead
 from .report import Report, summarize_rows
 from .stream import CheckpointStream, MatrixPlan, StreamReader, open_stream
@@ -64,7 +67,7 @@ from .stream_sparsity import (
     sparsity_summary,
     warn_dtype_changes,
 )
-from .validation import check_finite
+from .validation import check_finite, either, spell
 
 __all__ = [
     "rank_curve",
@@ -111,7 +114,23 @@ def spectrum_row(
     }
     row["delta_spectral_gap"] = _gap(S, min(k, min(shape)), min(shape))
     row["method"] = sp.method
+    if k >= min(shape):
+        row["delta_spectral_gap"] = None
+        row["not_measurable"] = dict.fromkeys(_K_KEYS, whole_space(k, shape))
     return row
+
+
+#: the stream row keys that say nothing when K reaches the matrix's smaller side
+_K_KEYS = ("delta_spectral_gap", "final_subspace_similarity")
+
+
+def whole_space(k: int, shape: tuple[int, int]) -> str:
+    """Why a subspace metric of an [m, n] matrix is not measurable at K = ``k``."""
+    p = min(shape)
+    return (
+        f"K {k} ≥ {p}, the smaller side of {shape[0]}x{shape[1]}: the top-K subspace of ΔW holds every singular "
+        f"direction (there is no σ_K+1), so it is no principal subspace (Sim_K is 1 for a square or tall matrix)"
+    )
 
 
 def _gap(S: torch.Tensor, k: int, p: int) -> float:
@@ -151,7 +170,10 @@ def assemble(
                 curve[s] = math.nan
                 continue
             row = spectrum_row(name, shape, s, sp, hill_k=hill_k, k=k, expert=expert)
-            if final is not None and final.Vh is not None and sp.Vh is not None:
+            if k >= min(shape):  # not measurable: no curve point (the onset rule skips NaN), a null in the row
+                curve[s] = math.nan
+                row["final_subspace_similarity"] = None
+            elif final is not None and final.Vh is not None and sp.Vh is not None:
                 curve[s] = subspace_sim(sp.Vh, final.Vh)
                 row["final_subspace_similarity"] = curve[s]
             else:
@@ -194,11 +216,12 @@ def spectrum_key(
     *,
     policy: str,
     version: str = __version__,
+    code: str | None = None,
 ) -> CacheKey:
     """The key of one (matrix, step) spectrum: the identities of the base and checkpoint tensors, the matrix (its
     name seeds the randomized passes), the options as a whole (every field of
     :class:`~weightgeo.options.StreamOptions` but those marked as unable to change a result), ``r`` (the values
-    kept), the verification rule and the numerical policy."""
+    kept), the verification rule, the numerical policy and the code fingerprint (``None``: this process's)."""
     return result_key(
         SPECTRUM_KIND,
         inputs=[base_id, ck_id],
@@ -212,7 +235,31 @@ def spectrum_key(
         },
         policy=policy,
         version=version,
+        code=code,
     )
+
+
+def check_spectrum_entry(entry: CacheEntry, shape: tuple[int, int], *, r: int, k: int) -> None:
+    """Raise unless a cached spectrum of an [m, n] ΔW has the structure the stream pass uses (a hostile or
+    damaged entry is then counted as corrupt and recomputed, see :meth:`~weightgeo.cache.ResultCache.get`)."""
+    row, t = entry.row, entry.tensors
+    if not isinstance(row, dict):
+        raise TypeError("row is not an object")
+    if row.get("zero") is True and not t:
+        return
+    S, Vh = t.get("S"), t.get("Vh")
+    if set(row) - {"Vh"} != {"frobenius", "method"} or row.get("Vh", None) is not None:
+        raise TypeError("not a Spectrum row")
+    if not isinstance(row["method"], str) or ("Vh" in row) == ("Vh" in t):
+        raise TypeError("method, Vh")
+    fro = row["frobenius"]
+    if not isinstance(fro, float) or not math.isfinite(fro) or fro < 0:
+        raise TypeError("frobenius")
+    p = min(shape)
+    if S is None or S.dtype != torch.float64 or S.ndim != 1 or not 1 <= S.shape[0] <= min(r + 1, p):
+        raise TypeError("S")
+    if set(t) - {"S", "Vh"} or (Vh is not None and (Vh.ndim != 2 or Vh.shape[1] != shape[1] or Vh.shape[0] > k)):
+        raise TypeError("Vh")
 
 
 class _Spectra:
@@ -234,6 +281,7 @@ class _Spectra:
         self.cache, self.memo, self.options, self.r = cache, memo, options, r
         self.policy = policy_fingerprint(device)
         self.version = cache.version if cache is not None else __version__
+        self.code = cache.code if cache is not None else None
         self.reused = self.computed = self.read = self.uncacheable = 0
         self.used: set[str] = set()
 
@@ -243,17 +291,22 @@ class _Spectra:
             return None
         if self.cache is None and self.memo is None:
             return None
-        return spectrum_key(self.options, self.r, base_id, ck_id, matrix, policy=self.policy, version=self.version)
+        return spectrum_key(
+            self.options, self.r, base_id, ck_id, matrix, policy=self.policy, version=self.version, code=self.code
+        )
 
-    def get(self, key: CacheKey | None) -> tuple[bool, Spectrum | None]:
-        """``(found, spectrum)``; a found ``None`` is a zero update (ΔW_t = 0 exactly: no spectrum)."""
+    def get(self, key: CacheKey | None, shape: tuple[int, int]) -> tuple[bool, Spectrum | None]:
+        """``(found, spectrum)`` of an [m, n] matrix's ΔW; a found ``None`` is a zero update (ΔW_t = 0 exactly:
+        no spectrum)."""
         if key is None:
             return False, None
         if self.memo is not None and key.digest in self.memo:
             self.used.add(key.digest)
             self.reused += 1
             return True, self.memo[key.digest]
-        entry = self.cache.get(key) if self.cache is not None else None
+        entry = None
+        if self.cache is not None:
+            entry = self.cache.get(key, validate=lambda e: check_spectrum_entry(e, shape, r=self.r, k=self.options.k))
         if entry is None:
             return False, None
         sp = None if entry.row.get("zero") else unpack(Spectrum, entry.row, entry.tensors)
@@ -359,20 +412,18 @@ def _stream_pass(
         sizes = [(len(reader.checkpoints) + 1) * math.prod((t or m).shape) for _, m, t in units]  # type: ignore[union-attr]
         shards = balanced_shards(sizes, world.size)
         mine = [units[i] for i in sorted(shards[world.process_rank])]
-        bar = None
-        if where.progress and world.is_main:
-            from tqdm.auto import tqdm
-
-            what = "weightgeo trajectory" if options is not None else "weightgeo sparsity"
-            bar = tqdm(total=len(mine), desc=what, unit="tensor", leave=False, dynamic_ncols=True)
+        for _, m, _t in mine:  # from the headers, before anything is read
+            if m is not None:
+                _check_fits(reader, m)
+        what = "weightgeo trajectory" if options is not None else "weightgeo sparsity"
+        bar = fraction_bar(where.progress and world.is_main, desc=what, total=len(mine), unit="tensors")
+        advance = (lambda x: None) if bar is None else bar.update
         steps = reader.stream.steps
         passes: list[_TensorPass] = []
         for uid, m, t in mine:
             if t is None:  # a matrix followed for its spectra only
                 assert m is not None and options is not None and spectra is not None
-                records[uid] = (m.shape, _follow(reader, m, dev, options, r=r, spectra=spectra))
-                if bar is not None:
-                    bar.update(1)
+                records[uid] = (m.shape, _follow(reader, m, dev, options, r=r, spectra=spectra, advance=advance))
                 continue
             assert sparsity is not None and counts is not None
             passes.append(_TensorPass(reader, m, t, dev, options, sparsity, r=r, spectra=spectra, counts=counts))
@@ -428,6 +479,10 @@ def _stream_pass(
             meta["filtered_out"] = max(meta["filtered_out"], tfiltered)
             meta["unmatched"] = {"only_base": [], "only_ft": []} if options is None else meta["unmatched"]
             meta["dtype_changes"] = dtype_changes(tplans, s.steps)
+        if options is not None:
+            mixed = _mixed_formats(reader, options.dtype)
+            if mixed:  # the rule of pairs (linalg.policy.compared_format), per (matrix, checkpoint) in two formats
+                meta["mixed_formats"] = mixed
     if memo is not None:  # keep what this pass used: the next update needs no more
         used = (spectra.used if spectra is not None else set()) | (counts.used if counts is not None else set())
         for digest in [d for d in memo if d not in used]:
@@ -451,6 +506,18 @@ def _units(
     for t in tensors:
         by_uid.setdefault(t.uid, [None, None])[1] = t
     return [(uid, m, t) for uid, (m, t) in by_uid.items()]
+
+
+def _check_fits(reader: StreamReader, entry: MatrixPlan) -> None:
+    """The least one matrix needs at once (W0 and one W_t as stored, their float32 difference) must fit."""
+    m, n = entry.shape
+    size = reader.base.info(entry.base_name).dtype.itemsize
+    check_fits(
+        m * n * (2 * size + 4),
+        device=None,
+        what=f"matrix {entry.uid!r} [{m}, {n}] (W0 and one checkpoint's, as stored, and their float32 difference)",
+        fix=either(f"leave it out with exclude={entry.key!r}", f"leave it out with --exclude '{entry.key}'"),
+    )
 
 
 class _Batch:
@@ -506,7 +573,7 @@ def _known(reader: StreamReader, entry: MatrixPlan, spectra: _Spectra) -> tuple[
     out: dict[int, Spectrum] = {}
     todo = []
     for i, (step, key) in enumerate(zip(steps, keys)):
-        found, sp = spectra.get(key)
+        found, sp = spectra.get(key, entry.shape)
         if not found:
             todo.append(i)
         elif sp is not None:
@@ -515,17 +582,28 @@ def _known(reader: StreamReader, entry: MatrixPlan, spectra: _Spectra) -> tuple[
 
 
 def _follow(
-    reader: StreamReader, entry: MatrixPlan, dev: torch.device, options: StreamOptions, *, r: int, spectra: _Spectra
+    reader: StreamReader,
+    entry: MatrixPlan,
+    dev: torch.device,
+    options: StreamOptions,
+    *,
+    r: int,
+    spectra: _Spectra,
+    advance: Callable[[float], object] = lambda x: None,
 ) -> dict[int, Spectrum]:
     """The spectra of one matrix's ΔW_t at every step where it is nonzero, in batches of stacked updates.
 
-    Steps whose spectrum is known are not read; the others are computed and stored one batch at a time."""
+    Steps whose spectrum is known are not read; the others are computed and stored one batch at a time.
+    ``advance`` moves the progress bar by fractions of this matrix (each step known, read or decomposed)."""
     out, todo, key_of = _known(reader, entry, spectra)
+    share = 1.0 / max(len(reader.stream.steps), 1)
+    advance(share * (len(reader.stream.steps) - len(todo)))
     if not todo:
         return dict(sorted(out.items()))
     spectra.read += 1 + len(todo)
     batch = _Batch(entry, options, r=r, spectra=spectra, key_of=key_of, out=out)
     for step, d in reader.updates(entry, device=dev, only=todo, rounding=options.dtype):
+        advance(share)
         batch.add(step, d)
     batch.flush()
     return dict(sorted(out.items()))
@@ -693,6 +771,23 @@ def _stream_meta(
     return meta
 
 
+def _mixed_formats(reader: StreamReader, dtype: Any) -> dict[str, int]:
+    """How many (matrix, checkpoint) pairs are stored in two float formats, by formats and the rule used (none
+    with a ``dtype=``: everything is rounded to it)."""
+    out: dict[str, int] = {}
+    if dtype is not None:
+        return out
+    for e in reader.plan:
+        a = reader.base.info(e.base_name).dtype
+        for ck, name in zip(reader.checkpoints, e.names):
+            rule = compared_format(a, ck.info(name).dtype)
+            if rule is not None:
+                how = f"both rounded to {rule[0]}" if rule[1] else "compared as stored"
+                text = f"{a} vs {ck.info(name).dtype}: {how}".replace("torch.", "")
+                out[text] = out.get(text, 0) + 1
+    return out
+
+
 def _source_skipped(reader: StreamReader) -> list[dict[str, Any]]:
     """Every checkpoint's entries that are not weights (optimizer state, FP8 scales, ...), tagged by side
     (``"base"``, or ``"ft"`` with the checkpoint's ``step``)."""
@@ -808,6 +903,16 @@ def stream_report(
     rows, sims, zero = assemble(passed.records, s.steps, hill_k=options.hill_k, k=k, experts=passed.experts)
     meta = passed.meta
     meta.update(kind="rank_curve", params=options.params(), zero_updates=zero, similarity=sims)
+    if meta.get("mixed_formats"):
+        n = sum(meta["mixed_formats"].values())
+        warnings.warn(
+            f"{n} (matrix, checkpoint) pair(s) are stored in different float formats in the base and the checkpoint ("
+            + "; ".join(f"{k}: {v}" for k, v in meta["mixed_formats"].items())
+            + f"); where both are rounded to one format, rounding differences show in ΔW_t; {spell('dtype')} chooses "
+            f"the format instead (docs/metrics.md)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not rows:
         raise WeightgeoError(
             f"{s.origin}: every followed matrix has ΔW = 0 at every step; is base= the same model as the checkpoints?"

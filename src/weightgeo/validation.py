@@ -35,8 +35,13 @@ __all__ = [
     "SIDES",
     "cli_syntax",
     "spell",
+    "either",
+    "given",
     "check_int",
     "check_k",
+    "check_size",
+    "resolve_size",
+    "Size",
     "check_side",
     "check_sides",
     "check_eta",
@@ -91,7 +96,17 @@ def spell(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _given(name: str, value: Any) -> str:
+def either(python: str, cli: str) -> str:
+    """What to tell the user in the syntax of the interface in use: ``python`` from Python, ``cli`` on the
+    command line (a verb and its flags there, a function and its keywords here).
+
+    >>> either("weightgeo.rank_curve(run)", "weightgeo trajectory RUN")
+    'weightgeo.rank_curve(run)'
+    """
+    return cli if _CLI.get() else python
+
+
+def given(name: str, value: Any) -> str:
     """``name=value`` in Python, ``--name value`` on the command line."""
     flag = spell(name)
     return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"
@@ -114,6 +129,44 @@ def check_int(value: Any, name: str, *, minimum: int = 1, what: str = "") -> int
 def check_k(k: Any, *, name: str = "k") -> int:
     """A subspace dimension: an integer ≥ 1 (capped per matrix later, never here)."""
     return check_int(k, name, minimum=1, what="subspace dimension")
+
+
+#: a size per matrix: a count ≥ 1, or a fraction in (0, 1) of each matrix's smaller side (:func:`resolve_size`)
+Size = int | float
+
+
+def check_size(value: Any, name: str = "k", *, what: str = "subspace dimension") -> int | float:
+    """A size per matrix (the pair metrics' ``k``, localization's ``rank``): an integer ≥ 1, or a fraction in
+    (0, 1) of each matrix's smaller side (``0.125``: an eighth of it, the paper's 512 of 4096).
+
+    >>> check_size(512), check_size(0.125), check_size(4.0)
+    (512, 0.125, 4)
+    >>> check_size(1.5)
+    Traceback (most recent call last):
+    ...
+    weightgeo.errors.WeightgeoError: k must be an integer ≥ 1 or a fraction in (0, 1) of each matrix's smaller side (subspace dimension; 0.125 = an eighth), got 1.5
+    """
+    if isinstance(value, (float, np.floating)) and not isinstance(value, bool) and 0.0 < float(value) < 1.0:
+        return float(value)
+    ok = isinstance(value, numbers.Integral) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not ok or int(value) < 1:
+        raise WeightgeoError(
+            f"{spell(name)} must be an integer ≥ 1 or a fraction in (0, 1) of each matrix's smaller side "
+            f"({what}; 0.125 = an eighth), got {value!r}"
+        )
+    return int(value)
+
+
+def resolve_size(size: int | float, smaller_side: int) -> int:
+    """The count a :func:`check_size` value means for a matrix whose smaller side is ``smaller_side``: an integer as
+    given; a fraction f, ``max(1, floor(f · smaller_side))``.
+
+    >>> resolve_size(0.125, 896), resolve_size(0.125, 128), resolve_size(0.125, 4), resolve_size(512, 128)
+    (112, 16, 1, 512)
+    """
+    if isinstance(size, float):
+        return max(1, math.floor(size * smaller_side + 1e-9))
+    return int(size)
 
 
 def check_side(side: Any) -> str:
@@ -143,9 +196,10 @@ def check_eta(eta: Any) -> float:
     return value
 
 
-def check_rank_alpha(rank: Any, alpha: Any) -> tuple[int, float]:
-    """Localization's reconstruction rank r (integer ≥ 1) and mask fraction α in [0, 1]."""
-    r = check_int(rank, "rank", minimum=1, what=f"reconstruction rank r, default {RANK}")
+def check_rank_alpha(rank: Any, alpha: Any) -> tuple[int | float, float]:
+    """Localization's reconstruction rank r (an integer ≥ 1, or a fraction of each matrix's smaller side, see
+    :func:`check_size`) and mask fraction α in [0, 1]."""
+    r = check_size(rank, "rank", what=f"reconstruction rank r, default {RANK}")
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -164,7 +218,7 @@ def check_threshold(threshold: Any) -> float:
     except (TypeError, ValueError):
         t = math.nan
     if not 0.0 < t <= 1.0:
-        raise WeightgeoError(f"{_given('threshold', threshold)} must be in (0, 1]: Sim_K lies in [0, 1]")
+        raise WeightgeoError(f"{given('threshold', threshold)} must be in (0, 1]: Sim_K lies in [0, 1]")
     return t
 
 
@@ -175,7 +229,7 @@ def check_batch_bytes(batch_bytes: Any) -> int | None:
     ok = isinstance(batch_bytes, numbers.Integral) or (isinstance(batch_bytes, float) and batch_bytes.is_integer())
     if isinstance(batch_bytes, bool) or not ok or batch_bytes < 0:
         raise WeightgeoError(
-            f"{_given('batch_bytes', batch_bytes)}: give a memory budget in bytes (≥ 0; 0 = one matrix "
+            f"{given('batch_bytes', batch_bytes)}: give a memory budget in bytes (≥ 0; 0 = one matrix "
             f"at a time), or None for the default"
         )
     return int(batch_bytes)
@@ -193,7 +247,7 @@ def check_dtype(dtype: Any, *, name: str = "dtype") -> torch.dtype | None:
     value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise WeightgeoError(
-            f"{_given(name, dtype)}: give a floating torch dtype to round both sides to (bfloat16, float16, "
+            f"{given(name, dtype)}: give a floating torch dtype to round both sides to (bfloat16, float16, "
             f"float32, float64, float8_e4m3fn, ...), or leave it out to compare in the stored formats"
         )
     return value
@@ -202,7 +256,7 @@ def check_dtype(dtype: Any, *, name: str = "dtype") -> torch.dtype | None:
 def check_seed(seed: Any, *, name: str = "seed") -> int:
     """A random seed: any integer (bools are not)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise WeightgeoError(f"{_given(name, seed)}: a seed is an integer")
+        raise WeightgeoError(f"{given(name, seed)}: a seed is an integer")
     return int(seed)
 
 
@@ -214,7 +268,7 @@ def check_choice(value: Any, name: str, choices: dict[str, str]) -> str:
     """
     if not isinstance(value, str) or value not in choices:
         options = " or ".join(f"{c!r} ({what})" for c, what in choices.items())
-        raise WeightgeoError(f"{_given(name, value)}; use {options}")
+        raise WeightgeoError(f"{given(name, value)}; use {options}")
     return value
 
 
@@ -280,7 +334,7 @@ def check_amount(value: Any, name: str, *, unit: str, finite: bool = True) -> fl
     ok = isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, bool)
     v = float(value) if ok else math.nan
     if not (v >= 0) or (finite and math.isinf(v)):
-        raise WeightgeoError(f"{_given(name, value)}: give a number of {unit} ≥ 0{' (finite)' if finite else ''}")
+        raise WeightgeoError(f"{given(name, value)}: give a number of {unit} ≥ 0{' (finite)' if finite else ''}")
     return v
 
 
@@ -299,7 +353,7 @@ def check_report_path(path: str | os.PathLike[str], *, name: str = "out") -> Pat
     """A report file: ``.json`` (rows, summary, meta) or ``.csv`` (rows)."""
     p = Path(path)
     if p.suffix.lower() not in (".json", ".csv"):
-        raise WeightgeoError(f"{_given(name, str(p))}: unknown format {p.suffix!r}; use a .json or .csv path")
+        raise WeightgeoError(f"{given(name, str(p))}: unknown format {p.suffix!r}; use a .json or .csv path")
     return p
 
 

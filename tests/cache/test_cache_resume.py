@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from factories import write_hf_checkpoint
-from live_factories import PAIR_KW, Reads, rows_json, run_state, trainer_save, write_run
+from live_factories import PAIR_KW, Reads, report_json, rows_json, run_state, trainer_save, write_run
 from live_factories import STREAM_KW as KW
 
 import weightgeo
@@ -73,7 +73,7 @@ def test_compare_killed_part_way_resumes_with_identical_rows(tmp_path, monkeypat
     n_full = reads.take()
     resumed = weightgeo.compare(b, f, batch_bytes=0, cache=cache, **PAIR_KW)
     n_resumed = reads.take()
-    assert rows_json(resumed) == rows_json(full) and len(full.rows) == 21
+    assert report_json(resumed) == report_json(full) and len(full.rows) == 21  # rows and summary
     c = resumed.meta["cache"]
     assert c["rows_cached"] >= 3 and c["rows_cached"] + c["rows_computed"] == 21
     assert n_full == 42 and n_resumed < n_full
@@ -90,7 +90,7 @@ def test_rank_curve_killed_part_way_resumes_with_identical_rows(tmp_path, monkey
     n_full = reads.take()
     resumed = weightgeo.rank_curve(run, cache=cache, **KW)
     n_resumed = reads.take()
-    assert rows_json(resumed) == rows_json(full)
+    assert report_json(resumed) == report_json(full)  # rows and summary
     c = resumed.meta["cache"]
     assert c["spectra_reused"] >= 10 and c["spectra_reused"] + c["spectra_computed"] == 16 * 3
     assert n_full == 16 * 4 and n_resumed < n_full

@@ -175,7 +175,7 @@ def test_identity_of_real_checkpoints_tracks_file_and_header(tmp_path):
     with open_checkpoint(folder) as ck:
         touched = ck.identity(name)
     assert touched != first and touched["byte_range"] == first["byte_range"]
-    # Same path, size and mtime, another layout: the header entry alone tells them apart.
+    # Same path, size and mtime, another layout: the header entry tells them apart (and the ctime, below).
     from safetensors.torch import save_file
 
     a, c = torch.ones(4, 4), torch.zeros(4, 4)
@@ -186,7 +186,8 @@ def test_identity_of_real_checkpoints_tracks_file_and_header(tmp_path):
         os.utime(f, ns=(1, 1_000_000_000))
         with open_checkpoint(f) as ck:
             ids.append(ck.identity("a"))
-    assert ids[0]["file"] == ids[1]["file"] and ids[0]["byte_range"] != ids[1]["byte_range"]
+    settable = [{k: v for k, v in i["file"].items() if k not in ("inode", "ctime_ns")} for i in ids]
+    assert settable[0] == settable[1] and ids[0]["byte_range"] != ids[1]["byte_range"]
     cache = ResultCache(tmp_path / "cache")
     assert cache.key("r", inputs=[ids[0]], policy=POLICY) != cache.key("r", inputs=[ids[1]], policy=POLICY)
     bin_folder = write_hf_checkpoint(tmp_path / "b", sd, fmt="bin")
@@ -308,7 +309,7 @@ def test_two_processes_fill_one_cache_at_once(tmp_path):
 
 
 def test_info_and_prune(tmp_path):
-    old, cache = ResultCache(tmp_path, version="0.0.9"), ResultCache(tmp_path, version="0.1.0")
+    old, cache = ResultCache(tmp_path, version="0.0.9", code="c"), ResultCache(tmp_path, version="0.1.0", code="c")
     old.put(_key(old), {"v": 0}, {"x": torch.zeros(1000)})
     keys = [_key(cache, options={"k": i}) for i in range(4)]
     for i, k in enumerate(keys):
@@ -322,7 +323,8 @@ def test_info_and_prune(tmp_path):
     (tmp_path / "v7").mkdir()
     (tmp_path / "v7" / "x.bin").write_bytes(b"0" * 10)
     info = cache.info()
-    assert info.entries == 5 and set(info.by_version) == {"0.0.9", "0.1.0"} and info.by_version["0.1.0"]["entries"] == 4
+    assert info.entries == 5 and set(info.by_version) == {"0.0.9+c", "0.1.0+c"}
+    assert info.by_version["0.1.0+c"]["entries"] == 4 and info.current == "0.1.0+c" and "(this weightgeo)" in str(info)
     assert info.temp_files == 2 and info.other_formats == ("v7",) and "5 entries" in str(info)
     size = cache.path(keys[0]).stat().st_size
     dry = cache.prune(older_than=timedelta(days=8.5), dry_run=True)

@@ -52,7 +52,7 @@ def test_file_shorter_than_length_prefix(tmp_path):
 
 def test_corrupt_header_json(tmp_path):
     f = write_raw(tmp_path / "bad.safetensors", b'{"w": {"dtype": "F32", ', b"\x00" * 8)
-    msg = raises("not UTF-8 JSON", open_checkpoint, f)
+    msg = raises("not valid UTF-8 JSON", open_checkpoint, f)
     assert str(f) in msg and "re-download" in msg
 
 

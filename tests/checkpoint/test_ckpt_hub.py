@@ -79,7 +79,7 @@ def test_offline_uncached(tmp_path, offline, monkeypatch):
         open_checkpoint("someorg/not-cached")
     msg = str(e.value)
     assert "'someorg/not-cached'" in msg and "HF_HUB_OFFLINE" in msg
-    assert "huggingface-cli download someorg/not-cached" in msg and "local" in msg
+    assert "hf download someorg/not-cached" in msg and "local" in msg and "huggingface-cli" not in msg
 
 
 def test_offline_uncached_revision(tmp_path, offline):

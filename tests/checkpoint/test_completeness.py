@@ -87,7 +87,7 @@ def test_truncated_torch_files_and_unreadable_marker(run):
     (run / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hist')  # half written
     scan = scan_run(run)
     assert scan.corrupt[0].problem == "bad_file" and "optimizer.pt" in scan.corrupt[0].reason
-    assert scan.in_progress[0].problem == "no_marker" and "not readable JSON" in scan.in_progress[0].reason
+    assert scan.in_progress[0].problem == "no_marker" and "not valid UTF-8 JSON" in scan.in_progress[0].reason
 
 
 def test_sibling_trainer_checkpoints_require_the_marker_of_a_bare_folder(run):

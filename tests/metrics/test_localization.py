@@ -84,7 +84,7 @@ def test_select_above_quantile_limit():
 
 def test_nothing_updated_gives_nan(gen):
     A = torch.randn(12, 8, generator=gen).bfloat16()
-    loc = update_localization(A, A.clone())
+    loc = update_localization(A, A.clone(), rank=2)
     assert isinstance(loc, Localization)
     assert loc.density == 0.0 and loc.n_updated == 0
     assert math.isnan(loc.principal_mask_overlap) and math.isnan(loc.low_magnitude_overlap)
@@ -94,7 +94,11 @@ def test_rank_capped_and_fields(gen):
     A = torch.randn(6, 4, generator=gen)
     loc = update_localization(A, A + 1, rank=64, alpha=0.5)
     assert loc.rank == 4 and loc.alpha == 0.5 and loc.numel == 24 and loc.density == 1.0
-    assert loc.principal_mask_overlap == 0.5 and loc.low_magnitude_overlap == 0.5
+    # the rank reaches the smaller side: the reconstruction is A itself, the principal mask the complement of the
+    # low-magnitude one (0.5 = 1 - 0.5 whatever the update): not measurable, None
+    assert loc.principal_mask_overlap is None and loc.low_magnitude_overlap == 0.5
+    below = update_localization(A, A + 1, rank=0.5, alpha=0.5)  # a fraction of the smaller side: rank 2
+    assert below.rank == 2 and 0.0 <= below.principal_mask_overlap <= 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         loc.density = 0.3  # type: ignore[misc]  # frozen
 

@@ -74,11 +74,12 @@ def test_agrees_with_public_functions(kind, upd):
         assert out["spectral_gap"] == pytest.approx(expected_gap, rel=1e-6)
 
 
-def test_gap_inf_at_full_k(gen):
+def test_full_k_is_not_measurable(gen):
+    """k at the smaller side: the subspace is everything, so the gap (was inf) and the overlap (was 1.0) are null."""
     A = torch.randn(6, 4, generator=gen)
     out = matrix_pair_metrics(A, A * 1.1, metrics={"principal_overlap"}, k=512)
-    assert out["k_effective"] == 4.0 and out["spectral_gap"] == math.inf
-    assert out["principal_overlap"] == pytest.approx(1.0)
+    assert out["k_effective"] == 4.0 and out["spectral_gap"] is None
+    assert out["principal_overlap"] is None and "smaller side" in out["not_measurable"]["principal_overlap"]
 
 
 def test_zero_matrix_gives_nan_angles():

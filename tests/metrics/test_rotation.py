@@ -67,12 +67,13 @@ def test_k_above_rank_is_effective_k():
     rng = np.random.default_rng(7)
     A = R.make_base("lowrank", 40, 30, rng)  # rank 8 in fp32
     B = R.make_base("lowrank", 40, 30, rng)
-    assert principal_angles(torch.from_numpy(A), torch.from_numpy(B), k=512).shape == (8,)
-    assert principal_angles(
-        torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
-        torch.randn(5, 3, generator=torch.Generator().manual_seed(1)),
-        k=512,
-    ).shape == (3,)
+    assert principal_angles(torch.from_numpy(A), torch.from_numpy(B), k=20).shape == (8,)
+    with pytest.raises(WeightgeoError, match="smaller side"):  # k at the smaller side: nothing to measure
+        principal_angles(
+            torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
+            torch.randn(5, 3, generator=torch.Generator().manual_seed(1)),
+            k=512,
+        )
 
 
 def test_edge_cases():

@@ -88,7 +88,8 @@ def test_opd_run_streams_and_compares(transformers, tmp_path):
 
     def on_step(model, step):  # the wrapper keeps the HF names, so a Tracker built on the HF model follows
         nonlocal tracker
-        tracker = tracker or weightgeo.Tracker(model, k=4, hill_k=2, include="attention")
+        # weightgeo.train saves bf16 checkpoints of fp32 masters: the tracker rounds to what the run saves
+        tracker = tracker or weightgeo.Tracker(model, k=4, hill_k=2, include="attention", dtype=torch.bfloat16)
         tracker.update(model.named_parameters(), step)
 
     student, out = _sft_then_opd(transformers, tmp_path, on_step)

@@ -36,7 +36,8 @@ def _train(kind, mode="exact", every=1, **kw):
     """fp32 'training' through the planted stream; the offline stream is its bf16 checkpoints."""
     base, cks = planted_stream(kind, STEPS, switch_at=300, dtype=torch.float32)
     model = Toy(base)
-    tr = Tracker(model, mode=mode, every=every, **kw)
+    # the run trains fp32 masters and saves bf16 (below): the tracker rounds to what is saved
+    tr = Tracker(model, mode=mode, every=every, **{"dtype": torch.bfloat16, **kw})
     logs = []
     for s, ck in zip(STEPS, cks):
         model.load(ck)

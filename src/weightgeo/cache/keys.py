@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
+from .fingerprint import code_fingerprint
 
 __all__ = ["CacheKey", "KEY_FORMAT", "NOT_IN_KEY", "not_in_key", "in_key", "canonical_json", "result_key"]
 
-#: bumped when the key recipe changes: every old key then misses
-KEY_FORMAT = 2
+#: bumped when the key recipe changes: every old key then misses (3: the code fingerprint joined the key)
+KEY_FORMAT = 3
 
 #: the metadata entry of a dataclass field that cannot change a result: the field is left out of every key, and
 #: the entry's value says why (an option object is keyed as a whole, so only a field marked so stays out)
@@ -98,9 +99,10 @@ def result_key(
     options: Any = None,
     policy: str,
     version: str,
+    code: str | None = None,
 ) -> CacheKey:
     """The key of one result: ``kind``, the input identities (in order), the metric set (unordered), the
-    options, the numerical-policy fingerprint and the weightgeo version, hashed with sha256.
+    options, the numerical-policy fingerprint, the weightgeo version and the code fingerprint, hashed with sha256.
 
     Args:
         kind: what the entry holds (``"pair_row"``, ``"base_decomposition"``, ``"update_spectrum"``, ...).
@@ -109,6 +111,8 @@ def result_key(
         options: a JSON-able mapping or a dataclass (see :func:`canonical_json`).
         policy: the numerical-policy fingerprint (a non-empty string).
         version: the weightgeo version.
+        code: the code fingerprint (default: :func:`~weightgeo.cache.fingerprint.code_fingerprint`, this
+            process's computing modules), so that a result of other code is never served.
     """
     if not isinstance(kind, str) or not kind:
         raise WeightgeoError(f"cache key: kind must be a non-empty string, got {kind!r}")
@@ -126,6 +130,7 @@ def result_key(
         "key_format": KEY_FORMAT,
         "kind": kind,
         "weightgeo": str(version),
+        "code": code_fingerprint() if code is None else str(code),
         "policy": policy,
         "metrics": sorted(set(names)),
         "options": _canonical(options, "options"),

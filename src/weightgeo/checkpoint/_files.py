@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from .. import jsonfile
 from ..errors import WeightgeoError
 
 _FIX = "re-download or re-save the file"
@@ -17,19 +17,9 @@ INDEX_SUFFIX = ".index.json"
 
 
 def read_json_object(path: Path, *, what: str = "JSON file") -> dict[str, Any]:
-    """Parse ``path`` as a JSON object, or raise WeightgeoError naming the file."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-        obj = json.loads(text)
-    except FileNotFoundError:
-        raise WeightgeoError(f"{path}: no such file; pass an existing {what}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightgeoError(f"{path}: {what} is not valid UTF-8 JSON ({e}); {_FIX}") from None
-    except OSError as e:
-        raise WeightgeoError(f"{path}: cannot read {what} ({e})") from None
-    if not isinstance(obj, dict):
-        raise WeightgeoError(f"{path}: {what} must hold a JSON object, found {type(obj).__name__}; {_FIX}")
-    return obj
+    """Parse ``path`` as a JSON object (size- and depth-bounded, :mod:`weightgeo.jsonfile`), or raise
+    WeightgeoError naming the file."""
+    return jsonfile.read_json_object(path, what=what, fix=_FIX)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -132,16 +122,26 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any], dict[s
 
 
 def file_identity(path: Path | str) -> dict[str, Any]:
-    """What identifies a file's current content without reading it: resolved path, size, ``mtime_ns``.
+    """What identifies a file's current content without reading it: resolved path, size, ``mtime_ns``, and what
+    user space cannot set back: the inode and the inode's change time ``ctime_ns``.
 
-    Any rewrite changes the size or the modification time; a moved or copied file gets a new identity.
+    ``cp -p``, ``rsync -t`` and ``tar -x`` copy a file's modification time onto new content of the same size,
+    but the copy is a new inode (or, written in place, gets a new ``ctime``: every write, ``utime``, ``chmod`` or
+    rename sets it to now, and nothing short of changing the clock sets it back). A moved or copied file gets a
+    new identity. On Windows ``ctime`` is the creation time and the inode the file index.
     """
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
     except OSError as e:
         raise WeightgeoError(f"{path}: cannot stat ({e})") from None
-    return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {
+        "path": real,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
 def file_list(files: Any, what: str) -> tuple[list[Path], str]:

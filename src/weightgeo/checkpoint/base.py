@@ -158,7 +158,7 @@ class Checkpoint(abc.ABC):
     def identity(self, name: str) -> dict[str, Any] | None:
         """What determines the stored bytes of tensor ``name``, as a JSON-able dict, for result caches.
 
-        File-backed checkpoints return the file's resolved path, size and ``mtime_ns`` plus the tensor's
+        File-backed checkpoints return the file's resolved path, size, ``mtime_ns``, inode and ``ctime_ns`` plus the tensor's
         header entry, so any rewrite of the file changes it. ``None`` (the default: mappings, modules,
         anything with no on-disk identity) means results of this tensor are never cached.
         """

@@ -256,7 +256,7 @@ class DcpCheckpoint(Checkpoint):
 
     def identity(self, name: str) -> dict[str, Any]:
         """The tensor's metadata entry (dtype, shape, every stored chunk's offsets and sizes) and, per chunk, the
-        holding file's identity (resolved path, size, ``mtime_ns``, taken once per file) and byte range: any
+        holding file's identity (resolved path, size, ``mtime_ns``, inode, ``ctime_ns``, taken once per file) and byte range: any
         rewrite of a ``.distcp`` file holding one of its chunks changes it.
 
         >>> import tempfile, warnings, torch, torch.distributed.checkpoint as dcp

@@ -154,7 +154,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         return dict(self._info)
 
     def identity(self, name: str) -> dict[str, Any]:
-        """The identities (resolved path, size, ``mtime_ns``) of the files the tensor is read from, plus its name,
+        """The identities (resolved path, size, ``mtime_ns``, inode, ``ctime_ns``) of the files the tensor is read from, plus its name,
         dtype and shape: ZeRO-0/1/2 ``mp_rank_00_model_states.pt``; ZeRO-3 every rank's model-states and
         optimizer-states file (its fp32 masters are reassembled from all of them)."""
         info = self.info(name)

@@ -23,15 +23,14 @@ there and readable (``Trainer._save_checkpoint`` writes it after weights, optimi
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ..errors import WeightgeoError
-from ._files import INDEX_SUFFIX, read_config, read_index
+from ._files import INDEX_SUFFIX, read_config, read_index, read_json_object
 from .base import Checkpoint
 from .format import Findings, FolderFiles, Format, Source
-from .runs import step_of
+from .runs import run_folder_message, step_folders, step_of
 from .safetensors import SUFFIX, SafetensorsCheckpoint, read_header
 from .torch_bin import SUFFIXES, TorchBinCheckpoint, zip_problem
 
@@ -89,6 +88,16 @@ def open_folder(folder: Path, *, source: str) -> Checkpoint:
     if pt_index.is_file():
         return TorchBinCheckpoint.from_index(pt_index, source=source, config=own)
     others = sorted(folder.glob(f"*{SUFFIX}"))
+    steps = step_folders(folder)
+    if others and steps:  # a run's output folder (eval.safetensors, ...): its checkpoints are what to compare
+        raise WeightgeoError(
+            run_folder_message(
+                folder,
+                steps,
+                holds=f"no model at its top ({', '.join(p.name for p in others[:3])} "
+                f"are not named as model weights: {', '.join(WEIGHT_FILES[::2])})",
+            )
+        )
     if others:  # non-standard names (consolidated.safetensors, ...): all of them, one checkpoint
         return SafetensorsCheckpoint(others, source=source, config=own)
     raise WeightgeoError(f"{folder}: no Hugging Face weights ({', '.join(WEIGHT_FILES)} or *{SUFFIX})")
@@ -150,9 +159,9 @@ def _check_index(path: Path, found: Findings) -> None:
     except WeightgeoError as e:
         error = str(e)
     try:  # which listed shards are absent? (an index is written after its shards)
-        wm = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {})
+        wm = read_json_object(path, what="shard index").get("weight_map", {})
         missing = sorted({s for s in wm.values() if isinstance(s, str) and not (path.parent / s).exists()})
-    except (OSError, ValueError, AttributeError):
+    except (WeightgeoError, AttributeError):
         missing = []
     if missing:
         found.add("missing_files", f"{path}: names shard(s) {missing[:4]} that do not exist")
@@ -213,12 +222,10 @@ def _check_trainer(folder: FolderFiles, found: Findings) -> None:
         )
         return
     try:
-        obj = json.loads(state.read_text(encoding="utf-8"))
-        if not isinstance(obj, dict):
-            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+        read_json_object(state, what=TRAINER_STATE)
         found.mark(TRAINER_STATE, override=True)  # written after everything else: it is the marker
-    except (OSError, ValueError) as e:
-        found.add("no_marker", f"{state}: not readable JSON ({str(e)[:100]}): still being written?")
+    except WeightgeoError as e:
+        found.add("no_marker", f"{str(e)[:300]} (a save still being written, or a damaged file)")
 
 
 FORMAT = Format(

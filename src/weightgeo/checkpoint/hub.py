@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 from ..errors import WeightgeoError
@@ -53,10 +54,12 @@ def hub_offline() -> bool:
 
 
 def _fix(repo_id: str, revision: str | None) -> str:
-    rev = f" --revision {revision}" if revision else ""
+    # `hf` is huggingface_hub's command line (>= 0.34; `huggingface-cli` is gone from 1.0); its --include takes
+    # one pattern per flag (a second bare pattern would be read as a file name)
+    rev = f" --revision {shlex.quote(revision)}" if revision else ""
     return (
-        f"run once online (unset HF_HUB_OFFLINE), or `huggingface-cli download {repo_id}{rev} "
-        f"--include '*.safetensors' '*.json'`, or pass a local checkpoint path"
+        f"run once online (unset HF_HUB_OFFLINE), or `hf download {shlex.quote(repo_id)}{rev} "
+        f"--include '*.safetensors' --include '*.json'`, or pass a local checkpoint path"
     )
 
 
@@ -95,7 +98,7 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | o
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError) as e:
         raise WeightgeoError(
             f"{where}: {type(e).__name__} (missing, private or gated); check the id and "
-            f"revision, log in with `huggingface-cli login`, or pass a local path"
+            f"revision, log in with `hf auth login`, or pass a local path"
         ) from None
     except (
         hf_errors.LocalEntryNotFoundError,

@@ -19,7 +19,7 @@ from . import registry
 from .base import Checkpoint
 from .format import Source
 from .model_config import read_model_config
-from .runs import TRACKERS, step_of
+from .runs import TRACKERS, run_folder_message, step_folders
 from .state_dict import StateDictCheckpoint
 
 __all__ = ["open_checkpoint", "StateDictCheckpoint"]
@@ -69,6 +69,19 @@ def _source(source: Any, *, base: Any, revision: str | None, config: dict[str, A
         path = Path(text).expanduser()
         if path.exists():
             return Source(path, str(path), base, revision, config)
+        if path.is_symlink():  # a link to nothing, or a loop: say so, not "no such file"
+            try:
+                path.resolve(strict=True)
+                why = "which cannot be followed"
+            except (OSError, RuntimeError) as e:
+                why = (
+                    "which is a loop"
+                    if "loop" in str(e).lower() or getattr(e, "errno", 0) == 40
+                    else "which is missing"
+                )
+            raise WeightgeoError(
+                f"{path} is a symbolic link to {os.readlink(path)}, {why}; fix the link or pass the checkpoint itself"
+            )
         return Source(source, text, base, revision, config)
     return Source(source, type(source).__name__, base, revision, config)
 
@@ -122,24 +135,14 @@ def _unrecognised(source: Source) -> WeightgeoError:
 
 def _no_weights(folder: Path) -> str:
     content = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    numbered = [(_step(c), c) for c in content if c.endswith("/")]
-    steps = [c for _, c in sorted((t, c) for t, c in numbered if t is not None)]
-    latest = next((m for m in TRACKERS if (folder / m).is_file()), None)
+    steps = step_folders(folder)
     if steps:
+        latest = next((m for m in TRACKERS if (folder / m).is_file()), None)
         mark = f" ({latest}: {(folder / latest).read_text(errors='replace').strip()[:40]!r})" if latest else ""
-        hint = (
-            f"; it is a training run folder holding checkpoints {steps[:3] + (['...'] if len(steps) > 3 else [])}"
-            f"{mark}: open one of them, e.g. {folder / steps[-1].rstrip('/')}"
-        )
-    else:
-        hint = (
-            "; pass a folder with model.safetensors (or shards + index) or pytorch_model.bin, or a training "
-            "framework's checkpoint folder (docs/checkpoints.md)"
-        )
+        found = f"{folder}: no weights found (contents: {content[:20]}); "
+        return found + run_folder_message(folder, steps, holds=f"no weights at its top{mark}")
+    hint = (
+        "; pass a folder with model.safetensors (or shards + index) or pytorch_model.bin, or a training "
+        "framework's checkpoint folder (docs/checkpoints.md)"
+    )
     return f"{folder}: no weights found (contents: {content[:20]}){hint}"
-
-
-def _step(entry: str) -> int | None:
-    """The step of a checkpoint folder entry (``name/``), temporary folders left out."""
-    step, _, temporary = step_of(entry.rstrip("/"))
-    return None if temporary else step

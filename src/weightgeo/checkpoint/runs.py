@@ -14,7 +14,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..validation import either
+
 __all__ = [
+    "step_folders",
+    "run_folder_message",
     "STEP_NAMINGS",
     "NAMINGS_TEXT",
     "step_of",
@@ -64,6 +68,42 @@ def step_of(name: str) -> tuple[int | None, str | None, bool]:
         if m:
             return int(m.group(1)), naming, temporary
     return None, None, temporary
+
+
+def step_folders(folder: Path) -> list[Path]:
+    """The checkpoint folders directly inside ``folder`` (any naming of :data:`STEP_NAMINGS`, temporary ones left
+    out), in step order: what makes ``folder`` a training run's output folder.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for n in ("checkpoint-20", "checkpoint-3", "tmp-checkpoint-30", "logs"):
+    ...     (d / n).mkdir()
+    >>> [p.name for p in step_folders(d)]
+    ['checkpoint-3', 'checkpoint-20']
+    """
+    found = []
+    try:
+        for p in folder.iterdir():
+            step, _, temporary = step_of(p.name)
+            if step is not None and not temporary and p.is_dir():
+                found.append((step, p))
+    except OSError:
+        return []
+    return [p for _, p in sorted(found)]
+
+
+def run_folder_message(folder: Path, steps: list[Path], *, holds: str) -> str:
+    """What to say about a training run's output folder given where one checkpoint was expected: it is one,
+    which checkpoints it holds, and the two ways on (one checkpoint, or the run as a stream), in the syntax of
+    the interface in use. ``holds``: what the folder holds at its top instead of a model."""
+    names = [p.name for p in steps]
+    shown = ", ".join(names[:4] + (["..."] if len(names) > 4 else []) + names[-1:] * (len(names) > 4))
+    follow = either(f"weightgeo.rank_curve({str(folder)!r})", f"`weightgeo trajectory {folder}`")
+    return (
+        f"{folder} is a training run folder, not one checkpoint: it holds {len(names)} checkpoint folder(s) "
+        f"({shown}) and {holds}; compare one checkpoint, e.g. {steps[-1]} (the newest), or follow the whole run "
+        f"with {follow}"
+    )
 
 
 def read_tracker(path: Path) -> tuple[str, int | str | None] | None:

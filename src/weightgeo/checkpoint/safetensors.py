@@ -18,7 +18,6 @@ TensorInfo(name='w', shape=(3, 2), dtype=torch.bfloat16)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightgeoError
+from ..jsonfile import loads
 from ._files import file_identity, file_list, read_index
 from .base import Checkpoint, TensorInfo
 
@@ -103,10 +103,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, _Entry], dict[s
         raise WeightgeoError(f"{path}: cannot read ({e})") from None
     if len(raw) != n:
         raise WeightgeoError(f"{path}: truncated safetensors header ({len(raw)} of {n} bytes); {_FIX}")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise WeightgeoError(f"{path}: corrupt safetensors header, not UTF-8 JSON ({e}); {_FIX}") from None
+    header = loads(raw, source=str(path), what="safetensors header", fix=_FIX)
     if not isinstance(header, dict):
         raise WeightgeoError(
             f"{path}: corrupt safetensors header, expected a JSON object, found {type(header).__name__}; {_FIX}"
@@ -274,7 +271,7 @@ class SafetensorsCheckpoint(Checkpoint):
         return {n: e.info for n, e in self._entries.items()}
 
     def identity(self, name: str) -> dict[str, Any]:
-        """The shard's identity (resolved path, size, ``mtime_ns``, taken once per shard) and the tensor's
+        """The shard's identity (resolved path, size, ``mtime_ns``, inode, ``ctime_ns``, taken once per shard) and the tensor's
         header entry (dtype, shape, byte range)."""
         e = self._entries[self.info(name).name]
         if e.path not in self._file_ids:

@@ -200,7 +200,7 @@ class TorchBinCheckpoint(Checkpoint):
         return infos
 
     def identity(self, name: str) -> dict[str, Any]:
-        """The holding file's identity (resolved path, size, ``mtime_ns``) plus the tensor's name, dtype and
+        """The holding file's identity (resolved path, size, ``mtime_ns``, inode, ``ctime_ns``) plus the tensor's name, dtype and
         shape: a pickle has no per-tensor header, so any rewrite of the file invalidates all its tensors."""
         info = self.info(name)
         assert self._owner is not None

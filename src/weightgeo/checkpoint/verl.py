@@ -261,7 +261,7 @@ class VerlFsdpCheckpoint(Checkpoint):
         return self._layouts[name]
 
     def identity(self, name: str) -> dict[str, Any]:
-        """The identities (resolved path, size, ``mtime_ns``) of the rank files holding the tensor's pieces, in
+        """The identities (resolved path, size, ``mtime_ns``, inode, ``ctime_ns``) of the rank files holding the tensor's pieces, in
         the order they are concatenated, plus its name, dtype, global shape and how it is reassembled (the
         concatenation dim and piece sizes): rewriting any of those files changes it."""
         lay = self.placements(name)

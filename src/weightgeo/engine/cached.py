@@ -24,15 +24,26 @@ from typing import Any
 
 import torch
 
-from ..cache import CacheKey, ResultCache
+from ..cache import CacheEntry, CacheKey, ResultCache
 from ..checkpoint import Checkpoint
 from ..linalg.hardware import policy_fingerprint
 from ..linalg.pairwise import BaseSpectrum, base_spectrum, restore_base_spectrum
+from ..linalg.policy import compute_dtype
+from ..metrics.catalog import GLOSSARY, PAIR
 from ..options import PairOptions
 from .groups import SharedBase, job_row
 from .plan import Group, Job, Work
 
-__all__ = ["RowCache", "CachedBase", "row_key", "base_key", "ROW_KIND", "BASE_KIND"]
+__all__ = [
+    "RowCache",
+    "CachedBase",
+    "row_key",
+    "base_key",
+    "check_row_entry",
+    "check_base_entry",
+    "ROW_KIND",
+    "BASE_KIND",
+]
 
 #: one entry per (base tensor, fine-tune tensor, job, metrics, options): a row's metric values
 ROW_KIND = "pair_row"
@@ -112,7 +123,7 @@ class RowCache:
             for i, j in unit.users:
                 job = work.job(i, j)
                 key = self.row_key(i, j, job)
-                entry = self.cache.get(key) if self.cache is not None and key is not None else None
+                entry = self.cache.get(key, validate=check_row_entry) if self.cache is not None and key else None
                 if entry is None:
                     left.append((i, j))
                 else:
@@ -131,25 +142,40 @@ class RowCache:
             ident = job_row(job)
             self.cache.put(key, {k: v for k, v in row.items() if k not in ident})
 
-    def shared_base(self, W0: torch.Tensor, g: Group, work: Work) -> SharedBase:
-        """Shape group ``g``'s shared base, its decomposition read from the cache where it is there."""
+    def shared_base(self, W0: torch.Tensor, g: Group, work: Work, options: PairOptions | None = None) -> SharedBase:
+        """Shape group ``g``'s shared base, its decomposition read from the cache where it is there (``options``:
+        this pass's, or those of the fine-tunes it is rounded for, :func:`~weightgeo.engine.groups.pair_options`)."""
+        options = self.options if options is None else options
         if self.cache is None:
-            return SharedBase(W0, self.options)
+            return SharedBase(W0, options)
         experts = g.experts or (None,) * len(g.base_names)
-        return CachedBase(W0, self.options, self, list(zip(g.base_names, experts)), g.rows)
+        return CachedBase(W0, options, self, list(zip(g.base_names, experts)), g.rows)
 
-    def base_key(self, name: str, rows: int, expert: int | None = None) -> CacheKey | None:
+    def base_key(
+        self, name: str, rows: int, expert: int | None = None, options: PairOptions | None = None
+    ) -> CacheKey | None:
         """The key of one base matrix's decomposition (``expert``: which matrix of an [E, out, in] stack)."""
         assert self.cache is not None
-        return base_key(self.cache, self.options, self.b.identity(name), rows, expert, policy=self.policy)
+        opts = self.options if options is None else options
+        return base_key(self.cache, opts, self.b.identity(name), rows, expert, policy=self.policy)
 
-    def base_spectrum(self, W0: torch.Tensor, members: Sequence[tuple[str, int | None]], rows: int) -> BaseSpectrum:
+    def base_spectrum(
+        self,
+        W0: torch.Tensor,
+        members: Sequence[tuple[str, int | None]],
+        rows: int,
+        options: PairOptions | None = None,
+    ) -> BaseSpectrum:
         """W0's decomposition for a stack of ``members`` (base name, expert), member by member from the cache,
         the missing members computed (in one batch) and stored."""
         assert self.cache is not None
         names = [n for n, _ in members]
-        keys = [self.base_key(n, rows, e) for n, e in members]
-        entries = [self.cache.get(k) if k is not None else None for k in keys]
+        keys = [self.base_key(n, rows, e, options) for n, e in members]
+        p, vdtype = min(W0.shape[-2:]), compute_dtype(W0.dtype)
+        entries = [
+            self.cache.get(k, validate=lambda e: check_base_entry(e, p, vdtype)) if k is not None else None
+            for k in keys
+        ]
         missing = [i for i, e in enumerate(entries) if e is None]
         self.counts["bases_cached"] += len(names) - len(missing)
         self.counts["bases_computed"] += len(missing)
@@ -194,6 +220,38 @@ class RowCache:
         return out
 
 
+def check_row_entry(entry: CacheEntry) -> None:
+    """Raise unless a cached pair row is what :meth:`RowCache.store` writes: an object of pair-row keys holding
+    numbers, nulls, text, number lists or text maps (a damaged or hostile entry is then recomputed)."""
+    row = entry.row
+    if not isinstance(row, dict):
+        raise TypeError("row is not an object")
+    for key, v in row.items():
+        if key not in GLOSSARY or PAIR not in GLOSSARY[key].where:
+            raise TypeError(f"{key!r} is not a pair row key")
+        if v is None or isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            continue
+        if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            continue
+        if isinstance(v, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()):
+            continue
+        raise TypeError(f"{key!r} holds a {type(v).__name__}")
+
+
+def check_base_entry(entry: CacheEntry, p: int, vdtype: torch.dtype) -> None:
+    """Raise unless a cached base decomposition of a matrix with smaller side ``p`` holds what
+    :func:`~weightgeo.linalg.pairwise.restore_base_spectrum` needs: finite float64 ``S`` and ``lam`` [p] and a
+    finite [p, p] ``V_c`` in the compute dtype ``vdtype``."""
+    t = entry.tensors
+    if not isinstance(entry.row, dict) or set(entry.row) != {"refined"} or not isinstance(entry.row["refined"], bool):
+        raise TypeError("row")
+    if set(t) != {"S", "lam", "V_c"}:
+        raise TypeError("tensors")
+    for name, shape, dtype in (("S", (p,), torch.float64), ("lam", (p,), torch.float64), ("V_c", (p, p), vdtype)):
+        if tuple(t[name].shape) != shape or t[name].dtype != dtype or not bool(torch.isfinite(t[name]).all()):
+            raise TypeError(name)
+
+
 def _member(spec: BaseSpectrum, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     mask = spec.decomposition.refined_mask
     return spec.sigma[i], spec.lam[i], spec.V_c[i], bool(mask[i]) if mask is not None else False
@@ -212,5 +270,5 @@ class CachedBase(SharedBase):
 
     def spectrum(self) -> BaseSpectrum | None:
         if self._restored is None and self.options.needs_base:
-            self._restored = self.rc.base_spectrum(self.on_device(), self.members, self.rows)
+            self._restored = self.rc.base_spectrum(self.on_device(), self.members, self.rows, self.options)
         return self._restored

@@ -10,7 +10,8 @@ chunks it checked.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ..checkpoint import Fp8Weight, layer_index, module_type
 from ..checkpoint.names import expert_index
 from ..errors import WeightgeoError
 from ..linalg.pairwise import BaseSpectrum, base_spectrum
-from ..linalg.policy import row_blocks
+from ..linalg.policy import compared_format, row_blocks
 from ..metrics.pair import batched_pair_metrics
 from ..metrics.sparsity import finite_as_bf16, fp8_update_mask, unchanged_count
 from ..options import PairOptions
@@ -27,6 +28,8 @@ from .plan import Job
 
 __all__ = [
     "job_row",
+    "format_rule",
+    "pair_options",
     "finite_chunks",
     "chunk_unchanged",
     "fp8_unchanged",
@@ -61,6 +64,26 @@ def job_row(job: Job) -> dict[str, Any]:
     if job.fp8:
         row["update_rule"] = "fp8"  # update_sparsity and density compare stored codes and scales
     return row
+
+
+def format_rule(options: PairOptions, job: Job) -> dict[str, str]:
+    """For a tensor stored in two float formats (and no ``dtype=``), the row keys that say so and which rule was
+    used (:func:`~weightgeo.linalg.policy.compared_format`): ``ft_stored_dtype`` and ``compared_in``."""
+    rule = None if options.dtype is not None or job.fp8 else compared_format(job.base_dtype, job.ft_dtype)
+    if rule is None:
+        return {}
+    return {
+        "ft_stored_dtype": str(job.ft_dtype).replace("torch.", ""),
+        "compared_in": str(rule[0]).replace("torch.", ""),
+    }
+
+
+def pair_options(options: PairOptions, job: Job) -> PairOptions:
+    """The options a job is computed with: ``options``, or, for a tensor stored in two float formats neither of
+    which holds the other's values (fp16 and bf16), the same with both sides rounded to the coarser format
+    (:func:`~weightgeo.linalg.policy.compared_format`); a ``dtype=`` of the user's wins."""
+    rule = None if options.dtype is not None or job.fp8 else compared_format(job.base_dtype, job.ft_dtype)
+    return replace(options, dtype=rule[0]) if rule is not None and rule[1] else options
 
 
 def chunk_unchanged(
@@ -145,7 +168,7 @@ def finite_chunks(options: PairOptions, job: Job, w0: torch.Tensor, w1: torch.Te
 
 def finish_row(options: PairOptions, job: Job, unchanged: int) -> dict[str, Any]:
     """The row of a tensor once every chunk was counted (:func:`chunk_unchanged`)."""
-    row = job_row(job)
+    row = job_row(job) | format_rule(options, job)
     if options.sparsity:
         row["update_sparsity"] = unchanged / job.compared
     return row
@@ -180,29 +203,34 @@ def matrix_rows(
     *,
     shared: SharedBase | None = None,
     fp8: Sequence[Fp8Pair | None] | None = None,
+    progress: Callable[[float], object] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored, rounded to
-    ``options.dtype`` here).
+    ``options.dtype`` here, or, stored in two formats neither of which holds the other's values, to the rule's
+    format: :func:`pair_options`; a group holds one pair of stored dtypes).
 
     The finiteness pass and update_sparsity per member, in row chunks of the tensors already read, then one
     batched pair kernel on ``options.device``. ``shared``: the group's base on the device and its
     decomposition, when several fine-tunes of one base share them. ``fp8``: per member, the stored codes and
     scales of both sides when it is an FP8 job (``reading.read_fp8``): its update_sparsity and localization
-    update mask then follow the FP8 update rule.
+    update mask then follow the FP8 update rule. ``progress``: called with 0.5 as each member is read and
+    checked, and with 0.5 per member once the kernel is done (a bar moves once per tensor at least).
     """
+    said, options = options, pair_options(options, jobs[0])
+    advance = progress if progress is not None else (lambda _: None)  # said: what the rows state the rule from
     W0, W1 = options.round(W0), options.round(W1)
     pairs = list(fp8) if fp8 is not None else [None] * len(jobs)
-    rows = [
-        finish_row(
-            options,
-            job,
+    rows = []
+    for job, w0, w1, pair in zip(jobs, W0, W1, pairs):
+        unchanged = (
             finite_chunks(options, job, w0, w1)
             if pair is None
-            else finite_chunks(options, job, w0, w1, count=False) + fp8_unchanged(options, job.key, pair),
+            else finite_chunks(options, job, w0, w1, count=False) + fp8_unchanged(options, job.key, pair)
         )
-        for job, w0, w1, pair in zip(jobs, W0, W1, pairs)
-    ]
+        rows.append(finish_row(options, job, unchanged) | format_rule(said, job))
+        advance(0.5)
     if not options.pair_metrics:
+        advance(0.5 * len(jobs))
         return rows
     shared = SharedBase(W0, options) if shared is None else shared
     update_rows = (
@@ -223,4 +251,5 @@ def matrix_rows(
         raise WeightgeoError(f"tensor{'s' if len(jobs) > 1 else ''} {names}: {e}") from e
     for row, extra in zip(rows, found):
         row.update(extra)
+    advance(0.5 * len(jobs))
     return rows

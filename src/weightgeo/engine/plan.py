@@ -11,6 +11,9 @@ the options and the tensors only (:func:`weightgeo.engine.groups.matrix_rows`).
 from __future__ import annotations
 
 import math
+import re
+import shlex
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from ..checkpoint.names import VOCAB_MODULES
 from ..distributed import World, balanced_shards
 from ..errors import WeightgeoError
 from ..selection import ByUid, Selector
+from ..validation import either
 
 __all__ = ["Job", "Plan", "plan_pair", "Unit", "Work", "plan_work", "Group", "pack_groups", "small_problem_bytes"]
 
@@ -102,6 +106,7 @@ def plan_pair(b: Checkpoint, f: Checkpoint, select: Selector, *, fp8: bool = Tru
     jobs: list[Job] = []
     skipped: list[dict[str, str]] = []
     partial: list[dict[str, str]] = []
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     filtered_out = 0
     for pair in alignment.pairs:
         ib, i_f = b.info(pair.base_name), f.info(pair.ft_name)
@@ -113,7 +118,11 @@ def plan_pair(b: Checkpoint, f: Checkpoint, select: Selector, *, fp8: bool = Tru
             partial.append({"name": pair.key, "reason": choice.partial})
         if choice.analyse is None:
             continue
-        rows, added = _common_rows(pair.key, ib.shape, i_f.shape, b.source, f.source)
+        common = _common_rows(ib.shape, i_f.shape, pair.key)
+        if common is None:
+            mismatched.append((pair.key, tuple(ib.shape), tuple(i_f.shape)))
+            continue
+        rows, added = common
         if choice.analyse == "experts":
             in_out = b.in_out_layout(pair.base_name)  # each expert [in, out] (gpt-oss)
             jobs.extend(
@@ -137,6 +146,8 @@ def plan_pair(b: Checkpoint, f: Checkpoint, select: Selector, *, fp8: bool = Tru
         jobs.append(
             Job(pair.key, pair.base_name, pair.ft_name, ib.shape, rows, added, ib.dtype, i_f.dtype, in_out, is_fp8)
         )
+    if mismatched:
+        raise shape_mismatch(mismatched, b, f, analysed=len(jobs) + len(mismatched))
     if not jobs:
         why = (f"{filtered_out} excluded by include/exclude" if filtered_out else "") + (
             f"{', ' if filtered_out else ''}{len(skipped)} skipped: {skipped[:3]}" if skipped else ""
@@ -158,15 +169,61 @@ def plan_pair(b: Checkpoint, f: Checkpoint, select: Selector, *, fp8: bool = Tru
     )
 
 
-def _common_rows(key: str, sb: tuple[int, ...], sf: tuple[int, ...], src_b: str, src_f: str) -> tuple[int, int]:
+def _common_rows(sb: tuple[int, ...], sf: tuple[int, ...], key: str) -> tuple[int, int] | None:
+    """``(rows compared, rows added)`` of a tensor stored with shapes ``sb`` and ``sf``; ``None`` when the shapes
+    cannot be compared."""
     if sb == sf:
         return (sb[0] if sb else 1), 0
     if len(sb) == len(sf) == 2 and sb[1:] == sf[1:] and module_type(key) in VOCAB_MODULES:
         # Added tokens: compare the rows both share; the new rows have no base to compare with.
         return min(sb[0], sf[0]), sf[0] - sb[0]
-    raise WeightgeoError(
-        f"tensor {key!r}: shape {sb} in {src_b} but {sf} in {src_f}; compare checkpoints of "
-        f"one architecture, or exclude it with exclude={key!r}"
+    return None
+
+
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+
+
+def shape_mismatch(
+    mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    b: Checkpoint,
+    f: Checkpoint,
+    *,
+    analysed: int,
+) -> WeightgeoError:
+    """One error for every tensor whose shapes differ: how many, a few examples, the hidden sizes that differ
+    (from the configs, else the dimension the shapes differ in most), and the fix in the interface's syntax."""
+    n = len(mismatched)
+    examples = "; ".join(f"{k!r} {sb} vs {sf}" for k, sb, sf in mismatched[:3]) + ("; ..." if n > 3 else "")
+    hb = next((b.config[h] for h in _HIDDEN_KEYS if isinstance(b.config.get(h), int)), None)
+    hf = next((f.config[h] for h in _HIDDEN_KEYS if isinstance(f.config.get(h), int)), None)
+    if hb is not None and hf is not None and hb != hf:
+        sizes = f"their hidden sizes differ, {hb} vs {hf} (config.json)"
+    else:
+        pairs = Counter(
+            (x, y) for _, sb, sf in mismatched if len(sb) == len(sf) for x, y in zip(sb, sf) if x != y
+        ).most_common(1)
+        if not pairs:
+            sizes = "the tensors differ in their number of dimensions"
+        elif n >= max(2, analysed // 2):  # most of the model: another architecture
+            sizes = (
+                f"the hidden sizes differ, {pairs[0][0][0]} vs {pairs[0][0][1]} (the dimension most shapes differ in)"
+            )
+        else:
+            sizes = f"a dimension differs, {pairs[0][0][0]} vs {pairs[0][0][1]}"
+    if n == analysed:
+        flag = either("exclude=", "--exclude REGEX")
+        fix = (
+            f"these are two architectures: compare a fine-tune with the model it started from (leaving tensors "
+            f"out with {flag} cannot help: every analysed tensor differs)"
+        )
+    else:
+        names = [k for k, _, _ in mismatched]
+        types = sorted({module_type(k) for k in names})
+        regex = "|".join(re.escape(k) for k in names) if n <= 3 else "|".join(types)
+        flag = either(f"exclude={regex!r}", f"--exclude {shlex.quote(regex)}")
+        fix = f"compare checkpoints of one architecture, or leave these tensors out with {flag}"
+    return WeightgeoError(
+        f"{n} of {analysed} tensors have other shapes in {f.source} than in {b.source} ({examples}): {sizes}; {fix}"
     )
 
 

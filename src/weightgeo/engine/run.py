@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,10 +21,12 @@ from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
 from ..options import Filter, PairOptions
+from ..progress import fraction_bar
 from ..readahead import ReadAhead
 from ..report import Report
 from .cached import RowCache
-from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows
+from .fits import check_groups_fit
+from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows, pair_options
 from .plan import Group, Plan, Work, pack_groups, plan_pair, plan_work
 from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
 from .report import comparison_report
@@ -42,9 +44,9 @@ def compare(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
-    rank: int = RANK,
+    rank: int | float = RANK,
     alpha: float = ALPHA,
     eta: float = ETA,
     dtype: torch.dtype | str | None = None,
@@ -122,9 +124,9 @@ def compare_many(
     metrics: str | Sequence[str] | None = None,
     include: Filter = None,
     exclude: Filter = None,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
-    rank: int = RANK,
+    rank: int | float = RANK,
     alpha: float = ALPHA,
     eta: float = ETA,
     dtype: torch.dtype | str | None = None,
@@ -257,11 +259,9 @@ def _users(work: Work, ft: int) -> list[tuple[int, int]]:
 
 
 def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc="weightgeo compare", unit="tensor", total=total, leave=False, dynamic_ncols=True)
+    """A bar over the rows; it moves in fractions of a tensor (each row chunk, each member read and checked, each
+    kernel done), so a large tensor or shape group never leaves it standing still."""
+    return fraction_bar(enabled, desc="weightgeo compare", total=total, unit="tensors")
 
 
 def _run_units(
@@ -272,6 +272,7 @@ def _run_units(
     row goes to ``store`` (the result cache) as soon as it is finished."""
     budget = options.budget()
     groups = pack_groups(work, len(fs), budget)
+    check_groups_fit(groups, work, options)  # from the headers, before anything is read
     first = {g.units[0]: g for g in groups}
     in_group = {u for g in groups for u in g.units}
     pin = options.device.type == "cuda"
@@ -304,20 +305,19 @@ def _run_units(
         for what, data in stream:
             if isinstance(what, Group):
                 W0, W1s, fp8 = data
-                done = _group(what, W0, W1s, fp8, work, options, out, store)
+                _group(what, W0, W1s, fp8, work, options, out, store, None if bar is None else bar.update)
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)
                 counts[key] = counts.get(key, 0) + chunk_unchanged(options, job.uid, s, e, c0, c1)
+                if bar is not None:  # each row chunk moves the bar
+                    bar.update((e - s) / job.rows if job.rows else 1.0)
                 if e < job.rows:
                     continue
                 row = finish_row(options, job, counts.pop(key))
                 out[i].append((index[key], row))
                 if store is not None:
                     store.store(i, index[key], job, row)
-                done = 1
-            if bar is not None:
-                bar.update(done)
     return out
 
 
@@ -330,16 +330,20 @@ def _group(
     options: PairOptions,
     out: list[Rows],
     store: RowCache | None = None,
+    progress: Callable[[float], object] | None = None,
 ) -> int:
     """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
     decomposition read from the cache), and the rows are cached as soon as they are computed."""
-    shared = store.shared_base(W0, g, work) if store is not None else SharedBase(W0, options)
+    shared: dict[torch.dtype | None, SharedBase] = {}  # one per rounding: fine-tunes stored in another format
     done = 0
     for i, (W1, js) in enumerate(zip(W1s, g.jobs)):
         if W1 is None:
             continue
         jobs = [work.job(i, j) for j in js]
-        rows = matrix_rows(options, jobs, W0, W1, shared=shared, fp8=fp8[i])
+        use = pair_options(options, jobs[0])
+        if use.dtype not in shared:
+            shared[use.dtype] = store.shared_base(W0, g, work, use) if store is not None else SharedBase(W0, use)
+        rows = matrix_rows(options, jobs, W0, W1, shared=shared[use.dtype], fp8=fp8[i], progress=progress)
         out[i].extend(zip(js, rows))
         if store is not None:
             for j, job, row in zip(js, jobs, rows):

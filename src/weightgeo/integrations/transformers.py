@@ -16,6 +16,13 @@ multiple of ``every`` (``state.global_step``) ``on_step_end`` calls ``tracker.up
 
 Only the main process computes (``state.is_world_process_zero``), except with ``gather=True`` (DTensor
 parameters), where every rank must take part in the gather.
+
+What it measures is what the run saves: the HF Trainer, and the TRL trainers built on it (``SFTTrainer``,
+``GRPOTrainer``, ``DistillationTrainer``, ...), save checkpoints with ``save_pretrained`` of the model's parameters
+as they are (fp32 masters in fp32, a bf16-loaded model in bf16, DeepSpeed's 16-bit engine weights in 16 bits), so
+the Tracker rounds nothing by default (``dtype=None``: each parameter's own dtype) and its curves equal
+:func:`~weightgeo.rank_curve` of the run's ``checkpoint-N`` folders (tested inside those TRL trainers). Pass
+``dtype=torch.bfloat16`` to see what bf16 copies of fp32 masters would show instead.
 """
 
 from __future__ import annotations

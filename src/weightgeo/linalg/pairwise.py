@@ -59,7 +59,7 @@ import torch
 
 from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
-from ..validation import check_k, check_matrix, check_sides
+from ..validation import check_matrix, check_sides, check_size, resolve_size
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_drift_from_values
 from .svd import Decomposition, decompose
@@ -305,7 +305,7 @@ def pair_geometry(
     W0: torch.Tensor | None,
     W1: torch.Tensor,
     *,
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     sides: Sequence[str] = ("right",),
     base: BaseSpectrum | None = None,
 ) -> PairGeometry:
@@ -319,8 +319,9 @@ def pair_geometry(
     Args:
         W0: [..., m, n] base weight; may be ``None`` when ``base`` is given (then ``base.A`` is used).
         W1: [..., m, n] fine-tuned weight (same shape). bf16/fp16 are upcast to float32, exactly.
-        k: subspace dimension (paper default 512); capped at min(m, n) and at both numerical ranks
-            (the minimum over the batch), reported as ``PairGeometry.k``.
+        k: subspace dimension: a count, or a fraction in (0, 1) of min(m, n) (default 0.125, the paper's 512 of
+            4096); capped at min(m, n) and at both numerical ranks (the minimum over the batch), reported as
+            ``PairGeometry.k``.
         sides: any of "right" (V, input side) and "left" (U, output side); empty for NSS only (then
             the pair's eigenproblem is values-only).
         base: a :func:`base_spectrum` of W0, to reuse across several W1 (saves ~40 % per pair).
@@ -329,7 +330,7 @@ def pair_geometry(
         a :class:`PairGeometry`. Method and measured error bound: module docstring and docs/numerics.md.
     """
     sides = check_sides(sides)
-    k = check_k(k)
+    size = check_size(k)
     if base is None:
         if W0 is None:
             raise WeightgeoError("pair_geometry: give W0 or base=base_spectrum(W0)")
@@ -338,7 +339,7 @@ def pair_geometry(
     prod = pair_products(base, A1, sides=sides)
     eig = pair_eigen(base, prod, vectors=bool(sides))
     spec = pair_spectrum(base, A1, eig)
-    k_eff = int(effective_k(k, base, spec).min())
+    k_eff = int(effective_k(resolve_size(size, min(base.shape)), base, spec).min())
     right, left = pair_angles(base, prod, eig, spec, k_eff, sides)
     gap = spectral_gap(base.sigma, k_eff)
     return PairGeometry(

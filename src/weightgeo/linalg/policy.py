@@ -40,6 +40,8 @@ __all__ = [
     "row_blocks",
     "batch_row_blocks",
     "same_compute_dtype",
+    "compared_format",
+    "holds",
 ]
 
 #: Entries of one row block (32 MiB in float64): the bound on every upcast temporary.
@@ -171,3 +173,37 @@ def same_compute_dtype(b: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, 
     if compute_dtype(b.dtype) == compute_dtype(f.dtype):
         return b, f
     return b.to(torch.float64), f.to(torch.float64)
+
+
+def holds(big: torch.dtype, small: torch.dtype) -> bool:
+    """Whether float format ``big`` represents every value of ``small`` exactly (finer or equal significand, at
+    least its range, down to its smallest subnormal).
+
+    >>> holds(torch.float32, torch.bfloat16), holds(torch.bfloat16, torch.float16), holds(torch.float16, torch.bfloat16)
+    (True, False, False)
+    """
+    a, b = torch.finfo(big), torch.finfo(small)
+    return a.eps <= b.eps and a.max >= b.max and a.tiny * a.eps <= b.tiny * b.eps
+
+
+def compared_format(base: torch.dtype, ft: torch.dtype) -> tuple[torch.dtype, bool] | None:
+    """The rule for a tensor stored in two float formats: ``None`` when they are one; else ``(format, rounded)``.
+
+    Where one format holds every value of the other (:func:`holds`: bf16 and fp16 in fp32, fp32 in fp64, FP8 in
+    bf16) the stored values are compared, which is comparing in the finer format with nothing rounded
+    (``rounded`` False). Where neither does (fp16 and bf16: fp16 has the finer significand, bf16 the wider range),
+    no comparison of the stored values is exact in both, so both are rounded to the format with the coarser
+    significand (``rounded`` True): bf16, whose range holds fp16's. A user's ``dtype=`` overrides the rule.
+
+    >>> compared_format(torch.float16, torch.bfloat16), compared_format(torch.bfloat16, torch.float32)
+    ((torch.bfloat16, True), (torch.float32, False))
+    """
+    if base == ft or not (base.is_floating_point and ft.is_floating_point):
+        return None
+    if holds(base, ft):
+        return base, False
+    if holds(ft, base):
+        return ft, False
+    fb, ff = torch.finfo(base), torch.finfo(ft)
+    coarser = base if (fb.eps, fb.max) > (ff.eps, ff.max) else ft
+    return coarser, True

@@ -143,6 +143,16 @@ GLOSSARY: dict[str, Term] = {
         PAIR,
         STREAM,
     ),
+    "ft_stored_dtype": _t(
+        "the fine-tune's stored dtype, where it differs from the base's (stored_dtype)", PAIR, range="a float dtype"
+    ),
+    "compared_in": _t(
+        "where base and fine-tune store a tensor in different float formats, the one it was compared in: the finer "
+        "where it holds every value of the other (the stored values, nothing rounded), else both rounded to the "
+        "coarser (fp16 and bf16: bf16); dtype= overrides (docs/metrics.md)",
+        PAIR,
+        range="a float dtype",
+    ),
     "rows_compared": _t(
         "rows compared when the fine-tune added rows (grown vocabulary): the base's row count", PAIR, range="≥ 1"
     ),
@@ -165,6 +175,14 @@ GLOSSARY: dict[str, Term] = {
         ARGUMENT,
         FIELD,
         range="int ≥ 0",
+    ),
+    "not_measurable": _t(
+        "the metrics of this row that are not measurable, each with the reason (their values are null, never 0° / "
+        "1.0 / inf): k, K or the localization rank at or above the matrix's smaller side; summaries count them "
+        "per metric as n_not_measurable",
+        PAIR,
+        STREAM,
+        range="{metric: reason}",
     ),
     "method": _t(
         "how ΔW_t's spectrum was computed: verified randomized SVD, the exact policy, or the Tracker's sketch",
@@ -271,7 +289,7 @@ GLOSSARY: dict[str, Term] = {
         "mean cos² of the principal angles between the top-k singular subspaces of W0 and W+ on `side` (§3.1)",
         PAIR,
         SUMMARY,
-        range="[0, 1]; 1 = same subspace; NaN when W0 or W+ has rank 0",
+        range="[0, 1]; 1 = same subspace; NaN when W0 or W+ has rank 0; null (not_measurable) when k ≥ the smaller side",
         bounds=_UNIT,
         family="principal_overlap",
         summary="mean",
@@ -280,7 +298,7 @@ GLOSSARY: dict[str, Term] = {
         "the largest of those principal angles",
         PAIR,
         SUMMARY,
-        range="degrees in [0, 90]; NaN at rank 0",
+        range="degrees in [0, 90]; NaN at rank 0; null (not_measurable) when k ≥ the smaller side",
         bounds=(0.0, 90.0),
         family="principal_overlap",
         summary="mean",
@@ -289,7 +307,7 @@ GLOSSARY: dict[str, Term] = {
         "the mean of those principal angles",
         PAIR,
         SUMMARY,
-        range="degrees in [0, 90]; NaN at rank 0",
+        range="degrees in [0, 90]; NaN at rank 0; null (not_measurable) when k ≥ the smaller side",
         bounds=(0.0, 90.0),
         family="principal_overlap",
         summary="mean",
@@ -305,7 +323,7 @@ GLOSSARY: dict[str, Term] = {
         "σ_k/σ_{k+1} of W0 at k = k_effective: angles mean something only where it is clearly above 1",
         PAIR,
         SUMMARY,
-        range="≥ 1; inf when k = min(out, in); NaN at rank 0",
+        range="≥ 1; NaN at rank 0; null (not_measurable) when k ≥ the smaller side",
         bounds=(1.0, _INF),
         family="principal_overlap",
         summary="mean",
@@ -313,7 +331,7 @@ GLOSSARY: dict[str, Term] = {
     "principal_angles": _t(
         "the principal angles themselves (asked for by metrics='principal_angles')",
         PAIR,
-        range="list of k_effective degrees in [0, 90], ascending",
+        range="list of k_effective degrees in [0, 90], ascending; null (not_measurable) when k ≥ the smaller side",
         bounds=(0.0, 90.0),
     ),
     # ---- pair rows: spectral_drift (App. C.3) ----------------------------------------------------------------
@@ -342,7 +360,8 @@ GLOSSARY: dict[str, Term] = {
         PAIR,
         SUMMARY,
         FIELD,
-        range="[0, 1]; α for random updates; NaN when nothing was updated",
+        range="[0, 1]; α for random updates; NaN when nothing was updated; null (not_measurable) when rank ≥ the "
+        "smaller side",
         bounds=_UNIT,
         family="update_localization",
         summary="mean",
@@ -403,7 +422,7 @@ GLOSSARY: dict[str, Term] = {
         "σ_K/σ_{K+1} of the update ΔW_t at K = k: Sim_K means little where it is near 1",
         STREAM,
         SUMMARY,
-        range="≥ 1; inf when K = min(m, n) or σ_{K+1} = 0; NaN when σ_K = 0",
+        range="≥ 1; inf when σ_{K+1} = 0; NaN when σ_K = 0; null (not_measurable) when K ≥ the smaller side",
         bounds=(1.0, _INF),
         summary="mean",
     ),
@@ -412,7 +431,8 @@ GLOSSARY: dict[str, Term] = {
         "step's (§4, Fig. 4)",
         STREAM,
         SUMMARY,
-        range="[0, 1]; K/in for random subspaces; NaN where ΔW_t or ΔW_end is zero",
+        range="[0, 1]; K/in for random subspaces; NaN where ΔW_t or ΔW_end is zero; null (not_measurable) when "
+        "K ≥ the smaller side",
         bounds=_UNIT,
         summary="mean",
     ),
@@ -420,7 +440,7 @@ GLOSSARY: dict[str, Term] = {
         "Sim_K between the top-K input-side subspaces of two updates from one base (subspace_similarity's rows)",
         PAIR,
         SUMMARY,
-        range="[0, 1]; NaN where either update is zero",
+        range="[0, 1]; NaN where either update is zero; null (not_measurable) when K ≥ the smaller side",
         bounds=_UNIT,
         summary="mean",
     ),
@@ -487,13 +507,15 @@ GLOSSARY: dict[str, Term] = {
     ),
     # ---- arguments: metric options ---------------------------------------------------------------------------
     "k": _t(
-        "subspace dimension: how many top singular directions a subspace holds (K in Sim_K). Default 512 for "
-        "the principal subspaces of weights (§3.1); the verbs on updates (stream verbs, Tracker, "
-        "subspace_similarity) default to 16, the paper's K (§4)",
+        "subspace dimension: how many top singular directions a subspace holds (K in Sim_K). For the principal "
+        "subspaces of weights a count or a fraction of each matrix's smaller side, default 0.125 (an eighth: the "
+        "paper's 512 of 4096, §3.1); the verbs on updates (stream verbs, Tracker, subspace_similarity) take a "
+        "count, default 16, the paper's K (§4)",
         ARGUMENT,
         SUMMARY,
         FIELD,
-        range="int ≥ 1; capped at min(out, in)",
+        range="int ≥ 1, or (pair metrics) a fraction in (0, 1) of the smaller side; metrics are null where it reaches "
+        "the smaller side",
         default=PAIR_K,
     ),
     "side": _t(
@@ -506,7 +528,8 @@ GLOSSARY: dict[str, Term] = {
         "r, the rank of W0's reconstruction whose largest entries form the principal mask (§3.2)",
         ARGUMENT,
         FIELD,
-        range="int ≥ 1; capped at min(out, in)",
+        range="int ≥ 1, or a fraction in (0, 1) of the smaller side; principal_mask_overlap is null where it reaches "
+        "the smaller side",
         default=RANK,
     ),
     "alpha": _t(

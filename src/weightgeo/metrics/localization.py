@@ -23,7 +23,7 @@ import math
 import struct
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from ..defaults import ALPHA, ETA, RANK
 from ..linalg.pairwise import base_spectrum
 from ..linalg.policy import ROW_BLOCK, row_blocks
-from ..validation import check_eta, check_pair, check_rank_alpha
+from ..validation import check_eta, check_pair, check_rank_alpha, resolve_size
 from .sparsity import unchanged_mask
 
 __all__ = ["Localization", "update_localization", "localize", "Selector"]
@@ -43,8 +43,10 @@ class Localization:
 
     Attributes:
         density: |M_upd| / n in [0, 1].
-        principal_mask_overlap: |M_princ ∩ M_upd| / |M_upd| in [0, 1] (NaN if nothing was updated); the
-            report rows' key of the same name. (``principal_overlap``: its deprecated alias, removed in 0.3.)
+        principal_mask_overlap: |M_princ ∩ M_upd| / |M_upd| in [0, 1] (NaN if nothing was updated; ``None``,
+            not measurable, where the rank reaches min(out, in): the rank-r reconstruction is then W0 itself and
+            M_princ the complement of M_low); the report rows' key of the same name. (``principal_overlap``: its
+            deprecated alias, removed in 0.3.)
         low_magnitude_overlap: |M_low ∩ M_upd| / |M_upd| in [0, 1] (NaN if nothing was updated).
         alpha: mask fraction α used; each mask has floor(α·n) entries.
         rank: rank r of the reconstruction actually used (capped at min(out, in)).
@@ -53,7 +55,7 @@ class Localization:
     """
 
     density: float
-    principal_mask_overlap: float
+    principal_mask_overlap: float | None
     low_magnitude_overlap: float
     alpha: float
     rank: int
@@ -61,7 +63,7 @@ class Localization:
     numel: int
 
     @property
-    def principal_overlap(self) -> float:
+    def principal_overlap(self) -> float | None:
         """Deprecated alias of :attr:`principal_mask_overlap` (a mask overlap, not the subspace
         ``principal_overlap``); removed in 0.3."""
         warnings.warn(
@@ -204,7 +206,7 @@ def localize(
 
 
 def update_localization(
-    base: Any, ft: Any, *, rank: int = RANK, alpha: float = ALPHA, eta: float = ETA
+    base: Any, ft: Any, *, rank: int | float = RANK, alpha: float = ALPHA, eta: float = ETA
 ) -> Localization:
     """Density of the visible update and its overlap with the principal and low-magnitude masks (§1.4).
 
@@ -216,7 +218,8 @@ def update_localization(
     Args:
         base: W0 [out, in] (tensor/array).
         ft: W+ [out, in].
-        rank: r of the reconstruction defining M_princ (default 64, capped at min(out, in)).
+        rank: r of the reconstruction defining M_princ: a count (default 64), or a fraction in (0, 1) of
+            min(out, in); at or above min(out, in), ``principal_mask_overlap`` is ``None`` (not measurable).
         alpha: mask fraction α in [0, 1] (default 0.5; the paper's Fig. 3 is only feasible for 0.3).
         eta: bf16-rule tolerance of the update mask (default 1e-3).
 
@@ -228,4 +231,7 @@ def update_localization(
     eta = check_eta(eta)
     b, f = check_pair(base, ft, matrix=True, what="update_localization")
     spec = base_spectrum(b)
-    return localize(b, f, spec.V_c[:, : min(rank, *b.shape)], spec.transposed, alpha=alpha, eta=eta)
+    p = min(b.shape)
+    r = resolve_size(rank, p)
+    loc = localize(b, f, spec.V_c[:, : min(r, p)], spec.transposed, alpha=alpha, eta=eta)
+    return replace(loc, principal_mask_overlap=None) if r >= p else loc

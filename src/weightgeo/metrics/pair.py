@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Any
 
 import torch
 
@@ -37,14 +38,18 @@ from ..linalg.pairwise import (
 from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
 from ..linalg.svd import tall_orientation
-from ..validation import check_eta, check_k, check_pair, check_rank_alpha, check_side
+from ..validation import check_eta, check_pair, check_rank_alpha, check_side, check_size, resolve_size
 from .catalog import ALL_METRICS, PAIR_METRICS
 from .localization import localize
 
-__all__ = ["PAIR_METRICS", "ALL_METRICS", "matrix_pair_metrics", "batched_pair_metrics", "PairRow"]
+__all__ = ["PAIR_METRICS", "ALL_METRICS", "SUBSPACE_KEYS", "matrix_pair_metrics", "batched_pair_metrics", "PairRow"]
 
-#: the metric values of one matrix: numbers, and the angle vector ``principal_angles`` when asked for
-PairRow = dict[str, float | list[float]]
+#: the metric values of one matrix: numbers (``None`` where not measurable), the angle vector
+#: ``principal_angles`` when asked for, and ``not_measurable`` ({metric: reason}) where some metric is not
+PairRow = dict[str, Any]
+
+#: the row keys of the principal_overlap family that say nothing when k reaches the smaller side
+SUBSPACE_KEYS = ("principal_overlap", "max_principal_angle", "mean_principal_angle", "spectral_gap")
 
 
 def matrix_pair_metrics(
@@ -52,9 +57,9 @@ def matrix_pair_metrics(
     w1: torch.Tensor,
     *,
     metrics: AbstractSet[str],
-    k: int = PAIR_K,
+    k: int | float = PAIR_K,
     side: str = SIDE,
-    rank: int = RANK,
+    rank: int | float = RANK,
     alpha: float = ALPHA,
     eta: float = ETA,
     angles: bool = False,
@@ -71,7 +76,8 @@ def matrix_pair_metrics(
         w1: W+ [out, in].
         metrics: subset of :data:`PAIR_METRICS` ("update_sparsity" is accepted and ignored: the engine
             computes it in row chunks with ``sparsity.unchanged_count``).
-        k, side: principal-angle options (§1.2); rank, alpha, eta: localization options (§1.4).
+        k, side: principal-angle options (§1.2); rank, alpha, eta: localization options (§1.4). ``k`` and ``rank``
+            are counts, or fractions in (0, 1) of the matrix's smaller side (``k=0.125``: an eighth of it).
         angles: also return the angle vector as ``principal_angles`` (a list of degrees, ascending, length
             ``k_effective``) with the "principal_overlap" family.
 
@@ -82,12 +88,16 @@ def matrix_pair_metrics(
         "update_localization" → ``density``, ``principal_mask_overlap``, ``low_magnitude_overlap``;
         "stable_rank" → ``stable_rank`` and ``delta_frobenius`` of ΔW = W+ − W0 (fp32; fp64 for fp64).
         A zero W0 or W+ gives NaN angle statistics with ``k_effective`` 0 (and an empty angle vector).
+        Where k reaches the smaller side min(out, in), the top-k subspace is the whole space: the angle
+        statistics and the gap are ``None`` (not measurable, not 0° / 1.0 / inf), as is
+        ``principal_mask_overlap`` where the rank does (the reconstruction is W0 itself); ``not_measurable``
+        then maps each such key to the reason.
     """
     wanted = set(metrics)
     unknown = wanted - set(ALL_METRICS)
     if unknown:
         raise WeightgeoError(f"unknown metric(s) {sorted(unknown)}; known: {list(ALL_METRICS)}")
-    k = check_k(k)
+    k = check_size(k)
     check_side(side)
     rank, alpha = check_rank_alpha(rank, alpha)
     eta = check_eta(eta)
@@ -102,9 +112,9 @@ def batched_pair_metrics(
     w1: torch.Tensor,
     *,
     metrics: AbstractSet[str],
-    k: int,
+    k: int | float,
     side: str,
-    rank: int,
+    rank: int | float,
     alpha: float,
     eta: float,
     base: BaseSpectrum | None = None,
@@ -125,6 +135,9 @@ def batched_pair_metrics(
     rot, drift, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
     out: list[PairRow] = [{} for _ in range(w0.shape[0])]
+    m, n = w0.shape[-2:]
+    p = min(m, n)
+    k_abs, r_abs = resolve_size(k, p), resolve_size(rank, p)
     if base is None and (rot or drift or loc):
         base = base_spectrum(w0)
     if rot or drift or srank:
@@ -139,8 +152,10 @@ def batched_pair_metrics(
             assert base is not None and A1 is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
             spec = pair_spectrum(base, A1, eig)
-            if rot:
-                _rotation_rows(out, base, prod, eig, spec, k=k, side=side, angles=angles)
+            if rot and k_abs >= p:
+                _whole_space_rows(out, effective_k(k_abs, base, spec), k=k_abs, shape=(m, n), angles=angles)
+            elif rot:
+                _rotation_rows(out, base, prod, eig, spec, k=k_abs, side=side, angles=angles)
             if drift:
                 for i, row in enumerate(out):
                     row["spectral_drift"] = float(spec.spectral_drift[i])
@@ -150,7 +165,7 @@ def batched_pair_metrics(
         del prod
     if loc:
         assert base is not None
-        r = min(rank, *w0.shape[-2:])
+        r = min(r_abs, p)
         for i, row in enumerate(out):
             res = localize(
                 w0[i],
@@ -166,7 +181,27 @@ def batched_pair_metrics(
                 principal_mask_overlap=res.principal_mask_overlap,
                 low_magnitude_overlap=res.low_magnitude_overlap,
             )
+            if r_abs >= p:
+                row["principal_mask_overlap"] = None
+                row.setdefault("not_measurable", {})["principal_mask_overlap"] = (
+                    f"rank {r_abs} ≥ {p}, the smaller side of {m}x{n}: the rank-r reconstruction is W0 itself, "
+                    f"so the principal mask is the top of |W0|, the complement of the low-magnitude mask"
+                )
     return out
+
+
+def _whole_space_rows(out: list[PairRow], each: torch.Tensor, *, k: int, shape: tuple[int, int], angles: bool) -> None:
+    """The rotation keys of members whose top-k subspace is the whole space (k ≥ min(out, in)): not measurable."""
+    p = min(shape)
+    why = (
+        f"k {k} ≥ {p}, the smaller side of {shape[0]}x{shape[1]}: the top-k subspace holds every singular direction "
+        f"(there is no σ_k+1), so it is no principal subspace (on the smaller side the angles are 0° whatever the "
+        f"update)"
+    )
+    keys = SUBSPACE_KEYS + (("principal_angles",) if angles else ())
+    for i, row in enumerate(out):
+        row.update(dict.fromkeys(keys), k_effective=float(each[i]))
+        row.setdefault("not_measurable", {}).update(dict.fromkeys(keys, why))
 
 
 def _rotation_rows(

@@ -11,19 +11,26 @@ from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..linalg.pairwise import PairGeometry, pair_geometry
 from ..linalg.policy import same_compute_dtype
-from ..validation import check_k, check_pair, check_side
+from ..validation import check_pair, check_side, check_size, given, resolve_size
 
 __all__ = ["principal_angles", "principal_overlap"]
 
 
-def _geometry(base: Any, ft: Any, k: int, side: str, what: str) -> tuple[PairGeometry, torch.Tensor]:
-    k = check_k(k)
+def _geometry(base: Any, ft: Any, k: int | float, side: str, what: str) -> tuple[PairGeometry, torch.Tensor]:
+    size = check_size(k)
     check_side(side)
     b, f = same_compute_dtype(*check_pair(base, ft, matrix=True, what=what))
-    return pair_geometry(b, f, k=k, sides=(side,)), b
+    p = min(b.shape)
+    if resolve_size(size, p) >= p:
+        raise WeightgeoError(
+            f"{what}: {given('k', k)} reaches {p}, the smaller side of the {b.shape[0]}x{b.shape[1]} matrices: the "
+            f"top-k subspace is then the whole space and the angles are 0° whatever the update; pass a k below {p}, "
+            f"e.g. {given('k', 0.125)} (an eighth of the smaller side, the default)"
+        )
+    return pair_geometry(b, f, k=resolve_size(size, p), sides=(side,)), b
 
 
-def principal_angles(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) -> torch.Tensor:
+def principal_angles(base: Any, ft: Any, *, k: int | float = PAIR_K, side: str = SIDE) -> torch.Tensor:
     """Principal angles (degrees, ascending) between the top-k singular subspaces of W0 and W+ (§1.2).
 
     >>> W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
@@ -33,8 +40,9 @@ def principal_angles(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) -
     Args:
         base: W0 [out, in] (torch tensor or NumPy array).
         ft: W+ [out, in].
-        k: subspace dimension, default 512 (paper). Effective k = min(k, out, in, numerical rank of
-            W0 and of W+); the returned vector has that length.
+        k: subspace dimension: a count, or a fraction in (0, 1) of min(out, in) (default 0.125, an eighth: the
+            paper's 512 of 4096). Effective k = min(k, numerical rank of W0 and of W+); the returned vector has
+            that length. A k at or above min(out, in) raises: the top-k subspace would be the whole space.
         side: "right" (V, input side, default) or "left" (U, output side).
 
     Returns:
@@ -55,7 +63,7 @@ def principal_angles(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) -
     return g.angles(side)
 
 
-def principal_overlap(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) -> float:
+def principal_overlap(base: Any, ft: Any, *, k: int | float = PAIR_K, side: str = SIDE) -> float:
     """Mean cos² of the principal angles between the top-k singular subspaces (§1.2; = Sim_k of §2).
 
     >>> principal_overlap(torch.eye(3), torch.eye(3), k=2)
@@ -64,7 +72,7 @@ def principal_overlap(base: Any, ft: Any, *, k: int = PAIR_K, side: str = SIDE) 
     Args:
         base: W0 [out, in] (torch tensor or NumPy array).
         ft: W+ [out, in].
-        k: subspace dimension (default 512; effective k as in :func:`principal_angles`).
+        k: subspace dimension (default 0.125 of the smaller side; as in :func:`principal_angles`).
         side: "right" (V, input side, default) or "left" (U, output side).
 
     Returns:

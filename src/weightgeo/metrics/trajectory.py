@@ -206,10 +206,11 @@ def subspace_similarity(delta_a: Any, delta_b: Any, *, k: int = STREAM_K, side: 
             f"{tuple(delta_a.shape)} and {tuple(delta_b.shape)}; compare updates of one matrix"
         )
     k = check_k(k)
-    if k > min(*a.shape, *b.shape):
+    if k >= min(*a.shape, *b.shape):
         raise WeightgeoError(
-            f"k={k} must be in [1, {min(*a.shape, *b.shape)}] for shapes {tuple(delta_a.shape)} and "
-            f"{tuple(delta_b.shape)}"
+            f"k={k} must be in [1, {min(*a.shape, *b.shape) - 1}] for shapes {tuple(delta_a.shape)} and "
+            f"{tuple(delta_b.shape)}: at the smaller side the top-k subspace holds every direction (Sim_k would "
+            f"say nothing)"
         )
     vs = []
     for x, what in ((a, "delta_a"), (b, "delta_b")):

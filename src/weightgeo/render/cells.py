@@ -57,6 +57,8 @@ def fmt(v: Any, *, digits: int = 4) -> str:
         return "x".join(str(d) for d in v)
     if isinstance(v, list):  # a vector (principal_angles): its length in a table, the values in JSON/CSV
         return f"[{len(v)} values]"
+    if isinstance(v, Mapping):  # not_measurable: which metrics (the summary says why)
+        return f"{len(v)} metric{'s' if len(v) != 1 else ''}"
     return str(v)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..defaults import TEXT_WIDTH as DEFAULT_WIDTH
 from ..defaults import THRESHOLD
+from ..validation import given, spell
 from .cells import fmt, is_numeric_text
 from .panels import final_rows, locking_of, report_kind, step_summary
 from .vocabulary import NORM_KEYS, PAIR_PRIMARY, metric_keys
@@ -31,6 +32,7 @@ __all__ = [
     "rows_table",
     "summary_block",
     "accounting_lines",
+    "not_measurable_lines",
     "side_by_side",
     "wrap_lines",
     "DEFAULT_WIDTH",
@@ -206,7 +208,7 @@ def side_by_side(runs: Mapping[str, Any], *, width: int | None = DEFAULT_WIDTH, 
     return "\n\n".join(out)
 
 
-_HIDDEN = ("base_name", "ft_name", "stored_dtype", "dtype")
+_HIDDEN = ("base_name", "ft_name", "stored_dtype", "dtype", "not_measurable")
 
 
 def rows_table(
@@ -277,9 +279,16 @@ def summary_block(report: Any, *, width: int | None = DEFAULT_WIDTH, hint: str =
 
 
 def accounting_lines(report: Any, *, width: int | None = DEFAULT_WIDTH) -> list[str]:
-    """What a report left out, in words: checkpoints, skipped tensors, entries that are not weights, unmatched
-    names, Conv1D layouts (empty when nothing was)."""
-    notes = []
+    """What a report left out, in words: metrics not measurable (and why), mixed storage formats, checkpoints,
+    skipped tensors, entries that are not weights, unmatched names, Conv1D layouts (empty when nothing was)."""
+    notes = not_measurable_lines(report.rows)
+    mixed = (report.meta or {}).get("mixed_formats") or {}
+    if mixed:
+        notes.append(
+            f"{sum(mixed.values())} tensor(s) stored in different float formats in base and fine-tune ("
+            + "; ".join(f"{how}: {n}" for how, n in mixed.items())
+            + f"): the rows' compared_in says the rule; {spell('dtype')} chooses the format instead"
+        )
     skipped = list((report.meta or {}).get("skipped", []))
     notes += _checkpoint_lines([c for c in skipped if c.get("kind") == "checkpoint"])
     notes += _skipped_lines([c for c in skipped if c.get("kind") != "checkpoint"])
@@ -298,6 +307,37 @@ def accounting_lines(report: Any, *, width: int | None = DEFAULT_WIDTH) -> list[
             f"for their input side"
         )
     return wrap_lines(notes, width)
+
+
+def not_measurable_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary's account of null metrics: which, in how many rows, why, and the option that measures them (in
+    the syntax of the interface in use)."""
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for r in rows:
+        by_reason: dict[str, list[str]] = {}
+        for key, why in _unmeasured(r).items():
+            by_reason.setdefault(str(why), []).append(key)
+        for why, names in by_reason.items():
+            groups.setdefault((why.split(" ", 1)[0], tuple(names)), []).append(why)
+    lines = []
+    for (option, keys), reasons in groups.items():
+        fix = {  # what measures them, in the syntax of the interface in use
+            "k": f"a {spell('k')} below the smaller side measures them, e.g. {given('k', 0.125)} (an eighth of "
+            f"each matrix's smaller side, the default)",
+            "rank": f"a {spell('rank')} below the smaller side measures it, e.g. {given('rank', 0.125)}",
+            "K": f"a {spell('k')} below the smaller side measures them",
+        }.get(option, "")
+        lines.append(
+            f"NOT MEASURABLE (null, n/m in the table) in {len(reasons)} of {len(rows)} rows: {', '.join(keys)}: "
+            f"e.g. {reasons[0]}; {fix}"
+        )
+    return lines
+
+
+def _unmeasured(row: Mapping[str, Any]) -> dict[str, str]:
+    """The row's ``not_measurable`` map (metric -> reason), ``{}`` when every metric was measured."""
+    nm = row.get("not_measurable")
+    return nm if isinstance(nm, dict) else {}
 
 
 def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import WeightgeoError
+from ..jsonfile import read_json_object
 
 __all__ = ["GPTConfig", "GPT", "Sample", "generate", "response_logprobs"]
 
@@ -205,7 +206,9 @@ class GPT(nn.Module):
         cfg_path, w_path = d / "config.json", d / "model.safetensors"
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(f"{d}: expected config.json and model.safetensors (written by save_pretrained)")
-        raw = json.loads(cfg_path.read_text())["weightgeo_gpt_config"]
+        raw = read_json_object(cfg_path, what="config.json").get("weightgeo_gpt_config")
+        if not isinstance(raw, dict):
+            raise WeightgeoError(f"{cfg_path}: no weightgeo_gpt_config object; save the model with GPT.save_pretrained")
         cfg = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
         model = cls(cfg)
         state = {k: v.float() for k, v in load_file(str(w_path)).items()}
