@@ -37,15 +37,16 @@ def _same_figures(logs: dict[int, dict[str, float]], offline) -> None:
 
 
 def test_live_equals_offline_in_the_reference_training_loop(tmp_path):
-    """SFT for 6 steps, bf16 checkpoints every 2: the Tracker (every=2, its default bf16 rounding) logs, at the
-    steps the run saves, the figures of sparsity_curve on those checkpoints; its report equals it row for row."""
+    """SFT for 6 steps, bf16 checkpoints every 2 (fp32 parameters): the Tracker (every=2, told the dtype the run
+    saves) logs, at the steps the run saves, the figures of sparsity_curve on those checkpoints; its report
+    equals it row for row."""
     tracker: Tracker | None = None
     logs: dict[int, dict[str, float]] = {}
 
     def on_step(model, step):
         nonlocal tracker
         if tracker is None:  # step 0, before training: W0
-            tracker = Tracker(model, every=2, step_sparsity=True, k=2, hill_k=2)
+            tracker = Tracker(model, every=2, step_sparsity=True, k=2, hill_k=2, dtype=torch.bfloat16)
             return
         got = tracker.update(model.named_parameters(), step)
         if got:
@@ -108,7 +109,8 @@ def test_a_step_where_nothing_changes_and_the_modes(gen, tmp_path):
     w1["layers.0.q_proj.weight"][0, :3] += 1.0
     first = tr.update(w1, 1)
     assert first["weightgeo/update_sparsity"] == first["weightgeo/step_sparsity"] == (72 - 3) / 72
-    assert first["weightgeo/patch_bytes"] == 8 + 3 * 2  # an 8-byte bitmask < 12 bytes of indices
+    # float32 parameters, rounded to their own dtype: an 8-byte bitmask (< 12 bytes of indices) + 3 float32 values
+    assert first["weightgeo/patch_bytes"] == 8 + 3 * 4
     same = tr.update(w1, 2)  # nothing changed: no spectra change either, counts recorded
     assert same["weightgeo/step_sparsity"] == 1.0 and same["weightgeo/patch_bytes"] == 0.0
     assert same["weightgeo/update_sparsity"] == first["weightgeo/update_sparsity"]
