@@ -35,6 +35,7 @@ from .api import (
     subspace_similarity,
     update_localization,
     update_mask,
+    update_mask_overlap,
     update_sparsity,
 )
 from .checkpoint import Checkpoint, open_checkpoint
@@ -43,17 +44,19 @@ from .errors import WeightgeoError
 from .follow import FollowUpdate, follow
 from .linalg.rsvd import randomized_svd
 from .metrics import Localization
+from .metrics.mask_overlap import MaskOverlap
 from .metrics.trajectory import LockingOnset
 from .render.html import write_html
 from .report import Report
 from .track import Tracker
-from .trajectory import locking_onset, rank_curve
+from .trajectory import locking_onset, rank_curve, sparsity_curve
 
 __all__ = [
     "Checkpoint",
     "FollowUpdate",
     "Localization",
     "LockingOnset",
+    "MaskOverlap",
     "Report",
     "Tracker",
     "UpdateMasks",
@@ -68,11 +71,13 @@ __all__ = [
     "principal_overlap",
     "randomized_svd",
     "rank_curve",
+    "sparsity_curve",
     "spectral_drift",
     "stable_rank",
     "subspace_similarity",
     "update_localization",
     "update_mask",
+    "update_mask_overlap",
     "update_sparsity",
     "write_html",
 ]
