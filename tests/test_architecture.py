@@ -33,8 +33,8 @@ LAYERS = [
     ["weightgeo.render"],  # how results are shown (tables, grids, panels, SVG, HTML): reads reports, measures nothing
     ["weightgeo.plot"],  # the same panels painted with matplotlib
     ["weightgeo.report", "weightgeo.options"],
-    ["weightgeo.stream"],
-    ["weightgeo.engine", "weightgeo.trajectory"],
+    ["weightgeo.stream", "weightgeo.stream_sparsity"],
+    ["weightgeo.engine", "weightgeo.trajectory", "weightgeo.track_sparsity"],
     ["weightgeo.api", "weightgeo.track", "weightgeo.follow"],
     ["weightgeo.cli", "weightgeo.integrations", "weightgeo.train"],
     ["weightgeo.__main__"],

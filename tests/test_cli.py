@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from factories import tiny_llama_state, write_hf_checkpoint
 
 from weightgeo.cli import main
@@ -235,3 +236,28 @@ def test_dtype_flag_rounds_both_sides(tmp_path, capsys):
         == 0
     )
     assert json.loads(out.read_text())["meta"]["params"]["dtype"] == "float16"
+
+
+def test_mask_overlap_prints_the_pairwise_matrices_and_writes_one_report_per_pair(tmp_path, capsys):
+    base = tiny_llama_state(num_layers=1, hidden=16, intermediate=32, vocab=40)
+    g = torch.Generator().manual_seed(0)
+
+    def moved(p):
+        return {
+            k: torch.where(torch.rand(v.shape, generator=g) < p, (v.float() + 0.5).to(v.dtype), v)
+            for k, v in base.items()
+        }
+
+    b = write_hf_checkpoint(tmp_path / "b", base)
+    fts = [str(write_hf_checkpoint(tmp_path / f"f{i}", moved(p))) for i, p in enumerate((0.2, 0.5, 0.5))]
+    out = tmp_path / "ov" / "masks.json"
+    assert main(["compare", str(b), *fts, "--mask-overlap", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Jaccard index" in text and "overlap coefficient" in text and "[3]" in text
+    reports = {p.name: json.loads(p.read_text()) for p in sorted(out.parent.glob("masks-*.json"))}
+    assert set(reports) == {"masks-1-2.json", "masks-1-3.json", "masks-2-3.json"}
+    s = reports["masks-2-3.json"]["summary"]
+    assert f"{s['mask_jaccard']:.4f} ({s['random_mask_jaccard']:.4f})" in text  # the matrix shows the pooled figure
+    assert main(["compare", str(b), fts[0], "--mask-overlap"]) == 2
+    assert "two or more fine-tunes" in capsys.readouterr().err
+    assert main(["compare", str(b), *fts[:2], "--mask-overlap", "--metrics", "nss"]) == 2

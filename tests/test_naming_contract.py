@@ -39,8 +39,11 @@ from weightgeo.metrics.catalog import (
     PAIR,
     RENAMED,
     REQUIRED,
+    SPARSITY_CURVES,
+    SPARSITY_OUTPUTS,
     STREAM,
     SUMMARY,
+    TRACKER_MODEL_LOGS,
     TRACKER_OUTPUTS,
     TRACKER_PREFIX,
     TRAJECTORY_CURVES,
@@ -70,12 +73,19 @@ def test_the_glossary_keeps_the_suffix_contract():
         if name.startswith("n_"):
             assert "count" in t.range, f"{name}: n_* names a count"
         assert t.family is None or t.family in ALL_METRICS, name
-        assert t.summary in ("", "mean", "weighted"), name
+        assert t.summary in ("", "mean", "weighted", "sum"), name
+        if t.summary == "sum":
+            assert "count" in t.range or "bytes" in t.range, f"{name}: a sum adds counts or sizes"
         assert t.default is REQUIRED or ARGUMENT in t.where or name == "meta", f"{name}: a default is for arguments"
 
 
 def test_the_catalog_lists_derive_from_the_glossary():
-    assert set(TRAJECTORY_OUTPUTS) == {n for n, t in GLOSSARY.items() if STREAM in t.where and t.summary}
+    assert set(TRAJECTORY_OUTPUTS) == {n for n, t in GLOSSARY.items() if STREAM in t.where and t.summary == "mean"}
+    assert set(SPARSITY_OUTPUTS) == {
+        n for n, t in GLOSSARY.items() if STREAM in t.where and t.summary in ("weighted", "sum")
+    }
+    assert set(SPARSITY_CURVES) <= set(SPARSITY_OUTPUTS)
+    assert all(LOG in GLOSSARY[n].where for n in TRACKER_MODEL_LOGS)
     assert set(TRAJECTORY_CURVES) <= set(TRAJECTORY_OUTPUTS) and set(TRACKER_OUTPUTS) <= set(TRAJECTORY_OUTPUTS)
     assert all(LOG in GLOSSARY[n].where for n in TRACKER_OUTPUTS)
     assert all(PAIR in GLOSSARY[n].where for keys in OUTPUTS.values() for n in keys)
@@ -165,9 +175,13 @@ def emitted(tmp_path_factory):
     curve = weightgeo.rank_curve(run, hill_k=HILL_K, **kw)
     followed = list(weightgeo.follow(run, hill_k=HILL_K, idle_s=0, **kw))
     sim = weightgeo.subspace_similarity(f, run / "checkpoint-10", base=b, **kw)
-    tracker = Tracker(base, k=K, hill_k=HILL_K)
+    tracker = Tracker(base, k=K, hill_k=HILL_K, step_sparsity=True)
     logs = [tracker.update(states[s], s) for s in (5, 10)]
     one = weightgeo.rank_curve([b, f], steps=[0, 1], hill_k=HILL_K, **kw)
+    sparse = weightgeo.sparsity_curve(run, cache=False)
+    both = weightgeo.rank_curve(run, hill_k=HILL_K, sparsity=True, **kw)
+    f2 = write_hf_checkpoint(tmp / "f2", {k: (v.float() * 1.01).to(v.dtype) for k, v in base.items()})
+    masks = weightgeo.update_mask_overlap(b, f, f2)
     canon = {step: {canonical_name(k): v for k, v in st.items()} for step, st in states.items()}
     return dict(
         pair=pair,
@@ -179,6 +193,9 @@ def emitted(tmp_path_factory):
         one=one,
         base=canon[0],
         states=canon,
+        sparse=sparse,
+        both=both,
+        masks=masks,
     )
 
 
@@ -205,6 +222,20 @@ def test_stream_rows_and_summaries_are_glossary_names(emitted):
     assert [u.report.rows for u in emitted["followed"]][-1] == emitted["curve"].rows
 
 
+def test_sparsity_rows_and_summaries_are_glossary_names(emitted):
+    for report in (emitted["sparse"], emitted["both"], emitted["tracker"].sparsity_curve()):
+        _check_rows(report.rows, STREAM)
+        for row in report.rows:
+            assert set(SPARSITY_OUTPUTS) <= set(row), row["name"]
+            if "stable_rank" in row:  # the combined pass: a matrix's row carries the spectra too
+                assert set(TRAJECTORY_OUTPUTS) <= set(row), row["name"]
+        _summary_keys(report.summary, STREAM)
+        assert set(SPARSITY_CURVES) <= set(report.summary["curves"])
+    assert {r["name"] for r in emitted["both"].rows} == {r["name"] for r in emitted["sparse"].rows}
+    _check_rows(emitted["masks"].rows, PAIR)
+    _summary_keys(emitted["masks"].summary, PAIR)
+
+
 def test_subspace_similarity_rows_are_glossary_names(emitted):
     _check_rows(emitted["sim"].rows, PAIR)
     _summary_keys(emitted["sim"].summary, PAIR)
@@ -213,12 +244,16 @@ def test_subspace_similarity_rows_are_glossary_names(emitted):
 def test_tracker_log_keys_are_glossary_names(emitted):
     first, second = emitted["logs"]
     assert f"{TRACKER_PREFIX}/previous_subspace_similarity/mean" in second
+    for name in ("update_sparsity", "step_sparsity", "patch_bytes"):
+        assert f"{TRACKER_PREFIX}/{name}" in second, name
     for logs in (first, second):
         for key, value in logs.items():
             prefix, name, *group = key.split("/")
             assert prefix == TRACKER_PREFIX and name in GLOSSARY and LOG in GLOSSARY[name].where, key
-            assert group in ([], ["mean"]) or group[0] in {r["module"] for r in emitted["curve"].rows}, key
-            assert (name == "n_matrices") == (group == []), key
+            modules = {r["module"] for r in emitted["sparse"].rows}
+            assert group in ([], ["mean"]) or group[0] in modules, key
+            assert group != [] or name in TRACKER_MODEL_LOGS, key  # the model figures have no group
+            assert name != "n_matrices" or group == [], key
             _check_value(name, float(value))
 
 

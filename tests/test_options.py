@@ -20,7 +20,8 @@ from weightgeo.engine.cached import base_key, row_key
 from weightgeo.engine.plan import Job
 from weightgeo.errors import WeightgeoError
 from weightgeo.metrics.pair import batched_pair_metrics
-from weightgeo.options import BASE, KERNEL, PairOptions, StreamOptions
+from weightgeo.options import BASE, KERNEL, PairOptions, SparsityOptions, StreamOptions
+from weightgeo.stream_sparsity import count_key
 from weightgeo.track import Tracker
 from weightgeo.trajectory import spectrum_key
 
@@ -53,6 +54,15 @@ STREAM_PERTURB = {
     "dtype": torch.bfloat16,
     "device": torch.device("meta"),
     "progress": True,
+    "eta": 1e-3,
+}
+SPARSITY_PERTURB = {
+    "include": "q_proj",
+    "exclude": "k_proj",
+    "eta": 0.0,
+    "dtype": torch.bfloat16,
+    "device": torch.device("meta"),
+    "progress": True,
 }
 
 
@@ -66,20 +76,7 @@ def cache(tmp_path):
 
 
 def test_every_pair_option_reaches_the_row_key_unless_marked(cache):
-    assert set(PAIR_PERTURB) == _fields(PairOptions), "give every PairOptions field a perturbation here"
-    o = PairOptions()
-
-    def key(opts):
-        return row_key(cache, opts, JOB, [IDENT, IDENT], policy="p").digest
-
-    for f in dataclasses.fields(PairOptions):
-        other = dataclasses.replace(o, **{f.name: PAIR_PERTURB[f.name]})
-        assert getattr(other, f.name) != getattr(o, f.name), f.name  # the perturbation is a change
-        if in_key(f):
-            assert key(other) != key(o), f"{f.name} does not reach the cache key"
-        else:
-            assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
-            assert f.metadata[NOT_IN_KEY], f"{f.name}: say why it cannot change a result"
+    _every_field_reaches(PairOptions, PAIR_PERTURB, lambda o: row_key(cache, o, JOB, [IDENT, IDENT], policy="p").digest)
 
 
 def test_the_base_decomposition_key_holds_exactly_the_base_fields(cache):
@@ -92,20 +89,42 @@ def test_the_base_decomposition_key_holds_exactly_the_base_fields(cache):
         assert changed == (f.name in want), f.name
 
 
-def test_every_stream_option_reaches_the_spectrum_key_unless_marked():
-    assert set(STREAM_PERTURB) == _fields(StreamOptions), "give every StreamOptions field a perturbation here"
-    o = StreamOptions()
-
-    def key(opts):
-        return spectrum_key(opts, opts.r, IDENT, IDENT, "w", policy="p").digest
-
-    for f in dataclasses.fields(StreamOptions):
-        other = dataclasses.replace(o, **{f.name: STREAM_PERTURB[f.name]})
+def _every_field_reaches(cls, perturb, key) -> None:
+    """Perturbing any field of ``cls`` changes ``key(options)`` unless the field is marked not_in_key, with a reason."""
+    assert set(perturb) == _fields(cls), f"give every {cls.__name__} field a perturbation here"
+    o = cls()
+    for f in dataclasses.fields(cls):
+        other = dataclasses.replace(o, **{f.name: perturb[f.name]})
         assert getattr(other, f.name) != getattr(o, f.name), f.name
         if in_key(f):
             assert key(other) != key(o), f"{f.name} does not reach the cache key"
         else:
             assert key(other) == key(o), f"{f.name} is marked as unable to change a result but changes the key"
+            assert f.metadata[NOT_IN_KEY], f"{f.name}: say why it cannot change a result"
+
+
+def test_every_stream_option_reaches_the_spectrum_key_unless_marked():
+    _every_field_reaches(
+        StreamOptions, STREAM_PERTURB, lambda o: spectrum_key(o, o.r, IDENT, IDENT, "w", policy="p").digest
+    )
+
+
+def test_every_sparsity_option_reaches_the_count_key_unless_marked():
+    _every_field_reaches(SparsityOptions, SPARSITY_PERTURB, lambda o: count_key(o, IDENT, IDENT, "w").digest)
+
+
+def test_a_stream_pass_keys_its_sparsity_counts_by_its_sparsity_options():
+    """StreamOptions.eta stays out of the spectrum keys (no spectrum depends on it) but reaches the count keys of
+    the same pass, through sparsity_options(); so does every field those keys hold."""
+    assert StreamOptions().sparsity_options() is None
+    o = StreamOptions.create(eta=1e-3, dtype="bfloat16", include="q_proj")
+    sp = o.sparsity_options()
+    assert sp == SparsityOptions.create(eta=1e-3, dtype="bfloat16", include="q_proj")
+    moved = dataclasses.replace(o, eta=0.0).sparsity_options()
+    assert count_key(moved, IDENT, IDENT, "w").digest != count_key(sp, IDENT, IDENT, "w").digest
+    rounded = dataclasses.replace(o, dtype=None).sparsity_options()
+    assert count_key(rounded, IDENT, IDENT, "w").digest != count_key(sp, IDENT, IDENT, "w").digest
+    assert count_key(sp, IDENT, IDENT, "w[0]").digest != count_key(sp, IDENT, IDENT, "w[1]").digest  # experts
 
 
 def test_params_and_kernel_come_from_the_fields():
@@ -146,7 +165,13 @@ PAIR_VERBS = [
     metrics.principal_overlap,
     metrics.update_localization,
 ]
-STREAM_VERBS = [weightgeo.rank_curve, weightgeo.locking_onset, weightgeo.follow, weightgeo.subspace_similarity]
+STREAM_VERBS = [
+    weightgeo.rank_curve,
+    weightgeo.locking_onset,
+    weightgeo.follow,
+    weightgeo.subspace_similarity,
+    weightgeo.sparsity_curve,
+]
 
 
 def _defaults(fn) -> dict:
@@ -174,6 +199,8 @@ def test_stream_verbs_take_their_defaults_from_one_place(fn):
             assert default is (defaults.TRACKER_DTYPE if fn is Tracker.__init__ else None), fn.__qualname__
         if name == "device":
             assert default is None, fn.__qualname__
+        if name == "eta":
+            assert default == defaults.ETA, fn.__qualname__
     assert o.k == defaults.STREAM_K and o.threshold == defaults.THRESHOLD
 
 

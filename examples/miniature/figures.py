@@ -65,7 +65,11 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
     if D.has(*[f"m_{m}_s{i}" for m in ("sft", "opd", "rlvr", "null") for i in range(seeds)]):
         meths = ("sft", "opd", "rlvr")
         q = {
-            "density": (lambda S, t: S["density"][str(t)]["per_matrix"], False, "update density (all 2-D weights)"),
+            "density": (
+                lambda S, t: S["density"][str(t)]["per_matrix"],
+                False,
+                "update density, all 2-D weights: since checkpoint-0 (solid), per step (dotted)",
+            ),
             "fro": (lambda S, t: S["fro"][str(t)], False, "‖ΔW_t‖_F (attention, bf16)"),
             "srank": (lambda S, t: S["srank"][str(t)], True, "stable rank of ΔW_t (attention, bf16)"),
             "srank_fp32": (lambda S, t: S["srank_fp32"][str(t)], True, "stable rank of ΔW_t (attention, fp32 masters)"),
@@ -83,6 +87,12 @@ def write_figures(D: Data, out: Path, K: int, details: list[dict]) -> list[str]:
                     for s in range(seeds):
                         ax.plot(x, y[s], color=COLORS[meth], lw=0.7, alpha=0.4)
                 ax.plot(x, y.mean(0), color=COLORS[meth], lw=2, label=LABEL[meth])
+                if key == "density" and "step_density" in D.stream(meth, 0):
+                    # density of the step: entries changed since the previous checkpoint (1 - step sparsity)
+                    x, arr = _series(D, meth, seeds, lambda S, t: S["step_density"][str(t)]["per_matrix"], frac=frac)
+                    ax.plot(x, np.nanmean(arr, 2).mean(0), color=COLORS[meth], lw=1.6, ls=":")
+            if key == "density":
+                ax.plot([], [], color="k", lw=1.6, ls=":", label="step: since the previous checkpoint")
             ax.set(title=title, xlabel="fraction of training" if frac else "step", ylabel=YLABEL[key])
             if key in ("density", "fro"):
                 ax.set_xscale("log")

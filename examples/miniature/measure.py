@@ -26,7 +26,8 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
     """Per checkpoint t (ΔW_t = W_t − checkpoint-0), per attention matrix: stable rank and ‖ΔW_t‖_F of the bf16
     checkpoints, Sim_K(t, t_end) for every K (``rank_curve``); stable rank of the fp32 masters and, per matrix
     type, rms(ΔW_fp32) and C̃ = rms / sqrt(Σ lr_t²) (``rank_curve`` on ``fp32/``); the bf16 update density of
-    every tensor (``compare(..., metrics="update_sparsity")``)."""
+    every tensor against checkpoint-0 and against the previous checkpoint, and the sparse patch of each step
+    (``sparsity_curve``: one pass over the stream)."""
     steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
     steps = [s for s in steps if upto is None or s <= upto]
     ck = [run_dir / f"checkpoint-{s}" for s in steps]
@@ -63,14 +64,21 @@ def measure_stream(run_dir: Path, *, upto: int | None, lrs: list[float]) -> dict
             }
             for t, v in by.items()
         }
-    res["density"], res["unchanged_rows"] = {}, {}
-    for s, c in zip(steps[1:], ck[1:]):
-        rep = weightgeo.compare(ck[0], c, metrics="update_sparsity", progress=False, cache=CACHE)
-        rows = sorted(rep.rows, key=lambda r: r["name"])
+    # one pass over the stream: every tensor against checkpoint-0 and against the previous checkpoint
+    curve = weightgeo.sparsity_curve(ck, steps=steps, cache=CACHE)
+    res["density"], res["unchanged_rows"], res["step_density"], res["patch_bytes"] = {}, {}, {}, {}
+    for s in steps[1:]:
+        rows = sorted((r for r in curve.rows if r["step"] == s), key=lambda r: r["name"])
         res["unchanged_rows"][str(s)] = [[r["name"], r["numel"], r["update_sparsity"]] for r in rows]
         mats = [r for r in rows if len(r["shape"]) == 2]
         unchanged = sum(r["numel"] * r["update_sparsity"] for r in rows) / sum(r["numel"] for r in rows)
         res["density"][str(s)] = {"all": 1 - unchanged, "per_matrix": [1 - r["update_sparsity"] for r in mats]}
+        by = curve.summary["by_step"][s]
+        res["step_density"][str(s)] = {
+            "all": 1 - by["step_sparsity"],
+            "per_matrix": [1 - r["step_sparsity"] for r in mats],
+        }
+        res["patch_bytes"][str(s)] = {"patch": by["patch_bytes"], "dense": by["dense_bytes"]}
     return res
 
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (``python -m weightg
         subspace_similarity,
         update_localization,
         update_mask,
+        update_mask_overlap,
         update_sparsity,
     )
     from .checkpoint import Checkpoint, open_checkpoint
@@ -47,11 +48,12 @@ if TYPE_CHECKING:  # the names below, imported on first use (``python -m weightg
     from .follow import FollowUpdate, follow
     from .linalg.rsvd import randomized_svd
     from .metrics import Localization
+    from .metrics.mask_overlap import MaskOverlap
     from .metrics.trajectory import LockingOnset
     from .render.html import write_html
     from .report import Report
     from .track import Tracker
-    from .trajectory import locking_onset, rank_curve
+    from .trajectory import locking_onset, rank_curve, sparsity_curve
 
 #: where each public name lives; imported the first time it is read (PEP 562)
 _HOMES = {
@@ -65,6 +67,7 @@ _HOMES = {
             "subspace_similarity",
             "update_localization",
             "update_mask",
+            "update_mask_overlap",
             "update_sparsity",
         ),
         ".api",
@@ -78,12 +81,14 @@ _HOMES = {
     "follow": ".follow",
     "randomized_svd": ".linalg.rsvd",
     "Localization": ".metrics",
+    "MaskOverlap": ".metrics.mask_overlap",
     "LockingOnset": ".metrics.trajectory",
     "Report": ".report",
     "write_html": ".render.html",
     "Tracker": ".track",
     "locking_onset": ".trajectory",
     "rank_curve": ".trajectory",
+    "sparsity_curve": ".trajectory",
 }
 
 
@@ -107,6 +112,7 @@ __all__ = [
     "FollowUpdate",
     "Localization",
     "LockingOnset",
+    "MaskOverlap",
     "Report",
     "Tracker",
     "UpdateMasks",
@@ -121,11 +127,13 @@ __all__ = [
     "principal_overlap",
     "randomized_svd",
     "rank_curve",
+    "sparsity_curve",
     "spectral_drift",
     "stable_rank",
     "subspace_similarity",
     "update_localization",
     "update_mask",
+    "update_mask_overlap",
     "update_sparsity",
     "write_html",
 ]

@@ -34,10 +34,12 @@ from .cache import ResultCache
 from .checkpoint import open_checkpoint
 from .defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SEED, SIDE, STREAM_K
 from .engine import compare, plan_pair
+from .engine.overlap import mask_overlaps
 from .errors import WeightgeoError
 from .linalg.policy import compute_dtype, same_compute_dtype
 from .metrics import trajectory as trajectory_kernels
 from .metrics.localization import Localization
+from .metrics.mask_overlap import MaskOverlap, mask_overlap
 from .metrics.sparsity import fp8_update_mask, unchanged_mask
 from .options import PairOptions, StreamOptions
 from .report import Report, summarize_rows
@@ -49,6 +51,7 @@ from .validation import as_tensor, check_dtype, check_finite, check_pair, is_ten
 __all__ = [
     "update_sparsity",
     "update_mask",
+    "update_mask_overlap",
     "UpdateMasks",
     "principal_angles",
     "principal_overlap",
@@ -449,6 +452,67 @@ def update_mask(
         _no_checkpoint_options("update_mask", include=include, exclude=exclude)
         return metrics.update_mask(*_rounded(dtype, base, ft), eta=eta)
     return UpdateMasks(base, ft, eta=eta, dtype=dtype, include=include, exclude=exclude)
+
+
+def update_mask_overlap(
+    base: Any,
+    ft_a: Any,
+    ft_b: Any,
+    *,
+    eta: float = ETA,
+    include: Filter = None,
+    exclude: Filter = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    progress: bool = PROGRESS,
+) -> MaskOverlap | Report:
+    """Do two fine-tunes of one base update the same entries? Their update masks' overlap, against chance.
+
+    >>> base = torch.zeros(8)
+    >>> a = base.clone(); a[:4] = 1
+    >>> b = base.clone(); b[2:6] = 1
+    >>> m = update_mask_overlap(base, a, b)
+    >>> m.updated_both, m.mask_jaccard, m.mask_overlap, m.random_mask_overlap
+    (2, 0.3333333333333333, 0.5, 0.5)
+
+    The masks follow the bf16 rule (:func:`update_mask`; the FP8 rule where the base and a fine-tune both store a
+    weight as scaled FP8). Definitions, the random baseline and where they differ from Mukherjee et al.
+    (arXiv 2505.11711): :mod:`weightgeo.metrics.mask_overlap` and docs/metrics.md.
+
+    Args:
+        base: W0, a tensor, or a checkpoint source.
+        ft_a, ft_b: two fine-tunes of ``base``: tensors of its shape, or checkpoint sources.
+        eta: relative tolerance η of the bf16 rule (default 1e-3).
+        dtype: ``None`` (default): the stored formats; a floating dtype: all three rounded to it first.
+        include, exclude, device, progress: for checkpoint sources: which tensors (every floating tensor by
+            default), where the masks are counted, a progress bar.
+
+    Returns:
+        tensors: a :class:`~weightgeo.metrics.mask_overlap.MaskOverlap` (``mask_jaccard``, ``mask_overlap``, their
+        ``random_*`` expectations, the counts ``updated_a``, ``updated_b``, ``updated_both``, ``numel``).
+        checkpoints: a :class:`~weightgeo.report.Report` with those keys per tensor (an expert stack per expert)
+        and, in its summary, the model figure (every tensor's masks pooled: weighted by entries) and
+        ``by_module``. Each tensor of each checkpoint is read once, in row chunks.
+    """
+    if _tensors(base, ft_a, ft_b):
+        _no_checkpoint_options("update_mask_overlap", include=include, exclude=exclude, device=device)
+        d = check_dtype(dtype)
+        w0, a, b = (
+            (base, ft_a, ft_b)
+            if d is None
+            else tuple(as_tensor(x, n).to(d) for x, n in zip((base, ft_a, ft_b), ("base", "ft_a", "ft_b")))
+        )
+        return mask_overlap(metrics.update_mask(w0, a, eta=eta), metrics.update_mask(w0, b, eta=eta))
+    options = PairOptions.create(
+        metrics="update_sparsity",
+        include=include,
+        exclude=exclude,
+        eta=eta,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+    )
+    return mask_overlaps(base, [ft_a, ft_b], options)[(0, 1)]
 
 
 class UpdateMasks(Mapping[str, torch.Tensor]):

@@ -133,7 +133,9 @@ def _trajectory_description() -> str:
     return (
         "Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
         f"({NAMINGS_TEXT}): stable rank, "
-        "norms, Hill index, Sim_K to the final subspace and the locking onset. "
+        "norms, Hill index, Sim_K to the final subspace and the locking onset, and from the same read of each "
+        "checkpoint the sparsity curves (entries unchanged since the base and since the previous checkpoint, "
+        "the size of a sparse patch of each step). "
         "Checkpoints not completely written are left out (listed with the reason); "
         "--follow analyses new ones as the run writes them."
     )
@@ -180,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--alpha", type=float, default=ALPHA, help=f"localization mask fraction (default {ALPHA})")
     c.add_argument("--eta", type=float, default=ETA, help=f"bf16 relative tolerance (default {ETA:g})")
+    c.add_argument(
+        "--mask-overlap",
+        action="store_true",
+        help="with two or more fine-tunes: instead of the pair metrics, how much their update masks overlap "
+        "(Jaccard index and overlap coefficient, each against independent random masks of the same sizes), as "
+        "a matrix over the fine-tunes; --out PATH writes one report per pair (PATH-i-j.json)",
+    )
     c.add_argument(
         "--plot",
         type=Path,
@@ -239,11 +248,19 @@ def _parser() -> argparse.ArgumentParser:
         "--hill-k", type=int, default=HILL_K, help=f"top singular values for the Hill index (default {HILL_K})"
     )
     t.add_argument(
+        "--eta", type=float, default=ETA, help=f"bf16 relative tolerance of the sparsity curves (default {ETA:g})"
+    )
+    t.add_argument(
+        "--no-sparsity",
+        action="store_true",
+        help="spectra only: no update/step sparsity curves (then 1-D tensors are not read)",
+    )
+    t.add_argument(
         "--plot",
         type=Path,
         default=None,
         metavar="PNG",
-        help="draw the trajectory figures: stable rank, ||dW||_F, Hill index and Sim_K with the locking onset",
+        help="draw the trajectory figures: stable rank, ||dW||_F, Hill index, Sim_K with the locking onset and the sparsity curves",
     )
     _add_labels(t, "run")
     _add_filters(t)
@@ -482,6 +499,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             cache=_cache_arg(args),
         )
+        if args.mask_overlap:
+            return _mask_overlap(args, opts)
         labels = _labels(args, list(args.ft))
         base, fts = _open_with_config(args.base, args.ft, args.config)
         if len(fts) == 1:
@@ -512,6 +531,8 @@ def _run(args: argparse.Namespace) -> int:
             strict=args.strict,
             cache=_cache_arg(args),
             config=args.config,
+            sparsity=not args.no_sparsity,
+            eta=args.eta,
         )
         if args.follow:
             return _follow(args, opts)
@@ -521,12 +542,97 @@ def _run(args: argparse.Namespace) -> int:
         report = rank_curve(args.run_dir, progress=not args.no_progress, **opts)
         onset = _with_onset(report, args)
         _emit(report, args)
+        for line in _sparsity_lines(report):
+            print(line)
         print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
         _pages({_labels(args, [args.run_dir])[0]: report}, args)
         return 0
     if args.command == "report":
         return _report_command(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _bytes(n: float) -> str:
+    """A byte count for people: 1.2 MB, 340 kB, 12 B (decimal units, as patch sizes are quoted)."""
+    if n != n:  # NaN: no figure at that step
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _sparsity_lines(report: Report) -> list[str]:
+    """The sparsity curves as a small table: per step, entries unchanged since the base and since the previous
+    checkpoint (parameter-weighted over the model) and the sparse patch of the step against the dense size."""
+    curves = report.summary.get("curves", {})
+    if "update_sparsity" not in curves:
+        return []
+    lines = ["sparsity curves (fraction of entries unchanged; patch = the changed entries of the step):"]
+    lines.append(f"  {'step':>8}  {'since base':>10}  {'since prev':>10}  {'patch':>10}  {'dense':>10}")
+    for step in report.summary["steps"]:
+        by = report.summary["by_step"][step]
+        lines.append(
+            f"  {step:>8}  {by.get('update_sparsity', float('nan')):>10.4f}  "
+            f"{by.get('step_sparsity', float('nan')):>10.4f}  {_bytes(by.get('patch_bytes', float('nan'))):>10}  "
+            f"{_bytes(by.get('dense_bytes', float('nan'))):>10}"
+        )
+    return lines
+
+
+def _mask_overlap(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    """``compare BASE FT1 FT2 ... --mask-overlap``: the pairwise overlap matrices of the fine-tunes' update masks."""
+    from .engine.overlap import mask_overlaps, pairwise_matrix
+    from .options import PairOptions
+    from .validation import check_report_path
+
+    if len(args.ft) < 2:
+        raise WeightgeoError("--mask-overlap compares the update masks of two or more fine-tunes: give FT1 FT2 [...]")
+    if args.metrics is not None:
+        raise WeightgeoError("--mask-overlap computes the masks' overlap only; drop --metrics")
+    options = PairOptions.create(
+        metrics="update_sparsity",
+        include=opts["include"],
+        exclude=opts["exclude"],
+        eta=opts["eta"],
+        dtype=opts["dtype"],
+        device=opts["device"],
+        progress=opts["progress"],
+    )
+    base, fts = _open_with_config(args.base, args.ft, args.config)
+    reports = mask_overlaps(base, fts, options)
+    n = len(args.ft)
+    labels = [f"[{i + 1}]" for i in range(n)]
+    for i, ft in enumerate(args.ft):
+        print(f"{labels[i]} {ft}")
+    for key, what in (
+        ("mask_jaccard", "Jaccard index |A ∩ B| / |A ∪ B|"),
+        ("mask_overlap", "overlap coefficient |A ∩ B| / min(|A|, |B|)"),
+    ):
+        seen = pairwise_matrix(reports, n, key)
+        chance = pairwise_matrix(reports, n, f"random_{key}")
+        print(
+            f"\n{what} of the update masks, all tensors pooled (in parentheses: independent random masks of "
+            f"the same sizes)"
+        )
+        width = 18
+        print(" " * 6 + "".join(lab.rjust(width) for lab in labels))
+        for i in range(n):
+            cells = ["-" if i == j else f"{seen[i][j]:.4f} ({chance[i][j]:.4f})" for j in range(n)]
+            print(labels[i].ljust(6) + "".join(c.rjust(width) for c in cells))
+    any_report = next(iter(reports.values()))
+    skipped = any_report.meta.get("skipped", [])
+    if skipped:
+        print(f"\nnot compared: {len(skipped)} tensor(s), e.g. {skipped[0]['name']} ({skipped[0]['reason']})")
+    if args.out is not None:
+        for (i, j), report in reports.items():
+            out = args.out.with_name(f"{args.out.stem}-{i + 1}-{j + 1}{args.out.suffix}")
+            created = _created(check_report_path(out))
+            _write(report, out)
+            if created:
+                print(f"created folder {created}", file=sys.stderr)
+            print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def _run_header(label: str, report: Report) -> str:
@@ -639,9 +745,15 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
             _pages({_labels(args, [args.run_dir])[0]: report}, args, quiet=True)
             last = (update, onset)
             _FOLLOWED[:] = [update.step]
+            sparse = (
+                f"; unchanged {by['update_sparsity']:.4f} since the base, {by.get('step_sparsity', nan):.4f} "
+                f"since the previous, patch {_bytes(by.get('patch_bytes', nan))}"
+                if "update_sparsity" in by
+                else ""
+            )
             print(
-                f"step {update.step}: {by.get('n_tensors', 0)} matrices, stable rank "
-                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('delta_frobenius', nan):.4g}; "
+                f"step {update.step}: {by.get('n_stable_rank', by.get('n_tensors', 0))} matrices, stable rank "
+                f"{by.get('stable_rank', nan):.4g}, ||dW||_F {by.get('delta_frobenius', nan):.4g}{sparse}; "
                 f"{len(report.summary['steps'])} step(s), "
                 f"locking onset {onset.step}; {c.get('spectra_computed', 0)} spectra computed, "
                 f"{c.get('spectra_reused', 0)} reused"
@@ -656,6 +768,8 @@ def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         return 0
     update, onset = last
     _print_report(update.report, args)
+    for line in _sparsity_lines(update.report):
+        print(line)
     print(f"locking onset (Sim_{args.k} >= {args.threshold} from then on): step {onset.step}")
     for p in (args.out, args.plot, args.html):
         if p is not None:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .checkpoint.completeness import step_of
-from .defaults import HILL_K, POLL_S, PROGRESS, SEED, STREAM_K
+from .defaults import ETA, HILL_K, POLL_S, PROGRESS, SEED, STREAM_K
 from .errors import WeightgeoError
 from .options import Filter, StreamOptions
 from .report import Report
@@ -85,6 +85,8 @@ def follow(
     cache: CacheArg = None,
     config: Any = None,
     progress: bool = PROGRESS,
+    sparsity: bool = False,
+    eta: float = ETA,
 ) -> Iterator[FollowUpdate]:
     """Analyse a run's checkpoints as they become complete: one :class:`FollowUpdate` per new step.
 
@@ -99,8 +101,9 @@ def follow(
         run_dir: the run directory (``checkpoint-N``, ``global_step_N``, ``global_stepN``, ``iter_N``,
             ``step-N`` folders). It may hold no checkpoint yet.
         base: the initial model W0; default: the first complete checkpoint (it gets no row).
-        include, exclude, hill_k, k, dtype, device, seed, cache, config, progress: as
-            :func:`~weightgeo.rank_curve`.
+        include, exclude, hill_k, k, dtype, device, seed, cache, config, progress, sparsity, eta: as
+            :func:`~weightgeo.rank_curve` (``sparsity=True``: each update carries the sparsity curves too, each
+            checkpoint's counts computed once, as it arrives, from the same read as its spectra).
         until: the last step to analyse (default: no end).
         poll_s: seconds between scans of the run directory (default 10).
         idle_s: stop after this many seconds without a new complete checkpoint (default: never; ``0`` = analyse
@@ -120,7 +123,15 @@ def follow(
         run_dir, what="follow: run directory", fix="pass the folder the trainer writes its checkpoint folders into"
     )
     options = StreamOptions.create(
-        include=include, exclude=exclude, hill_k=hill_k, k=k, dtype=dtype, device=device, seed=seed, progress=progress
+        include=include,
+        exclude=exclude,
+        hill_k=hill_k,
+        k=k,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        progress=progress,
+        eta=eta if sparsity else None,
     )
     if until is not None:
         until = check_int(until, "until", minimum=0)

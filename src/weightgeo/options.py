@@ -2,7 +2,9 @@
 
 :class:`PairOptions` holds what ``compare``, ``compare_many``, the pair verbs on checkpoints and ``weightgeo
 compare`` are asked for; :class:`StreamOptions` what ``rank_curve``, ``locking_onset``, ``follow``, the
-``Tracker``, ``subspace_similarity`` of checkpoints and ``weightgeo trajectory`` are asked for. Each option is
+``Tracker``, ``subspace_similarity`` of checkpoints and ``weightgeo trajectory`` are asked for;
+:class:`SparsityOptions` what ``sparsity_curve`` (and the sparsity curves of a stream pass or the Tracker) is
+asked for. Each option is
 one field: its default (from :mod:`weightgeo.defaults`, which the verbs' signatures use too), its check (in
 ``__post_init__``, through :mod:`weightgeo.validation`) and its role (field metadata). Everything derived from
 the options is computed from the fields, never listed by hand:
@@ -51,7 +53,16 @@ from .validation import (
     check_threshold,
 )
 
-__all__ = ["PairOptions", "StreamOptions", "KERNEL", "BASE", "Filter", "resolve_metrics", "default_batch_bytes"]
+__all__ = [
+    "PairOptions",
+    "StreamOptions",
+    "SparsityOptions",
+    "KERNEL",
+    "BASE",
+    "Filter",
+    "resolve_metrics",
+    "default_batch_bytes",
+]
 
 Filter = str | Sequence[str] | None
 O = TypeVar("O", bound="_Options")
@@ -256,6 +267,8 @@ class StreamOptions(_Options):
         device: where the linear algebra runs; ``None``: where the data is (the CPU for checkpoints, read there;
             each parameter's device in the Tracker).
         progress: show a bar.
+        eta: also the sparsity curves, with this tolerance η, from the same read of each checkpoint
+            (``rank_curve(..., sparsity=True)``, ``weightgeo trajectory``); ``None``: spectra only.
     """
 
     include: Filter = field(default=None, metadata=_SELECTS)
@@ -272,10 +285,18 @@ class StreamOptions(_Options):
     dtype: torch.dtype | None = None
     device: torch.device | None = field(default=None, metadata=_DEVICE)
     progress: bool = field(default=PROGRESS, metadata=_BAR)
+    eta: float | None = field(
+        default=None,
+        metadata=not_in_key(
+            "no spectrum depends on it; the sparsity counts of the same pass are keyed by sparsity_options(), "
+            "a SparsityOptions that holds it"
+        ),
+    )
 
     def __post_init__(self) -> None:
         compile_filter(self.include, self.exclude)
         self._set(
+            eta=None if self.eta is None else check_eta(self.eta),
             k=check_k(self.k),
             hill_k=check_int(self.hill_k, "hill_k", minimum=2),
             seed=check_seed(self.seed),
@@ -297,3 +318,51 @@ class StreamOptions(_Options):
     def selector(self) -> Selector:
         """The tensor selection of a stream or the Tracker: matrices and expert stacks."""
         return Selector(self.include, self.exclude, elementwise=False, svd=True)
+
+    def sparsity_options(self) -> SparsityOptions | None:
+        """The options of the sparsity curves computed in the same pass (``None`` when ``eta`` is None): the
+        filter, ``eta``, ``dtype`` and ``device`` of these options."""
+        if self.eta is None:
+            return None
+        return SparsityOptions(
+            include=self.include, exclude=self.exclude, eta=self.eta, dtype=self.dtype, device=self.device
+        )
+
+
+@dataclass(frozen=True)
+class SparsityOptions(_Options):
+    """Everything a sparsity-curve pass over a stream of checkpoints (``sparsity_curve``) is asked for, checked;
+    its per-(tensor, step) counts are cached under keys that hold it as a whole.
+
+    Attributes:
+        include, exclude: the tensor filter as given (regexes or presets).
+        eta: the bf16 rule's relative tolerance η (paper §3.1).
+        dtype: every version of a tensor is rounded to it before the update rule (then the FP8 rule on stored
+            codes does not apply); ``None``: the stored formats.
+        device: where the counting runs; ``None``: where the data is (the CPU for checkpoints).
+        progress: show a bar.
+    """
+
+    include: Filter = field(default=None, metadata=_SELECTS)
+    exclude: Filter = field(default=None, metadata=_SELECTS)
+    eta: float = ETA
+    dtype: torch.dtype | None = None
+    device: torch.device | None = field(default=None, metadata=_DEVICE)
+    progress: bool = field(default=PROGRESS, metadata=_BAR)
+
+    def __post_init__(self) -> None:
+        compile_filter(self.include, self.exclude)
+        self._set(
+            eta=check_eta(self.eta),
+            dtype=check_dtype(self.dtype),
+            device=None if self.device is None else resolve_device(self.device),
+            progress=bool(self.progress),
+        )
+
+    def where(self, data: torch.device | None = None) -> torch.device:
+        """Where the counting runs: ``device``, else where the data is (``data``; the CPU for checkpoints)."""
+        return self.device if self.device is not None else data if data is not None else torch.device("cpu")
+
+    def selector(self) -> Selector:
+        """The tensor selection of the sparsity curves: every floating tensor (an expert stack per expert)."""
+        return Selector(self.include, self.exclude, elementwise=True, svd=False)

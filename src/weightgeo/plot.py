@@ -261,7 +261,9 @@ def plot_trajectories(
     threshold: float | None = None,
 ) -> Path:
     """Stable rank, ‖ΔW_t‖_F, Hill α and Sim_K(t, t_end) over training (paper Figs. 4-5), each run's locking
-    onset marked and labelled, and heatmaps of the final stable rank and of Sim_K at about 20% of training.
+    onset marked and labelled, the sparsity curves (entries unchanged since the base and since the previous
+    checkpoint) when the reports carry them, and heatmaps of the final stable rank and of Sim_K at about 20% of
+    training.
 
     Args:
         reports: label -> trajectory Report (from :func:`weightgeo.rank_curve` or ``Tracker.rank_curve``); the

@@ -17,7 +17,7 @@ from .defaults import THRESHOLD
 from .errors import WeightgeoError
 from .jsonfile import read_json
 from .means import nanmean
-from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, WEIGHTED
+from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, SUMMED, WEIGHTED
 from .outputs import atomic_write_text, check_output_path
 from .render.cells import fmt
 from .render.text import DEFAULT_WIDTH, rows_table, summary_block
@@ -99,9 +99,10 @@ def _is_number(v: Any) -> bool:
 def summarize_rows(rows: Sequence[Mapping[str, Any]], *, by: str = "module") -> dict[str, Any]:
     """Model-level figures from per-tensor rows.
 
-    ``update_sparsity`` is weighted by parameter count over the rows that have it (paper §3.1: a fraction of
-    the model's entries); every other metric is an unweighted mean over the rows that have it (over matrices,
-    as the paper averages NSS and angles). ``max_principal_angle`` also gets its maximum over matrices.
+    ``update_sparsity`` (and ``step_sparsity``) is weighted by parameter count over the rows that have it
+    (paper §3.1: a fraction of the model's entries); counts and byte sizes (``patch_bytes``, ...) are summed;
+    every other metric is an unweighted mean over the rows that have it (over matrices, as the paper averages
+    NSS and angles). ``max_principal_angle`` also gets its maximum over matrices.
     NaN values (undefined, e.g. overlaps of a matrix with no visible update) are left out of means. Rows of
     MoE experts (an ``expert`` field) also get per-tensor summaries, ``summary["experts"][tensor]``, over the
     experts of each expert tensor (a stack's name; a per-expert name with its ``experts.{j}.`` number removed).
@@ -145,6 +146,11 @@ def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         have = [r for r in rows if _is_number(r.get(key))]
         vals = [float(r[key]) for r in have]
         mean: float | None = None  # nothing measurable: null, as in the rows
+        if key in SUMMED:  # counts and byte sizes: exact integer sums over the rows that have them
+            out[key] = sum(int(r[key]) for r in have if not math.isnan(float(r[key])))
+            if key in missing:
+                out[f"n_{key}"] = len(have)
+            continue
         if have and key in _WEIGHTED:
             mean = nanmean(vals, [float(r.get("numel", 1)) for r in have])
         elif have:

@@ -393,22 +393,27 @@ class StreamReader:
     filtered_out: int = 0
 
     @classmethod
-    def open(cls, stream: CheckpointStream, select: Selector | None = None, *, config: Any = None) -> StreamReader:
+    def open(
+        cls, stream: CheckpointStream, select: Selector | None = None, *, config: Any = None, matrices: bool = True
+    ) -> StreamReader:
         """Open the base and every checkpoint (headers only) and plan the matrices to follow (``select``: which,
         default :meth:`StreamOptions.selector() <weightgeo.options.StreamOptions.selector>`). ``config``: the
-        model's HF config for native checkpoints whose name mapping needs architecture numbers."""
+        model's HF config for native checkpoints whose name mapping needs architecture numbers. ``matrices=False``:
+        no matrix plan (a pass that follows tensors elementwise plans its own)."""
         select = StreamOptions().selector() if select is None else select
         base = open_checkpoint(stream.base, config=config)
         cks: list[Checkpoint] = []
         try:
             for src in stream.sources:
                 cks.append(open_checkpoint(src, base=base, config=config))
-            plan, skipped, unmatched, filtered = _plan(base, cks, stream.steps, select)
+            plan, skipped, unmatched, filtered = (
+                _plan(base, cks, stream.steps, select) if matrices else ([], [], {"only_base": [], "only_ft": []}, 0)
+            )
         except BaseException:
             for c in [base, *cks]:
                 c.close()
             raise
-        if not plan:
+        if not plan and matrices:
             for c in [base, *cks]:
                 c.close()
             raise WeightgeoError(

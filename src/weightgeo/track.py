@@ -39,6 +39,12 @@ Modes (memory per tracked [m, n] matrix; K = ``k``, r = max(k, hill_k)):
   float64 because the difference of two sketches of nearly equal matrices cancels: in float32 its error
   grows like 6e-8·‖W‖/‖ΔW‖.
 
+Sparsity (exact mode only: it compares with W0's copy): ``weightgeo/update_sparsity`` of every tracked tensor
+(the 1-D norms and biases too, whose W0 copies are kept for it) at no other cost, and with ``step_sparsity=True``
+``weightgeo/step_sparsity`` and ``weightgeo/patch_bytes``, the previous step held exactly as a patch of W0 (at most
+one more bf16 copy; :mod:`weightgeo.track_sparsity`). :meth:`Tracker.sparsity_curve` equals
+:func:`~weightgeo.sparsity_curve` on the checkpoints the run writes in the rounding dtype.
+
 Both modes store per tracked step and matrix the top r+1 singular values (float64) and V_K ([K, n] float32):
 4·K·n bytes. Distributed training: parameters must be whole matrices when ``update`` is called. DeepSpeed
 ZeRO-3 shards (``ds_id``) are accepted only inside ``deepspeed.zero.GatheredParameters``; FSDP flat parameters
@@ -60,7 +66,7 @@ from typing import Any
 import torch
 
 from .checkpoint import canonical_name
-from .defaults import HILL_K, SEED, STREAM_K, THRESHOLD, TRACKER_DTYPE
+from .defaults import ETA, HILL_K, SEED, STREAM_K, THRESHOLD, TRACKER_DTYPE
 from .errors import WeightgeoError
 from .jsonfile import loads
 from .means import nanmean
@@ -74,10 +80,11 @@ from .metrics.trajectory import (
     subspace_sim,
     update_spectra,
 )
-from .options import Filter, StreamOptions
+from .options import Filter, SparsityOptions, StreamOptions
 from .outputs import atomic_output
 from .report import Report
 from .selection import ByUid, tensor_uid
+from .track_sparsity import LiveSparsity
 from .trajectory import assemble, spectrum_row, trajectory_summary
 from .validation import check_choice, check_finite, check_int, check_next_step
 
@@ -85,7 +92,7 @@ __all__ = ["Tracker"]
 
 _PREFIX = TRACKER_PREFIX
 _MODES = {"exact": "a copy of W0 in dtype", "sketch": "random sketches of W0"}
-_FORMAT = 2  # 2: expert stacks tracked per expert (matrices carry the expert); files of format 1 still load
+_FORMAT = 3  # 3: sparsity counts; 2: expert stacks per expert; files of format 1 and 2 still load (no sparsity)
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,10 @@ class Tracker:
         sketch_rank: s, the sketch's range size (default 2·max(k, hill_k) + 1); l = 2s + 1.
         base_device: where the W0 copy / sketches are kept (default CPU).
         gather: gather DTensor parameters with ``full_tensor()`` (every rank must call ``update``).
+        eta: the bf16 rule's tolerance η of the sparsity logs (exact mode: ``weightgeo/update_sparsity``).
+        step_sparsity: also log ``weightgeo/step_sparsity`` (entries unchanged since the previous tracked step)
+            and ``weightgeo/patch_bytes`` (exact mode; memory: the previous step held as a patch of W0, at most
+            one more copy in bf16: :mod:`weightgeo.track_sparsity`).
     """
 
     def __init__(
@@ -140,11 +151,19 @@ class Tracker:
         sketch_rank: int | None = None,
         base_device: str | torch.device = "cpu",
         gather: bool = False,
+        eta: float = ETA,
+        step_sparsity: bool = False,
     ) -> None:
         self.mode = check_choice(mode, "mode", _MODES)
         self.options = StreamOptions.create(
             include=include, exclude=exclude, k=k, hill_k=hill_k, dtype=dtype, device=device, seed=seed
         )
+        sparse = SparsityOptions.create(include=include, exclude=exclude, eta=eta, device=device)
+        if step_sparsity and self.mode != "exact":
+            raise WeightgeoError(
+                "Tracker(step_sparsity=True) needs mode='exact' (the sparsity counts compare with W0's copy; "
+                "sketches keep none)"
+            )
         self.every = check_int(every, "every", minimum=1)
         self.gather = bool(gather)
         r = self.options.r
@@ -158,7 +177,13 @@ class Tracker:
         self._records: dict[str, dict[int, Spectrum]] = {}
         self._matrices: dict[str, _Matrix] = {}  # by uid: a 2-D parameter's key, or ``key[j]`` for expert j
         self._base: dict[str, torch.Tensor] = {}  # exact: W0 copy; sketch: Y0 and Z0 under uid+"/y", uid+"/z"
-        select = self.options.selector()
+        # exact mode: the sparsity counts of every tracked tensor (the matrices' W0 copies are shared)
+        self._live = (
+            LiveSparsity(sparse, step_sparsity=bool(step_sparsity), base=self._base, base_device=self.base_device)
+            if self.mode == "exact"
+            else None
+        )
+        select, elementwise = self.options.selector(), sparse.selector()
         names: dict[str, str] = {}
         for name, p in _named_tensors(model):
             key = canonical_name(name)
@@ -168,10 +193,18 @@ class Tracker:
             frozen = isinstance(p, torch.nn.Parameter) and not p.requires_grad
             choice = select.choose(key, _full_shape(p), p.dtype, trainable=not frozen)
             self.filtered_out += choice.filtered
+            # a tensor that is not a matrix (a norm, a bias) gets the sparsity counts only
+            counted = (
+                self._live is not None
+                and not frozen
+                and choice.analyse is None
+                and elementwise.choose(key, _full_shape(p), p.dtype).analyse == "elementwise"
+            )
             if choice.analyse is None:
                 if choice.skipped is not None:
                     self.skipped.append({"name": key, "reason": choice.skipped})
-                continue
+                if not counted:
+                    continue
             if key in names:
                 raise WeightgeoError(
                     f"parameters {names[key]!r} and {name!r} both map to {key!r}; "
@@ -179,12 +212,18 @@ class Tracker:
                 )
             names[key] = name
             w = self._full(name, p)
+            if counted:
+                assert self._live is not None
+                self._live.add(key, key, tuple(w.shape), self.dtype or w.dtype, self._round(w))
+                continue
             experts: list[int | None] = list(range(choice.experts)) if choice.analyse == "experts" else [None]
             for j in experts:
                 shape = tuple(w.shape[-2:])
                 m = _Matrix(key, name, (shape[0], shape[1]), matrix_seed(self.seed, tensor_uid(key, j)), j)
                 self._matrices[m.uid] = m
                 self._capture_base(m, w if j is None else w[j])
+                if self._live is not None:  # its W0 copy is the one just captured
+                    self._live.add(m.uid, key, tuple(w.shape), self.dtype or w.dtype, None)
         if not self._matrices:
             raise WeightgeoError(
                 f"Tracker: no parameter to track (include={include!r}, exclude={exclude!r}; "
@@ -283,34 +322,54 @@ class Tracker:
 
         Keys: ``weightgeo/{stable_rank,delta_frobenius,spectral_norm,hill_alpha}/{mean,<module type>}``
         (unweighted means over matrices), ``weightgeo/previous_subspace_similarity/mean`` (Sim_K to the
-        previous tracked step) and ``weightgeo/n_matrices`` (matrices with a nonzero update); the names are
-        :mod:`weightgeo.metrics.catalog`'s. Returns ``{}`` when ``step`` is not
-        a multiple of ``every``; a step where no tracked matrix has changed is not recorded.
+        previous tracked step) and ``weightgeo/n_matrices`` (matrices with a nonzero update); in exact mode
+        ``weightgeo/update_sparsity`` (entries unchanged since W0, weighted by entries over every tracked tensor)
+        and ``weightgeo/update_sparsity/<module type>``, with ``step_sparsity=True`` also
+        ``weightgeo/step_sparsity`` (and per module type) and ``weightgeo/patch_bytes``; the names are
+        :mod:`weightgeo.metrics.catalog`'s. Returns ``{}`` when ``step`` is not a multiple of ``every``; a step
+        where no tracked matrix has changed gets no spectra (its sparsity counts are recorded).
         """
-        step = check_next_step(step, self.steps[-1] if self.steps else None, what="Tracker.update")
+        last = max(
+            self.steps[-1] if self.steps else -1, self._live.steps[-1] if self._live and self._live.steps else -1
+        )
+        step = check_next_step(step, last if last >= 0 else None, what="Tracker.update")
         if step % self.every:
             return {}
         current = self._collect(named_parameters)
+        logs: dict[str, float] = {}
+        if self._live is not None:
+            logs = self._live.measure(step, {u: self._round(w) for u, w in current.items() if u in self._live.units})
+        current = {u: w for u, w in current.items() if u in self._matrices}
         specs = self._measure_exact(current, step) if self.mode == "exact" else self._measure_sketch(current)
         if not specs:
-            return {f"{_PREFIX}/n_matrices": 0.0}
+            return {**logs, f"{_PREFIX}/n_matrices": 0.0}
         prev = self.steps[-1] if self.steps else None
         self.steps.append(step)
         for key, sp in specs.items():
             self._records.setdefault(key, {})[step] = sp
-        return self._log(specs, step, prev)
+        return {**self._log(specs, step, prev), **logs}
 
     def _collect(self, named_parameters: Any) -> dict[str, torch.Tensor]:
         """Each tracked matrix's W_t (by uid) from the parameters: a 2-D parameter, or one expert of a stack."""
         stacks: dict[str, list[_Matrix]] = {}
         for m in self._matrices.values():
             stacks.setdefault(m.key, []).append(m)
+        counted = {u: t.shape for u, t in (self._live.units.items() if self._live else ()) if u not in self._matrices}
         got: dict[str, torch.Tensor] = {}
         seen: set[str] = set()
         for name, p in _named_tensors(named_parameters):
             key = canonical_name(name)
             ms = stacks.get(key)
             if ms is None:
+                if key in counted:  # a tensor tracked for its sparsity counts only
+                    w = self._full(name, p)
+                    if tuple(w.shape) != counted[key]:
+                        raise WeightgeoError(
+                            f"parameter {name!r} has shape {tuple(w.shape)} but {counted[key]} at the start; "
+                            f"the tracker follows fixed tensors"
+                        )
+                    got[key] = w.detach()
+                    seen.add(key)
                 continue
             w = self._full(name, p)
             want = ms[0].shape if ms[0].expert is None else (len(ms), *ms[0].shape)
@@ -323,11 +382,11 @@ class Tracker:
             for m in ms:
                 got[m.uid] = w if m.expert is None else w[m.expert]
             seen.add(key)
-        missing = [k for k in stacks if k not in seen]
+        missing = [k for k in [*stacks, *counted] if k not in seen]
         if missing:
             raise WeightgeoError(
                 f"Tracker.update: {len(missing)} tracked parameter(s) missing, e.g. "
-                f"{[stacks[k][0].name for k in missing[:3]]}; pass model.named_parameters() "
+                f"{[stacks[k][0].name if k in stacks else k for k in missing[:3]]}; pass model.named_parameters() "
                 f"of the tracked model"
             )
         return got
@@ -434,6 +493,28 @@ class Tracker:
         }
         return Report(rows=rows, summary=trajectory_summary(rows, self.steps, sims, k=self.k), meta=meta)
 
+    def sparsity_curve(self) -> Report:
+        """The same :class:`~weightgeo.report.Report` as :func:`~weightgeo.sparsity_curve` on the checkpoints the
+        run writes at the tracked steps, when they store the tensors in the rounding ``dtype`` (exact mode; rows
+        carry ``step_sparsity`` and ``patch_bytes`` when the Tracker was built with ``step_sparsity=True``)."""
+        if self._live is None:
+            raise WeightgeoError(
+                "Tracker.sparsity_curve needs mode='exact' (the counts compare with W0's copy; sketches keep none)"
+            )
+        if not self._live.steps:
+            raise WeightgeoError("the Tracker has no tracked step yet; call update(...) during training first")
+        return self._live.report(
+            {
+                "source": "Tracker",
+                "mode": self.mode,
+                "steps": list(self._live.steps),
+                "params": {**self._live.options.params(), "dtype": self.options.params()["dtype"], "every": self.every},
+                "skipped": [s for s in self.skipped if s["name"] not in {u.key for u in self._live.units.values()}],
+                "filtered_out": self.filtered_out,
+                "not_measured": [],
+            }
+        )
+
     def locking_onset(self, threshold: float = THRESHOLD) -> LockingOnset:
         """The :class:`~weightgeo.metrics.trajectory.LockingOnset` with t_end = the last tracked step."""
         self._need_steps()
@@ -449,14 +530,15 @@ class Tracker:
         return {u: (m.key, m.expert) for u, m in self._matrices.items() if m.expert is not None}
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: ``base`` (W0 copy or sketches) and ``history`` (per-step spectra and V_K)."""
+        """Bytes held: ``base`` (W0 copy or sketches), ``history`` (per-step spectra and V_K) and ``previous`` (the
+        previous tracked step held for ``step_sparsity``)."""
         base = sum(t.numel() * t.element_size() for t in self._base.values())
         hist = sum(
             sp.S.numel() * sp.S.element_size() + (0 if sp.Vh is None else sp.Vh.numel() * sp.Vh.element_size())
             for per in self._records.values()
             for sp in per.values()
         )
-        return {"base": base, "history": hist}
+        return {"base": base, "history": hist, "previous": self._live.memory_bytes() if self._live else 0}
 
     @property
     def names(self) -> list[str]:
@@ -495,6 +577,9 @@ class Tracker:
             "history": hist,
             "matrices": [[m.key, m.name, list(m.shape), m.seed, m.expert] for m in self._matrices.values()],
         }
+        if self._live is not None:
+            state["sparsity"], held = self._live.state()
+            tensors.update(held)
         with atomic_output(path, what="tracker state") as tmp:
             save_file(tensors, str(tmp), metadata={"weightgeo_tracker": json.dumps(state)})
         return path
@@ -526,8 +611,8 @@ class Tracker:
             raise WeightgeoError(
                 f"{path}: cannot read a Tracker file ({type(e).__name__}: {e}); write one with Tracker.save"
             ) from e
-        if state.get("format") not in (1, _FORMAT):
-            raise WeightgeoError(f"{path}: Tracker file format {state.get('format')} is not {_FORMAT} (or 1)")
+        if state.get("format") not in (1, 2, _FORMAT):
+            raise WeightgeoError(f"{path}: Tracker file format {state.get('format')} is not {_FORMAT} (or 1, 2)")
         self = cls.__new__(cls)
         self.mode, self.every = state["mode"], state["every"]
         self.options = StreamOptions.create(
@@ -549,6 +634,18 @@ class Tracker:
         ]
         self._matrices = {m.uid: m for m in matrices}
         self._base = {k[len("base/") :]: t.to(self.base_device) for k, t in tensors.items() if k.startswith("base/")}
+        self._live = None  # files before format 3 hold no sparsity state (and no W0 of the tensors it needs)
+        if "sparsity" in state:
+            sp = state["sparsity"]
+            self._live = LiveSparsity(
+                SparsityOptions.create(
+                    include=state["include"], exclude=state["exclude"], eta=sp["eta"], device=device
+                ),
+                step_sparsity=bool(sp["step_sparsity"]),
+                base=self._base,
+                base_device=self.base_device,
+            )
+            self._live.load_state(sp, tensors)
         self._records = {}
         for key, per in state["history"].items():
             for step, h in per.items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from traj_planted import planted_stream
 
+import weightgeo
 from weightgeo.track import Tracker
 from weightgeo.trajectory import locking_onset, rank_curve
 
@@ -56,3 +57,22 @@ def test_tracker_on_cuda_equals_cpu(device="cuda"):
         assert b["spectral_norm"] == pytest.approx(a["spectral_norm"], rel=0.10)
         assert abs(b["final_subspace_similarity"] - a["final_subspace_similarity"]) <= 0.1
     assert sk.locking_onset().step == ex.locking_onset().step == 300
+
+
+def test_sparsity_curves_on_cuda_equal_cpu(device="cuda"):
+    """Counts are exact integers: the CUDA pass (the torch backend of changed_count, the FP8 rule on the device)
+    gives the CPU report row for row, and the Tracker's logs on CUDA parameters equal the CPU ones."""
+    base, cks = planted_stream("switch", STEPS, switch_at=300, dtype=torch.bfloat16)
+    on = weightgeo.sparsity_curve(cks, base=base, steps=STEPS, device=device, cache=False)
+    off = weightgeo.sparsity_curve(cks, base=base, steps=STEPS, cache=False)
+    assert on.rows == off.rows and on.summary == off.summary
+    both = weightgeo.rank_curve(cks, base=base, steps=STEPS, k=16, hill_k=10, sparsity=True, device=device)
+    assert [r["update_sparsity"] for r in both.rows] == [r["update_sparsity"] for r in off.rows]
+    logs = []
+    for dev in (device, None):
+        tr = Tracker({n: t.to(dev or "cpu") for n, t in base.items()}, device=dev, step_sparsity=True, k=2, hill_k=2)
+        logs.append([tr.update({n: t.to(dev or "cpu") for n, t in ck.items()}, s) for s, ck in zip(STEPS, cks)])
+    for a, b in zip(*logs):
+        assert {k: v for k, v in a.items() if "sparsity" in k or "patch" in k} == {
+            k: v for k, v in b.items() if "sparsity" in k or "patch" in k
+        }

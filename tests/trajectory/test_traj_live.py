@@ -134,7 +134,8 @@ def test_follow_a_run_being_written_equals_offline_rank_curve(tmp_path):
     assert "CORRUPT checkpoint" in stderr and "checkpoint-30" in stderr
 
     live = Report.from_json(out)
-    offline = weightgeo.rank_curve([run / f"checkpoint-{t}" for t in (0, 10, 20, 50)], cache=False, **KW)
+    # the command line reports the sparsity curves beside the spectra (rank_curve(sparsity=True))
+    offline = weightgeo.rank_curve([run / f"checkpoint-{t}" for t in (0, 10, 20, 50)], cache=False, sparsity=True, **KW)
     assert json.loads(live.to_json())["rows"] == rows_json(offline)
     left = {c["name"]: c for c in live.meta["skipped"] if c.get("kind") == "checkpoint"}
     assert set(left) == {"checkpoint-30", "checkpoint-40"}

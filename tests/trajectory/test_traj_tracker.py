@@ -86,7 +86,9 @@ def test_update_errors_and_unchanged_step():
     base, cks = planted_stream("fixed", STEPS)
     model = Toy(base)
     tr = Tracker(model, k=4, hill_k=4)
-    assert tr.update(model.named_parameters(), 0) == {"weightgeo/n_matrices": 0.0}  # no update yet
+    first = tr.update(model.named_parameters(), 0)  # no update yet: no spectra; every entry unchanged
+    assert {k: v for k, v in first.items() if "sparsity" not in k} == {"weightgeo/n_matrices": 0.0}
+    assert first["weightgeo/update_sparsity"] == 1.0
     model.load(cks[0])
     tr.update(model.named_parameters(), 5)
     with pytest.raises(WeightgeoError, match="steps must increase"):

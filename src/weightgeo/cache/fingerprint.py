@@ -35,7 +35,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 #: the kernels and the numerical policy (``linalg/``, ``metrics/``); how stored bytes become tensor values
 #: (``checkpoint/``: formats, FP8 dequantisation, LoRA merges, native name maps and their transforms); the
 #: paths that shape a row or a spectrum (``engine/``: plan, reading, rounding, the finiteness pass, the kernel
-#: call, rows rebuilt from the cache; ``stream.py`` and ``trajectory.py``: ΔW_t and its spectra); what reaches
+#: call, rows rebuilt from the cache; ``stream.py``, ``stream_sparsity.py`` and ``trajectory.py``: ΔW_t, its spectra
+#: and the sparsity counts); what reaches
 #: the kernels (``options.py``, ``defaults.py``, ``selection.py``: which matrix, which expert); how a result is
 #: keyed and stored (``cache/keys.py``, ``cache/codec.py``). Left out, because they only present, orchestrate or
 #: train and never change a cached number: the CLI, reports and plots, outputs, follow, the Tracker (uncached),
@@ -47,6 +48,7 @@ COMPUTING: tuple[str, ...] = (
     "checkpoint",
     "engine",
     "stream.py",
+    "stream_sparsity.py",
     "trajectory.py",
     "options.py",
     "defaults.py",

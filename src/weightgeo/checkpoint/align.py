@@ -19,7 +19,7 @@ from ..errors import WeightgeoError
 from .base import Checkpoint
 from .names import INPUT_EMBEDDINGS, canonical_name, module_type
 
-__all__ = ["align", "Alignment", "Pair"]
+__all__ = ["align", "Alignment", "Pair", "canonical_map", "natural_key"]
 
 _LM_HEAD = "lm_head.weight"
 
@@ -44,17 +44,20 @@ class Alignment:
     tied: list[str] = field(default_factory=list)
 
 
-def _natural(key: str) -> list[object]:
+def natural_key(key: str) -> list[object]:
+    """The sort key of natural order (``layers.2`` before ``layers.10``)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def _canonical_map(ckpt: Checkpoint, side: str) -> dict[str, str]:
+def canonical_map(ckpt: Checkpoint, side: str = "") -> dict[str, str]:
+    """``{canonical name: stored name}`` of a checkpoint's tensors; two stored names of one canonical name raise
+    (``side``: how messages call the checkpoint, e.g. ``"base"``)."""
     out: dict[str, str] = {}
     for name in ckpt.names():
         key = canonical_name(name)
         if key in out:
             raise WeightgeoError(
-                f"{side} checkpoint {ckpt.source}: tensors {out[key]!r} and {name!r} both normalise to {key!r}; "
+                f"{side + ' ' if side else ''}checkpoint {ckpt.source}: tensors {out[key]!r} and {name!r} both normalise to {key!r}; "
                 f"the names are ambiguous, rename or drop one (e.g. open a filtered state_dict)"
             )
         out[key] = name
@@ -80,11 +83,11 @@ def align(base: Checkpoint, ft: Checkpoint) -> Alignment:
     Raises:
         WeightgeoError: two tensors of one checkpoint share a canonical name.
     """
-    kb = _canonical_map(base, "base")
-    kf = _canonical_map(ft, "fine-tuned")
-    pairs = [Pair(k, kb[k], kf[k]) for k in sorted(kb.keys() & kf.keys(), key=_natural)]
-    only_base = sorted(kb.keys() - kf.keys(), key=_natural)
-    only_ft = sorted(kf.keys() - kb.keys(), key=_natural)
+    kb = canonical_map(base, "base")
+    kf = canonical_map(ft, "fine-tuned")
+    pairs = [Pair(k, kb[k], kf[k]) for k in sorted(kb.keys() & kf.keys(), key=natural_key)]
+    only_base = sorted(kb.keys() - kf.keys(), key=natural_key)
+    only_ft = sorted(kf.keys() - kb.keys(), key=natural_key)
     tied: list[str] = []
     missing_b, missing_f = _LM_HEAD not in kb, _LM_HEAD not in kf
     if missing_b or missing_f:

@@ -22,7 +22,7 @@ from ..errors import WeightgeoError
 from ..linalg.pairwise import BaseSpectrum, base_spectrum
 from ..linalg.policy import compared_format, row_blocks
 from ..metrics.pair import batched_pair_metrics
-from ..metrics.sparsity import finite_as_bf16, fp8_unchanged_count, fp8_update_mask, unchanged_count
+from ..metrics.sparsity import finite_as_bf16, fp8_update_mask, unchanged_count
 from ..options import PairOptions
 from .plan import Job
 
@@ -33,6 +33,7 @@ __all__ = [
     "finite_chunks",
     "chunk_unchanged",
     "fp8_unchanged",
+    "fp8_mask",
     "finish_row",
     "SharedBase",
     "matrix_rows",
@@ -126,18 +127,8 @@ def fp8_unchanged(options: PairOptions, key: str, pair: Fp8Pair) -> int:
     total = 0
     for s, e in row_blocks(w0.codes.shape[0], w0.codes.shape[1]):
         a, b = _fp8_rows(pair, s, e)
-        total += fp8_unchanged_count(
-            a.codes,
-            a.scales,
-            b.codes,
-            b.scales,
-            a.block,
-            block1=b.block,
-            eta=options.eta,
-            row_start=a.row_start,
-            rows=a.rows,
-            name=f"{key} rows {a.row_start}:{a.row_start + e - s}",
-        )
+        updated = fp8_mask(options, f"{key} rows {a.row_start}:{a.row_start + e - s}", a, b)
+        total += updated.numel() - int(torch.count_nonzero(updated))
     return total
 
 
@@ -145,21 +136,25 @@ def _fp8_update_rows(options: PairOptions, key: str, pair: Fp8Pair):  # -> Calla
     """The FP8 rule's update mask of rows ``s:e``, for the localization kernel's row blocks."""
 
     def rows(s: int, e: int) -> torch.Tensor:
-        a, b = _fp8_rows(pair, s, e)
-        return fp8_update_mask(
-            a.codes,
-            a.scales,
-            b.codes,
-            b.scales,
-            a.block,
-            block1=b.block,
-            eta=options.eta,
-            row_start=a.row_start,
-            rows=a.rows,
-            name=key,
-        )
+        return fp8_mask(options, key, *_fp8_rows(pair, s, e))
 
     return rows
+
+
+def fp8_mask(options: PairOptions, name: str, a: Fp8Weight, b: Fp8Weight) -> torch.Tensor:
+    """The FP8 rule's update mask between two stored FP8 versions of the same rows (True = updated)."""
+    return fp8_update_mask(
+        a.codes,
+        a.scales,
+        b.codes,
+        b.scales,
+        a.block,
+        block1=b.block,
+        eta=options.eta,
+        row_start=a.row_start,
+        rows=a.rows,
+        name=name,
+    )
 
 
 def finite_chunks(options: PairOptions, job: Job, w0: torch.Tensor, w1: torch.Tensor, *, count: bool = True) -> int:

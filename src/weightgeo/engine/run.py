@@ -28,11 +28,11 @@ from ..report import Report
 from .cached import RowCache
 from .fits import check_groups_fit
 from .groups import SharedBase, chunk_unchanged, finish_row, matrix_rows, pair_options
-from .plan import Group, Work, pack_groups, plan_pair, plan_work
+from .plan import Group, Plan, Work, pack_groups, plan_pair, plan_work
 from .reading import ahead_bytes, chunk_spans, read_chunk, read_fp8, read_stack
 from .report import comparison_report
 
-__all__ = ["compare", "compare_many", "run"]
+__all__ = ["compare", "compare_many", "run", "open_plans"]
 
 Rows = list[tuple[int, dict[str, Any]]]
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
@@ -190,13 +190,8 @@ def run(
 ) -> list[Report]:
     """The pass: one Report per fine-tune in ``fts`` (each as ``compare(base, ft)`` would give it)."""
     t0 = time.perf_counter()
-    b = open_checkpoint(base)
-    fs: list[Checkpoint] = []
+    b, fs, plans = open_plans(base, fts, options)
     try:
-        for ft in fts:
-            fs.append(open_checkpoint(ft, base=b))
-        select = options.selector()
-        plans = [plan_pair(b, f, select, fp8=options.dtype is None) for f in fs]
         world = current_world(options.device)
         work = plan_work(plans, pair=bool(options.pair_metrics)).shard(world)
         store = RowCache(resolve_cache(cache), b, fs, options)
@@ -242,6 +237,22 @@ def run(
         )
         for i in range(len(fs))
     ]
+
+
+def open_plans(base: Any, fts: Sequence[Any], options: PairOptions) -> tuple[Checkpoint, list[Checkpoint], list[Plan]]:
+    """Open the base and each fine-tune (headers only) and plan each pair (:func:`~.plan.plan_pair`); every
+    checkpoint is closed again when that fails. The caller closes them when done."""
+    b = open_checkpoint(base)
+    fs: list[Checkpoint] = []
+    try:
+        for ft in fts:
+            fs.append(open_checkpoint(ft, base=b))
+        select = options.selector()
+        return b, fs, [plan_pair(b, f, select, fp8=options.dtype is None) for f in fs]
+    except BaseException:
+        for c in [b, *fs]:
+            c.close()
+        raise
 
 
 def _users(work: Work, ft: int) -> list[tuple[int, int]]:

@@ -38,6 +38,10 @@ __all__ = [
     "TRAJECTORY_OUTPUTS",
     "TRAJECTORY_CURVES",
     "TRACKER_OUTPUTS",
+    "TRACKER_MODEL_LOGS",
+    "SPARSITY_CURVES",
+    "SPARSITY_OUTPUTS",
+    "SUMMED",
     "COUNTS",
     "NOT_SUMMARIZED",
     "WEIGHTED",
@@ -96,7 +100,8 @@ class Term:
         default: for an argument, its default wherever a signature gives one (:data:`REQUIRED`: none).
         family: for a pair row key, the metric family that computes it (:data:`ALL_METRICS`).
         summary: for a row key, how summaries reduce it over matrices: ``"mean"`` (unweighted),
-            ``"weighted"`` (by parameter count), or ``""`` (not reduced: it names or counts, it does not measure).
+            ``"weighted"`` (by parameter count), ``"sum"`` (counts and sizes: summed), or ``""`` (not reduced
+            by :func:`~weightgeo.report.summarize_rows`: it names something, or its report sums it its own way).
     """
 
     meaning: str
@@ -132,7 +137,12 @@ GLOSSARY: dict[str, Term] = {
     ),
     "module": _t("the module type from the name (q_proj, down_proj, embed_tokens, ...)", PAIR, STREAM),
     "layer": _t("the transformer layer index from the name (None outside the layers)", PAIR, STREAM, range="≥ 0"),
-    "stored_dtype": _t("the base tensor's stored dtype (bfloat16, float32, float8_e4m3fn, ...)", PAIR),
+    "stored_dtype": _t(
+        "the stored dtype: of the base tensor (pair rows), of W_t (stream sparsity rows; the rounding dtype when "
+        "one is given)",
+        PAIR,
+        STREAM,
+    ),
     "ft_stored_dtype": _t(
         "the fine-tune's stored dtype, where it differs from the base's (stored_dtype)", PAIR, range="a float dtype"
     ),
@@ -155,6 +165,7 @@ GLOSSARY: dict[str, Term] = {
     "update_rule": _t(
         "'fp8' where both sides are scaled FP8: sparsity and density compare stored codes and scales",
         PAIR,
+        STREAM,
         range="'fp8'",
     ),
     "step": _t(
@@ -181,13 +192,97 @@ GLOSSARY: dict[str, Term] = {
     # ---- pair rows: update_sparsity (paper §3.1) ------------------------------------------------------------
     "update_sparsity": _t(
         "fraction of entries unchanged under the bf16 rule |ŵ1 − ŵ0| ≤ η·max(|ŵ0|, |ŵ1|) (§3.1; the FP8 rule "
-        "on codes and scales where both are FP8)",
+        "on codes and scales where both are FP8); in streams and Tracker logs, W_t against the base W0",
         PAIR,
+        STREAM,
         SUMMARY,
-        range="[0, 1]; 1 = nothing changed",
+        LOG,
+        range="[0, 1]; 1 = nothing changed; NaN where not measurable (stream rows: meta['not_measured'])",
         bounds=_UNIT,
         family="update_sparsity",
         summary="weighted",
+    ),
+    # ---- stream rows: sparsity curves (docs/trajectories.md) ---------------------------------------------------
+    "step_sparsity": _t(
+        "fraction of entries unchanged (the update_sparsity rule) from the previous complete checkpoint to W_t "
+        "(the first checkpoint: from the base); as the Tracker's argument, whether to log it",
+        STREAM,
+        SUMMARY,
+        LOG,
+        ARGUMENT,
+        range="[0, 1]; 1 = nothing changed in the step; NaN where not measurable (meta['not_measured'])",
+        bounds=_UNIT,
+        default=False,
+        summary="weighted",
+    ),
+    "update_unchanged": _t(
+        "entries unchanged from the base to W_t: update_sparsity × numel",
+        STREAM,
+        SUMMARY,
+        range="count in [0, numel]; None where not measurable",
+        summary="sum",
+    ),
+    "step_unchanged": _t(
+        "entries unchanged from the previous checkpoint to W_t: step_sparsity × numel",
+        STREAM,
+        SUMMARY,
+        range="count in [0, numel]; None where not measurable",
+        summary="sum",
+    ),
+    "patch_bytes": _t(
+        "bytes of a sparse patch carrying the entries changed since the previous checkpoint: per tensor the "
+        "smallest of 4-byte indices + values, a bitmask + values, the tensor whole (metrics/stepwise.py)",
+        STREAM,
+        SUMMARY,
+        LOG,
+        range="bytes ≥ 0; 0 = nothing changed",
+        summary="sum",
+    ),
+    "dense_bytes": _t(
+        "bytes of the same tensors sent whole: numel × the stored element size (FP8: the codes)",
+        STREAM,
+        SUMMARY,
+        range="bytes ≥ 0",
+        summary="sum",
+    ),
+    # ---- pair rows: update_mask_overlap (MUK: subnetworks of two fine-tunes) --------------------------------
+    "updated_a": _t(
+        "|A|: entries the first fine-tune updated (its update mask)", PAIR, SUMMARY, FIELD, range="count ≥ 0"
+    ),
+    "updated_b": _t("|B|: entries the second fine-tune updated", PAIR, SUMMARY, FIELD, range="count ≥ 0"),
+    "updated_both": _t("|A ∩ B|: entries both fine-tunes updated", PAIR, SUMMARY, FIELD, range="count ≥ 0"),
+    "mask_jaccard": _t(
+        "Jaccard index |A ∩ B| / |A ∪ B| of two fine-tunes' update masks (the model figure pools every tensor)",
+        PAIR,
+        SUMMARY,
+        FIELD,
+        range="[0, 1]; NaN when neither updated anything",
+        bounds=_UNIT,
+    ),
+    "mask_overlap": _t(
+        "overlap coefficient |A ∩ B| / min(|A|, |B|) of two fine-tunes' update masks (1: one holds the other)",
+        PAIR,
+        SUMMARY,
+        FIELD,
+        range="[0, 1]; NaN when either updated nothing",
+        bounds=_UNIT,
+    ),
+    "random_mask_jaccard": _t(
+        "expected mask_jaccard of independent uniformly random masks of the same sizes (hypergeometric, exact per "
+        "tensor)",
+        PAIR,
+        SUMMARY,
+        FIELD,
+        range="[0, 1]; NaN when neither updated anything",
+        bounds=_UNIT,
+    ),
+    "random_mask_overlap": _t(
+        "expected mask_overlap of independent uniformly random masks of the same sizes: max(|A|, |B|) / n",
+        PAIR,
+        SUMMARY,
+        FIELD,
+        range="[0, 1]; NaN when either updated nothing",
+        bounds=_UNIT,
     ),
     # ---- pair rows: principal_overlap (§3.1) -----------------------------------------------------------------
     "principal_overlap": _t(
@@ -365,7 +460,9 @@ GLOSSARY: dict[str, Term] = {
     "experts": _t("per MoE expert tensor, the summary over its experts", SUMMARY, range="{tensor: summary}"),
     "by_step": _t("per step, the summary over that step's rows", SUMMARY, range="{step: summary}"),
     "curves": _t(
-        "per metric, its by_step means as a list over `steps` (TRAJECTORY_CURVES)", SUMMARY, range="{metric: list}"
+        "per metric, its by_step figure as a list over `steps` (TRAJECTORY_CURVES, SPARSITY_CURVES)",
+        SUMMARY,
+        range="{metric: list}",
     ),
     "steps": _t(
         "the training steps of a stream: of a sequence (argument), those with rows (summary)",
@@ -383,6 +480,8 @@ GLOSSARY: dict[str, Term] = {
         default=None,
     ),
     "ft": _t("the fine-tuned model W+: a tensor [out, in] or a checkpoint source", ARGUMENT),
+    "ft_a": _t("the first of two fine-tunes of one base (a tensor or a checkpoint source)", ARGUMENT),
+    "ft_b": _t("the second of two fine-tunes of one base (a tensor or a checkpoint source)", ARGUMENT),
     "fts": _t("several fine-tuned models of one base (compare_many)", ARGUMENT, range="a sequence of sources"),
     "delta": _t("an update ΔW [out, in] (stable_rank; with ft given, the base)", ARGUMENT),
     "delta_a": _t("the first of two updates (or fine-tunes measured from base=)", ARGUMENT),
@@ -483,6 +582,12 @@ GLOSSARY: dict[str, Term] = {
         ARGUMENT,
         range="bytes ≥ 0",
         default=None,
+    ),
+    "sparsity": _t(
+        "also the sparsity curves (update_sparsity, step_sparsity, patch_bytes) from the same read of each checkpoint",
+        ARGUMENT,
+        range="bool",
+        default=False,
     ),
     "strict": _t(
         "fail on a checkpoint that is not completely written instead of leaving it out", ARGUMENT, default=False
@@ -596,6 +701,23 @@ TRAJECTORY_CURVES: tuple[str, ...] = (
 #: the metrics of Tracker.update's log, each as ``weightgeo/<metric>/<mean | module type>``
 TRACKER_OUTPUTS: tuple[str, ...] = ("stable_rank", "delta_frobenius", "spectral_norm", "hill_alpha")
 
+#: Tracker log names logged for the whole model without a group (``weightgeo/<name>``): counts and the
+#: parameter-weighted sparsities (these two also per module type, ``weightgeo/<name>/<module type>``)
+TRACKER_MODEL_LOGS: tuple[str, ...] = ("n_matrices", "update_sparsity", "step_sparsity", "patch_bytes")
+
+#: the row keys of the sparsity curves (sparsity_curve, rank_curve(sparsity=True), Tracker.sparsity_curve)
+SPARSITY_OUTPUTS: tuple[str, ...] = (
+    "update_sparsity",
+    "update_unchanged",
+    "step_sparsity",
+    "step_unchanged",
+    "patch_bytes",
+    "dense_bytes",
+)
+
+#: the per-step figures a sparsity summary also lists as curves over its steps (``summary["curves"]``)
+SPARSITY_CURVES: tuple[str, ...] = ("update_sparsity", "step_sparsity", "patch_bytes")
+
 #: row keys that count something (integers stored as numbers) rather than measure it
 COUNTS: frozenset[str] = frozenset({"k_effective"})
 
@@ -604,6 +726,9 @@ NOT_SUMMARIZED: frozenset[str] = frozenset(n for n, t in GLOSSARY.items() if t.w
 
 #: row keys summarized as parameter-count weighted means (fractions of the model's entries)
 WEIGHTED: frozenset[str] = frozenset(n for n, t in GLOSSARY.items() if t.summary == "weighted")
+
+#: row keys summarized as sums (counts of entries, byte sizes)
+SUMMED: frozenset[str] = frozenset(n for n, t in GLOSSARY.items() if t.summary == "sum")
 
 #: names renamed before 0.2, old -> (new, where the old name was used); Report.from_json reads old files with
 #: them (with a DeprecationWarning); CHANGELOG.md lists them

@@ -43,6 +43,7 @@ __all__ = [
     "finite_as_bf16",
     "unchanged_mask",
     "unchanged_count",
+    "changed_bf16_cpu",
     "unchanged_mask_general",
     "fp8_update_mask",
     "fp8_unchanged_count",
@@ -89,7 +90,7 @@ def unchanged_mask(
     return (x1 - x0).abs_() <= torch.maximum(x0.abs(), x1.abs()).mul_(eta)
 
 
-def _changed_bf16_cpu(w0: torch.Tensor, w1: torch.Tensor) -> int:
+def changed_bf16_cpu(w0: torch.Tensor, w1: torch.Tensor) -> int:
     """Count of bf16 values that differ (+0 and -0 equal), for CPU tensors.
 
     This runs over every entry of a checkpoint; NumPy's int16 kernels on the raw bits measured 4-8x faster
@@ -130,7 +131,7 @@ def unchanged_count(w0: torch.Tensor, w1: torch.Tensor, eta: float = ETA, *, nam
         if w0.dtype == w1.dtype == torch.bfloat16 and w0.device.type == w1.device.type == "cpu":
             if check:
                 finite_as_bf16(w0, w1, name)
-            return w0.numel() - _changed_bf16_cpu(w0, w1)
+            return w0.numel() - changed_bf16_cpu(w0, w1)
         b0, b1 = finite_as_bf16(w0, w1, name) if check else (as_bf16(w0), as_bf16(w1))
         return b0.numel() - int(torch.count_nonzero(b0 != b1))
     return int(torch.count_nonzero(unchanged_mask(w0, w1, eta, name=name, check=check)))

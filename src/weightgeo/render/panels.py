@@ -322,8 +322,8 @@ def _near(steps: Sequence[int], frac: float) -> int:
 
 
 def trajectory_panels(runs: Mapping[str, Any], *, threshold: float = THRESHOLD, x: str = "step") -> TrajectoryPanels:
-    """The panels of trajectory reports (labels -> reports): curves of the stable rank, ‖ΔW_t‖_F, Hill α and
-    Sim_K(t, t_end) (the threshold drawn, each run's locking onset marked and labelled); heatmaps of the final
+    """The panels of trajectory reports (labels -> reports): curves of the stable rank, ‖ΔW_t‖_F, Hill α, the
+    sparsity curves (when the reports carry them) and Sim_K(t, t_end) (the threshold drawn, each run's locking onset marked and labelled); heatmaps of the final
     stable rank, Sim_K at about 20% of training and each matrix's onset; bars per module of the final stable
     rank. ``x``: ``"step"`` or ``"fraction"`` (of each run's last step, for runs of different lengths)."""
     xlabel = "step" if x == "step" else "fraction of training (step / last step)"
@@ -349,6 +349,27 @@ def trajectory_panels(runs: Mapping[str, Any], *, threshold: float = THRESHOLD, 
         vals = [v for s in series for v in s.y if v is not None]
         log = key == norm and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 20
         curves.append(LinePanel(key, title, caption, xlabel, describe(key).label, series, log=log))
+    for key, title, caption in (  # the sparsity curves (rank_curve(sparsity=True), sparsity_curve): model-weighted
+        (
+            "update_sparsity",
+            "entries unchanged since the base",
+            "Fraction of all floating entries with W_t equal to W_0 under the bf16 rule (parameter-weighted over "
+            "the model); 1 − this is the update's density.",
+        ),
+        (
+            "step_sparsity",
+            "entries unchanged since the previous checkpoint",
+            "Fraction of entries equal to the previous complete checkpoint's (the first against the base): how "
+            "sparse each interval's patch is.",
+        ),
+    ):
+        series = []
+        for label, rep in runs.items():
+            xs, ys = _by_step(rep, key)
+            if any(v is not None for v in ys):
+                series.append(Series(label, scaled(xs), ys))
+        if series:
+            curves.append(LinePanel(key, title, caption, xlabel, "fraction", series, ylim=(-0.02, 1.02)))
     sims: list[Series] = []
     k_used = None
     for label, rep in runs.items():
