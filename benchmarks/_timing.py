@@ -64,7 +64,8 @@ def machine_line() -> str:
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     parts = [
         f"{cpu_model()} ({os.cpu_count()} cores; {', '.join(isa) or 'no AVX-512'})",
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()})",
         f"numpy {numpy.__version__}",
     ]
     try:

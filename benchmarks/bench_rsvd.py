@@ -241,6 +241,112 @@ def run_stacks(repeats: int, ks: list[int]) -> list[list]:
     return rows
 
 
+# ---- the GEMM floor and the chunking (issue 22) -------------------------------------------------
+def passes_only(A: torch.Tensor, l: int, n_iter: int, pdt: torch.dtype, cdt: torch.dtype, g: torch.Generator):
+    """The 2q+2 products with A that randomized_svd makes, alone (no orthonormalisation, no small SVD), with bases
+    of the shapes and dtypes it uses: the first product with the shared Ω, then batched bases. Their time is the
+    floor the whole call is measured against. ``A`` is already in the pass dtype (the cast is timed apart)."""
+    m, n = A.shape[-2:]
+    batch = A.shape[:-2]
+    right = m >= n
+    basis = torch.randn(l, min(m, n), generator=g, dtype=cdt)
+    bases = {
+        True: torch.randn(*batch, l, n, generator=g, dtype=cdt).to(pdt),
+        False: torch.randn(*batch, l, m, generator=g, dtype=cdt).to(pdt),
+    }
+
+    def run() -> None:
+        b = basis.to(pdt)
+        r = right
+        for _ in range(2 * n_iter + 2):
+            out = torch.matmul(A, b.mT) if r else torch.matmul(b, A)
+            if out.dtype != cdt:
+                out.to(cdt)
+            r = not r
+            b = bases[r]
+
+    return run
+
+
+def run_floor(repeats: int, ks: list[int], stacks: list[tuple[int, int, int]]) -> list[list]:
+    """Per stack (fp32 and bf16 storage) and k: weightgeo's default call, the same call as one batch (no chunking),
+    the GEMM floor (its 2q+2 products alone), the cast of the stack to the pass dtype where the policy casts, and
+    svd_lowrank at the same q and niter, all in one process, fastest of ``repeats`` each."""
+    from weightgeo.linalg import rsvd
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B, m, n in stacks:
+        D = update_stack(B, m, n, g)
+        for dtype in (torch.float32, torch.bfloat16):
+            A = D.to(dtype).contiguous()
+            A32 = A.float()
+            pdt = pass_dtype(dtype, "cpu", (m, n))
+            for k in ks:
+                l = k + P
+                if 2 * l >= min(m, n):
+                    continue
+                Ap = A if A.dtype == pdt else A.to(pdt)
+                floor_fn = passes_only(Ap, l, 2, pdt, torch.float32, g)
+
+                def one_batch(sd):
+                    saved = rsvd._CPU_CAST_CHUNK_BYTES
+                    rsvd._CPU_CAST_CHUNK_BYTES = 1 << 62
+                    try:
+                        return randomized_svd(A, k, oversample=P, seed=sd)
+                    finally:
+                        rsvd._CPU_CAST_CHUNK_BYTES = saved
+
+                runs = {
+                    "default": lambda sd: randomized_svd(A, k, oversample=P, seed=sd),
+                    "one batch": one_batch,
+                    "floor": lambda sd: floor_fn(),
+                    "cast": (lambda sd: A.to(pdt)) if A.dtype != pdt else None,
+                    "lowrank": lambda sd: _lowrank(A32, k, sd),
+                }
+                best = {}
+                for name, fn in runs.items():
+                    if fn is None:
+                        best[name] = 0.0
+                        continue
+                    time.sleep(0.05)
+                    _, ts, _ = median_time(fn, repeats=repeats)
+                    best[name] = min(ts)
+                f = best["floor"] + best["cast"]
+                rows.append(
+                    [
+                        f"{B}×{m}×{n}",
+                        str(dtype).replace("torch.", ""),
+                        k,
+                        str(pdt).replace("torch.", ""),
+                        fmt_ms(best["floor"]),
+                        fmt_ms(best["cast"]) if best["cast"] else "–",
+                        fmt_ms(best["default"]),
+                        f"{best['default'] / f:.2f}",
+                        f"{best['one batch'] / f:.2f}",
+                        f"{best['default'] / best['one batch']:.2f}",
+                        f"{best['default'] / best['lowrank']:.2f}",
+                    ]
+                )
+                print("  " + " | ".join(str(x) for x in rows[-1]), f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
+
+
+FLOOR_HEADER = [
+    "stack",
+    "stored",
+    "k",
+    "passes",
+    "floor: 2q+2 products (ms)",
+    "cast (ms)",
+    "default (ms)",
+    "default / (floor + cast) (≤ 1.10)",
+    "one batch / (floor + cast)",
+    "default / one batch (≤ 1.05)",
+    "default / svd_lowrank",
+]
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -260,6 +366,8 @@ def main(argv=None) -> None:
     ap.add_argument("--qwen-only", action="store_true")
     ap.add_argument("--stacks", action="store_true", help="also time update-like fp32/bf16 stacks (issue 11)")
     ap.add_argument("--stacks-only", action="store_true", help="only the update-like stacks")
+    ap.add_argument("--floor", action="store_true", help="only the GEMM floor and chunking table (issue 22)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--markdown", help="also write the markdown rows to this file")
     a = ap.parse_args(argv)
 
@@ -290,6 +398,32 @@ def main(argv=None) -> None:
         f"warm-up; accuracy: medians over {max(a.repeats, a.acc_seeds)} seeds",
     ]
     print("\n".join(head), flush=True)
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        head[0] = f"- machine: {machine_line()}"
+    if a.floor:
+        hw = hardware("cpu")
+        print(f"GEMM floor and chunking ({hw.kind}, capability {hw.capability}):", flush=True)
+        frows = run_floor(a.repeats, ks, STACKS)
+        text = "\n".join(
+            [
+                "",
+                *head,
+                "",
+                f"randomized_svd against its own GEMM floor on update-like stacks ({hw.kind}, torch capability "
+                f"{hw.capability}), q = k + {P}, 2 power iterations, fastest of {a.repeats}; the floor is the 2q+2 "
+                "products alone in the policy's pass dtype, plus the cast of the stack where the policy casts:",
+                "",
+                markdown_table(FLOOR_HEADER, frows),
+                "",
+                "load average at the end: {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()),
+            ]
+        )
+        print(text)
+        if a.markdown:
+            Path(a.markdown).write_text(text + "\n")
+        return
 
     case_rows, ratio_rows, acc_rows = [], [], []
     names = ["lowrank", "wg32", "wgbf16", "wgacc"] + (["sk2", "skauto"] if with_sk else [])

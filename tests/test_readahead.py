@@ -65,3 +65,25 @@ def test_foreground_mode_reads_in_the_callers_thread():
     )
     assert list(ra) == [0, 1, 2]
     assert all(t is threading.main_thread() for t in seen)
+
+
+def test_peek_shows_the_next_item_without_taking_it_and_never_waits():
+    gate = threading.Event()
+
+    def items():
+        yield 1, lambda: "a"
+        yield 1, lambda: "b"
+        yield 1, lambda: gate.wait() and "c"
+
+    ra = ReadAhead(items(), budget=10)
+    it = iter(ra)
+    assert next(it) == "a"
+    deadline = time.monotonic() + 5
+    while ra.peek() is None and time.monotonic() < deadline:  # "b" is read in the background
+        time.sleep(0.001)
+    assert ra.peek() == "b" and next(it) == "b"
+    assert ra.peek() is None  # "c" is not read yet: peek does not wait for it
+    gate.set()
+    assert next(it) == "c" and ra.peek() is None
+    assert list(it) == []
+    assert ReadAhead(((1, lambda: "x"),), budget=1, background=False).peek() is None

@@ -25,31 +25,87 @@ Tensors in, numbers out; checkpoint sources (paths, hub ids, mappings, modules) 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .api import (
-    UpdateMasks,
-    principal_angles,
-    principal_overlap,
-    spectral_drift,
-    stable_rank,
-    subspace_similarity,
-    update_localization,
-    update_mask,
-    update_mask_overlap,
-    update_sparsity,
-)
-from .checkpoint import Checkpoint, open_checkpoint
-from .engine import compare, compare_many
-from .errors import WeightgeoError
-from .follow import FollowUpdate, follow
-from .linalg.rsvd import randomized_svd
-from .metrics import Localization
-from .metrics.mask_overlap import MaskOverlap
-from .metrics.trajectory import LockingOnset
-from .render.html import write_html
-from .report import Report
-from .track import Tracker
-from .trajectory import locking_onset, rank_curve, sparsity_curve
+
+if TYPE_CHECKING:  # the names below, imported on first use (``python -m weightgeo --help`` needs no torch)
+    from .api import (
+        UpdateMasks,
+        principal_angles,
+        principal_overlap,
+        spectral_drift,
+        stable_rank,
+        subspace_similarity,
+        update_localization,
+        update_mask,
+        update_mask_overlap,
+        update_sparsity,
+    )
+    from .checkpoint import Checkpoint, open_checkpoint
+    from .engine import compare, compare_many
+    from .errors import WeightgeoError
+    from .follow import FollowUpdate, follow
+    from .linalg.rsvd import randomized_svd
+    from .metrics import Localization
+    from .metrics.mask_overlap import MaskOverlap
+    from .metrics.trajectory import LockingOnset
+    from .render.html import write_html
+    from .report import Report
+    from .track import Tracker
+    from .trajectory import locking_onset, rank_curve, sparsity_curve
+
+#: where each public name lives; imported the first time it is read (PEP 562)
+_HOMES = {
+    **dict.fromkeys(
+        (
+            "UpdateMasks",
+            "principal_angles",
+            "principal_overlap",
+            "spectral_drift",
+            "stable_rank",
+            "subspace_similarity",
+            "update_localization",
+            "update_mask",
+            "update_mask_overlap",
+            "update_sparsity",
+        ),
+        ".api",
+    ),
+    "Checkpoint": ".checkpoint",
+    "open_checkpoint": ".checkpoint",
+    "compare": ".engine",
+    "compare_many": ".engine",
+    "WeightgeoError": ".errors",
+    "FollowUpdate": ".follow",
+    "follow": ".follow",
+    "randomized_svd": ".linalg.rsvd",
+    "Localization": ".metrics",
+    "MaskOverlap": ".metrics.mask_overlap",
+    "LockingOnset": ".metrics.trajectory",
+    "Report": ".report",
+    "write_html": ".render.html",
+    "Tracker": ".track",
+    "locking_onset": ".trajectory",
+    "rank_curve": ".trajectory",
+    "sparsity_curve": ".trajectory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'weightgeo' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # once: later reads are plain attribute lookups
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "Checkpoint",

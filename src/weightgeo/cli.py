@@ -16,24 +16,20 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .checkpoint import open_checkpoint
-from .checkpoint.runs import NAMINGS_TEXT
-from .defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, RANK, SIDE, STREAM_K, THRESHOLD
-from .engine import compare, compare_many
+from .defaults import ALPHA, ETA, HILL_K, PAIR_K, POLL_S, RANK, SIDE, STREAM_K, TEXT_WIDTH, THRESHOLD
 from .errors import WeightgeoError
-from .follow import follow
 from .interrupts import answer_interrupts, say_interrupted
-from .metrics.trajectory import LockingOnset
 from .outputs import check_output_path
-from .render.html import write_html
-from .render.text import DEFAULT_WIDTH, accounting_lines, rows_table, side_by_side, summary_block
-from .render.words import short_labels
-from .report import Report
-from .trajectory import locking_onset, rank_curve
-from .validation import check_amount, check_int, check_report_path, cli_syntax
+
+if TYPE_CHECKING:
+    from .metrics.trajectory import LockingOnset
+    from .report import Report
+
+# The checkpoint readers, the engine, the trajectories and the renderers (and so torch) are imported by the
+# functions that use them, not here: ``weightgeo --help`` then starts without torch.
 
 __all__ = ["main"]
 
@@ -121,8 +117,32 @@ def _add_labels(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose description may be a function, called when the help is printed (the trajectory
+    command's names the run-folder namings, which live with the checkpoint readers)."""
+
+    def format_help(self) -> str:
+        if callable(self.description):
+            self.description = self.description()
+        return super().format_help()
+
+
+def _trajectory_description() -> str:
+    from .checkpoint.runs import NAMINGS_TEXT
+
+    return (
+        "Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
+        f"({NAMINGS_TEXT}): stable rank, "
+        "norms, Hill index, Sim_K to the final subspace and the locking onset, and from the same read of each "
+        "checkpoint the sparsity curves (entries unchanged since the base and since the previous checkpoint, "
+        "the size of a sparse patch of each step). "
+        "Checkpoints not completely written are left out (listed with the reason); "
+        "--follow analyses new ones as the run writes them."
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weightgeo", description="The geometry of fine-tuning in parameter space.")
+    parser = _Parser(prog="weightgeo", description="The geometry of fine-tuning in parameter space.")
     parser.add_argument("--version", action="version", version=f"weightgeo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -190,13 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "trajectory",
         help="rank curves and subspace locking over a checkpoint stream",
-        description="Follow the cumulative update W_t - W_0 over the checkpoint folders of RUN_DIR "
-        f"({NAMINGS_TEXT}): stable rank, "
-        "norms, Hill index, Sim_K to the final subspace and the locking onset, and from the same read of each "
-        "checkpoint the sparsity curves (entries unchanged since the base and since the previous checkpoint, "
-        "the size of a sparse patch of each step). "
-        "Checkpoints not completely written are left out (listed with the reason); "
-        "--follow analyses new ones as the run writes them.",
+        description=_trajectory_description,  # type: ignore[arg-type]  # _Parser calls it when help is shown
     )
     t.add_argument("run_dir", help="run directory of checkpoint folders")
     t.add_argument("--base", default=None, help="initial model (default: the first complete checkpoint)")
@@ -313,6 +327,7 @@ def _add_cache_parser(sub: Any) -> None:
 
 def _cache_command(args: argparse.Namespace) -> int:
     from .cache import ResultCache, default_cache_dir, resolve_cache
+    from .validation import check_amount
 
     if args.cache is not None:
         cache = resolve_cache(args.cache)
@@ -350,6 +365,8 @@ def _filters(values: list[str] | None) -> str | list[str] | None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse a bad --out / --plot before the analysis runs, not after."""
+    from .validation import check_report_path
+
     if args.command == "report":
         if args.out is not None:
             _check_html(args.out, "--out")
@@ -381,10 +398,12 @@ def _width(args: argparse.Namespace) -> tuple[int | None, list[str] | None]:
         if n < 40:
             raise WeightgeoError(f"--columns {n}: tables need at least 40 columns; give e.g. --columns 80 or --wide")
         return n, None
-    return DEFAULT_WIDTH, cols or None
+    return TEXT_WIDTH, cols or None
 
 
 def _labels(args: argparse.Namespace, sources: list[str]) -> list[str]:
+    from .render.words import short_labels
+
     labels = getattr(args, "labels", None)
     if labels is None:
         return short_labels([str(x) for x in sources])
@@ -398,6 +417,8 @@ def _labels(args: argparse.Namespace, sources: list[str]) -> list[str]:
 
 
 def _print_report(report, args: argparse.Namespace) -> None:
+    from .render.text import rows_table, summary_block
+
     width, cols = _width(args)
     if not args.summary:
         print(rows_table(report.rows, columns=cols, width=width, hint=_CLI_HINT))
@@ -418,6 +439,8 @@ def _created(path: Path) -> str:
 
 
 def _emit(report: Report, args: argparse.Namespace, out: Path | None = None, *, show: bool = True) -> None:
+    from .validation import check_report_path
+
     if show:
         _print_report(report, args)
     out = args.out if out is None else out
@@ -440,6 +463,8 @@ def _cache_arg(args: argparse.Namespace) -> Any:
 
 def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[Any, list[Any]]:
     """With ``--config``, the checkpoints opened with it (``open_checkpoint(config=)``); else the paths as given."""
+    from .checkpoint import open_checkpoint
+
     if config is None:
         return base, list(fts)
     b = open_checkpoint(base, config=config)
@@ -451,6 +476,10 @@ def _open_with_config(base: str, fts: list[str], config: str | None) -> tuple[An
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .engine import compare, compare_many
+    from .trajectory import rank_curve
+    from .validation import check_int
+
     if args.command == "cache":
         return _cache_command(args)
     _check_outputs(args)
@@ -555,6 +584,7 @@ def _mask_overlap(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     """``compare BASE FT1 FT2 ... --mask-overlap``: the pairwise overlap matrices of the fine-tunes' update masks."""
     from .engine.overlap import mask_overlaps, pairwise_matrix
     from .options import PairOptions
+    from .validation import check_report_path
 
     if len(args.ft) < 2:
         raise WeightgeoError("--mask-overlap compares the update masks of two or more fine-tunes: give FT1 FT2 [...]")
@@ -612,6 +642,8 @@ def _run_header(label: str, report: Report) -> str:
 
 def _print_side_by_side(reports: dict[str, Report], args: argparse.Namespace, *, legend: bool = True) -> None:
     """One table of the runs' summaries; ``legend``: first a line per run tying its label to its input."""
+    from .render.text import accounting_lines, side_by_side
+
     width, _ = _width(args)
     if legend:
         for lb, r in reports.items():
@@ -631,6 +663,8 @@ def _source(report: Report) -> str:
 
 def _pages(reports: dict[str, Report], args: argparse.Namespace, *, quiet: bool = False) -> None:
     """--html and --plot of one run or several side by side (written atomically)."""
+    from .render.html import write_html
+
     threshold = getattr(args, "threshold", THRESHOLD)
     html = getattr(args, "html", None) if args.command != "report" else args.out
     if html is not None:
@@ -649,6 +683,8 @@ def _pages(reports: dict[str, Report], args: argparse.Namespace, *, quiet: bool 
 
 
 def _report_command(args: argparse.Namespace) -> int:
+    from .report import Report
+
     if not 0 < args.threshold <= 1:
         raise WeightgeoError(f"--threshold {args.threshold}: give a number in (0, 1]")
     reports = [Report.from_json(p) for p in args.reports]
@@ -662,6 +698,8 @@ def _report_command(args: argparse.Namespace) -> int:
 
 
 def _with_onset(report: Report, args: argparse.Namespace) -> LockingOnset:
+    from .trajectory import locking_onset
+
     onset = locking_onset(report, threshold=args.threshold)  # reuses the report's Sim_K curves
     report.summary["locking_onset"] = onset.step
     report.summary["mean_similarity"] = onset.mean_similarity
@@ -670,6 +708,9 @@ def _with_onset(report: Report, args: argparse.Namespace) -> LockingOnset:
 
 def _follow(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     """--follow: one line per new step; --out and --plot rewritten (atomically) after each."""
+    from .follow import follow
+    from .validation import check_amount
+
     opts.pop("strict")
     check_amount(args.poll_s, "poll_s", unit="seconds")
     if args.idle_s is not None:
@@ -769,7 +810,10 @@ def _interrupted(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``weightgeo`` console script; returns the exit status. Ctrl-C exits with 130 within a
     second or two wherever it lands (:mod:`weightgeo.interrupts`)."""
-    args = _parser().parse_args(argv)
+
+    args = _parser().parse_args(argv)  # --help and bad flags end here, before torch is imported
+    from .validation import cli_syntax
+
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:

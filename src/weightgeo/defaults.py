@@ -10,7 +10,10 @@ tensor-level metrics in ``metrics/`` and ``linalg/`` too). docs/metrics.md expla
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PAIR_K",

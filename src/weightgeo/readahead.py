@@ -100,6 +100,15 @@ class ReadAhead(Generic[T]):
         finally:
             self.close(wait=sys.exc_info()[0] is None)
 
+    def peek(self) -> T | None:
+        """The next item if it has already been read, without taking it (the next iteration still returns it);
+        ``None`` when it has not (this never waits), at the end, or without a background thread."""
+        with self._cond:
+            if not self._queue:
+                return None
+            item = self._queue[0][1]
+        return None if item is _END or isinstance(item, _Failure) else item
+
     def close(self, *, wait: bool = True) -> None:
         """Stop the producer (after the item it is reading) and, with ``wait``, wait for its thread. Leaving on an
         exception (Ctrl-C) does not wait: the daemon thread ends after its read, which may take seconds."""

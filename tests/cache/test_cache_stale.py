@@ -93,7 +93,7 @@ def test_a_rerun_after_a_kernel_change_recomputes_instead_of_serving(tmp_path):
     text = kernel.read_text()
     kernel.write_text(text + "\n# a comment only\n")
     assert _run_copy(pkg, base, ft, cache)["cache"]["rows_cached"] == n
-    edited = text.replace("row.update(stable_rank=float(sr[i]),", "row.update(stable_rank=2 * float(sr[i]),")
+    edited = text.replace('{"stable_rank": float(sr[i]),', '{"stable_rank": 2 * float(sr[i]),')  # the kernel's line
     assert edited != text
     kernel.write_text(edited)
     again = _run_copy(pkg, base, ft, cache)

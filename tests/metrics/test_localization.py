@@ -146,3 +146,50 @@ def test_streamed_blocks_equal_one_block(monkeypatch, gen, shape):
     monkeypatch.setattr(L, "ROW_BLOCK", 1)
     monkeypatch.setattr(L, "_CACHE_BELOW", 0)
     assert update_localization(b, f, rank=5, alpha=0.3) == whole
+
+
+def _reference_selected(x: np.ndarray, upd: np.ndarray, count: int, largest: bool) -> int:
+    return int((R.select_mask(x, count, largest) & upd).sum())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.lists(st.integers(0, 9), min_size=1, max_size=80),
+    sample=st.lists(st.integers(0, 9), min_size=0, max_size=30),
+    flags=st.lists(st.booleans(), min_size=80, max_size=80),
+    frac=st.floats(0, 1),
+    block=st.integers(1, 50),
+    largest=st.booleans(),
+    host=st.booleans(),
+)
+def test_bracket_is_exact_or_declines(values, sample, flags, frac, block, largest, host):
+    """Whatever the sample (even one unlike the data), the one-pass bracket selects exactly the stable-argsort
+    entries, or says it cannot (``None``); with the data itself as the sample it always can (unless capped)."""
+    from weightgeo.metrics.localization import Bracket
+
+    x = torch.tensor(values, dtype=torch.float32) * 0.25
+    u = torch.tensor(flags[: len(values)])
+    count = int(frac * len(values))
+    ref = _reference_selected(x.numpy(), u.numpy(), count, largest)
+    for smp in (torch.tensor(sample, dtype=torch.float32) * 0.25, x):
+        br = Bracket(smp, x.numel(), count, largest=largest, host=host)
+        for xb, ub in zip(x.split(block), u.split(block)):
+            br.feed(xb, ub)
+        got = br.selected()
+        assert got is None or got == ref
+    assert got == ref  # the data as its own sample brackets its threshold
+
+
+def test_localize_falls_back_to_the_radix_select(monkeypatch, gen):
+    """A bracket that holds too many entries (its cap) hands over to the three-pass radix select: same result."""
+    import weightgeo.metrics.localization as L
+
+    b = torch.randn(40, 24, generator=gen).bfloat16()
+    f = (b.float() + 0.02 * torch.randn(40, 24, generator=gen)).bfloat16()
+    one_pass = update_localization(b, f, rank=5, alpha=0.3)
+    calls = []
+    radix = L._radix_counts
+    monkeypatch.setattr(L, "_radix_counts", lambda *a: calls.append(1) or radix(*a))
+    monkeypatch.setattr(L, "_BRACKET_CAP", 0)  # cap = n // 8 = 120 entries, fewer than the bracket holds
+    assert update_localization(b, f, rank=5, alpha=0.3) == one_pass
+    assert calls == [1]

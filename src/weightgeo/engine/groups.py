@@ -203,6 +203,7 @@ def matrix_rows(
     *,
     shared: SharedBase | None = None,
     fp8: Sequence[Fp8Pair | None] | None = None,
+    base_ready: Callable[[], object] | None = None,
     progress: Callable[[float], object] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one shape group (``jobs[i]`` ↔ ``W0[i]``, ``W1[i]``, stacked on the host as stored, rounded to
@@ -213,7 +214,8 @@ def matrix_rows(
     batched pair kernel on ``options.device``. ``shared``: the group's base on the device and its
     decomposition, when several fine-tunes of one base share them. ``fp8``: per member, the stored codes and
     scales of both sides when it is an FP8 job (``reading.read_fp8``): its update_sparsity and localization
-    update mask then follow the FP8 update rule. ``progress``: called with 0.5 as each member is read and
+    update mask then follow the FP8 update rule. ``base_ready``: the kernel's hook once the base is decomposed
+    (:func:`~weightgeo.metrics.pair.batched_pair_metrics`). ``progress``: called with 0.5 as each member is read and
     checked, and with 0.5 per member once the kernel is done (a bar moves once per tensor at least).
     """
     said, options = options, pair_options(options, jobs[0])
@@ -242,8 +244,9 @@ def matrix_rows(
         found = batched_pair_metrics(
             shared.on_device(),
             W1.to(options.device, non_blocking=True),
-            base=shared.spectrum(),
+            base=shared.spectrum,  # made in the kernel's second lane, beside the products (or read from the cache)
             update_rows=update_rows,
+            base_ready=base_ready,
             **options.kernel(),
         )
     except WeightgeoError as e:

@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
+from ..linalg.hardware import ahead
 from ..options import Filter, PairOptions
 from ..progress import fraction_bar
 from ..readahead import ReadAhead
@@ -299,13 +300,34 @@ def _run_units(
     out: list[Rows] = [[] for _ in fs]
     counts: dict[tuple[int, str], int] = {}
     index = {(i, plan.jobs[j].uid): j for i, plan in enumerate(work.plans) for j in range(len(plan.jobs))}
-    ahead = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
+    ahead_budget = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
     background = b.pure_io and all(f.pure_io for f in fs)
-    with ReadAhead(reads(), budget=ahead, background=background) as stream:
+    early: dict[int, SharedBase] = {}  # a shape group's shared base, made before its turn (by id of the group)
+
+    def next_base(stream: ReadAhead) -> Callable[[], object] | None:
+        """A hook that starts the next shape group's base decomposition in the second lane, if that group has been
+        read already (linalg.hardware.ahead: beside this group's pair eigenproblem)."""
+        nxt = stream.peek()
+        if nxt is None or not isinstance(nxt[0], Group) or not options.needs_base or id(nxt[0]) in early:
+            return None
+        g2, (W0_2, _, _) = nxt
+        shared = store.shared_base(W0_2, g2, work, options) if store is not None else SharedBase(W0_2, options)
+        early[id(g2)] = shared
+        started: list[object] = []
+
+        def start() -> None:  # once, however many fine-tunes of this group call it
+            if not started:
+                started.append(ahead(shared.spectrum, options.device))
+
+        return start
+
+    with ReadAhead(reads(), budget=ahead_budget, background=background) as stream:
         for what, data in stream:
             if isinstance(what, Group):
+                hook = next_base(stream)
                 W0, W1s, fp8 = data
-                _group(what, W0, W1s, fp8, work, options, out, store, None if bar is None else bar.update)
+                base = early.pop(id(what), None)
+                _group(what, W0, W1s, fp8, work, options, out, store, base, hook, None if bar is None else bar.update)
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)
@@ -330,11 +352,17 @@ def _group(
     options: PairOptions,
     out: list[Rows],
     store: RowCache | None = None,
+    early: SharedBase | None = None,
+    base_ready: Callable[[], object] | None = None,
     progress: Callable[[float], object] | None = None,
 ) -> int:
-    """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once (or its
-    decomposition read from the cache), and the rows are cached as soon as they are computed."""
+    """Rows of one shape group for every fine-tune that holds it; the base is moved and decomposed once per
+    rounding (or its decomposition read from the cache), and the rows are cached as soon as they are computed.
+    ``early``: the group's base made ahead of its turn (in the pass's rounding); ``base_ready``: the kernel's hook
+    once the base is decomposed (it starts the next group's base); ``progress``: the bar's advance."""
     shared: dict[torch.dtype | None, SharedBase] = {}  # one per rounding: fine-tunes stored in another format
+    if early is not None:
+        shared[options.dtype] = early
     done = 0
     for i, (W1, js) in enumerate(zip(W1s, g.jobs)):
         if W1 is None:
@@ -343,7 +371,9 @@ def _group(
         use = pair_options(options, jobs[0])
         if use.dtype not in shared:
             shared[use.dtype] = store.shared_base(W0, g, work, use) if store is not None else SharedBase(W0, use)
-        rows = matrix_rows(options, jobs, W0, W1, shared=shared[use.dtype], fp8=fp8[i], progress=progress)
+        rows = matrix_rows(
+            options, jobs, W0, W1, shared=shared[use.dtype], fp8=fp8[i], base_ready=base_ready, progress=progress
+        )
         out[i].extend(zip(js, rows))
         if store is not None:
             for j, job, row in zip(js, jobs, rows):

@@ -1,12 +1,21 @@
 """What the device does fast, and the choices of the numerical policy that depend on it.
 
-Only one choice depends on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
-(:func:`pass_dtype`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
+Two choices depend on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
+(:func:`pass_dtype`), and how many steps of one pair run side by side on a CPU (:func:`lanes`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
 the hardware multiplies bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or AVX512-BF16) and slower where it
 does not (AVX2-only CPUs emulate them); their price is a noise floor of about 2⁻⁸·σ₁ (docs/numerics.md). fp32
 and fp64 stacks always get passes in their own precision (a bf16 pass over an fp32 stack costs a cast copy
 and the same floor), and the pair method's GEMMs always run in the compute dtype: their accuracy relative to
 ‖ΔW‖ is what the method rests on. Measured per CPU kind: BENCHMARKS.md, "Randomized SVD".
+
+Lanes (:class:`Lanes`). A pair's steps form two chains that need nothing from each other until late: the base's
+decomposition (float64 Gram, ``eigh``) and the fine-tune's products (and the stable rank's ``eigvalsh``); after the
+base, the localization and the pair eigenproblem are independent again. On a CPU with at least two torch threads
+they run in two lanes (the calling thread and one worker), each with half of the threads, instead of one after the
+other with all of them. LAPACK's symmetric eigensolvers gain little from a second thread at these sizes and lose a
+lot when a core is busy elsewhere (a barrier waits for the slowest thread): on the shared 2-core AMD EPYC, float64
+``eigvalsh`` of four 896² matrices took 3.55 s with 2 threads and 0.37 s with one (``eigh``: 1.27 s and 0.77 s),
+at load 2.3. Results do not depend on the lanes (every step is the same call with the same operands).
 
 The GEMM library is torch everywhere. Measured on a 2-core AMD EPYC (AVX512-BF16), where torch's MKL takes its
 generic path: NumPy's OpenBLAS ran the whole fp32 subspace iteration in 0.63–1.30× svd_lowrank's time in
@@ -24,17 +33,33 @@ torch.float32
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from . import policy
 
-__all__ = ["Hardware", "hardware", "pass_dtype", "policy_fingerprint", "BF16_PASS_MIN_ENTRIES"]
+__all__ = [
+    "Hardware",
+    "hardware",
+    "pass_dtype",
+    "policy_fingerprint",
+    "BF16_PASS_MIN_ENTRIES",
+    "LANES",
+    "lanes",
+    "Lanes",
+    "ahead",
+]
+
+T = TypeVar("T")
 
 #: bf16 passes pay for their cast and fixed costs from about this many entries per matrix (measured: 896×896
 #: and larger gain on AVX512-BF16 and AMX; 128×896 does not).
@@ -120,6 +145,154 @@ def pass_dtype(dtype: torch.dtype, device: str | torch.device | None, shape: tup
     return torch.float32
 
 
+#: Lanes of one pair on a CPU: ``None`` lets :func:`lanes` decide; 1 forces one lane (the benchmarks time both).
+LANES: int | None = None
+
+
+def lanes(device: str | torch.device | None = None) -> int:
+    """How many independent steps of one pair run side by side on ``device``: 2 on a CPU where torch has at least
+    two threads (each lane then gets half of them), else 1 (CUDA orders its own work; one thread has no second
+    core). :data:`LANES` overrides it."""
+    if LANES is not None:
+        return max(1, int(LANES))
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return 2 if dev.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+class _Worker:
+    """The second lane: one daemon thread running jobs in order, those of a pair (``now``) before any submitted to
+    fill its idle time (``later``: the next shape group's base, :func:`ahead`), each with ``threads`` torch threads."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._now: collections.deque = collections.deque()
+        self._later: collections.deque = collections.deque()
+        self.threads = 0
+        threading.Thread(target=self._loop, name="weightgeo-lane", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], args: tuple, kwargs: dict, *, later: bool = False) -> Future[T]:
+        job: Future[T] = Future()
+        with self._cond:
+            (self._later if later else self._now).append((job, fn, args, kwargs))
+            self._cond.notify()
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._now or self._later):
+                    self._cond.wait()
+                job, fn, args, kwargs = (self._now or self._later).popleft()
+            if not job.set_running_or_notify_cancel():
+                continue
+            try:
+                if self.threads:
+                    torch.set_num_threads(self.threads)  # thread-local: this lane's share
+                job.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # raised by result() in the caller's thread
+                job.set_exception(e)
+
+
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
+
+
+class _Open(threading.local):
+    """The Lanes block the current thread is in: its lanes and threads per lane (1, 1 outside any)."""
+
+    n = 1
+    per = 1
+
+
+_open = _Open()
+
+
+def _second_lane(threads: int) -> _Worker:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = _Worker()
+        _worker.threads = threads
+        return _worker
+
+
+class Lanes:
+    """Run independent steps side by side (:func:`lanes`): ``with Lanes(device) as ln: job = ln.submit(fn, *args)``
+    starts ``fn`` in the second lane (a worker thread) and returns a future; the calling thread is the first lane.
+    Inside the block each lane runs torch with half of the calling thread's threads; on leaving it every job
+    submitted has finished and the calling thread has its threads back. ``take(job)`` is its result, or the job run
+    in the calling thread when the second lane has not started it (the first lane, idle, takes it back). With one
+    lane, ``submit`` runs ``fn`` at once (its exception is raised by ``result()``, as from the worker)."""
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        # inside a lane (a job that opens its own Lanes) there is no third lane: run inline
+        self.n = 1 if _in_second_lane() else lanes(device)
+        self._threads = 0
+        self._jobs: list[Future] = []
+        self._calls: dict[int, tuple[Callable[..., Any], tuple, dict]] = {}
+        self._worker: _Worker | None = None
+        self._outer = (1, 1)
+
+    def __enter__(self) -> Lanes:
+        if self.n > 1:
+            self._threads = torch.get_num_threads()
+            per = max(1, self._threads // self.n)
+            self._worker = _second_lane(per)
+            torch.set_num_threads(per)
+            self._outer = (_open.n, _open.per)
+            _open.n, _open.per = self.n, per
+        return self
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        if self._worker is None:
+            job: Future[T] = Future()
+            try:
+                job.set_result(fn(*args, **kwargs))
+            except Exception as e:  # raised by result(), as a worker's would be
+                job.set_exception(e)
+            return job
+        job = self._worker.submit(fn, args, kwargs)
+        self._jobs.append(job)
+        self._calls[id(job)] = (fn, args, kwargs)
+        return job
+
+    def take(self, job: Future[T]) -> T:
+        """``job.result()``, or the job run here when the second lane has not started it yet (then the first
+        lane, done with its own steps, does it instead of waiting: the lanes balance themselves)."""
+        call = self._calls.pop(id(job), None)
+        if call is not None and job.cancel():
+            fn, args, kwargs = call
+            return fn(*args, **kwargs)
+        return job.result()
+
+    def __exit__(self, *exc: object) -> None:
+        for job in self._jobs:  # a job still running must not outlive the block (nor see the threads restored)
+            try:
+                job.result()
+            except Exception:  # the caller already has it, or raises its own exception (or it was taken back)
+                pass
+        self._calls.clear()
+        if self._threads:
+            torch.set_num_threads(self._threads)
+            _open.n, _open.per = self._outer
+
+
+def ahead(fn: Callable[[], T], device: str | torch.device | None = None) -> Future[T] | None:
+    """Start ``fn`` in the second lane whenever it would otherwise idle (after every job of a pair in progress),
+    with the lane's share of the threads; ``None`` (nothing started) with one lane. The engine starts the next
+    shape group's base decomposition this way, so that it runs beside this group's pair eigenproblem."""
+    if _in_second_lane():
+        return None
+    if _open.n > 1:  # inside a Lanes block, whose calling thread runs with its lane's share already
+        return _second_lane(_open.per).submit(fn, (), {}, later=True)
+    n = lanes(device)
+    return None if n < 2 else _second_lane(max(1, torch.get_num_threads() // n)).submit(fn, (), {}, later=True)
+
+
+def _in_second_lane() -> bool:
+    return threading.current_thread().name == "weightgeo-lane"
+
+
 @functools.cache
 def _fingerprint(device: str) -> str:
     hw = _describe(device)
@@ -127,6 +300,7 @@ def _fingerprint(device: str) -> str:
         # the policy's rules (precision, row blocks, conditioning) and what they run on
         "compute": {str(d): str(policy.compute_dtype(d)) for d in (*policy.LOW_PRECISION, torch.float64)},
         "row_block": policy.ROW_BLOCK,
+        "col_panel": policy.COL_PANEL,
         "refine_below": policy.REFINE_BELOW,
         "bf16_pass_min": BF16_PASS_MIN_ENTRIES,
         "device": torch.device(device).type,

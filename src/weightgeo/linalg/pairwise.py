@@ -62,7 +62,7 @@ from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_drift_from_values
-from .svd import Decomposition, decompose
+from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
 
 __all__ = [
     "BaseSpectrum",
@@ -75,6 +75,7 @@ __all__ = [
     "pair_geometry",
     "products",
     "pair_products",
+    "side_products",
     "pair_eigen",
     "pair_spectrum",
     "effective_k",
@@ -135,10 +136,12 @@ def products(
                 add("P", (a0 + a0 + d).mT @ d)
             if C0:
                 add("C0", a0.mT @ d)
-            if J:
-                add("J", d.mT @ d)
+            if J:  # symmetric: the panels on and above the diagonal only
+                add_gram(acc.setdefault("J", d.new_zeros(b1 - b0, n, n)), d)
             if fro:
                 add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
+        if "J" in acc:
+            mirror_upper(acc["J"])
         for key, value in acc.items():
             parts.setdefault(key, []).append(value)
     out = {key: (v[0] if len(v) == 1 else torch.cat(v)).reshape((*lead, *v[0].shape[1:])) for key, v in parts.items()}
@@ -370,12 +373,20 @@ def pair_products(
 ) -> Products:
     """The products the pair geometry of ``sides`` needs (plus ΔᵀΔ and ‖Δ‖_F² for the stable rank), in one
     row-block pass. ``A1`` is oriented like ``base.A``."""
-    _, want_big, _ = _wants(base, sides)
+    return side_products(base.A, A1, transposed=base.transposed, sides=sides, stable_rank=stable_rank)
+
+
+def side_products(
+    A0: torch.Tensor, A1: torch.Tensor, *, transposed: bool, sides: tuple[str, ...], stable_rank: bool = False
+) -> Products:
+    """:func:`pair_products` from the tall ``A0``, ``A1`` alone (``transposed``: they are views of ``Wᵀ``), so that
+    it can run before or beside the base's decomposition: it needs none of it."""
+    want_big = ("left" in sides and not transposed) or ("right" in sides and transposed)
     if want_big:
         # The big side needs C0 (and J for its complement term); D = C0 + C0ᵀ + J then needs no P.
-        return products(base.A, A1, C0=True, J=True, fro=stable_rank)
+        return products(A0, A1, C0=True, J=True, fro=stable_rank)
     # J is the Gram of ΔW: its top eigenvalue is σ₁(ΔW)² for the stable rank.
-    return products(base.A, A1, P=True, J=stable_rank, fro=stable_rank)
+    return products(A0, A1, P=True, J=stable_rank, fro=stable_rank)
 
 
 @dataclass(frozen=True)
@@ -390,9 +401,8 @@ class PairEigen:
 
 def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool) -> PairEigen:
     """Rotate ``D = A1ᵀA1 − A0ᵀA0`` into W0's eigenbasis and solve W1's eigenproblem there (float64)."""
-    Vc = base.V_c
     D = prod.D()
-    F = (Vc.mT @ D @ Vc).to(torch.float64)
+    F = congruence(base.V_c, D).to(torch.float64)
     del D
     F = 0.5 * (F + F.mT)
     M1 = torch.diag_embed(base.lam) + F
@@ -505,13 +515,12 @@ def pair_angles(
         base, prod, eig, spec = _members(base, prod, eig, spec, index)
     want_small, want_big, complement = _wants(base, sides)
     s0 = base.lam.clamp_min(0).sqrt()
-    vd = torch.float64 if base.A.dtype == torch.float64 else torch.float32
     small = big = None
     if want_small:
         if k > 0 and eig.Q is None:
             raise WeightgeoError("pair_angles: the pair eigenproblem was solved without vectors; pass vectors=True")
         small = (
-            torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k, vd).clamp(0, 1)))
+            torch.rad2deg(torch.arcsin(_sines_small(eig.Q, k).clamp(0, 1)))
             if k > 0 and eig.Q is not None
             else s0.new_zeros(*s0.shape[:-1], 0)
         )
@@ -546,17 +555,20 @@ def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpect
     )
 
 
-def _sines_small(Q: torch.Tensor, k: int, values_dtype: torch.dtype) -> torch.Tensor:
-    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q."""
+def _sines_small(Q: torch.Tensor, k: int) -> torch.Tensor:
+    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q (float64)."""
     n = Q.shape[-1]
     shape = Q.shape[:-2]
     if k >= n:
         return Q.new_zeros(*shape, k)
-    # Singular values of the off-diagonal block; float32 (for ≤fp32 inputs) costs ~1e-7 absolute in a sine.
+    # The sines are the singular values of the off-diagonal block B = Q[k:, :k]: their squares are the float64
+    # eigenvalues of B's smaller Gram (‖B‖ ≤ 1, so each square carries ~1e-16 absolute and a sine s ~1e-16/s,
+    # at most ~1e-8 rad), cheaper than an SVD of the (n−k)×k block.
     B = Q[..., k:, :k]
-    s = torch.linalg.svdvals(B.to(values_dtype)).to(Q.dtype)
+    G = B.mT @ B if k <= n - k else B @ B.mT
+    s = torch.linalg.eigvalsh(G).clamp(0, 1).sqrt()  # ascending
     pad = Q.new_zeros(*shape, k - s.shape[-1])
-    return torch.cat([pad, s.flip(-1)], -1)  # min(k, n-k) sines; the other angles are exactly 0
+    return torch.cat([pad, s], -1)  # min(k, n-k) sines; the other angles are exactly 0
 
 
 def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
@@ -567,19 +579,21 @@ def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
     """
     f64 = torch.float64
     inv_s0 = torch.where(in_rank, 1.0 / torch.where(in_rank & (s0 > 0), s0, torch.ones_like(s0)), torch.zeros_like(s0))
-    C = (Vc.mT @ C0 @ Vc).to(f64)
     Qk = Q[..., :, :k]
     inv_s1 = 1.0 / mu[..., :k].clamp_min(torch.finfo(f64).tiny).sqrt()
+    # Everything through the n×k block V Q_k (W1's top-k small-side vectors), in float64, never an n×n product:
+    # C Q_k with C = VᵀA0ᵀΔV is Vᵀ(C0 (V Q_k)) (O(n²k) instead of O(n³); V is the basis the products used).
+    V = Vc.to(f64)
+    P = V @ Qk
+    CQ = V.mT @ (C0.to(f64) @ P)
     # Rows k: of X = U0ᵀU1_k = (Σ0 Q_k + Σ0⁻¹ C Q_k) Σ1_k⁻¹; rows outside W0's range are 0.
-    CQ = (C[..., k:, :].to(Vc.dtype) @ Qk.to(Vc.dtype)).to(f64)
-    X = (s0[..., k:, None] * Qk[..., k:, :] + inv_s0[..., k:, None] * CQ) * inv_s1[..., None, :]
+    X = (s0[..., k:, None] * Qk[..., k:, :] + inv_s0[..., k:, None] * CQ[..., k:, :]) * inv_s1[..., None, :]
     X = X * in_rank[..., k:, None]
     K = X.mT @ X
     if J is not None:
-        # H = VᵀΔᵀ(I − U0U0ᵀ)ΔV = VᵀΔᵀΔV − Cᵀ Λ0⁺ C (component of ΔV outside W0's range).
-        H = (Vc.mT @ J @ Vc).to(f64) - C.mT @ (inv_s0[..., :, None] ** 2 * C)
-        Qc = Qk.to(Vc.dtype)
-        Hq = (Qc.mT @ H.to(Vc.dtype) @ Qc).to(f64)
+        # Q_kᵀHQ_k with H = VᵀΔᵀ(I − U0U0ᵀ)ΔV = VᵀΔᵀΔV − Cᵀ Λ0⁺ C (component of ΔV outside W0's range):
+        # (VQ_k)ᵀ J (VQ_k) − (CQ_k)ᵀ Λ0⁺ (CQ_k).
+        Hq = P.mT @ (J.to(f64) @ P) - CQ.mT @ (inv_s0[..., :, None] ** 2 * CQ)
         K = K + inv_s1[..., :, None] * Hq * inv_s1[..., None, :]
     K = 0.5 * (K + K.mT)
     sin2 = torch.linalg.eigvalsh(K).clamp(0, 1)  # ascending

@@ -9,6 +9,9 @@ rank takes the rule from here (the hardware-dependent choices live in :mod:`weig
 * **Row blocks.** Wherever a whole-matrix temporary in a wider dtype would be made (float64 Grams, float32
   products of bf16 pairs, localization keys, elementwise passes), the rows are taken in blocks of at most
   :data:`ROW_BLOCK` entries (:func:`row_blocks`), so temporaries are bounded whatever the matrix size.
+* **Column panels.** A symmetric product (a Gram ``XᵀX``, ``ΔᵀΔ``, ``VᵀSV``) is formed panel by panel of at
+  most :data:`COL_PANEL` columns (:func:`col_panels`), only on and above the diagonal; the rest is its mirror
+  image. For c panels that is (c + 1)/(2c) of the full product's multiplications, in the same precision.
 * **Conditioning.** Below σ_min/σ₁ = :data:`REFINE_BELOW` the float64 Gram route's values are replaced by
   LAPACK's (:func:`~weightgeo.linalg.svd.decompose`), and the pair kernel falls back to them.
 * **Numerical rank.** ``#{σᵢ > max(m, n)·eps·σ₁}`` with eps of the input's compute dtype (the NumPy
@@ -29,6 +32,7 @@ from ..errors import WeightgeoError
 
 __all__ = [
     "ROW_BLOCK",
+    "COL_PANEL",
     "REFINE_BELOW",
     "LOW_PRECISION",
     "FLOAT8",
@@ -39,6 +43,7 @@ __all__ = [
     "rows_per_block",
     "row_blocks",
     "batch_row_blocks",
+    "col_panels",
     "same_compute_dtype",
     "compared_format",
     "holds",
@@ -46,6 +51,8 @@ __all__ = [
 
 #: Entries of one row block (32 MiB in float64): the bound on every upcast temporary.
 ROW_BLOCK = 1 << 22
+#: Columns of one panel of a symmetric product (:func:`col_panels`): wide enough for full-speed GEMMs.
+COL_PANEL = 256
 #: σ_min/σ₁ below which values come from LAPACK float64 instead of the float64 Gram route.
 REFINE_BELOW = 1e-6
 #: float8 dtypes this torch has (values exact in float32 and in bf16)
@@ -159,6 +166,19 @@ def batch_row_blocks(
     per = max(1, elements // max(1, widest))
     for b0 in range(0, batch, per):
         yield b0, min(batch, b0 + per), spans
+
+
+def col_panels(n: int, *, width: int | None = None) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the column panels of a symmetric n×n product (at most ``width`` columns each, default
+    :data:`COL_PANEL` read at call time; one panel when n is not wider than two).
+
+    >>> col_panels(5, width=2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    w = COL_PANEL if width is None else width
+    if n <= 2 * w:
+        return [(0, n)]
+    return [(s, min(n, s + w)) for s in range(0, n, w)]
 
 
 def same_compute_dtype(b: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,15 @@ import torch
 
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_side
-from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank, to_compute_dtype
+from .policy import (
+    REFINE_BELOW,
+    batch_row_blocks,
+    col_panels,
+    compute_dtype,
+    compute_eps,
+    numerical_rank,
+    to_compute_dtype,
+)
 
 __all__ = [
     "to_compute_dtype",
@@ -50,6 +58,9 @@ __all__ = [
     "Decomposition",
     "decompose",
     "gram",
+    "add_gram",
+    "mirror_upper",
+    "congruence",
     "gram_eigh",
     "exact_spectral_norm",
     "frobenius_sq",
@@ -146,28 +157,66 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
     Args:
         A: [..., m, n] floating tensor.
         dtype: the GEMM's dtype. When it is wider than ``A``'s, rows of the tall orientation are upcast in
-            blocks of at most 2²² entries and accumulated, so no whole-matrix copy in ``dtype`` is made.
+            blocks of at most 2²² entries and accumulated, so no whole-matrix copy in ``dtype`` is made. Only the
+            column panels on and above the diagonal are multiplied (the policy's ``col_panels``), the rest mirrored.
 
     Returns:
-        [..., p, p] symmetric, p = min(m, n), in ``dtype``.
+        [..., p, p] exactly symmetric, p = min(m, n), in ``dtype``.
     """
     X, _ = tall_orientation(A)
-    if X.dtype == dtype:
-        return X.mT @ X
     m, n = X.shape[-2:]
     Xf = X.reshape(math.prod(X.shape[:-2]), m, n)
     if Xf.shape[0] == 0:
         return X.new_zeros((*X.shape[:-2], n, n), dtype=dtype)
     parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
-        (s, e), *rest = spans  # never empty
-        Y = Xf[b0:b1, s:e].to(dtype)
-        G = Y.mT @ Y
-        for s, e in rest:
-            Y = Xf[b0:b1, s:e].to(dtype)
-            G = G.baddbmm_(Y.mT, Y)
-        parts.append(G)
+        G = Xf.new_zeros((b1 - b0, n, n), dtype=dtype)
+        for s, e in spans:
+            Y = Xf[b0:b1, s:e]
+            add_gram(G, Y if Y.dtype == dtype else Y.to(dtype))
+        parts.append(mirror_upper(G))
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*X.shape[:-2], n, n)
+
+
+def add_gram(G: torch.Tensor, Y: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
+    """``G += XᵀY`` (``X`` defaults to ``Y``: ``G += YᵀY``) on the column panels on and above the diagonal, for a
+    product known to be symmetric (``X``, ``Y`` [B, rows, n], ``G`` [B, n, n]); what lies below those panels is left
+    for :func:`mirror_upper`. Returns ``G``.
+
+    >>> mirror_upper(add_gram(torch.zeros(1, 2, 2), torch.tensor([[[1.0, 2.0]]])))
+    tensor([[[1., 2.],
+             [2., 4.]]])
+    """
+    X = Y if X is None else X
+    for s, e in col_panels(Y.shape[-1]):
+        G[:, s:e, s:].baddbmm_(X[:, :, s:e].mT, Y[:, :, s:])
+    return G
+
+
+def mirror_upper(G: torch.Tensor) -> torch.Tensor:
+    """Make ``G`` [..., n, n] exactly symmetric from its column panels on and above the diagonal (in place: what
+    lies below the diagonal is overwritten by the transpose of what lies above it). Returns ``G``."""
+    for s, e in col_panels(G.shape[-1]):
+        blk = G[..., s:e, s:e]
+        blk.copy_(blk.triu() + blk.triu(1).mT)
+        G[..., e:, s:e].copy_(G[..., s:e, e:].mT)
+    return G
+
+
+def congruence(V: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``VᵀSV`` ([..., n, n], exactly symmetric) of a symmetric ``S`` [..., p, p] and ``V`` [..., p, n], in their
+    dtype: ``SV`` whole, then ``Vᵀ(SV)`` on the panels on and above the diagonal (:func:`add_gram`), mirrored.
+
+    >>> congruence(torch.eye(2), torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
+    tensor([[2., 1.],
+            [1., 3.]])
+    """
+    p, n = V.shape[-2:]
+    lead = torch.broadcast_shapes(V.shape[:-2], S.shape[:-2])
+    T = (S @ V).reshape(-1, p, n)
+    Vb = V.expand(*lead, p, n).reshape(-1, p, n)
+    F = mirror_upper(add_gram(T.new_zeros(T.shape[0], n, n), T, Vb))
+    return F.reshape(*lead, n, n)
 
 
 def gram_eigh(
@@ -281,9 +330,8 @@ def frobenius_sq(A: torch.Tensor) -> torch.Tensor:
         return A.to(torch.float64).square().sum((-2, -1))
     parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Af.shape[0], m, n):  # the same row blocks for every batch size
-        (s, e), *rest = spans  # never empty
-        total = Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
-        for s, e in rest:
+        total = torch.zeros(b1 - b0, dtype=torch.float64, device=A.device)
+        for s, e in spans:
             total = total + Af[b0:b1, s:e].to(torch.float64).square().sum((-2, -1))
         parts.append(total)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(A.shape[:-2])

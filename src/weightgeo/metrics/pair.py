@@ -20,6 +20,7 @@ import torch
 
 from ..defaults import ALPHA, ETA, PAIR_K, RANK, SIDE
 from ..errors import WeightgeoError
+from ..linalg.hardware import Lanes
 from ..linalg.pairwise import (
     BaseSpectrum,
     PairEigen,
@@ -29,15 +30,13 @@ from ..linalg.pairwise import (
     effective_k,
     pair_angles,
     pair_eigen,
-    pair_products,
     pair_spectrum,
     products,
+    side_products,
     spectral_gap,
-    tall_like,
 )
 from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
-from ..linalg.svd import tall_orientation
 from ..validation import check_eta, check_pair, check_rank_alpha, check_side, check_size, resolve_size
 from .catalog import ALL_METRICS, PAIR_METRICS
 from .localization import localize
@@ -117,9 +116,10 @@ def batched_pair_metrics(
     rank: int | float,
     alpha: float,
     eta: float,
-    base: BaseSpectrum | None = None,
+    base: BaseSpectrum | Callable[[], BaseSpectrum | None] | None = None,
     angles: bool = False,
     update_rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None = None,
+    base_ready: Callable[[], object] | None = None,
 ) -> list[PairRow]:
     """:func:`matrix_pair_metrics` of a batch of same-shape pairs [B, out, in], one dict per pair.
 
@@ -128,9 +128,12 @@ def batched_pair_metrics(
     Results equal the per-matrix ones: the ill-conditioned fallbacks are decided per member, and each
     member gets its own effective k (members that share one are done together; nothing is recomputed).
     ``base``: :func:`~weightgeo.linalg.pairwise.base_spectrum` of ``w0`` when the caller already has it
-    (several fine-tunes of one base decompose it once). ``update_rows``: per member, ``None`` (the bf16 rule on
+    (several fine-tunes of one base decompose it once), or a function that makes it (called once, in the second
+    lane, beside the products: the engine's shared, possibly cached, base). ``update_rows``: per member, ``None`` (the bf16 rule on
     the values) or a function giving the update mask of rows ``s:e`` (the FP8 rule on stored codes), used by
-    the localization's update mask.
+    the localization's update mask. ``base_ready``: called once the base's decomposition is done and the
+    localization started (the engine then starts the next group's base in the second lane, beside this pair's
+    eigenproblem).
     """
     rot, drift, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
@@ -138,18 +141,35 @@ def batched_pair_metrics(
     m, n = w0.shape[-2:]
     p = min(m, n)
     k_abs, r_abs = resolve_size(k, p), resolve_size(rank, p)
-    if base is None and (rot or drift or loc):
-        base = base_spectrum(w0)
-    if rot or drift or srank:
+    transposed = m < n
+    A0, A1 = (w0.mT, w1.mT) if transposed else (w0, w1)  # tall, as the base orients them
+    # Two lanes (linalg.hardware.Lanes): the base's decomposition (then the stable rank's eigenvalue and the
+    # localization) in the second, the fine-tune's products, the pair eigenproblem and the angles in the first.
+    with Lanes(w0.device) as lanes:
+        make = base if callable(base) else (lambda: base_spectrum(w0)) if base is None else None
+        base_job = lanes.submit(make) if make is not None and (rot or drift or loc) else None
+        prod, rank_job = None, None
         sides = (side,) if rot else ()
-        if base is None:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
-            A1 = None
-            prod = products(tall_orientation(w0)[0], tall_orientation(w1)[0], J=True, fro=True)
-        else:
-            A1 = tall_like(base, w1, "W1")
-            prod = pair_products(base, A1, sides=sides, stable_rank=srank)
         if rot or drift:
-            assert base is not None and A1 is not None
+            prod = side_products(A0, A1, transposed=transposed, sides=sides, stable_rank=srank)
+        elif srank:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
+            prod = products(A0, A1, J=True, fro=True)
+        if srank:  # its eigvalsh of ΔᵀΔ in the second lane, after the base (the first lane waits for it anyway)
+            assert prod is not None
+            rank_job = lanes.submit(_stable_ranks, prod)
+        if base_job is not None:
+            base = base_job.result() or base_spectrum(w0)
+        elif callable(base):  # no metric here needs the base
+            base = None
+        loc_job = None
+        if loc:
+            assert isinstance(base, BaseSpectrum)
+            r = min(r_abs, p)
+            loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=r, alpha=alpha, eta=eta, rows=update_rows)
+        if base_ready is not None:
+            base_ready()
+        if rot or drift:
+            assert isinstance(base, BaseSpectrum) and prod is not None
             eig = pair_eigen(base, prod, vectors=bool(sides))
             spec = pair_spectrum(base, A1, eig)
             if rot and k_abs >= p:
@@ -160,34 +180,52 @@ def batched_pair_metrics(
                 for i, row in enumerate(out):
                     row["spectral_drift"] = float(spec.spectral_drift[i])
             del eig, spec
-        if srank:
-            _stable_rank_rows(out, prod)
         del prod
-    if loc:
-        assert base is not None
-        r = min(r_abs, p)
-        for i, row in enumerate(out):
-            res = localize(
-                w0[i],
-                w1[i],
-                base.V_c[i, :, :r],
-                base.transposed,
-                alpha=alpha,
-                eta=eta,
-                update_rows=None if update_rows is None else update_rows[i],
-            )
-            row.update(
-                density=res.density,
-                principal_mask_overlap=res.principal_mask_overlap,
-                low_magnitude_overlap=res.low_magnitude_overlap,
-            )
-            if r_abs >= p:
-                row["principal_mask_overlap"] = None
-                row.setdefault("not_measurable", {})["principal_mask_overlap"] = (
-                    f"rank {r_abs} ≥ {p}, the smaller side of {m}x{n}: the rank-r reconstruction is W0 itself, "
-                    f"so the principal mask is the top of |W0|, the complement of the low-magnitude mask"
+        if rank_job is not None:
+            ranks = lanes.take(rank_job)
+            for row, extra in zip(out, ranks):
+                row.update(extra)
+        if loc_job is not None:
+            found = lanes.take(loc_job)
+            for row, res in zip(out, found):
+                row.update(
+                    density=res.density,
+                    principal_mask_overlap=res.principal_mask_overlap,
+                    low_magnitude_overlap=res.low_magnitude_overlap,
                 )
+                if r_abs >= p:
+                    row["principal_mask_overlap"] = None
+                    row.setdefault("not_measurable", {})["principal_mask_overlap"] = (
+                        f"rank {r_abs} ≥ {p}, the smaller side of {m}x{n}: the rank-r reconstruction is W0 itself, "
+                        f"so the principal mask is the top of |W0|, the complement of the low-magnitude mask"
+                    )
     return out
+
+
+def _localization_rows(
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    base: BaseSpectrum,
+    *,
+    rank: int,
+    alpha: float,
+    eta: float,
+    rows: Sequence[Callable[[int, int], torch.Tensor] | None] | None,
+) -> list:
+    """The localization of every member (its own lane: it needs only the base's vectors and the inputs)."""
+    r = min(rank, *w0.shape[-2:])
+    return [
+        localize(
+            w0[i],
+            w1[i],
+            base.V_c[i, :, :r],
+            base.transposed,
+            alpha=alpha,
+            eta=eta,
+            update_rows=None if rows is None else rows[i],
+        )
+        for i in range(w0.shape[0])
+    ]
 
 
 def _whole_space_rows(out: list[PairRow], each: torch.Tensor, *, k: int, shape: tuple[int, int], angles: bool) -> None:
@@ -251,11 +289,12 @@ def _rotation_rows(
                 out[i]["principal_angles"] = [float(a) for a in deg[j].tolist()]
 
 
-def _stable_rank_rows(out: list[PairRow], prod: Products) -> None:
-    """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F²."""
+def _stable_ranks(prod: Products) -> list[dict[str, float]]:
+    """``stable_rank`` and ``delta_frobenius`` of every member's ΔW from ``J = ΔᵀΔ`` and ‖Δ‖_F² (the second
+    lane's job: it returns the rows' values instead of writing them)."""
     J, fro_sq = prod.J, prod.fro_sq
     assert J is not None and fro_sq is not None  # the products were asked for with the stable rank
     s1 = torch.linalg.eigvalsh(J.to(torch.float64))[..., -1].clamp_min(0).sqrt()
     sr = stable_rank_from_values(s1[..., None], fro_sq)
-    for i, row in enumerate(out):
-        row.update(stable_rank=float(sr[i]), delta_frobenius=float(fro_sq[i].sqrt()))
+    fro = fro_sq.sqrt()
+    return [{"stable_rank": float(sr[i]), "delta_frobenius": float(fro[i])} for i in range(sr.shape[0])]
