@@ -87,3 +87,28 @@ def test_peek_shows_the_next_item_without_taking_it_and_never_waits():
     assert next(it) == "c" and ra.peek() is None
     assert list(it) == []
     assert ReadAhead(((1, lambda: "x"),), budget=1, background=False).peek() is None
+
+
+def test_peek_with_a_match_looks_past_items_it_does_not_want():
+    """The engine's next shape group, past the elementwise chunks read between groups: the first item already
+    read that matches, never an item not yet read, nothing taken."""
+    gate = threading.Event()
+
+    def items():
+        yield 1, lambda: ("chunk", 1)
+        yield 1, lambda: ("chunk", 2)
+        yield 1, lambda: ("group", 3)
+        yield 1, lambda: gate.wait() and ("group", 4)
+
+    ra = ReadAhead(items(), budget=10)
+    it = iter(ra)
+    assert next(it) == ("chunk", 1)
+    is_group = lambda item: item[0] == "group"
+    deadline = time.monotonic() + 5
+    while ra.peek(is_group) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert ra.peek(is_group) == ("group", 3) and ra.peek() == ("chunk", 2)  # nothing taken
+    assert next(it) == ("chunk", 2) and next(it) == ("group", 3)
+    assert ra.peek(is_group) is None  # ("group", 4) is not read yet
+    gate.set()
+    assert list(it) == [("group", 4)]

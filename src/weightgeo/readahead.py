@@ -100,14 +100,18 @@ class ReadAhead(Generic[T]):
         finally:
             self.close(wait=sys.exc_info()[0] is None)
 
-    def peek(self) -> T | None:
+    def peek(self, match: Callable[[T], bool] | None = None) -> T | None:
         """The next item if it has already been read, without taking it (the next iteration still returns it);
-        ``None`` when it has not (this never waits), at the end, or without a background thread."""
+        with ``match``, the first item already read for which it is true. ``None`` when there is none (this never
+        waits), at the end, or without a background thread."""
         with self._cond:
-            if not self._queue:
+            items = [entry[1] for entry in self._queue]
+        for item in items:
+            if item is _END or isinstance(item, _Failure):
                 return None
-            item = self._queue[0][1]
-        return None if item is _END or isinstance(item, _Failure) else item
+            if match is None or match(item):
+                return item
+        return None
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the producer (after the item it is reading) and, with ``wait``, wait for its thread. Leaving on an

@@ -51,16 +51,28 @@ def test_lanes_run_side_by_side_and_restore_the_threads(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_a_pairs_jobs_go_before_work_ahead(two_threads):
+def test_work_ahead_goes_before_the_pairs_jobs_not_started(two_threads):
+    """The next group's base is what the first lane waits for next: the second lane runs it before this pair's
+    jobs still queued, and the first lane takes those back when it gets to them."""
     gate, order = threading.Event(), []
     with hardware.Lanes("cpu") as ln:
         ln.submit(gate.wait)  # hold the lane while both are queued
-        later = hardware.ahead(lambda: order.append("ahead"))
-        now = ln.submit(lambda: order.append("pair"))
+        queued = ln.submit(lambda: order.append("pair"))
+        ahead = hardware.ahead(lambda: order.append("ahead"))
         gate.set()
-        now.result()
-    later.result()
-    assert order == ["pair", "ahead"]
+        assert ahead is not None
+        ahead.result()
+        ln.take(queued)  # run there or taken back here: after the work ahead either way
+    assert order == ["ahead", "pair"]
+    gate, held = threading.Event(), threading.Event()
+    with hardware.Lanes("cpu") as ln:
+        ln.submit(gate.wait)  # the lane is busy
+        queued = ln.submit(lambda: threading.current_thread().name)
+        ahead = hardware.ahead(held.wait)  # in front of it: the lane takes it next and is held there
+        gate.set()
+        assert ln.take(queued) == threading.current_thread().name  # behind the work ahead: run here
+        held.set()
+    assert ahead is not None and ahead.result() is True
 
 
 def test_a_job_not_started_is_taken_back_by_the_first_lane(two_threads):

@@ -307,8 +307,9 @@ def _run_units(
     def next_base(stream: ReadAhead) -> Callable[[], object] | None:
         """A hook that starts the next shape group's base decomposition in the second lane, if that group has been
         read already (linalg.hardware.ahead: beside this group's pair eigenproblem)."""
-        nxt = stream.peek()
-        if nxt is None or not isinstance(nxt[0], Group) or not options.needs_base or id(nxt[0]) in early:
+        # the next shape group already read, past the elementwise chunks (norms, biases) read between groups
+        nxt = stream.peek(lambda item: isinstance(item[0], Group))
+        if nxt is None or not options.needs_base or id(nxt[0]) in early:
             return None
         g2, (W0_2, _, _) = nxt
         shared = store.shared_base(W0_2, g2, work, options) if store is not None else SharedBase(W0_2, options)
