@@ -260,7 +260,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="PNG",
-        help="draw the trajectory figures: stable rank, ||dW||_F, Hill index, Sim_K with the locking onset and the sparsity curves",
+        help="draw the trajectory figures: stable rank, ||dW||_F, Hill index, Sim_K with the locking onset, and the "
+        "sparsity curves",
     )
     _add_labels(t, "run")
     _add_filters(t)

@@ -19,7 +19,7 @@ from .jsonfile import read_json
 from .means import nanmean
 from .metrics.catalog import NOT_SUMMARIZED, RENAMED, STREAM, SUMMED, WEIGHTED
 from .outputs import atomic_write_text, check_output_path
-from .render.cells import fmt
+from .render.cells import fmt, unmeasured
 from .render.text import DEFAULT_WIDTH, rows_table, summary_block
 
 __all__ = ["Report", "summarize_rows", "check_output_path"]
@@ -137,9 +137,9 @@ def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     missing: dict[str, int] = {}  # metric -> rows where it is not measurable (null)
     for r in rows:
         for key, v in r.items():
-            if key not in _NOT_METRICS and (_is_number(v) or v is None and key in _unmeasured(r)) and key not in keys:
+            if key not in _NOT_METRICS and (_is_number(v) or v is None and key in unmeasured(r)) and key not in keys:
                 keys.append(key)
-        for key in _unmeasured(r):
+        for key in unmeasured(r):
             missing[key] = missing.get(key, 0) + 1
     out: dict[str, Any] = {"n_tensors": len(rows), "numel": sum(int(r.get("numel", 0)) for r in rows)}
     for key in keys:
@@ -163,12 +163,6 @@ def _summarize_flat(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if missing:
         out["n_not_measurable"] = dict(sorted(missing.items()))
     return out
-
-
-def _unmeasured(row: Mapping[str, Any]) -> dict[str, str]:
-    """The row's ``not_measurable`` map (metric -> reason), ``{}`` when every metric was measured."""
-    nm = row.get("not_measurable")
-    return nm if isinstance(nm, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -248,7 +242,7 @@ class Report:
         for r in rows:
             if isinstance(r.get("shape"), list):
                 r["shape"] = tuple(r["shape"])
-            for key in _unmeasured(r):  # null because not measurable (not NaN, undefined): None again
+            for key in unmeasured(r):  # null because not measurable (not NaN, undefined): None again
                 r[key] = None
         summary, meta = _from_json(data.get("summary", {})), data.get("meta", {})
         _restore_nulls(summary)

@@ -164,8 +164,7 @@ def batched_pair_metrics(
         loc_job = None
         if loc:
             assert isinstance(base, BaseSpectrum)
-            r = min(r_abs, p)
-            loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=r, alpha=alpha, eta=eta, rows=update_rows)
+            loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=r_abs, alpha=alpha, eta=eta, rows=update_rows)
         if base_ready is not None:
             base_ready()
         if rot or drift:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["NOT_MEASURED", "fmt", "measured", "number", "reason", "partial_reasons", "is_numeric_text"]
+__all__ = ["NOT_MEASURED", "fmt", "measured", "number", "reason", "unmeasured", "partial_reasons", "is_numeric_text"]
 
 #: what a cell shows for a value that was not measured
 NOT_MEASURED = "n/m"
@@ -80,6 +80,16 @@ def partial_reasons(meta: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(p, Mapping) and "name" in p:
             out[str(p["name"])] = str(p.get("reason", "not computed"))
     return out
+
+
+def unmeasured(row: Mapping[str, Any]) -> dict[str, str]:
+    """The row's ``not_measurable`` map (metric -> reason), ``{}`` when every metric was measured.
+
+    >>> unmeasured({"principal_overlap": None, "not_measurable": {"principal_overlap": "k ≥ 128"}})
+    {'principal_overlap': 'k ≥ 128'}
+    """
+    nm = row.get("not_measurable")
+    return dict(nm) if isinstance(nm, Mapping) else {}
 
 
 def reason(row: Mapping[str, Any], key: str, partial: Mapping[str, str] | None = None) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from ..defaults import TEXT_WIDTH as DEFAULT_WIDTH
 from ..defaults import THRESHOLD
 from ..validation import given, spell
-from .cells import fmt, is_numeric_text
+from .cells import fmt, is_numeric_text, unmeasured
 from .panels import final_rows, locking_of, report_kind, step_summary
 from .vocabulary import NORM_KEYS, PAIR_PRIMARY, metric_keys
 
@@ -315,7 +315,7 @@ def not_measurable_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for r in rows:
         by_reason: dict[str, list[str]] = {}
-        for key, why in _unmeasured(r).items():
+        for key, why in unmeasured(r).items():
             by_reason.setdefault(str(why), []).append(key)
         for why, names in by_reason.items():
             groups.setdefault((why.split(" ", 1)[0], tuple(names)), []).append(why)
@@ -332,12 +332,6 @@ def not_measurable_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             f"e.g. {reasons[0]}; {fix}"
         )
     return lines
-
-
-def _unmeasured(row: Mapping[str, Any]) -> dict[str, str]:
-    """The row's ``not_measurable`` map (metric -> reason), ``{}`` when every metric was measured."""
-    nm = row.get("not_measurable")
-    return nm if isinstance(nm, dict) else {}
 
 
 def _checkpoint_lines(ckpts: Sequence[Mapping[str, Any]]) -> list[str]:
