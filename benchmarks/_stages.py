@@ -35,6 +35,7 @@ WRAPPED = [
     ("weightgeo.metrics.pair", "side_products", "fine-tune products"),
     ("weightgeo.metrics.pair", "products", "fine-tune products"),
     ("weightgeo.metrics.pair", "pair_eigen", "pair eigenproblem: F = VᵀDV"),
+    ("weightgeo.linalg.pairwise", "top_eigh", "› top-k eigh"),  # its full eigh (k > 0.4·n) nests inside
     ("weightgeo.metrics.pair", "pair_spectrum", "NSS (+ fallback)"),
     ("weightgeo.metrics.pair", "_rotation_rows", "angles"),
     ("weightgeo.metrics.pair", "_stable_ranks", "stable rank"),
@@ -53,6 +54,7 @@ ORDER = [
     "base decomposition › eigh",
     "fine-tune products",
     "pair eigenproblem: F = VᵀDV",
+    "pair eigenproblem: F = VᵀDV › top-k eigh",
     "pair eigenproblem: F = VᵀDV › eigh",
     "pair eigenproblem: F = VᵀDV › eigvalsh",
     "NSS (+ fallback)",
@@ -130,7 +132,9 @@ class Stages:
     def __enter__(self) -> Stages:
         for mod, attr, name in WRAPPED:
             m = importlib.import_module(mod)
-            orig = getattr(m, attr)
+            orig = getattr(m, attr, None)
+            if orig is None:  # an older tree (PYTHONPATH at it) without this step
+                continue
             self._undo.append((m, attr, orig))
             setattr(m, attr, self._wrap(orig, name, shape_from_jobs=attr == "matrix_rows"))
         for attr, label in LAPACK:

@@ -17,27 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from _timing import machine_line
+from _timing import best_time, machine_line
 
 
 def _matrix(n: int, seed: int) -> np.ndarray:
     g = np.random.default_rng(seed)
     a = g.standard_normal((n, n))
     return a @ a.T / n + np.diag(np.arange(n, 0, -1.0))
-
-
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _two_at_once(fn: Callable[[], object], repeats: int) -> float:
@@ -48,7 +38,7 @@ def _two_at_once(fn: Callable[[], object], repeats: int) -> float:
         for t in threads:
             t.join()
 
-    return _best(run, repeats)
+    return best_time(run, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             ("eigh", lambda t=t: torch.linalg.eigh(t), lambda m=m: np.linalg.eigh(m)),
             ("eigvalsh", lambda t=t: torch.linalg.eigvalsh(t), lambda m=m: np.linalg.eigvalsh(m)),
         ):
-            one_t, one_n = _best(tf, reps), _best(nf, reps)
+            one_t, one_n = best_time(tf, reps), best_time(nf, reps)
             two_t, two_n = _two_at_once(tf, reps), _two_at_once(nf, reps)
             w_t = torch.linalg.eigvalsh(t).numpy()
             w_n = np.linalg.eigvalsh(m)

@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 
 from weightgeo.errors import WeightgeoError
+from weightgeo.linalg import hardware
 from weightgeo.linalg.pairwise import base_spectrum, pair_geometry
 
 
@@ -59,11 +60,15 @@ def check_close(g, r, sides=("right", "left")):
 
 
 # Square / tall / wide, k inside the spectrum with σ_k/σ_{k+1} ≈ 1.003 (the hard case scaled down)
-# and k = min(m, n); dense and low-rank ΔW at three sizes.
+# and k = min(m, n); dense and low-rank ΔW at three sizes. k ≤ 0.4·min(m, n) takes the CPU's tridiagonal route
+# for the pair eigenproblem (linalg.eigen.top_eigh), larger k a full eigh.
 CASES = [
     (96, 96, 48),
     (320, 64, 40),
     (64, 320, 40),
+    (96, 96, 12),
+    (320, 64, 8),
+    (64, 320, 25),
     (24, 128, 512),
     (128, 24, 512),
 ]
@@ -169,3 +174,25 @@ def test_fallback_equal_spectra_and_near_identical_fast_path():
     W0, W1 = make_pair(96, 64, 1e-3)
     g = pair_geometry(W0, W1, k=8)
     assert not g.fallback
+
+
+@pytest.mark.parametrize("lapack", ["torch", "scipy"])
+@pytest.mark.parametrize("m,n,k", [(96, 96, 48), (64, 320, 40), (96, 96, 12), (320, 64, 8)])
+def test_either_lapack_matches_float64(monkeypatch, lapack, m, n, k):
+    """The full eigenproblems (W0's Gram; the pair problem above the top-k route's limit) by torch's LAPACK or
+    SciPy's (linalg.hardware.eigh_lapack picks one per CPU kind): both agree with the float64 reference."""
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", lapack)
+    W0, W1 = make_pair(m, n, 1e-3, seed=m + n + k)
+    g = pair_geometry(W0, W1, k=k, sides=("right", "left"))
+    check_close(g, ref_geometry(W0, W1, k))
+
+
+@pytest.mark.parametrize("lapack", ["torch", "scipy"])
+def test_repeated_singular_values_either_lapack_and_route(monkeypatch, lapack):
+    """W0 = W1 = identity-like with ties at the k-th value: zero angles whichever LAPACK and whichever route (k = 2
+    of 5 takes the top-k route, k = 3 a full eigh)."""
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", lapack)
+    for W in (torch.eye(5), torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]))):
+        for k in (2, 3):
+            g = pair_geometry(W, W.clone(), k=k, sides=("right", "left"))
+            assert float(g.angles_right.max()) == 0.0 and float(g.angles_left.max()) < 1e-6, (W, k)

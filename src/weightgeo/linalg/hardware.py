@@ -1,7 +1,8 @@
 """What the device does fast, and the choices of the numerical policy that depend on it.
 
-Two choices depend on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
-(:func:`pass_dtype`), and how many steps of one pair run side by side on a CPU (:func:`lanes`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
+Three choices depend on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
+(:func:`pass_dtype`), how many steps of one pair run side by side on a CPU (:func:`lanes`), and which LAPACK solves
+the full float64 eigenproblems (:func:`eigh_lapack`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
 the hardware multiplies bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or AVX512-BF16) and slower where it
 does not (AVX2-only CPUs emulate them); their price is a noise floor of about 2⁻⁸·σ₁ (docs/numerics.md). fp32
 and fp64 stacks always get passes in their own precision (a bf16 pass over an fp32 stack costs a cast copy
@@ -46,6 +47,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import policy
+from .eigen import lapack_fingerprint
 
 __all__ = [
     "Hardware",
@@ -53,6 +55,8 @@ __all__ = [
     "pass_dtype",
     "policy_fingerprint",
     "BF16_PASS_MIN_ENTRIES",
+    "EIGH_LAPACK",
+    "eigh_lapack",
     "LANES",
     "lanes",
     "Lanes",
@@ -143,6 +147,32 @@ def pass_dtype(dtype: torch.dtype, device: str | torch.device | None, shape: tup
     if dtype == torch.bfloat16 and shape[0] * shape[1] >= BF16_PASS_MIN_ENTRIES and hardware(device).bf16_gemm:
         return torch.bfloat16
     return torch.float32
+
+
+#: The LAPACK of the full float64 ``eigh`` (W0's Gram, the pair problem above the top-k route's limit): ``None``
+#: lets :func:`eigh_lapack` decide by CPU kind; ``"torch"`` or ``"scipy"`` forces one (tests and benchmarks).
+EIGH_LAPACK: str | None = None
+
+
+def eigh_lapack(device: str | torch.device | None = None) -> str:
+    """Which LAPACK solves the full float64 symmetric eigenproblems on ``device``
+    (:func:`weightgeo.linalg.eigen.eigh`): ``"scipy"`` (SciPy's OpenBLAS) on AMD CPUs, ``"torch"`` elsewhere.
+
+    torch's pip wheels call MKL, which takes a generic code path on AMD CPUs: on a 2-core AMD EPYC (AVX2)
+    OpenBLAS's ``dsyevd`` took 0.79–0.84× of torch's ``eigh`` time, one thread, on W0-like Grams at n = 2048 and
+    4096 and on the pair problem's near-diagonal matrices at n = 896 and 2048 (BENCHMARKS.md, issue 22), with the
+    same values to 2e-15·λ_max and orthonormal vectors to 6e-15. On Intel CPUs (MKL's own) and on CUDA it is
+    torch's; not measured there. :data:`EIGH_LAPACK` overrides it.
+
+    >>> eigh_lapack("cpu") in ("torch", "scipy")
+    True
+    """
+    if EIGH_LAPACK is not None:
+        return EIGH_LAPACK
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cpu" and hardware(dev).name.upper().startswith("AMD"):
+        return "scipy"
+    return "torch"
 
 
 #: Lanes of one pair on a CPU: ``None`` lets :func:`lanes` decide; 1 forces one lane (the benchmarks time both).
@@ -303,7 +333,7 @@ def _in_second_lane() -> bool:
 
 
 @functools.cache
-def _fingerprint(device: str) -> str:
+def _fingerprint(device: str, eigh_route: str) -> str:
     hw = _describe(device)
     doc = {
         # the policy's rules (precision, row blocks, conditioning) and what they run on
@@ -317,12 +347,18 @@ def _fingerprint(device: str) -> str:
         # LAPACK / BLAS builds and kernels come with torch: another torch may round differently
         "torch": torch.__version__,
     }
+    if doc["device"] == "cpu":  # the pair eigenproblem's tridiagonal route (and eigh_lapack) run SciPy's LAPACK there
+        doc["lapack"] = lapack_fingerprint()
+        doc["eigh_lapack"] = eigh_route
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def policy_fingerprint(device: str | torch.device | None = None) -> str:
     """A short digest of everything in the numerical policy that can change a result bit: the compute dtypes,
     row blocks and conditioning threshold (:mod:`weightgeo.linalg.policy`), the hardware kind, CPU or GPU
-    model and capability of ``device``, and the torch version. Result caches key on it (docs/caching.md), so a
-    result computed under another policy, on another kind of machine or by another torch is never served."""
-    return _fingerprint(str(torch.device("cpu") if device is None else torch.device(device)))
+    model and capability of ``device``, the torch version and, on a CPU, SciPy's version and LAPACK and which of the
+    two solves the full eigenproblems (:func:`eigh_lapack`, :mod:`weightgeo.linalg.eigen`). Result caches key on it
+    (docs/caching.md), so a result computed under another policy, on another kind of machine or by another torch is
+    never served."""
+    dev = str(torch.device("cpu") if device is None else torch.device(device))
+    return _fingerprint(dev, eigh_lapack(dev))

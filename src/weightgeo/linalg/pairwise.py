@@ -10,8 +10,9 @@ Orient every matrix tall (``A = W`` if ``m ≥ n`` else ``Wᵀ``; ``n = p = min(
 2. Pair: ``D = A1ᵀA1 − A0ᵀA0 = ½[(A0+A1)ᵀΔ + Δᵀ(A0+A1)]`` from ``Δ = A1 − A0`` (exact for bf16 pairs),
    summed over row blocks in the compute dtype, so it is accurate relative to ``‖Δ‖``, not to ``‖A‖``; then
    ``F = VᵀDV`` (two n×n GEMMs, float32) and ``M1 = Λ0 + F`` in float64. ``M1`` is W1's Gram in W0's
-   eigenbasis: ``eigh(M1) = Q diag(μ) Qᵀ`` in float64 gives σ(W1) = √μ and W1's small-side singular
-   vectors ``V Q``.
+   eigenbasis: ``M1 = Q diag(μ) Qᵀ`` in float64 gives σ(W1) = √μ and W1's small-side singular
+   vectors ``V Q``; every μ is computed, but only the top-k columns of Q, the ones the angles read
+   (:func:`~weightgeo.linalg.eigen.top_eigh`).
 3. NSS from ``σ1ᵢ − σ0ᵢ = (μᵢ − λ0ᵢ)/(√μᵢ + √λ0ᵢ)`` (no subtraction of rounded singular values).
 4. Small-side angles: W0's top-k subspace is ``span(e_1..e_k)`` in this basis, so the sines are the
    singular values of the off-diagonal block ``Q[k:, :k]`` (no arccos, no product of two bases).
@@ -60,6 +61,8 @@ import torch
 from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
+from .eigen import top_eigh
+from .hardware import eigh_lapack
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_drift_from_values
 from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
@@ -340,9 +343,10 @@ def pair_geometry(
         base = base_spectrum(W0)
     A1 = tall_like(base, check_matrix(W1, "W1", batched=True), "W1")
     prod = pair_products(base, A1, sides=sides)
-    eig = pair_eigen(base, prod, vectors=bool(sides))
+    k_asked = resolve_size(size, min(base.shape))
+    eig = pair_eigen(base, prod, vectors=bool(sides), k=k_asked)
     spec = pair_spectrum(base, A1, eig)
-    k_eff = int(effective_k(resolve_size(size, min(base.shape)), base, spec).min())
+    k_eff = int(effective_k(k_asked, base, spec).min())
     right, left = pair_angles(base, prod, eig, spec, k_eff, sides)
     gap = spectral_gap(base.sigma, k_eff)
     return PairGeometry(
@@ -392,25 +396,30 @@ def side_products(
 @dataclass(frozen=True)
 class PairEigen:
     """W1's small-side Gram in W0's eigenbasis: ``M1 = Λ0 + F`` with ``F = VᵀDV`` (float64, symmetric),
-    its eigenvalues ``mu`` (descending) and eigenvectors ``Q`` (``None`` when only values were asked for)."""
+    all its eigenvalues ``mu`` ([..., n], descending) and the eigenvectors of the top ones ``Q`` ([..., n, k]: as
+    many as the angles were asked for; ``None`` when only values were asked for)."""
 
     F: torch.Tensor
     mu: torch.Tensor
     Q: torch.Tensor | None
 
 
-def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool) -> PairEigen:
-    """Rotate ``D = A1ᵀA1 − A0ᵀA0`` into W0's eigenbasis and solve W1's eigenproblem there (float64)."""
+def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool, k: int | None = None) -> PairEigen:
+    """Rotate ``D = A1ᵀA1 − A0ᵀA0`` into W0's eigenbasis and solve W1's eigenproblem there (float64).
+
+    ``vectors``: also the eigenvectors of the top ``k`` (every one when ``k`` is ``None``), the only ones the angles
+    at ``k`` or below read (:func:`~weightgeo.linalg.eigen.top_eigh`: on a CPU it leaves the others uncomputed)."""
     D = prod.D()
     F = congruence(base.V_c, D).to(torch.float64)
     del D
     F = 0.5 * (F + F.mT)
     M1 = torch.diag_embed(base.lam) + F
-    # eigh of −M1 gives μ descending without reordering the basis: where M1 is (nearly) diagonal, Q is
-    # (nearly) the identity even inside clusters of equal σ0, so W0 = W1 gives zero angles.
+    # top_eigh solves for −M1, which gives μ descending without reordering the basis: where M1 is (nearly)
+    # diagonal, Q is (nearly) e_1..e_k even inside clusters of equal σ0, so W0 = W1 gives zero angles.
     if vectors:
-        mu, Q = torch.linalg.eigh(-M1)
-        return PairEigen(F, -mu, Q)
+        n = M1.shape[-1]
+        mu, Q = top_eigh(M1, n if k is None else min(int(k), n), lapack=eigh_lapack(M1.device))
+        return PairEigen(F, mu, Q)
     return PairEigen(F, -torch.linalg.eigvalsh(-M1), None)
 
 
@@ -556,8 +565,9 @@ def _members(base: BaseSpectrum, prod: Products, eig: PairEigen, spec: PairSpect
 
 
 def _sines_small(Q: torch.Tensor, k: int) -> torch.Tensor:
-    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthogonal Q (float64)."""
-    n = Q.shape[-1]
+    """Sines (ascending, length k) between span(e_1..e_k) and span(Q[:, :k]) for orthonormal columns Q [..., n, ≥k]
+    (float64)."""
+    n = Q.shape[-2]
     shape = Q.shape[:-2]
     if k >= n:
         return Q.new_zeros(*shape, k)

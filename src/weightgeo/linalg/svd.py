@@ -37,6 +37,8 @@ import torch
 
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_side
+from .eigen import eigh
+from .hardware import eigh_lapack
 from .policy import (
     REFINE_BELOW,
     batch_row_blocks,
@@ -242,7 +244,7 @@ def gram_eigh(
     _, side = tall_orientation(A)
     G = gram(A, dtype=gram_dtype).to(torch.float64)
     if vectors:
-        w, Q = torch.linalg.eigh(G)
+        w, Q = eigh(G, lapack=eigh_lapack(G.device))
         return w.flip(-1), Q.flip(-1), side
     return torch.linalg.eigvalsh(G).flip(-1), None, side
 

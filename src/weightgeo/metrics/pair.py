@@ -143,8 +143,9 @@ def batched_pair_metrics(
     k_abs, r_abs = resolve_size(k, p), resolve_size(rank, p)
     transposed = m < n
     A0, A1 = (w0.mT, w1.mT) if transposed else (w0, w1)  # tall, as the base orients them
-    # Two lanes (linalg.hardware.Lanes): the base's decomposition (then the stable rank's eigenvalue and the
-    # localization) in the second, the fine-tune's products, the pair eigenproblem and the angles in the first.
+    # Two lanes (linalg.hardware.Lanes): the base's decomposition (and then the next group's) in the second; the
+    # fine-tune's products, the pair eigenproblem and the angles in the first; the stable rank's eigenvalue and the
+    # localization in whichever lane gets to them first.
     with Lanes(w0.device) as lanes:
         make = base if callable(base) else (lambda: base_spectrum(w0)) if base is None else None
         base_job = lanes.submit(make) if make is not None and (rot or drift or loc) else None
@@ -154,22 +155,26 @@ def batched_pair_metrics(
             prod = side_products(A0, A1, transposed=transposed, sides=sides, stable_rank=srank)
         elif srank:  # the stable rank alone needs ΔᵀΔ and ‖Δ‖_F², not the base's decomposition
             prod = products(A0, A1, J=True, fro=True)
-        if srank:  # its eigvalsh of ΔᵀΔ in the second lane, after the base (the first lane waits for it anyway)
-            assert prod is not None
-            rank_job = lanes.submit(_stable_ranks, prod)
         if base_job is not None:
             base = base_job.result() or base_spectrum(w0)
         elif callable(base):  # no metric here needs the base
             base = None
+        # The next group's base goes to the second lane first (it is what the first lane will wait for next); the
+        # stable rank's eigvalsh and the localization queue behind it, and the first lane takes back whichever has
+        # not started when it gets to them. Queued before the hook, they kept the 8B layer's first lane waiting
+        # 73 of 189 s for bases.
+        if base_ready is not None:
+            base_ready()
+        if srank:
+            assert prod is not None
+            rank_job = lanes.submit(_stable_ranks, prod)
         loc_job = None
         if loc:
             assert isinstance(base, BaseSpectrum)
             loc_job = lanes.submit(_localization_rows, w0, w1, base, rank=r_abs, alpha=alpha, eta=eta, rows=update_rows)
-        if base_ready is not None:
-            base_ready()
         if rot or drift:
             assert isinstance(base, BaseSpectrum) and prod is not None
-            eig = pair_eigen(base, prod, vectors=bool(sides))
+            eig = pair_eigen(base, prod, vectors=bool(sides) and k_abs < p, k=k_abs)
             spec = pair_spectrum(base, A1, eig)
             if rot and k_abs >= p:
                 _whole_space_rows(out, effective_k(k_abs, base, spec), k=k_abs, shape=(m, n), angles=angles)

@@ -1,0 +1,157 @@
+"""top_eigh (linalg.eigen): every eigenvalue and the top-k eigenvectors, against float64 NumPy ``eigh``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightgeo.errors import WeightgeoError
+from weightgeo.linalg import eigen
+from weightgeo.linalg.eigen import TOP_EIGH_MAX_FRACTION, top_eigh
+
+
+def near_diagonal(n: int, rel: float, seed: int) -> torch.Tensor:
+    """The pair method's problem: a Gram's spectrum (descending) on the diagonal plus a symmetric perturbation."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n + n // 4 + 1, n))
+    lam = np.linalg.eigvalsh(A.T @ A)[::-1]
+    E = rng.standard_normal((n, n)) * rel * lam[0]
+    return torch.from_numpy(np.diag(lam) + (E + E.T) / 2)
+
+
+def check_against_numpy(M: torch.Tensor, k: int, w: torch.Tensor, Q: torch.Tensor) -> None:
+    ref_w, ref_V = np.linalg.eigh(M.numpy())
+    ref_w, ref_V = ref_w[::-1], ref_V[:, ::-1]
+    scale = abs(ref_w).max()
+    np.testing.assert_allclose(w.numpy(), ref_w, rtol=0, atol=1e-13 * scale)
+    assert Q.shape == (M.shape[0], k)
+    np.testing.assert_allclose((Q.mT @ Q).numpy(), np.eye(k), rtol=0, atol=1e-14)
+    residual = M.numpy() @ Q.numpy() - Q.numpy() * w[:k].numpy()
+    assert np.abs(residual).max(initial=0.0) <= 1e-13 * scale
+    if k and k < M.shape[0] and ref_w[k - 1] - ref_w[k] > 1e-6 * scale:  # the top-k subspace is well defined
+        cos = np.linalg.svd(ref_V[:, :k].T @ Q.numpy(), compute_uv=False)
+        assert 1 - cos.min() < 1e-12
+
+
+@pytest.mark.parametrize("n,k", [(64, 8), (200, 25), (200, 80), (301, 1), (128, 0), (96, 60), (40, 40)])
+@pytest.mark.parametrize("rel", [1e-6, 1e-2])
+def test_matches_numpy(n, k, rel):
+    M = near_diagonal(n, rel, seed=n + k)
+    w, Q = top_eigh(M, k)
+    check_against_numpy(M, k, w, Q)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 60), frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1), dense=st.booleans())
+def test_property_any_symmetric_matrix(n, frac, seed, dense):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, n))
+    M = torch.from_numpy((X + X.T) / 2 if dense else np.diag(rng.standard_normal(n)) + 1e-3 * (X + X.T))
+    k = int(round(frac * n))
+    w, Q = top_eigh(M, k)
+    check_against_numpy(M, k, w, Q)
+
+
+def test_tridiagonal_route_is_taken_below_the_fraction(monkeypatch):
+    """On a CPU, k ≤ TOP_EIGH_MAX_FRACTION·n never calls a full eigh (the point of the route); above it, it does."""
+    calls = []
+    real = torch.linalg.eigh
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting)
+    M = near_diagonal(100, 1e-3, seed=1)
+    top_eigh(M, int(TOP_EIGH_MAX_FRACTION * 100))
+    assert calls == []
+    top_eigh(M, int(TOP_EIGH_MAX_FRACTION * 100) + 1)
+    assert calls == [M.shape]
+
+
+def test_diagonal_with_ties_keeps_the_basis():
+    """A (block) diagonal matrix keeps e_1..e_k, ties at the k-th value included: W0 = W1 gives zero angles."""
+    for d in ([1.0] * 10, [3.0, 2, 2, 2, 2, 1, 1, 1, 1, 1], [5.0, 4, 4, 1, 1, 1, 1, 1, 1, 0]):
+        M = torch.diag(torch.tensor(d, dtype=torch.float64))
+        for k in range(0, 5):
+            w, Q = top_eigh(M, k)
+            assert torch.equal(w, torch.tensor(sorted(d, reverse=True), dtype=torch.float64))
+            assert torch.equal(Q.abs(), torch.eye(10, dtype=torch.float64)[:, :k]), (d, k)
+
+
+def test_batched_equals_each_member_alone():
+    Ms = torch.stack([near_diagonal(80, rel, seed=s) for s, rel in enumerate((1e-6, 1e-3, 1e-1))])
+    w, Q = top_eigh(Ms.reshape(3, 1, 80, 80), 10)
+    assert w.shape == (3, 1, 80) and Q.shape == (3, 1, 80, 10)
+    for i in range(3):
+        wi, Qi = top_eigh(Ms[i], 10)
+        assert torch.equal(w[i, 0], wi) and torch.equal(Q[i, 0], Qi)
+
+
+def test_bad_k():
+    with pytest.raises(WeightgeoError, match="k = 5"):
+        top_eigh(torch.eye(4, dtype=torch.float64), 5)
+
+
+def test_lapack_in_the_policy_fingerprint(monkeypatch):
+    """Another SciPy or LAPACK may round the CPU route differently: the result caches' policy key changes with it."""
+    from weightgeo.linalg import hardware
+
+    fp = eigen.lapack_fingerprint()
+    assert fp["scipy"] and fp["lapack"]
+    before = hardware.policy_fingerprint("cpu")
+    monkeypatch.setattr(hardware, "lapack_fingerprint", lambda: {"scipy": "0.0", "lapack": "another"})
+    hardware._fingerprint.cache_clear()
+    try:
+        assert hardware.policy_fingerprint("cpu") != before
+    finally:
+        monkeypatch.undo()
+        hardware._fingerprint.cache_clear()
+    assert hardware.policy_fingerprint("cpu") == before
+
+
+def test_lapack_threads_follow_the_block_and_restore():
+    """Inside the block SciPy's OpenBLAS runs with the given threads in this thread; after it, with what it had."""
+    setters = eigen._openblas_local_setters()
+    if not setters:
+        pytest.skip("no OpenBLAS with thread-local thread counts in this process (OpenBLAS < 0.3.27, or not Linux)")
+    before = [set_local(3) for set_local in setters]
+    try:
+        with eigen.lapack_threads(1):
+            inside = [set_local(1) for set_local in setters]
+        after = [set_local(3) for set_local in setters]
+    finally:
+        for set_local, old in zip(setters, before):
+            set_local(old)
+    assert inside == [1] * len(setters) and after == [3] * len(setters)
+
+
+@pytest.mark.parametrize("lapack", ["torch", "scipy"])
+def test_full_eigh_either_lapack_matches_numpy(lapack):
+    Ms = torch.stack(
+        [near_diagonal(90, 1e-3, seed=3), torch.from_numpy(np.cov(np.random.default_rng(5).random((90, 200))))]
+    )
+    w, V = eigen.eigh(Ms, lapack=lapack)
+    for i in range(2):
+        ref = np.linalg.eigvalsh(Ms[i].numpy())
+        scale = abs(ref).max()
+        np.testing.assert_allclose(w[i].numpy(), ref, rtol=0, atol=1e-13 * scale)
+        np.testing.assert_allclose((V[i].mT @ V[i]).numpy(), np.eye(90), rtol=0, atol=1e-13)
+        assert float((Ms[i] @ V[i] - V[i] * w[i]).abs().max()) <= 1e-13 * scale
+    with pytest.raises(WeightgeoError, match="lapack="):
+        eigen.eigh(Ms, lapack="mkl")
+
+
+def test_eigh_lapack_policy(monkeypatch):
+    from weightgeo.linalg import hardware
+
+    assert hardware.eigh_lapack("cpu") == (
+        "scipy" if hardware.hardware("cpu").name.upper().startswith("AMD") else "torch"
+    )
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", "torch")
+    torch_route = hardware.policy_fingerprint("cpu")
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", "scipy")
+    assert hardware.policy_fingerprint("cpu") != torch_route  # another route may round differently
