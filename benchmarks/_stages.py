@@ -36,6 +36,7 @@ WRAPPED = [
     ("weightgeo.metrics.pair", "products", "fine-tune products"),
     ("weightgeo.metrics.pair", "pair_eigen", "pair eigenproblem: F = VᵀDV"),
     ("weightgeo.linalg.pairwise", "top_eigh", "› top-k eigh"),  # its full eigh (k > 0.4·n) nests inside
+    ("weightgeo.linalg.svd", "eigh", "› eigh"),  # W0's Gram: linalg.eigen.eigh (torch's or SciPy's LAPACK)
     ("weightgeo.metrics.pair", "pair_spectrum", "NSS (+ fallback)"),
     ("weightgeo.metrics.pair", "_rotation_rows", "angles"),
     ("weightgeo.metrics.pair", "_stable_ranks", "stable rank"),

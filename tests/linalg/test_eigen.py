@@ -155,3 +155,45 @@ def test_eigh_lapack_policy(monkeypatch):
     torch_route = hardware.policy_fingerprint("cpu")
     monkeypatch.setattr(hardware, "EIGH_LAPACK", "scipy")
     assert hardware.policy_fingerprint("cpu") != torch_route  # another route may round differently
+
+
+def test_routes_follow_the_policy_flags(monkeypatch):
+    """``tridiagonal=False`` (the policy on many-core machines and CUDA) and ``lapack="torch"`` are torch's full eigh,
+    whatever the thread count; the policy's flags are machine facts, not the calling thread's."""
+    from weightgeo.linalg import hardware
+
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    M = near_diagonal(60, 1e-3, seed=2)
+    top_eigh(M, 6)
+    eigen.eigh(M, lapack="scipy")
+    assert calls == []
+    top_eigh(M, 6, tridiagonal=False)
+    eigen.eigh(M, lapack="torch")
+    assert calls == [1, 1]
+    before = torch.get_num_threads()
+    try:
+        route = hardware.tridiagonal_route("cpu")
+        torch.set_num_threads(1 if before > 1 else 2)
+        assert hardware.tridiagonal_route("cpu") == route
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(hardware, "SCIPY_LAPACK_MAX_CORES", 0)
+    assert not hardware.tridiagonal_route("cpu") and hardware.eigh_lapack("cpu") == "torch"
+    assert not hardware.tridiagonal_route("meta")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """SciPy's LAPACK runs one thread per call: the same bits with 1 or 2 torch threads (live equals offline)."""
+    M = near_diagonal(300, 1e-3, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = top_eigh(M, 30), eigen.eigh(M, lapack="scipy")
+        torch.set_num_threads(2)
+        two = top_eigh(M, 30), eigen.eigh(M, lapack="scipy")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

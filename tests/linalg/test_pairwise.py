@@ -182,6 +182,7 @@ def test_either_lapack_matches_float64(monkeypatch, lapack, m, n, k):
     """The full eigenproblems (W0's Gram; the pair problem above the top-k route's limit) by torch's LAPACK or
     SciPy's (linalg.hardware.eigh_lapack picks one per CPU kind): both agree with the float64 reference."""
     monkeypatch.setattr(hardware, "EIGH_LAPACK", lapack)
+    monkeypatch.setattr(hardware, "SCIPY_LAPACK_MAX_CORES", 1 << 20)  # the tridiagonal route on any machine
     W0, W1 = make_pair(m, n, 1e-3, seed=m + n + k)
     g = pair_geometry(W0, W1, k=k, sides=("right", "left"))
     check_close(g, ref_geometry(W0, W1, k))
@@ -192,6 +193,7 @@ def test_repeated_singular_values_either_lapack_and_route(monkeypatch, lapack):
     """W0 = W1 = identity-like with ties at the k-th value: zero angles whichever LAPACK and whichever route (k = 2
     of 5 takes the top-k route, k = 3 a full eigh)."""
     monkeypatch.setattr(hardware, "EIGH_LAPACK", lapack)
+    monkeypatch.setattr(hardware, "SCIPY_LAPACK_MAX_CORES", 1 << 20)  # the tridiagonal route on any machine
     for W in (torch.eye(5), torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]))):
         for k in (2, 3):
             g = pair_geometry(W, W.clone(), k=k, sides=("right", "left"))

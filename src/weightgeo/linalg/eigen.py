@@ -5,7 +5,8 @@ The pair method (:mod:`.pairwise`) needs all of W1's Gram eigenvalues in W0's ba
 the top-k eigenvectors (the angles at k, an eighth of the side by default). A full ``eigh`` reduces the matrix to
 tridiagonal form (≈ 4/3·n³ flops), finds every eigenvector of the tridiagonal (divide and conquer) and
 back-transforms all n of them (2n³): two thirds of its time is for vectors the angles never read. On a CPU
-:func:`top_eigh` takes LAPACK's tridiagonal route instead, as ``dsyevr`` does for a range of eigenvectors but with
+(where the policy allows it: :func:`weightgeo.linalg.hardware.tridiagonal_route`), :func:`top_eigh` takes LAPACK's
+tridiagonal route instead, as ``dsyevr`` does for a range of eigenvectors but with
 every eigenvalue kept:
 
 1. ``dsytrd``: ``M = Q T Qᵀ`` (T tridiagonal, Q as Householder reflectors), once;
@@ -16,8 +17,11 @@ every eigenvalue kept:
 
 Measured on one core of a 2-core AMD EPYC (AVX2; BENCHMARKS.md, "The pair eigenproblem"): n = 4096, k = 512 in
 7.3 s against 18.2 s for torch's ``eigh``; eigenvalues within 1e-14·λ_max of it, the top-k subspace within
-1e-15 (1 − cos of the largest angle). On other devices, and for k above :data:`TOP_EIGH_MAX_FRACTION` of n,
-it is ``torch.linalg.eigh``.
+1e-15 (1 − cos of the largest angle). SciPy's LAPACK runs one thread per call (:func:`lapack_threads`): its results
+then do not depend on the thread count (OpenBLAS's reduction rounds differently with two threads than with one),
+and no second thread pool spins beside torch's (with two, one 2-thread lane took 88.0 s for the 0.5B pair against
+72.2 s). Elsewhere (CUDA; many-core CPUs, where torch's LAPACK has threads to use) and for k above
+:data:`TOP_EIGH_MAX_FRACTION` of n, it is a full :func:`eigh`.
 
 The order is the pair method's: the problem is solved for −M, so where M is (nearly) diagonal the top-k vectors
 are (nearly) e_1..e_k even inside clusters of equal values (a tie at the k-th value goes to the lower index, as
@@ -53,7 +57,7 @@ TOP_EIGH_MAX_FRACTION = 0.4
 
 def eigh(M: torch.Tensor, *, lapack: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh(M)`` (ascending values, vectors as columns), by SciPy's LAPACK (``dsyevd``) when
-    ``lapack="scipy"`` and ``M`` is a float64 CPU tensor; the policy picks the library per CPU kind
+    ``lapack="scipy"`` and ``M`` is float64 on a CPU (one thread); the policy picks the library per CPU kind
     (:func:`weightgeo.linalg.hardware.eigh_lapack`).
 
     >>> w, V = eigh(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64), lapack="scipy")
@@ -75,7 +79,7 @@ def eigh(M: torch.Tensor, *, lapack: str = "torch") -> tuple[torch.Tensor, torch
     flat = M.reshape(-1, n, n)
     w = torch.empty(flat.shape[0], n, dtype=torch.float64, device=M.device)
     V = torch.empty(flat.shape[0], n, n, dtype=torch.float64, device=M.device)
-    with lapack_threads(torch.get_num_threads()):
+    with lapack_threads(1):
         for i in range(flat.shape[0]):
             # column-major M (the row-major Mᵀ read column-major), overwritten by its eigenvectors
             wi, Vi = dsyevd(flat[i].mT.contiguous().numpy().T)
@@ -83,7 +87,9 @@ def eigh(M: torch.Tensor, *, lapack: str = "torch") -> tuple[torch.Tensor, torch
     return w.reshape(M.shape[:-1]), V.reshape(M.shape)
 
 
-def top_eigh(M: torch.Tensor, k: int, *, lapack: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigh(
+    M: torch.Tensor, k: int, *, lapack: str = "torch", tridiagonal: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All eigenvalues of the symmetric float64 ``M`` and the eigenvectors of its ``k`` largest.
 
     >>> w, Q = top_eigh(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64), 1)
@@ -95,6 +101,7 @@ def top_eigh(M: torch.Tensor, k: int, *, lapack: str = "torch") -> tuple[torch.T
         M: [..., n, n] float64, exactly symmetric.
         k: how many eigenvectors, 0 ≤ k ≤ n.
         lapack: the library of the full ``eigh`` where that is the route (:func:`eigh`).
+        tridiagonal: whether the CPU route may be taken (the policy: :func:`weightgeo.linalg.hardware.tridiagonal_route`).
 
     Returns:
         ``(w, Q)``: eigenvalues [..., n] float64, descending, and eigenvectors [..., n, k] float64 (columns, in the
@@ -103,7 +110,8 @@ def top_eigh(M: torch.Tensor, k: int, *, lapack: str = "torch") -> tuple[torch.T
     n = M.shape[-1]
     if not 0 <= k <= n:
         raise WeightgeoError(f"top_eigh: k = {k} outside [0, {n}] for a {n}x{n} matrix; ask for at most {n} vectors")
-    if M.device.type != "cpu" or k > TOP_EIGH_MAX_FRACTION * n or n < 2 or M.dtype != torch.float64:
+    cpu64 = M.device.type == "cpu" and M.dtype == torch.float64
+    if not (tridiagonal and cpu64) or k > TOP_EIGH_MAX_FRACTION * n or n < 2:
         mu, Q = eigh(-M, lapack=lapack)
         return -mu, Q[..., :k]
     lead = M.shape[:-2]
@@ -116,10 +124,14 @@ def top_eigh(M: torch.Tensor, k: int, *, lapack: str = "torch") -> tuple[torch.T
 
 
 def _top_eigh_one(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`top_eigh` of one [n, n] float64 CPU matrix by the tridiagonal route (``0 ≤ k < n``), with as many
-    BLAS threads as torch has in this thread (a lane's share)."""
-    with lapack_threads(torch.get_num_threads()):
-        return _tridiagonal_route(M, k)
+    """:func:`top_eigh` of one [n, n] float64 CPU matrix by the tridiagonal route (``0 ≤ k < n``), in one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the back-transform's torch calls too: the same bits whatever the caller's threads
+    try:
+        with lapack_threads(1):
+            return _tridiagonal_route(M, k)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tridiagonal_route(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +155,9 @@ def _tridiagonal_route(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 @contextlib.contextmanager
 def lapack_threads(n: int) -> Iterator[None]:
-    """Run SciPy's LAPACK with ``n`` threads in this thread, as ``torch.set_num_threads`` does for torch's: each lane
-    of :class:`~weightgeo.linalg.hardware.Lanes` keeps to its share, and a process limited to one torch thread does
-    not start a BLAS thread per core. Through OpenBLAS's thread-local setting (OpenBLAS ≥ 0.3.27, SciPy's wheels on
+    """Run SciPy's LAPACK with ``n`` threads in this thread, as ``torch.set_num_threads`` does for torch's (the routes
+    of this module use 1: their results then do not depend on the machine's or the caller's thread count, and no
+    OpenBLAS thread pool spins beside torch's). Through OpenBLAS's thread-local setting (OpenBLAS ≥ 0.3.27, SciPy's wheels on
     Linux); where there is none it changes nothing (that LAPACK keeps its own default).
 
     >>> with lapack_threads(1):

@@ -38,6 +38,7 @@ import collections
 import functools
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -57,6 +58,8 @@ __all__ = [
     "BF16_PASS_MIN_ENTRIES",
     "EIGH_LAPACK",
     "eigh_lapack",
+    "SCIPY_LAPACK_MAX_CORES",
+    "tridiagonal_route",
     "LANES",
     "lanes",
     "Lanes",
@@ -154,6 +157,30 @@ def pass_dtype(dtype: torch.dtype, device: str | torch.device | None, shape: tup
 EIGH_LAPACK: str | None = None
 
 
+#: SciPy's LAPACK routes (:mod:`weightgeo.linalg.eigen`) run one thread per call; they are taken on CPUs with at most
+#: this many cores, where a lane has one or two threads (measured on 2 cores). On larger machines torch's LAPACK,
+#: which uses a lane's threads, is kept (not measured).
+SCIPY_LAPACK_MAX_CORES = 4
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def tridiagonal_route(device: str | torch.device | None = None) -> bool:
+    """Whether the pair eigenproblem may take the top-k tridiagonal route (:func:`weightgeo.linalg.eigen.top_eigh`)
+    on ``device``: on CPUs of at most :data:`SCIPY_LAPACK_MAX_CORES` cores (its LAPACK runs one thread per call).
+
+    >>> tridiagonal_route("cpu") in (True, False)
+    True
+    """
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return dev.type == "cpu" and _cores() <= SCIPY_LAPACK_MAX_CORES
+
+
 def eigh_lapack(device: str | torch.device | None = None) -> str:
     """Which LAPACK solves the full float64 symmetric eigenproblems on ``device``
     (:func:`weightgeo.linalg.eigen.eigh`): ``"scipy"`` (SciPy's OpenBLAS) on AMD CPUs, ``"torch"`` elsewhere.
@@ -161,8 +188,9 @@ def eigh_lapack(device: str | torch.device | None = None) -> str:
     torch's pip wheels call MKL, which takes a generic code path on AMD CPUs: on a 2-core AMD EPYC (AVX2)
     OpenBLAS's ``dsyevd`` took 0.79–0.84× of torch's ``eigh`` time, one thread, on W0-like Grams at n = 2048 and
     4096 and on the pair problem's near-diagonal matrices at n = 896 and 2048 (BENCHMARKS.md, issue 22), with the
-    same values to 2e-15·λ_max and orthonormal vectors to 6e-15. On Intel CPUs (MKL's own) and on CUDA it is
-    torch's; not measured there. :data:`EIGH_LAPACK` overrides it.
+    same values to 2e-15·λ_max and orthonormal vectors to 6e-15. SciPy's runs one thread per call, so it is used on
+    CPUs of at most :data:`SCIPY_LAPACK_MAX_CORES` cores only. On Intel CPUs (MKL's own), larger machines and CUDA it
+    is torch's; not measured there. :data:`EIGH_LAPACK` overrides it.
 
     >>> eigh_lapack("cpu") in ("torch", "scipy")
     True
@@ -170,7 +198,7 @@ def eigh_lapack(device: str | torch.device | None = None) -> str:
     if EIGH_LAPACK is not None:
         return EIGH_LAPACK
     dev = torch.device("cpu") if device is None else torch.device(device)
-    if dev.type == "cpu" and hardware(dev).name.upper().startswith("AMD"):
+    if tridiagonal_route(dev) and hardware(dev).name.upper().startswith("AMD"):
         return "scipy"
     return "torch"
 
@@ -333,7 +361,7 @@ def _in_second_lane() -> bool:
 
 
 @functools.cache
-def _fingerprint(device: str, eigh_route: str) -> str:
+def _fingerprint(device: str, eigh_route: str, tridiagonal: bool) -> str:
     hw = _describe(device)
     doc = {
         # the policy's rules (precision, row blocks, conditioning) and what they run on
@@ -350,6 +378,7 @@ def _fingerprint(device: str, eigh_route: str) -> str:
     if doc["device"] == "cpu":  # the pair eigenproblem's tridiagonal route (and eigh_lapack) run SciPy's LAPACK there
         doc["lapack"] = lapack_fingerprint()
         doc["eigh_lapack"] = eigh_route
+        doc["tridiagonal_route"] = tridiagonal
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -361,4 +390,4 @@ def policy_fingerprint(device: str | torch.device | None = None) -> str:
     (docs/caching.md), so a result computed under another policy, on another kind of machine or by another torch is
     never served."""
     dev = str(torch.device("cpu") if device is None else torch.device(device))
-    return _fingerprint(dev, eigh_lapack(dev))
+    return _fingerprint(dev, eigh_lapack(dev), tridiagonal_route(dev))

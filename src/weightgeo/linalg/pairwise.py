@@ -62,7 +62,7 @@ from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
 from .eigen import top_eigh
-from .hardware import eigh_lapack
+from .hardware import eigh_lapack, tridiagonal_route
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_drift_from_values
 from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
@@ -418,7 +418,10 @@ def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool, k: int | No
     # diagonal, Q is (nearly) e_1..e_k even inside clusters of equal σ0, so W0 = W1 gives zero angles.
     if vectors:
         n = M1.shape[-1]
-        mu, Q = top_eigh(M1, n if k is None else min(int(k), n), lapack=eigh_lapack(M1.device))
+        dev = M1.device
+        mu, Q = top_eigh(
+            M1, n if k is None else min(int(k), n), lapack=eigh_lapack(dev), tridiagonal=tridiagonal_route(dev)
+        )
         return PairEigen(F, mu, Q)
     return PairEigen(F, -torch.linalg.eigvalsh(-M1), None)
 
