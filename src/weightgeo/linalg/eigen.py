@@ -15,9 +15,9 @@ every eigenvalue kept:
 4. the reflectors applied to those k vectors (``ormqr``, 2n²k), then one Cholesky QR of the n×k block, which
    makes its columns orthonormal to float64 rounding (MRRR leaves ~1e-13) without moving their span.
 
-Measured on one core of a 2-core AMD EPYC (AVX2; BENCHMARKS.md, "The pair eigenproblem"): n = 4096, k = 512 in
-7.3 s against 18.2 s for torch's ``eigh``; eigenvalues within 1e-14·λ_max of it, the top-k subspace within
-1e-15 (1 − cos of the largest angle). SciPy's LAPACK runs one thread per call (:func:`lapack_threads`): its results
+Measured on one core of a 2-core AMD EPYC (AVX2; BENCHMARKS.md, "Second stop on issue 22",
+``benchmarks/bench_top_eigh.py``): n = 4096, k = 512 in 7.6 s against 17.9 s for torch's ``eigh``; eigenvalues
+within 1.6e-14·λ_max of it, the top-k subspace within 1.2e-15 (1 − cos of the largest angle). SciPy's LAPACK runs one thread per call (:func:`lapack_threads`): its results
 then do not depend on the thread count (OpenBLAS's reduction rounds differently with two threads than with one),
 and no second thread pool spins beside torch's (with two, one 2-thread lane took 88.0 s for the 0.5B pair against
 72.2 s). Elsewhere (CUDA; many-core CPUs, where torch's LAPACK has threads to use) and for k above
@@ -49,9 +49,9 @@ from .lapack import dstemr, dsterf, dsyevd, dsytrd
 __all__ = ["eigh", "top_eigh", "lapack_threads", "lapack_fingerprint", "TOP_EIGH_MAX_FRACTION"]
 
 #: The tridiagonal route is taken for k ≤ this fraction of n. Its vectors cost 2n²k against full ``eigh``'s ~2n³,
-#: but its reduction is LAPACK's one-stage ``dsytrd``: measured on a 2-core AMD EPYC (AVX2) it took 0.45× torch's
-#: ``eigh`` time at k/n = 1/8 and n = 896 (0.31× at 2048, 0.32× at 4096), 0.91× at 0.4 and 1.10× at 0.5 (n = 896;
-#: 0.75× at 2048). Above it, ``eigh``.
+#: but its reduction is LAPACK's one-stage ``dsytrd``: on a 2-core AMD EPYC (AVX2), one thread, it took 0.53× torch's
+#: ``eigh`` time at k/n = 1/8 and n = 896 (0.40× at 2048, 0.42× at 4096) and 0.96× at 0.4 (n = 896; 0.72× at
+#: 2048; bench_top_eigh.py), and 1.18× at 0.5 (n = 896). Above it, ``eigh``.
 TOP_EIGH_MAX_FRACTION = 0.4
 
 
@@ -157,8 +157,8 @@ def _tridiagonal_route(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 def lapack_threads(n: int) -> Iterator[None]:
     """Run SciPy's LAPACK with ``n`` threads in this thread, as ``torch.set_num_threads`` does for torch's (the routes
     of this module use 1: their results then do not depend on the machine's or the caller's thread count, and no
-    OpenBLAS thread pool spins beside torch's). Through OpenBLAS's thread-local setting (OpenBLAS ≥ 0.3.27, SciPy's wheels on
-    Linux); where there is none it changes nothing (that LAPACK keeps its own default).
+    OpenBLAS thread pool spins beside torch's). Through OpenBLAS's thread-local setting (OpenBLAS ≥ 0.3.27,
+    SciPy's wheels on Linux); where there is none it changes nothing (that LAPACK keeps its own default).
 
     >>> with lapack_threads(1):
     ...     pass
@@ -197,7 +197,7 @@ def _openblas_local_setters() -> tuple[Callable[[int], int], ...]:
 
 
 def lapack_fingerprint() -> dict[str, str]:
-    """The LAPACK that :func:`top_eigh` runs on a CPU (SciPy's), for the numerical policy's fingerprint.
+    """The LAPACK that :func:`top_eigh` and :func:`eigh` run on a CPU (SciPy's), for the numerical policy's fingerprint.
 
     >>> sorted(lapack_fingerprint())
     ['lapack', 'scipy']

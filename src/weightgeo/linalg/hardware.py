@@ -1,8 +1,8 @@
 """What the device does fast, and the choices of the numerical policy that depend on it.
 
 Three choices depend on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
-(:func:`pass_dtype`), how many steps of one pair run side by side on a CPU (:func:`lanes`), and which LAPACK solves
-the full float64 eigenproblems (:func:`eigh_lapack`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
+(:func:`pass_dtype`), how many steps of one pair run side by side on a CPU (:func:`lanes`), and the LAPACK routes of
+the float64 eigenproblems (:func:`tridiagonal_route`, :func:`eigh_lapack`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
 the hardware multiplies bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or AVX512-BF16) and slower where it
 does not (AVX2-only CPUs emulate them); their price is a noise floor of about 2⁻⁸·σ₁ (docs/numerics.md). fp32
 and fp64 stacks always get passes in their own precision (a bf16 pass over an fp32 stack costs a cast copy
@@ -183,7 +183,8 @@ def tridiagonal_route(device: str | torch.device | None = None) -> bool:
 
 def eigh_lapack(device: str | torch.device | None = None) -> str:
     """Which LAPACK solves the full float64 symmetric eigenproblems on ``device``
-    (:func:`weightgeo.linalg.eigen.eigh`): ``"scipy"`` (SciPy's OpenBLAS) on AMD CPUs, ``"torch"`` elsewhere.
+    (:func:`weightgeo.linalg.eigen.eigh`): ``"scipy"`` (SciPy's OpenBLAS) on AMD CPUs of at most
+    :data:`SCIPY_LAPACK_MAX_CORES` cores, ``"torch"`` elsewhere.
 
     torch's pip wheels call MKL, which takes a generic code path on AMD CPUs: on a 2-core AMD EPYC (AVX2)
     OpenBLAS's ``dsyevd`` took 0.79–0.84× of torch's ``eigh`` time, one thread, on W0-like Grams at n = 2048 and
@@ -385,8 +386,8 @@ def _fingerprint(device: str, eigh_route: str, tridiagonal: bool) -> str:
 def policy_fingerprint(device: str | torch.device | None = None) -> str:
     """A short digest of everything in the numerical policy that can change a result bit: the compute dtypes,
     row blocks and conditioning threshold (:mod:`weightgeo.linalg.policy`), the hardware kind, CPU or GPU
-    model and capability of ``device``, the torch version and, on a CPU, SciPy's version and LAPACK and which of the
-    two solves the full eigenproblems (:func:`eigh_lapack`, :mod:`weightgeo.linalg.eigen`). Result caches key on it
+    model and capability of ``device``, the torch version and, on a CPU, SciPy's version and LAPACK and the eigen
+    routes taken (:func:`tridiagonal_route`, :func:`eigh_lapack`, :mod:`weightgeo.linalg.eigen`). Result caches key on it
     (docs/caching.md), so a result computed under another policy, on another kind of machine or by another torch is
     never served."""
     dev = str(torch.device("cpu") if device is None else torch.device(device))
