@@ -29,6 +29,8 @@ WRAPPED = [
     ("weightgeo.engine.groups", "finite_chunks", "bf16 rule + finiteness"),
     ("weightgeo.engine.groups", "fp8_unchanged", "bf16 rule + finiteness"),
     ("weightgeo.engine.groups", "base_spectrum", "base decomposition"),
+    ("weightgeo.metrics.pair", "base_spectrum", "base decomposition"),  # a group's base in halves, one per lane
+    ("weightgeo.linalg.pairwise", "_base_spectrum", "base decomposition"),  # (linalg.hardware.over_lanes)
     ("weightgeo.engine.groups", "batched_pair_metrics", "pair kernel: other"),
     ("weightgeo.engine.run", "matrix_rows", "row assembly"),
     ("weightgeo.linalg.svd", "gram", "› float64 Gram"),

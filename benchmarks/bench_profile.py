@@ -10,6 +10,8 @@ the bf16 values, as in bench_memory.py):
 
 * ``qwen05``: the Qwen2.5-0.5B-shaped pair of bench_memory.py (24 layers, the 151936×896 embedding, tied);
 * ``layer8b``: one Qwen3-8B-shaped layer (q/o 4096², k/v 1024×4096, gate/up 12288×4096, down 4096×12288, norms);
+* ``layers8b``: two such layers (in a whole model each shape group holds members of several layers: with two lanes,
+  two per group, one per lane, so ``down_proj`` too has a partner);
 * ``vocab8b``: Qwen3-8B's vocabulary matrices, ``embed_tokens`` and ``lm_head`` (151936×4096 each, not tied).
 
 Each run is a fresh worker process (so its peak RSS is its own) that wraps the library's step functions
@@ -39,8 +41,12 @@ os.environ["WEIGHTGEO_CACHE"] = "off"
 HIDDEN8B, INTER8B, KV8B, VOCAB = 4096, 12288, 1024, 151936
 
 
-def layer8b_shapes() -> dict[str, tuple[int, ...]]:
-    p = "model.layers.0."
+def layer8b_shapes(layers: int = 1) -> dict[str, tuple[int, ...]]:
+    return {name: shape for i in range(layers) for name, shape in _layer8b_shapes(i).items()}
+
+
+def _layer8b_shapes(i: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}."
     return {
         p + "self_attn.q_proj.weight": (HIDDEN8B, HIDDEN8B),
         p + "self_attn.k_proj.weight": (KV8B, HIDDEN8B),
@@ -114,6 +120,8 @@ def checkpoints(workload: str, root: Path) -> tuple[Path, Path]:
         return write_pair(root / "qwen05")
     if workload == "layer8b":
         return write_checkpoints(root / "layer8b", layer8b_shapes(), CONFIG8B, seed=1)
+    if workload == "layers8b":
+        return write_checkpoints(root / "layers8b", layer8b_shapes(2), CONFIG8B, seed=3)
     if workload == "vocab8b":
         return write_checkpoints(root / "vocab8b", vocab8b_shapes(), CONFIG8B, seed=2)
     raise SystemExit(f"unknown workload {workload!r}")
@@ -152,7 +160,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", default="qwen05", help="qwen05, layer8b, vocab8b (comma-separated for several)")
+    ap.add_argument(
+        "--workload", default="qwen05", help="qwen05, layer8b, layers8b, vocab8b (comma-separated for several)"
+    )
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wg-profile"))
     ap.add_argument("--threads", default=str(torch.get_num_threads()), help="torch threads, e.g. 1,2")
     ap.add_argument(
@@ -200,12 +210,13 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(r["table"], flush=True)
     for key, lay in results.items():
-        voc = results.get(key.replace("layer8b/", "vocab8b/"))
-        if key.startswith("layer8b/") and voc:
-            total = 36 * lay["wall"] + voc["wall"]
+        voc = results.get(key.replace(key.split("/")[0] + "/", "vocab8b/"))
+        if key.split("/")[0] in ("layer8b", "layers8b") and voc:
+            total = (36 if key.startswith("layer8b/") else 18) * lay["wall"] + voc["wall"]
             t, ln = key.split("/")[1:]
             print(
-                f"\nProjected whole Qwen3-8B pair, {t} thread(s), lanes {ln}: 36 × {lay['wall']:.1f} s + "
+                f"\nProjected whole Qwen3-8B pair from {key.split('/')[0]}, {t} thread(s), lanes {ln}: "
+                f"{36 if key.startswith('layer8b/') else 18} × {lay['wall']:.1f} s + "
                 f"{voc['wall']:.1f} s = {total:.0f} s ({total / 60:.1f} min); peak RSS "
                 f"{max(lay['peak_rss_gb'], voc['peak_rss_gb']):.2f} GB"
             )

@@ -134,3 +134,112 @@ def test_next_groups_base_made_ahead_gives_the_same_rows(monkeypatch, tmp_path, 
     monkeypatch.setattr(run, "ahead", lambda fn, device=None: None)
     without = weightgeo.compare(b, f, **kw)
     assert with_ahead.rows == without.rows
+
+
+def test_a_batch_is_cut_in_halves_one_per_lane(monkeypatch, two_threads):
+    second = threading.Event()
+
+    def half(s: int, e: int) -> tuple:
+        if s:
+            second.set()
+        else:
+            second.wait(10)  # let the second lane start its half (else the first lane takes it back)
+        return s, e, threading.current_thread().name, torch.get_num_threads()
+
+    where = hardware.over_lanes(half, 5)
+    assert [w[:2] for w in where] == [(0, 3), (3, 5)]  # members in order, the first half the larger
+    assert where[0][2] == threading.current_thread().name and where[1][2:] == ("weightgeo-lane", 1)
+    assert where[0][3] == 1 and torch.get_num_threads() == 2  # each half with its lane's threads; restored after
+    inner = hardware.over_lanes(lambda s, e: hardware.over_lanes(lambda a, b: (a, b), e - s), 4)
+    assert inner == [[(0, 2)], [(0, 2)]]  # a half splits nothing again
+    assert hardware.over_lanes(lambda s, e: (s, e), 1) == [(0, 1)]  # one member: nothing to cut
+    monkeypatch.setattr(hardware, "LANES", 1)
+    assert hardware.batch_lanes(4) == 1 and hardware.over_lanes(lambda s, e: (s, e), 4) == [(0, 4)]
+
+
+def test_a_half_not_started_is_run_by_the_first_lane(two_threads):
+    gate = threading.Event()
+    with hardware.Lanes("cpu") as ln:
+        ln.submit(gate.wait)  # the second lane is busy (the next group's base, say)
+        where = hardware.over_lanes(lambda s, e: threading.current_thread().name, 2)
+        gate.set()
+    assert where == [threading.current_thread().name] * 2
+
+
+def test_a_failing_half_waits_for_the_other(two_threads):
+    started, done = threading.Event(), threading.Event()
+
+    def half(s: int, e: int) -> None:
+        if s == 0:
+            started.wait(10)
+            raise ValueError("first half")
+        started.set()
+        done.wait(0.2)  # still running when the first half fails
+        done.set()
+
+    with pytest.raises(ValueError, match="first half"):
+        hardware.over_lanes(half, 2)
+    assert done.is_set()  # nothing of the call outlives it
+
+
+def test_halves_give_what_each_member_gets_alone(gen, two_threads):
+    """Bit for bit: the base, and every row of the kernel, of a batch cut across the lanes equal each member's
+    alone (one thread, one lane), on both sides and at a k where the whole space is taken."""
+    from weightgeo.linalg.pairwise import base_spectrum
+
+    w0 = (0.02 * torch.randn(4, 70, 50, generator=gen)).bfloat16()
+    w1 = (w0.float() + 1e-3 * torch.randn(4, 70, 50, generator=gen)).bfloat16()
+    kws = [
+        dict(metrics=frozenset(PAIR_METRICS), k=k, side=side, rank=8, alpha=0.5, eta=1e-3, angles=True)
+        for k, side in ((12, "right"), (12, "left"), (50, "right"))
+    ]
+    both = base_spectrum(w0), [batched_pair_metrics(w0, w1, **kw) for kw in kws]
+    torch.set_num_threads(1)  # one lane: each member alone with the threads a lane has
+    alone = [base_spectrum(w0[i : i + 1]) for i in range(4)]
+    rows = [[batched_pair_metrics(w0[i : i + 1], w1[i : i + 1], **kw)[0] for i in range(4)] for kw in kws]
+    for i, one in enumerate(alone):
+        assert torch.equal(both[0].sigma[i], one.sigma[0]) and torch.equal(both[0].V_c[i], one.V_c[0])
+        assert torch.equal(both[0].lam[i], one.lam[0])
+    assert both[0].A.data_ptr() == w0.mT.data_ptr() if both[0].transposed else w0.data_ptr()  # no copy of W0
+    assert repr(both[1]) == repr(rows)  # every value, NaN and None included
+
+
+def test_groups_of_two_cut_across_the_lanes_give_the_same_rows(monkeypatch, tmp_path, two_threads):
+    """The default budget holds one pair of these on a CPU; with two lanes each shape group holds two members, one
+    per lane. Rows equal those of one member per group (its steps chained across the lanes), bit for bit."""
+    import importlib
+
+    run = importlib.import_module("weightgeo.engine.run")
+    base = tiny_llama_state(num_layers=3, hidden=32, intermediate=48, vocab=40)
+    g = torch.Generator().manual_seed(2)
+    ft = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+    b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
+    sizes, real = [], run.pack_groups
+
+    def packing(*args, **kwargs):
+        groups = real(*args, **kwargs)
+        sizes.append([len(gr.units) for gr in groups])
+        return groups
+
+    monkeypatch.setattr(run, "pack_groups", packing)
+    monkeypatch.setattr(weightgeo.options, "default_batch_bytes", lambda device: 1)  # one 32-wide pair over it
+    halves = weightgeo.compare(b, f, k=8, progress=False, cache=False)
+    assert max(sizes[-1]) == 2  # two members per group, not the budget's one
+    chained = weightgeo.compare(b, f, k=8, progress=False, cache=False, batch_bytes=0)
+    assert max(sizes[-1]) == 1
+    assert repr(halves.rows) == repr(chained.rows)
+
+
+def test_pack_groups_holds_one_member_per_lane_where_it_fits():
+    from types import SimpleNamespace
+
+    from weightgeo.engine import plan
+
+    for shape, want in (((64, 64), [2, 2, 1]), ((151936, 4096), [1] * 5)):
+        jobs = tuple(
+            plan.Job(f"m{i}", f"m{i}", f"m{i}", shape, shape[0], 0, torch.bfloat16, torch.bfloat16) for i in range(5)
+        )
+        units = tuple(plan.Unit(f"m{i}", shape[0], ((0, i),), True, 2 * shape[0] * shape[1]) for i in range(5))
+        work = plan.Work((SimpleNamespace(jobs=jobs),), units)  # type: ignore[arg-type]
+        assert [len(g.units) for g in plan.pack_groups(work, 1, 1, least=2)] == want  # the vocabulary: one each
+        assert [len(g.units) for g in plan.pack_groups(work, 1, 1)] == [1] * 5

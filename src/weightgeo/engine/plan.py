@@ -26,7 +26,18 @@ from ..errors import WeightgeoError
 from ..selection import ByUid, Selector
 from ..validation import either
 
-__all__ = ["Job", "Plan", "plan_pair", "Unit", "Work", "plan_work", "Group", "pack_groups", "small_problem_bytes"]
+__all__ = [
+    "Job",
+    "Plan",
+    "plan_pair",
+    "Unit",
+    "Work",
+    "plan_work",
+    "Group",
+    "pack_groups",
+    "small_problem_bytes",
+    "LEAST_GROUP_BYTES",
+]
 
 
 @dataclass(frozen=True)
@@ -306,12 +317,18 @@ def small_problem_bytes(rows: int, cols: int) -> int:
     return 12 * 8 * min(rows, cols) ** 2
 
 
-def pack_groups(work: Work, n_fts: int, budget: int) -> list[Group]:
+#: with ``least`` members asked for (one per lane), a group holds them where they cost at most this together by the
+#: plan's estimate: an 896-wide pair, a 4096-wide one, not two 151936×4096 vocabulary matrices
+LEAST_GROUP_BYTES = 4 << 30
+
+
+def pack_groups(work: Work, n_fts: int, budget: int, *, least: int = 1) -> list[Group]:
     """Pack the matrix units into same-shape, same-dtype groups whose estimated working set fits ``budget``.
 
     One member costs its stored inputs (the base and each fine-tune holding it) plus its small problems; with
     several fine-tunes the base's decomposition stays alive while each fine-tune's are formed (twice the small
-    problems).
+    problems). ``least``: members per group over the budget where they cost at most :data:`LEAST_GROUP_BYTES`
+    together (the CPU's lanes each take a member, :func:`~weightgeo.linalg.hardware.over_lanes`).
     """
     by_key: dict[tuple, list[int]] = {}
     for u, unit in enumerate(work.units):
@@ -326,6 +343,8 @@ def pack_groups(work: Work, n_fts: int, budget: int) -> list[Group]:
         inputs = rows * cols * (dtype.itemsize + sum(d.itemsize for d in ft_dtypes if d is not None))
         cost = inputs + (1 if n_fts == 1 else 2) * small_problem_bytes(rows, cols)
         size = max(1, budget // max(cost, 1))
+        if size < least and least * cost <= LEAST_GROUP_BYTES:
+            size = least
         for s in range(0, len(members), size):
             part = tuple(members[s : s + size])
             per_ft = tuple(

@@ -20,7 +20,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
-from ..linalg.hardware import ahead
+from ..linalg.hardware import ahead, batch_lanes, lanes
 from ..options import Filter, PairOptions
 from ..progress import fraction_bar
 from ..readahead import ReadAhead
@@ -272,7 +272,9 @@ def _run_units(
     streamed in row chunks, in plan order; a background thread reads the next group or chunk meanwhile. Each
     row goes to ``store`` (the result cache) as soon as it is finished."""
     budget = options.budget()
-    groups = pack_groups(work, len(fs), budget)
+    # the default budget holds one 896-wide pair on a CPU: with two lanes, a group holds two (one per lane)
+    least = lanes(options.device) if options.batch_bytes is None else 1
+    groups = pack_groups(work, len(fs), budget, least=least)
     check_groups_fit(groups, work, options)  # from the headers, before anything is read
     first = {g.units[0]: g for g in groups}
     in_group = {u for g in groups for u in g.units}
@@ -311,6 +313,8 @@ def _run_units(
         nxt = stream.peek(lambda item: isinstance(item[0], Group))
         if nxt is None or not options.needs_base or id(nxt[0]) in early:
             return None
+        if batch_lanes(len(nxt[0].units), options.device) > 1:
+            return None  # its members are cut across both lanes, its base too (linalg.hardware.over_lanes)
         g2, (W0_2, _, _) = nxt
         shared = store.shared_base(W0_2, g2, work, options) if store is not None else SharedBase(W0_2, options)
         early[id(g2)] = shared

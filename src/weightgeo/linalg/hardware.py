@@ -18,6 +18,11 @@ lot when a core is busy elsewhere (a barrier waits for the slowest thread): on t
 ``eigvalsh`` of four 896² matrices took 3.55 s with 2 threads and 0.37 s with one (``eigh``: 1.27 s and 0.77 s),
 at load 2.3. Results do not depend on the lanes (every step is the same call with the same operands).
 
+A shape group of several members (same shape) is cut in two halves instead (:func:`over_lanes`), each taken
+through every step in its own lane: neither lane then waits for the other's results, as the two chains of one pair
+do (the first lane waited 9 of 69 s of the 0.5B pair for W0's decompositions; with halves the pass took 56 s,
+BENCHMARKS.md, issue 22). With the default budget on a CPU, the engine puts two members in a group for that.
+
 The GEMM library is torch everywhere. Measured on a 2-core AMD EPYC (AVX512-BF16), where torch's MKL takes its
 generic path: NumPy's OpenBLAS ran the whole fp32 subspace iteration in 0.63–1.30× svd_lowrank's time in
 isolation (two runs; torch: 0.78–0.96×), but alternating its thread pool with torch's inside a real pass (the
@@ -63,6 +68,8 @@ __all__ = [
     "LANES",
     "lanes",
     "Lanes",
+    "batch_lanes",
+    "over_lanes",
     "ahead",
 ]
 
@@ -263,10 +270,12 @@ _worker_lock = threading.Lock()
 
 
 class _Open(threading.local):
-    """The Lanes block the current thread is in: its lanes and threads per lane (1, 1 outside any)."""
+    """The Lanes block the current thread is in: its lanes and threads per lane (1, 1 outside any), and ``solo``
+    while it runs its half of a batch (:func:`over_lanes`), which opens no lanes of its own."""
 
     n = 1
     per = 1
+    solo = False
 
 
 _open = _Open()
@@ -291,7 +300,7 @@ class Lanes:
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         # inside a lane (a job that opens its own Lanes) there is no third lane: run inline
-        self.n = 1 if _in_second_lane() else lanes(device)
+        self.n = 1 if _in_second_lane() or _open.solo else lanes(device)
         self._threads = 0
         self._jobs: list[Future] = []
         self._calls: dict[int, tuple[Callable[..., Any], tuple, dict]] = {}
@@ -325,10 +334,7 @@ class Lanes:
         """``job.result()``, or the job run here when the second lane has not started it yet (then the first
         lane, done with its own steps, does it instead of waiting: the lanes balance themselves)."""
         call = self._calls.pop(id(job), None)
-        if call is not None and job.cancel():
-            fn, args, kwargs = call
-            return fn(*args, **kwargs)
-        return job.result()
+        return job.result() if call is None else _take(job, *call)
 
     def __exit__(self, *exc: object) -> None:
         for job in self._jobs:  # a job still running must not outlive the block (nor see the threads restored)
@@ -340,6 +346,64 @@ class Lanes:
         if self._threads:
             torch.set_num_threads(self._threads)
             _open.n, _open.per = self._outer
+
+
+def batch_lanes(count: int, device: str | torch.device | None = None) -> int:
+    """How many lanes a batch of ``count`` same-shape members is cut across by :func:`over_lanes`: 2 where
+    :func:`lanes` gives two and the calling thread is the first lane (not a job in the second, not already running
+    a half), with at least two members; else 1.
+
+    >>> batch_lanes(1)
+    1
+    """
+    if count < 2 or _in_second_lane() or _open.solo:
+        return 1
+    return 2 if (_open.n if _open.n > 1 else lanes(device)) > 1 else 1
+
+
+def over_lanes(fn: Callable[[int, int], T], count: int, device: str | torch.device | None = None) -> list[T]:
+    """``fn(s, e)`` over a batch ``0:count`` cut in two halves run side by side, one per lane, each with its lane's
+    share of the threads and no lanes of its own; ``[fn(0, count)]`` where :func:`batch_lanes` gives one.
+
+    Members of a shape group are the same shape, so two halves are the most even split of its work there is: every
+    step of a member (its Gram, ``eigh``, products, pair eigenproblem) runs in one lane, and neither lane waits for
+    the other's results, as a chain of steps split across the lanes does. The second half goes to the second lane
+    before anything queued there; if that lane is still busy when the first half is done, the calling thread runs
+    the second half itself (:meth:`Lanes.take`). Results do not depend on the split: every member's steps are the
+    same calls on the same operands (the policy's row blocks do not depend on the batch size).
+
+    >>> over_lanes(lambda s, e: list(range(s, e)), 5)[-1][-1]
+    4
+    """
+    if batch_lanes(count, device) < 2:
+        return [fn(0, count)]
+    h = (count + 1) // 2
+
+    def solo(s: int, e: int) -> T:
+        _open.solo = True  # this half opens no lanes, and splits nothing again
+        try:
+            return fn(s, e)
+        finally:
+            _open.solo = False
+
+    if _open.n < 2:  # not inside a pair's Lanes block: open one for the two halves
+        with Lanes(device):
+            return over_lanes(fn, count, device)
+    job = _second_lane(_open.per).submit(solo, (h, count), {}, first=True)
+    try:
+        first = solo(0, h)
+    except BaseException:
+        if not job.cancel():  # a half still running must not outlive the call
+            job.exception()
+        raise
+    return [first, _take(job, solo, (h, count), {})]
+
+
+def _take(job: Future[T], fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    """``job.result()``, or ``fn(*args, **kwargs)`` here when the second lane has not started the job."""
+    if job.cancel():
+        return fn(*args, **kwargs)
+    return job.result()
 
 
 def ahead(fn: Callable[[], T], device: str | torch.device | None = None) -> Future[T] | None:

@@ -62,7 +62,7 @@ from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
 from .eigen import top_eigh
-from .hardware import eigh_lapack, tridiagonal_route
+from .hardware import batch_lanes, eigh_lapack, over_lanes, tridiagonal_route
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_drift_from_values
 from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
@@ -194,22 +194,32 @@ class BaseSpectrum:
         """Numerical rank ``#{σᵢ > max(m, n)·eps·σ₁}`` per matrix ([...] int64)."""
         return self.decomposition.rank()
 
-    def select(self, index: torch.Tensor | Sequence[int]) -> BaseSpectrum:
-        """The members ``index`` of a batched base ([B, ...] -> [len(index), ...]), without recomputing."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.A.device)
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> BaseSpectrum:
+        """The members ``index`` of a batched base ([B, ...] -> [len(index), ...]), without recomputing (a ``slice``
+        gives views, no copies)."""
         d = self.decomposition
+        if isinstance(index, slice):
+
+            def part(t: torch.Tensor) -> torch.Tensor:
+                return t[index]
+
+        else:
+            idx = torch.as_tensor(index, dtype=torch.long, device=self.A.device)
+
+            def part(t: torch.Tensor) -> torch.Tensor:
+                return t[idx.to(t.device)]
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx.to(t.device)]
+            return None if t is None else part(t)
 
         dec = replace(
             d,
-            S=d.S[idx.to(d.S.device)],
+            S=part(d.S),
             vectors=pick(d.vectors),
             gram_eigenvalues=pick(d.gram_eigenvalues),
             refined_mask=pick(d.refined_mask),
         )
-        return BaseSpectrum(self.A[idx], self.transposed, dec, self.V_c[idx])
+        return BaseSpectrum(part(self.A), self.transposed, dec, part(self.V_c))
 
 
 def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
@@ -226,6 +236,12 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
         a :class:`BaseSpectrum` to pass as ``base=`` to :func:`pair_geometry` for every fine-tune of W0.
     """
     A = check_matrix(W0, "W0", batched=True)
+    if A.ndim == 3 and batch_lanes(A.shape[0], A.device) > 1:  # the members' halves side by side, one per lane
+        return _joined(A, over_lanes(lambda s, e: _base_spectrum(A[s:e]), A.shape[0], A.device))
+    return _base_spectrum(A)
+
+
+def _base_spectrum(A: torch.Tensor) -> BaseSpectrum:
     dec = decompose(A, vectors=True)
     transposed = A.shape[-2] < A.shape[-1]
     if transposed:
@@ -235,6 +251,32 @@ def base_spectrum(W0: torch.Tensor) -> BaseSpectrum:
     assert dec.vectors is not None  # asked for with vectors=True
     V_c = dec.vectors.to(compute_dtype(A.dtype)).contiguous()
     return BaseSpectrum(A, transposed, dec, V_c)
+
+
+def _joined(A: torch.Tensor, parts: Sequence[BaseSpectrum]) -> BaseSpectrum:
+    """One base of the stack ``A`` [B, m, n] from the bases of consecutive parts of it (their members in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    ds = [p.decomposition for p in parts]
+
+    def cat(ts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if any(t is None for t in ts) else torch.cat(ts)  # type: ignore[arg-type]
+
+    masks = [
+        d.refined_mask
+        if d.refined_mask is not None
+        else torch.zeros(d.S.shape[:-1], dtype=torch.bool, device=d.S.device)
+        for d in ds
+    ]
+    dec = replace(
+        ds[0],
+        S=torch.cat([d.S for d in ds]),
+        vectors=cat([d.vectors for d in ds]),
+        gram_eigenvalues=cat([d.gram_eigenvalues for d in ds]),
+        refined_mask=None if all(d.refined_mask is None for d in ds) else torch.cat(masks),
+    )
+    transposed = parts[0].transposed
+    return BaseSpectrum(A.mT if transposed else A, transposed, dec, torch.cat([p.V_c for p in parts]))
 
 
 def restore_base_spectrum(

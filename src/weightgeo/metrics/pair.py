@@ -20,7 +20,7 @@ import torch
 
 from ..defaults import ALPHA, ETA, PAIR_K, RANK, SIDE
 from ..errors import WeightgeoError
-from ..linalg.hardware import Lanes
+from ..linalg.hardware import Lanes, batch_lanes, over_lanes
 from ..linalg.pairwise import (
     BaseSpectrum,
     PairEigen,
@@ -137,7 +137,35 @@ def batched_pair_metrics(
     """
     rot, drift, loc = "principal_overlap" in metrics, "spectral_drift" in metrics, "update_localization" in metrics
     srank = "stable_rank" in metrics
-    out: list[PairRow] = [{} for _ in range(w0.shape[0])]
+    count = w0.shape[0]
+    if batch_lanes(count, w0.device) > 1:
+        # Two lanes and several members: each lane takes half of the members through every step (the base first,
+        # itself in halves), instead of the chain of steps of every member split across the lanes, where one lane
+        # waits for the other's results (0.5B pair: 9 s of 69 s). One member keeps the chain.
+        whole: BaseSpectrum | None = None
+        if rot or drift or loc:
+            whole = base() if callable(base) else base
+            whole = whole if whole is not None else base_spectrum(w0)
+        if base_ready is not None:
+            base_ready()
+
+        def half(s: int, e: int) -> list[PairRow]:
+            return batched_pair_metrics(
+                w0[s:e],
+                w1[s:e],
+                metrics=metrics,
+                k=k,
+                side=side,
+                rank=rank,
+                alpha=alpha,
+                eta=eta,
+                base=None if whole is None else whole.select(slice(s, e)),
+                angles=angles,
+                update_rows=None if update_rows is None else update_rows[s:e],
+            )
+
+        return [row for part in over_lanes(half, count, w0.device) for row in part]
+    out: list[PairRow] = [{} for _ in range(count)]
     m, n = w0.shape[-2:]
     p = min(m, n)
     k_abs, r_abs = resolve_size(k, p), resolve_size(rank, p)
