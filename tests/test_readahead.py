@@ -31,6 +31,31 @@ def test_budget_bounds_what_is_read_ahead():
     assert state["max_ahead"] <= 2
 
 
+@pytest.mark.parametrize("ahead, most", [(None, 4), (15, 1)])
+def test_ahead_bounds_what_is_read_behind_a_small_item(ahead, most):
+    """A budget that holds a large item lets a whole budget of small items be read behind a small one; ``ahead``
+    bounds those (the large item is still read, with nothing else ahead)."""
+    lock = threading.Lock()
+    state = {"read": 0, "done": 0, "max_ahead": 0}
+
+    def read(i):
+        with lock:
+            state["read"] += 1
+            state["max_ahead"] = max(state["max_ahead"], state["read"] - state["done"] - 1)
+        return i
+
+    sizes = [10, 10, 10, 10, 10, 100, 10, 10, 10, 10, 10]
+    items = ((n, lambda i=i: read(i)) for i, n in enumerate(sizes))
+    got = []
+    for i in ReadAhead(items, budget=110, ahead=ahead):
+        time.sleep(0.05)  # a slow consumer: the producer runs as far ahead as it may
+        with lock:
+            state["done"] += 1
+        got.append(i)
+    assert got == list(range(len(sizes)))
+    assert state["max_ahead"] == most  # items read and not yet handed out, beside the one held
+
+
 def test_oversized_item_is_still_produced():
     assert list(ReadAhead(((100, lambda: "big"), (1, lambda: "small")), budget=10)) == ["big", "small"]
 

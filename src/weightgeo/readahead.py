@@ -44,14 +44,26 @@ class ReadAhead(Generic[T]):
         budget: bytes the producer may run ahead (≥ 0; 0 means one item at a time, no overlap).
         background: ``False`` reads each item in the consumer's thread when it asks for it (no thread):
             for sources whose reads run torch kernels (see ``Checkpoint.pure_io``).
+        ahead: also at most this many bytes read and not yet handed out (``None``: no such bound). With items of
+            very different sizes, ``budget`` must hold the largest with something read behind it, but behind a
+            small item that would let a whole budget of further items be read ahead: this bounds them.
     """
 
-    def __init__(self, items: Iterable[tuple[int, Callable[[], T]]], *, budget: int, background: bool = True):
+    def __init__(
+        self,
+        items: Iterable[tuple[int, Callable[[], T]]],
+        *,
+        budget: int,
+        background: bool = True,
+        ahead: int | None = None,
+    ):
         self._items = items
         self._background = background
         self._budget = max(0, int(budget))
+        self._ahead = None if ahead is None else max(0, int(ahead))
         self._queue: collections.deque = collections.deque()
         self._inflight = 0
+        self._held = 0  # bytes of the item the consumer holds (in _inflight until it asks for the next)
         self._stop = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._produce, name="weightgeo-readahead", daemon=True)
@@ -62,7 +74,7 @@ class ReadAhead(Generic[T]):
         try:
             for nbytes, read in self._items:
                 with self._cond:
-                    while not self._stop and self._inflight > 0 and self._inflight + nbytes > self._budget:
+                    while not self._stop and self._wait(nbytes):
                         self._cond.wait()
                     if self._stop:
                         return
@@ -78,6 +90,13 @@ class ReadAhead(Generic[T]):
             self._queue.append((0, last))
             self._cond.notify_all()
 
+    def _wait(self, nbytes: int) -> bool:
+        """Whether reading an item of ``nbytes`` now would exceed a bound (called holding the lock)."""
+        if self._inflight > 0 and self._inflight + nbytes > self._budget:
+            return True
+        read = self._inflight - self._held  # read ahead, not handed out yet
+        return self._ahead is not None and read > 0 and read + nbytes > self._ahead
+
     def __iter__(self) -> Iterator[T]:
         if not self._background:
             for _, read in self._items:
@@ -88,10 +107,12 @@ class ReadAhead(Generic[T]):
             while True:
                 with self._cond:
                     self._inflight -= done
+                    self._held = 0
                     self._cond.notify_all()
                     while not self._queue:
                         self._cond.wait()
                     done, item = self._queue.popleft()
+                    self._held = done
                 if item is _END:
                     return
                 if isinstance(item, _Failure):

@@ -84,9 +84,11 @@ def _fp8_pair(b: Checkpoint, f: Checkpoint, job: Job, s: int, e: int) -> tuple[F
     return w0, w1
 
 
-def ahead_bytes(largest: int, budget: int) -> int:
-    """Read-ahead budget: room for the group being computed plus about one budget's worth read ahead (not a
-    second copy of the largest group: behind a 545 MB embedding that would double the peak), or a few row
-    chunks for the elementwise stream (the sparsity pass stays at a few tens of MB however large the
-    checkpoint)."""
-    return largest + min(largest, budget) + AHEAD_CHUNKS * 2 * 4 * ROW_BLOCK
+def ahead_bytes(largest: int, budget: int) -> tuple[int, int]:
+    """Read-ahead budgets ``(held, ahead)``: room for the group being computed plus about one budget's worth read
+    ahead of it (not a second copy of the largest group: behind a 545 MB embedding that would double the peak), or
+    a few row chunks for the elementwise stream (the sparsity pass stays at a few tens of MB however large the
+    checkpoint); and that budget's worth alone, what may be read ahead of whichever group is being computed (behind
+    a 35 MB group the first bound alone let 600 MB of the next groups be read: the 0.5B pair's peak)."""
+    ahead = min(largest, budget) + AHEAD_CHUNKS * 2 * 4 * ROW_BLOCK
+    return largest + ahead, ahead

@@ -302,7 +302,7 @@ def _run_units(
     out: list[Rows] = [[] for _ in fs]
     counts: dict[tuple[int, str], int] = {}
     index = {(i, plan.jobs[j].uid): j for i, plan in enumerate(work.plans) for j in range(len(plan.jobs))}
-    ahead_budget = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
+    held_budget, ahead_budget = ahead_bytes(max((g.nbytes for g in groups), default=0), budget)
     background = b.pure_io and all(f.pure_io for f in fs)
     early: dict[int, SharedBase] = {}  # a shape group's shared base, made before its turn (by id of the group)
 
@@ -326,7 +326,7 @@ def _run_units(
 
         return start
 
-    with ReadAhead(reads(), budget=ahead_budget, background=background) as stream:
+    with ReadAhead(reads(), budget=held_budget, ahead=ahead_budget, background=background) as stream:
         for what, data in stream:
             if isinstance(what, Group):
                 hook = next_base(stream)
