@@ -137,3 +137,26 @@ def test_peek_with_a_match_looks_past_items_it_does_not_want():
     assert ra.peek(is_group) is None  # ("group", 4) is not read yet
     gate.set()
     assert list(it) == [("group", 4)]
+
+
+def test_an_item_is_let_go_before_the_next_is_read():
+    """With a budget of one item, the next is read once the consumer asks for it; by then nothing of the read-ahead
+    still holds the previous one (a 2.5 GB vocabulary pair must not stay alive beside the next)."""
+    import weakref
+
+    class Tensor:
+        pass
+
+    refs: list = []
+    alive_at_read: list = []
+
+    def make():
+        alive_at_read.append([r() is not None for r in refs])
+        t = Tensor()
+        refs.append(weakref.ref(t))
+        return t
+
+    ra = ReadAhead(((10, make) for _ in range(3)), budget=10)
+    for item in ra:
+        del item  # the consumer lets go of each before asking for the next
+    assert alive_at_read == [[], [False], [False, False]]

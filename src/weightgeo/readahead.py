@@ -83,6 +83,7 @@ class ReadAhead(Generic[T]):
                 with self._cond:
                     self._queue.append((nbytes, item))
                     self._cond.notify_all()
+                del item  # the queue, then the consumer, hold it: not this thread while it waits to read the next
             last: object = _END
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
             last = _Failure(exc)
@@ -118,6 +119,7 @@ class ReadAhead(Generic[T]):
                 if isinstance(item, _Failure):
                     raise item.exc
                 yield item
+                del item  # not held here while the next one is read: its bytes no longer count
         finally:
             self.close(wait=sys.exc_info()[0] is None)
 

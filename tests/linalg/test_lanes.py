@@ -243,3 +243,25 @@ def test_pack_groups_holds_one_member_per_lane_where_it_fits():
         work = plan.Work((SimpleNamespace(jobs=jobs),), units)  # type: ignore[arg-type]
         assert [len(g.units) for g in plan.pack_groups(work, 1, 1, least=2)] == want  # the vocabulary: one each
         assert [len(g.units) for g in plan.pack_groups(work, 1, 1)] == [1] * 5
+
+
+def test_the_second_lane_lets_go_of_a_jobs_arguments(two_threads):
+    """Idle, the second lane holds nothing of its last job (an 8B vocabulary pair's sides stayed alive while the
+    next pair was read)."""
+    import weakref
+
+    class Side:
+        pass
+
+    side = Side()
+    ref = weakref.ref(side)
+    with hardware.Lanes("cpu") as ln:
+        job = ln.submit(lambda s: 1, side)
+        job.result()
+        assert ln.take(job) == 1  # done there: its result (and the block drops its record of the call)
+    del side, job
+    for _ in range(100):  # the lane drops them just after setting the result
+        if ref() is None:
+            break
+        threading.Event().wait(0.01)
+    assert ref() is None

@@ -157,23 +157,41 @@ def test_repeated_singular_values_identical_pair():
         assert float(g.spectral_drift) == 0.0
 
 
+def same_spectrum_pair(seed: int, m: int = 96, p: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent [m, p] float32 draws with the same power-law spectrum (σᵢ = i^-0.5)."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(1, p + 1) ** -0.5
+    A = [
+        (np.linalg.qr(rng.standard_normal((m, p)))[0] * s) @ np.linalg.qr(rng.standard_normal((p, p)))[0].T
+        for _ in range(2)
+    ]
+    return torch.from_numpy(A[0].astype(np.float32)), torch.from_numpy(A[1].astype(np.float32))
+
+
 def test_fallback_equal_spectra_and_near_identical_fast_path():
     """Independent draws with the same spectrum (NSS ~ storage level) fall back to the policy's values;
     a near-identical well-conditioned pair does not."""
-    rng = np.random.default_rng(4)
-    p = 64
-    s = np.arange(1, p + 1) ** -0.5
-    A = [
-        (np.linalg.qr(rng.standard_normal((96, p)))[0] * s) @ np.linalg.qr(rng.standard_normal((p, p)))[0].T
-        for _ in range(2)
-    ]
-    W0, W1 = (torch.from_numpy(a.astype(np.float32)) for a in A)
+    W0, W1 = same_spectrum_pair(4)
     g = pair_geometry(W0, W1, k=8, sides=())
     ref = ref_geometry(W0, W1, 8)["spectral_drift"]
     assert g.fallback and abs(float(g.spectral_drift) - ref) <= 0.02 * ref + 1e-13
     W0, W1 = make_pair(96, 64, 1e-3)
     g = pair_geometry(W0, W1, k=8)
     assert not g.fallback
+
+
+def test_fallback_decided_per_member_of_a_batch():
+    """A batch with one member that falls back and one that does not: each gets what it gets alone (the fallback
+    decomposes only its members; all of them without a copy of W1)."""
+    same_spectrum = same_spectrum_pair(5)
+    near = make_pair(96, 64, 1e-3)
+    W0, W1 = torch.stack([same_spectrum[0], near[0]]), torch.stack([same_spectrum[1], near[1]])
+    both = pair_geometry(W0, W1, k=8, sides=("right",))
+    alone = [pair_geometry(W0[i], W1[i], k=8, sides=("right",)) for i in range(2)]
+    assert both.fallback and alone[0].fallback and not alone[1].fallback
+    for i in range(2):
+        assert float(both.spectral_drift[i]) == float(alone[i].spectral_drift)
+        assert torch.equal(both.angles_right[i], alone[i].angles_right)
 
 
 @pytest.mark.parametrize("lapack", ["torch", "scipy"])

@@ -333,6 +333,8 @@ def _run_units(
                 W0, W1s, fp8 = data
                 base = early.pop(id(what), None)
                 _group(what, W0, W1s, fp8, work, options, out, store, base, hook, None if bar is None else bar.update)
+                # let go of this group's tensors before the next is read (the read-ahead counts them as done)
+                del data, W0, W1s, fp8, base
             else:
                 (i, job), (s, e, c0, c1) = what, data
                 key = (i, job.uid)

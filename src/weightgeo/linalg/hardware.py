@@ -20,7 +20,7 @@ at load 2.3. Results do not depend on the lanes (every step is the same call wit
 
 A shape group of several members (same shape) is cut in two halves instead (:func:`over_lanes`), each taken
 through every step in its own lane: neither lane then waits for the other's results, as the two chains of one pair
-do (the first lane waited 9 of 69 s of the 0.5B pair for W0's decompositions; with halves the pass took 56 s,
+do (the first lane waited 9 of 69 s of the 0.5B pair for W0's decompositions; with halves the pass took 54 s,
 BENCHMARKS.md, issue 22). With the default budget on a CPU, the engine puts two members in a group for that.
 
 The GEMM library is torch everywhere. Measured on a 2-core AMD EPYC (AVX512-BF16), where torch's MKL takes its
@@ -263,6 +263,9 @@ class _Worker:
                 job.set_result(fn(*args, **kwargs))
             except BaseException as e:  # raised by result() in the caller's thread
                 job.set_exception(e)
+            # Let go of the job's arguments while idle: the last job of an 8B vocabulary pair (its localization)
+            # kept both 1.2 GB sides alive while the next pair was read.
+            del job, fn, args, kwargs
 
 
 _worker: _Worker | None = None

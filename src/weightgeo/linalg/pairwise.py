@@ -508,7 +508,9 @@ def pair_spectrum(base: BaseSpectrum, A1: torch.Tensor, eig: PairEigen) -> PairS
     if fallback:
         p = s1.shape[-1]
         which = need.reshape(-1)
-        d1 = decompose(A1.reshape(-1, *A1.shape[-2:])[which], vectors=False)
+        flat = A1.reshape(-1, *A1.shape[-2:])
+        # every member: W1 itself (indexing with a mask copies it: 1.2 GB for a 151936×4096 vocabulary matrix)
+        d1 = decompose(flat if bool(which.all()) else flat[which], vectors=False)
         sigma1, rank1, drift = sigma1.clone(), rank1.clone(), drift.clone()
         sigma1.reshape(-1, p)[which] = d1.S
         rank1.reshape(-1)[which] = d1.rank()
