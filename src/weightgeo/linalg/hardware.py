@@ -255,16 +255,15 @@ class _Worker:
                 while not (self._now or self._later):
                     self._cond.wait()
                 job, fn, args, kwargs = (self._now or self._later).popleft()
-            if not job.set_running_or_notify_cancel():
-                continue
-            try:
-                if self.threads:
-                    torch.set_num_threads(self.threads)  # thread-local: this lane's share
-                job.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # raised by result() in the caller's thread
-                job.set_exception(e)
-            # Let go of the job's arguments while idle: the last job of an 8B vocabulary pair (its localization)
-            # kept both 1.2 GB sides alive while the next pair was read.
+            if job.set_running_or_notify_cancel():  # else taken back by the first lane
+                try:
+                    if self.threads:
+                        torch.set_num_threads(self.threads)  # thread-local: this lane's share
+                    job.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # raised by result() in the caller's thread
+                    job.set_exception(e)
+            # Let go of the job's arguments while idle (a job run or taken back): the last job of an 8B vocabulary
+            # pair (its localization) kept both 1.2 GB sides alive while the next pair was read.
             del job, fn, args, kwargs
 
 
