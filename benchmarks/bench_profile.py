@@ -14,9 +14,10 @@ the bf16 values, as in bench_memory.py):
   two per group, one per lane, so ``down_proj`` too has a partner);
 * ``vocab8b``: Qwen3-8B's vocabulary matrices, ``embed_tokens`` and ``lm_head`` (151936×4096 each, not tied).
 
-Each run is a fresh worker process (so its peak RSS is its own) that wraps the library's step functions
+Each run is a fresh worker process that wraps the library's step functions
 (benchmarks/_stages.py) and prints, per stage and shape group, the exclusive seconds, then the wall time and the
-peak RSS. A whole Qwen3-8B pair is projected as 36 × layer8b + vocab8b.
+peak RSS (its own: ``VmHWM``, not ``ru_maxrss``, which a child forked from a parent that has just written a
+workload's checkpoints inherits across ``exec``). A whole Qwen3-8B pair is projected as 36 × layer8b + vocab8b.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def worker(args: argparse.Namespace) -> None:
     with Stages() as st:
         rep = weightgeo.compare(base, ft, metrics=metrics, k=args.k, progress=False, cache=False)
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    rss = own_peak_rss_gb()
     out = {
         "wall": wall,
         "peak_rss_gb": rss,
@@ -156,6 +157,19 @@ def worker(args: argparse.Namespace) -> None:
         "load_end": os.getloadavg(),
     }
     print("@@RESULT@@" + json.dumps(out))
+
+
+def own_peak_rss_gb() -> float:
+    """This process's peak RSS in GB (10⁶ kB, as the other benchmarks report it): its memory map's high-water mark (``VmHWM``, reset by ``exec``); ``ru_maxrss``
+    where there is no /proc (on Linux it keeps the forking parent's peak across ``exec``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e6  # kB, as ru_maxrss and /usr/bin/time give it
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def main(argv: list[str] | None = None) -> None:

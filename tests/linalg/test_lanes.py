@@ -278,3 +278,90 @@ def test_the_second_lane_lets_go_of_a_jobs_arguments(two_threads):
             break
         threading.Event().wait(0.01)
     assert ref() is None
+
+
+def test_the_row_halves_of_one_matrix_run_side_by_side_with_the_same_bits(monkeypatch, gen, two_threads):
+    """A matrix of several row blocks (a vocabulary matrix, alone in its shape group) sums its blocks in the policy's
+    two halves, one per lane: its Gram and products equal those of one thread summing both halves, bit for bit, and
+    the float64 reference to rounding."""
+    from weightgeo.linalg import pairwise, policy, svd
+
+    monkeypatch.setattr(policy, "ROW_BLOCK", 40 * 50)  # 40 rows of 50 per block: 8 blocks of a 300×50 matrix
+    assert policy.span_halves(list(policy.row_blocks(300, 50))) == [
+        [(0, 40), (40, 80), (80, 120), (120, 160)],
+        [(160, 200), (200, 240), (240, 280), (280, 300)],
+    ]
+    assert hardware.row_lanes(300, 50) == 2 and hardware.row_lanes(40, 50) == 1
+    w0 = (0.02 * torch.randn(1, 300, 50, generator=gen)).bfloat16()
+    w1 = (w0.float() + 1e-3 * torch.randn(1, 300, 50, generator=gen)).bfloat16()
+    threads, real = [], hardware.over_lanes
+
+    def recording(fn, count, device=None):
+        def where(s, e):
+            threads.append(threading.current_thread().name)
+            return fn(s, e)
+
+        return real(where, count, device)
+
+    monkeypatch.setattr(svd, "over_lanes", recording)
+    monkeypatch.setattr(pairwise, "over_lanes", recording)
+    both = svd.gram(w0), pairwise.products(w0, w1, P=True, C0=True, J=True, fro=True)
+    assert "weightgeo-lane" in threads  # a half ran in the second lane (unless the first took it back: rare)
+    torch.set_num_threads(1)  # one lane, one thread: both halves in this thread
+    threads.clear()
+    one = svd.gram(w0), pairwise.products(w0, w1, P=True, C0=True, J=True, fro=True)
+    assert set(threads) == {threading.current_thread().name}
+    assert torch.equal(both[0], one[0])
+    for a, b in zip((both[1].P, both[1].C0, both[1].J, both[1].fro_sq), (one[1].P, one[1].C0, one[1].J, one[1].fro_sq)):
+        assert torch.equal(a, b)
+    A0, d = w0.double(), (w1.double() - w0.double())
+    torch.testing.assert_close(one[0], A0.mT @ A0, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(one[1].J.double(), d.mT @ d, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(one[1].C0.double(), A0.mT @ d, rtol=1e-5, atol=1e-9)
+
+
+def test_a_group_of_one_member_of_several_row_blocks_gives_the_rows_of_one_lane(monkeypatch, gen, two_threads):
+    """The kernel of one member of several row blocks: the products, then the base (its Gram on both lanes), not the
+    chain; every row equals one lane's, bit for bit, on both sides."""
+    from weightgeo.linalg import policy
+
+    monkeypatch.setattr(policy, "ROW_BLOCK", 40 * 50)
+    w0 = (0.02 * torch.randn(1, 300, 50, generator=gen)).bfloat16()
+    w1 = (w0.float() + 1e-3 * torch.randn(1, 300, 50, generator=gen)).bfloat16()
+    kws = [
+        dict(metrics=frozenset(PAIR_METRICS), k=12, side=side, rank=8, alpha=0.5, eta=1e-3, angles=True)
+        for side in ("right", "left")
+    ]
+    both = [batched_pair_metrics(w0, w1, **kw) for kw in kws] + [batched_pair_metrics(w0.mT, w1.mT, **kws[0])]
+    torch.set_num_threads(1)
+    one = [batched_pair_metrics(w0, w1, **kw) for kw in kws] + [batched_pair_metrics(w0.mT, w1.mT, **kws[0])]
+    assert repr(both) == repr(one)
+
+
+def test_the_engine_does_not_start_a_row_split_groups_base_ahead(monkeypatch, tmp_path, two_threads):
+    """The next group's base is started ahead in the second lane only where that lane would not split its rows:
+    a group of one member of several row blocks makes its base in its turn (the Gram on both lanes), and the rows
+    equal those of a pass where no base is started ahead."""
+    import importlib
+
+    from weightgeo.linalg import policy
+
+    run = importlib.import_module("weightgeo.engine.run")
+    base = tiny_llama_state(num_layers=2, hidden=32, intermediate=48, vocab=400)
+    g = torch.Generator().manual_seed(3)
+    ft = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+    b, f = write_hf_checkpoint(tmp_path / "b", base), write_hf_checkpoint(tmp_path / "f", ft)
+    monkeypatch.setattr(policy, "ROW_BLOCK", 64 * 32)  # the 400×32 vocabulary matrices: 7 blocks; the rest: one
+    started, real = [], run.ahead
+
+    def counting(fn, device=None):
+        started.append(fn.__self__.W0.shape if hasattr(fn, "__self__") else None)
+        return real(fn, device)
+
+    monkeypatch.setattr(run, "ahead", counting)
+    kw = dict(k=8, progress=False, cache=False, batch_bytes=0)  # one matrix per group
+    with_ahead = weightgeo.compare(b, f, **kw)
+    assert started and all(shape is None or 400 not in shape for shape in started)
+    monkeypatch.setattr(run, "ahead", lambda fn, device=None: None)
+    without = weightgeo.compare(b, f, **kw)
+    assert repr(with_ahead.rows) == repr(without.rows)

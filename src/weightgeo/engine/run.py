@@ -20,7 +20,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..defaults import ALPHA, ETA, PAIR_K, PROGRESS, RANK, SIDE
 from ..distributed import current_world
 from ..errors import WeightgeoError
-from ..linalg.hardware import ahead, batch_lanes, lanes
+from ..linalg.hardware import ahead, batch_lanes, lanes, row_lanes
 from ..options import Filter, PairOptions
 from ..progress import fraction_bar
 from ..readahead import ReadAhead
@@ -313,9 +313,11 @@ def _run_units(
         nxt = stream.peek(lambda item: isinstance(item[0], Group))
         if nxt is None or not options.needs_base or id(nxt[0]) in early:
             return None
-        if batch_lanes(len(nxt[0].units), options.device) > 1:
-            return None  # its members are cut across both lanes, its base too (linalg.hardware.over_lanes)
         g2, (W0_2, _, _) = nxt
+        if batch_lanes(len(g2.units), options.device) > 1:
+            return None  # its members are cut across both lanes, its base too (linalg.hardware.over_lanes)
+        if row_lanes(max(W0_2.shape[-2:]), min(W0_2.shape[-2:]), options.device) > 1:
+            return None  # its rows are: its base's Gram runs on both lanes in its turn (a vocabulary matrix)
         shared = store.shared_base(W0_2, g2, work, options) if store is not None else SharedBase(W0_2, options)
         early[id(g2)] = shared
         started: list[object] = []

@@ -69,6 +69,7 @@ __all__ = [
     "lanes",
     "Lanes",
     "batch_lanes",
+    "row_lanes",
     "over_lanes",
     "ahead",
 ]
@@ -361,6 +362,20 @@ def batch_lanes(count: int, device: str | torch.device | None = None) -> int:
     if count < 2 or _in_second_lane() or _open.solo:
         return 1
     return 2 if (_open.n if _open.n > 1 else lanes(device)) > 1 else 1
+
+
+def row_lanes(rows: int, row_len: int, device: str | torch.device | None = None) -> int:
+    """How many lanes the row passes of one matrix ([rows, row_len], tall) run across: 2 where the policy sums its
+    row blocks in two halves (:func:`~weightgeo.linalg.policy.span_halves`: a matrix of several row blocks) and
+    :func:`batch_lanes` would cut a batch of two, else 1. A shape group of one such member (a vocabulary matrix)
+    then runs its products and its base's Gram on both lanes instead of as two chains.
+
+    >>> row_lanes(4, 2)
+    1
+    """
+    if len(policy.span_halves(list(policy.row_blocks(rows, row_len)))) < 2:
+        return 1
+    return batch_lanes(2, device)
 
 
 def over_lanes(fn: Callable[[int, int], T], count: int, device: str | torch.device | None = None) -> list[T]:

@@ -51,6 +51,7 @@ Everything is batched over leading dimensions, device-agnostic, torch only.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
 from .eigen import top_eigh
 from .hardware import batch_lanes, eigh_lapack, over_lanes, tridiagonal_route
-from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
+from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank, span_halves
 from .spectra import spectral_drift_from_values
 from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
 
@@ -116,7 +117,9 @@ def products(
     Blocks hold at most the policy's ``ROW_BLOCK`` entries, so a 151936×896 embedding never gets a whole
     float32 copy of either side or of ΔW (the bf16 inputs are the only whole-matrix arrays). Every matrix is cut
     into the same row blocks whatever the batch size (:func:`~weightgeo.linalg.policy.batch_row_blocks`), so a
-    member of a batch gets exactly the sums it gets alone.
+    member of a batch gets exactly the sums it gets alone; the blocks are summed in the policy's two halves
+    (:func:`~weightgeo.linalg.policy.span_halves`), side by side where two lanes are free (a shape group of one
+    member: :func:`~weightgeo.linalg.hardware.over_lanes`), with the same bits either way.
 
     >>> products(torch.eye(2), 2 * torch.eye(2), J=True, fro=True).fro_sq
     tensor(2., dtype=torch.float64)
@@ -127,28 +130,63 @@ def products(
     X0, X1 = (X.reshape(math.prod(lead), m, n) for X in (A0, A1))  # views for [m, n] and [B, m, n]
     parts: dict[str, list[torch.Tensor]] = {}
     for b0, b1, spans in batch_row_blocks(X0.shape[0], m, n) if X0.shape[0] else [(0, 0, [(0, m)])]:
-        acc: dict[str, torch.Tensor] = {}
-
-        def add(key: str, value: torch.Tensor, acc: dict[str, torch.Tensor] = acc) -> None:
-            acc[key] = value if key not in acc else acc[key].add_(value)
-
-        for s, e in spans:
-            a0 = X0[b0:b1, s:e].to(cd)
-            d = X1[b0:b1, s:e].to(cd) - a0
-            if P:
-                add("P", (a0 + a0 + d).mT @ d)
-            if C0:
-                add("C0", a0.mT @ d)
-            if J:  # symmetric: the panels on and above the diagonal only
-                add_gram(acc.setdefault("J", d.new_zeros(b1 - b0, n, n)), d)
-            if fro:
-                add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
+        halves = span_halves(spans)
+        sums = functools.partial(_half_sums, X0[b0:b1], X1[b0:b1], halves, cd, (P, C0, J, fro))
+        # the two halves of the rows side by side where two lanes are free (a shape group of one member)
+        acc, *rest = (a for part in over_lanes(sums, len(halves), X0.device) for a in part)
+        for other in rest:
+            for key, value in other.items():
+                acc[key].add_(value)
         if "J" in acc:
             mirror_upper(acc["J"])
         for key, value in acc.items():
             parts.setdefault(key, []).append(value)
     out = {key: (v[0] if len(v) == 1 else torch.cat(v)).reshape((*lead, *v[0].shape[1:])) for key, v in parts.items()}
     return Products(out.get("P"), out.get("C0"), out.get("J"), out.get("fro"))
+
+
+def _half_sums(
+    X0: torch.Tensor,
+    X1: torch.Tensor,
+    halves: list[list[tuple[int, int]]],
+    cd: torch.dtype,
+    which: tuple[bool, bool, bool, bool],
+    i: int,
+    j: int,
+) -> list[dict[str, torch.Tensor]]:
+    """The products of :func:`products` (``which``: P, C0, J, fro) of ``X0``/``X1`` [B, m, n] over the row spans of
+    ``halves[i:j]``, one dict per half, each summed in order (``J`` on the panels on and above the diagonal only)."""
+    return [_span_sums(X0, X1, half, cd, *which) for half in halves[i:j]]
+
+
+def _span_sums(
+    X0: torch.Tensor,
+    X1: torch.Tensor,
+    spans: list[tuple[int, int]],
+    cd: torch.dtype,
+    P: bool,
+    C0: bool,
+    J: bool,
+    fro: bool,
+) -> dict[str, torch.Tensor]:
+    acc: dict[str, torch.Tensor] = {}
+    n = X0.shape[-1]
+
+    def add(key: str, value: torch.Tensor) -> None:
+        acc[key] = value if key not in acc else acc[key].add_(value)
+
+    for s, e in spans:
+        a0 = X0[:, s:e].to(cd)
+        d = X1[:, s:e].to(cd) - a0
+        if P:
+            add("P", (a0 + a0 + d).mT @ d)
+        if C0:
+            add("C0", a0.mT @ d)
+        if J:  # symmetric: the panels on and above the diagonal only
+            add_gram(acc.setdefault("J", d.new_zeros(X0.shape[0], n, n)), d)
+        if fro:
+            add("fro", torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square())
+    return acc
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ __all__ = [
     "rows_per_block",
     "row_blocks",
     "batch_row_blocks",
+    "span_halves",
     "col_panels",
     "same_compute_dtype",
     "compared_format",
@@ -166,6 +167,25 @@ def batch_row_blocks(
     per = max(1, elements // max(1, widest))
     for b0 in range(0, batch, per):
         yield b0, min(batch, b0 + per), spans
+
+
+def span_halves(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """The row spans of one matrix in the two halves a reduction over them sums separately, first half then second
+    (one half for a single span): ``(Σ first half) + (Σ second half)``, each half in order.
+
+    That order is the policy's whatever runs it, so the two halves can run side by side in two lanes
+    (:func:`weightgeo.linalg.hardware.over_lanes`: a 151936×4096 vocabulary matrix, a shape group of one member,
+    keeps both cores busy) and give the same bits as one thread summing both.
+
+    >>> span_halves([(0, 2), (2, 4), (4, 5)])
+    [[(0, 2), (2, 4)], [(4, 5)]]
+    >>> span_halves([(0, 3)])
+    [[(0, 3)]]
+    """
+    if len(spans) < 2:
+        return [list(spans)]
+    h = (len(spans) + 1) // 2
+    return [list(spans[:h]), list(spans[h:])]
 
 
 def col_panels(n: int, *, width: int | None = None) -> list[tuple[int, int]]:

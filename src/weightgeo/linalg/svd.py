@@ -29,6 +29,7 @@ Everything is batched over leading dimensions and never touches the global RNG.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -38,7 +39,7 @@ import torch
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_side
 from .eigen import eigh
-from .hardware import eigh_lapack
+from .hardware import eigh_lapack, over_lanes
 from .policy import (
     REFINE_BELOW,
     batch_row_blocks,
@@ -46,6 +47,7 @@ from .policy import (
     compute_dtype,
     compute_eps,
     numerical_rank,
+    span_halves,
     to_compute_dtype,
 )
 
@@ -161,6 +163,8 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
         dtype: the GEMM's dtype. When it is wider than ``A``'s, rows of the tall orientation are upcast in
             blocks of at most 2²² entries and accumulated, so no whole-matrix copy in ``dtype`` is made. Only the
             column panels on and above the diagonal are multiplied (the policy's ``col_panels``), the rest mirrored.
+            The row blocks are summed in the policy's two halves (``span_halves``), side by side in two lanes where
+            both are free (``over_lanes``); the bits do not depend on that.
 
     Returns:
         [..., p, p] exactly symmetric, p = min(m, n), in ``dtype``.
@@ -172,12 +176,29 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
         return X.new_zeros((*X.shape[:-2], n, n), dtype=dtype)
     parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
-        G = Xf.new_zeros((b1 - b0, n, n), dtype=dtype)
-        for s, e in spans:
-            Y = Xf[b0:b1, s:e]
-            add_gram(G, Y if Y.dtype == dtype else Y.to(dtype))
+        halves = span_halves(spans)
+        sums = functools.partial(_half_grams, Xf[b0:b1], halves, dtype)
+        # the two halves of the rows side by side where two lanes are free (a shape group of one member)
+        G, *rest = (G for part in over_lanes(sums, len(halves), Xf.device) for G in part)
+        for other in rest:
+            G.add_(other)
         parts.append(mirror_upper(G))
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*X.shape[:-2], n, n)
+
+
+def _half_grams(
+    X: torch.Tensor, halves: list[list[tuple[int, int]]], dtype: torch.dtype, i: int, j: int
+) -> list[torch.Tensor]:
+    """The Grams of ``X`` [B, m, n] over the row spans of ``halves[i:j]``, one per half (panels on and above the
+    diagonal), each summed in order."""
+    out = []
+    for half in halves[i:j]:
+        G = X.new_zeros((X.shape[0], X.shape[-1], X.shape[-1]), dtype=dtype)
+        for s, e in half:
+            Y = X[:, s:e]
+            add_gram(G, Y if Y.dtype == dtype else Y.to(dtype))
+        out.append(G)
+    return out
 
 
 def add_gram(G: torch.Tensor, Y: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from ..defaults import ALPHA, ETA, PAIR_K, RANK, SIDE
 from ..errors import WeightgeoError
-from ..linalg.hardware import Lanes, batch_lanes, over_lanes
+from ..linalg.hardware import Lanes, batch_lanes, over_lanes, row_lanes
 from ..linalg.pairwise import (
     BaseSpectrum,
     PairEigen,
@@ -176,7 +176,12 @@ def batched_pair_metrics(
     # localization in whichever lane gets to them first.
     with Lanes(w0.device) as lanes:
         make = base if callable(base) else (lambda: base_spectrum(w0)) if base is None else None
-        base_job = lanes.submit(make) if make is not None and (rot or drift or loc) else None
+        # A member of several row blocks (a vocabulary matrix, alone in its shape group) has a better split than the
+        # chain: each of its row passes (the products, then the base's Gram) runs on both lanes, one half of the
+        # rows each (policy.span_halves); the chain left the second lane idle ~200 of ~400 s on an 8B lm_head.
+        rows_split = row_lanes(A0.shape[-2], A0.shape[-1], w0.device) > 1
+        needs_base = make is not None and (rot or drift or loc)
+        base_job = lanes.submit(make) if make is not None and needs_base and not rows_split else None
         prod, rank_job = None, None
         sides = (side,) if rot else ()
         if rot or drift:
@@ -185,6 +190,9 @@ def batched_pair_metrics(
             prod = products(A0, A1, J=True, fro=True)
         if base_job is not None:
             base = base_job.result() or base_spectrum(w0)
+        elif needs_base:  # the rows' halves: the base after the products, in this lane, its Gram on both
+            assert make is not None
+            base = make() or base_spectrum(w0)
         elif callable(base):  # no metric here needs the base
             base = None
         # The next group's base goes to the second lane first (it is what the first lane will wait for next); the
