@@ -129,6 +129,40 @@ def test_lapack_threads_follow_the_block_and_restore():
     assert inside == [1] * len(setters) and after == [3] * len(setters)
 
 
+def test_lapack_threads_hold_while_any_thread_is_inside():
+    """OpenBLAS's thread count is one setting of the process: a lane leaving its block must not restore it while the
+    other lane's LAPACK call runs (its reduction then ran with the machine's threads and rounded differently)."""
+    import threading
+
+    setters = eigen._openblas_local_setters()
+    if not setters:
+        pytest.skip("no OpenBLAS with thread-local thread counts in this process (OpenBLAS < 0.3.27, or not Linux)")
+    before = [set_local(3) for set_local in setters]
+    entered, first_left, seen = threading.Event(), threading.Event(), []
+
+    def second_lane() -> None:
+        with eigen.lapack_threads(1):
+            entered.set()
+            first_left.wait(10)
+            seen.extend(set_local(1) for set_local in setters)  # each returns the count in force
+
+    try:
+        lane = threading.Thread(target=second_lane)
+        with eigen.lapack_threads(1):
+            lane.start()
+            assert entered.wait(10)
+        first_left.set()
+        lane.join(10)
+        after = [set_local(3) for set_local in setters]
+    finally:
+        for set_local, old in zip(setters, before):
+            set_local(old)
+    assert seen == [1] * len(setters) and after == [3] * len(setters)
+    with pytest.raises(RuntimeError, match="inside another"):
+        with eigen.lapack_threads(1), eigen.lapack_threads(2):
+            pass
+
+
 @pytest.mark.parametrize("lapack", ["torch", "scipy"])
 def test_full_eigh_either_lapack_matches_numpy(lapack):
     Ms = torch.stack(
@@ -141,6 +175,10 @@ def test_full_eigh_either_lapack_matches_numpy(lapack):
         np.testing.assert_allclose(w[i].numpy(), ref, rtol=0, atol=1e-13 * scale)
         np.testing.assert_allclose((V[i].mT @ V[i]).numpy(), np.eye(90), rtol=0, atol=1e-13)
         assert float((Ms[i] @ V[i] - V[i] * w[i]).abs().max()) <= 1e-13 * scale
+    cm = Ms[0].mT.contiguous().mT  # column-major: the routine's argument must be a copy, not a view of it
+    before = cm.clone()
+    torch.testing.assert_close(eigen.eigh(cm, lapack=lapack)[0], w[0], rtol=0, atol=1e-12 * float(w[0].abs().max()))
+    assert torch.equal(cm, before)
     with pytest.raises(WeightgeoError, match="lapack="):
         eigen.eigh(Ms, lapack="mkl")
 
@@ -196,3 +234,46 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(one, two):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 2), (0,)])
+def test_scipy_eigvalsh_matches_torch_and_numpy(shape, gen):
+    """SciPy's values-only route (dsytrd + dsterf) gives torch's eigenvalues to rounding, batched, and reads (without
+    changing) the lower triangle of a row-major or a column-major input."""
+    n = 90
+    A = torch.randn(*shape, n + 7, n, generator=gen, dtype=torch.float64)
+    M = A.mT @ A + torch.diag(torch.linspace(0, 3, n, dtype=torch.float64))
+    for X in (M, M.mT.contiguous().mT):  # row-major, and the same values column-major
+        before = X.clone()
+        w = eigen.eigvalsh(X, lapack="scipy")
+        assert torch.equal(X, before)  # dsytrd overwrites its argument: a copy
+        assert w.shape == (*shape, n) and bool((w[..., 1:] >= w[..., :-1]).all())
+        scale = float(M.abs().max()) if M.numel() else 1.0
+        torch.testing.assert_close(w, torch.linalg.eigvalsh(M), rtol=0, atol=1e-13 * scale)
+        if M.numel():
+            ref = np.linalg.eigvalsh(M.reshape(-1, n, n).numpy()).reshape(w.shape)
+            assert np.abs(w.numpy() - ref).max() <= 1e-13 * scale
+    U = M.tril() + 7.0 * torch.ones_like(M).triu(1)  # what lies above the diagonal is ignored, as torch ignores it
+    torch.testing.assert_close(eigen.eigvalsh(U, lapack="scipy"), torch.linalg.eigvalsh(U), rtol=0, atol=1e-12 * scale)
+    with pytest.raises(WeightgeoError, match="lapack="):
+        eigen.eigvalsh(M, lapack="openblas")
+
+
+def test_eigvalsh_lapack_policy(monkeypatch):
+    """SciPy's eigvalsh where the policy takes SciPy's eigh and the side is at most EIGVALSH_SCIPY_MAX_N; torch's
+    elsewhere (above it MKL's reduction is the faster one, BENCHMARKS.md); the callers follow it."""
+    from weightgeo.linalg import hardware, pairwise
+
+    big = hardware.EIGVALSH_SCIPY_MAX_N
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", "scipy")
+    assert hardware.eigvalsh_lapack(big, "cpu") == "scipy" and hardware.eigvalsh_lapack(big + 1, "cpu") == "torch"
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", "torch")
+    assert hardware.eigvalsh_lapack(8, "cpu") == "torch"
+    monkeypatch.setattr(hardware, "EIGH_LAPACK", "scipy")
+    routes = []
+    real = eigen.eigvalsh
+    monkeypatch.setattr(pairwise, "eigvalsh", lambda M, *, lapack: routes.append(lapack) or real(M, lapack=lapack))
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(40, 30, generator=g)
+    pairwise.pair_geometry(W0, W0 + 1e-3 * torch.randn(40, 30, generator=g), k=4, sides=("right", "left"))
+    assert routes and set(routes) == {"scipy"}  # the angles' small problems

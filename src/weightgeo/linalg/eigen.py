@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -46,7 +47,7 @@ import torch
 from ..errors import WeightgeoError
 from .lapack import dstemr, dsterf, dsyevd, dsytrd
 
-__all__ = ["eigh", "top_eigh", "lapack_threads", "lapack_fingerprint", "TOP_EIGH_MAX_FRACTION"]
+__all__ = ["eigh", "eigvalsh", "top_eigh", "lapack_threads", "lapack_fingerprint", "TOP_EIGH_MAX_FRACTION"]
 
 #: The tridiagonal route is taken for k ≤ this fraction of n. Its vectors cost 2n²k against full ``eigh``'s ~2n³,
 #: but its reduction is LAPACK's one-stage ``dsytrd``: on a 2-core AMD EPYC (AVX2), one thread, it took 0.53× torch's
@@ -71,9 +72,7 @@ def eigh(M: torch.Tensor, *, lapack: str = "torch") -> tuple[torch.Tensor, torch
     Returns:
         ``(w, V)``: [..., n] ascending and [..., n, n], as ``torch.linalg.eigh``.
     """
-    if lapack not in ("torch", "scipy"):
-        raise WeightgeoError(f"eigh: lapack={lapack!r}; give 'torch' or 'scipy'")
-    if lapack == "torch" or M.device.type != "cpu" or M.dtype != torch.float64 or M.shape[-1] < 2:
+    if not _scipy_takes(M, lapack, "eigh"):
         return torch.linalg.eigh(M)
     n = M.shape[-1]
     flat = M.reshape(-1, n, n)
@@ -81,10 +80,49 @@ def eigh(M: torch.Tensor, *, lapack: str = "torch") -> tuple[torch.Tensor, torch
     V = torch.empty(flat.shape[0], n, n, dtype=torch.float64, device=M.device)
     with lapack_threads(1):
         for i in range(flat.shape[0]):
-            # column-major M (the row-major Mᵀ read column-major), overwritten by its eigenvectors
-            wi, Vi = dsyevd(flat[i].mT.contiguous().numpy().T)
+            wi, Vi = dsyevd(_fortran_copy(flat[i]))  # overwritten by its eigenvectors
             w[i], V[i] = torch.from_numpy(wi), torch.from_numpy(Vi)
     return w.reshape(M.shape[:-1]), V.reshape(M.shape)
+
+
+def eigvalsh(M: torch.Tensor, *, lapack: str = "torch") -> torch.Tensor:
+    """``torch.linalg.eigvalsh(M)`` (ascending), by SciPy's LAPACK (``dsytrd`` + ``dsterf``, one thread, as NumPy's
+    values-only ``dsyevd`` runs them) when ``lapack="scipy"`` and ``M`` is float64 on a CPU; the policy picks the
+    library per CPU kind and size (:func:`weightgeo.linalg.hardware.eigvalsh_lapack`).
+
+    >>> eigvalsh(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64), lapack="scipy")
+    tensor([1., 3.], dtype=torch.float64)
+
+    Args:
+        M: [..., n, n] symmetric (its lower triangle is read, as by ``torch.linalg.eigvalsh``).
+        lapack: ``"torch"`` (the LAPACK torch was built with: MKL in the pip wheels) or ``"scipy"``.
+
+    Returns:
+        [..., n] float64 (the input's dtype for ``"torch"``), ascending.
+    """
+    if not _scipy_takes(M, lapack, "eigvalsh"):
+        return torch.linalg.eigvalsh(M)
+    n = M.shape[-1]
+    flat = M.reshape(-1, n, n)
+    w = torch.empty(flat.shape[0], n, dtype=torch.float64, device=M.device)
+    with lapack_threads(1):
+        for i in range(flat.shape[0]):
+            d, e, _, _ = dsytrd(_fortran_copy(flat[i]))
+            w[i] = torch.from_numpy(dsterf(d, e))
+    return w.reshape(M.shape[:-1])
+
+
+def _scipy_takes(M: torch.Tensor, lapack: str, fn: str) -> bool:
+    """Whether ``lapack`` is SciPy's and ``M`` a float64 CPU problem it solves (else torch's does)."""
+    if lapack not in ("torch", "scipy"):
+        raise WeightgeoError(f"{fn}: lapack={lapack!r}; give 'torch' or 'scipy'")
+    return lapack == "scipy" and M.device.type == "cpu" and M.dtype == torch.float64 and M.shape[-1] >= 2
+
+
+def _fortran_copy(M: torch.Tensor) -> np.ndarray:
+    """A column-major copy of the [n, n] ``M`` for a LAPACK routine that overwrites it (its lower triangle read, as
+    torch reads it), whatever the layout of ``M`` (a view of the caller's tensor is never handed over)."""
+    return np.array(M.numpy(), order="F", copy=True)
 
 
 def top_eigh(
@@ -155,21 +193,42 @@ def _tridiagonal_route(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 @contextlib.contextmanager
 def lapack_threads(n: int) -> Iterator[None]:
-    """Run SciPy's LAPACK with ``n`` threads in this thread, as ``torch.set_num_threads`` does for torch's (the routes
-    of this module use 1: their results then do not depend on the machine's or the caller's thread count, and no
-    OpenBLAS thread pool spins beside torch's). Through OpenBLAS's thread-local setting (OpenBLAS ≥ 0.3.27,
-    SciPy's wheels on Linux); where there is none it changes nothing (that LAPACK keeps its own default).
+    """Run SciPy's LAPACK with ``n`` threads while the block runs (the routes of this module use 1: their results then
+    do not depend on the machine's or the caller's thread count, and no OpenBLAS thread pool spins beside torch's).
+
+    Through OpenBLAS's ``openblas_set_num_threads_local`` (OpenBLAS ≥ 0.3.27, SciPy's wheels on Linux), which despite
+    its name sets the count of the whole process in these builds. So the blocks of all threads share one setting: the
+    first block to enter sets ``n`` and the last to leave restores what was there before. (Each lane restoring its own
+    saved count, a lane's block ended while the other lane's LAPACK call ran and set it back to the machine's count
+    there: a second thread's reduction then rounded differently, in 2–4 of 12 concurrent calls.) Blocks that overlap
+    must ask for the same ``n``. Where there is no such function it changes nothing (that LAPACK keeps its own
+    default).
 
     >>> with lapack_threads(1):
     ...     pass
     """
+    global _users, _saved
     setters = _openblas_local_setters()
-    before = [set_local(n) for set_local in setters]
+    with _users_lock:
+        if _users == 0:
+            _saved = (n, [set_local(n) for set_local in setters])
+        elif _saved[0] != n:
+            raise RuntimeError(f"lapack_threads({n}) inside another thread's lapack_threads({_saved[0]})")
+        _users += 1
     try:
         yield
     finally:
-        for set_local, old in zip(setters, before):
-            set_local(old)
+        with _users_lock:
+            _users -= 1
+            if _users == 0:
+                for set_local, old in zip(setters, _saved[1]):
+                    set_local(old)
+
+
+#: the blocks of :func:`lapack_threads` open in any thread, and (their count, what the setters returned) of the first
+_users_lock = threading.Lock()
+_users = 0
+_saved: tuple[int, list[int]] = (0, [])
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 Three choices depend on the hardware: the dtype of the randomized SVD's passes over a bf16 stack
 (:func:`pass_dtype`), how many steps of one pair run side by side on a CPU (:func:`lanes`), and the LAPACK routes of
-the float64 eigenproblems (:func:`tridiagonal_route`, :func:`eigh_lapack`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
+the float64 eigenproblems (:func:`tridiagonal_route`, :func:`eigh_lapack`, :func:`eigvalsh_lapack`). bf16 passes (oneDNN on CPU, tensor cores on CUDA) are 2–4× faster than fp32 passes where
 the hardware multiplies bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or AVX512-BF16) and slower where it
 does not (AVX2-only CPUs emulate them); their price is a noise floor of about 2⁻⁸·σ₁ (docs/numerics.md). fp32
 and fp64 stacks always get passes in their own precision (a bf16 pass over an fp32 stack costs a cast copy
@@ -63,6 +63,8 @@ __all__ = [
     "BF16_PASS_MIN_ENTRIES",
     "EIGH_LAPACK",
     "eigh_lapack",
+    "EIGVALSH_SCIPY_MAX_N",
+    "eigvalsh_lapack",
     "SCIPY_LAPACK_MAX_CORES",
     "tridiagonal_route",
     "LANES",
@@ -210,6 +212,25 @@ def eigh_lapack(device: str | torch.device | None = None) -> str:
     if tridiagonal_route(dev) and hardware(dev).name.upper().startswith("AMD"):
         return "scipy"
     return "torch"
+
+
+#: The largest side n of a float64 ``eigvalsh`` that SciPy's LAPACK solves where :func:`eigh_lapack` picks it. Its
+#: values-only route (``dsytrd`` + ``dsterf``, one thread) against torch's (MKL), one thread, on Gram-like matrices:
+#: 1.6-2.1x faster for n = 512-1024 and 1.3x at 1536, even at 2048, 0.68x at 4096 on a 2-core AMD EPYC (AVX512); 1.45x
+#: at 896, 1.03x at 2048, 0.75x at 4096 on one with AVX2 (BENCHMARKS.md, issue 22).
+EIGVALSH_SCIPY_MAX_N = 1536
+
+
+def eigvalsh_lapack(n: int, device: str | torch.device | None = None) -> str:
+    """Which LAPACK solves a float64 values-only symmetric eigenproblem of side ``n`` on ``device``
+    (:func:`weightgeo.linalg.eigen.eigvalsh`: the stable rank's σ₁, the angles' small problems, the NSS fallback):
+    ``"scipy"`` where :func:`eigh_lapack` gives it and ``n ≤`` :data:`EIGVALSH_SCIPY_MAX_N` (where MKL's reduction,
+    on its generic path on AMD CPUs, is the slower one), ``"torch"`` elsewhere.
+
+    >>> eigvalsh_lapack(8192, "cpu")
+    'torch'
+    """
+    return "scipy" if n <= EIGVALSH_SCIPY_MAX_N and eigh_lapack(device) == "scipy" else "torch"
 
 
 #: Lanes of one pair on a CPU: ``None`` lets :func:`lanes` decide; 1 forces one lane (the benchmarks time both).
@@ -460,6 +481,7 @@ def _fingerprint(device: str, eigh_route: str, tridiagonal: bool) -> str:
     if doc["device"] == "cpu":  # the pair eigenproblem's tridiagonal route (and eigh_lapack) run SciPy's LAPACK there
         doc["lapack"] = lapack_fingerprint()
         doc["eigh_lapack"] = eigh_route
+        doc["eigvalsh_scipy_max_n"] = EIGVALSH_SCIPY_MAX_N if eigh_route == "scipy" else 0
         doc["tridiagonal_route"] = tridiagonal
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -62,8 +62,8 @@ import torch
 from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
-from .eigen import top_eigh
-from .hardware import batch_lanes, eigh_lapack, over_lanes, tridiagonal_route
+from .eigen import eigvalsh, top_eigh
+from .hardware import batch_lanes, eigh_lapack, eigvalsh_lapack, over_lanes, tridiagonal_route
 from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank, span_halves
 from .spectra import spectral_drift_from_values
 from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
@@ -503,7 +503,7 @@ def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool, k: int | No
             M1, n if k is None else min(int(k), n), lapack=eigh_lapack(dev), tridiagonal=tridiagonal_route(dev)
         )
         return PairEigen(F, mu, Q)
-    return PairEigen(F, -torch.linalg.eigvalsh(-M1), None)
+    return PairEigen(F, -_eigvalsh(-M1), None)
 
 
 @dataclass(frozen=True)
@@ -661,7 +661,7 @@ def _sines_small(Q: torch.Tensor, k: int) -> torch.Tensor:
     # at most ~1e-8 rad), cheaper than an SVD of the (n−k)×k block.
     B = Q[..., k:, :k]
     G = B.mT @ B if k <= n - k else B @ B.mT
-    s = torch.linalg.eigvalsh(G).clamp(0, 1).sqrt()  # ascending
+    s = _eigvalsh(G).clamp(0, 1).sqrt()  # ascending
     pad = Q.new_zeros(*shape, k - s.shape[-1])
     return torch.cat([pad, s], -1)  # min(k, n-k) sines; the other angles are exactly 0
 
@@ -691,5 +691,10 @@ def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
         Hq = P.mT @ (J.to(f64) @ P) - CQ.mT @ (inv_s0[..., :, None] ** 2 * CQ)
         K = K + inv_s1[..., :, None] * Hq * inv_s1[..., None, :]
     K = 0.5 * (K + K.mT)
-    sin2 = torch.linalg.eigvalsh(K).clamp(0, 1)  # ascending
+    sin2 = _eigvalsh(K).clamp(0, 1)  # ascending
     return torch.arcsin(sin2.sqrt())
+
+
+def _eigvalsh(M: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of the symmetric float64 ``M`` [..., n, n] by the LAPACK the policy picks for its size."""
+    return eigvalsh(M, lapack=eigvalsh_lapack(M.shape[-1], M.device))

@@ -38,8 +38,8 @@ import torch
 
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_side
-from .eigen import eigh
-from .hardware import eigh_lapack, over_lanes
+from .eigen import eigh, eigvalsh
+from .hardware import eigh_lapack, eigvalsh_lapack, over_lanes
 from .policy import (
     REFINE_BELOW,
     batch_row_blocks,
@@ -267,7 +267,7 @@ def gram_eigh(
     if vectors:
         w, Q = eigh(G, lapack=eigh_lapack(G.device))
         return w.flip(-1), Q.flip(-1), side
-    return torch.linalg.eigvalsh(G).flip(-1), None, side
+    return eigvalsh(G, lapack=eigvalsh_lapack(G.shape[-1], G.device)).flip(-1), None, side
 
 
 def decompose(
