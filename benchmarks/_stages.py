@@ -39,10 +39,8 @@ WRAPPED = [
     ("weightgeo.metrics.pair", "pair_eigen", "pair eigenproblem: F = VᵀDV"),
     ("weightgeo.linalg.pairwise", "top_eigh", "› top-k eigh"),  # its full eigh (k > 0.4·n) nests inside
     ("weightgeo.linalg.svd", "eigh", "› eigh"),  # W0's Gram: linalg.eigen.eigh (torch's or SciPy's LAPACK)
-    # linalg.eigen.eigvalsh (torch's or SciPy's LAPACK: the policy's eigvalsh_lapack), where each module calls it
+    # linalg.eigen.eigvalsh (torch's or SciPy's LAPACK: the policy's eigvalsh_lapack), called by svd.symmetric_eigenvalues
     ("weightgeo.linalg.svd", "eigvalsh", "› eigvalsh"),
-    ("weightgeo.linalg.pairwise", "eigvalsh", "› eigvalsh"),
-    ("weightgeo.metrics.pair", "eigvalsh", "› eigvalsh"),
     ("weightgeo.metrics.pair", "pair_spectrum", "NSS (+ fallback)"),
     ("weightgeo.metrics.pair", "_rotation_rows", "angles"),
     ("weightgeo.metrics.pair", "_stable_ranks", "stable rank"),

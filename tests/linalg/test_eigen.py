@@ -262,7 +262,7 @@ def test_scipy_eigvalsh_matches_torch_and_numpy(shape, gen):
 def test_eigvalsh_lapack_policy(monkeypatch):
     """SciPy's eigvalsh where the policy takes SciPy's eigh and the side is at most EIGVALSH_SCIPY_MAX_N; torch's
     elsewhere (above it MKL's reduction is the faster one, BENCHMARKS.md); the callers follow it."""
-    from weightgeo.linalg import hardware, pairwise
+    from weightgeo.linalg import hardware, pairwise, svd
 
     big = hardware.EIGVALSH_SCIPY_MAX_N
     monkeypatch.setattr(hardware, "EIGH_LAPACK", "scipy")
@@ -272,8 +272,8 @@ def test_eigvalsh_lapack_policy(monkeypatch):
     monkeypatch.setattr(hardware, "EIGH_LAPACK", "scipy")
     routes = []
     real = eigen.eigvalsh
-    monkeypatch.setattr(pairwise, "eigvalsh", lambda M, *, lapack: routes.append(lapack) or real(M, lapack=lapack))
+    monkeypatch.setattr(svd, "eigvalsh", lambda M, *, lapack: routes.append(lapack) or real(M, lapack=lapack))
     g = torch.Generator().manual_seed(5)
     W0 = torch.randn(40, 30, generator=g)
     pairwise.pair_geometry(W0, W0 + 1e-3 * torch.randn(40, 30, generator=g), k=4, sides=("right", "left"))
-    assert routes and set(routes) == {"scipy"}  # the angles' small problems
+    assert routes and set(routes) == {"scipy"}  # the angles' small problems (svd.symmetric_eigenvalues)

@@ -303,8 +303,7 @@ def test_the_row_halves_of_one_matrix_run_side_by_side_with_the_same_bits(monkey
 
         return real(where, count, device)
 
-    monkeypatch.setattr(svd, "over_lanes", recording)
-    monkeypatch.setattr(pairwise, "over_lanes", recording)
+    monkeypatch.setattr(hardware, "over_lanes", recording)  # what over_halves cuts the halves with
     both = svd.gram(w0), pairwise.products(w0, w1, P=True, C0=True, J=True, fro=True)
     assert "weightgeo-lane" in threads  # a half ran in the second lane (unless the first took it back: rare)
     torch.set_num_threads(1)  # one lane, one thread: both halves in this thread

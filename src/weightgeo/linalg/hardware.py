@@ -73,6 +73,7 @@ __all__ = [
     "batch_lanes",
     "row_lanes",
     "over_lanes",
+    "over_halves",
     "ahead",
 ]
 
@@ -435,6 +436,21 @@ def over_lanes(fn: Callable[[int, int], T], count: int, device: str | torch.devi
             job.exception()
         raise
     return [first, _take(job, solo, (h, count), {})]
+
+
+def over_halves(
+    fn: Callable[[list[tuple[int, int]]], T], spans: list[tuple[int, int]], device: str | torch.device | None = None
+) -> list[T]:
+    """``fn(half)`` for each of the policy's halves of the row ``spans`` of one matrix
+    (:func:`~weightgeo.linalg.policy.span_halves`), in order, the two side by side where two lanes are free
+    (:func:`over_lanes`): the caller adds the results, first half then second, which gives the same bits either way.
+
+    >>> over_halves(len, [(0, 2), (2, 4), (4, 5)])
+    [2, 1]
+    """
+    halves = policy.span_halves(spans)
+    parts = over_lanes(lambda i, j: [fn(half) for half in halves[i:j]], len(halves), device)
+    return [r for part in parts for r in part]
 
 
 def _take(job: Future[T], fn: Callable[..., T], args: tuple, kwargs: dict) -> T:

@@ -62,11 +62,11 @@ import torch
 from ..defaults import PAIR_K, SIDE
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_sides, check_size, resolve_size
-from .eigen import eigvalsh, top_eigh
-from .hardware import batch_lanes, eigh_lapack, eigvalsh_lapack, over_lanes, tridiagonal_route
-from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank, span_halves
+from .eigen import top_eigh
+from .hardware import batch_lanes, eigh_lapack, over_halves, over_lanes, tridiagonal_route
+from .policy import REFINE_BELOW, batch_row_blocks, compute_dtype, compute_eps, numerical_rank
 from .spectra import spectral_drift_from_values
-from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper
+from .svd import Decomposition, add_gram, congruence, decompose, mirror_upper, symmetric_eigenvalues
 
 __all__ = [
     "BaseSpectrum",
@@ -130,10 +130,9 @@ def products(
     X0, X1 = (X.reshape(math.prod(lead), m, n) for X in (A0, A1))  # views for [m, n] and [B, m, n]
     parts: dict[str, list[torch.Tensor]] = {}
     for b0, b1, spans in batch_row_blocks(X0.shape[0], m, n) if X0.shape[0] else [(0, 0, [(0, m)])]:
-        halves = span_halves(spans)
-        sums = functools.partial(_half_sums, X0[b0:b1], X1[b0:b1], halves, cd, (P, C0, J, fro))
+        sums = functools.partial(_span_sums, X0[b0:b1], X1[b0:b1], cd, (P, C0, J, fro))
         # the two halves of the rows side by side where two lanes are free (a shape group of one member)
-        acc, *rest = (a for part in over_lanes(sums, len(halves), X0.device) for a in part)
+        acc, *rest = over_halves(sums, spans, X0.device)
         for other in rest:
             for key, value in other.items():
                 acc[key].add_(value)
@@ -145,30 +144,16 @@ def products(
     return Products(out.get("P"), out.get("C0"), out.get("J"), out.get("fro"))
 
 
-def _half_sums(
-    X0: torch.Tensor,
-    X1: torch.Tensor,
-    halves: list[list[tuple[int, int]]],
-    cd: torch.dtype,
-    which: tuple[bool, bool, bool, bool],
-    i: int,
-    j: int,
-) -> list[dict[str, torch.Tensor]]:
-    """The products of :func:`products` (``which``: P, C0, J, fro) of ``X0``/``X1`` [B, m, n] over the row spans of
-    ``halves[i:j]``, one dict per half, each summed in order (``J`` on the panels on and above the diagonal only)."""
-    return [_span_sums(X0, X1, half, cd, *which) for half in halves[i:j]]
-
-
 def _span_sums(
     X0: torch.Tensor,
     X1: torch.Tensor,
-    spans: list[tuple[int, int]],
     cd: torch.dtype,
-    P: bool,
-    C0: bool,
-    J: bool,
-    fro: bool,
+    which: tuple[bool, bool, bool, bool],
+    spans: list[tuple[int, int]],
 ) -> dict[str, torch.Tensor]:
+    """The products of :func:`products` (``which``: P, C0, J, fro) of ``X0``/``X1`` [B, m, n] over the row ``spans``,
+    summed in order (``J`` on the panels on and above the diagonal only)."""
+    P, C0, J, fro = which
     acc: dict[str, torch.Tensor] = {}
     n = X0.shape[-1]
 
@@ -503,7 +488,7 @@ def pair_eigen(base: BaseSpectrum, prod: Products, *, vectors: bool, k: int | No
             M1, n if k is None else min(int(k), n), lapack=eigh_lapack(dev), tridiagonal=tridiagonal_route(dev)
         )
         return PairEigen(F, mu, Q)
-    return PairEigen(F, -_eigvalsh(-M1), None)
+    return PairEigen(F, -symmetric_eigenvalues(-M1), None)
 
 
 @dataclass(frozen=True)
@@ -661,7 +646,7 @@ def _sines_small(Q: torch.Tensor, k: int) -> torch.Tensor:
     # at most ~1e-8 rad), cheaper than an SVD of the (n−k)×k block.
     B = Q[..., k:, :k]
     G = B.mT @ B if k <= n - k else B @ B.mT
-    s = _eigvalsh(G).clamp(0, 1).sqrt()  # ascending
+    s = symmetric_eigenvalues(G).clamp(0, 1).sqrt()  # ascending
     pad = Q.new_zeros(*shape, k - s.shape[-1])
     return torch.cat([pad, s], -1)  # min(k, n-k) sines; the other angles are exactly 0
 
@@ -691,10 +676,5 @@ def _big_side_angles(s0, in_rank, mu, Q, Vc, C0, J, k):
         Hq = P.mT @ (J.to(f64) @ P) - CQ.mT @ (inv_s0[..., :, None] ** 2 * CQ)
         K = K + inv_s1[..., :, None] * Hq * inv_s1[..., None, :]
     K = 0.5 * (K + K.mT)
-    sin2 = _eigvalsh(K).clamp(0, 1)  # ascending
+    sin2 = symmetric_eigenvalues(K).clamp(0, 1)  # ascending
     return torch.arcsin(sin2.sqrt())
-
-
-def _eigvalsh(M: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues of the symmetric float64 ``M`` [..., n, n] by the LAPACK the policy picks for its size."""
-    return eigvalsh(M, lapack=eigvalsh_lapack(M.shape[-1], M.device))

@@ -39,7 +39,7 @@ import torch
 from ..errors import WeightgeoError
 from ..validation import check_matrix, check_side
 from .eigen import eigh, eigvalsh
-from .hardware import eigh_lapack, eigvalsh_lapack, over_lanes
+from .hardware import eigh_lapack, eigvalsh_lapack, over_halves
 from .policy import (
     REFINE_BELOW,
     batch_row_blocks,
@@ -47,7 +47,6 @@ from .policy import (
     compute_dtype,
     compute_eps,
     numerical_rank,
-    span_halves,
     to_compute_dtype,
 )
 
@@ -66,6 +65,7 @@ __all__ = [
     "mirror_upper",
     "congruence",
     "gram_eigh",
+    "symmetric_eigenvalues",
     "exact_spectral_norm",
     "frobenius_sq",
 ]
@@ -176,29 +176,22 @@ def gram(A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor
         return X.new_zeros((*X.shape[:-2], n, n), dtype=dtype)
     parts: list[torch.Tensor] = []
     for b0, b1, spans in batch_row_blocks(Xf.shape[0], m, n):  # the same row blocks for every batch size
-        halves = span_halves(spans)
-        sums = functools.partial(_half_grams, Xf[b0:b1], halves, dtype)
         # the two halves of the rows side by side where two lanes are free (a shape group of one member)
-        G, *rest = (G for part in over_lanes(sums, len(halves), Xf.device) for G in part)
+        G, *rest = over_halves(functools.partial(_span_gram, Xf[b0:b1], dtype), spans, Xf.device)
         for other in rest:
             G.add_(other)
         parts.append(mirror_upper(G))
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*X.shape[:-2], n, n)
 
 
-def _half_grams(
-    X: torch.Tensor, halves: list[list[tuple[int, int]]], dtype: torch.dtype, i: int, j: int
-) -> list[torch.Tensor]:
-    """The Grams of ``X`` [B, m, n] over the row spans of ``halves[i:j]``, one per half (panels on and above the
-    diagonal), each summed in order."""
-    out = []
-    for half in halves[i:j]:
-        G = X.new_zeros((X.shape[0], X.shape[-1], X.shape[-1]), dtype=dtype)
-        for s, e in half:
-            Y = X[:, s:e]
-            add_gram(G, Y if Y.dtype == dtype else Y.to(dtype))
-        out.append(G)
-    return out
+def _span_gram(X: torch.Tensor, dtype: torch.dtype, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The Gram of ``X`` [B, m, n] over its row ``spans``, summed in order, in ``dtype`` (panels on and above the
+    diagonal)."""
+    G = X.new_zeros((X.shape[0], X.shape[-1], X.shape[-1]), dtype=dtype)
+    for s, e in spans:
+        Y = X[:, s:e]
+        add_gram(G, Y if Y.dtype == dtype else Y.to(dtype))
+    return G
 
 
 def add_gram(G: torch.Tensor, Y: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,7 +260,18 @@ def gram_eigh(
     if vectors:
         w, Q = eigh(G, lapack=eigh_lapack(G.device))
         return w.flip(-1), Q.flip(-1), side
-    return eigvalsh(G, lapack=eigvalsh_lapack(G.shape[-1], G.device)).flip(-1), None, side
+    return symmetric_eigenvalues(G).flip(-1), None, side
+
+
+def symmetric_eigenvalues(M: torch.Tensor) -> torch.Tensor:
+    """Every eigenvalue (ascending) of the symmetric ``M`` [..., n, n], by the LAPACK the policy picks for its device
+    and size (:func:`~weightgeo.linalg.hardware.eigvalsh_lapack`); the values-only eigenproblems of the pair metrics
+    (the stable rank's σ₁, the angles' small problems, the NSS fallback) all go through it.
+
+    >>> symmetric_eigenvalues(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+    tensor([1., 3.], dtype=torch.float64)
+    """
+    return eigvalsh(M, lapack=eigvalsh_lapack(M.shape[-1], M.device))
 
 
 def decompose(

@@ -20,8 +20,7 @@ import torch
 
 from ..defaults import ALPHA, ETA, PAIR_K, RANK, SIDE
 from ..errors import WeightgeoError
-from ..linalg.eigen import eigvalsh
-from ..linalg.hardware import Lanes, batch_lanes, eigvalsh_lapack, over_lanes, row_lanes
+from ..linalg.hardware import Lanes, batch_lanes, over_lanes, row_lanes
 from ..linalg.pairwise import (
     BaseSpectrum,
     PairEigen,
@@ -38,6 +37,7 @@ from ..linalg.pairwise import (
 )
 from ..linalg.policy import same_compute_dtype
 from ..linalg.spectra import stable_rank_from_values
+from ..linalg.svd import symmetric_eigenvalues
 from ..validation import check_eta, check_pair, check_rank_alpha, check_side, check_size, resolve_size
 from .catalog import ALL_METRICS, PAIR_METRICS
 from .localization import localize
@@ -335,7 +335,7 @@ def _stable_ranks(prod: Products) -> list[dict[str, float]]:
     lane's job: it returns the rows' values instead of writing them)."""
     J, fro_sq = prod.J, prod.fro_sq
     assert J is not None and fro_sq is not None  # the products were asked for with the stable rank
-    s1 = eigvalsh(J.to(torch.float64), lapack=eigvalsh_lapack(J.shape[-1], J.device))[..., -1].clamp_min(0).sqrt()
+    s1 = symmetric_eigenvalues(J.to(torch.float64))[..., -1].clamp_min(0).sqrt()
     sr = stable_rank_from_values(s1[..., None], fro_sq)
     fro = fro_sq.sqrt()
     return [{"stable_rank": float(sr[i]), "delta_frobenius": float(fro[i])} for i in range(sr.shape[0])]
